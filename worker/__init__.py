@@ -1,0 +1,1 @@
+"""leadstage-sync's worker and the definitions producers share with it."""

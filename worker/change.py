@@ -1,0 +1,220 @@
+"""The change model of SPEC.md ("A change"), defined once for producers and worker.
+
+``parse_change`` turns untrusted input (a JSON object, CLI flags, a JSONL line) into a
+normalised, immutable ``LeadStageChange`` or raises ``InvalidChange`` naming every bad field.
+``parse_envelope`` does the same for what travels around a change.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import orjson
+
+from worker.errors import FieldError, InvalidChange
+
+APPLY_TO_OPPORTUNITY = 1
+APPLY_TO_LEAD = 2
+_APPLY_TO_WORDS = {"opportunity": APPLY_TO_OPPORTUNITY, "lead": APPLY_TO_LEAD}
+NAME_MAX_CHARS = 255
+KEY_MAX_CHARS = 255
+SOURCE_MAX_CHARS = 1000
+DEFAULT_ACCOUNT = "default"
+
+#: Field names as iVvy spells them, in the order they are sent.
+FIELDS = ("id", "name", "colour", "applyTo")
+#: Older or other spellings accepted on input.
+ALIASES = {"color": "colour", "appliesTo": "applyTo"}
+#: The fields an update may change (everything but the id).
+UPDATABLE_FIELDS = ("name", "colour", "applyTo")
+
+_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+_ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
+
+Operation = Literal["add", "update"]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class LeadStageChange:
+    """One normalised addOrUpdateLeadStage request body. ``id`` absent means add."""
+
+    id: int | None = None
+    name: str | None = None
+    colour: str | None = None
+    apply_to: int | None = None
+
+    @property
+    def operation(self) -> Operation:
+        return "add" if self.id is None else "update"
+
+    def body(self) -> dict[str, Any]:
+        """The request body, in iVvy's field names, without absent fields."""
+        values = {"id": self.id, "name": self.name, "colour": self.colour, "applyTo": self.apply_to}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def without(self, fields: set[str]) -> LeadStageChange:
+        """This change with some updatable fields (iVvy names) dropped."""
+        return LeadStageChange(
+            id=self.id,
+            name=None if "name" in fields else self.name,
+            colour=None if "colour" in fields else self.colour,
+            apply_to=None if "applyTo" in fields else self.apply_to,
+        )
+
+    def changed_fields(self) -> list[str]:
+        return [f for f in UPDATABLE_FIELDS if f in self.body()]
+
+    def canonical_json(self) -> bytes:
+        """Stable bytes for this change: equal changes give equal bytes."""
+        return orjson.dumps(self.body())
+
+
+def parse_change(raw: object) -> LeadStageChange:
+    """Validate and normalise one change; raise ``InvalidChange`` naming every bad field."""
+    if not isinstance(raw, Mapping):
+        raise InvalidChange([FieldError("change", "must be a JSON object")])
+    errors: list[FieldError] = []
+    values: dict[str, object] = {}
+    for given, value in raw.items():
+        field = ALIASES.get(given, given) if isinstance(given, str) else given
+        if field not in FIELDS:
+            errors.append(
+                FieldError(str(given), "is not a known field (allowed: id, name, colour, applyTo)")
+            )
+        elif field in values:
+            errors.append(FieldError(field, f"is given twice (as {field} and its alias {given})"))
+        else:
+            values[field] = value
+
+    stage_id = _check(errors, "id", values, _parse_id)
+    name = _check(errors, "name", values, _parse_name)
+    colour = _check(errors, "colour", values, _parse_colour)
+    apply_to = _check(errors, "applyTo", values, _parse_apply_to)
+
+    if "id" not in values:
+        if "name" not in values:
+            errors.append(FieldError("name", "is required when id is absent (an add)"))
+        if "applyTo" not in values:
+            errors.append(FieldError("applyTo", "is required when id is absent (an add)"))
+    elif not any(f in values for f in UPDATABLE_FIELDS):
+        errors.append(
+            FieldError("change", "an update (with id) must change at least one of name, colour, applyTo")
+        )
+    if errors:
+        raise InvalidChange(errors)
+    return LeadStageChange(id=stage_id, name=name, colour=colour, apply_to=apply_to)
+
+
+def _check(
+    errors: list[FieldError],
+    field: str,
+    values: Mapping[str, object],
+    parse: Callable[[object], _T | FieldError],
+) -> _T | None:
+    if field not in values:
+        return None
+    value = values[field]
+    if value is None:
+        errors.append(FieldError(field, "must not be null (leave the field out instead)"))
+        return None
+    result = parse(value)
+    if isinstance(result, FieldError):
+        errors.append(FieldError(field, result.reason))
+        return None
+    return result
+
+
+def _invalid(reason: str) -> FieldError:
+    return FieldError("", reason)
+
+
+def _parse_id(value: object) -> int | FieldError:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return _invalid(f"must be a positive integer, not {_describe(value)}")
+    if value < 1:
+        return _invalid(f"must be a positive integer, not {value}")
+    return value
+
+
+def _parse_name(value: object) -> str | FieldError:
+    if not isinstance(value, str):
+        return _invalid(f"must be a string, not {_describe(value)}")
+    name = value.strip()
+    if not name:
+        return _invalid("must not be empty or only spaces")
+    if len(name) > NAME_MAX_CHARS:
+        return _invalid(f"must be at most {NAME_MAX_CHARS} characters, not {len(name)}")
+    return name
+
+
+def _parse_colour(value: object) -> str | FieldError:
+    if not isinstance(value, str) or not _COLOUR.fullmatch(value):
+        return _invalid(f"must be a #rrggbb hex colour such as #7ee546, not {_describe(value)}")
+    return value.lower()
+
+
+def _parse_apply_to(value: object) -> int | FieldError:
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _APPLY_TO_WORDS:
+            return _APPLY_TO_WORDS[word]
+        if word in ("1", "2"):
+            return int(word)
+    elif isinstance(value, int) and not isinstance(value, bool) and value in (1, 2):
+        return value
+    return _invalid(f'must be 1 (opportunity) or 2 (lead), or "opportunity" or "lead", not {_describe(value)}')
+
+
+def _describe(value: object) -> str:
+    text = orjson.dumps(value).decode() if _jsonable(value) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        orjson.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What travels around a change: who it is for and how it is deduplicated."""
+
+    idempotency_key: str
+    account: str
+    source: str
+
+
+def parse_envelope(
+    *, idempotency_key: object = None, account: object = None, source: object = None
+) -> Envelope:
+    """Validate the envelope; a missing idempotency key is generated."""
+    errors: list[FieldError] = []
+    if idempotency_key is None:
+        idempotency_key = uuid.uuid4().hex
+    elif not isinstance(idempotency_key, str) or not _PRINTABLE_ASCII.fullmatch(idempotency_key):
+        errors.append(FieldError("idempotency_key", "must be 1..255 printable ASCII characters"))
+    elif len(idempotency_key) > KEY_MAX_CHARS:
+        errors.append(
+            FieldError("idempotency_key", f"must be at most {KEY_MAX_CHARS} characters, not {len(idempotency_key)}")
+        )
+    if account is None:
+        account = DEFAULT_ACCOUNT
+    elif not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
+        errors.append(FieldError("account", "must be 1..64 characters of letters, digits, '_', '.', '-'"))
+    if source is None:
+        source = ""
+    elif not isinstance(source, str) or len(source) > SOURCE_MAX_CHARS:
+        errors.append(FieldError("source", f"must be text of at most {SOURCE_MAX_CHARS} characters"))
+    if errors:
+        raise InvalidChange(errors)
+    assert isinstance(idempotency_key, str) and isinstance(account, str) and isinstance(source, str)
+    return Envelope(idempotency_key=idempotency_key, account=account, source=source)

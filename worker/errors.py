@@ -1,0 +1,235 @@
+"""The one exception tree of leadstage-sync.
+
+Every error the product raises is a ``LeadstageError``. The first split is the only question
+a caller usually asks: will trying again help?
+
+::
+
+    LeadstageError
+    ├── PermanentError                 trying again cannot help; the change goes to the DLQ
+    │   ├── ConfigError                a missing or bad setting (names it)
+    │   ├── InvalidChange              a change broke the rules of SPEC.md (names each field)
+    │   ├── IdempotencyConflict        a known idempotency key came with a different change
+    │   ├── UnknownAccount             a change names an account with no credentials
+    │   └── IvvyRejected               iVvy refused the change: 24320, 24321, 24323, 24324,
+    │       │                          23016, 23017 and any other 4xx
+    │       └── IvvyAuthError          401, 403, 462, 463: the credentials are wrong or revoked
+    └── RetryableError                 a later attempt may succeed (backoff, Retry-After)
+        ├── RedisUnavailable           Redis did not answer
+        ├── IvvyUnavailable            iVvy answered 5xx, 460, 461 or specific code 24322
+        │   └── IvvyRateLimited        iVvy answered 429 (``retry_after`` when it said so)
+        └── IvvyNoAnswer               no answer: connection refused, reset or dropped
+            └── IvvyTimeout            no answer within the request timeout
+
+``IvvyNoAnswer.outcome_unknown`` is true when the request may have reached iVvy (it was sent,
+then the connection dropped or timed out): an add in that state is reconciled with
+getLeadStageList before it is posted again.
+
+aiohttp and redis exceptions are translated into this tree where they are caught (``worker.ivvy``
+for HTTP, ``redis_errors`` below for Redis); nothing above those boundaries sees them.
+Messages never contain secrets: they are built from status codes, iVvy's own error text and
+field names only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import redis.exceptions
+
+
+class LeadstageError(Exception):
+    """Base of every error leadstage-sync raises."""
+
+    retryable: bool = False
+    #: Short machine-readable name, written to the results stream as ``error_code``.
+    error_code: str = "error"
+
+
+class PermanentError(LeadstageError):
+    """Trying again cannot help."""
+
+
+class RetryableError(LeadstageError):
+    """A later attempt may succeed."""
+
+    retryable = True
+    #: Seconds the server asked us to wait (``Retry-After``), when it said so.
+    retry_after: float | None = None
+
+
+class ConfigError(PermanentError):
+    error_code = "config"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One bad field of a change: which, and why."""
+
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
+
+
+class InvalidChange(PermanentError):
+    """A change (or its envelope) broke the rules; ``errors`` names each bad field."""
+
+    error_code = "invalid_change"
+
+    def __init__(self, errors: Sequence[FieldError]) -> None:
+        self.errors = tuple(errors)
+        super().__init__("invalid change: " + "; ".join(str(e) for e in self.errors))
+
+
+class IdempotencyConflict(PermanentError):
+    """The idempotency key is already used, for a different change."""
+
+    error_code = "idempotency_conflict"
+
+    def __init__(self, account: str, idempotency_key: str) -> None:
+        self.account = account
+        self.idempotency_key = idempotency_key
+        super().__init__(
+            f"idempotency key {idempotency_key!r} of account {account!r} "
+            "is already used for a different change"
+        )
+
+
+class UnknownAccount(PermanentError):
+    error_code = "unknown_account"
+
+    def __init__(self, account: str) -> None:
+        self.account = account
+        super().__init__(f"account {account!r} is not configured (see LEADSTAGE_ACCOUNTS_FILE)")
+
+
+class IvvyErrorDetails:
+    """What iVvy said: HTTP status and its error body. Mixed into the iVvy exceptions."""
+
+    http_status: int | None = None
+    specific_code: int | None = None
+    additional_messages: tuple[str, ...] = ()
+
+    def _set_details(
+        self,
+        http_status: int | None,
+        specific_code: int | None,
+        additional_messages: Sequence[str],
+    ) -> None:
+        self.http_status = http_status
+        self.specific_code = specific_code
+        self.additional_messages = tuple(additional_messages)
+
+    @property
+    def ivvy_code(self) -> str | None:
+        """iVvy's specific code as text, for the results stream's ``error_code``."""
+        return None if self.specific_code is None else str(self.specific_code)
+
+
+class IvvyRejected(IvvyErrorDetails, PermanentError):
+    error_code = "rejected"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        specific_code: int | None = None,
+        additional_messages: Sequence[str] = (),
+    ) -> None:
+        self._set_details(http_status, specific_code, additional_messages)
+        super().__init__(message)
+
+
+class IvvyAuthError(IvvyRejected):
+    error_code = "unauthorized"
+
+
+class RedisUnavailable(RetryableError):
+    error_code = "redis_unavailable"
+
+
+class IvvyUnavailable(IvvyErrorDetails, RetryableError):
+    error_code = "unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        specific_code: int | None = None,
+        additional_messages: Sequence[str] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        self._set_details(http_status, specific_code, additional_messages)
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class IvvyRateLimited(IvvyUnavailable):
+    error_code = "rate_limited"
+
+
+class IvvyNoAnswer(IvvyErrorDetails, RetryableError):
+    error_code = "connection"
+
+    def __init__(self, message: str, *, outcome_unknown: bool) -> None:
+        self.outcome_unknown = outcome_unknown
+        super().__init__(message)
+
+
+class IvvyTimeout(IvvyNoAnswer):
+    error_code = "timeout"
+
+
+# The retry classification of SPEC.md, defined here once.
+RETRYABLE_STATUSES = frozenset({429, 460, 461})  # and every 5xx
+AUTH_STATUSES = frozenset({401, 403, 462, 463})
+RETRYABLE_SPECIFIC_CODES = frozenset({24322})
+
+
+def error_for_response(
+    http_status: int,
+    *,
+    message: str,
+    specific_code: int | None,
+    additional_messages: Sequence[str] = (),
+    retry_after: float | None = None,
+) -> IvvyRejected | IvvyUnavailable:
+    """Classify an iVvy error answer as SPEC.md says (Retries)."""
+    text = f"iVvy answered {http_status}"
+    if specific_code is not None:
+        text += f" (specific code {specific_code})"
+    if message:
+        text += f": {message}"
+    if http_status == 429 or http_status >= 500 or http_status in RETRYABLE_STATUSES or (
+        specific_code in RETRYABLE_SPECIFIC_CODES
+    ):
+        kind = IvvyRateLimited if http_status == 429 else IvvyUnavailable
+        return kind(
+            text,
+            http_status=http_status,
+            specific_code=specific_code,
+            additional_messages=additional_messages,
+            retry_after=retry_after,
+        )
+    kind_rejected = IvvyAuthError if http_status in AUTH_STATUSES else IvvyRejected
+    return kind_rejected(
+        text,
+        http_status=http_status,
+        specific_code=specific_code,
+        additional_messages=additional_messages,
+    )
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Translate redis-py's connection failures into ``RedisUnavailable`` at the boundary."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc

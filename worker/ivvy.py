@@ -1,0 +1,201 @@
+"""The iVvy API client: signed POSTs, typed results, one exception tree.
+
+``Transport`` is the one seam for HTTP (as in httpx): ``AiohttpTransport`` is the real one,
+one ``aiohttp.ClientSession`` per process, made at start-up. It is also where aiohttp's
+exceptions become ``IvvyNoAnswer``/``IvvyTimeout``; ``IvvyClient`` turns iVvy's answers into
+results or into the exceptions of ``worker.errors`` (classified there, once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from worker.change import LeadStageChange
+from worker.errors import IvvyNoAnswer, IvvyRejected, IvvyTimeout, IvvyUnavailable, error_for_response
+from worker.settings import Account
+from worker.signing import API_VERSION, signed_headers
+
+#: The most stages getLeadStageList is asked for per page.
+LIST_PAGE_SIZE = 100
+#: Never follow more pages than this (a server that keeps saying "more" is broken).
+LIST_MAX_PAGES = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RawResponse:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class Transport(Protocol):
+    """Sends one POST and returns the answer, or raises ``IvvyNoAnswer``."""
+
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout: float) -> RawResponse: ...
+
+    async def close(self) -> None: ...
+
+
+class AiohttpTransport:
+    """The real transport: one pooled aiohttp session for the whole process."""
+
+    def __init__(self, *, max_connections: int = 100) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=300),
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            raise_for_status=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout: float) -> RawResponse:
+        try:
+            async with self._session.post(
+                url, data=body, headers=dict(headers), timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                return RawResponse(response.status, dict(response.headers), await response.read())
+        except TimeoutError:
+            raise IvvyTimeout(f"iVvy did not answer within {timeout:g}s", outcome_unknown=True) from None
+        except aiohttp.ClientConnectorError as exc:
+            # The connection was never made, so the request cannot have reached iVvy.
+            raise IvvyNoAnswer(f"cannot connect to iVvy: {exc.os_error.strerror or exc}", outcome_unknown=False) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise IvvyNoAnswer(f"the connection to iVvy broke: {type(exc).__name__}", outcome_unknown=True) from None
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+@dataclass(frozen=True, slots=True)
+class StageSummary:
+    """One entry of getLeadStageList: only id and name are promised by the docs."""
+
+    id: int
+    name: str
+    raw: Mapping[str, Any]
+
+
+class IvvyClient:
+    """Calls of one iVvy account."""
+
+    def __init__(
+        self,
+        account: Account,
+        transport: Transport,
+        *,
+        timeout: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.account = account
+        self.transport = transport
+        self.timeout = timeout
+        self.clock = clock
+
+    async def call(self, namespace: str, action: str, payload: Mapping[str, Any]) -> Any:
+        """POST one signed call; return the decoded JSON answer or raise from ``worker.errors``."""
+        request_uri = f"/api/{API_VERSION}/{namespace}?action={action}"
+        body = orjson.dumps(payload)
+        headers = signed_headers(
+            api_key=self.account.api_key,
+            api_secret=self.account.api_secret.get(),
+            request_uri=request_uri,
+            body=body,
+            now=self.clock(),
+        )
+        response = await self.transport.post(self.account.base_url + request_uri, headers, body, self.timeout)
+        return _decode(response)
+
+    async def add_or_update_lead_stage(self, change: LeadStageChange) -> int:
+        """Apply one change; return the stage id iVvy reports."""
+        answer = await self.call("crm", "addOrUpdateLeadStage", change.body())
+        stage_id = answer.get("id") if isinstance(answer, dict) else None
+        if not isinstance(answer, dict) or answer.get("success") is not True:
+            raise IvvyRejected(f"iVvy did not report success: {_excerpt(answer)}", http_status=200)
+        try:
+            return int(stage_id)  # type: ignore[arg-type]  # checked by the except below
+        except (TypeError, ValueError):
+            if change.id is not None:
+                return change.id
+            raise IvvyUnavailable(f"iVvy reported success without a stage id: {_excerpt(answer)}") from None
+
+    async def get_lead_stage_list(self, *, per_page: int = LIST_PAGE_SIZE) -> list[StageSummary]:
+        """Every lead stage, following the pagination of the docs (``start``/``perPage``)."""
+        stages: list[StageSummary] = []
+        start = 0
+        for _ in range(LIST_MAX_PAGES):
+            answer = await self.call("crm", "getLeadStageList", {"start": start, "perPage": per_page})
+            results = answer.get("results") if isinstance(answer, dict) else None
+            if not isinstance(results, list):
+                raise IvvyUnavailable(f"getLeadStageList answered without results: {_excerpt(answer)}")
+            for item in results:
+                if isinstance(item, dict) and "id" in item:
+                    try:
+                        stages.append(StageSummary(int(item["id"]), str(item.get("name", "")), item))
+                    except (TypeError, ValueError):
+                        continue
+            meta = answer.get("meta") if isinstance(answer.get("meta"), dict) else {}
+            total = meta.get("totalResults")
+            start += len(results)
+            # Stop on an empty page, or when the server's own count says we have everything.
+            if not results or (isinstance(total, int) and start >= total):
+                return stages
+        raise IvvyUnavailable(f"getLeadStageList did not end after {LIST_MAX_PAGES} pages")
+
+    async def ping(self) -> Any:
+        return await self.call("test", "ping", {})
+
+
+def _decode(response: RawResponse) -> Any:
+    try:
+        answer = orjson.loads(response.body) if response.body else None
+    except orjson.JSONDecodeError:
+        answer = None
+    if 200 <= response.status < 300:
+        if answer is None:
+            raise IvvyUnavailable(
+                f"iVvy answered {response.status} without a JSON body", http_status=response.status
+            )
+        return answer
+    error = answer if isinstance(answer, dict) else {}
+    specific = error.get("specificCode")
+    additional = error.get("additionalMessages")
+    raise error_for_response(
+        response.status,
+        message=str(error.get("message", "")) or _excerpt(response.body.decode("utf-8", "replace")),
+        specific_code=specific if isinstance(specific, int) and not isinstance(specific, bool) else None,
+        additional_messages=[str(m) for m in additional] if isinstance(additional, list) else (),
+        retry_after=parse_retry_after(response.headers),
+    )
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+def _excerpt(value: object) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+

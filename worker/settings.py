@@ -1,0 +1,274 @@
+"""Settings, built once from the environment (SPEC.md: Configuration).
+
+``Settings.from_env()`` reads every variable, checks it, and raises ``ConfigError`` naming the
+first bad one; the command line turns that into one clear line on stderr. Secrets are kept in
+``Secret`` so that no repr, log line or error message can show them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import orjson
+
+from worker.change import DEFAULT_ACCOUNT, parse_envelope
+from worker.errors import ConfigError, InvalidChange
+
+#: The fake iVvy's credentials when IVVY_API_KEY / IVVY_API_SECRET are unset (demo and tests only).
+DEMO_API_KEY = "demo-key"
+DEMO_API_SECRET = "demo-secret"  # noqa: S105 - the fake's published demo credential, not a real secret
+
+
+class Secret:
+    """A string that never shows itself in repr or str."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Account:
+    """One iVvy account: where to send its changes and how to sign them."""
+
+    name: str
+    base_url: str
+    api_key: str
+    api_secret: Secret
+    rate_limit: float  # requests per second, shared by every worker
+
+
+LogFormat = Literal["json", "console", "auto"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://localhost:6379/0"
+    accounts: Mapping[str, Account] = field(default_factory=dict)
+    rate_limit: float = 10.0
+    max_attempts: int = 8
+    max_age_s: float = 3600.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    results_stream: str = "leadstage:results"
+    dlq_stream: str = "leadstage:dlq"
+    results_maxlen: int = 100_000
+    ledger_retention_s: int = 86_400
+    queue_name: str = "leadstage:queue"
+    concurrency: int = 50
+    request_timeout_s: float = 10.0
+    job_timeout_s: float = 120.0
+    poll_delay_s: float = 0.01
+    shutdown_grace_s: float = 25.0
+    lease_s: float = 8.0
+    webhook_secret: Secret | None = None
+    webhook_max_body_bytes: int = 1_048_576
+    metrics_port: int = 9464
+    log_format: LogFormat = "auto"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        reader = _EnvReader(env)
+        rate_limit = reader.positive_float("LEADSTAGE_RATE_LIMIT", cls.rate_limit)
+        settings = cls(
+            redis_url=reader.redis_url("REDIS_URL", cls.redis_url),
+            accounts=_load_accounts(env, rate_limit),
+            rate_limit=rate_limit,
+            max_attempts=reader.positive_int("LEADSTAGE_MAX_ATTEMPTS", cls.max_attempts),
+            max_age_s=reader.positive_float("LEADSTAGE_MAX_AGE", cls.max_age_s),
+            backoff_base_s=reader.positive_float("LEADSTAGE_BACKOFF_BASE", cls.backoff_base_s),
+            backoff_max_s=reader.positive_float("LEADSTAGE_BACKOFF_MAX", cls.backoff_max_s),
+            results_stream=reader.name("LEADSTAGE_RESULTS_STREAM", cls.results_stream),
+            dlq_stream=reader.name("LEADSTAGE_DLQ_STREAM", cls.dlq_stream),
+            results_maxlen=reader.positive_int("LEADSTAGE_RESULTS_MAXLEN", cls.results_maxlen),
+            ledger_retention_s=reader.positive_int("LEADSTAGE_LEDGER_RETENTION", cls.ledger_retention_s),
+            queue_name=reader.name("LEADSTAGE_QUEUE", cls.queue_name),
+            concurrency=reader.positive_int("LEADSTAGE_CONCURRENCY", cls.concurrency),
+            request_timeout_s=reader.positive_float("LEADSTAGE_REQUEST_TIMEOUT", cls.request_timeout_s),
+            job_timeout_s=reader.positive_float("LEADSTAGE_JOB_TIMEOUT", cls.job_timeout_s),
+            poll_delay_s=reader.positive_float("LEADSTAGE_POLL_DELAY", cls.poll_delay_s),
+            shutdown_grace_s=reader.positive_float("LEADSTAGE_SHUTDOWN_GRACE", cls.shutdown_grace_s),
+            lease_s=reader.positive_float("LEADSTAGE_LEASE", cls.lease_s),
+            webhook_secret=reader.webhook_secret("WEBHOOK_SECRET"),
+            webhook_max_body_bytes=reader.positive_int("LEADSTAGE_WEBHOOK_MAX_BODY", cls.webhook_max_body_bytes),
+            metrics_port=reader.port("LEADSTAGE_METRICS_PORT", cls.metrics_port),
+            log_format=reader.choice("LEADSTAGE_LOG_FORMAT", cls.log_format, ("json", "console", "auto")),
+        )
+        if settings.job_timeout_s <= settings.request_timeout_s:
+            raise ConfigError("LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT")
+        return settings
+
+    def account(self, name: str) -> Account | None:
+        return self.accounts.get(name)
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log redactor."""
+        values = [a.api_secret.get() for a in self.accounts.values()]
+        if self.webhook_secret is not None:
+            values.append(self.webhook_secret.get())
+        return [v for v in values if v]
+
+    def require_accounts(self) -> None:
+        """The worker needs credentials; producers do not."""
+        if not self.accounts:
+            raise ConfigError(
+                "IVVY_BASE_URL is not set: the worker needs IVVY_BASE_URL, IVVY_API_KEY and "
+                "IVVY_API_SECRET, or LEADSTAGE_ACCOUNTS_FILE"
+            )
+
+
+class _EnvReader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def positive_float(self, name: str, default: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a positive number, not {raw!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number, not {raw!r}")
+        return value
+
+    def positive_int(self, name: str, default: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"{name} must be a positive whole number, not {raw!r}")
+        return int(raw)
+
+    def port(self, name: str, default: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) > 65535:
+            raise ConfigError(f"{name} must be a port number 0..65535 (0 turns it off), not {raw!r}")
+        return int(raw)
+
+    def name(self, name: str, default: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if any(c.isspace() for c in raw):
+            raise ConfigError(f"{name} must be a Redis key name without spaces, not {raw!r}")
+        return raw
+
+    def choice(self, name: str, default: LogFormat, choices: tuple[LogFormat, ...]) -> LogFormat:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        for choice in choices:
+            if raw.lower() == choice:
+                return choice
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+
+    def redis_url(self, name: str, default: str) -> str:
+        raw = self._raw(name) or default
+        if urlsplit(raw).scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
+            raise ConfigError(
+                f"{name} must be a redis://, rediss://, unix:// or redis+sentinel:// URL, not {raw.split('@')[-1]!r}"
+            )
+        return raw
+
+    def webhook_secret(self, name: str) -> Secret | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        if not raw.startswith("whsec_") or len(raw) <= len("whsec_"):
+            raise ConfigError(f"{name} must be a Standard Webhooks secret starting with whsec_")
+        return Secret(raw)
+
+
+def _check_base_url(origin: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{origin} must be an http:// or https:// URL, not {url!r}")
+    return url.rstrip("/")
+
+
+def _load_accounts(env: Mapping[str, str], default_rate: float) -> dict[str, Account]:
+    accounts: dict[str, Account] = {}
+    base_url = env.get("IVVY_BASE_URL", "").strip()
+    if base_url:
+        key = env.get("IVVY_API_KEY", "").strip()
+        secret = env.get("IVVY_API_SECRET", "").strip()
+        if not key:
+            raise ConfigError("IVVY_API_KEY is not set (IVVY_BASE_URL is)")
+        if not secret:
+            raise ConfigError("IVVY_API_SECRET is not set (IVVY_BASE_URL is)")
+        accounts[DEFAULT_ACCOUNT] = Account(
+            DEFAULT_ACCOUNT, _check_base_url("IVVY_BASE_URL", base_url), key, Secret(secret), default_rate
+        )
+    path = env.get("LEADSTAGE_ACCOUNTS_FILE", "").strip()
+    if path:
+        accounts.update(_read_accounts_file(Path(path), default_rate))
+    return accounts
+
+
+def _read_accounts_file(path: Path, default_rate: float) -> dict[str, Account]:
+    """A JSON object: account name -> {base_url, api_key, api_secret, rate_limit?}."""
+    origin = f"LEADSTAGE_ACCOUNTS_FILE ({path})"
+    try:
+        data = orjson.loads(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{origin} cannot be read: {exc.strerror}") from None
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{origin} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must hold a JSON object of account name -> settings")
+    accounts: dict[str, Account] = {}
+    for name, entry in data.items():
+        where = f"{origin}, account {name!r}"
+        try:
+            parse_envelope(account=name)
+        except InvalidChange:
+            raise ConfigError(f"{where}: the name must be letters, digits, '_', '.', '-'") from None
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be an object with base_url, api_key, api_secret")
+        unknown = set(entry) - {"base_url", "api_key", "api_secret", "rate_limit"}
+        if unknown:
+            raise ConfigError(f"{where} has unknown fields: {', '.join(sorted(unknown))}")
+        for required in ("base_url", "api_key", "api_secret"):
+            if not isinstance(entry.get(required), str) or not entry[required].strip():
+                raise ConfigError(f"{where}: {required} is missing or not a string")
+        rate = entry.get("rate_limit", default_rate)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
+            raise ConfigError(f"{where}: rate_limit must be a positive number")
+        accounts[name] = Account(
+            name,
+            _check_base_url(f"{where} base_url", entry["base_url"].strip()),
+            entry["api_key"].strip(),
+            Secret(entry["api_secret"].strip()),
+            float(rate),
+        )
+    return accounts
