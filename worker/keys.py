@@ -12,12 +12,12 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 #: The function name arq calls for every change.
 JOB_FUNCTION = "apply_lead_stage_change"
 
-#: Sorted set of jobs being attempted: member job id, score the lease's end (ms since epoch).
-RUNNING = "leadstage:running"
+#: arq's in-progress marker of every job being attempted now (SCAN pattern, for ``leadstage stats``).
+ARQ_IN_PROGRESS_PATTERN = in_progress_key_prefix + "*"
 
 __all__ = [
+    "ARQ_IN_PROGRESS_PATTERN",
     "JOB_FUNCTION",
-    "RUNNING",
     "arq_in_progress_key",
     "arq_job_key",
     "arq_retry_key",
@@ -50,9 +50,14 @@ def stage_key(account: str, stage_id: int) -> str:
     return f"leadstage:stage:{account}:{stage_id}"
 
 
-def stage_lock_key(account: str, stage_id: int) -> str:
-    """Held by the one job that may talk to iVvy about this stage right now."""
-    return f"leadstage:stage-lock:{account}:{stage_id}"
+def stage_lock_key(account: str, stage_id: int | None, name: str | None) -> str:
+    """Held by the one job that may talk to iVvy about this stage right now.
+
+    An update locks its stage id; an add locks its name (case-insensitively), so that an add being
+    reconciled never races another add of the same name.
+    """
+    subject = str(stage_id) if stage_id is not None else "add:" + (name or "").lower()
+    return f"leadstage:stage-lock:{account}:{subject}"
 
 
 def claims_key(account: str) -> str:

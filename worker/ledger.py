@@ -1,0 +1,302 @@
+"""The idempotency ledger: where every change stands, in Redis, kept for the retention period.
+
+One hash per change (``keys.ledger_key``) is the source of truth; arq's job only says "run this
+now". Each transition is one Lua script, so that the ledger, the ordering sequence, the lock,
+the rate limiter and the streams change together or not at all:
+
+=============  ==============================================================================
+enqueue.lua    new change (or replay of a dead letter): ledger entry + field sequence + arq job
+begin.lua      may this job talk to iVvy now? (backoff, in-flight guard, ordering, lock, rate
+               limit); records the recovery point ``phase=posting`` before the POST
+claim.lua      an add of unknown outcome adopts a listed stage no other add has claimed
+finish.lua     the attempt's end: ledger state + results event (+ dead letter), exactly once
+=============  ==============================================================================
+
+Ledger states: queued -> running -> (retrying -> running)* -> succeeded | failed | superseded.
+``phase`` is ``posting`` while a POST may be in flight and ``unknown`` after an attempt whose
+outcome nobody knows (timeout, dropped connection, crash); an add in either phase is reconciled
+with getLeadStageList before it is posted again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Literal
+
+import orjson
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from worker import keys
+from worker.change import Envelope, LeadStageChange
+from worker.errors import IdempotencyConflict, redis_errors
+from worker.settings import Settings
+
+EnqueueStatus = Literal["queued", "duplicate"]
+TERMINAL_STATES = frozenset({"succeeded", "failed", "superseded"})
+#: Changes per pipeline round trip when enqueuing in bulk.
+ENQUEUE_CHUNK = 2000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _script(client: aioredis.Redis, name: str) -> AsyncScript:
+    return client.register_script(resources.files("worker").joinpath("lua", name).read_text())
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a producer gets back for one change."""
+
+    job_id: str
+    idempotency_key: str
+    account: str
+    status: EnqueueStatus
+
+    def as_dict(self) -> dict[str, str]:
+        return {"job_id": self.job_id, "idempotency_key": self.idempotency_key, "status": self.status}
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """begin.lua's decision."""
+
+    decision: Literal["missing", "done", "wait", "superseded", "exhausted", "go"]
+    wait_ms: int = 0
+    reason: str = ""
+    attempt: int = 0
+    previous_phase: str = ""
+    dropped: frozenset[str] = field(default_factory=frozenset)
+    #: (source, enqueued at in ms, generation) of the change, for its events.
+    facts: tuple[str, int, int] = ("", 0, 0)
+
+
+def arq_payload(job_id: str, account: str, change: LeadStageChange, enqueued_ms: int) -> bytes:
+    """arq's job record, in JSON (never pickle): function, args, kwargs, try, enqueue time."""
+    return orjson.dumps(
+        {
+            "t": None,
+            "f": keys.JOB_FUNCTION,
+            "a": [job_id, account, change.canonical_json().decode()],
+            "k": {},
+            "et": enqueued_ms,
+        }
+    )
+
+
+class Ledger:
+    """The Redis side of every state change; one instance per process, over a shared client."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self._enqueue = _script(client, "enqueue.lua")
+        self._begin = _script(client, "begin.lua")
+        self._claim = _script(client, "claim.lua")
+        self._finish = _script(client, "finish.lua")
+
+    # -- producers -----------------------------------------------------------------------------
+
+    async def enqueue_many(
+        self, items: Sequence[tuple[LeadStageChange, Envelope]], *, all_or_nothing: bool = True
+    ) -> list[Receipt]:
+        """Enqueue changes in pipelined round trips; ``duplicate`` for a known key and change.
+
+        A known key with a different change raises ``IdempotencyConflict``. With ``all_or_nothing``
+        every key is checked first, so a conflict enqueues nothing of the batch.
+        """
+        if all_or_nothing:
+            await self._check_conflicts(items)
+        receipts: list[Receipt] = []
+        for start in range(0, len(items), ENQUEUE_CHUNK):
+            chunk = items[start : start + ENQUEUE_CHUNK]
+            with redis_errors():
+                async with self.client.pipeline(transaction=False) as pipe:
+                    now = now_ms()
+                    for change, envelope in chunk:
+                        await self._call_enqueue(pipe, change, envelope, now)
+                    answers = await pipe.execute()
+            for (change, envelope), answer in zip(chunk, answers, strict=True):
+                status = answer[0].decode()
+                if status == "conflict":
+                    raise IdempotencyConflict(envelope.account, envelope.idempotency_key)
+                job = keys.job_id(envelope.account, envelope.idempotency_key)
+                receipts.append(
+                    Receipt(
+                        job,
+                        envelope.idempotency_key,
+                        envelope.account,
+                        "duplicate" if status == "duplicate" else "queued",
+                    )
+                )
+        return receipts
+
+    async def _check_conflicts(self, items: Sequence[tuple[LeadStageChange, Envelope]]) -> None:
+        seen: dict[str, bytes] = {}
+        with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for _, envelope in items:
+                    pipe.hget(keys.ledger_key(keys.job_id(envelope.account, envelope.idempotency_key)), "change")
+                stored = await pipe.execute()
+        for (change, envelope), known in zip(items, stored, strict=True):
+            job = keys.job_id(envelope.account, envelope.idempotency_key)
+            wanted = change.canonical_json()
+            if (known is not None and known != wanted) or seen.setdefault(job, wanted) != wanted:
+                raise IdempotencyConflict(envelope.account, envelope.idempotency_key)
+
+    async def _call_enqueue(
+        self,
+        client: aioredis.Redis | aioredis.client.Pipeline,
+        change: LeadStageChange,
+        envelope: Envelope,
+        now: int,
+        *,
+        replay_of: tuple[str, str] | None = None,
+    ) -> object:
+        job = keys.job_id(envelope.account, envelope.idempotency_key)
+        ledger = keys.ledger_key(job)
+        stage = keys.stage_key(envelope.account, change.id) if change.id is not None else ledger
+        dlq_entry, dlq_generation = replay_of or ("", "")
+        return await self._enqueue(
+            keys=[ledger, keys.arq_job_key(job), self.settings.queue_name, stage, self.settings.dlq_stream],
+            args=[
+                job,
+                change.canonical_json(),
+                change.operation,
+                change.id or "",
+                ",".join(change.changed_fields()),
+                envelope.account,
+                envelope.idempotency_key,
+                envelope.source,
+                now,
+                self.settings.ledger_retention_s * 1000,
+                arq_payload(job, envelope.account, change, now),
+                "replay" if replay_of else "enqueue",
+                dlq_entry,
+                dlq_generation,
+            ],
+            client=client,
+        )
+
+    async def replay(
+        self, change: LeadStageChange, envelope: Envelope, *, dlq_entry_id: str, generation: str
+    ) -> tuple[str, int]:
+        """Put a dead-lettered change back on the queue under its key; returns (status, generation)."""
+        with redis_errors():
+            answer = await self._call_enqueue(
+                self.client, change, envelope, now_ms(), replay_of=(dlq_entry_id, generation)
+            )
+        assert isinstance(answer, list)
+        status = answer[0].decode()
+        return status, int(answer[1]) if status == "queued" else 0
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    async def begin(
+        self, job_id: str, account: str, change: LeadStageChange, worker_id: str, rate_limit: float
+    ) -> Begin:
+        settings = self.settings
+        ledger = keys.ledger_key(job_id)
+        stage = keys.stage_key(account, change.id) if change.id is not None else ledger
+        with redis_errors():
+            answer = await self._begin(
+                keys=[ledger, keys.rate_key(account), stage, keys.stage_lock_key(account, change.id, change.name)],
+                args=[
+                    job_id,
+                    now_ms(),
+                    settings.max_attempts,
+                    int(settings.max_age_s * 1000),
+                    max(1, round(1000 / rate_limit)),
+                    self.lock_ms,
+                    int(settings.request_timeout_s * 1000) + 1000,
+                    worker_id,
+                ],
+            )
+        decision = answer[0].decode()
+        if decision == "wait":
+            return Begin("wait", wait_ms=int(answer[1]), reason=answer[2].decode())
+        if decision == "done":
+            return Begin("done", reason=answer[1].decode())
+        if decision == "missing":
+            return Begin("missing")
+        facts = (answer[4].decode(), int(answer[5]), int(answer[6]))
+        if decision == "superseded":
+            return Begin("superseded", dropped=_fields(answer[1]), facts=facts)
+        if decision == "exhausted":
+            return Begin("exhausted", previous_phase=answer[1].decode(), attempt=int(answer[2]), facts=facts)
+        return Begin(
+            "go", attempt=int(answer[1]), previous_phase=answer[2].decode(), dropped=_fields(answer[3]), facts=facts
+        )
+
+    @property
+    def lock_ms(self) -> int:
+        """Long enough for a reconciling list and a POST, each up to the request timeout."""
+        return int(self.settings.request_timeout_s * 2000) + 5000
+
+    async def claim(self, account: str, job_id: str, candidates: Sequence[int]) -> int | None:
+        if not candidates:
+            return None
+        with redis_errors():
+            answer = await self._claim(keys=[keys.claims_key(account)], args=[job_id, *candidates])
+        return int(answer) if answer else None
+
+    async def finish(
+        self,
+        job_id: str,
+        account: str,
+        change: LeadStageChange,
+        *,
+        event: Mapping[str, str],
+        history: Mapping[str, object],
+        next_at_ms: int = 0,
+        outcome_unknown: bool = False,
+        pause_until_ms: int | None = None,
+        created_stage_id: int | None = None,
+    ) -> bool:
+        """Record an attempt's end and publish ``event``; False when the ledger was already terminal."""
+        settings = self.settings
+        fields: list[str] = [item for pair in event.items() for item in pair]
+        with redis_errors():
+            answer = await self._finish(
+                keys=[
+                    keys.ledger_key(job_id),
+                    settings.results_stream,
+                    settings.dlq_stream,
+                    keys.stage_lock_key(account, change.id, change.name),
+                    keys.claims_key(account),
+                    keys.rate_key(account),
+                ],
+                args=[
+                    job_id,
+                    event["event"],
+                    now_ms(),
+                    settings.ledger_retention_s * 1000,
+                    settings.results_maxlen,
+                    next_at_ms,
+                    "unknown" if outcome_unknown else "",
+                    self.lock_ms,
+                    "" if pause_until_ms is None else pause_until_ms,
+                    "" if created_stage_id is None else created_stage_id,
+                    event.get("stage_id", ""),
+                    orjson.dumps(history),
+                    *fields,
+                ],
+            )
+        return bool(answer[0] == b"ok")
+
+    # -- readers -------------------------------------------------------------------------------
+
+    async def entry(self, job_id: str) -> dict[str, str] | None:
+        """The ledger entry of one change, decoded, or None when unknown or expired."""
+        with redis_errors():
+            raw = await self.client.hgetall(keys.ledger_key(job_id))  # type: ignore[misc]  # redis-py's async stubs
+        return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+
+
+def _fields(raw: bytes) -> frozenset[str]:
+    return frozenset(f for f in raw.decode().split(",") if f)
