@@ -211,10 +211,11 @@ class Ledger:
                     now_ms(),
                     settings.max_attempts,
                     int(settings.max_age_s * 1000),
-                    max(1, round(1000 / rate_limit)),
+                    max(1, round(1_000_000 / rate_limit)),
                     self.lock_ms,
-                    int(settings.request_timeout_s * 1000) + 1000,
+                    self.in_flight_guard_ms,
                     worker_id,
+                    time.time_ns() // 1000,
                 ],
             )
         decision = answer[0].decode()
@@ -232,6 +233,11 @@ class Ledger:
         return Begin(
             "go", attempt=int(answer[1]), previous_phase=answer[2].decode(), dropped=_fields(answer[3]), facts=facts
         )
+
+    @property
+    def in_flight_guard_ms(self) -> int:
+        """How long after an attempt began its POST may still be in flight (a crashed worker's)."""
+        return int(self.settings.request_timeout_s * 1000) + 1000
 
     @property
     def lock_ms(self) -> int:

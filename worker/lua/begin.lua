@@ -1,7 +1,7 @@
 -- Begin an attempt: decide whether this job may talk to iVvy now, and record the recovery point.
 -- KEYS: 1 ledger hash, 2 account rate hash, 3 stage hash (updates; the ledger otherwise), 4 lock key
--- ARGV: 1 job id, 2 now (ms), 3 max attempts, 4 max age (ms), 5 rate interval (ms), 6 lock ttl (ms),
---       7 in-flight guard (ms), 8 worker id
+-- ARGV: 1 job id, 2 now (ms), 3 max attempts, 4 max age (ms), 5 rate interval (µs), 6 lock ttl (ms),
+--       7 in-flight guard (ms), 8 worker id, 9 now (µs, for the rate limiter's precision)
 -- Returns one of
 --   {'missing'}                          the ledger entry is gone (expired)
 --   {'done', state}                      already terminal
@@ -48,13 +48,15 @@ if attempts >= tonumber(ARGV[3]) or now - tonumber(l[4]) > tonumber(ARGV[4]) the
   return decide('exhausted', phase, attempts, '')
 end
 
--- The account's rate limit, shared by every worker: GCRA with a burst of one request.
+-- The account's rate limit, shared by every worker: GCRA with a burst of one request, in µs so that
+-- high limits are exact.
 local rate = redis.call('HMGET', KEYS[2], 'tat', 'pause_until')
 local pause_until = tonumber(rate[2]) or 0
 if pause_until > now then return {'wait', pause_until - now, 'paused'} end
-local tat = math.max(tonumber(rate[1]) or 0, now)
-if tat > now then return {'wait', tat - now, 'rate'} end
-redis.call('HSET', KEYS[2], 'tat', tat + tonumber(ARGV[5]))
+local now_us = tonumber(ARGV[9])
+local tat = math.max(tonumber(rate[1]) or 0, now_us)
+if tat > now_us then return {'wait', math.ceil((tat - now_us) / 1000), 'rate'} end
+redis.call('HSET', KEYS[2], 'tat', string.format('%d', tat + tonumber(ARGV[5])))
 
 redis.call('SET', KEYS[4], job, 'PX', ARGV[6])
 attempts = attempts + 1
