@@ -1,0 +1,256 @@
+"""Dockerfile, docker-compose.yml and .dockerignore, checked without a Docker engine.
+
+The structure SPEC.md's Deployment asks for (Redis with its append-only file, a scalable worker,
+the HTTP producer, the fake iVvy only under the demo profile, health checks, non-root), and that
+each service's command is one the ``leadstage`` command really has.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("redis", "worker", "webhook", "fake-ivvy")
+OUR_SERVICES = ("worker", "webhook", "fake-ivvy")  # the ones that run the leadstage image
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - in a container, a server must listen beyond its own loopback
+
+
+def load_compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def service(name: str) -> dict[str, Any]:
+    services = load_compose()["services"]
+    assert name in services, f"docker-compose.yml has no service {name!r}"
+    result = services[name]
+    assert isinstance(result, dict)
+    return result
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + line).partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    return instructions
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+def environment(name: str) -> dict[str, str]:
+    env = service(name).get("environment", {})
+    if isinstance(env, list):  # the "KEY=value" form
+        env = dict(item.partition("=")[::2] for item in env)
+    assert isinstance(env, dict)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def healthcheck_text(name: str) -> str:
+    test = service(name)["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else str(test)
+
+
+# --- docker-compose.yml --------------------------------------------------------------------------
+
+
+def test_compose_has_the_four_services() -> None:
+    assert set(load_compose()["services"]) == set(SERVICES)
+
+
+def test_redis_keeps_an_append_only_file_on_a_named_volume() -> None:
+    redis = service("redis")
+    assert str(redis["image"]).split(":")[0] == "redis"
+    assert str(redis["image"]).split(":")[1].startswith("7")
+    command = redis["command"]
+    words = command if isinstance(command, list) else str(command).split()
+    assert "--appendonly" in words
+    assert words[words.index("--appendonly") + 1] == "yes"
+    mounts = [str(volume).split(":") for volume in redis["volumes"]]
+    named = [source for source, target, *_ in mounts if target == "/data"]
+    assert named, "Redis's /data must be a volume"
+    assert named[0] in (load_compose().get("volumes") or {}), "a named volume, declared at the top level"
+    assert "redis-cli" in healthcheck_text("redis")
+    assert "ping" in healthcheck_text("redis")
+
+
+def test_worker_scales_out() -> None:
+    worker = service("worker")
+    # A fixed name or host port would make `docker compose up --scale worker=N` fail.
+    assert "container_name" not in worker
+    assert "ports" not in worker
+    assert worker["build"] in (".", {"context": "."})
+    assert worker["command"] == ["worker"]
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_worker_environment() -> None:
+    env = environment("worker")
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["LEADSTAGE_METRICS_PORT"] == "9464"
+    for name in ("IVVY_BASE_URL", "IVVY_API_KEY", "IVVY_API_SECRET"):
+        assert env[name].startswith("${" + name), f"{name} comes from the environment"
+    # Without settings, the worker talks to the demo profile's fake iVvy with its demo credentials.
+    fake_port = service("fake-ivvy")["command"][-1]
+    assert env["IVVY_BASE_URL"] == "${IVVY_BASE_URL:-http://fake-ivvy:" + fake_port + "}"
+    assert env["IVVY_API_KEY"] == "${IVVY_API_KEY:-demo-key}"
+    assert env["IVVY_API_SECRET"] == "${IVVY_API_SECRET:-demo-secret}"
+    fake_env = environment("fake-ivvy")
+    assert fake_env["IVVY_API_KEY"] == env["IVVY_API_KEY"]
+    assert fake_env["IVVY_API_SECRET"] == env["IVVY_API_SECRET"]
+
+
+def test_worker_gets_time_to_finish_in_flight_requests() -> None:
+    grace = str(service("worker")["stop_grace_period"])
+    match = re.fullmatch(r"(\d+)s", grace)
+    assert match, grace
+    assert int(match.group(1)) > 25, "longer than LEADSTAGE_SHUTDOWN_GRACE's default"
+
+
+def test_worker_healthcheck_asks_the_metrics_port() -> None:
+    text = healthcheck_text("worker")
+    assert "/metrics" in text
+    assert "LEADSTAGE_METRICS_PORT" in text or "9464" in text
+
+
+def test_webhook_service() -> None:
+    webhook = service("webhook")
+    assert webhook["command"] == ["webhook", "--host", ALL_INTERFACES, "--port", "8080"]
+    assert [str(p) for p in webhook["ports"]] == ["8080:8080"]
+    assert environment("webhook")["WEBHOOK_SECRET"].startswith("${WEBHOOK_SECRET")
+    assert environment("webhook")["WEBHOOK_SECRET"] in ("${WEBHOOK_SECRET}", "${WEBHOOK_SECRET:-}"), (
+        "no default secret baked into the compose file"
+    )
+    assert environment("webhook")["REDIS_URL"] == "redis://redis:6379/0"
+    assert webhook["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "127.0.0.1:8080/readyz" in healthcheck_text("webhook")
+
+
+def test_producer_and_worker_agree_on_queue_and_streams() -> None:
+    worker, webhook = environment("worker"), environment("webhook")
+    for name in ("REDIS_URL", "LEADSTAGE_QUEUE", "LEADSTAGE_RESULTS_STREAM", "LEADSTAGE_DLQ_STREAM"):
+        assert worker.get(name) == webhook.get(name), name
+
+
+def test_fake_ivvy_only_under_the_demo_profile() -> None:
+    fake = service("fake-ivvy")
+    assert fake["profiles"] == ["demo"]
+    assert fake["command"] == ["fake-ivvy", "--host", ALL_INTERFACES, "--port", "8765"]
+    assert "8765" in healthcheck_text("fake-ivvy")
+    for name in ("redis", "worker", "webhook"):
+        assert "profiles" not in service(name), f"{name} runs without any profile"
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_every_service_has_a_healthcheck(name: str) -> None:
+    healthcheck = service(name)["healthcheck"]
+    assert healthcheck["test"][0] in ("CMD", "CMD-SHELL")
+    assert "disable" not in healthcheck
+
+
+@pytest.mark.parametrize("name", OUR_SERVICES)
+def test_our_services_run_the_image_as_its_non_root_user(name: str) -> None:
+    svc = service(name)
+    assert svc["build"] in (".", {"context": "."})
+    assert str(svc.get("user", "")).split(":")[0] not in ("0", "root"), "the Dockerfile's USER applies"
+    assert "privileged" not in svc
+
+
+@pytest.mark.parametrize("name", OUR_SERVICES)
+def test_service_command_is_a_real_leadstage_subcommand(name: str) -> None:
+    # worker/cli.py is the console script's module ([project.scripts] leadstage); this test is
+    # meant to fail, not skip, while a compose command names something the CLI does not have.
+    from worker.cli import build_parser
+
+    command = service(name)["command"]
+    assert isinstance(command, list)
+    try:
+        args = build_parser().parse_args(command)
+    except SystemExit as exc:
+        pytest.fail(f"`leadstage {' '.join(command)}` is not a valid command (exit status {exc.code})")
+    # The options were taken as given, whatever the CLI names their destinations.
+    parsed = {str(value) for value in vars(args).values()}
+    for option in ("--host", "--port"):
+        if option in command:
+            assert command[command.index(option) + 1] in parsed, f"{option} of `leadstage {command[0]}`"
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------
+
+
+def test_dockerfile_is_python_311_slim() -> None:
+    images = [arguments.split()[0] for keyword, arguments in dockerfile_instructions() if keyword == "FROM"]
+    assert images
+    assert all(image == "python:3.11-slim" for image in images)
+
+
+def test_dockerfile_installs_the_project_with_pip() -> None:
+    text = " ".join(arguments for keyword, arguments in dockerfile_instructions() if keyword == "RUN")
+    assert re.search(r"pip (install|wheel)\b[^&]* \.(\s|$)", text), "the project itself is built by pip"
+    runtime_runs = " ".join(arguments for keyword, arguments in final_stage() if keyword == "RUN")
+    assert "pip install" in runtime_runs
+
+
+def test_dockerfile_runs_as_a_non_root_user() -> None:
+    users = [arguments for keyword, arguments in final_stage() if keyword == "USER"]
+    assert users, "the runtime stage must set USER"
+    user, _, group = users[-1].partition(":")
+    assert user not in ("", "0", "root")
+    assert group not in ("0", "root")
+
+
+def test_dockerfile_entrypoint_is_the_console_script() -> None:
+    entrypoints = [arguments for keyword, arguments in final_stage() if keyword == "ENTRYPOINT"]
+    assert entrypoints
+    assert json.loads(entrypoints[-1]) == ["leadstage"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "leadstage" in scripts
+    assert scripts["leadstage"].startswith("worker.cli:")
+
+
+def test_dockerfile_bakes_in_no_secret() -> None:
+    env_lines = " ".join(arguments for keyword, arguments in dockerfile_instructions() if keyword in ("ENV", "ARG"))
+    assert not re.search(r"SECRET|PASSWORD|TOKEN|API_KEY", env_lines, re.IGNORECASE)
+
+
+def test_dockerfile_copies_only_what_exists_and_is_in_the_build_context() -> None:
+    ignore = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert ignore[0] == "*", ".dockerignore lets in only what it names"
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for keyword, arguments in dockerfile_instructions():
+        if keyword != "COPY" or arguments.startswith("--from"):
+            continue
+        *sources, _destination = arguments.split()
+        for source in sources:
+            path = source.rstrip("/")
+            assert (ROOT / path).exists(), f"COPY {source}: no such file in the repository"
+            assert path in allowed, f"COPY {source}: excluded by .dockerignore"
+    # The package data setuptools needs is in the context with its package.
+    assert "worker" in allowed
+    assert "producers" in allowed
+    assert "pyproject.toml" in allowed

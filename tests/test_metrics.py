@@ -1,0 +1,152 @@
+"""worker.metrics: the names others rely on, the worker's HTTP endpoint, and gauges read from a real Redis."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker import metrics
+from worker.errors import ConfigError, RedisUnavailable
+from worker.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sample(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+@pytest.fixture
+def server() -> Iterator[metrics.MetricsServer]:
+    started = metrics.start_metrics_server(free_port(), host="127.0.0.1")
+    assert started is not None
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def test_metric_names_labels_and_buckets_are_as_documented() -> None:
+    expected = {
+        metrics.CHANGES: ("leadstage_changes", "counter", ("account", "outcome")),
+        metrics.ATTEMPTS: ("leadstage_attempts", "counter", ("account", "operation", "result")),
+        metrics.IVVY_LATENCY: ("leadstage_ivvy_request_seconds", "histogram", ("account", "action")),
+        metrics.QUEUE_DEPTH: ("leadstage_queue_depth", "gauge", ()),
+        metrics.IN_PROGRESS: ("leadstage_in_progress", "gauge", ()),
+        metrics.DEAD_LETTERS: ("leadstage_dead_letters", "gauge", ()),
+        metrics.DEAD_LETTERED: ("leadstage_dead_lettered", "counter", ("account",)),
+        metrics.RATE_LIMIT_WAITS: ("leadstage_rate_limit_waits", "counter", ("account",)),
+        metrics.RATE_LIMIT_WAIT_SECONDS: ("leadstage_rate_limit_wait_seconds", "counter", ("account",)),
+        metrics.ENQUEUED: ("leadstage_enqueued", "counter", ("producer", "status")),
+        metrics.WEBHOOK_REQUESTS: ("leadstage_webhook_requests", "counter", ("status",)),
+    }
+    for metric, (name, kind, labels) in expected.items():
+        assert metric._name == name
+        assert metric._type == kind
+        assert metric._labelnames == labels
+    buckets = metrics.IVVY_LATENCY._upper_bounds
+    assert buckets[0] == 0.001
+    assert 30.0 in buckets
+    assert buckets[-1] == float("inf")
+
+
+async def test_worker_endpoint_serves_the_metrics_over_http(server: metrics.MetricsServer) -> None:
+    before = sample("leadstage_changes_total", account="metrics-test", outcome="succeeded")
+    metrics.CHANGES.labels("metrics-test", "succeeded").inc()
+    metrics.CHANGES.labels("metrics-test", "succeeded").inc()
+    metrics.ATTEMPTS.labels("metrics-test", "update", "retryable").inc()
+    metrics.IVVY_LATENCY.labels("metrics-test", "addOrUpdateLeadStage").observe(0.003)
+    metrics.ENQUEUED.labels("cli", "duplicate").inc()
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{server.port}/metrics") as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    changes = ("leadstage_changes_total", (("account", "metrics-test"), ("outcome", "succeeded")))
+    assert samples[changes] == before + 2
+    attempts = (
+        "leadstage_attempts_total",
+        (("account", "metrics-test"), ("operation", "update"), ("result", "retryable")),
+    )
+    assert samples[attempts] >= 1
+    bucket = (
+        "leadstage_ivvy_request_seconds_bucket",
+        (("account", "metrics-test"), ("action", "addOrUpdateLeadStage"), ("le", "0.005")),
+    )
+    assert samples[bucket] >= 1
+    assert samples[("leadstage_enqueued_total", (("producer", "cli"), ("status", "duplicate")))] >= 1
+    assert ("leadstage_queue_depth", ()) in samples
+
+
+def test_port_zero_turns_the_server_off() -> None:
+    assert metrics.start_metrics_server(0) is None
+
+
+def test_port_in_use_is_a_config_error_naming_the_setting() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = int(holder.getsockname()[1])
+        with pytest.raises(ConfigError, match=rf"LEADSTAGE_METRICS_PORT: port {port} .* is already in use"):
+            metrics.start_metrics_server(port, host="127.0.0.1")
+
+
+def test_render_latest_for_get_metrics() -> None:
+    metrics.WEBHOOK_REQUESTS.labels("202").inc()
+    body, content_type = metrics.render_latest()
+    assert content_type.startswith("text/plain")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    assert "leadstage_webhook_requests" in families
+    assert "leadstage_dead_letters" in families
+    body, content_type = metrics.render_latest("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+
+
+async def test_refresh_queue_gauges_reads_redis(redis_client: aioredis.Redis) -> None:
+    settings = Settings(queue_name="leadstage:test-queue", dlq_stream="leadstage:test-dlq")
+    await redis_client.zadd(settings.queue_name, {"default:a": 1, "default:b": 2, "other:c": 3})
+    for n in range(4):
+        await redis_client.xadd(settings.dlq_stream, {"idempotency_key": f"k{n}"})
+    metrics.IN_PROGRESS.set(5)  # this worker's own count: refresh leaves it alone
+
+    await metrics.refresh_queue_gauges(redis_client, settings)
+    assert sample("leadstage_queue_depth") == 3
+    assert sample("leadstage_dead_letters") == 4
+    assert sample("leadstage_in_progress") == 5
+
+    await redis_client.zrem(settings.queue_name, "default:a")
+    await redis_client.delete(settings.dlq_stream)
+    await metrics.refresh_queue_gauges(redis_client, settings)
+    assert sample("leadstage_queue_depth") == 2
+    assert sample("leadstage_dead_letters") == 0
+    metrics.IN_PROGRESS.set(0)
+
+
+async def test_refresh_queue_gauges_without_redis_raises_redis_unavailable() -> None:
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    try:
+        with pytest.raises(RedisUnavailable):
+            await metrics.refresh_queue_gauges(client, Settings())
+    finally:
+        await client.aclose()

@@ -1,0 +1,325 @@
+"""Logging: one structlog pipeline for every line the process writes.
+
+Our own events and the stdlib ``logging`` records of arq, aiohttp and asyncio go through the
+same processors and come out in one format, on stderr:
+
+* JSON lines (orjson) when ``LEADSTAGE_LOG_FORMAT`` is ``json``, or ``auto`` and stderr is not a
+  terminal (containers, CI, files);
+* aligned, coloured text when it is ``console``, or ``auto`` on a terminal.
+
+Every line carries ``timestamp`` (ISO 8601 UTC), ``level``, ``logger`` and ``event``, plus the
+job's ``job_id``, ``idempotency_key``, ``account`` and ``attempt`` while ``bind_job_context``
+is active (structlog.contextvars, merged first).
+
+Secrets never reach the output (SPEC.md: Configuration): ``secret_redactor`` runs after
+tracebacks are formatted and just before rendering, for our events and foreign records alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import json
+import logging
+import os
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TextIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from worker.errors import ConfigError
+from worker.settings import LogFormat, Settings
+
+__all__ = [
+    "LOG_LEVELS",
+    "REDACTED",
+    "bind_job_context",
+    "configure_logging",
+    "get_logger",
+    "log_level_from_env",
+    "secret_redactor",
+]
+
+#: What a secret, or the value of a credential-like key, is replaced with.
+REDACTED = "**********"
+
+#: Accepted values of LEADSTAGE_LOG_LEVEL (case-insensitive).
+LOG_LEVELS: Mapping[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+# A key whose (normalised) name contains one of these holds a credential: its value is masked
+# whatever it is. This covers authorization, x-api-authorization, api_secret, webhook_secret,
+# webhook-signature, password, access_token, cookie, set-cookie...
+_CREDENTIAL_KEY_PARTS = ("authorization", "secret", "password", "passwd", "token", "signature", "cookie", "credential")
+
+# iVvy's "IWS {key}:{signature}": the key identifies the account and stays readable; the HMAC is
+# a replayable credential for that request, so it goes. Case-insensitive because a client might
+# send "iws" and the signature would still be a valid HMAC.
+_IWS = r"(?P<iws>\bIWS\s+[^\s:]*:)[^\s\"',;)\]}>]+"
+
+# structlog's bookkeeping keys and the raw exception: left alone, never rendered as values.
+_UNTOUCHED_KEYS = frozenset({"_record", "_from_structlog", "exc_info"})
+
+# Values that render without repr() and cannot hold text of ours.
+_PLAIN_TYPES = (bool, int, float, datetime.date, datetime.time, datetime.timedelta, uuid.UUID)
+
+# Deeper than this, a value is rendered with repr() and scrubbed as one string (cycles end here).
+_MAX_DEPTH = 16
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_credential_key(key: str) -> bool:
+    normalised = key.lower().replace("-", "_")
+    return any(part in normalised for part in _CREDENTIAL_KEY_PARTS)
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not take the log line (or the job) down
+        return f"<unrepresentable {type(value).__name__}>"
+
+
+class _Redactor:
+    """The processor built by ``secret_redactor``; see there."""
+
+    __slots__ = ("_pattern",)
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self._pattern = pattern
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        for key, value in event_dict.items():
+            if key in _UNTOUCHED_KEYS or value is None:
+                continue
+            # Top-level keys are the event's own names (never secrets): only values change, in
+            # place, which is safe because structlog hands every processor its own copy.
+            if _is_credential_key(key):
+                event_dict[key] = REDACTED
+            else:
+                event_dict[key] = self._clean(value, 0)
+        return event_dict
+
+    def _clean_key(self, key: object) -> object:
+        return self._scrub(key) if isinstance(key, str) else key
+
+    def _clean_item(self, key: object, value: object, depth: int) -> object:
+        if value is not None and isinstance(key, str) and _is_credential_key(key):
+            return REDACTED
+        return self._clean(value, depth)
+
+    def _scrub(self, text: str) -> str:
+        # search() first: about half the cost of sub() on the usual string, which has nothing to hide.
+        return self._pattern.sub(_replacement, text) if self._pattern.search(text) else text
+
+    def _clean(self, value: object, depth: int) -> object:
+        # New containers are built rather than edited: the caller's own objects (a headers
+        # dict it goes on to send, say) must not change because they were logged.
+        if isinstance(value, str):
+            return self._scrub(value)
+        if value is None or isinstance(value, _PLAIN_TYPES):
+            return value
+        if depth < _MAX_DEPTH:
+            if isinstance(value, Mapping):
+                return {self._clean_key(k): self._clean_item(k, v, depth + 1) for k, v in value.items()}
+            if isinstance(value, list | tuple | set | frozenset):
+                return [self._clean(v, depth + 1) for v in value]
+        # Anything else (exceptions, bytes, objects) would be rendered with repr() by both
+        # renderers anyway; doing it here lets the text be scrubbed before it is written.
+        return self._scrub(_safe_repr(value))
+
+
+def _replacement(match: re.Match[str]) -> str:
+    prefix = match.group("iws")
+    return REDACTED if prefix is None else prefix + REDACTED
+
+
+def _secret_variants(secrets: Iterable[str]) -> set[str]:
+    variants: set[str] = set()
+    for secret in secrets:
+        if not secret:
+            continue
+        variants.add(secret)
+        # A Standard Webhooks secret is "whsec_" + base64 of the key; libraries strip the prefix,
+        # so the bare base64 may show up in an error message on its own.
+        if secret.startswith("whsec_") and len(secret) > len("whsec_"):
+            variants.add(secret[len("whsec_") :])
+    return variants
+
+
+def secret_redactor(secrets: Iterable[str]) -> Callable[[WrappedLogger, str, EventDict], EventDict]:
+    """A processor that hides secrets in every value of the event dict, however deep.
+
+    * every occurrence of one of ``secrets`` (settings.secret_values()) in any string, nested
+      dict key or value, list item, or repr() of another object becomes ``REDACTED``;
+    * the value of a key whose name suggests a credential (authorization, api_secret, token,
+      webhook-signature...) becomes ``REDACTED``, at any depth;
+    * the signature of "IWS key:signature" becomes ``REDACTED`` (the key stays).
+
+    Place it after ``format_exc_info`` (so traceback text is covered) and just before the
+    renderer. With no secrets it costs one scan for "IWS" per string value.
+    """
+    # Longest first, so a secret that contains another is replaced whole.
+    alternatives = [_IWS, *(re.escape(s) for s in sorted(_secret_variants(secrets), key=len, reverse=True))]
+    return _Redactor(re.compile("|".join(alternatives), re.IGNORECASE))
+
+
+def log_level_from_env(env: Mapping[str, str] | None = None) -> int:
+    """LEADSTAGE_LOG_LEVEL (default info), checked like every other setting."""
+    env = os.environ if env is None else env
+    raw = env.get("LEADSTAGE_LOG_LEVEL", "").strip()
+    if not raw:
+        return logging.INFO
+    try:
+        return LOG_LEVELS[raw.lower()]
+    except KeyError:
+        raise ConfigError(
+            f"LEADSTAGE_LOG_LEVEL must be one of debug, info, warning, error, critical, not {raw!r}"
+        ) from None
+
+
+def _isatty(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):  # a closed or detached stream is not a terminal
+        return False
+
+
+def _wants_json(log_format: LogFormat, stream: TextIO) -> bool:
+    if log_format == "auto":
+        return not _isatty(stream)
+    return log_format == "json"
+
+
+def _orjson_dumps(obj: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
+    try:
+        return orjson.dumps(obj, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except orjson.JSONEncodeError:
+        # orjson refuses a few things the stdlib takes (integers beyond 64 bits): a line is
+        # still better than a logging error.
+        return json.dumps(obj, default=default or _safe_repr)
+
+
+_LEADING_KEYS = ("timestamp", "level", "logger", "event")
+
+
+def _leading_keys_first(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Put timestamp, level, logger, event first in JSON lines, for people reading them raw."""
+    ordered = {key: event_dict.pop(key) for key in _LEADING_KEYS if key in event_dict}
+    ordered.update(event_dict)
+    return ordered
+
+
+class _Handler(logging.StreamHandler[TextIO]):
+    """Our one root handler, recognised on reconfiguration."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # logging's default prints record.msg and its args, unredacted, to stderr: report the
+        # failure without the record's content.
+        if logging.raiseExceptions and sys.stderr is not None:
+            exc = sys.exc_info()[1]
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"--- logging error: {type(exc).__name__} writing a record of {record.name!r}\n")
+
+
+def configure_logging(settings: Settings, *, stream: TextIO | None = None, level: int | str | None = None) -> None:
+    """Send every log line of the process (structlog and stdlib) through one pipeline to ``stream``.
+
+    ``stream`` defaults to stderr; ``level`` to LEADSTAGE_LOG_LEVEL (a name or a logging
+    number). Calling it again replaces the previous configuration.
+    """
+    out = sys.stderr if stream is None else stream
+    if level is None:
+        numeric_level = log_level_from_env()
+    elif isinstance(level, str):
+        numeric_level = log_level_from_env({"LEADSTAGE_LOG_LEVEL": level})
+    else:
+        numeric_level = level
+
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    # Run for records from stdlib loggers (arq, aiohttp) before the shared tail below.
+    foreign_pre_chain: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        timestamper,
+        structlog.processors.format_exc_info,
+    ]
+    renderer: Processor
+    if _wants_json(settings.log_format, out):
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        tail: list[Processor] = [_leading_keys_first, renderer]
+    else:
+        colors = _isatty(out) and "NO_COLOR" not in os.environ
+        # Tracebacks arrive already formatted (and redacted) as the "exception" string.
+        renderer = structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback)
+        tail = [renderer]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=foreign_pre_chain,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            # After format_exc_info (in both chains), so traceback text is scrubbed too.
+            secret_redactor(settings.secret_values()),
+            *tail,
+        ],
+    )
+    handler = _Handler(out)
+    handler.setFormatter(formatter)
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric_level)
+    # warnings.warn() output goes through logging too, so it has the same format.
+    logging.captureWarnings(True)
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,  # drop below-level events before any work is done
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            timestamper,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Not cached: a logger made at import time must follow a later configure_logging().
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """The logger of a module: ``log = get_logger(__name__)``."""
+    return structlog.stdlib.get_logger(name)
+
+
+def bind_job_context(
+    job_id: str, idempotency_key: str, account: str, attempt: int
+) -> contextlib.AbstractContextManager[None]:
+    """Every line logged inside ``with bind_job_context(...):`` carries the job's identity.
+
+    The previous values come back on exit, so nested or concurrent jobs (each asyncio task has
+    its own context) do not see each other's. Rebind ``attempt`` alone with
+    ``structlog.contextvars.bind_contextvars(attempt=n)`` if it changes inside.
+    """
+    return structlog.contextvars.bound_contextvars(
+        job_id=job_id, idempotency_key=idempotency_key, account=account, attempt=attempt
+    )
