@@ -21,7 +21,7 @@ with getLeadStageList before it is posted again.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Literal
@@ -103,12 +103,17 @@ class Ledger:
     # -- producers -----------------------------------------------------------------------------
 
     async def enqueue_many(
-        self, items: Sequence[tuple[LeadStageChange, Envelope]], *, all_or_nothing: bool = True
+        self,
+        items: Sequence[tuple[LeadStageChange, Envelope]],
+        *,
+        all_or_nothing: bool = True,
+        progress: Callable[[int], None] | None = None,
     ) -> list[Receipt]:
         """Enqueue changes in pipelined round trips; ``duplicate`` for a known key and change.
 
         A known key with a different change raises ``IdempotencyConflict``. With ``all_or_nothing``
-        every key is checked first, so a conflict enqueues nothing of the batch.
+        every key is checked first, so a conflict enqueues nothing of the batch. ``progress`` is
+        called with the size of each chunk once it is enqueued (a bulk producer's progress bar).
         """
         if all_or_nothing:
             await self._check_conflicts(items)
@@ -134,6 +139,8 @@ class Ledger:
                         "duplicate" if status == "duplicate" else "queued",
                     )
                 )
+            if progress is not None:
+                progress(len(chunk))
         return receipts
 
     async def _check_conflicts(self, items: Sequence[tuple[LeadStageChange, Envelope]]) -> None:
