@@ -84,9 +84,7 @@ def parse_change(raw: object) -> LeadStageChange:
     for given, value in raw.items():
         field = ALIASES.get(given, given) if isinstance(given, str) else given
         if field not in FIELDS:
-            errors.append(
-                FieldError(str(given), "is not a known field (allowed: id, name, colour, applyTo)")
-            )
+            errors.append(FieldError(str(given), "is not a known field (allowed: id, name, colour, applyTo)"))
         elif field in values:
             errors.append(FieldError(field, f"is given twice (as {field} and its alias {given})"))
         else:
@@ -103,9 +101,7 @@ def parse_change(raw: object) -> LeadStageChange:
         if "applyTo" not in values:
             errors.append(FieldError("applyTo", "is required when id is absent (an add)"))
     elif not any(f in values for f in UPDATABLE_FIELDS):
-        errors.append(
-            FieldError("change", "an update (with id) must change at least one of name, colour, applyTo")
-        )
+        errors.append(FieldError("change", "an update (with id) must change at least one of name, colour, applyTo"))
     if errors:
         raise InvalidChange(errors)
     return LeadStageChange(id=stage_id, name=name, colour=colour, apply_to=apply_to)
@@ -193,9 +189,7 @@ class Envelope:
     source: str
 
 
-def parse_envelope(
-    *, idempotency_key: object = None, account: object = None, source: object = None
-) -> Envelope:
+def parse_envelope(*, idempotency_key: object = None, account: object = None, source: object = None) -> Envelope:
     """Validate the envelope; a missing idempotency key is generated."""
     errors: list[FieldError] = []
     if idempotency_key is None:

@@ -94,8 +94,7 @@ class IdempotencyConflict(PermanentError):
         self.account = account
         self.idempotency_key = idempotency_key
         super().__init__(
-            f"idempotency key {idempotency_key!r} of account {account!r} "
-            "is already used for a different change"
+            f"idempotency key {idempotency_key!r} of account {account!r} is already used for a different change"
         )
 
 
@@ -206,8 +205,11 @@ def error_for_response(
         text += f" (specific code {specific_code})"
     if message:
         text += f": {message}"
-    if http_status == 429 or http_status >= 500 or http_status in RETRYABLE_STATUSES or (
-        specific_code in RETRYABLE_SPECIFIC_CODES
+    if (
+        http_status == 429
+        or http_status >= 500
+        or http_status in RETRYABLE_STATUSES
+        or (specific_code in RETRYABLE_SPECIFIC_CODES)
     ):
         kind = IvvyRateLimited if http_status == 429 else IvvyUnavailable
         return kind(

@@ -65,7 +65,9 @@ class AiohttpTransport:
             raise IvvyTimeout(f"iVvy did not answer within {timeout:g}s", outcome_unknown=True) from None
         except aiohttp.ClientConnectorError as exc:
             # The connection was never made, so the request cannot have reached iVvy.
-            raise IvvyNoAnswer(f"cannot connect to iVvy: {exc.os_error.strerror or exc}", outcome_unknown=False) from None
+            raise IvvyNoAnswer(
+                f"cannot connect to iVvy: {exc.os_error.strerror or exc}", outcome_unknown=False
+            ) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise IvvyNoAnswer(f"the connection to iVvy broke: {type(exc).__name__}", outcome_unknown=True) from None
 
@@ -159,9 +161,7 @@ def _decode(response: RawResponse) -> Any:
         answer = None
     if 200 <= response.status < 300:
         if answer is None:
-            raise IvvyUnavailable(
-                f"iVvy answered {response.status} without a JSON body", http_status=response.status
-            )
+            raise IvvyUnavailable(f"iVvy answered {response.status} without a JSON body", http_status=response.status)
         return answer
     error = answer if isinstance(answer, dict) else {}
     specific = error.get("specificCode")
@@ -197,5 +197,3 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
 def _excerpt(value: object) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 200 else text[:197] + "..."
-
-

@@ -77,7 +77,7 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
         burst=burst,
         on_startup=on_startup,
         on_shutdown=on_shutdown,
-        job_serializer=orjson.dumps,
+        job_serializer=_json_dumps,
         job_deserializer=orjson.loads,
         health_check_interval=60,
         log_results=False,
@@ -85,6 +85,11 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
     # The lease (see the module docstring): arq would use job_timeout + 10 s.
     worker.in_progress_timeout_s = settings.lease_s
     return worker
+
+
+def _json_dumps(value: Any) -> bytes:
+    """arq's serializer: JSON, never pickle; arq's own failure records hold exceptions, kept as text."""
+    return orjson.dumps(value, default=repr)
 
 
 def redis_settings(url: str) -> RedisSettings:

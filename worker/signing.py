@@ -69,9 +69,7 @@ def string_to_sign(
     api_version: str,
     ivvy_headers: str,
 ) -> str:
-    return (
-        f"{method}{content_md5_hex}{content_type}{date}{request_uri}{api_version}{ivvy_headers}"
-    ).lower()
+    return (f"{method}{content_md5_hex}{content_type}{date}{request_uri}{api_version}{ivvy_headers}").lower()
 
 
 def hmac_sha1_hex(secret: str, message: str) -> str:
@@ -108,6 +106,11 @@ def signed_headers(
     }
 
 
+def _same_text(received: str, expected: str) -> bool:
+    """Constant-time equality; as bytes, because compare_digest raises on non-ASCII str (a forged header)."""
+    return hmac.compare_digest(received.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
+
+
 class SignatureRejected(Exception):
     """Why the fake iVvy refuses a request's signature; ``specific_code`` 23005 for a stale date."""
 
@@ -140,7 +143,7 @@ def verify_request(
     if secret is None:
         raise SignatureRejected("Unknown API key")
     md5 = lookup.get("content-md5", "")
-    if not hmac.compare_digest(md5.lower(), content_md5(body)):
+    if not _same_text(md5.lower(), content_md5(body)):
         raise SignatureRejected("Content-MD5 does not match the body")
     ivvy_date = lookup.get("ivvy-date")
     try:
@@ -166,6 +169,6 @@ def verify_request(
             ivvy_headers=ivvy_headers_part(pairs),
         ),
     )
-    if not hmac.compare_digest(expected, signature.lower()):
+    if not _same_text(expected, signature.lower()):
         raise SignatureRejected("The signature does not match")
     return key

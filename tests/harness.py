@@ -1,0 +1,116 @@
+"""Helpers that run the real pieces for worker tests: workers (in-process or as processes) and streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from worker.results import TERMINAL_EVENTS
+from worker.runner import build_worker
+from worker.settings import Account, Secret, Settings
+
+
+def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Settings:
+    """Settings for a fast test worker against the fake iVvy with its demo credentials."""
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "accounts": {"default": Account("default", ivvy_url, "demo-key", Secret("demo-secret"), 1000.0)},
+        "rate_limit": 1000.0,
+        "backoff_base_s": 0.05,
+        "backoff_max_s": 0.5,
+        "request_timeout_s": 1.0,
+        "job_timeout_s": 30.0,
+        "lease_s": 2.0,
+        "poll_delay_s": 0.01,
+        "concurrency": 20,
+        "shutdown_grace_s": 5.0,
+        "metrics_port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]  # the keys above are Settings' fields
+
+
+def worker_env(settings: Settings, ivvy_url: str) -> dict[str, str]:
+    """The environment that makes ``leadstage worker`` use ``settings`` (the fields tests change)."""
+    return {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "IVVY_BASE_URL": ivvy_url,
+        "IVVY_API_KEY": "demo-key",
+        "IVVY_API_SECRET": "demo-secret",
+        "LEADSTAGE_RATE_LIMIT": str(settings.rate_limit),
+        "LEADSTAGE_MAX_ATTEMPTS": str(settings.max_attempts),
+        "LEADSTAGE_BACKOFF_BASE": str(settings.backoff_base_s),
+        "LEADSTAGE_BACKOFF_MAX": str(settings.backoff_max_s),
+        "LEADSTAGE_REQUEST_TIMEOUT": str(settings.request_timeout_s),
+        "LEADSTAGE_JOB_TIMEOUT": str(settings.job_timeout_s),
+        "LEADSTAGE_LEASE": str(settings.lease_s),
+        "LEADSTAGE_POLL_DELAY": str(settings.poll_delay_s),
+        "LEADSTAGE_CONCURRENCY": str(settings.concurrency),
+        "LEADSTAGE_SHUTDOWN_GRACE": str(settings.shutdown_grace_s),
+        "LEADSTAGE_METRICS_PORT": "0",
+        "LEADSTAGE_LOG_FORMAT": "json",
+    }
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[None]:
+    """An arq worker of the product in this event loop, stopped (gracefully) on exit."""
+    worker = build_worker(settings, handle_signals=False)
+    task = asyncio.create_task(worker.main())
+    try:
+        yield
+    finally:
+        await worker.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def start_worker_process(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``leadstage worker`` as a real process (so that it can be SIGKILLed)."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "worker.cli", "worker"], env=dict(env), stdout=log, stderr=log
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+    return process.wait(timeout)
+
+
+async def read_events(client: aioredis.Redis, stream: str = "leadstage:results") -> list[dict[str, str]]:
+    entries = await client.xrange(stream)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+async def wait_for_terminal(
+    client: aioredis.Redis, keys: Iterable[str], *, timeout: float = 30.0, stream: str = "leadstage:results"
+) -> dict[str, list[dict[str, str]]]:
+    """Wait until every idempotency key has a terminal event; return all terminal events by key."""
+    wanted = set(keys)
+    deadline = time.monotonic() + timeout
+    while True:
+        terminal: dict[str, list[dict[str, str]]] = {}
+        for event in await read_events(client, stream):
+            if event["event"] in TERMINAL_EVENTS:
+                terminal.setdefault(event["idempotency_key"], []).append(event)
+        missing = wanted - terminal.keys()
+        if not missing:
+            return terminal
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{len(missing)} changes have no terminal event after {timeout}s: {sorted(missing)[:5]}"
+            )
+        await asyncio.sleep(0.05)

@@ -1,0 +1,121 @@
+"""Chaos: hundreds of changes through worker processes that are SIGKILLed, against a fake iVvy with
+every fault switched on. The invariants are checked from the fake's own state and the streams."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.harness import (
+    read_events,
+    start_worker_process,
+    stop_process,
+    wait_for_terminal,
+    worker_env,
+    worker_settings,
+)
+from worker.change import parse_change, parse_envelope
+from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.ledger import Ledger
+
+ALL_FAULTS = {
+    "latency_ms": 3,
+    "error_rate": 0.08,
+    "rate_limit_rate": 0.04,
+    "retry_after_s": 1,
+    "hang_rate": 0.02,
+    "hang_s": 3,
+    "drop_rate": 0.05,
+    "error_24322_rate": 0.03,
+}
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[RunningFakeIvvy]:
+    async with running_fake_ivvy(seed=11) as running:
+        yield running
+
+
+async def test_no_loss_no_duplicate_last_value_wins_under_kills(
+    fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    rng = random.Random(5)
+    settings = worker_settings(redis_url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30)
+    ledger = Ledger(redis_client, settings)
+    stages = [fake.fake.add_stage(f"Seeded {i}", apply_to=1) for i in range(20)]
+    expected: dict[int, dict[str, object]] = {s.id: {"name": s.name, "colour": s.colour, "apply_to": 1} for s in stages}
+    changes = [({"name": f"Added {i}", "applyTo": rng.choice([1, 2])}, f"add-{i}") for i in range(120)]
+    for round_ in range(8):
+        for stage in stages:
+            raw: dict[str, object] = {"id": stage.id, "colour": f"#{rng.randrange(16**6):06x}"}
+            if rng.random() < 0.5:
+                raw["name"] = f"Stage {stage.id} v{round_}"
+            if rng.random() < 0.3:
+                raw["applyTo"] = rng.choice([1, 2])
+            changes.append((raw, f"upd-{stage.id}-{round_}"))
+    rng.shuffle(changes)  # adds and updates interleaved; updates of one stage stay in enqueue order below
+    for raw, key in changes:
+        change = parse_change(raw)
+        await ledger.enqueue_many([(change, parse_envelope(idempotency_key=key))])
+        if change.id is not None:
+            expected[change.id].update(
+                {
+                    k: v
+                    for k, v in {"name": change.name, "colour": change.colour, "apply_to": change.apply_to}.items()
+                    if v is not None
+                }
+            )
+
+    fake.fake.update_faults(ALL_FAULTS)
+    env = worker_env(settings, fake.url)
+    log = tmp_path / "workers.log"
+    workers = [start_worker_process(env, log) for _ in range(2)]
+    kills = 0
+    try:
+        for _ in range(3):
+            await asyncio.sleep(2.5)
+            victim = workers.pop(0)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            kills += 1
+            workers.append(start_worker_process(env, log))
+        started = time.monotonic()
+        terminal = await wait_for_terminal(redis_client, [key for _, key in changes], timeout=150)
+        settle = time.monotonic() - started
+    finally:
+        for process in workers:
+            stop_process(process)
+    assert kills >= 2
+
+    # Exactly one terminal event per key, and nothing failed (the attempts allow for every fault).
+    assert {key: len(events) for key, events in terminal.items() if len(events) != 1} == {}
+    outcomes = {key: events[0]["event"] for key, events in terminal.items()}
+    assert set(outcomes.values()) <= {"succeeded", "superseded"}, [
+        e for e in terminal.values() if e[0]["event"] == "failed"
+    ][:3]
+    assert await redis_client.xlen("leadstage:dlq") == 0
+
+    # No stage created twice: every add made exactly one stage, the one its event names.
+    added = {s.name: s for s in fake.fake.stages.values() if s.name.startswith("Added ")}
+    assert len([s for s in fake.fake.stages.values() if s.name.startswith("Added ")]) == 120
+    for raw, key in changes:
+        if "id" not in raw:
+            assert terminal[key][0]["stage_id"] == str(added[str(raw["name"])].id)
+
+    # Every field of every stage at the value of the change enqueued last.
+    for stage in stages:
+        actual = fake.fake.stages[stage.id]
+        assert {"name": actual.name, "colour": actual.colour, "apply_to": actual.apply_to} == expected[stage.id]
+
+    retries = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+    assert {e["error_code"] for e in retries} >= {"timeout", "connection", "unavailable", "rate_limited"}
+    print(
+        f"chaos: {len(changes)} changes, {kills} kills, {len(retries)} retries, settled {settle:.1f}s after the last kill"
+    )

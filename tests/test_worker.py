@@ -1,0 +1,111 @@
+"""The worker end to end, in-process: real Redis, the fake iVvy over loopback, the real arq worker."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.harness import read_events, running_worker, wait_for_terminal, worker_settings
+from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.change import parse_change, parse_envelope
+from worker.ledger import Ledger
+from worker.settings import Settings
+
+
+class Producer:
+    """Enqueues through the ledger, as every producer does."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def enqueue(self, raw: dict[str, object], *, idempotency_key: str) -> None:
+        await self.ledger.enqueue_many([(parse_change(raw), parse_envelope(idempotency_key=idempotency_key))])
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[RunningFakeIvvy]:
+    async with running_fake_ivvy(seed=7) as running:
+        yield running
+
+
+@pytest.fixture
+def settings(redis_url: str, fake: RunningFakeIvvy) -> Settings:
+    return worker_settings(redis_url, fake.url)
+
+
+@pytest.fixture
+def producer(settings: Settings, redis_client: aioredis.Redis) -> Producer:
+    return Producer(Ledger(redis_client, settings))
+
+
+async def test_add_update_and_rejection(
+    settings: Settings, producer: Producer, redis_client: aioredis.Redis, fake: RunningFakeIvvy
+) -> None:
+    await producer.enqueue({"name": " Referral ", "applyTo": "lead", "colour": "#ABCDEF"}, idempotency_key="add")
+    await producer.enqueue({"id": 1, "name": "Quoted!"}, idempotency_key="builtin")
+    async with running_worker(settings):
+        terminal = await wait_for_terminal(redis_client, ["add", "builtin"])
+    [added], [refused] = terminal["add"], terminal["builtin"]
+    assert added["event"] == "succeeded" and added["operation"] == "add"
+    stage = fake.fake.stages[int(added["stage_id"])]
+    assert (stage.name, stage.colour, stage.apply_to) == ("Referral", "#abcdef", 2)
+    assert (refused["event"], refused["error_code"], refused["retryable"]) == ("failed", "24321", "false")
+    [dead] = await read_events(redis_client, "leadstage:dlq")
+    assert dead["idempotency_key"] == "builtin" and dead["original_change"] == '{"id":1,"name":"Quoted!"}'
+
+
+async def test_transient_errors_are_retried_then_succeed(
+    settings: Settings, producer: Producer, redis_client: aioredis.Redis, fake: RunningFakeIvvy
+) -> None:
+    fake.fake.update_faults({"error_rate": 0.3, "error_24322_rate": 0.1, "rate_limit_rate": 0.1, "retry_after_s": 0})
+    keys = [f"k{i}" for i in range(20)]
+    for i, key in enumerate(keys):
+        await producer.enqueue({"name": f"Stage {i}", "applyTo": 1}, idempotency_key=key)
+    async with running_worker(dataclasses.replace(settings, max_attempts=30)):
+        terminal = await wait_for_terminal(redis_client, keys)
+    assert all(events[0]["event"] == "succeeded" for events in terminal.values())
+    retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+    assert retrying, "the faults should have caused retries"
+    assert {e["error_code"] for e in retrying} <= {"unavailable", "24322", "rate_limited"}
+    assert len([s for s in fake.fake.stages.values() if s.name.startswith("Stage ")]) == 20
+
+
+async def test_an_add_whose_answer_was_lost_is_not_created_twice(
+    settings: Settings, producer: Producer, redis_client: aioredis.Redis, fake: RunningFakeIvvy
+) -> None:
+    fake.fake.update_faults({"drop_rate": 1.0})
+    await producer.enqueue({"name": "Once", "applyTo": 2}, idempotency_key="once")
+    async with running_worker(settings):
+        events = []
+        while not events:
+            events = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+        fake.fake.update_faults({"drop_rate": 0.0})
+        terminal = await wait_for_terminal(redis_client, ["once"])
+    [done] = terminal["once"]
+    assert events[0]["error_code"] == "connection"
+    created = [s for s in fake.fake.stages.values() if s.name == "Once"]
+    assert len(created) == 1
+    assert done["event"] == "succeeded" and done["stage_id"] == str(created[0].id)
+
+
+async def test_the_last_enqueued_value_wins(
+    settings: Settings, producer: Producer, redis_client: aioredis.Redis, fake: RunningFakeIvvy
+) -> None:
+    stage = fake.fake.add_stage("Start", apply_to=1)
+    fake.fake.update_faults({"error_rate": 0.3, "latency_ms": 2})
+    keys = []
+    for i in range(30):
+        key = f"u{i}"
+        change: dict[str, object] = {"id": stage.id, "colour": f"#0000{i:02d}"}
+        if i % 3 == 0:
+            change["name"] = f"Name {i}"
+        await producer.enqueue(change, idempotency_key=key)
+        keys.append(key)
+    async with running_worker(settings):
+        terminal = await wait_for_terminal(redis_client, keys)
+    assert (stage.name, stage.colour) == ("Name 27", "#000029")
+    assert {events[0]["event"] for events in terminal.values()} <= {"succeeded", "superseded"}
+    assert all(len(events) == 1 for events in terminal.values())
