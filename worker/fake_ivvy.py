@@ -688,7 +688,7 @@ async def _admin_json(request: web.Request) -> dict[str, Any]:
         return {}
     if not isinstance(parsed, dict):
         raise web.HTTPBadRequest(
-            body=orjson.dumps({"error": "the body must be a JSON object", "field": None}),
+            text=orjson.dumps({"error": "the body must be a JSON object", "field": None}).decode(),
             content_type="application/json",
         )
     return parsed
