@@ -69,9 +69,7 @@ def string_to_sign(
     api_version: str,
     ivvy_headers: str,
 ) -> str:
-    return (
-        f"{method}{content_md5_hex}{content_type}{date}{request_uri}{api_version}{ivvy_headers}"
-    ).lower()
+    return (f"{method}{content_md5_hex}{content_type}{date}{request_uri}{api_version}{ivvy_headers}").lower()
 
 
 def hmac_sha1_hex(secret: str, message: str) -> str:
