@@ -21,6 +21,8 @@ APPLY_TO_OPPORTUNITY = 1
 APPLY_TO_LEAD = 2
 _APPLY_TO_WORDS = {"opportunity": APPLY_TO_OPPORTUNITY, "lead": APPLY_TO_LEAD}
 NAME_MAX_CHARS = 255
+#: The largest stage id: iVvy's ids are 64-bit at most, and bigger ones cannot be serialised as JSON.
+ID_MAX = 2**63 - 1
 KEY_MAX_CHARS = 255
 SOURCE_MAX_CHARS = 1000
 DEFAULT_ACCOUNT = "default"
@@ -29,6 +31,7 @@ DEFAULT_ACCOUNT = "default"
 FIELDS = ("id", "name", "colour", "applyTo")
 #: Older or other spellings accepted on input.
 ALIASES = {"color": "colour", "appliesTo": "applyTo"}
+_ALIAS_OF = {field: alias for alias, field in ALIASES.items()}
 #: The fields an update may change (everything but the id).
 UPDATABLE_FIELDS = ("name", "colour", "applyTo")
 
@@ -86,7 +89,7 @@ def parse_change(raw: object) -> LeadStageChange:
         if field not in FIELDS:
             errors.append(FieldError(str(given), "is not a known field (allowed: id, name, colour, applyTo)"))
         elif field in values:
-            errors.append(FieldError(field, f"is given twice (as {field} and its alias {given})"))
+            errors.append(FieldError(field, f"is given twice (as {field} and as its alias {_ALIAS_OF[field]})"))
         else:
             values[field] = value
 
@@ -135,6 +138,8 @@ def _parse_id(value: object) -> int | FieldError:
         return _invalid(f"must be a positive integer, not {_describe(value)}")
     if value < 1:
         return _invalid(f"must be a positive integer, not {value}")
+    if value > ID_MAX:
+        return _invalid(f"must be at most {ID_MAX}")
     return value
 
 
