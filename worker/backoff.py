@@ -19,5 +19,5 @@ def backoff_seconds(
     "Exponential Backoff And Jitter"); a server's Retry-After is a floor, never shortened.
     """
     ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
-    delay = (rng or random).uniform(0, ceiling)  # noqa: S311 - jitter, not a secret
+    delay = (rng or random).uniform(0, ceiling)
     return max(delay, retry_after or 0.0)

@@ -215,5 +215,7 @@ def parse_envelope(*, idempotency_key: object = None, account: object = None, so
         errors.append(FieldError("source", f"must be text of at most {SOURCE_MAX_CHARS} characters"))
     if errors:
         raise InvalidChange(errors)
-    assert isinstance(idempotency_key, str) and isinstance(account, str) and isinstance(source, str)
+    assert isinstance(idempotency_key, str)
+    assert isinstance(account, str)
+    assert isinstance(source, str)
     return Envelope(idempotency_key=idempotency_key, account=account, source=source)

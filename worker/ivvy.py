@@ -8,7 +8,6 @@ results or into the exceptions of ``worker.errors`` (classified there, once).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +38,7 @@ class RawResponse:
 class Transport(Protocol):
     """Sends one POST and returns the answer, or raises ``IvvyNoAnswer``."""
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout: float) -> RawResponse: ...
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> RawResponse: ...
 
     async def close(self) -> None: ...
 
@@ -55,14 +54,14 @@ class AiohttpTransport:
             skip_auto_headers=("User-Agent",),
         )
 
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout: float) -> RawResponse:
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> RawResponse:
         try:
             async with self._session.post(
-                url, data=body, headers=dict(headers), timeout=aiohttp.ClientTimeout(total=timeout)
+                url, data=body, headers=dict(headers), timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as response:
                 return RawResponse(response.status, dict(response.headers), await response.read())
         except TimeoutError:
-            raise IvvyTimeout(f"iVvy did not answer within {timeout:g}s", outcome_unknown=True) from None
+            raise IvvyTimeout(f"iVvy did not answer within {timeout_s:g}s", outcome_unknown=True) from None
         except aiohttp.ClientConnectorError as exc:
             # The connection was never made, so the request cannot have reached iVvy.
             raise IvvyNoAnswer(

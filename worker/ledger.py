@@ -126,7 +126,7 @@ class Ledger:
                     for change, envelope in chunk:
                         await self._call_enqueue(pipe, change, envelope, now)
                     answers = await pipe.execute()
-            for (change, envelope), answer in zip(chunk, answers, strict=True):
+            for (_, envelope), answer in zip(chunk, answers, strict=True):
                 status = answer[0].decode()
                 if status == "conflict":
                     raise IdempotencyConflict(envelope.account, envelope.idempotency_key)
