@@ -1,0 +1,337 @@
+"""The change table of SPEC.md ("A change") and its envelope, rule by rule, then by property.
+
+Every producer (library, CLI, webhook) validates through ``parse_change``/``parse_envelope``,
+so these rules are the product's input contract: an invalid change must be refused with each
+bad field named, and a valid one must come out normalised exactly as iVvy is sent it.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.change import ID_MAX, LeadStageChange, parse_change, parse_envelope
+from worker.errors import InvalidChange, PermanentError
+
+
+def refusal(raw: object) -> InvalidChange:
+    with pytest.raises(InvalidChange) as refused:
+        parse_change(raw)
+    return refused.value
+
+
+def bad_fields(refused: InvalidChange) -> list[str]:
+    return [error.field for error in refused.errors]
+
+
+def test_an_add_needs_a_name_and_apply_to() -> None:
+    change = parse_change({"name": "Referral", "applyTo": 1})
+    assert change == LeadStageChange(name="Referral", apply_to=1)
+    assert change.operation == "add"
+    assert change.body() == {"name": "Referral", "applyTo": 1}
+
+
+@pytest.mark.parametrize(
+    ("raw", "missing"),
+    [
+        ({"applyTo": 1}, ["name"]),
+        ({"name": "Referral", "colour": "#000000"}, ["applyTo"]),
+        ({"colour": "#000000"}, ["name", "applyTo"]),
+        ({}, ["name", "applyTo"]),
+    ],
+)
+def test_an_add_without_name_or_apply_to_is_refused(raw: dict[str, Any], missing: list[str]) -> None:
+    refused = refusal(raw)
+    assert bad_fields(refused) == missing
+    assert all("required when id is absent" in error.reason for error in refused.errors)
+
+
+@pytest.mark.parametrize("field", ["name", "colour", "applyTo"])
+def test_an_update_changes_the_fields_given(field: str) -> None:
+    value = {"name": "Renamed", "colour": "#00ff00", "applyTo": 2}[field]
+    change = parse_change({"id": 755, field: value})
+    assert change.operation == "update"
+    assert change.body() == {"id": 755, field: value}
+    assert change.changed_fields() == [field]
+
+
+def test_an_update_with_nothing_to_change_is_refused() -> None:
+    refused = refusal({"id": 755})
+    assert bad_fields(refused) == ["change"]
+    assert "at least one of name, colour, applyTo" in str(refused)
+
+
+@pytest.mark.parametrize(
+    ("raw", "body"),
+    [
+        ({"name": "x", "appliesTo": 2}, {"name": "x", "applyTo": 2}),
+        ({"id": 5, "color": "#ABCDEF"}, {"id": 5, "colour": "#abcdef"}),
+        ({"name": "x", "color": "#000000", "appliesTo": "lead"}, {"name": "x", "colour": "#000000", "applyTo": 2}),
+    ],
+)
+def test_aliases_become_the_canonical_fields(raw: dict[str, Any], body: dict[str, Any]) -> None:
+    assert parse_change(raw).body() == body
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "alias"),
+    [
+        ({"id": 5, "colour": "#000000", "color": "#111111"}, "colour", "color"),
+        ({"id": 5, "color": "#000000", "colour": "#111111"}, "colour", "color"),
+        ({"id": 5, "applyTo": 1, "appliesTo": 1}, "applyTo", "appliesTo"),
+        ({"id": 5, "appliesTo": 1, "applyTo": 1}, "applyTo", "appliesTo"),
+    ],
+)
+def test_a_field_given_as_itself_and_as_its_alias_is_refused(raw: dict[str, Any], field: str, alias: str) -> None:
+    refused = refusal(raw)
+    assert bad_fields(refused) == [field]
+    assert f"is given twice (as {field} and as its alias {alias})" in str(refused)
+
+
+def test_unknown_fields_are_refused_each_by_name() -> None:
+    refused = refusal({"id": 5, "name": "x", "Name": "y", "reasons": [], "colour_hex": "#000000"})
+    assert bad_fields(refused) == ["Name", "reasons", "colour_hex"]
+    for field in ("Name", "reasons", "colour_hex"):
+        assert f"{field}: is not a known field" in str(refused)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "value"),
+    [
+        ({"name": "  Referral Lead\t", "applyTo": 1}, "name", "Referral Lead"),
+        ({"id": 1, "colour": "#7EE546"}, "colour", "#7ee546"),
+        ({"name": "x", "applyTo": "lead"}, "applyTo", 2),
+        ({"name": "x", "applyTo": "opportunity"}, "applyTo", 1),
+        ({"name": "x", "applyTo": 1}, "applyTo", 1),
+        ({"name": "x", "applyTo": 2}, "applyTo", 2),
+    ],
+)
+def test_values_are_normalised_as_ivvy_is_sent_them(raw: dict[str, Any], field: str, value: object) -> None:
+    assert parse_change(raw).body()[field] == value
+
+
+@pytest.mark.parametrize("field", ["id", "name", "colour", "color", "applyTo", "appliesTo"])
+def test_null_is_refused_for_every_field(field: str) -> None:
+    raw: dict[str, Any] = {"id": 5, "name": "x", field: None}
+    refused = refusal(raw)
+    canonical = {"color": "colour", "appliesTo": "applyTo"}.get(field, field)
+    assert canonical in bad_fields(refused)
+    assert "must not be null" in str(refused)
+
+
+@pytest.mark.parametrize(
+    "stage_id", [True, False, 0, -1, 1.0, 1.5, "5", [5], ID_MAX + 1, 2**64], ids=lambda v: repr(v)[:20]
+)
+def test_an_id_must_be_a_positive_integer(stage_id: object) -> None:
+    assert bad_fields(refusal({"id": stage_id, "name": "x"})) == ["id"]
+
+
+def test_the_largest_id_is_accepted_and_serialisable() -> None:
+    change = parse_change({"id": ID_MAX, "name": "x"})
+    assert orjson.loads(change.canonical_json()) == {"id": ID_MAX, "name": "x"}
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("n", True),
+        ("n" * 255, True),
+        ("   " + "n" * 255 + "\n ", True),  # counted after trimming
+        ("n" * 256, False),
+        (" " + "n" * 256 + " ", False),
+        ("", False),
+        ("   \t\n", False),
+    ],
+    ids=["1", "255", "255-after-trimming", "256", "256-after-trimming", "empty", "blank"],
+)
+def test_name_length_is_counted_after_trimming(name: str, ok: bool) -> None:
+    raw = {"name": name, "applyTo": 1}
+    if ok:
+        assert parse_change(raw).name == name.strip()
+    else:
+        assert bad_fields(refusal(raw)) == ["name"]
+
+
+@pytest.mark.parametrize("name", [5, ["x"], {"x": 1}, True])
+def test_name_must_be_a_string(name: object) -> None:
+    assert bad_fields(refusal({"name": name, "applyTo": 1})) == ["name"]
+
+
+@pytest.mark.parametrize("colour", ["7ee546", "#7ee54", "#7ee5466", "#7ee54g", "red", " #7ee546", "", 7, "#7EE546\n"])
+def test_colour_must_be_rrggbb_hex(colour: object) -> None:
+    refused = refusal({"id": 1, "colour": colour})
+    assert bad_fields(refused) == ["colour"]
+    assert "#rrggbb" in str(refused)
+
+
+@pytest.mark.parametrize("apply_to", [0, 3, -1, True, 1.0, "both", "", None, [1]], ids=lambda v: repr(v))
+def test_apply_to_must_be_1_2_lead_or_opportunity(apply_to: object) -> None:
+    assert bad_fields(refusal({"name": "x", "applyTo": apply_to})) == ["applyTo"]
+
+
+@pytest.mark.parametrize("raw", [None, [], "change", 5, [("name", "x")]])
+def test_a_change_must_be_an_object(raw: object) -> None:
+    assert bad_fields(refusal(raw)) == ["change"]
+
+
+def test_every_bad_field_is_reported_at_once() -> None:
+    refused = refusal({"name": " ", "colour": "red", "applyTo": 9, "shape": "round"})
+    assert sorted(bad_fields(refused)) == ["applyTo", "colour", "name", "shape"]
+    assert isinstance(refused, PermanentError)
+    assert not refused.retryable
+    assert str(refused).startswith("invalid change: ")
+
+
+# The envelope.
+
+
+def test_envelope_defaults() -> None:
+    first, second = parse_envelope(), parse_envelope()
+    assert (first.account, first.source) == ("default", "")
+    assert first.idempotency_key != second.idempotency_key, "a generated key is new each time"
+    assert 1 <= len(first.idempotency_key) <= 255
+    assert all(32 <= ord(c) <= 126 for c in first.idempotency_key)
+
+
+@pytest.mark.parametrize("key", ["k", "k" * 255, "order 17/line 3", "~!@#$%^&*()", " "])
+def test_idempotency_keys_of_1_to_255_printable_ascii_are_kept(key: str) -> None:
+    assert parse_envelope(idempotency_key=key).idempotency_key == key
+
+
+@pytest.mark.parametrize(
+    "key", ["", "k" * 256, "tab\there", "new\nline", "caf\u00e9", "del\x7f", 17, b"bytes"], ids=lambda v: repr(v)[:20]
+)
+def test_other_idempotency_keys_are_refused(key: object) -> None:
+    with pytest.raises(InvalidChange) as refused:
+        parse_envelope(idempotency_key=key)
+    assert bad_fields(refused.value) == ["idempotency_key"]
+
+
+@pytest.mark.parametrize("account", ["default", "acme-eu.1_x", "a" * 64])
+def test_account_names_of_letters_digits_and_separators_are_kept(account: str) -> None:
+    assert parse_envelope(account=account).account == account
+
+
+@pytest.mark.parametrize("account", ["", "a" * 65, "a b", "a:b", "a/b", "\u00e9t\u00e9", 3], ids=lambda v: repr(v))
+def test_other_account_names_are_refused(account: object) -> None:
+    with pytest.raises(InvalidChange) as refused:
+        parse_envelope(account=account)
+    assert bad_fields(refused.value) == ["account"]
+
+
+@pytest.mark.parametrize(("source", "ok"), [("webhook:crm", True), ("s" * 1000, True), ("s" * 1001, False), (5, False)])
+def test_source_is_free_text_of_bounded_length(source: object, ok: bool) -> None:
+    if ok:
+        assert parse_envelope(source=source).source == source
+    else:
+        with pytest.raises(InvalidChange) as refused:
+            parse_envelope(source=source)
+        assert bad_fields(refused.value) == ["source"]
+
+
+def test_every_bad_envelope_field_is_reported_at_once() -> None:
+    with pytest.raises(InvalidChange) as refused:
+        parse_envelope(idempotency_key="", account="a b", source=5)
+    assert bad_fields(refused.value) == ["idempotency_key", "account", "source"]
+
+
+# Properties: valid changes of every shape parse, normalise and round-trip; each kind of
+# invalid field is named.
+
+_WHITESPACE = " \t\n\u00a0\u2003"
+_names = st.tuples(
+    st.text(_WHITESPACE, max_size=3),
+    st.text(min_size=1, max_size=255).filter(lambda core: core.strip() == core and core != ""),
+    st.text(_WHITESPACE, max_size=3),
+).map("".join)
+_colours = st.text("0123456789abcdefABCDEF", min_size=6, max_size=6).map(lambda hex_digits: "#" + hex_digits)
+_apply_tos = st.sampled_from([1, 2, "lead", "opportunity"])
+_ids = st.integers(min_value=1, max_value=ID_MAX)
+
+
+@st.composite
+def valid_changes(draw: st.DrawFn) -> dict[str, Any]:
+    """A raw change as a producer may send it: add or update, canonical names or aliases."""
+    colour_key = draw(st.sampled_from(["colour", "color"]))
+    apply_to_key = draw(st.sampled_from(["applyTo", "appliesTo"]))
+    optional = {"name": _names, colour_key: _colours, apply_to_key: _apply_tos}
+    if draw(st.booleans()):  # an add
+        raw = {"name": draw(_names), apply_to_key: draw(_apply_tos)}
+        if draw(st.booleans()):
+            raw[colour_key] = draw(_colours)
+        return raw
+    fields = draw(st.lists(st.sampled_from(sorted(optional)), min_size=1, max_size=3, unique=True))
+    return {"id": draw(_ids), **{field: draw(optional[field]) for field in fields}}
+
+
+@given(valid_changes())
+def test_valid_changes_parse_normalised_and_round_trip(raw: dict[str, Any]) -> None:
+    change = parse_change(raw)
+    given_apply_to = raw.get("applyTo", raw.get("appliesTo"))
+    given_colour = raw.get("colour", raw.get("color"))
+    assert change.id == raw.get("id")
+    assert change.operation == ("update" if "id" in raw else "add")
+    assert change.name == (raw["name"].strip() if "name" in raw else None)
+    assert change.colour == (given_colour.lower() if given_colour is not None else None)
+    assert change.apply_to == {None: None, 1: 1, 2: 2, "opportunity": 1, "lead": 2}[given_apply_to]
+    assert parse_change(change.body()) == change
+    assert orjson.loads(change.canonical_json()) == change.body()
+
+
+_not_ints = st.one_of(st.booleans(), st.floats(), st.text(), st.lists(st.integers(), max_size=2))
+_bad_values: dict[str, st.SearchStrategy[object]] = {
+    "id": st.one_of(st.integers(max_value=0), st.integers(min_value=ID_MAX + 1), _not_ints),
+    "name": st.one_of(
+        st.text(_WHITESPACE, max_size=5),
+        st.text(min_size=256, max_size=300).filter(lambda name: len(name.strip()) > 255),
+        st.integers(),
+        st.booleans(),
+    ),
+    "colour": st.one_of(st.text().filter(lambda c: not (len(c) == 7 and c[0] == "#")), st.integers()),
+    "applyTo": st.one_of(
+        st.integers().filter(lambda n: n not in (1, 2)),
+        st.booleans(),
+        st.floats(),
+        st.text().filter(lambda t: t.strip().lower() not in ("lead", "opportunity", "1", "2")),
+    ),
+}
+_unknown_fields = st.text(string.ascii_letters + "_", min_size=1, max_size=12).filter(
+    lambda name: name not in ("id", "name", "colour", "color", "applyTo", "appliesTo")
+)
+
+
+@given(st.data(), st.sampled_from([*sorted(_bad_values), "unknown"]))
+def test_each_kind_of_invalid_field_is_named(data: st.DataObject, kind: str) -> None:
+    raw = {"id": 5, "name": "Valid", "colour": "#000000", "applyTo": 1}
+    if kind == "unknown":
+        field = data.draw(_unknown_fields)
+        raw[field] = data.draw(st.integers())
+    else:
+        field = kind
+        raw[field] = data.draw(_bad_values[field])
+    refused = refusal(raw)
+    assert bad_fields(refused) == [field]
+    assert f"{field}: " in str(refused)
+
+
+@given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=255))
+def test_any_printable_ascii_key_is_kept(key: str) -> None:
+    assert parse_envelope(idempotency_key=key).idempotency_key == key
+
+
+@given(
+    st.tuples(
+        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=100),
+        st.characters().filter(lambda c: not 0x20 <= ord(c) <= 0x7E),
+        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=100),
+    ).map("".join)
+)
+def test_a_key_with_any_other_character_is_refused(key: str) -> None:
+    with pytest.raises(InvalidChange) as refused:
+        parse_envelope(idempotency_key=key)
+    assert bad_fields(refused.value) == ["idempotency_key"]
