@@ -361,8 +361,8 @@ class FakeIvvy:
         self.log_requests = log_requests
         self.requests: deque[RequestRecord] = deque(maxlen=request_log_size)
         # Insertion order is id order (ids only grow), which paging relies on.
-        self.stages: dict[int, Stage] = {}
-        self._next_id = FIRST_STAGE_ID
+        self.stages: dict[int, Stage]
+        self._next_id: int
         self.reset()
 
     def reset(self, *, faults: bool = False) -> None:
