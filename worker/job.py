@@ -78,7 +78,7 @@ async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, account: str
 
 
 async def process_change(runtime: Runtime, job_id: str, account: str, change: LeadStageChange) -> str:
-    ledger, settings = runtime.ledger, runtime.settings
+    settings = runtime.settings
     client = runtime.clients.get(account)
     rate_limit = client.account.rate_limit if client else settings.rate_limit
     begin = await _begin_when_allowed(runtime, job_id, account, change, rate_limit)
@@ -126,20 +126,25 @@ async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, begin:
     change = facts.change
     sent = change.without(set(begin.dropped))
     started = time.monotonic()
-    try:
-        if change.operation == "add" and unknown_before:
+    if change.operation == "add" and unknown_before:
+        try:
             adopted = await _reconcile(runtime, client, facts)
-            if adopted is not None:
-                await _finish(runtime, facts, "succeeded", attempt=begin.attempt, sent=sent, stage_id=adopted)
-                return "succeeded"
+        except RetryableError as error:
+            # The earlier attempt is still unaccounted for: stay in the unknown phase.
+            return await _failed_attempt(runtime, facts, begin.attempt, sent, error, started, outcome_unknown=True)
+        except PermanentError as error:
+            return await _permanent_failure(runtime, facts, begin.attempt, sent, error, started)
+        if adopted is not None:
+            await _finish(runtime, facts, "succeeded", attempt=begin.attempt, sent=sent, stage_id=adopted)
+            return "succeeded"
+    try:
         with metrics.IVVY_LATENCY.labels(facts.account, "addOrUpdateLeadStage").time():
             stage_id = await client.add_or_update_lead_stage(sent)
     except RetryableError as error:
-        return await _failed_attempt(runtime, facts, begin.attempt, sent, error, started)
+        unknown = isinstance(error, IvvyNoAnswer) and error.outcome_unknown
+        return await _failed_attempt(runtime, facts, begin.attempt, sent, error, started, outcome_unknown=unknown)
     except PermanentError as error:
-        metrics.ATTEMPTS.labels(facts.account, change.operation, "permanent").inc()
-        await _finish(runtime, facts, "failed", attempt=begin.attempt, sent=sent, error=error, started=started)
-        return "failed"
+        return await _permanent_failure(runtime, facts, begin.attempt, sent, error, started)
     metrics.ATTEMPTS.labels(facts.account, change.operation, "ok").inc()
     await _finish(
         runtime,
@@ -154,12 +159,31 @@ async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, begin:
     return "succeeded"
 
 
-async def _failed_attempt(
-    runtime: Runtime, facts: JobFacts, attempt: int, sent: LeadStageChange, error: RetryableError, started: float
+async def _permanent_failure(
+    runtime: Runtime, facts: JobFacts, attempt: int, sent: LeadStageChange, error: PermanentError, started: float
 ) -> str:
+    metrics.ATTEMPTS.labels(facts.account, facts.change.operation, "permanent").inc()
+    await _finish(runtime, facts, "failed", attempt=attempt, sent=sent, error=error, started=started)
+    return "failed"
+
+
+async def _failed_attempt(
+    runtime: Runtime,
+    facts: JobFacts,
+    attempt: int,
+    sent: LeadStageChange,
+    error: RetryableError,
+    started: float,
+    *,
+    outcome_unknown: bool,
+) -> str:
+    """A retryable failure: schedule the next attempt, or fail when out of attempts.
+
+    ``outcome_unknown``: iVvy may have applied some attempt of this change; an add in that state
+    is never failed here, so that the next run reconciles it first.
+    """
     settings = runtime.settings
     metrics.ATTEMPTS.labels(facts.account, facts.change.operation, "retryable").inc()
-    outcome_unknown = isinstance(error, IvvyNoAnswer) and error.outcome_unknown
     must_reconcile = outcome_unknown and facts.change.operation == "add"
     if attempt >= settings.max_attempts and not must_reconcile:
         await _finish(runtime, facts, "failed", attempt=attempt, sent=sent, error=error, started=started)
@@ -195,7 +219,9 @@ async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, begi
             adopted = await _reconcile(runtime, client, facts)
         except RetryableError as error:
             # Failing now could make a replay create a second stage: keep reconciling instead.
-            return await _failed_attempt(runtime, facts, begin.attempt, facts.change, error, time.monotonic())
+            return await _failed_attempt(
+                runtime, facts, begin.attempt, facts.change, error, time.monotonic(), outcome_unknown=True
+            )
         if adopted is not None:
             await _finish(runtime, facts, "succeeded", attempt=begin.attempt, sent=facts.change, stage_id=adopted)
             return "succeeded"
