@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
 
-#: Tests use their own database of the Redis on 127.0.0.1:6379 (scripts/setup.sh starts one).
-TEST_REDIS_URL = os.environ.get("LEADSTAGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+#: The Redis the tests use (scripts/setup.sh starts one on 127.0.0.1:6379 when none answers).
+TEST_REDIS_SERVER = os.environ.get("LEADSTAGE_TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
+#: Databases a test session may claim; 0 is left alone (it holds the claims).
+TEST_DATABASES = range(15, 0, -1)
 
 
-@pytest.fixture
-def redis_url() -> str:
-    return TEST_REDIS_URL
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A database of the test Redis that this test session has to itself.
+
+    Test runs of several checkouts on one machine would otherwise flush each other's data: each
+    session claims a free database number with SET NX in database 0, and frees it at the end.
+    """
+    claims = redis.Redis.from_url(f"{TEST_REDIS_SERVER}/0")
+    token = f"{os.getpid()}"
+    for database in TEST_DATABASES:
+        if claims.set(f"leadstage-tests:database:{database}", token, nx=True, ex=3600):
+            break
+    else:
+        raise RuntimeError("every test database of the Redis is claimed by another test session")
+    try:
+        yield f"{TEST_REDIS_SERVER}/{database}"
+    finally:
+        if claims.get(f"leadstage-tests:database:{database}") == token.encode():
+            claims.delete(f"leadstage-tests:database:{database}")
+        claims.close()
 
 
 @pytest.fixture

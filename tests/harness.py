@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -79,9 +79,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[None]:
 def start_worker_process(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """``leadstage worker`` as a real process (so that it can be SIGKILLed)."""
     with log_path.open("ab") as log:
-        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "worker.cli", "worker"], env=dict(env), stdout=log, stderr=log
-        )
+        return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=dict(env), stdout=log, stderr=log)
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
@@ -90,17 +88,26 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
     return process.wait(timeout)
 
 
+async def eventually(condition: Callable[[], bool], *, within_s: float = 10.0) -> None:
+    """Poll a condition of a real system (no event to wait on) until it holds."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition still false after {within_s}s")
+        await asyncio.sleep(0.01)
+
+
 async def read_events(client: aioredis.Redis, stream: str = "leadstage:results") -> list[dict[str, str]]:
     entries = await client.xrange(stream)
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
 async def wait_for_terminal(
-    client: aioredis.Redis, keys: Iterable[str], *, timeout: float = 30.0, stream: str = "leadstage:results"
+    client: aioredis.Redis, keys: Iterable[str], *, within_s: float = 30.0, stream: str = "leadstage:results"
 ) -> dict[str, list[dict[str, str]]]:
     """Wait until every idempotency key has a terminal event; return all terminal events by key."""
     wanted = set(keys)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while True:
         terminal: dict[str, list[dict[str, str]]] = {}
         for event in await read_events(client, stream):
@@ -111,6 +118,6 @@ async def wait_for_terminal(
             return terminal
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"{len(missing)} changes have no terminal event after {timeout}s: {sorted(missing)[:5]}"
+                f"{len(missing)} changes have no terminal event after {within_s}s: {sorted(missing)[:5]}"
             )
         await asyncio.sleep(0.05)

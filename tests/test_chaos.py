@@ -60,39 +60,40 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
             if rng.random() < 0.3:
                 raw["applyTo"] = rng.choice([1, 2])
             changes.append((raw, f"upd-{stage.id}-{round_}"))
-    rng.shuffle(changes)  # adds and updates interleaved; updates of one stage stay in enqueue order below
-    for raw, key in changes:
-        change = parse_change(raw)
-        await ledger.enqueue_many([(change, parse_envelope(idempotency_key=key))])
-        if change.id is not None:
-            expected[change.id].update(
-                {
-                    k: v
-                    for k, v in {"name": change.name, "colour": change.colour, "apply_to": change.apply_to}.items()
-                    if v is not None
-                }
-            )
+    rng.shuffle(changes)  # adds and updates interleaved; each stage's updates keep their enqueue order
+
+    async def enqueue(batch: list[tuple[dict[str, object], str]]) -> None:
+        for raw, key in batch:
+            change = parse_change(raw)
+            await ledger.enqueue_many([(change, parse_envelope(idempotency_key=key))])
+            if change.id is not None:
+                fields = {"name": change.name, "colour": change.colour, "apply_to": change.apply_to}
+                expected[change.id].update({k: v for k, v in fields.items() if v is not None})
 
     fake.fake.update_faults(ALL_FAULTS)
     env = worker_env(settings, fake.url)
     log = tmp_path / "workers.log"
     workers = [start_worker_process(env, log) for _ in range(2)]
     kills = 0
+    batches = [changes[i : i + 40] for i in range(0, len(changes), 40)]
     try:
-        for _ in range(3):
-            await asyncio.sleep(2.5)
-            victim = workers.pop(0)
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(10)
-            kills += 1
-            workers.append(start_worker_process(env, log))
+        # Changes keep arriving while workers are killed and restarted.
+        for tick, batch in enumerate(batches):
+            await enqueue(batch)
+            await asyncio.sleep(0.8)
+            if tick % 2 == 1:
+                victim = workers.pop(0)
+                victim.send_signal(signal.SIGKILL)
+                victim.wait(10)
+                kills += 1
+                workers.append(start_worker_process(env, log))
         started = time.monotonic()
-        terminal = await wait_for_terminal(redis_client, [key for _, key in changes], timeout=150)
+        terminal = await wait_for_terminal(redis_client, [key for _, key in changes], within_s=150)
         settle = time.monotonic() - started
     finally:
         for process in workers:
             stop_process(process)
-    assert kills >= 2
+    assert kills >= 3
 
     # Exactly one terminal event per key, and nothing failed (the attempts allow for every fault).
     assert {key: len(events) for key, events in terminal.items() if len(events) != 1} == {}
@@ -117,5 +118,5 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
     retries = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
     assert {e["error_code"] for e in retries} >= {"timeout", "connection", "unavailable", "rate_limited"}
     print(
-        f"chaos: {len(changes)} changes, {kills} kills, {len(retries)} retries, settled {settle:.1f}s after the last kill"
+        f"chaos: {len(changes)} changes, {kills} kills, {len(retries)} retries, done {settle:.1f}s after the last kill"
     )

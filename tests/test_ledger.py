@@ -71,7 +71,8 @@ async def test_a_batch_with_a_conflict_enqueues_nothing(ledger: Ledger, redis_cl
 async def test_job_payload_is_json_not_pickle(ledger: Ledger, redis_client: aioredis.Redis) -> None:
     change = await enqueue(ledger, "k1", {"id": 7, "colour": "#ABCDEF"})
     raw = await redis_client.get(keys.arq_job_key("default:k1"))
-    assert raw is not None and not raw.startswith(b"\x80")
+    assert raw is not None
+    assert not raw.startswith(b"\x80")
     payload = orjson.loads(raw)
     assert payload["f"] == keys.JOB_FUNCTION
     assert payload["a"] == ["default:k1", "default", change.canonical_json().decode()]

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from tests.harness import read_events, running_worker, wait_for_terminal, worker_settings
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from tests.harness import eventually, read_events, running_worker, wait_for_terminal, worker_settings
 from worker.change import parse_change, parse_envelope
+from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ledger import Ledger
 from worker.settings import Settings
 
@@ -49,12 +49,14 @@ async def test_add_update_and_rejection(
     async with running_worker(settings):
         terminal = await wait_for_terminal(redis_client, ["add", "builtin"])
     [added], [refused] = terminal["add"], terminal["builtin"]
-    assert added["event"] == "succeeded" and added["operation"] == "add"
+    assert added["event"] == "succeeded"
+    assert added["operation"] == "add"
     stage = fake.fake.stages[int(added["stage_id"])]
     assert (stage.name, stage.colour, stage.apply_to) == ("Referral", "#abcdef", 2)
     assert (refused["event"], refused["error_code"], refused["retryable"]) == ("failed", "24321", "false")
     [dead] = await read_events(redis_client, "leadstage:dlq")
-    assert dead["idempotency_key"] == "builtin" and dead["original_change"] == '{"id":1,"name":"Quoted!"}'
+    assert dead["idempotency_key"] == "builtin"
+    assert dead["original_change"] == '{"id":1,"name":"Quoted!"}'
 
 
 async def test_transient_errors_are_retried_then_succeed(
@@ -79,16 +81,16 @@ async def test_an_add_whose_answer_was_lost_is_not_created_twice(
     fake.fake.update_faults({"drop_rate": 1.0})
     await producer.enqueue({"name": "Once", "applyTo": 2}, idempotency_key="once")
     async with running_worker(settings):
-        events = []
-        while not events:
-            events = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+        await eventually(lambda: any(r.fault == "drop" for r in fake.fake.requests))
         fake.fake.update_faults({"drop_rate": 0.0})
         terminal = await wait_for_terminal(redis_client, ["once"])
     [done] = terminal["once"]
-    assert events[0]["error_code"] == "connection"
+    retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+    assert retrying[0]["error_code"] == "connection"
     created = [s for s in fake.fake.stages.values() if s.name == "Once"]
     assert len(created) == 1
-    assert done["event"] == "succeeded" and done["stage_id"] == str(created[0].id)
+    assert done["event"] == "succeeded"
+    assert done["stage_id"] == str(created[0].id)
 
 
 async def test_the_last_enqueued_value_wins(

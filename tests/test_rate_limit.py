@@ -1,0 +1,83 @@
+"""The per-account rate limit holds across worker processes, and a 429 slows the whole account."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.harness import (
+    eventually,
+    running_worker,
+    start_worker_process,
+    stop_process,
+    wait_for_terminal,
+    worker_env,
+    worker_settings,
+)
+from worker.change import parse_change, parse_envelope
+from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.ledger import Ledger
+from worker.settings import Settings
+
+RATE = 10.0
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[RunningFakeIvvy]:
+    async with running_fake_ivvy(seed=3) as running:
+        yield running
+
+
+async def enqueue_adds(ledger: Ledger, count: int) -> list[str]:
+    keys = [f"rate-{i}" for i in range(count)]
+    await ledger.enqueue_many(
+        [
+            (parse_change({"name": f"Rated {i}", "applyTo": 1}), parse_envelope(idempotency_key=k))
+            for i, k in enumerate(keys)
+        ]
+    )
+    return keys
+
+
+def arrivals(fake: RunningFakeIvvy, fault: str | None = None) -> list[float]:
+    return sorted(r.at for r in fake.fake.requests if r.action == "addOrUpdateLeadStage" and r.fault == fault)
+
+
+async def test_three_worker_processes_keep_to_the_account_rate_limit(
+    fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    settings = worker_settings(redis_url, fake.url, rate_limit=RATE)
+    keys = await enqueue_adds(Ledger(redis_client, settings), 40)
+    workers = [start_worker_process(worker_env(settings, fake.url), tmp_path / "w.log") for _ in range(3)]
+    try:
+        await wait_for_terminal(redis_client, keys, within_s=60)
+    finally:
+        for process in workers:
+            stop_process(process)
+    times = arrivals(fake)
+    assert len(times) == 40
+    # GCRA with a burst of one: at most RATE requests start in any one-second window (+1 for the
+    # window's edge), and the whole run cannot be faster than the limit allows.
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert busiest <= RATE + 1, f"{busiest} requests within one second"
+    assert times[-1] - times[0] >= (len(times) - 1) / RATE * 0.95
+
+
+async def test_a_429_pauses_every_job_of_the_account(
+    fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    settings: Settings = worker_settings(redis_url, fake.url, rate_limit=1000.0)
+    fake.fake.update_faults({"rate_limit_rate": 1.0, "retry_after_s": 1})
+    keys = await enqueue_adds(Ledger(redis_client, settings), 10)
+    async with running_worker(settings):
+        await eventually(lambda: bool(arrivals(fake, "429")))
+        fake.fake.update_faults({"rate_limit_rate": 0.0})
+        await wait_for_terminal(redis_client, keys, within_s=30)
+    limited, served = arrivals(fake, "429"), arrivals(fake)
+    assert len(served) == 10
+    # No request of the account went out within Retry-After of a 429 it had already seen.
+    first_served = served[0]
+    assert first_served - min(limited) >= 0.95
