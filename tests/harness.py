@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -88,10 +88,10 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, ti
     return process.wait(timeout)
 
 
-async def eventually(condition: Callable[[], bool], *, within_s: float = 10.0) -> None:
+async def eventually(condition: Callable[[], Awaitable[bool]], *, within_s: float = 10.0) -> None:
     """Poll a condition of a real system (no event to wait on) until it holds."""
     deadline = time.monotonic() + within_s
-    while not condition():
+    while not await condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"condition still false after {within_s}s")
         await asyncio.sleep(0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import redis.asyncio as aioredis
 
 from tests.harness import (
     eventually,
+    read_events,
     running_worker,
     start_worker_process,
     stop_process,
@@ -73,11 +75,15 @@ async def test_a_429_pauses_every_job_of_the_account(
     fake.fake.update_faults({"rate_limit_rate": 1.0, "retry_after_s": 1})
     keys = await enqueue_adds(Ledger(redis_client, settings), 10)
     async with running_worker(settings):
-        await eventually(lambda: bool(arrivals(fake, "429")))
+
+        async def a_429_was_seen() -> bool:
+            return any(e["error_code"] == "rate_limited" for e in await read_events(redis_client))
+
+        # Once a worker has seen the 429, no request of the account may leave before Retry-After.
+        await eventually(a_429_was_seen)
+        await asyncio.sleep(0.05)  # requests already on the wire then still meet the 429 fault
         fake.fake.update_faults({"rate_limit_rate": 0.0})
         await wait_for_terminal(redis_client, keys, within_s=30)
     limited, served = arrivals(fake, "429"), arrivals(fake)
     assert len(served) == 10
-    # No request of the account went out within Retry-After of a 429 it had already seen.
-    first_served = served[0]
-    assert first_served - min(limited) >= 0.95
+    assert served[0] - min(limited) >= 0.95

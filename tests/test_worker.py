@@ -81,7 +81,11 @@ async def test_an_add_whose_answer_was_lost_is_not_created_twice(
     fake.fake.update_faults({"drop_rate": 1.0})
     await producer.enqueue({"name": "Once", "applyTo": 2}, idempotency_key="once")
     async with running_worker(settings):
-        await eventually(lambda: any(r.fault == "drop" for r in fake.fake.requests))
+
+        async def dropped() -> bool:
+            return any(r.fault == "drop" for r in fake.fake.requests)
+
+        await eventually(dropped)
         fake.fake.update_faults({"drop_rate": 0.0})
         terminal = await wait_for_terminal(redis_client, ["once"])
     [done] = terminal["once"]
