@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 
 from worker import keys
 from worker.change import Envelope, LeadStageChange, parse_change
 from worker.errors import IdempotencyConflict
-from worker.ledger import Ledger, now_ms
+from worker.ledger import Ledger, Start, now_ms
 from worker.settings import Settings
 
 WORKER = "test-worker"
 #: A rate limit high enough never to make these tests wait.
 RATE = 1e6
+QUEUE = "leadstage:queue"
 
 
 @pytest.fixture
@@ -40,6 +40,12 @@ async def enqueue(ledger: Ledger, key: str, raw: dict[str, object]) -> LeadStage
     return change
 
 
+async def start(ledger: Ledger, key: str, rate: float = RATE) -> Start:
+    """start.lua for a job made due now (as when its wait or its lease ran out)."""
+    await ledger.client.zadd(QUEUE, {f"default:{key}": 0}, xx=True)
+    return await ledger.start(f"default:{key}", WORKER, rate, 0)
+
+
 def event(outcome: str, key: str) -> dict[str, str]:
     return {"event": outcome, "idempotency_key": key, "job_id": keys.job_id("default", key), "stage_id": ""}
 
@@ -49,12 +55,12 @@ async def test_enqueue_is_idempotent_and_refuses_a_changed_payload(
 ) -> None:
     change = parse_change({"name": "Hot", "applyTo": 2})
     first = await ledger.enqueue_many([(change, envelope("k1"))])
-    await redis_client.delete(keys.arq_job_key("default:k1"))  # arq forgot the job; the ledger did not
+    await redis_client.zrem(QUEUE, "default:k1")  # the queue forgot the job; the ledger did not
     second = await ledger.enqueue_many([(change, envelope("k1"))])
     assert [r.status for r in first + second] == ["queued", "duplicate"]
     with pytest.raises(IdempotencyConflict, match="k1"):
         await ledger.enqueue_many([(parse_change({"name": "Cold", "applyTo": 2}), envelope("k1"))])
-    assert await redis_client.zcard("leadstage:queue") == 1
+    assert await redis_client.zcard(QUEUE) == 0
 
 
 async def test_a_batch_with_a_conflict_enqueues_nothing(ledger: Ledger, redis_client: aioredis.Redis) -> None:
@@ -68,133 +74,147 @@ async def test_a_batch_with_a_conflict_enqueues_nothing(ledger: Ledger, redis_cl
     assert await redis_client.exists(keys.ledger_key("default:k2")) == 0
 
 
-async def test_job_payload_is_json_not_pickle(ledger: Ledger, redis_client: aioredis.Redis) -> None:
+async def test_the_job_record_is_the_ledger_entry_in_json(ledger: Ledger, redis_client: aioredis.Redis) -> None:
     change = await enqueue(ledger, "k1", {"id": 7, "colour": "#ABCDEF"})
-    raw = await redis_client.get(keys.arq_job_key("default:k1"))
-    assert raw is not None
-    assert not raw.startswith(b"\x80")
-    payload = orjson.loads(raw)
-    assert payload["f"] == keys.JOB_FUNCTION
-    assert payload["a"] == ["default:k1", "default", change.canonical_json().decode()]
+    entry = await ledger.entry("default:k1")
+    assert entry is not None
+    assert entry["change"] == '{"id":7,"colour":"#abcdef"}' == change.canonical_json().decode()
+    assert (entry["state"], entry["op"], entry["account"], entry["key"]) == ("queued", "update", "default", "k1")
+    assert await redis_client.zscore(QUEUE, "default:k1") is not None
+
+
+async def test_a_started_job_is_hidden_for_one_lease(ledger: Ledger, redis_client: aioredis.Redis) -> None:
+    await enqueue(ledger, "k", {"name": "A", "applyTo": 1})
+    before = now_ms()
+    assert (await ledger.start("default:k", WORKER, RATE, 0)).decision == "go"
+    hidden_until = await redis_client.zscore(QUEUE, "default:k")
+    assert hidden_until is not None
+    assert hidden_until >= before + ledger.lease_ms
+    assert (await ledger.start("default:k", "other", RATE, 0)).decision == "skip"
 
 
 async def test_an_older_update_drops_fields_a_newer_one_sets(ledger: Ledger) -> None:
     older = await enqueue(ledger, "old", {"id": 5, "name": "A", "colour": "#000000"})
-    newer = await enqueue(ledger, "new", {"id": 5, "colour": "#ffffff"})
-    begin_older = await ledger.begin("default:old", "default", older, WORKER, RATE)
-    assert begin_older.decision == "go"
-    assert begin_older.dropped == {"colour"}
-    await ledger.finish("default:old", "default", older, event=event("succeeded", "old"), history={})
-    begin_newer = await ledger.begin("default:new", "default", newer, WORKER, RATE)
-    assert (begin_newer.decision, begin_newer.dropped) == ("go", frozenset())
+    await enqueue(ledger, "new", {"id": 5, "colour": "#ffffff"})
+    started_older = await start(ledger, "old")
+    assert started_older.decision == "go"
+    assert started_older.dropped == {"colour"}
+    await ledger.finish("default:old", older, event=event("succeeded", "old"), history={})
+    started_newer = await start(ledger, "new")
+    assert (started_newer.decision, started_newer.dropped) == ("go", frozenset())
 
 
 async def test_an_update_overtaken_in_every_field_is_superseded(ledger: Ledger) -> None:
-    older = await enqueue(ledger, "old", {"id": 5, "colour": "#000000"})
+    await enqueue(ledger, "old", {"id": 5, "colour": "#000000"})
     await enqueue(ledger, "new", {"id": 5, "colour": "#ffffff", "name": "B"})
-    begin = await ledger.begin("default:old", "default", older, WORKER, RATE)
-    assert (begin.decision, begin.dropped) == ("superseded", frozenset({"colour"}))
+    started = await start(ledger, "old")
+    assert (started.decision, started.dropped) == ("superseded", frozenset({"colour"}))
 
 
-async def test_one_job_at_a_time_per_stage(ledger: Ledger) -> None:
+async def test_one_job_at_a_time_per_stage(ledger: Ledger, redis_client: aioredis.Redis) -> None:
     first = await enqueue(ledger, "a", {"id": 5, "name": "A"})
-    second = await enqueue(ledger, "b", {"id": 5, "colour": "#123456"})
-    assert (await ledger.begin("default:a", "default", first, WORKER, RATE)).decision == "go"
-    blocked = await ledger.begin("default:b", "default", second, WORKER, RATE)
+    await enqueue(ledger, "b", {"id": 5, "colour": "#123456"})
+    assert (await start(ledger, "a")).decision == "go"
+    blocked = await start(ledger, "b")
     assert (blocked.decision, blocked.reason) == ("wait", "locked")
-    await ledger.finish("default:a", "default", first, event=event("succeeded", "a"), history={})
-    assert (await ledger.begin("default:b", "default", second, WORKER, RATE)).decision == "go"
+    rescheduled = await redis_client.zscore(QUEUE, "default:b")
+    assert rescheduled is not None
+    assert rescheduled > now_ms() - 5
+    await ledger.finish("default:a", first, event=event("succeeded", "a"), history={})
+    assert (await start(ledger, "b")).decision == "go"
 
 
 async def test_adds_of_the_same_name_share_a_lock(ledger: Ledger) -> None:
-    first = await enqueue(ledger, "a", {"name": "Hot", "applyTo": 1})
-    second = await enqueue(ledger, "b", {"name": "HOT", "applyTo": 2})
-    assert (await ledger.begin("default:a", "default", first, WORKER, RATE)).decision == "go"
-    assert (await ledger.begin("default:b", "default", second, WORKER, RATE)).reason == "locked"
+    await enqueue(ledger, "a", {"name": "Hot", "applyTo": 1})
+    await enqueue(ledger, "b", {"name": "HOT", "applyTo": 2})
+    assert (await start(ledger, "a")).decision == "go"
+    assert (await start(ledger, "b")).reason == "locked"
 
 
 async def test_terminal_event_is_written_exactly_once(ledger: Ledger, redis_client: aioredis.Redis) -> None:
     change = await enqueue(ledger, "k", {"name": "Hot", "applyTo": 1})
-    await ledger.begin("default:k", "default", change, WORKER, RATE)
-    written = [
-        await ledger.finish("default:k", "default", change, event=event("succeeded", "k"), history={}) for _ in range(3)
-    ]
+    await start(ledger, "k")
+    written = [await ledger.finish("default:k", change, event=event("succeeded", "k"), history={}) for _ in range(3)]
     assert written == [True, False, False]
     assert await redis_client.xlen("leadstage:results") == 1
-    assert (await ledger.begin("default:k", "default", change, WORKER, RATE)).decision == "done"
+    assert await redis_client.zcard(QUEUE) == 0
+    await redis_client.zadd(QUEUE, {"default:k": 0})  # a stray queue entry of a finished job
+    assert await ledger.start("default:k", WORKER, RATE, 0) == Start("done", reason="succeeded")
+    assert await redis_client.zcard(QUEUE) == 0
 
 
 async def test_failure_dead_letters_and_replay_keeps_the_key(ledger: Ledger, redis_client: aioredis.Redis) -> None:
     change = await enqueue(ledger, "k", {"id": 1, "name": "Won!"})
-    await ledger.begin("default:k", "default", change, WORKER, RATE)
-    await ledger.finish("default:k", "default", change, event=event("failed", "k"), history={})
+    await start(ledger, "k")
+    await ledger.finish("default:k", change, event=event("failed", "k"), history={})
     [(entry_id, fields)] = await redis_client.xrange("leadstage:dlq")
     assert fields[b"original_change"] == change.canonical_json()
-    await redis_client.delete(keys.arq_job_key("default:k"))
-    await redis_client.zrem("leadstage:queue", "default:k")
+    assert await redis_client.zcard(QUEUE) == 0
 
     status, generation = await ledger.replay(change, envelope("k"), dlq_entry_id=entry_id.decode(), generation="0")
     assert (status, generation) == ("queued", 1)
     assert await redis_client.xlen("leadstage:dlq") == 0
-    assert await redis_client.zscore("leadstage:queue", "default:k") is not None
-    assert (await ledger.begin("default:k", "default", change, WORKER, RATE)).decision == "go"
+    assert (await start(ledger, "k")).decision == "go"
     again = await ledger.replay(change, envelope("k"), dlq_entry_id="", generation="0")
     assert again == ("not_failed", 0)
 
 
-async def test_rate_limit_is_shared_by_jobs_of_one_account(ledger: Ledger) -> None:
-    first = await enqueue(ledger, "a", {"name": "A", "applyTo": 1})
-    second = await enqueue(ledger, "b", {"name": "B", "applyTo": 1})
-    assert (await ledger.begin("default:a", "default", first, WORKER, 2.0)).decision == "go"
-    waiting = await ledger.begin("default:b", "default", second, WORKER, 2.0)
+async def test_rate_limit_is_shared_by_jobs_of_one_account(ledger: Ledger, redis_client: aioredis.Redis) -> None:
+    await enqueue(ledger, "a", {"name": "A", "applyTo": 1})
+    await enqueue(ledger, "b", {"name": "B", "applyTo": 1})
+    assert (await start(ledger, "a", rate=2.0)).decision == "go"
+    waiting = await start(ledger, "b", rate=2.0)
     assert (waiting.decision, waiting.reason) == ("wait", "rate")
     assert 400 <= waiting.wait_ms <= 500
+    # The wait is a reservation: at its time the job goes without taking another slot.
+    await asyncio.sleep(waiting.wait_ms / 1000)
+    assert (await ledger.start("default:b", WORKER, 2.0, 0)).decision == "go"
 
 
 async def test_a_429_pauses_the_whole_account(ledger: Ledger) -> None:
     first = await enqueue(ledger, "a", {"name": "A", "applyTo": 1})
-    second = await enqueue(ledger, "b", {"name": "B", "applyTo": 1})
-    await ledger.begin("default:a", "default", first, WORKER, RATE)
+    await enqueue(ledger, "b", {"name": "B", "applyTo": 1})
+    await start(ledger, "a")
     await ledger.finish(
         "default:a",
-        "default",
         first,
         event=event("retrying", "a"),
         history={},
         next_at_ms=now_ms() + 5000,
         pause_until_ms=now_ms() + 5000,
     )
-    paused = await ledger.begin("default:b", "default", second, WORKER, RATE)
+    paused = await start(ledger, "b")
     assert (paused.decision, paused.reason) == ("wait", "paused")
     assert 4000 <= paused.wait_ms <= 5000
-    backoff = await ledger.begin("default:a", "default", first, WORKER, RATE)
+    backoff = await start(ledger, "a")
     assert (backoff.decision, backoff.reason) == ("wait", "backoff")
 
 
 async def test_a_crashed_attempt_is_guarded_then_resumed(ledger: Ledger, settings: Settings) -> None:
-    change = await enqueue(ledger, "k", {"name": "A", "applyTo": 1})
-    assert (await ledger.begin("default:k", "default", change, WORKER, RATE)).decision == "go"
-    # The worker died mid-POST: its request may still be in flight until the request timeout.
-    guarded = await ledger.begin("default:k", "default", change, "other", RATE)
+    await enqueue(ledger, "k", {"name": "A", "applyTo": 1})
+    assert (await start(ledger, "k")).decision == "go"
+    # The worker died mid-POST and its lease ran out: its request may still be in flight.
+    guarded = await start(ledger, "k")
     assert (guarded.decision, guarded.reason) == ("wait", "in_flight")
     quick = Ledger(ledger.client, dataclasses.replace(settings, request_timeout_s=0.001))
     await asyncio.sleep(quick.in_flight_guard_ms / 1000)
-    resumed = await quick.begin("default:k", "default", change, "other", RATE)
+    await ledger.client.zadd(QUEUE, {"default:k": 0})
+    resumed = await quick.start("default:k", WORKER, RATE, 0)
     assert (resumed.decision, resumed.previous_phase, resumed.attempt) == ("go", "posting", 2)
 
 
 async def test_out_of_attempts_is_exhausted(ledger: Ledger, settings: Settings) -> None:
     change = await enqueue(ledger, "k", {"name": "A", "applyTo": 1})
     for attempt in range(1, settings.max_attempts + 1):
-        begin = await ledger.begin("default:k", "default", change, WORKER, RATE)
-        assert (begin.decision, begin.attempt) == ("go", attempt)
-        await ledger.finish("default:k", "default", change, event=event("retrying", "k"), history={})
-    exhausted = await ledger.begin("default:k", "default", change, WORKER, RATE)
+        started = await start(ledger, "k")
+        assert (started.decision, started.attempt) == ("go", attempt)
+        await ledger.finish("default:k", change, event=event("retrying", "k"), history={})
+    exhausted = await start(ledger, "k")
     assert (exhausted.decision, exhausted.attempt) == ("exhausted", settings.max_attempts)
 
 
-async def test_claims_give_each_stage_to_one_add(ledger: Ledger) -> None:
-    assert await ledger.claim("default", "default:a", [10, 11]) == 10
-    assert await ledger.claim("default", "default:b", [10, 11]) == 11
-    assert await ledger.claim("default", "default:a", [10, 11]) == 10
-    assert await ledger.claim("default", "default:c", [10, 11]) is None
+async def test_adopt_gives_each_stage_to_one_add(ledger: Ledger) -> None:
+    assert await ledger.adopt("default", "default:a", [10, 11]) == 10
+    assert await ledger.adopt("default", "default:b", [10, 11]) == 11
+    assert await ledger.adopt("default", "default:a", [10, 11]) == 10
+    assert await ledger.adopt("default", "default:c", [10, 11]) is None

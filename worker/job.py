@@ -1,20 +1,18 @@
 """The lead-stage change job: a thin function over the ledger, the iVvy client and the streams.
 
-One run of ``process_change`` is one attempt (or none, when the ledger says "not now"):
+The worker (``worker.runner``) claims a due job with ``start.lua``, which also decides: already
+done, wait (rescheduled in the queue), superseded, exhausted, or go; "go" records the recovery
+point ``phase=posting`` and takes the stage lock. This module does the rest of one attempt:
 
-1. ``begin`` (one Lua call) decides: already done, wait (backoff / lock / rate limit), superseded,
-   exhausted, or go; "go" records the recovery point ``phase=posting`` and takes the stage lock.
-2. An add whose previous attempt has an unknown outcome is reconciled first: a listed stage of the
+1. An add whose previous attempt has an unknown outcome is reconciled first: a listed stage of the
    same name that no other add claimed is adopted instead of posting again.
-3. The POST; its outcome is classified by ``worker.errors`` and recorded by ``finish`` (one Lua
-   call) together with the results event, and the dead letter when it is terminal and failed.
-4. A retryable failure re-schedules the arq job with ``Retry``; the ledger holds the real time
-   of the next attempt, so an early wake-up (a crash, a redelivery) just waits again.
+2. The POST; its outcome is classified by ``worker.errors`` and recorded by ``finish.lua``
+   together with the results event (and the dead letter when it is terminal and failed), which
+   also puts a retry back on the queue at its time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Mapping
@@ -23,9 +21,8 @@ from typing import Any
 
 import orjson
 import structlog
-from arq import Retry
 
-from worker import metrics
+from worker import keys, metrics
 from worker.backoff import backoff_seconds
 from worker.change import LeadStageChange, parse_change
 from worker.errors import (
@@ -37,16 +34,12 @@ from worker.errors import (
     UnknownAccount,
 )
 from worker.ivvy import IvvyClient
-from worker.ledger import Begin, Ledger, now_ms
+from worker.ledger import Ledger, Start, now_ms
 from worker.logs import bind_job_context
 from worker.results import Event, JobFacts, build_event
 from worker.settings import Settings
 
 log = structlog.get_logger("leadstage.job")
-
-#: Waits for the rate limit or a stage lock up to this long happen inside the job; longer ones
-#: hand the job back to arq, so a slot is not held idle.
-IN_JOB_WAIT_MAX_S = 1.0
 
 
 class Exhausted(PermanentError):
@@ -66,91 +59,61 @@ class Runtime:
     running: set[str] = field(default_factory=set)
     rng: random.Random = field(default_factory=random.Random)
 
+    def rate_limit(self, account: str) -> float:
+        client = self.clients.get(account)
+        return client.account.rate_limit if client else self.settings.rate_limit
 
-async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, account: str, change_json: str) -> str:
-    """The arq job. Returns the ledger state the change reached (or ``waiting``)."""
+
+async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, start: Start) -> str:
+    """The job, for a start that has work to do; returns the state the change reached."""
     runtime: Runtime = ctx["runtime"]
-    runtime.running.add(job_id)
-    try:
-        return await process_change(runtime, job_id, account, parse_change(orjson.loads(change_json)))
-    finally:
-        runtime.running.discard(job_id)
-
-
-async def process_change(runtime: Runtime, job_id: str, account: str, change: LeadStageChange) -> str:
-    settings = runtime.settings
+    account, idempotency_key = keys.split_job_id(job_id)
+    change = parse_change(orjson.loads(start.change_json))
+    source, enqueued_at, generation = start.facts
+    facts = JobFacts(job_id, idempotency_key, account, change, source, enqueued_at, generation)
     client = runtime.clients.get(account)
-    rate_limit = client.account.rate_limit if client else settings.rate_limit
-    begin = await _begin_when_allowed(runtime, job_id, account, change, rate_limit)
-    source, enqueued_at, generation = begin.facts
-    facts = JobFacts(job_id, job_id.partition(":")[2], account, change, source, enqueued_at, generation)
-    with bind_job_context(job_id, facts.idempotency_key, account, begin.attempt):
-        if begin.decision in ("missing", "done"):
-            log.info("job.skipped", reason=begin.decision, state=begin.reason)
-            return begin.reason or begin.decision
-        if begin.decision == "superseded":
+    with bind_job_context(job_id, idempotency_key, account, start.attempt):
+        if start.decision == "superseded":
             await _finish(runtime, facts, "superseded", attempt=0, sent=None)
             return "superseded"
         if client is None:
-            await _finish(runtime, facts, "failed", attempt=begin.attempt, sent=None, error=UnknownAccount(account))
+            await _finish(runtime, facts, "failed", attempt=start.attempt, sent=None, error=UnknownAccount(account))
             return "failed"
-        unknown_before = begin.previous_phase in ("posting", "unknown")
-        if begin.decision == "exhausted":
-            return await _exhausted(runtime, client, facts, begin, unknown_before)
-        return await _attempt(runtime, client, facts, begin, unknown_before)
+        unknown_before = start.previous_phase in ("posting", "unknown")
+        if start.decision == "exhausted":
+            return await _exhausted(runtime, client, facts, start, unknown_before)
+        return await _attempt(runtime, client, facts, start, unknown_before)
 
 
-async def _begin_when_allowed(
-    runtime: Runtime, job_id: str, account: str, change: LeadStageChange, rate_limit: float
-) -> Begin:
-    """begin.lua, waiting in the job for short waits and deferring the job for long ones."""
-    waited = 0.0
-    while True:
-        begin = await runtime.ledger.begin(job_id, account, change, runtime.worker_id, rate_limit)
-        if begin.decision != "wait":
-            return begin
-        delay = begin.wait_ms / 1000
-        if begin.reason in ("rate", "paused"):
-            metrics.RATE_LIMIT_WAITS.labels(account).inc()
-            metrics.RATE_LIMIT_WAIT_SECONDS.labels(account).inc(delay)
-        if begin.reason == "locked":
-            # The holder usually finishes within one request; poll sooner than its lock's expiry.
-            delay = min(delay, 0.02 + runtime.rng.uniform(0, 0.03))
-        if waited + delay > IN_JOB_WAIT_MAX_S:
-            raise Retry(defer=delay + runtime.rng.uniform(0, 0.05))
-        waited += delay
-        await asyncio.sleep(delay)
-
-
-async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, begin: Begin, unknown_before: bool) -> str:
+async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start, unknown_before: bool) -> str:
     change = facts.change
-    sent = change.without(set(begin.dropped))
+    sent = change.without(set(start.dropped))
     started = time.monotonic()
     if change.operation == "add" and unknown_before:
         try:
             adopted = await _reconcile(runtime, client, facts)
         except RetryableError as error:
             # The earlier attempt is still unaccounted for: stay in the unknown phase.
-            return await _failed_attempt(runtime, facts, begin.attempt, sent, error, started, outcome_unknown=True)
+            return await _failed_attempt(runtime, facts, start.attempt, sent, error, started, outcome_unknown=True)
         except PermanentError as error:
-            return await _permanent_failure(runtime, facts, begin.attempt, sent, error, started)
+            return await _permanent_failure(runtime, facts, start.attempt, sent, error, started)
         if adopted is not None:
-            await _finish(runtime, facts, "succeeded", attempt=begin.attempt, sent=sent, stage_id=adopted)
+            await _finish(runtime, facts, "succeeded", attempt=start.attempt, sent=sent, stage_id=adopted)
             return "succeeded"
     try:
         with metrics.IVVY_LATENCY.labels(facts.account, "addOrUpdateLeadStage").time():
             stage_id = await client.add_or_update_lead_stage(sent)
     except RetryableError as error:
         unknown = isinstance(error, IvvyNoAnswer) and error.outcome_unknown
-        return await _failed_attempt(runtime, facts, begin.attempt, sent, error, started, outcome_unknown=unknown)
+        return await _failed_attempt(runtime, facts, start.attempt, sent, error, started, outcome_unknown=unknown)
     except PermanentError as error:
-        return await _permanent_failure(runtime, facts, begin.attempt, sent, error, started)
+        return await _permanent_failure(runtime, facts, start.attempt, sent, error, started)
     metrics.ATTEMPTS.labels(facts.account, change.operation, "ok").inc()
     await _finish(
         runtime,
         facts,
         "succeeded",
-        attempt=begin.attempt,
+        attempt=start.attempt,
         sent=sent,
         stage_id=stage_id,
         started=started,
@@ -209,10 +172,10 @@ async def _failed_attempt(
         outcome_unknown=outcome_unknown,
         pause_until_ms=pause_until,
     )
-    raise Retry(defer=delay)
+    return "retrying"
 
 
-async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, begin: Begin, unknown_before: bool) -> str:
+async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start, unknown_before: bool) -> str:
     """Out of attempts or too old: fail, unless an add of unknown outcome turns out to exist."""
     if facts.change.operation == "add" and unknown_before:
         try:
@@ -220,17 +183,17 @@ async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, begi
         except RetryableError as error:
             # Failing now could make a replay create a second stage: keep reconciling instead.
             return await _failed_attempt(
-                runtime, facts, begin.attempt, facts.change, error, time.monotonic(), outcome_unknown=True
+                runtime, facts, start.attempt, facts.change, error, time.monotonic(), outcome_unknown=True
             )
         if adopted is not None:
-            await _finish(runtime, facts, "succeeded", attempt=begin.attempt, sent=facts.change, stage_id=adopted)
+            await _finish(runtime, facts, "succeeded", attempt=start.attempt, sent=facts.change, stage_id=adopted)
             return "succeeded"
     exhausted = Exhausted(
-        f"gave up after {begin.attempt} attempts"
-        if begin.attempt >= runtime.settings.max_attempts
+        f"gave up after {start.attempt} attempts"
+        if start.attempt >= runtime.settings.max_attempts
         else f"older than LEADSTAGE_MAX_AGE ({runtime.settings.max_age_s:g}s)"
     )
-    await _finish(runtime, facts, "failed", attempt=begin.attempt, sent=None, error=exhausted)
+    await _finish(runtime, facts, "failed", attempt=start.attempt, sent=None, error=exhausted)
     return "failed"
 
 
@@ -241,7 +204,7 @@ async def _reconcile(runtime: Runtime, client: IvvyClient, facts: JobFacts) -> i
     change = facts.change
     wanted = (change.name or "").casefold()
     candidates = sorted(s.id for s in stages if s.name.strip().casefold() == wanted and _compatible(s.raw, change))
-    adopted = await runtime.ledger.claim(facts.account, facts.job_id, candidates)
+    adopted = await runtime.ledger.adopt(facts.account, facts.job_id, candidates)
     log.info("job.reconciled", candidates=len(candidates), adopted=adopted)
     return adopted
 
@@ -286,7 +249,6 @@ async def _finish(
     history = {k: fields[k] for k in ("event", "attempt", "finished_at", "http_status", "error_code", "error_message")}
     written = await runtime.ledger.finish(
         facts.job_id,
-        facts.account,
         facts.change,
         event=fields,
         history=history,

@@ -1,38 +1,30 @@
 """Every Redis key and name leadstage-sync uses, defined once.
 
-One change is one arq job whose id is ``{account}:{idempotency_key}``; the ledger hash of that
-job is the source of truth for where the change stands. arq's own keys (``arq:job:``,
-``arq:in-progress:``, ``arq:retry:``) are used unchanged.
+One change is one job on the arq queue (a sorted set: member the job id ``{account}:{key}``,
+score when it may run next, in ms). The ledger hash of that job is its record and the source of
+truth for where the change stands; there is no separate job payload. While a job runs, its score
+is pushed one lease ahead (a visibility timeout), so a crashed worker's job becomes due again by
+itself. Lua scripts build a few keys from the prefixes below plus ledger fields; Python builds the
+same keys with the functions below, from the same prefixes.
 """
 
 from __future__ import annotations
 
-from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
-
-#: The function name arq calls for every change.
+#: The function name arq registers for the change job.
 JOB_FUNCTION = "apply_lead_stage_change"
 
-#: arq's in-progress marker of every job being attempted now (SCAN pattern, for ``leadstage stats``).
-ARQ_IN_PROGRESS_PATTERN = in_progress_key_prefix + "*"
+#: Hash worker id -> "running|last seen (ms)", refreshed by each worker's heartbeat.
+WORKERS = "leadstage:workers"
 
-__all__ = [
-    "ARQ_IN_PROGRESS_PATTERN",
-    "JOB_FUNCTION",
-    "arq_in_progress_key",
-    "arq_job_key",
-    "arq_retry_key",
-    "claims_key",
-    "job_id",
-    "ledger_key",
-    "rate_key",
-    "split_job_id",
-    "stage_key",
-    "stage_lock_key",
-]
+LEDGER_PREFIX = "leadstage:ledger:"
+STAGE_PREFIX = "leadstage:stage:"
+STAGE_LOCK_PREFIX = "leadstage:stage-lock:"
+CLAIMS_PREFIX = "leadstage:claims:"
+RATE_PREFIX = "leadstage:rate:"
 
 
 def job_id(account: str, idempotency_key: str) -> str:
-    """The arq job id of a change; account names never contain ':' so it splits back."""
+    """The job id of a change; account names never contain ':' so it splits back."""
     return f"{account}:{idempotency_key}"
 
 
@@ -42,41 +34,30 @@ def split_job_id(job: str) -> tuple[str, str]:
 
 
 def ledger_key(job: str) -> str:
-    return f"leadstage:ledger:{job}"
+    return LEDGER_PREFIX + job
 
 
 def stage_key(account: str, stage_id: int) -> str:
     """Hash field -> sequence number of the newest enqueued change that sets it, plus ``seq``."""
-    return f"leadstage:stage:{account}:{stage_id}"
+    return f"{STAGE_PREFIX}{account}:{stage_id}"
 
 
-def stage_lock_key(account: str, stage_id: int | None, name: str | None) -> str:
-    """Held by the one job that may talk to iVvy about this stage right now.
+def lock_subject(stage_id: int | None, name: str | None) -> str:
+    """What a change locks: an update its stage id; an add its name, case-insensitively, so that an
+    add being reconciled never races another add of the same name."""
+    return str(stage_id) if stage_id is not None else "add:" + (name or "").casefold()
 
-    An update locks its stage id; an add locks its name (case-insensitively), so that an add being
-    reconciled never races another add of the same name.
-    """
-    subject = str(stage_id) if stage_id is not None else "add:" + (name or "").lower()
-    return f"leadstage:stage-lock:{account}:{subject}"
+
+def stage_lock_key(account: str, subject: str) -> str:
+    """Held by the one job that may talk to iVvy about this subject right now."""
+    return f"{STAGE_LOCK_PREFIX}{account}:{subject}"
 
 
 def claims_key(account: str) -> str:
     """Hash stage id -> job id of the add that created it (used to reconcile unknown adds)."""
-    return f"leadstage:claims:{account}"
+    return CLAIMS_PREFIX + account
 
 
 def rate_key(account: str) -> str:
     """The account's shared rate limiter state (GCRA theoretical arrival time, pause)."""
-    return f"leadstage:rate:{account}"
-
-
-def arq_job_key(job: str) -> str:
-    return job_key_prefix + job
-
-
-def arq_in_progress_key(job: str) -> str:
-    return in_progress_key_prefix + job
-
-
-def arq_retry_key(job: str) -> str:
-    return retry_key_prefix + job
+    return RATE_PREFIX + account

@@ -1,15 +1,18 @@
 """The idempotency ledger: where every change stands, in Redis, kept for the retention period.
 
-One hash per change (``keys.ledger_key``) is the source of truth; arq's job only says "run this
-now". Each transition is one Lua script, so that the ledger, the ordering sequence, the lock,
-the rate limiter and the streams change together or not at all:
+One hash per change (``keys.ledger_key``) is the job's record and the source of truth; the queue
+holds only job ids, scored by when each may run next. Each transition is one Lua script, so that
+the ledger, the queue, the ordering sequence, the lock, the rate limiter and the streams change
+together or not at all, in one round trip:
 
 =============  ==============================================================================
-enqueue.lua    new change (or replay of a dead letter): ledger entry + field sequence + arq job
-begin.lua      may this job talk to iVvy now? (backoff, in-flight guard, ordering, lock, rate
-               limit); records the recovery point ``phase=posting`` before the POST
-claim.lua      an add of unknown outcome adopts a listed stage no other add has claimed
-finish.lua     the attempt's end: ledger state + results event (+ dead letter), exactly once
+enqueue.lua    new change (or replay of a dead letter): ledger entry + field sequence + queue
+start.lua      claim a due job and decide whether it may talk to iVvy now (backoff, in-flight
+               guard, ordering, lock, rate limit); records the recovery point
+               ``phase=posting`` and hides the job for one lease while it runs
+adopt.lua      an add of unknown outcome adopts a listed stage no other add has claimed
+finish.lua     the attempt's end: ledger state + results event (+ dead letter) + the queue,
+               exactly once
 =============  ==============================================================================
 
 Ledger states: queued -> running -> (retrying -> running)* -> succeeded | failed | superseded.
@@ -63,10 +66,10 @@ class Receipt:
 
 
 @dataclass(frozen=True, slots=True)
-class Begin:
-    """begin.lua's decision."""
+class Start:
+    """start.lua's decision about one job."""
 
-    decision: Literal["missing", "done", "wait", "superseded", "exhausted", "go"]
+    decision: Literal["skip", "missing", "done", "wait", "superseded", "exhausted", "go"]
     wait_ms: int = 0
     reason: str = ""
     attempt: int = 0
@@ -74,19 +77,13 @@ class Begin:
     dropped: frozenset[str] = field(default_factory=frozenset)
     #: (source, enqueued at in ms, generation) of the change, for its events.
     facts: tuple[str, int, int] = ("", 0, 0)
+    #: The change's canonical JSON, from its ledger entry.
+    change_json: bytes = b""
 
-
-def arq_payload(job_id: str, account: str, change: LeadStageChange, enqueued_ms: int) -> bytes:
-    """arq's job record, in JSON (never pickle): function, args, kwargs, try, enqueue time."""
-    return orjson.dumps(
-        {
-            "t": None,
-            "f": keys.JOB_FUNCTION,
-            "a": [job_id, account, change.canonical_json().decode()],
-            "k": {},
-            "et": enqueued_ms,
-        }
-    )
+    @property
+    def runs(self) -> bool:
+        """Whether the job has work to do now (a task is started for it)."""
+        return self.decision in ("superseded", "exhausted", "go")
 
 
 class Ledger:
@@ -96,8 +93,8 @@ class Ledger:
         self.client = client
         self.settings = settings
         self._enqueue = _script(client, "enqueue.lua")
-        self._begin = _script(client, "begin.lua")
-        self._claim = _script(client, "claim.lua")
+        self._start = _script(client, "start.lua")
+        self._adopt = _script(client, "adopt.lua")
         self._finish = _script(client, "finish.lua")
 
     # -- producers -----------------------------------------------------------------------------
@@ -115,7 +112,7 @@ class Ledger:
         every key is checked first, so a conflict enqueues nothing of the batch. ``progress`` is
         called with the size of each chunk once it is enqueued (a bulk producer's progress bar).
         """
-        if all_or_nothing:
+        if all_or_nothing and len(items) > 1:  # a single change is checked by enqueue.lua itself
             await self._check_conflicts(items)
         receipts: list[Receipt] = []
         for start in range(0, len(items), ENQUEUE_CHUNK):
@@ -170,7 +167,7 @@ class Ledger:
         stage = keys.stage_key(envelope.account, change.id) if change.id is not None else ledger
         dlq_entry, dlq_generation = replay_of or ("", "")
         return await self._enqueue(
-            keys=[ledger, keys.arq_job_key(job), self.settings.queue_name, stage, self.settings.dlq_stream],
+            keys=[ledger, self.settings.queue_name, stage, self.settings.dlq_stream],
             args=[
                 job,
                 change.canonical_json(),
@@ -182,7 +179,7 @@ class Ledger:
                 envelope.source,
                 now,
                 self.settings.ledger_retention_s * 1000,
-                arq_payload(job, envelope.account, change, now),
+                keys.lock_subject(change.id, change.name),
                 "replay" if replay_of else "enqueue",
                 dlq_entry,
                 dlq_generation,
@@ -204,42 +201,59 @@ class Ledger:
 
     # -- the worker ----------------------------------------------------------------------------
 
-    async def begin(
-        self, job_id: str, account: str, change: LeadStageChange, worker_id: str, rate_limit: float
-    ) -> Begin:
+    async def start(self, job_id: str, worker_id: str, rate_limit: float, jitter_ms: int) -> Start:
+        """Claim a due job and decide what it may do now (start.lua)."""
         settings = self.settings
-        ledger = keys.ledger_key(job_id)
-        stage = keys.stage_key(account, change.id) if change.id is not None else ledger
+        account = keys.split_job_id(job_id)[0]
         with redis_errors():
-            answer = await self._begin(
-                keys=[ledger, keys.rate_key(account), stage, keys.stage_lock_key(account, change.id, change.name)],
+            answer = await self._start(
+                keys=[settings.queue_name, keys.ledger_key(job_id), keys.rate_key(account)],
                 args=[
                     job_id,
                     now_ms(),
+                    time.time_ns() // 1000,
+                    self.lease_ms,
                     settings.max_attempts,
                     int(settings.max_age_s * 1000),
                     max(1, round(1_000_000 / rate_limit)),
                     self.lock_ms,
                     self.in_flight_guard_ms,
                     worker_id,
-                    time.time_ns() // 1000,
+                    keys.STAGE_PREFIX,
+                    keys.STAGE_LOCK_PREFIX,
+                    jitter_ms,
+                    self.reservation_grace_us,
                 ],
             )
         decision = answer[0].decode()
         if decision == "wait":
-            return Begin("wait", wait_ms=int(answer[1]), reason=answer[2].decode())
+            return Start("wait", wait_ms=int(answer[1]), reason=answer[2].decode())
+        if decision in ("skip", "missing"):
+            return Start(decision)
         if decision == "done":
-            return Begin("done", reason=answer[1].decode())
-        if decision == "missing":
-            return Begin("missing")
+            return Start("done", reason=answer[1].decode())
         facts = (answer[4].decode(), int(answer[5]), int(answer[6]))
         if decision == "superseded":
-            return Begin("superseded", dropped=_fields(answer[1]), facts=facts)
+            return Start("superseded", dropped=_fields(answer[1]), facts=facts, change_json=answer[7])
         if decision == "exhausted":
-            return Begin("exhausted", previous_phase=answer[1].decode(), attempt=int(answer[2]), facts=facts)
-        return Begin(
-            "go", attempt=int(answer[1]), previous_phase=answer[2].decode(), dropped=_fields(answer[3]), facts=facts
-        )
+            return Start(
+                "exhausted", previous_phase=answer[1].decode(), attempt=int(answer[2]), facts=facts,
+                change_json=answer[7],
+            )  # fmt: skip
+        return Start(
+            "go", attempt=int(answer[1]), previous_phase=answer[2].decode(), dropped=_fields(answer[3]), facts=facts,
+            change_json=answer[7],
+        )  # fmt: skip
+
+    @property
+    def lease_ms(self) -> int:
+        """How long a started job stays hidden from other workers without a heartbeat."""
+        return int(self.settings.lease_s * 1000)
+
+    @property
+    def reservation_grace_us(self) -> int:
+        """How late a job may wake for its rate-limit slot: two polls and some scheduling slack."""
+        return int((2 * self.settings.poll_delay_s + 0.05) * 1_000_000)
 
     @property
     def in_flight_guard_ms(self) -> int:
@@ -251,17 +265,25 @@ class Ledger:
         """Long enough for a reconciling list and a POST, each up to the request timeout."""
         return int(self.settings.request_timeout_s * 2000) + 5000
 
-    async def claim(self, account: str, job_id: str, candidates: Sequence[int]) -> int | None:
+    async def extend_leases(self, job_ids: Sequence[str]) -> None:
+        """Keep running jobs hidden for another lease (the worker's heartbeat)."""
+        if not job_ids:
+            return
+        hidden_until = now_ms() + self.lease_ms
+        with redis_errors():
+            await self.client.zadd(self.settings.queue_name, dict.fromkeys(job_ids, hidden_until), xx=True)
+
+    async def adopt(self, account: str, job_id: str, candidates: Sequence[int]) -> int | None:
+        """Claim the first candidate stage no other add has claimed (adopt.lua)."""
         if not candidates:
             return None
         with redis_errors():
-            answer = await self._claim(keys=[keys.claims_key(account)], args=[job_id, *candidates])
+            answer = await self._adopt(keys=[keys.claims_key(account)], args=[job_id, *candidates])
         return int(answer) if answer else None
 
     async def finish(
         self,
         job_id: str,
-        account: str,
         change: LeadStageChange,
         *,
         event: Mapping[str, str],
@@ -273,6 +295,7 @@ class Ledger:
     ) -> bool:
         """Record an attempt's end and publish ``event``; False when the ledger was already terminal."""
         settings = self.settings
+        account = keys.split_job_id(job_id)[0]
         fields: list[str] = [item for pair in event.items() for item in pair]
         with redis_errors():
             answer = await self._finish(
@@ -280,9 +303,10 @@ class Ledger:
                     keys.ledger_key(job_id),
                     settings.results_stream,
                     settings.dlq_stream,
-                    keys.stage_lock_key(account, change.id, change.name),
+                    keys.stage_lock_key(account, keys.lock_subject(change.id, change.name)),
                     keys.claims_key(account),
                     keys.rate_key(account),
+                    settings.queue_name,
                 ],
                 args=[
                     job_id,

@@ -1,13 +1,14 @@
-"""``leadstage worker``: an arq worker for the change job, with its shared clients made once.
+"""``leadstage worker``: arq's Worker running the change job, with its shared clients made once.
 
-Two things are added to plain arq:
-
-- a short in-progress lease. arq marks a running job with ``arq:in-progress:{id}`` for the job
-  timeout plus 10 s, so a killed worker's job waits that long. Here the mark lives for
-  ``LEADSTAGE_LEASE`` seconds and a heartbeat renews it for the jobs still running, so another
-  worker takes a dead worker's change within the lease (SPEC.md: within 15 s).
-- graceful SIGTERM: arq stops taking jobs and waits up to ``LEADSTAGE_SHUTDOWN_GRACE`` for the
-  running ones (``job_completion_wait``); whatever is still unfinished is simply taken up again.
+arq supplies the process: the polling loop over the queue (a sorted set of due job ids), the
+concurrency limit, job timeouts, health checks and graceful shutdown (SIGTERM stops taking jobs
+and waits up to ``LEADSTAGE_SHUTDOWN_GRACE`` for running ones). One thing is replaced: how a due
+job is claimed. arq claims with WATCH/MULTI and an in-progress key that lives for the job
+timeout plus 10 s, reads a pickled job record, counts tries and writes a result, in four round
+trips and sixteen commands. Here ``start.lua`` claims the job and makes every decision about it
+in one round trip, and the job's record is its ledger entry: a running job is hidden from other
+workers for one lease (``LEADSTAGE_LEASE``), renewed by a heartbeat, so a killed worker's
+change is due again within the lease (SPEC.md: within 15 s).
 """
 
 from __future__ import annotations
@@ -19,24 +20,78 @@ import socket
 import uuid
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 import structlog
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 
 from worker import keys, metrics
-from worker.errors import redis_errors
+from worker.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.job import Runtime, apply_lead_stage_change
-from worker.ledger import Ledger
+from worker.ledger import Ledger, Start, now_ms
 from worker.settings import Settings
 
 log = structlog.get_logger("leadstage.worker")
 
+#: How long the poll loop rests after Redis stopped answering, before it tries again.
+REDIS_RETRY_S = 1.0
 
-def build_worker(settings: Settings, *, burst: bool = False, handle_signals: bool = True) -> Worker:
-    """An arq Worker for the change job; clients are made in ``on_startup``, once per process."""
+
+class LeadstageWorker(Worker):
+    """arq's Worker with the one-round-trip claim of ``start.lua`` (see the module docstring)."""
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        runtime: Runtime = self.ctx["runtime"]
+        for raw in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            job_id = raw.decode()
+            account = keys.split_job_id(job_id)[0]
+            try:
+                start = await runtime.ledger.start(
+                    job_id, runtime.worker_id, runtime.rate_limit(account), runtime.rng.randrange(30)
+                )
+            except BaseException:
+                self.sem.release()
+                raise
+            if not start.runs:
+                self.sem.release()
+                if start.decision == "wait" and start.reason in ("rate", "paused"):
+                    metrics.RATE_LIMIT_WAITS.labels(account).inc()
+                    metrics.RATE_LIMIT_WAIT_SECONDS.labels(account).inc(start.wait_ms / 1000)
+                continue
+            self.job_counter += 1
+            task = asyncio.create_task(self._run(runtime, job_id, start))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def _run(self, runtime: Runtime, job_id: str, start: Start) -> None:
+        """One job, never raising: whatever it could not record, the lease brings back."""
+        runtime.running.add(job_id)
+        try:
+            await asyncio.wait_for(apply_lead_stage_change(self.ctx, job_id, start), self.job_timeout_s)
+        except (LeadstageError, TimeoutError) as error:
+            log.warning("job.interrupted", job_id=job_id, error=str(error) or type(error).__name__)
+        except Exception:  # a bug in one job must not stop the worker; logged with its traceback
+            log.exception("job.crashed", job_id=job_id)
+        finally:
+            runtime.running.discard(job_id)
+
+    async def _poll_iteration(self) -> None:
+        """arq's poll, riding through a Redis restart instead of stopping the worker."""
+        try:
+            with redis_errors():
+                await super()._poll_iteration()
+        except RedisUnavailable as error:
+            log.warning("worker.redis_unavailable", error=str(error))
+            await asyncio.sleep(REDIS_RETRY_S)
+
+
+def build_worker(settings: Settings, *, burst: bool = False, handle_signals: bool = True) -> LeadstageWorker:
+    """The worker for the change job; clients are made in ``on_startup``, once per process."""
     settings.require_accounts()
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -60,15 +115,18 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+        with contextlib.suppress(LeadstageError), redis_errors():
+            await ctx["redis"].hdel(keys.WORKERS, worker_id)
         if "transport" in ctx:
             await ctx["transport"].close()
         log.info("worker.stopped", worker_id=worker_id)
 
-    worker = Worker(
-        functions=[func(apply_lead_stage_change, name=keys.JOB_FUNCTION, max_tries=1_000_000)],
+    return LeadstageWorker(
+        functions=[func(apply_lead_stage_change, name=keys.JOB_FUNCTION)],
         redis_settings=redis_settings(settings.redis_url),
         queue_name=settings.queue_name,
         max_jobs=settings.concurrency,
+        queue_read_limit=settings.concurrency,
         job_timeout=settings.job_timeout_s,
         keep_result=0,
         poll_delay=settings.poll_delay_s,
@@ -77,19 +135,8 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
         burst=burst,
         on_startup=on_startup,
         on_shutdown=on_shutdown,
-        job_serializer=_json_dumps,
-        job_deserializer=orjson.loads,
         health_check_interval=60,
-        log_results=False,
     )
-    # The lease (see the module docstring): arq would use job_timeout + 10 s.
-    worker.in_progress_timeout_s = settings.lease_s
-    return worker
-
-
-def _json_dumps(value: Any) -> bytes:
-    """arq's serializer: JSON, never pickle; arq's own failure records hold exceptions, kept as text."""
-    return orjson.dumps(value, default=repr)
 
 
 def redis_settings(url: str) -> RedisSettings:
@@ -119,21 +166,17 @@ def _sentinel_settings(url: str) -> RedisSettings:
 
 
 async def _heartbeat(redis: aioredis.Redis, runtime: Runtime) -> None:
-    """Renew the in-progress lease of this worker's running jobs, and refresh the gauges."""
-    interval = runtime.settings.lease_s / 3
+    """Keep this worker's running jobs hidden, say that it is alive, and refresh the gauges."""
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(runtime.settings.lease_s / 3)
+        running = list(runtime.running)
         try:
+            await runtime.ledger.extend_leases(running)
             with redis_errors():
-                running = list(runtime.running)
-                if running:
-                    async with redis.pipeline(transaction=False) as pipe:
-                        for job in running:
-                            pipe.pexpire(keys.arq_in_progress_key(job), int(runtime.settings.lease_s * 1000))
-                        await pipe.execute()
-                metrics.IN_PROGRESS.set(len(running))
-                await metrics.refresh_queue_gauges(redis, runtime.settings)
-        except Exception as error:  # noqa: BLE001 - the heartbeat must outlive a Redis hiccup
+                await redis.hset(keys.WORKERS, runtime.worker_id, f"{len(running)}|{now_ms()}")  # type: ignore[misc]  # redis-py's async stubs
+            metrics.IN_PROGRESS.set(len(running))
+            await metrics.refresh_queue_gauges(redis, runtime.settings)
+        except LeadstageError as error:
             log.warning("worker.heartbeat_failed", error=str(error))
 
 

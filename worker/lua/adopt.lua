@@ -1,4 +1,4 @@
--- Claim the first listed stage that no other add has claimed (reconciling an add of unknown outcome).
+-- Adopt the first listed stage that no other add has claimed (reconciling an add of unknown outcome).
 -- KEYS: 1 account claims hash (stage id -> job id)
 -- ARGV: 1 job id, 2.. candidate stage ids, oldest first
 -- Returns the claimed stage id, or false when every candidate belongs to another add.
