@@ -1,0 +1,277 @@
+"""The Python producer: validate lead-stage changes and put them on the queue.
+
+Public API (re-exported by ``producers``)::
+
+    async with LeadStageProducer(settings) as producer:            # or LeadStageProducer() (from env)
+        receipt = await producer.enqueue({"name": "Hot", "applyTo": "lead"}, idempotency_key="crm-42")
+        receipts = await producer.enqueue_many(
+            [{"id": 1001, "colour": "#ff0000"}, ChangeItem({"name": "Cold", "applyTo": 2}, idempotency_key="k2")]
+        )
+
+* ``enqueue(change, *, idempotency_key=None, account="default", source="library") -> Receipt``:
+  one change; ``Receipt.status`` is ``queued``, or ``duplicate`` when the key is already known
+  with the same change (for the ledger retention, not only while arq keeps the job).
+* ``enqueue_many(changes, *, account="default", source="library", progress=None) -> list[Receipt]``:
+  each item is a change (a mapping) or a ``ChangeItem`` carrying its own key, account or source.
+  Every item is validated before anything is enqueued, then the batch goes to Redis in pipelined
+  chunks (``worker.ledger.ENQUEUE_CHUNK`` changes per round trip), so 50,000 changes take a few
+  dozen round trips, not 50,000.
+* ``validate_many`` and ``enqueue_validated``: the two halves of ``enqueue_many``, for producers
+  that report errors their own way (line numbers, list indexes) or skip invalid items.
+* ``aclose()`` (or ``async with``) closes the Redis connection the producer opened itself; a
+  client passed in belongs to the caller.
+
+Errors (``worker.errors``): ``InvalidChange`` names each bad field (``InvalidBatch``, a subclass,
+names the item index too, as ``changes[3].name``); ``UnknownAccount`` when accounts are
+configured (IVVY_* or LEADSTAGE_ACCOUNTS_FILE) and the account is not one of them; otherwise only
+the account name's format is checked, so a producer host needs no iVvy credentials.
+``IdempotencyConflict`` when a known key comes with a different change (nothing of a batch is
+enqueued); ``RedisUnavailable`` when Redis does not answer. Validation is ``worker.change``'s:
+producers and workers apply the same rules.
+
+Job payloads are JSON (``worker.ledger.arq_payload``), never pickle, so other languages can read
+them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
+
+from worker import metrics
+from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
+from worker.errors import ConfigError, FieldError, InvalidChange, UnknownAccount
+from worker.ledger import Ledger, Receipt
+from worker.runner import redis_settings
+from worker.settings import Settings
+
+__all__ = [
+    "ChangeItem",
+    "InvalidBatch",
+    "ItemError",
+    "LeadStageProducer",
+    "Receipt",
+    "Validated",
+    "connect_redis",
+]
+
+DEFAULT_SOURCE: Final = "library"
+#: A connection attempt to Redis gives up after this long (an unroutable host would hang otherwise).
+CONNECT_TIMEOUT_S: Final = 5.0
+
+#: A change that passed validation, with its envelope: what ``Ledger.enqueue_many`` takes.
+Validated = tuple[LeadStageChange, Envelope]
+#: Why one item of a batch was refused.
+ItemError = InvalidChange | UnknownAccount
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeItem:
+    """One item of ``enqueue_many`` with its own envelope; None means the call's default."""
+
+    #: The change: a mapping of SPEC.md's fields (anything else is reported as invalid).
+    change: object
+    idempotency_key: str | None = None
+    account: str | None = None
+    source: str | None = None
+
+
+def field_errors(error: ItemError) -> tuple[FieldError, ...]:
+    """The bad fields of a refused item; an unknown account is a bad ``account`` field."""
+    if isinstance(error, UnknownAccount):
+        return (FieldError("account", "is not configured (see LEADSTAGE_ACCOUNTS_FILE)"),)
+    return error.errors
+
+
+class InvalidBatch(InvalidChange):
+    """Items of a batch were refused; ``failures`` pairs each bad item's index with its error.
+
+    As an ``InvalidChange`` its ``errors`` name the index in the field, e.g. ``changes[3].name``,
+    so code that handles one invalid change handles a batch too.
+    """
+
+    def __init__(self, failures: Sequence[tuple[int, ItemError]]) -> None:
+        self.failures = tuple(failures)
+        super().__init__(
+            [
+                FieldError(f"changes[{index}].{error.field}", error.reason)
+                for index, failure in self.failures
+                for error in field_errors(failure)
+            ]
+        )
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """A Redis client for REDIS_URL (redis://, rediss://, unix://, redis+sentinel://); lazy, no I/O.
+
+    Responses stay bytes, as the ledger expects. A URL redis-py cannot use is a ``ConfigError``
+    naming REDIS_URL (its password, if any, is not repeated).
+    """
+    try:
+        if url.startswith("redis+sentinel://"):
+            parsed = redis_settings(url)
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                parsed.host, socket_connect_timeout=CONNECT_TIMEOUT_S, password=parsed.password, db=parsed.database
+            )
+            client: aioredis.Redis = sentinel.master_for(parsed.sentinel_master)
+        else:
+            client = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S)
+    except ValueError as exc:
+        reason = str(exc)
+        password = urlsplit(url).password
+        if password:
+            reason = reason.replace(password, "***")
+        raise ConfigError(f"REDIS_URL is not a usable Redis URL: {reason}") from None
+    return client
+
+
+class LeadStageProducer:
+    """Validates changes and enqueues them through the ledger (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis: aioredis.Redis | None = None,
+        producer: str = DEFAULT_SOURCE,
+    ) -> None:
+        """``settings`` default to ``Settings.from_env()``; without ``redis`` a client for
+        ``settings.redis_url`` is opened (and closed by ``aclose``). ``producer`` labels the
+        ``leadstage_enqueued_total`` metric (library, cli, webhook)."""
+        self.settings = Settings.from_env() if settings is None else settings
+        self._owns_client = redis is None
+        self.redis = connect_redis(self.settings.redis_url) if redis is None else redis
+        self.ledger = Ledger(self.redis, self.settings)
+        self.producer = producer
+
+    async def __aenter__(self) -> LeadStageProducer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the Redis client if this producer opened it."""
+        if self._owns_client:
+            await self.redis.aclose()
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def validate(
+        self,
+        change: object,
+        *,
+        idempotency_key: str | None = None,
+        account: str = DEFAULT_ACCOUNT,
+        source: str = DEFAULT_SOURCE,
+    ) -> Validated:
+        """The normalised change and its envelope; raises ``InvalidChange`` or ``UnknownAccount``.
+
+        Field errors of the change and of the envelope are reported together.
+        """
+        errors: list[FieldError] = []
+        parsed: LeadStageChange | None = None
+        envelope: Envelope | None = None
+        try:
+            parsed = parse_change(change)
+        except InvalidChange as exc:
+            errors.extend(exc.errors)
+        try:
+            envelope = parse_envelope(idempotency_key=idempotency_key, account=account, source=source)
+        except InvalidChange as exc:
+            errors.extend(exc.errors)
+        if errors:
+            raise InvalidChange(errors)
+        assert parsed is not None
+        assert envelope is not None
+        self._check_known(envelope.account)
+        return parsed, envelope
+
+    def check_account(self, account: str) -> str:
+        """``account`` if changes may be enqueued for it; ``InvalidChange`` or ``UnknownAccount`` if not."""
+        parse_envelope(account=account)
+        self._check_known(account)
+        return account
+
+    def _check_known(self, account: str) -> None:
+        # Without configured accounts (a producer-only host) any well-formed name is accepted.
+        if self.settings.accounts and account not in self.settings.accounts:
+            raise UnknownAccount(account)
+
+    def validate_many(
+        self,
+        changes: Iterable[object],
+        *,
+        account: str = DEFAULT_ACCOUNT,
+        source: str = DEFAULT_SOURCE,
+    ) -> tuple[list[tuple[int, Validated]], list[tuple[int, ItemError]]]:
+        """Validate every item (a change, or a ``ChangeItem``): (index, valid item) and (index, error)."""
+        valid: list[tuple[int, Validated]] = []
+        failures: list[tuple[int, ItemError]] = []
+        for index, item in enumerate(changes):
+            if not isinstance(item, ChangeItem):
+                item = ChangeItem(item)
+            try:
+                validated = self.validate(
+                    item.change,
+                    idempotency_key=item.idempotency_key,
+                    account=account if item.account is None else item.account,
+                    source=source if item.source is None else item.source,
+                )
+            except (InvalidChange, UnknownAccount) as exc:
+                failures.append((index, exc))
+            else:
+                valid.append((index, validated))
+        return valid, failures
+
+    # -- enqueuing -----------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        change: Mapping[str, object],
+        *,
+        idempotency_key: str | None = None,
+        account: str = DEFAULT_ACCOUNT,
+        source: str = DEFAULT_SOURCE,
+    ) -> Receipt:
+        """Enqueue one change (a key is generated when none is given)."""
+        validated = self.validate(change, idempotency_key=idempotency_key, account=account, source=source)
+        (receipt,) = await self.enqueue_validated([validated])
+        return receipt
+
+    async def enqueue_many(
+        self,
+        changes: Iterable[Mapping[str, object] | ChangeItem],
+        *,
+        account: str = DEFAULT_ACCOUNT,
+        source: str = DEFAULT_SOURCE,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Receipt]:
+        """Enqueue a batch, all or nothing: ``InvalidBatch`` names every bad item before any is sent.
+
+        Receipts come back in the order of ``changes``. ``progress`` is called with the number of
+        changes of each chunk once it is enqueued.
+        """
+        valid, failures = self.validate_many(changes, account=account, source=source)
+        if failures:
+            raise InvalidBatch(failures)
+        return await self.enqueue_validated([item for _, item in valid], progress=progress)
+
+    async def enqueue_validated(
+        self, items: Sequence[Validated], *, progress: Callable[[int], None] | None = None
+    ) -> list[Receipt]:
+        """Enqueue already validated items, all or nothing with respect to idempotency conflicts."""
+        receipts = await self.ledger.enqueue_many(items, all_or_nothing=True, progress=progress)
+        for status in ("queued", "duplicate"):
+            count = sum(1 for r in receipts if r.status == status)
+            if count:
+                metrics.ENQUEUED.labels(self.producer, status).inc(count)
+        return receipts

@@ -1,0 +1,292 @@
+"""The OpenAPI 3.1 document of the HTTP producer, served at ``GET /openapi.json``.
+
+It is built from the same constants the validation uses (``worker.change``) and the handler's
+own limits, so the document and the server cannot drift apart silently; tests run schemathesis
+against it. Where the server is more lenient than a JSON Schema can say simply (the name is
+trimmed before its length is checked, applyTo words ignore case), the schema states the strict
+form and the description the leniency.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from worker.change import ALIASES, KEY_MAX_CHARS, NAME_MAX_CHARS
+
+CHANGES_PATH: Final = "/v1/lead-stage-changes"
+MAX_BATCH: Final = 1000
+#: Seconds a client is asked to wait (``Retry-After``) when Redis is down.
+RETRY_AFTER_S: Final = 5
+#: The largest id the JSON parser reads as a whole number (larger ones become floats: refused).
+MAX_ID: Final = 2**64 - 1
+
+ACCOUNT_PATTERN: Final = "^[A-Za-z0-9_.-]{1,64}$"
+KEY_PATTERN: Final = f"^[\\x20-\\x7e]{{1,{KEY_MAX_CHARS}}}$"
+COLOUR_PATTERN: Final = "^#[0-9a-fA-F]{6}$"
+
+_JSON = "application/json"
+_PROBLEM = "application/problem+json"
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _change_schema() -> dict[str, Any]:
+    colour = {
+        "type": "string",
+        "pattern": COLOUR_PATTERN,
+        "description": "Hex colour #rrggbb, any case; sent to iVvy in lower case.",
+        "examples": ["#7ee546"],
+    }
+    apply_to = {
+        "enum": [1, 2, "opportunity", "lead"],
+        "description": 'What the stage applies to: 1 or "opportunity", 2 or "lead". The words ignore case and '
+        'surrounding spaces; "1" and "2" as strings are accepted too.',
+    }
+    alias_of = {alias: field for alias, field in ALIASES.items()}
+    updatable = ["name", "colour", "applyTo", *alias_of]
+    return {
+        "type": "object",
+        "description": "One addOrUpdateLeadStage request body. Without id: add a stage (name and applyTo "
+        "required). With id: update that stage (at least one other field). Any other field is refused by name.",
+        "properties": {
+            "id": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_ID,
+                "description": "The stage to update; absent for an add.",
+            },
+            "name": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": NAME_MAX_CHARS,
+                "pattern": "\\S",
+                "description": f"1..{NAME_MAX_CHARS} characters after trimming surrounding spaces.",
+            },
+            "colour": colour,
+            "color": {**colour, "description": "Alias of colour (give one of the two)."},
+            "applyTo": apply_to,
+            "appliesTo": {**apply_to, "description": "Alias of applyTo (an older name in iVvy's docs)."},
+        },
+        "additionalProperties": False,
+        "allOf": [
+            {"not": {"required": [field, alias]}} for alias, field in alias_of.items()
+        ] + [
+            {
+                "anyOf": [
+                    {"required": ["id"], "anyOf": [{"required": [f]} for f in updatable]},
+                    {"required": ["name"], "anyOf": [{"required": ["applyTo"]}, {"required": ["appliesTo"]}]},
+                ]
+            }
+        ],
+    }  # fmt: skip
+
+
+def _header(name: str, description: str, *, required: bool, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "header", "required": required, "description": description, "schema": schema}
+
+
+def _problem_response(description: str, *, validation: bool = False, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {_PROBLEM: {"schema": _ref("schemas", "ValidationProblem" if validation else "Problem")}},
+    }
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+        }
+    return response
+
+
+def openapi_document(max_body_bytes: int) -> dict[str, Any]:
+    """The document; ``max_body_bytes`` is the server's body limit (413 beyond it)."""
+    problem = {
+        "type": "object",
+        "description": "RFC 9457 problem details.",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": {"type": "string", "format": "uri-reference"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+        },
+    }
+    field_error = {
+        "type": "object",
+        "required": ["field", "reason"],
+        "properties": {
+            "field": {"type": "string", "description": "The field (or header) at fault."},
+            "reason": {"type": "string"},
+            "index": {"type": "integer", "minimum": 0, "description": "The item of a changes list at fault."},
+        },
+    }
+    receipt = {
+        "type": "object",
+        "required": ["job_id", "idempotency_key", "status"],
+        "properties": {
+            "job_id": {"type": "string", "description": "{account}:{idempotency_key}"},
+            "idempotency_key": {"type": "string"},
+            "status": {
+                "enum": ["queued", "duplicate"],
+                "description": "duplicate: the key was already enqueued with the same change (nothing new queued).",
+            },
+        },
+    }
+    post = {
+        "operationId": "enqueueLeadStageChanges",
+        "summary": "Enqueue one lead-stage change, or a list of them",
+        "description": (
+            "The body is signed per Standard Webhooks with WEBHOOK_SECRET (5-minute timestamp tolerance). "
+            "Every change is validated before any is enqueued: a request is enqueued whole or not at all. "
+            "Idempotency key: the Idempotency-Key header, else webhook-id; for a list, ':{index}' is appended "
+            "to it per item, so a redelivered webhook answers 'duplicate' and enqueues nothing again. "
+            f"Bodies over {max_body_bytes} bytes are refused (413)."
+        ),
+        "parameters": [
+            _header("webhook-id", "Standard Webhooks message id.", required=True, schema={"type": "string"}),
+            _header(
+                "webhook-timestamp",
+                "Standard Webhooks timestamp (Unix seconds), within 5 minutes of the server's clock.",
+                required=True,
+                schema={"type": "string"},
+            ),
+            _header(
+                "webhook-signature",
+                "Standard Webhooks signature(s): space-separated 'v1,<base64 HMAC-SHA256>'.",
+                required=True,
+                schema={"type": "string"},
+            ),
+            _header(
+                "Idempotency-Key",
+                "The idempotency key (IETF Idempotency-Key draft; a quoted structured-field string is unquoted). "
+                "Overrides webhook-id.",
+                required=False,
+                schema={"type": "string", "pattern": KEY_PATTERN},
+            ),
+            _header(
+                "X-Leadstage-Account",
+                "The iVvy account the changes are for (default 'default').",
+                required=False,
+                schema={"type": "string", "pattern": ACCOUNT_PATTERN},
+            ),
+            {
+                "name": "account",
+                "in": "query",
+                "required": False,
+                "description": "Alternative to X-Leadstage-Account (both given: they must agree).",
+                "schema": {"type": "string", "pattern": ACCOUNT_PATTERN},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                _JSON: {"schema": {"oneOf": [_ref("schemas", "LeadStageChange"), _ref("schemas", "ChangeList")]}}
+            },
+        },
+        "responses": {
+            "202": {
+                "description": "Accepted: one receipt per change, in order.",
+                "content": {_JSON: {"schema": _ref("schemas", "Receipts")}},
+            },
+            "400": _problem_response(
+                "The body is not JSON, or a change, the account or the key is invalid; errors name each field "
+                "(and the item index for a list). Nothing was enqueued.",
+                validation=True,
+            ),
+            "401": _problem_response("Missing, invalid or expired Standard Webhooks signature."),
+            "413": _problem_response(f"The body is larger than {max_body_bytes} bytes."),
+            "415": _problem_response("The body is not application/json."),
+            "422": _problem_response(
+                "The idempotency key is already used for a different change (IETF Idempotency-Key draft). "
+                "Nothing was enqueued."
+            ),
+            "503": _problem_response("Redis is unavailable; retry later.", retry_after=True),
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "leadstage-sync HTTP producer",
+            "version": "1.0.0",
+            "description": "Enqueues lead-stage changes for the iVvy CRM API (addOrUpdateLeadStage).",
+        },
+        "paths": {
+            CHANGES_PATH: {"post": post},
+            "/healthz": {
+                "get": {
+                    "operationId": "healthz",
+                    "summary": "The process is alive",
+                    "responses": {
+                        "200": {"description": "Alive.", "content": {_JSON: {"schema": _ref("schemas", "Status")}}}
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "readyz",
+                    "summary": "Redis answers PING",
+                    "responses": {
+                        "200": {"description": "Ready.", "content": {_JSON: {"schema": _ref("schemas", "Status")}}},
+                        "503": _problem_response("Redis is unavailable.", retry_after=True),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format, or OpenMetrics when Accept asks for it.",
+                            "content": {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/openmetrics-text": {"schema": {"type": "string"}},
+                            },
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "responses": {
+                        "200": {"description": "OpenAPI 3.1.", "content": {_JSON: {"schema": {"type": "object"}}}}
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "LeadStageChange": _change_schema(),
+                "ChangeList": {
+                    "type": "object",
+                    "required": ["changes"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "changes": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_BATCH,
+                            "items": _ref("schemas", "LeadStageChange"),
+                        }
+                    },
+                },
+                "Receipt": receipt,
+                "Receipts": {
+                    "type": "object",
+                    "required": ["receipts"],
+                    "properties": {"receipts": {"type": "array", "items": _ref("schemas", "Receipt")}},
+                },
+                "Problem": problem,
+                "ValidationProblem": {
+                    "allOf": [
+                        _ref("schemas", "Problem"),
+                        {"type": "object", "properties": {"errors": {"type": "array", "items": field_error}}},
+                    ]
+                },
+                "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+            }
+        },
+    }
