@@ -29,8 +29,8 @@ the account name's format is checked, so a producer host needs no iVvy credentia
 enqueued); ``RedisUnavailable`` when Redis does not answer. Validation is ``worker.change``'s:
 producers and workers apply the same rules.
 
-Job payloads are JSON (``worker.ledger.arq_payload``), never pickle, so other languages can read
-them.
+Nothing is pickled: the queue holds job ids (``{account}:{idempotency_key}``) and each job's record
+is its ledger hash, whose ``change`` is canonical JSON, so other languages can read and write them.
 """
 
 from __future__ import annotations

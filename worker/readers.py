@@ -1,7 +1,7 @@
 """Reading what the product wrote, for the ``leadstage`` commands results, status, dlq and stats.
 
 Everything here reads Redis the way the worker writes it (``worker.keys``, ``worker.ledger``,
-``worker.results``) and changes nothing, except ``replay``, which goes through
+``worker.results``, the heartbeats of ``worker.runner``) and changes nothing, except ``replay``, which goes through
 ``Ledger.replay`` like every other enqueue. Streams are read in pages, so a stream of 100,000
 entries costs a hundred round trips and bounded memory, not one huge reply.
 """
@@ -203,30 +203,35 @@ def running_jobs(workers: Mapping[bytes, bytes], now_ms: int, settings: Settings
 
 
 async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]:
-    """Queue depth, in progress, retrying, dead letters and recent rates, cheaply.
+    """Queue depth, in progress, retrying, dead letters and recent rates, in two round trips.
 
-    * ``queue_depth``: ZCARD of arq's queue (waiting, deferred and running changes);
-    * ``in_progress``: jobs running now, as the live workers' heartbeats report them;
-    * ``retrying``: queued jobs whose score is in the future (deferred to a later attempt), less
-      the running ones (a running job is hidden one lease ahead);
-    * ``waiting``: the rest of the queue, due now and not running;
+    * ``queue_depth``: ZCARD of the queue: every change not finished yet;
+    * ``in_progress``: the changes the live workers are attempting, as each worker's heartbeat
+      reports them (``keys.WORKERS``; a worker silent for a whole lease is dead and not counted);
+      ``workers`` is how many are alive;
+    * ``retrying``: changes scheduled for later (backoff, rate limit, a locked stage): the queue's
+      future scores, less the running changes (whose scores are pushed one lease ahead);
+    * ``waiting``: changes due now and not yet taken;
     * ``dead_letters`` and ``results``: XLEN of the two streams;
     * ``recent``: events per outcome in the last minute and five minutes, read from the results
-      stream by entry id (the ids are Redis's clock, so no host clock skew), with the terminal
-      events per second.
+      stream by entry id (ids are Redis's clock, so no host clock skew), with the terminal events
+      per second.
     """
     with redis_errors():
+        (seconds, micros) = await client.time()
+        now_ms = seconds * 1000 + micros // 1000
         async with client.pipeline(transaction=False) as pipe:
-            pipe.time()
             pipe.zcard(settings.queue_name)
+            pipe.zcount(settings.queue_name, f"({now_ms}", "+inf")
+            pipe.hvals(keys.WORKERS)
             pipe.xlen(settings.dlq_stream)
             pipe.xlen(settings.results_stream)
-            (seconds, micros), depth, dead, result_count = await pipe.execute()
-        now_ms = seconds * 1000 + micros // 1000
-        deferred = await client.zcount(settings.queue_name, f"({now_ms}", "+inf")
-        workers = await client.hgetall(keys.WORKERS)  # type: ignore[misc]  # redis-py's async stubs
-        in_progress = running_jobs(workers, now_ms, settings)
+            depth, later, heartbeats, dead, result_count = await pipe.execute()
 
+    alive = [
+        running for running, seen in (_heartbeat(raw) for raw in heartbeats) if seen >= now_ms - settings.lease_s * 1000
+    ]
+    in_progress = sum(alive)
     longest = max(RATE_WINDOWS_S.values())
     since: dict[str, Counter[str]] = {name: Counter() for name in RATE_WINDOWS_S}
     async for entry in _pages(client, settings.results_stream, start=str(now_ms - longest * 1000)):
@@ -242,10 +247,17 @@ async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]
         recent[name] = counts
     return {
         "queue_depth": depth,
-        "waiting": max(depth - deferred - in_progress, 0),
+        "waiting": depth - later,
         "in_progress": in_progress,
-        "retrying": max(deferred - in_progress, 0),
+        "retrying": max(later - in_progress, 0),
+        "workers": len(alive),
         "dead_letters": dead,
         "results": result_count,
         "recent": recent,
     }
+
+
+def _heartbeat(raw: bytes) -> tuple[int, int]:
+    """A worker's heartbeat value, ``{running}|{last seen ms}``, as numbers."""
+    running, _, seen = raw.decode().partition("|")
+    return int(running or 0), int(seen or 0)

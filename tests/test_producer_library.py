@@ -1,0 +1,204 @@
+"""``LeadStageProducer`` against a real Redis: idempotency, validation before enqueue, bulk round trips."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from producers import ChangeItem, InvalidBatch, LeadStageProducer
+from worker import keys
+from worker.errors import IdempotencyConflict, InvalidChange, UnknownAccount
+from worker.ledger import ENQUEUE_CHUNK
+from worker.settings import Account, Secret, Settings
+
+HOT = {"name": "Hot", "applyTo": "lead"}
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url)
+
+
+@pytest.fixture
+async def producer(settings: Settings, redis_client: aioredis.Redis) -> LeadStageProducer:
+    """A producer over the test database (flushed by ``redis_client``)."""
+    return LeadStageProducer(settings, redis=redis_client)
+
+
+def enqueued(producer: str, status: str) -> float:
+    return REGISTRY.get_sample_value("leadstage_enqueued_total", {"producer": producer, "status": status}) or 0.0
+
+
+async def test_same_key_and_change_is_a_duplicate_even_after_the_queue_forgot_it(
+    producer: LeadStageProducer, redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    queued_before = enqueued("library", "queued")
+    first = await producer.enqueue(HOT, idempotency_key="k1")
+    assert (first.job_id, first.idempotency_key, first.account, first.status) == (
+        "default:k1",
+        "k1",
+        "default",
+        "queued",
+    )
+    assert (await producer.enqueue(HOT, idempotency_key="k1")).status == "duplicate"
+
+    # The job leaves the queue when it ends; the ledger still knows the key for its retention.
+    await redis_client.zrem(settings.queue_name, "default:k1")
+    again = await producer.enqueue({"applyTo": 2, "name": " Hot "}, idempotency_key="k1")  # same change, normalised
+    assert again.status == "duplicate"
+    assert await redis_client.zcard(settings.queue_name) == 0
+    assert enqueued("library", "queued") == queued_before + 1
+
+
+async def test_a_different_change_under_a_known_key_is_refused(
+    producer: LeadStageProducer, redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    await producer.enqueue(HOT, idempotency_key="k1")
+    with pytest.raises(IdempotencyConflict) as caught:
+        await producer.enqueue({"name": "Cold", "applyTo": "lead"}, idempotency_key="k1")
+    assert (caught.value.account, caught.value.idempotency_key) == ("default", "k1")
+    assert orjson.loads(await redis_client.hget(keys.ledger_key("default:k1"), "change")) == {  # type: ignore[misc]  # redis-py's async stubs
+        "name": "Hot",
+        "applyTo": 2,
+    }
+
+
+async def test_a_generated_key_is_returned(producer: LeadStageProducer) -> None:
+    receipt = await producer.enqueue({"id": 1001, "color": "#ABCDEF"})
+    assert receipt.idempotency_key
+    assert receipt.job_id == f"default:{receipt.idempotency_key}"
+
+
+@pytest.mark.parametrize(
+    ("change", "fields"),
+    [
+        ({}, {"name", "applyTo"}),
+        ({"name": "", "applyTo": 3}, {"name", "applyTo"}),
+        ({"id": 0, "colour": "red"}, {"id", "colour"}),
+        ({"id": 5}, {"change"}),
+        ({"name": "A", "applyTo": 1, "priority": 1}, {"priority"}),
+        (["name"], {"change"}),
+    ],
+)
+async def test_invalid_changes_name_every_bad_field_and_enqueue_nothing(
+    producer: LeadStageProducer, redis_client: aioredis.Redis, change: Any, fields: set[str]
+) -> None:
+    with pytest.raises(InvalidChange) as caught:
+        await producer.enqueue(change, idempotency_key="k1")
+    assert {error.field for error in caught.value.errors} == fields
+    assert await redis_client.dbsize() == 0
+
+
+async def test_a_bad_envelope_is_reported_with_the_change(
+    producer: LeadStageProducer, redis_client: aioredis.Redis
+) -> None:
+    with pytest.raises(InvalidChange) as caught:
+        await producer.enqueue({"name": "A"}, idempotency_key="tab\there", account="no spaces")
+    assert {error.field for error in caught.value.errors} == {"applyTo", "idempotency_key", "account"}
+    assert await redis_client.dbsize() == 0
+
+
+async def test_configured_accounts_refuse_others(redis_url: str, redis_client: aioredis.Redis) -> None:
+    account = Account("eu", "https://eu.example", "key", Secret("secret"), 5.0)
+    producer = LeadStageProducer(Settings(redis_url=redis_url, accounts={"eu": account}), redis=redis_client)
+    assert (await producer.enqueue(HOT, account="eu")).account == "eu"
+    with pytest.raises(UnknownAccount):
+        await producer.enqueue(HOT, account="default")
+    assert await redis_client.zcard("leadstage:queue") == 1
+
+
+class CountingConnection(aioredis.Connection):
+    """A real connection that counts how often it writes to the socket: one write per round trip."""
+
+    writes = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.writes += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def test_enqueue_many_pipelines_thousands_of_changes_as_json(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    count = 5000
+    changes = [{"name": f"Stage {i}", "applyTo": 1 + i % 2} for i in range(count)]
+    pool = aioredis.ConnectionPool.from_url(settings.redis_url, connection_class=CountingConnection)
+    chunks: list[int] = []
+    async with LeadStageProducer(settings, redis=aioredis.Redis(connection_pool=pool)) as producer:
+        await producer.redis.ping()  # the connection's own handshake is not the batch's
+        CountingConnection.writes = 0
+        receipts = await producer.enqueue_many(changes, source="bulk-test", progress=chunks.append)
+        writes = CountingConnection.writes
+        await producer.redis.aclose()
+
+    assert [r.status for r in receipts] == ["queued"] * count
+    assert len({r.job_id for r in receipts}) == count
+    assert sum(chunks) == count
+    # One conflict check, then per chunk at most a script check and the pipeline itself.
+    chunk_count = -(-count // ENQUEUE_CHUNK)
+    assert writes <= 1 + 2 * chunk_count, writes
+    assert await redis_client.zcard(settings.queue_name) == count
+
+    # Nothing is pickled: the queue holds job ids and each record is a hash with a JSON change.
+    first = receipts[0].job_id
+    assert await redis_client.type(settings.queue_name) == b"zset"
+    assert await redis_client.zscore(settings.queue_name, first) is not None
+    record = await redis_client.hgetall(keys.ledger_key(first))  # type: ignore[misc]  # redis-py's async stubs
+    assert not record[b"change"].startswith(b"\x80")
+    assert orjson.loads(record[b"change"]) == {"name": "Stage 0", "applyTo": 1}
+    assert record[b"source"] == b"bulk-test"
+
+
+async def test_enqueue_many_validates_everything_first(
+    producer: LeadStageProducer, redis_client: aioredis.Redis
+) -> None:
+    changes: list[Any] = [HOT, {"name": "Cold"}, HOT, ChangeItem({"id": 7, "name": "x"}, account="bad account")]
+    with pytest.raises(InvalidBatch) as caught:
+        await producer.enqueue_many(changes)
+    assert [(index, type(error).__name__) for index, error in caught.value.failures] == [
+        (1, "InvalidChange"),
+        (3, "InvalidChange"),
+    ]
+    assert {e.field for e in caught.value.errors} == {"changes[1].applyTo", "changes[3].account"}
+    assert isinstance(caught.value, InvalidChange)
+    assert await redis_client.dbsize() == 0
+
+
+async def test_enqueue_many_with_a_conflict_enqueues_nothing(
+    producer: LeadStageProducer, redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    await producer.enqueue(HOT, idempotency_key="known")
+    batch: list[Any] = [
+        ChangeItem({"name": "New", "applyTo": 1}, idempotency_key="new"),
+        ChangeItem({"name": "Other", "applyTo": 1}, idempotency_key="known"),
+    ]
+    with pytest.raises(IdempotencyConflict):
+        await producer.enqueue_many(batch)
+    assert await redis_client.zrange(settings.queue_name, 0, -1) == [b"default:known"]
+
+
+async def test_enqueue_many_takes_per_item_envelopes(producer: LeadStageProducer, redis_client: aioredis.Redis) -> None:
+    receipts = await producer.enqueue_many(
+        [
+            ChangeItem(HOT, idempotency_key="a", account="eu", source="crm"),
+            ChangeItem(HOT, idempotency_key="a"),
+            ChangeItem(HOT, idempotency_key="a"),
+        ],
+        account="us",
+        source="batch",
+    )
+    assert [(r.job_id, r.status) for r in receipts] == [("eu:a", "queued"), ("us:a", "queued"), ("us:a", "duplicate")]
+    assert await redis_client.hget(keys.ledger_key("eu:a"), "source") == b"crm"  # type: ignore[misc]  # redis-py's async stubs
+    assert await redis_client.hget(keys.ledger_key("us:a"), "source") == b"batch"  # type: ignore[misc]  # redis-py's async stubs
+
+
+async def test_a_producer_closes_only_the_client_it_opened(settings: Settings, redis_client: aioredis.Redis) -> None:
+    async with LeadStageProducer(settings) as own:
+        await own.enqueue(HOT, idempotency_key="own")
+    async with LeadStageProducer(settings, redis=redis_client):
+        pass
+    assert await redis_client.exists(keys.ledger_key("default:own")) == 1
