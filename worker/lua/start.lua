@@ -67,8 +67,8 @@ end
 
 -- The account's rate limit, shared by every worker: GCRA with a burst of one request, in µs. A job
 -- that must wait reserves its slot and sleeps in the queue until then, so it is tried once more,
--- not polled. A job that wakes too late for its slot (a busy worker) gives the slot back and
--- takes the next free one, so late wake-ups never push the account's schedule ahead.
+-- not polled. A job that wakes too late for its slot (a busy worker) takes the next free slot:
+-- using the old one late could put two requests in one interval.
 local interval = tonumber(ARGV[7])
 local rate = redis.call('HMGET', KEYS[3], 'tat', 'pause_until')
 local pause_until_us = (tonumber(rate[2]) or 0) * 1000
@@ -77,7 +77,6 @@ local slot = tonumber(l[16]) or 0
 local grace = math.max(2 * interval, tonumber(ARGV[14]))
 local reserved = slot > 0 and slot <= now_us and slot >= now_us - grace and pause_until_us <= now_us
 if not reserved then
-  if slot > 0 then tat = math.max(now_us, tat - interval) end
   local start_at = math.max(tat, now_us, pause_until_us)
   redis.call('HSET', KEYS[3], 'tat', string.format('%d', start_at + interval))
   if start_at > now_us then
