@@ -55,7 +55,7 @@ def _change_schema() -> dict[str, Any]:
                 "type": "integer",
                 "minimum": 1,
                 "maximum": MAX_ID,
-                "description": "The stage to update; absent for an add.",
+                "description": "The stage to update; absent for an add. Written as a JSON integer (5, not 5.0).",
             },
             "name": {
                 "type": "string",
@@ -174,7 +174,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 "name": "account",
                 "in": "query",
                 "required": False,
-                "description": "Alternative to X-Leadstage-Account (both given: they must agree).",
+                "description": "The account when X-Leadstage-Account is absent (the header wins).",
                 "schema": {"type": "string", "pattern": ACCOUNT_PATTERN},
             },
         ],

@@ -17,7 +17,7 @@ order, answering the first failure as RFC 9457 problem+json:
 
 A request is enqueued whole or not at all. Keys: the ``Idempotency-Key`` header, else
 ``webhook-id``; a list appends ``:{index}`` per item, so a redelivered webhook is a duplicate.
-Account: ``X-Leadstage-Account`` or ``?account=`` (default ``default``). Source:
+Account: the ``X-Leadstage-Account`` header, else ``?account=``, else ``default``. Source:
 ``webhook:{webhook-id}``.
 
 Every request to the changes endpoint counts in ``leadstage_webhook_requests_total`` by status,
@@ -234,13 +234,9 @@ def _unquote(value: str) -> str:
 
 
 def _account(request: web.Request, producer: LeadStageProducer) -> str:
+    """The header's account, else the query's, else the default."""
     header = request.headers.get(ACCOUNT_HEADER)
     query = request.query.get("account")
-    if header is not None and query is not None and header != query:
-        raise _invalid(
-            "the account is given twice, differently",
-            [{"field": ACCOUNT_HEADER, "reason": f"says {header!r} but the account query parameter says {query!r}"}],
-        )
     account = header if header is not None else query if query is not None else DEFAULT_ACCOUNT
     try:
         return producer.check_account(account)
