@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from worker.results import TERMINAL_EVENTS
-from worker.runner import build_worker
 from worker.settings import Account, Secret, Settings
 
 
@@ -60,20 +58,6 @@ def worker_env(settings: Settings, ivvy_url: str) -> dict[str, str]:
         "LEADSTAGE_METRICS_PORT": "0",
         "LEADSTAGE_LOG_FORMAT": "json",
     }
-
-
-@contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[None]:
-    """An arq worker of the product in this event loop, stopped (gracefully) on exit."""
-    worker = build_worker(settings, handle_signals=False)
-    task = asyncio.create_task(worker.main())
-    try:
-        yield
-    finally:
-        await worker.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def start_worker_process(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:

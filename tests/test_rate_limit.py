@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 from tests.harness import (
     eventually,
     read_events,
-    running_worker,
     start_worker_process,
     stop_process,
     wait_for_terminal,
@@ -22,6 +21,7 @@ from tests.harness import (
 from worker.change import parse_change, parse_envelope
 from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ledger import Ledger
+from worker.runner import running_worker
 from worker.settings import Settings
 
 RATE = 10.0

@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from tests.harness import eventually, read_events, running_worker, wait_for_terminal, worker_settings
+from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.change import parse_change, parse_envelope
 from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ledger import Ledger
+from worker.runner import running_worker
 from worker.settings import Settings
 
 

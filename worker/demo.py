@@ -54,7 +54,7 @@ from worker.errors import ConfigError, InvalidChange, RedisUnavailable, redis_er
 from worker.fake_ivvy import DEFAULT_HOST, FakeIvvy, Faults, running_fake_ivvy
 from worker.logs import configure_logging
 from worker.results import TERMINAL_EVENTS
-from worker.runner import build_worker
+from worker.runner import running_worker
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 
 __all__ = ["DEMO_ACCOUNT", "DEMO_DLQ", "DEMO_QUEUE", "DEMO_RESULTS", "run_demo"]
@@ -536,22 +536,6 @@ def _demo_settings(settings: Settings, redis_url: str, ivvy_url: str, credential
     )
 
 
-@contextlib.asynccontextmanager
-async def _running_worker(settings: Settings) -> AsyncIterator[asyncio.Task[Any]]:
-    """The product's worker in this event loop, closed on exit as ``leadstage worker`` closes on SIGTERM."""
-    worker = build_worker(settings, handle_signals=False)
-    task = asyncio.create_task(worker.main())
-    try:
-        yield task
-    finally:
-        try:
-            await worker.close()
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 def _start_metrics(port: int, printer: Printer, stack: contextlib.AsyncExitStack) -> str | None:
     """The metrics endpoint on loopback at ``port``, if it is free; the demo goes on without it otherwise."""
     try:
@@ -587,7 +571,7 @@ async def _demo(settings: Settings, keep_running: bool, printer: Printer, status
             running_fake_ivvy(DEFAULT_HOST, 0, credentials={key: secret}, seed=FAKE_SEED)
         )
         demo_settings = _demo_settings(settings, redis_url, server.url, credentials)
-        worker_task = await stack.enter_async_context(_running_worker(demo_settings))
+        worker_task = await stack.enter_async_context(running_worker(demo_settings))
 
         printer.line("leadstage demo: the change job end to end, on an embedded default", "bold")
         if own_redis:

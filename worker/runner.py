@@ -18,6 +18,7 @@ import contextlib
 import os
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -178,6 +179,22 @@ async def _heartbeat(redis: aioredis.Redis, runtime: Runtime) -> None:
             await metrics.refresh_queue_gauges(redis, runtime.settings)
         except LeadstageError as error:
             log.warning("worker.heartbeat_failed", error=str(error))
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
+    """The worker in this event loop (the demo, tests), closed on exit as SIGTERM closes it."""
+    worker = build_worker(settings, handle_signals=False)
+    task = asyncio.create_task(worker.main())
+    try:
+        yield task
+    finally:
+        try:
+            await worker.close()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def run_worker(settings: Settings) -> int:
