@@ -48,7 +48,6 @@ from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.errors import ConfigError, FieldError, InvalidChange, UnknownAccount
 from worker.ledger import Ledger, Receipt
-from worker.runner import redis_settings
 from worker.settings import Settings
 
 __all__ = [
@@ -115,6 +114,9 @@ def connect_redis(url: str) -> aioredis.Redis:
     """
     try:
         if url.startswith("redis+sentinel://"):
+            # The worker's parser of Sentinel URLs; imported here, as it brings arq's worker along.
+            from worker.runner import redis_settings
+
             parsed = redis_settings(url)
             sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
                 parsed.host, socket_connect_timeout=CONNECT_TIMEOUT_S, password=parsed.password, db=parsed.database

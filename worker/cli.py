@@ -57,6 +57,11 @@ LINE_ENVELOPE_FIELDS = ("idempotency_key", "account", "source")
 
 _T = TypeVar("_T")
 
+FAKE_IVVY_DESCRIPTION = (
+    "Serve a fake iVvy API (addOrUpdateLeadStage, getLeadStageList, ping) with signature checks,\n"
+    "the seed's error codes and injectable faults, for the demo, tests and benchmarks."
+)
+
 
 class NotFound(LeadstageError):
     """The change or dead letter a command asks about is not known (exit status 1)."""
@@ -140,10 +145,16 @@ def _cmd_webhook(args: argparse.Namespace) -> int:
 
 
 def _cmd_fake_ivvy(args: argparse.Namespace) -> int:
+    # The fake's own options are parsed here, so that other commands need not import it.
     from worker import fake_ivvy
 
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} fake-ivvy", description=FAKE_IVVY_DESCRIPTION, formatter_class=_Formatter
+    )
+    fake_ivvy.add_arguments(parser)
+    options = parser.parse_args(args.options)
     configure_logging(_settings())
-    return fake_ivvy.run_from_args(args)
+    return fake_ivvy.run_from_args(options)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -347,10 +358,9 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
     outcomes = asyncio.run(_with_redis(settings, replay))
     queued = sum(1 for o in outcomes if o.status == "queued")
-    _note(
-        f"replayed {queued} dead letter(s)"
-        + (f", {len(outcomes) - queued} not failed" if queued < len(outcomes) else "")
-    )
+    if outcomes or args.all:
+        not_failed = len(outcomes) - queued
+        _note(f"replayed {queued} dead letter(s)" + (f", {not_failed} left alone (not failed)" if not_failed else ""))
     missing = sorted((wanted or set()) - {o.idempotency_key for o in outcomes})
     if missing:
         raise NotFound(
@@ -494,17 +504,11 @@ def _add_services(subparsers: Any) -> None:
     webhook.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104 - webhooks come from other hosts
     webhook.add_argument("--port", type=int, default=8080, help="port to listen on")
 
-    from worker import fake_ivvy
-
-    fake = _subparser(
-        subparsers,
-        "fake-ivvy",
-        _cmd_fake_ivvy,
-        "run a local iVvy stand-in",
-        "Serve a fake iVvy API (addOrUpdateLeadStage, getLeadStageList, ping) with signature checks,\n"
-        "the seed's error codes and injectable faults, for the demo, tests and benchmarks.",
+    fake: argparse.ArgumentParser = subparsers.add_parser(
+        "fake-ivvy", help="run a local iVvy stand-in", description=FAKE_IVVY_DESCRIPTION, add_help=False
     )
-    fake_ivvy.add_arguments(fake)
+    # Its options (and --help) are left unparsed here and handed to the fake's own parser.
+    fake.set_defaults(run=_cmd_fake_ivvy, passes_options=True)
 
     _subparser(
         subparsers,
@@ -534,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``leadstage`` with ``argv`` (default: the process's arguments); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passes_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.options = extra
     try:
         status: int = args.run(args)
     except PermanentError as exc:
