@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import signal
 import sys
@@ -158,17 +157,9 @@ def _cmd_fake_ivvy(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    # Imported by name: the demo ships separately from the command line and may be absent.
-    try:
-        demo = importlib.import_module("worker.demo")
-    except ModuleNotFoundError as exc:
-        if exc.name != "worker.demo":
-            raise
-        raise NotFound("the demo is not part of this installation (worker.demo is missing)") from None
-    settings = _settings()
-    configure_logging(settings)
-    status: int = demo.run_demo(settings)
-    return status
+    from worker.demo import run_demo  # configures its own logging (quieter, for a readable demo)
+
+    return run_demo(_settings(), keep_running=args.keep_running)
 
 
 # -- enqueue -----------------------------------------------------------------------------------
@@ -510,13 +501,17 @@ def _add_services(subparsers: Any) -> None:
     # Its options (and --help) are left unparsed here and handed to the fake's own parser.
     fake.set_defaults(run=_cmd_fake_ivvy, passes_options=True)
 
-    _subparser(
+    demo = _subparser(
         subparsers,
         "demo",
         _cmd_demo,
         "run the demo end to end",
         "Run a fake iVvy, a worker and sample changes against REDIS_URL (or a redis-server of its\n"
-        "own when nothing answers there), print the results, then exit.",
+        "own when nothing answers there), print the results, then exit: 0 when every sample ended\n"
+        "as expected, 1 otherwise.",
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="keep the fake iVvy and the worker up after the summary"
     )
 
 
