@@ -261,6 +261,10 @@ def test_bulk_with_a_bad_line_enqueues_nothing(leadstage: Run, db: redis.Redis, 
     assert "2 queued, 0 duplicate, 2 invalid line(s) skipped" in skipped.stderr.splitlines()[-1]
     assert queued(db) == 2
 
+    missing = leadstage("enqueue", "--file", str(tmp_path / "missing.jsonl"))
+    assert missing.returncode == 2
+    assert "cannot read" in one_error_line(missing)
+
 
 def test_bulk_from_stdin_with_per_line_envelopes(leadstage: Run, db: redis.Redis) -> None:
     lines = [
