@@ -6,7 +6,8 @@ import base64
 import dataclasses
 import io
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
@@ -14,6 +15,7 @@ from uuid import uuid4
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import structlog
 from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import Webhook
 
@@ -320,11 +322,27 @@ async def test_the_openapi_document_describes_the_endpoint(client: TestClient[An
     assert (change["properties"]["name"]["minLength"], change["properties"]["name"]["maxLength"]) == (1, 255)
 
 
-async def test_requests_are_logged_with_status_and_without_secrets(
-    client: TestClient[Any, Any], settings: Settings
-) -> None:
+@pytest.fixture
+def log_stream(settings: Settings) -> Iterator[io.StringIO]:
+    """The process's log lines, as JSON, for one test; logging is put back as it was afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     stream = io.StringIO()
     configure_logging(dataclasses.replace(settings, log_format="json"), stream=stream, level="info")
+    try:
+        yield stream
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        structlog.reset_defaults()
+
+
+async def test_requests_are_logged_with_status_and_without_secrets(
+    client: TestClient[Any, Any], log_stream: io.StringIO
+) -> None:
+    stream = log_stream
     body = orjson.dumps(HOT)
     headers = signed(body, msg_id="msg_logged")
     assert (await client.post(CHANGES_PATH, data=body, headers=headers)).status == 202
