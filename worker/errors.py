@@ -106,31 +106,12 @@ class UnknownAccount(PermanentError):
         super().__init__(f"account {account!r} is not configured (see LEADSTAGE_ACCOUNTS_FILE)")
 
 
-class IvvyErrorDetails:
+class IvvyErrorDetails(LeadstageError):
     """What iVvy said: HTTP status and its error body. Mixed into the iVvy exceptions."""
 
     http_status: int | None = None
     specific_code: int | None = None
     additional_messages: tuple[str, ...] = ()
-
-    def _set_details(
-        self,
-        http_status: int | None,
-        specific_code: int | None,
-        additional_messages: Sequence[str],
-    ) -> None:
-        self.http_status = http_status
-        self.specific_code = specific_code
-        self.additional_messages = tuple(additional_messages)
-
-    @property
-    def ivvy_code(self) -> str | None:
-        """iVvy's specific code as text, for the results stream's ``error_code``."""
-        return None if self.specific_code is None else str(self.specific_code)
-
-
-class IvvyRejected(IvvyErrorDetails, PermanentError):
-    error_code = "rejected"
 
     def __init__(
         self,
@@ -140,8 +121,19 @@ class IvvyRejected(IvvyErrorDetails, PermanentError):
         specific_code: int | None = None,
         additional_messages: Sequence[str] = (),
     ) -> None:
-        self._set_details(http_status, specific_code, additional_messages)
+        self.http_status = http_status
+        self.specific_code = specific_code
+        self.additional_messages = tuple(additional_messages)
         super().__init__(message)
+
+    @property
+    def ivvy_code(self) -> str | None:
+        """iVvy's specific code as text, for the results stream's ``error_code``."""
+        return None if self.specific_code is None else str(self.specific_code)
+
+
+class IvvyRejected(IvvyErrorDetails, PermanentError):
+    error_code = "rejected"
 
 
 class IvvyAuthError(IvvyRejected):
@@ -164,9 +156,10 @@ class IvvyUnavailable(IvvyErrorDetails, RetryableError):
         additional_messages: Sequence[str] = (),
         retry_after: float | None = None,
     ) -> None:
-        self._set_details(http_status, specific_code, additional_messages)
         self.retry_after = retry_after
-        super().__init__(message)
+        super().__init__(
+            message, http_status=http_status, specific_code=specific_code, additional_messages=additional_messages
+        )
 
 
 class IvvyRateLimited(IvvyUnavailable):
