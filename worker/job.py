@@ -158,6 +158,10 @@ async def _failed_attempt(
         retry_after=error.retry_after,
         rng=runtime.rng,
     )
+    if must_reconcile:
+        # A request that timed out may still be applied late: give it a request timeout to land
+        # before the reconcile looks for it.
+        delay = max(delay, settings.request_timeout_s)
     now = now_ms()
     pause_until = now + int(delay * 1000) if isinstance(error, IvvyRateLimited) else None
     await _finish(
