@@ -1,36 +1,70 @@
--- Enqueue one change (or replay a dead-lettered one): the ledger entry, the ordering sequence and
--- the queue entry, atomically. The ledger hash is the job's record; the queue holds only its id.
--- KEYS: 1 ledger hash, 2 queue zset, 3 stage hash (updates; the ledger otherwise), 4 dead-letter stream
--- ARGV: 1 job id, 2 change (canonical JSON), 3 operation, 4 stage id or '', 5 changed fields (csv),
---       6 account, 7 idempotency key, 8 source, 9 now (ms), 10 retention (ms), 11 lock subject,
---       12 mode ('enqueue' | 'replay'), 13 dead-letter entry id to remove or '',
---       14 generation of that dead letter or ''
--- Returns {'queued', generation} | {'duplicate', state} | {'conflict'} | {'not_failed', state}
-local existing = redis.call('HMGET', KEYS[1], 'change', 'state', 'gen')
-local gen = 0
-if ARGV[12] == 'replay' then
-  if existing[2] and existing[2] ~= 'failed' then return {'not_failed', existing[2]} end
-  gen = (tonumber(existing[3]) or tonumber(ARGV[14]) or 0) + 1
-elseif existing[1] then
-  if existing[1] == ARGV[2] then return {'duplicate', existing[2]} end
-  return {'conflict'}
+-- Enqueue changes (or replay a dead-lettered one): for each, the ledger entry, the ordering
+-- sequence and the queue entry. Atomic for the whole call: with 'enqueue', every key is checked
+-- before anything is written, so a conflict anywhere writes nothing; 'check' only checks.
+-- The ledger hash is the job's record; the queue holds only its id.
+-- KEYS: 1 queue zset, 2 dead-letter stream
+-- ARGV: 1 mode ('enqueue' | 'check' | 'replay'), 2 now (ms), 3 retention (ms), 4 dead-letter entry
+--       id to remove or '' (replay), 5 generation of that dead letter or '' (replay), 6 ledger key
+--       prefix, 7 stage key prefix, 8 the changes: a JSON array of [job id, change (canonical JSON),
+--       operation, stage id or '', changed fields (csv), account, idempotency key, source, lock subject]
+-- One JSON argument instead of nine per change keeps the client's work per change small; the
+-- ledger and stage keys are built from the prefixes (worker.keys builds the same names).
+-- Returns per change {'queued', generation} | {'duplicate', state} | {'conflict'} |
+--   {'not_failed', state} (replay) | {'new'} (check)
+local mode, now, retention = ARGV[1], ARGV[2], ARGV[3]
+local changes = cjson.decode(ARGV[8])
+local function ledger_key(c) return ARGV[6] .. c[1] end
+local function stage_key(c)
+  if c[3] == 'update' then return ARGV[7] .. c[6] .. ':' .. c[4] end
+  return ledger_key(c)
 end
-local seq = ''
-if ARGV[3] == 'update' then
-  -- Every field this change sets now belongs to it: an older change must not send it any more.
-  seq = redis.call('HINCRBY', KEYS[3], 'seq', 1)
-  local pairs_ = {}
-  for field in string.gmatch(ARGV[5], '[^,]+') do
-    pairs_[#pairs_ + 1] = field
-    pairs_[#pairs_ + 1] = seq
+
+local answers, seen, conflict = {}, {}, false
+for i, c in ipairs(changes) do
+  local job, change = c[1], c[2]
+  local existing = redis.call('HMGET', ledger_key(c), 'change', 'state', 'gen')
+  if seen[job] then existing = {seen[job], 'queued', '0'} end
+  if mode == 'replay' then
+    if existing[2] and existing[2] ~= 'failed' then
+      answers[i] = {'not_failed', existing[2]}
+    else
+      answers[i] = {'queued', (tonumber(existing[3]) or tonumber(ARGV[5]) or 0) + 1}
+    end
+  elseif existing[1] then
+    if existing[1] == change then answers[i] = {'duplicate', existing[2]} else
+      answers[i] = {'conflict'}
+      conflict = true
+    end
+  else
+    answers[i] = {'new'}
+    seen[job] = change
   end
-  redis.call('HSET', KEYS[3], unpack(pairs_))
-  redis.call('PEXPIRE', KEYS[3], ARGV[10])
 end
-redis.call('HSET', KEYS[1], 'change', ARGV[2], 'op', ARGV[3], 'stage_id', ARGV[4], 'fields', ARGV[5],
-  'account', ARGV[6], 'key', ARGV[7], 'source', ARGV[8], 'enqueued_at', ARGV[9], 'seq', seq,
-  'lock', ARGV[11], 'state', 'queued', 'phase', '', 'attempts', 0, 'next_at', 0, 'slot', 0, 'gen', gen)
-redis.call('PEXPIRE', KEYS[1], ARGV[10])
-redis.call('ZADD', KEYS[2], ARGV[9], ARGV[1])
-if ARGV[13] ~= '' then redis.call('XDEL', KEYS[4], ARGV[13]) end
-return {'queued', gen}
+if mode == 'check' or conflict then return answers end
+
+for i, c in ipairs(changes) do
+  if answers[i][1] == 'new' or (mode == 'replay' and answers[i][1] == 'queued') then
+    local ledger, stage = ledger_key(c), stage_key(c)
+    local gen = answers[i][2] or 0
+    local seq = ''
+    if c[3] == 'update' then
+      -- Every field this change sets now belongs to it: an older change must not send it any more.
+      seq = redis.call('HINCRBY', stage, 'seq', 1)
+      local pairs_ = {}
+      for field in string.gmatch(c[5], '[^,]+') do
+        pairs_[#pairs_ + 1] = field
+        pairs_[#pairs_ + 1] = seq
+      end
+      redis.call('HSET', stage, unpack(pairs_))
+      redis.call('PEXPIRE', stage, retention)
+    end
+    redis.call('HSET', ledger, 'change', c[2], 'op', c[3], 'stage_id', c[4], 'fields', c[5], 'account', c[6],
+      'key', c[7], 'source', c[8], 'enqueued_at', now, 'seq', seq, 'lock', c[9], 'state', 'queued', 'phase', '',
+      'attempts', 0, 'next_at', 0, 'slot', 0, 'gen', gen)
+    redis.call('PEXPIRE', ledger, retention)
+    redis.call('ZADD', KEYS[1], now, c[1])
+    answers[i] = {'queued', gen}
+  end
+end
+if mode == 'replay' and ARGV[4] ~= '' and answers[1][1] == 'queued' then redis.call('XDEL', KEYS[2], ARGV[4]) end
+return answers
