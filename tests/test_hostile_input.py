@@ -1,0 +1,514 @@
+"""Hostile input against the real HTTP producer: ``leadstage webhook`` as its own process on a
+loopback port, over real Redis, attacked with raw sockets where a well-behaved client would not do it.
+
+Replays, stale and future timestamps, wrong secrets and garbled signatures, oversized bodies (also
+behind a lying Content-Length and chunked without one), deeply nested JSON, wrong content types,
+slow and stalled clients, and thousands of concurrent requests. After each: no 5xx, the server
+still answers, and nothing invalid reached the queue or the ledger.
+
+``tests/test_webhook.py`` checks the endpoint's contract in-process; this file checks that the
+served process holds up, so it goes through ``python -m worker.cli webhook`` as deployed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import uuid4
+
+import aiohttp
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from standardwebhooks.webhooks import Webhook
+
+from producers.openapi import CHANGES_PATH, MAX_BATCH
+from producers.webhook import BODY_TIMEOUT_S
+from worker import keys
+
+SECRET = "whsec_" + base64.b64encode(b"hostile input: a 32-byte secret!").decode()
+#: LEADSTAGE_WEBHOOK_MAX_BODY of the served process.
+MAX_BODY = 64 * 1024
+HOT = {"name": "Hot", "applyTo": "lead"}
+LOOPBACK = "127.0.0.1"
+
+
+def signed(
+    body: bytes, *, secret: str | bytes = SECRET, msg_id: str | None = None, at: datetime | None = None
+) -> dict[str, str]:
+    """Standard Webhooks headers for ``body``, signed by the reference library (JSON content type).
+
+    ``secret`` is a ``whsec_`` secret, or raw key bytes.
+    """
+    msg_id = msg_id or f"msg_{uuid4().hex}"
+    at = at or datetime.now(UTC)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id, at, body.decode()),
+        "Content-Type": "application/json",
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], log_path: Path, within_s: float = 30) -> None:
+    """Until a child process listens on ``port``; fails with its log if it exits first."""
+    deadline = time.monotonic() + within_s
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=0.2):
+            return
+        assert process.poll() is None, log_path.read_text(errors="replace")
+        assert time.monotonic() < deadline, f"nothing listens on port {port} after {within_s} s"
+        time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class WebhookProcess:
+    """``leadstage webhook`` running as a child process."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process now (Linux /proc)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS in /proc/PID/status")
+
+
+@pytest.fixture(scope="module")
+def webhook(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebhookProcess]:
+    """One served webhook for the module (it keeps no state of its own: Redis is flushed per test)."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("webhook") / "webhook.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IVVY_", "LEADSTAGE_", "WEBHOOK_", "REDIS_"))}
+    env |= {
+        "REDIS_URL": redis_url,
+        "WEBHOOK_SECRET": SECRET,
+        "LEADSTAGE_WEBHOOK_MAX_BODY": str(MAX_BODY),
+        "LEADSTAGE_LOG_FORMAT": "json",
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
+            [sys.executable, "-m", "worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    served = WebhookProcess(port, process, log_path)
+    try:
+        wait_listening(port, process, log_path)
+        yield served
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert "Traceback" not in log_path.read_text(), "the webhook logged a traceback"
+
+
+@pytest.fixture
+async def http(webhook: WebhookProcess) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(
+        base_url=webhook.url, timeout=aiohttp.ClientTimeout(total=30), skip_auto_headers=["Content-Type"]
+    ) as session:
+        yield session
+
+
+async def post(http: aiohttp.ClientSession, body: bytes, headers: dict[str, str]) -> int:
+    async with http.post(CHANGES_PATH, data=body, headers=headers) as response:
+        await response.read()
+        return response.status
+
+
+async def enqueued(redis_client: aioredis.Redis) -> tuple[set[str], set[str]]:
+    """(job ids on the queue, job ids with a ledger entry): what producers put in Redis."""
+    queue = {m.decode() for m in await redis_client.zrange("leadstage:queue", 0, -1)}
+    ledger = {
+        k.decode().removeprefix(keys.LEDGER_PREFIX) async for k in redis_client.scan_iter(keys.LEDGER_PREFIX + "*")
+    }
+    return queue, ledger
+
+
+async def assert_enqueued(redis_client: aioredis.Redis, jobs: set[str] | None = None) -> None:
+    """Exactly ``jobs`` (none by default) on the queue and in the ledger, nothing else."""
+    assert await enqueued(redis_client) == (jobs or set(), jobs or set())
+
+
+async def assert_still_serving(http: aiohttp.ClientSession) -> None:
+    async with http.get("/healthz") as response:
+        assert response.status == 200
+
+
+async def raw(port: int, request: bytes, *, read_s: float = 10.0, first: bool = False) -> bytes:
+    """Send bytes as they are on a fresh connection; what the server answers until it closes the
+    connection, or only its first chunk with ``first``, or whatever came within ``read_s``."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    answer = b""
+    try:
+        with contextlib.suppress(ConnectionError):
+            writer.write(request)
+            await writer.drain()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(read_s):
+                while chunk := await reader.read(65536):
+                    answer += chunk
+                    if first:
+                        break
+    finally:
+        writer.close()
+    return answer
+
+
+def head(body_headers: dict[str, str], extra: Sequence[str]) -> bytes:
+    lines = [f"POST {CHANGES_PATH} HTTP/1.1", f"Host: {LOOPBACK}"]
+    lines += [f"{name}: {value}" for name, value in body_headers.items()]
+    return ("\r\n".join([*lines, *extra]) + "\r\n\r\n").encode()
+
+
+def status_of(answer: bytes) -> int:
+    """The status code of the first response in ``answer`` (0 when there is none)."""
+    line = answer.split(b"\r\n", 1)[0].split()
+    return int(line[1]) if len(line) > 1 and line[0].startswith(b"HTTP/") else 0
+
+
+# -- replays -------------------------------------------------------------------------------------
+
+
+async def test_a_replayed_delivery_is_a_duplicate_and_enqueues_nothing_new(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    body = orjson.dumps(HOT)
+    headers = signed(body, msg_id="msg_replayed")
+
+    async def deliver() -> str:
+        async with http.post(CHANGES_PATH, data=body, headers=headers) as response:
+            assert response.status == 202
+            status: str = (await response.json())["receipts"][0]["status"]
+            return status
+
+    # The same delivery ten times at once, then again later: one change, however it races.
+    statuses = await asyncio.gather(*(deliver() for _ in range(10)))
+    statuses.append(await deliver())
+    assert sorted(statuses) == ["duplicate"] * 10 + ["queued"]
+    await assert_enqueued(redis_client, {"default:msg_replayed"})
+
+    # The captured headers on another body: the signature no longer matches.
+    assert await post(http, orjson.dumps({"name": "Evil", "applyTo": 1}), headers) == 401
+    # A properly signed delivery reusing the id with another change: a conflict, not a new change.
+    other = orjson.dumps({"name": "Evil", "applyTo": 1})
+    assert await post(http, other, signed(other, msg_id="msg_replayed")) == 422
+    await assert_enqueued(redis_client, {"default:msg_replayed"})
+    change = await redis_client.hget(keys.ledger_key("default:msg_replayed"), "change")  # type: ignore[misc]  # redis-py's async stubs
+    assert orjson.loads(change) == {"name": "Hot", "applyTo": 2}
+
+
+# -- timestamps and signatures -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [timedelta(minutes=-6), timedelta(minutes=6), timedelta(days=-3650), timedelta(days=3650)],
+    ids=["6-min-old", "6-min-ahead", "10-years-old", "10-years-ahead"],
+)
+async def test_expired_and_future_timestamps_are_401_even_when_correctly_signed(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis, offset: timedelta
+) -> None:
+    body = orjson.dumps(HOT)
+    assert await post(http, body, signed(body, at=datetime.now(UTC) + offset)) == 401
+    await assert_enqueued(redis_client)
+
+
+@pytest.mark.parametrize(
+    "timestamp", ["", "abc", "nan", "inf", "-inf", "1e400", "-1", "0x10", "\u0661\u0667" + "\u0660" * 8]
+)
+async def test_unreadable_timestamps_are_401(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis, timestamp: str
+) -> None:
+    body = orjson.dumps(HOT)
+    headers = signed(body) | {"webhook-timestamp": timestamp}
+    assert await post(http, body, headers) == 401
+    await assert_enqueued(redis_client)
+
+
+def _garbled_signatures(valid: str) -> list[str]:
+    _, signature = valid.split(",", 1)
+    return [
+        "",
+        "v1",
+        "v1,",
+        "v1,!!!not base64!!!",
+        "v1," + signature[:-4],
+        "v2," + signature,  # a version nobody signs with
+        "v1a," + signature,
+        signature,
+        "v1," + signature + ",extra",
+        " ".join(["v1,AAAA"] * 1000),  # many signatures, none valid: every one is tried, none matches
+        "v1," + "A" * 8000,
+        "\u2603," + signature,
+    ]
+
+
+async def test_wrong_secrets_and_garbled_signatures_are_401(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    body = orjson.dumps(HOT)
+    wrong_secrets: list[str | bytes] = [
+        "whsec_" + base64.b64encode(b"another secret entirely").decode(),
+        SECRET.encode(),  # the secret's text used as the key, not its base64-decoded bytes
+        "whsec_" + base64.b64encode(base64.b64decode(SECRET.removeprefix("whsec_"))[:-1]).decode(),  # one byte short
+    ]
+    for secret in wrong_secrets:
+        assert await post(http, body, signed(body, secret=secret)) == 401, secret
+    valid = signed(body)
+    for signature in _garbled_signatures(valid["webhook-signature"]):
+        assert await post(http, body, valid | {"webhook-signature": signature}) == 401, signature[:40]
+    # A header over aiohttp's 8 KiB field limit is refused by the HTTP parser itself.
+    assert await post(http, body, valid | {"webhook-signature": " ".join(["v1,AAAA"] * 2000)}) == 400
+    for missing in ("webhook-id", "webhook-timestamp", "webhook-signature"):
+        headers = {k: v for k, v in valid.items() if k != missing}
+        assert await post(http, body, headers) == 401, missing
+    await assert_enqueued(redis_client)
+    # Positive control: the valid signature among bogus ones is found (Standard Webhooks allows several).
+    several = valid | {"webhook-signature": "v1,AAAA v2,BBBB " + valid["webhook-signature"]}
+    assert await post(http, body, several) == 202
+    await assert_enqueued(redis_client, {f"default:{valid['webhook-id']}"})
+
+
+# -- sizes ---------------------------------------------------------------------------------------
+
+
+async def test_an_oversized_body_is_413_however_its_size_is_declared(
+    webhook: WebhookProcess, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    body = orjson.dumps({"changes": [{"name": "x" * 250, "applyTo": 1}] * MAX_BATCH})
+    assert len(body) > MAX_BODY
+    # An honest Content-Length over the limit.
+    assert await post(http, body, signed(body)) == 413
+
+    # Chunked, without Content-Length: cut off at the limit while reading.
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 4096):
+            yield body[start : start + 4096]
+
+    async with http.post(CHANGES_PATH, data=chunks(), headers=signed(body)) as response:
+        assert response.status == 413
+        assert "Content-Length" not in response.request_info.headers
+
+    # A Content-Length of 10 GB, and nothing sent: refused at once, before any body is awaited.
+    started = time.monotonic()
+    answer = await raw(webhook.port, head(signed(b"{}"), ["Content-Length: 10000000000"]), first=True)
+    assert status_of(answer) == 413
+    assert time.monotonic() - started < BODY_TIMEOUT_S
+    # Content-Length values the HTTP parser must refuse outright.
+    for length in ("-1", "1e3", "99999999999999999999999999", "12, 12"):
+        assert status_of(await raw(webhook.port, head(signed(b"{}"), [f"Content-Length: {length}"]))) == 400, length
+
+    # A lying Content-Length (small) followed by a large body: only the declared bytes are the
+    # body, the rest is garbage the parser refuses (400) — or, if the declared bytes are handled
+    # first, their signature does not match (401). Never a 5xx, never enqueued.
+    small = orjson.dumps(HOT)
+    answer = await raw(webhook.port, head(signed(small), [f"Content-Length: {len(small) // 2}"]) + body)
+    assert status_of(answer) in (400, 401)
+    assert b"HTTP/1.1 5" not in answer
+    await assert_enqueued(redis_client)
+
+    # Positive control: a chunked body under the limit, correctly signed, is accepted.
+    async def one_chunk() -> AsyncIterator[bytes]:
+        yield small
+
+    async with http.post(CHANGES_PATH, data=one_chunk(), headers=signed(small, msg_id="msg_chunked")) as response:
+        assert response.status == 202
+    await assert_enqueued(redis_client, {"default:msg_chunked"})
+    await assert_still_serving(http)
+
+
+def _nested(depth: int, inner: str = "1") -> str:
+    return "[" * depth + inner + "]" * depth
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _nested(30_000),
+        '{"a":' * 10_000 + "1" + "}" * 10_000,
+        '{"name": ' + _nested(600) + ', "applyTo": 1}',
+        '{"name": "Hot", "applyTo": 1, "colour": ' + '{"x":' * 300 + '"#ffffff"' + "}" * 300 + "}",
+        '{"changes": [' + ",".join([_nested(200)] * 100) + "]}",
+        '{"changes": ' + _nested(5_000, '{"name": "Hot", "applyTo": 1}') + "}",
+        '{"id": ' + "9" * 5_000 + ', "name": "Hot"}',
+    ],
+    ids=["arrays-30k", "objects-10k", "nested-name", "nested-colour", "100-nested-changes", "nested-list", "huge-int"],
+)
+async def test_deeply_nested_or_absurd_json_is_400(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis, text: str
+) -> None:
+    body = text.encode()
+    assert len(body) <= MAX_BODY
+    async with http.post(CHANGES_PATH, data=body, headers=signed(body)) as response:
+        assert response.status == 400
+        assert response.content_type == "application/problem+json"
+        problem = await response.json(content_type=None)
+    assert problem["status"] == 400
+    await assert_enqueued(redis_client)
+    await assert_still_serving(http)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=xyz",
+        "application/xml",
+        "application/json-patch+json",
+        "application/jsonx",
+        "json",
+        "application/octet-stream",
+    ],
+)
+async def test_wrong_content_types_are_415(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis, content_type: str | None
+) -> None:
+    body = orjson.dumps(HOT)
+    headers = {k: v for k, v in signed(body).items() if k != "Content-Type"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    assert await post(http, body, headers) == 415
+    await assert_enqueued(redis_client)
+
+
+# -- slow clients --------------------------------------------------------------------------------
+
+
+async def test_slow_and_stalled_clients_are_cut_off_and_do_not_block_others(
+    webhook: WebhookProcess, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    """Slowloris: bodies that stall or trickle end with 408 after the body timeout, and everybody
+    else is served promptly meanwhile, also while connections sit on half-sent headers."""
+    body = orjson.dumps(HOT)
+
+    async def stalled_body() -> tuple[bytes, float]:
+        """Headers and five bytes of the body, then nothing: the answer, and when it came."""
+        started = time.monotonic()
+        request = head(signed(body, msg_id="msg_stalled"), [f"Content-Length: {len(body)}"]) + body[:5]
+        answer = await raw(webhook.port, request, read_s=BODY_TIMEOUT_S + 15, first=True)
+        return answer, time.monotonic() - started
+
+    async def trickled_body() -> tuple[bytes, float]:
+        """Headers, then one byte every half second, never reaching Content-Length."""
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection(LOOPBACK, webhook.port)
+        answer = b""
+        try:
+            writer.write(head(signed(body, msg_id="msg_trickle"), [f"Content-Length: {len(body)}"]))
+            for byte in body[:-1] * 10:
+                with contextlib.suppress(ConnectionError):
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    answer = await asyncio.wait_for(reader.read(4096), 0.5)
+                if answer or reader.at_eof():
+                    break
+        finally:
+            writer.close()
+        return answer, time.monotonic() - started
+
+    # Connections that never finish their headers: they must not hold up anybody else.
+    half_headers = f"POST {CHANGES_PATH} HTTP/1.1\r\nHost: {LOOPBACK}\r\nwebhook-id: msg_".encode()
+    idle = [await asyncio.open_connection(LOOPBACK, webhook.port) for _ in range(50)]
+    for _, writer in idle:
+        writer.write(half_headers)
+    slow = [asyncio.create_task(trickled_body()), *(asyncio.create_task(stalled_body()) for _ in range(50))]
+
+    await asyncio.sleep(1)
+    for index in range(5):
+        served = time.monotonic()
+        assert await post(http, body, signed(body, msg_id=f"msg_ok_{index}")) == 202
+        await assert_still_serving(http)
+        assert time.monotonic() - served < 5, "a slow client held up another request"
+
+    (trickle_answer, trickle_s), *stalled = await asyncio.gather(*slow)
+    for _, writer in idle:
+        writer.close()
+    assert status_of(trickle_answer) == 408, trickle_answer[:100]
+    assert BODY_TIMEOUT_S - 1 < trickle_s < BODY_TIMEOUT_S + 5, trickle_s
+    for answer, seconds in stalled:
+        assert status_of(answer) == 408, answer[:100]
+        assert seconds < BODY_TIMEOUT_S + 5, seconds
+    await assert_enqueued(redis_client, {f"default:msg_ok_{i}" for i in range(5)})
+
+
+# -- volume --------------------------------------------------------------------------------------
+
+
+async def test_thousands_of_concurrent_requests_are_all_answered_in_bounded_memory(
+    webhook: WebhookProcess, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    """2,000 requests per round, 100 at a time, a quarter each valid, replayed, badly signed and
+    invalid. All are answered, none with a 5xx, only the valid ones are enqueued, and the server's
+    resident memory does not keep growing from round to round (a leak of 1 KiB per request would
+    add 2 MiB per round). Memory, not time, is measured: nothing here depends on the machine's speed."""
+    limit = asyncio.Semaphore(100)
+    valid: set[str] = set()
+
+    async def one(index: int, round_: int) -> int:
+        kind = index % 4
+        msg_id = f"msg_{round_}_{index}"
+        change = {"name": f"Load {round_} {index}", "applyTo": 1 + index % 2}
+        if kind == 3:
+            change = {"id": -index, "colour": "red"}
+        body = orjson.dumps(change)
+        headers = signed(body, msg_id=msg_id)
+        if kind == 1:  # a replay of this round's previous valid delivery
+            body = orjson.dumps({"name": f"Load {round_} {index - 1}", "applyTo": 1 + (index - 1) % 2})
+            headers = signed(body, msg_id=f"msg_{round_}_{index - 1}")
+        elif kind == 2:
+            headers["webhook-signature"] = signed(body, secret="whsec_" + base64.b64encode(b"x" * 24).decode())[
+                "webhook-signature"
+            ]
+        async with limit:
+            status = await post(http, body, headers)
+        if kind == 0:
+            valid.add(f"default:{msg_id}")
+        return status
+
+    async def round_(number: int, size: int) -> None:
+        statuses = await asyncio.gather(*(one(index, number) for index in range(size)))
+        assert len(statuses) == size
+        counts = {status: statuses.count(status) for status in set(statuses)}
+        assert counts == {202: size // 2, 401: size // 4, 400: size // 4}, counts
+
+    await round_(0, 1000)  # warm-up: caches, connection pools, the allocator's arenas
+    rss = [webhook.rss_bytes()]
+    for number in (1, 2, 3):
+        await round_(number, 2000)
+        rss.append(webhook.rss_bytes())
+    growth = [after - before for before, after in itertools.pairwise(rss)]
+    # Bounded: the last round adds almost nothing (measured: tens of KiB), all three stay small.
+    assert growth[-1] < 2 * 2**20, [g // 1024 for g in growth]
+    assert rss[-1] - rss[0] < 8 * 2**20, [g // 1024 for g in growth]
+    await assert_enqueued(redis_client, valid)
+    await assert_still_serving(http)
