@@ -8,7 +8,8 @@ client's signatures with the independent implementation (not with ``worker.signi
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,7 +29,7 @@ from worker.errors import (
     IvvyUnavailable,
 )
 from worker.fake_ivvy import FIRST_STAGE_ID, RunningFakeIvvy
-from worker.ivvy import AiohttpTransport, IvvyClient
+from worker.ivvy import LIST_PAGE_TRIES, AiohttpTransport, IvvyClient, RawResponse
 from worker.settings import Account, Secret
 
 BUILT_IN_STAGES = 3
@@ -79,6 +80,41 @@ async def test_get_lead_stage_list_follows_every_page(client: IvvyClient, fake_i
     assert len(stages) == BUILT_IN_STAGES + 250
     pages = [r.body for r in fake_ivvy.fake.requests if r.action == "getLeadStageList"]
     assert pages == [{"start": start, "perPage": 7} for start in range(0, 253, 7)]
+
+
+@dataclass
+class FlakyTransport:
+    """The real transport, but each distinct request is answered 503 its first ``failures`` times."""
+
+    inner: AiohttpTransport
+    failures: int
+    seen: Counter[bytes]
+
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> RawResponse:
+        self.seen[body] += 1
+        if self.seen[body] <= self.failures:
+            return RawResponse(503, {}, b'{"errorCode": 503, "message": "Service Unavailable", "specificCode": null}')
+        return await self.inner.post(url, headers, body, timeout_s)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_get_lead_stage_list_tries_each_page_again_before_giving_up(
+    ivvy_account: Account, transport: AiohttpTransport, fake_ivvy: RunningFakeIvvy
+) -> None:
+    """A reconcile needs every page: one flaky page must not fail the whole listing (found by the soak)."""
+    for n in range(25):
+        fake_ivvy.fake.add_stage(f"Stage {n}", apply_to=1)
+    flaky = FlakyTransport(transport, failures=LIST_PAGE_TRIES - 1, seen=Counter())
+    stages = await IvvyClient(ivvy_account, flaky, timeout=2.0).get_lead_stage_list(per_page=10)
+    assert len(stages) == BUILT_IN_STAGES + 25
+    assert sorted(flaky.seen.values()) == [LIST_PAGE_TRIES] * 3
+
+    hopeless = FlakyTransport(transport, failures=LIST_PAGE_TRIES, seen=Counter())
+    with pytest.raises(IvvyUnavailable):
+        await IvvyClient(ivvy_account, hopeless, timeout=2.0).get_lead_stage_list(per_page=10)
+    assert list(hopeless.seen.values()) == [LIST_PAGE_TRIES]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ results or into the exceptions of ``worker.errors`` (classified there, once).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,8 +18,16 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from worker.backoff import backoff_seconds
 from worker.change import LeadStageChange
-from worker.errors import IvvyNoAnswer, IvvyRejected, IvvyTimeout, IvvyUnavailable, error_for_response
+from worker.errors import (
+    IvvyNoAnswer,
+    IvvyRejected,
+    IvvyTimeout,
+    IvvyUnavailable,
+    RetryableError,
+    error_for_response,
+)
 from worker.settings import Account
 from worker.signing import API_VERSION, signed_headers
 
@@ -26,6 +35,15 @@ from worker.signing import API_VERSION, signed_headers
 LIST_PAGE_SIZE = 100
 #: Never follow more pages than this (a server that keeps saying "more" is broken).
 LIST_MAX_PAGES = 1000
+#: Tries per page of getLeadStageList. Reconciling an add needs every page: if a share p of
+#: requests fail, all N pages of one listing succeed only with (1-p)^N (3% for 45 pages at 7%,
+#: as the soak found), and each failed listing cost the add an attempt. A page is a read, safe to
+#: ask again at once; a listing now fails only if one page fails this many times in a row.
+LIST_PAGE_TRIES = 4
+#: Backoff between two tries of a page (full jitter); a Retry-After longer than the cap is not
+#: waited out here but left to the job's own backoff, which pauses the account.
+LIST_RETRY_BASE_S = 0.1
+LIST_RETRY_CAP_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +145,12 @@ class IvvyClient:
             raise IvvyUnavailable(f"iVvy reported success without a stage id: {_excerpt(answer)}") from None
 
     async def get_lead_stage_list(self, *, per_page: int = LIST_PAGE_SIZE) -> list[StageSummary]:
-        """Every lead stage, following the pagination of the docs (``start``/``perPage``)."""
+        """Every lead stage, following the pagination of the docs (``start``/``perPage``); each page is
+        tried up to ``LIST_PAGE_TRIES`` times (see there)."""
         stages: list[StageSummary] = []
         start = 0
         for _ in range(LIST_MAX_PAGES):
-            answer = await self.call("crm", "getLeadStageList", {"start": start, "perPage": per_page})
+            answer = await self._list_page(start, per_page)
             results = answer.get("results") if isinstance(answer, dict) else None
             if not isinstance(results, list):
                 raise IvvyUnavailable(f"getLeadStageList answered without results: {_excerpt(answer)}")
@@ -148,6 +167,21 @@ class IvvyClient:
             if not results or (isinstance(total, int) and start >= total):
                 return stages
         raise IvvyUnavailable(f"getLeadStageList did not end after {LIST_MAX_PAGES} pages")
+
+    async def _list_page(self, start: int, per_page: int) -> Any:
+        """One page of getLeadStageList, tried up to ``LIST_PAGE_TRIES`` times on a retryable error."""
+        for attempt in range(1, LIST_PAGE_TRIES + 1):
+            try:
+                return await self.call("crm", "getLeadStageList", {"start": start, "perPage": per_page})
+            except RetryableError as error:
+                if attempt == LIST_PAGE_TRIES or (error.retry_after or 0.0) > LIST_RETRY_CAP_S:
+                    raise
+                await asyncio.sleep(
+                    backoff_seconds(
+                        attempt, base=LIST_RETRY_BASE_S, cap=LIST_RETRY_CAP_S, retry_after=error.retry_after
+                    )
+                )
+        raise AssertionError("unreachable: the last try returns or raises")
 
     async def ping(self) -> Any:
         return await self.call("test", "ping", {})
