@@ -7,7 +7,8 @@ order, answering the first failure as RFC 9457 problem+json:
 
 1. 413 when Content-Length is over ``LEADSTAGE_WEBHOOK_MAX_BODY`` (before reading anything; a body
    without Content-Length is cut off at the same size by ``client_max_size``);
-2. 415 unless the content type is application/json;
+2. 415 unless the content type is application/json; 408 when the body does not arrive within
+   ``BODY_TIMEOUT_S`` (slow or stalled clients);
 3. 401 unless the Standard Webhooks signature verifies with WEBHOOK_SECRET (``standardwebhooks``,
    the reference library, with its 5-minute tolerance);
 4. 400 for a body that is not JSON (orjson's nesting limit included), a bad account or key, or any
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import logging
 import re
 import signal
 import time
@@ -39,6 +41,7 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from producers.library import ChangeItem, ItemError, LeadStageProducer, Receipt, connect_redis, field_errors
@@ -57,6 +60,13 @@ ACCOUNT_HEADER: Final = "X-Leadstage-Account"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 #: How long /readyz waits for Redis's PONG.
 READY_TIMEOUT_S: Final = 2.0
+#: The whole body must arrive within this once the headers have: a client that stalls or trickles
+#: it (slowloris) gets 408 instead of holding a connection and a handler forever.
+BODY_TIMEOUT_S: Final = 10.0
+#: An idle connection, or one still sending its request line and headers, is closed after this
+#: (aiohttp's default is an hour). 75 s, nginx's default, stays above the 60 s idle timeout usual
+#: in load balancers, which reuse connections and must not find them closed under them.
+KEEPALIVE_TIMEOUT_S: Final = 75.0
 #: An IETF structured-field string ("..." with \\ and \" escapes), as the Idempotency-Key draft sends it.
 _SF_STRING = re.compile(r'"((?:[^"\\]|\\["\\])*)"')
 _PROBLEM_TYPE = "urn:leadstage:problem:"
@@ -184,9 +194,20 @@ async def _post_changes(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise Problem(415, "Unsupported Media Type", f"the body must be application/json, not {request.content_type}")
     try:
-        body = await request.read()
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise Problem(413, "Content Too Large", f"the body is over {limit} bytes") from None
+    except TimeoutError:
+        raise Problem(
+            408,
+            "Request Timeout",
+            f"the body did not arrive within {BODY_TIMEOUT_S:g} s",
+            headers={"Connection": "close"},
+        ) from None
+    except ConnectionError:
+        # The client went away mid-body: its fault, not a server error (no traceback, no 500 counted).
+        raise Problem(400, "Bad Request", "the connection closed before the whole body arrived") from None
     webhook_id = _verify(state.webhook, body, request)
     try:
         payload = orjson.loads(body)
@@ -320,6 +341,19 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[_STATE].openapi, content_type="application/json")
 
 
+def _malformed_requests_as_warnings(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request its parser refuses (a client's fault: a bad Content-Length, a header
+    over 8 KiB) at error level with a traceback; any client could fill the log with them. One
+    warning line instead, the parser's message without the traceback."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "malformed request from %s: %s", (remote, error.message)
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def run_webhook(settings: Settings, host: str, port: int) -> int:
     """Serve the HTTP producer on host:port until SIGINT/SIGTERM; returns the exit status.
 
@@ -333,9 +367,15 @@ def run_webhook(settings: Settings, host: str, port: int) -> int:
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
+    logging.getLogger("aiohttp.server").addFilter(_malformed_requests_as_warnings)
     redis_client = connect_redis(settings.redis_url)
     try:
-        runner = web.AppRunner(create_app(settings, redis_client), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            create_app(settings, redis_client),
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port, shutdown_timeout=10.0)
