@@ -29,6 +29,7 @@ from tests import independent_ivvy_signing as independent
 from worker.fake_ivvy import (
     FIRST_STAGE_ID,
     MAX_PER_PAGE,
+    ApiError,
     FakeIvvy,
     Faults,
     RunningFakeIvvy,
@@ -742,3 +743,32 @@ async def test_run_from_args_serves_until_sigterm() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize(
+    ("lead_filter", "names"),
+    [
+        ({"name": "Hot lead"}, ["Hot lead"]),
+        ({"name__BEGINS": "Hot"}, ["Hot lead", "Hot opportunity"]),
+        ({"name__CONTAINS": "opp", "applyTo": 1}, ["Hot opportunity"]),
+        ({"name__NOT": "Hot lead", "name__ENDS": "lead"}, ["Cold lead"]),
+    ],
+)
+async def test_get_lead_stage_list_filters_as_the_docs_describe(
+    lead_filter: dict[str, object], names: list[str]
+) -> None:
+    fake = FakeIvvy(credentials={DEMO_API_KEY: DEMO_API_SECRET})
+    fake.add_stage("Hot lead", apply_to=2)
+    fake.add_stage("Hot opportunity", apply_to=1)
+    fake.add_stage("Cold lead", apply_to=2)
+    answer = fake.get_lead_stage_list({"filter": lead_filter, "perPage": 100})
+    assert [stage["name"] for stage in answer["results"]] == names
+    assert answer["meta"]["totalResults"] == len(names)
+
+
+@pytest.mark.parametrize("lead_filter", [["name"], {"reasons": "x"}, {"name__LIKE": "x"}])
+async def test_a_filter_the_fake_does_not_know_is_23016(lead_filter: object) -> None:
+    fake = FakeIvvy(credentials={DEMO_API_KEY: DEMO_API_SECRET})
+    with pytest.raises(ApiError) as raised:
+        fake.get_lead_stage_list({"filter": lead_filter})
+    assert raised.value.specific_code == 23016

@@ -82,6 +82,15 @@ async def test_get_lead_stage_list_follows_every_page(client: IvvyClient, fake_i
     assert pages == [{"start": start, "perPage": 7} for start in range(0, 253, 7)]
 
 
+async def test_get_lead_stage_list_by_name_asks_for_one_name(client: IvvyClient, fake_ivvy: RunningFakeIvvy) -> None:
+    for n in range(250):
+        fake_ivvy.fake.add_stage(f"Stage {n % 125}", apply_to=1)
+    stages = await client.get_lead_stage_list(name="Stage 7", per_page=100)
+    assert [s.name for s in stages] == ["Stage 7", "Stage 7"]
+    [page] = [r.body for r in fake_ivvy.fake.requests if r.action == "getLeadStageList"]
+    assert page == {"filter": {"name": "Stage 7"}, "start": 0, "perPage": 100}
+
+
 @dataclass
 class FlakyTransport:
     """The real transport, but each distinct request is answered 503 its first ``failures`` times."""

@@ -59,8 +59,11 @@ credentials problem).
 
 getLeadStageList: ``start`` (zero-based, default 0) and ``perPage`` (default 10, capped at 100:
 a bigger perPage has no effect beyond the cap, as the docs say); a non-whole-number, a negative
-start or a perPage below 1 is 23016. ``filter`` is not implemented (ignored). Answers the
-collection, ordered by id::
+start or a perPage below 1 is 23016. ``filter`` (getting-started/interpreting-the-response/
+filtering) keeps the stages whose field equals the value, for the fields id, name, colour and
+applyTo, with the modifiers __CONTAINS, __NOTCONTAINS, __BEGINS, __ENDS and __NOT (case-sensitive);
+a filter that is not an object, or names another field or modifier, is 23016. Answers the
+collection of what the filter keeps, ordered by id::
 
     {"meta": {"totalResults", "start", "perPage", "count"},
      "results": [{"id", "name", "colour", "applyTo", "reasons": [{"id", "reason"}]}]}
@@ -119,6 +122,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import http
 import ipaddress
 import math
@@ -133,7 +137,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import islice
 from typing import Any, Literal, TypedDict, Unpack
 
 import orjson
@@ -433,9 +436,12 @@ class FakeIvvy:
         elif per_page < 1:
             raise _does_not_validate("perPage", "Value must be 1 or more")
         per_page = min(per_page, MAX_PER_PAGE)
-        page = [stage.public() for stage in islice(self.stages.values(), start, start + per_page)]
+        kept = [stage.public() for stage in self.stages.values()]
+        for field, test in _filters(params.get("filter")):
+            kept = [stage for stage in kept if test(stage[field])]
+        page = kept[start : start + per_page]
         return {
-            "meta": {"totalResults": len(self.stages), "start": start, "perPage": per_page, "count": len(page)},
+            "meta": {"totalResults": len(kept), "start": start, "perPage": per_page, "count": len(page)},
             "results": page,
         }
 
@@ -451,6 +457,39 @@ ACTIONS: dict[str, dict[str, Callable[[FakeIvvy, Mapping[str, Any]], dict[str, A
     },
     "test": {"ping": FakeIvvy.ping},
 }
+
+
+_FILTER_FIELDS = ("id", "name", "colour", "applyTo")
+_FILTER_MODIFIERS: dict[str, Callable[[str, str], bool]] = {
+    "": lambda value, wanted: value == wanted,
+    "__NOT": lambda value, wanted: value != wanted,
+    "__CONTAINS": lambda value, wanted: wanted in value,
+    "__NOTCONTAINS": lambda value, wanted: wanted not in value,
+    "__BEGINS": lambda value, wanted: value.startswith(wanted),
+    "__ENDS": lambda value, wanted: value.endswith(wanted),
+}
+
+
+def _filters(raw: object) -> list[tuple[str, Callable[[object], bool]]]:
+    """getLeadStageList's ``filter``: (field, test of a stage's value) pairs, compared as text."""
+    if raw is None:
+        return []
+    if not isinstance(raw, Mapping):
+        raise _does_not_validate("filter", "Value must be an object")
+    tests: list[tuple[str, Callable[[object], bool]]] = []
+    for key, wanted in raw.items():
+        field, modifier = next(
+            ((f, key[len(f) :]) for f in _FILTER_FIELDS if key.startswith(f) and key[len(f) :] in _FILTER_MODIFIERS),
+            (None, ""),
+        )
+        if field is None:
+            raise _does_not_validate("filter", f"Cannot filter by {key}")
+        tests.append((field, functools.partial(_matches, _FILTER_MODIFIERS[modifier], str(wanted))))
+    return tests
+
+
+def _matches(compare: Callable[[str, str], bool], wanted: str, value: object) -> bool:
+    return compare("" if value is None else str(value), wanted)
 
 
 def _whole_number(params: Mapping[str, Any], name: str) -> int | None:

@@ -144,13 +144,19 @@ class IvvyClient:
                 return change.id
             raise IvvyUnavailable(f"iVvy reported success without a stage id: {_excerpt(answer)}") from None
 
-    async def get_lead_stage_list(self, *, per_page: int = LIST_PAGE_SIZE) -> list[StageSummary]:
-        """Every lead stage, following the pagination of the docs (``start``/``perPage``); each page is
-        tried up to ``LIST_PAGE_TRIES`` times (see there)."""
+    async def get_lead_stage_list(
+        self, *, name: str | None = None, per_page: int = LIST_PAGE_SIZE
+    ) -> list[StageSummary]:
+        """Every lead stage (of this ``name``, with the docs' filter), following the pagination of the
+        docs (``start``/``perPage``); each page is tried up to ``LIST_PAGE_TRIES`` times (see there).
+
+        A server that ignores the filter answers with every stage: callers still check the names.
+        """
+        query: dict[str, Any] = {} if name is None else {"filter": {"name": name}}
         stages: list[StageSummary] = []
         start = 0
         for _ in range(LIST_MAX_PAGES):
-            answer = await self._list_page(start, per_page)
+            answer = await self._list_page({**query, "start": start, "perPage": per_page})
             results = answer.get("results") if isinstance(answer, dict) else None
             if not isinstance(results, list):
                 raise IvvyUnavailable(f"getLeadStageList answered without results: {_excerpt(answer)}")
@@ -168,11 +174,11 @@ class IvvyClient:
                 return stages
         raise IvvyUnavailable(f"getLeadStageList did not end after {LIST_MAX_PAGES} pages")
 
-    async def _list_page(self, start: int, per_page: int) -> Any:
+    async def _list_page(self, query: Mapping[str, Any]) -> Any:
         """One page of getLeadStageList, tried up to ``LIST_PAGE_TRIES`` times on a retryable error."""
         for attempt in range(1, LIST_PAGE_TRIES + 1):
             try:
-                return await self.call("crm", "getLeadStageList", {"start": start, "perPage": per_page})
+                return await self.call("crm", "getLeadStageList", query)
             except RetryableError as error:
                 if attempt == LIST_PAGE_TRIES or (error.retry_after or 0.0) > LIST_RETRY_CAP_S:
                     raise

@@ -204,7 +204,7 @@ async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, star
 async def _reconcile(runtime: Runtime, client: IvvyClient, facts: JobFacts) -> int | None:
     """Find the stage an earlier attempt of this add may have created, and claim it."""
     with metrics.IVVY_LATENCY.labels(facts.account, "getLeadStageList").time():
-        stages = await client.get_lead_stage_list()
+        stages = await client.get_lead_stage_list(name=facts.change.name)
     change = facts.change
     wanted = (change.name or "").casefold()
     candidates = sorted(s.id for s in stages if s.name.strip().casefold() == wanted and _compatible(s.raw, change))
