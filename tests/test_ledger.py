@@ -79,7 +79,7 @@ async def test_the_job_record_is_the_ledger_entry_in_json(ledger: Ledger, redis_
     entry = await ledger.entry("default:k1")
     assert entry is not None
     assert entry["change"] == '{"id":7,"colour":"#abcdef"}' == change.canonical_json().decode()
-    assert (entry["state"], entry["op"], entry["account"], entry["key"]) == ("queued", "update", "default", "k1")
+    assert (entry["state"], entry["op"], entry["account"], entry["stage_id"]) == ("queued", "update", "default", "7")
     assert await redis_client.zscore(QUEUE, "default:k1") is not None
 
 

@@ -58,9 +58,22 @@ for i, c in ipairs(changes) do
       redis.call('HSET', stage, unpack(pairs_))
       redis.call('PEXPIRE', stage, retention)
     end
-    redis.call('HSET', ledger, 'change', c[2], 'op', c[3], 'stage_id', c[4], 'fields', c[5], 'account', c[6],
-      'key', c[7], 'source', c[8], 'enqueued_at', now, 'seq', seq, 'lock', c[9], 'state', 'queued', 'phase', '',
-      'attempts', 0, 'next_at', 0, 'slot', 0, 'gen', gen)
+    -- Fields that would be empty or zero are left out (readers default them): less memory per change.
+    local record = {'change', c[2], 'op', c[3], 'account', c[6], 'enqueued_at', now, 'lock', c[9], 'state', 'queued'}
+    if c[3] == 'update' then
+      for _, v in ipairs({'stage_id', c[4], 'fields', c[5], 'seq', seq}) do record[#record + 1] = v end
+    end
+    if c[8] ~= '' then
+      record[#record + 1] = 'source'
+      record[#record + 1] = c[8]
+    end
+    if mode == 'replay' then
+      -- A replay starts the change afresh, as a new generation.
+      for _, v in ipairs({'phase', '', 'attempts', 0, 'next_at', 0, 'slot', 0, 'gen', gen}) do
+        record[#record + 1] = v
+      end
+    end
+    redis.call('HSET', ledger, unpack(record))
     redis.call('PEXPIRE', ledger, retention)
     redis.call('ZADD', KEYS[1], now, c[1])
     answers[i] = {'queued', gen}
