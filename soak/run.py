@@ -277,10 +277,10 @@ class Soak:
             await self._enqueue_all(producer)
             self.figures.enqueue_s = round(time.monotonic() - started, 1)
             await self._settle(results, started)
+            self.figures.duration_s = round(time.monotonic() - started, 1)
             done.set()
             restarts.cancel()
             await asyncio.gather(*chaos, restarts, return_exceptions=True)
-            self.figures.duration_s = round(time.monotonic() - started, 1)
             await self._verify(client, admin, results)
             await self._replay_dead_letters(client, admin, results)
             await self._collect_figures(admin, results)
@@ -553,7 +553,7 @@ class Soak:
         return dict(counts)
 
 
-def _print_figures(figures: Figures, options: Options, log_dir: Path) -> None:
+def _print_figures(figures: Figures, log_dir: Path, *, interrupted: bool) -> None:
     print("\nsoak figures")
     for name, value in asdict(figures).items():
         if name == "violations":
@@ -564,6 +564,8 @@ def _print_figures(figures: Figures, options: Options, log_dir: Path) -> None:
         print(f"\n{len(figures.violations)} VIOLATION(S):")
         for violation in figures.violations:
             print(f"  - {violation}")
+    elif interrupted:
+        print("\ninterrupted: no verdict (the checks did not run)")
     else:
         print("\nno violations")
 
@@ -572,7 +574,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="leadstage-soak-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    soak = Soak(options, log_dir)
+    try:
+        soak = Soak(options, log_dir)
+    except SoakError as exc:
+        print(f"soak: {exc}", file=sys.stderr)
+        return 2
     status = 1
     print(f"soak: {options.changes} changes, {options.workers} workers, seed {options.seed}; logs in {log_dir}")
     try:
@@ -588,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         soak.children.close()
     soak.figures.violations = soak.violations
     (log_dir / "figures.json").write_bytes(orjson.dumps(asdict(soak.figures), option=orjson.OPT_INDENT_2))
-    _print_figures(soak.figures, options, log_dir)
+    _print_figures(soak.figures, log_dir, interrupted=status == 130)
     if status == 0 and not options.keep_logs and options.log_dir is None:
         shutil.rmtree(log_dir, ignore_errors=True)
     return status
