@@ -143,17 +143,22 @@ def _cmd_webhook(args: argparse.Namespace) -> int:
     return run_webhook(settings, args.host, args.port)
 
 
-def _cmd_fake_ivvy(args: argparse.Namespace) -> int:
-    # The fake's own options are parsed here, so that other commands need not import it.
+def _parse_fake_ivvy_options(options: list[str]) -> argparse.Namespace:
+    # The fake's own options are parsed with its own parser, so that other commands need not import it.
     from worker import fake_ivvy
 
     parser = argparse.ArgumentParser(
         prog=f"{PROG} fake-ivvy", description=FAKE_IVVY_DESCRIPTION, formatter_class=_Formatter
     )
     fake_ivvy.add_arguments(parser)
-    options = parser.parse_args(args.options)
+    return parser.parse_args(options)
+
+
+def _cmd_fake_ivvy(args: argparse.Namespace) -> int:
+    from worker import fake_ivvy
+
     configure_logging(_settings())
-    return fake_ivvy.run_from_args(options)
+    return fake_ivvy.run_from_args(args.fake_options)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -530,13 +535,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``leadstage`` with ``argv`` (default: the process's arguments); returns the exit status."""
+def parse_command(argv: list[str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed as ``leadstage`` parses it (exits 2 on bad flags), fake-ivvy's options included."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "passes_options", False):
+    if getattr(args, "passes_options", False):
+        args.fake_options = _parse_fake_ivvy_options(extra)
+    elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.options = extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``leadstage`` with ``argv`` (default: the process's arguments); returns the exit status."""
+    args = parse_command(argv)
     try:
         status: int = args.run(args)
     except PermanentError as exc:
