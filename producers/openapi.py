@@ -195,6 +195,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 validation=True,
             ),
             "401": _problem_response("Missing, invalid or expired Standard Webhooks signature."),
+            "408": _problem_response("The body did not arrive in time (a stalled or very slow client)."),
             "413": _problem_response(f"The body is larger than {max_body_bytes} bytes."),
             "415": _problem_response("The body is not application/json."),
             "422": _problem_response(

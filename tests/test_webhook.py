@@ -311,7 +311,7 @@ async def test_the_openapi_document_describes_the_endpoint(client: TestClient[An
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]) == {CHANGES_PATH, "/healthz", "/readyz", "/metrics", "/openapi.json"}
     post_operation = document["paths"][CHANGES_PATH]["post"]
-    assert set(post_operation["responses"]) == {"202", "400", "401", "413", "415", "422", "503"}
+    assert set(post_operation["responses"]) == {"202", "400", "401", "408", "413", "415", "422", "503"}
     headers = {p["name"] for p in post_operation["parameters"] if p["in"] == "header"}
     assert {"webhook-id", "webhook-timestamp", "webhook-signature", "Idempotency-Key"} <= headers
     change = document["components"]["schemas"]["LeadStageChange"]
