@@ -39,7 +39,6 @@ from worker.errors import IdempotencyConflict, redis_errors
 from worker.settings import Settings
 
 EnqueueStatus = Literal["queued", "duplicate"]
-TERMINAL_STATES = frozenset({"succeeded", "failed", "superseded"})
 #: Changes per enqueue.lua call when enqueuing in bulk (Redis runs each call in one go: ~10 ms).
 ENQUEUE_CHUNK = 1000
 

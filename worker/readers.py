@@ -191,17 +191,6 @@ async def replay(client: aioredis.Redis, settings: Settings, entry: Entry) -> Re
     )  # fmt: skip
 
 
-def running_jobs(workers: Mapping[bytes, bytes], now_ms: int, settings: Settings) -> int:
-    """Jobs running now: the sum of what live workers reported (``keys.WORKERS``: "running|seen ms")."""
-    live_since = now_ms - settings.lease_s * 2000
-    total = 0
-    for report in workers.values():
-        running, _, seen = report.decode().partition("|")
-        if int(seen or 0) >= live_since:
-            total += int(running or 0)
-    return total
-
-
 async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]:
     """Queue depth, in progress, retrying, dead letters and recent rates, in two round trips.
 

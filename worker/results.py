@@ -15,13 +15,6 @@ from worker.errors import IvvyErrorDetails, LeadstageError
 Event = Literal["succeeded", "failed", "superseded", "retrying"]
 TERMINAL_EVENTS = frozenset({"succeeded", "failed", "superseded"})
 
-#: The fields of every entry, in order (``generation`` counts dead-letter replays of the key).
-EVENT_FIELDS = (
-    "event", "idempotency_key", "job_id", "account", "operation", "stage_id", "attempt", "http_status",
-    "error_code", "error_message", "retryable", "source", "enqueued_at", "finished_at", "duration_ms",
-    "change", "generation",
-)  # fmt: skip
-
 
 def iso_ms(epoch_ms: int) -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2026-11-28T03:14:40.123Z."""
