@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -42,7 +41,7 @@ from worker.change import DEFAULT_ACCOUNT
 from worker.errors import IdempotencyConflict, LeadstageError, PermanentError, RedisUnavailable
 from worker.ledger import Receipt
 from worker.logs import configure_logging
-from worker.settings import Settings
+from worker.settings import Settings, printable_url
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -98,14 +97,6 @@ def _note(text: str) -> None:
 
 def _error_line(text: str) -> None:
     _note(f"{PROG}: error: {text}")
-
-
-def _display_url(url: str) -> str:
-    """REDIS_URL without its password, for error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -555,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         _error_line(str(exc))
         return EXIT_USAGE
     except RedisUnavailable as exc:
-        _error_line(f"{exc} (REDIS_URL {_display_url(_settings().redis_url)})")
+        _error_line(f"{exc} (REDIS_URL {printable_url(_settings().redis_url)})")
         return EXIT_FAILURE
     except LeadstageError as exc:
         _error_line(str(exc))

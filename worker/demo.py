@@ -41,7 +41,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TextIO
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -55,7 +54,7 @@ from worker.fake_ivvy import DEFAULT_HOST, FakeIvvy, Faults, running_fake_ivvy
 from worker.logs import configure_logging
 from worker.results import TERMINAL_EVENTS
 from worker.runner import running_worker
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
+from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings, printable_url
 
 __all__ = ["DEMO_ACCOUNT", "DEMO_DLQ", "DEMO_QUEUE", "DEMO_RESULTS", "run_demo"]
 
@@ -395,12 +394,6 @@ def _metric_lines() -> list[str]:
 # -- the embedded default --------------------------------------------------------------------------
 
 
-def _where(url: str) -> str:
-    """A Redis URL fit to print: without its password."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
-
-
 async def _answers(url: str) -> bool:
     """Whether a Redis answers at ``url``; one that answers but refuses us is a ``DemoFailed``."""
     client = connect_redis(url)
@@ -408,11 +401,11 @@ async def _answers(url: str) -> bool:
         async with asyncio.timeout(REDIS_PROBE_TIMEOUT_S):
             await client.ping()
     except redis.exceptions.AuthenticationError as error:  # a ConnectionError subclass: before it
-        raise DemoFailed(f"the Redis at {_where(url)} (REDIS_URL) refused the demo: {error}") from None
+        raise DemoFailed(f"the Redis at {printable_url(url)} (REDIS_URL) refused the demo: {error}") from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError):
         return False
     except redis.exceptions.RedisError as error:
-        raise DemoFailed(f"the Redis at {_where(url)} (REDIS_URL) refused the demo: {error}") from None
+        raise DemoFailed(f"the Redis at {printable_url(url)} (REDIS_URL) refused the demo: {error}") from None
     finally:
         await client.aclose()
     return True
@@ -431,7 +424,7 @@ async def _own_redis_server(unanswered_url: str) -> AsyncIterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise DemoFailed(
-            f"nothing answers at {_where(unanswered_url)} (REDIS_URL) and redis-server is not on PATH: "
+            f"nothing answers at {printable_url(unanswered_url)} (REDIS_URL) and redis-server is not on PATH: "
             "start a Redis or point REDIS_URL at one"
         )
     with tempfile.TemporaryDirectory(prefix="leadstage-demo-redis-") as directory:
@@ -462,7 +455,7 @@ async def _wait_until_answering(url: str, process: asyncio.subprocess.Process, l
             last = await asyncio.to_thread(_last_line, log_path)
             raise DemoFailed(f"redis-server exited with status {process.returncode}: {last}")
         if asyncio.get_running_loop().time() > deadline:
-            raise DemoFailed(f"redis-server did not answer on {_where(url)} within {REDIS_START_TIMEOUT_S:g} s")
+            raise DemoFailed(f"redis-server did not answer on {printable_url(url)} within {REDIS_START_TIMEOUT_S:g} s")
         await asyncio.sleep(0.05)
 
 
@@ -575,10 +568,12 @@ async def _demo(settings: Settings, keep_running: bool, printer: Printer, status
 
         printer.line("leadstage demo: the change job end to end, on an embedded default", "bold")
         if own_redis:
-            unanswered = _where(settings.redis_url)
-            printer.line(f"  Redis    nothing answers at {unanswered}: started redis-server on {_where(redis_url)}")
+            unanswered = printable_url(settings.redis_url)
+            printer.line(
+                f"  Redis    nothing answers at {unanswered}: started redis-server on {printable_url(redis_url)}"
+            )
         else:
-            printer.line(f"  Redis    {_where(redis_url)}")
+            printer.line(f"  Redis    {printable_url(redis_url)}")
         printer.line(f"           queue {DEMO_QUEUE}, results {DEMO_RESULTS}, dead letters {DEMO_DLQ}")
         printer.line(f"  iVvy     the fake, at {server.url}")
         printer.line(
@@ -599,7 +594,11 @@ async def _demo(settings: Settings, keep_running: bool, printer: Printer, status
                 raise
             run.report_missing()
             settled = False
-        where = f"the demo's own Redis ({_where(redis_url)}, stopped at exit)" if own_redis else _where(redis_url)
+        where = (
+            f"the demo's own Redis ({printable_url(redis_url)}, stopped at exit)"
+            if own_redis
+            else printable_url(redis_url)
+        )
         as_expected = await run.summarise(where, metrics_url)
         status.code = 0 if settled and as_expected else 1
         if keep_running:

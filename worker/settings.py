@@ -209,6 +209,12 @@ class _EnvReader:
         return Secret(raw)
 
 
+def printable_url(url: str) -> str:
+    """A URL fit for a message or a log line: without its user and password."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
 def _check_base_url(origin: str, url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
