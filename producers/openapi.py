@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from worker.change import ALIASES, KEY_MAX_CHARS, NAME_MAX_CHARS
+from worker.change import ALIASES, ID_MAX, KEY_MAX_CHARS, NAME_MAX_CHARS
 
 CHANGES_PATH: Final = "/v1/lead-stage-changes"
 MAX_BATCH: Final = 1000
 #: Seconds a client is asked to wait (``Retry-After``) when Redis is down.
 RETRY_AFTER_S: Final = 5
-#: The largest id the JSON parser reads as a whole number (larger ones become floats: refused).
-MAX_ID: Final = 2**64 - 1
 
 ACCOUNT_PATTERN: Final = "^[A-Za-z0-9_.-]{1,64}$"
 KEY_PATTERN: Final = f"^[\\x20-\\x7e]{{1,{KEY_MAX_CHARS}}}$"
@@ -54,7 +52,7 @@ def _change_schema() -> dict[str, Any]:
             "id": {
                 "type": "integer",
                 "minimum": 1,
-                "maximum": MAX_ID,
+                "maximum": ID_MAX,
                 "description": "The stage to update; absent for an add. Written as a JSON integer (5, not 5.0).",
             },
             "name": {

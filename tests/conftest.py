@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 
+import hypothesis
 import pytest
 import redis
 import redis.asyncio as aioredis
 
 from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
+
+# CI runs the property and fuzz tests with a fixed seed, so a landing never fails by the draw;
+# elsewhere the draw is random and a failure prints the seed (``@reproduce_failure``) to replay it.
+hypothesis.settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis.settings.register_profile("dev", print_blob=True)
+hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 #: The Redis the tests use (scripts/setup.sh starts one on 127.0.0.1:6379 when none answers).
 TEST_REDIS_SERVER = os.environ.get("LEADSTAGE_TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
