@@ -53,7 +53,8 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 
 from producers.library import ChangeItem, ItemError, LeadStageProducer, Receipt, connect_redis, field_errors
@@ -164,6 +165,7 @@ def create_app(
     usable (an unsigned endpoint would let anyone enqueue changes), or when one secret is
     configured for two accounts (a request signed with it could be for either).
     """
+    logging.getLogger("aiohttp.server").addFilter(_malformed_requests_as_warnings)  # added once, however often
     app = web.Application(client_max_size=settings.webhook_max_body_bytes, middlewares=[_middleware])
     app[_STATE] = _State(
         settings=settings,
@@ -282,10 +284,11 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             f"the body did not arrive within {BODY_TIMEOUT_S:g} s",
             headers={"Connection": "close"},
         ) from None
-    except HttpProcessingError:
+    except (RequestPayloadError, HttpProcessingError) as exc:
         # Corrupt gzip/deflate, or a chunked body the parser refuses: the client's fault.
-        coding = encodings[0].lower() if encodings else "its transfer encoding"
-        raise Problem(400, "Bad Request", f"the body cannot be decoded as {coding}") from None
+        if isinstance(exc.__cause__, ContentEncodingError) or isinstance(exc, ContentEncodingError):
+            raise Problem(400, "Bad Request", f"the body cannot be decoded as {encodings[0].lower()}") from None
+        raise Problem(400, "Bad Request", "the body is malformed (its length or chunked encoding)") from None
     except ConnectionError:
         # The client went away mid-body: its fault, not a server error (no traceback, no 500 counted).
         raise Problem(400, "Bad Request", "the connection closed before the whole body arrived") from None
@@ -520,6 +523,10 @@ def _malformed_requests_as_warnings(record: logging.LogRecord) -> bool:
     over 8 KiB) at error level with a traceback; any client could fill the log with them. One
     warning line instead, the parser's message without the traceback."""
     error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, RequestPayloadError):
+        # aiohttp drains the rest of a body after the handler; one that failed to decode fails
+        # again there, for a request already answered (400) and logged.
+        return False
     if isinstance(error, HttpProcessingError):
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
         record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -542,7 +549,6 @@ def run_webhook(settings: Settings, host: str, port: int) -> int:
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
-    logging.getLogger("aiohttp.server").addFilter(_malformed_requests_as_warnings)
     redis_client = connect_redis(settings.redis_url)
     try:
         runner = web.AppRunner(

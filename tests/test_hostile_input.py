@@ -224,6 +224,45 @@ async def test_a_replayed_delivery_is_a_duplicate_and_enqueues_nothing_new(
     assert orjson.loads(change) == {"name": "Hot", "applyTo": 2}
 
 
+async def test_a_captured_delivery_replayed_with_other_unsigned_routing_enqueues_nothing_new(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    """Idempotency-Key, X-Leadstage-Account and ?account= are not signed: a replay that changes
+    them within the tolerance is refused instead of becoming new changes for new keys or accounts."""
+    body = orjson.dumps(HOT)
+    headers = signed(body, msg_id="msg_captured")
+    assert await post(http, body, headers) == 202
+    for key in ("k1", "k2", "k3"):
+        assert await post(http, body, headers | {"Idempotency-Key": key}) == 400
+    for account in ("eu", "us"):
+        assert await post(http, body, headers | {"X-Leadstage-Account": account}) == 400
+        async with http.post(f"{CHANGES_PATH}?account={account}", data=body, headers=headers) as response:
+            assert response.status == 400
+    await assert_enqueued(redis_client, {"default:msg_captured"})
+
+
+@pytest.mark.parametrize(
+    ("coding", "body", "status"),
+    [
+        ("gzip", b"not gzip at all", 400),
+        ("deflate", b"\x78\x9c" + b"\xff" * 40, 400),
+        ("gzip", b"\x1f\x8b\x08\x00" + b"\x00" * 40, 400),
+        ("compress", orjson.dumps(HOT), 415),
+        ("gzip, deflate", orjson.dumps(HOT), 415),
+    ],
+)
+async def test_bodies_that_do_not_decode_are_client_errors_without_tracebacks(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis, coding: str, body: bytes, status: int
+) -> None:
+    """Decoding is the client's problem: 400 (or 415 for an encoding we do not take), never a 500
+    and never a traceback in the log (the module's fixture checks the log when it ends)."""
+    async with http.post(CHANGES_PATH, data=body, headers=signed(b"{}") | {"Content-Encoding": coding}) as response:
+        assert response.status == status
+        assert response.content_type == "application/problem+json"
+    await assert_enqueued(redis_client)
+    await assert_still_serving(http)
+
+
 # -- timestamps and signatures -------------------------------------------------------------------
 
 
@@ -512,3 +551,33 @@ async def test_thousands_of_concurrent_requests_are_all_answered_in_bounded_memo
     assert rss[-1] - rss[0] < 8 * 2**20, [g // 1024 for g in growth]
     await assert_enqueued(redis_client, valid)
     await assert_still_serving(http)
+
+
+# -- what is logged ------------------------------------------------------------------------------
+
+
+async def test_a_request_the_parser_refuses_is_logged_as_one_line_without_its_headers_or_body(
+    webhook: WebhookProcess, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    """The HTTP parser's message quotes the offending line: a signature header over the 8 KiB
+    field limit, or a header line with a forbidden character next to a piece of the body."""
+    marker = "v1,Zm9yZ2VkLXNpZ25hdHVyZS1tYXJrZXI"
+    body = orjson.dumps(HOT)
+    long_signature = signed(body) | {"webhook-signature": " ".join([marker] * 400)}
+    assert status_of(await raw(webhook.port, head(long_signature, [f"Content-Length: {len(body)}"]) + body)) == 400
+    bad_char = head(signed(body), [f"X-Note: {marker}\x01{body.decode()}", f"Content-Length: {len(body)}"]) + body
+    assert status_of(await raw(webhook.port, bad_char)) == 400
+    await assert_enqueued(redis_client)
+    await assert_still_serving(http)
+    for _ in range(100):  # the child process writes its log asynchronously
+        if len(_malformed_lines(webhook.log_path)) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    text = webhook.log_path.read_text(errors="replace")
+    assert marker not in text
+    assert "Hot" not in text
+    assert len(_malformed_lines(webhook.log_path)) >= 2, text[-2000:]
+
+
+def _malformed_lines(log_path: Path) -> list[str]:
+    return [line for line in log_path.read_text(errors="replace").splitlines() if "malformed request from" in line]

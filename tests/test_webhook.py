@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import gzip
 import io
 import json
 import logging
+import signal
+import socket
+import subprocess
+import time
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import orjson
 import pytest
+import redis
 import redis.asyncio as aioredis
+import redis.exceptions
 import structlog
+from aiohttp import ClientTimeout
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
@@ -389,6 +401,169 @@ async def test_redis_down_is_503_and_not_ready(settings: Settings) -> None:
             assert (await client.get("/healthz")).status == 200
     finally:
         await down.aclose()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "GZIP", "identity"])
+async def test_a_compressed_body_is_decoded_before_it_is_verified(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, coding: str
+) -> None:
+    body = orjson.dumps(HOT)
+    sent = {"gzip": gzip.compress, "deflate": zlib.compress, "identity": bytes}[coding.lower()](body)
+    response = await client.post(
+        CHANGES_PATH, data=sent, headers={**signed(body, msg_id="z"), "Content-Encoding": coding}
+    )
+    assert response.status == 202, await response.text()
+    assert await queue(redis_client) == [b"default:z"]
+
+
+@pytest.mark.parametrize(
+    ("coding", "sent"),
+    [
+        ("gzip", b"this is not gzip"),
+        ("deflate", b"nor is this deflate"),
+        ("gzip", gzip.compress(orjson.dumps(HOT))[:10] + b"\x00" * 20),  # corrupt
+    ],
+)
+async def test_a_body_that_does_not_decode_is_400(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, coding: str, sent: bytes, log_stream: io.StringIO
+) -> None:
+    response = await client.post(CHANGES_PATH, data=sent, headers={**signed(b"{}"), "Content-Encoding": coding})
+    assert response.status == 400
+    problem = await response.json(content_type=PROBLEM)
+    assert problem["detail"] == f"the body cannot be decoded as {coding}"
+    assert await redis_client.dbsize() == 0
+    assert "Traceback" not in log_stream.getvalue()
+    assert "webhook.error" not in log_stream.getvalue()
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "x-gzip", "gzip, gzip", "gzip;q=1", "\u00e9"])
+async def test_an_unknown_content_encoding_is_415(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, coding: str
+) -> None:
+    body = orjson.dumps(HOT)
+    response = await client.post(
+        CHANGES_PATH, data=body, headers={**signed(body), "Content-Encoding": coding.encode().decode("latin-1")}
+    )
+    if coding in ("br", "zstd") and response.status == 400:
+        # aiohttp's parser refuses these itself when their decoder is not installed, before the
+        # handler: a client error all the same.
+        assert await redis_client.dbsize() == 0
+        return
+    assert response.status == 415
+    assert response.headers["Accept-Encoding"] == "gzip, deflate"
+    assert (await response.json(content_type=PROBLEM))["title"] == "Unsupported Media Type"
+    assert await redis_client.dbsize() == 0
+
+
+async def test_two_content_encoding_headers_are_415(client: TestClient[Any, Any]) -> None:
+    body = orjson.dumps(HOT)
+    headers = CIMultiDict(signed(body))
+    headers.add("Content-Encoding", "identity")
+    headers.add("Content-Encoding", "gzip")
+    response = await client.post(CHANGES_PATH, data=body, headers=headers)
+    assert response.status == 415
+
+
+async def test_a_gzip_bomb_is_413(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    inflated = b'{"name": "' + b" " * (settings.webhook_max_body_bytes * 4) + b'x", "applyTo": 1}'
+    sent = gzip.compress(inflated)
+    assert len(sent) < settings.webhook_max_body_bytes
+    response = await client.post(CHANGES_PATH, data=sent, headers={**signed(b"{}"), "Content-Encoding": "gzip"})
+    assert response.status == 413
+    assert await redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('{"name": "Hot", "applyTo": 1, "name": "Cold"}', "name"),
+        ('{"changes": [{"name": "Hot", "applyTo": 1}], "changes": []}', "changes"),
+        ('{"changes": [{"id": 5, "colour": "#ffffff", "colour": "#000000"}]}', "colour"),
+        ('{"account": "eu", "name": "Hot", "applyTo": 1, "account": "us"}', "account"),
+    ],
+)
+async def test_a_repeated_key_in_an_object_is_400(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, text: str, key: str
+) -> None:
+    body = text.encode()
+    response = await client.post(CHANGES_PATH, data=body, headers=signed(body))
+    assert response.status == 400
+    assert (await response.json(content_type=PROBLEM))["detail"] == f"the body repeats the key {key!r} in an object"
+    assert await redis_client.dbsize() == 0
+
+
+async def test_a_repeated_webhook_header_is_401(client: TestClient[Any, Any], redis_client: aioredis.Redis) -> None:
+    """The library verifies one value and the key would be read from another: refused."""
+    body = orjson.dumps(HOT)
+    headers = CIMultiDict(signed(body, msg_id="signed-id"))
+    headers.add("webhook-id", "chosen-id")
+    response = await client.post(CHANGES_PATH, data=body, headers=headers)
+    assert response.status == 401
+    assert "webhook-id is given twice" in (await response.json(content_type=PROBLEM))["detail"]
+    assert await redis_client.dbsize() == 0
+
+
+@pytest.fixture
+def stopped_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of this test on a free port (its URL and process), continued and stopped after."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(  # noqa: S603 - a fixed command line
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],  # noqa: S607 - redis-server from PATH, as scripts/setup.sh installs it
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        probe = redis.Redis(port=port)
+        for _ in range(200):
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                if probe.ping():
+                    break
+            time.sleep(0.05)
+        probe.close()
+        yield f"redis://127.0.0.1:{port}/0", server
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(10)
+
+
+async def test_a_hung_redis_is_503_in_bounded_time_and_the_retry_is_safe(
+    settings: Settings, stopped_redis: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """Redis stopped by SIGSTOP accepts connections and never answers: 503 after the webhook's
+    Redis timeout, saying the outcome is unknown; the same delivery after it resumes is enqueued
+    at most once."""
+    url, server = stopped_redis
+    hung = aioredis.Redis.from_url(url)
+    try:
+        async with TestClient(
+            TestServer(create_app(settings, hung, redis_timeout_s=0.5), host="127.0.0.1"),
+            timeout=ClientTimeout(total=60),
+        ) as client:
+            body = orjson.dumps(HOT)
+            headers = signed(body, msg_id="msg_hung")
+            assert (await client.post(CHANGES_PATH, data=body, headers=headers)).status == 202
+            server.send_signal(signal.SIGSTOP)
+            other = orjson.dumps({"name": "Cold", "applyTo": 1})
+            other_headers = signed(other, msg_id="msg_during")
+            response = await client.post(CHANGES_PATH, data=other, headers=other_headers)
+            assert response.status == 503
+            assert response.headers["Retry-After"].isdigit()
+            problem = await response.json(content_type=PROBLEM)
+            assert "unknown" in problem["detail"]
+            assert "same webhook-id" in problem["detail"]
+            server.send_signal(signal.SIGCONT)
+            retried = await client.post(CHANGES_PATH, data=other, headers=other_headers)
+            assert retried.status == 202
+            assert (await retried.json())["receipts"][0]["status"] in ("queued", "duplicate")
+            members = await hung.zrange("leadstage:queue", 0, -1)
+            assert sorted(members) == [b"default:msg_during", b"default:msg_hung"]
+    finally:
+        await hung.aclose()
 
 
 async def test_health_readiness_metrics_and_method(client: TestClient[Any, Any]) -> None:
