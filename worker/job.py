@@ -27,7 +27,6 @@ from worker.backoff import backoff_seconds
 from worker.change import LeadStageChange, parse_change
 from worker.errors import (
     IvvyNoAnswer,
-    IvvyRateLimited,
     LeadstageError,
     PermanentError,
     RetryableError,
@@ -163,7 +162,7 @@ async def _failed_attempt(
         # before the reconcile looks for it.
         delay = max(delay, settings.request_timeout_s)
     now = now_ms()
-    pause_until = now + int(delay * 1000) if isinstance(error, IvvyRateLimited) else None
+    pause_until = now + int(delay * 1000) if error.pauses_account else None
     await _finish(
         runtime,
         facts,

@@ -100,7 +100,9 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
         redis: ArqRedis = ctx["redis"]
         transport = AiohttpTransport(max_connections=max(settings.concurrency, 10))
         clients = {
-            name: IvvyClient(account, transport, timeout=settings.request_timeout_s)
+            name: IvvyClient(
+                account, transport, timeout=settings.request_timeout_s, clock_skew_pause_s=settings.backoff_max_s
+            )
             for name, account in settings.accounts.items()
         }
         runtime = Runtime(settings, Ledger(redis, settings), clients, worker_id)
