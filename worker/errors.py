@@ -276,10 +276,11 @@ def error_for_response(
 
 
 #: Error replies with which Redis refuses a command for a while, whatever the command: out of memory,
-#: a read-only replica (a demoted primary behind a plain URL), a failed snapshot, loading, a busy
-#: script, a cluster or primary link down. Anything else is a bug and is not translated.
-REFUSAL_PREFIXES = ("OOM", "READONLY", "MISCONF", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN",
-                    "TRYAGAIN")  # fmt: skip
+#: a read-only replica (a demoted primary behind a plain URL), a failed snapshot, a busy script, a
+#: cluster or primary link down. redis-py turns some into classes of their own (and strips their
+#: code), the others keep it at the start of the message. Anything else is a bug: not translated.
+REFUSAL_CLASSES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+REFUSAL_PREFIXES = ("OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN")
 
 
 @contextlib.contextmanager
@@ -288,12 +289,12 @@ def redis_errors() -> Iterator[None]:
     answer refusing the command for now) at the boundary."""
     try:
         yield
+    except REFUSAL_CLASSES as exc:
+        raise RedisRefused(f"Redis refused the command: {type(exc).__name__}") from exc
     except redis.exceptions.ResponseError as exc:
-        text = str(exc)
-        if isinstance(exc, redis.exceptions.ReadOnlyError | redis.exceptions.BusyLoadingError) or text.startswith(
-            REFUSAL_PREFIXES
-        ):
-            raise RedisRefused(f"Redis refused the command: {text.split(' ', 1)[0]}") from exc
+        code = str(exc).split(" ", 1)[0]
+        if code.startswith(REFUSAL_PREFIXES):
+            raise RedisRefused(f"Redis refused the command: {code}") from exc
         raise
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise RedisUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc

@@ -19,6 +19,8 @@ lease.lua      the heartbeat: extends the lease of each attempt that is still it
 adopt.lua      an add of unknown outcome adopts a listed stage no other add has claimed
 finish.lua     the run's end: ledger state + results event (+ dead letter) + the queue, exactly
                once, refused for a stale run
+lost.lua       a due job whose ledger entry expired: a failed event and a dead letter, never
+               silence
 =============  ==============================================================================
 
 Each script's KEYS, ARGV and reply are written at its top; every reply has a fixed shape and is
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 import redis.asyncio as aioredis
@@ -148,6 +150,7 @@ class Ledger:
         self._post = _script(client, "post.lua")
         self._adopt = _script(client, "adopt.lua")
         self._finish = _script(client, "finish.lua")
+        self._lost = _script(client, "lost.lua")
 
     # -- producers -----------------------------------------------------------------------------
 
@@ -383,16 +386,14 @@ class Ledger:
         return Finished(True, int(detail))
 
     async def report_missing(self, job_id: str, event: Mapping[str, str]) -> None:
-        """A due job whose ledger entry is gone: its failed event and a dead letter (without the
-        change, which is lost), so that it never vanishes silently."""
+        """A due job whose ledger entry is gone: its failed event and a dead letter (lost.lua)."""
         settings = self.settings
-        fields: dict[Any, Any] = dict(event)  # redis-py's stubs want every key type the protocol allows
+        fields = [item for pair in event.items() for item in pair]
         with redis_errors():
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.xadd(settings.results_stream, fields, maxlen=settings.results_maxlen, approximate=True)
-                pipe.xadd(settings.dlq_stream, {"original_change": "", "generation": "0", **fields})
-                pipe.hincrby(keys.PENDING, keys.split_job_id(job_id)[0], -1)
-                await pipe.execute()
+            await self._lost(
+                keys=[settings.results_stream, settings.dlq_stream, keys.PENDING],
+                args=[keys.split_job_id(job_id)[0], settings.results_maxlen, *fields],
+            )
 
     async def id_floor(self, job_id: str) -> int:
         """The highest stage id claimed before this add was first posted (see keys.newest_claim_key)."""
