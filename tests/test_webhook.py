@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import gzip
 import io
 import json
 import logging
-import signal
-import socket
-import subprocess
-import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,9 +17,7 @@ from uuid import uuid4
 
 import orjson
 import pytest
-import redis
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 from aiohttp import ClientTimeout
 from aiohttp.test_utils import TestClient, TestServer
@@ -33,6 +26,7 @@ from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.webhook import create_app
+from tests.redis_servers import redis_servers
 from worker import keys
 from worker.errors import ConfigError
 from worker.logs import configure_logging
@@ -506,65 +500,39 @@ async def test_a_repeated_webhook_header_is_401(client: TestClient[Any, Any], re
     assert await redis_client.dbsize() == 0
 
 
-@pytest.fixture
-def stopped_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A redis-server of this test on a free port (its URL and process), continued and stopped after."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(  # noqa: S603 - a fixed command line
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],  # noqa: S607 - redis-server from PATH, as scripts/setup.sh installs it
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        probe = redis.Redis(port=port)
-        for _ in range(200):
-            with contextlib.suppress(redis.exceptions.ConnectionError):
-                if probe.ping():
-                    break
-            time.sleep(0.05)
-        probe.close()
-        yield f"redis://127.0.0.1:{port}/0", server
-    finally:
-        server.send_signal(signal.SIGCONT)
-        server.terminate()
-        server.wait(10)
-
-
-async def test_a_hung_redis_is_503_in_bounded_time_and_the_retry_is_safe(
-    settings: Settings, stopped_redis: tuple[str, subprocess.Popen[bytes]]
-) -> None:
+async def test_a_hung_redis_is_503_in_bounded_time_and_the_retry_is_safe(settings: Settings, tmp_path: Path) -> None:
     """Redis stopped by SIGSTOP accepts connections and never answers: 503 after the webhook's
     Redis timeout, saying the outcome is unknown; the same delivery after it resumes is enqueued
     at most once."""
-    url, server = stopped_redis
-    hung = aioredis.Redis.from_url(url)
-    try:
-        async with TestClient(
-            TestServer(create_app(settings, hung, redis_timeout_s=0.5), host="127.0.0.1"),
-            timeout=ClientTimeout(total=60),
-        ) as client:
-            body = orjson.dumps(HOT)
-            headers = signed(body, msg_id="msg_hung")
-            assert (await client.post(CHANGES_PATH, data=body, headers=headers)).status == 202
-            server.send_signal(signal.SIGSTOP)
-            other = orjson.dumps({"name": "Cold", "applyTo": 1})
-            other_headers = signed(other, msg_id="msg_during")
-            response = await client.post(CHANGES_PATH, data=other, headers=other_headers)
-            assert response.status == 503
-            assert response.headers["Retry-After"].isdigit()
-            problem = await response.json(content_type=PROBLEM)
-            assert "unknown" in problem["detail"]
-            assert "same webhook-id" in problem["detail"]
-            server.send_signal(signal.SIGCONT)
-            retried = await client.post(CHANGES_PATH, data=other, headers=other_headers)
-            assert retried.status == 202
-            assert (await retried.json())["receipts"][0]["status"] in ("queued", "duplicate")
-            members = await hung.zrange("leadstage:queue", 0, -1)
-            assert sorted(members) == [b"default:msg_during", b"default:msg_hung"]
-    finally:
-        await hung.aclose()
+    with redis_servers(tmp_path, ()) as (server,):
+        hung = aioredis.Redis.from_url(server.url)
+        try:
+            async with TestClient(
+                TestServer(create_app(settings, hung, redis_timeout_s=0.5), host="127.0.0.1"),
+                timeout=ClientTimeout(total=60),
+            ) as client:
+                body = orjson.dumps(HOT)
+                assert (
+                    await client.post(CHANGES_PATH, data=body, headers=signed(body, msg_id="msg_hung"))
+                ).status == 202
+                server.pause()
+                other = orjson.dumps({"name": "Cold", "applyTo": 1})
+                other_headers = signed(other, msg_id="msg_during")
+                response = await client.post(CHANGES_PATH, data=other, headers=other_headers)
+                assert response.status == 503
+                assert response.headers["Retry-After"].isdigit()
+                problem = await response.json(content_type=PROBLEM)
+                assert "unknown" in problem["detail"]
+                assert "same webhook-id" in problem["detail"]
+                server.resume()
+                retried = await client.post(CHANGES_PATH, data=other, headers=other_headers)
+                assert retried.status == 202
+                assert (await retried.json())["receipts"][0]["status"] in ("queued", "duplicate")
+                members = await hung.zrange("leadstage:queue", 0, -1)
+                assert sorted(members) == [b"default:msg_during", b"default:msg_hung"]
+        finally:
+            server.resume()
+            await hung.aclose()
 
 
 async def test_health_readiness_metrics_and_method(client: TestClient[Any, Any]) -> None:
