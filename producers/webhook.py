@@ -65,7 +65,7 @@ from worker.errors import ConfigError, FieldError, IdempotencyConflict, InvalidC
 from worker.logs import get_logger
 from worker.settings import Settings
 
-__all__ = ["create_app", "run_webhook"]
+__all__ = ["Verifier", "create_app", "run_webhook", "verifiers", "verify_signature"]
 
 log = get_logger("leadstage.webhook")
 
@@ -236,7 +236,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
 async def _post_changes(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     body = await _read_body(request, state.settings.webhook_max_body_bytes)
-    bound_account, webhook_id = _verify(state.verifiers, body, request)
+    bound_account, webhook_id = verify_signature(state.verifiers, body, request)
     payload = _loads(body)
     named_account, payload = _named_account(payload)
     account = _account(request, state, bound=bound_account, named=named_account)
@@ -294,9 +294,10 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise Problem(400, "Bad Request", "the connection closed before the whole body arrived") from None
 
 
-def _verify(verifiers: Sequence[Verifier], body: bytes, request: web.Request) -> tuple[str | None, str]:
-    """The account bound to the secret that verified the request, and the verified webhook-id;
-    401 otherwise (bad, missing, expired or future signatures)."""
+def verify_signature(verifiers: Sequence[Verifier], body: bytes, request: web.Request) -> tuple[str | None, str]:
+    """The account bound to the secret that verified the request (None: a WEBHOOK_SECRET secret,
+    valid for any account), and the verified webhook-id; a 401 ``Problem`` otherwise (bad,
+    missing, expired or future signatures). Any route that takes signed requests uses this."""
     headers: dict[str, str] = {}
     for name in ("webhook-id", "webhook-timestamp", "webhook-signature"):
         values = request.headers.getall(name, [])
