@@ -138,7 +138,6 @@ import contextlib
 import dataclasses
 import functools
 import http
-import ipaddress
 import math
 import os
 import random
@@ -157,7 +156,7 @@ from typing import Any, Literal, TypedDict, Unpack
 import orjson
 from aiohttp import web
 
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET
+from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, is_loopback_host
 from worker.signing import API_VERSION, CONTENT_TYPE, SignatureRejected, format_ivvy_date, verify_request
 
 DEFAULT_HOST = "127.0.0.1"
@@ -953,13 +952,6 @@ async def _serve_until_signalled(host: str, port: int, options: FakeOptions) -> 
     async with running_fake_ivvy(host, port, **options) as server:
         keys = ", ".join(sorted(server.fake.credentials))
         print(f"fake iVvy listening on {server.url} (API keys: {keys})", flush=True)
-        if not _is_loopback(host):
+        if not is_loopback_host(host):
             print("warning: the /_admin endpoints are reachable from other hosts", file=sys.stderr, flush=True)
         await stop.wait()
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

@@ -177,9 +177,9 @@ class Settings:
         account, named in the signed body). The one place that says which secret serves whom."""
         pairs: list[tuple[str | None, str]] = []
         if self.webhook_secret is not None:
-            pairs += [(None, secret) for secret in split_secrets(self.webhook_secret.get())]
+            pairs += [(None, secret) for secret in split_list(self.webhook_secret.get())]
         for account, secrets in self.webhook_account_secrets.items():
-            pairs += [(account, secret) for secret in split_secrets(secrets.get())]
+            pairs += [(account, secret) for secret in split_list(secrets.get())]
         return pairs
 
     def require_accounts(self) -> None:
@@ -278,12 +278,12 @@ class _EnvReader:
 
     def host_list(self, name: str) -> frozenset[str]:
         raw = self._raw(name)
-        return frozenset() if raw is None else frozenset(host.lower() for host in re.split(r"[\s,]+", raw) if host)
+        return frozenset() if raw is None else frozenset(host.lower() for host in split_list(raw))
 
 
-def split_secrets(raw: str) -> list[str]:
-    """The secrets of a WEBHOOK_SECRET-like value: separated by spaces or commas (not base64)."""
-    return [secret for secret in re.split(r"[\s,]+", raw) if secret]
+def split_list(raw: str) -> list[str]:
+    """The items of a list setting, separated by spaces or commas (neither is in base64 or a host name)."""
+    return [item for item in re.split(r"[\s,]+", raw) if item]
 
 
 def check_webhook_secrets(origin: str, raw: str) -> Secret:
@@ -291,7 +291,7 @@ def check_webhook_secrets(origin: str, raw: str) -> Secret:
 
     The message names ``origin``, never the value: a broken secret is still a secret.
     """
-    secrets = split_secrets(raw)
+    secrets = split_list(raw)
     if not secrets:
         raise ConfigError(f"{origin} must hold at least one Standard Webhooks secret (whsec_...)")
     for number, secret in enumerate(secrets, 1):
@@ -320,7 +320,7 @@ def _check_base_url(origin: str, url: str, plain_http_hosts: frozenset[str]) -> 
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{origin} must be an http:// or https:// URL, not {url!r}")
     host = (parts.hostname or "").lower()
-    if parts.scheme == "http" and not _is_loopback(host) and host not in plain_http_hosts:
+    if parts.scheme == "http" and not is_loopback_host(host) and host not in plain_http_hosts:
         # The API key and every request's signature would cross the network in clear text.
         raise ConfigError(
             f"{origin} must be an https:// URL, not http://{host}: plain http sends the API key and "
@@ -330,7 +330,8 @@ def _check_base_url(origin: str, url: str, plain_http_hosts: frozenset[str]) -> 
     return url.rstrip("/")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -371,6 +372,13 @@ def _read_json_file(origin: str, path: Path) -> object:
         raise ConfigError(f"{origin} is not valid JSON: {exc}") from None
 
 
+def _check_account_name(where: str, name: str) -> None:
+    try:
+        parse_envelope(account=name)
+    except InvalidChange:
+        raise ConfigError(f"{where}: the name must be letters, digits, '_', '.', '-'") from None
+
+
 def _load_webhook_secrets(env: Mapping[str, str], accounts: Mapping[str, Account]) -> dict[str, Secret]:
     """LEADSTAGE_WEBHOOK_SECRETS_FILE: a JSON object, account name -> a secret or a list of secrets."""
     path = env.get("LEADSTAGE_WEBHOOK_SECRETS_FILE", "").strip()
@@ -383,10 +391,7 @@ def _load_webhook_secrets(env: Mapping[str, str], accounts: Mapping[str, Account
     secrets: dict[str, Secret] = {}
     for name, entry in data.items():
         where = f"{origin}, account {name!r}"
-        try:
-            parse_envelope(account=name)
-        except InvalidChange:
-            raise ConfigError(f"{where}: the name must be letters, digits, '_', '.', '-'") from None
+        _check_account_name(where, name)
         if accounts and name not in accounts:
             raise ConfigError(f"{where} is not a configured account (IVVY_BASE_URL, LEADSTAGE_ACCOUNTS_FILE)")
         values = entry if isinstance(entry, list) else [entry]
@@ -405,10 +410,7 @@ def _read_accounts_file(path: Path, default_rate: float, plain_http_hosts: froze
     accounts: dict[str, Account] = {}
     for name, entry in data.items():
         where = f"{origin}, account {name!r}"
-        try:
-            parse_envelope(account=name)
-        except InvalidChange:
-            raise ConfigError(f"{where}: the name must be letters, digits, '_', '.', '-'") from None
+        _check_account_name(where, name)
         if not isinstance(entry, dict):
             raise ConfigError(f"{where} must be an object with base_url, api_key, api_secret")
         unknown = set(entry) - {"base_url", "api_key", "api_secret", "rate_limit"}
