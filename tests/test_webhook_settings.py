@@ -1,13 +1,22 @@
-"""Settings of the webhook's secrets (several, per account) and of iVvy's base URLs (no plain http)."""
+"""Settings of the webhook's secrets (several, per account) and of iVvy's base URLs (no plain http),
+and the served webhook with per-account secrets only."""
 
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
+from producers.openapi import CHANGES_PATH
+from tests.test_hostile_input import LOOPBACK, free_port, signed, wait_listening
 from worker.errors import ConfigError
 from worker.settings import Settings
 
@@ -99,3 +108,47 @@ def test_a_bad_webhook_secrets_file_names_what_is_wrong(tmp_path: Path, content:
         Settings.from_env(env)
     assert message in str(refused.value)
     assert "!!!!" not in str(refused.value)
+
+
+@pytest.fixture
+def eu_webhook(tmp_path: Path, redis_url: str) -> Iterator[tuple[int, Path]]:
+    """``leadstage webhook`` as deployed, with per-account secrets only (no WEBHOOK_SECRET): its
+    port and log."""
+    secrets_file = tmp_path / "webhook-secrets.json"
+    secrets_file.write_bytes(orjson.dumps({"eu": [ONE, TWO]}))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IVVY_", "LEADSTAGE_", "WEBHOOK_", "REDIS_"))}
+    env |= {"REDIS_URL": redis_url, "LEADSTAGE_WEBHOOK_SECRETS_FILE": str(secrets_file), "LEADSTAGE_LOG_FORMAT": "json"}
+    log_path = tmp_path / "webhook.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
+            [sys.executable, "-m", "worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_listening(port, process, log_path)
+        yield port, log_path
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+async def test_the_served_webhook_routes_by_the_accounts_own_secret(
+    eu_webhook: tuple[int, Path], redis_client: aioredis.Redis
+) -> None:
+    port, log_path = eu_webhook
+    body = orjson.dumps({"name": "Hot", "applyTo": "lead"})
+    async with aiohttp.ClientSession(f"http://{LOOPBACK}:{port}") as http:
+        for number, secret in enumerate((ONE, TWO)):
+            headers = signed(body, secret=secret, msg_id=f"eu-{number}")
+            async with http.post(CHANGES_PATH, data=body, headers=headers) as response:
+                assert response.status == 202
+        other = "whsec_" + base64.b64encode(b"not one of eu's secrets at all").decode()
+        async with http.post(CHANGES_PATH, data=body, headers=signed(body, secret=other)) as response:
+            assert response.status == 401
+    assert sorted(await redis_client.zrange("leadstage:queue", 0, -1)) == [b"eu:eu-0", b"eu:eu-1"]
+    text = log_path.read_text()
+    assert "Traceback" not in text
+    assert ONE.removeprefix("whsec_") not in text
