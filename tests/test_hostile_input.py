@@ -562,7 +562,7 @@ async def test_a_request_the_parser_refuses_is_logged_as_one_line_without_its_he
     """The HTTP parser's message quotes the offending line: a signature header over the 8 KiB
     field limit, or a header line with a forbidden character next to a piece of the body."""
     marker = "v1,Zm9yZ2VkLXNpZ25hdHVyZS1tYXJrZXI"
-    body = orjson.dumps(HOT)
+    body = orjson.dumps({"name": "Body-marker-5e1f", "applyTo": 1})
     long_signature = signed(body) | {"webhook-signature": " ".join([marker] * 400)}
     assert status_of(await raw(webhook.port, head(long_signature, [f"Content-Length: {len(body)}"]) + body)) == 400
     bad_char = head(signed(body), [f"X-Note: {marker}\x01{body.decode()}", f"Content-Length: {len(body)}"]) + body
@@ -575,7 +575,7 @@ async def test_a_request_the_parser_refuses_is_logged_as_one_line_without_its_he
         await asyncio.sleep(0.1)
     text = webhook.log_path.read_text(errors="replace")
     assert marker not in text
-    assert "Hot" not in text
+    assert "Body-marker-5e1f" not in text
     assert len(_malformed_lines(webhook.log_path)) >= 2, text[-2000:]
 
 
