@@ -130,6 +130,20 @@ async def test_the_key_is_the_signed_webhook_id_and_an_unsigned_header_cannot_ch
     assert await queue(redis_client) == [b"default:order-7"]
 
 
+async def test_the_webhook_id_follows_the_change_models_key_rules(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
+) -> None:
+    """The key rules are worker.change's, as for the CLI and the library: checked on the signed id,
+    and on each item's key of a list (the id and ':{index}')."""
+    status, problem = await post(client, HOT, msg_id="k" * 256)
+    assert status == 400
+    assert problem["errors"][0]["field"] == "webhook-id"
+    status, problem = await post(client, {"changes": [HOT] * 11}, msg_id="k" * 254)
+    assert status == 400
+    assert {e["index"] for e in problem["errors"]} == set(range(11))
+    assert await redis_client.dbsize() == 0
+
+
 async def test_the_account_is_signed_and_an_unsigned_header_or_query_cannot_change_it(
     client: TestClient[Any, Any], redis_client: aioredis.Redis
 ) -> None:
