@@ -226,6 +226,8 @@ async def _beat(redis: aioredis.Redis, runtime: Runtime) -> None:
         log.warning("worker.heartbeat_failed", error=str(error) or type(error).__name__, running=len(running))
         return
     for job_id, lease in running.items():
+        if lease.task is None or lease.task.done():
+            continue
         if job_id in extended:
             lease.confirm(sent_at + runtime.settings.lease_s, runtime.lease_margin_s)
         else:
