@@ -18,6 +18,9 @@ Public API (re-exported by ``producers``)::
   dozen round trips, not 50,000.
 * ``validate_many`` and ``enqueue_validated``: the two halves of ``enqueue_many``, for producers
   that report errors their own way (line numbers, list indexes) or skip invalid items.
+* ``wait(receipt_or_key, *, timeout, account="default") -> ResultEvent``: the change's terminal
+  event, or ``WaitTimeout`` saying where it stands (``producers.outcomes``, which also has the
+  consumer-group readers ``ResultsConsumer`` and ``DeadLetterConsumer``).
 * ``aclose()`` (or ``async with``) closes the Redis connection the producer opened itself; a
   client passed in belongs to the caller.
 
@@ -44,10 +47,12 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
+from producers.outcomes import Outcomes
 from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.errors import ConfigError, FieldError, InvalidChange, UnknownAccount
 from worker.ledger import Ledger, Receipt
+from worker.results import ResultEvent
 from worker.settings import Settings
 
 __all__ = [
@@ -151,6 +156,7 @@ class LeadStageProducer:
         self.redis = connect_redis(self.settings.redis_url) if redis is None else redis
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
+        self.outcomes = Outcomes(self.redis, self.settings)
 
     async def __aenter__(self) -> LeadStageProducer:
         return self
@@ -161,7 +167,8 @@ class LeadStageProducer:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the Redis client if this producer opened it."""
+        """Stop the waits' reader; close the Redis client if this producer opened it."""
+        await self.outcomes.aclose()
         if self._owns_client:
             await self.redis.aclose()
 
@@ -277,3 +284,15 @@ class LeadStageProducer:
             if count:
                 metrics.ENQUEUED.labels(self.producer, status).inc(count)
         return receipts
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    async def wait(
+        self,
+        receipt_or_key: Receipt | str,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the deadline is part of the API, and reported in WaitTimeout
+        account: str = DEFAULT_ACCOUNT,
+    ) -> ResultEvent:
+        """The change's terminal event; see ``producers.outcomes.Outcomes.wait``."""
+        return await self.outcomes.wait(receipt_or_key, timeout=timeout, account=account)

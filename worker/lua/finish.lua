@@ -7,7 +7,8 @@
 --       8 lock hold (ms; kept after an unknown outcome), 9 account pause until (ms or ''),
 --       10 created stage id to claim (adds) or '', 11 stage id or '', 12 history line (JSON),
 --       13.. event fields and values
--- Returns {'ok'} or {'stale', state} when the ledger is already terminal or gone.
+-- Returns {'ok'} or {'stale', state} when the ledger is already terminal or gone. A terminal state
+-- records its event's stream id (event_id), so readers find the event without scanning the stream.
 local job, outcome, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local l = redis.call('HMGET', KEYS[1], 'state', 'history', 'change', 'gen')
 local state = l[1]
@@ -15,6 +16,7 @@ if not state or state == 'succeeded' or state == 'failed' or state == 'supersede
   return {'stale', state or 'missing'}
 end
 local history = (l[2] or '') .. ARGV[12] .. '\n'
+local event_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 13))
 
 local function release_lock(hold_ms)
   if redis.call('GET', KEYS[4]) == job then
@@ -32,13 +34,12 @@ if outcome == 'retrying' then
   redis.call('ZADD', KEYS[7], ARGV[6], job)
 else
   redis.call('HSET', KEYS[1], 'state', outcome, 'phase', '', 'finished_at', now, 'stage_id', ARGV[11],
-    'history', history)
+    'history', history, 'event_id', event_id)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   if ARGV[10] ~= '' then redis.call('HSETNX', KEYS[5], ARGV[10], job) end
   release_lock(0)
   redis.call('ZREM', KEYS[7], job)
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 13))
 if outcome == 'failed' then
   -- The dead letter carries the whole original change, so a replay needs nothing else.
   redis.call('XADD', KEYS[3], '*', 'original_change', l[3], 'generation', l[4] or '0', unpack(ARGV, 13))
