@@ -47,12 +47,11 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
-from producers.outcomes import Outcomes
+from producers.outcomes import SharedReader, Waits
 from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.errors import ConfigError, FieldError, InvalidChange, UnknownAccount
 from worker.ledger import Ledger, Receipt
-from worker.results import ResultEvent
 from worker.settings import Settings
 
 __all__ = [
@@ -138,7 +137,7 @@ def connect_redis(url: str) -> aioredis.Redis:
     return client
 
 
-class LeadStageProducer:
+class LeadStageProducer(Waits):
     """Validates changes and enqueues them through the ledger (see the module docstring)."""
 
     def __init__(
@@ -156,7 +155,7 @@ class LeadStageProducer:
         self.redis = connect_redis(self.settings.redis_url) if redis is None else redis
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
-        self.outcomes = Outcomes(self.redis, self.settings)
+        self.reader = SharedReader(self.redis, self.settings.results_stream)
 
     async def __aenter__(self) -> LeadStageProducer:
         return self
@@ -168,7 +167,7 @@ class LeadStageProducer:
 
     async def aclose(self) -> None:
         """Stop the waits' reader; close the Redis client if this producer opened it."""
-        await self.outcomes.aclose()
+        await self.reader.aclose()
         if self._owns_client:
             await self.redis.aclose()
 
@@ -284,15 +283,3 @@ class LeadStageProducer:
             if count:
                 metrics.ENQUEUED.labels(self.producer, status).inc(count)
         return receipts
-
-    # -- outcomes ------------------------------------------------------------------------------
-
-    async def wait(
-        self,
-        receipt_or_key: Receipt | str,
-        *,
-        timeout: float,  # noqa: ASYNC109 - the deadline is part of the API, and reported in WaitTimeout
-        account: str = DEFAULT_ACCOUNT,
-    ) -> ResultEvent:
-        """The change's terminal event; see ``producers.outcomes.Outcomes.wait``."""
-        return await self.outcomes.wait(receipt_or_key, timeout=timeout, account=account)

@@ -96,6 +96,21 @@ def _header(name: str, description: str, *, required: bool, schema: dict[str, An
     return {"name": name, "in": "header", "required": required, "description": description, "schema": schema}
 
 
+def _account_parameters(header_description: str) -> list[dict[str, Any]]:
+    """The account, as the X-Leadstage-Account header or the ``account`` query parameter."""
+    schema = {"type": "string", "pattern": ACCOUNT_PATTERN}
+    return [
+        _header("X-Leadstage-Account", header_description, required=False, schema=schema),
+        {
+            "name": "account",
+            "in": "query",
+            "required": False,
+            "description": "The account when X-Leadstage-Account is absent (the header wins).",
+            "schema": schema,
+        },
+    ]
+
+
 def _problem_response(description: str, *, validation: bool = False, retry_after: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
@@ -178,19 +193,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 required=False,
                 schema={"type": "string", "pattern": KEY_PATTERN},
             ),
-            _header(
-                "X-Leadstage-Account",
-                "The iVvy account the changes are for (default 'default').",
-                required=False,
-                schema={"type": "string", "pattern": ACCOUNT_PATTERN},
-            ),
-            {
-                "name": "account",
-                "in": "query",
-                "required": False,
-                "description": "The account when X-Leadstage-Account is absent (the header wins).",
-                "schema": {"type": "string", "pattern": ACCOUNT_PATTERN},
-            },
+            *_account_parameters("The iVvy account the changes are for (default 'default')."),
         ],
         "requestBody": {
             "required": True,
@@ -326,21 +329,6 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
 
 
 def _status_operation() -> dict[str, Any]:
-    account_parameters = [
-        _header(
-            "X-Leadstage-Account",
-            "The account the change was enqueued for (default 'default'); the token must be this account's.",
-            required=False,
-            schema={"type": "string", "pattern": ACCOUNT_PATTERN},
-        ),
-        {
-            "name": "account",
-            "in": "query",
-            "required": False,
-            "description": "The account when X-Leadstage-Account is absent (the header wins).",
-            "schema": {"type": "string", "pattern": ACCOUNT_PATTERN},
-        },
-    ]
     return {
         "operationId": "getLeadStageChange",
         "summary": "Where one change stands, and its terminal event once it has one",
@@ -355,7 +343,9 @@ def _status_operation() -> dict[str, Any]:
                 "description": "The change's idempotency key, percent-encoded.",
                 "schema": {"type": "string", "pattern": KEY_PATTERN},
             },
-            *account_parameters,
+            *_account_parameters(
+                "The account the change was enqueued for (default 'default'); the token must be this account's."
+            ),
         ],
         "responses": {
             "200": {

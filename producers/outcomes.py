@@ -49,10 +49,11 @@ __all__ = [
     "DeadLetterConsumer",
     "InvalidOption",
     "OutcomeUnavailable",
-    "Outcomes",
     "ResultsConsumer",
+    "SharedReader",
     "UnknownChange",
     "WaitTimeout",
+    "Waits",
     "standing",
 ]
 
@@ -161,7 +162,7 @@ def _translated(exc: redis.exceptions.ResponseError, stream: str) -> ConfigError
 Delivery = ResultEvent | LeadstageError
 
 
-class _SharedReader:
+class SharedReader:
     """One blocking XREAD over the results stream, handing terminal events to the waits for them."""
 
     def __init__(self, client: aioredis.Redis, stream: str) -> None:
@@ -255,12 +256,13 @@ class _SharedReader:
                 queue.put_nowait(error)
 
 
-class Outcomes:
-    """``wait`` for one producer (``LeadStageProducer.wait`` delegates here)."""
+class Waits:
+    """``wait``, mixed into ``LeadStageProducer``: it needs the producer's Redis, settings and reader."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
-        self.client, self.settings = client, settings
-        self.reader = _SharedReader(client, settings.results_stream)
+    redis: aioredis.Redis
+    settings: Settings
+    #: The one reader of every wait of this producer.
+    reader: SharedReader
 
     async def wait(
         self,
@@ -295,7 +297,7 @@ class Outcomes:
                     return await self._terminal(account, key, queue)
             except TimeoutError:
                 # The event may have landed at the deadline: look once more before giving up.
-                status, event = await standing(self.client, self.settings, account, key)
+                status, event = await standing(self.redis, self.settings, account, key)
                 if event is not None:
                     return event
                 if status is None:
@@ -305,7 +307,7 @@ class Outcomes:
             self.reader.unsubscribe(job, queue)
 
     async def _terminal(self, account: str, key: str, queue: asyncio.Queue[Delivery]) -> ResultEvent:
-        status, event = await standing(self.client, self.settings, account, key)
+        status, event = await standing(self.redis, self.settings, account, key)
         if event is not None:
             return event
         if status is None:
@@ -321,9 +323,6 @@ class Outcomes:
             # An older generation's event (a replayed dead letter) read late is not this one's.
             if delivery.generation >= generation:
                 return delivery
-
-    async def aclose(self) -> None:
-        await self.reader.aclose()
 
 
 # -- consumer groups ---------------------------------------------------------------------------
@@ -479,8 +478,9 @@ class _GroupConsumer(Generic[E]):
             cursor = answer[0].decode()
             deleted: Sequence[bytes] = answer[2] if len(answer) > 2 else []
             if deleted:
-                # Trimmed (LEADSTAGE_RESULTS_MAXLEN) before anyone acked them: Redis drops them.
-                log.warning("outcomes.entries_trimmed", group=self.group, stream=self.stream, count=len(deleted))
+                # Trimmed (LEADSTAGE_RESULTS_MAXLEN) or deleted (a replayed dead letter) before anyone
+                # acked them: Redis drops them from the pending list.
+                log.warning("outcomes.entries_gone", group=self.group, stream=self.stream, count=len(deleted))
             for entry in await self._parsed(answer[1]):
                 yield entry
             if cursor == "0-0":
@@ -491,11 +491,11 @@ class _GroupConsumer(Generic[E]):
         gone: list[str] = []
         for raw_id, fields in raw:
             if fields is None:
-                gone.append(raw_id.decode())  # pending, but trimmed from the stream: nothing to deliver
+                gone.append(raw_id.decode())  # pending, but gone from the stream: nothing to deliver
                 continue
             events.append(self.event_type.from_entry(raw_id.decode(), _decoded(fields)))
         if gone:
-            log.warning("outcomes.entries_trimmed", group=self.group, stream=self.stream, count=len(gone))
+            log.warning("outcomes.entries_gone", group=self.group, stream=self.stream, count=len(gone))
             await self.ack(*gone)
         return events
 

@@ -14,7 +14,7 @@ from producers.outcomes import InvalidOption, UnknownChange, WaitTimeout
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from worker import readers
 from worker.errors import InvalidChange
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.fake_ivvy import RunningFakeIvvy
 from worker.results import InvalidEvent
 from worker.runner import running_worker
 from worker.settings import Settings
@@ -23,14 +23,8 @@ HOT = {"name": "Hot", "applyTo": "lead"}
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[RunningFakeIvvy]:
-    async with running_fake_ivvy(seed=7) as running:
-        yield running
-
-
-@pytest.fixture
-def settings(redis_url: str, fake: RunningFakeIvvy) -> Settings:
-    return worker_settings(redis_url, fake.url)
+def settings(redis_url: str, fake_ivvy: RunningFakeIvvy) -> Settings:
+    return worker_settings(redis_url, fake_ivvy.url)
 
 
 @pytest.fixture
@@ -50,7 +44,7 @@ async def blocked_readers(client: aioredis.Redis) -> int:
 
 
 async def test_wait_returns_the_terminal_event_then_again_at_once(
-    settings: Settings, producer: LeadStageProducer, fake: RunningFakeIvvy
+    settings: Settings, producer: LeadStageProducer, fake_ivvy: RunningFakeIvvy
 ) -> None:
     receipt = await producer.enqueue(HOT, idempotency_key="w1")
     async with running_worker(settings):
@@ -59,7 +53,7 @@ async def test_wait_returns_the_terminal_event_then_again_at_once(
     assert (event.event, event.idempotency_key, event.account, event.operation) == ("succeeded", "w1", "default", "add")
     assert event.terminal
     assert event.stage_id is not None
-    assert fake.fake.stages[event.stage_id].name == "Hot"
+    assert fake_ivvy.fake.stages[event.stage_id].name == "Hot"
     assert event.change == {"name": "Hot", "applyTo": 2}
     # Finished already: the same event (found through the ledger), by key too, without waiting.
     again = await producer.wait("w1", timeout=0)
@@ -68,7 +62,7 @@ async def test_wait_returns_the_terminal_event_then_again_at_once(
 
 
 async def test_a_wait_that_times_out_says_where_the_change_stands(
-    settings: Settings, producer: LeadStageProducer, fake: RunningFakeIvvy
+    settings: Settings, producer: LeadStageProducer, fake_ivvy: RunningFakeIvvy
 ) -> None:
     await producer.enqueue(HOT, idempotency_key="queued-only")
     with pytest.raises(WaitTimeout) as queued:
@@ -78,7 +72,7 @@ async def test_a_wait_that_times_out_says_where_the_change_stands(
     assert "it is queued after 0 attempt(s)" in str(queued.value)
     assert queued.value.retryable
 
-    fake.fake.update_faults({"error_rate": 1})  # every POST answers 500: the change keeps retrying
+    fake_ivvy.fake.update_faults({"error_rate": 1})  # every POST answers 500: the change keeps retrying
     await producer.enqueue({"name": "Warm", "applyTo": "lead"}, idempotency_key="retrying")
     async with running_worker(dataclasses.replace(settings, backoff_base_s=2.0, backoff_max_s=2.0)):
         with pytest.raises(WaitTimeout) as retrying:
@@ -100,7 +94,7 @@ async def test_concurrent_waits_share_one_reader(
         events = await asyncio.gather(*waits)
     assert [e.idempotency_key for e in events] == [r.idempotency_key for r in receipts]
     assert {e.event for e in events} == {"succeeded"}
-    assert producer.outcomes.reader.starts == 1
+    assert producer.reader.starts == 1
     # The reader stops with the last wait.
     await eventually(lambda: _no_blocked(redis_client))
 
@@ -135,7 +129,7 @@ async def test_wait_refuses_what_it_cannot_wait_for(producer: LeadStageProducer)
     for timeout in (-1, float("nan"), float("inf")):
         with pytest.raises(InvalidOption, match="timeout"):
             await producer.wait("k", timeout=timeout)
-    assert producer.outcomes.reader.starts == 1  # only the unknown key got as far as the reader
+    assert producer.reader.starts == 1  # only the unknown key got as far as the reader
 
 
 # -- consumer groups -----------------------------------------------------------------------------

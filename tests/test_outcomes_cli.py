@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,7 +14,7 @@ import redis.asyncio as aioredis
 from producers import LeadStageProducer
 from tests.harness import wait_for_terminal, worker_settings
 from tests.test_cli import ROOT, command, json_lines, one_error_line
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
 from worker.settings import Settings
 
@@ -25,14 +24,8 @@ EVENTS = 400
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[RunningFakeIvvy]:
-    async with running_fake_ivvy(seed=3) as running:
-        yield running
-
-
-@pytest.fixture
-def settings(redis_url: str, fake: RunningFakeIvvy) -> Settings:
-    return worker_settings(redis_url, fake.url)
+def settings(redis_url: str, fake_ivvy: RunningFakeIvvy) -> Settings:
+    return worker_settings(redis_url, fake_ivvy.url)
 
 
 def env(settings: Settings) -> dict[str, str]:

@@ -20,7 +20,7 @@ from producers.openapi import CHANGES_PATH
 from producers.status import status_token
 from producers.webhook import create_app
 from tests.harness import eventually, worker_settings
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
 from worker.settings import Account, Secret, Settings
 
@@ -30,14 +30,10 @@ Client = TestClient[Any, Any]
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[RunningFakeIvvy]:
-    async with running_fake_ivvy(seed=11) as running:
-        yield running
-
-
-@pytest.fixture
-def settings(redis_url: str, fake: RunningFakeIvvy) -> Settings:
-    base = worker_settings(redis_url, fake.url, webhook_secret=Secret(SECRET), backoff_base_s=0.3, backoff_max_s=0.3)
+def settings(redis_url: str, fake_ivvy: RunningFakeIvvy) -> Settings:
+    base = worker_settings(
+        redis_url, fake_ivvy.url, webhook_secret=Secret(SECRET), backoff_base_s=0.3, backoff_max_s=0.3
+    )
     acme = dataclasses.replace(base.accounts["default"], name="acme")
     accounts: dict[str, Account] = {**base.accounts, "acme": acme}
     return dataclasses.replace(base, accounts=accounts)
@@ -49,7 +45,8 @@ async def client(settings: Settings, redis_client: aioredis.Redis) -> AsyncItera
         yield test_client
 
 
-async def post(client: Client, payload: object, *, account: str = "default") -> tuple[int, dict[str, Any], str | None]:
+async def post(client: Client, payload: object, **extra: str) -> tuple[int, dict[str, Any], str | None]:
+    """A signed POST of ``payload``; ``extra`` headers (underscores for dashes) beside the signature."""
     body = orjson.dumps(payload)
     msg_id, now = f"msg_{uuid4().hex}", datetime.now(UTC)
     headers = {
@@ -57,7 +54,7 @@ async def post(client: Client, payload: object, *, account: str = "default") -> 
         "webhook-timestamp": str(int(now.timestamp())),
         "webhook-signature": Webhook(SECRET).sign(msg_id, now, body.decode()),
         "Content-Type": "application/json",
-        "X-Leadstage-Account": account,
+        **{name.replace("_", "-"): value for name, value in extra.items()},
     }
     response = await client.post(CHANGES_PATH, data=body, headers=headers)
     return response.status, await response.json(), response.headers.get("Location")
@@ -71,7 +68,7 @@ async def get(client: Client, location: str, token: str | None, **headers: str) 
 
 
 async def test_the_status_of_a_change_through_its_life(
-    client: Client, settings: Settings, fake: RunningFakeIvvy
+    client: Client, settings: Settings, fake_ivvy: RunningFakeIvvy
 ) -> None:
     status, accepted, location = await post(client, HOT)
     assert status == 202
@@ -83,7 +80,7 @@ async def test_the_status_of_a_change_through_its_life(
     assert code == 200
     assert (queued["state"], queued["attempts"], queued["event"]) == ("queued", 0, None)
 
-    fake.fake.update_faults({"error_rate": 1})  # iVvy answers 500: the change is retried
+    fake_ivvy.fake.update_faults({"error_rate": 1})  # iVvy answers 500: the change is retried
     async with running_worker(settings):
         seen: list[dict[str, Any]] = []
 
@@ -98,7 +95,7 @@ async def test_the_status_of_a_change_through_its_life(
         assert failing["history"][0]["error_code"] == "unavailable"  # the fake's 503
         assert failing["next_attempt_at"] is not None
 
-        fake.fake.update_faults({"error_rate": 0})
+        fake_ivvy.fake.update_faults({"error_rate": 0})
 
         async def succeeded() -> bool:
             return bool((await get(client, location, token))[1]["state"] == "succeeded")
@@ -113,12 +110,12 @@ async def test_the_status_of_a_change_through_its_life(
         None,
     )
     assert event["stage_id"] == done["stage_id"]
-    assert fake.fake.stages[event["stage_id"]].name == "Hot"
+    assert fake_ivvy.fake.stages[event["stage_id"]].name == "Hot"
     assert event["attempt"] == done["attempts"] >= 2
 
 
 async def test_only_a_token_of_the_changes_account_reads_it(client: Client) -> None:
-    _, accepted, location = await post(client, HOT, account="acme")
+    _, accepted, location = await post(client, HOT, X_Leadstage_Account="acme")
     assert location is not None
     assert location.endswith("?account=acme")
     key = accepted["receipts"][0]["idempotency_key"]
@@ -140,21 +137,8 @@ async def test_only_a_token_of_the_changes_account_reads_it(client: Client) -> N
 
 async def test_any_key_round_trips_through_its_location(client: Client, redis_client: aioredis.Redis) -> None:
     key = "order/7?x=1&y=%20 #frag"
-    body = orjson.dumps(HOT)
-    msg_id, now = "msg_key", datetime.now(UTC)
-    response = await client.post(
-        CHANGES_PATH,
-        data=body,
-        headers={
-            "webhook-id": msg_id,
-            "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": Webhook(SECRET).sign(msg_id, now, body.decode()),
-            "Content-Type": "application/json",
-            "Idempotency-Key": key,
-        },
-    )
-    assert response.status == 202
-    location = response.headers["Location"]
+    status, _, location = await post(client, HOT, Idempotency_Key=key)
+    assert status == 202
     assert location == f"{CHANGES_PATH}/{quote(key, safe='')}"
     code, standing = await get(client, location, status_token(SECRET))
     assert code == 200
