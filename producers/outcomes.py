@@ -135,16 +135,19 @@ async def standing(
     The event is the one ``finish.lua`` recorded in the ledger (``event_id``) for the current
     generation; None while the change is not finished, or when the stream no longer holds it.
     """
-    status = await readers.change_status(client, settings, account, idempotency_key)
-    if status is None or status["state"] not in TERMINAL_EVENTS:
-        return status, None
-    with redis_errors():
-        event_id = await client.hget(keys.ledger_key(keys.job_id(account, idempotency_key)), "event_id")  # type: ignore[misc]  # redis-py's async stubs
-        entries = await client.xrange(settings.results_stream, min=event_id, max=event_id) if event_id else []
-    for entry_id, fields in entries:
-        event = ResultEvent.from_entry(entry_id.decode(), _decoded(fields))
+    for _ in range(2):
+        status = await readers.change_status(client, settings, account, idempotency_key)
+        if status is None or status["state"] not in TERMINAL_EVENTS:
+            return status, None
+        with redis_errors():
+            event_id = await client.hget(keys.ledger_key(keys.job_id(account, idempotency_key)), "event_id")  # type: ignore[misc]  # redis-py's async stubs
+            entries = await client.xrange(settings.results_stream, min=event_id, max=event_id) if event_id else []
+        if not entries:
+            break  # trimmed from the stream (or finished before event ids were recorded)
+        event = ResultEvent.from_entry(entries[0][0].decode(), _decoded(entries[0][1]))
         if event.generation == status["generation"]:
             return status, event
+        # A replay started a new generation between the two reads: read where it stands now.
     return status, None
 
 
@@ -490,7 +493,7 @@ class _GroupConsumer(Generic[E]):
         events: list[E] = []
         gone: list[str] = []
         for raw_id, fields in raw:
-            if fields is None:
+            if not fields:
                 gone.append(raw_id.decode())  # pending, but gone from the stream: nothing to deliver
                 continue
             events.append(self.event_type.from_entry(raw_id.decode(), _decoded(fields)))

@@ -241,3 +241,19 @@ def test_consumer_options_are_checked(settings: Settings, option: str, value: ob
     arguments: dict[str, object] = {"group": "g", "consumer": "c", option: value}
     with pytest.raises(InvalidOption, match=option):
         ResultsConsumer(settings=settings, **arguments)  # type: ignore[arg-type]  # the bad values on purpose
+
+
+async def test_a_dead_letter_replayed_while_pending_is_not_delivered_again(
+    settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
+) -> None:
+    await producer.enqueue({"id": 1, "name": "Quoted!"}, idempotency_key="refused")
+    async with running_worker(settings):
+        await producer.wait("refused", timeout=30)
+    first = DeadLetterConsumer("ops", "c", settings=settings, redis=redis_client, start="all", follow=False)
+    [dead] = [e async for e in first]  # delivered, not acked
+    [entry] = [e async for e in readers.dead_letters(redis_client, settings)]
+    await readers.replay(redis_client, settings, entry)  # the dead letter leaves the stream
+    again = DeadLetterConsumer("ops", "c", settings=settings, redis=redis_client, follow=False)
+    assert [e async for e in again] == []
+    assert (await redis_client.xpending("leadstage:dlq", "ops"))["pending"] == 0
+    assert dead.idempotency_key == "refused"
