@@ -289,7 +289,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     settings = _settings()
     if args.group is not None:
         return _results_of_group(args, settings)
-    if args.consumer is not None or args.start is not None:
+    if args.consumer is not None or args.start != "new":
         raise Refused("--consumer and --start need --group")
 
     async def show(client: aioredis.Redis) -> None:
@@ -315,7 +315,7 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
 
     async def show(client: aioredis.Redis) -> None:
         consumer = ResultsConsumer(
-            args.group, consumer_name, settings=settings, redis=client, start=args.start or "new",
+            args.group, consumer_name, settings=settings, redis=client, start=args.start,
             claim_idle_s=args.claim_idle, follow=args.follow,
         )  # fmt: skip
 
@@ -459,8 +459,8 @@ def _add_readers(subparsers: Any) -> None:
     results.add_argument("--account", help="only the results of this account")
     group = results.add_argument_group("consumer group")
     group.add_argument("--group", "-g", metavar="G", help="read through consumer group G (created if new)")
-    group.add_argument("--consumer", metavar="C", help="this consumer's name in G (default: HOST-PID)")
-    group.add_argument("--start", metavar="{new,all,ID}", help="where a new group starts (default: new)")
+    group.add_argument("--consumer", metavar="C", help="this consumer's name in G, HOST-PID when absent")
+    group.add_argument("--start", metavar="{new,all,ID}", default="new", help="where a new group starts")
     group.add_argument(
         "--claim-idle", type=float, default=60.0, metavar="S", help="take over entries unacked this long"
     )
