@@ -99,6 +99,22 @@ async def test_concurrent_waits_share_one_reader(
     await eventually(lambda: _no_blocked(redis_client))
 
 
+async def test_a_wait_survives_its_reader_losing_the_connection(
+    settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
+) -> None:
+    receipt = await producer.enqueue(HOT, idempotency_key="reconnect")
+    wait = asyncio.create_task(producer.wait(receipt, timeout=60))
+    await eventually(lambda: _blocked_at_least_one(redis_client))
+    db = str(redis_client.connection_pool.connection_kwargs.get("db", 0))
+    [reader] = [c for c in await redis_client.client_list() if c.get("cmd") == "xread" and str(c.get("db")) == db]
+    await redis_client.client_kill_filter(_id=reader["id"])  # only this session's reader
+    await eventually(lambda: _blocked_at_least_one(redis_client))  # it came back, from where it was
+    async with running_worker(settings):
+        event = await wait
+    assert (event.idempotency_key, event.event) == ("reconnect", "succeeded")
+    assert producer.reader.starts == 1
+
+
 async def _blocked_at_least_one(client: aioredis.Redis) -> bool:
     return await blocked_readers(client) >= 1
 
