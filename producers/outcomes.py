@@ -44,6 +44,7 @@ from worker.ledger import Receipt
 from worker.logs import get_logger
 from worker.results import TERMINAL_EVENTS, DeadLetter, InvalidEvent, ResultEvent
 from worker.settings import Settings
+from worker.states import TERMINAL
 
 __all__ = [
     "DeadLetterConsumer",
@@ -137,7 +138,7 @@ async def standing(
     """
     for _ in range(2):
         status = await readers.change_status(client, settings, account, idempotency_key)
-        if status is None or status["state"] not in TERMINAL_EVENTS:
+        if status is None or status["state"] not in TERMINAL:
             return status, None
         with redis_errors():
             event_id = await client.hget(keys.ledger_key(keys.job_id(account, idempotency_key)), "event_id")  # type: ignore[misc]  # redis-py's async stubs
@@ -315,7 +316,7 @@ class Waits:
             return event
         if status is None:
             raise UnknownChange(account, key)
-        if status["state"] in TERMINAL_EVENTS:
+        if status["state"] in TERMINAL:
             raise OutcomeUnavailable(status)
         generation = status["generation"]
         assert isinstance(generation, int)
@@ -444,10 +445,15 @@ class _GroupConsumer(Generic[E]):
     async def _ensure_group(self) -> None:
         try:
             with redis_errors():
-                await self.redis.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
+                try:
+                    await self.redis.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
+                except redis.exceptions.ResponseError as exc:
+                    # An existing group keeps its position. (Checked before redis_errors, which
+                    # would take BUSYGROUP for BUSY, a refusal.)
+                    if not str(exc).startswith("BUSYGROUP"):
+                        raise
         except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):  # an existing group keeps its position
-                raise _translated(exc, self.stream) from None
+            raise _translated(exc, self.stream) from None
 
     async def _read(self, cursor: str, *, block: bool) -> list[E]:
         try:
