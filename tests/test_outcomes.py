@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultEvent, ResultsConsumer
-from producers.outcomes import InvalidOption, UnknownChange, WaitTimeout
+from producers.outcomes import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from worker import readers
 from worker.errors import InvalidChange
@@ -135,6 +135,18 @@ async def test_wait_for_a_replayed_change_returns_the_new_generation(
         second = await producer.wait("refused", timeout=30)
     assert (second.event, second.generation) == ("failed", 1)
     assert second.id != first.id
+
+
+async def test_a_finished_change_whose_event_was_trimmed_says_so(
+    settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
+) -> None:
+    await producer.enqueue(HOT, idempotency_key="old")
+    async with running_worker(settings):
+        await producer.wait("old", timeout=30)
+    await redis_client.xtrim("leadstage:results", maxlen=0)  # as LEADSTAGE_RESULTS_MAXLEN does, much later
+    with pytest.raises(OutcomeUnavailable, match="'old' of account 'default' is succeeded") as caught:
+        await producer.wait("old", timeout=1)
+    assert caught.value.status["stage_id"] is not None
 
 
 async def test_wait_refuses_what_it_cannot_wait_for(producer: LeadStageProducer) -> None:

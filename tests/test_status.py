@@ -10,13 +10,14 @@ from typing import Any
 from urllib.parse import quote
 from uuid import uuid4
 
+import jsonschema_rs  # schemathesis's own validator (the fuzz tests' dependency)
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import Webhook
 
-from producers.openapi import CHANGES_PATH
+from producers.openapi import CHANGES_PATH, openapi_document
 from producers.status import status_token
 from producers.webhook import create_app
 from tests.harness import eventually, worker_settings
@@ -43,6 +44,13 @@ def settings(redis_url: str, fake_ivvy: RunningFakeIvvy) -> Settings:
 async def client(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[Client]:
     async with TestClient(TestServer(create_app(settings, redis_client), host="127.0.0.1")) as test_client:
         yield test_client
+
+
+def conforms(body: dict[str, Any]) -> bool:
+    """Whether a 200 body is a ChangeStatus as the OpenAPI document describes it."""
+    document = openapi_document(1024)
+    schema = {"components": document["components"], "$ref": "#/components/schemas/ChangeStatus"}
+    return bool(jsonschema_rs.validator_for(schema).is_valid(body))
 
 
 async def post(client: Client, payload: object, **extra: str) -> tuple[int, dict[str, Any], str | None]:
@@ -79,6 +87,7 @@ async def test_the_status_of_a_change_through_its_life(
     code, queued = await get(client, location, token)
     assert code == 200
     assert (queued["state"], queued["attempts"], queued["event"]) == ("queued", 0, None)
+    assert conforms(queued)
 
     fake_ivvy.fake.update_faults({"error_rate": 1})  # iVvy answers 500: the change is retried
     async with running_worker(settings):
@@ -94,6 +103,7 @@ async def test_the_status_of_a_change_through_its_life(
         assert failing["event"] is None
         assert failing["history"][0]["error_code"] == "unavailable"  # the fake's 503
         assert failing["next_attempt_at"] is not None
+        assert conforms(failing)
 
         fake_ivvy.fake.update_faults({"error_rate": 0})
 
@@ -103,6 +113,7 @@ async def test_the_status_of_a_change_through_its_life(
         await eventually(succeeded)
     code, done = await get(client, location, token)
     assert code == 200
+    assert conforms(done)
     event = done["event"]
     assert (event["event"], event["idempotency_key"], event["retryable"]) == (
         "succeeded",
