@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 from tqdm import tqdm
 
 from producers.library import ChangeItem, LeadStageProducer, Validated, connect_redis, field_errors
+from producers.outcomes import ResultsConsumer
 from worker import readers
 from worker.change import DEFAULT_ACCOUNT
 from worker.errors import IdempotencyConflict, LeadstageError, PermanentError, RedisUnavailable
@@ -307,8 +308,6 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
     """Every event through consumer group ``--group``, each acked once it is written (at least once)."""
-    from producers.outcomes import ResultsConsumer
-
     if args.key is not None or args.account is not None:
         raise Refused("--key and --account cannot be used with --group (the group acks every event it reads)")
     consumer_name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
