@@ -21,7 +21,8 @@ Public API (re-exported by ``producers``)::
   gets its own pending entries back (a restart under the same name resumes), then entries other
   consumers have left unacked for ``claim_idle_s`` (XAUTOCLAIM: a dead consumer's batch is taken
   over), then new ones. ``start`` places a new group: ``"new"`` (entries added from now on),
-  ``"all"`` (everything still in the stream) or a stream id; an existing group keeps its place.
+  ``"all"`` (everything still in the stream) or a stream id (the entries after it); an existing
+  group keeps its place.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ async def test_a_consumer_killed_mid_batch_is_taken_over_with_nothing_lost_or_sk
     assert (await redis_client.xpending("leadstage:results", "g"))["pending"] == 0
 
 
-async def test_an_unacked_event_comes_back_to_its_consumer_and_a_new_group_starts_at_new(
+async def test_an_unacked_event_comes_back_to_its_consumer_and_a_new_group_starts_where_told(
     settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
 ) -> None:
     await finished(settings, producer, redis_client, 3)
@@ -229,6 +229,9 @@ async def test_an_unacked_event_comes_back_to_its_consumer_and_a_new_group_start
     assert [e.id async for e in first] == old  # read, never acked
     restarted = ResultsConsumer("g", "same", settings=settings, redis=redis_client, follow=False)
     assert [e.id async for e in restarted] == old  # its own pending entries, delivered again
+
+    after_first = ResultsConsumer("mid", "c", settings=settings, redis=redis_client, start=old[0], follow=False)
+    assert [e.id async for e in after_first] == old[1:]
 
     fresh = ResultsConsumer("late", "c", settings=settings, redis=redis_client, start="new", follow=False)
     assert [e async for e in fresh] == []

@@ -451,7 +451,7 @@ def _add_readers(subparsers: Any) -> None:
         "acknowledged, so a consumer that stops resumes where it was (at least once: an entry printed\n"
         "just before a crash is printed again). Entries another consumer of G left unacknowledged for\n"
         "--claim-idle seconds are taken over. --start places a new group: new (from now), all (the\n"
-        "whole stream) or a stream id; an existing group keeps its place.",
+        "whole stream) or a stream id (the entries after it); an existing group keeps its place.",
     )
     results.add_argument("--follow", "-f", action="store_true", help="wait for new results")
     results.add_argument("--key", help="only the results of this idempotency key")
