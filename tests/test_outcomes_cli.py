@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers import LeadStageProducer
-from tests.harness import wait_for_terminal, worker_settings
-from tests.test_cli import ROOT, command, json_lines, one_error_line
+from tests.harness import eventually, wait_for_terminal, worker_settings
+from tests.test_cli import ROOT, background, command, json_lines, one_error_line, read_line
 from worker.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
 from worker.settings import Settings
@@ -100,3 +100,32 @@ def test_group_options_need_a_group_and_exclude_filters(settings: Settings) -> N
         )
         assert result.returncode == 2
         assert message in one_error_line(result)
+
+
+async def test_a_following_group_consumer_prints_new_events_and_ends_cleanly_on_sigterm(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    with background("results", "--follow", "--group", "live", "--consumer", "c", env=env(settings)) as follower:
+        await _group_exists(redis_client, "live")
+        async with LeadStageProducer(settings, redis=redis_client) as producer:
+            receipt = await producer.enqueue({"name": "Live", "applyTo": "lead"})
+            async with running_worker(settings):
+                await producer.wait(receipt, timeout=30)
+        printed = read_line(follower)
+        assert (printed["idempotency_key"], printed["event"]) == (receipt.idempotency_key, "succeeded")
+        await eventually(lambda: _nothing_pending(redis_client, "live"))  # acked once printed
+    # background() asserted exit status 0 on SIGTERM.
+
+
+async def _nothing_pending(client: aioredis.Redis, group: str) -> bool:
+    return bool((await client.xpending("leadstage:results", group))["pending"] == 0)
+
+
+async def _group_exists(client: aioredis.Redis, group: str, *, within_s: float = 20.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not (
+        await client.exists("leadstage:results")
+        and any(g["name"] == group.encode() for g in await client.xinfo_groups("leadstage:results"))
+    ):
+        assert time.monotonic() < deadline, f"group {group} was never created"
+        await asyncio.sleep(0.05)
