@@ -241,12 +241,17 @@ async def test_an_unacked_event_comes_back_to_its_consumer_and_a_new_group_start
     assert set(new).isdisjoint(old)
 
 
-async def test_dead_letters_through_a_group_are_typed(
-    settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
-) -> None:
+async def dead_lettered(settings: Settings, producer: LeadStageProducer) -> None:
+    """A change the fake refuses (its built-in stage 1 is not editable), applied: one dead letter."""
     await producer.enqueue({"id": 1, "name": "Quoted!"}, idempotency_key="refused")
     async with running_worker(settings):
         await producer.wait("refused", timeout=30)
+
+
+async def test_dead_letters_through_a_group_are_typed(
+    settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
+) -> None:
+    await dead_lettered(settings, producer)
     consumer = DeadLetterConsumer("ops", "c", settings=settings, redis=redis_client, start="all", follow=False)
     [dead] = [e async for e in consumer]
     assert isinstance(dead, DeadLetter)
@@ -277,9 +282,7 @@ def test_consumer_options_are_checked(settings: Settings, option: str, value: ob
 async def test_a_dead_letter_replayed_while_pending_is_not_delivered_again(
     settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
 ) -> None:
-    await producer.enqueue({"id": 1, "name": "Quoted!"}, idempotency_key="refused")
-    async with running_worker(settings):
-        await producer.wait("refused", timeout=30)
+    await dead_lettered(settings, producer)
     first = DeadLetterConsumer("ops", "c", settings=settings, redis=redis_client, start="all", follow=False)
     [dead] = [e async for e in first]  # delivered, not acked
     [entry] = [e async for e in readers.dead_letters(redis_client, settings)]
