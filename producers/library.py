@@ -18,6 +18,9 @@ Public API (re-exported by ``producers``)::
   dozen round trips, not 50,000.
 * ``validate_many`` and ``enqueue_validated``: the two halves of ``enqueue_many``, for producers
   that report errors their own way (line numbers, list indexes) or skip invalid items.
+* ``wait(receipt_or_key, *, timeout, account="default") -> ResultEvent``: the change's terminal
+  event, or ``WaitTimeout`` saying where it stands (``producers.outcomes``, which also has the
+  consumer-group readers ``ResultsConsumer`` and ``DeadLetterConsumer``).
 * ``aclose()`` (or ``async with``) closes the Redis connection the producer opened itself; a
   client passed in belongs to the caller.
 
@@ -44,6 +47,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
+from producers.outcomes import SharedReader, Waits
 from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.errors import ConfigError, FieldError, InvalidChange, UnknownAccount
@@ -133,7 +137,7 @@ def connect_redis(url: str) -> aioredis.Redis:
     return client
 
 
-class LeadStageProducer:
+class LeadStageProducer(Waits):
     """Validates changes and enqueues them through the ledger (see the module docstring)."""
 
     def __init__(
@@ -151,6 +155,7 @@ class LeadStageProducer:
         self.redis = connect_redis(self.settings.redis_url) if redis is None else redis
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
+        self.reader = SharedReader(self.redis, self.settings.results_stream)
 
     async def __aenter__(self) -> LeadStageProducer:
         return self
@@ -161,7 +166,8 @@ class LeadStageProducer:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the Redis client if this producer opened it."""
+        """Stop the waits' reader; close the Redis client if this producer opened it."""
+        await self.reader.aclose()
         if self._owns_client:
             await self.redis.aclose()
 

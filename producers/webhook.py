@@ -58,7 +58,15 @@ from aiohttp.web_protocol import RequestPayloadError
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 
 from producers.library import ChangeItem, ItemError, LeadStageProducer, Receipt, connect_redis, field_errors
-from producers.openapi import ACCOUNT_FIELD, CHANGES_PATH, CONTENT_ENCODINGS, MAX_BATCH, RETRY_AFTER_S, openapi_document
+from producers.openapi import (
+    ACCOUNT_FIELD,
+    CHANGES_PATH,
+    CONTENT_ENCODINGS,
+    MAX_BATCH,
+    RETRY_AFTER_S,
+    location,
+    openapi_document,
+)
 from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.errors import ConfigError, FieldError, IdempotencyConflict, InvalidChange, RedisUnavailable
@@ -181,6 +189,9 @@ def create_app(
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
+    from producers.status import add_status_route  # it builds on this module's problems
+
+    add_status_route(app, settings, redis)
     return app
 
 
@@ -252,9 +263,9 @@ async def _post_changes(request: web.Request) -> web.Response:
     if failures:
         raise _invalid("invalid change; nothing was enqueued", _error_list(failures, batch=changes is not None))
     receipts = await _enqueue(state, [item for _, item in valid])
-    return web.Response(
-        status=202, body=orjson.dumps({"receipts": [r.as_dict() for r in receipts]}), content_type="application/json"
-    )
+    answer = {"receipts": [{**r.as_dict(), "location": location(r)} for r in receipts]}
+    headers = {"Location": location(receipts[0])} if changes is None else {}
+    return web.Response(status=202, body=orjson.dumps(answer), content_type="application/json", headers=headers)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
