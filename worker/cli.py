@@ -41,7 +41,7 @@ from producers.outcomes import ResultsConsumer
 from worker import readers
 from worker.change import DEFAULT_ACCOUNT
 from worker.errors import IdempotencyConflict, LeadstageError, PermanentError, RedisUnavailable
-from worker.ledger import Receipt
+from worker.ledger import Receipt, backlog_warning
 from worker.logs import configure_logging
 from worker.settings import Settings, printable_url
 
@@ -177,7 +177,10 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
         async with LeadStageProducer(settings, producer="cli") as producer:
             return await producer.enqueue(change, idempotency_key=args.key, account=args.account, source=args.source)
 
-    _emit(asyncio.run(enqueue()).as_dict())
+    receipt = asyncio.run(enqueue())
+    _emit(receipt.as_dict())
+    if warning := backlog_warning([receipt], settings):
+        _note(f"warning: {warning}")
     return EXIT_OK
 
 
@@ -239,6 +242,8 @@ async def _enqueue_file(args: argparse.Namespace, settings: Settings) -> int:
 
     for (index, _), receipt in zip(valid, receipts, strict=True):
         _emit({**receipt.as_dict(), "line": line_numbers[index]})
+    if warning := backlog_warning(receipts, settings):
+        _note(f"warning: {warning}")
     duplicates = sum(1 for r in receipts if r.status == "duplicate")
     summary = f"enqueued {len(receipts)} change(s): {len(receipts) - duplicates} queued, {duplicates} duplicate"
     if problems:
