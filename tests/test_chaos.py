@@ -71,7 +71,7 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
                 expected[change.id].update({k: v for k, v in fields.items() if v is not None})
 
     fake.fake.update_faults(ALL_FAULTS)
-    env = worker_env(settings, fake.url)
+    env = worker_env(settings)
     log = tmp_path / "workers.log"
     workers = [start_worker_process(env, log) for _ in range(2)]
     kills = 0

@@ -13,13 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker import metrics
 from worker.errors import ConfigError, RedisUnavailable
+from worker.processes import free_port
 from worker.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sample(name: str, **labels: str) -> float:

@@ -6,16 +6,24 @@ a caller usually asks: will trying again help?
 ::
 
     LeadstageError
+    ├── NotFound                       a change or dead letter asked about is not known (the CLI)
+    ├── ProcessFailed                  a child process did not start or answer (``worker.processes``)
+    │   └── DemoFailed                 ``leadstage demo`` cannot run (no Redis, the worker died)
     ├── PermanentError                 trying again cannot help; the change goes to the DLQ
     │   ├── ConfigError                a missing or bad setting (names it)
-    │   ├── InvalidChange              a change broke the rules of SPEC.md (names each field)
+    │   ├── InvalidChange              a change broke the rules of docs/contract.md (names each field)
     │   ├── IdempotencyConflict        a known idempotency key came with a different change
     │   ├── UnknownAccount             a change names an account with no credentials
+    │   ├── Exhausted                  out of attempts or past the maximum age
+    │   ├── Refused                    a command line that cannot be carried out as given (the CLI)
+    │   ├── RedisRefused               Redis answered and refused: a wrong password, a missing
+    │   │                              permission, a command error
     │   └── IvvyRejected               iVvy refused the change: 24320, 24321, 24323, 24324,
     │       │                          23016, 23017 and any other 4xx
     │       └── IvvyAuthError          401, 403, 462, 463: the credentials are wrong or revoked
     └── RetryableError                 a later attempt may succeed (backoff, Retry-After)
-        ├── RedisUnavailable           Redis did not answer
+        ├── RedisUnavailable           Redis did not answer, or cannot serve now (loading,
+        │                              read-only replica, out of memory, busy)
         ├── IvvyUnavailable            iVvy answered 5xx, 460, 461 or specific code 24322
         │   └── IvvyRateLimited        iVvy answered 429 (``retry_after`` when it said so)
         └── IvvyNoAnswer               no answer: connection refused, reset or dropped
@@ -26,7 +34,8 @@ then the connection dropped or timed out): an add in that state is reconciled wi
 getLeadStageList before it is posted again.
 
 aiohttp and redis exceptions are translated into this tree where they are caught (``worker.ivvy``
-for HTTP, ``redis_errors`` below for Redis); nothing above those boundaries sees them.
+for HTTP, ``redis_errors`` below for Redis: every redis-py exception becomes ``RedisUnavailable``
+or ``RedisRefused``); nothing above those boundaries sees them.
 Messages never contain secrets: they are built from status codes, iVvy's own error text and
 field names only.
 """
@@ -62,6 +71,36 @@ class RetryableError(LeadstageError):
 
 class ConfigError(PermanentError):
     error_code = "config"
+
+
+class Exhausted(PermanentError):
+    """Out of attempts or past the maximum age."""
+
+    error_code = "exhausted"
+
+
+class NotFound(LeadstageError):
+    """The change or dead letter a command asks about is not known (exit status 1)."""
+
+    error_code = "not_found"
+
+
+class ProcessFailed(LeadstageError):
+    """A child process did not start, exited early, or does not answer on its port."""
+
+    error_code = "process_failed"
+
+
+class DemoFailed(ProcessFailed):
+    """The demo cannot run (no Redis, the worker died): one line for the operator, exit 1."""
+
+    error_code = "demo_failed"
+
+
+class Refused(PermanentError):
+    """The command line cannot be carried out as given (exit status 2): flags, a file, a located conflict."""
+
+    error_code = "refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +183,10 @@ class RedisUnavailable(RetryableError):
     error_code = "redis_unavailable"
 
 
+class RedisRefused(PermanentError):
+    error_code = "redis_refused"
+
+
 class IvvyUnavailable(IvvyErrorDetails, RetryableError):
     error_code = "unavailable"
 
@@ -221,10 +264,27 @@ def error_for_response(
     )
 
 
+#: Error replies of a Redis that is up but cannot serve now; a later attempt may succeed.
+_REDIS_BUSY_REPLIES = ("LOADING", "READONLY", "OOM", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
-    """Translate redis-py's connection failures into ``RedisUnavailable`` at the boundary."""
+    """Translate every redis-py exception into ``RedisUnavailable`` or ``RedisRefused`` at the boundary.
+
+    Messages carry the exception's type and Redis's own error reply, never the URL (it may hold a
+    password).
+    """
     try:
         yield
+    except redis.exceptions.AuthenticationError as exc:  # a ConnectionError subclass: before it
+        raise RedisRefused(f"Redis refused the credentials of REDIS_URL: {type(exc).__name__}") from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise RedisUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
+    except redis.exceptions.RedisError as exc:
+        reply = str(exc)
+        if isinstance(exc, redis.exceptions.BusyLoadingError | redis.exceptions.ReadOnlyError) or reply.startswith(
+            _REDIS_BUSY_REPLIES
+        ):
+            raise RedisUnavailable(f"Redis cannot serve now: {reply}") from exc
+        raise RedisRefused(f"Redis refused a command: {type(exc).__name__}: {reply}") from exc

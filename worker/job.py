@@ -26,6 +26,7 @@ from worker import keys, metrics
 from worker.backoff import backoff_seconds
 from worker.change import LeadStageChange, parse_change
 from worker.errors import (
+    Exhausted,
     IvvyNoAnswer,
     IvvyRateLimited,
     LeadstageError,
@@ -40,12 +41,6 @@ from worker.results import Event, JobFacts, build_event
 from worker.settings import Settings
 
 log = structlog.get_logger("leadstage.job")
-
-
-class Exhausted(PermanentError):
-    """Out of attempts or past the maximum age."""
-
-    error_code = "exhausted"
 
 
 @dataclass
