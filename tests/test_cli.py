@@ -29,6 +29,9 @@ from standardwebhooks.webhooks import Webhook
 from worker.processes import free_port
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET
 
+#: Starts processes (workers, commands, servers): left out of the fast subset, ``-m "not system"``.
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"leadstage cli test secret").decode()
 #: Variables of the developer's shell that would change what the commands do.
@@ -370,8 +373,14 @@ def test_results_status_dlq_and_stats_from_a_real_worker(
 
 
 def test_results_follow_ends_cleanly_on_sigterm(env: dict[str, str], db: redis.Redis) -> None:
+    database = str(db.connection_pool.connection_kwargs["db"])
+
+    def following() -> bool:  # blocked in XREAD: past start-up, its signal handlers are in place
+        clients: list[dict[str, str]] = db.client_list()  # type: ignore[assignment]  # redis-py's stubs: sync or async
+        return any(c["cmd"] == "xread" and c["db"] == database for c in clients)
+
     with background("results", "--follow", env=env) as follower:
-        time.sleep(0.5)
+        wait_for(following, "results --follow to block in XREAD")
     assert follower.returncode == 0
 
 

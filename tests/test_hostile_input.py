@@ -37,6 +37,9 @@ from producers.webhook import BODY_TIMEOUT_S
 from worker import keys
 from worker.processes import free_port, wait_for_port
 
+#: Starts processes (workers, commands, servers): left out of the fast subset, ``-m "not system"``.
+pytestmark = pytest.mark.system
+
 SECRET = "whsec_" + base64.b64encode(b"hostile input: a 32-byte secret!").decode()
 #: LEADSTAGE_WEBHOOK_MAX_BODY of the served process.
 MAX_BODY = 64 * 1024

@@ -32,6 +32,9 @@ from tests.harness import start_worker_process, stop_process, wait_for_terminal
 from tests.test_hostile_input import signed
 from worker.processes import free_port, wait_for_port
 
+#: Starts processes (workers, commands, servers): left out of the fast subset, ``-m "not system"``.
+pytestmark = pytest.mark.system
+
 API_KEY = "live-key"
 API_SECRET = "s3cr3t-API-9f8e7d"
 #: The configured secret of account "wrong", which the fake does not accept: every call is a 401.
