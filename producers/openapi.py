@@ -11,16 +11,28 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from worker.change import ALIASES, ID_MAX, KEY_MAX_CHARS, NAME_MAX_CHARS
+from worker.change import (
+    ACCOUNT_PATTERN,
+    ALIASES,
+    APPLY_TO_LEAD,
+    APPLY_TO_OPPORTUNITY,
+    APPLY_TO_WORDS,
+    COLOUR_PATTERN,
+    ID_MAX,
+    KEY_CHARACTER_PATTERN,
+    KEY_MAX_CHARS,
+    NAME_MAX_CHARS,
+)
 
 CHANGES_PATH: Final = "/v1/lead-stage-changes"
 MAX_BATCH: Final = 1000
 #: Seconds a client is asked to wait (``Retry-After``) when Redis is down.
 RETRY_AFTER_S: Final = 5
 
-ACCOUNT_PATTERN: Final = "^[A-Za-z0-9_.-]{1,64}$"
-KEY_PATTERN: Final = f"^[\\x20-\\x7e]{{1,{KEY_MAX_CHARS}}}$"
-COLOUR_PATTERN: Final = "^#[0-9a-fA-F]{6}$"
+#: The change model's rules, anchored as JSON Schema patterns are not.
+ACCOUNT_SCHEMA_PATTERN: Final = f"^{ACCOUNT_PATTERN}$"
+KEY_SCHEMA_PATTERN: Final = f"^{KEY_CHARACTER_PATTERN}{{1,{KEY_MAX_CHARS}}}$"
+COLOUR_SCHEMA_PATTERN: Final = f"^{COLOUR_PATTERN}$"
 
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
@@ -33,12 +45,12 @@ def _ref(kind: str, name: str) -> dict[str, str]:
 def _change_schema() -> dict[str, Any]:
     colour = {
         "type": "string",
-        "pattern": COLOUR_PATTERN,
+        "pattern": COLOUR_SCHEMA_PATTERN,
         "description": "Hex colour #rrggbb, any case; sent to iVvy in lower case.",
         "examples": ["#7ee546"],
     }
     apply_to = {
-        "enum": [1, 2, "opportunity", "lead"],
+        "enum": [APPLY_TO_OPPORTUNITY, APPLY_TO_LEAD, *APPLY_TO_WORDS],
         "description": 'What the stage applies to: 1 or "opportunity", 2 or "lead". The words ignore case and '
         'surrounding spaces; "1" and "2" as strings are accepted too.',
     }
@@ -160,20 +172,20 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 "The idempotency key (IETF Idempotency-Key draft; a quoted structured-field string is unquoted). "
                 "Overrides webhook-id.",
                 required=False,
-                schema={"type": "string", "pattern": KEY_PATTERN},
+                schema={"type": "string", "pattern": KEY_SCHEMA_PATTERN},
             ),
             _header(
                 "X-Leadstage-Account",
                 "The iVvy account the changes are for (default 'default').",
                 required=False,
-                schema={"type": "string", "pattern": ACCOUNT_PATTERN},
+                schema={"type": "string", "pattern": ACCOUNT_SCHEMA_PATTERN},
             ),
             {
                 "name": "account",
                 "in": "query",
                 "required": False,
                 "description": "The account when X-Leadstage-Account is absent (the header wins).",
-                "schema": {"type": "string", "pattern": ACCOUNT_PATTERN},
+                "schema": {"type": "string", "pattern": ACCOUNT_SCHEMA_PATTERN},
             },
         ],
         "requestBody": {
