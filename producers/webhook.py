@@ -51,7 +51,6 @@ from worker.errors import (
     FieldError,
     IdempotencyConflict,
     InvalidChange,
-    RedisRefused,
     RedisUnavailable,
     UnknownAccount,
 )
@@ -321,7 +320,7 @@ async def _enqueue(producer: LeadStageProducer, items: Sequence[Any]) -> list[Re
             f"{exc}; nothing was enqueued",
             kind="idempotency-conflict",
         ) from None
-    except (RedisUnavailable, RedisRefused) as exc:
+    except RedisUnavailable as exc:
         log.warning("webhook.redis_unavailable", error=str(exc))
         raise _unavailable("Redis is unavailable; nothing was enqueued, retry later") from None
 
@@ -334,7 +333,7 @@ async def _readyz(request: web.Request) -> web.Response:
     redis_client = request.app[_STATE].redis
     try:
         await ping(redis_client, READY_TIMEOUT_S)
-    except (RedisUnavailable, RedisRefused) as exc:
+    except RedisUnavailable as exc:
         raise _unavailable(f"Redis does not answer: {exc}") from None
     return web.json_response({"status": "ready"}, dumps=lambda obj: orjson.dumps(obj).decode())
 

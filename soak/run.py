@@ -48,7 +48,7 @@ from soak.observe import REDIS_DOWN, FakeAdmin, ResultsTail, Takeover, orphans_o
 from soak.workload import Planned, Workload
 from worker import keys
 from worker.change import DEFAULT_ACCOUNT
-from worker.errors import ProcessFailed, RedisRefused, RedisUnavailable
+from worker.errors import ProcessFailed, RedisUnavailable
 from worker.fake_ivvy import FAULT_FIELDS, Faults
 from worker.processes import (
     LOOPBACK,
@@ -353,7 +353,7 @@ class Soak:
                 break
             except RedisUnavailable:
                 pass
-            except (RedisRefused, redis.exceptions.RedisError) as exc:
+            except redis.exceptions.RedisError as exc:
                 # The library promises RedisUnavailable when Redis does not answer; anything else
                 # reaching the producer's caller during a restart is a finding.
                 self.violations.append(f"producer: enqueue_many raised {type(exc).__name__}: {exc}")

@@ -16,6 +16,7 @@ from worker.errors import (
     IvvyRejected,
     IvvyUnavailable,
     LeadstageError,
+    RedisCredentialsRefused,
     RedisRefused,
     RedisUnavailable,
     error_for_response,
@@ -134,20 +135,22 @@ def test_backoff_grows_to_its_cap_and_honours_retry_after(
         (redis.exceptions.ConnectionError("refused"), RedisUnavailable),
         (redis.exceptions.TimeoutError("slow"), RedisUnavailable),
         (ConnectionResetError(), RedisUnavailable),
-        (redis.exceptions.BusyLoadingError("LOADING Redis is loading the dataset in memory"), RedisUnavailable),
-        (redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica."), RedisUnavailable),
-        (redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'."), RedisUnavailable),
-        (redis.exceptions.ResponseError("MASTERDOWN Link with MASTER is down"), RedisUnavailable),
-        (redis.exceptions.AuthenticationError("invalid username-password pair"), RedisRefused),
-        (redis.exceptions.NoPermissionError("NOPERM this user has no permissions"), RedisRefused),
-        (
-            redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
-            RedisRefused,
-        ),
+        (redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"), RedisUnavailable),
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), RedisRefused),
+        (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), RedisRefused),
+        (redis.exceptions.ResponseError("MASTERDOWN Link with MASTER is down"), RedisRefused),
+        (redis.exceptions.ResponseError("MISCONF Errors writing to the AOF file"), RedisRefused),
+        (redis.exceptions.AuthenticationError("invalid username-password pair"), RedisCredentialsRefused),
     ],
 )
-def test_every_redis_error_is_translated_at_the_boundary(raised: Exception, kind: type[LeadstageError]) -> None:
+def test_every_redis_failure_is_translated_at_the_boundary(raised: Exception, kind: type[LeadstageError]) -> None:
     with pytest.raises(kind) as translated, redis_errors():
         raise raised
+    assert type(translated.value) is kind
     assert translated.value.__cause__ is raised
-    assert translated.value.retryable is (kind is RedisUnavailable)
+    assert translated.value.retryable
+
+
+def test_a_command_error_is_a_bug_and_not_translated() -> None:
+    with pytest.raises(redis.exceptions.ResponseError), redis_errors():
+        raise redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from worker.errors import ConfigError, RedisRefused, RedisUnavailable
+from worker.errors import ConfigError, RedisCredentialsRefused, RedisUnavailable
 from worker.processes import free_port
 from worker.redis_connection import RedisTarget, connect_redis, parse_redis_url, ping, printable_url
 from worker.runner import redis_settings
@@ -115,7 +115,7 @@ async def test_ping_translates_redis_errors(redis_url: str) -> None:
         await down.aclose()
     wrong = connect_redis(redis_url.replace("redis://", "redis://nobody:wrong@"))
     try:
-        with pytest.raises(RedisRefused, match="refused the credentials"):
+        with pytest.raises(RedisCredentialsRefused, match="refused the credentials"):
             await ping(wrong, 5)
     finally:
         await wrong.aclose()

@@ -33,6 +33,11 @@ GOOD = [
     ("LEADSTAGE_POLL_DELAY", "0.5", "poll_delay_s", 0.5),
     ("LEADSTAGE_SHUTDOWN_GRACE", "3", "shutdown_grace_s", 3.0),
     ("LEADSTAGE_LEASE", "4", "lease_s", 4.0),
+    ("LEADSTAGE_REDIS_MIN_REPLICAS", "0", "redis_min_replicas", 0),
+    ("LEADSTAGE_REDIS_MIN_REPLICAS", "2", "redis_min_replicas", 2),
+    ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "0.5", "redis_replica_timeout_s", 0.5),
+    ("LEADSTAGE_RETRY_AFTER_MAX", "30", "retry_after_max_s", 30.0),
+    ("LEADSTAGE_TEST_CLOCK_OFFSET", "-2.5", "clock_offset_s", -2.5),
     ("WEBHOOK_SECRET", "whsec_abc", "webhook_secret", Secret("whsec_abc")),
     ("LEADSTAGE_WEBHOOK_MAX_BODY", "1024", "webhook_max_body_bytes", 1024),
     ("LEADSTAGE_METRICS_PORT", "0", "metrics_port", 0),
@@ -58,7 +63,14 @@ BAD = [
     ("LEADSTAGE_LOG_LEVEL", "loud", r"LEADSTAGE_LOG_LEVEL must be one of debug, info, warning, warn, error, critical"),
     ("WEBHOOK_SECRET", "plain", r"WEBHOOK_SECRET must be a Standard Webhooks secret starting with whsec_"),
     ("WEBHOOK_SECRET", "whsec_", r"WEBHOOK_SECRET must be a Standard Webhooks secret"),
+    ("LEADSTAGE_REDIS_MIN_REPLICAS", "-1", r"LEADSTAGE_REDIS_MIN_REPLICAS"),
     ("LEADSTAGE_JOB_TIMEOUT", "5", r"LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT"),
+    (
+        "LEADSTAGE_LEDGER_RETENTION",
+        "3600",
+        r"LEADSTAGE_LEDGER_RETENTION \(3600s\) must be longer than LEADSTAGE_MAX_AGE",
+    ),
+    ("LEADSTAGE_LEASE", "0.02", r"LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY"),
 ]
 
 
@@ -133,7 +145,9 @@ def test_to_env_gives_the_same_settings_back() -> None:
         "max_age_s": 12.5,
         "backoff_base_s": 0.05,
         "results_stream": "s:results",
-        "ledger_retention_s": 60,
+        "ledger_retention_s": 7200,
+        "redis_min_replicas": 1,
+        "retry_after_max_s": 30.0,
         "request_timeout_s": 1.5,
         "job_timeout_s": 9.0,
         "webhook_secret": Secret("whsec_xyz"),

@@ -49,7 +49,7 @@ from worker.errors import (
     DemoFailed,
     InvalidChange,
     LeadstageError,
-    RedisRefused,
+    RedisCredentialsRefused,
     RedisUnavailable,
     redis_errors,
 )
@@ -400,10 +400,10 @@ async def _answers(url: str) -> bool:
     client = connect_redis(url)
     try:
         await ping(client, REDIS_PROBE_TIMEOUT_S)
+    except RedisCredentialsRefused as error:  # a RedisUnavailable: before it
+        raise DemoFailed(f"the Redis at {printable_url(url)} (REDIS_URL) refused the demo: {error}") from None
     except RedisUnavailable:
         return False
-    except RedisRefused as error:
-        raise DemoFailed(f"the Redis at {printable_url(url)} (REDIS_URL) refused the demo: {error}") from None
     finally:
         await client.aclose()
     return True

@@ -145,7 +145,8 @@ def connect_redis(url: str) -> aioredis.Redis:
 
 
 async def ping(client: aioredis.Redis, timeout_s: float) -> None:
-    """PING within ``timeout_s``: ``RedisUnavailable`` when Redis does not answer, ``RedisRefused`` when it refuses."""
+    """PING within ``timeout_s``; ``RedisUnavailable`` when Redis does not answer (``RedisCredentialsRefused``
+    when it refuses REDIS_URL's credentials)."""
     try:
         async with asyncio.timeout(timeout_s):
             with redis_errors():

@@ -88,6 +88,10 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "poll_delay_s": ("LEADSTAGE_POLL_DELAY", "positive_float"),
     "shutdown_grace_s": ("LEADSTAGE_SHUTDOWN_GRACE", "positive_float"),
     "lease_s": ("LEADSTAGE_LEASE", "positive_float"),
+    "redis_min_replicas": ("LEADSTAGE_REDIS_MIN_REPLICAS", "whole_number"),
+    "redis_replica_timeout_s": ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "positive_float"),
+    "retry_after_max_s": ("LEADSTAGE_RETRY_AFTER_MAX", "positive_float"),
+    "clock_offset_s": ("LEADSTAGE_TEST_CLOCK_OFFSET", "number"),
     "webhook_secret": ("WEBHOOK_SECRET", "webhook_secret"),
     "webhook_max_body_bytes": ("LEADSTAGE_WEBHOOK_MAX_BODY", "positive_int"),
     "metrics_port": ("LEADSTAGE_METRICS_PORT", "port"),
@@ -116,6 +120,15 @@ class Settings:
     poll_delay_s: float = 0.01
     shutdown_grace_s: float = 25.0
     lease_s: float = 8.0
+    #: Replicas that must confirm the writes that matter (enqueue, the recovery point before a POST,
+    #: the terminal state) before they count as done; 0 waits for none (docs/contract.md: Durability).
+    redis_min_replicas: int = 0
+    redis_replica_timeout_s: float = 1.0
+    #: The longest Retry-After (and account pause) honoured; a longer one dead-letters the change.
+    retry_after_max_s: float = 600.0
+    #: Added to this host's clock (tests of clock skew only): nothing but event times and iVvy's
+    #: request signature read it, every decision uses the Redis server's clock.
+    clock_offset_s: float = 0.0
     webhook_secret: Secret | None = None
     webhook_max_body_bytes: int = 1_048_576
     metrics_port: int = 9464
@@ -131,8 +144,7 @@ class Settings:
             name: getattr(reader, kind)(variable, getattr(cls, name)) for name, (variable, kind) in ENVIRONMENT.items()
         }
         settings = cls(accounts=_load_accounts(env, values["rate_limit"]), **values)
-        if settings.job_timeout_s <= settings.request_timeout_s:
-            raise ConfigError("LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT")
+        settings.check_consistency()
         return settings
 
     def to_env(self) -> dict[str, str]:
@@ -157,6 +169,20 @@ class Settings:
                 "IVVY_API_SECRET": account.api_secret.get(),
             }
         return env
+
+    def check_consistency(self) -> None:
+        """Refuse settings that contradict each other (each message names both)."""
+        if self.job_timeout_s <= self.request_timeout_s:
+            raise ConfigError("LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT")
+        if self.ledger_retention_s <= self.max_age_s + self.retry_after_max_s:
+            # A change may wait up to its maximum age plus one honoured pause before it ends: its
+            # ledger entry (refreshed whenever it is touched) must outlive that.
+            raise ConfigError(
+                f"LEADSTAGE_LEDGER_RETENTION ({self.ledger_retention_s}s) must be longer than LEADSTAGE_MAX_AGE "
+                f"({self.max_age_s:g}s) plus LEADSTAGE_RETRY_AFTER_MAX ({self.retry_after_max_s:g}s)"
+            )
+        if self.lease_s <= self.poll_delay_s * 3:
+            raise ConfigError("LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY")
 
     def account(self, name: str) -> Account | None:
         return self.accounts.get(name)
@@ -204,6 +230,26 @@ class _EnvReader:
         if not raw.isdigit() or int(raw) < 1:
             raise ConfigError(f"{name} must be a positive whole number, not {raw!r}")
         return int(raw)
+
+    def whole_number(self, name: str, default: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if not (raw.isascii() and raw.isdigit()):
+            raise ConfigError(f"{name} must be a whole number, 0 or more, not {raw!r}")
+        return int(raw)
+
+    def number(self, name: str, default: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, not {raw!r}")
+        return value
 
     def port(self, name: str, default: int) -> int:
         raw = self._raw(name)
