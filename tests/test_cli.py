@@ -124,17 +124,19 @@ def background(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen[str
     process = subprocess.Popen(  # noqa: S603 - our own command, fixed arguments
         command(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+    with process:  # closes its pipes at the end
         try:
-            status = process.wait(timeout=30)
+            yield process
         finally:
             if process.poll() is None:
-                process.kill()
-        assert status == 0, process.stderr.read() if process.stderr else status
+                process.send_signal(signal.SIGTERM)
+            try:
+                status = process.wait(timeout=30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+            errors = process.stderr.read() if process.stderr else ""
+    assert status == 0, errors
 
 
 # -- help, settings, errors ---------------------------------------------------------------------
