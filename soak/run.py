@@ -491,7 +491,7 @@ class Soak:
         by_key = {p.key: p for p in self.workload.planned}
         replay = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "worker.cli", "dlq", "replay", "--all"],
+            python_module("worker.cli", "dlq", "replay", "--all"),
             env=self._env(),
             capture_output=True,
             check=False,

@@ -7,13 +7,13 @@ import dataclasses
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from worker.processes import python_module
 from worker.results import TERMINAL_EVENTS
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 
@@ -46,7 +46,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
 def start_worker_process(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """``leadstage worker`` as a real process (so that it can be SIGKILLed)."""
     with log_path.open("ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=dict(env), stdout=log, stderr=log)
+        argv = python_module("worker.cli", "worker")
+        return subprocess.Popen(argv, env=dict(env), stdout=log, stderr=log)  # noqa: S603 - our interpreter, fixed arguments
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:

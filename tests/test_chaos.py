@@ -25,9 +25,6 @@ from worker.change import parse_change, parse_envelope
 from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ledger import Ledger
 
-#: Starts processes (workers, commands, servers): left out of the fast subset, ``-m "not system"``.
-pytestmark = pytest.mark.system
-
 ALL_FAULTS = {
     "latency_ms": 3,
     "error_rate": 0.08,

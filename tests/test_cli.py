@@ -13,7 +13,6 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,11 +25,8 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
-from worker.processes import free_port
+from worker.processes import free_port, python_module
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET
-
-#: Starts processes (workers, commands, servers): left out of the fast subset, ``-m "not system"``.
-pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"leadstage cli test secret").decode()
@@ -41,7 +37,7 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "worker.cli", *args]
+    return python_module("worker.cli", *args)
 
 
 @pytest.fixture

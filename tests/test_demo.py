@@ -17,9 +17,6 @@ import redis.asyncio as aioredis
 from worker.demo import DEMO_DLQ, DEMO_RESULTS
 from worker.processes import free_port
 
-#: Starts processes (workers, commands, servers): left out of the fast subset, ``-m "not system"``.
-pytestmark = pytest.mark.system
-
 DEMO = (sys.executable, "-m", "worker.cli", "demo")
 #: The demo bounds itself to 30 s; this only stops a hung test.
 TIMEOUT_S = 40

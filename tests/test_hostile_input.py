@@ -18,7 +18,6 @@ import contextlib
 import itertools
 import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,10 +34,7 @@ from standardwebhooks.webhooks import Webhook
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.webhook import BODY_TIMEOUT_S
 from worker import keys
-from worker.processes import free_port, wait_for_port
-
-#: Starts processes (workers, commands, servers): left out of the fast subset, ``-m "not system"``.
-pytestmark = pytest.mark.system
+from worker.processes import free_port, python_module, wait_for_port
 
 SECRET = "whsec_" + base64.b64encode(b"hostile input: a 32-byte secret!").decode()
 #: LEADSTAGE_WEBHOOK_MAX_BODY of the served process.
@@ -98,7 +94,7 @@ def webhook(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
-            [sys.executable, "-m", "worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)],
+            python_module("worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -24,9 +24,6 @@ from worker.ledger import Ledger
 from worker.runner import running_worker
 from worker.settings import Settings
 
-#: Starts processes (workers, commands, servers): left out of the fast subset, ``-m "not system"``.
-pytestmark = pytest.mark.system
-
 RATE = 10.0
 
 

@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import (
@@ -22,9 +21,6 @@ from tests.harness import (
 from worker.change import parse_change, parse_envelope
 from worker.fake_ivvy import running_fake_ivvy
 from worker.ledger import Ledger
-
-#: Starts processes (workers, commands, servers): left out of the fast subset, ``-m "not system"``.
-pytestmark = pytest.mark.system
 
 
 async def test_sigterm_finishes_the_request_in_flight(

@@ -215,12 +215,19 @@ class _EnvReader:
         raw = self._raw(name)
         if raw is None:
             return default
+        value = self._finite(name, raw, "a positive number")
+        if value <= 0:
+            raise ConfigError(f"{name} must be a positive number, not {raw!r}")
+        return value
+
+    @staticmethod
+    def _finite(name: str, raw: str, what: str) -> float:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a positive number, not {raw!r}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{name} must be a positive number, not {raw!r}")
+            value = math.nan
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be {what}, not {raw!r}")
         return value
 
     def positive_int(self, name: str, default: int) -> int:
@@ -241,15 +248,7 @@ class _EnvReader:
 
     def number(self, name: str, default: float) -> float:
         raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, not {raw!r}") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, not {raw!r}")
-        return value
+        return default if raw is None else self._finite(name, raw, "a finite number")
 
     def port(self, name: str, default: int) -> int:
         raw = self._raw(name)
