@@ -98,7 +98,7 @@ class Rig:
 
     def stop_worker(self, worker: Child) -> None:
         """Stop a worker (from a ``finally``: never raises; ``check_exit`` judges how it ended)."""
-        self.group.stop(worker)
+        self.group.stop(worker, grace=10.0)
 
     @staticmethod
     def check_exit(worker: Child) -> None:
