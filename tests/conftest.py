@@ -28,7 +28,16 @@ TEST_DATABASES = range(15, 0, -1)
 #: Modules whose every test starts processes (workers, commands, servers): marked ``system``, so
 #: that ``pytest -m "not system"`` is the quick loop. Single tests elsewhere carry the mark themselves.
 SYSTEM_MODULES = frozenset(
-    {"test_chaos", "test_cli", "test_demo", "test_hostile_input", "test_rate_limit", "test_secrets", "test_shutdown"}
+    {
+        "test_chaos",
+        "test_cli",
+        "test_demo",
+        "test_hostile_input",
+        "test_processes",
+        "test_rate_limit",
+        "test_secrets",
+        "test_shutdown",
+    }
 )
 
 
