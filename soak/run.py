@@ -76,7 +76,7 @@ DEFAULT_FAULTS = Faults(
 )
 #: Share of batches the driver delivers twice (same keys, same changes), as an unsure producer does.
 REDELIVERY_SHARE = 0.05
-#: The guarantee of SPEC.md: a killed worker's change is taken up again within this.
+#: The guarantee of docs/contract.md: a killed worker's change is taken up again within this.
 TAKEOVER_LIMIT_S = 15.0
 
 

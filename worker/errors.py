@@ -267,7 +267,7 @@ class IvvyTimeout(IvvyNoAnswer):
     error_code = "timeout"
 
 
-# The retry classification of SPEC.md, defined here once.
+# The retry classification of docs/contract.md, defined here once.
 RETRYABLE_STATUSES = frozenset({429, 460, 461})  # and every 5xx
 AUTH_STATUSES = frozenset({401, 403, 462, 463})
 RETRYABLE_SPECIFIC_CODES = frozenset({24322})
@@ -281,7 +281,7 @@ def error_for_response(
     additional_messages: Sequence[str] = (),
     retry_after: float | None = None,
 ) -> IvvyRejected | IvvyUnavailable:
-    """Classify an iVvy error answer as SPEC.md says (Retries)."""
+    """Classify an iVvy error answer as docs/contract.md says (Retries)."""
     text = f"iVvy answered {http_status}"
     if specific_code is not None:
         text += f" (specific code {specific_code})"

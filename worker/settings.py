@@ -1,4 +1,4 @@
-"""Settings, built once from the environment (SPEC.md: Configuration).
+"""Settings, built once from the environment (docs/contract.md: Configuration).
 
 ``Settings.from_env()`` reads every variable, checks it, and raises ``ConfigError`` naming the
 first bad one; the command line turns that into one clear line on stderr. Secrets are kept in
