@@ -18,6 +18,9 @@ Public API (re-exported by ``producers``)::
   dozen round trips, not 50,000.
 * ``validate_many`` and ``enqueue_validated``: the two halves of ``enqueue_many``, for producers
   that report errors their own way (line numbers, list indexes) or skip invalid items.
+* ``wait(receipt_or_key, *, timeout, account="default") -> ResultEvent``: the change's terminal
+  event, or ``WaitTimeout`` saying where it stands (``producers.outcomes``, which also has the
+  consumer-group readers ``ResultsConsumer`` and ``DeadLetterConsumer``).
 * ``aclose()`` (or ``async with``) closes the Redis connection the producer opened itself; a
   client passed in belongs to the caller.
 
@@ -42,6 +45,7 @@ from typing import Final
 
 import redis.asyncio as aioredis
 
+from producers.outcomes import SharedReader, Waits
 from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.errors import FieldError, InvalidChange, UnknownAccount
@@ -103,7 +107,7 @@ class InvalidBatch(InvalidChange):
         )
 
 
-class LeadStageProducer:
+class LeadStageProducer(Waits):
     """Validates changes and enqueues them through the ledger (see the module docstring)."""
 
     def __init__(
@@ -121,6 +125,7 @@ class LeadStageProducer:
         self.redis = connect_redis(self.settings.redis_url) if redis is None else redis
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
+        self.reader = SharedReader(self.redis, self.settings.results_stream)
 
     async def __aenter__(self) -> LeadStageProducer:
         return self
@@ -131,7 +136,8 @@ class LeadStageProducer:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the Redis client if this producer opened it."""
+        """Stop the waits' reader; close the Redis client if this producer opened it."""
+        await self.reader.aclose()
         if self._owns_client:
             await self.redis.aclose()
 

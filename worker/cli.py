@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -35,10 +36,11 @@ import redis.asyncio as aioredis
 from tqdm import tqdm
 
 from producers.library import ChangeItem, LeadStageProducer, Validated, field_errors
+from producers.outcomes import ResultsConsumer
 from worker import readers
 from worker.change import DEFAULT_ACCOUNT
 from worker.errors import IdempotencyConflict, LeadstageError, NotFound, PermanentError, RedisUnavailable, Refused
-from worker.ledger import Receipt
+from worker.ledger import Receipt, backlog_warning
 from worker.logs import configure_logging
 from worker.processes import until_signalled
 from worker.redis_connection import connect_redis, printable_url
@@ -164,7 +166,10 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
         async with LeadStageProducer(settings, producer="cli") as producer:
             return await producer.enqueue(change, idempotency_key=args.key, account=args.account, source=args.source)
 
-    _emit(asyncio.run(enqueue()).as_dict())
+    receipt = asyncio.run(enqueue())
+    _emit(receipt.as_dict())
+    if warning := backlog_warning([receipt], settings):
+        _note(f"warning: {warning}")
     return EXIT_OK
 
 
@@ -226,6 +231,8 @@ async def _enqueue_file(args: argparse.Namespace, settings: Settings) -> int:
 
     for (index, _), receipt in zip(valid, receipts, strict=True):
         _emit({**receipt.as_dict(), "line": line_numbers[index]})
+    if warning := backlog_warning(receipts, settings):
+        _note(f"warning: {warning}")
     duplicates = sum(1 for r in receipts if r.status == "duplicate")
     summary = f"enqueued {len(receipts)} change(s): {len(receipts) - duplicates} queued, {duplicates} duplicate"
     if problems:
@@ -259,6 +266,10 @@ async def _enqueue_with_progress(
 
 def _cmd_results(args: argparse.Namespace) -> int:
     settings = _settings()
+    if args.group is not None:
+        return _results_of_group(args, settings)
+    if args.consumer is not None or args.start != "new":
+        raise Refused("--consumer and --start need --group")
 
     async def show(client: aioredis.Redis) -> None:
         async def stream() -> None:
@@ -266,6 +277,29 @@ def _cmd_results(args: argparse.Namespace) -> int:
                 client, settings, idempotency_key=args.key, account=args.account, follow=args.follow
             ):
                 _emit(entry)
+
+        await until_signalled(stream())
+
+    asyncio.run(_with_redis(settings, show))
+    return EXIT_OK
+
+
+def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
+    """Every event through consumer group ``--group``, each acked once it is written (at least once)."""
+    if args.key is not None or args.account is not None:
+        raise Refused("--key and --account cannot be used with --group (the group acks every event it reads)")
+    consumer_name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
+
+    async def show(client: aioredis.Redis) -> None:
+        consumer = ResultsConsumer(
+            args.group, consumer_name, settings=settings, redis=client, start=args.start,
+            claim_idle_s=args.claim_idle, follow=args.follow,
+        )  # fmt: skip
+
+        async def stream() -> None:
+            async for event in consumer:
+                _emit({"id": event.id, **event.raw})
+                await consumer.ack(event)
 
         await until_signalled(stream())
 
@@ -390,11 +424,23 @@ def _add_readers(subparsers: Any) -> None:
         _cmd_results,
         "print the results stream",
         'Print the results stream as JSON lines, oldest first (each entry\'s stream id as "id").\n'
-        "--follow keeps printing new entries as they arrive, until SIGINT or SIGTERM.",
+        "--follow keeps printing new entries as they arrive, until SIGINT or SIGTERM.\n\n"
+        "--group G reads through the Redis consumer group G instead: each entry is printed, then\n"
+        "acknowledged, so a consumer that stops resumes where it was (at least once: an entry printed\n"
+        "just before a crash is printed again). Entries another consumer of G left unacknowledged for\n"
+        "--claim-idle seconds are taken over. --start places a new group: new (from now), all (the\n"
+        "whole stream) or a stream id (the entries after it); an existing group keeps its place.",
     )
     results.add_argument("--follow", "-f", action="store_true", help="wait for new results")
     results.add_argument("--key", help="only the results of this idempotency key")
     results.add_argument("--account", help="only the results of this account")
+    group = results.add_argument_group("consumer group")
+    group.add_argument("--group", "-g", metavar="G", help="read through consumer group G (created if new)")
+    group.add_argument("--consumer", metavar="C", help="this consumer's name in G, HOST-PID when absent")
+    group.add_argument("--start", metavar="{new,all,ID}", default="new", help="where a new group starts")
+    group.add_argument(
+        "--claim-idle", type=float, default=60.0, metavar="S", help="take over entries unacked this long"
+    )
 
     status = _subparser(
         subparsers,
