@@ -12,7 +12,19 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import quote
 
-from worker.change import ALIASES, DEFAULT_ACCOUNT, ID_MAX, KEY_MAX_CHARS, NAME_MAX_CHARS
+from worker.change import (
+    ACCOUNT_PATTERN,
+    ALIASES,
+    APPLY_TO_LEAD,
+    APPLY_TO_OPPORTUNITY,
+    APPLY_TO_WORDS,
+    COLOUR_PATTERN,
+    DEFAULT_ACCOUNT,
+    ID_MAX,
+    KEY_CHARACTER_PATTERN,
+    KEY_MAX_CHARS,
+    NAME_MAX_CHARS,
+)
 from worker.ledger import Receipt
 from worker.results import EVENTS
 
@@ -27,9 +39,10 @@ ACCOUNT_FIELD: Final = "account"
 #: The Content-Encodings of a request body the server decodes (415 for any other).
 CONTENT_ENCODINGS: Final = ("identity", "gzip", "deflate")
 
-ACCOUNT_PATTERN: Final = "^[A-Za-z0-9_.-]{1,64}$"
-KEY_PATTERN: Final = f"^[\\x20-\\x7e]{{1,{KEY_MAX_CHARS}}}$"
-COLOUR_PATTERN: Final = "^#[0-9a-fA-F]{6}$"
+#: The change model's rules, anchored as JSON Schema patterns are not.
+ACCOUNT_SCHEMA_PATTERN: Final = f"^{ACCOUNT_PATTERN}$"
+KEY_SCHEMA_PATTERN: Final = f"^{KEY_CHARACTER_PATTERN}{{1,{KEY_MAX_CHARS}}}$"
+COLOUR_SCHEMA_PATTERN: Final = f"^{COLOUR_PATTERN}$"
 
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
@@ -48,12 +61,12 @@ def _ref(kind: str, name: str) -> dict[str, str]:
 def _change_schema() -> dict[str, Any]:
     colour = {
         "type": "string",
-        "pattern": COLOUR_PATTERN,
+        "pattern": COLOUR_SCHEMA_PATTERN,
         "description": "Hex colour #rrggbb, any case; sent to iVvy in lower case.",
         "examples": ["#7ee546"],
     }
     apply_to = {
-        "enum": [1, 2, "opportunity", "lead"],
+        "enum": [APPLY_TO_OPPORTUNITY, APPLY_TO_LEAD, *APPLY_TO_WORDS],
         "description": 'What the stage applies to: 1 or "opportunity", 2 or "lead". The words ignore case and '
         'surrounding spaces; "1" and "2" as strings are accepted too.',
     }
@@ -99,7 +112,7 @@ def _change_schema() -> dict[str, Any]:
 def _account_property() -> dict[str, Any]:
     return {
         "type": "string",
-        "pattern": ACCOUNT_PATTERN,
+        "pattern": ACCOUNT_SCHEMA_PATTERN,
         "description": "The iVvy account (default 'default'), for requests signed with a WEBHOOK_SECRET secret; "
         "with an account's own secret (LEADSTAGE_WEBHOOK_SECRETS_FILE) it may only name that account (403 otherwise).",
     }
@@ -119,7 +132,7 @@ def _header(name: str, description: str, *, required: bool, schema: dict[str, An
 
 def _account_parameters(header_description: str) -> list[dict[str, Any]]:
     """The account, as the X-Leadstage-Account header or the ``account`` query parameter."""
-    schema = {"type": "string", "pattern": ACCOUNT_PATTERN}
+    schema = {"type": "string", "pattern": ACCOUNT_SCHEMA_PATTERN}
     return [
         _header("X-Leadstage-Account", header_description, required=False, schema=schema),
         {
@@ -204,7 +217,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 "webhook-id",
                 "Standard Webhooks message id; it is the idempotency key (signed), so a redelivery is a duplicate.",
                 required=True,
-                schema={"type": "string", "pattern": KEY_PATTERN},
+                schema={"type": "string", "pattern": KEY_SCHEMA_PATTERN},
             ),
             _header(
                 "webhook-timestamp",
@@ -374,7 +387,7 @@ def _status_operation() -> dict[str, Any]:
                 "in": "path",
                 "required": True,
                 "description": "The change's idempotency key, percent-encoded.",
-                "schema": {"type": "string", "pattern": KEY_PATTERN},
+                "schema": {"type": "string", "pattern": KEY_SCHEMA_PATTERN},
             },
             *_account_parameters(
                 "The account the change was enqueued for (default 'default'); the token must be this account's."

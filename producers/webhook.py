@@ -43,7 +43,6 @@ import binascii
 import json
 import logging
 import re
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,13 +50,12 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 
-from producers.library import ChangeItem, ItemError, LeadStageProducer, Receipt, connect_redis, field_errors
+from producers.library import ChangeItem, ItemError, LeadStageProducer, Receipt, field_errors
 from producers.openapi import (
     ACCOUNT_FIELD,
     CHANGES_PATH,
@@ -71,6 +69,8 @@ from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.errors import ConfigError, FieldError, IdempotencyConflict, InvalidChange, RedisUnavailable
 from worker.logs import get_logger
+from worker.processes import signalled
+from worker.redis_connection import connect_redis, ping
 from worker.settings import Settings
 
 __all__ = ["Verifier", "create_app", "run_webhook", "verifiers", "verify_signature"]
@@ -208,7 +208,9 @@ def verifiers(settings: Settings) -> tuple[Verifier, ...]:
     try:
         return tuple(Verifier(account, Webhook(secret)) for secret, account in owners.items())
     except (binascii.Error, ValueError, EmptyWebhookSecretError):
-        raise ConfigError("WEBHOOK_SECRET must be whsec_ followed by the base64 of a non-empty key") from None
+        raise ConfigError(
+            "WEBHOOK_SECRET must be a Standard Webhooks secret: whsec_ and the base64 of a non-empty key"
+        ) from None
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -497,7 +499,7 @@ async def _enqueue(state: _State, items: Sequence[Any]) -> list[Receipt]:
             f"{exc}; nothing was enqueued",
             kind="idempotency-conflict",
         ) from None
-    except (TimeoutError, RedisUnavailable, redis.exceptions.RedisError) as exc:
+    except (TimeoutError, RedisUnavailable) as exc:
         error = f"no answer within {state.redis_timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
         log.warning("webhook.redis_unavailable", error=error)
         # The request may have reached Redis before it stopped answering: say so, never "refused".
@@ -514,10 +516,9 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     redis_client = request.app[_STATE].redis
     try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            await redis_client.ping()
-    except (TimeoutError, OSError, redis.exceptions.RedisError) as exc:
-        raise _unavailable(f"Redis does not answer: {type(exc).__name__}") from None
+        await ping(redis_client, READY_TIMEOUT_S)
+    except RedisUnavailable as exc:
+        raise _unavailable(f"Redis does not answer: {exc}") from None
     return web.json_response({"status": "ready"}, dumps=lambda obj: orjson.dumps(obj).decode())
 
 
@@ -577,11 +578,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
             log.info("webhook.listening", host=host, port=port, path=CHANGES_PATH)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop.set)
-            await stop.wait()
+            await signalled()
             log.info("webhook.stopping")
         finally:
             await runner.cleanup()

@@ -39,9 +39,9 @@ from schemathesis.specs.openapi.checks import (
 )
 from standardwebhooks.webhooks import Webhook
 
-from producers.openapi import ACCOUNT_PATTERN, CHANGES_PATH, openapi_document
+from producers.openapi import CHANGES_PATH, openapi_document
 from producers.webhook import create_app
-from worker.change import parse_change
+from worker.change import ACCOUNT_PATTERN, parse_change
 from worker.errors import InvalidChange
 from worker.settings import Secret, Settings
 

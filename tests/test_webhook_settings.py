@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers.openapi import CHANGES_PATH
-from tests.test_hostile_input import LOOPBACK, free_port, signed, wait_listening
+from tests.test_hostile_input import LOOPBACK, signed
 from worker.errors import ConfigError
+from worker.processes import free_port, python_module, wait_for_port
 from worker.settings import Settings
 
 ONE = "whsec_" + base64.b64encode(b"first webhook secret, 32 bytes!!").decode()
@@ -96,7 +96,7 @@ def test_per_account_webhook_secrets_come_from_their_file(tmp_path: Path) -> Non
         (orjson.dumps({"bad name": ONE}), "the name must be"),
         (orjson.dumps({"default": 5}), "must be a whsec_ secret or a non-empty list"),
         (orjson.dumps({"default": []}), "must be a whsec_ secret or a non-empty list"),
-        (orjson.dumps({"default": "whsec_!!!!"}), "account 'default' must be whsec_ followed by the base64"),
+        (orjson.dumps({"default": "whsec_!!!!"}), "account 'default' must be a Standard Webhooks secret: whsec_"),
         (orjson.dumps({"asia": ONE}), "account 'asia' is not a configured account"),
     ],
 )
@@ -122,13 +122,13 @@ def eu_webhook(tmp_path: Path, redis_url: str) -> Iterator[tuple[int, Path]]:
     log_path = tmp_path / "webhook.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
-            [sys.executable, "-m", "worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)],
+            python_module("worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_listening(port, process, log_path)
+        wait_for_port(port, 30, process)
         yield port, log_path
     finally:
         process.terminate()

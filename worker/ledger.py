@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -42,7 +43,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.typing import EncodableT
 
-from worker import keys
+from worker import keys, metrics
 from worker.change import Envelope, LeadStageChange
 from worker.errors import IdempotencyConflict, RedisNotReplicated, StaleRun, redis_errors
 from worker.settings import Settings
@@ -66,8 +67,8 @@ def _script(client: aioredis.Redis, name: str) -> AsyncScript:
 class Receipt:
     """What a producer gets back for one change.
 
-    ``backlog`` is how many changes of the account were waiting for a terminal state once this
-    one was queued (itself included), and ``expected_wait_s`` how long the account's rate limit
+    ``backlog`` is how many changes of the account were waiting for a terminal state when this one
+    was queued (itself included: its place in line), and ``expected_wait_s`` how long the account's rate limit
     needs to send them: when it exceeds the maximum age, the newest of them will fail as too old.
     """
 
@@ -120,6 +121,22 @@ class Finished:
     refused_because: str = ""
     #: False when fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed it in time.
     replicated: bool = True
+
+
+def backlog_warning(receipts: Sequence[Receipt], settings: Settings) -> str | None:
+    """One line for the newest receipt of each account whose backlog outlasts LEADSTAGE_MAX_AGE: its
+    changes will fail as too old before they are sent (counted in ``ENQUEUED_PAST_MAX_AGE``)."""
+    newest: dict[str, Receipt] = {}
+    for receipt in receipts:
+        if receipt.expected_wait_s > settings.max_age_s:
+            newest[receipt.account] = receipt
+    if not newest:
+        return None
+    return "; ".join(
+        f"account {account!r} has {r.backlog} changes waiting, about {r.expected_wait_s:,.0f}s at its rate limit: "
+        f"past LEADSTAGE_MAX_AGE ({settings.max_age_s:g}s), the newest will fail as too old"
+        for account, r in sorted(newest.items())
+    )
 
 
 def _parse_start(reply: Sequence[bytes | int]) -> Start:
@@ -187,25 +204,34 @@ class Ledger:
         for chunk, changes in zip(chunks, encoded, strict=True):
             answers, backlog = await self._call_enqueue("enqueue", changes)
             self._raise_conflict(chunk, answers)
+            # The backlog a queued change joins: the account's count after the chunk, less the changes
+            # of the chunk queued behind it.
+            behind = Counter(
+                env.account for (_, env), answer in zip(chunk, answers, strict=True) if answer[0] == b"queued"
+            )
             for (_, envelope), answer in zip(chunk, answers, strict=True):
-                status: EnqueueStatus = "duplicate" if answer[0] == b"duplicate" else "queued"
                 job = keys.job_id(envelope.account, envelope.idempotency_key)
-                waiting = backlog.get(envelope.account, 0) if status == "queued" else 0
+                if answer[0] != b"queued":
+                    receipts.append(Receipt(job, envelope.idempotency_key, envelope.account, "duplicate"))
+                    continue
+                position = backlog.get(envelope.account, 0) - behind[envelope.account] + 1
+                behind[envelope.account] -= 1
                 receipts.append(
                     Receipt(
-                        job, envelope.idempotency_key, envelope.account, status, waiting,
-                        self.expected_wait_s(envelope.account, waiting),
+                        job, envelope.idempotency_key, envelope.account, "queued", position,
+                        self.expected_wait_s(envelope.account, position),
                     )
                 )  # fmt: skip
             if progress is not None:
                 progress(len(chunk))
+        for receipt in receipts:
+            if receipt.expected_wait_s > self.settings.max_age_s:
+                metrics.ENQUEUED_PAST_MAX_AGE.labels(receipt.account).inc()
         return receipts
 
     def expected_wait_s(self, account: str, backlog: int) -> float:
         """How long the account's rate limit needs to send ``backlog`` changes."""
-        configured = self.settings.account(account)
-        rate = configured.rate_limit if configured is not None else self.settings.rate_limit
-        return backlog / rate
+        return backlog / self.settings.rate_limit_for(account)
 
     @staticmethod
     def _raise_conflict(chunk: Sequence[tuple[LeadStageChange, Envelope]], answers: list[list[bytes]]) -> None:
