@@ -80,32 +80,33 @@ class WebhookProcess:
         raise AssertionError("no VmRSS in /proc/PID/status")
 
 
-@pytest.fixture(scope="module")
-def webhook(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebhookProcess]:
-    """One served webhook for the module (it keeps no state of its own: Redis is flushed per test)."""
+@contextlib.contextmanager
+def served_webhook(variables: dict[str, str], log_path: Path) -> Iterator[WebhookProcess]:
+    """``leadstage webhook`` as deployed, with these variables only (of ours), until the end."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("webhook") / "webhook.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IVVY_", "LEADSTAGE_", "WEBHOOK_", "REDIS_"))}
-    env |= {
-        "REDIS_URL": redis_url,
-        "WEBHOOK_SECRET": SECRET,
-        "LEADSTAGE_WEBHOOK_MAX_BODY": str(MAX_BODY),
-        "LEADSTAGE_LOG_FORMAT": "json",
-    }
     with log_path.open("wb") as log:
         process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
             python_module("worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)),
-            env=env,
+            env=env | {"LEADSTAGE_LOG_FORMAT": "json", **variables},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    served = WebhookProcess(port, process, log_path)
     try:
         wait_for_port(port, 30, process)
-        yield served
+        yield WebhookProcess(port, process, log_path)
     finally:
         process.terminate()
         process.wait(15)
+
+
+@pytest.fixture(scope="module")
+def webhook(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebhookProcess]:
+    """One served webhook for the module (it keeps no state of its own: Redis is flushed per test)."""
+    log_path = tmp_path_factory.mktemp("webhook") / "webhook.log"
+    variables = {"REDIS_URL": redis_url, "WEBHOOK_SECRET": SECRET, "LEADSTAGE_WEBHOOK_MAX_BODY": str(MAX_BODY)}
+    with served_webhook(variables, log_path) as served:
+        yield served
     assert "Traceback" not in log_path.read_text(), "the webhook logged a traceback"
 
 

@@ -4,8 +4,6 @@ and the served webhook with per-account secrets only."""
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers.openapi import CHANGES_PATH
-from tests.test_hostile_input import LOOPBACK, signed
+from tests.test_hostile_input import LOOPBACK, WebhookProcess, served_webhook, signed
 from worker.errors import ConfigError
-from worker.processes import free_port, python_module, wait_for_port
 from worker.settings import Settings
 
 ONE = "whsec_" + base64.b64encode(b"first webhook secret, 32 bytes!!").decode()
@@ -111,34 +108,19 @@ def test_a_bad_webhook_secrets_file_names_what_is_wrong(tmp_path: Path, content:
 
 
 @pytest.fixture
-def eu_webhook(tmp_path: Path, redis_url: str) -> Iterator[tuple[int, Path]]:
-    """``leadstage webhook`` as deployed, with per-account secrets only (no WEBHOOK_SECRET): its
-    port and log."""
+def eu_webhook(tmp_path: Path, redis_url: str) -> Iterator[WebhookProcess]:
+    """``leadstage webhook`` as deployed, with per-account secrets only (no WEBHOOK_SECRET)."""
     secrets_file = tmp_path / "webhook-secrets.json"
     secrets_file.write_bytes(orjson.dumps({"eu": [ONE, TWO]}))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IVVY_", "LEADSTAGE_", "WEBHOOK_", "REDIS_"))}
-    env |= {"REDIS_URL": redis_url, "LEADSTAGE_WEBHOOK_SECRETS_FILE": str(secrets_file), "LEADSTAGE_LOG_FORMAT": "json"}
-    log_path = tmp_path / "webhook.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
-            python_module("worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port, 30, process)
-        yield port, log_path
-    finally:
-        process.terminate()
-        process.wait(15)
+    variables = {"REDIS_URL": redis_url, "LEADSTAGE_WEBHOOK_SECRETS_FILE": str(secrets_file)}
+    with served_webhook(variables, tmp_path / "webhook.log") as served:
+        yield served
 
 
 async def test_the_served_webhook_routes_by_the_accounts_own_secret(
-    eu_webhook: tuple[int, Path], redis_client: aioredis.Redis
+    eu_webhook: WebhookProcess, redis_client: aioredis.Redis
 ) -> None:
-    port, log_path = eu_webhook
+    port, log_path = eu_webhook.port, eu_webhook.log_path
     body = orjson.dumps({"name": "Hot", "applyTo": "lead"})
     async with aiohttp.ClientSession(f"http://{LOOPBACK}:{port}") as http:
         for number, secret in enumerate((ONE, TWO)):
