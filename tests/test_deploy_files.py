@@ -89,6 +89,7 @@ def test_redis_keeps_an_append_only_file_on_a_named_volume() -> None:
     words = command if isinstance(command, list) else str(command).split()
     assert "--appendonly" in words
     assert words[words.index("--appendonly") + 1] == "yes"
+    assert words[words.index("--appendfsync") + 1] == "always"  # the soak's setting: nothing acknowledged is lost
     mounts = [str(volume).split(":") for volume in redis["volumes"]]
     named = [source for source, target, *_ in mounts if target == "/data"]
     assert named, "Redis's /data must be a volume"
