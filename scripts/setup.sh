@@ -1,5 +1,6 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: a virtualenv with the project installed,
-# and a Redis answering on 127.0.0.1:6379 (started here when none answers).
+# a Redis answering on 127.0.0.1:6379 (started here when none answers), and Debian's chromium
+# for the console's browser tests (Playwright drives it; its own browser download is not used).
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import worker, producers, pytest" 2>/dev/null \
     || [ pyproject.toml -nt .venv/.installed ]; then
     python3 -m venv .venv
@@ -20,4 +21,11 @@ if ! .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 
         .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1).close()" 2>/dev/null && break
         sleep 0.1
     done
+fi
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "warning: /usr/bin/chromium is missing: the console's browser tests will fail (apt-get install chromium as root)" >&2
+    fi
 fi

@@ -60,6 +60,8 @@ class Account:
 
 
 LogFormat = Literal["json", "console", "auto"]
+#: The shortest console token accepted (LEADSTAGE_CONSOLE_TOKEN, LEADSTAGE_CONSOLE_READ_TOKEN).
+MIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,13 @@ class Settings:
     webhook_max_body_bytes: int = 1_048_576
     metrics_port: int = 9464
     log_format: LogFormat = "auto"
+    #: ``leadstage console``: the token that may read and change (replay, discard); the console is
+    #: off without it. The read-only token, when set, may only read.
+    console_token: Secret | None = None
+    console_read_token: Secret | None = None
+    #: Declared when a TLS-terminating proxy stands in front of the console: its login cookie is
+    #: then marked Secure, and binding beyond loopback is not warned about.
+    console_tls_proxy: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -115,9 +124,14 @@ class Settings:
             webhook_max_body_bytes=reader.positive_int("LEADSTAGE_WEBHOOK_MAX_BODY", cls.webhook_max_body_bytes),
             metrics_port=reader.port("LEADSTAGE_METRICS_PORT", cls.metrics_port),
             log_format=reader.choice("LEADSTAGE_LOG_FORMAT", cls.log_format, ("json", "console", "auto")),
+            console_token=reader.token("LEADSTAGE_CONSOLE_TOKEN"),
+            console_read_token=reader.token("LEADSTAGE_CONSOLE_READ_TOKEN"),
+            console_tls_proxy=reader.flag("LEADSTAGE_CONSOLE_TLS_PROXY"),
         )
         if settings.job_timeout_s <= settings.request_timeout_s:
             raise ConfigError("LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT")
+        if settings.console_read_token is not None and settings.console_read_token == settings.console_token:
+            raise ConfigError("LEADSTAGE_CONSOLE_READ_TOKEN must differ from LEADSTAGE_CONSOLE_TOKEN")
         return settings
 
     def account(self, name: str) -> Account | None:
@@ -128,6 +142,7 @@ class Settings:
         values = [a.api_secret.get() for a in self.accounts.values()]
         if self.webhook_secret is not None:
             values.append(self.webhook_secret.get())
+        values.extend(token.get() for token in (self.console_token, self.console_read_token) if token is not None)
         return [v for v in values if v]
 
     def require_accounts(self) -> None:
@@ -199,6 +214,27 @@ class _EnvReader:
                 f"{name} must be a redis://, rediss://, unix:// or redis+sentinel:// URL, not {raw.split('@')[-1]!r}"
             )
         return raw
+
+    def flag(self, name: str) -> bool:
+        raw = self._raw(name)
+        if raw is None or raw.lower() in ("0", "false", "no", "off"):
+            return False
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
+
+    def token(self, name: str) -> Secret | None:
+        """A bearer token: long enough not to be guessed, and sendable in a header as is."""
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        if len(raw) < MIN_TOKEN_LENGTH or not all(c.isascii() and c.isprintable() and not c.isspace() for c in raw):
+            # The message never repeats the value: it is a secret, even when a bad one.
+            raise ConfigError(
+                f"{name} must be at least {MIN_TOKEN_LENGTH} printable ASCII characters without spaces "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
+            )
+        return Secret(raw)
 
     def webhook_secret(self, name: str) -> Secret | None:
         raw = self._raw(name)
