@@ -13,15 +13,16 @@ from aiohttp import web
 from tests.harness import worker_settings
 from worker.change import parse_change, parse_envelope
 from worker.console.app import create_app
+from worker.fake_ivvy import FakeIvvy, Stage
 from worker.ledger import Ledger
 from worker.settings import Secret, Settings
 
 TOKEN = "console-admin-token-for-tests-0123"
 READ_TOKEN = "console-read-token-for-tests-4567"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"console test webhook secret").decode()
-#: A stage id the fake iVvy has not made yet (its new ids count up from 1000): an update of it
-#: fails with 24320 until the test adds a stage, after which a replay succeeds.
-MISSING_STAGE = 1000
+#: A stage id the fake iVvy does not have (its new ids count up from 1000, far from here): an update
+#: of it fails with 24320 until ``create_missing_stage``, after which a replay succeeds.
+MISSING_STAGE = 424242
 
 
 def console_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Settings:
@@ -56,6 +57,11 @@ async def enqueue(
     await Ledger(redis, settings).enqueue_many(
         [(parse_change(change), parse_envelope(idempotency_key=key, account=account))]
     )
+
+
+def create_missing_stage(fake: FakeIvvy) -> None:
+    """Make ``MISSING_STAGE`` exist, as if someone had created it in iVvy meanwhile."""
+    fake.stages[MISSING_STAGE] = Stage(MISSING_STAGE, "Made later", None, 2, True)
 
 
 def bearer(token: str = TOKEN) -> dict[str, str]:

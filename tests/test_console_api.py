@@ -21,6 +21,7 @@ from tests.console_support import (
     WEBHOOK_SECRET,
     bearer,
     console_settings,
+    create_missing_stage,
     enqueue,
     running_console,
 )
@@ -304,7 +305,7 @@ async def test_failures_are_grouped_and_replayed_or_discarded(
             assert response.status == 400
             assert named in (await response.json(content_type=None))["detail"]
 
-    fake_ivvy.fake.add_stage("Made later", apply_to=2)  # MISSING_STAGE exists now
+    create_missing_stage(fake_ivvy.fake)  # MISSING_STAGE exists now
     status, replayed = await post(http, console + API + "/dead-letters/replay", {"filter": {"error_code": "24320"}})
     assert status == 200
     conforms(openapi_document(), "Outcomes", replayed)

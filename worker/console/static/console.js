@@ -41,7 +41,7 @@ function row(templateId, values) {
   const fragment = $("#" + templateId).content.cloneNode(true);
   for (const cell of fragment.querySelectorAll("[data-field]")) {
     const value = values[cell.dataset.field];
-    cell.textContent = value === null || value === undefined || value === "" ? "–" : String(value);
+    cell.textContent = value === null || value === undefined || value === "" ? "-" : String(value);
   }
   return fragment;
 }
@@ -287,7 +287,7 @@ function changePage() {
       $("#change-state").dataset.state = change.state;
       for (const dd of document.querySelectorAll("[data-fact]")) {
         const value = change[dd.dataset.fact];
-        dd.textContent = value === null || value === "" ? "–" : String(value);
+        dd.textContent = value === null || value === "" ? "-" : String(value);
       }
       fill("timeline", "timeline-row", data.timeline.map((item) => ({
         ...item,
