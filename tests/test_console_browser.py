@@ -189,5 +189,8 @@ async def test_a_changes_timeline_shows_its_attempts(
         )
         await expect(rows.nth(index).locator('[data-field="http_status"]')).to_have_text(event["http_status"] or "-")
         await expect(rows.nth(index).locator('[data-field="duration_ms"]')).to_have_text(event["duration_ms"])
+    last = rows.nth(len(attempts))
+    await last.locator("summary").click()
+    await expect(last.locator("details pre")).to_contain_text('"event": "succeeded"')
     await expect(page.locator("#change-json")).to_contain_text('"name": "Timeline"')
     await expect(page).to_have_url(console + "/changes?key=t1&account=default")

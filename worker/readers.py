@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -283,8 +283,6 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _STREAM_ID = re.compile(r"\d+-\d+")
 #: The events of the results stream that are failures, for ``failures``' recent counts.
 FAILURE_EVENTS = ("failed", "retrying")
-#: How far back ``failures`` counts recent failures when no ``since`` is given.
-RECENT_S = 3600
 #: What a dead letter shows of itself (its fields are the results event's, plus the original change).
 DEAD_LETTER_FIELDS = (
     "account", "idempotency_key", "job_id", "operation", "attempt", "http_status", "error_code", "error_message",
@@ -320,7 +318,8 @@ def _id_order(stream_id: str) -> tuple[int, int]:
 
 
 class RateHistory:
-    """Results events per ``BUCKET_S`` over the last ``SPAN_S``, read from the stream incrementally.
+    """Results events per ``BUCKET_S`` over the last ``SPAN_S``, read from the stream incrementally:
+    per event, requests per account, and failures per account and error code.
 
     The console keeps one: each ``update`` reads only the entries added since the last one, so a
     page polling every few seconds costs a few entries, not an hour of the stream.
@@ -337,6 +336,8 @@ class RateHistory:
         self._events: dict[int, Counter[str]] = defaultdict(Counter)
         #: Per bucket, per account: events that posted a body to iVvy (each one request).
         self._requests: dict[int, Counter[str]] = defaultdict(Counter)
+        #: Per bucket: failure events (``FAILURE_EVENTS``) by (account, error code, event).
+        self._failures: dict[int, Counter[tuple[str, str, str]]] = defaultdict(Counter)
         self._lock = asyncio.Lock()
 
     async def update(self, client: aioredis.Redis, settings: Settings, now_ms: int) -> None:
@@ -350,8 +351,11 @@ class RateHistory:
                 self._events[bucket][entry.get("event", "")] += 1
                 if entry.get("change"):
                     self._requests[bucket][entry.get("account", "")] += 1
+                if entry.get("event") in FAILURE_EVENTS:
+                    self._failures[bucket][entry.get("account", ""), entry.get("error_code", ""), entry["event"]] += 1
             first = oldest // (self.BUCKET_S * 1000)
-            for table in (self._events, self._requests):
+            tables: tuple[dict[int, Counter[Any]], ...] = (self._events, self._requests, self._failures)
+            for table in tables:
                 for bucket in [b for b in table if b < first]:
                     del table[bucket]
 
@@ -361,6 +365,15 @@ class RateHistory:
         buckets = range(last - self.USE_WINDOW_S // self.BUCKET_S + 1, last + 1)
         requests = sum(self._requests[b][account] for b in buckets if b in self._requests)
         return round(requests / self.USE_WINDOW_S, 3)
+
+    def failures_since(self, since_ms: int) -> Counter[tuple[str, str, str]]:
+        """Failure events by (account, error code, event) from the bucket holding ``since_ms`` on."""
+        first = since_ms // (self.BUCKET_S * 1000)
+        total: Counter[tuple[str, str, str]] = Counter()
+        for bucket, counts in self._failures.items():
+            if bucket >= first:
+                total.update(counts)
+        return total
 
     def series(self, now_ms: int) -> dict[str, object]:
         """Events per second in each bucket of the span, oldest first (the last bucket is still filling)."""
@@ -467,6 +480,7 @@ def _dead_letter_view(entry: Entry) -> dict[str, object]:
 async def failures(
     client: aioredis.Redis,
     settings: Settings,
+    history: RateHistory,
     *,
     account: str | None = None,
     error_code: str | None = None,
@@ -477,8 +491,8 @@ async def failures(
     """Dead letters and recent failures grouped by account and error code, and one page of the
     matching dead letters, newest first (``before``: the ``next`` of the previous page).
 
-    Recent failures are the results stream's ``failed`` and ``retrying`` events since ``since_ms``
-    (default: the last ``RECENT_S``).
+    Recent failures are the results stream's ``failed`` and ``retrying`` events of the last hour
+    (``RateHistory.SPAN_S``), or since ``since_ms`` when that is later, counted by ``history``.
     """
     if before is not None and not _STREAM_ID.fullmatch(before):
         raise BadFilter(f"before must be a dead-letter id such as 1764590000000-0, not {before!r}")
@@ -489,15 +503,12 @@ async def failures(
     groups: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for entry in letters:
         groups[entry.get("account", ""), entry.get("error_code", "")]["dead_letters"] += 1
-    recent_from = since_ms if since_ms is not None else await redis_now_ms(client) - RECENT_S * 1000
-    async for entry in _pages(client, settings.results_stream, start=str(recent_from)):
-        event = entry.get("event", "")
-        if (
-            event in FAILURE_EVENTS
-            and _matches(entry, None, account)
-            and (error_code is None or entry.get("error_code") == error_code)
-        ):
-            groups[entry.get("account", ""), entry.get("error_code", "")][event] += 1
+    now = await redis_now_ms(client)
+    await history.update(client, settings, now)
+    recent_from = max(since_ms or 0, now - history.SPAN_S * 1000)
+    for (event_account, code, event), count in history.failures_since(recent_from).items():
+        if (account is None or event_account == account) and (error_code is None or code == error_code):
+            groups[event_account, code][event] += count
     newest = letters[::-1]
     if before is not None:
         newest = [entry for entry in newest if _id_order(entry["id"]) < _id_order(before)]

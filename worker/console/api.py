@@ -72,6 +72,7 @@ async def failures(request: web.Request) -> web.Response:
     answer = await readers.failures(
         state.redis,
         state.settings,
+        state.history,
         account=_optional(query, "account"),
         error_code=_optional(query, "error_code"),
         since_ms=await _since_ms(state.redis, _optional(query, "since")),

@@ -261,8 +261,8 @@ def openapi_document() -> dict[str, Any]:
                             "name": "since",
                             "in": "query",
                             "required": False,
-                            "description": "a duration: 90s, 15m, 2h, 7d (default: every dead letter, "
-                            "recent failures of the last hour)",
+                            "description": "a duration: 90s, 15m, 2h, 7d (default: every dead letter; "
+                            "recent failures are those of the last hour, or of since when shorter)",
                             "schema": {"type": "string"},
                         },
                         {

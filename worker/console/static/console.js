@@ -289,12 +289,27 @@ function changePage() {
         const value = change[dd.dataset.fact];
         dd.textContent = value === null || value === "" ? "-" : String(value);
       }
+      // Refreshing rebuilds the rows: the events a person opened stay open.
+      const open = new Set([...document.querySelectorAll("#timeline tbody tr")]
+        .filter((tr) => tr.querySelector("details[open]")).map((tr) => tr.dataset.at));
       fill("timeline", "timeline-row", data.timeline.map((item) => ({
         ...item,
         what: item.kind === "enqueued"
           ? (item.generation > 0 ? `enqueued again (replay, generation ${item.generation})` : "enqueued")
           : `attempt ${item.attempt}: ${item.event}`,
-      })), (tr, item) => { tr.dataset.kind = item.kind; if (item.event) { tr.dataset.event = item.event; } });
+      })), (tr, item) => {
+        tr.dataset.kind = item.kind;
+        tr.dataset.at = item.at;
+        if (item.event) { tr.dataset.event = item.event; }
+        const details = tr.querySelector("details.result");
+        // The results stream's whole event, while the stream still holds it (enqueued rows have none).
+        if (item.result) {
+          details.querySelector("pre").textContent = JSON.stringify(item.result, null, 2);
+          details.open = open.has(item.at);
+        } else {
+          details.remove();
+        }
+      });
       $("#change-json").textContent = JSON.stringify(change.change, null, 2);
     });
   };
