@@ -1,21 +1,25 @@
 -- Enqueue changes (or replay a dead-lettered one): for each, the ledger entry, the ordering
 -- sequence and the queue entry. Atomic for the whole call: with 'enqueue', every key is checked
 -- before anything is written, so a conflict anywhere writes nothing; 'check' only checks.
--- The ledger hash is the job's record; the queue holds only its id.
--- KEYS: 1 queue zset, 2 dead-letter stream
--- ARGV: 1 mode ('enqueue' | 'check' | 'replay'), 2 now (ms), 3 retention (ms), 4 dead-letter entry
---       id to remove or '' (replay), 5 generation of that dead letter or '' (replay), 6 ledger key
---       prefix, 7 stage key prefix, 8 the changes: a JSON array of [job id, change (canonical JSON),
+-- The ledger hash is the job's record; the queue holds only its id. Times are the server's.
+-- KEYS: 1 queue zset, 2 dead-letter stream, 3 pending hash (account -> changes not yet terminal)
+-- ARGV: 1 mode ('enqueue' | 'check' | 'replay'), 2 retention (ms), 3 dead-letter entry id to
+--       remove or '' (replay), 4 generation of that dead letter or '' (replay), 5 ledger key
+--       prefix, 6 stage key prefix, 7 the changes: a JSON array of [job id, change (canonical JSON),
 --       operation, stage id or '', changed fields (csv), account, idempotency key, source, lock subject]
 -- One JSON argument instead of nine per change keeps the client's work per change small; the
 -- ledger and stage keys are built from the prefixes (worker.keys builds the same names).
--- Returns per change {'queued', generation} | {'duplicate', state} | {'conflict'} |
---   {'not_failed', state} (replay) | {'new'} (check)
-local mode, now, retention = ARGV[1], ARGV[2], ARGV[3]
-local changes = cjson.decode(ARGV[8])
-local function ledger_key(c) return ARGV[6] .. c[1] end
+-- Reply: {answers, backlog} with one answer per change: {'queued', generation} |
+--   {'duplicate', state} | {'conflict', ''} | {'not_failed', state} (replay) | {'new', ''} (check);
+--   backlog: {account, changes of that account not yet terminal, ...} for the accounts written to.
+local queue, dlq, pending = KEYS[1], KEYS[2], KEYS[3]
+local mode, retention = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local changes = cjson.decode(ARGV[7])
+local function ledger_key(c) return ARGV[5] .. c[1] end
 local function stage_key(c)
-  if c[3] == 'update' then return ARGV[7] .. c[6] .. ':' .. c[4] end
+  if c[3] == 'update' then return ARGV[6] .. c[6] .. ':' .. c[4] end
   return ledger_key(c)
 end
 
@@ -28,20 +32,21 @@ for i, c in ipairs(changes) do
     if existing[2] and existing[2] ~= 'failed' then
       answers[i] = {'not_failed', existing[2]}
     else
-      answers[i] = {'queued', (tonumber(existing[3]) or tonumber(ARGV[5]) or 0) + 1}
+      answers[i] = {'queued', (tonumber(existing[3]) or tonumber(ARGV[4]) or 0) + 1}
     end
   elseif existing[1] then
     if existing[1] == change then answers[i] = {'duplicate', existing[2]} else
-      answers[i] = {'conflict'}
+      answers[i] = {'conflict', ''}
       conflict = true
     end
   else
-    answers[i] = {'new'}
+    answers[i] = {'new', ''}
     seen[job] = change
   end
 end
-if mode == 'check' or conflict then return answers end
+if mode == 'check' or conflict then return {answers, {}} end
 
+local written = {}
 for i, c in ipairs(changes) do
   if answers[i][1] == 'new' or (mode == 'replay' and answers[i][1] == 'queued') then
     local ledger, stage = ledger_key(c), stage_key(c)
@@ -75,9 +80,15 @@ for i, c in ipairs(changes) do
     end
     redis.call('HSET', ledger, unpack(record))
     redis.call('PEXPIRE', ledger, retention)
-    redis.call('ZADD', KEYS[1], now, c[1])
+    redis.call('ZADD', queue, now, c[1])
+    written[c[6]] = redis.call('HINCRBY', pending, c[6], 1)
     answers[i] = {'queued', gen}
   end
 end
-if mode == 'replay' and ARGV[4] ~= '' and answers[1][1] == 'queued' then redis.call('XDEL', KEYS[2], ARGV[4]) end
-return answers
+if mode == 'replay' and ARGV[3] ~= '' and answers[1][1] == 'queued' then redis.call('XDEL', dlq, ARGV[3]) end
+local backlog = {}
+for account, count in pairs(written) do
+  backlog[#backlog + 1] = account
+  backlog[#backlog + 1] = count
+end
+return {answers, backlog}
