@@ -25,6 +25,7 @@ from worker.errors import PermanentError, redis_errors
 from worker.ledger import Ledger
 from worker.results import TERMINAL_EVENTS, iso_ms
 from worker.settings import Settings
+from worker.states import State
 
 __all__ = [
     "PAGE",
@@ -416,7 +417,8 @@ async def _queue_by_account(client: aioredis.Redis, settings: Settings, now_ms: 
                     pipe.hget(keys.ledger_key(job), "state")
                 states = await pipe.execute()
         for job, state in zip(chunk, states, strict=True):
-            counts[keys.split_job_id(job)[0]]["in_progress" if state == b"running" else "retrying"] += 1
+            running = state is not None and state.decode() == State.RUNNING
+            counts[keys.split_job_id(job)[0]]["in_progress" if running else "retrying"] += 1
     return counts
 
 
