@@ -334,13 +334,6 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _dlq_since_ms(client: aioredis.Redis, since: str | None) -> int | None:
-    """--since DURATION as a moment of Redis's clock (the clock of the dead letters' ids)."""
-    if since is None:
-        return None
-    return await readers.redis_now_ms(client) - readers.parse_duration(since) * 1000
-
-
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     settings = _settings()
     # --error-code and --since choose dead letters as --all does, only fewer of them.
@@ -362,7 +355,7 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
                 account=account,
                 idempotency_keys=wanted,
                 error_code=args.error_code,
-                since_ms=await _dlq_since_ms(client, args.since),
+                since_ms=await readers.since_as_ms(client, args.since),
             )
         ]
         outcomes = []

@@ -43,6 +43,7 @@ __all__ = [
     "redis_now_ms",
     "replay",
     "results",
+    "since_as_ms",
     "stats",
 ]
 
@@ -300,6 +301,13 @@ def parse_duration(text: str) -> int:
     if seconds <= 0:
         raise BadFilter(f"since must be longer than zero, not {text!r}")
     return seconds
+
+
+async def since_as_ms(client: aioredis.Redis, since: str | None) -> int | None:
+    """A ``since`` duration (``parse_duration``) as a moment of Redis's clock, never before 1970."""
+    if since is None:
+        return None
+    return max(await redis_now_ms(client) - parse_duration(since) * 1000, 0)
 
 
 async def redis_now_ms(client: aioredis.Redis) -> int:

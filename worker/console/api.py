@@ -52,12 +52,6 @@ def _optional(query: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-async def _since_ms(client: aioredis.Redis, since: str | None) -> int | None:
-    if since is None:
-        return None
-    return await readers.redis_now_ms(client) - readers.parse_duration(since) * 1000
-
-
 async def overview(request: web.Request) -> web.Response:
     state = request.app[API_STATE]
     return json_response(await readers.overview(state.redis, state.settings, state.history))
@@ -75,7 +69,7 @@ async def failures(request: web.Request) -> web.Response:
         state.history,
         account=_optional(query, "account"),
         error_code=_optional(query, "error_code"),
-        since_ms=await _since_ms(state.redis, _optional(query, "since")),
+        since_ms=await readers.since_as_ms(state.redis, _optional(query, "since")),
         limit=int(raw_limit),
         before=_optional(query, "before"),
     )
@@ -187,7 +181,7 @@ async def selected_dead_letters(
         account=selection.account,
         idempotency_keys=selection.keys,
         error_code=selection.error_code,
-        since_ms=await _since_ms(client, selection.since),
+        since_ms=await readers.since_as_ms(client, selection.since),
     ):
         yield entry
 

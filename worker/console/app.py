@@ -260,17 +260,20 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
     try:
         runner = web.AppRunner(create_app(settings, redis_client), access_log=None, handle_signals=False)
         await runner.setup()
+        # Signals are handled before the listening line, so that whoever waits for it may stop us.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
         try:
             site = web.TCPSite(runner, host, port, shutdown_timeout=5.0)
             try:
                 await site.start()
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-            log.info("console.listening", url=f"http://{host}:{port}/", redis=printable_url(settings.redis_url))
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop.set)
+            # The bound address, not the asked one: --port 0 takes a free port, and says which.
+            bound_host, bound_port = runner.addresses[0][:2]
+            log.info("console.listening", host=bound_host, port=bound_port, redis=printable_url(settings.redis_url))
             await stop.wait()
             log.info("console.stopping")
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.change import KEY_MAX_CHARS
 from worker.readers import DEAD_LETTER_FIELDS
 
 API = "/api/v1"
@@ -16,6 +17,15 @@ MAX_KEYS = 1000
 _NULLABLE_STRING = {"type": ["string", "null"]}
 _NULLABLE_INT = {"type": ["integer", "null"]}
 _ACCOUNT_QUERY = {"name": "account", "in": "query", "required": False, "schema": {"type": "string"}}
+#: What the server takes (worker.change's rules), so that a document-valid request is accepted.
+_KEY = {"type": "string", "minLength": 1, "maxLength": KEY_MAX_CHARS, "pattern": "^[\\x20-\\x7e]+$"}
+_ACCOUNT = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
+_NOT_BLANK = {"type": "string", "pattern": "\\S"}
+_DURATION = {
+    "type": "string",
+    "pattern": "^(?:0*[1-9][0-9]{0,8}[smhd])+$",
+    "description": "a duration: 90s, 15m, 2h, 7d, or a sum such as 1h30m",
+}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -178,19 +188,19 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "description": "either keys (of one account) or a filter; a filter without fields matches every dead letter",
         "properties": {
-            "keys": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_KEYS},
-            "account": {"type": "string", "description": "the account of keys (default: default)"},
+            "keys": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_KEYS},
+            "account": {**_NOT_BLANK, "description": "the account of keys (default: default)"},
             "filter": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {
-                    "account": {"type": "string"},
-                    "error_code": {"type": "string"},
-                    "since": {"type": "string", "description": "a duration: 90s, 15m, 2h, 7d"},
-                },
+                "properties": {"account": _NOT_BLANK, "error_code": _NOT_BLANK, "since": _DURATION},
             },
         },
         "additionalProperties": False,
+        "oneOf": [
+            {"required": ["keys"], "not": {"required": ["filter"]}},
+            {"required": ["filter"], "not": {"anyOf": [{"required": ["keys"]}, {"required": ["account"]}]}},
+        ],
     },
     "Outcomes": {
         "type": "object",
@@ -261,9 +271,9 @@ def openapi_document() -> dict[str, Any]:
                             "name": "since",
                             "in": "query",
                             "required": False,
-                            "description": "a duration: 90s, 15m, 2h, 7d (default: every dead letter; "
-                            "recent failures are those of the last hour, or of since when shorter)",
-                            "schema": {"type": "string"},
+                            "description": "default: every dead letter; recent failures are those of the last "
+                            "hour, or of since when shorter",
+                            "schema": _DURATION,
                         },
                         {
                             "name": "limit",
@@ -276,7 +286,7 @@ def openapi_document() -> dict[str, Any]:
                             "in": "query",
                             "required": False,
                             "description": "the previous page's next",
-                            "schema": {"type": "string"},
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,15}-[0-9]{1,15}$"},
                         },
                     ],
                     "responses": {
@@ -291,8 +301,8 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "One change and its timeline",
                     "operationId": "change",
                     "parameters": [
-                        {"name": "idempotency_key", "in": "path", "required": True, "schema": {"type": "string"}},
-                        {**_ACCOUNT_QUERY, "description": "default: default"},
+                        {"name": "idempotency_key", "in": "path", "required": True, "schema": _KEY},
+                        {**_ACCOUNT_QUERY, "schema": _ACCOUNT, "description": "default: default"},
                     ],
                     "responses": {
                         "200": _json(_ref("Change"), "the change and its timeline"),
