@@ -152,8 +152,20 @@ async def test_a_dead_letter_is_replayed_from_the_failures_page_and_then_succeed
         await expect(page.locator('#dead-letters tr[data-key="builtin"]')).to_have_count(1)
         assert fake_ivvy.fake.stages[MISSING_STAGE].name == "Renamed"
 
+        # Everything matching a filter, here the one dead letter of code 24321, discarded.
+        await page.fill("#filter input[name=error_code]", "24321")
+        await page.click("#filter button[type=submit]")
+        await expect(page).to_have_url(console + "/failures?error_code=24321")
+        await expect(page.locator("#matching")).to_have_text("(1 matching)")
+        await page.click("#discard-matching")
+        await expect(page.locator("#confirm-text")).to_have_text("Discard every dead letter matching error_code 24321?")
+        await page.click("#confirm-ok")
+        await expect(page.locator("#outcome-list li")).to_have_text("default / builtin: discarded")
+        await expect(page.locator("#no-dead-letters")).to_be_visible()
+        assert await redis_client.xlen(settings.dlq_stream) == 0
+
         await page.click("text=Overview")
-        await expect(page.locator('#accounts tr[data-account="default"] [data-field="dead_letters"]')).to_have_text("1")
+        await expect(page.locator('#accounts tr[data-account="default"] [data-field="dead_letters"]')).to_have_text("0")
         await expect(page.locator("#succeeded-hour")).to_have_text("4")
         await expect(page.locator("#workers tbody tr")).to_have_count(1)
         target = os.environ.get("LEADSTAGE_CONSOLE_SCREENSHOT")

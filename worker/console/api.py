@@ -9,6 +9,9 @@ during the request is not met again by it.
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +31,34 @@ from worker.settings import Settings
 log = get_logger("leadstage.console")
 
 
+#: How long one overview is reused: however many pages are open, the queue is read about once a second.
+OVERVIEW_TTL_S = 1.0
+
+
+class Shared:
+    """One computation at a time, shared by the requests that ask meanwhile and reused for ``ttl_s``."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._at = -math.inf
+        self._value: dict[str, object] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, compute: Callable[[], Awaitable[dict[str, object]]]) -> dict[str, object]:
+        async with self._lock:
+            if time.monotonic() - self._at >= self._ttl_s:
+                self._value = await compute()
+                self._at = time.monotonic()
+            return self._value
+
+
 @dataclass(frozen=True, slots=True)
 class ApiState:
     settings: Settings
     redis: aioredis.Redis
     history: readers.RateHistory
     openapi: bytes
+    overview: Shared
 
 
 API_STATE = web.AppKey("leadstage_console_api", ApiState)
@@ -54,7 +79,7 @@ def _optional(query: Mapping[str, str], name: str) -> str | None:
 
 async def overview(request: web.Request) -> web.Response:
     state = request.app[API_STATE]
-    return json_response(await readers.overview(state.redis, state.settings, state.history))
+    return json_response(await state.overview.get(lambda: readers.overview(state.redis, state.settings, state.history)))
 
 
 async def failures(request: web.Request) -> web.Response:
@@ -267,4 +292,4 @@ def add_routes(app: web.Application, state: ApiState) -> None:
 
 
 def new_state(settings: Settings, redis: aioredis.Redis) -> ApiState:
-    return ApiState(settings, redis, readers.RateHistory(), orjson.dumps(openapi_document()))
+    return ApiState(settings, redis, readers.RateHistory(), orjson.dumps(openapi_document()), Shared(OVERVIEW_TTL_S))

@@ -165,7 +165,9 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         log.exception("console.error", method=request.method, path=request.path)
         response = Problem(500, "Internal Server Error", "unexpected error; see the server log").response()
     response.headers.update(_SECURITY_HEADERS)
-    log.info(
+    # The pages poll every REFRESH_MS: their successful reads are logged at debug, the rest at info.
+    quiet = request.method == "GET" and response.status < 400 and request.path.startswith(API)
+    (log.debug if quiet else log.info)(
         "console.request",
         method=request.method,
         path=request.path,
