@@ -1,9 +1,10 @@
-"""Reading what the product wrote, for the ``leadstage`` commands results, status, dlq and stats.
+"""Reading what the product wrote, for the ``leadstage`` commands results, status, dlq and stats,
+and for the console (``worker.console``: overview, failures, a change's timeline).
 
 Everything here reads Redis the way the worker writes it (``worker.keys``, ``worker.ledger``,
 ``worker.results``, the heartbeats of ``worker.runner``) and changes nothing, except ``replay``, which goes through
-``Ledger.replay`` like every other enqueue. Streams are read in pages, so a stream of 100,000
-entries costs a hundred round trips and bounded memory, not one huge reply.
+``Ledger.replay`` like every other enqueue, and ``discard``, which deletes one dead letter. Streams are read in
+pages, so a stream of 100,000 entries costs a hundred round trips and bounded memory, not one huge reply.
 """
 
 from __future__ import annotations
@@ -282,6 +283,8 @@ class BadFilter(PermanentError):
 
 _DURATION = re.compile(r"(?:\d+[smhd])+")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Longer than any sensible duration, short enough that no number in it is costly to read.
+_DURATION_MAX_CHARS = 32
 _STREAM_ID = re.compile(r"\d+-\d+")
 #: The events of the results stream that are failures, for ``failures``' recent counts.
 FAILURE_EVENTS = ("failed", "retrying")
@@ -295,8 +298,8 @@ DEAD_LETTER_FIELDS = (
 def parse_duration(text: str) -> int:
     """``90s``, ``15m``, ``2h``, ``7d`` or a sum such as ``1h30m``, in seconds; ``BadFilter`` otherwise."""
     cleaned = text.strip().lower()
-    if not _DURATION.fullmatch(cleaned):
-        raise BadFilter(f"since must be a duration such as 90s, 15m, 2h or 7d (units s, m, h, d), not {text!r}")
+    if len(cleaned) > _DURATION_MAX_CHARS or not _DURATION.fullmatch(cleaned):
+        raise BadFilter(f"since must be a duration such as 90s, 15m, 2h or 7d (units s, m, h, d), not {text[:40]!r}")
     seconds = sum(int(number) * _UNIT_S[unit] for number, unit in re.findall(r"(\d+)([smhd])", cleaned))
     if seconds <= 0:
         raise BadFilter(f"since must be longer than zero, not {text!r}")

@@ -24,6 +24,7 @@ _NOT_BLANK = {"type": "string", "pattern": "\\S"}
 _DURATION = {
     "type": "string",
     "pattern": "^(?:0*[1-9][0-9]{0,8}[smhd])+$",
+    "maxLength": 32,
     "description": "a duration: 90s, 15m, 2h, 7d, or a sum such as 1h30m",
 }
 
