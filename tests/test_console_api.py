@@ -169,6 +169,17 @@ async def test_login_sets_an_httponly_samesite_cookie_and_posts_need_the_csrf_to
     async with http.post(replay, json={"filter": {}}, headers={"X-CSRF-Token": csrf}) as response:
         assert response.status == 200
         assert await response.json() == {"action": "replay", "results": []}
+    # Logging out is a POST with the CSRF token too (the page's form carries it as a field).
+    async with http.post(console + "/logout", data={}, allow_redirects=False) as response:
+        assert response.status == 403
+    async with http.post(console + "/logout", data={"csrf": csrf}, allow_redirects=False) as response:
+        assert (response.status, response.headers["Location"]) == (303, "/login")
+    async with http.get(console + "/", allow_redirects=False) as response:
+        assert response.status == 303  # the cookie is gone
+    async with aiohttp.ClientSession() as fresh:
+        kept = {"Cookie": f"{COOKIE}={cookie.value}"}
+        async with fresh.get(console + "/", headers=kept, allow_redirects=False) as response:
+            assert response.status == 303  # and a copy of it is no session any more
     # A cookie that was altered is no session, and no cookie is none either.
     async with aiohttp.ClientSession() as fresh:
         for sent in ({"Cookie": f"{COOKIE}={cookie.value.replace('admin', 'read', 1)}"}, {}):

@@ -4,7 +4,8 @@ Two roles: ``admin`` (``LEADSTAGE_CONSOLE_TOKEN``: read, replay, discard) and ``
 (``LEADSTAGE_CONSOLE_READ_TOKEN``: read only). Scripts send the token as ``Authorization: Bearer``.
 A browser logs in once with a form; the cookie it gets is not the token but a session signed with
 a key made at start-up (a restart logs everyone out), HttpOnly (no script reads it) and
-SameSite=Strict (no other site sends it), Secure behind a declared TLS proxy.
+SameSite=Strict (no other site sends it), Secure behind a declared TLS proxy. Logging out revokes
+the session in this process, so a copy of the cookie stops working too.
 
 A request authenticated by the cookie must carry the session's CSRF token to change anything
 (``X-CSRF-Token`` header, or a ``csrf`` form field): the cookie is sent by the browser on its own,
@@ -36,6 +37,8 @@ SESSION_S: Final = 12 * 3600
 class Session:
     role: Role
     csrf: str
+    nonce: str
+    expires: int
 
 
 class Gate:
@@ -51,6 +54,8 @@ class Gate:
         if settings.console_read_token is not None:
             self._tokens.append((settings.console_read_token, "read"))
         self._key = secrets.token_bytes(32)
+        #: Sessions logged out before they expire: nonce -> expiry (forgotten once expired).
+        self._revoked: dict[str, int] = {}
         self.secure_cookie = settings.console_tls_proxy
 
     def role_of_token(self, presented: str) -> Role | None:
@@ -81,7 +86,15 @@ class Gate:
         role, expires, nonce = [*body.split("."), "", "", ""][:3]
         if role not in ("admin", "read") or not expires.isdigit() or int(expires) < time.time():
             return None
-        return Session("admin" if role == "admin" else "read", self._sign("csrf." + nonce))
+        if nonce in self._revoked:
+            return None
+        return Session("admin" if role == "admin" else "read", self._sign("csrf." + nonce), nonce, int(expires))
+
+    def revoke(self, session: Session) -> None:
+        """Log a session out: its cookie, even if kept somewhere, is no session any more."""
+        now = time.time()
+        self._revoked = {nonce: expires for nonce, expires in self._revoked.items() if expires >= now}
+        self._revoked[session.nonce] = session.expires
 
     @staticmethod
     def csrf_ok(session: Session, presented: str | None) -> bool:
