@@ -2,7 +2,7 @@
 
 Every step waits for a condition on the page (Playwright's ``expect`` polls until it holds),
 never for a fixed time. Redis, the worker and the fake iVvy are the real ones, in this event loop.
-``LEADSTAGE_CONSOLE_SCREENSHOT=docs/console.png`` saves the README's screenshot of the Overview.
+``LEADSTAGE_CONSOLE_SCREENSHOT=docs/console.png`` saves the README's screenshot (the Failures page).
 """
 
 from __future__ import annotations
@@ -137,6 +137,9 @@ async def test_a_dead_letter_is_replayed_from_the_failures_page_and_then_succeed
         await expect(row.locator('[data-field="error_code"]')).to_have_text("24320")
         group = page.locator("#groups tbody tr", has_text="24320")
         await expect(group.locator('[data-field="dead_letters"]')).to_have_text("1")
+        target = os.environ.get("LEADSTAGE_CONSOLE_SCREENSHOT")
+        if target:
+            await page.screenshot(path=target, full_page=True)
         await row.get_by_role("button", name="Replay").click()
         await expect(page.locator("#confirm")).to_be_visible()
         await expect(page.locator("#confirm-text")).to_contain_text("missing-1")
@@ -168,9 +171,6 @@ async def test_a_dead_letter_is_replayed_from_the_failures_page_and_then_succeed
         await expect(page.locator('#accounts tr[data-account="default"] [data-field="dead_letters"]')).to_have_text("0")
         await expect(page.locator("#succeeded-hour")).to_have_text("4")
         await expect(page.locator("#workers tbody tr")).to_have_count(1)
-        target = os.environ.get("LEADSTAGE_CONSOLE_SCREENSHOT")
-        if target:
-            await page.screenshot(path=target, full_page=True)
 
 
 async def test_a_changes_timeline_shows_its_attempts(
