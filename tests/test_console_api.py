@@ -331,6 +331,11 @@ async def test_failures_are_grouped_and_replayed_or_discarded(
 
         await eventually(both_succeeded, within_s=20)
     assert fake_ivvy.fake.stages[MISSING_STAGE].colour == "#123456"
+    # A replayed change's timeline: both enqueues, the failed attempt, then the replay's success.
+    replayed_timeline = (await get(http, console + API + "/changes/missing-2"))["timeline"]
+    assert [(t["kind"], t.get("generation"), t.get("event")) for t in replayed_timeline] == [
+        ("enqueued", 0, None), ("attempt", None, "failed"), ("enqueued", 1, None), ("attempt", None, "succeeded"),
+    ]  # fmt: skip
 
     status, discarded = await post(
         http, console + API + "/dead-letters/discard", {"keys": ["builtin", "nope"], "account": "default"}

@@ -126,10 +126,11 @@ async def test_a_dead_letter_is_replayed_from_the_failures_page_and_then_succeed
 ) -> None:
     await enqueue(redis_client, settings, {"id": MISSING_STAGE, "name": "Renamed"}, "missing-1")
     await enqueue(redis_client, settings, {"id": 1, "name": "Quoted!"}, "builtin")
+    await enqueue(redis_client, settings, {"id": 2, "colour": "#00ff00"}, "builtin-2")
     for key in ("s1", "s2", "s3"):
         await enqueue(redis_client, settings, {"name": f"Stage {key}", "applyTo": "lead"}, key)
     async with running_worker(settings):
-        await wait_for_terminal(redis_client, ["missing-1", "builtin", "s1", "s2", "s3"])
+        await wait_for_terminal(redis_client, ["missing-1", "builtin", "builtin-2", "s1", "s2", "s3"])
         create_missing_stage(fake_ivvy.fake)  # the stage missing-1 updates exists now
 
         await log_in(page, console, "/failures")
@@ -137,6 +138,8 @@ async def test_a_dead_letter_is_replayed_from_the_failures_page_and_then_succeed
         await expect(row.locator('[data-field="error_code"]')).to_have_text("24320")
         group = page.locator("#groups tbody tr", has_text="24320")
         await expect(group.locator('[data-field="dead_letters"]')).to_have_text("1")
+        builtins = page.locator("#groups tbody tr", has_text="24321")
+        await expect(builtins.locator('[data-field="dead_letters"]')).to_have_text("2")
         target = os.environ.get("LEADSTAGE_CONSOLE_SCREENSHOT")
         if target:
             await page.screenshot(path=target, full_page=True)
@@ -155,10 +158,17 @@ async def test_a_dead_letter_is_replayed_from_the_failures_page_and_then_succeed
         await expect(page.locator('#dead-letters tr[data-key="builtin"]')).to_have_count(1)
         assert fake_ivvy.fake.stages[MISSING_STAGE].name == "Renamed"
 
-        # Everything matching a filter, here the one dead letter of code 24321, discarded.
+        # A selection, then everything matching a filter (code 24321), discarded.
         await page.fill("#filter input[name=error_code]", "24321")
         await page.click("#filter button[type=submit]")
         await expect(page).to_have_url(console + "/failures?error_code=24321")
+        await expect(page.locator("#matching")).to_have_text("(2 matching)")
+        await page.locator('#dead-letters tr[data-key="builtin-2"] input.pick').check()
+        await expect(page.locator("#discard-selected")).to_have_text("Discard selected (1)")
+        await page.click("#discard-selected")
+        await expect(page.locator("#confirm-text")).to_have_text("Discard 1 dead letter(s): builtin-2?")
+        await page.click("#confirm-ok")
+        await expect(page.locator("#outcome-list li")).to_have_text("default / builtin-2: discarded")
         await expect(page.locator("#matching")).to_have_text("(1 matching)")
         await page.click("#discard-matching")
         await expect(page.locator("#confirm-text")).to_have_text("Discard every dead letter matching error_code 24321?")
@@ -170,6 +180,7 @@ async def test_a_dead_letter_is_replayed_from_the_failures_page_and_then_succeed
         await page.click("text=Overview")
         await expect(page.locator('#accounts tr[data-account="default"] [data-field="dead_letters"]')).to_have_text("0")
         await expect(page.locator("#succeeded-hour")).to_have_text("4")
+        await expect(page.locator("#failed-hour")).to_have_text("3")
         await expect(page.locator("#workers tbody tr")).to_have_count(1)
 
 

@@ -583,8 +583,11 @@ async def change_timeline(
     async for entry in _pages(client, settings.results_stream, start=start):
         if _matches(entry, idempotency_key, account):
             events[entry.get("event", ""), entry.get("attempt", ""), entry.get("finished_at", "")] = entry
+    # The ledger keeps the enqueue of the current generation; each event names its own generation's.
+    enqueued = {int(e.get("generation") or 0): e["enqueued_at"] for e in events.values() if e.get("enqueued_at")}
+    enqueued[cast(int, status["generation"])] = cast(str, status["enqueued_at"])
     timeline: list[dict[str, object]] = [
-        {"kind": "enqueued", "at": status["enqueued_at"], "generation": status["generation"]}
+        {"kind": "enqueued", "at": at, "generation": generation} for generation, at in sorted(enqueued.items())
     ]
     for attempt in history:
         event = events.get((attempt.get("event", ""), attempt.get("attempt", ""), attempt.get("finished_at", "")))
