@@ -103,6 +103,17 @@ async def test_the_read_only_token_reads_but_changes_nothing(
     for action in ("replay", "discard"):
         status, problem = await post(http, console + f"{API}/dead-letters/{action}", {"filter": {}}, READ_TOKEN)
         assert (status, problem["detail"]) == (403, "the read-only token may not change anything")
+    # Logged in with it, the Failures page offers no replay or discard, and a page's POST is refused.
+    async with http.post(console + "/login", data={"token": READ_TOKEN, "next": "/failures"}) as response:
+        page = await response.text()
+    assert "read only" in page
+    assert 'id="replay-selected"' not in page
+    assert 'data-action="discard"' not in page
+    match = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+    assert match is not None
+    replay = console + API + "/dead-letters/replay"
+    async with http.post(replay, json={"filter": {}}, headers={"X-CSRF-Token": match.group(1)}) as response:
+        assert response.status == 403
 
 
 def test_the_console_is_off_without_a_token(settings: Settings, redis_client: aioredis.Redis) -> None:
