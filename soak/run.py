@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -44,12 +45,22 @@ import redis.exceptions
 from producers.library import ChangeItem, LeadStageProducer, Receipt
 from soak import checks
 from soak.observe import REDIS_DOWN, FakeAdmin, ResultsTail, Takeover, orphans_of, probe_takeover
-from soak.procs import Child, Children, RedisServer, SoakError, free_port, sigterm_as_interrupt, wait_for_port
 from soak.workload import Planned, Workload
 from worker import keys
-from worker.errors import RedisUnavailable
+from worker.change import DEFAULT_ACCOUNT
+from worker.errors import ProcessFailed, RedisUnavailable
 from worker.fake_ivvy import FAULT_FIELDS, Faults
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Settings
+from worker.processes import (
+    LOOPBACK,
+    Child,
+    Children,
+    RedisServer,
+    free_port,
+    python_module,
+    sigterm_as_interrupt,
+    wait_for_port,
+)
+from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 
 #: Every fault on, at rates that leave the run able to finish in minutes on two cores: about one
 #: request in eight misbehaves. 429s pause the whole account, so they are kept rarer.
@@ -65,7 +76,7 @@ DEFAULT_FAULTS = Faults(
 )
 #: Share of batches the driver delivers twice (same keys, same changes), as an unsure producer does.
 REDELIVERY_SHARE = 0.05
-#: The guarantee of SPEC.md: a killed worker's change is taken up again within this.
+#: The guarantee of docs/contract.md: a killed worker's change is taken up again within this.
 TAKEOVER_LIMIT_S = 15.0
 
 
@@ -196,8 +207,9 @@ class Soak:
         self.options = options
         self.log_dir = log_dir
         self.rng = random.Random(options.seed)  # noqa: S311 - picks changes and victims, not secrets
-        self.children = Children(log_dir)
-        self.redis = RedisServer(self.children, log_dir / "redis-data")
+        foreign = ("LEADSTAGE_", "IVVY_", "REDIS_", "WEBHOOK_")
+        self.children = Children(log_dir, {k: v for k, v in os.environ.items() if not k.startswith(foreign)})
+        self.redis = RedisServer(self.children, log_dir / "redis-data", durable=True)
         self.settings = Settings(
             redis_url=self.redis.url,
             results_maxlen=max(1_000_000, options.changes * 50),
@@ -214,44 +226,37 @@ class Soak:
     # -- the children ---------------------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
+        """The workers' (and the fake's) settings, as ``leadstage worker`` reads them."""
         o = self.options
-        return {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("LEADSTAGE_", "IVVY_", "REDIS_", "WEBHOOK_"))},
-            "REDIS_URL": self.redis.url,
-            "IVVY_BASE_URL": self.fake_url,
-            "IVVY_API_KEY": DEMO_API_KEY,
-            "IVVY_API_SECRET": DEMO_API_SECRET,
-            "LEADSTAGE_RATE_LIMIT": "2000",
-            "LEADSTAGE_MAX_ATTEMPTS": str(o.max_attempts),
-            "LEADSTAGE_MAX_AGE": "3600",
-            "LEADSTAGE_BACKOFF_BASE": "0.1",
-            "LEADSTAGE_BACKOFF_MAX": "2",
-            "LEADSTAGE_REQUEST_TIMEOUT": str(o.request_timeout_s),
-            "LEADSTAGE_JOB_TIMEOUT": "60",
-            "LEADSTAGE_LEASE": str(o.lease_s),
-            "LEADSTAGE_CONCURRENCY": str(o.concurrency),
-            "LEADSTAGE_SHUTDOWN_GRACE": "5",
-            "LEADSTAGE_RESULTS_MAXLEN": str(self.settings.results_maxlen),
-            "LEADSTAGE_METRICS_PORT": "0",
-            "LEADSTAGE_LOG_FORMAT": "json",
-        }
+        account = Account(DEFAULT_ACCOUNT, self.fake_url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 2000.0)
+        return dataclasses.replace(
+            self.settings,
+            accounts={DEFAULT_ACCOUNT: account},
+            rate_limit=2000.0,
+            max_attempts=o.max_attempts,
+            max_age_s=3600.0,
+            backoff_base_s=0.1,
+            backoff_max_s=2.0,
+            request_timeout_s=o.request_timeout_s,
+            job_timeout_s=60.0,
+            concurrency=o.concurrency,
+            shutdown_grace_s=5.0,
+            metrics_port=0,
+            log_format="json",
+        ).to_env()
 
     def _start_fake(self) -> None:
         port = free_port()
-        self.fake_url = f"http://127.0.0.1:{port}"
+        self.fake_url = f"http://{LOOPBACK}:{port}"
         flags = [f"--{name.replace('_', '-')}={value}" for name, value in self.options.faults.as_dict().items()]
-        fake = self.children.leadstage(
-            "fake-ivvy", ["fake-ivvy", "--port", str(port), "--seed", str(self.options.seed), *flags], self._env()
-        )
-        fake.start()
-        assert fake.popen is not None
+        fake_args = ["fake-ivvy", "--port", str(port), "--seed", str(self.options.seed), *flags]
+        fake = self.children.start("fake-ivvy", python_module("worker.cli", *fake_args), self._env())
         wait_for_port(port, 30, fake.popen)
 
     def _start_workers(self) -> None:
         env = self._env()
         for slot in range(self.options.workers):
-            worker = self.children.leadstage(f"worker-{slot + 1}", ["worker"], env)
-            worker.start()
+            worker = self.children.start(f"worker-{slot + 1}", python_module("worker.cli", "worker"), env)
             self.workers.append(worker)
 
     # -- the run --------------------------------------------------------------------------------
@@ -355,7 +360,7 @@ class Soak:
             self.figures.enqueue_retries += 1
             retried = True
             if time.monotonic() > deadline:
-                raise SoakError("Redis did not take a batch for 120 s")
+                raise ProcessFailed("Redis did not take a batch for 120 s")
             await asyncio.sleep(0.25)
         if retried:
             self.figures.duplicates_on_retry += sum(1 for r in receipts if r.status == "duplicate")
@@ -486,7 +491,7 @@ class Soak:
         by_key = {p.key: p for p in self.workload.planned}
         replay = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "worker.cli", "dlq", "replay", "--all"],
+            python_module("worker.cli", "dlq", "replay", "--all"),
             env=self._env(),
             capture_output=True,
             check=False,
@@ -576,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
         soak = Soak(options, log_dir)
-    except SoakError as exc:
+    except ProcessFailed as exc:
         print(f"soak: {exc}", file=sys.stderr)
         return 2
     status = 1
@@ -587,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every child process", file=sys.stderr)
         status = 130
-    except SoakError as exc:
+    except ProcessFailed as exc:
         soak.violations.append(f"the run could not go on: {exc}")
         status = 1
     finally:

@@ -25,6 +25,8 @@ from worker.ledger import Ledger
 from worker.runner import running_worker
 from worker.settings import Settings
 
+pytestmark = pytest.mark.system  # starts a Chromium
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,9 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.console_support import MISSING_STAGE, READ_TOKEN, TOKEN, bearer
 from worker.console.openapi import openapi_document
+from worker.processes import Child, free_port, python_module, wait_for_port
+
+pytestmark = pytest.mark.system  # starts the console as a process
 
 #: Seconds the console may take to start (imports, then the listening line).
 START_S = 30
@@ -41,32 +42,17 @@ def console_env(redis_url: str, **extra: str) -> dict[str, str]:
     return {**base, "REDIS_URL": redis_url, "LEADSTAGE_LOG_FORMAT": "json", **extra}
 
 
-def start_console(env: dict[str, str], log: Path, *args: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """``leadstage console --port 0 ...``, logging to ``log`` (a pipe nobody reads would fill and
-    block it); returns the process and its ``console.listening`` record, once it is written."""
-    with log.open("ab") as out:
-        process = subprocess.Popen(  # noqa: S603 - our own command, fixed arguments
-            [sys.executable, "-m", "worker.cli", "console", "--port", "0", *args],
-            env=env, stdout=subprocess.DEVNULL, stderr=out,
-        )  # fmt: skip
-    deadline = time.monotonic() + START_S
-    while time.monotonic() < deadline and process.poll() is None:
-        for line in log.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("event") == "console.listening":
-                return process, record
-        time.sleep(0.05)
-    process.kill()
-    raise AssertionError(f"the console did not start: {log.read_text()}")
+def start_console(env: dict[str, str], log: Path, *args: str) -> tuple[Child, int]:
+    """``leadstage console`` on a free port, logging to ``log``, once it accepts connections."""
+    port = free_port()
+    child = Child("console", python_module("worker.cli", "console", "--port", str(port), *args), env, log).start()
+    wait_for_port(port, START_S, child.popen)
+    return child, port
 
 
 def records(log: Path, event: str) -> list[dict[str, Any]]:
-    return [record for record in map(json.loads, log.read_text().splitlines()) if record.get("event") == event]
-
-
-def stop_console(process: subprocess.Popen[bytes]) -> int:
-    process.send_signal(signal.SIGTERM)
-    return process.wait(timeout=15)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    return [record for record in map(json.loads, lines) if record.get("event") == event]
 
 
 def test_the_console_does_not_start_without_a_token(redis_url: str) -> None:
@@ -80,15 +66,15 @@ def test_the_console_does_not_start_without_a_token(redis_url: str) -> None:
 def test_listening_beyond_loopback_warns(redis_url: str, tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     env = console_env(redis_url, LEADSTAGE_CONSOLE_TOKEN=TOKEN)
-    process, _ = start_console(env, log, "--host", "0.0.0.0")  # noqa: S104 - the warning is the subject
+    console, _ = start_console(env, log, "--host", "0.0.0.0")  # noqa: S104 - the warning is the subject
     [warning] = records(log, "console.exposed")
     assert warning["level"] == "warning"
     assert "LEADSTAGE_CONSOLE_TLS_PROXY" in warning["detail"]
-    assert stop_console(process) == 0
+    assert console.stop() == 0
     assert TOKEN not in log.read_text()
     proxied = tmp_path / "proxied.log"
-    process, _ = start_console({**env, "LEADSTAGE_CONSOLE_TLS_PROXY": "1"}, proxied, "--host", "0.0.0.0")  # noqa: S104 - as above
-    assert stop_console(process) == 0
+    console, _ = start_console({**env, "LEADSTAGE_CONSOLE_TLS_PROXY": "1"}, proxied, "--host", "0.0.0.0")  # noqa: S104 - as above
+    assert console.stop() == 0
     assert records(proxied, "console.exposed") == []  # a TLS proxy is declared
 
 
@@ -97,11 +83,11 @@ def console(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """The console process over a database holding dead letters, results and a queued change."""
     asyncio.run(_seed(redis_url))
     env = console_env(redis_url, LEADSTAGE_CONSOLE_TOKEN=TOKEN, LEADSTAGE_CONSOLE_READ_TOKEN=READ_TOKEN)
-    process, listening = start_console(env, tmp_path_factory.mktemp("console") / "console.log")
+    console, port = start_console(env, tmp_path_factory.mktemp("console") / "console.log")
     try:
-        yield f"http://127.0.0.1:{listening['port']}"
+        yield f"http://127.0.0.1:{port}"
     finally:
-        assert stop_console(process) == 0
+        assert console.stop() == 0, console.log_tail()
 
 
 async def _seed(redis_url: str) -> None:

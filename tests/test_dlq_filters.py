@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+import pytest
 import redis.asyncio as aioredis
 
 from tests.console_support import MISSING_STAGE, console_settings, enqueue
@@ -18,6 +19,8 @@ from tests.harness import read_events, wait_for_terminal
 from worker.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
 from worker.settings import Settings
+
+pytestmark = pytest.mark.system  # runs leadstage commands as processes
 
 
 async def leadstage(settings: Settings, *args: str) -> tuple[int, list[dict[str, object]], str]:

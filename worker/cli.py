@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -35,13 +35,16 @@ import orjson
 import redis.asyncio as aioredis
 from tqdm import tqdm
 
-from producers.library import ChangeItem, LeadStageProducer, Validated, connect_redis, field_errors
+from producers.library import ChangeItem, LeadStageProducer, Validated, field_errors
+from producers.outcomes import ResultsConsumer
 from worker import readers
 from worker.change import DEFAULT_ACCOUNT
-from worker.errors import IdempotencyConflict, LeadstageError, PermanentError, RedisUnavailable
-from worker.ledger import Receipt
+from worker.errors import IdempotencyConflict, LeadstageError, NotFound, PermanentError, RedisUnavailable, Refused
+from worker.ledger import Receipt, backlog_warning
 from worker.logs import configure_logging
-from worker.settings import Settings, printable_url
+from worker.processes import until_signalled
+from worker.redis_connection import connect_redis, printable_url
+from worker.settings import Settings
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -59,18 +62,6 @@ FAKE_IVVY_DESCRIPTION = (
     "Serve a fake iVvy API (addOrUpdateLeadStage, getLeadStageList, ping) with signature checks,\n"
     "the seed's error codes and injectable faults, for the demo, tests and benchmarks."
 )
-
-
-class NotFound(LeadstageError):
-    """The change or dead letter a command asks about is not known (exit status 1)."""
-
-    error_code = "not_found"
-
-
-class Refused(PermanentError):
-    """The command line cannot be carried out as given (exit status 2): flags, a file, a located conflict."""
-
-    error_code = "refused"
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -183,7 +174,10 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
         async with LeadStageProducer(settings, producer="cli") as producer:
             return await producer.enqueue(change, idempotency_key=args.key, account=args.account, source=args.source)
 
-    _emit(asyncio.run(enqueue()).as_dict())
+    receipt = asyncio.run(enqueue())
+    _emit(receipt.as_dict())
+    if warning := backlog_warning([receipt], settings):
+        _note(f"warning: {warning}")
     return EXIT_OK
 
 
@@ -245,6 +239,8 @@ async def _enqueue_file(args: argparse.Namespace, settings: Settings) -> int:
 
     for (index, _), receipt in zip(valid, receipts, strict=True):
         _emit({**receipt.as_dict(), "line": line_numbers[index]})
+    if warning := backlog_warning(receipts, settings):
+        _note(f"warning: {warning}")
     duplicates = sum(1 for r in receipts if r.status == "duplicate")
     summary = f"enqueued {len(receipts)} change(s): {len(receipts) - duplicates} queued, {duplicates} duplicate"
     if problems:
@@ -276,24 +272,12 @@ async def _enqueue_with_progress(
 # -- results, status, dlq, stats ---------------------------------------------------------------
 
 
-async def _follow_until_signalled(stream: Callable[[], Awaitable[None]]) -> None:
-    """Run ``stream`` until it ends, or until SIGINT/SIGTERM, which end it cleanly."""
-    task = asyncio.ensure_future(stream())
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not task.cancelled():
-            raise
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-
-
 def _cmd_results(args: argparse.Namespace) -> int:
     settings = _settings()
+    if args.group is not None:
+        return _results_of_group(args, settings)
+    if args.consumer is not None or args.start != "new":
+        raise Refused("--consumer and --start need --group")
 
     async def show(client: aioredis.Redis) -> None:
         async def stream() -> None:
@@ -302,7 +286,30 @@ def _cmd_results(args: argparse.Namespace) -> int:
             ):
                 _emit(entry)
 
-        await _follow_until_signalled(stream)
+        await until_signalled(stream())
+
+    asyncio.run(_with_redis(settings, show))
+    return EXIT_OK
+
+
+def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
+    """Every event through consumer group ``--group``, each acked once it is written (at least once)."""
+    if args.key is not None or args.account is not None:
+        raise Refused("--key and --account cannot be used with --group (the group acks every event it reads)")
+    consumer_name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
+
+    async def show(client: aioredis.Redis) -> None:
+        consumer = ResultsConsumer(
+            args.group, consumer_name, settings=settings, redis=client, start=args.start,
+            claim_idle_s=args.claim_idle, follow=args.follow,
+        )  # fmt: skip
+
+        async def stream() -> None:
+            async for event in consumer:
+                _emit({"id": event.id, **event.raw})
+                await consumer.ack(event)
+
+        await until_signalled(stream())
 
     asyncio.run(_with_redis(settings, show))
     return EXIT_OK
@@ -439,11 +446,23 @@ def _add_readers(subparsers: Any) -> None:
         _cmd_results,
         "print the results stream",
         'Print the results stream as JSON lines, oldest first (each entry\'s stream id as "id").\n'
-        "--follow keeps printing new entries as they arrive, until SIGINT or SIGTERM.",
+        "--follow keeps printing new entries as they arrive, until SIGINT or SIGTERM.\n\n"
+        "--group G reads through the Redis consumer group G instead: each entry is printed, then\n"
+        "acknowledged, so a consumer that stops resumes where it was (at least once: an entry printed\n"
+        "just before a crash is printed again). Entries another consumer of G left unacknowledged for\n"
+        "--claim-idle seconds are taken over. --start places a new group: new (from now), all (the\n"
+        "whole stream) or a stream id (the entries after it); an existing group keeps its place.",
     )
     results.add_argument("--follow", "-f", action="store_true", help="wait for new results")
     results.add_argument("--key", help="only the results of this idempotency key")
     results.add_argument("--account", help="only the results of this account")
+    group = results.add_argument_group("consumer group")
+    group.add_argument("--group", "-g", metavar="G", help="read through consumer group G (created if new)")
+    group.add_argument("--consumer", metavar="C", help="this consumer's name in G, HOST-PID when absent")
+    group.add_argument("--start", metavar="{new,all,ID}", default="new", help="where a new group starts")
+    group.add_argument(
+        "--claim-idle", type=float, default=60.0, metavar="S", help="take over entries unacked this long"
+    )
 
     status = _subparser(
         subparsers,

@@ -30,17 +30,20 @@ ledger's fields and the state machine are tabled in docs/architecture.md.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.typing import EncodableT
 
-from worker import keys
+from worker import keys, metrics
 from worker.change import Envelope, LeadStageChange
 from worker.errors import IdempotencyConflict, RedisNotReplicated, StaleRun, redis_errors
 from worker.settings import Settings
@@ -64,8 +67,8 @@ def _script(client: aioredis.Redis, name: str) -> AsyncScript:
 class Receipt:
     """What a producer gets back for one change.
 
-    ``backlog`` is how many changes of the account were waiting for a terminal state once this
-    one was queued (itself included), and ``expected_wait_s`` how long the account's rate limit
+    ``backlog`` is how many changes of the account were waiting for a terminal state when this one
+    was queued (itself included: its place in line), and ``expected_wait_s`` how long the account's rate limit
     needs to send them: when it exceeds the maximum age, the newest of them will fail as too old.
     """
 
@@ -98,6 +101,9 @@ class Start:
     change_json: bytes = b""
     #: The terminal state a ``done`` job was found in.
     state: State | None = None
+    #: False when fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed this start in time: a
+    #: recovery point it wrote could be lost in a failover, so nothing may be posted on it.
+    replicated: bool = True
 
     @property
     def runs(self) -> bool:
@@ -113,6 +119,24 @@ class Finished:
     finished_at_ms: int = 0
     #: Why not, when not: the terminal state found, ``missing`` or ``fenced`` (a newer run owns it).
     refused_because: str = ""
+    #: False when fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed it in time.
+    replicated: bool = True
+
+
+def backlog_warning(receipts: Sequence[Receipt], settings: Settings) -> str | None:
+    """One line for the newest receipt of each account whose backlog outlasts LEADSTAGE_MAX_AGE: its
+    changes will fail as too old before they are sent (counted in ``ENQUEUED_PAST_MAX_AGE``)."""
+    newest: dict[str, Receipt] = {}
+    for receipt in receipts:
+        if receipt.expected_wait_s > settings.max_age_s:
+            newest[receipt.account] = receipt
+    if not newest:
+        return None
+    return "; ".join(
+        f"account {account!r} has {r.backlog} changes waiting, about {r.expected_wait_s:,.0f}s at its rate limit: "
+        f"past LEADSTAGE_MAX_AGE ({settings.max_age_s:g}s), the newest will fail as too old"
+        for account, r in sorted(newest.items())
+    )
 
 
 def _parse_start(reply: Sequence[bytes | int]) -> Start:
@@ -180,26 +204,34 @@ class Ledger:
         for chunk, changes in zip(chunks, encoded, strict=True):
             answers, backlog = await self._call_enqueue("enqueue", changes)
             self._raise_conflict(chunk, answers)
-            await self.wait_for_replicas("the enqueued changes")
+            # The backlog a queued change joins: the account's count after the chunk, less the changes
+            # of the chunk queued behind it.
+            behind = Counter(
+                env.account for (_, env), answer in zip(chunk, answers, strict=True) if answer[0] == b"queued"
+            )
             for (_, envelope), answer in zip(chunk, answers, strict=True):
-                status: EnqueueStatus = "duplicate" if answer[0] == b"duplicate" else "queued"
                 job = keys.job_id(envelope.account, envelope.idempotency_key)
-                waiting = backlog.get(envelope.account, 0) if status == "queued" else 0
+                if answer[0] != b"queued":
+                    receipts.append(Receipt(job, envelope.idempotency_key, envelope.account, "duplicate"))
+                    continue
+                position = backlog.get(envelope.account, 0) - behind[envelope.account] + 1
+                behind[envelope.account] -= 1
                 receipts.append(
                     Receipt(
-                        job, envelope.idempotency_key, envelope.account, status, waiting,
-                        self.expected_wait_s(envelope.account, waiting),
+                        job, envelope.idempotency_key, envelope.account, "queued", position,
+                        self.expected_wait_s(envelope.account, position),
                     )
                 )  # fmt: skip
             if progress is not None:
                 progress(len(chunk))
+        for receipt in receipts:
+            if receipt.expected_wait_s > self.settings.max_age_s:
+                metrics.ENQUEUED_PAST_MAX_AGE.labels(receipt.account).inc()
         return receipts
 
     def expected_wait_s(self, account: str, backlog: int) -> float:
         """How long the account's rate limit needs to send ``backlog`` changes."""
-        configured = self.settings.account(account)
-        rate = configured.rate_limit if configured is not None else self.settings.rate_limit
-        return backlog / rate
+        return backlog / self.settings.rate_limit_for(account)
 
     @staticmethod
     def _raise_conflict(chunk: Sequence[tuple[LeadStageChange, Envelope]], answers: list[list[bytes]]) -> None:
@@ -213,18 +245,14 @@ class Ledger:
         """enqueue.lua over changes encoded by ``_encode``: one answer per change, and the backlog of
         each account written to."""
         settings = self.settings
-        with redis_errors():
-            answers, backlog = await self._enqueue(
-                keys=[settings.queue_name, settings.dlq_stream, keys.PENDING],
-                args=[
-                    mode,
-                    settings.ledger_retention_s * 1000,
-                    *replay_of,
-                    keys.LEDGER_PREFIX,
-                    keys.STAGE_PREFIX,
-                    changes,
-                ],
-            )
+        (answers, backlog), acked = await self._call(
+            self._enqueue,
+            [settings.queue_name, settings.dlq_stream, keys.PENDING],
+            [mode, settings.ledger_retention_s * 1000, *replay_of, keys.LEDGER_PREFIX, keys.STAGE_PREFIX, changes],
+            confirm=mode != "check",
+        )
+        if mode != "check" and not any(answer[0] in (b"conflict", b"not_failed") for answer in answers):
+            self._require_replicas(acked, "the enqueued changes")
         pairs = iter(backlog)
         return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
 
@@ -236,23 +264,28 @@ class Ledger:
             "replay", _encode([(change, envelope)]), replay_of=(dlq_entry_id, generation)
         )
         status = answer[0].decode()
-        if status == "queued":
-            await self.wait_for_replicas("the replayed change")
         return status, int(answer[1]) if status == "queued" else 0
 
-    async def wait_for_replicas(self, what: str) -> None:
-        """With ``LEADSTAGE_REDIS_MIN_REPLICAS``, wait until that many replicas have every write so
-        far (``WAIT``); ``RedisNotReplicated`` when they did not confirm in time."""
+    async def _call(
+        self, script: AsyncScript, keys_: Sequence[str], args: Sequence[EncodableT], *, confirm: bool
+    ) -> tuple[Any, int | None]:
+        """Run a script; with ``LEADSTAGE_REDIS_MIN_REPLICAS`` and ``confirm``, followed by ``WAIT`` on
+        the same connection (WAIT counts the replicas that have this connection's writes), in one
+        round trip. Returns the script's reply and how many replicas confirmed (None: not asked)."""
         settings = self.settings
-        if settings.redis_min_replicas == 0:
-            return
         with redis_errors():
-            acked = int(
-                await self.client.execute_command(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-                    "WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)
-                )
-            )
-        if acked < settings.redis_min_replicas:
+            if not confirm or settings.redis_min_replicas == 0:
+                return await script(keys=keys_, args=args), None
+            async with self.client.pipeline(transaction=False) as pipe:
+                await script(keys=keys_, args=args, client=pipe)
+                pipe.execute_command("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))
+                reply, acked = await pipe.execute()
+        return reply, int(acked)
+
+    def _require_replicas(self, acked: int | None, what: str) -> None:
+        """``RedisNotReplicated`` when fewer replicas than required confirmed ``what``."""
+        settings = self.settings
+        if acked is not None and acked < settings.redis_min_replicas:
             raise RedisNotReplicated(what, acked, settings.redis_min_replicas, settings.redis_replica_timeout_s)
 
     # -- the worker ----------------------------------------------------------------------------
@@ -267,30 +300,35 @@ class Ledger:
         """Claim a due job and decide what it may do now (start.lua)."""
         settings = self.settings
         account = keys.split_job_id(job_id)[0]
-        with redis_errors():
-            reply = await self._start(
-                keys=[
+        reply, acked = await self._call(
+                self._start,
+                [
                     settings.queue_name, keys.ledger_key(job_id), keys.rate_key(account),
                     keys.newest_claim_key(account),
                 ],
-                args=[
+                [
                     job_id, self.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
                     max(1, round(1_000_000 / rate_limit)), self.lock_ms, self.in_flight_guard_ms, worker_id,
                     keys.STAGE_PREFIX, keys.STAGE_LOCK_PREFIX, jitter_ms, self.reservation_grace_us,
                     settings.ledger_retention_s * 1000,
                 ],
+                confirm=True,
             )  # fmt: skip
-        return _parse_start(reply)
+        start = _parse_start(reply)
+        if acked is not None and acked < settings.redis_min_replicas:
+            start = dataclasses.replace(start, replicated=False)
+        return start
 
     async def mark_posting(self, job_id: str, run: int) -> bool:
         """The recovery point just before a POST that follows a reconcile (post.lua); False when
         another run owns the change now (this one must not post)."""
         account = keys.split_job_id(job_id)[0]
-        with redis_errors():
-            status, _ = await self._post(keys=[keys.ledger_key(job_id), keys.newest_claim_key(account)], args=[run])
+        (status, _), acked = await self._call(
+            self._post, [keys.ledger_key(job_id), keys.newest_claim_key(account)], [run], confirm=True
+        )
         if status != b"ok":
             return False
-        await self.wait_for_replicas("the recovery point before the POST")
+        self._require_replicas(acked, "the recovery point before the POST")
         return True
 
     @property
@@ -364,9 +402,9 @@ class Ledger:
         account = keys.split_job_id(job_id)[0]
         outcome = Outcome(event["event"])
         fields: list[str] = [item for pair in event.items() for item in pair]
-        with redis_errors():
-            status, detail = await self._finish(
-                keys=[
+        (status, detail), acked = await self._call(
+                self._finish,
+                [
                     keys.ledger_key(job_id), settings.results_stream, settings.dlq_stream,
                     keys.stage_lock_key(account, keys.lock_subject(change.id, change.name)),
                     keys.claims_key(account), keys.rate_key(account), settings.queue_name,
@@ -378,12 +416,11 @@ class Ledger:
                     "" if pause_ms is None else pause_ms, "" if created_stage_id is None else created_stage_id,
                     event.get("stage_id", ""), orjson.dumps(history), account, *fields,
                 ],
+                confirm=outcome is not Outcome.RETRYING,
             )  # fmt: skip
         if status != b"ok":
             return Finished(False, refused_because=detail.decode())
-        if outcome is not Outcome.RETRYING:
-            await self.wait_for_replicas("the terminal state")
-        return Finished(True, int(detail))
+        return Finished(True, int(detail), replicated=acked is None or acked >= settings.redis_min_replicas)
 
     async def report_missing(self, job_id: str, event: Mapping[str, str]) -> None:
         """A due job whose ledger entry is gone: its failed event and a dead letter (lost.lua)."""

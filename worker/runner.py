@@ -33,6 +33,7 @@ from worker.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.job import Lease, Runtime, apply_lead_stage_change
 from worker.ledger import Ledger, Start
+from worker.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, parse_redis_url
 from worker.results import lost_event
 from worker.settings import Settings
 from worker.states import Decision, WaitReason
@@ -178,28 +179,25 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
 
 
 def redis_settings(url: str) -> RedisSettings:
-    """arq's connection settings from REDIS_URL (Sentinel through redis+sentinel:// URLs)."""
-    if url.startswith("redis+sentinel://"):
-        return _sentinel_settings(url)
-    return RedisSettings.from_dsn(url)
-
-
-def _sentinel_settings(url: str) -> RedisSettings:
-    """``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]``."""
-    rest = url.removeprefix("redis+sentinel://")
-    password = None
-    if "@" in rest:
-        auth, rest = rest.rsplit("@", 1)
-        password = auth.partition(":")[2] or None
-    hosts_part, _, path = rest.partition("/")
-    service, _, db = path.partition("/")
-    hosts = [(h.rpartition(":")[0] or h, int(h.rpartition(":")[2] or 26379)) for h in hosts_part.split(",") if h]
+    """arq's connection settings from REDIS_URL, parsed as every other client parses it."""
+    target = parse_redis_url(url)
+    if target.sentinel:
+        return RedisSettings(
+            host=list(target.hosts),
+            sentinel=True,
+            sentinel_master=target.service or DEFAULT_SENTINEL_SERVICE,
+            password=target.password,
+            database=target.database,
+        )
+    host, port = target.hosts[0] if target.hosts else ("localhost", DEFAULT_PORT)
     return RedisSettings(
-        host=hosts,
-        sentinel=True,
-        sentinel_master=service or "mymaster",
-        password=password,
-        database=int(db or 0),
+        host=host,
+        port=port,
+        unix_socket_path=target.socket_path,
+        database=target.database,
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
     )
 
 
@@ -226,6 +224,8 @@ async def _beat(redis: aioredis.Redis, runtime: Runtime) -> None:
         log.warning("worker.heartbeat_failed", error=str(error) or type(error).__name__, running=len(running))
         return
     for job_id, lease in running.items():
+        if lease.task is None or lease.task.done():
+            continue
         if job_id in extended:
             lease.confirm(sent_at + runtime.settings.lease_s, runtime.lease_margin_s)
         else:
@@ -247,6 +247,11 @@ async def running_worker(settings: Settings) -> AsyncIterator[asyncio.Task[None]
         yield task
     finally:
         try:
+            # As on SIGTERM: no new jobs, and the running ones finish (up to the grace). arq's close
+            # would cancel them mid-step, and their CancelledError would escape it.
+            worker.allow_pick_jobs = False
+            if worker.tasks:
+                await asyncio.wait(list(worker.tasks.values()), timeout=settings.shutdown_grace_s)
             await worker.close()
         finally:
             task.cancel()

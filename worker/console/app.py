@@ -11,7 +11,6 @@ on a page (an error message, a change's name) can never run as script.
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,16 +22,16 @@ import jinja2
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from producers.library import connect_redis
 from producers.webhook import Problem
 from worker.change import DEFAULT_ACCOUNT
 from worker.console import api
 from worker.console.auth import COOKIE, CSRF_HEADER, SESSION_S, Gate, Session
 from worker.console.openapi import API
 from worker.errors import ConfigError, PermanentError, RedisUnavailable
-from worker.fake_ivvy import _is_loopback as is_loopback  # one definition of "loopback"
 from worker.logs import get_logger
-from worker.settings import Settings, printable_url
+from worker.processes import is_loopback, until_signalled
+from worker.redis_connection import connect_redis, printable_url
+from worker.settings import Settings
 
 __all__ = ["create_app", "exposure_warning", "run_console"]
 
@@ -261,15 +260,17 @@ def run_console(settings: Settings, host: str, port: int) -> int:
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
+    # Signals are handled from the start, so that whoever waits for the listening line may stop us.
+    await until_signalled(_listen(settings, host, port))
+    log.info("console.stopped")
+
+
+async def _listen(settings: Settings, host: str, port: int) -> None:
+    """Serve until cancelled (by a signal); the server and the Redis client are closed on the way out."""
     redis_client = connect_redis(settings.redis_url)
     try:
         runner = web.AppRunner(create_app(settings, redis_client), access_log=None, handle_signals=False)
         await runner.setup()
-        # Signals are handled before the listening line, so that whoever waits for it may stop us.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
         try:
             site = web.TCPSite(runner, host, port, shutdown_timeout=5.0)
             try:
@@ -279,8 +280,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
             # The bound address, not the asked one: --port 0 takes a free port, and says which.
             bound_host, bound_port = runner.addresses[0][:2]
             log.info("console.listening", host=bound_host, port=bound_port, redis=printable_url(settings.redis_url))
-            await stop.wait()
-            log.info("console.stopping")
+            await asyncio.Event().wait()
         finally:
             await runner.cleanup()
     finally:
