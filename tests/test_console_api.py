@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator
@@ -231,11 +232,13 @@ async def test_no_secret_is_ever_shown(
 async def test_the_overview_shows_what_redis_holds(
     settings: Settings, console: str, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
-    for key in ("a1", "a2", "a3"):
+    for key in ("a0", "a1", "a2", "a3"):
         await enqueue(redis_client, settings, {"name": f"Stage {key}", "applyTo": "lead"}, key)
     await enqueue(redis_client, settings, {"name": "Other", "applyTo": "lead"}, "o1", account="other")
-    # A worker's claim of a1 (start.lua): running, hidden for one lease.
-    start = await Ledger(redis_client, settings).start("default:a1", "test-worker", 1000.0, 0)
+    # A worker's claim of a0 (start.lua): running, hidden for one lease, a long one, so that it is
+    # still in progress however slowly this test runs (and no real worker takes it).
+    long_lease = dataclasses.replace(settings, lease_s=600.0)
+    start = await Ledger(redis_client, long_lease).start("default:a0", "test-worker", 1000.0, 0)
     assert start.decision == "go"
     pause_until = int(time.time() * 1000) + 60_000
     await redis_client.hset(keys.rate_key("default"), "pause_until", str(pause_until))  # type: ignore[misc]  # redis-py's async stubs
@@ -245,15 +248,15 @@ async def test_the_overview_shows_what_redis_holds(
     rows = {row["account"]: row for row in overview["accounts"]}
     assert sorted(rows) == ["default", "other"]
     default, other = rows["default"], rows["other"]
-    assert await redis_client.zcard(settings.queue_name) == default["queued"] + other["queued"] == 4
-    assert (default["queued"], default["due"], default["in_progress"], default["retrying"]) == (3, 2, 1, 0)
+    assert await redis_client.zcard(settings.queue_name) == default["queued"] + other["queued"] == 5
+    assert (default["queued"], default["due"], default["in_progress"], default["retrying"]) == (4, 3, 1, 0)
     assert (other["queued"], other["due"], other["in_progress"], other["retrying"]) == (1, 1, 0, 0)
     assert default["paused_until"] is not None
     assert other["paused_until"] is None
     assert default["rate_limit"] == {"per_s": 1000.0, "used_per_s": 0.0}
     assert overview["workers"] == []
 
-    # A worker takes everything: default's succeed, other's fails (no credentials for it).
+    # A worker takes the rest: default's succeed, other's fails (no credentials for it).
     await redis_client.hdel(keys.rate_key("default"), "pause_until")  # type: ignore[misc]  # redis-py's async stubs
     async with running_worker(settings):
         await wait_for_terminal(redis_client, ["a1", "a2", "a3", "o1"])
@@ -267,7 +270,7 @@ async def test_the_overview_shows_what_redis_holds(
         overview = await get(http, console + API + "/overview")
     rows = {row["account"]: row for row in overview["accounts"]}
     assert [(w["alive"], w["running"]) for w in overview["workers"]] == [(True, 0)]
-    assert (rows["default"]["queued"], rows["default"]["dead_letters"]) == (0, 0)
+    assert (rows["default"]["queued"], rows["default"]["in_progress"], rows["default"]["dead_letters"]) == (1, 1, 0)
     assert (rows["other"]["queued"], rows["other"]["dead_letters"]) == (0, 1)
     assert rows["default"]["rate_limit"]["used_per_s"] == round(3 / 60, 3)
     rates = overview["rates"]
