@@ -39,6 +39,7 @@ GOOD = [
     ("LEADSTAGE_RETRY_AFTER_MAX", "30", "retry_after_max_s", 30.0),
     ("LEADSTAGE_TEST_CLOCK_OFFSET", "-2.5", "clock_offset_s", -2.5),
     ("WEBHOOK_SECRET", "whsec_abc", "webhook_secret", Secret("whsec_abc")),
+    ("LEADSTAGE_PLAIN_HTTP_HOSTS", "fake-ivvy, Other", "plain_http_hosts", frozenset({"fake-ivvy", "other"})),
     ("LEADSTAGE_WEBHOOK_MAX_BODY", "1024", "webhook_max_body_bytes", 1024),
     ("LEADSTAGE_METRICS_PORT", "0", "metrics_port", 0),
     ("LEADSTAGE_METRICS_PORT", "65535", "metrics_port", 65535),
