@@ -18,7 +18,7 @@ from worker.settings import Settings
 WORKER = "test-worker"
 #: A rate limit high enough never to make these tests wait.
 RATE = 1e6
-QUEUE = "leadstage:queue"
+QUEUE = keys.queue_key("leadstage:queue", "default")
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from typing import Any, Literal
 import orjson
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
 from worker import keys, metrics
@@ -188,6 +189,8 @@ class Ledger:
         self.settings = settings
         self._enqueue = _script(client, "enqueue.lua")
         self._ready = _script(client, "ready.lua")
+        queue = settings.queue_name
+        self._ready_keys = [keys.ready_key(queue), keys.wake_key(queue), keys.epoch_key(queue)]
         self._start = _script(client, "start.lua")
         self._lease = _script(client, "lease.lua")
         self._post = _script(client, "post.lua")
@@ -221,7 +224,8 @@ class Ledger:
                 self._raise_conflict(chunk, answers)
         receipts: list[Receipt] = []
         for chunk, changes in zip(chunks, encoded, strict=True):
-            answers, backlog = await self._call_enqueue("enqueue", changes)
+            accounts = [envelope.account for _, envelope in chunk]
+            answers, backlog = await self._call_enqueue("enqueue", changes, accounts=accounts)
             self._raise_conflict(chunk, answers)
             # The backlog a queued change joins: the account's count after the chunk, less the changes
             # of the chunk queued behind it.
@@ -241,7 +245,6 @@ class Ledger:
                         self.expected_wait_s(envelope.account, position),
                     )
                 )  # fmt: skip
-            await self.notify(backlog)
             if progress is not None:
                 progress(len(chunk))
         for receipt in receipts:
@@ -260,16 +263,22 @@ class Ledger:
                 raise IdempotencyConflict(envelope.account, envelope.idempotency_key)
 
     async def _call_enqueue(
-        self, mode: Literal["enqueue", "check", "replay"], changes: bytes, *, replay_of: tuple[str, str] = ("", "")
+        self,
+        mode: Literal["enqueue", "check", "replay"],
+        changes: bytes,
+        *,
+        replay_of: tuple[str, str] = ("", ""),
+        accounts: Sequence[str] = (),
     ) -> tuple[list[list[bytes]], dict[str, int]]:
         """enqueue.lua over changes encoded by ``_encode``: one answer per change, and the backlog of
-        each account written to."""
+        each account written to; the schedule is told about ``accounts`` in the same round trip."""
         settings = self.settings
         (answers, backlog), acked = await self._call(
             self._enqueue,
             [settings.dlq_stream, keys.PENDING],
             [mode, settings.ledger_retention_s * 1000, *replay_of, changes],
             confirm=mode != "check",
+            notify=accounts,
         )
         if mode != "check" and not any(answer[0] in (b"conflict", b"not_failed") for answer in answers):
             self._require_replicas(acked, "the enqueued changes")
@@ -280,28 +289,54 @@ class Ledger:
         self, change: LeadStageChange, envelope: Envelope, *, dlq_entry_id: str, generation: str
     ) -> tuple[str, int]:
         """Put a dead-lettered change back on the queue under its key; returns (status, generation)."""
-        [answer], backlog = await self._call_enqueue(
-            "replay", _encode([(change, envelope)], self.settings.queue_name), replay_of=(dlq_entry_id, generation)
+        [answer], _ = await self._call_enqueue(
+            "replay",
+            _encode([(change, envelope)], self.settings.queue_name),
+            replay_of=(dlq_entry_id, generation),
+            accounts=[envelope.account],
         )
-        await self.notify(backlog)
         status = answer[0].decode()
         return status, int(answer[1]) if status == "queued" else 0
 
     async def _call(
-        self, script: AsyncScript, keys_: Sequence[str], args: Sequence[EncodableT], *, confirm: bool
+        self,
+        script: AsyncScript,
+        keys_: Sequence[str],
+        args: Sequence[EncodableT],
+        *,
+        confirm: bool,
+        notify: Sequence[str] = (),
     ) -> tuple[Any, int | None]:
         """Run a script; with ``LEADSTAGE_REDIS_MIN_REPLICAS`` and ``confirm``, followed by ``WAIT`` on
-        the same connection (WAIT counts the replicas that have this connection's writes), in one
-        round trip. Returns the script's reply and how many replicas confirmed (None: not asked)."""
+        the same connection (WAIT counts the replicas that have this connection's writes), and then
+        by the schedule's notice for the accounts in ``notify``, in one round trip. Returns the
+        script's reply and how many replicas confirmed (None: not asked)."""
         settings = self.settings
+        wait = confirm and settings.redis_min_replicas > 0
         with redis_errors():
-            if not confirm or settings.redis_min_replicas == 0:
+            if not wait and not notify:
                 return await script(keys=keys_, args=args), None
-            async with self.client.pipeline(transaction=False) as pipe:
-                await script(keys=keys_, args=args, client=pipe)
-                pipe.execute_command("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))
-                reply, acked = await pipe.execute()
-        return reply, int(acked)
+            for _ in range(2):
+                # EVALSHA by hand: a pipeline of Script objects asks SCRIPT EXISTS first, a round trip more.
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.evalsha(script.sha, len(keys_), *keys_, *args)  # type: ignore[arg-type]  # redis-py types ARGV as str only
+                    if wait:
+                        pipe.execute_command(
+                            "WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)
+                        )
+                    if notify:
+                        pipe.evalsha(self._ready.sha, 3, *self._ready_keys, "notify", "", *sorted(set(notify)))
+                    replies = await pipe.execute(raise_on_error=False)
+                missing = [r for r in replies if isinstance(r, NoScriptError)]
+                if not missing:
+                    break
+                # A Redis that restarted or flushed its scripts: load them, then once more.
+                await self.client.script_load(script.script)
+                await self.client.script_load(self._ready.script)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies[0], int(replies[1]) if wait else None
 
     def _require_replicas(self, acked: int | None, what: str) -> None:
         """``RedisNotReplicated`` when fewer replicas than required confirmed ``what``."""
@@ -317,33 +352,21 @@ class Ledger:
         names = sorted(set(accounts))
         if not names:
             return
-        queue = self.settings.queue_name
         with redis_errors():
-            await self._ready(
-                keys=[keys.ready_key(queue), keys.wake_key(queue), keys.epoch_key(queue)],
-                args=["notify", "" if at_ms is None else at_ms, *names],
-            )
+            await self._ready(keys=self._ready_keys, args=["notify", "" if at_ms is None else at_ms, *names])
 
     async def pick(self) -> Pick:
         """The first account due now by the server's clock, hidden from other workers for one lease
         until ``reschedule`` says when it is due next (ready.lua)."""
-        queue = self.settings.queue_name
         with redis_errors():
-            account, epoch, wait_ms = await self._ready(
-                keys=[keys.ready_key(queue), keys.wake_key(queue), keys.epoch_key(queue)],
-                args=["pick", self.lease_ms],
-            )
+            account, epoch, wait_ms = await self._ready(keys=self._ready_keys, args=["pick", self.lease_ms])
         return Pick(account.decode() or None, _text(epoch), int(wait_ms))
 
     async def reschedule(self, account: str, epoch: str, next_ms: int, *, wake: bool) -> None:
         """After a claim: when the account may next have work (-1: none); ``wake`` an idle worker
         for it when the caller will not come back for it itself."""
-        queue = self.settings.queue_name
         with redis_errors():
-            await self._ready(
-                keys=[keys.ready_key(queue), keys.wake_key(queue), keys.epoch_key(queue)],
-                args=["set", account, epoch, next_ms, "1" if wake else ""],
-            )
+            await self._ready(keys=self._ready_keys, args=["set", account, epoch, next_ms, "1" if wake else ""])
 
     async def wait_for_work(self, timeout_s: float) -> None:
         """Block until a notice wakes this worker or ``timeout_s`` passes (BLPOP on the wake list)."""
