@@ -58,6 +58,9 @@ class LeadstageWorker(Worker):
     """arq's Worker serving accounts from the schedule, claiming with ``start.lua``, and blocking on
     the wake list while idle instead of polling (see the module docstring)."""
 
+    #: Whether a queue of the old layout was migrated and the schedule resynced (``layout``).
+    prepared = False
+
     async def _serve(self, runtime: Runtime) -> None:
         """Serve due accounts, one change at a time each, until none is due or every slot is taken;
         then wait: for a running job to end (full), or for a notice or the next due account (idle)."""
@@ -133,6 +136,11 @@ class LeadstageWorker(Worker):
         through instead of stopping the worker."""
         runtime: Runtime = self.ctx["runtime"]
         try:
+            if not self.prepared:
+                # Before the first claim, and ridden through like any other Redis error.
+                await migrate(runtime.ledger)
+                await runtime.ledger.resync(runtime.settings.accounts)
+                self.prepared = True
             await self._serve(runtime)
             for job_id, task in list(self.tasks.items()):
                 if task.done():
@@ -168,10 +176,7 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
             )
             for name, account in settings.accounts.items()
         }
-        ledger = Ledger(redis, settings)
-        await migrate(ledger)
-        await ledger.resync(settings.accounts)
-        runtime = Runtime(settings, ledger, clients, worker_id)
+        runtime = Runtime(settings, Ledger(redis, settings), clients, worker_id)
         ctx["runtime"], ctx["transport"] = runtime, transport
         ctx["heartbeat"] = asyncio.create_task(_heartbeat(redis, runtime))
         log.info(
