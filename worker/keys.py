@@ -57,6 +57,12 @@ def ledger_key(job: str) -> str:
     return ledger_prefix(account) + idempotency_key
 
 
+def job_of_ledger_key(key: str) -> str:
+    """The job id whose ledger entry this is (``ledger_key`` backwards)."""
+    account, _, idempotency_key = key.removeprefix(LEDGER_PREFIX).partition(":")
+    return job_id(account.removeprefix("{").removesuffix("}"), idempotency_key)
+
+
 def queue_key(queue_name: str, account: str) -> str:
     """The account's queue: job id -> when it may run next (server ms)."""
     return f"{queue_name}:{tag(account)}"

@@ -18,6 +18,7 @@ import structlog
 from worker import keys
 from worker.errors import redis_errors
 from worker.ledger import Ledger
+from worker.settings import Settings
 
 log = structlog.get_logger("leadstage.layout")
 
@@ -25,6 +26,17 @@ log = structlog.get_logger("leadstage.layout")
 _PER_CHANGE = (keys.LEDGER_PREFIX, keys.STAGE_PREFIX, keys.STAGE_LOCK_PREFIX)
 #: Prefixes whose old names were ``prefix + account``.
 _PER_ACCOUNT = (keys.CLAIMS_PREFIX, keys.NEWEST_CLAIM_PREFIX, keys.RATE_PREFIX)
+
+
+#: The type of what the old layout kept under each prefix.
+_TYPES = {
+    keys.LEDGER_PREFIX: b"hash",
+    keys.STAGE_PREFIX: b"hash",
+    keys.STAGE_LOCK_PREFIX: b"string",
+    keys.CLAIMS_PREFIX: b"hash",
+    keys.NEWEST_CLAIM_PREFIX: b"string",
+    keys.RATE_PREFIX: b"hash",
+}
 
 
 def _tagged(old: str) -> str | None:
@@ -45,10 +57,15 @@ async def migrate(ledger: Ledger) -> int:
     with redis_errors():
         if (await client.get(keys.LAYOUT)) == keys.LAYOUT_VERSION.encode():
             return 0
+        old_queue = await client.type(queue) == b"zset"
+        if not old_queue and queue != Settings.queue_name:
+            # A queue of its own name (the demo's) and nothing of it in the old layout: the keys of
+            # the deployment around it are not its to move.
+            return 0
         renamed = await _rename_keys(client)
         moved: dict[str, int] = {}
         jobs = 0
-        if await client.type(queue) == b"zset":
+        if old_queue:
             async for member, score in client.zscan_iter(queue):
                 job = member.decode()
                 account = keys.split_job_id(job)[0]
@@ -70,7 +87,8 @@ async def _rename_keys(client: aioredis.Redis) -> int:
         async for raw in client.scan_iter(match=prefix + "*", count=1000):
             old = raw.decode()
             new = _tagged(old)
-            if new is None or not await client.renamenx(old, new):
+            # Only what the old layout wrote there: a key of another type is someone else's.
+            if new is None or await client.type(old) != _TYPES[prefix] or not await client.renamenx(old, new):
                 continue
             renamed += 1
             if prefix == keys.LEDGER_PREFIX:

@@ -148,6 +148,8 @@ class LeadstageWorker(Worker):
             with redis_errors():
                 await self.heart_beat()
         except RedisUnavailable as error:
+            if not self.allow_pick_jobs:
+                return  # shutting down: the blocking wait was cut off by the closing pool
             log.warning("worker.redis_unavailable", error=str(error))
             await asyncio.sleep(REDIS_RETRY_S)
 
