@@ -46,12 +46,15 @@ log = structlog.get_logger("leadstage.worker")
 
 #: How long the poll loop rests after Redis stopped answering, before it tries again.
 REDIS_RETRY_S = 1.0
-#: The longest an idle worker blocks before it looks at the schedule again (a notice wakes it
-#: sooner): an idle worker sends about 4 commands per this many seconds.
-IDLE_WAKE_S = 5.0
+#: The longest an idle worker blocks before it looks at the schedule again (a notice, or the next
+#: due account, wakes it sooner): a safety net that costs about 4 commands per this many seconds.
+IDLE_WAKE_S = 30.0
 #: Every this many heartbeats the worker puts accounts with queued changes back on the schedule
 #: (``Ledger.resync``).
 RESYNC_BEATS = 20
+#: Every this many heartbeats the queue gauges are read from Redis (an idle worker's cost is mostly
+#: its heartbeat).
+GAUGE_BEATS = 3
 
 
 class LeadstageWorker(Worker):
@@ -81,7 +84,7 @@ class LeadstageWorker(Worker):
         account = pick.account or ""
         next_ms = -1
         try:
-            while self.job_counter < self.max_jobs:
+            while self.allow_pick_jobs and self.job_counter < self.max_jobs:
                 claimed_at = time.monotonic()
                 start = await runtime.ledger.claim(
                     account, runtime.worker_id, runtime.rate_limit(account), runtime.rng.randrange(30)
@@ -247,8 +250,13 @@ async def _heartbeat(redis: aioredis.Redis, runtime: Runtime) -> None:
     beats = 0
     while True:
         await asyncio.sleep(runtime.settings.lease_s / 3)
-        await _beat(redis, runtime)
+        await _beat(runtime)
         beats += 1
+        if beats % GAUGE_BEATS == 0:
+            try:
+                await metrics.refresh_queue_gauges(redis, runtime.settings)
+            except Exception as error:  # noqa: BLE001 - gauges are best effort; the leases are what matter
+                log.warning("worker.gauges_failed", error=str(error) or type(error).__name__)
         if beats % RESYNC_BEATS == 0:
             try:
                 await runtime.ledger.resync(runtime.settings.accounts)
@@ -256,7 +264,7 @@ async def _heartbeat(redis: aioredis.Redis, runtime: Runtime) -> None:
                 log.warning("worker.resync_failed", error=str(error) or type(error).__name__)
 
 
-async def _beat(redis: aioredis.Redis, runtime: Runtime) -> None:
+async def _beat(runtime: Runtime) -> None:
     running = dict(runtime.running)
     sent_at = time.monotonic()
     try:
@@ -275,10 +283,6 @@ async def _beat(redis: aioredis.Redis, runtime: Runtime) -> None:
             log.warning("job.run_overtaken", job_id=job_id, run=lease.run)
             lease.give_up()
     metrics.IN_PROGRESS.set(len(running))
-    try:
-        await metrics.refresh_queue_gauges(redis, runtime.settings)
-    except Exception as error:  # noqa: BLE001 - gauges are best effort; the leases are what matter
-        log.warning("worker.gauges_failed", error=str(error) or type(error).__name__)
 
 
 @contextlib.asynccontextmanager
