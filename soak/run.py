@@ -4,13 +4,15 @@ What it does (RELIABILITY.md has the figures of the last run):
 
 1. Starts its own ``redis-server`` (append-only file on, ``appendfsync always``, in a temporary
    directory), the fake iVvy (``leadstage fake-ivvy``) with every fault on (latency, 5xx, 429 with
-   Retry-After, hangs past the client timeout, commit-then-drop, 24322), and ``--workers`` worker
-   processes (``leadstage worker``), all on loopback.
+   Retry-After, hangs past the client timeout, commit-then-drop, 24322, a 504 after the commit,
+   commits after the client gave up), and ``--workers`` worker processes (``leadstage worker``)
+   whose clocks are right, 3 s ahead and 3 s behind, all on loopback.
 2. Enqueues ``--changes`` changes through the producer library (``LeadStageProducer``), in
    batches over time: adds, and several updates per stage (``soak.workload``). An enqueue that
    fails because Redis is down is retried with the same idempotency keys.
-3. Meanwhile SIGKILLs a random worker every few seconds and starts a new one, and restarts Redis
-   (``--redis-restarts``; the first a crash, the next a graceful shutdown, alternately).
+3. Meanwhile SIGKILLs a random worker every few seconds and starts a new one, restarts Redis
+   (``--redis-restarts``; the first a crash, the next a graceful shutdown, alternately), and makes
+   Redis refuse every write for longer than a lease (``--refusals``).
 4. When every change has a terminal event, checks (``soak.checks``): nothing lost, no stage created
    twice, every field at its last enqueued value, exactly one terminal event per key, every
    ledger entry terminal; then replays any dead letters with the faults off
@@ -45,6 +47,7 @@ import redis.exceptions
 from producers.library import ChangeItem, LeadStageProducer, Receipt
 from soak import checks
 from soak.observe import REDIS_DOWN, FakeAdmin, ResultsTail, Takeover, orphans_of, probe_takeover
+from soak.topology import ReplicatedRedis, SingleRedis
 from soak.workload import Planned, Workload
 from worker import keys
 from worker.change import DEFAULT_ACCOUNT
@@ -54,7 +57,6 @@ from worker.processes import (
     LOOPBACK,
     Child,
     Children,
-    RedisServer,
     free_port,
     python_module,
     sigterm_as_interrupt,
@@ -73,7 +75,12 @@ DEFAULT_FAULTS = Faults(
     hang_s=3,
     drop_rate=0.02,
     error_24322_rate=0.03,
+    gateway_5xx_rate=0.02,
+    late_commit_rate=0.01,
+    late_commit_s=2.0,
 )
+#: The workers' clocks, by slot: one right, one ahead, one behind (LEADSTAGE_TEST_CLOCK_OFFSET).
+CLOCK_OFFSETS_S = ("0", "3", "-3")
 #: Share of batches the driver delivers twice (same keys, same changes), as an unsure producer does.
 REDELIVERY_SHARE = 0.05
 #: The guarantee of docs/contract.md: a killed worker's change is taken up again within this.
@@ -92,6 +99,9 @@ class Options:
     kill_every: tuple[float, float]
     redis_restarts: int
     redis_down_s: float
+    refusals: int
+    refusal_s: float
+    sentinel: bool
     settle_timeout_s: float
     faults: Faults
     max_attempts: int
@@ -119,6 +129,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                         help="seconds between worker kills, uniformly drawn")  # fmt: skip
     parser.add_argument("--redis-restarts", type=int, default=2, help="Redis restarts during the enqueue phase")
     parser.add_argument("--redis-down-s", type=float, default=2.0, help="seconds Redis stays down per restart")
+    parser.add_argument("--refusals", type=int, default=2, help="times Redis refuses every write (OOM) meanwhile")
+    parser.add_argument("--sentinel", action="store_true",
+                        help="a primary, two replicas and a Sentinel; each Redis restart is a failover "
+                        "(LEADSTAGE_REDIS_MIN_REPLICAS=2)")  # fmt: skip
+    parser.add_argument("--refusal-s", type=float, default=4.0, help="seconds each refusal lasts (past a lease)")
     parser.add_argument("--settle-timeout", type=float, default=420.0, help="seconds to wait after the last enqueue")
     parser.add_argument("--fault", action="append", default=[], metavar="NAME=VALUE",
                         help=f"override a fault setting ({', '.join(FAULT_FIELDS)}); 'none' turns all off")  # fmt: skip
@@ -151,6 +166,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         enqueue_rate=args.enqueue_rate,
         kill_every=(args.kill_every[0], args.kill_every[1]),
         redis_restarts=args.redis_restarts,
+        refusals=args.refusals,
+        sentinel=args.sentinel,
+        refusal_s=args.refusal_s,
         redis_down_s=args.redis_down_s,
         settle_timeout_s=args.settle_timeout,
         faults=faults,
@@ -179,6 +197,9 @@ class Figures:
     kills: int = 0
     worker_self_exits: int = 0
     redis_restarts: list[str] = field(default_factory=list)
+    write_refusals: list[str] = field(default_factory=list)
+    #: With --sentinel: keys a reader tailing the stream through the failovers saw end twice.
+    seen_twice_by_live_reader: int = 0
     enqueue_retries: int = 0
     duplicates_on_retry: int = 0
     redelivered: int = 0
@@ -209,9 +230,11 @@ class Soak:
         self.rng = random.Random(options.seed)  # noqa: S311 - picks changes and victims, not secrets
         foreign = ("LEADSTAGE_", "IVVY_", "REDIS_", "WEBHOOK_")
         self.children = Children(log_dir, {k: v for k, v in os.environ.items() if not k.startswith(foreign)})
-        self.redis = RedisServer(self.children, log_dir / "redis-data", durable=True)
+        topology = ReplicatedRedis if options.sentinel else SingleRedis
+        self.redis: SingleRedis | ReplicatedRedis = topology(self.children, log_dir / "redis-data")
         self.settings = Settings(
             redis_url=self.redis.url,
+            redis_min_replicas=2 if options.sentinel else 0,  # every replica: see soak.topology
             results_maxlen=max(1_000_000, options.changes * 50),
             lease_s=options.lease_s,
         )
@@ -256,7 +279,8 @@ class Soak:
     def _start_workers(self) -> None:
         env = self._env()
         for slot in range(self.options.workers):
-            worker = self.children.start(f"worker-{slot + 1}", python_module("worker.cli", "worker"), env)
+            skewed = {**env, "LEADSTAGE_TEST_CLOCK_OFFSET": CLOCK_OFFSETS_S[slot % len(CLOCK_OFFSETS_S)]}
+            worker = self.children.start(f"worker-{slot + 1}", python_module("worker.cli", "worker"), skewed)
             self.workers.append(worker)
 
     # -- the run --------------------------------------------------------------------------------
@@ -264,7 +288,7 @@ class Soak:
     async def run(self) -> int:
         self.redis.start()
         self._start_fake()
-        client = aioredis.Redis.from_url(self.redis.url)
+        client = self.redis.client()
         admin = FakeAdmin(self.fake_url)
         producer = LeadStageProducer(self.settings, producer="soak")
         results = ResultsTail(self.settings, self.workload.add_succeeded)
@@ -279,6 +303,7 @@ class Soak:
                 asyncio.create_task(self._tail(results, client, done)),
             ]
             restarts = asyncio.create_task(self._restart_redis(started))
+            chaos.append(asyncio.create_task(self._refuse_writes(started, done)))
             await self._enqueue_all(producer)
             self.figures.enqueue_s = round(time.monotonic() - started, 1)
             await self._settle(results, started)
@@ -433,13 +458,49 @@ class Soak:
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             crash = index % 2 == 0
             began = time.monotonic()
-            await asyncio.to_thread(self.redis.restart, crash=crash, down_s=self.options.redis_down_s)
+            try:
+                how = await asyncio.to_thread(self.redis.restart, crash=crash, down_s=self.options.redis_down_s)
+            except (RuntimeError, ProcessFailed, redis.exceptions.RedisError, OSError) as error:
+                # The chaos itself failed: the run cannot vouch for what it did not do.
+                self.violations.append(f"redis restart {index + 1} failed: {type(error).__name__}: {error}")
+                return
             self.restart_windows.append((began, time.monotonic()))
             self.figures.redis_restarts.append(
-                f"{'SIGKILL' if crash else 'SIGTERM (SHUTDOWN)'} at {began - started:.0f}s, "
-                f"back after {time.monotonic() - began:.1f}s"
+                f"{how} at {began - started:.0f}s, back after {time.monotonic() - began:.1f}s"
             )
             print(f"  redis restarted ({self.figures.redis_restarts[-1]})", flush=True)
+
+    async def _refuse_writes(self, started: float, done: asyncio.Event) -> None:
+        """Now and then Redis refuses every write (``maxmemory 1``: OOM) for longer than a lease, between
+        the restarts: heartbeats, claims, finishes and enqueues fail; nothing may be lost or doubled."""
+        expected_s = self.options.changes / self.options.enqueue_rate
+        for index in range(self.options.refusals):
+            # Halfway between two restarts (or before the first), so that the two rarely overlap.
+            at = started + expected_s * (index + 0.5) / (self.options.redis_restarts + 1)
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            if done.is_set():
+                return
+            client = self.redis.client()
+            began = time.monotonic()
+            try:
+                for attempt in range(3):
+                    try:
+                        await client.config_set("maxmemory", 1)
+                        break
+                    except (RedisUnavailable, redis.exceptions.RedisError, OSError):
+                        if attempt == 2:
+                            raise
+                        await asyncio.sleep(1.0)
+                await asyncio.sleep(self.options.refusal_s)
+                await client.config_set("maxmemory", 0)
+            except (RedisUnavailable, redis.exceptions.RedisError, OSError) as error:
+                # A restart in between: the restarted (or promoted) server refuses nothing.
+                print(f"  write refusal cut short: {type(error).__name__}", flush=True)
+                continue
+            finally:
+                await client.aclose()
+            self.figures.write_refusals.append(f"at {began - started:.0f}s for {self.options.refusal_s:g}s")
+            print(f"  redis refused every write ({self.figures.write_refusals[-1]})", flush=True)
 
     # -- the verdict ----------------------------------------------------------------------------
 
@@ -447,9 +508,19 @@ class Soak:
         await self._drain(results, client)
         planned = self.workload.planned
         stages = await admin.stages()
-        self.violations += checks.nothing_lost(planned, results.terminal)
-        self.violations += checks.exactly_one_terminal(planned, results.terminal)
-        self.violations += checks.adds_once(self.workload, results.terminal, stages)
+        terminal = results.terminal
+        if self.options.sentinel:
+            # A failover can lose a terminal state that a live reader had already seen on the old
+            # primary; the change then ends again and that reader sees two events (at least once,
+            # as docs/contract.md says). The stream the product keeps must still hold exactly one.
+            kept = ResultsTail(self.settings, lambda key, stage_id: None)
+            while await kept.poll(client):
+                pass
+            terminal = kept.terminal
+            self.figures.seen_twice_by_live_reader = sum(1 for events in results.terminal.values() if len(events) > 1)
+        self.violations += checks.nothing_lost(planned, terminal)
+        self.violations += checks.exactly_one_terminal(planned, terminal)
+        self.violations += checks.adds_once(self.workload, terminal, stages)
         self.violations += checks.last_value_wins(self.workload, stages)
         async with client.pipeline(transaction=False) as pipe:
             for p in planned:

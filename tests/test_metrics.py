@@ -78,6 +78,7 @@ async def test_the_documented_series_after_real_work(
         "leadstage_rate_limit_waits": "counter",
         "leadstage_rate_limit_wait_seconds": "counter",
         "leadstage_enqueued": "counter",
+        "leadstage_enqueued_past_max_age": "counter",
         "leadstage_webhook_requests": "counter",
     }
     moved = {

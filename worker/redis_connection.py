@@ -119,6 +119,22 @@ def _database(where: str, text: str | None) -> int | None:
     return int(text)
 
 
+async def close_sentinels(client: aioredis.Redis) -> None:
+    """Close the connections to the Sentinels a Sentinel-managed client asked for its primary
+    (redis-py's ``aclose`` closes only the primary's pool; arq's pool is one of these too)."""
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
+
+
+class SentinelManagedRedis(aioredis.Redis):
+    """A client of the Sentinels' current primary that closes its Sentinel connections with itself."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        await close_sentinels(self)
+
+
 def connect_redis(url: str) -> aioredis.Redis:
     """A Redis client for ``url`` (any form above); lazy, no I/O. Responses stay bytes.
 
@@ -132,7 +148,9 @@ def connect_redis(url: str) -> aioredis.Redis:
             password=target.password,
             db=target.database,
         )
-        client: aioredis.Redis = sentinel.master_for(target.service or DEFAULT_SENTINEL_SERVICE)
+        client: aioredis.Redis = sentinel.master_for(
+            target.service or DEFAULT_SENTINEL_SERVICE, redis_class=SentinelManagedRedis
+        )
         return client
     try:
         plain: aioredis.Redis = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S)

@@ -37,7 +37,7 @@ from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.job import Lease, Runtime, apply_lead_stage_change
 from worker.layout import migrate
 from worker.ledger import Ledger, Pick, Start
-from worker.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, parse_redis_url
+from worker.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, parse_redis_url
 from worker.results import lost_event
 from worker.settings import Settings
 from worker.states import Decision, WaitReason
@@ -198,6 +198,7 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
             await ctx["redis"].hdel(keys.WORKERS, worker_id)
         if "transport" in ctx:
             await ctx["transport"].close()
+        await close_sentinels(ctx["redis"])
         log.info("worker.stopped", worker_id=worker_id)
 
     return LeadstageWorker(
