@@ -178,8 +178,7 @@ async def test_rate_limit_is_shared_by_jobs_of_one_account(ledger: Ledger, redis
     assert (await start(ledger, "a", rate=2.0)).decision == "go"
     waiting = await start(ledger, "b", rate=2.0)
     assert (waiting.decision, waiting.reason) == ("wait", "rate")
-    assert 400 <= waiting.wait_ms <= 500
-    # The wait is a reservation: at its time the job goes without taking another slot.
+    assert 375 <= waiting.wait_ms <= 500  # one interval, less GCRA's tolerance of a quarter
     await asyncio.sleep(waiting.wait_ms / 1000)
     assert (await ledger.start("default:b", WORKER, 2.0, 0)).decision == "go"
 

@@ -49,6 +49,9 @@ REDIS_RETRY_S = 1.0
 #: The longest an idle worker blocks before it looks at the schedule again (a notice, or the next
 #: due account, wakes it sooner): a safety net that costs about 4 commands per this many seconds.
 IDLE_WAKE_S = 30.0
+#: A wait for the next due account this short is slept here, not blocked in Redis: Redis ends a
+#: BLPOP's timeout on its timer tick (100 ms at the default hz), which would halve a 20/s account.
+SHORT_WAIT_MS = 110
 #: Every this many heartbeats the worker puts accounts with queued changes back on the schedule
 #: (``Ledger.resync``).
 RESYNC_BEATS = 20
@@ -69,11 +72,16 @@ class LeadstageWorker(Worker):
         then wait: for a running job to end (full), or for a notice or the next due account (idle)."""
         while self.allow_pick_jobs and self.job_counter < self.max_jobs:
             pick = await runtime.ledger.pick()
-            if pick.account is None:
-                timeout = IDLE_WAKE_S if pick.wait_ms < 0 else min(pick.wait_ms / 1000, IDLE_WAKE_S)
-                await runtime.ledger.wait_for_work(timeout)
+            if pick.account is not None:
+                await self._claim_from(runtime, pick)
+            elif 0 <= pick.wait_ms <= SHORT_WAIT_MS:
+                await asyncio.sleep(pick.wait_ms / 1000)
+            else:
+                # Redis ends a blocking wait on its own timer tick (1/hz, 100 ms by default): block for
+                # all but that, and wait out the rest here (above).
+                timeout_ms = IDLE_WAKE_S * 1000 if pick.wait_ms < 0 else pick.wait_ms - SHORT_WAIT_MS
+                await runtime.ledger.wait_for_work(min(timeout_ms, IDLE_WAKE_S * 1000) / 1000)
                 return
-            await self._claim_from(runtime, pick)
         running = [task for task in self.tasks.values() if not task.done()]
         if self.allow_pick_jobs and running:
             await asyncio.wait(running, timeout=IDLE_WAKE_S, return_when=asyncio.FIRST_COMPLETED)
