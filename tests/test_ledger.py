@@ -178,7 +178,8 @@ async def test_rate_limit_is_shared_by_jobs_of_one_account(ledger: Ledger, redis
     assert (await start(ledger, "a", rate=2.0)).decision == "go"
     waiting = await start(ledger, "b", rate=2.0)
     assert (waiting.decision, waiting.reason) == ("wait", "rate")
-    assert 375 <= waiting.wait_ms <= 500  # one interval, less GCRA's tolerance of a quarter
+    assert 400 <= waiting.wait_ms <= 500
+    # Nothing was reserved: at the free slot the job goes.
     await asyncio.sleep(waiting.wait_ms / 1000)
     assert (await ledger.start("default:b", WORKER, 2.0, 0)).decision == "go"
 

@@ -27,11 +27,7 @@ local now = math.floor(now_us / 1000)
 local rate = redis.call('HMGET', rate_key, 'tat', 'pause_until')
 local tat = tonumber(rate[1]) or 0
 local pause_until_us = (tonumber(rate[2]) or 0) * 1000
--- GCRA's tolerance: a slot may be taken up to a quarter interval early, so that a worker that woke
--- a little late for the previous one does not lose that time for good (at most RATE + 1 requests
--- in any second still).
-local tolerance_us = math.floor(interval_us / 4)
-local free_at_us = math.max(tat - tolerance_us, pause_until_us)
+local free_at_us = math.max(tat, pause_until_us)
 
 -- When the account may next have a change to send: its queue's head, once the rate limit allows.
 local function account_next()
@@ -116,7 +112,7 @@ local function consider(job)
     return reply('idle', '', math.ceil((free_at_us - now_us) / 1000), reason)
   end
   tat = math.max(tat, now_us) + interval_us
-  free_at_us = math.max(tat - tolerance_us, pause_until_us)
+  free_at_us = math.max(tat, pause_until_us)
   redis.call('HSET', rate_key, 'tat', string.format('%d', tat))
 
   attempts = attempts + 1
