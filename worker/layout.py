@@ -39,15 +39,15 @@ _TYPES = {
 }
 
 
-def _tagged(old: str) -> str | None:
-    """The tagged name of a key of the old layout, or None when it is not one."""
+def _tagged(old: str) -> tuple[str, str] | None:
+    """(prefix, tagged name) of a key of the old layout, or None when it is not one."""
     for prefix in _PER_CHANGE:
         if old.startswith(prefix) and not old.startswith(prefix + "{"):
             account, _, rest = old.removeprefix(prefix).partition(":")
-            return f"{prefix}{keys.tag(account)}:{rest}"
+            return prefix, f"{prefix}{keys.tag(account)}:{rest}"
     for prefix in _PER_ACCOUNT:
         if old.startswith(prefix) and not old.startswith(prefix + "{"):
-            return prefix + keys.tag(old.removeprefix(prefix))
+            return prefix, prefix + keys.tag(old.removeprefix(prefix))
     return None
 
 
@@ -82,17 +82,19 @@ async def migrate(ledger: Ledger) -> int:
 
 
 async def _rename_keys(client: aioredis.Redis) -> int:
+    """One SCAN pass over the product's keys (large pages: it runs once, before any claim)."""
     renamed = 0
-    for prefix in (*_PER_CHANGE, *_PER_ACCOUNT):
-        async for raw in client.scan_iter(match=prefix + "*", count=1000):
-            old = raw.decode()
-            new = _tagged(old)
-            # Only what the old layout wrote there: a key of another type is someone else's.
-            if new is None or await client.type(old) != _TYPES[prefix] or not await client.renamenx(old, new):
-                continue
-            renamed += 1
-            if prefix == keys.LEDGER_PREFIX:
-                await _name_keys_of(client, new)
+    async for raw in client.scan_iter(match="leadstage:*", count=10_000):
+        found = _tagged(raw.decode())
+        if found is None:
+            continue
+        prefix, new = found
+        # Only what the old layout wrote there: a key of another type is someone else's.
+        if await client.type(raw) != _TYPES[prefix] or not await client.renamenx(raw, new):
+            continue
+        renamed += 1
+        if prefix == keys.LEDGER_PREFIX:
+            await _name_keys_of(client, new)
     return renamed
 
 
