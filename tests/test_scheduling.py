@@ -4,7 +4,7 @@ block until woken, and the single-queue layout migrated at start-up."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
-from tests.redis_servers import RedisServer, start_redis
+from tests.redis_servers import start_redis
 from worker import keys
 from worker.change import parse_change, parse_envelope
 from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
@@ -27,16 +27,6 @@ QUEUE = "leadstage:queue"
 async def fake() -> AsyncIterator[RunningFakeIvvy]:
     async with running_fake_ivvy(seed=13) as running:
         yield running
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own, so that its command counts are this worker's alone."""
-    server = start_redis(tmp_path / "redis", "--appendonly", "no")
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def two_accounts(redis_url: str, fake: RunningFakeIvvy, rate: float, **overrides: object) -> Settings:
@@ -110,12 +100,12 @@ async def test_changes_behind_the_head_are_not_touched_while_the_rate_limit_has_
 
 
 @pytest.mark.system  # starts a redis-server of its own
-async def test_an_idle_worker_blocks_until_an_enqueue_wakes_it(
-    fake: RunningFakeIvvy, private_redis: RedisServer
-) -> None:
-    settings = worker_settings(private_redis.url, fake.url)
-    client = aioredis.Redis.from_url(private_redis.url)
-    admin = private_redis.client()
+async def test_an_idle_worker_blocks_until_an_enqueue_wakes_it(fake: RunningFakeIvvy, tmp_path: Path) -> None:
+    # A Redis of this test's own, so that its command counts are this worker's alone.
+    server = start_redis(tmp_path / "redis", "--appendonly", "no")
+    settings = worker_settings(server.url, fake.url)
+    client = aioredis.Redis.from_url(server.url)
+    admin = server.client()
     try:
         async with running_worker(settings):
 
@@ -132,6 +122,7 @@ async def test_an_idle_worker_blocks_until_an_enqueue_wakes_it(
             terminal = await wait_for_terminal(client, ["wake-0"], within_s=10)
     finally:
         await client.aclose()
+        server.kill()
     assert terminal["wake-0"][0]["event"] == "succeeded"
 
 
