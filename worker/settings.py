@@ -67,6 +67,8 @@ LogFormat = Literal["json", "console", "auto"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console", "auto")
 LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
 LOG_LEVEL_NAMES: tuple[LogLevel, ...] = ("debug", "info", "warning", "warn", "error", "critical")
+#: The shortest console token accepted (LEADSTAGE_CONSOLE_TOKEN, LEADSTAGE_CONSOLE_READ_TOKEN).
+MIN_TOKEN_LENGTH = 16
 
 #: Settings field -> (environment variable, how ``_EnvReader`` reads it): read by ``from_env``,
 #: written back by ``to_env``. The accounts are read from their own variables (``_load_accounts``).
@@ -97,6 +99,9 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "metrics_port": ("LEADSTAGE_METRICS_PORT", "port"),
     "log_format": ("LEADSTAGE_LOG_FORMAT", "log_format"),
     "log_level": ("LEADSTAGE_LOG_LEVEL", "log_level"),
+    "console_token": ("LEADSTAGE_CONSOLE_TOKEN", "token"),
+    "console_read_token": ("LEADSTAGE_CONSOLE_READ_TOKEN", "token"),
+    "console_tls_proxy": ("LEADSTAGE_CONSOLE_TLS_PROXY", "flag"),
 }
 
 
@@ -135,6 +140,13 @@ class Settings:
     log_format: LogFormat = "auto"
     #: None when LEADSTAGE_LOG_LEVEL is unset: info (the demo, which is read by a person: warning).
     log_level: LogLevel | None = None
+    #: ``leadstage console``: the token that may read and change (replay, discard); the console is
+    #: off without it. The read-only token, when set, may only read.
+    console_token: Secret | None = None
+    console_read_token: Secret | None = None
+    #: Declared when a TLS-terminating proxy stands in front of the console: its login cookie is
+    #: then marked Secure, and binding beyond loopback is not warned about.
+    console_tls_proxy: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -183,6 +195,8 @@ class Settings:
             )
         if self.lease_s <= self.poll_delay_s * 3:
             raise ConfigError("LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY")
+        if self.console_read_token is not None and self.console_read_token == self.console_token:
+            raise ConfigError("LEADSTAGE_CONSOLE_READ_TOKEN must differ from LEADSTAGE_CONSOLE_TOKEN")
 
     def account(self, name: str) -> Account | None:
         return self.accounts.get(name)
@@ -197,6 +211,7 @@ class Settings:
         values = [a.api_secret.get() for a in self.accounts.values()]
         if self.webhook_secret is not None:
             values.append(self.webhook_secret.get())
+        values.extend(token.get() for token in (self.console_token, self.console_read_token) if token is not None)
         return [v for v in values if v]
 
     def require_accounts(self) -> None:
@@ -292,6 +307,29 @@ class _EnvReader:
         raw = self._raw(name) or default
         parse_redis_url(raw, name)
         return raw
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
+
+    def token(self, name: str, default: None) -> Secret | None:
+        """A bearer token: long enough not to be guessed, and sendable in a header as is."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if len(raw) < MIN_TOKEN_LENGTH or not all(c.isascii() and c.isprintable() and not c.isspace() for c in raw):
+            # The message never repeats the value: it is a secret, even when a bad one.
+            raise ConfigError(
+                f"{name} must be at least {MIN_TOKEN_LENGTH} printable ASCII characters without spaces "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
+            )
+        return Secret(raw)
 
     def webhook_secret(self, name: str, default: None) -> Secret | None:
         raw = self._raw(name)
