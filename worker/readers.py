@@ -425,14 +425,18 @@ class RateHistory:
 async def _queue_by_account(client: aioredis.Redis, settings: Settings, now_ms: int) -> dict[str, Counter[str]]:
     """queued, due, in_progress and retrying per account, from the queue and the ledger states."""
     scores: dict[str, float] = {}
-    cursor = 0
-    while True:
-        with redis_errors():
-            cursor, page = await client.zscan(settings.queue_name, cursor, count=PAGE)
-        # ZSCAN may return a member twice while the set is rehashed: keyed by member, counted once.
-        scores.update((member.decode(), score) for member, score in page)
-        if cursor == 0:
-            break
+    with redis_errors():
+        pending = await client.hkeys(keys.PENDING)  # type: ignore[misc]  # redis-py's async stubs
+    # Each account has its own queue: the configured accounts and those with changes not yet terminal.
+    for account in sorted({*settings.accounts, *(a.decode() for a in pending)}):
+        cursor = 0
+        while True:
+            with redis_errors():
+                cursor, page = await client.zscan(keys.queue_key(settings.queue_name, account), cursor, count=PAGE)
+            # ZSCAN may return a member twice while the set is rehashed: keyed by member, counted once.
+            scores.update((member.decode(), score) for member, score in page)
+            if cursor == 0:
+                break
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     later = []
     for job, score in scores.items():
