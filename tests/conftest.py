@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import hypothesis
 import pytest
 import redis
 import redis.asyncio as aioredis
 
+from tests.redis_servers import RedisServer, start_redis
 from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
 
@@ -93,3 +95,13 @@ async def fake_ivvy() -> AsyncIterator[RunningFakeIvvy]:
 def ivvy_account(fake_ivvy: RunningFakeIvvy) -> Account:
     """The default account, pointing at ``fake_ivvy``."""
     return Account("default", fake_ivvy.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), rate_limit=1000.0)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own: it may refuse writes, stall or fail without disturbing other tests."""
+    server = start_redis(tmp_path / "redis", "--appendonly", "no")
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -9,7 +9,7 @@ import asyncio
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from tests.harness import (
     worker_env,
     worker_settings,
 )
-from tests.redis_servers import RedisServer, start_redis
+from tests.redis_servers import RedisServer
 from worker.change import parse_change, parse_envelope
 from worker.fake_ivvy import RunningFakeIvvy, Stage, running_fake_ivvy
 from worker.ledger import Ledger
@@ -51,22 +51,12 @@ async def fake() -> AsyncIterator[RunningFakeIvvy]:
         yield running
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own: it refuses writes for a while without disturbing other tests."""
-    server = start_redis(tmp_path / "redis")
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
 async def test_no_loss_no_duplicate_last_value_wins_under_kills(
-    fake: RunningFakeIvvy, own_redis: RedisServer, tmp_path: Path
+    fake: RunningFakeIvvy, private_redis: RedisServer, tmp_path: Path
 ) -> None:
     rng = random.Random(5)
-    settings = worker_settings(own_redis.url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30)
-    redis_client = aioredis.Redis.from_url(own_redis.url)
+    settings = worker_settings(private_redis.url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30)
+    redis_client = aioredis.Redis.from_url(private_redis.url)
     ledger = Ledger(redis_client, settings)
     stages = [fake.fake.add_stage(f"Seeded {i}", apply_to=1) for i in range(20)]
     expected: dict[int, dict[str, object]] = {s.id: {"name": s.name, "colour": s.colour, "apply_to": 1} for s in stages}
@@ -94,7 +84,7 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
     log = tmp_path / "workers.log"
     envs = [{**env, "LEADSTAGE_TEST_CLOCK_OFFSET": offset} for offset in CLOCK_OFFSETS_S]
     workers = [start_worker_process(worker, log) for worker in envs]
-    admin = own_redis.client()
+    admin = private_redis.client()
     kills = 0
     batches = [changes[i : i + 40] for i in range(0, len(changes), 40)]
     try:

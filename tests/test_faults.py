@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import prometheus_client
 import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
-from tests.redis_servers import RedisServer, start_redis
+from tests.redis_servers import RedisServer
 from worker import keys, readers
 from worker.change import parse_change, parse_envelope
 from worker.errors import ConfigError, StaleRun
@@ -28,16 +27,6 @@ from worker.settings import Settings
 async def fake() -> AsyncIterator[RunningFakeIvvy]:
     async with running_fake_ivvy(seed=3) as running:
         yield running
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own: it may refuse writes without disturbing other tests."""
-    server = start_redis(tmp_path / "redis", "--appendonly", "no")
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 async def enqueue(ledger: Ledger, raw: dict[str, object], key: str) -> None:
