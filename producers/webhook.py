@@ -46,7 +46,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from producers.library import ChangeItem, ItemError, LeadStageProducer, Receipt, connect_redis, field_errors
 from producers.openapi import CHANGES_PATH, MAX_BATCH, RETRY_AFTER_S, location, openapi_document
-from worker import metrics
+from worker import metrics, tracing
 from worker.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.errors import ConfigError, FieldError, IdempotencyConflict, InvalidChange, RedisUnavailable, UnknownAccount
 from worker.logs import get_logger
@@ -145,7 +145,7 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
         webhook=webhook,
         openapi=orjson.dumps(openapi_document(settings.webhook_max_body_bytes)),
     )
-    app.router.add_post(CHANGES_PATH, _post_changes)
+    app.router.add_post(CHANGES_PATH, tracing.traced_handler(_post_changes))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

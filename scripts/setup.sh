@@ -1,10 +1,10 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: a virtualenv with the project installed,
 # and a Redis answering on 127.0.0.1:6379 (started here when none answers).
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import worker, producers, pytest" 2>/dev/null \
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import worker, producers, pytest, opentelemetry.sdk" 2>/dev/null \
     || [ pyproject.toml -nt .venv/.installed ]; then
     python3 -m venv .venv
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[test]"
+    .venv/bin/python -m pip install --quiet -e ".[test,otel]"
     touch .venv/.installed
 fi
 if ! .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1).close()" 2>/dev/null; then

@@ -43,7 +43,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.typing import EncodableT
 
-from worker import keys, metrics
+from worker import keys, metrics, tracing
 from worker.change import Envelope, LeadStageChange
 from worker.errors import IdempotencyConflict, RedisNotReplicated, StaleRun, redis_errors
 from worker.settings import Settings
@@ -449,6 +449,7 @@ class Ledger:
 
 def _encode(items: Sequence[tuple[LeadStageChange, Envelope]]) -> bytes:
     """The changes as enqueue.lua takes them: one JSON array, one entry per change."""
+    trace = tracing.current_traceparent()  # the producer's span, stored with each change
     return orjson.dumps(
         [
             [
@@ -461,6 +462,7 @@ def _encode(items: Sequence[tuple[LeadStageChange, Envelope]]) -> bytes:
                 envelope.idempotency_key,
                 envelope.source,
                 keys.lock_subject(change.id, change.name),
+                trace,
             ]
             for change, envelope in items
         ]

@@ -33,6 +33,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from worker import tracing
 from worker.errors import ConfigError
 from worker.settings import LogFormat, Settings
 
@@ -253,6 +254,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
     # Run for records from stdlib loggers (arq, aiohttp) before the shared tail below.
     foreign_pre_chain: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        *tracing.log_processors(),
         structlog.stdlib.add_logger_name,
         structlog.stdlib.add_log_level,
         timestamper,
@@ -291,6 +293,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
         processors=[
             structlog.stdlib.filter_by_level,  # drop below-level events before any work is done
             structlog.contextvars.merge_contextvars,
+            *tracing.log_processors(),
             structlog.stdlib.add_logger_name,
             structlog.stdlib.add_log_level,
             structlog.stdlib.PositionalArgumentsFormatter(),

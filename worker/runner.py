@@ -28,7 +28,7 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 
-from worker import keys, metrics
+from worker import keys, metrics, tracing
 from worker.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.job import Lease, Runtime, apply_lead_stage_change
@@ -132,7 +132,7 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         redis: ArqRedis = ctx["redis"]
-        transport = AiohttpTransport(max_connections=max(settings.concurrency, 10))
+        transport = tracing.traced_transport(AiohttpTransport(max_connections=max(settings.concurrency, 10)))
         offset = timedelta(seconds=settings.clock_offset_s)
         clients = {
             name: IvvyClient(

@@ -6,7 +6,8 @@
 -- ARGV: 1 mode ('enqueue' | 'check' | 'replay'), 2 retention (ms), 3 dead-letter entry id to
 --       remove or '' (replay), 4 generation of that dead letter or '' (replay), 5 ledger key
 --       prefix, 6 stage key prefix, 7 the changes: a JSON array of [job id, change (canonical JSON),
---       operation, stage id or '', changed fields (csv), account, idempotency key, source, lock subject]
+--       operation, stage id or '', changed fields (csv), account, idempotency key, source, lock subject,
+--       traceparent or '' (worker.tracing; stored as 'trace', never compared: only the change is)]
 -- One JSON argument instead of nine per change keeps the client's work per change small; the
 -- ledger and stage keys are built from the prefixes (worker.keys builds the same names).
 -- Reply: {answers, backlog} with one answer per change: {'queued', generation} |
@@ -71,6 +72,10 @@ for i, c in ipairs(changes) do
     if c[8] ~= '' then
       record[#record + 1] = 'source'
       record[#record + 1] = c[8]
+    end
+    if c[10] and c[10] ~= '' then
+      record[#record + 1] = 'trace'
+      record[#record + 1] = c[10]
     end
     if mode == 'replay' then
       -- A replay starts the change afresh, as a new generation.
