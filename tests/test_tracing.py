@@ -33,7 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Tracer
 
 from producers.openapi import CHANGES_PATH
 from producers.webhook import create_app
@@ -52,6 +52,9 @@ CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
 
 
+_PROVIDERS: list[TracerProvider] = []
+
+
 @pytest.fixture
 def exported() -> Iterator[InMemorySpanExporter]:
     """Tracing on in this process, into memory; off again afterwards."""
@@ -59,11 +62,18 @@ def exported() -> Iterator[InMemorySpanExporter]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing.use(provider)
+    _PROVIDERS.append(provider)
     try:
         yield exporter
     finally:
         tracing.use(None)
+        _PROVIDERS.remove(provider)
         provider.shutdown()
+
+
+def exported_tracer() -> Tracer:
+    """A tracer of the provider ``exported`` installed (for spans of the test's own)."""
+    return _PROVIDERS[-1].get_tracer("test")
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,17 @@ def webhook_settings(redis_url: str) -> Settings:
     return Settings(redis_url=redis_url, webhook_secret=Secret(SECRET), webhook_max_body_bytes=64 * 1024)
 
 
+def webhook_client(redis_url: str, redis_client: aioredis.Redis) -> TestClient[Any, Any]:
+    """The webhook on a loopback socket (made now: it is traced if tracing is on now)."""
+    return TestClient(TestServer(create_app(webhook_settings(redis_url), redis_client), host="127.0.0.1"))
+
+
+async def stored_trace(redis_client: aioredis.Redis, job_id: str) -> bytes | None:
+    """The ledger's trace field of a change."""
+    raw: bytes | None = await redis_client.hget(keys.ledger_key(job_id), tracing.LEDGER_FIELD)  # type: ignore[misc]  # redis-py's async stubs
+    return raw
+
+
 async def post_change(client: TestClient[Any, Any], key: str, change: dict[str, object]) -> None:
     body = orjson.dumps(change)
     headers = {**signed(body, msg_id=key), "traceparent": TRACEPARENT}
@@ -126,9 +147,10 @@ def producer_side(spans: list[Span]) -> tuple[Span, Span]:
 async def test_a_webhook_trace_holds_the_attempts_and_the_ivvy_requests_across_a_retry(
     redis_url: str, redis_client: aioredis.Redis, exported: InMemorySpanExporter
 ) -> None:
-    async with running_fake_ivvy() as fake, TestClient(
-        TestServer(create_app(webhook_settings(redis_url), redis_client), host="127.0.0.1")
-    ) as client:
+    async with (
+        running_fake_ivvy() as fake,
+        webhook_client(redis_url, redis_client) as client,
+    ):
         fake.fake.update_faults({"error_rate": 1.0})
         settings = worker_settings(redis_url, fake.url)
         async with running_worker(settings):
@@ -167,3 +189,204 @@ async def test_a_webhook_trace_holds_the_attempts_and_the_ivvy_requests_across_a
     assert {s.trace_id for s in spans} == {TRACE_ID}
     assert terminal["traced"][0]["trace_id"] == TRACE_ID
     no_secret_in(spans)
+
+
+@dataclass
+class Collector:
+    """An OTLP/HTTP trace collector on loopback: what worker processes export arrives here."""
+
+    url: str
+    spans: list[Span]
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    spans: list[Span] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(await request.read())
+        for resource in message.resource_spans:
+            for scope in resource.scope_spans:
+                spans.extend(from_otlp(span) for span in scope.spans)
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf"
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", receive)
+    async with TestServer(app, host="127.0.0.1") as server:
+        yield Collector(str(server.make_url("/v1/traces")), spans)
+
+
+def from_otlp(span: Any) -> Span:
+    def value(any_value: Any) -> Any:
+        return getattr(any_value, any_value.WhichOneof("value"))
+
+    kinds = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+    return Span(
+        span.name,
+        kinds[span.kind],
+        span.trace_id.hex(),
+        span.span_id.hex(),
+        span.parent_span_id.hex(),
+        tuple(link.span_id.hex() for link in span.links),
+        {a.key: value(a.value) for a in span.attributes},
+    )
+
+
+@pytest.mark.system
+async def test_the_trace_goes_on_in_the_worker_that_takes_over_from_a_sigkilled_one(
+    redis_url: str, redis_client: aioredis.Redis, exported: InMemorySpanExporter, collector: Collector, tmp_path: Path
+) -> None:
+    async with (
+        running_fake_ivvy() as fake,
+        webhook_client(redis_url, redis_client) as client,
+    ):
+        settings = worker_settings(redis_url, fake.url, request_timeout_s=10.0, job_timeout_s=60.0)
+        env = {
+            **worker_env(settings, fake.url),
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.url,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_SERVICE_NAME": "leadstage-worker-under-test",
+        }
+        fake.fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
+        first = start_worker_process(env, tmp_path / "first.log")
+        try:
+            await post_change(client, "orphan", {"name": "Orphan", "applyTo": "lead"})
+
+            async def request_arrived() -> bool:
+                return len(fake.fake.requests) > 0
+
+            await eventually(request_arrived, within_s=20)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(first.wait, 10)
+        fake.fake.update_faults({"hang_rate": 0.0})
+        second = start_worker_process(env, tmp_path / "second.log")
+        try:
+            terminal = await wait_for_terminal(redis_client, ["orphan"], within_s=30)
+        finally:
+            # SIGTERM: the worker exits normally, and the SDK flushes what it has not sent yet.
+            assert await asyncio.to_thread(stop_process, second) == 0
+    _, producer = producer_side(finished(exported))
+    spans = collector.spans
+    (attempt,) = [s for s in spans if s.kind == "CONSUMER"]  # the killed worker's never ended
+    assert (attempt.trace_id, attempt.parent_id, attempt.links) == (TRACE_ID, producer.span_id, (producer.span_id,))
+    assert attempt.attributes["leadstage.attempt"] == 2
+    assert attempt.attributes["leadstage.outcome"] == "succeeded"
+    assert attempt.attributes["leadstage.stage_id"] == int(terminal["orphan"][0]["stage_id"])
+    (reconcile,) = [s for s in spans if s.name == "reconcile"]
+    assert reconcile.parent_id == attempt.span_id
+    actions = {(s.parent_id, s.attributes["ivvy.action"]) for s in spans if s.kind == "CLIENT"}
+    assert (reconcile.span_id, "getLeadStageList") in actions
+    assert (attempt.span_id, "addOrUpdateLeadStage") in actions
+    assert {s.trace_id for s in spans} == {TRACE_ID}
+    assert terminal["orphan"][0]["trace_id"] == TRACE_ID
+    no_secret_in(spans)
+
+
+@pytest.mark.system
+async def test_the_demo_with_the_console_exporter_prints_the_traces_of_its_results(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    run = await run_demo(REDIS_URL=redis_url, LEADSTAGE_METRICS_PORT="0", OTEL_TRACES_EXPORTER="console")
+    assert run.status == 0, run.stderr
+    printed = set(re.findall(r'"trace_id": "0x([0-9a-f]{32})"', run.stdout))
+    events = [fields for _, fields in await redis_client.xrange(DEMO_RESULTS)]
+    traced = {fields[b"trace_id"].decode() for fields in events}
+    assert events
+    assert "" not in traced
+    assert traced <= printed
+
+
+def leadstage(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRACEPARENT"))}
+    return subprocess.run(  # noqa: S603 - this interpreter with fixed arguments
+        [sys.executable, "-m", "worker.cli", *argv], env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_the_cli_continues_a_traceparent_from_its_environment(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    result = await asyncio.to_thread(
+        leadstage,
+        "enqueue", "--name", "From CI", "--apply-to", "lead", "--key", "ci-1",
+        REDIS_URL=redis_url, OTEL_TRACES_EXPORTER="console", TRACEPARENT=TRACEPARENT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (span,) = re.findall(r"^\{\n.*?^\}$", result.stdout, re.MULTILINE | re.DOTALL)
+    printed = json.loads(span)
+    assert printed["kind"] == "SpanKind.PRODUCER"
+    assert printed["context"]["trace_id"] == "0x" + TRACE_ID
+    assert printed["parent_id"] == "0x" + CALLER_SPAN
+    stored = await stored_trace(redis_client, "default:ci-1")
+    assert stored == f"00-{TRACE_ID}-{printed['context']['span_id'][2:]}-01".encode()
+
+
+def test_an_unknown_exporter_is_refused_by_name() -> None:
+    result = leadstage("stats", OTEL_TRACES_EXPORTER="nonesuch", REDIS_URL="redis://127.0.0.1:1/0")
+    assert result.returncode == 2
+    assert "OTEL_TRACES_EXPORTER names no installed exporter: 'nonesuch'" in result.stderr
+
+
+def test_tracing_off_imports_nothing_and_changes_nothing() -> None:
+    script = """
+import sys
+from producers.webhook import create_app
+from worker import runner, tracing
+from worker.logs import configure_logging
+from worker.settings import Settings
+from worker.ivvy import AiohttpTransport
+tracing.setup()
+configure_logging(Settings())
+async def handler(request): ...
+assert tracing.traced_handler(handler) is handler
+assert tracing.log_processors() == []
+assert tracing.current_traceparent() == tracing.current_trace_id() == ""
+print(sorted(name for name in sys.modules if name.split(".")[0] == "opentelemetry"))
+"""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    for env in ({}, {"OTEL_TRACES_EXPORTER": "none"}, {"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}):
+        result = subprocess.run(  # noqa: S603 - this interpreter with a fixed script
+            [sys.executable, "-c", script], env={**base, **env}, capture_output=True, text=True, timeout=60
+        )
+        assert (result.returncode, result.stdout) == (0, "[]\n"), result.stderr
+
+
+async def test_the_trace_is_stored_with_the_change_but_never_compared(
+    redis_url: str, redis_client: aioredis.Redis, exported: InMemorySpanExporter
+) -> None:
+    async with webhook_client(redis_url, redis_client) as client:
+        await post_change(client, "once", {"name": "Once", "applyTo": "lead"})
+        first = await stored_trace(redis_client, "default:once")
+        # The same change again under another trace, then untraced: a duplicate each time, first trace kept.
+        body = orjson.dumps({"name": "Once", "applyTo": "lead"})
+        other = f"00-{'1' * 32}-{'2' * 16}-01"
+        for extra in ({"traceparent": other}, {}):
+            response = await client.post(CHANGES_PATH, data=body, headers={**signed(body, msg_id="once"), **extra})
+            assert (await response.json())["receipts"][0]["status"] == "duplicate"
+    _, producer = producer_side(finished(exported)[:2])  # the first request's two spans
+    assert first == f"00-{TRACE_ID}-{producer.span_id}-01".encode()
+    assert await stored_trace(redis_client, "default:once") == first
+
+
+async def test_log_lines_carry_the_trace_and_span_ids_when_tracing_is_on(exported: InMemorySpanExporter) -> None:
+    out = io.StringIO()
+    configure_logging(Settings(log_format="json"), stream=out, level="info")
+    log = get_logger("leadstage.test")
+    tracer = exported_tracer()
+    with tracer.start_as_current_span("work") as span:
+        log.info("inside")
+    log.info("outside")
+    inside, outside = (json.loads(line) for line in out.getvalue().splitlines())
+    context = span.get_span_context()
+    assert (inside["trace_id"], inside["span_id"]) == (f"{context.trace_id:032x}", f"{context.span_id:016x}")
+    assert "trace_id" not in outside
+    tracing.use(None)
+    configure_logging(Settings(log_format="json"), stream=out, level="info")
+    with tracer.start_as_current_span("work"):
+        log.info("untraced")
+    assert "trace_id" not in json.loads(out.getvalue().splitlines()[-1])
