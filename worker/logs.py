@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from worker import tracing
 from worker.errors import ConfigError
@@ -224,16 +224,64 @@ def _leading_keys_first(logger: WrappedLogger, method_name: str, event_dict: Eve
     return ordered
 
 
+def _report_failure(name: str) -> None:
+    # logging's default prints record.msg and its args, unredacted, to stderr: report the
+    # failure without the record's content.
+    if logging.raiseExceptions and sys.stderr is not None:
+        exc = sys.exc_info()[1]
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"--- logging error: {type(exc).__name__} writing a record of {name!r}\n")
+
+
 class _Handler(logging.StreamHandler[TextIO]):
-    """Our one root handler, recognised on reconfiguration."""
+    """Our one root handler (stdlib records: arq, aiohttp, asyncio), recognised on reconfiguration."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        # logging's default prints record.msg and its args, unredacted, to stderr: report the
-        # failure without the record's content.
-        if logging.raiseExceptions and sys.stderr is not None:
-            exc = sys.exc_info()[1]
-            with contextlib.suppress(Exception):
-                sys.stderr.write(f"--- logging error: {type(exc).__name__} writing a record of {record.name!r}\n")
+        _report_failure(record.name)
+
+
+class _Sink:
+    """What our own structlog events are written by: the rendered line straight to the stream.
+
+    No stdlib round trip (a ``LogRecord``, the handler chain, ``ProcessorFormatter``, a second
+    copy of the event): that was most of what a log line cost. The handler's lock is shared, so
+    our lines and stdlib records never interleave; a failing write is reported as the handler
+    reports one, and never raised into the code that logged.
+    """
+
+    __slots__ = ("_handler", "name")
+
+    def __init__(self, name: str, handler: _Handler) -> None:
+        self.name = name
+        self._handler = handler
+
+    def msg(self, message: str) -> None:
+        handler = self._handler
+        try:
+            with handler.lock or contextlib.nullcontext():
+                handler.stream.write(message + "\n")
+                handler.stream.flush()
+        except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the caller
+            _report_failure(self.name)
+
+    debug = info = warning = error = critical = msg
+
+
+class _SinkFactory:
+    """structlog's logger factory: one ``_Sink`` per logger name (the name is the ``logger`` key)."""
+
+    __slots__ = ("_handler", "_sinks")
+
+    def __init__(self, handler: _Handler) -> None:
+        self._handler = handler
+        self._sinks: dict[str, _Sink] = {}
+
+    def __call__(self, *args: Any) -> _Sink:
+        name = args[0] if args and isinstance(args[0], str) else ""
+        sink = self._sinks.get(name)
+        if sink is None:
+            sink = self._sinks[name] = _Sink(name, self._handler)
+        return sink
 
 
 def configure_logging(settings: Settings, *, stream: TextIO | None = None, level: int | str | None = None) -> None:
@@ -269,14 +317,11 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
         # Tracebacks arrive already formatted (and redacted) as the "exception" string.
         renderer = structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback)
         tail = [renderer]
+    # After format_exc_info (in both chains), so traceback text is scrubbed too.
+    redactor = secret_redactor(settings.secret_values())
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=foreign_pre_chain,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            # After format_exc_info (in both chains), so traceback text is scrubbed too.
-            secret_redactor(settings.secret_values()),
-            *tail,
-        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redactor, *tail],
     )
     handler = _Handler(out)
     handler.setFormatter(formatter)
@@ -291,27 +336,29 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
 
     structlog.configure(
         processors=[
-            structlog.stdlib.filter_by_level,  # drop below-level events before any work is done
             structlog.contextvars.merge_contextvars,
             *tracing.log_processors(),
             structlog.stdlib.add_logger_name,
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.add_log_level,
             timestamper,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            redactor,
+            *tail,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=_SinkFactory(handler),
+        # Below-level calls are empty methods: nothing at all is done for a debug line at info.
+        # Positional arguments are %-formatted by it too, as the stdlib does.
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         # Not cached: a logger made at import time must follow a later configure_logging().
         cache_logger_on_first_use=False,
     )
 
 
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+def get_logger(name: str) -> FilteringBoundLogger:
     """The logger of a module: ``log = get_logger(__name__)``."""
-    return structlog.stdlib.get_logger(name)
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger
 
 
 def bind_job_context(
