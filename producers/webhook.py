@@ -137,7 +137,11 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
         webhook = Webhook(settings.webhook_secret.get())
     except (binascii.Error, ValueError):
         raise ConfigError("WEBHOOK_SECRET must be whsec_ followed by base64") from None
-    app = web.Application(client_max_size=settings.webhook_max_body_bytes, middlewares=[_middleware])
+    untraced = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+    app = web.Application(
+        client_max_size=settings.webhook_max_body_bytes,
+        middlewares=[*tracing.server_middlewares(untraced=untraced), _middleware],
+    )
     app[_STATE] = _State(
         settings=settings,
         redis=redis,
@@ -145,7 +149,7 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
         webhook=webhook,
         openapi=orjson.dumps(openapi_document(settings.webhook_max_body_bytes)),
     )
-    app.router.add_post(CHANGES_PATH, tracing.traced_handler(_post_changes))
+    app.router.add_post(CHANGES_PATH, _post_changes)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

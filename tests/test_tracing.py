@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -144,8 +146,25 @@ def producer_side(spans: list[Span]) -> tuple[Span, Span]:
     return server, producer
 
 
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """The process's log lines as JSON for one test (configured after ``exported``: traced)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    configure_logging(Settings(log_format="json"), stream=stream, level="info")
+    try:
+        yield stream
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        structlog.reset_defaults()
+
+
 async def test_a_webhook_trace_holds_the_attempts_and_the_ivvy_requests_across_a_retry(
-    redis_url: str, redis_client: aioredis.Redis, exported: InMemorySpanExporter
+    redis_url: str, redis_client: aioredis.Redis, exported: InMemorySpanExporter, log_lines: io.StringIO
 ) -> None:
     async with (
         running_fake_ivvy() as fake,
@@ -163,7 +182,7 @@ async def test_a_webhook_trace_holds_the_attempts_and_the_ivvy_requests_across_a
             fake.fake.update_faults({"error_rate": 0.0})
             terminal = await wait_for_terminal(redis_client, ["traced"])
     spans = finished(exported)
-    _, producer = producer_side(spans)
+    server, producer = producer_side(spans)
     attempts = sorted((s for s in spans if s.kind == "CONSUMER"), key=lambda s: s.attributes["leadstage.attempt"])
     assert [(a.attributes["leadstage.attempt"], a.attributes["leadstage.outcome"]) for a in attempts] == [
         (1, "retrying"),
@@ -189,6 +208,11 @@ async def test_a_webhook_trace_holds_the_attempts_and_the_ivvy_requests_across_a
     assert {s.trace_id for s in spans} == {TRACE_ID}
     assert terminal["traced"][0]["trace_id"] == TRACE_ID
     no_secret_in(spans)
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    (request,) = [line for line in lines if line["event"] == "webhook.request"]
+    assert (request["trace_id"], request["span_id"]) == (TRACE_ID, server.span_id)
+    finishes = [line for line in lines if line["event"] in ("job.attempt_finished", "job.finished")]
+    assert [(line["trace_id"], line["span_id"]) for line in finishes] == [(TRACE_ID, a.span_id) for a in attempts]
 
 
 @dataclass
@@ -342,8 +366,7 @@ from worker.settings import Settings
 from worker.ivvy import AiohttpTransport
 tracing.setup()
 configure_logging(Settings())
-async def handler(request): ...
-assert tracing.traced_handler(handler) is handler
+assert tracing.server_middlewares() == []
 assert tracing.log_processors() == []
 assert tracing.current_traceparent() == tracing.current_trace_id() == ""
 print(sorted(name for name in sys.modules if name.split(".")[0] == "opentelemetry"))

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -44,7 +44,6 @@ from worker.errors import ConfigError, IvvyNoAnswer
 
 if TYPE_CHECKING:  # only for annotations: importing them is what tracing off must not pay
     import redis.asyncio as aioredis
-    from aiohttp import web
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Tracer
     from structlog.typing import EventDict, Processor, WrappedLogger
@@ -61,10 +60,10 @@ __all__ = [
     "log_processors",
     "producer_span",
     "record_outcome",
+    "server_middlewares",
     "setup",
     "stored_traceparent",
     "traced",
-    "traced_handler",
     "traced_transport",
     "use",
 ]
@@ -191,44 +190,40 @@ def continue_from_env() -> None:
         context.attach(propagate.extract(carrier))
 
 
-def traced_handler(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The webhook's handler in a SERVER span that continues the request's ``traceparent``;
-    ``handler`` itself when tracing is off (call this when building the app)."""
+def server_middlewares(*, untraced: Collection[str] = ()) -> list[Any]:
+    """The webhook's tracing: a middleware (to put first) that makes each request a SERVER span
+    continuing its ``traceparent``, so the request's log line is in it too; none when tracing is
+    off. Requests for the ``untraced`` paths (probes, metrics) make no spans."""
     if _tracer is None:
-        return handler
+        return []
+    from aiohttp import web
+
     tracer = _tracer
 
-    @functools.wraps(handler)
-    async def traced_request(request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def trace_request(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path in untraced:
+            return await handler(request)
         from opentelemetry import propagate
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else request.path
         with tracer.start_as_current_span(
             f"{request.method} {route}",
             context=propagate.extract(request.headers),
             kind=SpanKind.SERVER,
             attributes={"http.request.method": request.method, "http.route": route, "url.path": request.path},
-            record_exception=False,
-            set_status_on_exception=False,
         ) as span:
-            status = 500
-            try:
-                response = await handler(request)
-                status = response.status
-                return response
-            except Exception as exc:
-                # Problems and aiohttp's HTTP errors carry their status; anything else is a 500.
-                status = exc.status if isinstance(getattr(exc, "status", None), int) else 500  # type: ignore[attr-defined]  # checked just before
-                raise
-            finally:
-                span.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
+            response = await handler(request)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            return response
 
-    return traced_request
+    return [trace_request]
 
 
 def producer_span(operation: str, count: int, destination: str) -> contextlib.AbstractContextManager[Any]:
