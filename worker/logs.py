@@ -9,7 +9,7 @@ same processors and come out in one format, on stderr:
 
 Every line carries ``timestamp`` (ISO 8601 UTC), ``level``, ``logger`` and ``event``, plus the
 job's ``job_id``, ``idempotency_key``, ``account`` and ``attempt`` while ``bind_job_context``
-is active (structlog.contextvars, merged first).
+is active (``merge_job_context``, after structlog.contextvars).
 
 Secrets never reach the output (SPEC.md: Configuration): ``secret_redactor`` runs after
 tracebacks are formatted and just before rendering, for our events and foreign records alike.
@@ -18,6 +18,7 @@ tracebacks are formatted and just before rendering, for our events and foreign r
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import functools
 import json
@@ -44,6 +45,7 @@ __all__ = [
     "configure_logging",
     "get_logger",
     "log_level_from_env",
+    "merge_job_context",
     "secret_redactor",
 ]
 
@@ -302,6 +304,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
     # Run for records from stdlib loggers (arq, aiohttp) before the shared tail below.
     foreign_pre_chain: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        merge_job_context,
         *tracing.log_processors(),
         structlog.stdlib.add_logger_name,
         structlog.stdlib.add_log_level,
@@ -337,6 +340,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            merge_job_context,
             *tracing.log_processors(),
             structlog.stdlib.add_logger_name,
             structlog.processors.add_log_level,
@@ -361,15 +365,36 @@ def get_logger(name: str) -> FilteringBoundLogger:
     return logger
 
 
+#: The job whose lines these are (one dict, set and reset once per job: structlog's per-key
+#: contextvars cost a copy of the whole context at each bind).
+_JOB: contextvars.ContextVar[Mapping[str, object] | None] = contextvars.ContextVar("leadstage_job", default=None)
+
+
+class _JobContext:
+    __slots__ = ("_token", "_values")
+
+    def __init__(self, values: Mapping[str, object]) -> None:
+        self._values = values
+
+    def __enter__(self) -> None:
+        self._token = _JOB.set(self._values)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _JOB.reset(self._token)
+
+
 def bind_job_context(
     job_id: str, idempotency_key: str, account: str, attempt: int
 ) -> contextlib.AbstractContextManager[None]:
     """Every line logged inside ``with bind_job_context(...):`` carries the job's identity.
 
     The previous values come back on exit, so nested or concurrent jobs (each asyncio task has
-    its own context) do not see each other's. Rebind ``attempt`` alone with
-    ``structlog.contextvars.bind_contextvars(attempt=n)`` if it changes inside.
+    its own context) do not see each other's.
     """
-    return structlog.contextvars.bound_contextvars(
-        job_id=job_id, idempotency_key=idempotency_key, account=account, attempt=attempt
-    )
+    return _JobContext({"job_id": job_id, "idempotency_key": idempotency_key, "account": account, "attempt": attempt})
+
+
+def merge_job_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """The processor that adds the ``bind_job_context`` fields (an event's own keys win)."""
+    job = _JOB.get()
+    return event_dict if job is None else {**job, **event_dict}
