@@ -42,16 +42,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.sentinel import Sentinel
 
 from producers.outcomes import SharedReader, Waits
 from worker import metrics, tracing
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
-from worker.errors import ConfigError, FieldError, InvalidChange, UnknownAccount
+from worker.errors import FieldError, InvalidChange, UnknownAccount
 from worker.ledger import Ledger, Receipt
+from worker.redis_connection import connect_redis
 from worker.settings import Settings
 
 __all__ = [
@@ -65,8 +64,6 @@ __all__ = [
 ]
 
 DEFAULT_SOURCE: Final = "library"
-#: A connection attempt to Redis gives up after this long (an unroutable host would hang otherwise).
-CONNECT_TIMEOUT_S: Final = 5.0
 
 #: A change that passed validation, with its envelope: what ``Ledger.enqueue_many`` takes.
 Validated = tuple[LeadStageChange, Envelope]
@@ -108,33 +105,6 @@ class InvalidBatch(InvalidChange):
                 for error in field_errors(failure)
             ]
         )
-
-
-def connect_redis(url: str) -> aioredis.Redis:
-    """A Redis client for REDIS_URL (redis://, rediss://, unix://, redis+sentinel://); lazy, no I/O.
-
-    Responses stay bytes, as the ledger expects. A URL redis-py cannot use is a ``ConfigError``
-    naming REDIS_URL (its password, if any, is not repeated).
-    """
-    try:
-        if url.startswith("redis+sentinel://"):
-            # The worker's parser of Sentinel URLs; imported here, as it brings arq's worker along.
-            from worker.runner import redis_settings
-
-            parsed = redis_settings(url)
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-                parsed.host, socket_connect_timeout=CONNECT_TIMEOUT_S, password=parsed.password, db=parsed.database
-            )
-            client: aioredis.Redis = sentinel.master_for(parsed.sentinel_master)
-        else:
-            client = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S)
-    except ValueError as exc:
-        reason = str(exc)
-        password = urlsplit(url).password
-        if password:
-            reason = reason.replace(password, "***")
-        raise ConfigError(f"REDIS_URL is not a usable Redis URL: {reason}") from None
-    return client
 
 
 class LeadStageProducer(Waits):

@@ -93,7 +93,7 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
                 expected[change.id].update({k: v for k, v in fields.items() if v is not None})
 
     fake.fake.update_faults(ALL_FAULTS)
-    env = worker_env(settings, fake.url)
+    env = worker_env(settings)
     log = tmp_path / "workers.log"
     envs = [{**env, "LEADSTAGE_TEST_CLOCK_OFFSET": offset} for offset in CLOCK_OFFSETS_S]
     workers = [start_worker_process(worker, log) for worker in envs]

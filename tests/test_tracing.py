@@ -269,7 +269,7 @@ async def test_the_trace_goes_on_in_the_worker_that_takes_over_from_a_sigkilled_
     ):
         settings = worker_settings(redis_url, fake.url, request_timeout_s=10.0, job_timeout_s=60.0)
         env = {
-            **worker_env(settings, fake.url),
+            **worker_env(settings),
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.url,
             "OTEL_BSP_SCHEDULE_DELAY": "100",

@@ -19,7 +19,7 @@ from worker.errors import FieldError, InvalidChange
 
 APPLY_TO_OPPORTUNITY = 1
 APPLY_TO_LEAD = 2
-_APPLY_TO_WORDS = {"opportunity": APPLY_TO_OPPORTUNITY, "lead": APPLY_TO_LEAD}
+APPLY_TO_WORDS = {"opportunity": APPLY_TO_OPPORTUNITY, "lead": APPLY_TO_LEAD}
 NAME_MAX_CHARS = 255
 #: The largest stage id: iVvy's ids are 64-bit at most, and bigger ones cannot be serialised as JSON.
 ID_MAX = 2**63 - 1
@@ -35,9 +35,13 @@ _ALIAS_OF = {field: alias for alias, field in ALIASES.items()}
 #: The fields an update may change (everything but the id).
 UPDATABLE_FIELDS = ("name", "colour", "applyTo")
 
-_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
-_ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
+#: The rules as regular expressions (whole values), also published in the webhook's OpenAPI document.
+COLOUR_PATTERN = r"#[0-9a-fA-F]{6}"
+ACCOUNT_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
+KEY_CHARACTER_PATTERN = r"[\x20-\x7e]"  # printable ASCII
+_COLOUR = re.compile(COLOUR_PATTERN)
+_ACCOUNT = re.compile(ACCOUNT_PATTERN)
+_PRINTABLE_ASCII = re.compile(KEY_CHARACTER_PATTERN + "+")
 
 Operation = Literal["add", "update"]
 _T = TypeVar("_T")
@@ -164,8 +168,8 @@ def _parse_colour(value: object) -> str | FieldError:
 def _parse_apply_to(value: object) -> int | FieldError:
     if isinstance(value, str):
         word = value.strip().lower()
-        if word in _APPLY_TO_WORDS:
-            return _APPLY_TO_WORDS[word]
+        if word in APPLY_TO_WORDS:
+            return APPLY_TO_WORDS[word]
         if word in ("1", "2"):
             return int(word)
     elif isinstance(value, int) and not isinstance(value, bool) and value in (1, 2):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import socket
 import sys
 import time
@@ -36,14 +35,16 @@ import orjson
 import redis.asyncio as aioredis
 from tqdm import tqdm
 
-from producers.library import ChangeItem, LeadStageProducer, Validated, connect_redis, field_errors
+from producers.library import ChangeItem, LeadStageProducer, Validated, field_errors
 from producers.outcomes import ResultsConsumer
 from worker import readers, tracing
 from worker.change import DEFAULT_ACCOUNT
-from worker.errors import IdempotencyConflict, LeadstageError, PermanentError, RedisUnavailable
+from worker.errors import IdempotencyConflict, LeadstageError, NotFound, PermanentError, RedisUnavailable, Refused
 from worker.ledger import Receipt, backlog_warning
 from worker.logs import configure_logging
-from worker.settings import Settings, printable_url
+from worker.processes import until_signalled
+from worker.redis_connection import connect_redis, printable_url
+from worker.settings import Settings
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -61,18 +62,6 @@ FAKE_IVVY_DESCRIPTION = (
     "Serve a fake iVvy API (addOrUpdateLeadStage, getLeadStageList, ping) with signature checks,\n"
     "the seed's error codes and injectable faults, for the demo, tests and benchmarks."
 )
-
-
-class NotFound(LeadstageError):
-    """The change or dead letter a command asks about is not known (exit status 1)."""
-
-    error_code = "not_found"
-
-
-class Refused(PermanentError):
-    """The command line cannot be carried out as given (exit status 2): flags, a file, a located conflict."""
-
-    error_code = "refused"
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -276,22 +265,6 @@ async def _enqueue_with_progress(
 # -- results, status, dlq, stats ---------------------------------------------------------------
 
 
-async def _follow_until_signalled(stream: Callable[[], Awaitable[None]]) -> None:
-    """Run ``stream`` until it ends, or until SIGINT/SIGTERM, which end it cleanly."""
-    task = asyncio.ensure_future(stream())
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        if not task.cancelled():
-            raise
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-
-
 def _cmd_results(args: argparse.Namespace) -> int:
     settings = _settings()
     if args.group is not None:
@@ -306,7 +279,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
             ):
                 _emit(entry)
 
-        await _follow_until_signalled(stream)
+        await until_signalled(stream())
 
     asyncio.run(_with_redis(settings, show))
     return EXIT_OK
@@ -329,7 +302,7 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
                 _emit({"id": event.id, **event.raw})
                 await consumer.ack(event)
 
-        await _follow_until_signalled(stream)
+        await until_signalled(stream())
 
     asyncio.run(_with_redis(settings, show))
     return EXIT_OK
