@@ -9,7 +9,7 @@ same processors and come out in one format, on stderr:
 
 Every line carries ``timestamp`` (ISO 8601 UTC), ``level``, ``logger`` and ``event``, plus the
 job's ``job_id``, ``idempotency_key``, ``account`` and ``attempt`` while ``bind_job_context``
-is active (``merge_job_context``, after structlog.contextvars).
+is active (``merge_job_context``).
 
 Secrets never reach the output (SPEC.md: Configuration): ``secret_redactor`` runs after
 tracebacks are formatted and just before rendering, for our events and foreign records alike.
@@ -102,6 +102,8 @@ class _Redactor:
         self._pattern = pattern
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        if self._nothing_to_hide(event_dict):
+            return event_dict
         for key, value in event_dict.items():
             if key in _UNTOUCHED_KEYS or value is None:
                 continue
@@ -112,6 +114,22 @@ class _Redactor:
             else:
                 event_dict[key] = self._clean(value, 0)
         return event_dict
+
+    def _nothing_to_hide(self, event_dict: EventDict) -> bool:
+        """The usual line: flat strings and numbers, no credential key, and one search over all its
+        strings joined finds nothing (a value holding a secret makes the joined text hold it, so
+        this never misses; a match across two values only sends the line the long way)."""
+        texts = []
+        for key, value in event_dict.items():
+            if key in _UNTOUCHED_KEYS or value is None:
+                continue
+            if _is_credential_key(key):
+                return False
+            if isinstance(value, str):
+                texts.append(value)
+            elif not isinstance(value, _PLAIN_TYPES):
+                return False
+        return self._pattern.search("\0".join(texts)) is None
 
     def _clean_key(self, key: object) -> object:
         return self._scrub(key) if isinstance(key, str) else key
@@ -284,8 +302,9 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
 
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     # Run for records from stdlib loggers (arq, aiohttp) before the shared tail below.
+    # structlog's own contextvars (merge_contextvars) are not merged: nothing binds them, and
+    # merging costs a copy of the whole context per line.
     foreign_pre_chain: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
         merge_job_context,
         *tracing.log_processors(),
         structlog.stdlib.add_logger_name,
@@ -321,7 +340,6 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
 
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             merge_job_context,
             *tracing.log_processors(),
             structlog.stdlib.add_logger_name,
