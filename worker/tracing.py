@@ -185,9 +185,10 @@ def continue_from_env() -> None:
     context of this process's main thread, so a CLI command joins its caller's trace."""
     carrier = {k.lower(): v for k, v in os.environ.items() if k in ("TRACEPARENT", "TRACESTATE")}
     if _tracer is not None and carrier:
-        from opentelemetry import context, propagate
+        from opentelemetry import context
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        context.attach(propagate.extract(carrier))
+        context.attach(TraceContextTextMapPropagator().extract(carrier))
 
 
 def server_middlewares(*, untraced: Collection[str] = ()) -> list[Any]:
@@ -291,10 +292,12 @@ def attempt_span(
     """The CONSUMER span of one attempt: a child of the producer's context, and linked to it."""
     if _tracer is None:
         return _OFF
-    from opentelemetry import propagate, trace
+    from opentelemetry import trace
     from opentelemetry.trace import Link, SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
+    # Stored as W3C whatever OTEL_PROPAGATORS says (that is for the webhook's incoming headers).
+    parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent}) if traceparent else None
     producer = trace.get_current_span(parent).get_span_context() if parent is not None else None
     return _tracer.start_as_current_span(
         "process leadstage",
