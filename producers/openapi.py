@@ -24,6 +24,7 @@ from worker.change import (
     KEY_CHARACTER_PATTERN,
     KEY_MAX_CHARS,
     NAME_MAX_CHARS,
+    NAME_PATTERN,
 )
 from worker.ledger import Receipt
 from worker.results import EVENTS
@@ -83,7 +84,7 @@ def _change_schema() -> dict[str, Any]:
                 "type": "string",
                 "minLength": 1,
                 "maxLength": NAME_MAX_CHARS,
-                "pattern": "\\S",
+                "pattern": NAME_PATTERN,
                 "description": f"1..{NAME_MAX_CHARS} characters after trimming surrounding spaces.",
             },
             "colour": colour,

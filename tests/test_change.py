@@ -7,6 +7,7 @@ bad field named, and a valid one must come out normalised exactly as iVvy is sen
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.change import ID_MAX, LeadStageChange, parse_change, parse_envelope
+from worker.change import ID_MAX, NAME_PATTERN, LeadStageChange, parse_change, parse_envelope
 from worker.errors import InvalidChange, PermanentError
 
 
@@ -335,3 +336,16 @@ def test_a_key_with_any_other_character_is_refused(key: str) -> None:
     with pytest.raises(InvalidChange) as refused:
         parse_envelope(idempotency_key=key)
     assert bad_fields(refused.value) == ["idempotency_key"]
+
+
+def test_the_published_name_pattern_accepts_exactly_the_names_the_model_accepts() -> None:
+    """The OpenAPI document's name pattern (ECMA regular expressions) against ``parse_change``."""
+    pattern = re.compile(NAME_PATTERN)
+    for code in [*range(0x3001), 0xFEFF, 0x10FFFF]:
+        name = f" {chr(code)} "
+        try:
+            parse_change({"name": name, "applyTo": 1})
+            accepted = True
+        except InvalidChange:
+            accepted = False
+        assert (pattern.search(name) is not None) == accepted, hex(code)

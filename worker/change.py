@@ -39,6 +39,9 @@ UPDATABLE_FIELDS = ("name", "colour", "applyTo")
 COLOUR_PATTERN = r"#[0-9a-fA-F]{6}"
 ACCOUNT_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 KEY_CHARACTER_PATTERN = r"[\x20-\x7e]"  # printable ASCII
+#: A name has a character that ``str.strip`` keeps: spelled out, since JSON Schema's ``\S`` (ECMA
+#: regular expressions) does not count \x1c-\x1f and \x85 as spaces, as Python does.
+NAME_PATTERN = "[^" + "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x3001)) if c.isspace()) + "]"
 _COLOUR = re.compile(COLOUR_PATTERN)
 _ACCOUNT = re.compile(ACCOUNT_PATTERN)
 _PRINTABLE_ASCII = re.compile(KEY_CHARACTER_PATTERN + "+")
