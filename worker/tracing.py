@@ -195,6 +195,7 @@ def server_middlewares(*, untraced: Collection[str] = ()) -> list[Any]:
     """The webhook's tracing: a middleware (to put first) that makes each request a SERVER span
     continuing its ``traceparent``, so the request's log line is in it too; none when tracing is
     off. Requests for the ``untraced`` paths (probes, metrics) make no spans."""
+    setup()  # an application embedding the webhook may not have run the CLI's
     if _tracer is None:
         return []
     from aiohttp import web
@@ -398,4 +399,5 @@ class TracedTransport:
 
 def traced_transport(transport: Transport) -> Transport:
     """``transport`` with a CLIENT span per request when tracing is on; itself when off."""
+    setup()  # a worker built in another program may not have run the CLI's
     return transport if _tracer is None else TracedTransport(transport, _tracer)
