@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import os
 import re
 import signal
@@ -25,7 +24,6 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -41,7 +39,7 @@ from producers.openapi import CHANGES_PATH
 from producers.webhook import create_app
 from tests.harness import eventually, start_worker_process, stop_process, wait_for_terminal, worker_env, worker_settings
 from tests.test_demo import run_demo
-from tests.test_webhook import SECRET, signed
+from tests.test_webhook import SECRET, log_stream, settings, signed  # noqa: F401 - fixtures: the webhook's logs
 from worker import keys, tracing
 from worker.demo import DEMO_RESULTS
 from worker.fake_ivvy import running_fake_ivvy
@@ -146,25 +144,11 @@ def producer_side(spans: list[Span]) -> tuple[Span, Span]:
     return server, producer
 
 
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """The process's log lines as JSON for one test (configured after ``exported``: traced)."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    configure_logging(Settings(log_format="json"), stream=stream, level="info")
-    try:
-        yield stream
-    finally:
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-        root.setLevel(level)
-        logging.captureWarnings(False)
-        structlog.reset_defaults()
-
-
 async def test_a_webhook_trace_holds_the_attempts_and_the_ivvy_requests_across_a_retry(
-    redis_url: str, redis_client: aioredis.Redis, exported: InMemorySpanExporter, log_lines: io.StringIO
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    exported: InMemorySpanExporter,  # before log_stream: the logging it configures is traced
+    log_stream: io.StringIO,  # noqa: F811 - the fixture imported above
 ) -> None:
     async with (
         running_fake_ivvy() as fake,
@@ -208,7 +192,7 @@ async def test_a_webhook_trace_holds_the_attempts_and_the_ivvy_requests_across_a
     assert {s.trace_id for s in spans} == {TRACE_ID}
     assert terminal["traced"][0]["trace_id"] == TRACE_ID
     no_secret_in(spans)
-    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    lines = [json.loads(line) for line in log_stream.getvalue().splitlines()]
     (request,) = [line for line in lines if line["event"] == "webhook.request"]
     assert (request["trace_id"], request["span_id"]) == (TRACE_ID, server.span_id)
     finishes = [line for line in lines if line["event"] in ("job.attempt_finished", "job.finished")]
