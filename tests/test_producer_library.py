@@ -47,10 +47,10 @@ async def test_same_key_and_change_is_a_duplicate_even_after_the_queue_forgot_it
     assert (await producer.enqueue(HOT, idempotency_key="k1")).status == "duplicate"
 
     # The job leaves the queue when it ends; the ledger still knows the key for its retention.
-    await redis_client.zrem(settings.queue_name, "default:k1")
+    await redis_client.zrem(keys.queue_key(settings.queue_name, "default"), "default:k1")
     again = await producer.enqueue({"applyTo": 2, "name": " Hot "}, idempotency_key="k1")  # same change, normalised
     assert again.status == "duplicate"
-    assert await redis_client.zcard(settings.queue_name) == 0
+    assert await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == 0
     assert enqueued("library", "queued") == queued_before + 1
 
 
@@ -108,7 +108,7 @@ async def test_configured_accounts_refuse_others(redis_url: str, redis_client: a
     assert (await producer.enqueue(HOT, account="eu")).account == "eu"
     with pytest.raises(UnknownAccount):
         await producer.enqueue(HOT, account="default")
-    assert await redis_client.zcard("leadstage:queue") == 1
+    assert await redis_client.zcard(keys.queue_key("leadstage:queue", "eu")) == 1
 
 
 class CountingConnection(aioredis.Connection):
@@ -142,12 +142,12 @@ async def test_enqueue_many_pipelines_thousands_of_changes_as_json(
     # One conflict check, then per chunk at most a script check and the pipeline itself.
     chunk_count = -(-count // ENQUEUE_CHUNK)
     assert writes <= 1 + 2 * chunk_count, writes
-    assert await redis_client.zcard(settings.queue_name) == count
+    assert await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == count
 
     # Nothing is pickled: the queue holds job ids and each record is a hash with a JSON change.
     first = receipts[0].job_id
-    assert await redis_client.type(settings.queue_name) == b"zset"
-    assert await redis_client.zscore(settings.queue_name, first) is not None
+    assert await redis_client.type(keys.queue_key(settings.queue_name, "default")) == b"zset"
+    assert await redis_client.zscore(keys.queue_key(settings.queue_name, "default"), first) is not None
     record = await redis_client.hgetall(keys.ledger_key(first))  # type: ignore[misc]  # redis-py's async stubs
     assert not record[b"change"].startswith(b"\x80")
     assert orjson.loads(record[b"change"]) == {"name": "Stage 0", "applyTo": 1}
@@ -179,7 +179,7 @@ async def test_enqueue_many_with_a_conflict_enqueues_nothing(
     ]
     with pytest.raises(IdempotencyConflict):
         await producer.enqueue_many(batch)
-    assert await redis_client.zrange(settings.queue_name, 0, -1) == [b"default:known"]
+    assert await redis_client.zrange(keys.queue_key(settings.queue_name, "default"), 0, -1) == [b"default:known"]
 
 
 async def test_enqueue_many_takes_per_item_envelopes(producer: LeadStageProducer, redis_client: aioredis.Redis) -> None:

@@ -75,7 +75,7 @@ async def post(
 
 
 async def queue(redis_client: aioredis.Redis) -> list[bytes]:
-    members: list[bytes] = await redis_client.zrange("leadstage:queue", 0, -1)
+    members: list[bytes] = await redis_client.zrange(keys.queue_key("leadstage:queue", "default"), 0, -1)
     return sorted(members)
 
 
