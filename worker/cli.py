@@ -1,4 +1,4 @@
-"""``leadstage``: the one command of leadstage-sync (SPEC.md: The command ``leadstage``).
+"""``leadstage``: the one command of leadstage-sync (docs/contract.md: The command ``leadstage``).
 
 Subcommands: worker, enqueue, results, status, dlq list / dlq replay, stats, webhook, fake-ivvy,
 demo, console. ``build_parser()`` is the whole interface; ``main(argv)`` runs it and returns the exit

@@ -11,7 +11,7 @@ timeout plus 10 s, reads a pickled job record, counts tries and writes a result,
 trips and sixteen commands. Here ``start.lua`` claims the job and makes every decision about it
 in one round trip, and the job's record is its ledger entry: a running job is hidden from other
 workers for one lease (``LEADSTAGE_LEASE``), renewed by a heartbeat, so a killed worker's
-change is due again within the lease (SPEC.md: within 15 s).
+change is due again within the lease (docs/contract.md: within 15 s).
 """
 
 from __future__ import annotations
