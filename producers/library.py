@@ -46,7 +46,7 @@ from typing import Final
 import redis.asyncio as aioredis
 
 from producers.outcomes import SharedReader, Waits
-from worker import metrics
+from worker import metrics, tracing
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.errors import FieldError, InvalidChange, UnknownAccount
 from worker.ledger import Ledger, Receipt
@@ -121,6 +121,7 @@ class LeadStageProducer(Waits):
         ``settings.redis_url`` is opened (and closed by ``aclose``). ``producer`` labels the
         ``leadstage_enqueued_total`` metric (library, cli, webhook)."""
         self.settings = Settings.from_env() if settings is None else settings
+        tracing.setup()
         self._owns_client = redis is None
         self.redis = connect_redis(self.settings.redis_url) if redis is None else redis
         self.ledger = Ledger(self.redis, self.settings)
@@ -247,7 +248,8 @@ class LeadStageProducer(Waits):
         self, items: Sequence[Validated], *, progress: Callable[[int], None] | None = None
     ) -> list[Receipt]:
         """Enqueue already validated items, all or nothing with respect to idempotency conflicts."""
-        receipts = await self.ledger.enqueue_many(items, all_or_nothing=True, progress=progress)
+        with tracing.producer_span("enqueue", len(items), self.settings.queue_name):
+            receipts = await self.ledger.enqueue_many(items, all_or_nothing=True, progress=progress)
         for status in ("queued", "duplicate"):
             count = sum(1 for r in receipts if r.status == status)
             if count:

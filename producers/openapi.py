@@ -441,6 +441,7 @@ def _result_event_schema() -> dict[str, Any]:
             "duration_ms": {"type": "integer"},
             "change": {"type": ["object", "null"], "description": "The body sent to iVvy (null: nothing sent)."},
             "generation": {"type": "integer"},
+            "trace_id": {**_nullable("string"), "description": "The OpenTelemetry trace (null: not traced)."},
         },
     }
 

@@ -65,7 +65,7 @@ from producers.openapi import (
     location,
     openapi_document,
 )
-from worker import metrics
+from worker import metrics, tracing
 from worker.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.errors import ConfigError, FieldError, IdempotencyConflict, InvalidChange, RedisUnavailable
 from worker.logs import get_logger
@@ -174,7 +174,11 @@ def create_app(
     configured for two accounts (a request signed with it could be for either).
     """
     logging.getLogger("aiohttp.server").addFilter(_malformed_requests_as_warnings)  # added once, however often
-    app = web.Application(client_max_size=settings.webhook_max_body_bytes, middlewares=[_middleware])
+    untraced = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+    app = web.Application(
+        client_max_size=settings.webhook_max_body_bytes,
+        middlewares=[*tracing.server_middlewares(untraced=untraced), _middleware],
+    )
     app[_STATE] = _State(
         settings=settings,
         redis=redis,

@@ -19,7 +19,7 @@ compile() {
     .venv/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
         --no-header --output-file "$out" "$@"
 }
-compile requirements/dev.txt pyproject.toml requirements/build.in --extra test "${@}"
+compile requirements/dev.txt pyproject.toml requirements/build.in --extra test --extra otel "${@}"
 compile requirements/runtime.txt pyproject.toml "${@}"
 compile requirements/build.txt requirements/build.in "${@}"
 echo "lock files refreshed: requirements/dev.txt, requirements/runtime.txt, requirements/build.txt"

@@ -23,6 +23,7 @@ from worker.logs import (
     bind_job_context,
     configure_logging,
     get_logger,
+    merge_job_context,
     secret_redactor,
 )
 from worker.settings import LOG_LEVEL_NAMES, Account, LogFormat, Secret, Settings
@@ -86,7 +87,7 @@ def assert_no_secret(text: str) -> None:
 
 def test_bound_job_context_is_on_every_event_and_gone_afterwards() -> None:
     log = get_logger("worker.jobs")
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+    with capture_logs(processors=[merge_job_context]) as events:
         with bind_job_context("default:k-1", "k-1", "default", 3):
             log.info("attempt_started", operation="update")
             log.warning("attempt_failed", http_status=503)
@@ -113,7 +114,7 @@ async def test_concurrent_jobs_keep_their_own_context() -> None:
             await asyncio.sleep(0)  # let the other job run in between
             log.info("done")
 
-    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+    with capture_logs(processors=[merge_job_context]) as events:
         await asyncio.gather(job("a"), job("b"))
     assert sorted((e["job_id"], e["idempotency_key"]) for e in events) == [("default:a", "a"), ("default:b", "b")]
 
@@ -121,7 +122,7 @@ async def test_concurrent_jobs_keep_their_own_context() -> None:
 def test_nested_bind_restores_the_outer_job() -> None:
     log = get_logger("worker.jobs")
     with (
-        capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events,
+        capture_logs(processors=[merge_job_context]) as events,
         bind_job_context("default:outer", "outer", "default", 1),
     ):
         with bind_job_context("other:inner", "inner", "other", 2):

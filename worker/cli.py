@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from producers.library import ChangeItem, LeadStageProducer, Validated, field_errors
 from producers.outcomes import ResultsConsumer
-from worker import readers
+from worker import readers, tracing
 from worker.change import DEFAULT_ACCOUNT
 from worker.errors import IdempotencyConflict, LeadstageError, NotFound, PermanentError, RedisUnavailable, Refused
 from worker.ledger import Receipt, backlog_warning
@@ -162,6 +162,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_enqueue(args: argparse.Namespace) -> int:
     settings = _settings()
+    tracing.continue_from_env()
     if args.file is not None:
         return asyncio.run(_enqueue_file(args, settings))
     change = {
@@ -601,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``leadstage`` with ``argv`` (default: the process's arguments); returns the exit status."""
     args = parse_command(argv)
     try:
+        tracing.setup()
         status: int = args.run(args)
     except PermanentError as exc:
         _error_line(str(exc))

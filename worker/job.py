@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import structlog
 
-from worker import keys, metrics
+from worker import keys, metrics, tracing
 from worker.backoff import backoff_seconds
 from worker.change import LeadStageChange, parse_change
 from worker.errors import (
@@ -126,7 +126,13 @@ async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, start: Start
     source, enqueued_at, generation = start.facts
     facts = JobFacts(job_id, idempotency_key, account, change, source, enqueued_at, generation)
     client = runtime.clients.get(account)
-    with bind_job_context(job_id, idempotency_key, account, start.attempt):
+    traceparent = await tracing.stored_traceparent(runtime.ledger.client, job_id)
+    with (
+        bind_job_context(job_id, idempotency_key, account, start.attempt),
+        tracing.attempt_span(
+            traceparent, job_id=job_id, account=account, operation=change.operation, attempt=start.attempt
+        ),
+    ):
         if start.decision is Decision.SUPERSEDED:
             await _finish(runtime, facts, start, "superseded", sent=None)
             return "superseded"
@@ -275,6 +281,7 @@ async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, star
     return "failed"
 
 
+@tracing.traced("reconcile")
 async def _reconcile(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> int | None:
     """Find the stage an earlier attempt of this add may have created, and claim it.
 
@@ -321,6 +328,7 @@ async def _finish(
         stage_id=stage_id,
         error=error,
     )
+    tracing.record_outcome(fields)
     history = {k: fields[k] for k in ("event", "attempt", "finished_at", "http_status", "error_code", "error_message")}
     history["run"] = str(start.run)
     finished = await runtime.ledger.finish(

@@ -47,7 +47,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
-from worker import keys, metrics
+from worker import keys, metrics, tracing
 from worker.change import Envelope, LeadStageChange
 from worker.errors import IdempotencyConflict, RedisNotReplicated, StaleRun, redis_errors
 from worker.settings import Settings
@@ -552,6 +552,7 @@ class Ledger:
 def _encode(items: Sequence[tuple[LeadStageChange, Envelope]], queue_name: str) -> bytes:
     """The changes as enqueue.lua takes them: one JSON array, one entry per change, with the names of
     its keys (worker.keys)."""
+    trace = tracing.current_traceparent()  # the producer's span, stored with each change
     return orjson.dumps(
         [
             [
@@ -567,6 +568,7 @@ def _encode(items: Sequence[tuple[LeadStageChange, Envelope]], queue_name: str) 
                 "" if change.id is None else keys.stage_key(envelope.account, change.id),
                 keys.stage_lock_key(envelope.account, keys.lock_subject(change.id, change.name)),
                 keys.queue_key(queue_name, envelope.account),
+                trace,
             ]
             for change, envelope in items
         ]

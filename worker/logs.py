@@ -9,7 +9,7 @@ same processors and come out in one format, on stderr:
 
 Every line carries ``timestamp`` (ISO 8601 UTC), ``level``, ``logger`` and ``event``, plus the
 job's ``job_id``, ``idempotency_key``, ``account`` and ``attempt`` while ``bind_job_context``
-is active (structlog.contextvars, merged first).
+is active (``merge_job_context``).
 
 Secrets never reach the output (docs/contract.md: Configuration): ``secret_redactor`` runs after
 tracebacks are formatted and just before rendering, for our events and foreign records alike.
@@ -18,6 +18,7 @@ tracebacks are formatted and just before rendering, for our events and foreign r
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import functools
 import json
@@ -31,8 +32,9 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
+from worker import tracing
 from worker.settings import LogFormat, Settings
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "bind_job_context",
     "configure_logging",
     "get_logger",
+    "merge_job_context",
     "secret_redactor",
 ]
 
@@ -99,6 +102,8 @@ class _Redactor:
         self._pattern = pattern
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        if self._nothing_to_hide(event_dict):
+            return event_dict
         for key, value in event_dict.items():
             if key in _UNTOUCHED_KEYS or value is None:
                 continue
@@ -109,6 +114,22 @@ class _Redactor:
             else:
                 event_dict[key] = self._clean(value, 0)
         return event_dict
+
+    def _nothing_to_hide(self, event_dict: EventDict) -> bool:
+        """The usual line: flat strings and numbers, no credential key, and one search over all its
+        strings joined finds nothing (a value holding a secret makes the joined text hold it, so
+        this never misses; a match across two values only sends the line the long way)."""
+        texts = []
+        for key, value in event_dict.items():
+            if key in _UNTOUCHED_KEYS or value is None:
+                continue
+            if _is_credential_key(key):
+                return False
+            if isinstance(value, str):
+                texts.append(value)
+            elif not isinstance(value, _PLAIN_TYPES):
+                return False
+        return self._pattern.search("\0".join(texts)) is None
 
     def _clean_key(self, key: object) -> object:
         return self._scrub(key) if isinstance(key, str) else key
@@ -207,16 +228,64 @@ def _leading_keys_first(logger: WrappedLogger, method_name: str, event_dict: Eve
     return ordered
 
 
+def _report_failure(name: str) -> None:
+    # logging's default prints record.msg and its args, unredacted, to stderr: report the
+    # failure without the record's content.
+    if logging.raiseExceptions and sys.stderr is not None:
+        exc = sys.exc_info()[1]
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"--- logging error: {type(exc).__name__} writing a record of {name!r}\n")
+
+
 class _Handler(logging.StreamHandler[TextIO]):
-    """Our one root handler, recognised on reconfiguration."""
+    """Our one root handler (stdlib records: arq, aiohttp, asyncio), recognised on reconfiguration."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        # logging's default prints record.msg and its args, unredacted, to stderr: report the
-        # failure without the record's content.
-        if logging.raiseExceptions and sys.stderr is not None:
-            exc = sys.exc_info()[1]
-            with contextlib.suppress(Exception):
-                sys.stderr.write(f"--- logging error: {type(exc).__name__} writing a record of {record.name!r}\n")
+        _report_failure(record.name)
+
+
+class _Sink:
+    """What our own structlog events are written by: the rendered line straight to the stream.
+
+    No stdlib round trip (a ``LogRecord``, the handler chain, ``ProcessorFormatter``, a second
+    copy of the event): that was most of what a log line cost. The handler's lock is shared, so
+    our lines and stdlib records never interleave; a failing write is reported as the handler
+    reports one, and never raised into the code that logged.
+    """
+
+    __slots__ = ("_handler", "name")
+
+    def __init__(self, name: str, handler: _Handler) -> None:
+        self.name = name
+        self._handler = handler
+
+    def msg(self, message: str) -> None:
+        handler = self._handler
+        try:
+            with handler.lock or contextlib.nullcontext():
+                handler.stream.write(message + "\n")
+                handler.stream.flush()
+        except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the caller
+            _report_failure(self.name)
+
+    debug = info = warning = error = critical = msg
+
+
+class _SinkFactory:
+    """structlog's logger factory: one ``_Sink`` per logger name (the name is the ``logger`` key)."""
+
+    __slots__ = ("_handler", "_sinks")
+
+    def __init__(self, handler: _Handler) -> None:
+        self._handler = handler
+        self._sinks: dict[str, _Sink] = {}
+
+    def __call__(self, *args: Any) -> _Sink:
+        name = args[0] if args and isinstance(args[0], str) else ""
+        sink = self._sinks.get(name)
+        if sink is None:
+            sink = self._sinks[name] = _Sink(name, self._handler)
+        return sink
 
 
 def configure_logging(settings: Settings, *, stream: TextIO | None = None, level: int | str | None = None) -> None:
@@ -233,8 +302,11 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
 
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     # Run for records from stdlib loggers (arq, aiohttp) before the shared tail below.
+    # structlog's own contextvars (merge_contextvars) are not merged: nothing binds them, and
+    # merging costs a copy of the whole context per line.
     foreign_pre_chain: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
+        merge_job_context,
+        *tracing.log_processors(),
         structlog.stdlib.add_logger_name,
         structlog.stdlib.add_log_level,
         timestamper,
@@ -249,14 +321,11 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
         # Tracebacks arrive already formatted (and redacted) as the "exception" string.
         renderer = structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback)
         tail = [renderer]
+    # After format_exc_info (in both chains), so traceback text is scrubbed too.
+    redactor = secret_redactor(settings.secret_values())
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=foreign_pre_chain,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            # After format_exc_info (in both chains), so traceback text is scrubbed too.
-            secret_redactor(settings.secret_values()),
-            *tail,
-        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, redactor, *tail],
     )
     handler = _Handler(out)
     handler.setFormatter(formatter)
@@ -271,26 +340,47 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
 
     structlog.configure(
         processors=[
-            structlog.stdlib.filter_by_level,  # drop below-level events before any work is done
-            structlog.contextvars.merge_contextvars,
+            merge_job_context,
+            *tracing.log_processors(),
             structlog.stdlib.add_logger_name,
-            structlog.stdlib.add_log_level,
-            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.add_log_level,
             timestamper,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            redactor,
+            *tail,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=_SinkFactory(handler),
+        # Below-level calls are empty methods: nothing at all is done for a debug line at info.
+        # Positional arguments are %-formatted by it too, as the stdlib does.
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         # Not cached: a logger made at import time must follow a later configure_logging().
         cache_logger_on_first_use=False,
     )
 
 
-def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+def get_logger(name: str) -> FilteringBoundLogger:
     """The logger of a module: ``log = get_logger(__name__)``."""
-    return structlog.stdlib.get_logger(name)
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger
+
+
+#: The job whose lines these are (one dict, set and reset once per job: structlog's per-key
+#: contextvars cost a copy of the whole context at each bind).
+_JOB: contextvars.ContextVar[Mapping[str, object] | None] = contextvars.ContextVar("leadstage_job", default=None)
+
+
+class _JobContext:
+    __slots__ = ("_token", "_values")
+
+    def __init__(self, values: Mapping[str, object]) -> None:
+        self._values = values
+
+    def __enter__(self) -> None:
+        self._token = _JOB.set(self._values)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _JOB.reset(self._token)
 
 
 def bind_job_context(
@@ -299,9 +389,12 @@ def bind_job_context(
     """Every line logged inside ``with bind_job_context(...):`` carries the job's identity.
 
     The previous values come back on exit, so nested or concurrent jobs (each asyncio task has
-    its own context) do not see each other's. Rebind ``attempt`` alone with
-    ``structlog.contextvars.bind_contextvars(attempt=n)`` if it changes inside.
+    its own context) do not see each other's.
     """
-    return structlog.contextvars.bound_contextvars(
-        job_id=job_id, idempotency_key=idempotency_key, account=account, attempt=attempt
-    )
+    return _JobContext({"job_id": job_id, "idempotency_key": idempotency_key, "account": account, "attempt": attempt})
+
+
+def merge_job_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """The processor that adds the ``bind_job_context`` fields (an event's own keys win)."""
+    job = _JOB.get()
+    return event_dict if job is None else {**job, **event_dict}

@@ -15,6 +15,7 @@ from typing import Any, Literal, Self, get_args
 
 import orjson
 
+from worker import tracing
 from worker.change import LeadStageChange
 from worker.errors import IvvyErrorDetails, LeadstageError, PermanentError
 
@@ -79,6 +80,7 @@ def lost_event(job_id: str, *, finished_at_ms: int) -> dict[str, str]:
         "duration_ms": "0",
         "change": "",
         "generation": "0",
+        "trace_id": "",
     }
 
 
@@ -109,6 +111,7 @@ def build_event(
         "duration_ms": str(duration_ms),
         "change": "" if sent is None else sent.canonical_json().decode(),
         "generation": str(facts.generation),
+        "trace_id": tracing.current_trace_id(),  # '' without tracing
     }
 
 
@@ -149,6 +152,8 @@ class ResultEvent:
     duration_ms: int
     change: dict[str, object] | None
     generation: int
+    #: The OpenTelemetry trace of the attempt (and of its producer), None without tracing.
+    trace_id: str | None
     raw: Mapping[str, str] = field(repr=False, compare=False)
 
     @property
@@ -226,6 +231,7 @@ def _event_values(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
         "duration_ms": number("duration_ms", empty=0),
         "change": _json_object(entry_id, fields, "change"),
         "generation": number("generation", empty=0),
+        "trace_id": fields.get("trace_id") or None,
         "raw": dict(fields),
     }
 

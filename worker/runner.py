@@ -31,7 +31,7 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 
-from worker import keys, metrics
+from worker import keys, metrics, tracing
 from worker.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.job import Lease, Runtime, apply_lead_stage_change
@@ -181,7 +181,7 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         redis: ArqRedis = ctx["redis"]
-        transport = AiohttpTransport(max_connections=max(settings.concurrency, 10))
+        transport = tracing.traced_transport(AiohttpTransport(max_connections=max(settings.concurrency, 10)))
         offset = timedelta(seconds=settings.clock_offset_s)
         clients = {
             name: IvvyClient(

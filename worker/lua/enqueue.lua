@@ -7,7 +7,8 @@
 --       remove or '' (replay), 4 generation of that dead letter or '' (replay), 5 the changes: a
 --       JSON array of [job id, change (canonical JSON), operation, stage id or '', changed fields
 --       (csv), account, idempotency key, source, ledger key, stage key or '' (adds), lock key,
---       account queue key]
+--       account queue key, traceparent or '' (worker.tracing; stored as 'trace', never compared:
+--       only the change is)]
 -- One JSON argument instead of a dozen per change keeps the client's work per change small; every
 -- key name in it is made by worker.keys (the account's keys share its hash tag, so one cluster
 -- slot per account), and the ledger keeps the names of its stage hash and lock for start.lua.
@@ -69,6 +70,10 @@ for i, c in ipairs(changes) do
     if c[8] ~= '' then
       record[#record + 1] = 'source'
       record[#record + 1] = c[8]
+    end
+    if c[13] and c[13] ~= '' then
+      record[#record + 1] = 'trace'
+      record[#record + 1] = c[13]
     end
     if mode == 'replay' then
       -- A replay starts the change afresh, as a new generation.
