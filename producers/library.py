@@ -58,11 +58,10 @@ __all__ = [
     "Receipt",
     "Validated",
     "connect_redis",
+    "connect_redis_of",
 ]
 
 DEFAULT_SOURCE: Final = "library"
-#: A connection attempt to Redis gives up after this long (an unroutable host would hang otherwise).
-CONNECT_TIMEOUT_S: Final = 5.0
 
 #: A change that passed validation, with its envelope: what ``Ledger.enqueue_many`` takes.
 Validated = tuple[LeadStageChange, Envelope]
@@ -106,11 +105,18 @@ class InvalidBatch(InvalidChange):
         )
 
 
-def connect_redis(url: str) -> aioredis.Redis:
+def connect_redis(
+    url: str,
+    *,
+    timeout_s: float = Settings.redis_timeout_s,
+    connect_timeout_s: float = Settings.redis_connect_timeout_s,
+) -> aioredis.Redis:
     """A Redis client for REDIS_URL (redis://, rediss://, unix://, redis+sentinel://); lazy, no I/O.
 
-    Responses stay bytes, as the ledger expects. A URL redis-py cannot use is a ``ConfigError``
-    naming REDIS_URL (its password, if any, is not repeated).
+    Every command waits ``timeout_s`` for its answer at most, a connection ``connect_timeout_s``
+    (LEADSTAGE_REDIS_TIMEOUT, LEADSTAGE_REDIS_CONNECT_TIMEOUT): a hung Redis is an error, not a
+    hang. Responses stay bytes, as the ledger expects. A URL redis-py cannot use is a
+    ``ConfigError`` naming REDIS_URL (its password, if any, is not repeated).
     """
     try:
         if url.startswith("redis+sentinel://"):
@@ -119,11 +125,15 @@ def connect_redis(url: str) -> aioredis.Redis:
 
             parsed = redis_settings(url)
             sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-                parsed.host, socket_connect_timeout=CONNECT_TIMEOUT_S, password=parsed.password, db=parsed.database
+                parsed.host,
+                password=parsed.password,
+                db=parsed.database,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=connect_timeout_s,
             )
             client: aioredis.Redis = sentinel.master_for(parsed.sentinel_master)
         else:
-            client = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S)
+            client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s)
     except ValueError as exc:
         reason = str(exc)
         password = urlsplit(url).password
@@ -131,6 +141,13 @@ def connect_redis(url: str) -> aioredis.Redis:
             reason = reason.replace(password, "***")
         raise ConfigError(f"REDIS_URL is not a usable Redis URL: {reason}") from None
     return client
+
+
+def connect_redis_of(settings: Settings) -> aioredis.Redis:
+    """``connect_redis`` with the URL and timeouts of ``settings``."""
+    return connect_redis(
+        settings.redis_url, timeout_s=settings.redis_timeout_s, connect_timeout_s=settings.redis_connect_timeout_s
+    )
 
 
 class LeadStageProducer:
@@ -148,7 +165,7 @@ class LeadStageProducer:
         ``leadstage_enqueued_total`` metric (library, cli, webhook)."""
         self.settings = Settings.from_env() if settings is None else settings
         self._owns_client = redis is None
-        self.redis = connect_redis(self.settings.redis_url) if redis is None else redis
+        self.redis = connect_redis_of(self.settings) if redis is None else redis
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
 
@@ -265,13 +282,22 @@ class LeadStageProducer:
         valid, failures = self.validate_many(changes, account=account, source=source)
         if failures:
             raise InvalidBatch(failures)
-        return await self.enqueue_validated([item for _, item in valid], progress=progress)
+        return await self.enqueue_validated(
+            [item for _, item in valid], labels=[f"changes[{index}]" for index, _ in valid], progress=progress
+        )
 
     async def enqueue_validated(
-        self, items: Sequence[Validated], *, progress: Callable[[int], None] | None = None
+        self,
+        items: Sequence[Validated],
+        *,
+        labels: Sequence[str] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[Receipt]:
-        """Enqueue already validated items, all or nothing with respect to idempotency conflicts."""
-        receipts = await self.ledger.enqueue_many(items, all_or_nothing=True, progress=progress)
+        """Enqueue already validated items, all or nothing with respect to idempotency conflicts.
+
+        ``labels`` name the items in the caller's terms for the errors (``changes[3]``).
+        """
+        receipts = await self.ledger.enqueue_many(items, labels=labels, progress=progress)
         for status in ("queued", "duplicate"):
             count = sum(1 for r in receipts if r.status == status)
             if count:

@@ -202,3 +202,45 @@ async def test_a_producer_closes_only_the_client_it_opened(settings: Settings, r
     async with LeadStageProducer(settings, redis=redis_client):
         pass
     assert await redis_client.exists(keys.ledger_key("default:own")) == 1
+
+
+@pytest.mark.parametrize("first", [0, ENQUEUE_CHUNK - 1])
+async def test_a_key_given_twice_with_different_changes_across_chunks_enqueues_nothing(
+    producer: LeadStageProducer, redis_client: aioredis.Redis, settings: Settings, first: int
+) -> None:
+    """Issue 12 item 1: the conflict sits in the second chunk, its first use in the first one."""
+    count = ENQUEUE_CHUNK + 1
+    batch: list[Any] = [ChangeItem({"name": f"S{i}", "applyTo": 1}, idempotency_key=f"k{i}") for i in range(count)]
+    batch[count - 1] = ChangeItem({"name": "Other", "applyTo": 2}, idempotency_key=f"k{first}")
+    with pytest.raises(IdempotencyConflict) as caught:
+        await producer.enqueue_many(batch)
+    assert await redis_client.zcard(settings.queue_name) == 0
+    assert await redis_client.dbsize() == 0  # no ledger entry, no staging hash left behind
+    message = str(caught.value)
+    assert message.startswith(f"changes[{count - 1}]: idempotency key 'k{first}' ")
+    assert f"at changes[{first}] too" in message
+    assert message.endswith("nothing enqueued")
+    assert caught.value.enqueued_before == 0
+
+
+async def test_a_key_given_twice_with_the_same_change_across_chunks_is_a_duplicate(
+    producer: LeadStageProducer, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    batch: list[Any] = [
+        ChangeItem({"name": f"S{i}", "applyTo": 1}, idempotency_key=f"k{i}") for i in range(ENQUEUE_CHUNK)
+    ]
+    batch.append(ChangeItem({"name": "S0", "applyTo": 1}, idempotency_key="k0"))
+    receipts = await producer.enqueue_many(batch)
+    assert [r.status for r in receipts] == ["queued"] * ENQUEUE_CHUNK + ["duplicate"]
+    assert await redis_client.zcard(settings.queue_name) == ENQUEUE_CHUNK
+
+
+async def test_a_conflict_with_the_ledger_in_a_late_chunk_enqueues_nothing(
+    producer: LeadStageProducer, redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    await producer.enqueue(HOT, idempotency_key="known")
+    batch: list[Any] = [ChangeItem({"name": f"S{i}", "applyTo": 1}, idempotency_key=f"k{i}") for i in range(2500)]
+    batch.append(ChangeItem({"name": "Other", "applyTo": 1}, idempotency_key="known"))
+    with pytest.raises(IdempotencyConflict, match=r"^changes\[2500\]: .* is already used .*; nothing enqueued$"):
+        await producer.enqueue_many(batch)
+    assert await redis_client.zrange(settings.queue_name, 0, -1) == [b"default:known"]

@@ -16,6 +16,7 @@ a caller usually asks: will trying again help?
     │       └── IvvyAuthError          401, 403, 462, 463: the credentials are wrong or revoked
     └── RetryableError                 a later attempt may succeed (backoff, Retry-After)
         ├── RedisUnavailable           Redis did not answer
+        │   └── EnqueueOutcomeUnknown  ... while changes were written: retry with the same keys
         ├── IvvyUnavailable            iVvy answered 5xx, 460, 461 or specific code 24322
         │   └── IvvyRateLimited        iVvy answered 429 (``retry_after`` when it said so)
         └── IvvyNoAnswer               no answer: connection refused, reset or dropped
@@ -86,16 +87,40 @@ class InvalidChange(PermanentError):
 
 
 class IdempotencyConflict(PermanentError):
-    """The idempotency key is already used, for a different change."""
+    """The idempotency key is already used, for a different change.
+
+    In a batch, ``label`` names the refused item in the caller's terms (``changes[3]``, ``line 4``)
+    and ``earlier_label`` the item of the same batch that used the key first, when it is one;
+    ``enqueued_before`` counts the changes of the batch already written (only ever non-zero when
+    another producer wrote the key between the batch's check and its write).
+    """
 
     error_code = "idempotency_conflict"
 
-    def __init__(self, account: str, idempotency_key: str) -> None:
+    def __init__(
+        self,
+        account: str,
+        idempotency_key: str,
+        *,
+        label: str = "",
+        earlier_label: str | None = None,
+        enqueued_before: int = 0,
+    ) -> None:
         self.account = account
         self.idempotency_key = idempotency_key
-        super().__init__(
-            f"idempotency key {idempotency_key!r} of account {account!r} is already used for a different change"
-        )
+        self.label = label
+        self.earlier_label = earlier_label
+        self.enqueued_before = enqueued_before
+        text = f"idempotency key {idempotency_key!r} of account {account!r} "
+        if earlier_label is not None:
+            text += f"comes with a different change at {earlier_label} too"
+        else:
+            text += "is already used for a different change"
+        if enqueued_before:
+            text += f"; {enqueued_before} earlier change(s) of this batch were enqueued"
+        else:
+            text += "; nothing enqueued"
+        super().__init__(f"{label}: {text}" if label else text)
 
 
 class UnknownAccount(PermanentError):
@@ -142,6 +167,25 @@ class IvvyAuthError(IvvyRejected):
 
 class RedisUnavailable(RetryableError):
     error_code = "redis_unavailable"
+
+
+class EnqueueOutcomeUnknown(RedisUnavailable):
+    """Redis stopped answering while changes were written: ``unknown`` (account, idempotency key)
+    may or may not be enqueued, ``enqueued`` changes before them were. Enqueuing them again with
+    the same keys is safe: a change already written comes back as a duplicate."""
+
+    error_code = "outcome_unknown"
+
+    def __init__(self, reason: str, *, enqueued: int, unknown: Sequence[tuple[str, str]]) -> None:
+        self.enqueued = enqueued
+        self.unknown = tuple(unknown)
+        what = f"idempotency key {self.unknown[0][1]!r}" if len(self.unknown) == 1 else f"{len(self.unknown)} changes"
+        text = f"{reason}: whether {what} got enqueued is unknown, retry with the same key"
+        if len(self.unknown) > 1:
+            text += "s"
+        if enqueued:
+            text += f" ({enqueued} earlier change(s) were enqueued)"
+        super().__init__(text)
 
 
 class IvvyUnavailable(IvvyErrorDetails, RetryableError):

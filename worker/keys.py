@@ -21,6 +21,8 @@ STAGE_PREFIX = "leadstage:stage:"
 STAGE_LOCK_PREFIX = "leadstage:stage-lock:"
 CLAIMS_PREFIX = "leadstage:claims:"
 RATE_PREFIX = "leadstage:rate:"
+#: Hash job id -> "label change" of the keys a bulk enqueue has checked so far (ledger.BulkCheck).
+STAGING_PREFIX = "leadstage:staging:"
 
 
 def job_id(account: str, idempotency_key: str) -> str:

@@ -23,6 +23,8 @@ with getLeadStageList before it is posted again.
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,12 +37,14 @@ from redis.commands.core import AsyncScript
 
 from worker import keys
 from worker.change import Envelope, LeadStageChange
-from worker.errors import IdempotencyConflict, redis_errors
+from worker.errors import EnqueueOutcomeUnknown, IdempotencyConflict, RedisUnavailable, redis_errors
 from worker.settings import Settings
 
 EnqueueStatus = Literal["queued", "duplicate"]
 #: Changes per enqueue.lua call when enqueuing in bulk (Redis runs each call in one go: ~10 ms).
 ENQUEUE_CHUNK = 1000
+#: A bulk check's staging hash expires this long after its last chunk (an interrupted producer's).
+STAGING_TTL_MS = 3_600_000
 
 
 def now_ms() -> int:
@@ -102,47 +106,84 @@ class Ledger:
         self,
         items: Sequence[tuple[LeadStageChange, Envelope]],
         *,
-        all_or_nothing: bool = True,
+        labels: Sequence[str] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> list[Receipt]:
-        """Enqueue changes, ``ENQUEUE_CHUNK`` per script call; ``duplicate`` for a known key and change.
+        """Enqueue changes, all or nothing for the whole call; ``duplicate`` for a known key and change.
 
-        A known key with a different change raises ``IdempotencyConflict``; nothing of its chunk is
-        written. With ``all_or_nothing`` and more than one chunk, every chunk is checked first, so
-        a conflict enqueues nothing of the batch. ``progress`` is called with the size of each
-        chunk once it is enqueued (a bulk producer's progress bar).
+        A key already used for a different change, or given twice in ``items`` with different
+        changes, raises ``IdempotencyConflict`` before anything is written: a batch of more than
+        one chunk is checked whole first (``BulkCheck``), then written ``ENQUEUE_CHUNK`` changes
+        per script call. Only a concurrent producer writing a conflicting change between the
+        check and the write can make a later chunk fail after earlier ones were written; the
+        error then says how many were enqueued. ``progress`` is called with the size of each
+        chunk once it is enqueued (a bulk producer's progress bar). ``labels`` name each item in
+        the caller's terms (``changes[3]``), for the errors.
         """
-        chunks = [items[start : start + ENQUEUE_CHUNK] for start in range(0, len(items), ENQUEUE_CHUNK)]
-        encoded = [_encode(chunk) for chunk in chunks]
-        if all_or_nothing and len(chunks) > 1:
-            for chunk, changes in zip(chunks, encoded, strict=True):
-                self._raise_conflict(chunk, await self._call_enqueue("check", changes))
+        names = [""] * len(items) if labels is None else labels
+        chunks = [
+            Chunk.of(items[start : start + ENQUEUE_CHUNK], names[start : start + ENQUEUE_CHUNK])
+            for start in range(0, len(items), ENQUEUE_CHUNK)
+        ]
+        if len(chunks) > 1:
+            async with self.bulk_check() as check:
+                for chunk in chunks:
+                    await check.check(chunk)
+        else:
+            await self.ping()  # a failure now has written nothing; one after the write is unknown
         receipts: list[Receipt] = []
-        for chunk, changes in zip(chunks, encoded, strict=True):
-            answers = await self._call_enqueue("enqueue", changes)
-            self._raise_conflict(chunk, answers)
-            for (_, envelope), answer in zip(chunk, answers, strict=True):
-                status: EnqueueStatus = "duplicate" if answer[0] == b"duplicate" else "queued"
-                job = keys.job_id(envelope.account, envelope.idempotency_key)
-                receipts.append(Receipt(job, envelope.idempotency_key, envelope.account, status))
+        for chunk in chunks:
+            receipts.extend(await self.write(chunk, enqueued_before=len(receipts)))
             if progress is not None:
-                progress(len(chunk))
+                progress(len(chunk.labels))
         return receipts
 
-    @staticmethod
-    def _raise_conflict(chunk: Sequence[tuple[LeadStageChange, Envelope]], answers: list[list[bytes]]) -> None:
-        for (_, envelope), answer in zip(chunk, answers, strict=True):
+    async def ping(self) -> None:
+        """Raise ``RedisUnavailable`` unless Redis answers now."""
+        with redis_errors():
+            await self.client.ping()
+
+    def bulk_check(self) -> BulkCheck:
+        """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``)."""
+        return BulkCheck(self, keys.STAGING_PREFIX + secrets.token_hex(8))
+
+    async def write(self, chunk: Chunk, *, enqueued_before: int = 0) -> list[Receipt]:
+        """Enqueue one chunk (atomic); ``enqueued_before`` changes of the same bulk are already written.
+
+        Raises ``IdempotencyConflict`` (nothing of the chunk written) or ``EnqueueOutcomeUnknown``
+        when Redis does not answer (the chunk may or may not be written).
+        """
+        envelopes = chunk.envelopes()
+        try:
+            answers = await self._call_enqueue("enqueue", chunk.changes)
+        except RedisUnavailable as exc:
+            raise EnqueueOutcomeUnknown(str(exc), enqueued=enqueued_before, unknown=envelopes) from exc
+        for (account, key), label, answer in zip(envelopes, chunk.labels, answers, strict=True):
             if answer[0] == b"conflict":
-                raise IdempotencyConflict(envelope.account, envelope.idempotency_key)
+                raise IdempotencyConflict(account, key, label=label, enqueued_before=enqueued_before)
+        return [
+            Receipt(keys.job_id(account, key), key, account, "duplicate" if answer[0] == b"duplicate" else "queued")
+            for (account, key), answer in zip(envelopes, answers, strict=True)
+        ]
 
     async def _call_enqueue(
-        self, mode: Literal["enqueue", "check", "replay"], changes: bytes, *, replay_of: tuple[str, str] = ("", "")
+        self,
+        mode: Literal["enqueue", "check", "replay"],
+        changes: bytes,
+        *,
+        replay_of: tuple[str, str] = ("", ""),
+        staging: tuple[str, bytes] | None = None,
     ) -> list[list[bytes]]:
-        """enqueue.lua over changes encoded by ``_encode``; one answer per change."""
+        """enqueue.lua over changes encoded by ``_encode``; one answer per change.
+
+        ``staging`` (check only): the staging hash and the changes' labels as a JSON array.
+        """
         settings = self.settings
+        staging_key, labels = staging or ("", b"")
+        check_args: list[bytes | int] = [labels, STAGING_TTL_MS] if staging else []
         with redis_errors():
             answers: list[list[bytes]] = await self._enqueue(
-                keys=[settings.queue_name, settings.dlq_stream],
+                keys=[settings.queue_name, settings.dlq_stream, *([staging_key] if staging else [])],
                 args=[
                     mode,
                     now_ms(),
@@ -151,6 +192,7 @@ class Ledger:
                     keys.LEDGER_PREFIX,
                     keys.STAGE_PREFIX,
                     changes,
+                    *check_args,
                 ],
             )
         return answers
@@ -299,6 +341,51 @@ class Ledger:
         with redis_errors():
             raw = await self.client.hgetall(keys.ledger_key(job_id))  # type: ignore[misc]  # redis-py's async stubs
         return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Up to ``ENQUEUE_CHUNK`` validated changes as enqueue.lua takes them, each with a label: its
+    place in the bulk in the caller's terms (``changes[3]``, ``line 4``; no newline), for errors."""
+
+    changes: bytes
+    labels: Sequence[str]
+
+    @classmethod
+    def of(cls, items: Sequence[tuple[LeadStageChange, Envelope]], labels: Sequence[str]) -> Chunk:
+        return cls(_encode(items), labels)
+
+    def envelopes(self) -> list[tuple[str, str]]:
+        """(account, idempotency key) of each change."""
+        return [(change[5], change[6]) for change in orjson.loads(self.changes)]
+
+
+class BulkCheck:
+    """Checks a bulk enqueue chunk by chunk before its first write: every key against the ledger
+    and against the keys checked before it (a staging hash in Redis, so the producer's memory
+    stays bounded by a chunk). Nothing is enqueued; the staging hash is removed at the end."""
+
+    def __init__(self, ledger: Ledger, staging_key: str) -> None:
+        self.ledger = ledger
+        self.staging_key = staging_key
+
+    async def __aenter__(self) -> BulkCheck:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(RedisUnavailable), redis_errors():
+            await self.ledger.client.unlink(self.staging_key)  # or it expires after STAGING_TTL_MS
+
+    async def check(self, chunk: Chunk) -> None:
+        """Raise ``IdempotencyConflict`` for the first key of ``chunk`` that cannot be enqueued."""
+        answers = await self.ledger._call_enqueue(
+            "check", chunk.changes, staging=(self.staging_key, orjson.dumps(list(chunk.labels)))
+        )
+        for index, answer in enumerate(answers):
+            if answer[0] == b"conflict":
+                account, key = chunk.envelopes()[index]
+                earlier = answer[1].decode() if len(answer) > 1 else None
+                raise IdempotencyConflict(account, key, label=chunk.labels[index], earlier_label=earlier)
 
 
 def _encode(items: Sequence[tuple[LeadStageChange, Envelope]]) -> bytes:

@@ -86,6 +86,10 @@ class Settings:
     webhook_max_body_bytes: int = 1_048_576
     metrics_port: int = 9464
     log_format: LogFormat = "auto"
+    #: Every Redis command of a producer or reader waits this long for its answer at most.
+    redis_timeout_s: float = 5.0
+    #: Connecting to Redis gives up after this long (an unroutable host would hang otherwise).
+    redis_connect_timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +119,10 @@ class Settings:
             webhook_max_body_bytes=reader.positive_int("LEADSTAGE_WEBHOOK_MAX_BODY", cls.webhook_max_body_bytes),
             metrics_port=reader.port("LEADSTAGE_METRICS_PORT", cls.metrics_port),
             log_format=reader.choice("LEADSTAGE_LOG_FORMAT", cls.log_format, ("json", "console", "auto")),
+            redis_timeout_s=reader.positive_float("LEADSTAGE_REDIS_TIMEOUT", cls.redis_timeout_s),
+            redis_connect_timeout_s=reader.positive_float(
+                "LEADSTAGE_REDIS_CONNECT_TIMEOUT", cls.redis_connect_timeout_s
+            ),
         )
         if settings.job_timeout_s <= settings.request_timeout_s:
             raise ConfigError("LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT")

@@ -1,16 +1,23 @@
 -- Enqueue changes (or replay a dead-lettered one): for each, the ledger entry, the ordering
 -- sequence and the queue entry. Atomic for the whole call: with 'enqueue', every key is checked
--- before anything is written, so a conflict anywhere writes nothing; 'check' only checks.
+-- before anything is written, so a conflict anywhere writes nothing. 'check' enqueues nothing: it
+-- checks each key against the ledger and against the staging hash of its bulk enqueue (KEYS[3]),
+-- which holds every key checked so far in that bulk as 'label<newline>change', so that a key given twice
+-- with different changes is found across calls, before the bulk's first write.
 -- The ledger hash is the job's record; the queue holds only its id.
--- KEYS: 1 queue zset, 2 dead-letter stream
+-- KEYS: 1 queue zset, 2 dead-letter stream, 3 staging hash ('check' only)
 -- ARGV: 1 mode ('enqueue' | 'check' | 'replay'), 2 now (ms), 3 retention (ms), 4 dead-letter entry
 --       id to remove or '' (replay), 5 generation of that dead letter or '' (replay), 6 ledger key
 --       prefix, 7 stage key prefix, 8 the changes: a JSON array of [job id, change (canonical JSON),
 --       operation, stage id or '', changed fields (csv), account, idempotency key, source, lock subject]
+--       9 ('check' only) a JSON array of each change's label (its place in the bulk, as text
+--       without newlines),
+--       10 ('check' only) the staging hash's time to live (ms)
 -- One JSON argument instead of nine per change keeps the client's work per change small; the
 -- ledger and stage keys are built from the prefixes (worker.keys builds the same names).
 -- Returns per change {'queued', generation} | {'duplicate', state} | {'conflict'} |
---   {'not_failed', state} (replay) | {'new'} (check)
+--   {'not_failed', state} (replay) | {'new'} (check) | {'conflict', label of the earlier change
+--   with this key} (check: the key comes twice in the bulk with different changes)
 local mode, now, retention = ARGV[1], ARGV[2], ARGV[3]
 local changes = cjson.decode(ARGV[8])
 local function ledger_key(c) return ARGV[6] .. c[1] end
@@ -20,11 +27,24 @@ local function stage_key(c)
 end
 
 local answers, seen, conflict = {}, {}, false
+local labels = mode == 'check' and cjson.decode(ARGV[9])
 for i, c in ipairs(changes) do
   local job, change = c[1], c[2]
   local existing = redis.call('HMGET', ledger_key(c), 'change', 'state', 'gen')
   if seen[job] then existing = {seen[job], 'queued', '0'} end
-  if mode == 'replay' then
+  if mode == 'check' and not existing[1] then
+    local staged = redis.call('HGET', KEYS[3], job)
+    if not staged then
+      redis.call('HSET', KEYS[3], job, labels[i] .. '\n' .. change)
+      answers[i] = {'new'}
+    else
+      local gap = string.find(staged, '\n', 1, true)
+      if string.sub(staged, gap + 1) == change then answers[i] = {'new'} else
+        answers[i] = {'conflict', string.sub(staged, 1, gap - 1)}
+        conflict = true
+      end
+    end
+  elseif mode == 'replay' then
     if existing[2] and existing[2] ~= 'failed' then
       answers[i] = {'not_failed', existing[2]}
     else
@@ -40,7 +60,11 @@ for i, c in ipairs(changes) do
     seen[job] = change
   end
 end
-if mode == 'check' or conflict then return answers end
+if mode == 'check' then
+  redis.call('PEXPIRE', KEYS[3], ARGV[10])
+  return answers
+end
+if conflict then return answers end
 
 for i, c in ipairs(changes) do
   if answers[i][1] == 'new' or (mode == 'replay' and answers[i][1] == 'queued') then
