@@ -44,7 +44,6 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
-from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.errors import ConfigError, FieldError, InvalidChange, UnknownAccount
 from worker.ledger import Ledger, Receipt
@@ -159,11 +158,15 @@ class LeadStageProducer:
         *,
         redis: aioredis.Redis | None = None,
         producer: str = DEFAULT_SOURCE,
+        metrics: bool = True,
     ) -> None:
         """``settings`` default to ``Settings.from_env()``; without ``redis`` a client for
         ``settings.redis_url`` is opened (and closed by ``aclose``). ``producer`` labels the
-        ``leadstage_enqueued_total`` metric (library, cli, webhook)."""
+        ``leadstage_enqueued_total`` metric (library, cli, webhook); ``metrics=False`` leaves it
+        alone (a short-lived process such as the CLI has nobody to scrape it, and is spared
+        importing prometheus-client)."""
         self.settings = Settings.from_env() if settings is None else settings
+        self.metrics = metrics
         self._owns_client = redis is None
         self.redis = connect_redis_of(self.settings) if redis is None else redis
         self.ledger = Ledger(self.redis, self.settings)
@@ -298,6 +301,10 @@ class LeadStageProducer:
         ``labels`` name the items in the caller's terms for the errors (``changes[3]``).
         """
         receipts = await self.ledger.enqueue_many(items, labels=labels, progress=progress)
+        if not self.metrics:
+            return receipts
+        from worker import metrics
+
         for status in ("queued", "duplicate"):
             count = sum(1 for r in receipts if r.status == status)
             if count:

@@ -172,7 +172,7 @@ def test_no_command_and_bad_flags_are_usage_errors(leadstage: Run) -> None:
     assert leadstage().returncode == 2
     result = leadstage("enqueue", "--id", "seven")
     assert result.returncode == 2
-    assert "invalid int value" in result.stderr
+    assert "--id: must be a positive whole number in plain digits such as 1001, not 'seven'" in result.stderr
 
 
 def test_a_bad_setting_stops_the_command_with_one_line_naming_it(leadstage: Run) -> None:
@@ -228,11 +228,11 @@ def test_enqueue_conflict_and_bad_input_are_status_2(leadstage: Run, db: redis.R
 
     bad = leadstage("enqueue", "--apply-to", "lead")
     assert bad.returncode == 2
-    assert one_error_line(bad) == "leadstage: error: invalid change: name: is required when id is absent (an add)"
+    assert one_error_line(bad) == "leadstage: error: invalid change: --name: is required when --id is absent (an add)"
 
     bad = leadstage("enqueue", "--id", "0", "--colour", "red", "--account", "a b")
     line = one_error_line(bad)
-    assert all(field in line for field in ("id:", "colour:", "account:"))
+    assert all(field in line for field in ("--id:", "--colour:", "--account:"))
     assert queued(db) == 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -36,6 +37,16 @@ _ALIAS_OF = {field: alias for alias, field in ALIASES.items()}
 UPDATABLE_FIELDS = ("name", "colour", "applyTo")
 
 _COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+#: A stage id written as text (a flag): plain ASCII digits, as a JSON integer is written.
+_ID_TEXT = re.compile(r"[1-9][0-9]*")
+#: Characters no name may hold: control characters (NUL, ESC, newline, tab...) and the bidi
+#: embeddings, overrides and isolates, which make a name display as something else.
+_NAME_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: Letters that render as nothing (Hangul fillers, the blank Braille pattern).
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+#: Characters trimmed from both ends of an idempotency key and an account name, by every producer
+#: (the spaces and tabs HTTP trims from a header value).
+KEY_TRIM = " \t"
 _ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 
@@ -85,19 +96,22 @@ def parse_change(raw: object) -> LeadStageChange:
         raise InvalidChange([FieldError("change", "must be a JSON object")])
     errors: list[FieldError] = []
     values: dict[str, object] = {}
+    #: Each field as the input spells it (appliesTo, color), so that errors use the user's words.
+    spelt: dict[str, str] = {}
     for given, value in raw.items():
         field = ALIASES.get(given, given) if isinstance(given, str) else given
         if field not in FIELDS:
-            errors.append(FieldError(str(given), "is not a known field (allowed: id, name, colour, applyTo)"))
+            errors.append(FieldError(shown(str(given)), "is not a known field (allowed: id, name, colour, applyTo)"))
         elif field in values:
             errors.append(FieldError(field, f"is given twice (as {field} and as its alias {_ALIAS_OF[field]})"))
         else:
             values[field] = value
+            spelt[field] = given
 
-    stage_id = _check(errors, "id", values, _parse_id)
-    name = _check(errors, "name", values, _parse_name)
-    colour = _check(errors, "colour", values, _parse_colour)
-    apply_to = _check(errors, "applyTo", values, _parse_apply_to)
+    stage_id = _check(errors, "id", values, _parse_id, spelt)
+    name = _check(errors, "name", values, _parse_name, spelt)
+    colour = _check(errors, "colour", values, _parse_colour, spelt)
+    apply_to = _check(errors, "applyTo", values, _parse_apply_to, spelt)
 
     if "id" not in values:
         if "name" not in values:
@@ -116,16 +130,17 @@ def _check(
     field: str,
     values: Mapping[str, object],
     parse: Callable[[object], _T | FieldError],
+    spelt: Mapping[str, str],
 ) -> _T | None:
     if field not in values:
         return None
     value = values[field]
     if value is None:
-        errors.append(FieldError(field, "must not be null (leave the field out instead)"))
+        errors.append(FieldError(spelt[field], "must not be null (leave the field out instead)"))
         return None
     result = parse(value)
     if isinstance(result, FieldError):
-        errors.append(FieldError(field, result.reason))
+        errors.append(FieldError(spelt[field], result.reason))
         return None
     return result
 
@@ -144,15 +159,67 @@ def _parse_id(value: object) -> int | FieldError:
     return value
 
 
+def parse_id_text(text: str) -> int:
+    """A stage id written as text (``--id``): plain ASCII digits, no sign, space, ``_`` or leading 0
+    (what a JSON producer may write as a number); raises ``InvalidChange`` for field ``id``."""
+    if not _ID_TEXT.fullmatch(text):
+        raise InvalidChange(
+            [FieldError("id", f"must be a positive whole number in plain digits such as 1001, not {_quoted(text)}")]
+        )
+    parsed = _parse_id(int(text))
+    if isinstance(parsed, FieldError):
+        raise InvalidChange([FieldError("id", parsed.reason)])
+    return parsed
+
+
 def _parse_name(value: object) -> str | FieldError:
     if not isinstance(value, str):
         return _invalid(f"must be a string, not {_describe(value)}")
+    if not _is_unicode(value):
+        return _invalid("must be valid Unicode text (it holds a lone surrogate)")
     name = value.strip()
     if not name:
         return _invalid("must not be empty or only spaces")
     if len(name) > NAME_MAX_CHARS:
         return _invalid(f"must be at most {NAME_MAX_CHARS} characters, not {len(name)}")
+    bad = _NAME_FORBIDDEN.search(name)
+    if bad is not None:
+        what = "a control character" if bad.group() < "\u0100" else "a bidirectional override"
+        return _invalid(f"must not contain {what} ({shown(bad.group())} at position {bad.start() + 1})")
+    if not name.isascii() and all(_invisible(c) for c in name):
+        return _invalid("must have a visible character (it holds only invisible or blank characters)")
     return name
+
+
+def _is_unicode(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (which no UTF-8 text, hence no JSON, can carry)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _invisible(char: str) -> bool:
+    return char in _BLANK_LETTERS or unicodedata.category(char) in ("Cf", "Mn", "Me", "Zs", "Zl", "Zp")
+
+
+def shown(text: str, *, limit: int = 40) -> str:
+    """``text`` fit to echo in a message: cut after ``limit`` characters, and every control, format
+    (bidi), separator or surrogate character escaped, so that nothing acts on a terminal."""
+    cut = text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    if cut.isprintable():  # false for control, format, separator (but space), surrogate characters
+        return cut
+    return "".join(c if c.isprintable() else _escaped(c) for c in cut)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _quoted(text: str) -> str:
+    return "'" + shown(text) + "'"
 
 
 def _parse_colour(value: object) -> str | FieldError:
@@ -198,10 +265,15 @@ class Envelope:
 def parse_envelope(*, idempotency_key: object = None, account: object = None, source: object = None) -> Envelope:
     """Validate the envelope; a missing idempotency key is generated."""
     errors: list[FieldError] = []
+    if isinstance(idempotency_key, str):
+        idempotency_key = idempotency_key.strip(KEY_TRIM)
+    if isinstance(account, str):
+        account = account.strip(KEY_TRIM)
     if idempotency_key is None:
         idempotency_key = secrets.token_hex(16)  # 128 random bits, as a UUID4's hex (and cheaper)
     elif not isinstance(idempotency_key, str) or not _PRINTABLE_ASCII.fullmatch(idempotency_key):
-        errors.append(FieldError("idempotency_key", "must be 1..255 printable ASCII characters"))
+        got = _quoted(idempotency_key) if isinstance(idempotency_key, str) else _describe(idempotency_key)
+        errors.append(FieldError("idempotency_key", f"must be 1..255 printable ASCII characters, not {got}"))
     elif len(idempotency_key) > KEY_MAX_CHARS:
         errors.append(
             FieldError("idempotency_key", f"must be at most {KEY_MAX_CHARS} characters, not {len(idempotency_key)}")
@@ -209,11 +281,14 @@ def parse_envelope(*, idempotency_key: object = None, account: object = None, so
     if account is None:
         account = DEFAULT_ACCOUNT
     elif not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
-        errors.append(FieldError("account", "must be 1..64 characters of letters, digits, '_', '.', '-'"))
+        got = _quoted(account) if isinstance(account, str) else _describe(account)
+        errors.append(FieldError("account", f"must be 1..64 characters of letters, digits, '_', '.', '-', not {got}"))
     if source is None:
         source = ""
     elif not isinstance(source, str) or len(source) > SOURCE_MAX_CHARS:
         errors.append(FieldError("source", f"must be text of at most {SOURCE_MAX_CHARS} characters"))
+    elif not _is_unicode(source):
+        errors.append(FieldError("source", "must be valid Unicode text (it holds a lone surrogate)"))
     if errors:
         raise InvalidChange(errors)
     assert isinstance(idempotency_key, str)

@@ -38,8 +38,6 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import redis.exceptions
-
 
 class LeadstageError(Exception):
     """Base of every error leadstage-sync raises."""
@@ -268,6 +266,8 @@ def error_for_response(
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
     """Translate redis-py's connection failures into ``RedisUnavailable`` at the boundary."""
+    import redis.exceptions  # here, not at the top: ``leadstage --help`` has no use for redis-py
+
     try:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:

@@ -29,11 +29,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from worker import keys
 from worker.change import Envelope, LeadStageChange
@@ -121,80 +123,74 @@ class Ledger:
         the caller's terms (``changes[3]``), for the errors.
         """
         names = [""] * len(items) if labels is None else labels
-        chunks = [
-            Chunk.of(items[start : start + ENQUEUE_CHUNK], names[start : start + ENQUEUE_CHUNK])
-            for start in range(0, len(items), ENQUEUE_CHUNK)
-        ]
-        if len(chunks) > 1:
-            async with self.bulk_check() as check:
-                for chunk in chunks:
-                    await check.check(chunk)
-        else:
-            await self.ping()  # a failure now has written nothing; one after the write is unknown
-        receipts: list[Receipt] = []
-        for chunk in chunks:
-            receipts.extend(await self.write(chunk, enqueued_before=len(receipts)))
-            if progress is not None:
-                progress(len(chunk.labels))
-        return receipts
+        starts = range(0, len(items), ENQUEUE_CHUNK)
 
-    async def ping(self) -> None:
-        """Raise ``RedisUnavailable`` unless Redis answers now."""
-        with redis_errors():
-            await self.client.ping()
+        def chunk(start: int) -> Chunk:
+            return Chunk.of(items[start : start + ENQUEUE_CHUNK], names[start : start + ENQUEUE_CHUNK])
+
+        if len(starts) > 1:
+            async with self.bulk_check() as check:
+                for start in starts:
+                    next_chunk = chunk(start)  # encoded while Redis checks the one before
+                    if check.busy:
+                        await check.receive()
+                    await check.send(next_chunk)
+                await check.receive()
+        receipts: list[Receipt] = []
+        async with self.bulk_write() as write:
+            for start in starts:
+                next_chunk = chunk(start)
+                if write.busy:
+                    receipts.extend(done := await write.receive())
+                    if progress is not None:
+                        progress(len(done))
+                await write.send(next_chunk)
+            receipts.extend(done := await write.receive())
+            if progress is not None:
+                progress(len(done))
+        return receipts
 
     def bulk_check(self) -> BulkCheck:
         """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``)."""
         return BulkCheck(self, keys.STAGING_PREFIX + secrets.token_hex(8))
 
-    async def write(self, chunk: Chunk, *, enqueued_before: int = 0) -> list[Receipt]:
-        """Enqueue one chunk (atomic); ``enqueued_before`` changes of the same bulk are already written.
+    def bulk_write(self) -> BulkWrite:
+        """The writes of a bulk enqueue, chunk by chunk, after its check (``async with``)."""
+        return BulkWrite(self)
 
-        Raises ``IdempotencyConflict`` (nothing of the chunk written) or ``EnqueueOutcomeUnknown``
-        when Redis does not answer (the chunk may or may not be written).
-        """
-        envelopes = chunk.envelopes()
-        try:
-            answers = await self._call_enqueue("enqueue", chunk.changes)
-        except RedisUnavailable as exc:
-            raise EnqueueOutcomeUnknown(str(exc), enqueued=enqueued_before, unknown=envelopes) from exc
-        for (account, key), label, answer in zip(envelopes, chunk.labels, answers, strict=True):
-            if answer[0] == b"conflict":
-                raise IdempotencyConflict(account, key, label=label, enqueued_before=enqueued_before)
-        return [
-            Receipt(keys.job_id(account, key), key, account, "duplicate" if answer[0] == b"duplicate" else "queued")
-            for (account, key), answer in zip(envelopes, answers, strict=True)
-        ]
-
-    async def _call_enqueue(
+    def _enqueue_arguments(
         self,
         mode: Literal["enqueue", "check", "replay"],
         changes: bytes,
         *,
         replay_of: tuple[str, str] = ("", ""),
         staging: tuple[str, bytes] | None = None,
-    ) -> list[list[bytes]]:
-        """enqueue.lua over changes encoded by ``_encode``; one answer per change.
-
-        ``staging`` (check only): the staging hash and the changes' labels as a JSON array.
-        """
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        """enqueue.lua's keys and arguments; ``staging`` (check only): the staging hash and the
+        changes' labels as a JSON array."""
         settings = self.settings
-        staging_key, labels = staging or ("", b"")
-        check_args: list[bytes | int] = [labels, STAGING_TTL_MS] if staging else []
+        script_keys = [settings.queue_name, settings.dlq_stream]
+        args: list[bytes | str | int] = [
+            mode,
+            now_ms(),
+            settings.ledger_retention_s * 1000,
+            *replay_of,
+            keys.LEDGER_PREFIX,
+            keys.STAGE_PREFIX,
+            changes,
+        ]
+        if staging is not None:
+            script_keys.append(staging[0])
+            args += [staging[1], STAGING_TTL_MS]
+        return script_keys, args
+
+    async def _call_enqueue(
+        self, mode: Literal["enqueue", "check", "replay"], changes: bytes, *, replay_of: tuple[str, str] = ("", "")
+    ) -> list[list[bytes]]:
+        """enqueue.lua over changes encoded by ``_encode``; one answer per change."""
+        script_keys, args = self._enqueue_arguments(mode, changes, replay_of=replay_of)
         with redis_errors():
-            answers: list[list[bytes]] = await self._enqueue(
-                keys=[settings.queue_name, settings.dlq_stream, *([staging_key] if staging else [])],
-                args=[
-                    mode,
-                    now_ms(),
-                    settings.ledger_retention_s * 1000,
-                    *replay_of,
-                    keys.LEDGER_PREFIX,
-                    keys.STAGE_PREFIX,
-                    changes,
-                    *check_args,
-                ],
-            )
+            answers: list[list[bytes]] = await self._enqueue(keys=script_keys, args=args)
         return answers
 
     async def replay(
@@ -360,32 +356,148 @@ class Chunk:
         return [(change[5], change[6]) for change in orjson.loads(self.changes)]
 
 
+class _Pipe:
+    """enqueue.lua calls on one connection of their own, pipelined: a request is sent at once and
+    its answer read later, so Redis runs one chunk while the producer prepares the next. At most
+    one request is outstanding, so the chunks run in the order they were sent."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._connection: Connection | None = None
+        self._request: tuple[Any, ...] | None = None  # sent, its answer not read yet
+
+    async def open(self) -> None:
+        """Connect: a failure here has sent nothing."""
+        with redis_errors():
+            self._connection = await self.ledger.client.connection_pool.get_connection()
+
+    async def close(self) -> None:
+        if self._connection is None:
+            return
+        connection, self._connection = self._connection, None
+        if self._request is not None:  # an answer nobody will read: the connection cannot be used again
+            with contextlib.suppress(RedisUnavailable), redis_errors():
+                await connection.disconnect()
+        await self.ledger.client.connection_pool.release(connection)
+
+    @property
+    def busy(self) -> bool:
+        return self._request is not None
+
+    async def send(self, mode: Literal["enqueue", "check"], changes: bytes, staging: tuple[str, bytes] | None) -> None:
+        assert self._connection is not None, "open() first"
+        assert self._request is None, "one request at a time"
+        script_keys, args = self.ledger._enqueue_arguments(mode, changes, staging=staging)
+        self._request = (len(script_keys), *script_keys, *args)
+        with redis_errors():
+            await self._connection.send_command("EVALSHA", self.ledger._enqueue.sha, *self._request)
+
+    async def receive(self) -> list[list[bytes]]:
+        assert self._connection is not None, "open() first"
+        assert self._request is not None, "send() first"
+        script = self.ledger._enqueue
+        with redis_errors():
+            try:
+                answers: list[list[bytes]] = await self._connection.read_response()
+            except NoScriptError:  # not run: load the script (a new or restarted Redis) and send again
+                await self._connection.send_command("SCRIPT", "LOAD", script.script)
+                script.sha = (await self._connection.read_response()).decode()
+                await self._connection.send_command("EVALSHA", script.sha, *self._request)
+                answers = await self._connection.read_response()
+        self._request = None
+        return answers
+
+
 class BulkCheck:
     """Checks a bulk enqueue chunk by chunk before its first write: every key against the ledger
     and against the keys checked before it (a staging hash in Redis, so the producer's memory
-    stays bounded by a chunk). Nothing is enqueued; the staging hash is removed at the end."""
+    stays bounded by a chunk). Nothing is enqueued; the staging hash is removed at the end.
+
+    ``send(chunk)``, then ``receive()`` (which raises ``IdempotencyConflict`` for the first key of
+    the chunk that cannot be enqueued); between the two, prepare the next chunk.
+    """
 
     def __init__(self, ledger: Ledger, staging_key: str) -> None:
         self.ledger = ledger
         self.staging_key = staging_key
+        self._pipe = _Pipe(ledger)
+        self._chunk: Chunk | None = None
 
     async def __aenter__(self) -> BulkCheck:
+        await self._pipe.open()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        await self._pipe.close()
         with contextlib.suppress(RedisUnavailable), redis_errors():
             await self.ledger.client.unlink(self.staging_key)  # or it expires after STAGING_TTL_MS
 
-    async def check(self, chunk: Chunk) -> None:
-        """Raise ``IdempotencyConflict`` for the first key of ``chunk`` that cannot be enqueued."""
-        answers = await self.ledger._call_enqueue(
-            "check", chunk.changes, staging=(self.staging_key, orjson.dumps(list(chunk.labels)))
-        )
-        for index, answer in enumerate(answers):
+    @property
+    def busy(self) -> bool:
+        """Whether a chunk was sent and its answer is not received yet."""
+        return self._pipe.busy
+
+    async def send(self, chunk: Chunk) -> None:
+        self._chunk = chunk
+        await self._pipe.send("check", chunk.changes, (self.staging_key, orjson.dumps(list(chunk.labels))))
+
+    async def receive(self) -> None:
+        assert self._chunk is not None
+        for index, answer in enumerate(await self._pipe.receive()):
             if answer[0] == b"conflict":
-                account, key = chunk.envelopes()[index]
+                account, key = self._chunk.envelopes()[index]
                 earlier = answer[1].decode() if len(answer) > 1 else None
-                raise IdempotencyConflict(account, key, label=chunk.labels[index], earlier_label=earlier)
+                raise IdempotencyConflict(account, key, label=self._chunk.labels[index], earlier_label=earlier)
+
+
+class BulkWrite:
+    """Writes checked chunks, each one atomically, pipelined like ``BulkCheck``: ``send(chunk)``,
+    then ``receive()`` its receipts.
+
+    A conflict (only possible when another producer wrote the key after the check) raises
+    ``IdempotencyConflict``, with nothing of the chunk written; no answer raises
+    ``EnqueueOutcomeUnknown`` naming the chunk's changes as unknown. Either way the error counts
+    the changes written before (``enqueued``).
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._pipe = _Pipe(ledger)
+        self._chunk: Chunk | None = None
+        self.enqueued = 0
+
+    async def __aenter__(self) -> BulkWrite:
+        await self._pipe.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pipe.close()
+
+    @property
+    def busy(self) -> bool:
+        return self._pipe.busy
+
+    async def send(self, chunk: Chunk) -> None:
+        self._chunk = chunk
+        try:
+            await self._pipe.send("enqueue", chunk.changes, None)
+        except RedisUnavailable as exc:
+            raise EnqueueOutcomeUnknown(str(exc), enqueued=self.enqueued, unknown=chunk.envelopes()) from exc
+
+    async def receive(self) -> list[Receipt]:
+        assert self._chunk is not None
+        envelopes = self._chunk.envelopes()
+        try:
+            answers = await self._pipe.receive()
+        except RedisUnavailable as exc:
+            raise EnqueueOutcomeUnknown(str(exc), enqueued=self.enqueued, unknown=envelopes) from exc
+        for (account, key), label, answer in zip(envelopes, self._chunk.labels, answers, strict=True):
+            if answer[0] == b"conflict":
+                raise IdempotencyConflict(account, key, label=label, enqueued_before=self.enqueued)
+        self.enqueued += len(answers)
+        return [
+            Receipt(keys.job_id(account, key), key, account, "duplicate" if answer[0] == b"duplicate" else "queued")
+            for (account, key), answer in zip(envelopes, answers, strict=True)
+        ]
 
 
 def _encode(items: Sequence[tuple[LeadStageChange, Envelope]]) -> bytes:

@@ -33,11 +33,10 @@ for i, c in ipairs(changes) do
   local existing = redis.call('HMGET', ledger_key(c), 'change', 'state', 'gen')
   if seen[job] then existing = {seen[job], 'queued', '0'} end
   if mode == 'check' and not existing[1] then
-    local staged = redis.call('HGET', KEYS[3], job)
-    if not staged then
-      redis.call('HSET', KEYS[3], job, labels[i] .. '\n' .. change)
+    if redis.call('HSETNX', KEYS[3], job, labels[i] .. '\n' .. change) == 1 then
       answers[i] = {'new'}
     else
+      local staged = redis.call('HGET', KEYS[3], job)
       local gap = string.find(staged, '\n', 1, true)
       if string.sub(staged, gap + 1) == change then answers[i] = {'new'} else
         answers[i] = {'conflict', string.sub(staged, 1, gap - 1)}
@@ -66,6 +65,7 @@ if mode == 'check' then
 end
 if conflict then return answers end
 
+local queue_entries = {}
 for i, c in ipairs(changes) do
   if answers[i][1] == 'new' or (mode == 'replay' and answers[i][1] == 'queued') then
     local ledger, stage = ledger_key(c), stage_key(c)
@@ -99,9 +99,12 @@ for i, c in ipairs(changes) do
     end
     redis.call('HSET', ledger, unpack(record))
     redis.call('PEXPIRE', ledger, retention)
-    redis.call('ZADD', KEYS[1], now, c[1])
+    queue_entries[#queue_entries + 1] = now
+    queue_entries[#queue_entries + 1] = c[1]
     answers[i] = {'queued', gen}
   end
 end
+-- One ZADD for the whole call (2 arguments per change, well within Lua's unpack limit at 1000 changes).
+if #queue_entries > 0 then redis.call('ZADD', KEYS[1], unpack(queue_entries)) end
 if mode == 'replay' and ARGV[4] ~= '' and answers[1][1] == 'queued' then redis.call('XDEL', KEYS[2], ARGV[4]) end
 return answers
