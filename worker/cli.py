@@ -159,12 +159,14 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker.errors import redis_errors
     from worker.runner import run_worker
 
     settings = _settings()
     settings.require_accounts()
     _configure_logging(settings)
-    return run_worker(settings)
+    with redis_errors():  # arq's own connection at start-up (Redis down, not Redis, a bad database)
+        return run_worker(settings)
 
 
 def _cmd_webhook(args: argparse.Namespace) -> int:

@@ -270,5 +270,13 @@ def redis_errors() -> Iterator[None]:
 
     try:
         yield
+    except redis.exceptions.AuthenticationError:
+        raise ConfigError("REDIS_URL: Redis refuses the user or password it gives") from None
+    except redis.exceptions.InvalidResponse:
+        raise ConfigError("REDIS_URL: what answers there is not Redis (its answer is not the Redis protocol)") from None
+    except redis.exceptions.ResponseError as exc:
+        if "DB index is out of range" in str(exc):
+            raise ConfigError("REDIS_URL selects a database number this Redis does not have") from None
+        raise
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise RedisUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc

@@ -7,6 +7,8 @@ first bad one; the command line turns that into one clear line on stderr. Secret
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 from collections.abc import Mapping
@@ -202,19 +204,32 @@ class _EnvReader:
 
     def redis_url(self, name: str, default: str) -> str:
         raw = self._raw(name) or default
-        if urlsplit(raw).scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
+        parts = urlsplit(raw)
+        if parts.scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
             raise ConfigError(
                 f"{name} must be a redis://, rediss://, unix:// or redis+sentinel:// URL, not {raw.split('@')[-1]!r}"
             )
+        # redis-py reads the database from the path and silently uses 0 when it is not a number.
+        database = parts.path.strip("/") if parts.scheme in ("redis", "rediss") else ""
+        if database and not (database.isascii() and database.isdigit()):
+            raise ConfigError(f"{name} must end in /N, a database number, not /{database[:40]!r}")
         return raw
 
     def webhook_secret(self, name: str) -> Secret | None:
         raw = self._raw(name)
         if raw is None:
             return None
-        if not raw.startswith("whsec_") or len(raw) <= len("whsec_"):
-            raise ConfigError(f"{name} must be a Standard Webhooks secret starting with whsec_")
+        if not raw.startswith("whsec_") or not _webhook_secret_bytes(raw):
+            raise ConfigError(f"{name} must be a Standard Webhooks secret: whsec_ and the base64 of the secret's bytes")
         return Secret(raw)
+
+
+def _webhook_secret_bytes(secret: str) -> bytes:
+    """The bytes of a whsec_ secret, decoded as the standardwebhooks library decodes them (b"" if none)."""
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_") + "==")
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def printable_url(url: str) -> str:
