@@ -315,7 +315,7 @@ class _Progress:
 
 
 class _Spool:
-    """The checked chunks of a file, kept for the second pass: in memory up to 32 MiB, then on disk,
+    """The checked chunks of a file, kept for the second pass: in memory up to 2 MiB, then on disk,
     so that memory is bounded by the chunk size and stdin needs no second reading."""
 
     _HEADER = 8
@@ -323,7 +323,7 @@ class _Spool:
     def __init__(self) -> None:
         import tempfile
 
-        self.file = tempfile.SpooledTemporaryFile(max_size=32 * 2**20)  # noqa: SIM115 - closed by close()
+        self.file = tempfile.SpooledTemporaryFile(max_size=2 * 2**20)  # noqa: SIM115 - closed by close()
 
     def add(self, changes: bytes, lines: list[int]) -> None:
         numbers = orjson.dumps(lines)
