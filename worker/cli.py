@@ -460,9 +460,12 @@ async def _write_spool(producer: LeadStageProducer, spool: _Spool, progress: _Pr
     written: tuple[list[Receipt], list[int]] | None = None
 
     def emit(receipts: list[Receipt], lines: list[int]) -> None:
+        out = []
         for receipt, line in zip(receipts, lines, strict=True):
             counts[receipt.status] += 1
-            _emit({**receipt.as_dict(), "line": line})
+            out.append(orjson.dumps({**receipt.as_dict(), "line": line}))
+        sys.stdout.buffer.write(b"\n".join(out) + b"\n")  # one write per chunk, not per line
+        sys.stdout.flush()
         progress.enqueued += len(receipts)
         progress.update()
 
