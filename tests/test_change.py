@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.change import ID_MAX, LeadStageChange, parse_change, parse_envelope
+from worker.change import ID_MAX, LeadStageChange, parse_change, parse_envelope, parse_id_text, shown
 from worker.errors import InvalidChange, PermanentError
 
 
@@ -349,3 +349,81 @@ def test_a_key_with_any_other_character_is_refused(key: str) -> None:
     with pytest.raises(InvalidChange) as refused:
         parse_envelope(idempotency_key=key)
     assert bad_fields(refused.value) == ["idempotency_key"]
+
+
+# -- issue 12: hostile text ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("a\x00b", "must not contain a control character (\\x00 at position 2)"),
+        ("a\x1b[31mb", "must not contain a control character (\\x1b at position 2)"),
+        ("a\nb", "must not contain a control character (\\x0a at position 2)"),
+        ("a\tb", "must not contain a control character (\\x09 at position 2)"),
+        ("a\x7fb", "must not contain a control character (\\x7f at position 2)"),
+        ("a\x85b", "must not contain a control character (\\x85 at position 2)"),
+        ("abc\u202edcba", "must not contain a bidirectional override (\\u202e at position 4)"),
+        ("x\u2066y\u2069", "must not contain a bidirectional override (\\u2066 at position 2)"),
+        ("\u200b", "must have a visible character"),
+        ("\u200d\u200c\ufeff", "must have a visible character"),
+        ("\u3164", "must have a visible character"),
+        ("\u2800\u2800", "must have a visible character"),
+        ("\u0301", "must have a visible character"),
+        ("a\ud800", "must be valid Unicode text (it holds a lone surrogate)"),
+    ],
+    ids=repr,
+)
+def test_names_that_would_deceive_or_act_on_a_terminal_are_refused_with_the_reason(name: str, reason: str) -> None:
+    refused = refusal({"name": name, "applyTo": 1})
+    assert [e.field for e in refused.errors] == ["name"]
+    assert refused.errors[0].reason.startswith(reason)
+    assert "\x1b" not in str(refused)
+    assert "\u202e" not in str(refused)
+
+
+@pytest.mark.parametrize("name", ["Café", "日本の段階", "مرحلة", "Hot 🔥", "👩\u200d💻 devs", "a\u200bb", "Ünïcödé"])
+def test_names_in_any_script_with_visible_characters_are_kept(name: str) -> None:
+    assert parse_change({"name": name, "applyTo": 1}).name == name
+
+
+def test_a_lone_surrogate_in_the_source_is_refused_naming_it() -> None:
+    """Issue 12 item 8: it raised TypeError (from JSON encoding) deep in the library."""
+    with pytest.raises(InvalidChange) as refused:
+        parse_envelope(source="crm \udc80")
+    assert bad_fields(refused.value) == ["source"]
+
+
+def test_errors_name_fields_as_the_input_spells_them() -> None:
+    refused = refusal({"name": "x", "appliesTo": 7, "color": "red"})
+    assert bad_fields(refused) == ["color", "appliesTo"]
+
+
+def test_an_unknown_field_name_is_echoed_cut_and_escaped() -> None:
+    refused = refusal({"f" * 100_000: 1, "name": "x", "applyTo": 1})
+    assert len(str(refused)) < 200
+    assert "(100000 characters)" in str(refused)
+    escaped = refusal({"a\x1b]0;owned\x07": 1, "name": "x", "applyTo": 1})
+    assert "a\\x1b]0;owned\\x07" in str(escaped)
+    assert "\x1b" not in str(escaped)
+
+
+@pytest.mark.parametrize("text", ["1", "42", str(ID_MAX)])
+def test_an_id_written_as_text_is_plain_digits(text: str) -> None:
+    assert parse_id_text(text) == int(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "0", "05", "+5", "-5", " 5", "5 ", "5_0", "5.0", "1e3", "\u0665", "\uff15", str(ID_MAX + 1)]
+)
+def test_other_id_texts_are_refused_as_json_producers_refuse_them(text: str) -> None:
+    """Issue 12 item 9: int() accepts +5, 5_0, ' 5' and non-ASCII digits; a JSON producer does not."""
+    with pytest.raises(InvalidChange) as refused:
+        parse_id_text(text)
+    assert bad_fields(refused.value) == ["id"]
+
+
+def test_shown_cuts_and_escapes_for_a_terminal() -> None:
+    assert shown("plain text") == "plain text"
+    assert shown("x" * 50, limit=10) == "xxxxxxxxxx... (50 characters)"
+    assert shown("a\x1b[2Jb\u202ec\ud800") == "a\\x1b[2Jb\\u202ec\\ud800"
