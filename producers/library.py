@@ -13,9 +13,12 @@ Public API (re-exported by ``producers``)::
   with the same change (for the ledger retention, not only while arq keeps the job).
 * ``enqueue_many(changes, *, account="default", source="library", progress=None) -> list[Receipt]``:
   each item is a change (a mapping) or a ``ChangeItem`` carrying its own key, account or source.
-  Every item is validated before anything is enqueued, then the batch goes to Redis in pipelined
-  chunks (``worker.ledger.ENQUEUE_CHUNK`` changes per round trip), so 50,000 changes take a few
-  dozen round trips, not 50,000.
+  All or nothing for the whole call: every item is validated, and every key checked against the
+  ledger and against the items before it, before anything is written; then the batch goes to
+  Redis in pipelined chunks (``worker.ledger.ENQUEUE_CHUNK`` changes per script call), so 50,000
+  changes take a few dozen round trips, not 50,000. Only a concurrent producer writing one of its
+  keys with another change between the check and the write stops it midway, with an
+  ``IdempotencyConflict`` that counts what was enqueued (``enqueued_before``).
 * ``validate_many`` and ``enqueue_validated``: the two halves of ``enqueue_many``, for producers
   that report errors their own way (line numbers, list indexes) or skip invalid items.
 * ``aclose()`` (or ``async with``) closes the Redis connection the producer opened itself; a
@@ -26,7 +29,11 @@ names the item index too, as ``changes[3].name``); ``UnknownAccount`` when accou
 configured (IVVY_* or LEADSTAGE_ACCOUNTS_FILE) and the account is not one of them; otherwise only
 the account name's format is checked, so a producer host needs no iVvy credentials.
 ``IdempotencyConflict`` when a known key comes with a different change (nothing of a batch is
-enqueued); ``RedisUnavailable`` when Redis does not answer. Validation is ``worker.change``'s:
+enqueued); ``RedisUnavailable`` when Redis does not answer (nothing was enqueued), and its
+subclass ``EnqueueOutcomeUnknown`` when Redis stopped answering after changes were sent: they
+may or may not be enqueued, and enqueuing them again with the same keys is safe (a change
+already written comes back as ``duplicate``). Every Redis command waits LEADSTAGE_REDIS_TIMEOUT
+at most. Validation is ``worker.change``'s:
 producers and workers apply the same rules.
 
 Nothing is pickled: the queue holds job ids (``{account}:{idempotency_key}``) and each job's record
