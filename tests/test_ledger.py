@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -44,6 +45,16 @@ async def start(ledger: Ledger, key: str, rate: float = RATE) -> Start:
     """start.lua for a job made due now (as when its wait or its lease ran out)."""
     await ledger.client.zadd(QUEUE, {f"default:{key}": 0}, xx=True)
     return await ledger.start(f"default:{key}", WORKER, rate, 0)
+
+
+async def finish(
+    ledger: Ledger, key: str, change: LeadStageChange, started: Start, outcome: str, **options: Any
+) -> bool:
+    """finish.lua for the run ``started`` began; whether it was recorded."""
+    finished = await ledger.finish(
+        f"default:{key}", started.run, change, event=event(outcome, key), history={}, **options
+    )
+    return finished.recorded
 
 
 def event(outcome: str, key: str) -> dict[str, str]:
@@ -99,7 +110,7 @@ async def test_an_older_update_drops_fields_a_newer_one_sets(ledger: Ledger) -> 
     started_older = await start(ledger, "old")
     assert started_older.decision == "go"
     assert started_older.dropped == {"colour"}
-    await ledger.finish("default:old", older, event=event("succeeded", "old"), history={})
+    assert await finish(ledger, "old", older, started_older, "succeeded")
     started_newer = await start(ledger, "new")
     assert (started_newer.decision, started_newer.dropped) == ("go", frozenset())
 
@@ -114,13 +125,14 @@ async def test_an_update_overtaken_in_every_field_is_superseded(ledger: Ledger) 
 async def test_one_job_at_a_time_per_stage(ledger: Ledger, redis_client: aioredis.Redis) -> None:
     first = await enqueue(ledger, "a", {"id": 5, "name": "A"})
     await enqueue(ledger, "b", {"id": 5, "colour": "#123456"})
-    assert (await start(ledger, "a")).decision == "go"
+    started = await start(ledger, "a")
+    assert started.decision == "go"
     blocked = await start(ledger, "b")
     assert (blocked.decision, blocked.reason) == ("wait", "locked")
     rescheduled = await redis_client.zscore(QUEUE, "default:b")
     assert rescheduled is not None
     assert rescheduled > now_ms() - 5
-    await ledger.finish("default:a", first, event=event("succeeded", "a"), history={})
+    assert await finish(ledger, "a", first, started, "succeeded")
     assert (await start(ledger, "b")).decision == "go"
 
 
@@ -133,20 +145,21 @@ async def test_adds_of_the_same_name_share_a_lock(ledger: Ledger) -> None:
 
 async def test_terminal_event_is_written_exactly_once(ledger: Ledger, redis_client: aioredis.Redis) -> None:
     change = await enqueue(ledger, "k", {"name": "Hot", "applyTo": 1})
-    await start(ledger, "k")
-    written = [await ledger.finish("default:k", change, event=event("succeeded", "k"), history={}) for _ in range(3)]
+    started = await start(ledger, "k")
+    written = [await finish(ledger, "k", change, started, "succeeded") for _ in range(3)]
     assert written == [True, False, False]
     assert await redis_client.xlen("leadstage:results") == 1
     assert await redis_client.zcard(QUEUE) == 0
     await redis_client.zadd(QUEUE, {"default:k": 0})  # a stray queue entry of a finished job
-    assert await ledger.start("default:k", WORKER, RATE, 0) == Start("done", reason="succeeded")
+    done = await ledger.start("default:k", WORKER, RATE, 0)
+    assert (done.decision, done.state) == ("done", "succeeded")
     assert await redis_client.zcard(QUEUE) == 0
 
 
 async def test_failure_dead_letters_and_replay_keeps_the_key(ledger: Ledger, redis_client: aioredis.Redis) -> None:
     change = await enqueue(ledger, "k", {"id": 1, "name": "Won!"})
-    await start(ledger, "k")
-    await ledger.finish("default:k", change, event=event("failed", "k"), history={})
+    started = await start(ledger, "k")
+    assert await finish(ledger, "k", change, started, "failed")
     [(entry_id, fields)] = await redis_client.xrange("leadstage:dlq")
     assert fields[b"original_change"] == change.canonical_json()
     assert await redis_client.zcard(QUEUE) == 0
@@ -174,15 +187,8 @@ async def test_rate_limit_is_shared_by_jobs_of_one_account(ledger: Ledger, redis
 async def test_a_429_pauses_the_whole_account(ledger: Ledger) -> None:
     first = await enqueue(ledger, "a", {"name": "A", "applyTo": 1})
     await enqueue(ledger, "b", {"name": "B", "applyTo": 1})
-    await start(ledger, "a")
-    await ledger.finish(
-        "default:a",
-        first,
-        event=event("retrying", "a"),
-        history={},
-        next_at_ms=now_ms() + 5000,
-        pause_until_ms=now_ms() + 5000,
-    )
+    started = await start(ledger, "a")
+    assert await finish(ledger, "a", first, started, "retrying", delay_ms=5000, pause_ms=5000)
     paused = await start(ledger, "b")
     assert (paused.decision, paused.reason) == ("wait", "paused")
     assert 4000 <= paused.wait_ms <= 5000
@@ -208,13 +214,17 @@ async def test_out_of_attempts_is_exhausted(ledger: Ledger, settings: Settings) 
     for attempt in range(1, settings.max_attempts + 1):
         started = await start(ledger, "k")
         assert (started.decision, started.attempt) == ("go", attempt)
-        await ledger.finish("default:k", change, event=event("retrying", "k"), history={})
+        assert await finish(ledger, "k", change, started, "retrying")
     exhausted = await start(ledger, "k")
     assert (exhausted.decision, exhausted.attempt) == ("exhausted", settings.max_attempts)
 
 
 async def test_adopt_gives_each_stage_to_one_add(ledger: Ledger) -> None:
-    assert await ledger.adopt("default", "default:a", [10, 11]) == 10
-    assert await ledger.adopt("default", "default:b", [10, 11]) == 11
-    assert await ledger.adopt("default", "default:a", [10, 11]) == 10
-    assert await ledger.adopt("default", "default:c", [10, 11]) is None
+    runs = {}
+    for key in ("a", "b", "c"):
+        await enqueue(ledger, key, {"name": f"Hot {key}", "applyTo": 1})
+        runs[key] = (await start(ledger, key)).run
+    assert await ledger.adopt("default", "default:a", runs["a"], [10, 11]) == 10
+    assert await ledger.adopt("default", "default:b", runs["b"], [10, 11]) == 11
+    assert await ledger.adopt("default", "default:a", runs["a"], [10, 11]) == 10
+    assert await ledger.adopt("default", "default:c", runs["c"], [10, 11]) is None

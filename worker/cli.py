@@ -453,7 +453,7 @@ async def _check_file(
 async def _write_spool(producer: LeadStageProducer, spool: _Spool, progress: _Progress) -> tuple[int, int]:
     """The second pass: the receipts go to stdout as each chunk is written; returns (queued, duplicate)."""
     from worker import keys
-    from worker.errors import EnqueueOutcomeUnknown
+    from worker.errors import EnqueueOutcomeUnknown, RedisNotReplicated
     from worker.ledger import Chunk
 
     counts = {"queued": 0, "duplicate": 0}
@@ -471,16 +471,17 @@ async def _write_spool(producer: LeadStageProducer, spool: _Spool, progress: _Pr
 
     async with producer.ledger.bulk_write() as write:
         for changes, lines in spool.chunks():
+            chunk = Chunk(changes, [f"line {n}" for n in lines])
             try:
-                await write.send(Chunk(changes, [f"line {n}" for n in lines]))
+                await write.send(chunk)
                 if written is not None:
                     emit(*written)  # the chunk before, while Redis writes this one
                     written = None
                 written = (await write.receive(), lines)
-            except EnqueueOutcomeUnknown as exc:
+            except (EnqueueOutcomeUnknown, RedisNotReplicated) as exc:
                 if written is not None:
                     emit(*written)
-                for (account, key), line in zip(exc.unknown, lines, strict=True):
+                for (account, key), line in zip(chunk.envelopes(), lines, strict=True):
                     _emit(
                         {"job_id": keys.job_id(account, key), "idempotency_key": key, "status": "unknown", "line": line}
                     )

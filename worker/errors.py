@@ -11,12 +11,20 @@ a caller usually asks: will trying again help?
     │   ├── InvalidChange              a change broke the rules of SPEC.md (names each field)
     │   ├── IdempotencyConflict        a known idempotency key came with a different change
     │   ├── UnknownAccount             a change names an account with no credentials
+    │   ├── Exhausted                  out of attempts, or older than LEADSTAGE_MAX_AGE
+    │   ├── RetryAfterTooLong          iVvy asked to wait longer than LEADSTAGE_RETRY_AFTER_MAX
     │   └── IvvyRejected               iVvy refused the change: 24320, 24321, 24323, 24324,
     │       │                          23016, 23017 and any other 4xx
     │       └── IvvyAuthError          401, 403, 462, 463: the credentials are wrong or revoked
+    ├── StaleRun                       a worker's run of a change was overtaken (its lease
+    │                                  lapsed, another run began): it stops without recording
     └── RetryableError                 a later attempt may succeed (backoff, Retry-After)
         ├── RedisUnavailable           Redis did not answer
-        │   └── EnqueueOutcomeUnknown  ... while changes were written: retry with the same keys
+        │   ├── RedisRefused           Redis answered but refused the command: OOM, READONLY
+        │   │                          (a demoted primary), MISCONF, LOADING, BUSY, ...
+        │   ├── RedisNotReplicated     fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed
+        │   │                          a write in time: its fate is unknown if the primary fails
+        │   └── EnqueueOutcomeUnknown  no answer while changes were written: retry with the same keys
         ├── IvvyUnavailable            iVvy answered 5xx, 460, 461 or specific code 24322
         │   └── IvvyRateLimited        iVvy answered 429 (``retry_after`` when it said so)
         └── IvvyNoAnswer               no answer: connection refused, reset or dropped
@@ -129,6 +137,24 @@ class UnknownAccount(PermanentError):
         super().__init__(f"account {account!r} is not configured (see LEADSTAGE_ACCOUNTS_FILE)")
 
 
+class Exhausted(PermanentError):
+    """Out of attempts or past the maximum age."""
+
+    error_code = "exhausted"
+
+
+class RetryAfterTooLong(PermanentError):
+    """iVvy asked for a pause longer than the change may wait: dead-lettered with the reason, so an
+    operator replays it later instead of it waiting unseen (and outliving its ledger entry)."""
+
+    error_code = "retry_after_too_long"
+
+    def __init__(self, retry_after_s: float, cap_s: float, answer: str) -> None:
+        super().__init__(
+            f"iVvy asked to wait {retry_after_s:g}s, longer than LEADSTAGE_RETRY_AFTER_MAX ({cap_s:g}s): {answer}"
+        )
+
+
 class IvvyErrorDetails(LeadstageError):
     """What iVvy said: HTTP status and its error body. Mixed into the iVvy exceptions."""
 
@@ -163,8 +189,36 @@ class IvvyAuthError(IvvyRejected):
     error_code = "unauthorized"
 
 
+class StaleRun(LeadstageError):
+    """This run no longer owns its change (its lease lapsed and another run began): it must stop."""
+
+    error_code = "stale_run"
+
+    def __init__(self, job_id: str, run: int) -> None:
+        super().__init__(f"run {run} of {job_id} was overtaken by a newer run")
+
+
 class RedisUnavailable(RetryableError):
     error_code = "redis_unavailable"
+
+
+class RedisRefused(RedisUnavailable):
+    """Redis answered with an error that says it cannot take the command now (not a bug of ours)."""
+
+    error_code = "redis_refused"
+
+
+class RedisNotReplicated(RedisUnavailable):
+    """A write was not confirmed by enough replicas: a failover now could lose it."""
+
+    error_code = "redis_not_replicated"
+
+    def __init__(self, what: str, acked: int, wanted: int, timeout_s: float) -> None:
+        super().__init__(
+            f"{what}: written to the Redis primary but confirmed by {acked} of {wanted} replicas within "
+            f"{timeout_s:g}s (LEADSTAGE_REDIS_MIN_REPLICAS); the outcome is unknown, retry with the same "
+            "idempotency key"
+        )
 
 
 class EnqueueOutcomeUnknown(RedisUnavailable):
@@ -263,9 +317,19 @@ def error_for_response(
     )
 
 
+#: Error replies with which Redis refuses a command for a while, whatever the command: out of memory,
+#: a read-only replica (a demoted primary behind a plain URL), a failed snapshot, a busy script, a
+#: cluster or primary link down. redis-py turns some into classes of their own (and strips their
+#: code), the others keep it at the start of the message. Anything else is a bug: not translated.
+#: (The classes are named in ``redis_errors``, which imports redis-py only when it is used.)
+REFUSAL_PREFIXES = ("OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN")
+
+
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
-    """Translate redis-py's connection failures into ``RedisUnavailable`` at the boundary."""
+    """Translate redis-py's failures into ``RedisUnavailable`` (no answer) or ``RedisRefused`` (an
+    answer refusing the command for now) at the boundary; the answers that mean REDIS_URL is wrong
+    into ``ConfigError``."""
     import redis.exceptions  # here, not at the top: ``leadstage --help`` has no use for redis-py
 
     try:
@@ -274,9 +338,14 @@ def redis_errors() -> Iterator[None]:
         raise ConfigError("REDIS_URL: Redis refuses the user or password it gives") from None
     except redis.exceptions.InvalidResponse:
         raise ConfigError("REDIS_URL: what answers there is not Redis (its answer is not the Redis protocol)") from None
+    except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:  # REFUSAL_CLASSES
+        raise RedisRefused(f"Redis refused the command: {type(exc).__name__}") from exc
     except redis.exceptions.ResponseError as exc:
         if "DB index is out of range" in str(exc):
             raise ConfigError("REDIS_URL selects a database number this Redis does not have") from None
+        code = str(exc).split(" ", 1)[0]
+        if code.startswith(REFUSAL_PREFIXES):
+            raise RedisRefused(f"Redis refused the command: {code}") from exc
         raise
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise RedisUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc

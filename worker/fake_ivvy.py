@@ -95,6 +95,11 @@ drop_rate         0        share processed completely (an add or update is commi
                            the TCP connection is aborted without a byte of answer
 error_24322_rate  0        share of addOrUpdateLeadStage answered 500/24322, not applied
                            (other actions drawing it are answered normally)
+gateway_5xx_rate  0        share of addOrUpdateLeadStage committed, then answered 504 as a
+                           gateway does when the backend was slow: the 5xx lies
+late_commit_rate  0        share of addOrUpdateLeadStage held for ``late_commit_s``, then
+                           committed and answered (the client has usually given up by then)
+late_commit_s     2        how long such a request is held before it is committed
 ================  =======  ==================================================================
 
 Admin endpoints (no signature; the server binds to loopback unless told otherwise)
@@ -106,7 +111,8 @@ Admin endpoints (no signature; the server binds to loopback unless told otherwis
   "status", "fault"}]}``: every API request, oldest first, the last 200 000 kept. ``at`` is
   unix seconds at receipt; ``key`` the key named in X-Api-Authorization (also when refused);
   ``body`` the parsed JSON or null; ``status`` the answer's status, null when hung or dropped;
-  ``fault`` null, "latency", "5xx", "429", "hang", "drop" or "24322".
+  ``fault`` null, "latency", "5xx", "429", "hang", "drop", "24322", "gateway_5xx" or
+  "late_commit".
 * ``GET /_admin/faults`` -> the faults; ``POST /_admin/faults`` merges a partial object and
   returns the result, or 400 ``{"error", "field"}`` naming the bad setting.
 * ``POST /_admin/reset`` (optional body ``{"faults": true}``): back to the built-in stages and
@@ -154,7 +160,9 @@ NAME_MAX_CHARS = 255
 REQUEST_LOG_SIZE = 200_000
 APPLY_TO_VALUES = (1, 2)  # 1 = Opportunity, 2 = Lead
 
-FaultName = Literal["latency", "5xx", "429", "hang", "drop", "24322"]
+FaultName = Literal["latency", "5xx", "429", "hang", "drop", "24322", "gateway_5xx", "late_commit"]
+#: Faults that only addOrUpdateLeadStage draws (other actions drawing them are answered normally).
+_CHANGE_FAULTS: frozenset[FaultName] = frozenset({"24322", "gateway_5xx", "late_commit"})
 
 _COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
 _DIGITS = re.compile(r"[0-9]+")
@@ -243,6 +251,8 @@ _RATE_FAULTS: tuple[tuple[str, FaultName], ...] = (
     ("rate_limit_rate", "429"),
     ("drop_rate", "drop"),
     ("error_24322_rate", "24322"),
+    ("gateway_5xx_rate", "gateway_5xx"),
+    ("late_commit_rate", "late_commit"),
 )
 
 
@@ -258,6 +268,9 @@ class Faults:
     hang_s: float = 30.0
     drop_rate: float = 0.0
     error_24322_rate: float = 0.0
+    gateway_5xx_rate: float = 0.0
+    late_commit_rate: float = 0.0
+    late_commit_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in FAULT_FIELDS:
@@ -620,7 +633,7 @@ class _Handlers:
             action = self._route(request, record)
             fake.verify(request.method, request.raw_path, request.headers.items(), body)
             fault = fake.faults.pick(fake.rng)
-            if fault == "24322" and action is not FakeIvvy.add_or_update_lead_stage:
+            if fault in _CHANGE_FAULTS and action is not FakeIvvy.add_or_update_lead_stage:
                 fault = None
             record.fault = fault
             if fake.faults.latency_ms > 0:
@@ -632,7 +645,14 @@ class _Handlers:
                         await self.closing.wait()
                 return self._dropped(request, record)
             _raise_fault(fault, fake)
+            if fault == "late_commit":
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(fake.faults.late_commit_s):
+                        await self.closing.wait()
             response = _json_response(200, action(fake, _params(request.headers.get("Content-Type", ""), parsed)))
+            if fault == "gateway_5xx":
+                # Committed above; the gateway in front answers as if nothing happened.
+                response = _json_response(504, ApiError(504, "Gateway Timeout").body())
         except ApiError as error:
             response = _json_response(error.status, error.body(), error.headers)
         if fault == "drop":
@@ -844,11 +864,15 @@ _FAULT_HELP = {
     "hang_s": "how long a hung request is held, in seconds",
     "drop_rate": "share of requests applied, then dropped without an answer",
     "error_24322_rate": "share of addOrUpdateLeadStage answered 500 with specific code 24322",
+    "gateway_5xx_rate": "share of addOrUpdateLeadStage committed, then answered 504",
+    "late_commit_rate": "share of addOrUpdateLeadStage held for --late-commit-s, then committed and answered",
+    "late_commit_s": "how long a late commit is held, in seconds",
 }
 _FAULT_TYPES: dict[str, Callable[[str], float]] = {
     "latency_ms": _non_negative,
     "retry_after_s": _seconds,
     "hang_s": _non_negative,
+    "late_commit_s": _non_negative,
 }
 
 

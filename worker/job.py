@@ -1,18 +1,24 @@
 """The lead-stage change job: a thin function over the ledger, the iVvy client and the streams.
 
 The worker (``worker.runner``) claims a due job with ``start.lua``, which also decides: already
-done, wait (rescheduled in the queue), superseded, exhausted, or go; "go" records the recovery
-point ``phase=posting`` and takes the stage lock. This module does the rest of one attempt:
+done, wait (rescheduled in the queue), superseded, exhausted, or go; every decision that runs
+begins a new ``run`` of the change, its fencing token: the scripts refuse a stale run, and the
+worker cancels a run whose lease it could not renew before that lease ends. "go" takes the stage
+lock and, unless the add must be reconciled first, records the recovery point ``phase=posting``.
+This module does the rest of one run:
 
 1. An add whose previous attempt has an unknown outcome is reconciled first: a listed stage of the
-   same name that no other add claimed is adopted instead of posting again.
-2. The POST; its outcome is classified by ``worker.errors`` and recorded by ``finish.lua``
-   together with the results event (and the dead letter when it is terminal and failed), which
-   also puts a retry back on the queue at its time.
+   same name, created after the add was first posted (``id_floor``) and claimed by no other add,
+   is adopted instead of posting again; otherwise the recovery point is written just before the
+   POST (``Ledger.mark_posting``).
+2. The POST; its outcome is classified by ``worker.errors`` (for an add, any 5xx or 24322 may have
+   been committed: unknown) and recorded by ``finish.lua`` together with the results event (and
+   the dead letter when it is terminal and failed), which also puts a retry back on the queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Mapping
@@ -26,26 +32,58 @@ from worker import keys, metrics
 from worker.backoff import backoff_seconds
 from worker.change import LeadStageChange, parse_change
 from worker.errors import (
+    Exhausted,
+    IvvyErrorDetails,
     IvvyNoAnswer,
     IvvyRateLimited,
+    IvvyUnavailable,
     LeadstageError,
     PermanentError,
+    RedisNotReplicated,
     RetryableError,
+    RetryAfterTooLong,
+    StaleRun,
     UnknownAccount,
 )
 from worker.ivvy import IvvyClient
-from worker.ledger import Ledger, Start, now_ms
+from worker.ledger import Ledger, Start
 from worker.logs import bind_job_context
 from worker.results import Event, JobFacts, build_event
 from worker.settings import Settings
+from worker.states import UNACCOUNTED, Decision
 
 log = structlog.get_logger("leadstage.job")
 
 
-class Exhausted(PermanentError):
-    """Out of attempts or past the maximum age."""
+@dataclass
+class Lease:
+    """One running attempt as its worker knows it: the run it holds, until when (this host's
+    monotonic clock) its lease is known to last, and the timer that cancels the attempt before
+    that moment unless the heartbeat renews the lease first."""
 
-    error_code = "exhausted"
+    run: int
+    confirmed_until: float
+    task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    #: Set when the attempt was cancelled for its lease (not by a shutdown).
+    lost: bool = False
+
+    def confirm(self, until: float, margin_s: float) -> None:
+        """The lease holds until ``until``: cancel the attempt ``margin_s`` before, unless renewed."""
+        self.confirmed_until = until
+        if self.timer is not None:
+            self.timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(loop.time() + (until - margin_s - time.monotonic()), self.give_up)
+
+    def give_up(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.lost = True
+            self.task.cancel()
+
+    def end(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 @dataclass
@@ -56,12 +94,28 @@ class Runtime:
     ledger: Ledger
     clients: Mapping[str, IvvyClient]
     worker_id: str
-    running: set[str] = field(default_factory=set)
+    running: dict[str, Lease] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
 
     def rate_limit(self, account: str) -> float:
         client = self.clients.get(account)
         return client.account.rate_limit if client else self.settings.rate_limit
+
+    def wall_ms(self) -> int:
+        """This host's clock (with the test offset): event times only, never a decision."""
+        return int((time.time() + self.settings.clock_offset_s) * 1000)
+
+    @property
+    def lease_margin_s(self) -> float:
+        """A run is given up this long before its lease is known to end: time for clocks that tick
+        at slightly different rates and for a loop that is late."""
+        return self.settings.lease_s / 4
+
+    def check_lease(self, job_id: str) -> None:
+        """``StaleRun`` unless this run's lease is still known to hold, with the margin to spare."""
+        lease = self.running.get(job_id)
+        if lease is None or lease.confirmed_until - self.lease_margin_s <= time.monotonic():
+            raise StaleRun(job_id, lease.run if lease else 0)
 
 
 async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, start: Start) -> str:
@@ -73,67 +127,89 @@ async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, start: Start
     facts = JobFacts(job_id, idempotency_key, account, change, source, enqueued_at, generation)
     client = runtime.clients.get(account)
     with bind_job_context(job_id, idempotency_key, account, start.attempt):
-        if start.decision == "superseded":
-            await _finish(runtime, facts, "superseded", attempt=0, sent=None)
+        if start.decision is Decision.SUPERSEDED:
+            await _finish(runtime, facts, start, "superseded", sent=None)
             return "superseded"
         if client is None:
-            await _finish(runtime, facts, "failed", attempt=start.attempt, sent=None, error=UnknownAccount(account))
+            await _finish(runtime, facts, start, "failed", sent=None, error=UnknownAccount(account))
             return "failed"
-        unknown_before = start.previous_phase in ("posting", "unknown")
-        if start.decision == "exhausted":
-            return await _exhausted(runtime, client, facts, start, unknown_before)
-        return await _attempt(runtime, client, facts, start, unknown_before)
+        if start.decision is Decision.EXHAUSTED:
+            return await _exhausted(runtime, client, facts, start)
+        return await _attempt(runtime, client, facts, start)
 
 
-async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start, unknown_before: bool) -> str:
+def _must_reconcile(facts: JobFacts, start: Start) -> bool:
+    return facts.change.operation == "add" and start.previous_phase in UNACCOUNTED
+
+
+async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> str:
     change = facts.change
     sent = change.without(set(start.dropped))
     started = time.monotonic()
-    if change.operation == "add" and unknown_before:
+    if _must_reconcile(facts, start):
         try:
-            adopted = await _reconcile(runtime, client, facts)
+            adopted = await _reconcile(runtime, client, facts, start)
         except RetryableError as error:
             # The earlier attempt is still unaccounted for: stay in the unknown phase.
-            return await _failed_attempt(runtime, facts, start.attempt, sent, error, started, outcome_unknown=True)
+            return await _failed_attempt(runtime, facts, start, sent, error, started, outcome_unknown=True)
         except PermanentError as error:
-            return await _permanent_failure(runtime, facts, start.attempt, sent, error, started)
+            return await _permanent_failure(runtime, facts, start, sent, error, started)
         if adopted is not None:
-            await _finish(runtime, facts, "succeeded", attempt=start.attempt, sent=sent, stage_id=adopted)
+            await _finish(runtime, facts, start, "succeeded", sent=sent, stage_id=adopted)
             return "succeeded"
+    try:
+        if not _must_reconcile(facts, start):
+            await runtime.ledger.wait_for_replicas("the recovery point before the POST")
+        elif not await runtime.ledger.mark_posting(facts.job_id, start.run):
+            raise StaleRun(facts.job_id, start.run)
+    except RedisNotReplicated as error:
+        # A failover now could lose the recovery point, and another worker post the add again:
+        # nothing is sent until Redis can promise it.
+        return await _failed_attempt(runtime, facts, start, sent, error, started, outcome_unknown=False)
+    runtime.check_lease(facts.job_id)
     try:
         with metrics.IVVY_LATENCY.labels(facts.account, "addOrUpdateLeadStage").time():
             stage_id = await client.add_or_update_lead_stage(sent)
     except RetryableError as error:
-        unknown = isinstance(error, IvvyNoAnswer) and error.outcome_unknown
-        return await _failed_attempt(runtime, facts, start.attempt, sent, error, started, outcome_unknown=unknown)
+        return await _failed_attempt(
+            runtime, facts, start, sent, error, started, outcome_unknown=_outcome_unknown(change, error)
+        )
     except PermanentError as error:
-        return await _permanent_failure(runtime, facts, start.attempt, sent, error, started)
+        return await _permanent_failure(runtime, facts, start, sent, error, started)
     metrics.ATTEMPTS.labels(facts.account, change.operation, "ok").inc()
     await _finish(
-        runtime,
-        facts,
-        "succeeded",
-        attempt=start.attempt,
-        sent=sent,
-        stage_id=stage_id,
-        started=started,
+        runtime, facts, start, "succeeded", sent=sent, stage_id=stage_id, started=started,
         created=change.operation == "add",
-    )
+    )  # fmt: skip
     return "succeeded"
 
 
+def _outcome_unknown(change: LeadStageChange, error: RetryableError) -> bool:
+    """Whether iVvy may have applied the request although it did not say so.
+
+    No answer after the request was sent: unknown. For an add, also every 5xx and 24322: a gateway
+    can answer 502/504 after the backend committed, and posting again would add a second stage
+    (an update posted twice sets the same values, so its 5xx is simply retried).
+    """
+    if isinstance(error, IvvyNoAnswer):
+        return error.outcome_unknown
+    if change.operation == "add" and isinstance(error, IvvyUnavailable) and not isinstance(error, IvvyRateLimited):
+        return (error.http_status or 0) >= 500 or error.specific_code is not None
+    return False
+
+
 async def _permanent_failure(
-    runtime: Runtime, facts: JobFacts, attempt: int, sent: LeadStageChange, error: PermanentError, started: float
+    runtime: Runtime, facts: JobFacts, start: Start, sent: LeadStageChange, error: PermanentError, started: float
 ) -> str:
     metrics.ATTEMPTS.labels(facts.account, facts.change.operation, "permanent").inc()
-    await _finish(runtime, facts, "failed", attempt=attempt, sent=sent, error=error, started=started)
+    await _finish(runtime, facts, start, "failed", sent=sent, error=error, started=started)
     return "failed"
 
 
 async def _failed_attempt(
     runtime: Runtime,
     facts: JobFacts,
-    attempt: int,
+    start: Start,
     sent: LeadStageChange,
     error: RetryableError,
     started: float,
@@ -148,120 +224,114 @@ async def _failed_attempt(
     settings = runtime.settings
     metrics.ATTEMPTS.labels(facts.account, facts.change.operation, "retryable").inc()
     must_reconcile = outcome_unknown and facts.change.operation == "add"
-    if attempt >= settings.max_attempts and not must_reconcile:
-        await _finish(runtime, facts, "failed", attempt=attempt, sent=sent, error=error, started=started)
+    if (error.retry_after or 0.0) > settings.retry_after_max_s and not must_reconcile:
+        too_long = RetryAfterTooLong(error.retry_after or 0.0, settings.retry_after_max_s, str(error))
+        await _finish(runtime, facts, start, "failed", sent=sent, error=too_long, started=started)
+        return "failed"
+    if start.attempt >= settings.max_attempts and not must_reconcile:
+        await _finish(runtime, facts, start, "failed", sent=sent, error=error, started=started)
         return "failed"
     delay = backoff_seconds(
-        attempt,
+        start.attempt,
         base=settings.backoff_base_s,
         cap=settings.backoff_max_s,
-        retry_after=error.retry_after,
+        retry_after=min(error.retry_after or 0.0, settings.retry_after_max_s),
         rng=runtime.rng,
     )
     if must_reconcile:
-        # A request that timed out may still be applied late: give it a request timeout to land
-        # before the reconcile looks for it.
+        # A request of unknown outcome may still be applied late: give it that long to land before
+        # the reconcile looks for it.
         delay = max(delay, settings.request_timeout_s)
-    now = now_ms()
-    pause_until = now + int(delay * 1000) if isinstance(error, IvvyRateLimited) else None
+    delay_ms = int(delay * 1000)
     await _finish(
-        runtime,
-        facts,
-        "retrying",
-        attempt=attempt,
-        sent=sent,
-        error=error,
-        started=started,
-        next_at_ms=now + int(delay * 1000),
-        outcome_unknown=outcome_unknown,
-        pause_until_ms=pause_until,
-    )
+        runtime, facts, start, "retrying", sent=sent, error=error, started=started, delay_ms=delay_ms,
+        outcome_unknown=outcome_unknown, pause_ms=delay_ms if isinstance(error, IvvyRateLimited) else None,
+    )  # fmt: skip
     return "retrying"
 
 
-async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start, unknown_before: bool) -> str:
+async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> str:
     """Out of attempts or too old: fail, unless an add of unknown outcome turns out to exist."""
-    if facts.change.operation == "add" and unknown_before:
+    if _must_reconcile(facts, start):
         try:
-            adopted = await _reconcile(runtime, client, facts)
+            adopted = await _reconcile(runtime, client, facts, start)
         except RetryableError as error:
             # Failing now could make a replay create a second stage: keep reconciling instead.
             return await _failed_attempt(
-                runtime, facts, start.attempt, facts.change, error, time.monotonic(), outcome_unknown=True
+                runtime, facts, start, facts.change, error, time.monotonic(), outcome_unknown=True
             )
         if adopted is not None:
-            await _finish(runtime, facts, "succeeded", attempt=start.attempt, sent=facts.change, stage_id=adopted)
+            await _finish(runtime, facts, start, "succeeded", sent=facts.change, stage_id=adopted)
             return "succeeded"
     exhausted = Exhausted(
         f"gave up after {start.attempt} attempts"
         if start.attempt >= runtime.settings.max_attempts
         else f"older than LEADSTAGE_MAX_AGE ({runtime.settings.max_age_s:g}s)"
     )
-    await _finish(runtime, facts, "failed", attempt=start.attempt, sent=None, error=exhausted)
+    await _finish(runtime, facts, start, "failed", sent=None, error=exhausted)
     return "failed"
 
 
-async def _reconcile(runtime: Runtime, client: IvvyClient, facts: JobFacts) -> int | None:
-    """Find the stage an earlier attempt of this add may have created, and claim it."""
+async def _reconcile(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> int | None:
+    """Find the stage an earlier attempt of this add may have created, and claim it.
+
+    Only what cannot have changed since that attempt decides: the name it was created with (the
+    list's filter and ours), an id above every stage claimed before the add was first posted
+    (iVvy's ids grow), and no claim by another add. Colour and applyTo are not compared: an update
+    may have changed them in the meantime.
+    """
     with metrics.IVVY_LATENCY.labels(facts.account, "getLeadStageList").time():
         stages = await client.get_lead_stage_list(name=facts.change.name)
-    change = facts.change
-    wanted = (change.name or "").casefold()
-    candidates = sorted(s.id for s in stages if s.name.strip().casefold() == wanted and _compatible(s.raw, change))
-    adopted = await runtime.ledger.adopt(facts.account, facts.job_id, candidates)
-    log.info("job.reconciled", candidates=len(candidates), adopted=adopted)
+    wanted = (facts.change.name or "").casefold()
+    floor = await runtime.ledger.id_floor(facts.job_id)
+    candidates = sorted(s.id for s in stages if s.name.strip().casefold() == wanted and s.id > floor)
+    adopted = await runtime.ledger.adopt(facts.account, facts.job_id, start.run, candidates)
+    log.info("job.reconciled", candidates=len(candidates), adopted=adopted, id_floor=floor)
     return adopted
-
-
-def _compatible(listed: Mapping[str, Any], change: LeadStageChange) -> bool:
-    """A listed stage can be ours only if the fields the list shows agree with the change."""
-    colour, apply_to = listed.get("colour"), listed.get("applyTo")
-    if change.colour is not None and isinstance(colour, str) and colour.lower() != change.colour:
-        return False
-    return not (change.apply_to is not None and apply_to is not None and str(apply_to) != str(change.apply_to))
 
 
 async def _finish(
     runtime: Runtime,
     facts: JobFacts,
+    start: Start,
     event: Event,
     *,
-    attempt: int,
     sent: LeadStageChange | None,
     stage_id: int | None = None,
     error: LeadstageError | None = None,
     started: float | None = None,
     created: bool = False,
-    next_at_ms: int = 0,
+    delay_ms: int = 0,
     outcome_unknown: bool = False,
-    pause_until_ms: int | None = None,
+    pause_ms: int | None = None,
 ) -> None:
-    finished = now_ms()
     duration = 0 if started is None else int((time.monotonic() - started) * 1000)
     if stage_id is None and facts.change.id is not None and event == "succeeded":
         stage_id = facts.change.id
     fields = build_event(
         event,
         facts,
-        attempt=attempt,
-        finished_at_ms=finished,
+        attempt=start.attempt,
+        finished_at_ms=runtime.wall_ms(),
         duration_ms=duration,
         sent=sent,
         stage_id=stage_id,
         error=error,
     )
     history = {k: fields[k] for k in ("event", "attempt", "finished_at", "http_status", "error_code", "error_message")}
-    written = await runtime.ledger.finish(
+    history["run"] = str(start.run)
+    finished = await runtime.ledger.finish(
         facts.job_id,
+        start.run,
         facts.change,
         event=fields,
         history=history,
-        next_at_ms=next_at_ms,
+        delay_ms=delay_ms,
         outcome_unknown=outcome_unknown,
-        pause_until_ms=pause_until_ms,
+        pause_ms=pause_ms,
         created_stage_id=stage_id if created else None,
     )
-    if written and event != "retrying":
+    if finished.recorded and event != "retrying":
         metrics.CHANGES.labels(facts.account, event).inc()
         if event == "failed":
             metrics.DEAD_LETTERED.labels(facts.account).inc()
@@ -270,5 +340,7 @@ async def _finish(
         outcome=event,
         stage_id=stage_id,
         error_code=fields["error_code"] or None,
-        recorded=written,
+        http_status=error.http_status if isinstance(error, IvvyErrorDetails) else None,
+        recorded=finished.recorded,
+        refused_because=finished.refused_because or None,
     )

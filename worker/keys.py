@@ -20,7 +20,10 @@ LEDGER_PREFIX = "leadstage:ledger:"
 STAGE_PREFIX = "leadstage:stage:"
 STAGE_LOCK_PREFIX = "leadstage:stage-lock:"
 CLAIMS_PREFIX = "leadstage:claims:"
+NEWEST_CLAIM_PREFIX = "leadstage:newest-claim:"
 RATE_PREFIX = "leadstage:rate:"
+#: Hash account -> changes enqueued and not yet terminal (the backlog behind a new change).
+PENDING = "leadstage:pending"
 #: Hash job id -> "label change" of the keys a bulk enqueue has checked so far (ledger.BulkCheck).
 STAGING_PREFIX = "leadstage:staging:"
 
@@ -58,6 +61,12 @@ def stage_lock_key(account: str, subject: str) -> str:
 def claims_key(account: str) -> str:
     """Hash stage id -> job id of the add that created it (used to reconcile unknown adds)."""
     return CLAIMS_PREFIX + account
+
+
+def newest_claim_key(account: str) -> str:
+    """The highest stage id an add of this account has claimed: stages at or below it existed
+    before any later add was first posted, so a reconcile never adopts them (iVvy's ids grow)."""
+    return NEWEST_CLAIM_PREFIX + account
 
 
 def rate_key(account: str) -> str:

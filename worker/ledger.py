@@ -3,22 +3,29 @@
 One hash per change (``keys.ledger_key``) is the job's record and the source of truth; the queue
 holds only job ids, scored by when each may run next. Each transition is one Lua script, so that
 the ledger, the queue, the ordering sequence, the lock, the rate limiter and the streams change
-together or not at all, in one round trip:
+together or not at all, in one round trip. Every time that decides anything (due times, leases,
+the in-flight guard, the rate limiter, pauses, ``enqueued_at``) is the Redis server's clock
+(``TIME`` inside the scripts): hosts whose clocks disagree cannot disagree about a change.
 
 =============  ==============================================================================
 enqueue.lua    new change (or replay of a dead letter): ledger entry + field sequence + queue
+due.lua        the job ids due now, by the server's clock (the worker's poll)
 start.lua      claim a due job and decide whether it may talk to iVvy now (backoff, in-flight
-               guard, ordering, lock, rate limit); records the recovery point
-               ``phase=posting`` and hides the job for one lease while it runs
+               guard, ordering, lock, rate limit); a job that runs gets a new ``run`` (its
+               fencing token) and is hidden for one lease; ``go`` records the recovery point
+               ``phase=posting`` (or, for an add to reconcile first, post.lua does just before
+               its POST)
+lease.lua      the heartbeat: extends the lease of each attempt that is still its change's run
 adopt.lua      an add of unknown outcome adopts a listed stage no other add has claimed
-finish.lua     the attempt's end: ledger state + results event (+ dead letter) + the queue,
-               exactly once
+finish.lua     the run's end: ledger state + results event (+ dead letter) + the queue, exactly
+               once, refused for a stale run
+lost.lua       a due job whose ledger entry expired: a failed event and a dead letter, never
+               silence
 =============  ==============================================================================
 
-Ledger states: queued -> running -> (retrying -> running)* -> succeeded | failed | superseded.
-``phase`` is ``posting`` while a POST may be in flight and ``unknown`` after an attempt whose
-outcome nobody knows (timeout, dropped connection, crash); an add in either phase is reconciled
-with getLeadStageList before it is posted again.
+Each script's KEYS, ARGV and reply are written at its top; every reply has a fixed shape and is
+parsed here, and only here, into the types below (states and decisions: ``worker.states``). The
+ledger's fields and the state machine are tabled in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -39,8 +46,16 @@ from redis.exceptions import NoScriptError
 
 from worker import keys
 from worker.change import Envelope, LeadStageChange
-from worker.errors import EnqueueOutcomeUnknown, IdempotencyConflict, RedisUnavailable, redis_errors
+from worker.errors import (
+    EnqueueOutcomeUnknown,
+    IdempotencyConflict,
+    RedisNotReplicated,
+    RedisUnavailable,
+    StaleRun,
+    redis_errors,
+)
 from worker.settings import Settings
+from worker.states import RUNS, Decision, Outcome, Phase, State, WaitReason
 
 EnqueueStatus = Literal["queued", "duplicate"]
 #: Changes per enqueue.lua call when enqueuing in bulk (Redis runs each call in one go: ~10 ms).
@@ -50,6 +65,7 @@ STAGING_TTL_MS = 3_600_000
 
 
 def now_ms() -> int:
+    """This host's clock, for what is only reported (event times, durations), never decided."""
     return int(time.time() * 1000)
 
 
@@ -59,12 +75,19 @@ def _script(client: aioredis.Redis, name: str) -> AsyncScript:
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """What a producer gets back for one change."""
+    """What a producer gets back for one change.
+
+    ``backlog`` is how many changes of the account were waiting for a terminal state once this
+    one was queued (itself included), and ``expected_wait_s`` how long the account's rate limit
+    needs to send them: when it exceeds the maximum age, the newest of them will fail as too old.
+    """
 
     job_id: str
     idempotency_key: str
     account: str
     status: EnqueueStatus
+    backlog: int = 0
+    expected_wait_s: float = 0.0
 
     def as_dict(self) -> dict[str, str]:
         return {"job_id": self.job_id, "idempotency_key": self.idempotency_key, "status": self.status}
@@ -74,21 +97,57 @@ class Receipt:
 class Start:
     """start.lua's decision about one job."""
 
-    decision: Literal["skip", "missing", "done", "wait", "superseded", "exhausted", "go"]
+    decision: Decision
     wait_ms: int = 0
-    reason: str = ""
+    reason: WaitReason | None = None
+    #: The run this start began (the fencing token every later script of it presents).
+    run: int = 0
     attempt: int = 0
-    previous_phase: str = ""
+    previous_phase: Phase = Phase.NONE
     dropped: frozenset[str] = field(default_factory=frozenset)
-    #: (source, enqueued at in ms, generation) of the change, for its events.
+    #: (source, enqueued at in server ms, generation) of the change, for its events.
     facts: tuple[str, int, int] = ("", 0, 0)
     #: The change's canonical JSON, from its ledger entry.
     change_json: bytes = b""
+    #: The terminal state a ``done`` job was found in.
+    state: State | None = None
 
     @property
     def runs(self) -> bool:
         """Whether the job has work to do now (a task is started for it)."""
-        return self.decision in ("superseded", "exhausted", "go")
+        return self.decision in RUNS
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """finish.lua's answer: whether this run's end was recorded, and when (server ms)."""
+
+    recorded: bool
+    finished_at_ms: int = 0
+    #: Why not, when not: the terminal state found, ``missing`` or ``fenced`` (a newer run owns it).
+    refused_because: str = ""
+
+
+def _parse_start(reply: Sequence[bytes | int]) -> Start:
+    """start.lua's 12-item reply (see the script's header)."""
+    decision, wait_ms, reason, run, attempt, phase, dropped, source, enqueued_at, gen, change, state = reply
+    text = [v.decode() if isinstance(v, bytes) else str(v) for v in (reason, phase, dropped, source, state)]
+    return Start(
+        decision=Decision(_text(decision)),
+        wait_ms=int(wait_ms),
+        reason=WaitReason(text[0]) if text[0] else None,
+        run=int(run),
+        attempt=int(attempt),
+        previous_phase=Phase(text[1]),
+        dropped=frozenset(f for f in text[2].split(",") if f),
+        facts=(text[3], int(enqueued_at), int(gen)),
+        change_json=change if isinstance(change, bytes) else b"",
+        state=State(text[4]) if text[4] else None,
+    )
+
+
+def _text(value: bytes | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Ledger:
@@ -98,9 +157,13 @@ class Ledger:
         self.client = client
         self.settings = settings
         self._enqueue = _script(client, "enqueue.lua")
+        self._due = _script(client, "due.lua")
         self._start = _script(client, "start.lua")
+        self._lease = _script(client, "lease.lua")
+        self._post = _script(client, "post.lua")
         self._adopt = _script(client, "adopt.lua")
         self._finish = _script(client, "finish.lua")
+        self._lost = _script(client, "lost.lua")
 
     # -- producers -----------------------------------------------------------------------------
 
@@ -120,7 +183,9 @@ class Ledger:
         check and the write can make a later chunk fail after earlier ones were written; the
         error then says how many were enqueued. ``progress`` is called with the size of each
         chunk once it is enqueued (a bulk producer's progress bar). ``labels`` name each item in
-        the caller's terms (``changes[3]``), for the errors.
+        the caller's terms (``changes[3]``), for the errors. With ``LEADSTAGE_REDIS_MIN_REPLICAS``
+        set, each chunk is confirmed by that many replicas, or ``RedisNotReplicated`` says that
+        its fate is unknown (retry with the same keys).
         """
         names = [""] * len(items) if labels is None else labels
         starts = range(0, len(items), ENQUEUE_CHUNK)
@@ -150,6 +215,12 @@ class Ledger:
                 progress(len(done))
         return receipts
 
+    def expected_wait_s(self, account: str, backlog: int) -> float:
+        """How long the account's rate limit needs to send ``backlog`` changes."""
+        configured = self.settings.account(account)
+        rate = configured.rate_limit if configured is not None else self.settings.rate_limit
+        return backlog / rate
+
     def bulk_check(self) -> BulkCheck:
         """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``)."""
         return BulkCheck(self, keys.STAGING_PREFIX + secrets.token_hex(8))
@@ -169,10 +240,9 @@ class Ledger:
         """enqueue.lua's keys and arguments; ``staging`` (check only): the staging hash and the
         changes' labels as a JSON array."""
         settings = self.settings
-        script_keys = [settings.queue_name, settings.dlq_stream]
+        script_keys = [settings.queue_name, settings.dlq_stream, keys.PENDING]
         args: list[bytes | str | int] = [
             mode,
-            now_ms(),
             settings.ledger_retention_s * 1000,
             *replay_of,
             keys.LEDGER_PREFIX,
@@ -186,68 +256,80 @@ class Ledger:
 
     async def _call_enqueue(
         self, mode: Literal["enqueue", "check", "replay"], changes: bytes, *, replay_of: tuple[str, str] = ("", "")
-    ) -> list[list[bytes]]:
-        """enqueue.lua over changes encoded by ``_encode``; one answer per change."""
+    ) -> tuple[list[list[bytes]], dict[str, int]]:
+        """enqueue.lua over changes encoded by ``_encode``: one answer per change, and the backlog of
+        each account written to."""
         script_keys, args = self._enqueue_arguments(mode, changes, replay_of=replay_of)
         with redis_errors():
-            answers: list[list[bytes]] = await self._enqueue(keys=script_keys, args=args)
-        return answers
+            reply = await self._enqueue(keys=script_keys, args=args)
+        return _enqueue_reply(reply)
 
     async def replay(
         self, change: LeadStageChange, envelope: Envelope, *, dlq_entry_id: str, generation: str
     ) -> tuple[str, int]:
         """Put a dead-lettered change back on the queue under its key; returns (status, generation)."""
-        [answer] = await self._call_enqueue(
+        [answer], _ = await self._call_enqueue(
             "replay", _encode([(change, envelope)]), replay_of=(dlq_entry_id, generation)
         )
         status = answer[0].decode()
+        if status == "queued":
+            await self.wait_for_replicas("the replayed change")
         return status, int(answer[1]) if status == "queued" else 0
 
+    async def wait_for_replicas(self, what: str, *, connection: Connection | None = None) -> None:
+        """With ``LEADSTAGE_REDIS_MIN_REPLICAS``, wait until that many replicas have every write so
+        far (``WAIT``; of ``connection`` when the writes went on a connection of their own);
+        ``RedisNotReplicated`` when they did not confirm in time."""
+        settings = self.settings
+        if settings.redis_min_replicas == 0:
+            return
+        wait = ("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))
+        with redis_errors():
+            if connection is None:
+                acked = int(await self.client.execute_command(*wait))  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            else:
+                await connection.send_command(*wait)
+                acked = int(await connection.read_response())
+        if acked < settings.redis_min_replicas:
+            raise RedisNotReplicated(what, acked, settings.redis_min_replicas, settings.redis_replica_timeout_s)
+
     # -- the worker ----------------------------------------------------------------------------
+
+    async def due(self, count: int) -> list[str]:
+        """Up to ``count`` job ids due now by the server's clock (due.lua)."""
+        with redis_errors():
+            ids: list[bytes] = await self._due(keys=[self.settings.queue_name], args=[count])
+        return [raw.decode() for raw in ids]
 
     async def start(self, job_id: str, worker_id: str, rate_limit: float, jitter_ms: int) -> Start:
         """Claim a due job and decide what it may do now (start.lua)."""
         settings = self.settings
         account = keys.split_job_id(job_id)[0]
         with redis_errors():
-            answer = await self._start(
-                keys=[settings.queue_name, keys.ledger_key(job_id), keys.rate_key(account)],
-                args=[
-                    job_id,
-                    now_ms(),
-                    time.time_ns() // 1000,
-                    self.lease_ms,
-                    settings.max_attempts,
-                    int(settings.max_age_s * 1000),
-                    max(1, round(1_000_000 / rate_limit)),
-                    self.lock_ms,
-                    self.in_flight_guard_ms,
-                    worker_id,
-                    keys.STAGE_PREFIX,
-                    keys.STAGE_LOCK_PREFIX,
-                    jitter_ms,
-                    self.reservation_grace_us,
+            reply = await self._start(
+                keys=[
+                    settings.queue_name, keys.ledger_key(job_id), keys.rate_key(account),
+                    keys.newest_claim_key(account),
                 ],
-            )
-        decision = answer[0].decode()
-        if decision == "wait":
-            return Start("wait", wait_ms=int(answer[1]), reason=answer[2].decode())
-        if decision in ("skip", "missing"):
-            return Start(decision)
-        if decision == "done":
-            return Start("done", reason=answer[1].decode())
-        facts = (answer[4].decode(), int(answer[5]), int(answer[6]))
-        if decision == "superseded":
-            return Start("superseded", dropped=_fields(answer[1]), facts=facts, change_json=answer[7])
-        if decision == "exhausted":
-            return Start(
-                "exhausted", previous_phase=answer[1].decode(), attempt=int(answer[2]), facts=facts,
-                change_json=answer[7],
+                args=[
+                    job_id, self.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
+                    max(1, round(1_000_000 / rate_limit)), self.lock_ms, self.in_flight_guard_ms, worker_id,
+                    keys.STAGE_PREFIX, keys.STAGE_LOCK_PREFIX, jitter_ms, self.reservation_grace_us,
+                    settings.ledger_retention_s * 1000,
+                ],
             )  # fmt: skip
-        return Start(
-            "go", attempt=int(answer[1]), previous_phase=answer[2].decode(), dropped=_fields(answer[3]), facts=facts,
-            change_json=answer[7],
-        )  # fmt: skip
+        return _parse_start(reply)
+
+    async def mark_posting(self, job_id: str, run: int) -> bool:
+        """The recovery point just before a POST that follows a reconcile (post.lua); False when
+        another run owns the change now (this one must not post)."""
+        account = keys.split_job_id(job_id)[0]
+        with redis_errors():
+            status, _ = await self._post(keys=[keys.ledger_key(job_id), keys.newest_claim_key(account)], args=[run])
+        if status != b"ok":
+            return False
+        await self.wait_for_replicas("the recovery point before the POST")
+        return True
 
     @property
     def lease_ms(self) -> int:
@@ -261,74 +343,101 @@ class Ledger:
 
     @property
     def in_flight_guard_ms(self) -> int:
-        """How long after an attempt began its POST may still be in flight (a crashed worker's)."""
+        """How long after its recovery point a POST may still be in flight (a crashed worker's): the
+        request timeout, and a second for the round trip that wrote the recovery point."""
         return int(self.settings.request_timeout_s * 1000) + 1000
+
+    @property
+    def late_commit_ms(self) -> int:
+        """How long after an unknown outcome iVvy may still apply the request: the stage stays locked
+        for that long whatever becomes of the change."""
+        return int(self.settings.request_timeout_s * 1000)
 
     @property
     def lock_ms(self) -> int:
         """Long enough for a reconciling list and a POST, each up to the request timeout."""
         return int(self.settings.request_timeout_s * 2000) + 5000
 
-    async def extend_leases(self, job_ids: Sequence[str]) -> None:
-        """Keep running jobs hidden for another lease (the worker's heartbeat)."""
-        if not job_ids:
-            return
-        hidden_until = now_ms() + self.lease_ms
+    async def extend_leases(self, runs: Mapping[str, int], worker_id: str) -> set[str]:
+        """The heartbeat (lease.lua): keep running attempts hidden for another lease and say that the
+        worker is alive; returns the jobs extended (the others are no longer this worker's run)."""
+        jobs = list(runs)
         with redis_errors():
-            await self.client.zadd(self.settings.queue_name, dict.fromkeys(job_ids, hidden_until), xx=True)
+            extended: list[int] = await self._lease(
+                keys=[self.settings.queue_name, keys.WORKERS, *(keys.ledger_key(job) for job in jobs)],
+                args=[self.lease_ms, worker_id, len(jobs), *(v for job in jobs for v in (job, runs[job]))],
+            )
+        return {job for job, ok in zip(jobs, extended, strict=True) if ok}
 
-    async def adopt(self, account: str, job_id: str, candidates: Sequence[int]) -> int | None:
-        """Claim the first candidate stage no other add has claimed (adopt.lua)."""
+    async def adopt(self, account: str, job_id: str, run: int, candidates: Sequence[int]) -> int | None:
+        """Claim the first candidate stage no other add has claimed (adopt.lua); None when there is
+        none. ``StaleRun`` when another run owns the change now."""
         if not candidates:
             return None
         with redis_errors():
-            answer = await self._adopt(keys=[keys.claims_key(account)], args=[job_id, *candidates])
-        return int(answer) if answer else None
+            status, stage_id = await self._adopt(
+                keys=[keys.claims_key(account), keys.ledger_key(job_id), keys.newest_claim_key(account)],
+                args=[job_id, run, *candidates],
+            )
+        if status == b"stale":
+            raise StaleRun(job_id, run)
+        return int(stage_id) if status == b"adopted" else None
 
     async def finish(
         self,
         job_id: str,
+        run: int,
         change: LeadStageChange,
         *,
         event: Mapping[str, str],
         history: Mapping[str, object],
-        next_at_ms: int = 0,
+        delay_ms: int = 0,
         outcome_unknown: bool = False,
-        pause_until_ms: int | None = None,
+        pause_ms: int | None = None,
         created_stage_id: int | None = None,
-    ) -> bool:
-        """Record an attempt's end and publish ``event``; False when the ledger was already terminal."""
+    ) -> Finished:
+        """Record a run's end and publish ``event`` (finish.lua); not recorded when the ledger was
+        already terminal or gone, or another run owns the change."""
         settings = self.settings
         account = keys.split_job_id(job_id)[0]
+        outcome = Outcome(event["event"])
         fields: list[str] = [item for pair in event.items() for item in pair]
         with redis_errors():
-            answer = await self._finish(
+            status, detail = await self._finish(
                 keys=[
-                    keys.ledger_key(job_id),
-                    settings.results_stream,
-                    settings.dlq_stream,
+                    keys.ledger_key(job_id), settings.results_stream, settings.dlq_stream,
                     keys.stage_lock_key(account, keys.lock_subject(change.id, change.name)),
-                    keys.claims_key(account),
-                    keys.rate_key(account),
-                    settings.queue_name,
+                    keys.claims_key(account), keys.rate_key(account), settings.queue_name,
+                    keys.newest_claim_key(account), keys.PENDING,
                 ],
                 args=[
-                    job_id,
-                    event["event"],
-                    now_ms(),
-                    settings.ledger_retention_s * 1000,
-                    settings.results_maxlen,
-                    next_at_ms,
-                    "unknown" if outcome_unknown else "",
-                    self.lock_ms,
-                    "" if pause_until_ms is None else pause_until_ms,
-                    "" if created_stage_id is None else created_stage_id,
-                    event.get("stage_id", ""),
-                    orjson.dumps(history),
-                    *fields,
+                    job_id, run, outcome, settings.ledger_retention_s * 1000, settings.results_maxlen, delay_ms,
+                    Phase.UNKNOWN if outcome_unknown else Phase.NONE, self.late_commit_ms,
+                    "" if pause_ms is None else pause_ms, "" if created_stage_id is None else created_stage_id,
+                    event.get("stage_id", ""), orjson.dumps(history), account, *fields,
                 ],
+            )  # fmt: skip
+        if status != b"ok":
+            return Finished(False, refused_because=detail.decode())
+        if outcome is not Outcome.RETRYING:
+            await self.wait_for_replicas("the terminal state")
+        return Finished(True, int(detail))
+
+    async def report_missing(self, job_id: str, event: Mapping[str, str]) -> None:
+        """A due job whose ledger entry is gone: its failed event and a dead letter (lost.lua)."""
+        settings = self.settings
+        fields = [item for pair in event.items() for item in pair]
+        with redis_errors():
+            await self._lost(
+                keys=[settings.results_stream, settings.dlq_stream, keys.PENDING],
+                args=[keys.split_job_id(job_id)[0], settings.results_maxlen, *fields],
             )
-        return bool(answer[0] == b"ok")
+
+    async def id_floor(self, job_id: str) -> int:
+        """The highest stage id claimed before this add was first posted (see keys.newest_claim_key)."""
+        with redis_errors():
+            raw = await self.client.hget(keys.ledger_key(job_id), "id_floor")  # type: ignore[misc]  # redis-py's async stubs
+        return int(raw or 0)
 
     # -- readers -------------------------------------------------------------------------------
 
@@ -392,20 +501,25 @@ class _Pipe:
         with redis_errors():
             await self._connection.send_command("EVALSHA", self.ledger._enqueue.sha, *self._request)
 
-    async def receive(self) -> list[list[bytes]]:
+    async def receive(self) -> tuple[list[list[bytes]], dict[str, int]]:
+        """The answers of the request sent, and the backlog of each account it wrote to."""
         assert self._connection is not None, "open() first"
         assert self._request is not None, "send() first"
         script = self.ledger._enqueue
         with redis_errors():
             try:
-                answers: list[list[bytes]] = await self._connection.read_response()
+                reply = await self._connection.read_response()
             except NoScriptError:  # not run: load the script (a new or restarted Redis) and send again
                 await self._connection.send_command("SCRIPT", "LOAD", script.script)
                 script.sha = (await self._connection.read_response()).decode()
                 await self._connection.send_command("EVALSHA", script.sha, *self._request)
-                answers = await self._connection.read_response()
+                reply = await self._connection.read_response()
         self._request = None
-        return answers
+        return _enqueue_reply(reply)
+
+    async def wait_for_replicas(self, what: str) -> None:
+        """``Ledger.wait_for_replicas`` for this connection's writes (WAIT counts its own connection's)."""
+        await self.ledger.wait_for_replicas(what, connection=self._connection)
 
 
 class BulkCheck:
@@ -443,10 +557,11 @@ class BulkCheck:
 
     async def receive(self) -> None:
         assert self._chunk is not None
-        for index, answer in enumerate(await self._pipe.receive()):
-            if answer[0] == b"conflict":
+        answers, _ = await self._pipe.receive()
+        for index, answer in enumerate(answers):
+            if answer[0] in (b"conflict", b"twice"):
                 account, key = self._chunk.envelopes()[index]
-                earlier = answer[1].decode() if len(answer) > 1 else None
+                earlier = answer[1].decode() if answer[0] == b"twice" else None
                 raise IdempotencyConflict(account, key, label=self._chunk.labels[index], earlier_label=earlier)
 
 
@@ -487,17 +602,32 @@ class BulkWrite:
         assert self._chunk is not None
         envelopes = self._chunk.envelopes()
         try:
-            answers = await self._pipe.receive()
+            answers, backlog = await self._pipe.receive()
         except RedisUnavailable as exc:
             raise EnqueueOutcomeUnknown(str(exc), enqueued=self.enqueued, unknown=envelopes) from exc
         for (account, key), label, answer in zip(envelopes, self._chunk.labels, answers, strict=True):
             if answer[0] == b"conflict":
                 raise IdempotencyConflict(account, key, label=label, enqueued_before=self.enqueued)
+        await self._pipe.wait_for_replicas("the enqueued changes")
         self.enqueued += len(answers)
-        return [
-            Receipt(keys.job_id(account, key), key, account, "duplicate" if answer[0] == b"duplicate" else "queued")
-            for (account, key), answer in zip(envelopes, answers, strict=True)
-        ]
+        receipts = []
+        for (account, key), answer in zip(envelopes, answers, strict=True):
+            status: EnqueueStatus = "duplicate" if answer[0] == b"duplicate" else "queued"
+            waiting = backlog.get(account, 0) if status == "queued" else 0
+            ledger = self._pipe.ledger
+            receipts.append(
+                Receipt(
+                    keys.job_id(account, key), key, account, status, waiting, ledger.expected_wait_s(account, waiting)
+                )
+            )
+        return receipts
+
+
+def _enqueue_reply(reply: list[Any]) -> tuple[list[list[bytes]], dict[str, int]]:
+    """enqueue.lua's reply: the answers, and account -> backlog for the accounts written to."""
+    answers, backlog = reply
+    pairs = iter(backlog)
+    return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
 
 
 def _encode(items: Sequence[tuple[LeadStageChange, Envelope]]) -> bytes:
@@ -518,7 +648,3 @@ def _encode(items: Sequence[tuple[LeadStageChange, Envelope]]) -> bytes:
             for change, envelope in items
         ]
     )
-
-
-def _fields(raw: bytes) -> frozenset[str]:
-    return frozenset(f for f in raw.decode().split(",") if f)

@@ -49,6 +49,32 @@ def error_fields(error: LeadstageError | None) -> dict[str, str]:
     }
 
 
+def lost_event(job_id: str, *, finished_at_ms: int) -> dict[str, str]:
+    """The failed event of a change whose ledger entry vanished (expired while it waited): the
+    fields of every event, with what is still known (its key and account) and why."""
+    account, _, idempotency_key = job_id.partition(":")
+    return {
+        "event": "failed",
+        "idempotency_key": idempotency_key,
+        "job_id": job_id,
+        "account": account,
+        "operation": "",
+        "stage_id": "",
+        "attempt": "0",
+        "http_status": "",
+        "error_code": "ledger_missing",
+        "error_message": "the change's ledger entry expired before it was done (LEADSTAGE_LEDGER_RETENTION); "
+        "the change itself is lost and cannot be replayed",
+        "retryable": "false",
+        "source": "",
+        "enqueued_at": "",
+        "finished_at": iso_ms(finished_at_ms),
+        "duration_ms": "0",
+        "change": "",
+        "generation": "0",
+    }
+
+
 def build_event(
     event: Event,
     facts: JobFacts,

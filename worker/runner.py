@@ -17,8 +17,10 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,9 +31,11 @@ from arq.worker import Worker, func
 from worker import keys, metrics
 from worker.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.ivvy import AiohttpTransport, IvvyClient
-from worker.job import Runtime, apply_lead_stage_change
-from worker.ledger import Ledger, Start, now_ms
+from worker.job import Lease, Runtime, apply_lead_stage_change
+from worker.ledger import Ledger, Start
+from worker.results import lost_event
 from worker.settings import Settings
+from worker.states import Decision, WaitReason
 
 log = structlog.get_logger("leadstage.worker")
 
@@ -40,7 +44,8 @@ REDIS_RETRY_S = 1.0
 
 
 class LeadstageWorker(Worker):
-    """arq's Worker with the one-round-trip claim of ``start.lua`` (see the module docstring)."""
+    """arq's Worker with the one-round-trip claim of ``start.lua`` and a poll by the Redis server's
+    clock (see the module docstring)."""
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         runtime: Runtime = self.ctx["runtime"]
@@ -51,6 +56,7 @@ class LeadstageWorker(Worker):
                 return
             job_id = raw.decode()
             account = keys.split_job_id(job_id)[0]
+            claimed_at = time.monotonic()
             try:
                 start = await runtime.ledger.start(
                     job_id, runtime.worker_id, runtime.rate_limit(account), runtime.rng.randrange(30)
@@ -60,35 +66,63 @@ class LeadstageWorker(Worker):
                 raise
             if not start.runs:
                 self.sem.release()
-                if start.decision == "wait" and start.reason in ("rate", "paused"):
+                if start.decision is Decision.MISSING:
+                    await _report_missing(runtime, job_id)
+                elif start.reason in (WaitReason.RATE, WaitReason.PAUSED):
                     metrics.RATE_LIMIT_WAITS.labels(account).inc()
                     metrics.RATE_LIMIT_WAIT_SECONDS.labels(account).inc(start.wait_ms / 1000)
                 continue
             self.job_counter += 1
-            task = asyncio.create_task(self._run(runtime, job_id, start))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
+            lease = Lease(start.run, claimed_at)
+            runtime.running[job_id] = lease
+            lease.task = asyncio.create_task(self._run(runtime, job_id, start, lease))
+            lease.confirm(claimed_at + runtime.settings.lease_s, runtime.lease_margin_s)
+            lease.task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = lease.task
 
-    async def _run(self, runtime: Runtime, job_id: str, start: Start) -> None:
+    async def _run(self, runtime: Runtime, job_id: str, start: Start, lease: Lease) -> None:
         """One job, never raising: whatever it could not record, the lease brings back."""
-        runtime.running.add(job_id)
         try:
             await asyncio.wait_for(apply_lead_stage_change(self.ctx, job_id, start), self.job_timeout_s)
+        except asyncio.CancelledError:
+            if not lease.lost:
+                raise
+            # Cancelled by its own lease timer: another worker may take the change over from now on.
+            log.warning("job.lease_lost", job_id=job_id, run=start.run)
         except (LeadstageError, TimeoutError) as error:
             log.warning("job.interrupted", job_id=job_id, error=str(error) or type(error).__name__)
         except Exception:  # a bug in one job must not stop the worker; logged with its traceback
             log.exception("job.crashed", job_id=job_id)
         finally:
-            runtime.running.discard(job_id)
+            lease.end()
+            if runtime.running.get(job_id) is lease:
+                del runtime.running[job_id]
 
     async def _poll_iteration(self) -> None:
-        """arq's poll, riding through a Redis restart instead of stopping the worker."""
+        """arq's poll, but due jobs are chosen by the Redis server's clock (due.lua), and a Redis
+        that does not answer or refuses commands is ridden through instead of stopping the worker."""
+        runtime: Runtime = self.ctx["runtime"]
         try:
+            if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+                due = await runtime.ledger.due(self.queue_read_limit)
+                await self.start_jobs([job.encode() for job in due])
+            for job_id, task in list(self.tasks.items()):
+                if task.done():
+                    del self.tasks[job_id]
             with redis_errors():
-                await super()._poll_iteration()
+                await self.heart_beat()
         except RedisUnavailable as error:
             log.warning("worker.redis_unavailable", error=str(error))
             await asyncio.sleep(REDIS_RETRY_S)
+
+
+async def _report_missing(runtime: Runtime, job_id: str) -> None:
+    """A due job without a ledger entry: never dropped silently (a failed event and a dead letter)."""
+    account, idempotency_key = keys.split_job_id(job_id)
+    log.error("job.ledger_missing", job_id=job_id, account=account, idempotency_key=idempotency_key)
+    await runtime.ledger.report_missing(job_id, lost_event(job_id, finished_at_ms=runtime.wall_ms()))
+    metrics.CHANGES.labels(account, "failed").inc()
+    metrics.DEAD_LETTERED.labels(account).inc()
 
 
 def build_worker(settings: Settings, *, burst: bool = False, handle_signals: bool = True) -> LeadstageWorker:
@@ -99,8 +133,11 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
     async def on_startup(ctx: dict[str, Any]) -> None:
         redis: ArqRedis = ctx["redis"]
         transport = AiohttpTransport(max_connections=max(settings.concurrency, 10))
+        offset = timedelta(seconds=settings.clock_offset_s)
         clients = {
-            name: IvvyClient(account, transport, timeout=settings.request_timeout_s)
+            name: IvvyClient(
+                account, transport, timeout=settings.request_timeout_s, clock=lambda: datetime.now(UTC) + offset
+            )
             for name, account in settings.accounts.items()
         }
         runtime = Runtime(settings, Ledger(redis, settings), clients, worker_id)
@@ -167,18 +204,38 @@ def _sentinel_settings(url: str) -> RedisSettings:
 
 
 async def _heartbeat(redis: aioredis.Redis, runtime: Runtime) -> None:
-    """Keep this worker's running jobs hidden, say that it is alive, and refresh the gauges."""
+    """Keep this worker's running attempts hidden, say that it is alive, and refresh the gauges.
+
+    It survives every error: a beat that fails is logged and the next one tries again. An attempt
+    whose lease was not renewed is cancelled by its own timer before the lease ends (``Lease``), and
+    one that the ledger says is no longer its change's run is cancelled at once.
+    """
     while True:
         await asyncio.sleep(runtime.settings.lease_s / 3)
-        running = list(runtime.running)
-        try:
-            await runtime.ledger.extend_leases(running)
-            with redis_errors():
-                await redis.hset(keys.WORKERS, runtime.worker_id, f"{len(running)}|{now_ms()}")  # type: ignore[misc]  # redis-py's async stubs
-            metrics.IN_PROGRESS.set(len(running))
-            await metrics.refresh_queue_gauges(redis, runtime.settings)
-        except LeadstageError as error:
-            log.warning("worker.heartbeat_failed", error=str(error))
+        await _beat(redis, runtime)
+
+
+async def _beat(redis: aioredis.Redis, runtime: Runtime) -> None:
+    running = dict(runtime.running)
+    sent_at = time.monotonic()
+    try:
+        extended = await runtime.ledger.extend_leases(
+            {job: lease.run for job, lease in running.items()}, runtime.worker_id
+        )
+    except Exception as error:  # noqa: BLE001 - whatever went wrong, the next beat tries again
+        log.warning("worker.heartbeat_failed", error=str(error) or type(error).__name__, running=len(running))
+        return
+    for job_id, lease in running.items():
+        if job_id in extended:
+            lease.confirm(sent_at + runtime.settings.lease_s, runtime.lease_margin_s)
+        else:
+            log.warning("job.run_overtaken", job_id=job_id, run=lease.run)
+            lease.give_up()
+    metrics.IN_PROGRESS.set(len(running))
+    try:
+        await metrics.refresh_queue_gauges(redis, runtime.settings)
+    except Exception as error:  # noqa: BLE001 - gauges are best effort; the leases are what matter
+        log.warning("worker.gauges_failed", error=str(error) or type(error).__name__)
 
 
 @contextlib.asynccontextmanager

@@ -84,6 +84,15 @@ class Settings:
     poll_delay_s: float = 0.01
     shutdown_grace_s: float = 25.0
     lease_s: float = 8.0
+    #: Replicas that must confirm the writes that matter (enqueue, the recovery point before a POST,
+    #: the terminal state) before they count as done; 0 waits for none (docs/contract.md: Durability).
+    redis_min_replicas: int = 0
+    redis_replica_timeout_s: float = 1.0
+    #: The longest Retry-After (and account pause) honoured; a longer one dead-letters the change.
+    retry_after_max_s: float = 600.0
+    #: Added to this host's clock (tests of clock skew only): nothing but event times and iVvy's
+    #: request signature read it, every decision uses the Redis server's clock.
+    clock_offset_s: float = 0.0
     webhook_secret: Secret | None = None
     webhook_max_body_bytes: int = 1_048_576
     metrics_port: int = 9464
@@ -117,6 +126,12 @@ class Settings:
             poll_delay_s=reader.positive_float("LEADSTAGE_POLL_DELAY", cls.poll_delay_s),
             shutdown_grace_s=reader.positive_float("LEADSTAGE_SHUTDOWN_GRACE", cls.shutdown_grace_s),
             lease_s=reader.positive_float("LEADSTAGE_LEASE", cls.lease_s),
+            redis_min_replicas=reader.whole_number("LEADSTAGE_REDIS_MIN_REPLICAS", cls.redis_min_replicas),
+            redis_replica_timeout_s=reader.positive_float(
+                "LEADSTAGE_REDIS_REPLICA_TIMEOUT", cls.redis_replica_timeout_s
+            ),
+            retry_after_max_s=reader.positive_float("LEADSTAGE_RETRY_AFTER_MAX", cls.retry_after_max_s),
+            clock_offset_s=reader.number("LEADSTAGE_TEST_CLOCK_OFFSET", cls.clock_offset_s),
             webhook_secret=reader.webhook_secret("WEBHOOK_SECRET"),
             webhook_max_body_bytes=reader.positive_int("LEADSTAGE_WEBHOOK_MAX_BODY", cls.webhook_max_body_bytes),
             metrics_port=reader.port("LEADSTAGE_METRICS_PORT", cls.metrics_port),
@@ -126,9 +141,22 @@ class Settings:
                 "LEADSTAGE_REDIS_CONNECT_TIMEOUT", cls.redis_connect_timeout_s
             ),
         )
-        if settings.job_timeout_s <= settings.request_timeout_s:
-            raise ConfigError("LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT")
+        settings.check_consistency()
         return settings
+
+    def check_consistency(self) -> None:
+        """Refuse settings that contradict each other (each message names both)."""
+        if self.job_timeout_s <= self.request_timeout_s:
+            raise ConfigError("LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT")
+        if self.ledger_retention_s <= self.max_age_s + self.retry_after_max_s:
+            # A change may wait up to its maximum age plus one honoured pause before it ends: its
+            # ledger entry (refreshed whenever it is touched) must outlive that.
+            raise ConfigError(
+                f"LEADSTAGE_LEDGER_RETENTION ({self.ledger_retention_s}s) must be longer than LEADSTAGE_MAX_AGE "
+                f"({self.max_age_s:g}s) plus LEADSTAGE_RETRY_AFTER_MAX ({self.retry_after_max_s:g}s)"
+            )
+        if self.lease_s <= self.poll_delay_s * 3:
+            raise ConfigError("LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY")
 
     def account(self, name: str) -> Account | None:
         return self.accounts.get(name)
@@ -176,6 +204,26 @@ class _EnvReader:
         if not raw.isdigit() or int(raw) < 1:
             raise ConfigError(f"{name} must be a positive whole number, not {raw!r}")
         return int(raw)
+
+    def whole_number(self, name: str, default: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if not (raw.isascii() and raw.isdigit()):
+            raise ConfigError(f"{name} must be a whole number, 0 or more, not {raw!r}")
+        return int(raw)
+
+    def number(self, name: str, default: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, not {raw!r}")
+        return value
 
     def port(self, name: str, default: int) -> int:
         raw = self._raw(name)

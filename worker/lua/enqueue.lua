@@ -1,71 +1,75 @@
 -- Enqueue changes (or replay a dead-lettered one): for each, the ledger entry, the ordering
 -- sequence and the queue entry. Atomic for the whole call: with 'enqueue', every key is checked
 -- before anything is written, so a conflict anywhere writes nothing. 'check' enqueues nothing: it
--- checks each key against the ledger and against the staging hash of its bulk enqueue (KEYS[3]),
--- which holds every key checked so far in that bulk as 'label<newline>change', so that a key given twice
--- with different changes is found across calls, before the bulk's first write.
--- The ledger hash is the job's record; the queue holds only its id.
--- KEYS: 1 queue zset, 2 dead-letter stream, 3 staging hash ('check' only)
--- ARGV: 1 mode ('enqueue' | 'check' | 'replay'), 2 now (ms), 3 retention (ms), 4 dead-letter entry
---       id to remove or '' (replay), 5 generation of that dead letter or '' (replay), 6 ledger key
---       prefix, 7 stage key prefix, 8 the changes: a JSON array of [job id, change (canonical JSON),
+-- checks each key against the ledger and against the staging hash of its bulk enqueue (KEYS[4]),
+-- which holds every key checked so far in that bulk as 'label<newline>change', so that a key given
+-- twice with different changes is found across calls, before the bulk's first write.
+-- The ledger hash is the job's record; the queue holds only its id. Times are the server's.
+-- KEYS: 1 queue zset, 2 dead-letter stream, 3 pending hash (account -> changes not yet terminal),
+--       4 staging hash ('check' only)
+-- ARGV: 1 mode ('enqueue' | 'check' | 'replay'), 2 retention (ms), 3 dead-letter entry id to
+--       remove or '' (replay), 4 generation of that dead letter or '' (replay), 5 ledger key
+--       prefix, 6 stage key prefix, 7 the changes: a JSON array of [job id, change (canonical JSON),
 --       operation, stage id or '', changed fields (csv), account, idempotency key, source, lock subject]
---       9 ('check' only) a JSON array of each change's label (its place in the bulk, as text
---       without newlines),
---       10 ('check' only) the staging hash's time to live (ms)
+--       8 ('check' only) a JSON array of each change's label (its place in the bulk, as text
+--       without newlines), 9 ('check' only) the staging hash's time to live (ms)
 -- One JSON argument instead of nine per change keeps the client's work per change small; the
 -- ledger and stage keys are built from the prefixes (worker.keys builds the same names).
--- Returns per change {'queued', generation} | {'duplicate', state} | {'conflict'} |
---   {'not_failed', state} (replay) | {'new'} (check) | {'conflict', label of the earlier change
---   with this key} (check: the key comes twice in the bulk with different changes)
-local mode, now, retention = ARGV[1], ARGV[2], ARGV[3]
-local changes = cjson.decode(ARGV[8])
-local function ledger_key(c) return ARGV[6] .. c[1] end
+-- Reply: {answers, backlog} with one answer per change: {'queued', generation} |
+--   {'duplicate', state} | {'conflict', ''} | {'not_failed', state} (replay) | {'new', ''} (check) |
+--   {'twice', label of the change that used the key first} (check: the key comes twice in the
+--   bulk with different changes);
+--   backlog: {account, changes of that account not yet terminal, ...} for the accounts written to.
+local queue, dlq, pending = KEYS[1], KEYS[2], KEYS[3]
+local mode, retention = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local changes = cjson.decode(ARGV[7])
+local function ledger_key(c) return ARGV[5] .. c[1] end
 local function stage_key(c)
-  if c[3] == 'update' then return ARGV[7] .. c[6] .. ':' .. c[4] end
+  if c[3] == 'update' then return ARGV[6] .. c[6] .. ':' .. c[4] end
   return ledger_key(c)
 end
 
 local answers, seen, conflict = {}, {}, false
-local labels = mode == 'check' and cjson.decode(ARGV[9])
+local labels = mode == 'check' and cjson.decode(ARGV[8])
 for i, c in ipairs(changes) do
   local job, change = c[1], c[2]
   local existing = redis.call('HMGET', ledger_key(c), 'change', 'state', 'gen')
   if seen[job] then existing = {seen[job], 'queued', '0'} end
   if mode == 'check' and not existing[1] then
-    if redis.call('HSETNX', KEYS[3], job, labels[i] .. '\n' .. change) == 1 then
-      answers[i] = {'new'}
+    if redis.call('HSETNX', KEYS[4], job, labels[i] .. '\n' .. change) == 1 then
+      answers[i] = {'new', ''}
     else
-      local staged = redis.call('HGET', KEYS[3], job)
+      local staged = redis.call('HGET', KEYS[4], job)
       local gap = string.find(staged, '\n', 1, true)
-      if string.sub(staged, gap + 1) == change then answers[i] = {'new'} else
-        answers[i] = {'conflict', string.sub(staged, 1, gap - 1)}
-        conflict = true
+      if string.sub(staged, gap + 1) == change then answers[i] = {'new', ''} else
+        answers[i] = {'twice', string.sub(staged, 1, gap - 1)}
       end
     end
   elseif mode == 'replay' then
     if existing[2] and existing[2] ~= 'failed' then
       answers[i] = {'not_failed', existing[2]}
     else
-      answers[i] = {'queued', (tonumber(existing[3]) or tonumber(ARGV[5]) or 0) + 1}
+      answers[i] = {'queued', (tonumber(existing[3]) or tonumber(ARGV[4]) or 0) + 1}
     end
   elseif existing[1] then
     if existing[1] == change then answers[i] = {'duplicate', existing[2]} else
-      answers[i] = {'conflict'}
+      answers[i] = {'conflict', ''}
       conflict = true
     end
   else
-    answers[i] = {'new'}
+    answers[i] = {'new', ''}
     seen[job] = change
   end
 end
 if mode == 'check' then
-  redis.call('PEXPIRE', KEYS[3], ARGV[10])
-  return answers
+  redis.call('PEXPIRE', KEYS[4], ARGV[9])
+  return {answers, {}}
 end
-if conflict then return answers end
+if conflict then return {answers, {}} end
 
-local queue_entries = {}
+local written, queue_entries = {}, {}
 for i, c in ipairs(changes) do
   if answers[i][1] == 'new' or (mode == 'replay' and answers[i][1] == 'queued') then
     local ledger, stage = ledger_key(c), stage_key(c)
@@ -101,10 +105,16 @@ for i, c in ipairs(changes) do
     redis.call('PEXPIRE', ledger, retention)
     queue_entries[#queue_entries + 1] = now
     queue_entries[#queue_entries + 1] = c[1]
+    written[c[6]] = redis.call('HINCRBY', pending, c[6], 1)
     answers[i] = {'queued', gen}
   end
 end
 -- One ZADD for the whole call (2 arguments per change, well within Lua's unpack limit at 1000 changes).
-if #queue_entries > 0 then redis.call('ZADD', KEYS[1], unpack(queue_entries)) end
-if mode == 'replay' and ARGV[4] ~= '' and answers[1][1] == 'queued' then redis.call('XDEL', KEYS[2], ARGV[4]) end
-return answers
+if #queue_entries > 0 then redis.call('ZADD', queue, unpack(queue_entries)) end
+if mode == 'replay' and ARGV[3] ~= '' and answers[1][1] == 'queued' then redis.call('XDEL', dlq, ARGV[3]) end
+local backlog = {}
+for account, count in pairs(written) do
+  backlog[#backlog + 1] = account
+  backlog[#backlog + 1] = count
+end
+return {answers, backlog}
