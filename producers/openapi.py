@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from worker.change import ALIASES, ID_MAX, KEY_MAX_CHARS, NAME_MAX_CHARS
+from worker.change import ALIASES, ID_MAX, KEY_MAX_CHARS, NAME_MAX_CHARS, NAME_PATTERN
 
 CHANGES_PATH: Final = "/v1/lead-stage-changes"
 MAX_BATCH: Final = 1000
@@ -59,8 +59,10 @@ def _change_schema() -> dict[str, Any]:
                 "type": "string",
                 "minLength": 1,
                 "maxLength": NAME_MAX_CHARS,
-                "pattern": "\\S",
-                "description": f"1..{NAME_MAX_CHARS} characters after trimming surrounding spaces.",
+                "pattern": NAME_PATTERN,
+                "description": f"1..{NAME_MAX_CHARS} characters after trimming surrounding spaces; no control "
+                "characters or bidi overrides, and a visible character (the pattern states the strict form: a "
+                "letter or digit of a common script; names visible only through other scripts or symbols pass too).",
             },
             "colour": colour,
             "color": {**colour, "description": "Alias of colour (give one of the two)."},

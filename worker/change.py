@@ -42,6 +42,16 @@ _ID_TEXT = re.compile(r"[1-9][0-9]*")
 #: Characters no name may hold: control characters (NUL, ESC, newline, tab...) and the bidi
 #: embeddings, overrides and isolates, which make a name display as something else.
 _NAME_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: The name rule's strict form for JSON Schema (the OpenAPI document): no forbidden character,
+#: and at least one letter or digit of the common scripts (Latin, Greek, Cyrillic, Hebrew, Arabic,
+#: Devanagari, kana, CJK, Hangul). What it accepts the server accepts; the server also takes names
+#: whose visible characters are only of other scripts, or symbols.
+_NAME_ALLOWED = "[^\\x00-\\x1f\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069]"
+_NAME_VISIBLE = (
+    "[0-9A-Za-z\\u00c0-\\u017f\\u0391-\\u03c9\\u0410-\\u044f\\u05d0-\\u05ea\\u0621-\\u064a"
+    "\\u0905-\\u0939\\u3041-\\u3096\\u30a1-\\u30fa\\u4e00-\\u9fff\\uac00-\\ud7a3]"
+)
+NAME_PATTERN = f"^{_NAME_ALLOWED}*{_NAME_VISIBLE}{_NAME_ALLOWED}*$"
 #: Letters that render as nothing (Hangul fillers, the blank Braille pattern).
 _BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 #: Characters trimmed from both ends of an idempotency key and an account name, by every producer

@@ -245,14 +245,14 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
 
 def _in_flag_terms(error: InvalidChange) -> Refused:
     """The errors of a change given as flags, naming the flags (--apply-to, not applyTo)."""
-    from worker.change import FIELDS, UPDATABLE_FIELDS
+    from worker.change import UPDATABLE_FIELDS
 
+    fields, flags = ", ".join(UPDATABLE_FIELDS), ", ".join(FLAG_OF_FIELD[f] for f in UPDATABLE_FIELDS)
     reasons = []
     for e in error.errors:
-        reason = e.reason
-        for field in FIELDS:
-            reason = reason.replace(f"one of {', '.join(UPDATABLE_FIELDS)}", "one of --name, --colour, --apply-to")
-            reason = reason.replace(f"when {field} is absent", f"when {FLAG_OF_FIELD[field]} is absent")
+        reason = (
+            e.reason.replace(fields, flags).replace("id is absent", "--id is absent").replace("(with id)", "(--id)")
+        )
         reasons.append(f"{FLAG_OF_FIELD.get(e.field, e.field)}: {reason}")
     return Refused("invalid change: " + "; ".join(reasons))
 
@@ -272,8 +272,9 @@ def _open_input(path: str) -> tuple[IO[bytes], int | None]:
     return file, size
 
 
-def _line_item(raw: object, line: int, key_prefix: str | None) -> tuple[object, object, object, object]:
-    """A JSONL line as (change, idempotency key, account, source); None means the default.
+def _line_item(raw: object, line: int, key_prefix: str | None) -> tuple[object, Any, Any, Any]:
+    """A JSONL line as (change, idempotency key, account, source), as given (validation checks their
+    types); None means the default.
 
     Without its own key a line gets ``{--key}:{line}`` when --key is given (so running the same
     file again enqueues nothing twice), else a generated one.
@@ -386,14 +387,13 @@ async def _check_file(
 ) -> tuple[int, list[int]]:
     """The first pass: the number of invalid lines (each listed on stderr, up to a limit) and the
     first 20 of their numbers."""
-
-    from producers.library import field_errors
+    from producers.library import Validated, field_errors
     from worker.errors import UnknownAccount
     from worker.ledger import ENQUEUE_CHUNK, Chunk
 
     problems = 0
     first_bad: list[int] = []
-    items: list[Any] = []
+    items: list[Validated] = []
     lines: list[int] = []
 
     def problem(number: int, text: str) -> None:
@@ -430,9 +430,9 @@ async def _check_file(
             try:
                 validated = producer.validate(
                     change,
-                    idempotency_key=key,  # type: ignore[arg-type]  # validate checks every type itself
-                    account=args.account if account is None else account,  # type: ignore[arg-type]
-                    source=args.source if source is None else source,  # type: ignore[arg-type]
+                    idempotency_key=key,
+                    account=args.account if account is None else account,
+                    source=args.source if source is None else source,
                 )
             except (InvalidChange, UnknownAccount) as exc:
                 problem(number, "; ".join(str(e) for e in field_errors(exc)))
