@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.change import ID_MAX, LeadStageChange, parse_change, parse_envelope, parse_id_text, shown
+from worker.change import ID_MAX, LeadStageChange, parse_change, parse_envelope, parse_id_text, repeated_key, shown
 from worker.errors import InvalidChange, PermanentError
 
 
@@ -427,3 +427,20 @@ def test_shown_cuts_and_escapes_for_a_terminal() -> None:
     assert shown("plain text") == "plain text"
     assert shown("x" * 50, limit=10) == "xxxxxxxxxx... (50 characters)"
     assert shown("a\x1b[2Jb\u202ec\ud800") == "a\\x1b[2Jb\\u202ec\\ud800"
+
+
+@pytest.mark.parametrize(
+    ("text", "repeated"),
+    [
+        (b'{"name": "a", "applyTo": 1}', None),
+        (b'{"name": "a:b", "source": "x:y", "applyTo": 1}', None),  # colons in values: the slow path
+        (b'{"name": "a", "name": "b", "applyTo": 1}', "name"),
+        (b'{"name": "a", "applyTo": 1, "applyTo" : 2}', "applyTo"),
+        (b'{"x": {"k": 1, "k": 2}}', "k"),
+        (b'[{"a": 1}, {"a": 1, "a": 2}]', "a"),
+        (b'"plain"', None),
+    ],
+)
+def test_a_repeated_key_in_json_is_found_whatever_the_parser_kept(text: bytes, repeated: str | None) -> None:
+    """Issue 12 item 9: orjson keeps the last of repeated keys; every JSON producer refuses them."""
+    assert repeated_key(text, orjson.loads(text)) == repeated

@@ -805,3 +805,11 @@ def test_help_and_a_single_enqueue_import_only_what_they_need(env: dict[str, str
     assert imported("enqueue", "--help") == "imported:"
     assert imported("enqueue", "--name", "x", "--apply-to", "1") == "imported: redis"
     assert queued(db) == 1
+
+
+def test_a_line_that_repeats_a_key_is_refused_not_read_as_its_last_value(leadstage: Run, db: redis.Redis) -> None:
+    """Item 9: as the webhook refuses a body that repeats a key."""
+    result = leadstage("enqueue", "--file", "-", stdin='{"name": "Hot", "applyTo": 1, "name": "Cold"}\n')
+    assert result.returncode == 2
+    assert "line 1: repeats the key 'name'" in result.stderr
+    assert queued(db) == 0

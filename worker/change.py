@@ -7,6 +7,7 @@ normalised, immutable ``LeadStageChange`` or raises ``InvalidChange`` naming eve
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import unicodedata
@@ -261,6 +262,40 @@ def _jsonable(value: object) -> bool:
     except TypeError:
         return False
     return True
+
+
+def repeated_key(data: bytes, parsed: object) -> str | None:
+    """The first key that an object of the JSON text ``data`` repeats, or None; ``parsed`` is
+    ``data`` already parsed by orjson, which keeps the last of repeated keys silently. Every JSON
+    producer refuses a repeated key rather than guess which one counts."""
+    if data.count(b":") == _key_count(parsed):
+        return None  # every colon is a key's: no key can be there twice (the common case, fast)
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        result = dict(items)
+        if len(result) != len(items) and not found:
+            seen: set[str] = set()
+            for key, _ in items:
+                if key in seen:
+                    found.append(key)
+                    break
+                seen.add(key)
+        return result
+
+    try:
+        json.loads(data, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):  # what orjson took and the standard parser cannot nest as deep
+        return None
+    return found[0] if found else None
+
+
+def _key_count(value: object) -> int:
+    if isinstance(value, dict):
+        return len(value) + sum(_key_count(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_key_count(v) for v in value)
+    return 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ import orjson  # worker.change needs it anyway
 # Only what every command needs is imported here; each command imports the rest itself, so that
 # ``leadstage --help`` and a single enqueue start fast (redis-py, structlog and prometheus-client
 # cost a few hundred ms of imports together).
-from worker.change import DEFAULT_ACCOUNT, parse_id_text, shown
+from worker.change import DEFAULT_ACCOUNT, parse_id_text, repeated_key, shown
 from worker.errors import FieldError, InvalidChange, LeadstageError, PermanentError
 
 if TYPE_CHECKING:
@@ -425,6 +425,10 @@ async def _check_file(
                 raw = orjson.loads(text)
             except orjson.JSONDecodeError as exc:
                 problem(number, f"not valid JSON ({exc})")
+                continue
+            repeated = repeated_key(text, raw)
+            if repeated is not None:
+                problem(number, f"repeats the key {shown(repeated)!r} (which one would count?)")
                 continue
             change, key, account, source = _line_item(raw, number, args.key)
             try:
