@@ -291,11 +291,13 @@ def repeated_key(data: bytes, parsed: object) -> str | None:
 
 
 def _key_count(value: object) -> int:
-    if isinstance(value, dict):
-        return len(value) + sum(_key_count(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(_key_count(v) for v in value)
-    return 0
+    """Keys in every object of ``value`` (scalars are skipped without a call: this runs per line)."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    count = len(value) if isinstance(value, dict) else 0
+    for child in children:
+        if isinstance(child, dict | list):
+            count += _key_count(child)
+    return count
 
 
 @dataclass(frozen=True, slots=True)

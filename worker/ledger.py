@@ -610,16 +610,16 @@ class BulkWrite:
                 raise IdempotencyConflict(account, key, label=label, enqueued_before=self.enqueued)
         await self._pipe.wait_for_replicas("the enqueued changes")
         self.enqueued += len(answers)
+        ledger = self._pipe.ledger
+        # One backlog per account and chunk: its expected wait is worked out once, not per change.
+        waits = {account: (waiting, ledger.expected_wait_s(account, waiting)) for account, waiting in backlog.items()}
         receipts = []
         for (account, key), answer in zip(envelopes, answers, strict=True):
-            status: EnqueueStatus = "duplicate" if answer[0] == b"duplicate" else "queued"
-            waiting = backlog.get(account, 0) if status == "queued" else 0
-            ledger = self._pipe.ledger
-            receipts.append(
-                Receipt(
-                    keys.job_id(account, key), key, account, status, waiting, ledger.expected_wait_s(account, waiting)
-                )
-            )
+            job = keys.job_id(account, key)
+            if answer[0] == b"duplicate":
+                receipts.append(Receipt(job, key, account, "duplicate"))
+            else:
+                receipts.append(Receipt(job, key, account, "queued", *waits.get(account, (0, 0.0))))
         return receipts
 
 
