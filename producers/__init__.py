@@ -1,8 +1,22 @@
 """Producers of lead-stage changes: the Python library (here) and the HTTP webhook (``producers.webhook``).
 
-``from producers import LeadStageProducer``; see ``producers.library`` for the API.
+``from producers import LeadStageProducer``; see ``producers.library`` for the API, and
+``producers.outcomes`` for learning what became of the changes (``wait``, ``ResultsConsumer``).
 """
 
 from producers.library import ChangeItem, InvalidBatch, LeadStageProducer, Receipt
+from producers.outcomes import DeadLetterConsumer, ResultsConsumer, UnknownChange, WaitTimeout
+from worker.results import DeadLetter, ResultEvent
 
-__all__ = ["ChangeItem", "InvalidBatch", "LeadStageProducer", "Receipt"]
+__all__ = [
+    "ChangeItem",
+    "DeadLetter",
+    "DeadLetterConsumer",
+    "InvalidBatch",
+    "LeadStageProducer",
+    "Receipt",
+    "ResultEvent",
+    "ResultsConsumer",
+    "UnknownChange",
+    "WaitTimeout",
+]

@@ -21,6 +21,9 @@ Public API (re-exported by ``producers``)::
   ``IdempotencyConflict`` that counts what was enqueued (``enqueued_before``).
 * ``validate_many`` and ``enqueue_validated``: the two halves of ``enqueue_many``, for producers
   that report errors their own way (line numbers, list indexes) or skip invalid items.
+* ``wait(receipt_or_key, *, timeout, account="default") -> ResultEvent``: the change's terminal
+  event, or ``WaitTimeout`` saying where it stands (``producers.outcomes``, which also has the
+  consumer-group readers ``ResultsConsumer`` and ``DeadLetterConsumer``).
 * ``aclose()`` (or ``async with``) closes the Redis connection the producer opened itself; a
   client passed in belongs to the caller.
 
@@ -51,6 +54,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
+from producers.outcomes import SharedReader, Waits
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.errors import ConfigError, FieldError, InvalidChange, UnknownAccount
 from worker.ledger import Ledger, Receipt
@@ -156,7 +160,7 @@ def connect_redis_of(settings: Settings) -> aioredis.Redis:
     )
 
 
-class LeadStageProducer:
+class LeadStageProducer(Waits):
     """Validates changes and enqueues them through the ledger (see the module docstring)."""
 
     def __init__(
@@ -178,6 +182,7 @@ class LeadStageProducer:
         self.redis = connect_redis_of(self.settings) if redis is None else redis
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
+        self.reader = SharedReader(self.redis, self.settings.results_stream)
 
     async def __aenter__(self) -> LeadStageProducer:
         return self
@@ -188,7 +193,8 @@ class LeadStageProducer:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the Redis client if this producer opened it."""
+        """Stop the waits' reader; close the Redis client if this producer opened it."""
+        await self.reader.aclose()
         if self._owns_client:
             await self.redis.aclose()
 

@@ -10,10 +10,15 @@ form and the description the leniency.
 from __future__ import annotations
 
 from typing import Any, Final
+from urllib.parse import quote
 
-from worker.change import ALIASES, ID_MAX, KEY_MAX_CHARS, NAME_MAX_CHARS, NAME_PATTERN
+from worker.change import ALIASES, DEFAULT_ACCOUNT, ID_MAX, KEY_MAX_CHARS, NAME_MAX_CHARS, NAME_PATTERN
+from worker.ledger import Receipt
+from worker.results import EVENTS
 
 CHANGES_PATH: Final = "/v1/lead-stage-changes"
+#: Where one change's status is read (``producers.status``); the key is percent-encoded in it.
+STATUS_PATH: Final = CHANGES_PATH + "/{idempotency_key}"
 MAX_BATCH: Final = 1000
 #: Seconds a client is asked to wait (``Retry-After``) when Redis is down.
 RETRY_AFTER_S: Final = 5
@@ -24,6 +29,12 @@ COLOUR_PATTERN: Final = "^#[0-9a-fA-F]{6}$"
 
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
+
+
+def location(receipt: Receipt) -> str:
+    """The status URL of a receipt's change (with ``?account=`` unless it is the default account)."""
+    path = STATUS_PATH.format(idempotency_key=quote(receipt.idempotency_key, safe=""))
+    return path if receipt.account == DEFAULT_ACCOUNT else f"{path}?account={receipt.account}"
 
 
 def _ref(kind: str, name: str) -> dict[str, str]:
@@ -87,6 +98,21 @@ def _header(name: str, description: str, *, required: bool, schema: dict[str, An
     return {"name": name, "in": "header", "required": required, "description": description, "schema": schema}
 
 
+def _account_parameters(header_description: str) -> list[dict[str, Any]]:
+    """The account, as the X-Leadstage-Account header or the ``account`` query parameter."""
+    schema = {"type": "string", "pattern": ACCOUNT_PATTERN}
+    return [
+        _header("X-Leadstage-Account", header_description, required=False, schema=schema),
+        {
+            "name": "account",
+            "in": "query",
+            "required": False,
+            "description": "The account when X-Leadstage-Account is absent (the header wins).",
+            "schema": schema,
+        },
+    ]
+
+
 def _problem_response(description: str, *, validation: bool = False, retry_after: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
@@ -131,6 +157,11 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 "enum": ["queued", "duplicate"],
                 "description": "duplicate: the key was already enqueued with the same change (nothing new queued).",
             },
+            "location": {
+                "type": "string",
+                "format": "uri-reference",
+                "description": "Where the change's status and outcome are read (GET, with a status token).",
+            },
         },
     }
     post = {
@@ -164,19 +195,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 required=False,
                 schema={"type": "string", "pattern": KEY_PATTERN},
             ),
-            _header(
-                "X-Leadstage-Account",
-                "The iVvy account the changes are for (default 'default').",
-                required=False,
-                schema={"type": "string", "pattern": ACCOUNT_PATTERN},
-            ),
-            {
-                "name": "account",
-                "in": "query",
-                "required": False,
-                "description": "The account when X-Leadstage-Account is absent (the header wins).",
-                "schema": {"type": "string", "pattern": ACCOUNT_PATTERN},
-            },
+            *_account_parameters("The iVvy account the changes are for (default 'default')."),
         ],
         "requestBody": {
             "required": True,
@@ -186,7 +205,13 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
         },
         "responses": {
             "202": {
-                "description": "Accepted: one receipt per change, in order.",
+                "description": "Accepted: one receipt per change, in order, each with the location of its status.",
+                "headers": {
+                    "Location": {
+                        "description": "For a single change: the location of its status.",
+                        "schema": {"type": "string", "format": "uri-reference"},
+                    }
+                },
                 "content": {_JSON: {"schema": _ref("schemas", "Receipts")}},
             },
             "400": _problem_response(
@@ -214,6 +239,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
         },
         "paths": {
             CHANGES_PATH: {"post": post},
+            STATUS_PATH: {"get": _status_operation()},
             "/healthz": {
                 "get": {
                     "operationId": "healthz",
@@ -288,6 +314,115 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                     ]
                 },
                 "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
-            }
+                "ChangeStatus": _change_status_schema(),
+                "ResultEvent": _result_event_schema(),
+            },
+            "securitySchemes": {
+                "statusToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "base64url (no padding) of HMAC-SHA256 keyed with the webhook secret's bytes "
+                    "(the base64 after whsec_, decoded) over 'leadstage-sync status v1:' + the account. It reads "
+                    "only that account's changes.",
+                }
+            },
+        },
+    }
+
+
+def _status_operation() -> dict[str, Any]:
+    return {
+        "operationId": "getLeadStageChange",
+        "summary": "Where one change stands, and its terminal event once it has one",
+        "description": "The location a 202 gives for each change. Poll it until event is not null: that is the "
+        "change's one terminal event (succeeded, failed or superseded) of its current generation.",
+        "security": [{"statusToken": []}],
+        "parameters": [
+            {
+                "name": "idempotency_key",
+                "in": "path",
+                "required": True,
+                "description": "The change's idempotency key, percent-encoded.",
+                "schema": {"type": "string", "pattern": KEY_PATTERN},
+            },
+            *_account_parameters(
+                "The account the change was enqueued for (default 'default'); the token must be this account's."
+            ),
+        ],
+        "responses": {
+            "200": {
+                "description": "Where the change stands.",
+                "content": {_JSON: {"schema": _ref("schemas", "ChangeStatus")}},
+            },
+            "400": _problem_response("The account or the key is malformed.", validation=True),
+            "401": {
+                **_problem_response("No bearer token, or not one of this account's."),
+                "headers": {"WWW-Authenticate": {"description": "Bearer.", "schema": {"type": "string"}}},
+            },
+            "404": _problem_response(
+                "The account has no change with this key (never enqueued, or finished longer ago than the "
+                "ledger retention)."
+            ),
+            "503": _problem_response("Redis is unavailable; retry later.", retry_after=True),
+        },
+    }
+
+
+def _nullable(kind: str) -> dict[str, Any]:
+    return {"type": [kind, "null"]}
+
+
+def _result_event_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "One event of the results stream, typed (worker.results.ResultEvent).",
+        "required": ["id", "event", "idempotency_key", "job_id", "account", "attempt", "generation"],
+        "properties": {
+            "id": {"type": "string", "description": "The results stream's entry id."},
+            "event": {"enum": sorted(EVENTS)},
+            "idempotency_key": {"type": "string"},
+            "job_id": {"type": "string"},
+            "account": {"type": "string"},
+            "operation": {"type": "string"},
+            "stage_id": _nullable("integer"),
+            "attempt": {"type": "integer"},
+            "http_status": _nullable("integer"),
+            "error_code": _nullable("string"),
+            "error_message": _nullable("string"),
+            "retryable": _nullable("boolean"),
+            "source": {"type": "string"},
+            "enqueued_at": _nullable("string"),
+            "finished_at": _nullable("string"),
+            "duration_ms": {"type": "integer"},
+            "change": {"type": ["object", "null"], "description": "The body sent to iVvy (null: nothing sent)."},
+            "generation": {"type": "integer"},
+        },
+    }
+
+
+def _change_status_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["job_id", "idempotency_key", "account", "state", "attempts", "generation", "event"],
+        "properties": {
+            "job_id": {"type": "string"},
+            "idempotency_key": {"type": "string"},
+            "account": {"type": "string"},
+            "state": {"enum": ["queued", "running", "retrying", "succeeded", "failed", "superseded"]},
+            "operation": {"type": "string"},
+            "stage_id": _nullable("integer"),
+            "change": {"type": ["object", "null"]},
+            "source": {"type": "string"},
+            "attempts": {"type": "integer"},
+            "generation": {"type": "integer"},
+            "enqueued_at": _nullable("string"),
+            "last_attempt_at": _nullable("string"),
+            "next_attempt_at": _nullable("string"),
+            "finished_at": _nullable("string"),
+            "history": {"type": "array", "items": {"type": "object"}, "description": "One object per attempt."},
+            "event": {
+                "oneOf": [_ref("schemas", "ResultEvent"), {"type": "null"}],
+                "description": "The terminal event; null while the change is not finished.",
+            },
         },
     }

@@ -45,7 +45,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from producers.library import ChangeItem, ItemError, LeadStageProducer, Receipt, connect_redis, field_errors
-from producers.openapi import CHANGES_PATH, MAX_BATCH, RETRY_AFTER_S, openapi_document
+from producers.openapi import CHANGES_PATH, MAX_BATCH, RETRY_AFTER_S, location, openapi_document
 from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.errors import ConfigError, FieldError, IdempotencyConflict, InvalidChange, RedisUnavailable, UnknownAccount
@@ -150,6 +150,9 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
+    from producers.status import add_status_route  # it builds on this module's problems
+
+    add_status_route(app, settings, redis)
     return app
 
 
@@ -228,9 +231,9 @@ async def _post_changes(request: web.Request) -> web.Response:
     if failures:
         raise _invalid("invalid change; nothing was enqueued", _error_list(failures, batch=changes is not None))
     receipts = await _enqueue(state.producer, [item for _, item in valid])
-    return web.Response(
-        status=202, body=orjson.dumps({"receipts": [r.as_dict() for r in receipts]}), content_type="application/json"
-    )
+    answer = {"receipts": [{**r.as_dict(), "location": location(r)} for r in receipts]}
+    headers = {"Location": location(receipts[0])} if changes is None else {}
+    return web.Response(status=202, body=orjson.dumps(answer), content_type="application/json", headers=headers)
 
 
 def _verify(webhook: Webhook, body: bytes, request: web.Request) -> str:

@@ -45,11 +45,12 @@ class RedisServer:
         self.process.wait(10)
 
 
-def start_redis(directory: Path, *args: str, sentinel: bool = False) -> RedisServer:
-    """A redis-server on a free port, in ``directory``, answering PING before it is returned."""
+def start_redis(directory: Path, *args: str, sentinel: bool = False, port: int | None = None) -> RedisServer:
+    """A redis-server on ``port`` (a free one by default), in ``directory``, answering PING before
+    it is returned; with ``sentinel``, ``args`` are lines of its config file."""
     binary = shutil.which("redis-server")
     assert binary is not None, "redis-server is not installed (scripts/setup.sh installs it)"
-    port = free_port()
+    port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
     command = [binary]
     if sentinel:

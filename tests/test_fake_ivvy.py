@@ -605,7 +605,10 @@ async def test_admin_faults_merges_and_answers_the_current_faults(fake_ivvy: Run
         ({"retry_after_s": 1.5}, "retry_after_s"),
         ({"error_24322_rate": True}, "error_24322_rate"),
         ({"teleport_rate": 0.1}, "teleport_rate"),
-        ({"error_rate": 0.6, "drop_rate": 0.6}, "hang_rate+error_rate+rate_limit_rate+drop_rate+error_24322_rate"),
+        (
+            {"error_rate": 0.6, "drop_rate": 0.6},
+            "hang_rate+error_rate+rate_limit_rate+drop_rate+error_24322_rate+gateway_5xx_rate+late_commit_rate",
+        ),
     ],
 )
 async def test_admin_faults_refuses_bad_settings_by_name(

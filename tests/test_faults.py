@@ -9,16 +9,17 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import prometheus_client
 import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisServer, start_redis
-from worker import keys
+from worker import keys, readers
 from worker.change import parse_change, parse_envelope
 from worker.errors import ConfigError, StaleRun
 from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
-from worker.ledger import Ledger, Start
+from worker.ledger import Ledger, Start, backlog_warning
 from worker.runner import running_worker
 from worker.settings import Settings
 
@@ -295,15 +296,30 @@ def test_settings_that_contradict_each_other_are_refused(env: dict[str, str], na
 async def test_a_backlog_past_the_maximum_age_is_told_at_enqueue(redis_client: aioredis.Redis) -> None:
     settings = Settings(rate_limit=10.0, max_age_s=5.0)
     ledger = Ledger(redis_client, settings)
+    counted = (
+        prometheus_client.REGISTRY.get_sample_value("leadstage_enqueued_past_max_age_total", {"account": "default"})
+        or 0.0
+    )
     items = [
         (parse_change({"name": f"Queued {i}", "applyTo": 1}), parse_envelope(idempotency_key=f"q{i}"))
         for i in range(80)
     ]
     receipts = await ledger.enqueue_many(items)
-    assert [r.backlog for r in receipts[:3]] == [80, 80, 80]
+    assert [r.backlog for r in receipts[:3]] == [1, 2, 3]
     assert receipts[-1].expected_wait_s == pytest.approx(8.0)
     assert receipts[-1].expected_wait_s > settings.max_age_s
     again = await ledger.enqueue_many(
         [(parse_change({"name": "One more", "applyTo": 1}), parse_envelope(idempotency_key="late"))]
     )
     assert again[0].backlog == 81
+    warning = backlog_warning(receipts, settings)
+    assert warning is not None
+    assert "'default' has 80 changes waiting, about 8s" in warning
+    assert "LEADSTAGE_MAX_AGE (5s)" in warning
+    assert backlog_warning(receipts[:50], settings) is None  # 5 s: within the maximum age
+    now_counted = prometheus_client.REGISTRY.get_sample_value(
+        "leadstage_enqueued_past_max_age_total", {"account": "default"}
+    )
+    assert now_counted == counted + 31  # the 30 changes behind the 50th, and the one more
+    account = (await readers.stats(redis_client, settings))["accounts"]
+    assert account == {"default": {"backlog": 81, "expected_start_in_s": 8.1, "past_max_age": True}}

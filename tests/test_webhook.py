@@ -81,8 +81,16 @@ async def test_a_signed_change_is_enqueued_once_even_when_redelivered(
     first = await client.post(CHANGES_PATH, data=body, headers=headers)
     assert first.status == 202
     assert await first.json() == {
-        "receipts": [{"job_id": "default:msg_1", "idempotency_key": "msg_1", "status": "queued"}]
+        "receipts": [
+            {
+                "job_id": "default:msg_1",
+                "idempotency_key": "msg_1",
+                "status": "queued",
+                "location": "/v1/lead-stage-changes/msg_1",
+            }
+        ]
     }
+    assert first.headers["Location"] == "/v1/lead-stage-changes/msg_1"
     again = await client.post(CHANGES_PATH, data=body, headers=headers)
     assert again.status == 202
     assert (await again.json())["receipts"][0]["status"] == "duplicate"
@@ -309,7 +317,14 @@ async def test_the_openapi_document_describes_the_endpoint(client: TestClient[An
     response = await client.get("/openapi.json")
     document = json.loads(await response.text())
     assert document["openapi"].startswith("3.1")
-    assert set(document["paths"]) == {CHANGES_PATH, "/healthz", "/readyz", "/metrics", "/openapi.json"}
+    assert set(document["paths"]) == {
+        CHANGES_PATH,
+        CHANGES_PATH + "/{idempotency_key}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    }
     post_operation = document["paths"][CHANGES_PATH]["post"]
     assert set(post_operation["responses"]) == {"202", "400", "401", "408", "413", "415", "422", "503"}
     headers = {p["name"] for p in post_operation["parameters"] if p["in"] == "header"}

@@ -239,7 +239,12 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
             (receipt,) = await producer.enqueue_validated([validated])
             return receipt
 
-    _emit(asyncio.run(enqueue()).as_dict())
+    from worker.ledger import backlog_warning
+
+    receipt = asyncio.run(enqueue())
+    _emit(receipt.as_dict())
+    if warning := backlog_warning([receipt], settings):
+        _note(f"warning: {warning}")
     return EXIT_OK
 
 
@@ -368,7 +373,7 @@ async def _enqueue_file(args: argparse.Namespace, settings: Settings) -> int:
                     f"{problems} invalid line(s) ({bad}); nothing enqueued (--skip-invalid enqueues the valid ones)"
                 )
                 return EXIT_USAGE
-            receipts = await _write_spool(producer, spool, progress)
+            receipts = await _write_spool(producer, spool, progress, settings)
     finally:
         progress.done()
         spool.close()
@@ -454,13 +459,18 @@ async def _check_file(
     return problems, first_bad
 
 
-async def _write_spool(producer: LeadStageProducer, spool: _Spool, progress: _Progress) -> tuple[int, int]:
-    """The second pass: the receipts go to stdout as each chunk is written; returns (queued, duplicate)."""
+async def _write_spool(
+    producer: LeadStageProducer, spool: _Spool, progress: _Progress, settings: Settings
+) -> tuple[int, int]:
+    """The second pass: the receipts go to stdout as each chunk is written; returns (queued, duplicate).
+    A warning follows when an account's backlog outlasts LEADSTAGE_MAX_AGE."""
     from worker import keys
     from worker.errors import EnqueueOutcomeUnknown, RedisNotReplicated
-    from worker.ledger import Chunk
+    from worker.ledger import Chunk, backlog_warning
 
     counts = {"queued": 0, "duplicate": 0}
+    #: The newest receipt of each account past the maximum age (what the warning names).
+    past_max_age: dict[str, Receipt] = {}
     written: tuple[list[Receipt], list[int]] | None = None
 
     def emit(receipts: list[Receipt], lines: list[int]) -> None:
@@ -468,6 +478,8 @@ async def _write_spool(producer: LeadStageProducer, spool: _Spool, progress: _Pr
         for receipt, line in zip(receipts, lines, strict=True):
             counts[receipt.status] += 1
             out.append(orjson.dumps({**receipt.as_dict(), "line": line}))
+            if receipt.expected_wait_s > settings.max_age_s:
+                past_max_age[receipt.account] = receipt
         sys.stdout.buffer.write(b"\n".join(out) + b"\n")  # one write per chunk, not per line
         sys.stdout.flush()
         progress.enqueued += len(receipts)
@@ -495,6 +507,8 @@ async def _write_spool(producer: LeadStageProducer, spool: _Spool, progress: _Pr
                 ) from None
     if written is not None:
         emit(*written)
+    if warning := backlog_warning(list(past_max_age.values()), settings):
+        _note(f"warning: {warning}")
     return counts["queued"], counts["duplicate"]
 
 
@@ -526,6 +540,10 @@ def _cmd_results(args: argparse.Namespace) -> int:
     from worker import readers
 
     settings = _settings()
+    if args.group is not None:
+        return _results_of_group(args, settings)
+    if args.consumer is not None or args.start != "new":
+        raise Refused("--consumer and --start need --group")
 
     async def show(client: aioredis.Redis) -> None:
         async def stream() -> None:
@@ -539,6 +557,34 @@ def _cmd_results(args: argparse.Namespace) -> int:
                 block_ms=max(1, int(settings.redis_timeout_s * 500)),
             ):
                 _emit(entry)
+
+        await _follow_until_signalled(stream)
+
+    asyncio.run(_with_redis(settings, show))
+    return EXIT_OK
+
+
+def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
+    """Every event through consumer group ``--group``, each acked once it is written (at least once)."""
+    import asyncio
+    import socket
+
+    from producers.outcomes import ResultsConsumer
+
+    if args.key is not None or args.account is not None:
+        raise Refused("--key and --account cannot be used with --group (the group acks every event it reads)")
+    consumer_name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
+
+    async def show(client: aioredis.Redis) -> None:
+        consumer = ResultsConsumer(
+            args.group, consumer_name, settings=settings, redis=client, start=args.start,
+            claim_idle_s=args.claim_idle, follow=args.follow,
+        )  # fmt: skip
+
+        async def stream() -> None:
+            async for event in consumer:
+                _emit({"id": event.id, **event.raw})
+                await consumer.ack(event)
 
         await _follow_until_signalled(stream)
 
@@ -695,11 +741,23 @@ def _add_readers(subparsers: Any) -> None:
         _cmd_results,
         "print the results stream",
         'Print the results stream as JSON lines, oldest first (each entry\'s stream id as "id").\n'
-        "--follow keeps printing new entries as they arrive, until SIGINT or SIGTERM.",
+        "--follow keeps printing new entries as they arrive, until SIGINT or SIGTERM.\n\n"
+        "--group G reads through the Redis consumer group G instead: each entry is printed, then\n"
+        "acknowledged, so a consumer that stops resumes where it was (at least once: an entry printed\n"
+        "just before a crash is printed again). Entries another consumer of G left unacknowledged for\n"
+        "--claim-idle seconds are taken over. --start places a new group: new (from now), all (the\n"
+        "whole stream) or a stream id (the entries after it); an existing group keeps its place.",
     )
     results.add_argument("--follow", "-f", action="store_true", help="wait for new results")
     results.add_argument("--key", help="only the results of this idempotency key")
     results.add_argument("--account", help="only the results of this account")
+    group = results.add_argument_group("consumer group")
+    group.add_argument("--group", "-g", metavar="G", help="read through consumer group G (created if new)")
+    group.add_argument("--consumer", metavar="C", help="this consumer's name in G, HOST-PID when absent")
+    group.add_argument("--start", metavar="{new,all,ID}", default="new", help="where a new group starts")
+    group.add_argument(
+        "--claim-idle", type=float, default=60.0, metavar="S", help="take over entries unacked this long"
+    )
 
     status = _subparser(
         subparsers,

@@ -320,9 +320,9 @@ def error_for_response(
 #: Error replies with which Redis refuses a command for a while, whatever the command: out of memory,
 #: a read-only replica (a demoted primary behind a plain URL), a failed snapshot, a busy script, a
 #: cluster or primary link down. redis-py turns some into classes of their own (and strips their
-#: code), the others keep it at the start of the message. Anything else is a bug: not translated.
+#: code), the others keep it as the first word of the message. Anything else is a bug: not translated.
 #: (The classes are named in ``redis_errors``, which imports redis-py only when it is used.)
-REFUSAL_PREFIXES = ("OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN")
+REFUSAL_CODES = frozenset({"OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN"})
 
 
 @contextlib.contextmanager
@@ -338,13 +338,13 @@ def redis_errors() -> Iterator[None]:
         raise ConfigError("REDIS_URL: Redis refuses the user or password it gives") from None
     except redis.exceptions.InvalidResponse:
         raise ConfigError("REDIS_URL: what answers there is not Redis (its answer is not the Redis protocol)") from None
-    except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:  # REFUSAL_CLASSES
+    except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:  # the refusal classes
         raise RedisRefused(f"Redis refused the command: {type(exc).__name__}") from exc
     except redis.exceptions.ResponseError as exc:
         if "DB index is out of range" in str(exc):
             raise ConfigError("REDIS_URL selects a database number this Redis does not have") from None
         code = str(exc).split(" ", 1)[0]
-        if code.startswith(REFUSAL_PREFIXES):
+        if code in REFUSAL_CODES:  # exactly: BUSYGROUP or BUSYKEY are answers about data, not refusals
             raise RedisRefused(f"Redis refused the command: {code}") from exc
         raise
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:

@@ -143,6 +143,7 @@ def _must_reconcile(facts: JobFacts, start: Start) -> bool:
 
 
 async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> str:
+    settings = runtime.settings
     change = facts.change
     sent = change.without(set(start.dropped))
     started = time.monotonic()
@@ -159,7 +160,9 @@ async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start:
             return "succeeded"
     try:
         if not _must_reconcile(facts, start):
-            await runtime.ledger.wait_for_replicas("the recovery point before the POST")
+            if not start.replicated:
+                raise RedisNotReplicated("the recovery point before the POST", 0, settings.redis_min_replicas,
+                                         settings.redis_replica_timeout_s)  # fmt: skip
         elif not await runtime.ledger.mark_posting(facts.job_id, start.run):
             raise StaleRun(facts.job_id, start.run)
     except RedisNotReplicated as error:
@@ -331,6 +334,8 @@ async def _finish(
         pause_ms=pause_ms,
         created_stage_id=stage_id if created else None,
     )
+    if not finished.replicated:
+        log.warning("job.finish_not_replicated", outcome=event, replicas=runtime.settings.redis_min_replicas)
     if finished.recorded and event != "retrying":
         metrics.CHANGES.labels(facts.account, event).inc()
         if event == "failed":

@@ -31,8 +31,10 @@ ledger's fields and the state machine are tabled in docs/architecture.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -43,6 +45,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+from redis.typing import EncodableT
 
 from worker import keys
 from worker.change import Envelope, LeadStageChange
@@ -77,8 +80,8 @@ def _script(client: aioredis.Redis, name: str) -> AsyncScript:
 class Receipt:
     """What a producer gets back for one change.
 
-    ``backlog`` is how many changes of the account were waiting for a terminal state once this
-    one was queued (itself included), and ``expected_wait_s`` how long the account's rate limit
+    ``backlog`` is how many changes of the account were waiting for a terminal state when this one
+    was queued (itself included: its place in line), and ``expected_wait_s`` how long the account's rate limit
     needs to send them: when it exceeds the maximum age, the newest of them will fail as too old.
     """
 
@@ -111,6 +114,9 @@ class Start:
     change_json: bytes = b""
     #: The terminal state a ``done`` job was found in.
     state: State | None = None
+    #: False when fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed this start in time: a
+    #: recovery point it wrote could be lost in a failover, so nothing may be posted on it.
+    replicated: bool = True
 
     @property
     def runs(self) -> bool:
@@ -126,6 +132,24 @@ class Finished:
     finished_at_ms: int = 0
     #: Why not, when not: the terminal state found, ``missing`` or ``fenced`` (a newer run owns it).
     refused_because: str = ""
+    #: False when fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed it in time.
+    replicated: bool = True
+
+
+def backlog_warning(receipts: Sequence[Receipt], settings: Settings) -> str | None:
+    """One line for the newest receipt of each account whose backlog outlasts LEADSTAGE_MAX_AGE: its
+    changes will fail as too old before they are sent (counted in ``ENQUEUED_PAST_MAX_AGE``)."""
+    newest: dict[str, Receipt] = {}
+    for receipt in receipts:
+        if receipt.expected_wait_s > settings.max_age_s:
+            newest[receipt.account] = receipt
+    if not newest:
+        return None
+    return "; ".join(
+        f"account {account!r} has {r.backlog} changes waiting, about {r.expected_wait_s:,.0f}s at its rate limit: "
+        f"past LEADSTAGE_MAX_AGE ({settings.max_age_s:g}s), the newest will fail as too old"
+        for account, r in sorted(newest.items())
+    )
 
 
 def _parse_start(reply: Sequence[bytes | int]) -> Start:
@@ -213,13 +237,17 @@ class Ledger:
             receipts.extend(done := await write.receive())
             if progress is not None:
                 progress(len(done))
+        past = [receipt.account for receipt in receipts if receipt.expected_wait_s > self.settings.max_age_s]
+        if past:
+            from worker import metrics  # only here: a producer process (the CLI) need not load prometheus-client
+
+            for account in past:
+                metrics.ENQUEUED_PAST_MAX_AGE.labels(account).inc()
         return receipts
 
     def expected_wait_s(self, account: str, backlog: int) -> float:
         """How long the account's rate limit needs to send ``backlog`` changes."""
-        configured = self.settings.account(account)
-        rate = configured.rate_limit if configured is not None else self.settings.rate_limit
-        return backlog / rate
+        return backlog / self.settings.rate_limit_for(account)
 
     def bulk_check(self) -> BulkCheck:
         """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``)."""
@@ -260,9 +288,11 @@ class Ledger:
         """enqueue.lua over changes encoded by ``_encode``: one answer per change, and the backlog of
         each account written to."""
         script_keys, args = self._enqueue_arguments(mode, changes, replay_of=replay_of)
-        with redis_errors():
-            reply = await self._enqueue(keys=script_keys, args=args)
-        return _enqueue_reply(reply)
+        reply, acked = await self._call(self._enqueue, script_keys, args, confirm=mode != "check")
+        answers, backlog = _enqueue_reply(reply)
+        if mode != "check" and not any(answer[0] in (b"conflict", b"not_failed") for answer in answers):
+            self._require_replicas(acked, "the enqueued changes")
+        return answers, backlog
 
     async def replay(
         self, change: LeadStageChange, envelope: Envelope, *, dlq_entry_id: str, generation: str
@@ -272,25 +302,28 @@ class Ledger:
             "replay", _encode([(change, envelope)]), replay_of=(dlq_entry_id, generation)
         )
         status = answer[0].decode()
-        if status == "queued":
-            await self.wait_for_replicas("the replayed change")
         return status, int(answer[1]) if status == "queued" else 0
 
-    async def wait_for_replicas(self, what: str, *, connection: Connection | None = None) -> None:
-        """With ``LEADSTAGE_REDIS_MIN_REPLICAS``, wait until that many replicas have every write so
-        far (``WAIT``; of ``connection`` when the writes went on a connection of their own);
-        ``RedisNotReplicated`` when they did not confirm in time."""
+    async def _call(
+        self, script: AsyncScript, keys_: Sequence[str], args: Sequence[EncodableT], *, confirm: bool
+    ) -> tuple[Any, int | None]:
+        """Run a script; with ``LEADSTAGE_REDIS_MIN_REPLICAS`` and ``confirm``, followed by ``WAIT`` on
+        the same connection (WAIT counts the replicas that have this connection's writes), in one
+        round trip. Returns the script's reply and how many replicas confirmed (None: not asked)."""
         settings = self.settings
-        if settings.redis_min_replicas == 0:
-            return
-        wait = ("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))
         with redis_errors():
-            if connection is None:
-                acked = int(await self.client.execute_command(*wait))  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-            else:
-                await connection.send_command(*wait)
-                acked = int(await connection.read_response())
-        if acked < settings.redis_min_replicas:
+            if not confirm or settings.redis_min_replicas == 0:
+                return await script(keys=keys_, args=args), None
+            async with self.client.pipeline(transaction=False) as pipe:
+                await script(keys=keys_, args=args, client=pipe)
+                pipe.execute_command("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))
+                reply, acked = await pipe.execute()
+        return reply, int(acked)
+
+    def _require_replicas(self, acked: int | None, what: str) -> None:
+        """``RedisNotReplicated`` when fewer replicas than required confirmed ``what``."""
+        settings = self.settings
+        if acked is not None and acked < settings.redis_min_replicas:
             raise RedisNotReplicated(what, acked, settings.redis_min_replicas, settings.redis_replica_timeout_s)
 
     # -- the worker ----------------------------------------------------------------------------
@@ -305,30 +338,35 @@ class Ledger:
         """Claim a due job and decide what it may do now (start.lua)."""
         settings = self.settings
         account = keys.split_job_id(job_id)[0]
-        with redis_errors():
-            reply = await self._start(
-                keys=[
+        reply, acked = await self._call(
+                self._start,
+                [
                     settings.queue_name, keys.ledger_key(job_id), keys.rate_key(account),
                     keys.newest_claim_key(account),
                 ],
-                args=[
+                [
                     job_id, self.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
                     max(1, round(1_000_000 / rate_limit)), self.lock_ms, self.in_flight_guard_ms, worker_id,
                     keys.STAGE_PREFIX, keys.STAGE_LOCK_PREFIX, jitter_ms, self.reservation_grace_us,
                     settings.ledger_retention_s * 1000,
                 ],
+                confirm=True,
             )  # fmt: skip
-        return _parse_start(reply)
+        start = _parse_start(reply)
+        if acked is not None and acked < settings.redis_min_replicas:
+            start = dataclasses.replace(start, replicated=False)
+        return start
 
     async def mark_posting(self, job_id: str, run: int) -> bool:
         """The recovery point just before a POST that follows a reconcile (post.lua); False when
         another run owns the change now (this one must not post)."""
         account = keys.split_job_id(job_id)[0]
-        with redis_errors():
-            status, _ = await self._post(keys=[keys.ledger_key(job_id), keys.newest_claim_key(account)], args=[run])
+        (status, _), acked = await self._call(
+            self._post, [keys.ledger_key(job_id), keys.newest_claim_key(account)], [run], confirm=True
+        )
         if status != b"ok":
             return False
-        await self.wait_for_replicas("the recovery point before the POST")
+        self._require_replicas(acked, "the recovery point before the POST")
         return True
 
     @property
@@ -402,9 +440,9 @@ class Ledger:
         account = keys.split_job_id(job_id)[0]
         outcome = Outcome(event["event"])
         fields: list[str] = [item for pair in event.items() for item in pair]
-        with redis_errors():
-            status, detail = await self._finish(
-                keys=[
+        (status, detail), acked = await self._call(
+                self._finish,
+                [
                     keys.ledger_key(job_id), settings.results_stream, settings.dlq_stream,
                     keys.stage_lock_key(account, keys.lock_subject(change.id, change.name)),
                     keys.claims_key(account), keys.rate_key(account), settings.queue_name,
@@ -416,12 +454,11 @@ class Ledger:
                     "" if pause_ms is None else pause_ms, "" if created_stage_id is None else created_stage_id,
                     event.get("stage_id", ""), orjson.dumps(history), account, *fields,
                 ],
+                confirm=outcome is not Outcome.RETRYING,
             )  # fmt: skip
         if status != b"ok":
             return Finished(False, refused_because=detail.decode())
-        if outcome is not Outcome.RETRYING:
-            await self.wait_for_replicas("the terminal state")
-        return Finished(True, int(detail))
+        return Finished(True, int(detail), replicated=acked is None or acked >= settings.redis_min_replicas)
 
     async def report_missing(self, job_id: str, event: Mapping[str, str]) -> None:
         """A due job whose ledger entry is gone: its failed event and a dead letter (lost.lua)."""
@@ -468,12 +505,15 @@ class Chunk:
 class _Pipe:
     """enqueue.lua calls on one connection of their own, pipelined: a request is sent at once and
     its answer read later, so Redis runs one chunk while the producer prepares the next. At most
-    one request is outstanding, so the chunks run in the order they were sent."""
+    one request is outstanding, so the chunks run in the order they were sent. A write is followed
+    by ``WAIT`` on the same connection when LEADSTAGE_REDIS_MIN_REPLICAS asks for it (WAIT counts
+    the replicas that have this connection's writes), in the same round trip."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self._connection: Connection | None = None
         self._request: tuple[Any, ...] | None = None  # sent, its answer not read yet
+        self._confirm = False  # a WAIT follows the request
 
     async def open(self) -> None:
         """Connect: a failure here has sent nothing."""
@@ -498,28 +538,40 @@ class _Pipe:
         assert self._request is None, "one request at a time"
         script_keys, args = self.ledger._enqueue_arguments(mode, changes, staging=staging)
         self._request = (len(script_keys), *script_keys, *args)
+        self._confirm = mode == "enqueue" and self.ledger.settings.redis_min_replicas > 0
         with redis_errors():
-            await self._connection.send_command("EVALSHA", self.ledger._enqueue.sha, *self._request)
+            await self._send_request()
 
-    async def receive(self) -> tuple[list[list[bytes]], dict[str, int]]:
-        """The answers of the request sent, and the backlog of each account it wrote to."""
+    async def _send_request(self) -> None:
+        assert self._connection is not None
+        assert self._request is not None
+        await self._connection.send_command("EVALSHA", self.ledger._enqueue.sha, *self._request)
+        if self._confirm:
+            settings = self.ledger.settings
+            await self._connection.send_command(
+                "WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)
+            )
+
+    async def receive(self) -> tuple[list[list[bytes]], dict[str, int], int | None]:
+        """The answers of the request sent, the backlog of each account it wrote to, and how many
+        replicas confirmed it (None: not asked)."""
         assert self._connection is not None, "open() first"
         assert self._request is not None, "send() first"
-        script = self.ledger._enqueue
+        connection, script = self._connection, self.ledger._enqueue
         with redis_errors():
             try:
-                reply = await self._connection.read_response()
+                reply = await connection.read_response()
             except NoScriptError:  # not run: load the script (a new or restarted Redis) and send again
-                await self._connection.send_command("SCRIPT", "LOAD", script.script)
-                script.sha = (await self._connection.read_response()).decode()
-                await self._connection.send_command("EVALSHA", script.sha, *self._request)
-                reply = await self._connection.read_response()
+                if self._confirm:
+                    await connection.read_response()  # the WAIT after it
+                await connection.send_command("SCRIPT", "LOAD", script.script)
+                script.sha = (await connection.read_response()).decode()
+                await self._send_request()
+                reply = await connection.read_response()
+            acked = int(await connection.read_response()) if self._confirm else None
         self._request = None
-        return _enqueue_reply(reply)
-
-    async def wait_for_replicas(self, what: str) -> None:
-        """``Ledger.wait_for_replicas`` for this connection's writes (WAIT counts its own connection's)."""
-        await self.ledger.wait_for_replicas(what, connection=self._connection)
+        answers, backlog = _enqueue_reply(reply)
+        return answers, backlog, acked
 
 
 class BulkCheck:
@@ -557,7 +609,7 @@ class BulkCheck:
 
     async def receive(self) -> None:
         assert self._chunk is not None
-        answers, _ = await self._pipe.receive()
+        answers, _, _ = await self._pipe.receive()
         for index, answer in enumerate(answers):
             if answer[0] in (b"conflict", b"twice"):
                 account, key = self._chunk.envelopes()[index]
@@ -602,24 +654,29 @@ class BulkWrite:
         assert self._chunk is not None
         envelopes = self._chunk.envelopes()
         try:
-            answers, backlog = await self._pipe.receive()
+            answers, backlog, acked = await self._pipe.receive()
         except RedisUnavailable as exc:
             raise EnqueueOutcomeUnknown(str(exc), enqueued=self.enqueued, unknown=envelopes) from exc
         for (account, key), label, answer in zip(envelopes, self._chunk.labels, answers, strict=True):
             if answer[0] == b"conflict":
                 raise IdempotencyConflict(account, key, label=label, enqueued_before=self.enqueued)
-        await self._pipe.wait_for_replicas("the enqueued changes")
-        self.enqueued += len(answers)
         ledger = self._pipe.ledger
-        # One backlog per account and chunk: its expected wait is worked out once, not per change.
-        waits = {account: (waiting, ledger.expected_wait_s(account, waiting)) for account, waiting in backlog.items()}
+        ledger._require_replicas(acked, "the enqueued changes")
+        self.enqueued += len(answers)
+        # The backlog a queued change joins: the account's count after the chunk, less the changes
+        # of the chunk queued behind it.
+        behind = Counter(
+            account for (account, _), answer in zip(envelopes, answers, strict=True) if answer[0] == b"queued"
+        )
         receipts = []
         for (account, key), answer in zip(envelopes, answers, strict=True):
             job = keys.job_id(account, key)
-            if answer[0] == b"duplicate":
+            if answer[0] != b"queued":
                 receipts.append(Receipt(job, key, account, "duplicate"))
-            else:
-                receipts.append(Receipt(job, key, account, "queued", *waits.get(account, (0, 0.0))))
+                continue
+            position = backlog.get(account, 0) - behind[account] + 1
+            behind[account] -= 1
+            receipts.append(Receipt(job, key, account, "queued", position, ledger.expected_wait_s(account, position)))
         return receipts
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "DEAD_LETTERED",
     "DEAD_LETTERS",
     "ENQUEUED",
+    "ENQUEUED_PAST_MAX_AGE",
     "IN_PROGRESS",
     "IVVY_LATENCY",
     "QUEUE_DEPTH",
@@ -78,6 +79,13 @@ RATE_LIMIT_WAIT_SECONDS = Counter(
 
 #: producer: library / cli / webhook; status: queued / duplicate.
 ENQUEUED = Counter("leadstage_enqueued_total", "Changes accepted by a producer, by status", ["producer", "status"])
+
+#: Changes queued behind a backlog that the account's rate limit cannot send within LEADSTAGE_MAX_AGE.
+ENQUEUED_PAST_MAX_AGE = Counter(
+    "leadstage_enqueued_past_max_age_total",
+    "Changes enqueued behind a backlog longer than the maximum age at the account's rate limit",
+    ["account"],
+)
 
 #: status: the HTTP status code answered, as text ("202", "400"...).
 WEBHOOK_REQUESTS = Counter("leadstage_webhook_requests_total", "HTTP producer requests by status code", ["status"])

@@ -215,7 +215,8 @@ async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]
             pipe.hvals(keys.WORKERS)
             pipe.xlen(settings.dlq_stream)
             pipe.xlen(settings.results_stream)
-            depth, later, heartbeats, dead, result_count = await pipe.execute()
+            pipe.hgetall(keys.PENDING)
+            depth, later, heartbeats, dead, result_count, pending = await pipe.execute()
 
     alive = [
         running for running, seen in (_heartbeat(raw) for raw in heartbeats) if seen >= now_ms - settings.lease_s * 1000
@@ -243,7 +244,23 @@ async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]
         "dead_letters": dead,
         "results": result_count,
         "recent": recent,
+        "accounts": _backlogs(pending, settings),
     }
+
+
+def _backlogs(pending: dict[bytes, bytes], settings: Settings) -> dict[str, dict[str, object]]:
+    """Per account: changes not yet terminal, when the newest of them can be expected to start at
+    the account's rate limit, and whether that is past LEADSTAGE_MAX_AGE (they would fail as too old)."""
+    accounts: dict[str, dict[str, object]] = {}
+    for raw_account, raw_count in sorted(pending.items()):
+        account, backlog = raw_account.decode(), int(raw_count)
+        wait_s = backlog / settings.rate_limit_for(account)
+        accounts[account] = {
+            "backlog": backlog,
+            "expected_start_in_s": round(wait_s, 1),
+            "past_max_age": wait_s > settings.max_age_s,
+        }
+    return accounts
 
 
 def _heartbeat(raw: bytes) -> tuple[int, int]:

@@ -1,18 +1,25 @@
 """Events of the results stream (SPEC.md: Results stream), built in one place.
 
 Every entry has the same flat string fields; empty strings stand for "not applicable".
+``ResultEvent`` and ``DeadLetter`` are those entries read back, typed (for ``producers.outcomes``
+and the HTTP status route).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from dataclasses import fields as fields_of
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal, Self, get_args
+
+import orjson
 
 from worker.change import LeadStageChange
-from worker.errors import IvvyErrorDetails, LeadstageError
+from worker.errors import IvvyErrorDetails, LeadstageError, PermanentError
 
 Event = Literal["succeeded", "failed", "superseded", "retrying"]
+EVENTS = frozenset(get_args(Event))
 TERMINAL_EVENTS = frozenset({"succeeded", "failed", "superseded"})
 
 
@@ -103,3 +110,138 @@ def build_event(
         "change": "" if sent is None else sent.canonical_json().decode(),
         "generation": str(facts.generation),
     }
+
+
+class InvalidEvent(PermanentError):
+    """A stream entry is not an event as ``build_event`` writes it (written by something else)."""
+
+    error_code = "invalid_event"
+
+    def __init__(self, entry_id: str, field: str, reason: str) -> None:
+        self.entry_id = entry_id
+        super().__init__(f"stream entry {entry_id} is not a results event: {field} {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class ResultEvent:
+    """One results-stream entry, typed: what ``build_event`` wrote, read back.
+
+    ``id`` is the entry's stream id. Empty fields are None; ``change`` is the body sent to iVvy
+    (None when nothing was sent); ``raw`` keeps the entry's own strings (what ``leadstage results``
+    prints).
+    """
+
+    id: str
+    event: Event
+    idempotency_key: str
+    job_id: str
+    account: str
+    operation: str
+    stage_id: int | None
+    attempt: int
+    http_status: int | None
+    error_code: str | None
+    error_message: str | None
+    retryable: bool | None
+    source: str
+    enqueued_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: int
+    change: dict[str, object] | None
+    generation: int
+    raw: Mapping[str, str] = field(repr=False, compare=False)
+
+    @property
+    def terminal(self) -> bool:
+        """Whether this is the change's one terminal event (of its generation)."""
+        return self.event in TERMINAL_EVENTS
+
+    @classmethod
+    def from_entry(cls, entry_id: str, fields: Mapping[str, str]) -> Self:
+        """Parse a stream entry; ``InvalidEvent`` names the first field that is wrong."""
+        return cls(**_event_values(entry_id, fields))
+
+    def as_dict(self) -> dict[str, object]:
+        """The event as typed JSON (numbers, booleans, null, the change as an object)."""
+        return {f.name: _json_value(getattr(self, f.name)) for f in fields_of(self) if f.name != "raw"}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter(ResultEvent):
+    """One dead-letter entry: the ``failed`` event plus the whole change as it was enqueued."""
+
+    original_change: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_entry(cls, entry_id: str, fields: Mapping[str, str]) -> Self:
+        original = _json_object(entry_id, fields, "original_change")
+        if original is None:
+            raise InvalidEvent(entry_id, "original_change", "is missing")
+        return cls(**_event_values(entry_id, fields), original_change=original)
+
+
+def _event_values(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
+    def text(name: str) -> str:
+        value = fields.get(name)
+        if value is None:
+            raise InvalidEvent(entry_id, name, "is missing")
+        return value
+
+    def number(name: str, *, empty: int | None = None) -> int | None:
+        value = fields.get(name, "")
+        if value == "":
+            return empty
+        try:
+            return int(value)
+        except ValueError:
+            raise InvalidEvent(entry_id, name, f"is not a number: {value[:40]!r}") from None
+
+    def when(name: str) -> datetime | None:
+        value = fields.get(name, "")
+        try:
+            return datetime.fromisoformat(value) if value else None
+        except ValueError:
+            raise InvalidEvent(entry_id, name, f"is not an ISO 8601 time: {value[:40]!r}") from None
+
+    event = text("event")
+    if event not in EVENTS:
+        raise InvalidEvent(entry_id, "event", f"is not one of {', '.join(sorted(EVENTS))}: {event[:40]!r}")
+    retryable = fields.get("retryable", "")
+    return {
+        "id": entry_id,
+        "event": event,
+        "idempotency_key": text("idempotency_key"),
+        "job_id": text("job_id"),
+        "account": text("account"),
+        "operation": fields.get("operation", ""),
+        "stage_id": number("stage_id"),
+        "attempt": number("attempt", empty=0),
+        "http_status": number("http_status"),
+        "error_code": fields.get("error_code") or None,
+        "error_message": fields.get("error_message") or None,
+        "retryable": None if retryable == "" else retryable == "true",
+        "source": fields.get("source", ""),
+        "enqueued_at": when("enqueued_at"),
+        "finished_at": when("finished_at"),
+        "duration_ms": number("duration_ms", empty=0),
+        "change": _json_object(entry_id, fields, "change"),
+        "generation": number("generation", empty=0),
+        "raw": dict(fields),
+    }
+
+
+def _json_object(entry_id: str, fields: Mapping[str, str], name: str) -> dict[str, object] | None:
+    value = fields.get(name, "")
+    if not value:
+        return None
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise InvalidEvent(entry_id, name, "is not a JSON object")
+    return parsed
+
+
+def _json_value(value: object) -> object:
+    return iso_ms(int(value.timestamp() * 1000)) if isinstance(value, datetime) else value

@@ -226,6 +226,8 @@ async def _beat(redis: aioredis.Redis, runtime: Runtime) -> None:
         log.warning("worker.heartbeat_failed", error=str(error) or type(error).__name__, running=len(running))
         return
     for job_id, lease in running.items():
+        if lease.task is None or lease.task.done():
+            continue
         if job_id in extended:
             lease.confirm(sent_at + runtime.settings.lease_s, runtime.lease_margin_s)
         else:
@@ -247,6 +249,11 @@ async def running_worker(settings: Settings) -> AsyncIterator[asyncio.Task[None]
         yield task
     finally:
         try:
+            # As on SIGTERM: no new jobs, and the running ones finish (up to the grace). arq's close
+            # would cancel them mid-step, and their CancelledError would escape it.
+            worker.allow_pick_jobs = False
+            if worker.tasks:
+                await asyncio.wait(list(worker.tasks.values()), timeout=settings.shutdown_grace_s)
             await worker.close()
         finally:
             task.cancel()

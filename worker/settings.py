@@ -161,6 +161,11 @@ class Settings:
     def account(self, name: str) -> Account | None:
         return self.accounts.get(name)
 
+    def rate_limit_for(self, account: str) -> float:
+        """Requests per second the account may send: its own limit, or LEADSTAGE_RATE_LIMIT."""
+        configured = self.accounts.get(account)
+        return configured.rate_limit if configured is not None else self.rate_limit
+
     def secret_values(self) -> list[str]:
         """Every configured secret, for the log redactor."""
         values = [a.api_secret.get() for a in self.accounts.values()]

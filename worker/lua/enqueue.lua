@@ -73,7 +73,7 @@ local written, queue_entries = {}, {}
 for i, c in ipairs(changes) do
   if answers[i][1] == 'new' or (mode == 'replay' and answers[i][1] == 'queued') then
     local ledger, stage = ledger_key(c), stage_key(c)
-    local gen = answers[i][2] or 0
+    local gen = tonumber(answers[i][2]) or 0
     local seq = ''
     if c[3] == 'update' then
       -- Every field this change sets now belongs to it: an older change must not send it any more.
@@ -107,6 +107,10 @@ for i, c in ipairs(changes) do
     queue_entries[#queue_entries + 1] = c[1]
     written[c[6]] = redis.call('HINCRBY', pending, c[6], 1)
     answers[i] = {'queued', gen}
+  elseif answers[i][1] == 'duplicate' then
+    -- A write of this call's own, so that a WAIT after it also covers the earlier write of the
+    -- entry (replication is ordered): a duplicate is confirmed like a new one. It keeps the entry too.
+    redis.call('PEXPIRE', ledger_key(c), retention)
   end
 end
 -- One ZADD for the whole call (2 arguments per change, well within Lua's unpack limit at 1000 changes).

@@ -10,6 +10,8 @@
 --       11 stage id or '', 12 history line (JSON), 13 account, 14.. event fields and values
 -- Reply: {'ok', finished at (server ms)} | {'stale', state} when the ledger is terminal or gone, or
 --   another run owns the change ('fenced').
+-- A terminal state records its event's stream id (event_id), so readers find the event without
+-- scanning the stream.
 local ledger, results, dlq, lock, claims = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local rate_key, queue, newest_claim, pending = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local job, run, outcome, retention_ms, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -25,6 +27,7 @@ if l[5] ~= run then return {'stale', 'fenced'} end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local history = (l[2] or '') .. history_line .. '\n'
+local event_id = redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 14))
 
 -- A request whose outcome is unknown may still be applied by iVvy for a while: until then no other
 -- change of this stage may be sent, whatever becomes of this one (retried, superseded, failed).
@@ -51,7 +54,7 @@ if outcome == 'retrying' then
   redis.call('ZADD', queue, next_at, job)
 else
   redis.call('HSET', ledger, 'state', outcome, 'phase', '', 'finished_at', now, 'stage_id', stage_id,
-    'history', history)
+    'history', history, 'event_id', event_id)
   redis.call('PEXPIRE', ledger, retention_ms)
   if created ~= '' then
     redis.call('HSETNX', claims, created, job)
@@ -63,7 +66,6 @@ else
   redis.call('ZREM', queue, job)
   if redis.call('HINCRBY', pending, account, -1) <= 0 then redis.call('HDEL', pending, account) end
 end
-redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 14))
 if outcome == 'failed' then
   -- The dead letter carries the whole original change, so a replay needs nothing else.
   redis.call('XADD', dlq, '*', 'original_change', l[3], 'generation', l[4] or '0', unpack(ARGV, 14))
