@@ -521,15 +521,22 @@ async def _follow_until_signalled(stream: Callable[[], Awaitable[None]]) -> None
     import signal
 
     task = asyncio.ensure_future(stream())
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, stop.set)
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        await task
-    except asyncio.CancelledError:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        while not task.done():
+            # Cancelled again until it ends: redis-py (5.3, with a socket timeout) can lose a
+            # cancellation that lands while it reads, and the command would then follow forever.
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
         if not task.cancelled():
-            raise
+            task.result()  # its own error, if it ended with one
     finally:
+        stopped.cancel()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
 
