@@ -31,7 +31,7 @@ import orjson
 from arq.constants import health_check_key_suffix
 
 from bench import workload
-from bench.infra import BenchError, Proc, ProcessGroup
+from bench.infra import BenchError, start_bench_process
 from bench.measure import (
     CommandDelta,
     CommandWindow,
@@ -44,6 +44,7 @@ from bench.measure import (
 )
 from bench.profile import PySpy
 from bench.side import Side
+from worker.processes import Child, Children
 
 #: Changes enqueued and finished before a latency phase starts measuring: the first job of a
 #: fresh worker opens its HTTP connection and loads scripts, which is not steady-state latency.
@@ -55,7 +56,7 @@ class Rig:
     """What every phase needs: the probe, the process group, the fake's admin URL, a deadline."""
 
     probe: Probe
-    group: ProcessGroup
+    group: Children
     worker_env: Mapping[str, str]
     fake_url: str
     #: Processes whose CPU time every phase reports, besides the worker (the fake, Redis).
@@ -85,10 +86,12 @@ class Rig:
             if response.status != 200:
                 raise BenchError(f"the fake iVvy's reset answered {response.status}")
 
-    def start_worker(self, side: Side, run_name: str) -> Proc:
-        return self.group.start_python(f"{run_name}-worker", side.worker_args(), {**self.worker_env, **side.worker_env})
+    def start_worker(self, side: Side, run_name: str) -> Child:
+        return start_bench_process(
+            self.group, f"{run_name}-worker", side.worker_args(), {**self.worker_env, **side.worker_env}
+        )
 
-    async def wait_ready(self, side: Side, worker: Proc) -> None:
+    async def wait_ready(self, side: Side, worker: Child) -> None:
         """Until the worker has run its first poll (arq writes its health-check key there)."""
 
         async def ready() -> bool:
@@ -98,14 +101,14 @@ class Rig:
 
         await wait_until(ready, within=self.timeout(30), interval=0.01, what=f"the {side.name} worker to start")
 
-    def stop_worker(self, worker: Proc) -> None:
+    def stop_worker(self, worker: Child) -> None:
         """Stop a worker (from a ``finally``: never raises; ``check_exit`` judges how it ended)."""
-        self.group.stop(worker)
+        self.group.stop(worker, grace=10.0)
 
     @staticmethod
-    def check_exit(worker: Proc) -> None:
+    def check_exit(worker: Child) -> None:
         """A worker that did not exit cleanly on SIGTERM casts doubt on the phase: fail it."""
-        status = worker.popen.returncode
+        status = worker.returncode
         if status not in (0, -15):
             raise BenchError(f"{worker.name} exited with status {status}:\n{worker.log_tail()}")
 

@@ -19,28 +19,28 @@ import redis.asyncio as aioredis
 from bench.infra import BenchError
 from bench.measure import Probe
 from bench.workload import Change, Item
-from worker.change import parse_change, parse_envelope
+from worker.change import DEFAULT_ACCOUNT, parse_change, parse_envelope
 from worker.ledger import Ledger, Receipt
 from worker.results import TERMINAL_EVENTS
-from worker.settings import Settings
+from worker.settings import Account, Secret, Settings
 
 #: Far above what one worker can do, so the shared rate limiter never makes a job wait.
-UNLIMITED_RATE = "1000000"
+UNLIMITED_RATE = 1_000_000.0
 #: Stream entries read per XRANGE when collecting results.
 PAGE = 5000
 
 
 def product_env(redis_url: str, ivvy_url: str, api_key: str, api_secret: str) -> dict[str, str]:
     """The environment of ``leadstage worker`` for the benchmark (read with ``Settings.from_env``)."""
-    return {
-        "REDIS_URL": redis_url,
-        "IVVY_BASE_URL": ivvy_url,
-        "IVVY_API_KEY": api_key,
-        "IVVY_API_SECRET": api_secret,
-        "LEADSTAGE_RATE_LIMIT": UNLIMITED_RATE,
-        "LEADSTAGE_METRICS_PORT": "0",
-        "LEADSTAGE_LOG_FORMAT": "json",
-    }
+    account = Account(DEFAULT_ACCOUNT, ivvy_url, api_key, Secret(api_secret), UNLIMITED_RATE)
+    settings = Settings(
+        redis_url=redis_url,
+        accounts={DEFAULT_ACCOUNT: account},
+        rate_limit=UNLIMITED_RATE,
+        metrics_port=0,
+        log_format="json",
+    )
+    return settings.to_env()
 
 
 def run_product_worker(settings: Settings, *, uvloop: bool) -> int:

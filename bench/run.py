@@ -7,7 +7,7 @@
 4. optionally (``--profile``) one more product throughput run under py-spy;
 5. the table on stdout, everything in ``bench/results/latest.json``.
 
-Every child process is stopped on the way out, whatever happens (``bench.infra.ProcessGroup``).
+Every child process is stopped on the way out, whatever happens (``worker.processes.Children``).
 """
 
 from __future__ import annotations
@@ -25,21 +25,13 @@ from typing import Any
 
 from bench import phases, report
 from bench.baseline import BaselineSide
-from bench.infra import (
-    LOOPBACK,
-    REPO_ROOT,
-    BenchError,
-    ProcessGroup,
-    free_port,
-    require_loopback_url,
-    sigterm_as_interrupt,
-    start_redis_server,
-    wait_for_port,
-)
+from bench.infra import REPO_ROOT, BenchError, require_loopback_url, start_bench_process
 from bench.measure import Probe
 from bench.product import ProductSide, product_env
 from bench.profile import RATE_HZ, summarize
 from bench.side import Side
+from worker.errors import ProcessFailed
+from worker.processes import LOOPBACK, Children, RedisServer, free_port, sigterm_as_interrupt, wait_for_port
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Settings
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -153,7 +145,7 @@ def _clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_SETTINGS)}
 
 
-async def _run(args: argparse.Namespace, group: ProcessGroup, work_dir: Path) -> dict[str, Any]:
+async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dict[str, Any]:
     deadline = time.monotonic() + args.budget
     load_at_start = os.getloadavg()
     cpu_pids: dict[str, int] = {}
@@ -161,12 +153,18 @@ async def _run(args: argparse.Namespace, group: ProcessGroup, work_dir: Path) ->
         require_loopback_url(args.redis_url, "--redis-url")
         redis_url = args.redis_url
     else:
-        redis_url, redis_proc = start_redis_server(group, work_dir / "redis")
-        cpu_pids["redis-server"] = redis_proc.pid
+        # A private server is what makes INFO commandstats and used_memory mean something: on a
+        # shared Redis other clients' commands and keys land in the same counters.
+        redis_server = RedisServer(group, work_dir / "redis")
+        redis_server.start(timeout=10)
+        redis_url = redis_server.url
+        cpu_pids["redis-server"] = redis_server.child.pid
     credentials = {"IVVY_API_KEY": DEMO_API_KEY, "IVVY_API_SECRET": DEMO_API_SECRET}
     fake_port = free_port()
-    fake = group.start_python("fake-ivvy", ["fake-ivvy", "--host", LOOPBACK, "--port", str(fake_port)], credentials)
-    wait_for_port(LOOPBACK, fake_port, timeout=20, process=fake.popen)
+    fake = start_bench_process(
+        group, "fake-ivvy", ["fake-ivvy", "--host", LOOPBACK, "--port", str(fake_port)], credentials
+    )
+    wait_for_port(fake_port, timeout=20, process=fake.popen)
     cpu_pids["fake-ivvy"] = fake.pid
     fake_url = f"http://{LOOPBACK}:{fake_port}"
 
@@ -298,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_dir.mkdir(parents=True, exist_ok=True)
         for old in log_dir.glob("*.log"):
             old.unlink()
-        group = ProcessGroup(log_dir, _clean_environ())
+        group = Children(log_dir, _clean_environ())
         try:
             with sigterm_as_interrupt():
                 # The phases check the budget while they wait; this also bounds a hung Redis call.
@@ -306,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except TimeoutError:
             print(f"bench: the run took longer than its budget ({args.budget:g}s + 30s); stopped", file=sys.stderr)
             return 1
-        except BenchError as error:
+        except (BenchError, ProcessFailed) as error:
             print(f"bench: {error}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:

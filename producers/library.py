@@ -49,15 +49,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.sentinel import Sentinel
 
 from producers.outcomes import SharedReader, Waits
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
-from worker.errors import ConfigError, FieldError, InvalidChange, UnknownAccount
+from worker.errors import FieldError, InvalidChange, UnknownAccount
 from worker.ledger import Ledger, Receipt
+from worker.redis_connection import connect_redis, connect_redis_of
 from worker.settings import Settings
 
 __all__ = [
@@ -113,51 +112,6 @@ class InvalidBatch(InvalidChange):
                 for error in field_errors(failure)
             ]
         )
-
-
-def connect_redis(
-    url: str,
-    *,
-    timeout_s: float = Settings.redis_timeout_s,
-    connect_timeout_s: float = Settings.redis_connect_timeout_s,
-) -> aioredis.Redis:
-    """A Redis client for REDIS_URL (redis://, rediss://, unix://, redis+sentinel://); lazy, no I/O.
-
-    Every command waits ``timeout_s`` for its answer at most, a connection ``connect_timeout_s``
-    (LEADSTAGE_REDIS_TIMEOUT, LEADSTAGE_REDIS_CONNECT_TIMEOUT): a hung Redis is an error, not a
-    hang. Responses stay bytes, as the ledger expects. A URL redis-py cannot use is a
-    ``ConfigError`` naming REDIS_URL (its password, if any, is not repeated).
-    """
-    try:
-        if url.startswith("redis+sentinel://"):
-            # The worker's parser of Sentinel URLs; imported here, as it brings arq's worker along.
-            from worker.runner import redis_settings
-
-            parsed = redis_settings(url)
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-                parsed.host,
-                password=parsed.password,
-                db=parsed.database,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=connect_timeout_s,
-            )
-            client: aioredis.Redis = sentinel.master_for(parsed.sentinel_master)
-        else:
-            client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s)
-    except ValueError as exc:
-        reason = str(exc)
-        password = urlsplit(url).password
-        if password:
-            reason = reason.replace(password, "***")
-        raise ConfigError(f"REDIS_URL is not a usable Redis URL: {reason}") from None
-    return client
-
-
-def connect_redis_of(settings: Settings) -> aioredis.Redis:
-    """``connect_redis`` with the URL and timeouts of ``settings``."""
-    return connect_redis(
-        settings.redis_url, timeout_s=settings.redis_timeout_s, connect_timeout_s=settings.redis_connect_timeout_s
-    )
 
 
 class LeadStageProducer(Waits):

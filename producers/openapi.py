@@ -12,7 +12,20 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import quote
 
-from worker.change import ALIASES, DEFAULT_ACCOUNT, ID_MAX, KEY_MAX_CHARS, NAME_MAX_CHARS, NAME_PATTERN
+from worker.change import (
+    ACCOUNT_PATTERN,
+    ALIASES,
+    APPLY_TO_LEAD,
+    APPLY_TO_OPPORTUNITY,
+    APPLY_TO_WORDS,
+    COLOUR_PATTERN,
+    DEFAULT_ACCOUNT,
+    ID_MAX,
+    KEY_CHARACTER_PATTERN,
+    KEY_MAX_CHARS,
+    NAME_MAX_CHARS,
+    NAME_PATTERN,
+)
 from worker.ledger import Receipt
 from worker.results import EVENTS
 
@@ -23,9 +36,11 @@ MAX_BATCH: Final = 1000
 #: Seconds a client is asked to wait (``Retry-After``) when Redis is down.
 RETRY_AFTER_S: Final = 5
 
-ACCOUNT_PATTERN: Final = "^[A-Za-z0-9_.-]{1,64}$"
-KEY_PATTERN: Final = f"^[\\x20-\\x7e]{{1,{KEY_MAX_CHARS}}}$"
-COLOUR_PATTERN: Final = "^#[0-9a-fA-F]{6}$"
+#: The change model's rules, anchored as JSON Schema patterns are not.
+ACCOUNT_SCHEMA_PATTERN: Final = f"^{ACCOUNT_PATTERN}$"
+KEY_SCHEMA_PATTERN: Final = f"^{KEY_CHARACTER_PATTERN}{{1,{KEY_MAX_CHARS}}}$"
+COLOUR_SCHEMA_PATTERN: Final = f"^{COLOUR_PATTERN}$"
+NAME_SCHEMA_PATTERN: Final = f"^{NAME_PATTERN}$"
 
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
@@ -44,12 +59,12 @@ def _ref(kind: str, name: str) -> dict[str, str]:
 def _change_schema() -> dict[str, Any]:
     colour = {
         "type": "string",
-        "pattern": COLOUR_PATTERN,
+        "pattern": COLOUR_SCHEMA_PATTERN,
         "description": "Hex colour #rrggbb, any case; sent to iVvy in lower case.",
         "examples": ["#7ee546"],
     }
     apply_to = {
-        "enum": [1, 2, "opportunity", "lead"],
+        "enum": [APPLY_TO_OPPORTUNITY, APPLY_TO_LEAD, *APPLY_TO_WORDS],
         "description": 'What the stage applies to: 1 or "opportunity", 2 or "lead". The words ignore case and '
         'surrounding spaces; "1" and "2" as strings are accepted too.',
     }
@@ -70,7 +85,7 @@ def _change_schema() -> dict[str, Any]:
                 "type": "string",
                 "minLength": 1,
                 "maxLength": NAME_MAX_CHARS,
-                "pattern": NAME_PATTERN,
+                "pattern": NAME_SCHEMA_PATTERN,
                 "description": f"1..{NAME_MAX_CHARS} characters after trimming surrounding spaces; no control "
                 "characters or bidi overrides, and a visible character (the pattern states the strict form: a "
                 "letter or digit of a common script; names visible only through other scripts or symbols pass too).",
@@ -100,7 +115,7 @@ def _header(name: str, description: str, *, required: bool, schema: dict[str, An
 
 def _account_parameters(header_description: str) -> list[dict[str, Any]]:
     """The account, as the X-Leadstage-Account header or the ``account`` query parameter."""
-    schema = {"type": "string", "pattern": ACCOUNT_PATTERN}
+    schema = {"type": "string", "pattern": ACCOUNT_SCHEMA_PATTERN}
     return [
         _header("X-Leadstage-Account", header_description, required=False, schema=schema),
         {
@@ -193,7 +208,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 "The idempotency key (IETF Idempotency-Key draft; a quoted structured-field string is unquoted). "
                 "Overrides webhook-id.",
                 required=False,
-                schema={"type": "string", "pattern": KEY_PATTERN},
+                schema={"type": "string", "pattern": KEY_SCHEMA_PATTERN},
             ),
             *_account_parameters("The iVvy account the changes are for (default 'default')."),
         ],
@@ -343,7 +358,7 @@ def _status_operation() -> dict[str, Any]:
                 "in": "path",
                 "required": True,
                 "description": "The change's idempotency key, percent-encoded.",
-                "schema": {"type": "string", "pattern": KEY_PATTERN},
+                "schema": {"type": "string", "pattern": KEY_SCHEMA_PATTERN},
             },
             *_account_parameters(
                 "The account the change was enqueued for (default 'default'); the token must be this account's."

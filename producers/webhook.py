@@ -31,7 +31,6 @@ import asyncio
 import binascii
 import logging
 import re
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,17 +38,25 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from producers.library import ChangeItem, ItemError, LeadStageProducer, Receipt, connect_redis, field_errors
+from producers.library import ChangeItem, ItemError, LeadStageProducer, Receipt, field_errors
 from producers.openapi import CHANGES_PATH, MAX_BATCH, RETRY_AFTER_S, location, openapi_document
 from worker import metrics
 from worker.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.errors import ConfigError, FieldError, IdempotencyConflict, InvalidChange, RedisUnavailable, UnknownAccount
+from worker.errors import (
+    ConfigError,
+    FieldError,
+    IdempotencyConflict,
+    InvalidChange,
+    RedisUnavailable,
+    UnknownAccount,
+)
 from worker.logs import get_logger
+from worker.processes import signalled
+from worker.redis_connection import connect_redis, ping
 from worker.settings import Settings
 
 __all__ = ["create_app", "run_webhook"]
@@ -316,7 +323,7 @@ async def _enqueue(producer: LeadStageProducer, items: Sequence[Any]) -> list[Re
             f"{exc}; nothing was enqueued",
             kind="idempotency-conflict",
         ) from None
-    except (RedisUnavailable, redis.exceptions.RedisError) as exc:
+    except RedisUnavailable as exc:
         log.warning("webhook.redis_unavailable", error=str(exc))
         raise _unavailable("Redis is unavailable; nothing was enqueued, retry later") from None
 
@@ -328,10 +335,9 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     redis_client = request.app[_STATE].redis
     try:
-        async with asyncio.timeout(READY_TIMEOUT_S):
-            await redis_client.ping()
-    except (TimeoutError, OSError, redis.exceptions.RedisError) as exc:
-        raise _unavailable(f"Redis does not answer: {type(exc).__name__}") from None
+        await ping(redis_client, READY_TIMEOUT_S)
+    except RedisUnavailable as exc:
+        raise _unavailable(f"Redis does not answer: {exc}") from None
     return web.json_response({"status": "ready"}, dumps=lambda obj: orjson.dumps(obj).decode())
 
 
@@ -387,11 +393,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
             log.info("webhook.listening", host=host, port=port, path=CHANGES_PATH)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop.set)
-            await stop.wait()
+            await signalled()
             log.info("webhook.stopping")
         finally:
             await runner.cleanup()

@@ -1,12 +1,18 @@
-# Sourced by scripts/test.sh and scripts/demo.sh: a virtualenv with the project installed,
-# and a Redis answering on 127.0.0.1:6379 (started here when none answers).
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import worker, producers, pytest" 2>/dev/null \
-    || [ pyproject.toml -nt .venv/.installed ]; then
+# Sourced by scripts/test.sh and scripts/demo.sh: a virtualenv with the project installed from the
+# lock file (requirements/dev.txt: every version pinned, every file checked against its hash;
+# refreshed by scripts/lock.sh), and a Redis answering on 127.0.0.1:6379 (started here when none
+# answers). Re-installs by itself when the lock file or pyproject.toml changes.
+_lock_stamp="$(cat requirements/dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.installed 2>/dev/null)" != "$_lock_stamp" ] \
+    || ! .venv/bin/python -c "import worker, producers, pytest" 2>/dev/null; then
     python3 -m venv .venv
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[test]"
-    touch .venv/.installed
+    # Exactly the locked set: --require-hashes refuses any file whose hash is not in the lock.
+    .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.txt
+    # The project itself, editable, built with the locked setuptools (no download at build time).
+    .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+    echo "$_lock_stamp" > .venv/.installed
 fi
+unset _lock_stamp
 if ! .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1).close()" 2>/dev/null; then
     if ! command -v redis-server >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

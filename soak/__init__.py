@@ -2,5 +2,5 @@
 
 Not part of the test suite: it runs for minutes, starts its own Redis, fake iVvy and worker
 processes, and kills them while thousands of changes go through, then checks the guarantees of
-SPEC.md from the fake's own state and the streams.
+docs/contract.md from the fake's own state and the streams.
 """

@@ -1,4 +1,4 @@
-"""The soak's verdict: SPEC.md's guarantees checked from the fake iVvy's own state and the streams.
+"""The soak's verdict: docs/contract.md's guarantees checked from the fake iVvy's own state and the streams.
 
 Each check returns human-readable violations (empty when it holds), each naming the keys or
 stages concerned (the first few), so that a failed run says where to start looking.

@@ -120,7 +120,7 @@ class FakeAdmin:
 class Takeover:
     """One killed worker's orphaned changes: when each became due again, and when it was taken up.
 
-    SPEC.md promises the first within 15 s (the lease, not arq's job timeout, hides a running
+    docs/contract.md promises the first within 15 s (the lease, not arq's job timeout, hides a running
     job). The second also waits for every change that was due before it: with a backlog in the
     queue it is the backlog's wait, which ``due_backlog`` (due changes at the kill) shows.
     """

@@ -4,13 +4,15 @@ What it does (RELIABILITY.md has the figures of the last run):
 
 1. Starts its own ``redis-server`` (append-only file on, ``appendfsync always``, in a temporary
    directory), the fake iVvy (``leadstage fake-ivvy``) with every fault on (latency, 5xx, 429 with
-   Retry-After, hangs past the client timeout, commit-then-drop, 24322), and ``--workers`` worker
-   processes (``leadstage worker``), all on loopback.
+   Retry-After, hangs past the client timeout, commit-then-drop, 24322, a 504 after the commit,
+   commits after the client gave up), and ``--workers`` worker processes (``leadstage worker``)
+   whose clocks are right, 3 s ahead and 3 s behind, all on loopback.
 2. Enqueues ``--changes`` changes through the producer library (``LeadStageProducer``), in
    batches over time: adds, and several updates per stage (``soak.workload``). An enqueue that
    fails because Redis is down is retried with the same idempotency keys.
-3. Meanwhile SIGKILLs a random worker every few seconds and starts a new one, and restarts Redis
-   (``--redis-restarts``; the first a crash, the next a graceful shutdown, alternately).
+3. Meanwhile SIGKILLs a random worker every few seconds and starts a new one, restarts Redis
+   (``--redis-restarts``; the first a crash, the next a graceful shutdown, alternately), and makes
+   Redis refuse every write for longer than a lease (``--refusals``).
 4. When every change has a terminal event, checks (``soak.checks``): nothing lost, no stage created
    twice, every field at its last enqueued value, exactly one terminal event per key, every
    ledger entry terminal; then replays any dead letters with the faults off
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -44,12 +47,22 @@ import redis.exceptions
 from producers.library import ChangeItem, LeadStageProducer, Receipt
 from soak import checks
 from soak.observe import REDIS_DOWN, FakeAdmin, ResultsTail, Takeover, orphans_of, probe_takeover
-from soak.procs import Child, Children, RedisServer, SoakError, free_port, sigterm_as_interrupt, wait_for_port
 from soak.workload import Planned, Workload
 from worker import keys
-from worker.errors import RedisUnavailable
+from worker.change import DEFAULT_ACCOUNT
+from worker.errors import ProcessFailed, RedisUnavailable
 from worker.fake_ivvy import FAULT_FIELDS, Faults
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Settings
+from worker.processes import (
+    LOOPBACK,
+    Child,
+    Children,
+    RedisServer,
+    free_port,
+    python_module,
+    sigterm_as_interrupt,
+    wait_for_port,
+)
+from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 
 #: Every fault on, at rates that leave the run able to finish in minutes on two cores: about one
 #: request in eight misbehaves. 429s pause the whole account, so they are kept rarer.
@@ -62,10 +75,15 @@ DEFAULT_FAULTS = Faults(
     hang_s=3,
     drop_rate=0.02,
     error_24322_rate=0.03,
+    gateway_5xx_rate=0.02,
+    late_commit_rate=0.01,
+    late_commit_s=2.0,
 )
+#: The workers' clocks, by slot: one right, one ahead, one behind (LEADSTAGE_TEST_CLOCK_OFFSET).
+CLOCK_OFFSETS_S = ("0", "3", "-3")
 #: Share of batches the driver delivers twice (same keys, same changes), as an unsure producer does.
 REDELIVERY_SHARE = 0.05
-#: The guarantee of SPEC.md: a killed worker's change is taken up again within this.
+#: The guarantee of docs/contract.md: a killed worker's change is taken up again within this.
 TAKEOVER_LIMIT_S = 15.0
 
 
@@ -81,6 +99,8 @@ class Options:
     kill_every: tuple[float, float]
     redis_restarts: int
     redis_down_s: float
+    refusals: int
+    refusal_s: float
     settle_timeout_s: float
     faults: Faults
     max_attempts: int
@@ -108,6 +128,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                         help="seconds between worker kills, uniformly drawn")  # fmt: skip
     parser.add_argument("--redis-restarts", type=int, default=2, help="Redis restarts during the enqueue phase")
     parser.add_argument("--redis-down-s", type=float, default=2.0, help="seconds Redis stays down per restart")
+    parser.add_argument("--refusals", type=int, default=2, help="times Redis refuses every write (OOM) meanwhile")
+    parser.add_argument("--refusal-s", type=float, default=4.0, help="seconds each refusal lasts (past a lease)")
     parser.add_argument("--settle-timeout", type=float, default=420.0, help="seconds to wait after the last enqueue")
     parser.add_argument("--fault", action="append", default=[], metavar="NAME=VALUE",
                         help=f"override a fault setting ({', '.join(FAULT_FIELDS)}); 'none' turns all off")  # fmt: skip
@@ -140,6 +162,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         enqueue_rate=args.enqueue_rate,
         kill_every=(args.kill_every[0], args.kill_every[1]),
         redis_restarts=args.redis_restarts,
+        refusals=args.refusals,
+        refusal_s=args.refusal_s,
         redis_down_s=args.redis_down_s,
         settle_timeout_s=args.settle_timeout,
         faults=faults,
@@ -168,6 +192,7 @@ class Figures:
     kills: int = 0
     worker_self_exits: int = 0
     redis_restarts: list[str] = field(default_factory=list)
+    write_refusals: list[str] = field(default_factory=list)
     enqueue_retries: int = 0
     duplicates_on_retry: int = 0
     redelivered: int = 0
@@ -196,8 +221,9 @@ class Soak:
         self.options = options
         self.log_dir = log_dir
         self.rng = random.Random(options.seed)  # noqa: S311 - picks changes and victims, not secrets
-        self.children = Children(log_dir)
-        self.redis = RedisServer(self.children, log_dir / "redis-data")
+        foreign = ("LEADSTAGE_", "IVVY_", "REDIS_", "WEBHOOK_")
+        self.children = Children(log_dir, {k: v for k, v in os.environ.items() if not k.startswith(foreign)})
+        self.redis = RedisServer(self.children, log_dir / "redis-data", durable=True)
         self.settings = Settings(
             redis_url=self.redis.url,
             results_maxlen=max(1_000_000, options.changes * 50),
@@ -214,44 +240,38 @@ class Soak:
     # -- the children ---------------------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
+        """The workers' (and the fake's) settings, as ``leadstage worker`` reads them."""
         o = self.options
-        return {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("LEADSTAGE_", "IVVY_", "REDIS_", "WEBHOOK_"))},
-            "REDIS_URL": self.redis.url,
-            "IVVY_BASE_URL": self.fake_url,
-            "IVVY_API_KEY": DEMO_API_KEY,
-            "IVVY_API_SECRET": DEMO_API_SECRET,
-            "LEADSTAGE_RATE_LIMIT": "2000",
-            "LEADSTAGE_MAX_ATTEMPTS": str(o.max_attempts),
-            "LEADSTAGE_MAX_AGE": "3600",
-            "LEADSTAGE_BACKOFF_BASE": "0.1",
-            "LEADSTAGE_BACKOFF_MAX": "2",
-            "LEADSTAGE_REQUEST_TIMEOUT": str(o.request_timeout_s),
-            "LEADSTAGE_JOB_TIMEOUT": "60",
-            "LEADSTAGE_LEASE": str(o.lease_s),
-            "LEADSTAGE_CONCURRENCY": str(o.concurrency),
-            "LEADSTAGE_SHUTDOWN_GRACE": "5",
-            "LEADSTAGE_RESULTS_MAXLEN": str(self.settings.results_maxlen),
-            "LEADSTAGE_METRICS_PORT": "0",
-            "LEADSTAGE_LOG_FORMAT": "json",
-        }
+        account = Account(DEFAULT_ACCOUNT, self.fake_url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 2000.0)
+        return dataclasses.replace(
+            self.settings,
+            accounts={DEFAULT_ACCOUNT: account},
+            rate_limit=2000.0,
+            max_attempts=o.max_attempts,
+            max_age_s=3600.0,
+            backoff_base_s=0.1,
+            backoff_max_s=2.0,
+            request_timeout_s=o.request_timeout_s,
+            job_timeout_s=60.0,
+            concurrency=o.concurrency,
+            shutdown_grace_s=5.0,
+            metrics_port=0,
+            log_format="json",
+        ).to_env()
 
     def _start_fake(self) -> None:
         port = free_port()
-        self.fake_url = f"http://127.0.0.1:{port}"
+        self.fake_url = f"http://{LOOPBACK}:{port}"
         flags = [f"--{name.replace('_', '-')}={value}" for name, value in self.options.faults.as_dict().items()]
-        fake = self.children.leadstage(
-            "fake-ivvy", ["fake-ivvy", "--port", str(port), "--seed", str(self.options.seed), *flags], self._env()
-        )
-        fake.start()
-        assert fake.popen is not None
+        fake_args = ["fake-ivvy", "--port", str(port), "--seed", str(self.options.seed), *flags]
+        fake = self.children.start("fake-ivvy", python_module("worker.cli", *fake_args), self._env())
         wait_for_port(port, 30, fake.popen)
 
     def _start_workers(self) -> None:
         env = self._env()
         for slot in range(self.options.workers):
-            worker = self.children.leadstage(f"worker-{slot + 1}", ["worker"], env)
-            worker.start()
+            skewed = {**env, "LEADSTAGE_TEST_CLOCK_OFFSET": CLOCK_OFFSETS_S[slot % len(CLOCK_OFFSETS_S)]}
+            worker = self.children.start(f"worker-{slot + 1}", python_module("worker.cli", "worker"), skewed)
             self.workers.append(worker)
 
     # -- the run --------------------------------------------------------------------------------
@@ -274,6 +294,7 @@ class Soak:
                 asyncio.create_task(self._tail(results, client, done)),
             ]
             restarts = asyncio.create_task(self._restart_redis(started))
+            chaos.append(asyncio.create_task(self._refuse_writes(started, done)))
             await self._enqueue_all(producer)
             self.figures.enqueue_s = round(time.monotonic() - started, 1)
             await self._settle(results, started)
@@ -355,7 +376,7 @@ class Soak:
             self.figures.enqueue_retries += 1
             retried = True
             if time.monotonic() > deadline:
-                raise SoakError("Redis did not take a batch for 120 s")
+                raise ProcessFailed("Redis did not take a batch for 120 s")
             await asyncio.sleep(0.25)
         if retried:
             self.figures.duplicates_on_retry += sum(1 for r in receipts if r.status == "duplicate")
@@ -436,6 +457,29 @@ class Soak:
             )
             print(f"  redis restarted ({self.figures.redis_restarts[-1]})", flush=True)
 
+    async def _refuse_writes(self, started: float, done: asyncio.Event) -> None:
+        """Now and then Redis refuses every write (``maxmemory 1``: OOM) for longer than a lease, between
+        the restarts: heartbeats, claims, finishes and enqueues fail; nothing may be lost or doubled."""
+        expected_s = self.options.changes / self.options.enqueue_rate
+        for index in range(self.options.refusals):
+            at = started + expected_s * (index + 0.5) / (self.options.refusals + 0.5)
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            if done.is_set():
+                return
+            client = aioredis.Redis.from_url(self.redis.url)
+            began = time.monotonic()
+            try:
+                await client.config_set("maxmemory", 1)
+                await asyncio.sleep(self.options.refusal_s)
+                await client.config_set("maxmemory", 0)
+            except (RedisUnavailable, redis.exceptions.RedisError, OSError) as error:
+                print(f"  write refusal skipped: {type(error).__name__}", flush=True)  # a restart in between
+                continue
+            finally:
+                await client.aclose()
+            self.figures.write_refusals.append(f"at {began - started:.0f}s for {self.options.refusal_s:g}s")
+            print(f"  redis refused every write ({self.figures.write_refusals[-1]})", flush=True)
+
     # -- the verdict ----------------------------------------------------------------------------
 
     async def _verify(self, client: aioredis.Redis, admin: FakeAdmin, results: ResultsTail) -> None:
@@ -486,7 +530,7 @@ class Soak:
         by_key = {p.key: p for p in self.workload.planned}
         replay = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "worker.cli", "dlq", "replay", "--all"],
+            python_module("worker.cli", "dlq", "replay", "--all"),
             env=self._env(),
             capture_output=True,
             check=False,
@@ -576,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
         soak = Soak(options, log_dir)
-    except SoakError as exc:
+    except ProcessFailed as exc:
         print(f"soak: {exc}", file=sys.stderr)
         return 2
     status = 1
@@ -587,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every child process", file=sys.stderr)
         status = 130
-    except SoakError as exc:
+    except ProcessFailed as exc:
         soak.violations.append(f"the run could not go on: {exc}")
         status = 1
     finally:

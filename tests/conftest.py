@@ -25,6 +25,28 @@ TEST_REDIS_SERVER = os.environ.get("LEADSTAGE_TEST_REDIS_SERVER", "redis://127.0
 TEST_DATABASES = range(15, 0, -1)
 
 
+#: Modules whose every test starts processes (workers, commands, servers): marked ``system``, so
+#: that ``pytest -m "not system"`` is the quick loop. Single tests elsewhere carry the mark themselves.
+SYSTEM_MODULES = frozenset(
+    {
+        "test_chaos",
+        "test_cli",
+        "test_demo",
+        "test_hostile_input",
+        "test_processes",
+        "test_rate_limit",
+        "test_secrets",
+        "test_shutdown",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in SYSTEM_MODULES:
+            item.add_marker(pytest.mark.system)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A database of the test Redis that this test session has to itself.

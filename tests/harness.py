@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from worker.processes import python_module
 from worker.results import TERMINAL_EVENTS
-from worker.settings import Account, Secret, Settings
+from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 
 
 def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Settings:
     """Settings for a fast test worker against the fake iVvy with its demo credentials."""
     values: dict[str, object] = {
         "redis_url": redis_url,
-        "accounts": {"default": Account("default", ivvy_url, "demo-key", Secret("demo-secret"), 1000.0)},
+        "accounts": {"default": Account("default", ivvy_url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 1000.0)},
         "rate_limit": 1000.0,
         "backoff_base_s": 0.05,
         "backoff_max_s": 0.5,
@@ -37,33 +38,16 @@ def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Setti
     return Settings(**values)  # type: ignore[arg-type]  # the keys above are Settings' fields
 
 
-def worker_env(settings: Settings, ivvy_url: str) -> dict[str, str]:
-    """The environment that makes ``leadstage worker`` use ``settings`` (the fields tests change)."""
-    return {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "IVVY_BASE_URL": ivvy_url,
-        "IVVY_API_KEY": "demo-key",
-        "IVVY_API_SECRET": "demo-secret",
-        "LEADSTAGE_RATE_LIMIT": str(settings.rate_limit),
-        "LEADSTAGE_MAX_ATTEMPTS": str(settings.max_attempts),
-        "LEADSTAGE_BACKOFF_BASE": str(settings.backoff_base_s),
-        "LEADSTAGE_BACKOFF_MAX": str(settings.backoff_max_s),
-        "LEADSTAGE_REQUEST_TIMEOUT": str(settings.request_timeout_s),
-        "LEADSTAGE_JOB_TIMEOUT": str(settings.job_timeout_s),
-        "LEADSTAGE_LEASE": str(settings.lease_s),
-        "LEADSTAGE_POLL_DELAY": str(settings.poll_delay_s),
-        "LEADSTAGE_CONCURRENCY": str(settings.concurrency),
-        "LEADSTAGE_SHUTDOWN_GRACE": str(settings.shutdown_grace_s),
-        "LEADSTAGE_METRICS_PORT": "0",
-        "LEADSTAGE_LOG_FORMAT": "json",
-    }
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``leadstage worker`` use ``settings``, logging JSON lines."""
+    return {**os.environ, **dataclasses.replace(settings, log_format="json").to_env()}
 
 
 def start_worker_process(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """``leadstage worker`` as a real process (so that it can be SIGKILLed)."""
     with log_path.open("ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=dict(env), stdout=log, stderr=log)
+        argv = python_module("worker.cli", "worker")
+        return subprocess.Popen(argv, env=dict(env), stdout=log, stderr=log)  # noqa: S603 - our interpreter, fixed arguments
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:

@@ -1,21 +1,23 @@
 """Redis servers of a test's own, on free loopback ports: for tests that refuse writes, stall,
-replicate or fail over a Redis, which must not disturb the shared test Redis."""
+replicate or fail over a Redis, which must not disturb the shared test Redis.
+
+Each is a child of the process toolkit (``worker.processes``), as the demo's, the benchmark's
+and the soak's Redis are.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
-from bench.infra import free_port
+from worker.processes import LOOPBACK, Child, free_port, wait_for_port
 
 
 @dataclass
@@ -23,26 +25,25 @@ class RedisServer:
     """One redis-server process (or sentinel) and how to reach it."""
 
     port: int
-    process: subprocess.Popen[bytes]
+    child: Child
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{LOOPBACK}:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=5)
 
     def pause(self) -> None:
         """Stop the process (SIGSTOP): connections stay open and nothing answers."""
-        self.process.send_signal(signal.SIGSTOP)
+        self.child.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
+        self.child.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         self.resume()
-        self.process.kill()
-        self.process.wait(10)
+        self.child.kill()
 
 
 def start_redis(directory: Path, *args: str, sentinel: bool = False, port: int | None = None) -> RedisServer:
@@ -55,22 +56,20 @@ def start_redis(directory: Path, *args: str, sentinel: bool = False, port: int |
     command = [binary]
     if sentinel:
         config = directory / "sentinel.conf"
-        config.write_text("\n".join((f"port {port}", "bind 127.0.0.1", f"dir {directory}", *args)) + "\n")
+        config.write_text("\n".join((f"port {port}", f"bind {LOOPBACK}", f"dir {directory}", *args)) + "\n")
         command += [str(config), "--sentinel"]
     else:
-        command += ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(directory), *args]
-    log = (directory / f"redis-{port}.log").open("ab")
-    process = subprocess.Popen(command, stdout=log, stderr=log)  # noqa: S603 - our own redis-server, fixed arguments
-    server = RedisServer(port, process)
-    deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            if sentinel or server.client().ping():
-                return server
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"redis-server on port {port} did not start: see {log.name}")
-        time.sleep(0.05)
+        command += ["--port", str(port), "--bind", LOOPBACK, "--save", "", "--dir", str(directory), *args]
+    server = RedisServer(port, Child(f"redis-{port}", command, dict(os.environ), directory / f"redis-{port}.log"))
+    try:
+        wait_for_port(port, 10, server.child.start().popen)
+        if not sentinel:
+            with server.client() as client:
+                client.ping()
+    except BaseException:
+        server.kill()
+        raise
+    return server
 
 
 @contextlib.contextmanager
@@ -83,5 +82,4 @@ def redis_servers(directory: Path, *configs: Sequence[str]) -> Iterator[list[Red
         yield servers
     finally:
         for server in servers:
-            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-                server.kill()
+            server.kill()

@@ -1,5 +1,7 @@
-"""Chaos: hundreds of changes through worker processes that are SIGKILLed, against a fake iVvy with
-every fault switched on. The invariants are checked from the fake's own state and the streams."""
+"""Chaos: hundreds of changes through worker processes that are SIGKILLed, whose clocks disagree
+(+-3 s), against a Redis that refuses writes for a while and a fake iVvy with every fault switched on
+(5xx that lie after a commit, late commits included). The invariants are checked from the fake's own
+state and the streams."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import asyncio
 import random
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,9 @@ from tests.harness import (
     worker_env,
     worker_settings,
 )
+from tests.redis_servers import RedisServer, start_redis
 from worker.change import parse_change, parse_envelope
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.fake_ivvy import RunningFakeIvvy, Stage, running_fake_ivvy
 from worker.ledger import Ledger
 
 ALL_FAULTS = {
@@ -34,7 +37,15 @@ ALL_FAULTS = {
     "hang_s": 3,
     "drop_rate": 0.05,
     "error_24322_rate": 0.03,
+    "gateway_5xx_rate": 0.03,
+    "late_commit_rate": 0.02,
+    "late_commit_s": 1.3,
 }
+#: The workers' clocks: one right, one ahead, one behind (LEADSTAGE_TEST_CLOCK_OFFSET).
+CLOCK_OFFSETS_S = ("0", "3", "-3")
+
+
+pytestmark = pytest.mark.system
 
 
 @pytest.fixture
@@ -43,11 +54,22 @@ async def fake() -> AsyncIterator[RunningFakeIvvy]:
         yield running
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own: it refuses writes for a while without disturbing other tests."""
+    server = start_redis(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
 async def test_no_loss_no_duplicate_last_value_wins_under_kills(
-    fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+    fake: RunningFakeIvvy, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     rng = random.Random(5)
-    settings = worker_settings(redis_url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30)
+    settings = worker_settings(own_redis.url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30)
+    redis_client = aioredis.Redis.from_url(own_redis.url)
     ledger = Ledger(redis_client, settings)
     stages = [fake.fake.add_stage(f"Seeded {i}", apply_to=1) for i in range(20)]
     expected: dict[int, dict[str, object]] = {s.id: {"name": s.name, "colour": s.colour, "apply_to": 1} for s in stages}
@@ -71,9 +93,11 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
                 expected[change.id].update({k: v for k, v in fields.items() if v is not None})
 
     fake.fake.update_faults(ALL_FAULTS)
-    env = worker_env(settings, fake.url)
+    env = worker_env(settings)
     log = tmp_path / "workers.log"
-    workers = [start_worker_process(env, log) for _ in range(2)]
+    envs = [{**env, "LEADSTAGE_TEST_CLOCK_OFFSET": offset} for offset in CLOCK_OFFSETS_S]
+    workers = [start_worker_process(worker, log) for worker in envs]
+    admin = own_redis.client()
     kills = 0
     batches = [changes[i : i + 40] for i in range(0, len(changes), 40)]
     try:
@@ -81,18 +105,41 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
         for tick, batch in enumerate(batches):
             await enqueue(batch)
             await asyncio.sleep(0.8)
+            if tick == 2:
+                # Every write refused (OOM) for longer than a lease: heartbeats, claims and finishes fail.
+                admin.config_set("maxmemory", 1)
+                await asyncio.sleep(2.5)
+                admin.config_set("maxmemory", 0)
             if tick % 2 == 1:
                 victim = workers.pop(0)
                 victim.send_signal(signal.SIGKILL)
                 victim.wait(10)
                 kills += 1
-                workers.append(start_worker_process(env, log))
+                workers.append(start_worker_process(envs[kills % len(envs)], log))
         started = time.monotonic()
         terminal = await wait_for_terminal(redis_client, [key for _, key in changes], within_s=150)
         settle = time.monotonic() - started
     finally:
+        admin.config_set("maxmemory", 0)
         for process in workers:
             stop_process(process)
+    try:
+        await check_invariants(fake, redis_client, changes, terminal, stages, expected, kills, settle)
+    finally:
+        await redis_client.aclose()
+    assert "Redis refused the command" in log.read_text()  # the blip was felt, and ridden through
+
+
+async def check_invariants(
+    fake: RunningFakeIvvy,
+    redis_client: aioredis.Redis,
+    changes: list[tuple[dict[str, object], str]],
+    terminal: dict[str, list[dict[str, str]]],
+    stages: list[Stage],
+    expected: dict[int, dict[str, object]],
+    kills: int,
+    settle: float,
+) -> None:
     assert kills >= 3
 
     # Exactly one terminal event per key, and nothing failed (the attempts allow for every fault).
@@ -117,6 +164,7 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
 
     retries = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
     assert {e["error_code"] for e in retries} >= {"timeout", "connection", "unavailable", "rate_limited"}
+    assert "504" in {e["http_status"] for e in retries}  # some adds were committed behind a lying gateway
     print(
         f"chaos: {len(changes)} changes, {kills} kills, {len(retries)} retries, done {settle:.1f}s after the last kill"
     )

@@ -30,6 +30,7 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
+from worker.processes import free_port, python_module
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "worker.cli", *args]
+    return python_module("worker.cli", *args)
 
 
 @pytest.fixture
@@ -99,13 +100,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -131,17 +125,19 @@ def background(*args: str, env: dict[str, str]) -> Iterator[subprocess.Popen[str
     process = subprocess.Popen(  # noqa: S603 - our own command, fixed arguments
         command(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+    with process:  # closes its pipes at the end
         try:
-            status = process.wait(timeout=30)
+            yield process
         finally:
             if process.poll() is None:
-                process.kill()
-        assert status == 0, process.stderr.read() if process.stderr else status
+                process.send_signal(signal.SIGTERM)
+            try:
+                status = process.wait(timeout=30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+            errors = process.stderr.read() if process.stderr else ""
+    assert status == 0, errors
 
 
 # -- help, settings, errors ---------------------------------------------------------------------
@@ -380,10 +376,14 @@ def test_results_status_dlq_and_stats_from_a_real_worker(
 
 
 def test_results_follow_ends_cleanly_on_sigterm(env: dict[str, str], db: redis.Redis) -> None:
-    db.xadd("leadstage:results", {"event": "succeeded", "idempotency_key": "k", "account": "default"})
+    database = str(db.connection_pool.connection_kwargs["db"])
+
+    def following() -> bool:  # blocked in XREAD: past start-up, its signal handlers are in place
+        clients: list[dict[str, str]] = db.client_list()  # type: ignore[assignment]  # redis-py's stubs: sync or async
+        return any(c["cmd"] == "xread" and c["db"] == database for c in clients)
+
     with background("results", "--follow", env=env) as follower:
-        # A line printed means it follows, its signal handlers set (not a fixed sleep: start-up varies).
-        assert read_line(follower)["idempotency_key"] == "k"
+        wait_for(following, "results --follow to block in XREAD")
     assert follower.returncode == 0
 
 

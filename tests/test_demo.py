@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from worker.demo import DEMO_DLQ, DEMO_RESULTS
+from worker.processes import free_port
 
 DEMO = (sys.executable, "-m", "worker.cli", "demo")
 #: The demo bounds itself to 30 s; this only stops a hung test.
@@ -42,13 +43,6 @@ async def run_demo(**env: str) -> Run:
     stdout, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT_S)
     assert process.returncode is not None
     return Run(process.returncode, stdout.decode(), stderr.decode(), time.monotonic() - started)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def lines_of(run: Run, kind: str) -> list[str]:

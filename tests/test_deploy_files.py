@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("redis", "worker", "webhook", "fake-ivvy")
@@ -87,6 +89,7 @@ def test_redis_keeps_an_append_only_file_on_a_named_volume() -> None:
     words = command if isinstance(command, list) else str(command).split()
     assert "--appendonly" in words
     assert words[words.index("--appendonly") + 1] == "yes"
+    assert words[words.index("--appendfsync") + 1] == "always"  # the soak's setting: nothing acknowledged is lost
     mounts = [str(volume).split(":") for volume in redis["volumes"]]
     named = [source for source, target, *_ in mounts if target == "/data"]
     assert named, "Redis's /data must be a volume"
@@ -254,3 +257,36 @@ def test_dockerfile_copies_only_what_exists_and_is_in_the_build_context() -> Non
     assert "worker" in allowed
     assert "producers" in allowed
     assert "pyproject.toml" in allowed
+
+
+# --- the lock files --------------------------------------------------------------------------------
+
+LOCKS = {"dev": ROOT / "requirements/dev.txt", "runtime": ROOT / "requirements/runtime.txt"}
+
+
+def locked_versions(path: Path) -> dict[str, str]:
+    """name -> version of every ``name==version`` line of a lock file (names normalised)."""
+    pins = re.findall(r"^([A-Za-z0-9._-]+)==([^\s;\\]+)", path.read_text(), re.MULTILINE)
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+@pytest.mark.parametrize(("lock", "extras"), [("dev", ("test",)), ("runtime", ())])
+def test_the_lock_files_satisfy_pyproject(lock: str, extras: tuple[str, ...]) -> None:
+    """A dependency added to pyproject without ``bash scripts/lock.sh`` fails here, naming it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *(r for extra in extras for r in project["optional-dependencies"][extra])]
+    pins = locked_versions(LOCKS[lock])
+    for requirement in map(Requirement, wanted):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} is not in {LOCKS[lock].name}: run bash scripts/lock.sh"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{LOCKS[lock].name} pins {name}=={pins[name]}, outside pyproject's {requirement}: run bash scripts/lock.sh"
+        )
+    assert "--hash=sha256:" in LOCKS[lock].read_text()
+
+
+def test_setup_and_the_image_install_from_the_lock_files_with_hashes() -> None:
+    setup = (ROOT / "scripts/setup.sh").read_text()
+    assert "--require-hashes --no-deps -r requirements/dev.txt" in setup
+    runs = " ".join(arguments for keyword, arguments in final_stage() if keyword == "RUN")
+    assert "--require-hashes --no-deps -r /tmp/requirements/runtime.txt" in runs

@@ -713,6 +713,7 @@ def test_run_from_args_reports_a_port_in_use(capsys: pytest.CaptureFixture[str])
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+@pytest.mark.system
 async def test_run_from_args_serves_until_sigterm() -> None:
     code = (
         "import argparse, sys\n"

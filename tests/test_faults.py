@@ -87,6 +87,7 @@ async def test_a_worker_whose_clock_runs_30s_ahead_never_takes_over_a_running_ad
     assert entry["event"] == "succeeded"
 
 
+@pytest.mark.system  # starts a redis-server of its own
 async def test_the_heartbeat_and_the_poll_survive_refused_writes_and_no_add_is_posted_twice(
     fake: RunningFakeIvvy, private_redis: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -122,6 +123,7 @@ async def test_the_heartbeat_and_the_poll_survive_refused_writes_and_no_add_is_p
     assert "job.lease_lost" in messages
 
 
+@pytest.mark.system  # starts a redis-server of its own
 async def test_a_primary_demoted_to_read_only_stalls_the_worker_but_does_not_stop_it(
     fake: RunningFakeIvvy, private_redis: RedisServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -17,9 +17,7 @@ import base64
 import contextlib
 import itertools
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from standardwebhooks.webhooks import Webhook
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.webhook import BODY_TIMEOUT_S
 from worker import keys
+from worker.processes import free_port, python_module, wait_for_port
 
 SECRET = "whsec_" + base64.b64encode(b"hostile input: a 32-byte secret!").decode()
 #: LEADSTAGE_WEBHOOK_MAX_BODY of the served process.
@@ -59,24 +58,6 @@ def signed(
         "webhook-signature": Webhook(secret).sign(msg_id, at, body.decode()),
         "Content-Type": "application/json",
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_listening(port: int, process: subprocess.Popen[bytes], log_path: Path, within_s: float = 30) -> None:
-    """Until a child process listens on ``port``; fails with its log if it exits first."""
-    deadline = time.monotonic() + within_s
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=0.2):
-            return
-        assert process.poll() is None, log_path.read_text(errors="replace")
-        assert time.monotonic() < deadline, f"nothing listens on port {port} after {within_s} s"
-        time.sleep(0.05)
 
 
 @dataclass(frozen=True)
@@ -113,14 +94,14 @@ def webhook(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
-            [sys.executable, "-m", "worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)],
+            python_module("worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     served = WebhookProcess(port, process, log_path)
     try:
-        wait_listening(port, process, log_path)
+        wait_for_port(port, 30, process)
         yield served
     finally:
         process.terminate()

@@ -18,14 +18,14 @@ from structlog.testing import capture_logs
 
 from worker.errors import ConfigError
 from worker.logs import (
+    LOG_LEVELS,
     REDACTED,
     bind_job_context,
     configure_logging,
     get_logger,
-    log_level_from_env,
     secret_redactor,
 )
-from worker.settings import Account, LogFormat, Secret, Settings
+from worker.settings import LOG_LEVEL_NAMES, Account, LogFormat, Secret, Settings
 
 API_SECRET = "s3cr3t-api-VALUE-9f8e7d"
 OTHER_SECRET = "another-account-secret-42"
@@ -216,10 +216,10 @@ def test_level_defaults_to_info() -> None:
     assert [line["event"] for line in json_lines(out)] == ["shown"]
 
 
-def test_level_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LEADSTAGE_LOG_LEVEL", "Warning")
+def test_level_from_settings() -> None:
     out = io.StringIO()
-    configure_logging(make_settings("json"), stream=out)
+    settings = Settings.from_env({"LEADSTAGE_LOG_LEVEL": "Warning", "LEADSTAGE_LOG_FORMAT": "json"})
+    configure_logging(settings, stream=out)
     get_logger("t").info("hidden")
     get_logger("t").warning("shown")
     assert [line["event"] for line in json_lines(out)] == ["shown"]
@@ -227,9 +227,13 @@ def test_level_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bad_level_is_a_config_error_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match=r"LEADSTAGE_LOG_LEVEL must be one of .*'loud'"):
-        log_level_from_env({"LEADSTAGE_LOG_LEVEL": "loud"})
-    assert log_level_from_env({}) == logging.INFO
-    assert log_level_from_env({"LEADSTAGE_LOG_LEVEL": " debug "}) == logging.DEBUG
+        Settings.from_env({"LEADSTAGE_LOG_LEVEL": "loud"})
+    assert Settings.from_env({}).log_level is None
+    assert Settings.from_env({"LEADSTAGE_LOG_LEVEL": " debug "}).log_level == "debug"
+
+
+def test_every_level_name_of_the_settings_has_a_logging_level() -> None:
+    assert set(LOG_LEVELS) == set(LOG_LEVEL_NAMES)
 
 
 # --- secrets never written -----------------------------------------------------------------------

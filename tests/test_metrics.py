@@ -9,17 +9,17 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from producers import LeadStageProducer
+from tests.harness import wait_for_terminal, worker_settings
 from worker import metrics
 from worker.errors import ConfigError, RedisUnavailable
+from worker.fake_ivvy import RunningFakeIvvy
+from worker.processes import free_port
+from worker.runner import running_worker
 from worker.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sample(name: str, **labels: str) -> float:
@@ -37,28 +37,61 @@ def server() -> Iterator[metrics.MetricsServer]:
         started.close()
 
 
-def test_metric_names_labels_and_buckets_are_as_documented() -> None:
-    expected = {
-        metrics.CHANGES: ("leadstage_changes", "counter", ("account", "outcome")),
-        metrics.ATTEMPTS: ("leadstage_attempts", "counter", ("account", "operation", "result")),
-        metrics.IVVY_LATENCY: ("leadstage_ivvy_request_seconds", "histogram", ("account", "action")),
-        metrics.QUEUE_DEPTH: ("leadstage_queue_depth", "gauge", ()),
-        metrics.IN_PROGRESS: ("leadstage_in_progress", "gauge", ()),
-        metrics.DEAD_LETTERS: ("leadstage_dead_letters", "gauge", ()),
-        metrics.DEAD_LETTERED: ("leadstage_dead_lettered", "counter", ("account",)),
-        metrics.RATE_LIMIT_WAITS: ("leadstage_rate_limit_waits", "counter", ("account",)),
-        metrics.RATE_LIMIT_WAIT_SECONDS: ("leadstage_rate_limit_wait_seconds", "counter", ("account",)),
-        metrics.ENQUEUED: ("leadstage_enqueued", "counter", ("producer", "status")),
-        metrics.WEBHOOK_REQUESTS: ("leadstage_webhook_requests", "counter", ("status",)),
+async def scrape(port: int) -> dict[str, Metric]:
+    """GET /metrics of the endpoint on ``port``, parsed: family name -> family."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        assert response.status == 200
+        text = await response.text()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def value(families: dict[str, Metric], sample_name: str, **labels: str) -> float:
+    """One sample's value; 0 when the series has none yet."""
+    matches = (s.value for f in families.values() for s in f.samples if s.name == sample_name and s.labels == labels)
+    return next(matches, 0.0)
+
+
+async def test_the_documented_series_after_real_work(
+    server: metrics.MetricsServer, redis_url: str, redis_client: aioredis.Redis, fake_ivvy: RunningFakeIvvy
+) -> None:
+    """A change through a real worker and the fake iVvy, then /metrics as Prometheus scrapes it."""
+    settings = worker_settings(redis_url, fake_ivvy.url)
+    before = await scrape(server.port)
+    async with LeadStageProducer(settings, redis=redis_client) as producer, running_worker(settings):
+        await producer.enqueue({"name": "Scraped", "applyTo": "lead"}, idempotency_key="scraped")
+        await wait_for_terminal(redis_client, ["scraped"])
+    after = await scrape(server.port)
+
+    # prometheus-client adds a ``_created`` gauge beside each counter and histogram in this format.
+    kinds = {n: f.type for n, f in after.items() if n.startswith("leadstage_") and not n.endswith("_created")}
+    assert kinds == {
+        "leadstage_changes": "counter",
+        "leadstage_attempts": "counter",
+        "leadstage_ivvy_request_seconds": "histogram",
+        "leadstage_queue_depth": "gauge",
+        "leadstage_in_progress": "gauge",
+        "leadstage_dead_letters": "gauge",
+        "leadstage_dead_lettered": "counter",
+        "leadstage_rate_limit_waits": "counter",
+        "leadstage_rate_limit_wait_seconds": "counter",
+        "leadstage_enqueued": "counter",
+        "leadstage_enqueued_past_max_age": "counter",
+        "leadstage_webhook_requests": "counter",
     }
-    for metric, (name, kind, labels) in expected.items():
-        assert metric._name == name
-        assert metric._type == kind
-        assert metric._labelnames == labels
-    buckets = metrics.IVVY_LATENCY._upper_bounds
-    assert buckets[0] == 0.001
-    assert 30.0 in buckets
-    assert buckets[-1] == float("inf")
+    moved = {
+        ("leadstage_changes_total", (("account", "default"), ("outcome", "succeeded"))),
+        ("leadstage_attempts_total", (("account", "default"), ("operation", "add"), ("result", "ok"))),
+        ("leadstage_enqueued_total", (("producer", "library"), ("status", "queued"))),
+        ("leadstage_ivvy_request_seconds_count", (("account", "default"), ("action", "addOrUpdateLeadStage"))),
+    }
+    for name, labels in moved:
+        delta = value(after, name, **dict(labels)) - value(before, name, **dict(labels))
+        assert delta == 1, f"{name}{dict(labels)} moved by {delta}"
+    bounds = {s.labels["le"] for s in after["leadstage_ivvy_request_seconds"].samples if s.name.endswith("_bucket")}
+    assert {"0.001", "30.0", "+Inf"} <= bounds
 
 
 async def test_worker_endpoint_serves_the_metrics_over_http(server: metrics.MetricsServer) -> None:

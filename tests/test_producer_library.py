@@ -135,6 +135,7 @@ async def test_enqueue_many_pipelines_thousands_of_changes_as_json(
         receipts = await producer.enqueue_many(changes, source="bulk-test", progress=chunks.append)
         writes = CountingConnection.writes
         await producer.redis.aclose()
+        await pool.aclose()  # a pool passed in is not closed by its client
 
     assert [r.status for r in receipts] == ["queued"] * count
     assert len({r.job_id for r in receipts}) == count

@@ -53,7 +53,7 @@ async def test_three_worker_processes_keep_to_the_account_rate_limit(
 ) -> None:
     settings = worker_settings(redis_url, fake.url, rate_limit=RATE)
     keys = await enqueue_adds(Ledger(redis_client, settings), 40)
-    workers = [start_worker_process(worker_env(settings, fake.url), tmp_path / "w.log") for _ in range(3)]
+    workers = [start_worker_process(worker_env(settings), tmp_path / "w.log") for _ in range(3)]
     try:
         await wait_for_terminal(redis_client, keys, within_s=60)
     finally:

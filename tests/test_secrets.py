@@ -29,7 +29,8 @@ import redis.asyncio as aioredis
 
 from producers.openapi import CHANGES_PATH
 from tests.harness import start_worker_process, stop_process, wait_for_terminal
-from tests.test_hostile_input import free_port, signed, wait_listening
+from tests.test_hostile_input import signed
+from worker.processes import free_port, python_module, wait_for_port
 
 API_KEY = "live-key"
 API_SECRET = "s3cr3t-API-9f8e7d"
@@ -134,14 +135,12 @@ def processes(redis_url: str, tmp_path: Path) -> Iterator[tuple[Scenario, list[s
             with (tmp_path / f"{name}.log").open("wb") as log:
                 started.append(
                     subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
-                        [sys.executable, "-m", "worker.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+                        python_module("worker.cli", *args), env=env, stdout=log, stderr=subprocess.STDOUT
                     )
                 )
         started.append(start_worker_process(env, tmp_path / "worker.log"))
-        for process, port, name in zip(
-            started, (fake_port, webhook_port, metrics_port), ("fake-ivvy", "webhook", "worker"), strict=True
-        ):
-            wait_listening(port, process, tmp_path / f"{name}.log")
+        for process, port in zip(started, (fake_port, webhook_port, metrics_port), strict=True):
+            wait_for_port(port, 30, process)
         yield scenario, started
     finally:
         for process in started:

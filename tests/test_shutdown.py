@@ -32,7 +32,7 @@ async def test_sigterm_finishes_the_request_in_flight(
             [(parse_change({"name": "Slow", "applyTo": 1}), parse_envelope(idempotency_key="slow"))]
         )
         fake.fake.update_faults({"latency_ms": 1500})
-        worker = start_worker_process(worker_env(settings, fake.url), tmp_path / "worker.log")
+        worker = start_worker_process(worker_env(settings), tmp_path / "worker.log")
 
         async def request_arrived() -> bool:
             return len(fake.fake.requests) > 0
@@ -58,7 +58,7 @@ async def test_a_killed_workers_change_is_taken_up_within_15_s(
             [(parse_change({"name": "Orphan", "applyTo": 1}), parse_envelope(idempotency_key="orphan"))]
         )
         fake.fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
-        env = worker_env(settings, fake.url)
+        env = worker_env(settings)
         first = start_worker_process(env, tmp_path / "first.log")
 
         async def request_arrived() -> bool:

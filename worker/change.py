@@ -21,7 +21,7 @@ from worker.errors import FieldError, InvalidChange
 
 APPLY_TO_OPPORTUNITY = 1
 APPLY_TO_LEAD = 2
-_APPLY_TO_WORDS = {"opportunity": APPLY_TO_OPPORTUNITY, "lead": APPLY_TO_LEAD}
+APPLY_TO_WORDS = {"opportunity": APPLY_TO_OPPORTUNITY, "lead": APPLY_TO_LEAD}
 NAME_MAX_CHARS = 255
 #: The largest stage id: iVvy's ids are 64-bit at most, and bigger ones cannot be serialised as JSON.
 ID_MAX = 2**63 - 1
@@ -37,7 +37,13 @@ _ALIAS_OF = {field: alias for alias, field in ALIASES.items()}
 #: The fields an update may change (everything but the id).
 UPDATABLE_FIELDS = ("name", "colour", "applyTo")
 
-_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+#: The rules as regular expressions (whole values), also published in the webhook's OpenAPI document.
+COLOUR_PATTERN = r"#[0-9a-fA-F]{6}"
+ACCOUNT_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
+KEY_CHARACTER_PATTERN = r"[\x20-\x7e]"  # printable ASCII
+_COLOUR = re.compile(COLOUR_PATTERN)
+_ACCOUNT = re.compile(ACCOUNT_PATTERN)
+_PRINTABLE_ASCII = re.compile(KEY_CHARACTER_PATTERN + "+")
 #: A stage id written as text (a flag): plain ASCII digits, as a JSON integer is written.
 _ID_TEXT = re.compile(r"[1-9][0-9]*")
 #: Characters no name may hold: control characters (NUL, ESC, newline, tab...) and the bidi
@@ -52,14 +58,12 @@ _NAME_VISIBLE = (
     "[0-9A-Za-z\\u00c0-\\u017f\\u0391-\\u03c9\\u0410-\\u044f\\u05d0-\\u05ea\\u0621-\\u064a"
     "\\u0905-\\u0939\\u3041-\\u3096\\u30a1-\\u30fa\\u4e00-\\u9fff\\uac00-\\ud7a3]"
 )
-NAME_PATTERN = f"^{_NAME_ALLOWED}*{_NAME_VISIBLE}{_NAME_ALLOWED}*$"
+NAME_PATTERN = f"{_NAME_ALLOWED}*{_NAME_VISIBLE}{_NAME_ALLOWED}*"
 #: Letters that render as nothing (Hangul fillers, the blank Braille pattern).
 _BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 #: Characters trimmed from both ends of an idempotency key and an account name, by every producer
 #: (the spaces and tabs HTTP trims from a header value).
 KEY_TRIM = " \t"
-_ACCOUNT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]+")
 
 Operation = Literal["add", "update"]
 _T = TypeVar("_T")
@@ -242,8 +246,8 @@ def _parse_colour(value: object) -> str | FieldError:
 def _parse_apply_to(value: object) -> int | FieldError:
     if isinstance(value, str):
         word = value.strip().lower()
-        if word in _APPLY_TO_WORDS:
-            return _APPLY_TO_WORDS[word]
+        if word in APPLY_TO_WORDS:
+            return APPLY_TO_WORDS[word]
         if word in ("1", "2"):
             return int(word)
     elif isinstance(value, int) and not isinstance(value, bool) and value in (1, 2):

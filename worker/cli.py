@@ -34,7 +34,7 @@ import orjson  # worker.change needs it anyway
 # ``leadstage --help`` and a single enqueue start fast (redis-py, structlog and prometheus-client
 # cost a few hundred ms of imports together).
 from worker.change import DEFAULT_ACCOUNT, parse_id_text, repeated_key, shown
-from worker.errors import FieldError, InvalidChange, LeadstageError, PermanentError
+from worker.errors import FieldError, InvalidChange, LeadstageError, NotFound, PermanentError, Refused
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -85,24 +85,6 @@ FAKE_IVVY_DESCRIPTION = (
 )
 
 
-class NotFound(LeadstageError):
-    """The change or dead letter a command asks about is not known (exit status 1)."""
-
-    error_code = "not_found"
-
-
-class Interrupted(LeadstageError):
-    """Redis stopped answering in the middle of a bulk enqueue (exit status 1); says what was written."""
-
-    error_code = "interrupted"
-
-
-class Refused(PermanentError):
-    """The command line cannot be carried out as given (exit status 2): flags, a file, a located conflict."""
-
-    error_code = "refused"
-
-
 # -- output ------------------------------------------------------------------------------------
 
 
@@ -134,7 +116,7 @@ def _error_line(text: str) -> None:
 
 
 async def _with_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
-    from producers.library import connect_redis_of
+    from worker.redis_connection import connect_redis_of
 
     client = connect_redis_of(settings)
     try:
@@ -465,7 +447,7 @@ async def _write_spool(
     """The second pass: the receipts go to stdout as each chunk is written; returns (queued, duplicate).
     A warning follows when an account's backlog outlasts LEADSTAGE_MAX_AGE."""
     from worker import keys
-    from worker.errors import EnqueueOutcomeUnknown, RedisNotReplicated
+    from worker.errors import EnqueueOutcomeUnknown, Interrupted, RedisNotReplicated
     from worker.ledger import Chunk, backlog_warning
 
     counts = {"queued": 0, "duplicate": 0}
@@ -515,32 +497,6 @@ async def _write_spool(
 # -- results, status, dlq, stats ---------------------------------------------------------------
 
 
-async def _follow_until_signalled(stream: Callable[[], Awaitable[None]]) -> None:
-    """Run ``stream`` until it ends, or until SIGINT/SIGTERM, which end it cleanly."""
-    import asyncio
-    import signal
-
-    task = asyncio.ensure_future(stream())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        while not task.done():
-            # Cancelled again until it ends: redis-py (5.3, with a socket timeout) can lose a
-            # cancellation that lands while it reads, and the command would then follow forever.
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
-        if not task.cancelled():
-            task.result()  # its own error, if it ended with one
-    finally:
-        stopped.cancel()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-
-
 def _cmd_results(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -565,7 +521,9 @@ def _cmd_results(args: argparse.Namespace) -> int:
             ):
                 _emit(entry)
 
-        await _follow_until_signalled(stream)
+        await until_signalled(stream())
+
+    from worker.processes import until_signalled
 
     asyncio.run(_with_redis(settings, show))
     return EXIT_OK
@@ -577,6 +535,7 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
     import socket
 
     from producers.outcomes import ResultsConsumer
+    from worker.processes import until_signalled
 
     if args.key is not None or args.account is not None:
         raise Refused("--key and --account cannot be used with --group (the group acks every event it reads)")
@@ -593,7 +552,7 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
                 _emit({"id": event.id, **event.raw})
                 await consumer.ack(event)
 
-        await _follow_until_signalled(stream)
+        await until_signalled(stream())
 
     asyncio.run(_with_redis(settings, show))
     return EXIT_OK
@@ -882,7 +841,7 @@ def parse_command(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _redis_failure(exc: LeadstageError, *, written: bool) -> str:
     """What a Redis failure means for the user: where, which timeout, and whether anything was enqueued."""
-    from worker.settings import printable_url
+    from worker.redis_connection import printable_url
 
     settings = _settings()
     where = f"REDIS_URL {printable_url(settings.redis_url)}"

@@ -28,33 +28,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import os
 import re
 import shutil
-import signal
-import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TextIO
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from producers import LeadStageProducer
-from producers.library import connect_redis
 from worker import keys, metrics
 from worker.change import DEFAULT_ACCOUNT
-from worker.errors import ConfigError, InvalidChange, RedisUnavailable, redis_errors
+from worker.errors import (
+    ConfigError,
+    DemoFailed,
+    InvalidChange,
+    LeadstageError,
+    RedisCredentialsRefused,
+    RedisUnavailable,
+    redis_errors,
+)
 from worker.fake_ivvy import DEFAULT_HOST, FakeIvvy, Faults, running_fake_ivvy
 from worker.logs import configure_logging
+from worker.processes import Children, RedisServer, until_signalled
+from worker.redis_connection import connect_redis, ping, printable_url
 from worker.results import TERMINAL_EVENTS
 from worker.runner import running_worker
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings, printable_url
+from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 
 __all__ = ["DEMO_ACCOUNT", "DEMO_DLQ", "DEMO_QUEUE", "DEMO_RESULTS", "run_demo"]
 
@@ -92,10 +97,6 @@ RETRY_SCRIPT: Final[tuple[tuple[str, Mapping[str, object]], ...]] = (
 _IVVY_PREFIX = re.compile(r"^iVvy answered \d+(?: \(specific code \d+\))?: ")
 
 Expectation = Literal["succeeded", "not_editable", "retried", "refused", "duplicate"]
-
-
-class DemoFailed(Exception):
-    """The demo cannot run (no Redis, the worker died): one line for the operator, exit 1."""
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -398,85 +399,33 @@ async def _answers(url: str) -> bool:
     """Whether a Redis answers at ``url``; one that answers but refuses us is a ``DemoFailed``."""
     client = connect_redis(url)
     try:
-        async with asyncio.timeout(REDIS_PROBE_TIMEOUT_S):
-            await client.ping()
-    except redis.exceptions.AuthenticationError as error:  # a ConnectionError subclass: before it
+        await ping(client, REDIS_PROBE_TIMEOUT_S)
+    except RedisCredentialsRefused as error:  # a RedisUnavailable: before it
         raise DemoFailed(f"the Redis at {printable_url(url)} (REDIS_URL) refused the demo: {error}") from None
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError):
+    except RedisUnavailable:
         return False
-    except redis.exceptions.RedisError as error:
-        raise DemoFailed(f"the Redis at {printable_url(url)} (REDIS_URL) refused the demo: {error}") from None
     finally:
         await client.aclose()
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.asynccontextmanager
 async def _own_redis_server(unanswered_url: str) -> AsyncIterator[str]:
     """A redis-server of the demo's own, on a free loopback port, without persistence; stopped on exit."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         raise DemoFailed(
             f"nothing answers at {printable_url(unanswered_url)} (REDIS_URL) and redis-server is not on PATH: "
             "start a Redis or point REDIS_URL at one"
         )
     with tempfile.TemporaryDirectory(prefix="leadstage-demo-redis-") as directory:
-        log_path = Path(directory, "redis.log")
-        port = _free_port()
-        # A session of its own: Ctrl-C reaches the demo only, which stops the worker before Redis.
-        process = await asyncio.create_subprocess_exec(
-            binary,
-            *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
-            *("--daemonize", "no", "--dir", directory, "--logfile", str(log_path)),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        children = Children(Path(directory))
         try:
-            url = f"redis://127.0.0.1:{port}/0"
-            await _wait_until_answering(url, process, log_path)
-            yield url
+            # A session of its own: Ctrl-C reaches the demo only, which stops the worker before Redis.
+            server = RedisServer(children, Path(directory, "data"), new_session=True)
+            await asyncio.to_thread(server.start, REDIS_START_TIMEOUT_S)
+            yield server.url
         finally:
-            await _stop(process)
-
-
-async def _wait_until_answering(url: str, process: asyncio.subprocess.Process, log_path: Path) -> None:
-    deadline = asyncio.get_running_loop().time() + REDIS_START_TIMEOUT_S
-    while not await _answers(url):
-        if process.returncode is not None:
-            last = await asyncio.to_thread(_last_line, log_path)
-            raise DemoFailed(f"redis-server exited with status {process.returncode}: {last}")
-        if asyncio.get_running_loop().time() > deadline:
-            raise DemoFailed(f"redis-server did not answer on {printable_url(url)} within {REDIS_START_TIMEOUT_S:g} s")
-        await asyncio.sleep(0.05)
-
-
-def _last_line(path: Path) -> str:
-    """The last line redis-server logged: why it stopped."""
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except FileNotFoundError:
-        return "no log"
-    return lines[-1] if lines else "no log"
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        process.terminate()
-    try:
-        async with asyncio.timeout(5):
-            await process.wait()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
+            await asyncio.to_thread(children.close)
 
 
 async def _clear_demo_keys(client: aioredis.Redis) -> None:
@@ -612,37 +561,12 @@ async def _demo(settings: Settings, keep_running: bool, printer: Printer, status
         return status.code
 
 
-async def _until_signalled(demo: Coroutine[Any, Any, int], status: _Status) -> int:
-    """Run ``demo``; SIGINT/SIGTERM cancel it, so that its clean-up (worker, fake, Redis) still runs."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    task = asyncio.create_task(demo)
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    if task.cancelled():
-        return 130 if status.code is None else status.code
-    return task.result()
-
-
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
     except ImportError:
         return None
     return uvloop.new_event_loop
-
-
-def _log_level() -> int | None:
-    """WARNING, so the worker's lines do not drown the demo's; LEADSTAGE_LOG_LEVEL when it is set."""
-    return None if os.environ.get("LEADSTAGE_LOG_LEVEL", "").strip() else logging.WARNING
 
 
 def run_demo(settings: Settings, *, keep_running: bool = False, out: TextIO = sys.stdout) -> int:
@@ -654,9 +578,13 @@ def run_demo(settings: Settings, *, keep_running: bool = False, out: TextIO = sy
     """
     status = _Status()
     try:
-        configure_logging(settings, level=_log_level())
+        # WARNING, so the worker's lines do not drown the demo's; LEADSTAGE_LOG_LEVEL when it is set.
+        configure_logging(settings, level=settings.log_level or "warning")
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_until_signalled(_demo(settings, keep_running, Printer(out), status), status))
-    except (DemoFailed, RedisUnavailable) as error:
+            code = runner.run(until_signalled(_demo(settings, keep_running, Printer(out), status)))
+    except LeadstageError as error:
         print(f"leadstage: error: {error}", file=sys.stderr)
         return 1
+    if code is None:  # a signal: 130, unless the summary had already decided
+        return 130 if status.code is None else status.code
+    return code

@@ -6,13 +6,18 @@ a caller usually asks: will trying again help?
 ::
 
     LeadstageError
+    ├── NotFound                       a change or dead letter asked about is not known (the CLI)
+    ├── Interrupted                    Redis stopped answering midway through a bulk enqueue (the CLI)
+    ├── ProcessFailed                  a child process did not start or answer (``worker.processes``)
+    │   └── DemoFailed                 ``leadstage demo`` cannot run (no Redis, the worker died)
     ├── PermanentError                 trying again cannot help; the change goes to the DLQ
     │   ├── ConfigError                a missing or bad setting (names it)
-    │   ├── InvalidChange              a change broke the rules of SPEC.md (names each field)
+    │   ├── InvalidChange              a change broke the rules of docs/contract.md (names each field)
     │   ├── IdempotencyConflict        a known idempotency key came with a different change
     │   ├── UnknownAccount             a change names an account with no credentials
     │   ├── Exhausted                  out of attempts, or older than LEADSTAGE_MAX_AGE
     │   ├── RetryAfterTooLong          iVvy asked to wait longer than LEADSTAGE_RETRY_AFTER_MAX
+    │   ├── Refused                    a command line that cannot be carried out as given (the CLI)
     │   └── IvvyRejected               iVvy refused the change: 24320, 24321, 24323, 24324,
     │       │                          23016, 23017 and any other 4xx
     │       └── IvvyAuthError          401, 403, 462, 463: the credentials are wrong or revoked
@@ -22,6 +27,7 @@ a caller usually asks: will trying again help?
         ├── RedisUnavailable           Redis did not answer
         │   ├── RedisRefused           Redis answered but refused the command: OOM, READONLY
         │   │                          (a demoted primary), MISCONF, LOADING, BUSY, ...
+        │   ├── RedisCredentialsRefused  Redis refused REDIS_URL's user or password
         │   ├── RedisNotReplicated     fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed
         │   │                          a write in time: its fate is unknown if the primary fails
         │   └── EnqueueOutcomeUnknown  no answer while changes were written: retry with the same keys
@@ -155,6 +161,36 @@ class RetryAfterTooLong(PermanentError):
         )
 
 
+class NotFound(LeadstageError):
+    """The change or dead letter a command asks about is not known (exit status 1)."""
+
+    error_code = "not_found"
+
+
+class Interrupted(LeadstageError):
+    """Redis stopped answering in the middle of a bulk enqueue (exit status 1); says what was written."""
+
+    error_code = "interrupted"
+
+
+class Refused(PermanentError):
+    """The command line cannot be carried out as given (exit status 2): flags, a file, a located conflict."""
+
+    error_code = "refused"
+
+
+class ProcessFailed(LeadstageError):
+    """A child process did not start, exited early, or does not answer on its port."""
+
+    error_code = "process_failed"
+
+
+class DemoFailed(ProcessFailed):
+    """The demo cannot run (no Redis, the worker died): one line for the operator, exit 1."""
+
+    error_code = "demo_failed"
+
+
 class IvvyErrorDetails(LeadstageError):
     """What iVvy said: HTTP status and its error body. Mixed into the iVvy exceptions."""
 
@@ -206,6 +242,12 @@ class RedisRefused(RedisUnavailable):
     """Redis answered with an error that says it cannot take the command now (not a bug of ours)."""
 
     error_code = "redis_refused"
+
+
+class RedisCredentialsRefused(RedisUnavailable):
+    """Redis answered, and refused the user or password of REDIS_URL (it may be rotated meanwhile)."""
+
+    error_code = "redis_credentials_refused"
 
 
 class RedisNotReplicated(RedisUnavailable):
@@ -274,7 +316,7 @@ class IvvyTimeout(IvvyNoAnswer):
     error_code = "timeout"
 
 
-# The retry classification of SPEC.md, defined here once.
+# The retry classification of docs/contract.md, defined here once.
 RETRYABLE_STATUSES = frozenset({429, 460, 461})  # and every 5xx
 AUTH_STATUSES = frozenset({401, 403, 462, 463})
 RETRYABLE_SPECIFIC_CODES = frozenset({24322})
@@ -288,7 +330,7 @@ def error_for_response(
     additional_messages: Sequence[str] = (),
     retry_after: float | None = None,
 ) -> IvvyRejected | IvvyUnavailable:
-    """Classify an iVvy error answer as SPEC.md says (Retries)."""
+    """Classify an iVvy error answer as docs/contract.md says (Retries)."""
     text = f"iVvy answered {http_status}"
     if specific_code is not None:
         text += f" (specific code {specific_code})"
@@ -334,8 +376,8 @@ def redis_errors() -> Iterator[None]:
 
     try:
         yield
-    except redis.exceptions.AuthenticationError:
-        raise ConfigError("REDIS_URL: Redis refuses the user or password it gives") from None
+    except redis.exceptions.AuthenticationError as exc:  # a ConnectionError subclass: before it
+        raise RedisCredentialsRefused(f"Redis refused the credentials of REDIS_URL: {type(exc).__name__}") from exc
     except redis.exceptions.InvalidResponse:
         raise ConfigError("REDIS_URL: what answers there is not Redis (its answer is not the Redis protocol)") from None
     except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:  # the refusal classes

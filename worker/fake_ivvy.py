@@ -130,12 +130,10 @@ import contextlib
 import dataclasses
 import functools
 import http
-import ipaddress
 import math
 import os
 import random
 import re
-import signal
 import socket
 import sys
 import time
@@ -148,6 +146,7 @@ from typing import Any, Literal, TypedDict, Unpack
 import orjson
 from aiohttp import web
 
+from worker.processes import is_loopback, signalled
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET
 from worker.signing import API_VERSION, CONTENT_TYPE, SignatureRejected, format_ivvy_date, verify_request
 
@@ -923,20 +922,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signalled(host: str, port: int, options: FakeOptions) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     async with running_fake_ivvy(host, port, **options) as server:
         keys = ", ".join(sorted(server.fake.credentials))
         print(f"fake iVvy listening on {server.url} (API keys: {keys})", flush=True)
-        if not _is_loopback(host):
+        if not is_loopback(host):
             print("warning: the /_admin endpoints are reachable from other hosts", file=sys.stderr, flush=True)
-        await stop.wait()
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+        await signalled()

@@ -33,7 +33,6 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from worker.errors import ConfigError
 from worker.settings import LogFormat, Settings
 
 __all__ = [
@@ -42,14 +41,13 @@ __all__ = [
     "bind_job_context",
     "configure_logging",
     "get_logger",
-    "log_level_from_env",
     "secret_redactor",
 ]
 
 #: What a secret, or the value of a credential-like key, is replaced with.
 REDACTED = "**********"
 
-#: Accepted values of LEADSTAGE_LOG_LEVEL (case-insensitive).
+#: The logging level of each of LEADSTAGE_LOG_LEVEL's names (``worker.settings.LOG_LEVEL_NAMES``).
 LOG_LEVELS: Mapping[str, int] = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -176,20 +174,6 @@ def secret_redactor(secrets: Iterable[str]) -> Callable[[WrappedLogger, str, Eve
     return _Redactor(re.compile("|".join(alternatives), re.IGNORECASE))
 
 
-def log_level_from_env(env: Mapping[str, str] | None = None) -> int:
-    """LEADSTAGE_LOG_LEVEL (default info), checked like every other setting."""
-    env = os.environ if env is None else env
-    raw = env.get("LEADSTAGE_LOG_LEVEL", "").strip()
-    if not raw:
-        return logging.INFO
-    try:
-        return LOG_LEVELS[raw.lower()]
-    except KeyError:
-        raise ConfigError(
-            f"LEADSTAGE_LOG_LEVEL must be one of debug, info, warning, error, critical, not {raw!r}"
-        ) from None
-
-
 def _isatty(stream: TextIO) -> bool:
     isatty = getattr(stream, "isatty", None)
     try:
@@ -238,16 +222,14 @@ class _Handler(logging.StreamHandler[TextIO]):
 def configure_logging(settings: Settings, *, stream: TextIO | None = None, level: int | str | None = None) -> None:
     """Send every log line of the process (structlog and stdlib) through one pipeline to ``stream``.
 
-    ``stream`` defaults to stderr; ``level`` to LEADSTAGE_LOG_LEVEL (a name or a logging
-    number). Calling it again replaces the previous configuration.
+    ``stream`` defaults to stderr; ``level`` to the settings' LEADSTAGE_LOG_LEVEL (info when
+    unset), given as a name of ``LOG_LEVELS`` or a logging number. Calling it again replaces the
+    previous configuration.
     """
     out = sys.stderr if stream is None else stream
     if level is None:
-        numeric_level = log_level_from_env()
-    elif isinstance(level, str):
-        numeric_level = log_level_from_env({"LEADSTAGE_LOG_LEVEL": level})
-    else:
-        numeric_level = level
+        level = settings.log_level or "info"
+    numeric_level = LOG_LEVELS[level] if isinstance(level, str) else level
 
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     # Run for records from stdlib loggers (arq, aiohttp) before the shared tail below.

@@ -33,6 +33,7 @@ from worker.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.job import Lease, Runtime, apply_lead_stage_change
 from worker.ledger import Ledger, Start
+from worker.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, parse_redis_url
 from worker.results import lost_event
 from worker.settings import Settings
 from worker.states import Decision, WaitReason
@@ -157,6 +158,7 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
             await ctx["redis"].hdel(keys.WORKERS, worker_id)
         if "transport" in ctx:
             await ctx["transport"].close()
+        await close_sentinels(ctx["redis"])
         log.info("worker.stopped", worker_id=worker_id)
 
     return LeadstageWorker(
@@ -178,28 +180,25 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
 
 
 def redis_settings(url: str) -> RedisSettings:
-    """arq's connection settings from REDIS_URL (Sentinel through redis+sentinel:// URLs)."""
-    if url.startswith("redis+sentinel://"):
-        return _sentinel_settings(url)
-    return RedisSettings.from_dsn(url)
-
-
-def _sentinel_settings(url: str) -> RedisSettings:
-    """``redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]``."""
-    rest = url.removeprefix("redis+sentinel://")
-    password = None
-    if "@" in rest:
-        auth, rest = rest.rsplit("@", 1)
-        password = auth.partition(":")[2] or None
-    hosts_part, _, path = rest.partition("/")
-    service, _, db = path.partition("/")
-    hosts = [(h.rpartition(":")[0] or h, int(h.rpartition(":")[2] or 26379)) for h in hosts_part.split(",") if h]
+    """arq's connection settings from REDIS_URL, parsed as every other client parses it."""
+    target = parse_redis_url(url)
+    if target.sentinel:
+        return RedisSettings(
+            host=list(target.hosts),
+            sentinel=True,
+            sentinel_master=target.service or DEFAULT_SENTINEL_SERVICE,
+            password=target.password,
+            database=target.database,
+        )
+    host, port = target.hosts[0] if target.hosts else ("localhost", DEFAULT_PORT)
     return RedisSettings(
-        host=hosts,
-        sentinel=True,
-        sentinel_master=service or "mymaster",
-        password=password,
-        database=int(db or 0),
+        host=host,
+        port=port,
+        unix_socket_path=target.socket_path,
+        database=target.database,
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
     )
 
 

@@ -1,4 +1,4 @@
-"""Settings, built once from the environment (SPEC.md: Configuration).
+"""Settings, built once from the environment (docs/contract.md: Configuration).
 
 ``Settings.from_env()`` reads every variable, checks it, and raises ``ConfigError`` naming the
 first bad one; the command line turns that into one clear line on stderr. Secrets are kept in
@@ -14,17 +14,21 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
 
 from worker.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.errors import ConfigError, InvalidChange
+from worker.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S, parse_redis_url
 
 #: The fake iVvy's credentials when IVVY_API_KEY / IVVY_API_SECRET are unset (demo and tests only).
 DEMO_API_KEY = "demo-key"
 DEMO_API_SECRET = "demo-secret"  # noqa: S105 - the fake's published demo credential, not a real secret
+
+
+_Choice = TypeVar("_Choice", bound=str)
 
 
 class Secret:
@@ -62,6 +66,42 @@ class Account:
 
 
 LogFormat = Literal["json", "console", "auto"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console", "auto")
+LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
+LOG_LEVEL_NAMES: tuple[LogLevel, ...] = ("debug", "info", "warning", "warn", "error", "critical")
+
+#: Settings field -> (environment variable, how ``_EnvReader`` reads it): read by ``from_env``,
+#: written back by ``to_env``. The accounts are read from their own variables (``_load_accounts``).
+ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
+    "redis_url": ("REDIS_URL", "redis_url"),
+    "rate_limit": ("LEADSTAGE_RATE_LIMIT", "positive_float"),
+    "max_attempts": ("LEADSTAGE_MAX_ATTEMPTS", "positive_int"),
+    "max_age_s": ("LEADSTAGE_MAX_AGE", "positive_float"),
+    "backoff_base_s": ("LEADSTAGE_BACKOFF_BASE", "positive_float"),
+    "backoff_max_s": ("LEADSTAGE_BACKOFF_MAX", "positive_float"),
+    "results_stream": ("LEADSTAGE_RESULTS_STREAM", "name"),
+    "dlq_stream": ("LEADSTAGE_DLQ_STREAM", "name"),
+    "results_maxlen": ("LEADSTAGE_RESULTS_MAXLEN", "positive_int"),
+    "ledger_retention_s": ("LEADSTAGE_LEDGER_RETENTION", "positive_int"),
+    "queue_name": ("LEADSTAGE_QUEUE", "name"),
+    "concurrency": ("LEADSTAGE_CONCURRENCY", "positive_int"),
+    "request_timeout_s": ("LEADSTAGE_REQUEST_TIMEOUT", "positive_float"),
+    "job_timeout_s": ("LEADSTAGE_JOB_TIMEOUT", "positive_float"),
+    "poll_delay_s": ("LEADSTAGE_POLL_DELAY", "positive_float"),
+    "shutdown_grace_s": ("LEADSTAGE_SHUTDOWN_GRACE", "positive_float"),
+    "lease_s": ("LEADSTAGE_LEASE", "positive_float"),
+    "redis_min_replicas": ("LEADSTAGE_REDIS_MIN_REPLICAS", "whole_number"),
+    "redis_replica_timeout_s": ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "positive_float"),
+    "retry_after_max_s": ("LEADSTAGE_RETRY_AFTER_MAX", "positive_float"),
+    "clock_offset_s": ("LEADSTAGE_TEST_CLOCK_OFFSET", "number"),
+    "webhook_secret": ("WEBHOOK_SECRET", "webhook_secret"),
+    "webhook_max_body_bytes": ("LEADSTAGE_WEBHOOK_MAX_BODY", "positive_int"),
+    "metrics_port": ("LEADSTAGE_METRICS_PORT", "port"),
+    "log_format": ("LEADSTAGE_LOG_FORMAT", "log_format"),
+    "log_level": ("LEADSTAGE_LOG_LEVEL", "log_level"),
+    "redis_timeout_s": ("LEADSTAGE_REDIS_TIMEOUT", "positive_float"),
+    "redis_connect_timeout_s": ("LEADSTAGE_REDIS_CONNECT_TIMEOUT", "positive_float"),
+}
 
 
 @dataclass(frozen=True)
@@ -97,52 +137,46 @@ class Settings:
     webhook_max_body_bytes: int = 1_048_576
     metrics_port: int = 9464
     log_format: LogFormat = "auto"
+    #: None when LEADSTAGE_LOG_LEVEL is unset: info (the demo, which is read by a person: warning).
+    log_level: LogLevel | None = None
     #: Every Redis command of a producer or reader waits this long for its answer at most.
-    redis_timeout_s: float = 5.0
+    redis_timeout_s: float = TIMEOUT_S
     #: Connecting to Redis gives up after this long (an unroutable host would hang otherwise).
-    redis_connect_timeout_s: float = 5.0
+    redis_connect_timeout_s: float = CONNECT_TIMEOUT_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         reader = _EnvReader(env)
-        rate_limit = reader.positive_float("LEADSTAGE_RATE_LIMIT", cls.rate_limit)
-        settings = cls(
-            redis_url=reader.redis_url("REDIS_URL", cls.redis_url),
-            accounts=_load_accounts(env, rate_limit),
-            rate_limit=rate_limit,
-            max_attempts=reader.positive_int("LEADSTAGE_MAX_ATTEMPTS", cls.max_attempts),
-            max_age_s=reader.positive_float("LEADSTAGE_MAX_AGE", cls.max_age_s),
-            backoff_base_s=reader.positive_float("LEADSTAGE_BACKOFF_BASE", cls.backoff_base_s),
-            backoff_max_s=reader.positive_float("LEADSTAGE_BACKOFF_MAX", cls.backoff_max_s),
-            results_stream=reader.name("LEADSTAGE_RESULTS_STREAM", cls.results_stream),
-            dlq_stream=reader.name("LEADSTAGE_DLQ_STREAM", cls.dlq_stream),
-            results_maxlen=reader.positive_int("LEADSTAGE_RESULTS_MAXLEN", cls.results_maxlen),
-            ledger_retention_s=reader.positive_int("LEADSTAGE_LEDGER_RETENTION", cls.ledger_retention_s),
-            queue_name=reader.name("LEADSTAGE_QUEUE", cls.queue_name),
-            concurrency=reader.positive_int("LEADSTAGE_CONCURRENCY", cls.concurrency),
-            request_timeout_s=reader.positive_float("LEADSTAGE_REQUEST_TIMEOUT", cls.request_timeout_s),
-            job_timeout_s=reader.positive_float("LEADSTAGE_JOB_TIMEOUT", cls.job_timeout_s),
-            poll_delay_s=reader.positive_float("LEADSTAGE_POLL_DELAY", cls.poll_delay_s),
-            shutdown_grace_s=reader.positive_float("LEADSTAGE_SHUTDOWN_GRACE", cls.shutdown_grace_s),
-            lease_s=reader.positive_float("LEADSTAGE_LEASE", cls.lease_s),
-            redis_min_replicas=reader.whole_number("LEADSTAGE_REDIS_MIN_REPLICAS", cls.redis_min_replicas),
-            redis_replica_timeout_s=reader.positive_float(
-                "LEADSTAGE_REDIS_REPLICA_TIMEOUT", cls.redis_replica_timeout_s
-            ),
-            retry_after_max_s=reader.positive_float("LEADSTAGE_RETRY_AFTER_MAX", cls.retry_after_max_s),
-            clock_offset_s=reader.number("LEADSTAGE_TEST_CLOCK_OFFSET", cls.clock_offset_s),
-            webhook_secret=reader.webhook_secret("WEBHOOK_SECRET"),
-            webhook_max_body_bytes=reader.positive_int("LEADSTAGE_WEBHOOK_MAX_BODY", cls.webhook_max_body_bytes),
-            metrics_port=reader.port("LEADSTAGE_METRICS_PORT", cls.metrics_port),
-            log_format=reader.choice("LEADSTAGE_LOG_FORMAT", cls.log_format, ("json", "console", "auto")),
-            redis_timeout_s=reader.positive_float("LEADSTAGE_REDIS_TIMEOUT", cls.redis_timeout_s),
-            redis_connect_timeout_s=reader.positive_float(
-                "LEADSTAGE_REDIS_CONNECT_TIMEOUT", cls.redis_connect_timeout_s
-            ),
-        )
+        values: dict[str, Any] = {
+            name: getattr(reader, kind)(variable, getattr(cls, name)) for name, (variable, kind) in ENVIRONMENT.items()
+        }
+        settings = cls(accounts=_load_accounts(env, values["rate_limit"]), **values)
         settings.check_consistency()
         return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes ``from_env`` give these settings again (for child processes).
+
+        Holds the secrets (the child needs them): pass it to a process, never print it. Only the
+        default account can be written as variables; other accounts need LEADSTAGE_ACCOUNTS_FILE.
+        """
+        env: dict[str, str] = {}
+        for name, (variable, _) in ENVIRONMENT.items():
+            value = getattr(self, name)
+            if value is not None:
+                env[variable] = value.get() if isinstance(value, Secret) else str(value)
+        for account in self.accounts.values():
+            if account.name != DEFAULT_ACCOUNT:
+                raise ConfigError(
+                    f"account {account.name!r} cannot be written as variables: use LEADSTAGE_ACCOUNTS_FILE"
+                )
+            env |= {
+                "IVVY_BASE_URL": account.base_url,
+                "IVVY_API_KEY": account.api_key,
+                "IVVY_API_SECRET": account.api_secret.get(),
+            }
+        return env
 
     def check_consistency(self) -> None:
         """Refuse settings that contradict each other (each message names both)."""
@@ -194,12 +228,19 @@ class _EnvReader:
         raw = self._raw(name)
         if raw is None:
             return default
+        value = self._finite(name, raw, "a positive number")
+        if value <= 0:
+            raise ConfigError(f"{name} must be a positive number, not {raw!r}")
+        return value
+
+    @staticmethod
+    def _finite(name: str, raw: str, what: str) -> float:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a positive number, not {raw!r}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{name} must be a positive number, not {raw!r}")
+            value = math.nan
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be {what}, not {raw!r}")
         return value
 
     def positive_int(self, name: str, default: int) -> int:
@@ -220,15 +261,7 @@ class _EnvReader:
 
     def number(self, name: str, default: float) -> float:
         raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, not {raw!r}") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, not {raw!r}")
-        return value
+        return default if raw is None else self._finite(name, raw, "a finite number")
 
     def port(self, name: str, default: int) -> int:
         raw = self._raw(name)
@@ -246,7 +279,7 @@ class _EnvReader:
             raise ConfigError(f"{name} must be a Redis key name without spaces, not {raw!r}")
         return raw
 
-    def choice(self, name: str, default: LogFormat, choices: tuple[LogFormat, ...]) -> LogFormat:
+    def _choice(self, name: str, default: _Choice, choices: tuple[_Choice, ...]) -> _Choice:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -255,20 +288,20 @@ class _EnvReader:
                 return choice
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
 
+    def log_format(self, name: str, default: LogFormat) -> LogFormat:
+        return self._choice(name, default, LOG_FORMATS)
+
+    def log_level(self, name: str, default: LogLevel | None) -> LogLevel | None:
+        if self._raw(name) is None:
+            return default
+        return self._choice(name, "info", LOG_LEVEL_NAMES)
+
     def redis_url(self, name: str, default: str) -> str:
         raw = self._raw(name) or default
-        parts = urlsplit(raw)
-        if parts.scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
-            raise ConfigError(
-                f"{name} must be a redis://, rediss://, unix:// or redis+sentinel:// URL, not {raw.split('@')[-1]!r}"
-            )
-        # redis-py reads the database from the path and silently uses 0 when it is not a number.
-        database = parts.path.strip("/") if parts.scheme in ("redis", "rediss") else ""
-        if database and not (database.isascii() and database.isdigit()):
-            raise ConfigError(f"{name} must end in /N, a database number, not /{database[:40]!r}")
+        parse_redis_url(raw, name)
         return raw
 
-    def webhook_secret(self, name: str) -> Secret | None:
+    def webhook_secret(self, name: str, default: None) -> Secret | None:
         raw = self._raw(name)
         if raw is None:
             return None
@@ -283,12 +316,6 @@ def _webhook_secret_bytes(secret: str) -> bytes:
         return base64.b64decode(secret.removeprefix("whsec_") + "==")
     except (binascii.Error, ValueError):
         return b""
-
-
-def printable_url(url: str) -> str:
-    """A URL fit for a message or a log line: without its user and password."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _check_base_url(origin: str, url: str) -> str:

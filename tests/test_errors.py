@@ -1,0 +1,156 @@
+"""The classification of failures, table by table: iVvy's answers, Retry-After, backoff, Redis's errors."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+import redis.exceptions
+
+from worker.backoff import backoff_seconds
+from worker.errors import (
+    IvvyAuthError,
+    IvvyRateLimited,
+    IvvyRejected,
+    IvvyUnavailable,
+    LeadstageError,
+    RedisCredentialsRefused,
+    RedisRefused,
+    RedisUnavailable,
+    error_for_response,
+    redis_errors,
+)
+from worker.ivvy import parse_retry_after
+
+#: (HTTP status, iVvy's specific code) -> (class, error_code, retryable)
+ANSWERS = [
+    (400, 24320, IvvyRejected, "rejected", False),
+    (400, 24321, IvvyRejected, "rejected", False),
+    (400, 24322, IvvyUnavailable, "unavailable", True),
+    (400, 24323, IvvyRejected, "rejected", False),
+    (400, 24324, IvvyRejected, "rejected", False),
+    (400, 23016, IvvyRejected, "rejected", False),
+    (400, 23017, IvvyRejected, "rejected", False),
+    (400, None, IvvyRejected, "rejected", False),
+    (404, None, IvvyRejected, "rejected", False),
+    (422, None, IvvyRejected, "rejected", False),
+    (401, None, IvvyAuthError, "unauthorized", False),
+    (403, None, IvvyAuthError, "unauthorized", False),
+    (462, None, IvvyAuthError, "unauthorized", False),
+    (463, None, IvvyAuthError, "unauthorized", False),
+    (460, None, IvvyUnavailable, "unavailable", True),
+    (461, None, IvvyUnavailable, "unavailable", True),
+    (429, None, IvvyRateLimited, "rate_limited", True),
+    (500, None, IvvyUnavailable, "unavailable", True),
+    (502, 24320, IvvyUnavailable, "unavailable", True),
+    (503, None, IvvyUnavailable, "unavailable", True),
+    (599, None, IvvyUnavailable, "unavailable", True),
+]
+
+
+@pytest.mark.parametrize(("status", "code", "kind", "error_code", "retryable"), ANSWERS)
+def test_every_answer_is_classified(
+    status: int, code: int | None, kind: type[LeadstageError], error_code: str, retryable: bool
+) -> None:
+    error = error_for_response(status, message="nope", specific_code=code, retry_after=3.0)
+    assert type(error) is kind
+    assert (error.error_code, error.retryable, error.http_status, error.specific_code) == (
+        error_code,
+        retryable,
+        status,
+        code,
+    )
+    assert str(error) == f"iVvy answered {status}" + (f" (specific code {code})" if code else "") + ": nope"
+    if retryable:
+        assert isinstance(error, IvvyUnavailable)
+        assert error.retry_after == 3.0
+
+
+def _http_date(offset_s: float) -> str:
+    return format_datetime(datetime.now(UTC) + timedelta(seconds=offset_s), usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"Retry-After": "5"}, 5.0),
+        ({"retry-after": " 2.5 "}, 2.5),
+        ({"RETRY-AFTER": "0"}, 0.0),
+        ({"Retry-After": "-3"}, 0.0),
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": ""}, None),
+        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # a date in the past: now
+    ],
+)
+def test_retry_after_in_seconds(headers: dict[str, str], expected: float | None) -> None:
+    assert parse_retry_after(headers) == expected
+
+
+def test_retry_after_as_an_http_date_in_the_future() -> None:
+    seconds = parse_retry_after({"Retry-After": _http_date(120)})
+    assert seconds is not None
+    assert 60 < seconds <= 120  # whole seconds on the wire; the test itself takes far less than a minute
+
+
+class _Highest(random.Random):
+    """Full jitter's upper end: what the delay may reach at most."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+@pytest.mark.parametrize(
+    ("attempt", "base", "cap", "retry_after", "ceiling"),
+    [
+        (0, 0.5, 60, None, 0.5),
+        (1, 0.5, 60, None, 0.5),
+        (2, 0.5, 60, None, 1.0),
+        (3, 0.5, 60, None, 2.0),
+        (8, 0.5, 60, None, 60.0),
+        (30, 0.5, 60, None, 60.0),
+        (2, 1.0, 1.5, None, 1.5),
+        (1, 0.5, 60, 10.0, 10.0),
+        (8, 0.5, 60, 5.0, 60.0),
+    ],
+)
+def test_backoff_grows_to_its_cap_and_honours_retry_after(
+    attempt: int, base: float, cap: float, retry_after: float | None, ceiling: float
+) -> None:
+    assert backoff_seconds(attempt, base=base, cap=cap, retry_after=retry_after, rng=_Highest()) == ceiling
+    delays = [
+        backoff_seconds(attempt, base=base, cap=cap, retry_after=retry_after, rng=random.Random(s)) for s in range(50)
+    ]
+    floor = retry_after or 0.0
+    assert all(floor <= d <= max(ceiling, floor) for d in delays)
+    if retry_after is None:
+        assert len(set(delays)) > 1  # jittered, not one fixed delay
+
+
+@pytest.mark.parametrize(
+    ("raised", "kind"),
+    [
+        (redis.exceptions.ConnectionError("refused"), RedisUnavailable),
+        (redis.exceptions.TimeoutError("slow"), RedisUnavailable),
+        (ConnectionResetError(), RedisUnavailable),
+        (redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"), RedisUnavailable),
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), RedisRefused),
+        (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), RedisRefused),
+        (redis.exceptions.ResponseError("MASTERDOWN Link with MASTER is down"), RedisRefused),
+        (redis.exceptions.ResponseError("MISCONF Errors writing to the AOF file"), RedisRefused),
+        (redis.exceptions.AuthenticationError("invalid username-password pair"), RedisCredentialsRefused),
+    ],
+)
+def test_every_redis_failure_is_translated_at_the_boundary(raised: Exception, kind: type[LeadstageError]) -> None:
+    with pytest.raises(kind) as translated, redis_errors():
+        raise raised
+    assert type(translated.value) is kind
+    assert translated.value.__cause__ is raised
+    assert translated.value.retryable
+
+
+def test_a_command_error_is_a_bug_and_not_translated() -> None:
+    with pytest.raises(redis.exceptions.ResponseError), redis_errors():
+        raise redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")

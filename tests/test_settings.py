@@ -1,0 +1,166 @@
+"""Settings.from_env, table by table: every variable, its default, good values and the error for bad ones."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import orjson
+import pytest
+
+from worker.errors import ConfigError
+from worker.settings import ENVIRONMENT, Account, Secret, Settings
+
+DEFAULTS = Settings()
+
+#: (variable, raw value, field, parsed value)
+GOOD = [
+    ("REDIS_URL", "rediss://:pw@cache:6380/2", "redis_url", "rediss://:pw@cache:6380/2"),
+    ("REDIS_URL", "  ", "redis_url", DEFAULTS.redis_url),
+    ("LEADSTAGE_RATE_LIMIT", "2.5", "rate_limit", 2.5),
+    ("LEADSTAGE_MAX_ATTEMPTS", " 3 ", "max_attempts", 3),
+    ("LEADSTAGE_MAX_AGE", "60", "max_age_s", 60.0),
+    ("LEADSTAGE_BACKOFF_BASE", "0.1", "backoff_base_s", 0.1),
+    ("LEADSTAGE_BACKOFF_MAX", "5", "backoff_max_s", 5.0),
+    ("LEADSTAGE_RESULTS_STREAM", "r:s", "results_stream", "r:s"),
+    ("LEADSTAGE_DLQ_STREAM", "d:s", "dlq_stream", "d:s"),
+    ("LEADSTAGE_RESULTS_MAXLEN", "10", "results_maxlen", 10),
+    ("LEADSTAGE_LEDGER_RETENTION", "7200", "ledger_retention_s", 7200),
+    ("LEADSTAGE_QUEUE", "q", "queue_name", "q"),
+    ("LEADSTAGE_CONCURRENCY", "4", "concurrency", 4),
+    ("LEADSTAGE_REQUEST_TIMEOUT", "2", "request_timeout_s", 2.0),
+    ("LEADSTAGE_JOB_TIMEOUT", "30", "job_timeout_s", 30.0),
+    ("LEADSTAGE_POLL_DELAY", "0.5", "poll_delay_s", 0.5),
+    ("LEADSTAGE_SHUTDOWN_GRACE", "3", "shutdown_grace_s", 3.0),
+    ("LEADSTAGE_LEASE", "4", "lease_s", 4.0),
+    ("LEADSTAGE_REDIS_MIN_REPLICAS", "0", "redis_min_replicas", 0),
+    ("LEADSTAGE_REDIS_MIN_REPLICAS", "2", "redis_min_replicas", 2),
+    ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "0.5", "redis_replica_timeout_s", 0.5),
+    ("LEADSTAGE_RETRY_AFTER_MAX", "30", "retry_after_max_s", 30.0),
+    ("LEADSTAGE_TEST_CLOCK_OFFSET", "-2.5", "clock_offset_s", -2.5),
+    ("WEBHOOK_SECRET", "whsec_abc", "webhook_secret", Secret("whsec_abc")),
+    ("LEADSTAGE_WEBHOOK_MAX_BODY", "1024", "webhook_max_body_bytes", 1024),
+    ("LEADSTAGE_METRICS_PORT", "0", "metrics_port", 0),
+    ("LEADSTAGE_METRICS_PORT", "65535", "metrics_port", 65535),
+    ("LEADSTAGE_LOG_FORMAT", "JSON", "log_format", "json"),
+    ("LEADSTAGE_LOG_LEVEL", "Warning", "log_level", "warning"),
+]
+
+#: (variable, raw value, what the error says)
+BAD = [
+    ("REDIS_URL", "http://cache:6379", r"REDIS_URL must be a redis://, rediss://, unix:// or redis\+sentinel:// URL"),
+    ("REDIS_URL", "redis://:hunter2@cache:notaport/0", r"REDIS_URL \(redis://cache:notaport/0\): the port must be"),
+    ("LEADSTAGE_RATE_LIMIT", "0", r"LEADSTAGE_RATE_LIMIT must be a positive number, not '0'"),
+    ("LEADSTAGE_RATE_LIMIT", "nan", r"LEADSTAGE_RATE_LIMIT must be a positive number, not 'nan'"),
+    ("LEADSTAGE_RATE_LIMIT", "inf", r"LEADSTAGE_RATE_LIMIT must be a positive number, not 'inf'"),
+    ("LEADSTAGE_MAX_AGE", "-1", r"LEADSTAGE_MAX_AGE must be a positive number"),
+    ("LEADSTAGE_MAX_ATTEMPTS", "1.5", r"LEADSTAGE_MAX_ATTEMPTS must be a positive whole number, not '1.5'"),
+    ("LEADSTAGE_CONCURRENCY", "0", r"LEADSTAGE_CONCURRENCY must be a positive whole number, not '0'"),
+    ("LEADSTAGE_METRICS_PORT", "65536", r"LEADSTAGE_METRICS_PORT must be a port number 0..65535"),
+    ("LEADSTAGE_METRICS_PORT", "-1", r"LEADSTAGE_METRICS_PORT must be a port number"),
+    ("LEADSTAGE_QUEUE", "my queue", r"LEADSTAGE_QUEUE must be a Redis key name without spaces, not 'my queue'"),
+    ("LEADSTAGE_LOG_FORMAT", "xml", r"LEADSTAGE_LOG_FORMAT must be one of json, console, auto, not 'xml'"),
+    ("LEADSTAGE_LOG_LEVEL", "loud", r"LEADSTAGE_LOG_LEVEL must be one of debug, info, warning, warn, error, critical"),
+    ("WEBHOOK_SECRET", "plain", r"WEBHOOK_SECRET must be a Standard Webhooks secret starting with whsec_"),
+    ("WEBHOOK_SECRET", "whsec_", r"WEBHOOK_SECRET must be a Standard Webhooks secret"),
+    ("LEADSTAGE_REDIS_MIN_REPLICAS", "-1", r"LEADSTAGE_REDIS_MIN_REPLICAS"),
+    ("LEADSTAGE_JOB_TIMEOUT", "5", r"LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT"),
+    (
+        "LEADSTAGE_LEDGER_RETENTION",
+        "3600",
+        r"LEADSTAGE_LEDGER_RETENTION \(3600s\) must be longer than LEADSTAGE_MAX_AGE",
+    ),
+    ("LEADSTAGE_LEASE", "0.02", r"LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY"),
+]
+
+
+def test_the_defaults_without_any_variable() -> None:
+    assert Settings.from_env({}) == DEFAULTS
+
+
+def test_every_variable_is_in_a_table() -> None:
+    assert {variable for variable, *_ in GOOD} == {variable for variable, _ in ENVIRONMENT.values()}
+
+
+@pytest.mark.parametrize(("variable", "raw", "name", "expected"), GOOD)
+def test_a_good_value_is_read(variable: str, raw: str, name: str, expected: object) -> None:
+    assert getattr(Settings.from_env({variable: raw}), name) == expected
+
+
+@pytest.mark.parametrize(("variable", "raw", "message"), BAD)
+def test_a_bad_value_is_a_config_error_naming_the_variable(variable: str, raw: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as refusal:
+        Settings.from_env({variable: raw})
+    assert "hunter2" not in str(refusal.value)
+
+
+ACCOUNT_ERRORS = [
+    ({"IVVY_BASE_URL": "http://ivvy"}, r"IVVY_API_KEY is not set \(IVVY_BASE_URL is\)"),
+    ({"IVVY_BASE_URL": "http://ivvy", "IVVY_API_KEY": "k"}, r"IVVY_API_SECRET is not set"),
+    ({"IVVY_BASE_URL": "ftp://ivvy", "IVVY_API_KEY": "k", "IVVY_API_SECRET": "s"}, r"IVVY_BASE_URL must be an http"),
+]
+
+
+@pytest.mark.parametrize(("env", "message"), ACCOUNT_ERRORS)
+def test_the_default_account_needs_all_three_variables(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+ACCOUNTS_FILES = [
+    (b"[]", r"must hold a JSON object"),
+    (b"{", r"is not valid JSON"),
+    (b'{"bad name": {}}', r"account 'bad name'.*letters, digits"),
+    (b'{"a": {"base_url": "http://x", "api_key": "k"}}', r"account 'a'.*api_secret is missing"),
+    (b'{"a": {"base_url": "http://x", "api_key": "k", "api_secret": "s", "extra": 1}}', r"unknown fields: extra"),
+    (b'{"a": {"base_url": "http://x", "api_key": "k", "api_secret": "s", "rate_limit": true}}', r"rate_limit must be"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), ACCOUNTS_FILES)
+def test_a_bad_accounts_file_names_the_file_and_the_account(content: bytes, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "accounts.json"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"LEADSTAGE_ACCOUNTS_FILE \(.*accounts.json\).*" + message):
+        Settings.from_env({"LEADSTAGE_ACCOUNTS_FILE": str(path)})
+
+
+def test_accounts_come_from_the_variables_and_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "accounts.json"
+    path.write_bytes(orjson.dumps({"eu": {"base_url": "https://eu.ivvy/", "api_key": "ke", "api_secret": "se"}}))
+    env = {"IVVY_BASE_URL": "https://ivvy", "IVVY_API_KEY": "k", "IVVY_API_SECRET": "s", "LEADSTAGE_RATE_LIMIT": "3"}
+    settings = Settings.from_env({**env, "LEADSTAGE_ACCOUNTS_FILE": str(path)})
+    assert settings.accounts == {
+        "default": Account("default", "https://ivvy", "k", Secret("s"), 3.0),
+        "eu": Account("eu", "https://eu.ivvy", "ke", Secret("se"), 3.0),
+    }
+
+
+def test_to_env_gives_the_same_settings_back() -> None:
+    account = Account("default", "http://127.0.0.1:8765", "key", Secret("secret"), 7.0)
+    changed: dict[str, object] = {
+        "redis_url": "redis://127.0.0.1:6379/3",
+        "rate_limit": 7.0,
+        "max_attempts": 3,
+        "max_age_s": 12.5,
+        "backoff_base_s": 0.05,
+        "results_stream": "s:results",
+        "ledger_retention_s": 7200,
+        "redis_min_replicas": 1,
+        "retry_after_max_s": 30.0,
+        "request_timeout_s": 1.5,
+        "job_timeout_s": 9.0,
+        "webhook_secret": Secret("whsec_xyz"),
+        "metrics_port": 0,
+        "log_format": "json",
+        "log_level": "debug",
+    }
+    settings = dataclasses.replace(DEFAULTS, accounts={"default": account}, **changed)  # type: ignore[arg-type]  # Settings' fields
+    assert Settings.from_env(settings.to_env()) == settings
+    assert Settings.from_env(DEFAULTS.to_env()) == DEFAULTS
+
+
+def test_to_env_refuses_accounts_it_cannot_write() -> None:
+    other = Account("eu", "http://127.0.0.1:8765", "key", Secret("secret"), 7.0)
+    with pytest.raises(ConfigError, match="account 'eu' cannot be written as variables"):
+        dataclasses.replace(DEFAULTS, accounts={"eu": other}).to_env()
