@@ -306,7 +306,9 @@ class _EnvReader:
         if raw is None:
             return None
         if not raw.startswith("whsec_") or not _webhook_secret_bytes(raw):
-            raise ConfigError(f"{name} must be a Standard Webhooks secret: whsec_ and the base64 of the secret's bytes")
+            raise ConfigError(
+                f"{name} must be a Standard Webhooks secret starting with whsec_, then the base64 of its bytes"
+            )
         return Secret(raw)
 
 
