@@ -131,7 +131,7 @@ async def test_a_sentinel_failover_loses_no_confirmed_change_and_adds_no_stage_t
         )
         url = f"redis+sentinel://127.0.0.1:{sentinel.port}/{SERVICE}"
         settings = worker_settings(
-            url, fake.url, redis_min_replicas=1, redis_replica_timeout_s=0.5, max_attempts=200, max_age_s=600.0,
+            url, fake.url, redis_min_replicas=2, redis_replica_timeout_s=0.5, max_attempts=200, max_age_s=600.0,
             request_timeout_s=1.0,
         )  # fmt: skip
         client = connect_redis(url)
@@ -139,6 +139,8 @@ async def test_a_sentinel_failover_loses_no_confirmed_change_and_adds_no_stage_t
         stages = [fake.fake.add_stage(f"Failover {i}", apply_to=1) for i in range(5)]
         changes = [({"name": f"Added {i}", "applyTo": 1}, f"add-{i}") for i in range(20)]
         changes += [({"id": s.id, "colour": f"#00000{r}"}, f"upd-{s.id}-{r}") for r in range(4) for s in stages]
+
+        rejoined: RedisServer | None = None
 
         async def enqueue_until_confirmed(raw: dict[str, object], key: str) -> None:
             # What a producer does when told the outcome is unknown: the same key again.
@@ -161,20 +163,34 @@ async def test_a_sentinel_failover_loses_no_confirmed_change_and_adds_no_stage_t
                 await asyncio.sleep(1.5)
                 primary.kill()
 
-                async def failed_over() -> bool:
-                    master = redis.Redis(port=sentinel.port).sentinel_get_master_addr_by_name(SERVICE)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-                    return master is not None and int(master[1]) in {r.port for r in replicas}
+                def current_primary() -> int | None:
+                    with redis.Redis(port=sentinel.port) as ask:
+                        master = ask.sentinel_get_master_addr_by_name(SERVICE)
+                    return int(master[1]) if master else None
 
-                # Sentinel promotes one replica and points the other at it; the old primary stays down.
+                async def failed_over() -> bool:
+                    return current_primary() in {r.port for r in replicas}
+
+                # Sentinel promotes one replica and points the other at it. Every replica must confirm
+                # a write (Sentinel may promote any of them): the old primary comes back, empty, as
+                # the new primary's replica, and the writes that waited go on.
                 await eventually(failed_over, within_s=20)
+                user, password = REPLICATOR
+                rejoined = start_redis(
+                    tmp_path / "primary-again", *FAST_SYNC, "--masteruser", user, "--masterauth", password,
+                    "--replicaof", "127.0.0.1", str(current_primary()), port=primary.port,
+                )  # fmt: skip
+                allow_replicator(rejoined)
                 await asyncio.gather(*producers)
                 for raw, key in changes[35:]:
                     await enqueue_until_confirmed(raw, key)
                 terminal = await wait_for_terminal(client, [key for _, key in changes], within_s=60)
         finally:
             await client.aclose()
-            with contextlib.suppress(ProcessLookupError):
-                sentinel.kill()
+            for server in (sentinel, rejoined):
+                if server is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        server.kill()
 
     assert {key: len(events) for key, events in terminal.items() if len(events) != 1} == {}
     assert {events[0]["event"] for events in terminal.values()} <= {"succeeded", "superseded"}

@@ -100,6 +100,9 @@ gateway_5xx_rate  0        share of addOrUpdateLeadStage committed, then answere
 late_commit_rate  0        share of addOrUpdateLeadStage held for ``late_commit_s``, then
                            committed and answered (the client has usually given up by then)
 late_commit_s     2        how long such a request is held before it is committed
+rate_limit_per_s  0        the server's own limit per API key: past it in a second, 429 with
+                           ``Retry-After: 1``, not applied (0: off)
+batch_*                    the batch namespace's timing and faults: ``worker.fake_batch``
 ================  =======  ==================================================================
 
 Admin endpoints (no signature; the server binds to loopback unless told otherwise)
@@ -146,6 +149,7 @@ from typing import Any, Literal, TypedDict, Unpack
 import orjson
 from aiohttp import web
 
+from worker.fake_batch import BatchStore, DropAnswer
 from worker.processes import is_loopback, signalled
 from worker.settings import DEMO_API_KEY, DEMO_API_SECRET
 from worker.signing import API_VERSION, CONTENT_TYPE, SignatureRejected, format_ivvy_date, verify_request
@@ -159,7 +163,9 @@ NAME_MAX_CHARS = 255
 REQUEST_LOG_SIZE = 200_000
 APPLY_TO_VALUES = (1, 2)  # 1 = Opportunity, 2 = Lead
 
-FaultName = Literal["latency", "5xx", "429", "hang", "drop", "24322", "gateway_5xx", "late_commit"]
+FaultName = Literal[
+    "latency", "5xx", "429", "hang", "drop", "24322", "gateway_5xx", "late_commit", "batch_drop", "limit"
+]
 #: Faults that only addOrUpdateLeadStage draws (other actions drawing them are answered normally).
 _CHANGE_FAULTS: frozenset[FaultName] = frozenset({"24322", "gateway_5xx", "late_commit"})
 
@@ -270,6 +276,14 @@ class Faults:
     gateway_5xx_rate: float = 0.0
     late_commit_rate: float = 0.0
     late_commit_s: float = 2.0
+    #: The batch namespace (worker.fake_batch): processing time, how long results are kept, faults.
+    batch_delay_s: float = 0.2
+    batch_results_s: float = 172_800.0
+    batch_run_drop_rate: float = 0.0
+    batch_never_ready_rate: float = 0.0
+    batch_job_24322_rate: float = 0.0
+    #: The server's own rate limit per API key: requests past this many in a second get 429 (0: off).
+    rate_limit_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in FAULT_FIELDS:
@@ -375,6 +389,9 @@ class FakeIvvy:
         self.clock = clock
         self.log_requests = log_requests
         self.requests: deque[RequestRecord] = deque(maxlen=request_log_size)
+        self.batches = BatchStore()
+        #: API key -> when its requests of the last second arrived (the server-side rate limit).
+        self.recent_by_key: dict[str, deque[float]] = {}
         # Insertion order is id order (ids only grow), which paging relies on.
         self.stages: dict[int, Stage]
         self._next_id: int
@@ -385,6 +402,8 @@ class FakeIvvy:
         self.stages = {stage.id: stage for stage in _built_in_stages()}
         self._next_id = FIRST_STAGE_ID
         self.requests.clear()
+        self.batches.clear()
+        self.recent_by_key.clear()
         if faults:
             self.faults = Faults()
 
@@ -457,6 +476,36 @@ class FakeIvvy:
             "results": page,
         }
 
+    def batch_run(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self.batches.run(params, self.faults, self.rng, self._batch_job, ApiError)
+
+    def batch_progress(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self.batches.progress(params, ApiError)
+
+    def batch_results(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self.batches.results(params, self.faults, ApiError)
+
+    def _batch_job(self, namespace: str, action: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """One job of a batch, answered as the single call is (no batches inside batches)."""
+        call = ACTIONS.get(namespace, {}).get(action) if namespace != "batch" else None
+        if call is None:
+            raise ApiError(404, "Not Found", additional_messages=[f"Unknown call {namespace}?action={action}"])
+        return call(self, params)
+
+    def over_rate_limit(self, key: str | None) -> bool:
+        """Whether this request of ``key`` is one too many in the last second (``rate_limit_per_s``)."""
+        limit = self.faults.rate_limit_per_s
+        if limit <= 0 or key is None:
+            return False
+        now = time.monotonic()
+        recent = self.recent_by_key.setdefault(key, deque())
+        while recent and recent[0] <= now - 1.0:
+            recent.popleft()
+        if len(recent) >= limit:
+            return True
+        recent.append(now)
+        return False
+
     def ping(self, params: Mapping[str, Any]) -> dict[str, Any]:
         return {"ack": "pong", "timestamp": format_ivvy_date(self.clock()) + " UTC"}
 
@@ -468,6 +517,7 @@ ACTIONS: dict[str, dict[str, Callable[[FakeIvvy, Mapping[str, Any]], dict[str, A
         "getLeadStageList": FakeIvvy.get_lead_stage_list,
     },
     "test": {"ping": FakeIvvy.ping},
+    "batch": {"run": FakeIvvy.batch_run, "progress": FakeIvvy.batch_progress, "results": FakeIvvy.batch_results},
 }
 
 
@@ -631,6 +681,9 @@ class _Handlers:
         try:
             action = self._route(request, record)
             fake.verify(request.method, request.raw_path, request.headers.items(), body)
+            if fake.over_rate_limit(record.key):
+                record.fault = "limit"
+                raise ApiError(429, "Too Many Requests", headers={"Retry-After": "1"})
             fault = fake.faults.pick(fake.rng)
             if fault in _CHANGE_FAULTS and action is not FakeIvvy.add_or_update_lead_stage:
                 fault = None
@@ -648,7 +701,11 @@ class _Handlers:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(fake.faults.late_commit_s):
                         await self.closing.wait()
-            response = _json_response(200, action(fake, _params(request.headers.get("Content-Type", ""), parsed)))
+            try:
+                response = _json_response(200, action(fake, _params(request.headers.get("Content-Type", ""), parsed)))
+            except DropAnswer:
+                record.fault = "batch_drop"
+                return self._dropped(request, record)
             if fault == "gateway_5xx":
                 # Committed above; the gateway in front answers as if nothing happened.
                 response = _json_response(504, ApiError(504, "Gateway Timeout").body())
@@ -866,12 +923,21 @@ _FAULT_HELP = {
     "gateway_5xx_rate": "share of addOrUpdateLeadStage committed, then answered 504",
     "late_commit_rate": "share of addOrUpdateLeadStage held for --late-commit-s, then committed and answered",
     "late_commit_s": "how long a late commit is held, in seconds",
+    "batch_delay_s": "seconds a batch takes before its jobs are applied",
+    "batch_results_s": "seconds a finished batch's results are kept (iVvy: 2 days)",
+    "batch_run_drop_rate": "share of batch runs accepted, then dropped without an answer",
+    "batch_never_ready_rate": "share of batches that never complete",
+    "batch_job_24322_rate": "share of batch jobs answered 500/24322 instead of applied",
+    "rate_limit_per_s": "the server's own limit per API key: requests past it in a second get 429 (0: off)",
 }
 _FAULT_TYPES: dict[str, Callable[[str], float]] = {
     "latency_ms": _non_negative,
     "retry_after_s": _seconds,
     "hang_s": _non_negative,
     "late_commit_s": _non_negative,
+    "batch_delay_s": _non_negative,
+    "batch_results_s": _non_negative,
+    "rate_limit_per_s": _non_negative,
 }
 
 

@@ -217,7 +217,16 @@ class RedisServer:
     Without it nothing is persisted (a throw-away Redis for a demo or a benchmark).
     """
 
-    def __init__(self, children: Children, data_dir: Path, *, durable: bool = False, new_session: bool = False) -> None:
+    def __init__(
+        self,
+        children: Children,
+        data_dir: Path,
+        *,
+        durable: bool = False,
+        new_session: bool = False,
+        args: Sequence[str] = (),
+        name: str = "redis-server",
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ProcessFailed("redis-server is not on PATH (apt-get install redis-server)")
@@ -225,10 +234,10 @@ class RedisServer:
         data_dir.mkdir(parents=True, exist_ok=True)
         persistence = ("--appendonly", "yes", "--appendfsync", "always") if durable else ("--appendonly", "no")
         self.child = children.add(
-            "redis-server",
+            name,
             [
                 binary, "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(data_dir),
-                *persistence, "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+                *persistence, "--save", "", "--daemonize", "no", "--protected-mode", "yes", *args,
             ],
             new_session=new_session,
         )  # fmt: skip

@@ -1,0 +1,134 @@
+"""The fake iVvy's batch namespace and server-side rate limit, over real HTTP with signed requests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from worker.errors import IvvyErrorDetails, IvvyNoAnswer, IvvyRateLimited
+from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.ivvy import AiohttpTransport, IvvyClient
+from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[RunningFakeIvvy]:
+    async with running_fake_ivvy(credentials={DEMO_API_KEY: DEMO_API_SECRET}, seed=1) as running:
+        running.fake.update_faults({"batch_delay_s": 0.2})
+        yield running
+
+
+@pytest.fixture
+async def client(fake: RunningFakeIvvy) -> AsyncIterator[IvvyClient]:
+    transport = AiohttpTransport()
+    account = Account("default", fake.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 1000.0)
+    try:
+        yield IvvyClient(account, transport, timeout=2.0)
+    finally:
+        await transport.close()
+
+
+def job(params: dict[str, Any]) -> dict[str, Any]:
+    return {"namespace": "crm", "action": "addOrUpdateLeadStage", "params": params}
+
+
+async def specific_code(call: Any) -> int | None:
+    with pytest.raises(IvvyErrorDetails) as raised:
+        await call
+    return raised.value.specific_code
+
+
+async def test_a_batch_is_applied_in_order_and_its_results_answer_each_job(
+    fake: RunningFakeIvvy, client: IvvyClient
+) -> None:
+    seeded = fake.fake.add_stage("Recoloured", apply_to=1)
+    jobs = [
+        job({"name": "Batched", "applyTo": 1}),
+        job({"id": seeded.id, "colour": "#111111"}),
+        job({"id": seeded.id, "colour": "#222222"}),  # the later job of the same stage wins
+        job({"id": 999_999, "name": "Nowhere"}),  # an error answers that job only
+    ]
+    run = await client.call("batch", "run", {"jobs": jobs, "callbackUrl": "https://example.invalid/cb"})
+    async_id = run["asyncId"]
+    assert await specific_code(client.call("batch", "results", {"async": async_id})) == 24114
+    assert 0 <= (await client.call("batch", "progress", {"async": async_id}))["progress"] < 100
+    await asyncio.sleep(0.4)
+    assert (await client.call("batch", "progress", {"async": async_id}))["progress"] == 100
+    answer = await client.call("batch", "results", {"async": async_id})
+    assert answer["asyncId"] == async_id
+    results = answer["results"]
+    assert [r["request"] for r in results] == [j["params"] for j in jobs]
+    assert {r["namespace"] + "?" + r["action"] for r in results} == {"crm?addOrUpdateLeadStage"}
+    added = results[0]["response"]
+    assert added["success"] is True
+    assert fake.fake.stages[int(added["id"])].name == "Batched"
+    assert fake.fake.stages[seeded.id].colour == "#222222"
+    assert (results[3]["response"]["errorCode"], results[3]["response"]["specificCode"]) == (404, 24320)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "code"),
+    [
+        ([job({"name": f"S{i}", "applyTo": 1}) for i in range(201)], 24448),
+        ("not a list", 24092),
+        ([{"namespace": "crm", "params": {"name": "x"}}], 24092),
+        ([{"namespace": "crm", "action": "addOrUpdateLeadStage", "params": "x"}], 24092),
+        ([{"namespace": "crm", "action": "addOrUpdateLeadStage", "params": {}}], 24093),
+        ([{"namespace": "crm", "action": "addOrUpdateLeadStage"}], 24093),
+    ],
+)
+async def test_malformed_batches_are_refused_as_the_docs_say(
+    fake: RunningFakeIvvy, client: IvvyClient, jobs: object, code: int
+) -> None:
+    assert await specific_code(client.call("batch", "run", {"jobs": jobs})) == code
+    assert fake.fake.batches.batches == {}
+
+
+async def test_unknown_and_expired_batches(fake: RunningFakeIvvy, client: IvvyClient) -> None:
+    assert await specific_code(client.call("batch", "progress", {"async": "nope"})) == 24105
+    assert await specific_code(client.call("batch", "results", {"async": "nope"})) == 24115
+    fake.fake.update_faults({"batch_results_s": 0.3})
+    run = await client.call("batch", "run", {"jobs": [job({"name": "Kept briefly", "applyTo": 1})]})
+    await asyncio.sleep(0.25)
+    assert len((await client.call("batch", "results", {"async": run["asyncId"]}))["results"]) == 1
+    await asyncio.sleep(0.2)
+    assert await specific_code(client.call("batch", "results", {"async": run["asyncId"]})) == 24115
+
+
+async def test_batch_faults(fake: RunningFakeIvvy, client: IvvyClient) -> None:
+    fake.fake.update_faults({"batch_run_drop_rate": 1.0})
+    with pytest.raises(IvvyNoAnswer) as dropped:
+        await client.call("batch", "run", {"jobs": [job({"name": "Dropped run", "applyTo": 1})]})
+    assert dropped.value.outcome_unknown
+    await asyncio.sleep(0.3)
+    # Accepted all the same: its jobs were applied, though nobody learnt its asyncId.
+    assert [s.name for s in fake.fake.stages.values()].count("Dropped run") == 1
+
+    fake.fake.update_faults({"batch_run_drop_rate": 0.0, "batch_never_ready_rate": 1.0})
+    stuck = await client.call("batch", "run", {"jobs": [job({"name": "Never", "applyTo": 1})]})
+    await asyncio.sleep(0.3)
+    assert (await client.call("batch", "progress", {"async": stuck["asyncId"]}))["progress"] == 0
+    assert await specific_code(client.call("batch", "results", {"async": stuck["asyncId"]})) == 24114
+    assert "Never" not in [s.name for s in fake.fake.stages.values()]
+
+    fake.fake.update_faults({"batch_never_ready_rate": 0.0, "batch_job_24322_rate": 1.0})
+    failing = await client.call("batch", "run", {"jobs": [job({"name": "Not applied", "applyTo": 1})]})
+    await asyncio.sleep(0.3)
+    [result] = (await client.call("batch", "results", {"async": failing["asyncId"]}))["results"]
+    assert result["response"] == {"errorCode": 500, "message": "An error has occurred", "specificCode": 24322}
+    assert "Not applied" not in [s.name for s in fake.fake.stages.values()]
+
+
+async def test_the_server_side_rate_limit_answers_429_past_its_rate(fake: RunningFakeIvvy, client: IvvyClient) -> None:
+    fake.fake.update_faults({"rate_limit_per_s": 5})
+    for _ in range(5):
+        await client.ping()
+    with pytest.raises(IvvyRateLimited) as limited:
+        await client.ping()
+    assert limited.value.retry_after == 1.0
+    assert [r.fault for r in fake.fake.requests][-1] == "limit"
+    await asyncio.sleep(1.05)
+    await client.ping()  # a new second, a new allowance
