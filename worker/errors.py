@@ -385,6 +385,8 @@ def redis_errors() -> Iterator[None]:
     except redis.exceptions.ResponseError as exc:
         if "DB index is out of range" in str(exc):
             raise ConfigError("REDIS_URL selects a database number this Redis does not have") from None
+        if str(exc).startswith("WAIT cannot be used with replica"):  # a primary demoted under our feet
+            raise RedisRefused("Redis refused WAIT: the server is a replica now (a failover)") from exc
         code = str(exc).split(" ", 1)[0]
         if code in REFUSAL_CODES:  # exactly: BUSYGROUP or BUSYKEY are answers about data, not refusals
             raise RedisRefused(f"Redis refused the command: {code}") from exc
