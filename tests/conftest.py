@@ -32,6 +32,7 @@ SYSTEM_MODULES = frozenset(
         "test_chaos",
         "test_cli",
         "test_demo",
+        "test_failover",
         "test_hostile_input",
         "test_processes",
         "test_rate_limit",

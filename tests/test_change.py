@@ -7,6 +7,7 @@ bad field named, and a valid one must come out normalised exactly as iVvy is sen
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
@@ -15,7 +16,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.change import ID_MAX, LeadStageChange, parse_change, parse_envelope, parse_id_text, repeated_key, shown
+from worker.change import (
+    ID_MAX,
+    NAME_PATTERN,
+    LeadStageChange,
+    parse_change,
+    parse_envelope,
+    parse_id_text,
+    repeated_key,
+    shown,
+)
 from worker.errors import InvalidChange, PermanentError
 
 
@@ -444,3 +454,21 @@ def test_shown_cuts_and_escapes_for_a_terminal() -> None:
 def test_a_repeated_key_in_json_is_found_whatever_the_parser_kept(text: bytes, repeated: str | None) -> None:
     """Issue 12 item 9: orjson keeps the last of repeated keys; every JSON producer refuses them."""
     assert repeated_key(text, orjson.loads(text)) == repeated
+
+
+def test_the_published_name_pattern_is_the_strict_form_of_the_model() -> None:
+    """The OpenAPI document's name pattern (anchored there) against ``parse_change``: every name it
+    takes, the model takes (what schemathesis sends as valid is valid); the model's refusals
+    (control characters, bidi overrides, nothing visible) it refuses too."""
+    pattern = re.compile(NAME_PATTERN)
+    for code in [*range(0x3001), 0xFEFF, 0x10FFFF]:
+        for name in (f" {chr(code)} ", f"a{chr(code)}b"):
+            try:
+                parse_change({"name": name, "applyTo": 1})
+                accepted = True
+            except InvalidChange:
+                accepted = False
+            if pattern.fullmatch(name) is not None:
+                assert accepted, hex(code)
+    for refused in ("a\x1bb", "a\x00", "x\u202ey", "\u200b", " ", "\x1f"):
+        assert pattern.fullmatch(refused) is None, repr(refused)

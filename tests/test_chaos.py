@@ -45,9 +45,6 @@ ALL_FAULTS = {
 CLOCK_OFFSETS_S = ("0", "3", "-3")
 
 
-pytestmark = pytest.mark.system
-
-
 @pytest.fixture
 async def fake() -> AsyncIterator[RunningFakeIvvy]:
     async with running_fake_ivvy(seed=11) as running:

@@ -23,8 +23,6 @@ from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ledger import Ledger
 from worker.runner import running_worker
 
-pytestmark = pytest.mark.system
-
 SERVICE = "leadstage-test"
 
 
