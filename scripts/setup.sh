@@ -1,7 +1,8 @@
 # Sourced by scripts/test.sh and scripts/demo.sh: a virtualenv with the project installed from the
 # lock file (requirements/dev.txt: every version pinned, every file checked against its hash;
-# refreshed by scripts/lock.sh), and a Redis answering on 127.0.0.1:6379 (started here when none
-# answers). Re-installs by itself when the lock file or pyproject.toml changes.
+# refreshed by scripts/lock.sh), a Redis answering on 127.0.0.1:6379 (started here when none
+# answers), and Debian's chromium for the console's browser tests (Playwright drives it; its own
+# browser download is not used). Re-installs by itself when the lock file or pyproject.toml changes.
 _lock_stamp="$(cat requirements/dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.installed 2>/dev/null)" != "$_lock_stamp" ] \
     || ! .venv/bin/python -c "import worker, producers, pytest" 2>/dev/null; then
@@ -26,4 +27,11 @@ if ! .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 
         .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1).close()" 2>/dev/null && break
         sleep 0.1
     done
+fi
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "warning: /usr/bin/chromium is missing: the console's browser tests will fail (apt-get install chromium as root)" >&2
+    fi
 fi

@@ -62,9 +62,11 @@ async def test_three_worker_processes_keep_to_the_account_rate_limit(
     times = arrivals(fake)
     assert len(times) == 40
     # GCRA with a burst of one: at most RATE requests start in any one-second window (+1 for the
-    # window's edge), and the whole run cannot be faster than the limit allows.
+    # window's edge, +1 for the stamp: the fake stamps arrivals in this test's event loop, which a
+    # busy machine can hold up long enough to move one request into the next window), and the whole
+    # run cannot be faster than the limit allows.
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
-    assert busiest <= RATE + 1, f"{busiest} requests within one second"
+    assert busiest <= RATE + 2, f"{busiest} requests within one second"
     assert times[-1] - times[0] >= (len(times) - 1) / RATE * 0.95
 
 

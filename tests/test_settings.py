@@ -46,6 +46,10 @@ GOOD = [
     ("LEADSTAGE_METRICS_PORT", "65535", "metrics_port", 65535),
     ("LEADSTAGE_LOG_FORMAT", "JSON", "log_format", "json"),
     ("LEADSTAGE_LOG_LEVEL", "Warning", "log_level", "warning"),
+    ("LEADSTAGE_CONSOLE_TOKEN", " console-token-0123456789 ", "console_token", Secret("console-token-0123456789")),
+    ("LEADSTAGE_CONSOLE_READ_TOKEN", "read-token-0123456789", "console_read_token", Secret("read-token-0123456789")),
+    ("LEADSTAGE_CONSOLE_TLS_PROXY", "Yes", "console_tls_proxy", True),
+    ("LEADSTAGE_CONSOLE_TLS_PROXY", "0", "console_tls_proxy", False),
 ]
 
 #: (variable, raw value, what the error says)
@@ -75,6 +79,9 @@ BAD = [
         r"LEADSTAGE_LEDGER_RETENTION \(3600s\) must be longer than LEADSTAGE_MAX_AGE",
     ),
     ("LEADSTAGE_LEASE", "0.02", r"LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY"),
+    ("LEADSTAGE_CONSOLE_TOKEN", "hunter2", r"LEADSTAGE_CONSOLE_TOKEN must be at least 16 printable ASCII characters"),
+    ("LEADSTAGE_CONSOLE_READ_TOKEN", "hunter2 hunter2 hunter2", r"LEADSTAGE_CONSOLE_READ_TOKEN must be at least 16"),
+    ("LEADSTAGE_CONSOLE_TLS_PROXY", "maybe", r"LEADSTAGE_CONSOLE_TLS_PROXY must be 1/true/yes/on or 0/false/no/off"),
 ]
 
 

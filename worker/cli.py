@@ -1,7 +1,7 @@
 """``leadstage``: the one command of leadstage-sync (SPEC.md: The command ``leadstage``).
 
 Subcommands: worker, enqueue, results, status, dlq list / dlq replay, stats, webhook, fake-ivvy,
-demo. ``build_parser()`` is the whole interface; ``main(argv)`` runs it and returns the exit
+demo, console. ``build_parser()`` is the whole interface; ``main(argv)`` runs it and returns the exit
 status, which ``python -m worker.cli`` and the console script pass to the shell.
 
 Output: what a command produces goes to stdout as JSON (one line per change, receipt, result or
@@ -157,6 +157,14 @@ def _cmd_webhook(args: argparse.Namespace) -> int:
     settings = _settings()
     _configure_logging(settings)
     return run_webhook(settings, args.host, args.port)
+
+
+def _cmd_console(args: argparse.Namespace) -> int:
+    from worker.console.app import run_console
+
+    settings = _settings()
+    _configure_logging(settings)
+    return run_console(settings, args.host, args.port)
 
 
 def _parse_fake_ivvy_options(options: list[str]) -> argparse.Namespace:
@@ -598,14 +606,28 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     from worker import readers
 
     settings = _settings()
-    if bool(args.keys) == bool(args.all):
-        raise Refused("give the idempotency keys to replay, or --all (not both)")
-    account = args.account if args.account is not None or args.all else DEFAULT_ACCOUNT
-    wanted = None if args.all else set(args.keys)
+    # --error-code and --since choose dead letters as --all does, only fewer of them.
+    matching = args.all or args.error_code is not None or args.since is not None
+    if bool(args.keys) == matching:
+        raise Refused("give the idempotency keys to replay, or --all / --error-code / --since (not both)")
+    if args.since is not None:
+        readers.parse_duration(args.since)  # a bad duration is refused before Redis is asked anything
+    account = args.account if args.account is not None or matching else DEFAULT_ACCOUNT
+    wanted = None if matching else set(args.keys)
 
     async def replay(client: aioredis.Redis) -> list[readers.ReplayOutcome]:
         # Read first, then replay: a replayed change that fails again must not be met again here.
-        entries = [e async for e in readers.dead_letters(client, settings, account=account, idempotency_keys=wanted)]
+        entries = [
+            e
+            async for e in readers.dead_letters(
+                client,
+                settings,
+                account=account,
+                idempotency_keys=wanted,
+                error_code=args.error_code,
+                since_ms=await readers.since_as_ms(client, args.since),
+            )
+        ]
         outcomes = []
         for entry in entries:
             outcome = await readers.replay(client, settings, entry)
@@ -615,7 +637,7 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
     outcomes = asyncio.run(_with_redis(settings, replay))
     queued = sum(1 for o in outcomes if o.status == "queued")
-    if outcomes or args.all:
+    if outcomes or matching:
         not_failed = len(outcomes) - queued
         _note(f"replayed {queued} dead letter(s)" + (f", {not_failed} left alone (not failed)" if not_failed else ""))
     missing = sorted((wanted or set()) - {o.idempotency_key for o in outcomes})
@@ -761,6 +783,12 @@ def _add_readers(subparsers: Any) -> None:
     replay.add_argument("keys", nargs="*", metavar="KEY", help="idempotency keys to replay")
     replay.add_argument("--all", action="store_true", help="replay every dead letter (of --account, if given)")
     replay.add_argument("--account", help=f"the account of the keys (default {DEFAULT_ACCOUNT}; with --all: every)")
+    replay.add_argument(
+        "--error-code", metavar="C", help="replay the dead letters with this error code (e.g. 24320, timeout)"
+    )
+    replay.add_argument(
+        "--since", metavar="DURATION", help="replay the dead letters of the last DURATION (90s, 15m, 2h, 7d)"
+    )
 
     _subparser(
         subparsers,
@@ -798,6 +826,19 @@ def _add_services(subparsers: Any) -> None:
     )
     # Its options (and --help) are left unparsed here and handed to the fake's own parser.
     fake.set_defaults(run=_cmd_fake_ivvy, passes_options=True)
+
+    console = _subparser(
+        subparsers,
+        "console",
+        _cmd_console,
+        "run the operations console",
+        "Serve the operations console (Overview, Failures, a change's timeline) and its JSON API\n"
+        "under /api/v1/ (OpenAPI at /api/v1/openapi.json), until SIGINT or SIGTERM. Needs\n"
+        "LEADSTAGE_CONSOLE_TOKEN (LEADSTAGE_CONSOLE_READ_TOKEN may read only). Warns when listening\n"
+        "beyond loopback unless LEADSTAGE_CONSOLE_TLS_PROXY=1 declares a TLS proxy in front.",
+    )
+    console.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    console.add_argument("--port", type=_port, default=8090, help="port to listen on")
 
     demo = _subparser(
         subparsers,

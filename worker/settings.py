@@ -69,6 +69,8 @@ LogFormat = Literal["json", "console", "auto"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console", "auto")
 LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
 LOG_LEVEL_NAMES: tuple[LogLevel, ...] = ("debug", "info", "warning", "warn", "error", "critical")
+#: The shortest console token accepted (LEADSTAGE_CONSOLE_TOKEN, LEADSTAGE_CONSOLE_READ_TOKEN).
+MIN_TOKEN_LENGTH = 16
 
 #: Settings field -> (environment variable, how ``_EnvReader`` reads it): read by ``from_env``,
 #: written back by ``to_env``. The accounts are read from their own variables (``_load_accounts``).
@@ -101,6 +103,9 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "log_level": ("LEADSTAGE_LOG_LEVEL", "log_level"),
     "redis_timeout_s": ("LEADSTAGE_REDIS_TIMEOUT", "positive_float"),
     "redis_connect_timeout_s": ("LEADSTAGE_REDIS_CONNECT_TIMEOUT", "positive_float"),
+    "console_token": ("LEADSTAGE_CONSOLE_TOKEN", "token"),
+    "console_read_token": ("LEADSTAGE_CONSOLE_READ_TOKEN", "token"),
+    "console_tls_proxy": ("LEADSTAGE_CONSOLE_TLS_PROXY", "flag"),
 }
 
 
@@ -143,6 +148,13 @@ class Settings:
     redis_timeout_s: float = TIMEOUT_S
     #: Connecting to Redis gives up after this long (an unroutable host would hang otherwise).
     redis_connect_timeout_s: float = CONNECT_TIMEOUT_S
+    #: ``leadstage console``: the token that may read and change (replay, discard); the console is
+    #: off without it. The read-only token, when set, may only read.
+    console_token: Secret | None = None
+    console_read_token: Secret | None = None
+    #: Declared when a TLS-terminating proxy stands in front of the console: its login cookie is
+    #: then marked Secure, and binding beyond loopback is not warned about.
+    console_tls_proxy: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -191,6 +203,8 @@ class Settings:
             )
         if self.lease_s <= self.poll_delay_s * 3:
             raise ConfigError("LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY")
+        if self.console_read_token is not None and self.console_read_token == self.console_token:
+            raise ConfigError("LEADSTAGE_CONSOLE_READ_TOKEN must differ from LEADSTAGE_CONSOLE_TOKEN")
 
     def account(self, name: str) -> Account | None:
         return self.accounts.get(name)
@@ -205,6 +219,7 @@ class Settings:
         values = [a.api_secret.get() for a in self.accounts.values()]
         if self.webhook_secret is not None:
             values.append(self.webhook_secret.get())
+        values.extend(token.get() for token in (self.console_token, self.console_read_token) if token is not None)
         return [v for v in values if v]
 
     def require_accounts(self) -> None:
@@ -300,6 +315,29 @@ class _EnvReader:
         raw = self._raw(name) or default
         parse_redis_url(raw, name)
         return raw
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
+
+    def token(self, name: str, default: None) -> Secret | None:
+        """A bearer token: long enough not to be guessed, and sendable in a header as is."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if len(raw) < MIN_TOKEN_LENGTH or not all(c.isascii() and c.isprintable() and not c.isspace() for c in raw):
+            # The message never repeats the value: it is a secret, even when a bad one.
+            raise ConfigError(
+                f"{name} must be at least {MIN_TOKEN_LENGTH} printable ASCII characters without spaces "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
+            )
+        return Secret(raw)
 
     def webhook_secret(self, name: str, default: None) -> Secret | None:
         raw = self._raw(name)

@@ -1,0 +1,68 @@
+"""What the console's tests share: settings with tokens, the console served on loopback, changes."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from tests.harness import worker_settings
+from worker.change import parse_change, parse_envelope
+from worker.console.app import create_app
+from worker.fake_ivvy import FakeIvvy, Stage
+from worker.ledger import Ledger
+from worker.settings import Secret, Settings
+
+TOKEN = "console-admin-token-for-tests-0123"
+READ_TOKEN = "console-read-token-for-tests-4567"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"console test webhook secret").decode()
+#: A stage id the fake iVvy does not have (its new ids count up from 1000, far from here): an update
+#: of it fails with 24320 until ``create_missing_stage``, after which a replay succeeds.
+MISSING_STAGE = 424242
+
+
+def console_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Settings:
+    """A fast test worker's settings, with both console tokens and a webhook secret (never to be shown)."""
+    values: dict[str, object] = {
+        "console_token": Secret(TOKEN),
+        "console_read_token": Secret(READ_TOKEN),
+        "webhook_secret": Secret(WEBHOOK_SECRET),
+    }
+    values.update(overrides)
+    return worker_settings(redis_url, ivvy_url, **values)
+
+
+@contextlib.asynccontextmanager
+async def running_console(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[str]:
+    """The console on a free loopback port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    runner = web.AppRunner(create_app(settings, redis), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def enqueue(
+    redis: aioredis.Redis, settings: Settings, change: dict[str, object], key: str, account: str = "default"
+) -> None:
+    """Enqueue one change through the ledger, as every producer does."""
+    await Ledger(redis, settings).enqueue_many(
+        [(parse_change(change), parse_envelope(idempotency_key=key, account=account))]
+    )
+
+
+def create_missing_stage(fake: FakeIvvy) -> None:
+    """Make ``MISSING_STAGE`` exist, as if someone had created it in iVvy meanwhile."""
+    fake.stages[MISSING_STAGE] = Stage(MISSING_STAGE, "Made later", None, 2, True)
+
+
+def bearer(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
