@@ -21,8 +21,7 @@ from worker.change import (
     COLOUR_PATTERN,
     DEFAULT_ACCOUNT,
     ID_MAX,
-    KEY_CHARACTER_PATTERN,
-    KEY_MAX_CHARS,
+    KEY_PATTERN,
     NAME_MAX_CHARS,
     NAME_PATTERN,
 )
@@ -38,7 +37,7 @@ RETRY_AFTER_S: Final = 5
 
 #: The change model's rules, anchored as JSON Schema patterns are not.
 ACCOUNT_SCHEMA_PATTERN: Final = f"^{ACCOUNT_PATTERN}$"
-KEY_SCHEMA_PATTERN: Final = f"^{KEY_CHARACTER_PATTERN}{{1,{KEY_MAX_CHARS}}}$"
+KEY_SCHEMA_PATTERN: Final = f"^{KEY_PATTERN}$"
 COLOUR_SCHEMA_PATTERN: Final = f"^{COLOUR_PATTERN}$"
 NAME_SCHEMA_PATTERN: Final = f"^{NAME_PATTERN}$"
 

@@ -41,6 +41,9 @@ UPDATABLE_FIELDS = ("name", "colour", "applyTo")
 COLOUR_PATTERN = r"#[0-9a-fA-F]{6}"
 ACCOUNT_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 KEY_CHARACTER_PATTERN = r"[\x20-\x7e]"  # printable ASCII
+#: A whole idempotency key as given: printable ASCII, 1..KEY_MAX_CHARS once the spaces around it are
+#: trimmed (the strict form: the model trims tabs too).
+KEY_PATTERN = r" *[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])? *"
 _COLOUR = re.compile(COLOUR_PATTERN)
 _ACCOUNT = re.compile(ACCOUNT_PATTERN)
 _PRINTABLE_ASCII = re.compile(KEY_CHARACTER_PATTERN + "+")
