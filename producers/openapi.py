@@ -34,6 +34,10 @@ STATUS_PATH: Final = CHANGES_PATH + "/{idempotency_key}"
 MAX_BATCH: Final = 1000
 #: Seconds a client is asked to wait (``Retry-After``) when Redis is down.
 RETRY_AFTER_S: Final = 5
+#: The body's top-level field naming the account (signed, unlike a header).
+ACCOUNT_FIELD: Final = "account"
+#: The Content-Encodings of a request body the server decodes (415 for any other).
+CONTENT_ENCODINGS: Final = ("identity", "gzip", "deflate")
 
 #: The change model's rules, anchored as JSON Schema patterns are not.
 ACCOUNT_SCHEMA_PATTERN: Final = f"^{ACCOUNT_PATTERN}$"
@@ -106,6 +110,23 @@ def _change_schema() -> dict[str, Any]:
             }
         ],
     }  # fmt: skip
+
+
+def _account_property() -> dict[str, Any]:
+    return {
+        "type": "string",
+        "pattern": ACCOUNT_SCHEMA_PATTERN,
+        "description": "The iVvy account (default 'default'), for requests signed with a WEBHOOK_SECRET secret; "
+        "with an account's own secret (LEADSTAGE_WEBHOOK_SECRETS_FILE) it may only name that account (403 otherwise).",
+    }
+
+
+def _signed_change_schema() -> dict[str, Any]:
+    """A change as a webhook body: the change's fields and the top-level ``account``."""
+    schema = _change_schema()
+    schema["properties"][ACCOUNT_FIELD] = _account_property()
+    schema["description"] += f" As a whole body it may carry {ACCOUNT_FIELD}."
+    return schema
 
 
 def _header(name: str, description: str, *, required: bool, schema: dict[str, Any]) -> dict[str, Any]:
@@ -182,14 +203,25 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
         "operationId": "enqueueLeadStageChanges",
         "summary": "Enqueue one lead-stage change, or a list of them",
         "description": (
-            "The body is signed per Standard Webhooks with WEBHOOK_SECRET (5-minute timestamp tolerance). "
+            "The body is signed per Standard Webhooks (5-minute timestamp tolerance) with a secret of "
+            "WEBHOOK_SECRET or an account's own secret (LEADSTAGE_WEBHOOK_SECRETS_FILE); several secrets may be "
+            "valid at once, for rotation. Everything that decides what is enqueued is signed: the idempotency "
+            "key is the webhook-id (for a list, ':{index}' is appended to it per item, so a redelivered webhook "
+            "answers 'duplicate' and enqueues nothing again); the account is the one whose secret verified the "
+            f"request, else the body's {ACCOUNT_FIELD} field, else 'default'. "
             "Every change is validated before any is enqueued: a request is enqueued whole or not at all. "
-            "Idempotency key: the Idempotency-Key header, else webhook-id; for a list, ':{index}' is appended "
-            "to it per item, so a redelivered webhook answers 'duplicate' and enqueues nothing again. "
-            f"Bodies over {max_body_bytes} bytes are refused (413)."
+            "Unsigned headers cannot change what is enqueued: an Idempotency-Key header, an X-Leadstage-Account "
+            "header or an account query parameter is accepted only when it repeats the signed value (400 "
+            f"otherwise). Content-Encoding: one of {', '.join(CONTENT_ENCODINGS)} (415 for any other, 400 for a "
+            f"body that does not decode). Bodies over {max_body_bytes} bytes (after decoding) are refused (413)."
         ),
         "parameters": [
-            _header("webhook-id", "Standard Webhooks message id.", required=True, schema={"type": "string"}),
+            _header(
+                "webhook-id",
+                "Standard Webhooks message id; it is the idempotency key (signed), so a redelivery is a duplicate.",
+                required=True,
+                schema={"type": "string", "pattern": KEY_SCHEMA_PATTERN},
+            ),
             _header(
                 "webhook-timestamp",
                 "Standard Webhooks timestamp (Unix seconds), within 5 minutes of the server's clock.",
@@ -202,20 +234,10 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 required=True,
                 schema={"type": "string"},
             ),
-            _header(
-                "Idempotency-Key",
-                "The idempotency key (IETF Idempotency-Key draft; a quoted structured-field string is unquoted). "
-                "Overrides webhook-id.",
-                required=False,
-                schema={"type": "string", "pattern": KEY_SCHEMA_PATTERN},
-            ),
-            *_account_parameters("The iVvy account the changes are for (default 'default')."),
         ],
         "requestBody": {
             "required": True,
-            "content": {
-                _JSON: {"schema": {"oneOf": [_ref("schemas", "LeadStageChange"), _ref("schemas", "ChangeList")]}}
-            },
+            "content": {_JSON: {"schema": {"oneOf": [_ref("schemas", "SignedChange"), _ref("schemas", "ChangeList")]}}},
         },
         "responses": {
             "202": {
@@ -229,19 +251,28 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 "content": {_JSON: {"schema": _ref("schemas", "Receipts")}},
             },
             "400": _problem_response(
-                "The body is not JSON, or a change, the account or the key is invalid; errors name each field "
-                "(and the item index for a list). Nothing was enqueued.",
+                "The body is not JSON (or repeats a key in an object) or cannot be decoded, or a change, the "
+                "account or the key is invalid, or an unsigned header contradicts the signed request; errors "
+                "name each field (and the item index for a list). Nothing was enqueued.",
                 validation=True,
             ),
             "401": _problem_response("Missing, invalid or expired Standard Webhooks signature."),
+            "403": _problem_response("The body names another account than the one whose secret signed it."),
             "408": _problem_response("The body did not arrive in time (a stalled or very slow client)."),
             "413": _problem_response(f"The body is larger than {max_body_bytes} bytes."),
-            "415": _problem_response("The body is not application/json."),
+            "415": _problem_response(
+                "The body is not application/json, or its Content-Encoding is not one of "
+                f"{', '.join(CONTENT_ENCODINGS)}."
+            ),
             "422": _problem_response(
                 "The idempotency key is already used for a different change (IETF Idempotency-Key draft). "
                 "Nothing was enqueued."
             ),
-            "503": _problem_response("Redis is unavailable; retry later.", retry_after=True),
+            "503": _problem_response(
+                "Redis is unavailable or did not answer in time; whether the changes were enqueued is unknown: "
+                "retry with the same webhook-id (an enqueued change then answers as a duplicate).",
+                retry_after=True,
+            ),
         },
     }
     return {
@@ -301,17 +332,19 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
         "components": {
             "schemas": {
                 "LeadStageChange": _change_schema(),
+                "SignedChange": _signed_change_schema(),
                 "ChangeList": {
                     "type": "object",
                     "required": ["changes"],
                     "additionalProperties": False,
                     "properties": {
+                        ACCOUNT_FIELD: _account_property(),
                         "changes": {
                             "type": "array",
                             "minItems": 1,
                             "maxItems": MAX_BATCH,
                             "items": _ref("schemas", "LeadStageChange"),
-                        }
+                        },
                     },
                 },
                 "Receipt": receipt,

@@ -14,9 +14,9 @@ request (a GET has no body to sign, and a token works from any HTTP client or br
 
 ``key`` is the secret's bytes (the base64 after ``whsec_``, decoded), the token base64url without
 padding; ``status_token(secret, account)`` computes it. The account is ``X-Leadstage-Account``,
-else ``?account=``, else ``default``, as for the POST; a token verifies only for the account it
-was derived for, so it never shows another account's changes. It only reads: enqueuing still
-takes a signed request.
+else ``?account=``, else ``default``; a token verifies only for the account it was derived for,
+from a secret that may sign that account's changes (``account_secrets``), so it never shows
+another account's changes. It only reads: enqueuing still takes a signed request.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ WWW_AUTHENTICATE: Final = 'Bearer realm="leadstage-sync"'
 
 
 def secret_key(secret: str) -> bytes:
-    """The key of a Standard Webhooks secret (``whsec_`` + base64); ``ConfigError`` for another form."""
+    """The key of a Standard Webhooks secret (``whsec_`` + base64, padded or not); ``ConfigError`` for another form."""
+    key = secret.removeprefix("whsec_")
     try:
-        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        return base64.b64decode(key + "=" * (-len(key) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise ConfigError("WEBHOOK_SECRET must be whsec_ followed by base64") from None
 
@@ -64,15 +65,10 @@ def status_token(secret: str | bytes, account: str = DEFAULT_ACCOUNT) -> str:
 
 
 def account_secrets(settings: Settings, account: str) -> Sequence[bytes]:
-    """The keys a status token of ``account`` may be derived from: the one place that knows.
-
-    Today one WEBHOOK_SECRET signs for every account (the POST takes the account from a header), so
-    it is valid for all of them. With secrets per account (several during a rotation) this returns
-    that account's keys, and nothing else here changes.
-    """
-    if settings.webhook_secret is None:
-        return ()
-    return (secret_key(settings.webhook_secret.get()),)
+    """The keys a status token of ``account`` may be derived from: those that may sign its changes
+    (``Settings.webhook_secrets``): the account's own secrets and WEBHOOK_SECRET's, which sign for
+    every account, each of them while a rotation has several."""
+    return tuple(secret_key(secret) for bound, secret in settings.webhook_secrets() if bound in (None, account))
 
 
 def authenticated_account(settings: Settings, request: web.Request) -> str:

@@ -18,6 +18,9 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from worker.errors import ConfigError
+from worker.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("redis", "worker", "webhook", "fake-ivvy")
 OUR_SERVICES = ("worker", "webhook", "fake-ivvy")  # the ones that run the leadstage image
@@ -122,6 +125,16 @@ def test_worker_environment() -> None:
     fake_env = environment("fake-ivvy")
     assert fake_env["IVVY_API_KEY"] == env["IVVY_API_KEY"]
     assert fake_env["IVVY_API_SECRET"] == env["IVVY_API_SECRET"]
+
+
+def test_the_workers_compose_defaults_are_valid_settings() -> None:
+    """With nothing set, the worker boots against the demo's fake over plain http, which
+    LEADSTAGE_PLAIN_HTTP_HOSTS allows for that host only."""
+    defaults = {name: re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", value) for name, value in environment("worker").items()}
+    settings = Settings.from_env(defaults)
+    assert settings.accounts["default"].base_url.startswith("http://fake-ivvy:")
+    with pytest.raises(ConfigError, match="LEADSTAGE_PLAIN_HTTP_HOSTS"):
+        Settings.from_env({**defaults, "LEADSTAGE_PLAIN_HTTP_HOSTS": ""})
 
 
 def test_worker_gets_time_to_finish_in_flight_requests() -> None:

@@ -609,6 +609,9 @@ async def test_admin_faults_merges_and_answers_the_current_faults(fake_ivvy: Run
             {"error_rate": 0.6, "drop_rate": 0.6},
             "hang_rate+error_rate+rate_limit_rate+drop_rate+error_24322_rate+gateway_5xx_rate+late_commit_rate",
         ),
+        ({"clock_offset_s": "ahead"}, "clock_offset_s"),
+        ({"clock_offset_s": float("inf")}, "clock_offset_s"),
+        ({"errors_as_200_rate": 2}, "errors_as_200_rate"),
     ],
 )
 async def test_admin_faults_refuses_bad_settings_by_name(

@@ -80,32 +80,33 @@ class WebhookProcess:
         raise AssertionError("no VmRSS in /proc/PID/status")
 
 
-@pytest.fixture(scope="module")
-def webhook(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebhookProcess]:
-    """One served webhook for the module (it keeps no state of its own: Redis is flushed per test)."""
+@contextlib.contextmanager
+def served_webhook(variables: dict[str, str], log_path: Path) -> Iterator[WebhookProcess]:
+    """``leadstage webhook`` as deployed, with these variables only (of ours), until the end."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("webhook") / "webhook.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IVVY_", "LEADSTAGE_", "WEBHOOK_", "REDIS_"))}
-    env |= {
-        "REDIS_URL": redis_url,
-        "WEBHOOK_SECRET": SECRET,
-        "LEADSTAGE_WEBHOOK_MAX_BODY": str(MAX_BODY),
-        "LEADSTAGE_LOG_FORMAT": "json",
-    }
     with log_path.open("wb") as log:
         process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
             python_module("worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)),
-            env=env,
+            env=env | {"LEADSTAGE_LOG_FORMAT": "json", **variables},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    served = WebhookProcess(port, process, log_path)
     try:
         wait_for_port(port, 30, process)
-        yield served
+        yield WebhookProcess(port, process, log_path)
     finally:
         process.terminate()
         process.wait(15)
+
+
+@pytest.fixture(scope="module")
+def webhook(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebhookProcess]:
+    """One served webhook for the module (it keeps no state of its own: Redis is flushed per test)."""
+    log_path = tmp_path_factory.mktemp("webhook") / "webhook.log"
+    variables = {"REDIS_URL": redis_url, "WEBHOOK_SECRET": SECRET, "LEADSTAGE_WEBHOOK_MAX_BODY": str(MAX_BODY)}
+    with served_webhook(variables, log_path) as served:
+        yield served
     assert "Traceback" not in log_path.read_text(), "the webhook logged a traceback"
 
 
@@ -203,6 +204,45 @@ async def test_a_replayed_delivery_is_a_duplicate_and_enqueues_nothing_new(
     await assert_enqueued(redis_client, {"default:msg_replayed"})
     change = await redis_client.hget(keys.ledger_key("default:msg_replayed"), "change")  # type: ignore[misc]  # redis-py's async stubs
     assert orjson.loads(change) == {"name": "Hot", "applyTo": 2}
+
+
+async def test_a_captured_delivery_replayed_with_other_unsigned_routing_enqueues_nothing_new(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    """Idempotency-Key, X-Leadstage-Account and ?account= are not signed: a replay that changes
+    them within the tolerance is refused instead of becoming new changes for new keys or accounts."""
+    body = orjson.dumps(HOT)
+    headers = signed(body, msg_id="msg_captured")
+    assert await post(http, body, headers) == 202
+    for key in ("k1", "k2", "k3"):
+        assert await post(http, body, headers | {"Idempotency-Key": key}) == 400
+    for account in ("eu", "us"):
+        assert await post(http, body, headers | {"X-Leadstage-Account": account}) == 400
+        async with http.post(f"{CHANGES_PATH}?account={account}", data=body, headers=headers) as response:
+            assert response.status == 400
+    await assert_enqueued(redis_client, {"default:msg_captured"})
+
+
+@pytest.mark.parametrize(
+    ("coding", "body", "status"),
+    [
+        ("gzip", b"not gzip at all", 400),
+        ("deflate", b"\x78\x9c" + b"\xff" * 40, 400),
+        ("gzip", b"\x1f\x8b\x08\x00" + b"\x00" * 40, 400),
+        ("compress", orjson.dumps(HOT), 415),
+        ("gzip, deflate", orjson.dumps(HOT), 415),
+    ],
+)
+async def test_bodies_that_do_not_decode_are_client_errors_without_tracebacks(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis, coding: str, body: bytes, status: int
+) -> None:
+    """Decoding is the client's problem: 400 (or 415 for an encoding we do not take), never a 500
+    and never a traceback in the log (the module's fixture checks the log when it ends)."""
+    async with http.post(CHANGES_PATH, data=body, headers=signed(b"{}") | {"Content-Encoding": coding}) as response:
+        assert response.status == status
+        assert response.content_type == "application/problem+json"
+    await assert_enqueued(redis_client)
+    await assert_still_serving(http)
 
 
 # -- timestamps and signatures -------------------------------------------------------------------
@@ -493,6 +533,36 @@ async def test_thousands_of_concurrent_requests_are_all_answered_in_bounded_memo
     assert rss[-1] - rss[0] < 8 * 2**20, [g // 1024 for g in growth]
     await assert_enqueued(redis_client, valid)
     await assert_still_serving(http)
+
+
+# -- what is logged ------------------------------------------------------------------------------
+
+
+async def test_a_request_the_parser_refuses_is_logged_as_one_line_without_its_headers_or_body(
+    webhook: WebhookProcess, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    """The HTTP parser's message quotes the offending line: a signature header over the 8 KiB
+    field limit, or a header line with a forbidden character next to a piece of the body."""
+    marker = "v1,Zm9yZ2VkLXNpZ25hdHVyZS1tYXJrZXI"
+    body = orjson.dumps({"name": "Body-marker-5e1f", "applyTo": 1})
+    long_signature = signed(body) | {"webhook-signature": " ".join([marker] * 400)}
+    assert status_of(await raw(webhook.port, head(long_signature, [f"Content-Length: {len(body)}"]) + body)) == 400
+    bad_char = head(signed(body), [f"X-Note: {marker}\x01{body.decode()}", f"Content-Length: {len(body)}"]) + body
+    assert status_of(await raw(webhook.port, bad_char)) == 400
+    await assert_enqueued(redis_client)
+    await assert_still_serving(http)
+    for _ in range(100):  # the child process writes its log asynchronously
+        if len(_malformed_lines(webhook.log_path)) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    text = webhook.log_path.read_text(errors="replace")
+    assert marker not in text
+    assert "Body-marker-5e1f" not in text
+    assert len(_malformed_lines(webhook.log_path)) >= 2, text[-2000:]
+
+
+def _malformed_lines(log_path: Path) -> list[str]:
+    return [line for line in log_path.read_text(errors="replace").splitlines() if "malformed request from" in line]
 
 
 # -- hostile text (issue 12 items 8 and 9: the change model's rules, as every producer applies them)

@@ -7,6 +7,8 @@ client's signatures with the independent implementation (not with ``worker.signi
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
@@ -15,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import prometheus_client
 import pytest
 from aiohttp import web
 
@@ -22,6 +25,7 @@ from tests import independent_ivvy_signing as independent
 from worker.change import LeadStageChange
 from worker.errors import (
     IvvyAuthError,
+    IvvyClockSkew,
     IvvyNoAnswer,
     IvvyRateLimited,
     IvvyRejected,
@@ -29,7 +33,7 @@ from worker.errors import (
     IvvyUnavailable,
 )
 from worker.fake_ivvy import FIRST_STAGE_ID, RunningFakeIvvy
-from worker.ivvy import LIST_PAGE_TRIES, AiohttpTransport, IvvyClient, RawResponse
+from worker.ivvy import CLOCK_SKEW_PAUSE_S, LIST_PAGE_TRIES, AiohttpTransport, IvvyClient, RawResponse
 from worker.settings import Account, Secret
 
 BUILT_IN_STAGES = 3
@@ -155,11 +159,106 @@ async def test_a_wrong_secret_is_an_auth_error(fake_ivvy: RunningFakeIvvy, trans
     assert "not-the-secret" not in str(refused.value)
 
 
-async def test_a_clock_six_minutes_slow_is_refused_as_stale(ivvy_account: Account, transport: AiohttpTransport) -> None:
-    slow = IvvyClient(ivvy_account, transport, timeout=2.0, clock=lambda: datetime.now(UTC) - timedelta(minutes=6))
-    with pytest.raises(IvvyAuthError) as refused:
-        await slow.ping()
-    assert refused.value.specific_code == 23005
+@pytest.mark.parametrize("offset", [timedelta(minutes=-6), timedelta(minutes=7)], ids=["slow", "fast"])
+async def test_a_stale_clock_is_the_workers_fault_measured_against_ivvys_date(
+    ivvy_account: Account, transport: AiohttpTransport, offset: timedelta
+) -> None:
+    """23005 is not the change's fault: retryable, pausing the account, with the skew measured
+    from iVvy's Date header (and the gauge and counter of the account set)."""
+    skewed = IvvyClient(ivvy_account, transport, timeout=2.0, clock=lambda: datetime.now(UTC) + offset)
+    errors_before = _sample("leadstage_clock_skew_errors_total", ivvy_account.name)
+    with pytest.raises(IvvyClockSkew) as refused:
+        await skewed.add_or_update_lead_stage(LeadStageChange(name="x", apply_to=1))
+    error = refused.value
+    assert (error.http_status, error.specific_code, error.retryable, error.pauses_account) == (401, 23005, True, True)
+    assert error.retry_after is not None
+    assert error.retry_after >= CLOCK_SKEW_PAUSE_S
+    assert error.skew_s is not None
+    assert abs(error.skew_s + offset.total_seconds()) < 5
+    assert ("behind" if offset < timedelta(0) else "ahead of") in str(error)
+    assert abs(_sample("leadstage_clock_skew_seconds", ivvy_account.name) + offset.total_seconds()) < 5
+    assert _sample("leadstage_clock_skew_errors_total", ivvy_account.name) == errors_before + 1
+
+
+async def test_a_fake_whose_clock_is_off_refuses_a_right_clock_as_stale(
+    client: IvvyClient, fake_ivvy: RunningFakeIvvy
+) -> None:
+    fake_ivvy.fake.update_faults({"clock_offset_s": -400})
+    with pytest.raises(IvvyClockSkew) as refused:
+        await client.ping()
+    assert refused.value.skew_s is not None
+    assert abs(refused.value.skew_s + 400) < 5
+    fake_ivvy.fake.update_faults({"clock_offset_s": 120})  # within the tolerance: fine, and measured
+    assert (await client.ping())["ack"] == "pong"
+    assert abs(_sample("leadstage_clock_skew_seconds", client.account.name) - 120) < 5
+
+
+@contextlib.asynccontextmanager
+async def _answering(status: int, body: object) -> AsyncIterator[str]:
+    """A server on loopback answering every API call with ``status`` and ``body``; its base URL."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    app.router.add_post("/api/1.0/{namespace}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def _sample(name: str, account: str) -> float:
+    return prometheus_client.REGISTRY.get_sample_value(name, {"account": account}) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "code"),
+    [
+        pytest.param({"errorCode": 400, "message": "bad", "specificCode": 24323}, IvvyRejected, 24323, id="400"),
+        pytest.param({"errorCode": 401, "message": "no"}, IvvyAuthError, None, id="401"),
+        pytest.param({"errorCode": 500, "message": "oops", "specificCode": 24322}, IvvyUnavailable, 24322, id="24322"),
+        pytest.param({"errorCode": 429, "message": "slow down"}, IvvyRateLimited, None, id="429"),
+        pytest.param({"errorCode": 401, "message": "Request is stale", "specificCode": 23005}, IvvyClockSkew, 23005),
+        pytest.param({"errorCode": "weird", "message": "?"}, IvvyUnavailable, None, id="unreadable-code"),
+    ],
+)
+async def test_a_200_with_an_error_body_is_classified_by_the_body(
+    ivvy_account: Account, transport: AiohttpTransport, body: dict[str, Any], kind: type[Exception], code: int | None
+) -> None:
+    """As the official .NET SDK does: the error fields decide, whatever the status. Before, an
+    add read this as "did not report success" and a list page as a retry."""
+    async with _answering(200, body) as url:
+        client = IvvyClient(dataclasses.replace(ivvy_account, base_url=url), transport, timeout=2.0)
+        with pytest.raises(kind) as raised:
+            await client.add_or_update_lead_stage(LeadStageChange(name="x", apply_to=1))
+        assert type(raised.value) is kind
+        assert getattr(raised.value, "specific_code", None) == code
+        if isinstance(body["errorCode"], int):
+            assert "(HTTP status 200)" in str(raised.value)
+
+
+async def test_list_pages_answered_200_with_a_permanent_error_are_not_retried(
+    client: IvvyClient, fake_ivvy: RunningFakeIvvy
+) -> None:
+    fake_ivvy.fake.update_faults({"errors_as_200_rate": 1})
+    fake_ivvy.fake.requests.clear()
+    with pytest.raises(IvvyRejected) as rejected:
+        await client.call("crm", "getLeadStageList", {"start": -1})
+    assert (rejected.value.http_status, rejected.value.specific_code) == (400, 23016)
+    # A refused page in a listing: a permanent error at once, not LIST_PAGE_TRIES tries.
+    with pytest.raises(IvvyRejected):
+        await client.get_lead_stage_list(per_page=0)
+    assert len(fake_ivvy.fake.requests) == 2
+    # A 24322 answered with 200 is still retryable.
+    fake_ivvy.fake.update_faults({"error_24322_rate": 1})
+    with pytest.raises(IvvyUnavailable) as unavailable:
+        await client.add_or_update_lead_stage(LeadStageChange(name="x", apply_to=1))
+    assert unavailable.value.specific_code == 24322
+    assert not fake_ivvy.fake.stages.keys() - {1, 2, 3}
 
 
 async def test_5xx_is_retryable(client: IvvyClient, fake_ivvy: RunningFakeIvvy) -> None:

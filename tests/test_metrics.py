@@ -79,6 +79,8 @@ async def test_the_documented_series_after_real_work(
         "leadstage_rate_limit_wait_seconds": "counter",
         "leadstage_enqueued": "counter",
         "leadstage_enqueued_past_max_age": "counter",
+        "leadstage_clock_skew_seconds": "gauge",
+        "leadstage_clock_skew_errors": "counter",
         "leadstage_webhook_requests": "counter",
     }
     moved = {

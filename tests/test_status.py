@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, openapi_document
-from producers.status import status_token
+from producers.status import account_secrets, status_token
 from producers.webhook import create_app
 from tests.harness import eventually, worker_settings
 from worker.fake_ivvy import RunningFakeIvvy
@@ -53,16 +53,15 @@ def conforms(body: dict[str, Any]) -> bool:
     return bool(jsonschema_rs.validator_for(schema).is_valid(body))
 
 
-async def post(client: Client, payload: object, **extra: str) -> tuple[int, dict[str, Any], str | None]:
-    """A signed POST of ``payload``; ``extra`` headers (underscores for dashes) beside the signature."""
+async def post(client: Client, payload: object, *, msg_id: str | None = None) -> tuple[int, dict[str, Any], str | None]:
+    """A signed POST of ``payload`` (the webhook-id is its idempotency key)."""
     body = orjson.dumps(payload)
-    msg_id, now = f"msg_{uuid4().hex}", datetime.now(UTC)
+    msg_id, now = msg_id or f"msg_{uuid4().hex}", datetime.now(UTC)
     headers = {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(now.timestamp())),
         "webhook-signature": Webhook(SECRET).sign(msg_id, now, body.decode()),
         "Content-Type": "application/json",
-        **{name.replace("_", "-"): value for name, value in extra.items()},
     }
     response = await client.post(CHANGES_PATH, data=body, headers=headers)
     return response.status, await response.json(), response.headers.get("Location")
@@ -126,7 +125,7 @@ async def test_the_status_of_a_change_through_its_life(
 
 
 async def test_only_a_token_of_the_changes_account_reads_it(client: Client) -> None:
-    _, accepted, location = await post(client, HOT, X_Leadstage_Account="acme")
+    _, accepted, location = await post(client, {**HOT, "account": "acme"})
     assert location is not None
     assert location.endswith("?account=acme")
     key = accepted["receipts"][0]["idempotency_key"]
@@ -146,9 +145,18 @@ async def test_only_a_token_of_the_changes_account_reads_it(client: Client) -> N
     assert "'default' has no change" in problem["detail"]
 
 
+def test_a_token_comes_from_a_secret_that_may_sign_for_the_account(settings: Settings) -> None:
+    """WEBHOOK_SECRET's secrets sign for every account, an account's own only for it (rotation: each)."""
+    own, old = (base64.b64encode(bytes([n]) * 32).decode() for n in (1, 2))
+    both = dataclasses.replace(settings, webhook_account_secrets={"acme": Secret(f"whsec_{own} whsec_{old}")})
+    shared = base64.b64decode(SECRET.removeprefix("whsec_"))
+    assert account_secrets(both, "acme") == (shared, base64.b64decode(own), base64.b64decode(old))
+    assert account_secrets(both, "default") == (shared,)
+
+
 async def test_any_key_round_trips_through_its_location(client: Client, redis_client: aioredis.Redis) -> None:
     key = "order/7?x=1&y=%20 #frag"
-    status, _, location = await post(client, HOT, Idempotency_Key=key)
+    status, _, location = await post(client, HOT, msg_id=key)
     assert status == 202
     assert location == f"{CHANGES_PATH}/{quote(key, safe='')}"
     code, standing = await get(client, location, status_token(SECRET))

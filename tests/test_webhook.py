@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import gzip
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -16,11 +19,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from aiohttp import ClientTimeout
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.webhook import create_app
+from tests.redis_servers import redis_servers
 from worker import keys
 from worker.errors import ConfigError
 from worker.logs import configure_logging
@@ -105,32 +111,74 @@ async def test_a_list_gets_one_key_per_item(client: TestClient[Any, Any], redis_
     assert await queue(redis_client) == [b"default:msg_2:0", b"default:msg_2:1"]
 
 
-@pytest.mark.parametrize("header", ["order-7", '"order-7"'])
-async def test_the_idempotency_key_header_wins_over_the_webhook_id(
-    client: TestClient[Any, Any], redis_client: aioredis.Redis, header: str
+async def test_the_key_is_the_signed_webhook_id_and_an_unsigned_header_cannot_change_it(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
 ) -> None:
-    status, body = await post(client, HOT, extra={"Idempotency-Key": header})
-    assert status == 202
-    assert body["receipts"][0]["job_id"] == "default:order-7"
-    # Another delivery (another webhook-id) with the same key and a different change: refused.
-    status, problem = await post(client, {"name": "Cold", "applyTo": 2}, extra={"Idempotency-Key": "order-7"})
+    """One captured signed add, replayed within the tolerance with other Idempotency-Key values,
+    must not become more changes (it created four stages before)."""
+    body = orjson.dumps(HOT)
+    headers = signed(body, msg_id="order-7")
+    for key in ("k1", "k2", '"k3"'):
+        response = await client.post(CHANGES_PATH, data=body, headers={**headers, "Idempotency-Key": key})
+        assert response.status == 400
+        problem = await response.json(content_type=PROBLEM)
+        assert problem["errors"][0]["field"] == "Idempotency-Key"
+        assert "webhook-id" in problem["errors"][0]["reason"]
+    assert await redis_client.dbsize() == 0
+    # The header may repeat the signed key (bare or as a structured-field string).
+    for key in ("order-7", '"order-7"'):
+        response = await client.post(CHANGES_PATH, data=body, headers={**headers, "Idempotency-Key": key})
+        assert response.status == 202
+    assert await queue(redis_client) == [b"default:order-7"]
+    # Another delivery with the same key and a different change: refused.
+    status, problem = await post(client, {"name": "Cold", "applyTo": 2}, msg_id="order-7")
     assert status == 422
     assert problem["status"] == 422
     assert "order-7" in problem["detail"]
     assert await queue(redis_client) == [b"default:order-7"]
 
 
-async def test_the_account_comes_from_the_header_or_the_query(
+async def test_the_webhook_id_follows_the_change_models_key_rules(
     client: TestClient[Any, Any], redis_client: aioredis.Redis
 ) -> None:
-    status, body = await post(client, HOT, msg_id="m", extra={"X-Leadstage-Account": "eu"})
-    assert (status, body["receipts"][0]["job_id"]) == (202, "eu:m")
-    payload = orjson.dumps(HOT)
-    response = await client.post(CHANGES_PATH + "?account=us", data=payload, headers=signed(payload, msg_id="m"))
-    assert (await response.json())["receipts"][0]["job_id"] == "us:m"
-    status, problem = await post(client, HOT, extra={"X-Leadstage-Account": "not valid"})
+    """The key rules are worker.change's, as for the CLI and the library: checked on the signed id,
+    and on each item's key of a list (the id and ':{index}')."""
+    status, problem = await post(client, HOT, msg_id="k" * 256)
     assert status == 400
-    assert problem["errors"][0]["field"] == "X-Leadstage-Account"
+    assert problem["errors"][0]["field"] == "webhook-id"
+    status, problem = await post(client, {"changes": [HOT] * 11}, msg_id="k" * 254)
+    assert status == 400
+    assert {e["index"] for e in problem["errors"]} == set(range(11))
+    assert await redis_client.dbsize() == 0
+
+
+async def test_the_account_is_signed_and_an_unsigned_header_or_query_cannot_change_it(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
+) -> None:
+    status, body = await post(client, {**HOT, "account": "eu"}, msg_id="m")
+    assert (status, body["receipts"][0]["job_id"]) == (202, "eu:m")
+    status, body = await post(client, {"account": "us", "changes": [HOT]}, msg_id="m")
+    assert (status, body["receipts"][0]["job_id"]) == (202, "us:m:0")
+    # The header and the query may repeat the signed account, not change it.
+    status, body = await post(client, {**HOT, "account": "eu"}, msg_id="m", extra={"X-Leadstage-Account": "eu"})
+    assert (status, body["receipts"][0]["status"]) == (202, "duplicate")
+    payload = orjson.dumps(HOT)
+    headers = signed(payload, msg_id="n")
+    for name in ("X-Leadstage-Account", "account"):
+        if name == "account":
+            response = await client.post(CHANGES_PATH + "?account=eu", data=payload, headers=headers)
+        else:
+            response = await client.post(CHANGES_PATH, data=payload, headers={**headers, name: "eu"})
+        assert response.status == 400
+        problem = await response.json(content_type=PROBLEM)
+        assert problem["errors"][0]["field"] == name
+        assert "not covered by the signature" in problem["errors"][0]["reason"]
+    status, problem = await post(client, {**HOT, "account": "not valid"})
+    assert status == 400
+    assert problem["errors"][0]["field"] == "account"
+    status, problem = await post(client, {**HOT, "account": 7})
+    assert (status, problem["errors"]) == (400, [{"field": "account", "reason": "must be a string"}])
+    assert await queue(redis_client) == [b"eu:m", b"us:m:0"]
 
 
 async def test_an_unknown_account_is_refused_when_accounts_are_configured(
@@ -138,12 +186,83 @@ async def test_an_unknown_account_is_refused_when_accounts_are_configured(
 ) -> None:
     account = Account("default", "https://ivvy.example", "key", Secret("s"), 5.0)
     async with await serve(dataclasses.replace(settings, accounts={"default": account}), redis_client) as client:
-        status, problem = await post(client, HOT, extra={"X-Leadstage-Account": "other"})
+        status, problem = await post(client, {**HOT, "account": "other"})
         assert status == 400
         assert problem["errors"] == [
-            {"field": "X-Leadstage-Account", "reason": "is not configured (see LEADSTAGE_ACCOUNTS_FILE)"}
+            {
+                "field": "account",
+                "reason": "is not configured (see LEADSTAGE_ACCOUNTS_FILE, LEADSTAGE_WEBHOOK_SECRETS_FILE)",
+            }
         ]
         assert (await post(client, HOT))[0] == 202
+
+
+EU_SECRET = "whsec_" + base64.b64encode(b"the eu account's own secret key!").decode()
+EU_OLD_SECRET = "whsec_" + base64.b64encode(b"the eu account's old secret key!").decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"leadstage webhook's next secret!").decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"a secret configured nowhere at all").decode()
+
+
+def signed_with(secret: str, body: bytes, msg_id: str) -> dict[str, str]:
+    at = datetime.now(UTC)
+    return {**signed(body, msg_id=msg_id, at=at), "webhook-signature": Webhook(secret).sign(msg_id, at, body.decode())}
+
+
+async def test_an_accounts_own_secret_decides_the_account(settings: Settings, redis_client: aioredis.Redis) -> None:
+    """Per-account secrets (LEADSTAGE_WEBHOOK_SECRETS_FILE): the secret that verifies is the
+    account, two of them valid at once while rotating; the body may only repeat it."""
+    per_account = dataclasses.replace(
+        settings, webhook_account_secrets={"eu": Secret(f"{EU_SECRET} {EU_OLD_SECRET}"), "us": Secret(NEW_SECRET)}
+    )
+    async with await serve(per_account, redis_client) as client:
+        body = orjson.dumps(HOT)
+        for number, secret in enumerate((EU_SECRET, EU_OLD_SECRET)):
+            response = await client.post(CHANGES_PATH, data=body, headers=signed_with(secret, body, f"e{number}"))
+            assert response.status == 202
+            assert (await response.json())["receipts"][0]["job_id"] == f"eu:e{number}"
+        named = orjson.dumps({**HOT, "account": "us"})
+        response = await client.post(CHANGES_PATH, data=named, headers=signed_with(EU_SECRET, named, "e2"))
+        assert response.status == 403
+        assert "'eu'" in (await response.json(content_type=PROBLEM))["detail"]
+        response = await client.post(
+            CHANGES_PATH, data=body, headers={**signed_with(EU_SECRET, body, "e3"), "X-Leadstage-Account": "us"}
+        )
+        assert response.status == 400
+        # WEBHOOK_SECRET's secret serves the accounts of the list, named in the body; not others.
+        assert (await post(client, {**HOT, "account": "us"}, msg_id="g"))[0] == 202
+        assert (await post(client, {**HOT, "account": "asia"}, msg_id="h"))[0] == 400
+        # A secret of no account: 401.
+        response = await client.post(CHANGES_PATH, data=body, headers=signed_with(OTHER_SECRET, body, "x"))
+        assert response.status == 401
+    assert await queue(redis_client) == [b"eu:e0", b"eu:e1", b"us:g"]
+
+
+async def test_several_webhook_secrets_are_valid_at_once_for_rotation(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    rotating = dataclasses.replace(settings, webhook_secret=Secret(f"{NEW_SECRET} {SECRET}"))
+    async with await serve(rotating, redis_client) as client:
+        body = orjson.dumps(HOT)
+        for secret in (NEW_SECRET, SECRET):
+            response = await client.post(CHANGES_PATH, data=body, headers=signed_with(secret, body, f"r-{secret[-6:]}"))
+            assert response.status == 202
+        response = await client.post(CHANGES_PATH, data=body, headers=signed_with(EU_SECRET, body, "r-eu"))
+        assert response.status == 401
+    assert len(await queue(redis_client)) == 2
+
+
+def test_one_secret_for_two_accounts_is_a_config_error(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    shared = Settings(
+        redis_url=redis_url,
+        webhook_secret=Secret(SECRET),
+        webhook_account_secrets={"eu": Secret(f"{EU_SECRET} {SECRET}")},
+    )
+    with pytest.raises(ConfigError, match="one webhook secret is configured for both") as error:
+        create_app(shared, client)
+    assert SECRET.removeprefix("whsec_") not in str(error.value)
+    only_accounts = Settings(redis_url=redis_url, webhook_account_secrets={"eu": Secret(EU_SECRET)})
+    assert create_app(only_accounts, client) is not None
 
 
 def tamper_body(headers: dict[str, str], body: bytes) -> tuple[dict[str, str], bytes]:
@@ -300,6 +419,144 @@ async def test_redis_down_is_503_and_not_ready(settings: Settings) -> None:
         await down.aclose()
 
 
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "GZIP", "identity"])
+async def test_a_compressed_body_is_decoded_before_it_is_verified(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, coding: str
+) -> None:
+    body = orjson.dumps(HOT)
+    encoders: dict[str, Callable[[bytes], bytes]] = {"gzip": gzip.compress, "deflate": zlib.compress}
+    sent = encoders.get(coding.lower(), bytes)(body)
+    response = await client.post(
+        CHANGES_PATH, data=sent, headers={**signed(body, msg_id="z"), "Content-Encoding": coding}
+    )
+    assert response.status == 202, await response.text()
+    assert await queue(redis_client) == [b"default:z"]
+
+
+@pytest.mark.parametrize(
+    ("coding", "sent"),
+    [
+        ("gzip", b"this is not gzip"),
+        ("deflate", b"nor is this deflate"),
+        ("gzip", gzip.compress(orjson.dumps(HOT))[:10] + b"\x00" * 20),  # corrupt
+    ],
+)
+async def test_a_body_that_does_not_decode_is_400(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, coding: str, sent: bytes, log_stream: io.StringIO
+) -> None:
+    response = await client.post(CHANGES_PATH, data=sent, headers={**signed(b"{}"), "Content-Encoding": coding})
+    assert response.status == 400
+    problem = await response.json(content_type=PROBLEM)
+    assert problem["detail"] == f"the body cannot be decoded as {coding}"
+    assert await redis_client.dbsize() == 0
+    assert "Traceback" not in log_stream.getvalue()
+    assert "webhook.error" not in log_stream.getvalue()
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "x-gzip", "gzip, gzip", "gzip;q=1", "\u00e9"])
+async def test_an_unknown_content_encoding_is_415(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, coding: str
+) -> None:
+    body = orjson.dumps(HOT)
+    response = await client.post(
+        CHANGES_PATH, data=body, headers={**signed(body), "Content-Encoding": coding.encode().decode("latin-1")}
+    )
+    if coding in ("br", "zstd") and response.status == 400:
+        # aiohttp's parser refuses these itself when their decoder is not installed, before the
+        # handler: a client error all the same.
+        assert await redis_client.dbsize() == 0
+        return
+    assert response.status == 415
+    assert response.headers["Accept-Encoding"] == "gzip, deflate"
+    assert (await response.json(content_type=PROBLEM))["title"] == "Unsupported Media Type"
+    assert await redis_client.dbsize() == 0
+
+
+async def test_two_content_encoding_headers_are_415(client: TestClient[Any, Any]) -> None:
+    body = orjson.dumps(HOT)
+    headers = CIMultiDict(signed(body))
+    headers.add("Content-Encoding", "identity")
+    headers.add("Content-Encoding", "gzip")
+    response = await client.post(CHANGES_PATH, data=body, headers=headers)
+    assert response.status == 415
+
+
+async def test_a_gzip_bomb_is_413(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    inflated = b'{"name": "' + b" " * (settings.webhook_max_body_bytes * 4) + b'x", "applyTo": 1}'
+    sent = gzip.compress(inflated)
+    assert len(sent) < settings.webhook_max_body_bytes
+    response = await client.post(CHANGES_PATH, data=sent, headers={**signed(b"{}"), "Content-Encoding": "gzip"})
+    assert response.status == 413
+    assert await redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('{"name": "Hot", "applyTo": 1, "name": "Cold"}', "name"),
+        ('{"changes": [{"name": "Hot", "applyTo": 1}], "changes": []}', "changes"),
+        ('{"changes": [{"id": 5, "colour": "#ffffff", "colour": "#000000"}]}', "colour"),
+        ('{"account": "eu", "name": "Hot", "applyTo": 1, "account": "us"}', "account"),
+    ],
+)
+async def test_a_repeated_key_in_an_object_is_400(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis, text: str, key: str
+) -> None:
+    body = text.encode()
+    response = await client.post(CHANGES_PATH, data=body, headers=signed(body))
+    assert response.status == 400
+    assert (await response.json(content_type=PROBLEM))["detail"] == f"the body repeats the key {key!r} in an object"
+    assert await redis_client.dbsize() == 0
+
+
+async def test_a_repeated_webhook_header_is_401(client: TestClient[Any, Any], redis_client: aioredis.Redis) -> None:
+    """The library verifies one value and the key would be read from another: refused."""
+    body = orjson.dumps(HOT)
+    headers = CIMultiDict(signed(body, msg_id="signed-id"))
+    headers.add("webhook-id", "chosen-id")
+    response = await client.post(CHANGES_PATH, data=body, headers=headers)
+    assert response.status == 401
+    assert "webhook-id is given twice" in (await response.json(content_type=PROBLEM))["detail"]
+    assert await redis_client.dbsize() == 0
+
+
+async def test_a_hung_redis_is_503_in_bounded_time_and_the_retry_is_safe(settings: Settings, tmp_path: Path) -> None:
+    """Redis stopped by SIGSTOP accepts connections and never answers: 503 after the webhook's
+    Redis timeout, saying the outcome is unknown; the same delivery after it resumes is enqueued
+    at most once."""
+    with redis_servers(tmp_path, ()) as (server,):
+        hung = aioredis.Redis.from_url(server.url)
+        try:
+            async with TestClient(
+                TestServer(create_app(settings, hung, redis_timeout_s=0.5), host="127.0.0.1"),
+                timeout=ClientTimeout(total=60),
+            ) as client:
+                body = orjson.dumps(HOT)
+                assert (
+                    await client.post(CHANGES_PATH, data=body, headers=signed(body, msg_id="msg_hung"))
+                ).status == 202
+                server.pause()
+                other = orjson.dumps({"name": "Cold", "applyTo": 1})
+                other_headers = signed(other, msg_id="msg_during")
+                response = await client.post(CHANGES_PATH, data=other, headers=other_headers)
+                assert response.status == 503
+                assert response.headers["Retry-After"].isdigit()
+                problem = await response.json(content_type=PROBLEM)
+                assert "unknown" in problem["detail"]
+                assert "same webhook-id" in problem["detail"]
+                server.resume()
+                retried = await client.post(CHANGES_PATH, data=other, headers=other_headers)
+                assert retried.status == 202
+                assert (await retried.json())["receipts"][0]["status"] in ("queued", "duplicate")
+                members = await hung.zrange("leadstage:queue", 0, -1)
+                assert sorted(members) == [b"default:msg_during", b"default:msg_hung"]
+        finally:
+            server.resume()
+            await hung.aclose()
+
+
 async def test_health_readiness_metrics_and_method(client: TestClient[Any, Any]) -> None:
     assert await (await client.get("/healthz")).json() == {"status": "ok"}
     assert await (await client.get("/readyz")).json() == {"status": "ready"}
@@ -326,9 +583,10 @@ async def test_the_openapi_document_describes_the_endpoint(client: TestClient[An
         "/openapi.json",
     }
     post_operation = document["paths"][CHANGES_PATH]["post"]
-    assert set(post_operation["responses"]) == {"202", "400", "401", "408", "413", "415", "422", "503"}
+    assert set(post_operation["responses"]) == {"202", "400", "401", "403", "408", "413", "415", "422", "503"}
     headers = {p["name"] for p in post_operation["parameters"] if p["in"] == "header"}
-    assert {"webhook-id", "webhook-timestamp", "webhook-signature", "Idempotency-Key"} <= headers
+    # Only signed headers decide anything: Idempotency-Key and X-Leadstage-Account are not parameters.
+    assert headers == {"webhook-id", "webhook-timestamp", "webhook-signature"}
     change = document["components"]["schemas"]["LeadStageChange"]
     assert change["additionalProperties"] is False
     assert change["properties"]["colour"]["pattern"] == "^#[0-9a-fA-F]{6}$"

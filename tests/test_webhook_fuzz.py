@@ -12,6 +12,7 @@ import asyncio
 import base64
 import http.client
 import json
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -40,7 +41,7 @@ from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, openapi_document
 from producers.webhook import create_app
-from worker.change import parse_change
+from worker.change import ACCOUNT_PATTERN, parse_change
 from worker.errors import InvalidChange
 from worker.settings import Secret, Settings
 
@@ -136,7 +137,13 @@ def is_valid_change(value: object) -> bool:
 
 
 def valid_input(payload: object) -> bool:
-    """Whether the server must accept this body: one valid change, or a list of 1..1000 valid ones."""
+    """Whether the server must accept this body: one valid change, or a list of 1..1000 valid ones,
+    with a well-formed top-level account or none (no account list is configured)."""
+    if isinstance(payload, dict) and "account" in payload:
+        account = payload["account"]
+        if not isinstance(account, str) or not re.fullmatch(ACCOUNT_PATTERN, account):
+            return False
+        payload = {key: value for key, value in payload.items() if key != "account"}
     if isinstance(payload, dict) and "changes" in payload:
         changes = payload["changes"]
         return (
@@ -160,7 +167,9 @@ field_values = st.one_of(
     json_values,
 )
 change_like = st.dictionaries(
-    st.sampled_from(["id", "name", "colour", "color", "applyTo", "appliesTo", "other"]), field_values, max_size=4
+    st.sampled_from(["id", "name", "colour", "color", "applyTo", "appliesTo", "other", "account"]),
+    field_values,
+    max_size=4,
 )
 payloads = st.one_of(
     json_values,

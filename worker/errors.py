@@ -33,8 +33,16 @@ a caller usually asks: will trying again help?
         │   └── EnqueueOutcomeUnknown  no answer while changes were written: retry with the same keys
         ├── IvvyUnavailable            iVvy answered 5xx, 460, 461 or specific code 24322
         │   └── IvvyRateLimited        iVvy answered 429 (``retry_after`` when it said so)
+        ├── IvvyClockSkew              specific code 23005 (a 401, "Request is stale"): this
+        │                              worker's clock is off, not the change's fault; refused
+        │                              before anything was applied
         └── IvvyNoAnswer               no answer: connection refused, reset or dropped
             └── IvvyTimeout            no answer within the request timeout
+
+``RetryableError.pauses_account`` is true for the errors that are about the account or the worker
+rather than the change (429, 23005): the job pauses the whole account until its retry. iVvy's
+answer is classified by its body's ``errorCode`` when it has one, whatever the HTTP status (a 200
+can carry an error), as the official .NET SDK does.
 
 ``IvvyNoAnswer.outcome_unknown`` is true when the request may have reached iVvy (it was sent,
 then the connection dropped or timed out): an add in that state is reconciled with
@@ -71,6 +79,8 @@ class RetryableError(LeadstageError):
     retryable = True
     #: Seconds the server asked us to wait (``Retry-After``), when it said so.
     retry_after: float | None = None
+    #: Whether the next attempt of every change of the account waits too (not only this one's).
+    pauses_account: bool = False
 
 
 class ConfigError(PermanentError):
@@ -302,6 +312,39 @@ class IvvyUnavailable(IvvyErrorDetails, RetryableError):
 
 class IvvyRateLimited(IvvyUnavailable):
     error_code = "rate_limited"
+    pauses_account = True
+
+
+#: iVvy's specific code for a Date/IVVY-Date more than 5 minutes from its clock (a 401).
+STALE_REQUEST_CODE = 23005
+
+
+class IvvyClockSkew(IvvyErrorDetails, RetryableError):
+    """iVvy found the request's date stale (23005): the worker host's clock is off by more than
+    iVvy's tolerance. Every change of the account would fail alike, so the account pauses and
+    the change is tried again after the pause, instead of being dead-lettered as unauthorised.
+
+    ``skew_s``: iVvy's clock (its Date header) minus ours, in seconds, when it sent one.
+    """
+
+    error_code = "clock_skew"
+    pauses_account = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        specific_code: int | None = STALE_REQUEST_CODE,
+        additional_messages: Sequence[str] = (),
+        retry_after: float | None = None,
+        skew_s: float | None = None,
+    ) -> None:
+        self.skew_s = skew_s
+        self.retry_after = retry_after
+        super().__init__(
+            message, http_status=http_status, specific_code=specific_code, additional_messages=additional_messages
+        )
 
 
 class IvvyNoAnswer(IvvyErrorDetails, RetryableError):
@@ -329,13 +372,28 @@ def error_for_response(
     specific_code: int | None,
     additional_messages: Sequence[str] = (),
     retry_after: float | None = None,
-) -> IvvyRejected | IvvyUnavailable:
-    """Classify an iVvy error answer as docs/contract.md says (Retries)."""
+    clock_skew_s: float | None = None,
+    stale_pause_s: float = 0.0,
+) -> IvvyRejected | IvvyUnavailable | IvvyClockSkew:
+    """Classify an iVvy error answer as docs/contract.md says (Retries); ``clock_skew_s`` is iVvy's clock
+    minus ours when its Date header said (reported with a stale-request answer, which pauses the
+    account for at least ``stale_pause_s``)."""
     text = f"iVvy answered {http_status}"
     if specific_code is not None:
         text += f" (specific code {specific_code})"
     if message:
         text += f": {message}"
+    if specific_code == STALE_REQUEST_CODE:
+        if clock_skew_s is not None:
+            direction = "behind" if clock_skew_s > 0 else "ahead of"
+            text += f"; this worker's clock is {abs(clock_skew_s):.0f} s {direction} iVvy's"
+        return IvvyClockSkew(
+            text,
+            http_status=http_status,
+            additional_messages=additional_messages,
+            retry_after=max(retry_after or 0.0, stale_pause_s),
+            skew_s=clock_skew_s,
+        )
     if (
         http_status == 429
         or http_status >= 500

@@ -103,7 +103,15 @@ late_commit_s     2        how long such a request is held before it is committe
 rate_limit_per_s  0        the server's own limit per API key: past it in a second, 429 with
                            ``Retry-After: 1``, not applied (0: off)
 batch_*                    the batch namespace's timing and faults: ``worker.fake_batch``
+errors_as_200_    0        share of error answers (signature, input, faults) sent with HTTP
+rate                       status 200 and the same error body, as some iVvy endpoints do
+                           (drawn separately, only for error answers)
+clock_offset_s    0        the fake's clock runs this many seconds ahead (negative: behind)
+                           of the host's: its signature check (23005 beyond 5 minutes), its
+                           ``Date`` header and ping's timestamp use it
 ================  =======  ==================================================================
+
+Every API answer carries a ``Date`` header from the fake's clock (offset included).
 
 Admin endpoints (no signature; the server binds to loopback unless told otherwise)
 ----------------------------------------------------------------------------------
@@ -143,7 +151,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any, Literal, TypedDict, Unpack
 
 import orjson
@@ -284,11 +293,16 @@ class Faults:
     batch_job_24322_rate: float = 0.0
     #: The server's own rate limit per API key: requests past this many in a second get 429 (0: off).
     rate_limit_per_s: float = 0.0
+    errors_as_200_rate: float = 0.0
+    clock_offset_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in FAULT_FIELDS:
             value = getattr(self, name)
-            if name == "retry_after_s":
+            if name == "clock_offset_s":
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                    raise InvalidFaults(name, "must be a number of seconds (negative: behind)")
+            elif name == "retry_after_s":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise InvalidFaults(name, "must be a whole number of seconds, 0 or more")
             elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -418,6 +432,10 @@ class FakeIvvy:
         self._next_id += 1
         return stage
 
+    def now(self) -> datetime:
+        """The fake's clock: ``clock`` plus the ``clock_offset_s`` fault."""
+        return self.clock() + timedelta(seconds=self.faults.clock_offset_s)
+
     def verify(self, method: str, request_uri: str, headers: Iterable[tuple[str, str]], body: bytes) -> str:
         """The key a request was signed with, or ``ApiError`` 401 (23005 when stale)."""
         try:
@@ -427,7 +445,7 @@ class FakeIvvy:
                 headers=headers,
                 body=body,
                 secrets=self.credentials,
-                now=self.clock(),
+                now=self.now(),
             )
         except SignatureRejected as exc:
             raise ApiError(401, str(exc), exc.specific_code) from None
@@ -507,7 +525,7 @@ class FakeIvvy:
         return False
 
     def ping(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        return {"ack": "pong", "timestamp": format_ivvy_date(self.clock()) + " UTC"}
+        return {"ack": "pong", "timestamp": format_ivvy_date(self.now()) + " UTC"}
 
 
 #: namespace -> action -> the FakeIvvy method that answers it.
@@ -710,7 +728,9 @@ class _Handlers:
                 # Committed above; the gateway in front answers as if nothing happened.
                 response = _json_response(504, ApiError(504, "Gateway Timeout").body())
         except ApiError as error:
-            response = _json_response(error.status, error.body(), error.headers)
+            as_200 = fake.faults.errors_as_200_rate > 0 and fake.rng.random() < fake.faults.errors_as_200_rate
+            response = _json_response(200 if as_200 else error.status, error.body(), error.headers)
+        response.headers["Date"] = format_datetime(fake.now(), usegmt=True)
         if fault == "drop":
             return self._dropped(request, record)
         record.status = response.status
@@ -929,8 +949,11 @@ _FAULT_HELP = {
     "batch_never_ready_rate": "share of batches that never complete",
     "batch_job_24322_rate": "share of batch jobs answered 500/24322 instead of applied",
     "rate_limit_per_s": "the server's own limit per API key: requests past it in a second get 429 (0: off)",
+    "errors_as_200_rate": "share of error answers sent with HTTP status 200 (the error body unchanged)",
+    "clock_offset_s": "seconds the fake's clock is ahead of the host's (negative: behind); beyond 300: 23005",
 }
 _FAULT_TYPES: dict[str, Callable[[str], float]] = {
+    "clock_offset_s": float,
     "latency_ms": _non_negative,
     "retry_after_s": _seconds,
     "hang_s": _non_negative,

@@ -3,7 +3,11 @@
 ``Transport`` is the one seam for HTTP (as in httpx): ``AiohttpTransport`` is the real one,
 one ``aiohttp.ClientSession`` per process, made at start-up. It is also where aiohttp's
 exceptions become ``IvvyNoAnswer``/``IvvyTimeout``; ``IvvyClient`` turns iVvy's answers into
-results or into the exceptions of ``worker.errors`` (classified there, once).
+results or into the exceptions of ``worker.errors`` (classified there, once): by the body's
+``errorCode`` when it has one, whatever the HTTP status, as the official .NET SDK does.
+
+Every answer's ``Date`` header, when iVvy sends one, measures this host's clock against iVvy's
+(``leadstage_clock_skew_seconds``): a stale-request answer (23005) then says by how much.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
+import structlog
 
+from worker import metrics
 from worker.backoff import backoff_seconds
 from worker.change import LeadStageChange
 from worker.errors import (
+    IvvyClockSkew,
     IvvyNoAnswer,
     IvvyRejected,
     IvvyTimeout,
@@ -29,7 +36,9 @@ from worker.errors import (
     error_for_response,
 )
 from worker.settings import Account
-from worker.signing import API_VERSION, signed_headers
+from worker.signing import API_VERSION, parse_http_date, signed_headers
+
+log = structlog.get_logger("leadstage.ivvy")
 
 #: The most stages getLeadStageList is asked for per page.
 LIST_PAGE_SIZE = 100
@@ -40,6 +49,9 @@ LIST_MAX_PAGES = 1000
 #: as the soak found), and each failed listing cost the add an attempt. A page is a read, safe to
 #: ask again at once; a listing now fails only if one page fails this many times in a row.
 LIST_PAGE_TRIES = 4
+#: How long an account pauses after a stale-request answer (23005) unless told otherwise: a
+#: host's clock is not put right in milliseconds (the worker passes LEADSTAGE_BACKOFF_MAX).
+CLOCK_SKEW_PAUSE_S = 60.0
 #: Backoff between two tries of a page (full jitter); a Retry-After longer than the cap is not
 #: waited out here but left to the job's own backoff, which pauses the account.
 LIST_RETRY_BASE_S = 0.1
@@ -111,11 +123,13 @@ class IvvyClient:
         *,
         timeout: float,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock_skew_pause_s: float = CLOCK_SKEW_PAUSE_S,
     ) -> None:
         self.account = account
         self.transport = transport
         self.timeout = timeout
         self.clock = clock
+        self.clock_skew_pause_s = clock_skew_pause_s
 
     async def call(self, namespace: str, action: str, payload: Mapping[str, Any]) -> Any:
         """POST one signed call; return the decoded JSON answer or raise from ``worker.errors``."""
@@ -129,7 +143,15 @@ class IvvyClient:
             now=self.clock(),
         )
         response = await self.transport.post(self.account.base_url + request_uri, headers, body, self.timeout)
-        return _decode(response)
+        skew = clock_skew_s(response.headers, self.clock())
+        if skew is not None:
+            metrics.CLOCK_SKEW.labels(self.account.name).set(skew)
+        try:
+            return _decode(response, skew, self.clock_skew_pause_s)
+        except IvvyClockSkew as error:
+            metrics.CLOCK_SKEW_ERRORS.labels(self.account.name).inc()
+            log.warning("ivvy.clock_skew", account=self.account.name, skew_s=skew, pause_s=error.retry_after)
+            raise
 
     async def add_or_update_lead_stage(self, change: LeadStageChange) -> int:
         """Apply one change; return the stage id iVvy reports."""
@@ -193,25 +215,54 @@ class IvvyClient:
         return await self.call("test", "ping", {})
 
 
-def _decode(response: RawResponse) -> Any:
+def _decode(response: RawResponse, clock_skew: float | None = None, stale_pause_s: float = 0.0) -> Any:
     try:
         answer = orjson.loads(response.body) if response.body else None
     except orjson.JSONDecodeError:
         answer = None
-    if 200 <= response.status < 300:
+    error = answer if isinstance(answer, dict) and answer.get("errorCode") not in (None, False, 0) else None
+    if 200 <= response.status < 300 and error is None:
         if answer is None:
             raise IvvyUnavailable(f"iVvy answered {response.status} without a JSON body", http_status=response.status)
         return answer
-    error = answer if isinstance(answer, dict) else {}
+    if error is None:
+        error = answer if isinstance(answer, dict) else {}
+    code = error.get("errorCode")
+    # The body's errorCode decides when it is an error status; the HTTP status otherwise.
+    status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else response.status
     specific = error.get("specificCode")
     additional = error.get("additionalMessages")
+    message = str(error.get("message", "")) or _excerpt(response.body.decode("utf-8", "replace"))
+    if status < 400:
+        raise IvvyUnavailable(
+            f"iVvy answered {response.status} with an error body: {_excerpt(error)}", http_status=response.status
+        )
+    if status != response.status:
+        message += f" (HTTP status {response.status})"
     raise error_for_response(
-        response.status,
-        message=str(error.get("message", "")) or _excerpt(response.body.decode("utf-8", "replace")),
+        status,
+        message=message,
         specific_code=specific if isinstance(specific, int) and not isinstance(specific, bool) else None,
         additional_messages=[str(m) for m in additional] if isinstance(additional, list) else (),
         retry_after=parse_retry_after(response.headers),
+        clock_skew_s=clock_skew,
+        stale_pause_s=stale_pause_s,
     )
+
+
+def clock_skew_s(headers: Mapping[str, str], now: datetime) -> float | None:
+    """iVvy's clock (its Date header) minus ``now``, in seconds; None without a readable Date.
+
+    The Date has whole seconds and is taken when the answer was made: good to a second or two,
+    plenty for a tolerance of five minutes.
+    """
+    value = next((v for k, v in headers.items() if k.lower() == "date"), None)
+    if value is None:
+        return None
+    try:
+        return (parse_http_date(value) - now).total_seconds()
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:

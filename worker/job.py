@@ -248,7 +248,7 @@ async def _failed_attempt(
     delay_ms = int(delay * 1000)
     await _finish(
         runtime, facts, start, "retrying", sent=sent, error=error, started=started, delay_ms=delay_ms,
-        outcome_unknown=outcome_unknown, pause_ms=delay_ms if isinstance(error, IvvyRateLimited) else None,
+        outcome_unknown=outcome_unknown, pause_ms=delay_ms if error.pauses_account else None,
     )  # fmt: skip
     return "retrying"
 

@@ -28,6 +28,8 @@ from worker.settings import Settings
 __all__ = [
     "ATTEMPTS",
     "CHANGES",
+    "CLOCK_SKEW",
+    "CLOCK_SKEW_ERRORS",
     "DEAD_LETTERED",
     "DEAD_LETTERS",
     "ENQUEUED",
@@ -61,6 +63,15 @@ IVVY_LATENCY = Histogram(
     ["account", "action"],
     # 1 ms (the fake on loopback) to 30 s (beyond the default 10 s request timeout).
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+
+#: iVvy's clock (the Date header of its last answer) minus this process's, per account.
+CLOCK_SKEW = Gauge(
+    "leadstage_clock_skew_seconds", "iVvy's clock minus this worker's, from iVvy's Date header", ["account"]
+)
+#: Stale-request answers (23005): each pauses the account (the worker's clock is off, not the change).
+CLOCK_SKEW_ERRORS = Counter(
+    "leadstage_clock_skew_errors_total", "iVvy answers that found this worker's clock stale (23005)", ["account"]
 )
 
 QUEUE_DEPTH = Gauge("leadstage_queue_depth", "Changes waiting in the queue")

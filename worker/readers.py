@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from worker import keys
 from worker.change import parse_change, parse_envelope
-from worker.errors import PermanentError, redis_errors
+from worker.errors import STALE_REQUEST_CODE, PermanentError, redis_errors
 from worker.ledger import Ledger
 from worker.results import TERMINAL_EVENTS, iso_ms
 from worker.settings import Settings
@@ -56,6 +56,8 @@ RATE_WINDOWS_S: Mapping[str, int] = {"1m": 60, "5m": 300}
 RATE_EVENTS = ("succeeded", "failed", "superseded", "retrying")
 
 Entry = dict[str, str]
+#: The key of ``stats``' recent counts of stale-clock answers (not an event: a kind of retry).
+_CLOCK_SKEW = "clock_skew_pauses"
 
 
 def _entry(entry_id: bytes, fields: Mapping[bytes, bytes]) -> Entry:
@@ -224,7 +226,8 @@ async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]
     * ``dead_letters`` and ``results``: XLEN of the two streams;
     * ``recent``: events per outcome in the last minute and five minutes, read from the results
       stream by entry id (ids are Redis's clock, so no host clock skew), with the terminal events
-      per second.
+      per second and ``clock_skew_pauses``: attempts iVvy refused as stale (23005, a worker's
+      clock is off), each of which paused its account.
     """
     with redis_errors():
         (seconds, micros) = await client.time()
@@ -244,16 +247,20 @@ async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]
     in_progress = sum(alive)
     longest = max(RATE_WINDOWS_S.values())
     since: dict[str, Counter[str]] = {name: Counter() for name in RATE_WINDOWS_S}
+    stale = str(STALE_REQUEST_CODE)
     async for entry in _pages(client, settings.results_stream, start=str(now_ms - longest * 1000)):
         age_ms = now_ms - int(entry["id"].partition("-")[0])
         for name, window_s in RATE_WINDOWS_S.items():
             if age_ms <= window_s * 1000:
                 since[name][entry.get("event", "")] += 1
+                if entry.get("error_code") == stale:
+                    since[name][_CLOCK_SKEW] += 1
     recent: dict[str, dict[str, float]] = {}
     for name, window_s in RATE_WINDOWS_S.items():
         counts: dict[str, float] = {event: since[name][event] for event in RATE_EVENTS}
         terminal = sum(since[name][event] for event in TERMINAL_EVENTS)
         counts["terminal_per_s"] = round(terminal / window_s, 3)
+        counts[_CLOCK_SKEW] = since[name][_CLOCK_SKEW]
         recent[name] = counts
     return {
         "queue_depth": depth,

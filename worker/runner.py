@@ -137,7 +137,13 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
         offset = timedelta(seconds=settings.clock_offset_s)
         clients = {
             name: IvvyClient(
-                account, transport, timeout=settings.request_timeout_s, clock=lambda: datetime.now(UTC) + offset
+                account,
+                transport,
+                timeout=settings.request_timeout_s,
+                clock=lambda: datetime.now(UTC) + offset,
+                # The longest backoff, but never past the longest Retry-After honoured (which would
+                # dead-letter the change instead of pausing it).
+                clock_skew_pause_s=min(settings.backoff_max_s, settings.retry_after_max_s),
             )
             for name, account in settings.accounts.items()
         }

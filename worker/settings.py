@@ -11,6 +11,7 @@ import base64
 import binascii
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "retry_after_max_s": ("LEADSTAGE_RETRY_AFTER_MAX", "positive_float"),
     "clock_offset_s": ("LEADSTAGE_TEST_CLOCK_OFFSET", "number"),
     "webhook_secret": ("WEBHOOK_SECRET", "webhook_secret"),
+    "plain_http_hosts": ("LEADSTAGE_PLAIN_HTTP_HOSTS", "host_list"),
     "webhook_max_body_bytes": ("LEADSTAGE_WEBHOOK_MAX_BODY", "positive_int"),
     "metrics_port": ("LEADSTAGE_METRICS_PORT", "port"),
     "log_format": ("LEADSTAGE_LOG_FORMAT", "log_format"),
@@ -138,7 +140,14 @@ class Settings:
     #: Added to this host's clock (tests of clock skew only): nothing but event times and iVvy's
     #: request signature read it, every decision uses the Redis server's clock.
     clock_offset_s: float = 0.0
+    #: WEBHOOK_SECRET: one or more whsec_ secrets (several while rotating), for any account: the
+    #: signed body names the account.
     webhook_secret: Secret | None = None
+    #: LEADSTAGE_WEBHOOK_SECRETS_FILE: account -> its own secrets (one or more, space-separated); a
+    #: request signed with one of them is for that account only.
+    webhook_account_secrets: Mapping[str, Secret] = field(default_factory=dict)
+    #: LEADSTAGE_PLAIN_HTTP_HOSTS: hosts besides loopback whose iVvy base URL may be http://.
+    plain_http_hosts: frozenset[str] = frozenset()
     webhook_max_body_bytes: int = 1_048_576
     metrics_port: int = 9464
     log_format: LogFormat = "auto"
@@ -163,7 +172,8 @@ class Settings:
         values: dict[str, Any] = {
             name: getattr(reader, kind)(variable, getattr(cls, name)) for name, (variable, kind) in ENVIRONMENT.items()
         }
-        settings = cls(accounts=_load_accounts(env, values["rate_limit"]), **values)
+        accounts = _load_accounts(env, values["rate_limit"], values["plain_http_hosts"])
+        settings = cls(accounts=accounts, webhook_account_secrets=_load_webhook_secrets(env, accounts), **values)
         settings.check_consistency()
         return settings
 
@@ -176,8 +186,14 @@ class Settings:
         env: dict[str, str] = {}
         for name, (variable, _) in ENVIRONMENT.items():
             value = getattr(self, name)
-            if value is not None:
+            if isinstance(value, frozenset):
+                env[variable] = " ".join(sorted(value))
+            elif value is not None:
                 env[variable] = value.get() if isinstance(value, Secret) else str(value)
+        if self.webhook_account_secrets:
+            raise ConfigError(
+                "per-account webhook secrets cannot be written as variables: use LEADSTAGE_WEBHOOK_SECRETS_FILE"
+            )
         for account in self.accounts.values():
             if account.name != DEFAULT_ACCOUNT:
                 raise ConfigError(
@@ -217,10 +233,19 @@ class Settings:
     def secret_values(self) -> list[str]:
         """Every configured secret, for the log redactor."""
         values = [a.api_secret.get() for a in self.accounts.values()]
-        if self.webhook_secret is not None:
-            values.append(self.webhook_secret.get())
+        values += [secret for _, secret in self.webhook_secrets()]
         values.extend(token.get() for token in (self.console_token, self.console_read_token) if token is not None)
         return [v for v in values if v]
+
+    def webhook_secrets(self) -> list[tuple[str | None, str]]:
+        """Every webhook secret with the account it is bound to: None for WEBHOOK_SECRET's (any
+        account, named in the signed body). The one place that says which secret serves whom."""
+        pairs: list[tuple[str | None, str]] = []
+        if self.webhook_secret is not None:
+            pairs += [(None, secret) for secret in split_list(self.webhook_secret.get())]
+        for account, secrets in self.webhook_account_secrets.items():
+            pairs += [(account, secret) for secret in split_list(secrets.get())]
+        return pairs
 
     def require_accounts(self) -> None:
         """The worker needs credentials; producers do not."""
@@ -341,31 +366,64 @@ class _EnvReader:
 
     def webhook_secret(self, name: str, default: None) -> Secret | None:
         raw = self._raw(name)
-        if raw is None:
-            return None
-        if not raw.startswith("whsec_") or not _webhook_secret_bytes(raw):
-            raise ConfigError(
-                f"{name} must be a Standard Webhooks secret starting with whsec_, then the base64 of its bytes"
-            )
-        return Secret(raw)
+        return None if raw is None else check_webhook_secrets(name, raw)
+
+    def host_list(self, name: str, default: frozenset[str]) -> frozenset[str]:
+        raw = self._raw(name)
+        return default if raw is None else frozenset(host.lower() for host in split_list(raw))
 
 
-def _webhook_secret_bytes(secret: str) -> bytes:
-    """The bytes of a whsec_ secret, decoded as the standardwebhooks library decodes them (b"" if none)."""
-    try:
-        return base64.b64decode(secret.removeprefix("whsec_") + "==")
-    except (binascii.Error, ValueError):
-        return b""
+def split_list(raw: str) -> list[str]:
+    """The items of a list setting, separated by spaces or commas (neither is in base64 or a host name)."""
+    return [item for item in re.split(r"[\s,]+", raw) if item]
 
 
-def _check_base_url(origin: str, url: str) -> str:
+def check_webhook_secrets(origin: str, raw: str) -> Secret:
+    """One or more Standard Webhooks secrets (whsec_ + base64 of a non-empty key), as one Secret.
+
+    The message names ``origin``, never the value: a broken secret is still a secret.
+    """
+    secrets = split_list(raw)
+    if not secrets:
+        raise ConfigError(f"{origin} must hold at least one Standard Webhooks secret (whsec_...)")
+    for number, secret in enumerate(secrets, 1):
+        which = f"{origin} (secret {number} of {len(secrets)})" if len(secrets) > 1 else origin
+        if not secret.startswith("whsec_"):
+            raise ConfigError(f"{which} must be a Standard Webhooks secret starting with whsec_")
+        key = secret.removeprefix("whsec_")
+        try:
+            # Strict, unlike the reference library, which drops characters outside base64 silently.
+            decoded = base64.b64decode(key + "=" * (-len(key) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            decoded = b""
+        if not decoded:
+            raise ConfigError(f"{which} must be a Standard Webhooks secret: whsec_ and the base64 of a non-empty key")
+    return Secret(" ".join(secrets))
+
+
+def _check_base_url(origin: str, url: str, plain_http_hosts: frozenset[str]) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{origin} must be an http:// or https:// URL, not {url!r}")
+    host = (parts.hostname or "").lower()
+    if parts.scheme == "http" and host not in plain_http_hosts and not _loopback(host):
+        # The API key and every request's signature would cross the network in clear text.
+        raise ConfigError(
+            f"{origin} must be an https:// URL, not http://{host}: plain http sends the API key and "
+            "signatures in clear text (allowed for loopback hosts, and for hosts listed in "
+            "LEADSTAGE_PLAIN_HTTP_HOSTS)"
+        )
     return url.rstrip("/")
 
 
-def _load_accounts(env: Mapping[str, str], default_rate: float) -> dict[str, Account]:
+def _loopback(host: str) -> bool:
+    # Imported here: only an http:// URL needs it, and the process toolkit is heavy for a CLI start.
+    from worker.processes import is_loopback
+
+    return is_loopback(host)
+
+
+def _load_accounts(env: Mapping[str, str], default_rate: float, plain_http_hosts: frozenset[str]) -> dict[str, Account]:
     accounts: dict[str, Account] = {}
     base_url = env.get("IVVY_BASE_URL", "").strip()
     if base_url:
@@ -376,32 +434,66 @@ def _load_accounts(env: Mapping[str, str], default_rate: float) -> dict[str, Acc
         if not secret:
             raise ConfigError("IVVY_API_SECRET is not set (IVVY_BASE_URL is)")
         accounts[DEFAULT_ACCOUNT] = Account(
-            DEFAULT_ACCOUNT, _check_base_url("IVVY_BASE_URL", base_url), key, Secret(secret), default_rate
+            DEFAULT_ACCOUNT,
+            _check_base_url("IVVY_BASE_URL", base_url, plain_http_hosts),
+            key,
+            Secret(secret),
+            default_rate,
         )
     path = env.get("LEADSTAGE_ACCOUNTS_FILE", "").strip()
     if path:
-        accounts.update(_read_accounts_file(Path(path), default_rate))
+        accounts.update(_read_accounts_file(Path(path), default_rate, plain_http_hosts))
     return accounts
 
 
-def _read_accounts_file(path: Path, default_rate: float) -> dict[str, Account]:
-    """A JSON object: account name -> {base_url, api_key, api_secret, rate_limit?}."""
-    origin = f"LEADSTAGE_ACCOUNTS_FILE ({path})"
+def _read_json_file(origin: str, path: Path) -> object:
     try:
-        data = orjson.loads(path.read_bytes())
+        return orjson.loads(path.read_bytes())
     except OSError as exc:
         raise ConfigError(f"{origin} cannot be read: {exc.strerror}") from None
     except orjson.JSONDecodeError as exc:
         raise ConfigError(f"{origin} is not valid JSON: {exc}") from None
+
+
+def _check_account_name(where: str, name: str) -> None:
+    try:
+        parse_envelope(account=name)
+    except InvalidChange:
+        raise ConfigError(f"{where}: the name must be letters, digits, '_', '.', '-'") from None
+
+
+def _load_webhook_secrets(env: Mapping[str, str], accounts: Mapping[str, Account]) -> dict[str, Secret]:
+    """LEADSTAGE_WEBHOOK_SECRETS_FILE: a JSON object, account name -> a secret or a list of secrets."""
+    path = env.get("LEADSTAGE_WEBHOOK_SECRETS_FILE", "").strip()
+    if not path:
+        return {}
+    origin = f"LEADSTAGE_WEBHOOK_SECRETS_FILE ({path})"
+    data = _read_json_file(origin, Path(path))
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{origin} must hold a JSON object of account name -> whsec_ secret or list of them")
+    secrets: dict[str, Secret] = {}
+    for name, entry in data.items():
+        where = f"{origin}, account {name!r}"
+        _check_account_name(where, name)
+        if accounts and name not in accounts:
+            raise ConfigError(f"{where} is not a configured account (IVVY_BASE_URL, LEADSTAGE_ACCOUNTS_FILE)")
+        values = entry if isinstance(entry, list) else [entry]
+        if not values or not all(isinstance(value, str) for value in values):
+            raise ConfigError(f"{where} must be a whsec_ secret or a non-empty list of them")
+        secrets[name] = check_webhook_secrets(where, " ".join(values))
+    return secrets
+
+
+def _read_accounts_file(path: Path, default_rate: float, plain_http_hosts: frozenset[str]) -> dict[str, Account]:
+    """A JSON object: account name -> {base_url, api_key, api_secret, rate_limit?}."""
+    origin = f"LEADSTAGE_ACCOUNTS_FILE ({path})"
+    data = _read_json_file(origin, path)
     if not isinstance(data, dict):
         raise ConfigError(f"{origin} must hold a JSON object of account name -> settings")
     accounts: dict[str, Account] = {}
     for name, entry in data.items():
         where = f"{origin}, account {name!r}"
-        try:
-            parse_envelope(account=name)
-        except InvalidChange:
-            raise ConfigError(f"{where}: the name must be letters, digits, '_', '.', '-'") from None
+        _check_account_name(where, name)
         if not isinstance(entry, dict):
             raise ConfigError(f"{where} must be an object with base_url, api_key, api_secret")
         unknown = set(entry) - {"base_url", "api_key", "api_secret", "rate_limit"}
@@ -415,7 +507,7 @@ def _read_accounts_file(path: Path, default_rate: float) -> dict[str, Account]:
             raise ConfigError(f"{where}: rate_limit must be a positive number")
         accounts[name] = Account(
             name,
-            _check_base_url(f"{where} base_url", entry["base_url"].strip()),
+            _check_base_url(f"{where} base_url", entry["base_url"].strip(), plain_http_hosts),
             entry["api_key"].strip(),
             Secret(entry["api_secret"].strip()),
             float(rate),
