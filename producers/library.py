@@ -82,7 +82,7 @@ ItemError = InvalidChange | UnknownAccount
 class ChangeItem:
     """One item of ``enqueue_many`` with its own envelope; None means the call's default."""
 
-    #: The change: a mapping of SPEC.md's fields (anything else is reported as invalid).
+    #: The change: a mapping of the change's fields (docs/contract.md) (anything else is reported as invalid).
     change: object
     idempotency_key: str | None = None
     account: str | None = None

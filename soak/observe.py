@@ -145,8 +145,10 @@ async def orphans_of(client: aioredis.Redis, settings: Settings, pid: int) -> tu
     """
     now = now_ms()
     async with client.pipeline(transaction=False) as pipe:
-        pipe.zrangebyscore(settings.queue_name, now, now + int(settings.lease_s * 1000) + 2000)
-        pipe.zcount(settings.queue_name, "-inf", now)
+        pipe.zrangebyscore(
+            keys.queue_key(settings.queue_name, "default"), now, now + int(settings.lease_s * 1000) + 2000
+        )
+        pipe.zcount(keys.queue_key(settings.queue_name, "default"), "-inf", now)
         members, due = await pipe.execute()
     if not members:
         return [], due
@@ -185,7 +187,7 @@ async def probe_takeover(
             async with client.pipeline(transaction=False) as pipe:
                 for job in order:
                     pipe.hmget(keys.ledger_key(job), ["state", "worker"])
-                    pipe.zscore(settings.queue_name, job)
+                    pipe.zscore(keys.queue_key(settings.queue_name, keys.split_job_id(job)[0]), job)
                 answers = await pipe.execute()
         except REDIS_DOWN:
             continue

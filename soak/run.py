@@ -526,7 +526,7 @@ class Soak:
             for p in planned:
                 pipe.hget(keys.ledger_key(keys.job_id("default", p.key)), "state")
             states = await pipe.execute()
-        queue_depth = await client.zcard(self.settings.queue_name)
+        queue_depth = await client.zcard(keys.queue_key(self.settings.queue_name, "default"))
         self.violations += checks.ledgers_terminal(
             {p.key: (s or b"missing").decode() for p, s in zip(planned, states, strict=True)}, queue_depth
         )

@@ -47,7 +47,9 @@ def start_worker_process(env: Mapping[str, str], log_path: Path) -> subprocess.P
     """``leadstage worker`` as a real process (so that it can be SIGKILLed)."""
     with log_path.open("ab") as log:
         argv = python_module("worker.cli", "worker")
-        return subprocess.Popen(argv, env=dict(env), stdout=log, stderr=log)  # noqa: S603 - our interpreter, fixed arguments
+        # Unbuffered: a SIGKILLed worker's last lines are what a test looks for.
+        unbuffered = {**env, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(argv, env=unbuffered, stdout=log, stderr=log)  # noqa: S603 - our interpreter, fixed arguments
 
 
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:

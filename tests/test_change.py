@@ -1,4 +1,4 @@
-"""The change table of SPEC.md ("A change") and its envelope, rule by rule, then by property.
+"""The change table of docs/contract.md ("The change") and its envelope, rule by rule, then by property.
 
 Every producer (library, CLI, webhook) validates through ``parse_change``/``parse_envelope``,
 so these rules are the product's input contract: an invalid change must be refused with each

@@ -99,7 +99,7 @@ async def test_a_request_without_the_token_is_refused(page: Page, console: str) 
 async def expected_counts(redis_client: aioredis.Redis, settings: Settings, account: str) -> dict[str, int]:
     """What Redis holds for one account, read here directly: queued and due from the queue."""
     now_ms = time.time() * 1000
-    entries = await redis_client.zrange(settings.queue_name, 0, -1, withscores=True)
+    entries = await redis_client.zrange(keys.queue_key(settings.queue_name, account), 0, -1, withscores=True)
     mine = [score for member, score in entries if keys.split_job_id(member.decode())[0] == account]
     return {"queued": len(mine), "due": sum(1 for score in mine if score <= now_ms)}
 

@@ -1,6 +1,6 @@
 """Dockerfile, docker-compose.yml and .dockerignore, checked without a Docker engine.
 
-The structure SPEC.md's Deployment asks for (Redis with its append-only file, a scalable worker,
+The structure docs/contract.md's Deployment describes (Redis with its append-only file, a scalable worker,
 the HTTP producer, the fake iVvy only under the demo profile, health checks, non-root), and that
 each service's command is one the ``leadstage`` command really has.
 """

@@ -201,7 +201,7 @@ async def test_a_superseded_change_keeps_the_stage_locked_while_its_request_may_
     await ledger.enqueue_many([(old, parse_envelope(idempotency_key="old"))])
 
     async def start(key: str) -> Start:
-        await redis_client.zadd(settings.queue_name, {f"default:{key}": 0}, xx=True)
+        await redis_client.zadd(keys.queue_key(settings.queue_name, "default"), {f"default:{key}": 0}, xx=True)
         return await ledger.start(f"default:{key}", "w", 1e6, 0)
 
     first = await start("old")

@@ -126,10 +126,12 @@ async def post(http: aiohttp.ClientSession, body: bytes, headers: dict[str, str]
 
 async def enqueued(redis_client: aioredis.Redis) -> tuple[set[str], set[str]]:
     """(job ids on the queue, job ids with a ledger entry): what producers put in Redis."""
-    queue = {m.decode() for m in await redis_client.zrange("leadstage:queue", 0, -1)}
-    ledger = {
-        k.decode().removeprefix(keys.LEDGER_PREFIX) async for k in redis_client.scan_iter(keys.LEDGER_PREFIX + "*")
+    queue = {
+        m.decode()
+        async for q in redis_client.scan_iter(keys.queue_key("leadstage:queue", "*"))
+        for m in await redis_client.zrange(q, 0, -1)
     }
+    ledger = {keys.job_of_ledger_key(k.decode()) async for k in redis_client.scan_iter(keys.LEDGER_PREFIX + "*")}
     return queue, ledger
 
 

@@ -18,7 +18,7 @@ from worker.settings import Settings
 WORKER = "test-worker"
 #: A rate limit high enough never to make these tests wait.
 RATE = 1e6
-QUEUE = "leadstage:queue"
+QUEUE = keys.queue_key("leadstage:queue", "default")
 
 
 @pytest.fixture
@@ -179,7 +179,7 @@ async def test_rate_limit_is_shared_by_jobs_of_one_account(ledger: Ledger, redis
     waiting = await start(ledger, "b", rate=2.0)
     assert (waiting.decision, waiting.reason) == ("wait", "rate")
     assert 400 <= waiting.wait_ms <= 500
-    # The wait is a reservation: at its time the job goes without taking another slot.
+    # Nothing was reserved: at the free slot the job goes.
     await asyncio.sleep(waiting.wait_ms / 1000)
     assert (await ledger.start("default:b", WORKER, 2.0, 0)).decision == "go"
 

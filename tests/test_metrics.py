@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producers import LeadStageProducer
 from tests.harness import wait_for_terminal, worker_settings
-from worker import metrics
+from worker import keys, metrics
 from worker.errors import ConfigError, RedisUnavailable
 from worker.fake_ivvy import RunningFakeIvvy
 from worker.processes import free_port
@@ -160,7 +160,8 @@ def test_render_latest_for_get_metrics() -> None:
 
 async def test_refresh_queue_gauges_reads_redis(redis_client: aioredis.Redis) -> None:
     settings = Settings(queue_name="leadstage:test-queue", dlq_stream="leadstage:test-dlq")
-    await redis_client.zadd(settings.queue_name, {"default:a": 1, "default:b": 2, "other:c": 3})
+    await redis_client.delete(keys.PENDING)
+    await redis_client.hset(keys.PENDING, mapping={"default": 2, "other": 1})  # type: ignore[misc]  # redis-py's async stubs
     for n in range(4):
         await redis_client.xadd(settings.dlq_stream, {"idempotency_key": f"k{n}"})
     metrics.IN_PROGRESS.set(5)  # this worker's own count: refresh leaves it alone
@@ -170,7 +171,7 @@ async def test_refresh_queue_gauges_reads_redis(redis_client: aioredis.Redis) ->
     assert sample("leadstage_dead_letters") == 4
     assert sample("leadstage_in_progress") == 5
 
-    await redis_client.zrem(settings.queue_name, "default:a")
+    await redis_client.hincrby(keys.PENDING, "default", -1)  # type: ignore[misc]  # redis-py's async stubs
     await redis_client.delete(settings.dlq_stream)
     await metrics.refresh_queue_gauges(redis_client, settings)
     assert sample("leadstage_queue_depth") == 2

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from producers import ChangeItem, InvalidBatch, LeadStageProducer
 from worker import keys
 from worker.errors import EnqueueOutcomeUnknown, IdempotencyConflict, InvalidChange, RedisUnavailable, UnknownAccount
-from worker.ledger import ENQUEUE_CHUNK, Chunk
+from worker.ledger import ENQUEUE_CHUNK
 from worker.settings import Account, Secret, Settings
 
 HOT = {"name": "Hot", "applyTo": "lead"}
@@ -48,10 +48,10 @@ async def test_same_key_and_change_is_a_duplicate_even_after_the_queue_forgot_it
     assert (await producer.enqueue(HOT, idempotency_key="k1")).status == "duplicate"
 
     # The job leaves the queue when it ends; the ledger still knows the key for its retention.
-    await redis_client.zrem(settings.queue_name, "default:k1")
+    await redis_client.zrem(keys.queue_key(settings.queue_name, "default"), "default:k1")
     again = await producer.enqueue({"applyTo": 2, "name": " Hot "}, idempotency_key="k1")  # same change, normalised
     assert again.status == "duplicate"
-    assert await redis_client.zcard(settings.queue_name) == 0
+    assert await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == 0
     assert enqueued("library", "queued") == queued_before + 1
 
 
@@ -109,7 +109,7 @@ async def test_configured_accounts_refuse_others(redis_url: str, redis_client: a
     assert (await producer.enqueue(HOT, account="eu")).account == "eu"
     with pytest.raises(UnknownAccount):
         await producer.enqueue(HOT, account="default")
-    assert await redis_client.zcard("leadstage:queue") == 1
+    assert await redis_client.zcard(keys.queue_key("leadstage:queue", "eu")) == 1
 
 
 class CountingConnection(aioredis.Connection):
@@ -143,12 +143,12 @@ async def test_enqueue_many_pipelines_thousands_of_changes_as_json(
     # One conflict check, then per chunk at most a script check and the pipeline itself.
     chunk_count = -(-count // ENQUEUE_CHUNK)
     assert writes <= 1 + 2 * chunk_count, writes
-    assert await redis_client.zcard(settings.queue_name) == count
+    assert await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == count
 
     # Nothing is pickled: the queue holds job ids and each record is a hash with a JSON change.
     first = receipts[0].job_id
-    assert await redis_client.type(settings.queue_name) == b"zset"
-    assert await redis_client.zscore(settings.queue_name, first) is not None
+    assert await redis_client.type(keys.queue_key(settings.queue_name, "default")) == b"zset"
+    assert await redis_client.zscore(keys.queue_key(settings.queue_name, "default"), first) is not None
     record = await redis_client.hgetall(keys.ledger_key(first))  # type: ignore[misc]  # redis-py's async stubs
     assert not record[b"change"].startswith(b"\x80")
     assert orjson.loads(record[b"change"]) == {"name": "Stage 0", "applyTo": 1}
@@ -180,7 +180,7 @@ async def test_enqueue_many_with_a_conflict_enqueues_nothing(
     ]
     with pytest.raises(IdempotencyConflict):
         await producer.enqueue_many(batch)
-    assert await redis_client.zrange(settings.queue_name, 0, -1) == [b"default:known"]
+    assert await redis_client.zrange(keys.queue_key(settings.queue_name, "default"), 0, -1) == [b"default:known"]
 
 
 async def test_enqueue_many_takes_per_item_envelopes(producer: LeadStageProducer, redis_client: aioredis.Redis) -> None:
@@ -216,7 +216,7 @@ async def test_a_key_given_twice_with_different_changes_across_chunks_enqueues_n
     batch[count - 1] = ChangeItem({"name": "Other", "applyTo": 2}, idempotency_key=f"k{first}")
     with pytest.raises(IdempotencyConflict) as caught:
         await producer.enqueue_many(batch)
-    assert await redis_client.zcard(settings.queue_name) == 0
+    assert await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == 0
     assert await redis_client.dbsize() == 0  # no ledger entry, no staging hash left behind
     message = str(caught.value)
     assert message.startswith(f"changes[{count - 1}]: idempotency key 'k{first}' ")
@@ -234,7 +234,7 @@ async def test_a_key_given_twice_with_the_same_change_across_chunks_is_a_duplica
     batch.append(ChangeItem({"name": "S0", "applyTo": 1}, idempotency_key="k0"))
     receipts = await producer.enqueue_many(batch)
     assert [r.status for r in receipts] == ["queued"] * ENQUEUE_CHUNK + ["duplicate"]
-    assert await redis_client.zcard(settings.queue_name) == ENQUEUE_CHUNK
+    assert await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == ENQUEUE_CHUNK
 
 
 async def test_a_conflict_with_the_ledger_in_a_late_chunk_enqueues_nothing(
@@ -245,7 +245,7 @@ async def test_a_conflict_with_the_ledger_in_a_late_chunk_enqueues_nothing(
     batch.append(ChangeItem({"name": "Other", "applyTo": 1}, idempotency_key="known"))
     with pytest.raises(IdempotencyConflict, match=r"^changes\[2500\]: .* is already used .*; nothing enqueued$"):
         await producer.enqueue_many(batch)
-    assert await redis_client.zrange(settings.queue_name, 0, -1) == [b"default:known"]
+    assert await redis_client.zrange(keys.queue_key(settings.queue_name, "default"), 0, -1) == [b"default:known"]
 
 
 async def test_a_conflict_written_between_the_check_and_the_write_stops_the_batch_and_says_what_was_enqueued(
@@ -254,7 +254,11 @@ async def test_a_conflict_written_between_the_check_and_the_write_stops_the_batc
     """What all or nothing cannot promise: another producer using a key of the batch, with another
     change, after the batch's check. The chunks before it stay written; the error says so."""
     items = [producer.validate({"name": f"S{i}", "applyTo": 1}, idempotency_key=f"k{i}") for i in range(2000)]
-    chunks = [Chunk.of(items[:1000], [f"changes[{i}]" for i in range(1000)]), Chunk.of(items[1000:], [""] * 1000)]
+    ledger = producer.ledger
+    chunks = [
+        ledger.chunk(items[:1000], [f"changes[{i}]" for i in range(1000)]),
+        ledger.chunk(items[1000:], [""] * 1000),
+    ]
     async with producer.ledger.bulk_check() as check:
         for chunk in chunks:
             await check.send(chunk)
@@ -268,7 +272,9 @@ async def test_a_conflict_written_between_the_check_and_the_write_stops_the_batc
             await write.receive()
     assert caught.value.enqueued_before == 1000
     assert "1000 earlier change(s) of this batch were enqueued" in str(caught.value)
-    assert await redis_client.zcard(settings.queue_name) == 1001  # the first chunk and the other producer's
+    assert (
+        await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == 1001
+    )  # the first chunk and the other producer's
 
 
 async def test_a_redis_that_never_answers_is_unavailable_within_the_timeout(settings: Settings) -> None:

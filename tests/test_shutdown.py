@@ -51,7 +51,7 @@ async def test_sigterm_finishes_the_request_in_flight(
 async def test_a_killed_workers_change_is_taken_up_within_15_s(
     redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
-    """With the default lease and request timeout, as SPEC.md promises (Idempotency)."""
+    """With the default lease and request timeout, as docs/contract.md promises (Idempotency)."""
     async with running_fake_ivvy() as fake:
         settings = worker_settings(redis_url, fake.url, request_timeout_s=10.0, lease_s=8.0, job_timeout_s=120.0)
         await Ledger(redis_client, settings).enqueue_many(

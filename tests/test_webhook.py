@@ -75,7 +75,10 @@ async def post(
 
 
 async def queue(redis_client: aioredis.Redis) -> list[bytes]:
-    members: list[bytes] = await redis_client.zrange("leadstage:queue", 0, -1)
+    """The job ids queued for every account (a queue per account)."""
+    members: list[bytes] = []
+    async for name in redis_client.scan_iter(match=keys.queue_key("leadstage:queue", "*")):
+        members += await redis_client.zrange(name, 0, -1)
     return sorted(members)
 
 
@@ -550,7 +553,7 @@ async def test_a_hung_redis_is_503_in_bounded_time_and_the_retry_is_safe(setting
                 retried = await client.post(CHANGES_PATH, data=other, headers=other_headers)
                 assert retried.status == 202
                 assert (await retried.json())["receipts"][0]["status"] in ("queued", "duplicate")
-                members = await hung.zrange("leadstage:queue", 0, -1)
+                members = await hung.zrange(keys.queue_key("leadstage:queue", "default"), 0, -1)
                 assert sorted(members) == [b"default:msg_during", b"default:msg_hung"]
         finally:
             server.resume()

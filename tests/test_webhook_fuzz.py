@@ -41,6 +41,7 @@ from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, openapi_document
 from producers.webhook import create_app
+from worker import keys
 from worker.change import ACCOUNT_PATTERN, parse_change
 from worker.errors import InvalidChange
 from worker.settings import Secret, Settings
@@ -187,7 +188,9 @@ def test_any_signed_json_gets_an_answer_and_only_valid_input_is_enqueued(served:
     assert status < 500, body
     if valid_input(payload):
         assert status == 202, body
-        assert served.redis.zcard("leadstage:queue") == sum(1 for r in body["receipts"] if r["status"] == "queued")
+        assert served.redis.zcard(keys.queue_key("leadstage:queue", "default")) == sum(
+            1 for r in body["receipts"] if r["status"] == "queued"
+        )
     else:
         assert status == 400, body
         assert body["errors"]

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from producers.openapi import CHANGES_PATH
 from tests.test_hostile_input import LOOPBACK, WebhookProcess, served_webhook, signed
+from worker import keys
 from worker.errors import ConfigError
 from worker.settings import Settings
 
@@ -130,7 +131,7 @@ async def test_the_served_webhook_routes_by_the_accounts_own_secret(
         other = "whsec_" + base64.b64encode(b"not one of eu's secrets at all").decode()
         async with http.post(CHANGES_PATH, data=body, headers=signed(body, secret=other)) as response:
             assert response.status == 401
-    assert sorted(await redis_client.zrange("leadstage:queue", 0, -1)) == [b"eu:eu-0", b"eu:eu-1"]
+    assert sorted(await redis_client.zrange(keys.queue_key("leadstage:queue", "eu"), 0, -1)) == [b"eu:eu-0", b"eu:eu-1"]
     text = log_path.read_text()
     assert "Traceback" not in text
     assert ONE.removeprefix("whsec_") not in text

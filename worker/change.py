@@ -1,4 +1,4 @@
-"""The change model of SPEC.md ("A change"), defined once for producers and worker.
+"""The change model of docs/contract.md ("The change"), defined once for producers and worker.
 
 ``parse_change`` turns untrusted input (a JSON object, CLI flags, a JSONL line) into a
 normalised, immutable ``LeadStageChange`` or raises ``InvalidChange`` naming every bad field.

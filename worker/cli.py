@@ -1,4 +1,4 @@
-"""``leadstage``: the one command of leadstage-sync (SPEC.md: The command ``leadstage``).
+"""``leadstage``: the one command of leadstage-sync (docs/contract.md: The command ``leadstage``).
 
 Subcommands: worker, enqueue, results, status, dlq list / dlq replay, stats, webhook, fake-ivvy,
 demo, console. ``build_parser()`` is the whole interface; ``main(argv)`` runs it and returns the exit
@@ -384,7 +384,7 @@ async def _check_file(
     first 20 of their numbers."""
     from producers.library import Validated, field_errors
     from worker.errors import UnknownAccount
-    from worker.ledger import ENQUEUE_CHUNK, Chunk
+    from worker.ledger import ENQUEUE_CHUNK
 
     problems = 0
     first_bad: list[int] = []
@@ -405,7 +405,7 @@ async def _check_file(
 
         async def send() -> None:
             nonlocal items, lines
-            chunk = Chunk.of(items, [f"line {n}" for n in lines])
+            chunk = producer.ledger.chunk(items, [f"line {n}" for n in lines])
             spool.add(chunk.changes, lines)
             items, lines = [], []
             if check.busy:

@@ -434,11 +434,14 @@ async def _clear_demo_keys(client: aioredis.Redis) -> None:
     One SCAN pass, then an exact prefix check, so that no production key is ever touched.
     """
     prefixes = tuple(
-        prefix + DEMO_ACCOUNT + ":" for prefix in (keys.LEDGER_PREFIX, keys.STAGE_PREFIX, keys.STAGE_LOCK_PREFIX)
+        prefix + keys.tag(DEMO_ACCOUNT) + ":"
+        for prefix in (keys.LEDGER_PREFIX, keys.STAGE_PREFIX, keys.STAGE_LOCK_PREFIX)
     )
     doomed = [DEMO_QUEUE, DEMO_RESULTS, DEMO_DLQ, keys.claims_key(DEMO_ACCOUNT), keys.rate_key(DEMO_ACCOUNT)]
+    doomed += [keys.newest_claim_key(DEMO_ACCOUNT), keys.queue_key(DEMO_QUEUE, DEMO_ACCOUNT)]
+    doomed += [keys.ready_key(DEMO_QUEUE), keys.wake_key(DEMO_QUEUE), keys.epoch_key(DEMO_QUEUE)]
     with redis_errors():
-        async for raw in client.scan_iter(match=f"leadstage:*{DEMO_ACCOUNT}:*", count=1000):
+        async for raw in client.scan_iter(match="leadstage:*" + keys.tag(DEMO_ACCOUNT) + ":*", count=1000):
             if raw.decode(errors="replace").startswith(prefixes):
                 doomed.append(raw)
         for start in range(0, len(doomed), 500):

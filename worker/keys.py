@@ -1,11 +1,19 @@
 """Every Redis key and name leadstage-sync uses, defined once.
 
-One change is one job on the arq queue (a sorted set: member the job id ``{account}:{key}``,
-score when it may run next, in ms). The ledger hash of that job is its record and the source of
-truth for where the change stands; there is no separate job payload. While a job runs, its score
-is pushed one lease ahead (a visibility timeout), so a crashed worker's job becomes due again by
-itself. Lua scripts build a few keys from the prefixes below plus ledger fields; Python builds the
-same keys with the functions below, from the same prefixes.
+Each account has its own queue (a sorted set: member the job id ``{account}:{key}``, score when
+it may run next, in server ms), and every key of an account carries the hash tag ``{account}``:
+its queue, ledger entries, stage hashes, locks, claims and rate limiter live in one Redis Cluster
+slot, so that each script about a change touches one slot. The ledger hash of a job is its record
+and the source of truth for where the change stands; there is no separate job payload. While a
+job runs, its score is pushed one lease ahead (a visibility timeout), so a crashed worker's job
+becomes due again by itself.
+
+Which account to serve next is a second sorted set, the schedule (``ready_key``: member the
+account, score the server ms from which it may have a change to send: the later of its queue's
+head and its rate limiter's next free slot); idle workers block on ``wake_key``. Those keys share
+the queue name's hash tag. Python passes the keys to the scripts as KEYS; the names a script
+reads from a ledger entry (``stage_key``, ``lock_key``) were made here and stored at enqueue, and
+start.lua's claim of an account's next job puts its idempotency key after ``ledger_prefix``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ NEWEST_CLAIM_PREFIX = "leadstage:newest-claim:"
 RATE_PREFIX = "leadstage:rate:"
 #: Hash account -> changes enqueued and not yet terminal (the backlog behind a new change).
 PENDING = "leadstage:pending"
+#: Set to the layout version once a queue of the single-queue layout has been migrated.
+LAYOUT = "leadstage:layout"
+LAYOUT_VERSION = "2"
 #: Hash job id -> "label change" of the keys a bulk enqueue has checked so far (ledger.BulkCheck).
 STAGING_PREFIX = "leadstage:staging:"
 
@@ -38,13 +49,50 @@ def split_job_id(job: str) -> tuple[str, str]:
     return account, idempotency_key
 
 
+def tag(account: str) -> str:
+    """The account's hash tag: every key with it lives in one cluster slot."""
+    return "{" + account + "}"
+
+
 def ledger_key(job: str) -> str:
-    return LEDGER_PREFIX + job
+    account, idempotency_key = split_job_id(job)
+    return ledger_prefix(account) + idempotency_key
+
+
+def job_of_ledger_key(key: str) -> str:
+    """The job id whose ledger entry this is (``ledger_key`` backwards)."""
+    account, _, idempotency_key = key.removeprefix(LEDGER_PREFIX).partition(":")
+    return job_id(account.removeprefix("{").removesuffix("}"), idempotency_key)
+
+
+def queue_key(queue_name: str, account: str) -> str:
+    """The account's queue: job id -> when it may run next (server ms)."""
+    return f"{queue_name}:{tag(account)}"
+
+
+def ready_key(queue_name: str) -> str:
+    """The schedule: account -> from when (server ms) it may have a change to send."""
+    return "{" + queue_name + "}:ready"
+
+
+def wake_key(queue_name: str) -> str:
+    """The list idle workers block on (BLPOP): pushed when an account becomes due sooner."""
+    return "{" + queue_name + "}:wake"
+
+
+def epoch_key(queue_name: str) -> str:
+    """Hash account -> notices of new work, so that a claim's verdict never hides a newer notice."""
+    return "{" + queue_name + "}:epoch"
+
+
+def ledger_prefix(account: str) -> str:
+    """What ``ledger_key`` puts before the idempotency key, for start.lua's claim of a queued job."""
+    return f"{LEDGER_PREFIX}{tag(account)}:"
 
 
 def stage_key(account: str, stage_id: int) -> str:
     """Hash field -> sequence number of the newest enqueued change that sets it, plus ``seq``."""
-    return f"{STAGE_PREFIX}{account}:{stage_id}"
+    return f"{STAGE_PREFIX}{tag(account)}:{stage_id}"
 
 
 def lock_subject(stage_id: int | None, name: str | None) -> str:
@@ -55,20 +103,20 @@ def lock_subject(stage_id: int | None, name: str | None) -> str:
 
 def stage_lock_key(account: str, subject: str) -> str:
     """Held by the one job that may talk to iVvy about this subject right now."""
-    return f"{STAGE_LOCK_PREFIX}{account}:{subject}"
+    return f"{STAGE_LOCK_PREFIX}{tag(account)}:{subject}"
 
 
 def claims_key(account: str) -> str:
     """Hash stage id -> job id of the add that created it (used to reconcile unknown adds)."""
-    return CLAIMS_PREFIX + account
+    return CLAIMS_PREFIX + tag(account)
 
 
 def newest_claim_key(account: str) -> str:
     """The highest stage id an add of this account has claimed: stages at or below it existed
     before any later add was first posted, so a reconcile never adopts them (iVvy's ids grow)."""
-    return NEWEST_CLAIM_PREFIX + account
+    return NEWEST_CLAIM_PREFIX + tag(account)
 
 
 def rate_key(account: str) -> str:
     """The account's shared rate limiter state (GCRA theoretical arrival time, pause)."""
-    return RATE_PREFIX + account
+    return RATE_PREFIX + tag(account)

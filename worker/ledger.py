@@ -1,20 +1,23 @@
 """The idempotency ledger: where every change stands, in Redis, kept for the retention period.
 
-One hash per change (``keys.ledger_key``) is the job's record and the source of truth; the queue
-holds only job ids, scored by when each may run next. Each transition is one Lua script, so that
+One hash per change (``keys.ledger_key``) is the job's record and the source of truth; each
+account's queue holds only job ids, scored by when each may run next. Each transition is one Lua script, so that
 the ledger, the queue, the ordering sequence, the lock, the rate limiter and the streams change
 together or not at all, in one round trip. Every time that decides anything (due times, leases,
 the in-flight guard, the rate limiter, pauses, ``enqueued_at``) is the Redis server's clock
 (``TIME`` inside the scripts): hosts whose clocks disagree cannot disagree about a change.
 
 =============  ==============================================================================
-enqueue.lua    new change (or replay of a dead letter): ledger entry + field sequence + queue
-due.lua        the job ids due now, by the server's clock (the worker's poll)
-start.lua      claim a due job and decide whether it may talk to iVvy now (backoff, in-flight
-               guard, ordering, lock, rate limit); a job that runs gets a new ``run`` (its
-               fencing token) and is hidden for one lease; ``go`` records the recovery point
-               ``phase=posting`` (or, for an add to reconcile first, post.lua does just before
-               its POST)
+enqueue.lua    new change (or replay of a dead letter): ledger entry + field sequence + the
+               account's queue
+ready.lua      the schedule of accounts (keys.ready_key): a worker picks the first account that
+               is due, by the server's clock; enqueues and retries notify it and wake idle workers
+start.lua      claim the account's next due job and decide whether it may talk to iVvy now
+               (backoff, in-flight guard, ordering, lock, rate limit: a job that could be sent is
+               not touched while the rate limit has no free slot); a job that runs gets a new
+               ``run`` (its fencing token) and is hidden for one lease; ``go`` records the
+               recovery point ``phase=posting`` (or, for an add to reconcile first, post.lua does
+               just before its POST)
 lease.lua      the heartbeat: extends the lease of each attempt that is still its change's run
 adopt.lua      an add of unknown outcome adopts a listed stage no other add has claimed
 finish.lua     the run's end: ledger state + results event (+ dead letter) + the queue, exactly
@@ -35,7 +38,7 @@ import dataclasses
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -44,7 +47,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
 
 from worker import keys
@@ -117,6 +120,10 @@ class Start:
     #: False when fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed this start in time: a
     #: recovery point it wrote could be lost in a failover, so nothing may be posted on it.
     replicated: bool = True
+    #: The job decided about ('' when the account had none to claim).
+    job_id: str = ""
+    #: When the account may next have a change to send (server ms; -1: its queue is empty).
+    account_next_ms: int = -1
 
     @property
     def runs(self) -> bool:
@@ -152,10 +159,20 @@ def backlog_warning(receipts: Sequence[Receipt], settings: Settings) -> str | No
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """ready.lua's pick: the account to serve now, or how long until one is due."""
+
+    account: str | None
+    epoch: str = "0"
+    #: Milliseconds until the first account is due (-1: none has work).
+    wait_ms: int = -1
+
+
 def _parse_start(reply: Sequence[bytes | int]) -> Start:
-    """start.lua's 12-item reply (see the script's header)."""
-    decision, wait_ms, reason, run, attempt, phase, dropped, source, enqueued_at, gen, change, state = reply
-    text = [v.decode() if isinstance(v, bytes) else str(v) for v in (reason, phase, dropped, source, state)]
+    """start.lua's 14-item reply (see the script's header)."""
+    decision, wait_ms, reason, run, attempt, phase, dropped, source, enqueued_at, gen, change, state, job, after = reply
+    text = [v.decode() if isinstance(v, bytes) else str(v) for v in (reason, phase, dropped, source, state, job)]
     return Start(
         decision=Decision(_text(decision)),
         wait_ms=int(wait_ms),
@@ -167,6 +184,8 @@ def _parse_start(reply: Sequence[bytes | int]) -> Start:
         facts=(text[3], int(enqueued_at), int(gen)),
         change_json=change if isinstance(change, bytes) else b"",
         state=State(text[4]) if text[4] else None,
+        job_id=text[5],
+        account_next_ms=int(after),
     )
 
 
@@ -181,7 +200,9 @@ class Ledger:
         self.client = client
         self.settings = settings
         self._enqueue = _script(client, "enqueue.lua")
-        self._due = _script(client, "due.lua")
+        self._ready = _script(client, "ready.lua")
+        queue = settings.queue_name
+        self._ready_keys = [keys.ready_key(queue), keys.wake_key(queue), keys.epoch_key(queue)]
         self._start = _script(client, "start.lua")
         self._lease = _script(client, "lease.lua")
         self._post = _script(client, "post.lua")
@@ -215,7 +236,7 @@ class Ledger:
         starts = range(0, len(items), ENQUEUE_CHUNK)
 
         def chunk(start: int) -> Chunk:
-            return Chunk.of(items[start : start + ENQUEUE_CHUNK], names[start : start + ENQUEUE_CHUNK])
+            return self.chunk(items[start : start + ENQUEUE_CHUNK], names[start : start + ENQUEUE_CHUNK])
 
         if len(starts) > 1:
             async with self.bulk_check() as check:
@@ -249,6 +270,10 @@ class Ledger:
         """How long the account's rate limit needs to send ``backlog`` changes."""
         return backlog / self.settings.rate_limit_for(account)
 
+    def chunk(self, items: Sequence[tuple[LeadStageChange, Envelope]], labels: Sequence[str]) -> Chunk:
+        """Up to ``ENQUEUE_CHUNK`` changes encoded for enqueue.lua, with their labels."""
+        return Chunk(_encode(items, self.settings.queue_name), labels)
+
     def bulk_check(self) -> BulkCheck:
         """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``)."""
         return BulkCheck(self, keys.STAGING_PREFIX + secrets.token_hex(8))
@@ -268,27 +293,25 @@ class Ledger:
         """enqueue.lua's keys and arguments; ``staging`` (check only): the staging hash and the
         changes' labels as a JSON array."""
         settings = self.settings
-        script_keys = [settings.queue_name, settings.dlq_stream, keys.PENDING]
-        args: list[bytes | str | int] = [
-            mode,
-            settings.ledger_retention_s * 1000,
-            *replay_of,
-            keys.LEDGER_PREFIX,
-            keys.STAGE_PREFIX,
-            changes,
-        ]
+        script_keys = [settings.dlq_stream, keys.PENDING]
+        args: list[bytes | str | int] = [mode, settings.ledger_retention_s * 1000, *replay_of, changes]
         if staging is not None:
             script_keys.append(staging[0])
             args += [staging[1], STAGING_TTL_MS]
         return script_keys, args
 
     async def _call_enqueue(
-        self, mode: Literal["enqueue", "check", "replay"], changes: bytes, *, replay_of: tuple[str, str] = ("", "")
+        self,
+        mode: Literal["enqueue", "check", "replay"],
+        changes: bytes,
+        *,
+        replay_of: tuple[str, str] = ("", ""),
+        accounts: Sequence[str] = (),
     ) -> tuple[list[list[bytes]], dict[str, int]]:
         """enqueue.lua over changes encoded by ``_encode``: one answer per change, and the backlog of
-        each account written to."""
+        each account written to; the schedule is told about ``accounts`` in the same round trip."""
         script_keys, args = self._enqueue_arguments(mode, changes, replay_of=replay_of)
-        reply, acked = await self._call(self._enqueue, script_keys, args, confirm=mode != "check")
+        reply, acked = await self._call(self._enqueue, script_keys, args, confirm=mode != "check", notify=accounts)
         answers, backlog = _enqueue_reply(reply)
         if mode != "check" and not any(answer[0] in (b"conflict", b"not_failed") for answer in answers):
             self._require_replicas(acked, "the enqueued changes")
@@ -299,26 +322,53 @@ class Ledger:
     ) -> tuple[str, int]:
         """Put a dead-lettered change back on the queue under its key; returns (status, generation)."""
         [answer], _ = await self._call_enqueue(
-            "replay", _encode([(change, envelope)]), replay_of=(dlq_entry_id, generation)
+            "replay",
+            _encode([(change, envelope)], self.settings.queue_name),
+            replay_of=(dlq_entry_id, generation),
+            accounts=[envelope.account],
         )
         status = answer[0].decode()
         return status, int(answer[1]) if status == "queued" else 0
 
     async def _call(
-        self, script: AsyncScript, keys_: Sequence[str], args: Sequence[EncodableT], *, confirm: bool
+        self,
+        script: AsyncScript,
+        keys_: Sequence[str],
+        args: Sequence[EncodableT],
+        *,
+        confirm: bool,
+        notify: Sequence[str] = (),
     ) -> tuple[Any, int | None]:
         """Run a script; with ``LEADSTAGE_REDIS_MIN_REPLICAS`` and ``confirm``, followed by ``WAIT`` on
-        the same connection (WAIT counts the replicas that have this connection's writes), in one
-        round trip. Returns the script's reply and how many replicas confirmed (None: not asked)."""
+        the same connection (WAIT counts the replicas that have this connection's writes), and then
+        by the schedule's notice for the accounts in ``notify``, in one round trip. Returns the
+        script's reply and how many replicas confirmed (None: not asked)."""
         settings = self.settings
+        wait = confirm and settings.redis_min_replicas > 0
         with redis_errors():
-            if not confirm or settings.redis_min_replicas == 0:
+            if not wait and not notify:
                 return await script(keys=keys_, args=args), None
-            async with self.client.pipeline(transaction=False) as pipe:
-                await script(keys=keys_, args=args, client=pipe)
-                pipe.execute_command("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))
-                reply, acked = await pipe.execute()
-        return reply, int(acked)
+            for _ in range(2):
+                # EVALSHA by hand: a pipeline of Script objects asks SCRIPT EXISTS first, a round trip more.
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.evalsha(script.sha, len(keys_), *keys_, *args)  # type: ignore[arg-type]  # redis-py types ARGV as str only
+                    if wait:
+                        pipe.execute_command(
+                            "WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)
+                        )
+                    if notify:
+                        pipe.evalsha(self._ready.sha, 3, *self._ready_keys, "notify", "", *sorted(set(notify)))
+                    replies = await pipe.execute(raise_on_error=False)
+                missing = [r for r in replies if isinstance(r, NoScriptError)]
+                if not missing:
+                    break
+                # A Redis that restarted or flushed its scripts: load them, then once more.
+                await self.client.script_load(script.script)
+                await self.client.script_load(self._ready.script)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies[0], int(replies[1]) if wait else None
 
     def _require_replicas(self, acked: int | None, what: str) -> None:
         """``RedisNotReplicated`` when fewer replicas than required confirmed ``what``."""
@@ -328,27 +378,69 @@ class Ledger:
 
     # -- the worker ----------------------------------------------------------------------------
 
-    async def due(self, count: int) -> list[str]:
-        """Up to ``count`` job ids due now by the server's clock (due.lua)."""
+    async def notify(self, accounts: Iterable[str], at_ms: int | None = None) -> None:
+        """Tell the schedule that these accounts have work from ``at_ms`` (server ms; None: now), and
+        wake an idle worker when that is sooner than anything scheduled (ready.lua)."""
+        names = sorted(set(accounts))
+        if not names:
+            return
         with redis_errors():
-            ids: list[bytes] = await self._due(keys=[self.settings.queue_name], args=[count])
-        return [raw.decode() for raw in ids]
+            await self._ready(keys=self._ready_keys, args=["notify", "" if at_ms is None else at_ms, *names])
+
+    async def pick(self) -> Pick:
+        """The first account due now by the server's clock, hidden from other workers for one lease
+        until ``reschedule`` says when it is due next (ready.lua)."""
+        with redis_errors():
+            account, epoch, wait_ms = await self._ready(keys=self._ready_keys, args=["pick", self.lease_ms])
+        return Pick(account.decode() or None, _text(epoch), int(wait_ms))
+
+    async def reschedule(self, account: str, epoch: str, next_ms: int, *, wake: bool) -> None:
+        """After a claim: when the account may next have work (-1: none); ``wake`` an idle worker
+        for it when the caller will not come back for it itself."""
+        with redis_errors():
+            await self._ready(keys=self._ready_keys, args=["set", account, epoch, next_ms, "1" if wake else ""])
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """Block until a notice wakes this worker or ``timeout_s`` passes (BLPOP on the wake list)."""
+        with redis_errors():
+            # BLPOP takes fractions of a second since Redis 6 (redis-py's stubs say int).
+            await self.client.execute_command(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                "BLPOP", keys.wake_key(self.settings.queue_name), f"{max(timeout_s, 0.001):.3f}"
+            )
+
+    async def resync(self, accounts: Iterable[str]) -> None:
+        """Put every account with a queued change back on the schedule (at start-up, and now and
+        then): a producer that died between its enqueue and its notice leaves no change stranded."""
+        queue = self.settings.queue_name
+        names = sorted(set(accounts))
+        with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for account in names:
+                    pipe.zrange(keys.queue_key(queue, account), 0, 0, withscores=True)
+                heads = await pipe.execute()
+        for account, head in zip(names, heads, strict=True):
+            if head:
+                await self.notify([account], int(head[0][1]))
+
+    async def claim(self, account: str, worker_id: str, rate_limit: float, jitter_ms: int) -> Start:
+        """Claim the account's next due job that has work to do now (start.lua); ``idle`` when none
+        has, the rate limit allowing (then nothing was touched)."""
+        return await self._start_call(account, "", worker_id, rate_limit, jitter_ms)
 
     async def start(self, job_id: str, worker_id: str, rate_limit: float, jitter_ms: int) -> Start:
-        """Claim a due job and decide what it may do now (start.lua)."""
+        """Claim this due job and decide what it may do now (start.lua); a job that must wait is
+        rescheduled in its queue."""
+        return await self._start_call(keys.split_job_id(job_id)[0], job_id, worker_id, rate_limit, jitter_ms)
+
+    async def _start_call(self, account: str, job_id: str, worker_id: str, rate_limit: float, jitter_ms: int) -> Start:
         settings = self.settings
-        account = keys.split_job_id(job_id)[0]
         reply, acked = await self._call(
                 self._start,
-                [
-                    settings.queue_name, keys.ledger_key(job_id), keys.rate_key(account),
-                    keys.newest_claim_key(account),
-                ],
+                [keys.queue_key(settings.queue_name, account), keys.rate_key(account), keys.newest_claim_key(account)],
                 [
                     job_id, self.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
                     max(1, round(1_000_000 / rate_limit)), self.lock_ms, self.in_flight_guard_ms, worker_id,
-                    keys.STAGE_PREFIX, keys.STAGE_LOCK_PREFIX, jitter_ms, self.reservation_grace_us,
-                    settings.ledger_retention_s * 1000,
+                    keys.ledger_prefix(account), jitter_ms, settings.ledger_retention_s * 1000,
                 ],
                 confirm=True,
             )  # fmt: skip
@@ -369,15 +461,14 @@ class Ledger:
         self._require_replicas(acked, "the recovery point before the POST")
         return True
 
+    def queue_of(self, job_id: str) -> str:
+        """The queue of the job's account."""
+        return keys.queue_key(self.settings.queue_name, keys.split_job_id(job_id)[0])
+
     @property
     def lease_ms(self) -> int:
         """How long a started job stays hidden from other workers without a heartbeat."""
         return int(self.settings.lease_s * 1000)
-
-    @property
-    def reservation_grace_us(self) -> int:
-        """How late a job may wake for its rate-limit slot: two polls and some scheduling slack."""
-        return int((2 * self.settings.poll_delay_s + 0.05) * 1_000_000)
 
     @property
     def in_flight_guard_ms(self) -> int:
@@ -402,7 +493,10 @@ class Ledger:
         jobs = list(runs)
         with redis_errors():
             extended: list[int] = await self._lease(
-                keys=[self.settings.queue_name, keys.WORKERS, *(keys.ledger_key(job) for job in jobs)],
+                keys=[
+                    keys.WORKERS,
+                    *(k for job in jobs for k in (self.queue_of(job), keys.ledger_key(job))),
+                ],
                 args=[self.lease_ms, worker_id, len(jobs), *(v for job in jobs for v in (job, runs[job]))],
             )
         return {job for job, ok in zip(jobs, extended, strict=True) if ok}
@@ -445,7 +539,7 @@ class Ledger:
                 [
                     keys.ledger_key(job_id), settings.results_stream, settings.dlq_stream,
                     keys.stage_lock_key(account, keys.lock_subject(change.id, change.name)),
-                    keys.claims_key(account), keys.rate_key(account), settings.queue_name,
+                    keys.claims_key(account), keys.rate_key(account), keys.queue_key(settings.queue_name, account),
                     keys.newest_claim_key(account), keys.PENDING,
                 ],
                 args=[
@@ -458,6 +552,8 @@ class Ledger:
             )  # fmt: skip
         if status != b"ok":
             return Finished(False, refused_because=detail.decode())
+        if outcome is Outcome.RETRYING:
+            await self.notify([account], int(detail) + delay_ms)
         return Finished(True, int(detail), replicated=acked is None or acked >= settings.redis_min_replicas)
 
     async def report_missing(self, job_id: str, event: Mapping[str, str]) -> None:
@@ -493,10 +589,6 @@ class Chunk:
     changes: bytes
     labels: Sequence[str]
 
-    @classmethod
-    def of(cls, items: Sequence[tuple[LeadStageChange, Envelope]], labels: Sequence[str]) -> Chunk:
-        return cls(_encode(items), labels)
-
     def envelopes(self) -> list[tuple[str, str]]:
         """(account, idempotency key) of each change."""
         return [(change[5], change[6]) for change in orjson.loads(self.changes)]
@@ -514,6 +606,7 @@ class _Pipe:
         self._connection: Connection | None = None
         self._request: tuple[Any, ...] | None = None  # sent, its answer not read yet
         self._confirm = False  # a WAIT follows the request
+        self._notify: list[str] = []  # then the schedule's notice for these accounts
 
     async def open(self) -> None:
         """Connect: a failure here has sent nothing."""
@@ -539,36 +632,54 @@ class _Pipe:
         script_keys, args = self.ledger._enqueue_arguments(mode, changes, staging=staging)
         self._request = (len(script_keys), *script_keys, *args)
         self._confirm = mode == "enqueue" and self.ledger.settings.redis_min_replicas > 0
+        # The schedule hears of the accounts written to in the same round trip (idle workers wake).
+        self._notify = sorted({account for account, _ in Chunk(changes, ()).envelopes()}) if mode == "enqueue" else []
         with redis_errors():
             await self._send_request()
 
     async def _send_request(self) -> None:
+        """The script call, its WAIT and the schedule's notice: one write on the connection."""
         assert self._connection is not None
         assert self._request is not None
-        await self._connection.send_command("EVALSHA", self.ledger._enqueue.sha, *self._request)
+        ledger = self.ledger
+        commands: list[tuple[EncodableT, ...]] = [("EVALSHA", ledger._enqueue.sha, *self._request)]
         if self._confirm:
-            settings = self.ledger.settings
-            await self._connection.send_command(
-                "WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)
-            )
+            settings = ledger.settings
+            commands.append(("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)))
+        if self._notify:
+            commands.append(("EVALSHA", ledger._ready.sha, 3, *ledger._ready_keys, "notify", "", *self._notify))
+        await self._connection.send_packed_command(self._connection.pack_commands(commands))
+
+    async def _replies(self) -> list[Any]:
+        """The replies to the commands of one request (an error reply as its exception), in order."""
+        assert self._connection is not None
+        replies: list[Any] = []
+        for _ in range(1 + self._confirm + bool(self._notify)):
+            try:
+                replies.append(await self._connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
 
     async def receive(self) -> tuple[list[list[bytes]], dict[str, int], int | None]:
         """The answers of the request sent, the backlog of each account it wrote to, and how many
         replicas confirmed it (None: not asked)."""
         assert self._connection is not None, "open() first"
         assert self._request is not None, "send() first"
-        connection, script = self._connection, self.ledger._enqueue
+        connection, ledger = self._connection, self.ledger
         with redis_errors():
-            try:
-                reply = await connection.read_response()
-            except NoScriptError:  # not run: load the script (a new or restarted Redis) and send again
-                if self._confirm:
-                    await connection.read_response()  # the WAIT after it
-                await connection.send_command("SCRIPT", "LOAD", script.script)
-                script.sha = (await connection.read_response()).decode()
+            replies = await self._replies()
+            if any(isinstance(r, NoScriptError) for r in replies):  # none ran: load them, send again
+                for script in (ledger._enqueue, ledger._ready):
+                    await connection.send_command("SCRIPT", "LOAD", script.script)
+                    script.sha = (await connection.read_response()).decode()
                 await self._send_request()
-                reply = await connection.read_response()
-            acked = int(await connection.read_response()) if self._confirm else None
+                replies = await self._replies()
+            for error in replies:
+                if isinstance(error, Exception):
+                    raise error
+        reply = replies[0]
+        acked = int(replies[1]) if self._confirm else None
         self._request = None
         answers, backlog = _enqueue_reply(reply)
         return answers, backlog, acked
@@ -687,12 +798,13 @@ def _enqueue_reply(reply: list[Any]) -> tuple[list[list[bytes]], dict[str, int]]
     return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
 
 
-def _encode(items: Sequence[tuple[LeadStageChange, Envelope]]) -> bytes:
-    """The changes as enqueue.lua takes them: one JSON array, one entry per change."""
+def _encode(items: Sequence[tuple[LeadStageChange, Envelope]], queue_name: str) -> bytes:
+    """The changes as enqueue.lua takes them: one JSON array, one entry per change, with the names of
+    its keys (worker.keys)."""
     return orjson.dumps(
         [
             [
-                keys.job_id(envelope.account, envelope.idempotency_key),
+                (job := keys.job_id(envelope.account, envelope.idempotency_key)),
                 change.canonical_json().decode(),
                 change.operation,
                 "" if change.id is None else str(change.id),
@@ -700,7 +812,10 @@ def _encode(items: Sequence[tuple[LeadStageChange, Envelope]]) -> bytes:
                 envelope.account,
                 envelope.idempotency_key,
                 envelope.source,
-                keys.lock_subject(change.id, change.name),
+                keys.ledger_key(job),
+                "" if change.id is None else keys.stage_key(envelope.account, change.id),
+                keys.stage_lock_key(envelope.account, keys.lock_subject(change.id, change.name)),
+                keys.queue_key(queue_name, envelope.account),
             ]
             for change, envelope in items
         ]

@@ -11,7 +11,7 @@ Every line carries ``timestamp`` (ISO 8601 UTC), ``level``, ``logger`` and ``eve
 job's ``job_id``, ``idempotency_key``, ``account`` and ``attempt`` while ``bind_job_context``
 is active (structlog.contextvars, merged first).
 
-Secrets never reach the output (SPEC.md: Configuration): ``secret_redactor`` runs after
+Secrets never reach the output (docs/contract.md: Configuration): ``secret_redactor`` runs after
 tracebacks are formatted and just before rendering, for our events and foreign records alike.
 """
 

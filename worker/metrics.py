@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from redis.asyncio import Redis
 
+from worker import keys
 from worker.errors import ConfigError, redis_errors
 from worker.settings import Settings
 
@@ -105,8 +106,8 @@ WEBHOOK_REQUESTS = Counter("leadstage_webhook_requests_total", "HTTP producer re
 async def refresh_queue_gauges(redis: Redis, settings: Settings) -> None:
     """Set QUEUE_DEPTH and DEAD_LETTERS from Redis, in one round trip.
 
-    QUEUE_DEPTH is ZCARD of arq's queue: arq keeps a job there until it ends, so it counts the
-    changes waiting, those deferred for a retry and those being attempted. IN_PROGRESS is not
+    QUEUE_DEPTH is the sum of ``keys.PENDING``: the changes enqueued and not yet terminal (waiting,
+    deferred for a retry and being attempted), over every account's queue. IN_PROGRESS is not
     read from Redis: arq's in-progress marks can only be counted by SCAN, too dear for every
     heartbeat, so each worker sets it to its own running jobs and Prometheus sums the workers.
 
@@ -115,10 +116,10 @@ async def refresh_queue_gauges(redis: Redis, settings: Settings) -> None:
     with redis_errors():
         # Independent reads: no MULTI needed, one round trip is what matters.
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(settings.queue_name)
+            pipe.hvals(keys.PENDING)
             pipe.xlen(settings.dlq_stream)
-            queued, dead = await pipe.execute()
-    QUEUE_DEPTH.set(int(queued))
+            pending, dead = await pipe.execute()
+    QUEUE_DEPTH.set(sum(int(count) for count in pending))
     DEAD_LETTERS.set(int(dead))
 
 

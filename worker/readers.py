@@ -216,7 +216,7 @@ async def replay(client: aioredis.Redis, settings: Settings, entry: Entry) -> Re
 async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]:
     """Queue depth, in progress, retrying, dead letters and recent rates, in two round trips.
 
-    * ``queue_depth``: ZCARD of the queue: every change not finished yet;
+    * ``queue_depth``: ZCARD of the accounts' queues: every change not finished yet;
     * ``in_progress``: the changes the live workers are attempting, as each worker's heartbeat
       reports them (``keys.WORKERS``; a worker silent for a whole lease is dead and not counted);
       ``workers`` is how many are alive;
@@ -233,13 +233,19 @@ async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]
         (seconds, micros) = await client.time()
         now_ms = seconds * 1000 + micros // 1000
         async with client.pipeline(transaction=False) as pipe:
-            pipe.zcard(settings.queue_name)
-            pipe.zcount(settings.queue_name, f"({now_ms}", "+inf")
             pipe.hvals(keys.WORKERS)
             pipe.xlen(settings.dlq_stream)
             pipe.xlen(settings.results_stream)
             pipe.hgetall(keys.PENDING)
-            depth, later, heartbeats, dead, result_count, pending = await pipe.execute()
+            heartbeats, dead, result_count, pending = await pipe.execute()
+        # Each account has its own queue: those with changes not yet terminal, and the configured ones.
+        queues = [keys.queue_key(settings.queue_name, a) for a in {*(a.decode() for a in pending), *settings.accounts}]
+        async with client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcard(queue)
+                pipe.zcount(queue, f"({now_ms}", "+inf")
+            sizes: list[int] = await pipe.execute()
+        depth, later = sum(sizes[0::2]), sum(sizes[1::2])
 
     alive = [
         running for running, seen in (_heartbeat(raw) for raw in heartbeats) if seen >= now_ms - settings.lease_s * 1000
@@ -426,14 +432,18 @@ class RateHistory:
 async def _queue_by_account(client: aioredis.Redis, settings: Settings, now_ms: int) -> dict[str, Counter[str]]:
     """queued, due, in_progress and retrying per account, from the queue and the ledger states."""
     scores: dict[str, float] = {}
-    cursor = 0
-    while True:
-        with redis_errors():
-            cursor, page = await client.zscan(settings.queue_name, cursor, count=PAGE)
-        # ZSCAN may return a member twice while the set is rehashed: keyed by member, counted once.
-        scores.update((member.decode(), score) for member, score in page)
-        if cursor == 0:
-            break
+    with redis_errors():
+        pending = await client.hkeys(keys.PENDING)  # type: ignore[misc]  # redis-py's async stubs
+    # Each account has its own queue: the configured accounts and those with changes not yet terminal.
+    for account in sorted({*settings.accounts, *(a.decode() for a in pending)}):
+        cursor = 0
+        while True:
+            with redis_errors():
+                cursor, page = await client.zscan(keys.queue_key(settings.queue_name, account), cursor, count=PAGE)
+            # ZSCAN may return a member twice while the set is rehashed: keyed by member, counted once.
+            scores.update((member.decode(), score) for member, score in page)
+            if cursor == 0:
+                break
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     later = []
     for job, score in scores.items():

@@ -1,4 +1,4 @@
-"""Events of the results stream (SPEC.md: Results stream), built in one place.
+"""Events of the results stream (docs/contract.md: The results stream), built in one place.
 
 Every entry has the same flat string fields; empty strings stand for "not applicable".
 ``ResultEvent`` and ``DeadLetter`` are those entries read back, typed (for ``producers.outcomes``

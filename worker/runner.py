@@ -1,14 +1,17 @@
 """``leadstage worker``: arq's Worker running the change job, with its shared clients made once.
 
-arq supplies the process: the polling loop over the queue (a sorted set of due job ids), the
-concurrency limit, job timeouts, health checks and graceful shutdown (SIGTERM stops taking jobs
-and waits up to ``LEADSTAGE_SHUTDOWN_GRACE`` for running ones). One thing is replaced: how a due
-job is claimed. arq claims with WATCH/MULTI and an in-progress key that lives for the job
+arq supplies the process: the main loop, the concurrency limit, job timeouts, health checks and
+graceful shutdown (SIGTERM stops taking jobs and waits up to ``LEADSTAGE_SHUTDOWN_GRACE`` for
+running ones). Two things are replaced. What to run next: instead of polling one queue, the
+worker picks the first due account from the schedule (``keys.ready_key``, round-robin among due
+accounts), claims that account's next change that may be sent, and, when nothing is due, blocks
+on the wake list (BLPOP) until an enqueue or a retry notifies it or the next account is due. And
+how a due job is claimed. arq claims with WATCH/MULTI and an in-progress key that lives for the job
 timeout plus 10 s, reads a pickled job record, counts tries and writes a result, in four round
 trips and sixteen commands. Here ``start.lua`` claims the job and makes every decision about it
 in one round trip, and the job's record is its ledger entry: a running job is hidden from other
 workers for one lease (``LEADSTAGE_LEASE``), renewed by a heartbeat, so a killed worker's
-change is due again within the lease (SPEC.md: within 15 s).
+change is due again within the lease (docs/contract.md: within 15 s).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from worker import keys, metrics
 from worker.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.job import Lease, Runtime, apply_lead_stage_change
-from worker.ledger import Ledger, Start
+from worker.layout import migrate
+from worker.ledger import Ledger, Pick, Start
 from worker.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, parse_redis_url
 from worker.results import lost_event
 from worker.settings import Settings
@@ -42,44 +46,82 @@ log = structlog.get_logger("leadstage.worker")
 
 #: How long the poll loop rests after Redis stopped answering, before it tries again.
 REDIS_RETRY_S = 1.0
+#: The longest an idle worker blocks before it looks at the schedule again (a notice, or the next
+#: due account, wakes it sooner): a safety net that costs about 4 commands per this many seconds.
+IDLE_WAKE_S = 30.0
+#: A wait for the next due account this short is slept here, not blocked in Redis: Redis ends a
+#: BLPOP's timeout on its timer tick (100 ms at the default hz), which would halve a 20/s account.
+SHORT_WAIT_MS = 110
+#: Every this many heartbeats the worker puts accounts with queued changes back on the schedule
+#: (``Ledger.resync``).
+RESYNC_BEATS = 20
+#: Every this many heartbeats the queue gauges are read from Redis (an idle worker's cost is mostly
+#: its heartbeat).
+GAUGE_BEATS = 3
 
 
 class LeadstageWorker(Worker):
-    """arq's Worker with the one-round-trip claim of ``start.lua`` and a poll by the Redis server's
-    clock (see the module docstring)."""
+    """arq's Worker serving accounts from the schedule, claiming with ``start.lua``, and blocking on
+    the wake list while idle instead of polling (see the module docstring)."""
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        runtime: Runtime = self.ctx["runtime"]
-        for raw in job_ids:
-            await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
-                self.sem.release()
+    #: Whether a queue of the old layout was migrated and the schedule resynced (``layout``).
+    prepared = False
+
+    async def _serve(self, runtime: Runtime) -> None:
+        """Serve due accounts, one change at a time each, until none is due or every slot is taken;
+        then wait: for a running job to end (full), or for a notice or the next due account (idle)."""
+        while self.allow_pick_jobs and self.job_counter < self.max_jobs:
+            pick = await runtime.ledger.pick()
+            if pick.account is not None:
+                await self._claim_from(runtime, pick)
+            elif 0 <= pick.wait_ms <= SHORT_WAIT_MS:
+                await asyncio.sleep(pick.wait_ms / 1000)
+            else:
+                # Redis ends a blocking wait on its own timer tick (1/hz, 100 ms by default): block for
+                # all but that, and wait out the rest here (above).
+                timeout_ms = IDLE_WAKE_S * 1000 if pick.wait_ms < 0 else pick.wait_ms - SHORT_WAIT_MS
+                await runtime.ledger.wait_for_work(min(timeout_ms, IDLE_WAKE_S * 1000) / 1000)
                 return
-            job_id = raw.decode()
-            account = keys.split_job_id(job_id)[0]
-            claimed_at = time.monotonic()
-            try:
-                start = await runtime.ledger.start(
-                    job_id, runtime.worker_id, runtime.rate_limit(account), runtime.rng.randrange(30)
+        running = [task for task in self.tasks.values() if not task.done()]
+        if self.allow_pick_jobs and running:
+            await asyncio.wait(running, timeout=IDLE_WAKE_S, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _claim_from(self, runtime: Runtime, pick: Pick) -> None:
+        """Claim from the picked account until one change runs (then other accounts get their turn)
+        or it has nothing to claim now, and put it back on the schedule for its next due time."""
+        account = pick.account or ""
+        next_ms = -1
+        try:
+            while self.allow_pick_jobs and self.job_counter < self.max_jobs:
+                claimed_at = time.monotonic()
+                start = await runtime.ledger.claim(
+                    account, runtime.worker_id, runtime.rate_limit(account), runtime.rng.randrange(30)
                 )
-            except BaseException:
-                self.sem.release()
-                raise
-            if not start.runs:
-                self.sem.release()
+                next_ms = start.account_next_ms
                 if start.decision is Decision.MISSING:
-                    await _report_missing(runtime, job_id)
-                elif start.reason in (WaitReason.RATE, WaitReason.PAUSED):
-                    metrics.RATE_LIMIT_WAITS.labels(account).inc()
-                    metrics.RATE_LIMIT_WAIT_SECONDS.labels(account).inc(start.wait_ms / 1000)
-                continue
-            self.job_counter += 1
-            lease = Lease(start.run, claimed_at)
-            runtime.running[job_id] = lease
-            lease.task = asyncio.create_task(self._run(runtime, job_id, start, lease))
-            lease.confirm(claimed_at + runtime.settings.lease_s, runtime.lease_margin_s)
-            lease.task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = lease.task
+                    await _report_missing(runtime, start.job_id)
+                elif start.runs:
+                    await self._launch(runtime, start, claimed_at)
+                    break
+                elif start.decision is not Decision.DONE:
+                    if start.reason in (WaitReason.RATE, WaitReason.PAUSED):
+                        metrics.RATE_LIMIT_WAITS.labels(account).inc()
+                    break
+        finally:
+            # A claim that failed leaves the account hidden for one lease: it comes back by itself.
+            busy = self.job_counter >= self.max_jobs
+            await runtime.ledger.reschedule(account, pick.epoch, next_ms, wake=busy)
+
+    async def _launch(self, runtime: Runtime, start: Start, claimed_at: float) -> None:
+        job_id = start.job_id
+        await self.sem.acquire()  # never waits (a slot is free): arq's done-callback releases it
+        self.job_counter += 1
+        lease = Lease(start.run, claimed_at)
+        runtime.running[job_id] = lease
+        lease.task = asyncio.create_task(self._run(runtime, job_id, start, lease))
+        lease.confirm(claimed_at + runtime.settings.lease_s, runtime.lease_margin_s)
+        lease.task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[job_id] = lease.task
 
     async def _run(self, runtime: Runtime, job_id: str, start: Start, lease: Lease) -> None:
         """One job, never raising: whatever it could not record, the lease brings back."""
@@ -100,19 +142,25 @@ class LeadstageWorker(Worker):
                 del runtime.running[job_id]
 
     async def _poll_iteration(self) -> None:
-        """arq's poll, but due jobs are chosen by the Redis server's clock (due.lua), and a Redis
-        that does not answer or refuses commands is ridden through instead of stopping the worker."""
+        """arq's poll, but accounts are served from the schedule by the Redis server's clock, an idle
+        worker blocks until woken, and a Redis that does not answer or refuses commands is ridden
+        through instead of stopping the worker."""
         runtime: Runtime = self.ctx["runtime"]
         try:
-            if self.allow_pick_jobs and self.job_counter < self.max_jobs:
-                due = await runtime.ledger.due(self.queue_read_limit)
-                await self.start_jobs([job.encode() for job in due])
+            if not self.prepared:
+                # Before the first claim, and ridden through like any other Redis error.
+                await migrate(runtime.ledger)
+                await runtime.ledger.resync(runtime.settings.accounts)
+                self.prepared = True
+            await self._serve(runtime)
             for job_id, task in list(self.tasks.items()):
                 if task.done():
                     del self.tasks[job_id]
             with redis_errors():
                 await self.heart_beat()
         except RedisUnavailable as error:
+            if not self.allow_pick_jobs:
+                return  # shutting down: the blocking wait was cut off by the closing pool
             log.warning("worker.redis_unavailable", error=str(error))
             await asyncio.sleep(REDIS_RETRY_S)
 
@@ -126,7 +174,7 @@ async def _report_missing(runtime: Runtime, job_id: str) -> None:
     metrics.DEAD_LETTERED.labels(account).inc()
 
 
-def build_worker(settings: Settings, *, burst: bool = False, handle_signals: bool = True) -> LeadstageWorker:
+def build_worker(settings: Settings, *, handle_signals: bool = True) -> LeadstageWorker:
     """The worker for the change job; clients are made in ``on_startup``, once per process."""
     settings.require_accounts()
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -178,7 +226,6 @@ def build_worker(settings: Settings, *, burst: bool = False, handle_signals: boo
         poll_delay=settings.poll_delay_s,
         job_completion_wait=int(settings.shutdown_grace_s),
         handle_signals=handle_signals,
-        burst=burst,
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         health_check_interval=60,
@@ -215,12 +262,24 @@ async def _heartbeat(redis: aioredis.Redis, runtime: Runtime) -> None:
     whose lease was not renewed is cancelled by its own timer before the lease ends (``Lease``), and
     one that the ledger says is no longer its change's run is cancelled at once.
     """
+    beats = 0
     while True:
         await asyncio.sleep(runtime.settings.lease_s / 3)
-        await _beat(redis, runtime)
+        await _beat(runtime)
+        beats += 1
+        if beats % GAUGE_BEATS == 0:
+            try:
+                await metrics.refresh_queue_gauges(redis, runtime.settings)
+            except Exception as error:  # noqa: BLE001 - gauges are best effort; the leases are what matter
+                log.warning("worker.gauges_failed", error=str(error) or type(error).__name__)
+        if beats % RESYNC_BEATS == 0:
+            try:
+                await runtime.ledger.resync(runtime.settings.accounts)
+            except Exception as error:  # noqa: BLE001 - the next resync tries again
+                log.warning("worker.resync_failed", error=str(error) or type(error).__name__)
 
 
-async def _beat(redis: aioredis.Redis, runtime: Runtime) -> None:
+async def _beat(runtime: Runtime) -> None:
     running = dict(runtime.running)
     sent_at = time.monotonic()
     try:
@@ -239,10 +298,6 @@ async def _beat(redis: aioredis.Redis, runtime: Runtime) -> None:
             log.warning("job.run_overtaken", job_id=job_id, run=lease.run)
             lease.give_up()
     metrics.IN_PROGRESS.set(len(running))
-    try:
-        await metrics.refresh_queue_gauges(redis, runtime.settings)
-    except Exception as error:  # noqa: BLE001 - gauges are best effort; the leases are what matter
-        log.warning("worker.gauges_failed", error=str(error) or type(error).__name__)
 
 
 @contextlib.asynccontextmanager

@@ -1,47 +1,44 @@
 -- Enqueue changes (or replay a dead-lettered one): for each, the ledger entry, the ordering
--- sequence and the queue entry. Atomic for the whole call: with 'enqueue', every key is checked
--- before anything is written, so a conflict anywhere writes nothing. 'check' enqueues nothing: it
--- checks each key against the ledger and against the staging hash of its bulk enqueue (KEYS[4]),
--- which holds every key checked so far in that bulk as 'label<newline>change', so that a key given
--- twice with different changes is found across calls, before the bulk's first write.
--- The ledger hash is the job's record; the queue holds only its id. Times are the server's.
--- KEYS: 1 queue zset, 2 dead-letter stream, 3 pending hash (account -> changes not yet terminal),
---       4 staging hash ('check' only)
+-- sequence and the entry in its account's queue. Atomic for the whole call: with 'enqueue', every
+-- key is checked before anything is written, so a conflict anywhere writes nothing. 'check'
+-- enqueues nothing: it checks each key against the ledger and against the staging hash of its bulk
+-- enqueue (KEYS[3]), which holds every key checked so far in that bulk as 'label<newline>change',
+-- so that a key given twice with different changes is found across calls, before the bulk's first
+-- write. The ledger hash is the job's record; the queue holds only its id. Times are the server's.
+-- KEYS: 1 dead-letter stream, 2 pending hash (account -> changes not yet terminal), 3 staging hash
+--       ('check' only)
 -- ARGV: 1 mode ('enqueue' | 'check' | 'replay'), 2 retention (ms), 3 dead-letter entry id to
---       remove or '' (replay), 4 generation of that dead letter or '' (replay), 5 ledger key
---       prefix, 6 stage key prefix, 7 the changes: a JSON array of [job id, change (canonical JSON),
---       operation, stage id or '', changed fields (csv), account, idempotency key, source, lock subject]
---       8 ('check' only) a JSON array of each change's label (its place in the bulk, as text
---       without newlines), 9 ('check' only) the staging hash's time to live (ms)
--- One JSON argument instead of nine per change keeps the client's work per change small; the
--- ledger and stage keys are built from the prefixes (worker.keys builds the same names).
+--       remove or '' (replay), 4 generation of that dead letter or '' (replay), 5 the changes: a
+--       JSON array of [job id, change (canonical JSON), operation, stage id or '', changed fields
+--       (csv), account, idempotency key, source, ledger key, stage key or '' (adds), lock key,
+--       account queue key], 6 ('check' only) a JSON array of each change's label (its place in
+--       the bulk, as text without newlines), 7 ('check' only) the staging hash's time to live (ms)
+-- One JSON argument instead of a dozen per change keeps the client's work per change small; every
+-- key name in it is made by worker.keys (the account's keys share its hash tag, so one cluster
+-- slot per account), and the ledger keeps the names of its stage hash and lock for start.lua.
 -- Reply: {answers, backlog} with one answer per change: {'queued', generation} |
 --   {'duplicate', state} | {'conflict', ''} | {'not_failed', state} (replay) | {'new', ''} (check) |
 --   {'twice', label of the change that used the key first} (check: the key comes twice in the
 --   bulk with different changes);
 --   backlog: {account, changes of that account not yet terminal, ...} for the accounts written to.
-local queue, dlq, pending = KEYS[1], KEYS[2], KEYS[3]
+local dlq, pending = KEYS[1], KEYS[2]
 local mode, retention = ARGV[1], ARGV[2]
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local changes = cjson.decode(ARGV[7])
-local function ledger_key(c) return ARGV[5] .. c[1] end
-local function stage_key(c)
-  if c[3] == 'update' then return ARGV[6] .. c[6] .. ':' .. c[4] end
-  return ledger_key(c)
-end
+local changes = cjson.decode(ARGV[5])
+local function ledger_key(c) return c[9] end
 
 local answers, seen, conflict = {}, {}, false
-local labels = mode == 'check' and cjson.decode(ARGV[8])
+local labels = mode == 'check' and cjson.decode(ARGV[6])
 for i, c in ipairs(changes) do
   local job, change = c[1], c[2]
   local existing = redis.call('HMGET', ledger_key(c), 'change', 'state', 'gen')
   if seen[job] then existing = {seen[job], 'queued', '0'} end
   if mode == 'check' and not existing[1] then
-    if redis.call('HSETNX', KEYS[4], job, labels[i] .. '\n' .. change) == 1 then
+    if redis.call('HSETNX', KEYS[3], job, labels[i] .. '\n' .. change) == 1 then
       answers[i] = {'new', ''}
     else
-      local staged = redis.call('HGET', KEYS[4], job)
+      local staged = redis.call('HGET', KEYS[3], job)
       local gap = string.find(staged, '\n', 1, true)
       if string.sub(staged, gap + 1) == change then answers[i] = {'new', ''} else
         answers[i] = {'twice', string.sub(staged, 1, gap - 1)}
@@ -64,15 +61,15 @@ for i, c in ipairs(changes) do
   end
 end
 if mode == 'check' then
-  redis.call('PEXPIRE', KEYS[4], ARGV[9])
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
   return {answers, {}}
 end
 if conflict then return {answers, {}} end
 
-local written, queue_entries = {}, {}
+local written = {}
 for i, c in ipairs(changes) do
   if answers[i][1] == 'new' or (mode == 'replay' and answers[i][1] == 'queued') then
-    local ledger, stage = ledger_key(c), stage_key(c)
+    local ledger, stage = ledger_key(c), c[10]
     local gen = tonumber(answers[i][2]) or 0
     local seq = ''
     if c[3] == 'update' then
@@ -87,9 +84,9 @@ for i, c in ipairs(changes) do
       redis.call('PEXPIRE', stage, retention)
     end
     -- Fields that would be empty or zero are left out (readers default them): less memory per change.
-    local record = {'change', c[2], 'op', c[3], 'account', c[6], 'enqueued_at', now, 'lock', c[9], 'state', 'queued'}
+    local record = {'change', c[2], 'op', c[3], 'account', c[6], 'enqueued_at', now, 'lock_key', c[11], 'state', 'queued'}
     if c[3] == 'update' then
-      for _, v in ipairs({'stage_id', c[4], 'fields', c[5], 'seq', seq}) do record[#record + 1] = v end
+      for _, v in ipairs({'stage_id', c[4], 'fields', c[5], 'seq', seq, 'stage_key', stage}) do record[#record + 1] = v end
     end
     if c[8] ~= '' then
       record[#record + 1] = 'source'
@@ -97,14 +94,13 @@ for i, c in ipairs(changes) do
     end
     if mode == 'replay' then
       -- A replay starts the change afresh, as a new generation.
-      for _, v in ipairs({'phase', '', 'attempts', 0, 'next_at', 0, 'slot', 0, 'gen', gen}) do
+      for _, v in ipairs({'phase', '', 'attempts', 0, 'next_at', 0, 'gen', gen}) do
         record[#record + 1] = v
       end
     end
     redis.call('HSET', ledger, unpack(record))
     redis.call('PEXPIRE', ledger, retention)
-    queue_entries[#queue_entries + 1] = now
-    queue_entries[#queue_entries + 1] = c[1]
+    redis.call('ZADD', c[12], now, c[1])
     written[c[6]] = redis.call('HINCRBY', pending, c[6], 1)
     answers[i] = {'queued', gen}
   elseif answers[i][1] == 'duplicate' then
@@ -113,8 +109,6 @@ for i, c in ipairs(changes) do
     redis.call('PEXPIRE', ledger_key(c), retention)
   end
 end
--- One ZADD for the whole call (2 arguments per change, well within Lua's unpack limit at 1000 changes).
-if #queue_entries > 0 then redis.call('ZADD', queue, unpack(queue_entries)) end
 if mode == 'replay' and ARGV[3] ~= '' and answers[1][1] == 'queued' then redis.call('XDEL', dlq, ARGV[3]) end
 local backlog = {}
 for account, count in pairs(written) do

@@ -2,7 +2,7 @@
 -- once, together with the ledger's final state, and the job leaves the queue with it. Only the
 -- change's current run may finish it (fencing): a worker that lost its lease is refused.
 -- KEYS: 1 ledger hash, 2 results stream, 3 dead-letter stream, 4 lock key, 5 account claims hash,
---       6 account rate hash, 7 queue zset, 8 account newest-claim key, 9 pending hash
+--       6 account rate hash, 7 account queue zset, 8 account newest-claim key, 9 pending hash
 -- ARGV: 1 job id, 2 run (fencing token), 3 outcome (succeeded | failed | superseded | retrying),
 --       4 retention (ms), 5 stream max length, 6 retry delay (ms, retrying), 7 phase after
 --       ('' | 'unknown'), 8 late-commit hold (ms): how long a request of unknown outcome may still

@@ -1,18 +1,19 @@
 -- The heartbeat: keep this worker's running attempts hidden for another lease, by the server's
 -- clock, and say that the worker is alive. An attempt is extended only while it is still the
 -- change's current run by this worker (fencing): a stale one is left to lapse.
--- KEYS: 1 queue zset, 2 workers hash, 3.. the ledger hash of each running job
--- ARGV: 1 lease (ms), 2 worker id, 3 running count, 4.. for each ledger in KEYS[3..]: job id, run
--- Reply: one 1 (extended) or 0 (stale: another run owns the change now) per ledger, in order.
-local queue, workers = KEYS[1], KEYS[2]
+-- KEYS: 1 workers hash, then for each running job: its account queue zset, its ledger hash
+-- ARGV: 1 lease (ms), 2 worker id, 3 running count, 4.. for each running job: job id, run
+-- Reply: one 1 (extended) or 0 (stale: another run owns the change now) per job, in order.
+local workers = KEYS[1]
 local lease_ms, worker_id = tonumber(ARGV[1]), ARGV[2]
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 redis.call('HSET', workers, worker_id, ARGV[3] .. '|' .. now_ms)
 local extended = {}
-for i = 3, #KEYS do
-  local job, run = ARGV[2 * i - 2], ARGV[2 * i - 1]
-  local l = redis.call('HMGET', KEYS[i], 'run', 'worker', 'state')
+for i = 1, (#KEYS - 1) / 2 do
+  local queue, ledger = KEYS[2 * i], KEYS[2 * i + 1]
+  local job, run = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local l = redis.call('HMGET', ledger, 'run', 'worker', 'state')
   if l[1] == run and l[2] == worker_id and l[3] == 'running' then
     redis.call('ZADD', queue, 'XX', now_ms + lease_ms, job)
     extended[#extended + 1] = 1
