@@ -707,7 +707,8 @@ def test_a_file_whose_second_write_gets_no_answer_says_which_lines_are_unknown(
     lines = [json.dumps({"name": f"S{i}", "applyTo": 1}) for i in range(1, 2501)]
     path = write_lines(tmp_path / "f.jsonl", *lines)
     server_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    proxy = WithholdingProxy(server_port, after=3 + 2)  # three checks, then the second of three writes
+    # Three checks, then the second of three writes (each write: the script and the schedule's notice).
+    proxy = WithholdingProxy(server_port, after=3 + 2 + 1)
     database = redis_url.rsplit("/", 1)[1]
     extra = {"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{database}", "LEADSTAGE_REDIS_TIMEOUT": "1"}
     try:
