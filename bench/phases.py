@@ -7,6 +7,8 @@ latency        one worker running and warmed up; changes enqueued one at a time 
                rate; enqueue -> terminal result, p50 / p99
 bulk           N changes enqueued at once with no worker: enqueue rate and Redis memory per
                queued change
+cli            N changes through ``leadstage enqueue --file``, start-up included, against a loop
+               of arq's enqueue_job; and the start-up of ``leadstage --help`` and of one enqueue
 =============  ===============================================================================
 
 Every phase starts from an empty database and a reset fake iVvy, counts the Redis commands of
@@ -16,6 +18,8 @@ the whole phase (enqueue included) and the CPU time of each process involved.
 from __future__ import annotations
 
 import asyncio
+import statistics
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from arq.constants import health_check_key_suffix
 
 from bench import workload
@@ -247,3 +252,54 @@ async def run_bulk(rig: Rig, side: Side, *, changes: int, tag: str) -> dict[str,
         "commands": _commands(delta, changes),
         "cpu": _cpu(used, changes),
     }
+
+
+#: Runs of ``leadstage --help`` and of a single ``leadstage enqueue`` per round of the cli phase.
+STARTUP_RUNS = 5
+
+
+async def run_cli(rig: Rig, side: Side, *, changes: int, tag: str) -> dict[str, Any]:
+    """Bulk through the command, start-up included: ``leadstage enqueue --file`` of ``changes``
+    lines as a user runs it (the product), against a loop of arq's ``enqueue_job`` (the baseline,
+    which has no command). The product also times ``leadstage --help`` and a single enqueue."""
+    await rig.reset()
+    items = workload.changes(tag, changes)
+    if side.name == "baseline":
+        started = time.perf_counter()
+        await side.enqueue_bulk(items)
+        elapsed = time.perf_counter() - started
+        return {"changes": changes, "seconds": round(elapsed, 3), "changes_per_s": round(changes / elapsed, 1)}
+    env = {**rig.worker_env, "LEADSTAGE_METRICS_PORT": "0"}
+    path = rig.group.log_dir / f"{tag}.jsonl"
+    with path.open("wb") as out:
+        for key, change in items:
+            out.write(orjson.dumps({**change, "idempotency_key": key}) + b"\n")
+    elapsed = await _timed_command(["enqueue", "--file", str(path)], env)
+    if await rig.probe.zcard(side.queue_name) != changes:
+        raise BenchError(f"leadstage enqueue --file enqueued {await rig.probe.zcard(side.queue_name)} of {changes}")
+    helps = [await _timed_command(["--help"], env) for _ in range(STARTUP_RUNS)]
+    singles = [
+        await _timed_command(["enqueue", "--name", f"Single {tag} {i}", "--apply-to", "lead"], env)
+        for i in range(STARTUP_RUNS)
+    ]
+    return {
+        "changes": changes,
+        "seconds": round(elapsed, 3),
+        "changes_per_s": round(changes / elapsed, 1),
+        "help_s": round(statistics.median(helps), 3),
+        "single_enqueue_s": round(statistics.median(singles), 3),
+    }
+
+
+async def _timed_command(args: list[str], env: Mapping[str, str]) -> float:
+    """Wall seconds of one ``leadstage`` run, from exec to exit (output discarded)."""
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker.cli", *args, env=dict(env), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await process.communicate()
+    elapsed = time.perf_counter() - started
+    if process.returncode != 0:
+        raise BenchError(f"leadstage {' '.join(args[:2])} failed: {stderr.decode().strip()[-300:]}")
+    return elapsed

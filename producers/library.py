@@ -13,9 +13,12 @@ Public API (re-exported by ``producers``)::
   with the same change (for the ledger retention, not only while arq keeps the job).
 * ``enqueue_many(changes, *, account="default", source="library", progress=None) -> list[Receipt]``:
   each item is a change (a mapping) or a ``ChangeItem`` carrying its own key, account or source.
-  Every item is validated before anything is enqueued, then the batch goes to Redis in pipelined
-  chunks (``worker.ledger.ENQUEUE_CHUNK`` changes per round trip), so 50,000 changes take a few
-  dozen round trips, not 50,000.
+  All or nothing for the whole call: every item is validated, and every key checked against the
+  ledger and against the items before it, before anything is written; then the batch goes to
+  Redis in pipelined chunks (``worker.ledger.ENQUEUE_CHUNK`` changes per script call), so 50,000
+  changes take a few dozen round trips, not 50,000. Only a concurrent producer writing one of its
+  keys with another change between the check and the write stops it midway, with an
+  ``IdempotencyConflict`` that counts what was enqueued (``enqueued_before``).
 * ``validate_many`` and ``enqueue_validated``: the two halves of ``enqueue_many``, for producers
   that report errors their own way (line numbers, list indexes) or skip invalid items.
 * ``wait(receipt_or_key, *, timeout, account="default") -> ResultEvent``: the change's terminal
@@ -29,7 +32,11 @@ names the item index too, as ``changes[3].name``); ``UnknownAccount`` when accou
 configured (IVVY_* or LEADSTAGE_ACCOUNTS_FILE) and the account is not one of them; otherwise only
 the account name's format is checked, so a producer host needs no iVvy credentials.
 ``IdempotencyConflict`` when a known key comes with a different change (nothing of a batch is
-enqueued); ``RedisUnavailable`` when Redis does not answer. Validation is ``worker.change``'s:
+enqueued); ``RedisUnavailable`` when Redis does not answer (nothing was enqueued), and its
+subclass ``EnqueueOutcomeUnknown`` when Redis stopped answering after changes were sent: they
+may or may not be enqueued, and enqueuing them again with the same keys is safe (a change
+already written comes back as ``duplicate``). Every Redis command waits LEADSTAGE_REDIS_TIMEOUT
+at most. Validation is ``worker.change``'s:
 producers and workers apply the same rules.
 
 Nothing is pickled: the queue holds job ids (``{account}:{idempotency_key}``) and each job's record
@@ -46,11 +53,11 @@ from typing import Final
 import redis.asyncio as aioredis
 
 from producers.outcomes import SharedReader, Waits
-from worker import metrics, tracing
+from worker import tracing
 from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.errors import FieldError, InvalidChange, UnknownAccount
 from worker.ledger import Ledger, Receipt
-from worker.redis_connection import connect_redis
+from worker.redis_connection import connect_redis, connect_redis_of
 from worker.settings import Settings
 
 __all__ = [
@@ -61,6 +68,7 @@ __all__ = [
     "Receipt",
     "Validated",
     "connect_redis",
+    "connect_redis_of",
 ]
 
 DEFAULT_SOURCE: Final = "library"
@@ -116,14 +124,18 @@ class LeadStageProducer(Waits):
         *,
         redis: aioredis.Redis | None = None,
         producer: str = DEFAULT_SOURCE,
+        metrics: bool = True,
     ) -> None:
         """``settings`` default to ``Settings.from_env()``; without ``redis`` a client for
         ``settings.redis_url`` is opened (and closed by ``aclose``). ``producer`` labels the
-        ``leadstage_enqueued_total`` metric (library, cli, webhook)."""
+        ``leadstage_enqueued_total`` metric (library, cli, webhook); ``metrics=False`` leaves it
+        alone (a short-lived process such as the CLI has nobody to scrape it, and is spared
+        importing prometheus-client)."""
         self.settings = Settings.from_env() if settings is None else settings
         tracing.setup()
+        self.metrics = metrics
         self._owns_client = redis is None
-        self.redis = connect_redis(self.settings.redis_url) if redis is None else redis
+        self.redis = connect_redis_of(self.settings) if redis is None else redis
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
         self.reader = SharedReader(self.redis, self.settings.results_stream)
@@ -242,14 +254,27 @@ class LeadStageProducer(Waits):
         valid, failures = self.validate_many(changes, account=account, source=source)
         if failures:
             raise InvalidBatch(failures)
-        return await self.enqueue_validated([item for _, item in valid], progress=progress)
+        return await self.enqueue_validated(
+            [item for _, item in valid], labels=[f"changes[{index}]" for index, _ in valid], progress=progress
+        )
 
     async def enqueue_validated(
-        self, items: Sequence[Validated], *, progress: Callable[[int], None] | None = None
+        self,
+        items: Sequence[Validated],
+        *,
+        labels: Sequence[str] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[Receipt]:
-        """Enqueue already validated items, all or nothing with respect to idempotency conflicts."""
+        """Enqueue already validated items, all or nothing with respect to idempotency conflicts.
+
+        ``labels`` name the items in the caller's terms for the errors (``changes[3]``).
+        """
         with tracing.producer_span("enqueue", len(items), self.settings.queue_name):
-            receipts = await self.ledger.enqueue_many(items, all_or_nothing=True, progress=progress)
+            receipts = await self.ledger.enqueue_many(items, labels=labels, progress=progress)
+        if not self.metrics:
+            return receipts
+        from worker import metrics
+
         for status in ("queued", "duplicate"):
             count = sum(1 for r in receipts if r.status == status)
             if count:

@@ -21,8 +21,7 @@ from worker.change import (
     COLOUR_PATTERN,
     DEFAULT_ACCOUNT,
     ID_MAX,
-    KEY_CHARACTER_PATTERN,
-    KEY_MAX_CHARS,
+    KEY_PATTERN,
     NAME_MAX_CHARS,
     NAME_PATTERN,
 )
@@ -42,8 +41,9 @@ CONTENT_ENCODINGS: Final = ("identity", "gzip", "deflate")
 
 #: The change model's rules, anchored as JSON Schema patterns are not.
 ACCOUNT_SCHEMA_PATTERN: Final = f"^{ACCOUNT_PATTERN}$"
-KEY_SCHEMA_PATTERN: Final = f"^{KEY_CHARACTER_PATTERN}{{1,{KEY_MAX_CHARS}}}$"
+KEY_SCHEMA_PATTERN: Final = f"^{KEY_PATTERN}$"
 COLOUR_SCHEMA_PATTERN: Final = f"^{COLOUR_PATTERN}$"
+NAME_SCHEMA_PATTERN: Final = f"^{NAME_PATTERN}$"
 
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
@@ -88,8 +88,10 @@ def _change_schema() -> dict[str, Any]:
                 "type": "string",
                 "minLength": 1,
                 "maxLength": NAME_MAX_CHARS,
-                "pattern": NAME_PATTERN,
-                "description": f"1..{NAME_MAX_CHARS} characters after trimming surrounding spaces.",
+                "pattern": NAME_SCHEMA_PATTERN,
+                "description": f"1..{NAME_MAX_CHARS} characters after trimming surrounding spaces; no control "
+                "characters or bidi overrides, and a visible character (the pattern states the strict form: a "
+                "letter or digit of a common script; names visible only through other scripts or symbols pass too).",
             },
             "colour": colour,
             "color": {**colour, "description": "Alias of colour (give one of the two)."},

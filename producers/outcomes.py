@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Final, Generic, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, Literal, Self, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -42,10 +42,12 @@ from worker import keys, readers
 from worker.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.errors import ConfigError, LeadstageError, PermanentError, RetryableError, redis_errors
 from worker.ledger import Receipt
-from worker.logs import get_logger
 from worker.results import TERMINAL_EVENTS, DeadLetter, InvalidEvent, ResultEvent
 from worker.settings import Settings
 from worker.states import TERMINAL
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 __all__ = [
     "DeadLetterConsumer",
@@ -59,7 +61,14 @@ __all__ = [
     "standing",
 ]
 
-log = get_logger("leadstage.outcomes")
+
+def _log() -> FilteringBoundLogger:
+    """The module's logger, made when first used: importing structlog costs a producer's start-up
+    (``leadstage enqueue``) some 100 ms, and only a reader that retries logs."""
+    from worker.logs import get_logger
+
+    return get_logger("leadstage.outcomes")
+
 
 #: How long one XREAD / XREADGROUP blocks before it is issued again.
 BLOCK_S: Final = 2.0
@@ -230,7 +239,7 @@ class SharedReader:
                     )
             except RetryableError as exc:
                 # Waits keep their deadlines; the reader resumes from its position, losing nothing.
-                log.warning("outcomes.reader_retry", error=str(exc), retry_in_s=pause)
+                _log().warning("outcomes.reader_retry", error=str(exc), retry_in_s=pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RETRY_MAX_S)
                 continue
@@ -490,7 +499,7 @@ class _GroupConsumer(Generic[E]):
             if deleted:
                 # Trimmed (LEADSTAGE_RESULTS_MAXLEN) or deleted (a replayed dead letter) before anyone
                 # acked them: Redis drops them from the pending list.
-                log.warning("outcomes.entries_gone", group=self.group, stream=self.stream, count=len(deleted))
+                _log().warning("outcomes.entries_gone", group=self.group, stream=self.stream, count=len(deleted))
             for entry in await self._parsed(answer[1]):
                 yield entry
             if cursor == "0-0":
@@ -505,7 +514,7 @@ class _GroupConsumer(Generic[E]):
                 continue
             events.append(self.event_type.from_entry(raw_id.decode(), _decoded(fields)))
         if gone:
-            log.warning("outcomes.entries_gone", group=self.group, stream=self.stream, count=len(gone))
+            _log().warning("outcomes.entries_gone", group=self.group, stream=self.stream, count=len(gone))
             await self.ack(*gone)
         return events
 

@@ -10,9 +10,14 @@ import base64
 import contextlib
 import json
 import os
+import pty
+import re
 import select
 import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -171,7 +176,7 @@ def test_no_command_and_bad_flags_are_usage_errors(leadstage: Run) -> None:
     assert leadstage().returncode == 2
     result = leadstage("enqueue", "--id", "seven")
     assert result.returncode == 2
-    assert "invalid int value" in result.stderr
+    assert "--id: must be a positive whole number in plain digits such as 1001, not 'seven'" in result.stderr
 
 
 def test_a_bad_setting_stops_the_command_with_one_line_naming_it(leadstage: Run) -> None:
@@ -227,11 +232,11 @@ def test_enqueue_conflict_and_bad_input_are_status_2(leadstage: Run, db: redis.R
 
     bad = leadstage("enqueue", "--apply-to", "lead")
     assert bad.returncode == 2
-    assert one_error_line(bad) == "leadstage: error: invalid change: name: is required when id is absent (an add)"
+    assert one_error_line(bad) == "leadstage: error: invalid change: --name: is required when --id is absent (an add)"
 
     bad = leadstage("enqueue", "--id", "0", "--colour", "red", "--account", "a b")
     line = one_error_line(bad)
-    assert all(field in line for field in ("id:", "colour:", "account:"))
+    assert all(field in line for field in ("--id:", "--colour:", "--account:"))
     assert queued(db) == 1
 
 
@@ -420,3 +425,401 @@ def test_fake_ivvy_starts_answers_and_stops(env: dict[str, str]) -> None:
     with background("fake-ivvy", "--port", str(port), env=env):
         wait_for(lambda: http("GET", f"http://127.0.0.1:{port}/_admin/stages") == 200, "the fake iVvy")
         assert http("POST", f"http://127.0.0.1:{port}/api/1.0/test?action=ping") == 401  # unsigned
+
+
+# -- issue 12: hardening of the command line ------------------------------------------------------
+
+
+def test_a_key_reused_on_line_1001_with_another_change_enqueues_nothing_and_says_where(
+    leadstage: Run, db: redis.Redis, tmp_path: Path
+) -> None:
+    """Item 1: the conflict is in the second chunk, the key's first use in the first one."""
+    lines = [json.dumps({"name": f"S{i}", "applyTo": 1, "idempotency_key": f"k{i}"}) for i in range(1, 1001)]
+    lines.append(json.dumps({"name": "Other", "applyTo": 2, "idempotency_key": "k1"}))
+    result = leadstage("enqueue", "--file", write_lines(tmp_path / "f.jsonl", *lines))
+    assert result.returncode == 2
+    assert one_error_line(result) == (
+        "leadstage: error: line 1001: idempotency key 'k1' of account 'default' comes with a different change "
+        "at line 1 too; nothing enqueued"
+    )
+    assert result.stdout == ""
+    assert db.dbsize() == 0  # no job, no ledger entry, no staging hash
+
+
+def test_flags_that_do_not_go_together_are_refused(leadstage: Run, tmp_path: Path) -> None:
+    """Item 13: --file with a change's flags, or --skip-invalid without --file, is an error, not ignored."""
+    path = write_lines(tmp_path / "f.jsonl", GOOD)
+    for args, flag in [(("--file", path, "--name", "x"), "--name"), (("--file", path, "--id", "5"), "--id")]:
+        result = leadstage("enqueue", *args)
+        assert result.returncode == 2
+        assert f"--file cannot be combined with {flag}" in one_error_line(result)
+    result = leadstage("enqueue", "--skip-invalid", "--name", "x", "--apply-to", "1")
+    assert result.returncode == 2
+    assert "--skip-invalid needs --file" in one_error_line(result)
+
+
+def test_help_lists_the_environment_and_only_telling_defaults(leadstage: Run) -> None:
+    """Item 13: no "(default: None)" noise, no default shown twice, the variables that matter listed."""
+    top = leadstage("--help").stdout
+    for variable in (
+        "REDIS_URL",
+        "IVVY_BASE_URL",
+        "LEADSTAGE_ACCOUNTS_FILE",
+        "WEBHOOK_SECRET",
+        "LEADSTAGE_REDIS_TIMEOUT",
+    ):
+        assert variable in top
+    for args in (["enqueue"], ["status"], ["dlq", "replay"], ["webhook"], ["results"]):
+        text = leadstage(*args, "--help").stdout
+        assert "(default: None)" not in text
+        assert "(default: False)" not in text
+        # An option whose help states its default gets no second one appended.
+        assert not re.search(r"\(default [^()]*\) \(default: ", " ".join(text.split())), text
+    enqueue = " ".join(leadstage("enqueue", "--help").stdout.split())
+    assert "(default: cli)" in enqueue
+    assert "(default: default)" in enqueue
+
+
+@pytest.mark.parametrize("stage_id", ["5_0", "+5", " 5", "5 ", "\u0665", "\uff15", "05", "0", "-1", "9" * 20])
+def test_id_is_plain_digits_as_json_producers_require(leadstage: Run, db: redis.Redis, stage_id: str) -> None:
+    """Item 9: int() would take 5_0, +5, ' 5' and non-ASCII digits; the CLI takes what JSON takes."""
+    result = leadstage("enqueue", "--id", stage_id, "--name", "x")
+    assert result.returncode == 2
+    assert "--id: must be" in one_error_line(result)
+    assert queued(db) == 0
+
+
+def test_bad_names_are_refused_with_a_reason_and_escaped_on_the_terminal(leadstage: Run, db: redis.Redis) -> None:
+    """Items 8 and 9: no control character reaches the terminal, the reason names the flag."""
+    for name, reason in [
+        ("a\x1b[2Jb", "--name: must not contain a control character (\\x1b at position 2)"),
+        ("a\nb", "--name: must not contain a control character (\\x0a at position 2)"),
+        ("abc\u202edcba", "--name: must not contain a bidirectional override (\\u202e at position 4)"),
+        ("\u200b\u200b", "--name: must have a visible character"),
+    ]:
+        result = leadstage("enqueue", "--name", name, "--apply-to", "lead")
+        assert result.returncode == 2
+        assert reason in one_error_line(result)
+        assert "\x1b" not in result.stderr
+        assert "\u202e" not in result.stderr
+    long_field = "f" * 100_000
+    path_result = leadstage("enqueue", "--file", "-", stdin=json.dumps({long_field: 1, "name": "x", "applyTo": 1}))
+    assert path_result.returncode == 2
+    assert len(path_result.stderr) < 1000
+    assert "(100000 characters)" in path_result.stderr
+    assert queued(db) == 0
+
+
+def test_a_lone_surrogate_is_refused_naming_the_field(leadstage: Run, db: redis.Redis) -> None:
+    """Item 8: bytes that are not UTF-8 in an argument become lone surrogates; was "unexpected TypeError"."""
+    result = leadstage("enqueue", "--name", "a\udcff", "--apply-to", "1")
+    assert result.returncode == 2
+    assert "--name: must be valid Unicode text" in one_error_line(result)
+    result = leadstage("enqueue", "--name", "a", "--apply-to", "1", "--source", "\udcfe")
+    assert "--source: must be valid Unicode text" in one_error_line(result)
+    result = leadstage("enqueue", "--file", "-", stdin='{"name": "a\\ud800", "applyTo": 1}\n')
+    assert "line 1: not valid JSON" in result.stderr  # JSON cannot carry one either
+    assert queued(db) == 0
+
+
+def test_bad_settings_and_flags_are_one_line_naming_them(leadstage: Run, redis_url: str) -> None:
+    """Item 8: each was an "unexpected ..." error before."""
+    server = redis_url.rsplit("/", 1)[0]
+    cases: list[tuple[tuple[str, ...], dict[str, str], int, str]] = [
+        (("webhook", "--port", "99999"), {}, 2, "argument --port: must be a port number 0..65535, not 99999"),
+        (("stats",), {"REDIS_URL": f"{server}/99"}, 2, "REDIS_URL selects a database number this Redis does not have"),
+        (("stats",), {"REDIS_URL": f"{server}/abc"}, 2, "the database must be a whole number, not 'abc'"),
+        (("stats",), {"WEBHOOK_SECRET": "whsec_!!!!"}, 2, "WEBHOOK_SECRET must be a Standard Webhooks secret"),
+    ]
+    for args, extra_env, status, text in cases:
+        result = leadstage(*args, extra_env=extra_env)
+        assert result.returncode == status, result.stderr
+        assert text in result.stderr.strip().splitlines()[-1], result.stderr
+        assert "unexpected" not in result.stderr
+
+
+def test_a_redis_url_at_a_server_that_is_not_redis_is_a_config_error(leadstage: Run) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def answer_http() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        thread = threading.Thread(target=answer_http, daemon=True)
+        thread.start()
+        result = leadstage(
+            "enqueue", "--name", "x", "--apply-to", "1", extra_env={"REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+        )
+        thread.join(timeout=10)
+    assert result.returncode == 2
+    assert "REDIS_URL: what answers there is not Redis" in one_error_line(result)
+
+
+def test_the_worker_with_redis_down_at_start_is_one_line(leadstage: Run) -> None:
+    env = {
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "IVVY_BASE_URL": "http://127.0.0.1:9",
+        "IVVY_API_KEY": DEMO_API_KEY,
+        "IVVY_API_SECRET": DEMO_API_SECRET,
+    }
+    result = leadstage("worker", extra_env=env)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("leadstage: error: Redis is unavailable: ConnectionError"), result.stderr
+    assert "unexpected" not in result.stderr
+
+
+@contextlib.contextmanager
+def own_redis_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A redis-server of this test on a free port of its own (it may be stopped with SIGSTOP)."""
+    port = free_port()
+    process = subprocess.Popen(  # noqa: S603 - a fixed command
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],  # noqa: S607 - on PATH
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        wait_for(lambda: _answers(client), "the test's redis-server")
+        client.close()
+        yield process, f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_a_hung_redis_ends_each_command_with_one_line_in_bounded_time(leadstage: Run, tmp_path: Path) -> None:
+    """Item 4: with Redis stopped by SIGSTOP the commands hung until killed."""
+    path = write_lines(tmp_path / "f.jsonl", GOOD)
+    with own_redis_server() as (server, url):
+        server.send_signal(signal.SIGSTOP)
+        extra = {"REDIS_URL": url, "LEADSTAGE_REDIS_TIMEOUT": "0.5", "LEADSTAGE_REDIS_CONNECT_TIMEOUT": "0.5"}
+        for args, written in [
+            (("enqueue", "--name", "x", "--apply-to", "1", "--key", "k"), False),
+            (("enqueue", "--file", path), False),
+            (("stats",), True),
+            (("status", "k"), True),
+            (("results",), True),
+        ]:
+            result = leadstage(*args, extra_env=extra)  # the fixture's own timeout (60 s) fails a hang
+            assert result.returncode == 1, result.stderr
+            line = one_error_line(result)
+            assert "Redis is unavailable: TimeoutError" in line
+            assert "LEADSTAGE_REDIS_TIMEOUT 0.5 s" in line
+            # Nothing reached Redis: the enqueue says so (the connection's first command got no answer).
+            assert line.endswith("; nothing enqueued") != written, line
+
+
+class WithholdingProxy:
+    """A TCP proxy to a Redis that forwards every request but drops every answer after the
+    ``after``-th EVALSHA it forwarded: a Redis that applies a write and then stops answering."""
+
+    def __init__(self, target_port: int, after: int) -> None:
+        self.target_port = target_port
+        self.after = after
+        self.evalshas = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._answers, args=(upstream, client), daemon=True).start()
+
+    def _requests(self, source: socket.socket, target: socket.socket) -> None:
+        tail = b""
+        while data := self._recv(source):
+            seen = tail + data
+            self.evalshas += seen.count(b"EVALSHA") - tail.count(b"EVALSHA")
+            tail = seen[-6:]
+            target.sendall(data)
+
+    def _answers(self, source: socket.socket, target: socket.socket) -> None:
+        while data := self._recv(source):
+            if self.evalshas < self.after:
+                target.sendall(data)
+
+    @staticmethod
+    def _recv(sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def enqueue_script_loaded(db: redis.Redis) -> None:
+    """enqueue.lua known to the test Redis, so that its first EVALSHA runs (no NOSCRIPT round)."""
+    db.script_load((ROOT / "worker" / "lua" / "enqueue.lua").read_text())
+
+
+@pytest.mark.usefixtures("enqueue_script_loaded")
+def test_an_enqueue_redis_applied_without_answering_is_unknown_and_a_retry_with_the_key_is_safe(
+    leadstage: Run, db: redis.Redis, redis_url: str
+) -> None:
+    """Item 4: a change is never reported refused when it may have been written."""
+    server_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = WithholdingProxy(server_port, after=1)
+    database = redis_url.rsplit("/", 1)[1]
+    extra = {"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{database}", "LEADSTAGE_REDIS_TIMEOUT": "1"}
+    try:
+        result = leadstage("enqueue", "--name", "Hot", "--apply-to", "lead", "--key", "k-unknown", extra_env=extra)
+    finally:
+        proxy.close()
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "whether idempotency key 'k-unknown' got enqueued is unknown, retry with the same key" in line
+    assert "nothing enqueued" not in line
+    assert db.zrange(keys.queue_key("leadstage:queue", "default"), 0, -1) == [b"default:k-unknown"]  # it was written
+    retry = leadstage("enqueue", "--name", "Hot", "--apply-to", "lead", "--key", "k-unknown")
+    assert json.loads(retry.stdout)["status"] == "duplicate"
+
+
+@pytest.mark.usefixtures("enqueue_script_loaded")
+def test_a_file_whose_second_write_gets_no_answer_says_which_lines_are_unknown(
+    leadstage: Run, db: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    lines = [json.dumps({"name": f"S{i}", "applyTo": 1}) for i in range(1, 2501)]
+    path = write_lines(tmp_path / "f.jsonl", *lines)
+    server_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    # Three checks, then the second of three writes (each write: the script and the schedule's notice).
+    proxy = WithholdingProxy(server_port, after=3 + 2 + 1)
+    database = redis_url.rsplit("/", 1)[1]
+    extra = {"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{database}", "LEADSTAGE_REDIS_TIMEOUT": "1"}
+    try:
+        result = leadstage("enqueue", "--file", path, "--key", "batch", extra_env=extra)
+    finally:
+        proxy.close()
+    assert result.returncode == 1
+    receipts = json_lines(result.stdout)
+    assert [r["status"] for r in receipts] == ["queued"] * 1000 + ["unknown"] * 1000
+    assert [r["line"] for r in receipts] == list(range(1, 2001))
+    assert "lines 1001..2000 may or may not be enqueued" in one_error_line(result)
+    assert queued(db) == 2000  # the unknown chunk was in fact written, the third was not sent
+    retry = leadstage("enqueue", "--file", path, "--key", "batch")
+    assert retry.returncode == 0
+    statuses = [r["status"] for r in json_lines(retry.stdout)]
+    assert statuses == ["duplicate"] * 2000 + ["queued"] * 500
+
+
+def peak_rss_kib(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run a command to its end; its peak resident memory (KiB) and its stderr."""
+    process = subprocess.Popen(  # noqa: S603 - our own command
+        command(*args), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert process.stderr is not None
+    with process.stderr:
+        stderr = process.stderr.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0, stderr
+    return usage.ru_maxrss, stderr
+
+
+def test_a_big_file_is_enqueued_in_memory_bounded_by_the_chunk_not_the_file(
+    env: dict[str, str], db: redis.Redis, tmp_path: Path
+) -> None:
+    """Item 11: a 200 MB file took 25x its size in memory. Here a file 10x bigger (some 7 MB more)
+    must not cost its size in memory, let alone 25x it; and off a terminal, no progress line."""
+
+    def file_of(count: int, name: str) -> tuple[str, int]:
+        path = tmp_path / name
+        with path.open("w") as out:
+            for i in range(count):
+                out.write(json.dumps({"name": f"Stage {name} {i}", "colour": "#3a7bd5", "applyTo": 2}) + "\n")
+        return str(path), path.stat().st_size
+
+    small, small_size = file_of(10_000, "small")
+    big, big_size = file_of(100_000, "big")
+    env = {**env, "LEADSTAGE_RATE_LIMIT": "1000000"}  # no warning of a backlog past the maximum age
+    small_rss, _ = peak_rss_kib(["enqueue", "--file", small], env)
+    big_rss, stderr = peak_rss_kib(["enqueue", "--file", big], env)
+    assert queued(db) == 110_000
+    grown = (big_rss - small_rss) * 1024
+    assert grown < (big_size - small_size), (small_rss, big_rss, big_size)
+    assert stderr.count("\n") == 1  # the summary only: stderr is not a terminal
+    assert stderr.startswith("enqueued 100000 change(s): 100000 queued")
+
+
+def test_progress_shows_on_a_terminal_from_the_first_chunk(
+    env: dict[str, str], db: redis.Redis, tmp_path: Path
+) -> None:
+    path = write_lines(tmp_path / "f.jsonl", *[json.dumps({"name": f"S{i}", "applyTo": 1}) for i in range(3000)])
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(  # noqa: S603 - our own command
+            command("enqueue", "--file", path), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=terminal
+        )
+        os.close(terminal)
+        shown = b""
+        while True:
+            try:
+                data = os.read(controller, 65536)
+            except OSError:  # the terminal's other side closed: the command ended
+                break
+            if not data:
+                break
+            shown += data
+        assert process.wait(timeout=60) == 0
+    finally:
+        os.close(controller)
+    text = shown.decode()
+    assert "lines validated" in text
+    assert "3,000 enqueued" in text
+    assert "enqueued 3000 change(s)" in text
+
+
+def test_help_and_a_single_enqueue_import_only_what_they_need(env: dict[str, str], db: redis.Redis) -> None:
+    """Item 12: start-up time was mostly imports (bench.startup prints the times themselves)."""
+    probe = (
+        "import contextlib, sys\n"
+        "from worker.cli import main\n"
+        "with contextlib.suppress(SystemExit):\n"
+        "    main(sys.argv[1:])\n"
+        "heavy = ('redis', 'structlog', 'prometheus_client', 'tqdm', 'aiohttp', 'arq')\n"
+        "print('imported:', *sorted(m for m in heavy if m in sys.modules))\n"
+    )
+
+    def imported(*args: str) -> str:
+        result = subprocess.run(  # noqa: S603 - our own interpreter
+            [sys.executable, "-c", probe, *args], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        return result.stdout.splitlines()[-1]
+
+    assert imported("--help") == "imported:"
+    assert imported("enqueue", "--help") == "imported:"
+    assert imported("enqueue", "--name", "x", "--apply-to", "1") == "imported: redis"
+    assert queued(db) == 1
+
+
+def test_a_line_that_repeats_a_key_is_refused_not_read_as_its_last_value(leadstage: Run, db: redis.Redis) -> None:
+    """Item 9: as the webhook refuses a body that repeats a key."""
+    result = leadstage("enqueue", "--file", "-", stdin='{"name": "Hot", "applyTo": 1, "name": "Cold"}\n')
+    assert result.returncode == 2
+    assert "line 1: repeats the key 'name'" in result.stderr
+    assert queued(db) == 0

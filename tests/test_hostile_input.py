@@ -565,3 +565,25 @@ async def test_a_request_the_parser_refuses_is_logged_as_one_line_without_its_he
 
 def _malformed_lines(log_path: Path) -> list[str]:
     return [line for line in log_path.read_text(errors="replace").splitlines() if "malformed request from" in line]
+
+
+# -- hostile text (issue 12 items 8 and 9: the change model's rules, as every producer applies them)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a\u001b[2Jb", "line\nbreak", "nul\u0000", "abc\u202edcba", "\u200b\u200b", "\ufeff", "x" * 256],
+    ids=repr,
+)
+async def test_names_with_control_bidi_or_only_invisible_characters_are_refused_by_the_webhook(
+    http: aiohttp.ClientSession, redis_client: aioredis.Redis, name: str
+) -> None:
+    body = orjson.dumps({"name": name, "applyTo": 1})
+    async with http.post(CHANGES_PATH, data=body, headers=signed(body)) as response:
+        assert response.status == 400  # an invalid change, as the webhook answers every one
+        assert response.content_type == "application/problem+json"
+        problem = await response.read()
+    assert b"name" in problem
+    assert b"\x1b" not in problem
+    assert "\u202e".encode() not in problem
+    await assert_enqueued(redis_client)

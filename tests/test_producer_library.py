@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import orjson
@@ -11,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from producers import ChangeItem, InvalidBatch, LeadStageProducer
 from worker import keys
-from worker.errors import IdempotencyConflict, InvalidChange, UnknownAccount
+from worker.errors import EnqueueOutcomeUnknown, IdempotencyConflict, InvalidChange, RedisUnavailable, UnknownAccount
 from worker.ledger import ENQUEUE_CHUNK
 from worker.settings import Account, Secret, Settings
 
@@ -203,3 +204,86 @@ async def test_a_producer_closes_only_the_client_it_opened(settings: Settings, r
     async with LeadStageProducer(settings, redis=redis_client):
         pass
     assert await redis_client.exists(keys.ledger_key("default:own")) == 1
+
+
+@pytest.mark.parametrize("first", [0, ENQUEUE_CHUNK - 1])
+async def test_a_key_given_twice_with_different_changes_across_chunks_enqueues_nothing(
+    producer: LeadStageProducer, redis_client: aioredis.Redis, settings: Settings, first: int
+) -> None:
+    """Issue 12 item 1: the conflict sits in the second chunk, its first use in the first one."""
+    count = ENQUEUE_CHUNK + 1
+    batch: list[Any] = [ChangeItem({"name": f"S{i}", "applyTo": 1}, idempotency_key=f"k{i}") for i in range(count)]
+    batch[count - 1] = ChangeItem({"name": "Other", "applyTo": 2}, idempotency_key=f"k{first}")
+    with pytest.raises(IdempotencyConflict) as caught:
+        await producer.enqueue_many(batch)
+    assert await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == 0
+    assert await redis_client.dbsize() == 0  # no ledger entry, no staging hash left behind
+    message = str(caught.value)
+    assert message.startswith(f"changes[{count - 1}]: idempotency key 'k{first}' ")
+    assert f"at changes[{first}] too" in message
+    assert message.endswith("nothing enqueued")
+    assert caught.value.enqueued_before == 0
+
+
+async def test_a_key_given_twice_with_the_same_change_across_chunks_is_a_duplicate(
+    producer: LeadStageProducer, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    batch: list[Any] = [
+        ChangeItem({"name": f"S{i}", "applyTo": 1}, idempotency_key=f"k{i}") for i in range(ENQUEUE_CHUNK)
+    ]
+    batch.append(ChangeItem({"name": "S0", "applyTo": 1}, idempotency_key="k0"))
+    receipts = await producer.enqueue_many(batch)
+    assert [r.status for r in receipts] == ["queued"] * ENQUEUE_CHUNK + ["duplicate"]
+    assert await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == ENQUEUE_CHUNK
+
+
+async def test_a_conflict_with_the_ledger_in_a_late_chunk_enqueues_nothing(
+    producer: LeadStageProducer, redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    await producer.enqueue(HOT, idempotency_key="known")
+    batch: list[Any] = [ChangeItem({"name": f"S{i}", "applyTo": 1}, idempotency_key=f"k{i}") for i in range(2500)]
+    batch.append(ChangeItem({"name": "Other", "applyTo": 1}, idempotency_key="known"))
+    with pytest.raises(IdempotencyConflict, match=r"^changes\[2500\]: .* is already used .*; nothing enqueued$"):
+        await producer.enqueue_many(batch)
+    assert await redis_client.zrange(keys.queue_key(settings.queue_name, "default"), 0, -1) == [b"default:known"]
+
+
+async def test_a_conflict_written_between_the_check_and_the_write_stops_the_batch_and_says_what_was_enqueued(
+    producer: LeadStageProducer, redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    """What all or nothing cannot promise: another producer using a key of the batch, with another
+    change, after the batch's check. The chunks before it stay written; the error says so."""
+    items = [producer.validate({"name": f"S{i}", "applyTo": 1}, idempotency_key=f"k{i}") for i in range(2000)]
+    ledger = producer.ledger
+    chunks = [
+        ledger.chunk(items[:1000], [f"changes[{i}]" for i in range(1000)]),
+        ledger.chunk(items[1000:], [""] * 1000),
+    ]
+    async with producer.ledger.bulk_check() as check:
+        for chunk in chunks:
+            await check.send(chunk)
+            await check.receive()
+    await producer.enqueue({"name": "Other", "applyTo": 2}, idempotency_key="k1500")  # the other producer
+    async with producer.ledger.bulk_write() as write:
+        await write.send(chunks[0])
+        assert len(await write.receive()) == 1000
+        await write.send(chunks[1])
+        with pytest.raises(IdempotencyConflict) as caught:
+            await write.receive()
+    assert caught.value.enqueued_before == 1000
+    assert "1000 earlier change(s) of this batch were enqueued" in str(caught.value)
+    assert (
+        await redis_client.zcard(keys.queue_key(settings.queue_name, "default")) == 1001
+    )  # the first chunk and the other producer's
+
+
+async def test_a_redis_that_never_answers_is_unavailable_within_the_timeout(settings: Settings) -> None:
+    """A Redis that accepts the connection, then answers nothing (a stopped process's backlog)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        hung = Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.3, redis_connect_timeout_s=0.3)
+        async with LeadStageProducer(hung) as producer:
+            with pytest.raises(RedisUnavailable) as caught:
+                await producer.enqueue(HOT, idempotency_key="k-hung")
+    # Its connection handshake went unanswered: nothing was sent, and the error does not claim otherwise.
+    assert not isinstance(caught.value, EnqueueOutcomeUnknown)

@@ -7,8 +7,10 @@ normalised, immutable ``LeadStageChange`` or raises ``InvalidChange`` naming eve
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -39,12 +41,32 @@ UPDATABLE_FIELDS = ("name", "colour", "applyTo")
 COLOUR_PATTERN = r"#[0-9a-fA-F]{6}"
 ACCOUNT_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
 KEY_CHARACTER_PATTERN = r"[\x20-\x7e]"  # printable ASCII
-#: A name has a character that ``str.strip`` keeps: spelled out, since JSON Schema's ``\S`` (ECMA
-#: regular expressions) does not count \x1c-\x1f and \x85 as spaces, as Python does.
-NAME_PATTERN = "[^" + "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x3001)) if c.isspace()) + "]"
+#: A whole idempotency key as given: printable ASCII, 1..KEY_MAX_CHARS once the spaces around it are
+#: trimmed (the strict form: the model trims tabs too).
+KEY_PATTERN = r" *[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])? *"
 _COLOUR = re.compile(COLOUR_PATTERN)
 _ACCOUNT = re.compile(ACCOUNT_PATTERN)
 _PRINTABLE_ASCII = re.compile(KEY_CHARACTER_PATTERN + "+")
+#: A stage id written as text (a flag): plain ASCII digits, as a JSON integer is written.
+_ID_TEXT = re.compile(r"[1-9][0-9]*")
+#: Characters no name may hold: control characters (NUL, ESC, newline, tab...) and the bidi
+#: embeddings, overrides and isolates, which make a name display as something else.
+_NAME_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: The name rule's strict form for JSON Schema (the OpenAPI document): no forbidden character,
+#: and at least one letter or digit of the common scripts (Latin, Greek, Cyrillic, Hebrew, Arabic,
+#: Devanagari, kana, CJK, Hangul). What it accepts the server accepts; the server also takes names
+#: whose visible characters are only of other scripts, or symbols.
+_NAME_ALLOWED = "[^\\x00-\\x1f\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069]"
+_NAME_VISIBLE = (
+    "[0-9A-Za-z\\u00c0-\\u017f\\u0391-\\u03c9\\u0410-\\u044f\\u05d0-\\u05ea\\u0621-\\u064a"
+    "\\u0905-\\u0939\\u3041-\\u3096\\u30a1-\\u30fa\\u4e00-\\u9fff\\uac00-\\ud7a3]"
+)
+NAME_PATTERN = f"{_NAME_ALLOWED}*{_NAME_VISIBLE}{_NAME_ALLOWED}*"
+#: Letters that render as nothing (Hangul fillers, the blank Braille pattern).
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+#: Characters trimmed from both ends of an idempotency key and an account name, by every producer
+#: (the spaces and tabs HTTP trims from a header value).
+KEY_TRIM = " \t"
 
 Operation = Literal["add", "update"]
 _T = TypeVar("_T")
@@ -92,19 +114,22 @@ def parse_change(raw: object) -> LeadStageChange:
         raise InvalidChange([FieldError("change", "must be a JSON object")])
     errors: list[FieldError] = []
     values: dict[str, object] = {}
+    #: Each field as the input spells it (appliesTo, color), so that errors use the user's words.
+    spelt: dict[str, str] = {}
     for given, value in raw.items():
         field = ALIASES.get(given, given) if isinstance(given, str) else given
         if field not in FIELDS:
-            errors.append(FieldError(str(given), "is not a known field (allowed: id, name, colour, applyTo)"))
+            errors.append(FieldError(shown(str(given)), "is not a known field (allowed: id, name, colour, applyTo)"))
         elif field in values:
             errors.append(FieldError(field, f"is given twice (as {field} and as its alias {_ALIAS_OF[field]})"))
         else:
             values[field] = value
+            spelt[field] = given
 
-    stage_id = _check(errors, "id", values, _parse_id)
-    name = _check(errors, "name", values, _parse_name)
-    colour = _check(errors, "colour", values, _parse_colour)
-    apply_to = _check(errors, "applyTo", values, _parse_apply_to)
+    stage_id = _check(errors, "id", values, _parse_id, spelt)
+    name = _check(errors, "name", values, _parse_name, spelt)
+    colour = _check(errors, "colour", values, _parse_colour, spelt)
+    apply_to = _check(errors, "applyTo", values, _parse_apply_to, spelt)
 
     if "id" not in values:
         if "name" not in values:
@@ -123,16 +148,17 @@ def _check(
     field: str,
     values: Mapping[str, object],
     parse: Callable[[object], _T | FieldError],
+    spelt: Mapping[str, str],
 ) -> _T | None:
     if field not in values:
         return None
     value = values[field]
     if value is None:
-        errors.append(FieldError(field, "must not be null (leave the field out instead)"))
+        errors.append(FieldError(spelt[field], "must not be null (leave the field out instead)"))
         return None
     result = parse(value)
     if isinstance(result, FieldError):
-        errors.append(FieldError(field, result.reason))
+        errors.append(FieldError(spelt[field], result.reason))
         return None
     return result
 
@@ -151,15 +177,67 @@ def _parse_id(value: object) -> int | FieldError:
     return value
 
 
+def parse_id_text(text: str) -> int:
+    """A stage id written as text (``--id``): plain ASCII digits, no sign, space, ``_`` or leading 0
+    (what a JSON producer may write as a number); raises ``InvalidChange`` for field ``id``."""
+    if not _ID_TEXT.fullmatch(text):
+        raise InvalidChange(
+            [FieldError("id", f"must be a positive whole number in plain digits such as 1001, not {_quoted(text)}")]
+        )
+    parsed = _parse_id(int(text))
+    if isinstance(parsed, FieldError):
+        raise InvalidChange([FieldError("id", parsed.reason)])
+    return parsed
+
+
 def _parse_name(value: object) -> str | FieldError:
     if not isinstance(value, str):
         return _invalid(f"must be a string, not {_describe(value)}")
+    if not _is_unicode(value):
+        return _invalid("must be valid Unicode text (it holds a lone surrogate)")
     name = value.strip()
     if not name:
         return _invalid("must not be empty or only spaces")
     if len(name) > NAME_MAX_CHARS:
         return _invalid(f"must be at most {NAME_MAX_CHARS} characters, not {len(name)}")
+    bad = _NAME_FORBIDDEN.search(name)
+    if bad is not None:
+        what = "a control character" if bad.group() < "\u0100" else "a bidirectional override"
+        return _invalid(f"must not contain {what} ({shown(bad.group())} at position {bad.start() + 1})")
+    if not name.isascii() and all(_invisible(c) for c in name):
+        return _invalid("must have a visible character (it holds only invisible or blank characters)")
     return name
+
+
+def _is_unicode(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (which no UTF-8 text, hence no JSON, can carry)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _invisible(char: str) -> bool:
+    return char in _BLANK_LETTERS or unicodedata.category(char) in ("Cf", "Mn", "Me", "Zs", "Zl", "Zp")
+
+
+def shown(text: str, *, limit: int = 40) -> str:
+    """``text`` fit to echo in a message: cut after ``limit`` characters, and every control, format
+    (bidi), separator or surrogate character escaped, so that nothing acts on a terminal."""
+    cut = text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    if cut.isprintable():  # false for control, format, separator (but space), surrogate characters
+        return cut
+    return "".join(c if c.isprintable() else _escaped(c) for c in cut)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _quoted(text: str) -> str:
+    return "'" + shown(text) + "'"
 
 
 def _parse_colour(value: object) -> str | FieldError:
@@ -193,6 +271,42 @@ def _jsonable(value: object) -> bool:
     return True
 
 
+def repeated_key(data: bytes, parsed: object) -> str | None:
+    """The first key that an object of the JSON text ``data`` repeats, or None; ``parsed`` is
+    ``data`` already parsed by orjson, which keeps the last of repeated keys silently. Every JSON
+    producer refuses a repeated key rather than guess which one counts."""
+    if data.count(b":") == _key_count(parsed):
+        return None  # every colon is a key's: no key can be there twice (the common case, fast)
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        result = dict(items)
+        if len(result) != len(items) and not found:
+            seen: set[str] = set()
+            for key, _ in items:
+                if key in seen:
+                    found.append(key)
+                    break
+                seen.add(key)
+        return result
+
+    try:
+        json.loads(data, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):  # what orjson took and the standard parser cannot nest as deep
+        return None
+    return found[0] if found else None
+
+
+def _key_count(value: object) -> int:
+    """Keys in every object of ``value`` (scalars are skipped without a call: this runs per line)."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    count = len(value) if isinstance(value, dict) else 0
+    for child in children:
+        if isinstance(child, dict | list):
+            count += _key_count(child)
+    return count
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """What travels around a change: who it is for and how it is deduplicated."""
@@ -205,10 +319,15 @@ class Envelope:
 def parse_envelope(*, idempotency_key: object = None, account: object = None, source: object = None) -> Envelope:
     """Validate the envelope; a missing idempotency key is generated."""
     errors: list[FieldError] = []
+    if isinstance(idempotency_key, str):
+        idempotency_key = idempotency_key.strip(KEY_TRIM)
+    if isinstance(account, str):
+        account = account.strip(KEY_TRIM)
     if idempotency_key is None:
         idempotency_key = secrets.token_hex(16)  # 128 random bits, as a UUID4's hex (and cheaper)
     elif not isinstance(idempotency_key, str) or not _PRINTABLE_ASCII.fullmatch(idempotency_key):
-        errors.append(FieldError("idempotency_key", "must be 1..255 printable ASCII characters"))
+        got = _quoted(idempotency_key) if isinstance(idempotency_key, str) else _describe(idempotency_key)
+        errors.append(FieldError("idempotency_key", f"must be 1..255 printable ASCII characters, not {got}"))
     elif len(idempotency_key) > KEY_MAX_CHARS:
         errors.append(
             FieldError("idempotency_key", f"must be at most {KEY_MAX_CHARS} characters, not {len(idempotency_key)}")
@@ -216,11 +335,14 @@ def parse_envelope(*, idempotency_key: object = None, account: object = None, so
     if account is None:
         account = DEFAULT_ACCOUNT
     elif not isinstance(account, str) or not _ACCOUNT.fullmatch(account):
-        errors.append(FieldError("account", "must be 1..64 characters of letters, digits, '_', '.', '-'"))
+        got = _quoted(account) if isinstance(account, str) else _describe(account)
+        errors.append(FieldError("account", f"must be 1..64 characters of letters, digits, '_', '.', '-', not {got}"))
     if source is None:
         source = ""
     elif not isinstance(source, str) or len(source) > SOURCE_MAX_CHARS:
         errors.append(FieldError("source", f"must be text of at most {SOURCE_MAX_CHARS} characters"))
+    elif not _is_unicode(source):
+        errors.append(FieldError("source", "must be valid Unicode text (it holds a lone surrogate)"))
     if errors:
         raise InvalidChange(errors)
     assert isinstance(idempotency_key, str)

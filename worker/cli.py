@@ -23,28 +23,25 @@ Exit status:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import socket
 import sys
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-import orjson
-import redis.asyncio as aioredis
-from tqdm import tqdm
+import orjson  # worker.change needs it anyway
 
-from producers.library import ChangeItem, LeadStageProducer, Validated, field_errors
-from producers.outcomes import ResultsConsumer
-from worker import readers, tracing
-from worker.change import DEFAULT_ACCOUNT
-from worker.errors import IdempotencyConflict, LeadstageError, NotFound, PermanentError, RedisUnavailable, Refused
-from worker.ledger import Receipt, backlog_warning
-from worker.logs import configure_logging
-from worker.processes import until_signalled
-from worker.redis_connection import connect_redis, printable_url
-from worker.settings import Settings
+# Only what every command needs is imported here; each command imports the rest itself, so that
+# ``leadstage --help`` and a single enqueue start fast (redis-py, structlog and prometheus-client
+# cost a few hundred ms of imports together).
+from worker.change import DEFAULT_ACCOUNT, parse_id_text, repeated_key, shown
+from worker.errors import FieldError, InvalidChange, LeadstageError, NotFound, PermanentError, Refused
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from producers.library import LeadStageProducer
+    from worker.ledger import Receipt
+    from worker.settings import Settings
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -55,8 +52,32 @@ EXIT_USAGE = 2
 PROG = "leadstage"
 #: The envelope fields a line of an enqueue file may carry beside the change.
 LINE_ENVELOPE_FIELDS = ("idempotency_key", "account", "source")
+#: The flag of each field of a change and its envelope, to name them in the user's terms.
+FLAG_OF_FIELD = {
+    "id": "--id",
+    "name": "--name",
+    "colour": "--colour",
+    "applyTo": "--apply-to",
+    "idempotency_key": "--key",
+    "account": "--account",
+    "source": "--source",
+}
+#: Bad lines of a file listed one by one before the rest are only counted.
+LISTED_PROBLEMS = 100
 
 _T = TypeVar("_T")
+
+ENVIRONMENT_HELP = """environment (the settings that matter most; README lists them all):
+  REDIS_URL                  redis://, rediss://, unix:// or redis+sentinel:// URL
+                             (default redis://localhost:6379/0)
+  IVVY_BASE_URL, IVVY_API_KEY, IVVY_API_SECRET
+                             the iVvy account "default" (the worker needs an account)
+  LEADSTAGE_ACCOUNTS_FILE    JSON file of accounts: name -> base_url, api_key, api_secret
+  WEBHOOK_SECRET             whsec_... secret of the webhook's Standard Webhooks signatures
+  LEADSTAGE_REDIS_TIMEOUT, LEADSTAGE_REDIS_CONNECT_TIMEOUT
+                             seconds a Redis command / connection may take (default 5)
+  LEADSTAGE_LOG_FORMAT       json, console or auto (console on a terminal)
+"""
 
 FAKE_IVVY_DESCRIPTION = (
     "Serve a fake iVvy API (addOrUpdateLeadStage, getLeadStageList, ping) with signature checks,\n"
@@ -87,14 +108,17 @@ def _note(text: str) -> None:
 
 
 def _error_line(text: str) -> None:
-    _note(f"{PROG}: error: {text}")
+    # Messages may carry what the user gave (a key, a file name): no control character reaches the terminal.
+    _note(f"{PROG}: error: {shown(text, limit=2000)}")
 
 
 # -- running -----------------------------------------------------------------------------------
 
 
 async def _with_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
-    client = connect_redis(settings.redis_url)
+    from worker.redis_connection import connect_redis_of
+
+    client = connect_redis_of(settings)
     try:
         return await use(client)
     finally:
@@ -102,26 +126,36 @@ async def _with_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaita
 
 
 def _settings() -> Settings:
+    from worker.settings import Settings
+
     return Settings.from_env()
+
+
+def _configure_logging(settings: Settings) -> None:
+    from worker.logs import configure_logging
+
+    configure_logging(settings)
 
 
 # -- worker, webhook, fake-ivvy, demo ------------------------------------------------------------
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker.errors import redis_errors
     from worker.runner import run_worker
 
     settings = _settings()
     settings.require_accounts()
-    configure_logging(settings)
-    return run_worker(settings)
+    _configure_logging(settings)
+    with redis_errors():  # arq's own connection at start-up (Redis down, not Redis, a bad database)
+        return run_worker(settings)
 
 
 def _cmd_webhook(args: argparse.Namespace) -> int:
     from producers.webhook import run_webhook
 
     settings = _settings()
-    configure_logging(settings)
+    _configure_logging(settings)
     return run_webhook(settings, args.host, args.port)
 
 
@@ -129,7 +163,7 @@ def _cmd_console(args: argparse.Namespace) -> int:
     from worker.console.app import run_console
 
     settings = _settings()
-    configure_logging(settings)
+    _configure_logging(settings)
     return run_console(settings, args.host, args.port)
 
 
@@ -147,7 +181,7 @@ def _parse_fake_ivvy_options(options: list[str]) -> argparse.Namespace:
 def _cmd_fake_ivvy(args: argparse.Namespace) -> int:
     from worker import fake_ivvy
 
-    configure_logging(_settings())
+    _configure_logging(_settings())
     return fake_ivvy.run_from_args(args.fake_options)
 
 
@@ -161,19 +195,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_enqueue(args: argparse.Namespace) -> int:
-    settings = _settings()
-    tracing.continue_from_env()
+    import asyncio
+
+    from producers.library import LeadStageProducer
+
+    fields = (("id", args.id), ("name", args.name), ("colour", args.colour), ("applyTo", args.apply_to))
     if args.file is not None:
-        return asyncio.run(_enqueue_file(args, settings))
-    change = {
-        field: value
-        for field, value in (("id", args.id), ("name", args.name), ("colour", args.colour), ("applyTo", args.apply_to))
-        if value is not None
-    }
+        given = [FLAG_OF_FIELD[field] for field, value in fields if value is not None]
+        if given:
+            raise Refused(f"--file cannot be combined with {', '.join(given)}: each line of the file is a change")
+        return asyncio.run(_enqueue_file(args, _settings()))
+    if args.skip_invalid:
+        raise Refused("--skip-invalid needs --file (it skips the invalid lines of a file)")
+    settings = _settings()
+    from worker import tracing
+
+    tracing.continue_from_env()
+    change: dict[str, object] = {field: value for field, value in fields if value is not None}
+    id_errors: tuple[FieldError, ...] = ()
+    if args.id is not None:
+        try:
+            change["id"] = parse_id_text(args.id)
+        except InvalidChange as exc:
+            id_errors, change["id"] = exc.errors, 1  # a stand-in, so that the other flags are checked too
 
     async def enqueue() -> Receipt:
-        async with LeadStageProducer(settings, producer="cli") as producer:
-            return await producer.enqueue(change, idempotency_key=args.key, account=args.account, source=args.source)
+        async with LeadStageProducer(settings, producer="cli", metrics=False) as producer:
+            try:
+                validated = producer.validate(
+                    change, idempotency_key=args.key, account=args.account, source=args.source
+                )
+            except InvalidChange as exc:
+                raise _in_flag_terms(InvalidChange([*id_errors, *exc.errors])) from None
+            if id_errors:
+                raise _in_flag_terms(InvalidChange(id_errors))
+            (receipt,) = await producer.enqueue_validated([validated])
+            return receipt
+
+    from worker.ledger import backlog_warning
 
     receipt = asyncio.run(enqueue())
     _emit(receipt.as_dict())
@@ -182,98 +241,278 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _read_lines(path: str) -> list[bytes]:
+def _in_flag_terms(error: InvalidChange) -> Refused:
+    """The errors of a change given as flags, naming the flags (--apply-to, not applyTo)."""
+    from worker.change import UPDATABLE_FIELDS
+
+    fields, flags = ", ".join(UPDATABLE_FIELDS), ", ".join(FLAG_OF_FIELD[f] for f in UPDATABLE_FIELDS)
+    reasons = []
+    for e in error.errors:
+        reason = (
+            e.reason.replace(fields, flags).replace("id is absent", "--id is absent").replace("(with id)", "(--id)")
+        )
+        reasons.append(f"{FLAG_OF_FIELD.get(e.field, e.field)}: {reason}")
+    return Refused("invalid change: " + "; ".join(reasons))
+
+
+def _open_input(path: str) -> tuple[IO[bytes], int | None]:
+    """The file to read (stdin for -) and its size when known, for the progress line."""
     if path == "-":
-        return sys.stdin.buffer.read().splitlines()
+        return sys.stdin.buffer, None
     try:
-        with open(path, "rb") as file:
-            return file.read().splitlines()
+        file = open(path, "rb")  # noqa: SIM115 - closed by the caller, after both passes
     except OSError as exc:
         raise Refused(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        size = os.fstat(file.fileno()).st_size
+    except OSError:
+        size = None
+    return file, size
 
 
-def _line_item(raw: object, line: int, key_prefix: str | None) -> ChangeItem:
-    """A JSONL line: the change's fields, plus optional idempotency_key, account and source.
+def _line_item(raw: object, line: int, key_prefix: str | None) -> tuple[object, Any, Any, Any]:
+    """A JSONL line as (change, idempotency key, account, source), as given (validation checks their
+    types); None means the default.
 
     Without its own key a line gets ``{--key}:{line}`` when --key is given (so running the same
     file again enqueues nothing twice), else a generated one.
     """
     if not isinstance(raw, dict):
-        return ChangeItem(raw)
+        return raw, None, None, None
     change = {k: v for k, v in raw.items() if k not in LINE_ENVELOPE_FIELDS}
     key = raw.get("idempotency_key")
     if key is None and key_prefix is not None:
         key = f"{key_prefix}:{line}"
-    return ChangeItem(change, idempotency_key=key, account=raw.get("account"), source=raw.get("source"))
+    return change, key, raw.get("account"), raw.get("source")
+
+
+class _Progress:
+    """One line on a terminal's stderr, rewritten at most every 0.2 s: bytes read, lines validated,
+    changes enqueued. Nothing when stderr is not a terminal (a log file gets the summary only)."""
+
+    def __init__(self, total_bytes: int | None) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.enabled = sys.stderr.isatty()
+        self.total = total_bytes
+        self.read = self.lines = self.enqueued = 0
+        self._shown_at = 0.0
+
+    def update(self, *, force: bool = False) -> None:
+        if not self.enabled or (not force and self._clock() - self._shown_at < 0.2):
+            return
+        self._shown_at = self._clock()
+        read = f"{self.read / 1e6:.1f} MB" + (f" of {self.total / 1e6:.1f} MB" if self.total else "")
+        sys.stderr.write(f"\r{read} read, {self.lines:,} lines validated, {self.enqueued:,} enqueued")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self._shown_at:
+            self.update(force=True)
+            sys.stderr.write("\n")
+
+
+class _Spool:
+    """The checked chunks of a file, kept for the second pass: in memory up to 2 MiB, then on disk,
+    so that memory is bounded by the chunk size and stdin needs no second reading."""
+
+    _HEADER = 8
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.file = tempfile.SpooledTemporaryFile(max_size=2 * 2**20)  # noqa: SIM115 - closed by close()
+
+    def add(self, changes: bytes, lines: list[int]) -> None:
+        numbers = orjson.dumps(lines)
+        self.file.write(len(changes).to_bytes(4, "little") + len(numbers).to_bytes(4, "little"))
+        self.file.write(changes)
+        self.file.write(numbers)
+
+    def chunks(self) -> Iterator[tuple[bytes, list[int]]]:
+        self.file.seek(0)
+        while header := self.file.read(self._HEADER):
+            changes = self.file.read(int.from_bytes(header[:4], "little"))
+            yield changes, orjson.loads(self.file.read(int.from_bytes(header[4:], "little")))
+
+    def close(self) -> None:
+        self.file.close()
 
 
 async def _enqueue_file(args: argparse.Namespace, settings: Settings) -> int:
+    """Two passes, so that a file is enqueued all or nothing in bounded memory.
+
+    The first reads and validates each line and checks its key (against the ledger and the lines
+    before it) chunk by chunk, spooling the checked chunks; the second writes the spooled chunks.
+    In each pass Redis works on one chunk while this process prepares the next (one connection,
+    so the chunks are written in the file's order).
+    """
+    import time
+
+    from producers.library import LeadStageProducer
+
     started = time.monotonic()
-    line_numbers: list[int] = []
-    items: list[ChangeItem] = []
-    problems: list[tuple[int, str]] = []
-    for number, text in enumerate(_read_lines(args.file), start=1):
-        if not text.strip():
-            continue
-        try:
-            raw = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            problems.append((number, f"not valid JSON ({exc})"))
-            continue
-        line_numbers.append(number)
-        items.append(_line_item(raw, number, args.key))
-
-    async with LeadStageProducer(settings, producer="cli") as producer:
-        valid, failures = producer.validate_many(items, account=args.account, source=args.source)
-        for index, failure in failures:
-            problems.append((line_numbers[index], "; ".join(str(e) for e in field_errors(failure))))
-        problems.sort()
-        for number, problem in problems:
-            _note(f"line {number}: {problem}")
-        if problems and not args.skip_invalid:
-            bad = ", ".join(str(number) for number, _ in problems[:20]) + (", ..." if len(problems) > 20 else "")
-            _error_line(
-                f"{len(problems)} invalid line(s) ({bad}); nothing enqueued (--skip-invalid enqueues the valid ones)"
-            )
-            return EXIT_USAGE
-        receipts = await _enqueue_with_progress(producer, [item for _, item in valid], valid, line_numbers)
-
-    for (index, _), receipt in zip(valid, receipts, strict=True):
-        _emit({**receipt.as_dict(), "line": line_numbers[index]})
-    if warning := backlog_warning(receipts, settings):
-        _note(f"warning: {warning}")
-    duplicates = sum(1 for r in receipts if r.status == "duplicate")
-    summary = f"enqueued {len(receipts)} change(s): {len(receipts) - duplicates} queued, {duplicates} duplicate"
+    file, size = _open_input(args.file)
+    progress = _Progress(size)
+    spool = _Spool()
+    try:
+        async with LeadStageProducer(settings, producer="cli", metrics=False) as producer:
+            problems, first_bad = await _check_file(producer, file, args, progress, spool)
+            if problems and not args.skip_invalid:
+                progress.done()
+                bad = ", ".join(map(str, first_bad)) + (", ..." if problems > len(first_bad) else "")
+                _error_line(
+                    f"{problems} invalid line(s) ({bad}); nothing enqueued (--skip-invalid enqueues the valid ones)"
+                )
+                return EXIT_USAGE
+            receipts = await _write_spool(producer, spool, progress, settings)
+    finally:
+        progress.done()
+        spool.close()
+        if file is not sys.stdin.buffer:
+            file.close()
+    queued, duplicates = receipts
+    summary = f"enqueued {queued + duplicates} change(s): {queued} queued, {duplicates} duplicate"
     if problems:
-        summary += f", {len(problems)} invalid line(s) skipped"
+        summary += f", {problems} invalid line(s) skipped"
     _note(f"{summary} in {time.monotonic() - started:.1f} s")
     return EXIT_OK
 
 
-async def _enqueue_with_progress(
-    producer: LeadStageProducer,
-    items: list[Validated],
-    valid: list[tuple[int, Validated]],
-    line_numbers: list[int],
-) -> list[Receipt]:
-    """Enqueue with a progress bar on a terminal; a conflict names its line."""
-    with tqdm(total=len(items), unit="change", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
-        try:
-            return await producer.enqueue_validated(items, progress=bar.update)
-        except IdempotencyConflict as exc:
-            lines = [
-                line_numbers[index]
-                for index, (_, envelope) in valid
-                if (envelope.account, envelope.idempotency_key) == (exc.account, exc.idempotency_key)
-            ]
-            where = f"line {lines[-1]}: " if lines else ""
-            raise Refused(f"{where}{exc}; nothing enqueued") from None
+async def _check_file(
+    producer: LeadStageProducer, file: IO[bytes], args: argparse.Namespace, progress: _Progress, spool: _Spool
+) -> tuple[int, list[int]]:
+    """The first pass: the number of invalid lines (each listed on stderr, up to a limit) and the
+    first 20 of their numbers."""
+    from producers.library import Validated, field_errors
+    from worker.errors import UnknownAccount
+    from worker.ledger import ENQUEUE_CHUNK
+
+    problems = 0
+    first_bad: list[int] = []
+    items: list[Validated] = []
+    lines: list[int] = []
+
+    def problem(number: int, text: str) -> None:
+        nonlocal problems
+        problems += 1
+        if len(first_bad) < 20:
+            first_bad.append(number)
+        if problems <= LISTED_PROBLEMS:
+            _note(f"line {number}: {shown(text, limit=300)}")
+        elif problems == LISTED_PROBLEMS + 1:
+            _note("(more invalid lines are counted, not listed)")
+
+    async with producer.ledger.bulk_check() as check:
+
+        async def send() -> None:
+            nonlocal items, lines
+            chunk = producer.ledger.chunk(items, [f"line {n}" for n in lines])
+            spool.add(chunk.changes, lines)
+            items, lines = [], []
+            if check.busy:
+                await check.receive()
+            await check.send(chunk)  # Redis checks it while the next chunk is read
+
+        for number, text in enumerate(file, start=1):
+            progress.read += len(text)
+            if not text.strip():
+                continue
+            try:
+                raw = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                problem(number, f"not valid JSON ({exc})")
+                continue
+            repeated = repeated_key(text, raw)
+            if repeated is not None:
+                problem(number, f"repeats the key {shown(repeated)!r} (which one would count?)")
+                continue
+            change, key, account, source = _line_item(raw, number, args.key)
+            try:
+                validated = producer.validate(
+                    change,
+                    idempotency_key=key,
+                    account=args.account if account is None else account,
+                    source=args.source if source is None else source,
+                )
+            except (InvalidChange, UnknownAccount) as exc:
+                problem(number, "; ".join(str(e) for e in field_errors(exc)))
+                continue
+            items.append(validated)
+            lines.append(number)
+            progress.lines += 1
+            if len(items) == ENQUEUE_CHUNK:
+                await send()
+            progress.update()
+        if items:
+            await send()
+        if check.busy:
+            await check.receive()
+    return problems, first_bad
+
+
+async def _write_spool(
+    producer: LeadStageProducer, spool: _Spool, progress: _Progress, settings: Settings
+) -> tuple[int, int]:
+    """The second pass: the receipts go to stdout as each chunk is written; returns (queued, duplicate).
+    A warning follows when an account's backlog outlasts LEADSTAGE_MAX_AGE."""
+    from worker import keys
+    from worker.errors import EnqueueOutcomeUnknown, Interrupted, RedisNotReplicated
+    from worker.ledger import Chunk, backlog_warning
+
+    counts = {"queued": 0, "duplicate": 0}
+    #: The newest receipt of each account past the maximum age (what the warning names).
+    past_max_age: dict[str, Receipt] = {}
+    written: tuple[list[Receipt], list[int]] | None = None
+
+    def emit(receipts: list[Receipt], lines: list[int]) -> None:
+        out = []
+        for receipt, line in zip(receipts, lines, strict=True):
+            counts[receipt.status] += 1
+            out.append(orjson.dumps({**receipt.as_dict(), "line": line}))
+            if receipt.expected_wait_s > settings.max_age_s:
+                past_max_age[receipt.account] = receipt
+        sys.stdout.buffer.write(b"\n".join(out) + b"\n")  # one write per chunk, not per line
+        sys.stdout.flush()
+        progress.enqueued += len(receipts)
+        progress.update()
+
+    async with producer.ledger.bulk_write() as write:
+        for changes, lines in spool.chunks():
+            chunk = Chunk(changes, [f"line {n}" for n in lines])
+            try:
+                await write.send(chunk)
+                if written is not None:
+                    emit(*written)  # the chunk before, while Redis writes this one
+                    written = None
+                written = (await write.receive(), lines)
+            except (EnqueueOutcomeUnknown, RedisNotReplicated) as exc:
+                if written is not None:
+                    emit(*written)
+                for (account, key), line in zip(chunk.envelopes(), lines, strict=True):
+                    _emit(
+                        {"job_id": keys.job_id(account, key), "idempotency_key": key, "status": "unknown", "line": line}
+                    )
+                raise Interrupted(
+                    f"{exc}; lines {lines[0]}..{lines[-1]} may or may not be enqueued (the receipts with status "
+                    f"unknown), the lines before them were enqueued, the lines after them were not"
+                ) from None
+    if written is not None:
+        emit(*written)
+    if warning := backlog_warning(list(past_max_age.values()), settings):
+        _note(f"warning: {warning}")
+    return counts["queued"], counts["duplicate"]
 
 
 # -- results, status, dlq, stats ---------------------------------------------------------------
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker import readers
+
     settings = _settings()
     if args.group is not None:
         return _results_of_group(args, settings)
@@ -282,12 +521,20 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
     async def show(client: aioredis.Redis) -> None:
         async def stream() -> None:
+            # Each blocking read ends well within the Redis timeout, so a hung Redis is still noticed.
             async for entry in readers.results(
-                client, settings, idempotency_key=args.key, account=args.account, follow=args.follow
+                client,
+                settings,
+                idempotency_key=args.key,
+                account=args.account,
+                follow=args.follow,
+                block_ms=max(1, int(settings.redis_timeout_s * 500)),
             ):
                 _emit(entry)
 
         await until_signalled(stream())
+
+    from worker.processes import until_signalled
 
     asyncio.run(_with_redis(settings, show))
     return EXIT_OK
@@ -295,6 +542,12 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
     """Every event through consumer group ``--group``, each acked once it is written (at least once)."""
+    import asyncio
+    import socket
+
+    from producers.outcomes import ResultsConsumer
+    from worker.processes import until_signalled
+
     if args.key is not None or args.account is not None:
         raise Refused("--key and --account cannot be used with --group (the group acks every event it reads)")
     consumer_name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
@@ -317,6 +570,10 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker import readers
+
     settings = _settings()
     status = asyncio.run(
         _with_redis(settings, lambda client: readers.change_status(client, settings, args.account, args.key))
@@ -332,6 +589,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq_list(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker import readers
+
     settings = _settings()
 
     async def show(client: aioredis.Redis) -> None:
@@ -343,6 +604,10 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker import readers
+
     settings = _settings()
     # --error-code and --since choose dead letters as --all does, only fewer of them.
     matching = args.all or args.error_code is not None or args.since is not None
@@ -387,6 +652,10 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker import readers
+
     settings = _settings()
     _emit_object(asyncio.run(_with_redis(settings, lambda client: readers.stats(client, settings))))
     return EXIT_OK
@@ -395,8 +664,21 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 # -- the parser --------------------------------------------------------------------------------
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions keep their line breaks; options show their defaults."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; an option shows its default when it has a telling one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "default" in text or action.nargs == 0:
+            return text
+        return f"{text} (default: {default})"
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535, not {shown(text)}")
+    return int(text)
 
 
 def _subparser(
@@ -420,12 +702,15 @@ def _add_enqueue(subparsers: Any) -> None:
         "An add needs --name and --apply-to; an update needs --id and at least one field to change.\n"
         'Prints one JSON line per change: {"job_id", "idempotency_key", "status": "queued"|"duplicate"}.\n\n'
         "--file F.jsonl (- for stdin): one change per line, as JSON, optionally with its own\n"
-        "idempotency_key, account and source. Every line is validated before anything is enqueued;\n"
-        "bad lines are listed with their numbers and nothing is enqueued, unless --skip-invalid.\n"
-        "Receipts (with their line number) go to stdout, a summary to stderr.",
+        "idempotency_key, account and source. Every line is validated and its key checked before\n"
+        "anything is enqueued: bad lines are listed with their numbers and nothing is enqueued,\n"
+        "unless --skip-invalid. Receipts (with their line number) go to stdout, a summary to\n"
+        "stderr; on a terminal a progress line too. If Redis stops answering midway, the receipts\n"
+        'say which lines were enqueued; lines with status "unknown" may or may not be: run the\n'
+        "file again with the same keys (with --key, or keys in the lines) to be sure.",
     )
     change = parser.add_argument_group("the change (without --file)")
-    change.add_argument("--id", type=int, help="the stage to update (absent: add a new stage)")
+    change.add_argument("--id", help="the stage to update (absent: add a new stage)")
     change.add_argument("--name", help="stage name, 1..255 characters")
     change.add_argument("--apply-to", metavar="{lead,opportunity,1,2}", help="what the stage applies to")
     change.add_argument("--colour", "--color", dest="colour", metavar="#RRGGBB", help="stage colour")
@@ -537,7 +822,7 @@ def _add_services(subparsers: Any) -> None:
         "/readyz, /metrics and /openapi.json, until SIGINT or SIGTERM.",
     )
     webhook.add_argument("--host", default="0.0.0.0", help="address to listen on")  # noqa: S104 - webhooks come from other hosts
-    webhook.add_argument("--port", type=int, default=8080, help="port to listen on")
+    webhook.add_argument("--port", type=_port, default=8080, help="port to listen on")
 
     fake: argparse.ArgumentParser = subparsers.add_parser(
         "fake-ivvy", help="run a local iVvy stand-in", description=FAKE_IVVY_DESCRIPTION, add_help=False
@@ -556,7 +841,7 @@ def _add_services(subparsers: Any) -> None:
         "beyond loopback unless LEADSTAGE_CONSOLE_TLS_PROXY=1 declares a TLS proxy in front.",
     )
     console.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    console.add_argument("--port", type=int, default=8090, help="port to listen on")
+    console.add_argument("--port", type=_port, default=8090, help="port to listen on")
 
     demo = _subparser(
         subparsers,
@@ -577,7 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Apply lead-stage changes to the iVvy CRM API from a Redis queue.",
-        epilog="exit status:" + __doc__.split("Exit status:", 1)[1] if __doc__ else None,
+        epilog=ENVIRONMENT_HELP + ("\nexit status:" + __doc__.split("Exit status:", 1)[1] if __doc__ else ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -598,9 +883,23 @@ def parse_command(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _redis_failure(exc: LeadstageError, *, written: bool) -> str:
+    """What a Redis failure means for the user: where, which timeout, and whether anything was enqueued."""
+    from worker.redis_connection import printable_url
+
+    settings = _settings()
+    where = f"REDIS_URL {printable_url(settings.redis_url)}"
+    if type(exc.__cause__).__name__ == "TimeoutError":
+        where += f", LEADSTAGE_REDIS_TIMEOUT {settings.redis_timeout_s:g} s"
+    return f"{exc} ({where})" + ("" if written else "; nothing enqueued")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``leadstage`` with ``argv`` (default: the process's arguments); returns the exit status."""
     args = parse_command(argv)
+    from worker import tracing
+    from worker.errors import EnqueueOutcomeUnknown, RedisUnavailable
+
     try:
         tracing.setup()
         status: int = args.run(args)
@@ -608,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
         _error_line(str(exc))
         return EXIT_USAGE
     except RedisUnavailable as exc:
-        _error_line(f"{exc} (REDIS_URL {printable_url(_settings().redis_url)})")
+        _error_line(_redis_failure(exc, written=isinstance(exc, EnqueueOutcomeUnknown) or args.command != "enqueue"))
         return EXIT_FAILURE
     except LeadstageError as exc:
         _error_line(str(exc))

@@ -7,6 +7,7 @@ a caller usually asks: will trying again help?
 
     LeadstageError
     ├── NotFound                       a change or dead letter asked about is not known (the CLI)
+    ├── Interrupted                    Redis stopped answering midway through a bulk enqueue (the CLI)
     ├── ProcessFailed                  a child process did not start or answer (``worker.processes``)
     │   └── DemoFailed                 ``leadstage demo`` cannot run (no Redis, the worker died)
     ├── PermanentError                 trying again cannot help; the change goes to the DLQ
@@ -27,8 +28,9 @@ a caller usually asks: will trying again help?
         │   ├── RedisRefused           Redis answered but refused the command: OOM, READONLY
         │   │                          (a demoted primary), MISCONF, LOADING, BUSY, ...
         │   ├── RedisCredentialsRefused  Redis refused REDIS_URL's user or password
-        │   └── RedisNotReplicated     fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed
-        │                              a write in time: its fate is unknown if the primary fails
+        │   ├── RedisNotReplicated     fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed
+        │   │                          a write in time: its fate is unknown if the primary fails
+        │   └── EnqueueOutcomeUnknown  no answer while changes were written: retry with the same keys
         ├── IvvyUnavailable            iVvy answered 5xx, 460, 461 or specific code 24322
         │   └── IvvyRateLimited        iVvy answered 429 (``retry_after`` when it said so)
         ├── IvvyClockSkew              specific code 23005 (a 401, "Request is stale"): this
@@ -57,8 +59,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-
-import redis.exceptions
 
 
 class LeadstageError(Exception):
@@ -109,16 +109,40 @@ class InvalidChange(PermanentError):
 
 
 class IdempotencyConflict(PermanentError):
-    """The idempotency key is already used, for a different change."""
+    """The idempotency key is already used, for a different change.
+
+    In a batch, ``label`` names the refused item in the caller's terms (``changes[3]``, ``line 4``)
+    and ``earlier_label`` the item of the same batch that used the key first, when it is one;
+    ``enqueued_before`` counts the changes of the batch already written (only ever non-zero when
+    another producer wrote the key between the batch's check and its write).
+    """
 
     error_code = "idempotency_conflict"
 
-    def __init__(self, account: str, idempotency_key: str) -> None:
+    def __init__(
+        self,
+        account: str,
+        idempotency_key: str,
+        *,
+        label: str = "",
+        earlier_label: str | None = None,
+        enqueued_before: int = 0,
+    ) -> None:
         self.account = account
         self.idempotency_key = idempotency_key
-        super().__init__(
-            f"idempotency key {idempotency_key!r} of account {account!r} is already used for a different change"
-        )
+        self.label = label
+        self.earlier_label = earlier_label
+        self.enqueued_before = enqueued_before
+        text = f"idempotency key {idempotency_key!r} of account {account!r} "
+        if earlier_label is not None:
+            text += f"comes with a different change at {earlier_label} too"
+        else:
+            text += "is already used for a different change"
+        if enqueued_before:
+            text += f"; {enqueued_before} earlier change(s) of this batch were enqueued"
+        else:
+            text += "; nothing enqueued"
+        super().__init__(f"{label}: {text}" if label else text)
 
 
 class UnknownAccount(PermanentError):
@@ -151,6 +175,12 @@ class NotFound(LeadstageError):
     """The change or dead letter a command asks about is not known (exit status 1)."""
 
     error_code = "not_found"
+
+
+class Interrupted(LeadstageError):
+    """Redis stopped answering in the middle of a bulk enqueue (exit status 1); says what was written."""
+
+    error_code = "interrupted"
 
 
 class Refused(PermanentError):
@@ -241,6 +271,25 @@ class RedisNotReplicated(RedisUnavailable):
             f"{timeout_s:g}s (LEADSTAGE_REDIS_MIN_REPLICAS); the outcome is unknown, retry with the same "
             "idempotency key"
         )
+
+
+class EnqueueOutcomeUnknown(RedisUnavailable):
+    """Redis stopped answering while changes were written: ``unknown`` (account, idempotency key)
+    may or may not be enqueued, ``enqueued`` changes before them were. Enqueuing them again with
+    the same keys is safe: a change already written comes back as a duplicate."""
+
+    error_code = "outcome_unknown"
+
+    def __init__(self, reason: str, *, enqueued: int, unknown: Sequence[tuple[str, str]]) -> None:
+        self.enqueued = enqueued
+        self.unknown = tuple(unknown)
+        what = f"idempotency key {self.unknown[0][1]!r}" if len(self.unknown) == 1 else f"{len(self.unknown)} changes"
+        text = f"{reason}: whether {what} got enqueued is unknown, retry with the same key"
+        if len(self.unknown) > 1:
+            text += "s"
+        if enqueued:
+            text += f" ({enqueued} earlier change(s) were enqueued)"
+        super().__init__(text)
 
 
 class IvvyUnavailable(IvvyErrorDetails, RetryableError):
@@ -372,21 +421,30 @@ def error_for_response(
 #: a read-only replica (a demoted primary behind a plain URL), a failed snapshot, a busy script, a
 #: cluster or primary link down. redis-py turns some into classes of their own (and strips their
 #: code), the others keep it as the first word of the message. Anything else is a bug: not translated.
-REFUSAL_CLASSES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+#: (The classes are named in ``redis_errors``, which imports redis-py only when it is used.)
 REFUSAL_CODES = frozenset({"OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN"})
 
 
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
     """Translate redis-py's failures into ``RedisUnavailable`` (no answer) or ``RedisRefused`` (an
-    answer refusing the command for now) at the boundary."""
+    answer refusing the command for now) at the boundary; the answers that mean REDIS_URL is wrong
+    into ``ConfigError``."""
+    import redis.exceptions  # here, not at the top: ``leadstage --help`` has no use for redis-py
+
     try:
         yield
     except redis.exceptions.AuthenticationError as exc:  # a ConnectionError subclass: before it
         raise RedisCredentialsRefused(f"Redis refused the credentials of REDIS_URL: {type(exc).__name__}") from exc
-    except REFUSAL_CLASSES as exc:
+    except redis.exceptions.InvalidResponse:
+        raise ConfigError("REDIS_URL: what answers there is not Redis (its answer is not the Redis protocol)") from None
+    except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:  # the refusal classes
         raise RedisRefused(f"Redis refused the command: {type(exc).__name__}") from exc
     except redis.exceptions.ResponseError as exc:
+        if "DB index is out of range" in str(exc):
+            raise ConfigError("REDIS_URL selects a database number this Redis does not have") from None
+        if str(exc).startswith("WAIT cannot be used with replica"):  # a primary demoted under our feet
+            raise RedisRefused("Redis refused WAIT: the server is a replica now (a failover)") from exc
         code = str(exc).split(" ", 1)[0]
         if code in REFUSAL_CODES:  # exactly: BUSYGROUP or BUSYKEY are answers about data, not refusals
             raise RedisRefused(f"Redis refused the command: {code}") from exc

@@ -35,6 +35,8 @@ PENDING = "leadstage:pending"
 #: Set to the layout version once a queue of the single-queue layout has been migrated.
 LAYOUT = "leadstage:layout"
 LAYOUT_VERSION = "2"
+#: Hash job id -> "label change" of the keys a bulk enqueue has checked so far (ledger.BulkCheck).
+STAGING_PREFIX = "leadstage:staging:"
 
 
 def job_id(account: str, idempotency_key: str) -> str:

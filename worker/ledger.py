@@ -33,7 +33,9 @@ ledger's fields and the state machine are tabled in docs/architecture.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,19 +45,29 @@ from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
 
-from worker import keys, metrics, tracing
+from worker import keys, tracing
 from worker.change import Envelope, LeadStageChange
-from worker.errors import IdempotencyConflict, RedisNotReplicated, StaleRun, redis_errors
+from worker.errors import (
+    EnqueueOutcomeUnknown,
+    IdempotencyConflict,
+    RedisNotReplicated,
+    RedisUnavailable,
+    StaleRun,
+    redis_errors,
+)
 from worker.settings import Settings
 from worker.states import RUNS, Decision, Outcome, Phase, State, WaitReason
 
 EnqueueStatus = Literal["queued", "duplicate"]
 #: Changes per enqueue.lua call when enqueuing in bulk (Redis runs each call in one go: ~10 ms).
 ENQUEUE_CHUNK = 1000
+#: A bulk check's staging hash expires this long after its last chunk (an interrupted producer's).
+STAGING_TTL_MS = 3_600_000
 
 
 def now_ms() -> int:
@@ -204,63 +216,89 @@ class Ledger:
         self,
         items: Sequence[tuple[LeadStageChange, Envelope]],
         *,
-        all_or_nothing: bool = True,
+        labels: Sequence[str] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> list[Receipt]:
-        """Enqueue changes, ``ENQUEUE_CHUNK`` per script call; ``duplicate`` for a known key and change.
+        """Enqueue changes, all or nothing for the whole call; ``duplicate`` for a known key and change.
 
-        A known key with a different change raises ``IdempotencyConflict``; nothing of its chunk is
-        written. With ``all_or_nothing`` and more than one chunk, every chunk is checked first, so
-        a conflict enqueues nothing of the batch. ``progress`` is called with the size of each
-        chunk once it is enqueued (a bulk producer's progress bar). With
-        ``LEADSTAGE_REDIS_MIN_REPLICAS`` set, each chunk is confirmed by that many replicas, or
-        ``RedisNotReplicated`` says that its fate is unknown (retry with the same keys).
+        A key already used for a different change, or given twice in ``items`` with different
+        changes, raises ``IdempotencyConflict`` before anything is written: a batch of more than
+        one chunk is checked whole first (``BulkCheck``), then written ``ENQUEUE_CHUNK`` changes
+        per script call. Only a concurrent producer writing a conflicting change between the
+        check and the write can make a later chunk fail after earlier ones were written; the
+        error then says how many were enqueued. ``progress`` is called with the size of each
+        chunk once it is enqueued (a bulk producer's progress bar). ``labels`` name each item in
+        the caller's terms (``changes[3]``), for the errors. With ``LEADSTAGE_REDIS_MIN_REPLICAS``
+        set, each chunk is confirmed by that many replicas, or ``RedisNotReplicated`` says that
+        its fate is unknown (retry with the same keys).
         """
-        chunks = [items[start : start + ENQUEUE_CHUNK] for start in range(0, len(items), ENQUEUE_CHUNK)]
-        encoded = [_encode(chunk, self.settings.queue_name) for chunk in chunks]
-        if all_or_nothing and len(chunks) > 1:
-            for chunk, changes in zip(chunks, encoded, strict=True):
-                answers, _ = await self._call_enqueue("check", changes)
-                self._raise_conflict(chunk, answers)
+        names = [""] * len(items) if labels is None else labels
+        starts = range(0, len(items), ENQUEUE_CHUNK)
+
+        def chunk(start: int) -> Chunk:
+            return self.chunk(items[start : start + ENQUEUE_CHUNK], names[start : start + ENQUEUE_CHUNK])
+
+        if len(starts) > 1:
+            async with self.bulk_check() as check:
+                for start in starts:
+                    next_chunk = chunk(start)  # encoded while Redis checks the one before
+                    if check.busy:
+                        await check.receive()
+                    await check.send(next_chunk)
+                await check.receive()
         receipts: list[Receipt] = []
-        for chunk, changes in zip(chunks, encoded, strict=True):
-            accounts = [envelope.account for _, envelope in chunk]
-            answers, backlog = await self._call_enqueue("enqueue", changes, accounts=accounts)
-            self._raise_conflict(chunk, answers)
-            # The backlog a queued change joins: the account's count after the chunk, less the changes
-            # of the chunk queued behind it.
-            behind = Counter(
-                env.account for (_, env), answer in zip(chunk, answers, strict=True) if answer[0] == b"queued"
-            )
-            for (_, envelope), answer in zip(chunk, answers, strict=True):
-                job = keys.job_id(envelope.account, envelope.idempotency_key)
-                if answer[0] != b"queued":
-                    receipts.append(Receipt(job, envelope.idempotency_key, envelope.account, "duplicate"))
-                    continue
-                position = backlog.get(envelope.account, 0) - behind[envelope.account] + 1
-                behind[envelope.account] -= 1
-                receipts.append(
-                    Receipt(
-                        job, envelope.idempotency_key, envelope.account, "queued", position,
-                        self.expected_wait_s(envelope.account, position),
-                    )
-                )  # fmt: skip
+        async with self.bulk_write() as write:
+            for start in starts:
+                next_chunk = chunk(start)
+                if write.busy:
+                    receipts.extend(done := await write.receive())
+                    if progress is not None:
+                        progress(len(done))
+                await write.send(next_chunk)
+            receipts.extend(done := await write.receive())
             if progress is not None:
-                progress(len(chunk))
-        for receipt in receipts:
-            if receipt.expected_wait_s > self.settings.max_age_s:
-                metrics.ENQUEUED_PAST_MAX_AGE.labels(receipt.account).inc()
+                progress(len(done))
+        past = [receipt.account for receipt in receipts if receipt.expected_wait_s > self.settings.max_age_s]
+        if past:
+            from worker import metrics  # only here: a producer process (the CLI) need not load prometheus-client
+
+            for account in past:
+                metrics.ENQUEUED_PAST_MAX_AGE.labels(account).inc()
         return receipts
 
     def expected_wait_s(self, account: str, backlog: int) -> float:
         """How long the account's rate limit needs to send ``backlog`` changes."""
         return backlog / self.settings.rate_limit_for(account)
 
-    @staticmethod
-    def _raise_conflict(chunk: Sequence[tuple[LeadStageChange, Envelope]], answers: list[list[bytes]]) -> None:
-        for (_, envelope), answer in zip(chunk, answers, strict=True):
-            if answer[0] == b"conflict":
-                raise IdempotencyConflict(envelope.account, envelope.idempotency_key)
+    def chunk(self, items: Sequence[tuple[LeadStageChange, Envelope]], labels: Sequence[str]) -> Chunk:
+        """Up to ``ENQUEUE_CHUNK`` changes encoded for enqueue.lua, with their labels."""
+        return Chunk(_encode(items, self.settings.queue_name), labels)
+
+    def bulk_check(self) -> BulkCheck:
+        """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``)."""
+        return BulkCheck(self, keys.STAGING_PREFIX + secrets.token_hex(8))
+
+    def bulk_write(self) -> BulkWrite:
+        """The writes of a bulk enqueue, chunk by chunk, after its check (``async with``)."""
+        return BulkWrite(self)
+
+    def _enqueue_arguments(
+        self,
+        mode: Literal["enqueue", "check", "replay"],
+        changes: bytes,
+        *,
+        replay_of: tuple[str, str] = ("", ""),
+        staging: tuple[str, bytes] | None = None,
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        """enqueue.lua's keys and arguments; ``staging`` (check only): the staging hash and the
+        changes' labels as a JSON array."""
+        settings = self.settings
+        script_keys = [settings.dlq_stream, keys.PENDING]
+        args: list[bytes | str | int] = [mode, settings.ledger_retention_s * 1000, *replay_of, changes]
+        if staging is not None:
+            script_keys.append(staging[0])
+            args += [staging[1], STAGING_TTL_MS]
+        return script_keys, args
 
     async def _call_enqueue(
         self,
@@ -272,18 +310,12 @@ class Ledger:
     ) -> tuple[list[list[bytes]], dict[str, int]]:
         """enqueue.lua over changes encoded by ``_encode``: one answer per change, and the backlog of
         each account written to; the schedule is told about ``accounts`` in the same round trip."""
-        settings = self.settings
-        (answers, backlog), acked = await self._call(
-            self._enqueue,
-            [settings.dlq_stream, keys.PENDING],
-            [mode, settings.ledger_retention_s * 1000, *replay_of, changes],
-            confirm=mode != "check",
-            notify=accounts,
-        )
+        script_keys, args = self._enqueue_arguments(mode, changes, replay_of=replay_of)
+        reply, acked = await self._call(self._enqueue, script_keys, args, confirm=mode != "check", notify=accounts)
+        answers, backlog = _enqueue_reply(reply)
         if mode != "check" and not any(answer[0] in (b"conflict", b"not_failed") for answer in answers):
             self._require_replicas(acked, "the enqueued changes")
-        pairs = iter(backlog)
-        return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
+        return answers, backlog
 
     async def replay(
         self, change: LeadStageChange, envelope: Envelope, *, dlq_entry_id: str, generation: str
@@ -547,6 +579,223 @@ class Ledger:
         with redis_errors():
             raw = await self.client.hgetall(keys.ledger_key(job_id))  # type: ignore[misc]  # redis-py's async stubs
         return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Up to ``ENQUEUE_CHUNK`` validated changes as enqueue.lua takes them, each with a label: its
+    place in the bulk in the caller's terms (``changes[3]``, ``line 4``; no newline), for errors."""
+
+    changes: bytes
+    labels: Sequence[str]
+
+    def envelopes(self) -> list[tuple[str, str]]:
+        """(account, idempotency key) of each change."""
+        return [(change[5], change[6]) for change in orjson.loads(self.changes)]
+
+
+class _Pipe:
+    """enqueue.lua calls on one connection of their own, pipelined: a request is sent at once and
+    its answer read later, so Redis runs one chunk while the producer prepares the next. At most
+    one request is outstanding, so the chunks run in the order they were sent. A write is followed
+    by ``WAIT`` on the same connection when LEADSTAGE_REDIS_MIN_REPLICAS asks for it (WAIT counts
+    the replicas that have this connection's writes), in the same round trip."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._connection: Connection | None = None
+        self._request: tuple[Any, ...] | None = None  # sent, its answer not read yet
+        self._confirm = False  # a WAIT follows the request
+        self._notify: list[str] = []  # then the schedule's notice for these accounts
+
+    async def open(self) -> None:
+        """Connect: a failure here has sent nothing."""
+        with redis_errors():
+            self._connection = await self.ledger.client.connection_pool.get_connection()
+
+    async def close(self) -> None:
+        if self._connection is None:
+            return
+        connection, self._connection = self._connection, None
+        if self._request is not None:  # an answer nobody will read: the connection cannot be used again
+            with contextlib.suppress(RedisUnavailable), redis_errors():
+                await connection.disconnect()
+        await self.ledger.client.connection_pool.release(connection)
+
+    @property
+    def busy(self) -> bool:
+        return self._request is not None
+
+    async def send(self, mode: Literal["enqueue", "check"], changes: bytes, staging: tuple[str, bytes] | None) -> None:
+        assert self._connection is not None, "open() first"
+        assert self._request is None, "one request at a time"
+        script_keys, args = self.ledger._enqueue_arguments(mode, changes, staging=staging)
+        self._request = (len(script_keys), *script_keys, *args)
+        self._confirm = mode == "enqueue" and self.ledger.settings.redis_min_replicas > 0
+        # The schedule hears of the accounts written to in the same round trip (idle workers wake).
+        self._notify = sorted({account for account, _ in Chunk(changes, ()).envelopes()}) if mode == "enqueue" else []
+        with redis_errors():
+            await self._send_request()
+
+    async def _send_request(self) -> None:
+        """The script call, its WAIT and the schedule's notice: one write on the connection."""
+        assert self._connection is not None
+        assert self._request is not None
+        ledger = self.ledger
+        commands: list[tuple[EncodableT, ...]] = [("EVALSHA", ledger._enqueue.sha, *self._request)]
+        if self._confirm:
+            settings = ledger.settings
+            commands.append(("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)))
+        if self._notify:
+            commands.append(("EVALSHA", ledger._ready.sha, 3, *ledger._ready_keys, "notify", "", *self._notify))
+        await self._connection.send_packed_command(self._connection.pack_commands(commands))
+
+    async def _replies(self) -> list[Any]:
+        """The replies to the commands of one request (an error reply as its exception), in order."""
+        assert self._connection is not None
+        replies: list[Any] = []
+        for _ in range(1 + self._confirm + bool(self._notify)):
+            try:
+                replies.append(await self._connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def receive(self) -> tuple[list[list[bytes]], dict[str, int], int | None]:
+        """The answers of the request sent, the backlog of each account it wrote to, and how many
+        replicas confirmed it (None: not asked)."""
+        assert self._connection is not None, "open() first"
+        assert self._request is not None, "send() first"
+        connection, ledger = self._connection, self.ledger
+        with redis_errors():
+            replies = await self._replies()
+            if any(isinstance(r, NoScriptError) for r in replies):  # none ran: load them, send again
+                for script in (ledger._enqueue, ledger._ready):
+                    await connection.send_command("SCRIPT", "LOAD", script.script)
+                    script.sha = (await connection.read_response()).decode()
+                await self._send_request()
+                replies = await self._replies()
+            for error in replies:
+                if isinstance(error, Exception):
+                    raise error
+        reply = replies[0]
+        acked = int(replies[1]) if self._confirm else None
+        self._request = None
+        answers, backlog = _enqueue_reply(reply)
+        return answers, backlog, acked
+
+
+class BulkCheck:
+    """Checks a bulk enqueue chunk by chunk before its first write: every key against the ledger
+    and against the keys checked before it (a staging hash in Redis, so the producer's memory
+    stays bounded by a chunk). Nothing is enqueued; the staging hash is removed at the end.
+
+    ``send(chunk)``, then ``receive()`` (which raises ``IdempotencyConflict`` for the first key of
+    the chunk that cannot be enqueued); between the two, prepare the next chunk.
+    """
+
+    def __init__(self, ledger: Ledger, staging_key: str) -> None:
+        self.ledger = ledger
+        self.staging_key = staging_key
+        self._pipe = _Pipe(ledger)
+        self._chunk: Chunk | None = None
+
+    async def __aenter__(self) -> BulkCheck:
+        await self._pipe.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pipe.close()
+        with contextlib.suppress(RedisUnavailable), redis_errors():
+            await self.ledger.client.unlink(self.staging_key)  # or it expires after STAGING_TTL_MS
+
+    @property
+    def busy(self) -> bool:
+        """Whether a chunk was sent and its answer is not received yet."""
+        return self._pipe.busy
+
+    async def send(self, chunk: Chunk) -> None:
+        self._chunk = chunk
+        await self._pipe.send("check", chunk.changes, (self.staging_key, orjson.dumps(list(chunk.labels))))
+
+    async def receive(self) -> None:
+        assert self._chunk is not None
+        answers, _, _ = await self._pipe.receive()
+        for index, answer in enumerate(answers):
+            if answer[0] in (b"conflict", b"twice"):
+                account, key = self._chunk.envelopes()[index]
+                earlier = answer[1].decode() if answer[0] == b"twice" else None
+                raise IdempotencyConflict(account, key, label=self._chunk.labels[index], earlier_label=earlier)
+
+
+class BulkWrite:
+    """Writes checked chunks, each one atomically, pipelined like ``BulkCheck``: ``send(chunk)``,
+    then ``receive()`` its receipts.
+
+    A conflict (only possible when another producer wrote the key after the check) raises
+    ``IdempotencyConflict``, with nothing of the chunk written; no answer raises
+    ``EnqueueOutcomeUnknown`` naming the chunk's changes as unknown. Either way the error counts
+    the changes written before (``enqueued``).
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._pipe = _Pipe(ledger)
+        self._chunk: Chunk | None = None
+        self.enqueued = 0
+
+    async def __aenter__(self) -> BulkWrite:
+        await self._pipe.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pipe.close()
+
+    @property
+    def busy(self) -> bool:
+        return self._pipe.busy
+
+    async def send(self, chunk: Chunk) -> None:
+        self._chunk = chunk
+        try:
+            await self._pipe.send("enqueue", chunk.changes, None)
+        except RedisUnavailable as exc:
+            raise EnqueueOutcomeUnknown(str(exc), enqueued=self.enqueued, unknown=chunk.envelopes()) from exc
+
+    async def receive(self) -> list[Receipt]:
+        assert self._chunk is not None
+        envelopes = self._chunk.envelopes()
+        try:
+            answers, backlog, acked = await self._pipe.receive()
+        except RedisUnavailable as exc:
+            raise EnqueueOutcomeUnknown(str(exc), enqueued=self.enqueued, unknown=envelopes) from exc
+        for (account, key), label, answer in zip(envelopes, self._chunk.labels, answers, strict=True):
+            if answer[0] == b"conflict":
+                raise IdempotencyConflict(account, key, label=label, enqueued_before=self.enqueued)
+        ledger = self._pipe.ledger
+        ledger._require_replicas(acked, "the enqueued changes")
+        self.enqueued += len(answers)
+        # The backlog a queued change joins: the account's count after the chunk, less the changes
+        # of the chunk queued behind it.
+        behind = Counter(
+            account for (account, _), answer in zip(envelopes, answers, strict=True) if answer[0] == b"queued"
+        )
+        receipts = []
+        for (account, key), answer in zip(envelopes, answers, strict=True):
+            job = keys.job_id(account, key)
+            if answer[0] != b"queued":
+                receipts.append(Receipt(job, key, account, "duplicate"))
+                continue
+            position = backlog.get(account, 0) - behind[account] + 1
+            behind[account] -= 1
+            receipts.append(Receipt(job, key, account, "queued", position, ledger.expected_wait_s(account, position)))
+        return receipts
+
+
+def _enqueue_reply(reply: list[Any]) -> tuple[list[list[bytes]], dict[str, int]]:
+    """enqueue.lua's reply: the answers, and account -> backlog for the accounts written to."""
+    answers, backlog = reply
+    pairs = iter(backlog)
+    return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
 
 
 def _encode(items: Sequence[tuple[LeadStageChange, Envelope]], queue_name: str) -> bytes:

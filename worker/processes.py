@@ -291,16 +291,23 @@ async def until_signalled(work: Awaitable[_T]) -> _T | None:
     """
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
+    stop = asyncio.Event()
     for signum in _STOP_SIGNALS:
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, stop.set)
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        return await task
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        while not task.done():
+            # Cancelled again until it ends: redis-py (5.3, with a socket timeout) can lose a
+            # cancellation that lands while it reads (``leadstage results --follow`` then ran on).
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        return None if task.cancelled() else task.result()
     except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if not task.cancelled() or (current is not None and current.cancelling()):
-            raise  # this coroutine itself was cancelled, not ``work`` by a signal
-        return None
+        task.cancel()  # this coroutine itself was cancelled, not ``work`` by a signal: so is ``work``
+        raise
     finally:
+        stopped.cancel()
         for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
 from worker.errors import ConfigError, RedisUnavailable, redis_errors
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 __all__ = ["RedisTarget", "connect_redis", "parse_redis_url", "ping", "printable_url"]
 
@@ -33,6 +36,9 @@ DEFAULT_SENTINEL_PORT: Final = 26379
 DEFAULT_SENTINEL_SERVICE: Final = "mymaster"
 #: A connection attempt to Redis gives up after this long (an unroutable host would hang otherwise).
 CONNECT_TIMEOUT_S: Final = 5.0
+#: How long a command waits for its answer by default (LEADSTAGE_REDIS_TIMEOUT): a hung Redis is an
+#: error, not a hang. Blocking reads must block for less (the readers block 2 s at a time).
+TIMEOUT_S: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -135,8 +141,11 @@ class SentinelManagedRedis(aioredis.Redis):
         await close_sentinels(self)
 
 
-def connect_redis(url: str) -> aioredis.Redis:
-    """A Redis client for ``url`` (any form above); lazy, no I/O. Responses stay bytes.
+def connect_redis(
+    url: str, *, timeout_s: float = TIMEOUT_S, connect_timeout_s: float = CONNECT_TIMEOUT_S
+) -> aioredis.Redis:
+    """A Redis client for ``url`` (any form above); lazy, no I/O. Responses stay bytes. Every
+    command waits ``timeout_s`` for its answer at most, a connection ``connect_timeout_s``.
 
     A URL that is not usable is a ``ConfigError`` naming REDIS_URL, without its password.
     """
@@ -144,7 +153,8 @@ def connect_redis(url: str) -> aioredis.Redis:
     if target.sentinel:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             list(target.hosts),
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=connect_timeout_s,
             password=target.password,
             db=target.database,
         )
@@ -153,13 +163,22 @@ def connect_redis(url: str) -> aioredis.Redis:
         )
         return client
     try:
-        plain: aioredis.Redis = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S)
+        plain: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s
+        )
     except ValueError as exc:  # a query option redis-py does not know
         reason = str(exc)
         if target.password:
             reason = reason.replace(target.password, "***")
         raise ConfigError(f"REDIS_URL is not a usable Redis URL: {reason}") from None
     return plain
+
+
+def connect_redis_of(settings: Settings) -> aioredis.Redis:
+    """``connect_redis`` with the URL and the timeouts of ``settings``."""
+    return connect_redis(
+        settings.redis_url, timeout_s=settings.redis_timeout_s, connect_timeout_s=settings.redis_connect_timeout_s
+    )
 
 
 async def ping(client: aioredis.Redis, timeout_s: float) -> None:

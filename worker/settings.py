@@ -22,7 +22,7 @@ import orjson
 
 from worker.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.errors import ConfigError, InvalidChange
-from worker.redis_connection import parse_redis_url
+from worker.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S, parse_redis_url
 
 #: The fake iVvy's credentials when IVVY_API_KEY / IVVY_API_SECRET are unset (demo and tests only).
 DEMO_API_KEY = "demo-key"
@@ -103,6 +103,8 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "metrics_port": ("LEADSTAGE_METRICS_PORT", "port"),
     "log_format": ("LEADSTAGE_LOG_FORMAT", "log_format"),
     "log_level": ("LEADSTAGE_LOG_LEVEL", "log_level"),
+    "redis_timeout_s": ("LEADSTAGE_REDIS_TIMEOUT", "positive_float"),
+    "redis_connect_timeout_s": ("LEADSTAGE_REDIS_CONNECT_TIMEOUT", "positive_float"),
     "console_token": ("LEADSTAGE_CONSOLE_TOKEN", "token"),
     "console_read_token": ("LEADSTAGE_CONSOLE_READ_TOKEN", "token"),
     "console_tls_proxy": ("LEADSTAGE_CONSOLE_TLS_PROXY", "flag"),
@@ -151,6 +153,10 @@ class Settings:
     log_format: LogFormat = "auto"
     #: None when LEADSTAGE_LOG_LEVEL is unset: info (the demo, which is read by a person: warning).
     log_level: LogLevel | None = None
+    #: Every Redis command of a producer or reader waits this long for its answer at most.
+    redis_timeout_s: float = TIMEOUT_S
+    #: Connecting to Redis gives up after this long (an unroutable host would hang otherwise).
+    redis_connect_timeout_s: float = CONNECT_TIMEOUT_S
     #: ``leadstage console``: the token that may read and change (replay, discard); the console is
     #: off without it. The read-only token, when set, may only read.
     console_token: Secret | None = None

@@ -37,8 +37,6 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-import redis.exceptions
-
 from worker import keys
 from worker.errors import ConfigError, IvvyNoAnswer
 
@@ -280,6 +278,8 @@ async def stored_traceparent(client: aioredis.Redis, job_id: str) -> str:
     """
     if _tracer is None:
         return ""
+    import redis.exceptions  # here: a CLI that only parses its flags has no use for redis-py
+
     try:
         raw = await client.hget(keys.ledger_key(job_id), LEDGER_FIELD)  # type: ignore[misc]  # redis-py's async stubs
     except (redis.exceptions.RedisError, OSError):

@@ -1,19 +1,26 @@
 -- Enqueue changes (or replay a dead-lettered one): for each, the ledger entry, the ordering
 -- sequence and the entry in its account's queue. Atomic for the whole call: with 'enqueue', every
--- key is checked before anything is written, so a conflict anywhere writes nothing; 'check' only
--- checks. The ledger hash is the job's record; the queue holds only its id. Times are the server's.
--- KEYS: 1 dead-letter stream, 2 pending hash (account -> changes not yet terminal)
+-- key is checked before anything is written, so a conflict anywhere writes nothing. 'check'
+-- enqueues nothing: it checks each key against the ledger and against the staging hash of its bulk
+-- enqueue (KEYS[3]), which holds every key checked so far in that bulk as 'label<newline>change',
+-- so that a key given twice with different changes is found across calls, before the bulk's first
+-- write. The ledger hash is the job's record; the queue holds only its id. Times are the server's.
+-- KEYS: 1 dead-letter stream, 2 pending hash (account -> changes not yet terminal), 3 staging hash
+--       ('check' only)
 -- ARGV: 1 mode ('enqueue' | 'check' | 'replay'), 2 retention (ms), 3 dead-letter entry id to
 --       remove or '' (replay), 4 generation of that dead letter or '' (replay), 5 the changes: a
 --       JSON array of [job id, change (canonical JSON), operation, stage id or '', changed fields
 --       (csv), account, idempotency key, source, ledger key, stage key or '' (adds), lock key,
 --       account queue key, traceparent or '' (worker.tracing; stored as 'trace', never compared:
---       only the change is)]
+--       only the change is)], 6 ('check' only) a JSON array of each change's label (its place in
+--       the bulk, as text without newlines), 7 ('check' only) the staging hash's time to live (ms)
 -- One JSON argument instead of a dozen per change keeps the client's work per change small; every
 -- key name in it is made by worker.keys (the account's keys share its hash tag, so one cluster
 -- slot per account), and the ledger keeps the names of its stage hash and lock for start.lua.
 -- Reply: {answers, backlog} with one answer per change: {'queued', generation} |
---   {'duplicate', state} | {'conflict', ''} | {'not_failed', state} (replay) | {'new', ''} (check);
+--   {'duplicate', state} | {'conflict', ''} | {'not_failed', state} (replay) | {'new', ''} (check) |
+--   {'twice', label of the change that used the key first} (check: the key comes twice in the
+--   bulk with different changes);
 --   backlog: {account, changes of that account not yet terminal, ...} for the accounts written to.
 local dlq, pending = KEYS[1], KEYS[2]
 local mode, retention = ARGV[1], ARGV[2]
@@ -23,11 +30,22 @@ local changes = cjson.decode(ARGV[5])
 local function ledger_key(c) return c[9] end
 
 local answers, seen, conflict = {}, {}, false
+local labels = mode == 'check' and cjson.decode(ARGV[6])
 for i, c in ipairs(changes) do
   local job, change = c[1], c[2]
   local existing = redis.call('HMGET', ledger_key(c), 'change', 'state', 'gen')
   if seen[job] then existing = {seen[job], 'queued', '0'} end
-  if mode == 'replay' then
+  if mode == 'check' and not existing[1] then
+    if redis.call('HSETNX', KEYS[3], job, labels[i] .. '\n' .. change) == 1 then
+      answers[i] = {'new', ''}
+    else
+      local staged = redis.call('HGET', KEYS[3], job)
+      local gap = string.find(staged, '\n', 1, true)
+      if string.sub(staged, gap + 1) == change then answers[i] = {'new', ''} else
+        answers[i] = {'twice', string.sub(staged, 1, gap - 1)}
+      end
+    end
+  elseif mode == 'replay' then
     if existing[2] and existing[2] ~= 'failed' then
       answers[i] = {'not_failed', existing[2]}
     else
@@ -43,7 +61,11 @@ for i, c in ipairs(changes) do
     seen[job] = change
   end
 end
-if mode == 'check' or conflict then return {answers, {}} end
+if mode == 'check' then
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  return {answers, {}}
+end
+if conflict then return {answers, {}} end
 
 local written = {}
 for i, c in ipairs(changes) do
