@@ -2,7 +2,7 @@
 # Refreshes the lock files from pyproject.toml's ranges (and requirements/build.in): the newest
 # versions the ranges allow, each pinned with the hashes of its files, for every platform.
 #   requirements/dev.txt      setup.sh and CI: the project's dependencies, the test extra, the build tools
-#   requirements/runtime.txt  the Docker image: the project's dependencies only
+#   requirements/runtime.txt  the Docker image: the project's dependencies and the otel extra
 #   requirements/build.txt    the image's build stage: the build tools only
 # Run it after changing a dependency in pyproject.toml (or to take new releases), then commit the
 # three files; scripts/setup.sh re-installs by itself when they change. Extra arguments go to
@@ -20,6 +20,6 @@ compile() {
         --no-header --output-file "$out" "$@"
 }
 compile requirements/dev.txt pyproject.toml requirements/build.in --extra test --extra otel "${@}"
-compile requirements/runtime.txt pyproject.toml "${@}"
+compile requirements/runtime.txt pyproject.toml --extra otel "${@}"  # the image can trace (OTEL_*)
 compile requirements/build.txt requirements/build.in "${@}"
 echo "lock files refreshed: requirements/dev.txt, requirements/runtime.txt, requirements/build.txt"

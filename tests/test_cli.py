@@ -801,7 +801,7 @@ def test_help_and_a_single_enqueue_import_only_what_they_need(env: dict[str, str
         "from worker.cli import main\n"
         "with contextlib.suppress(SystemExit):\n"
         "    main(sys.argv[1:])\n"
-        "heavy = ('redis', 'structlog', 'prometheus_client', 'tqdm', 'aiohttp', 'arq')\n"
+        "heavy = ('redis', 'structlog', 'prometheus_client', 'aiohttp', 'arq')\n"
         "print('imported:', *sorted(m for m in heavy if m in sys.modules))\n"
     )
 

@@ -283,7 +283,7 @@ def locked_versions(path: Path) -> dict[str, str]:
     return {canonicalize_name(name): version for name, version in pins}
 
 
-@pytest.mark.parametrize(("lock", "extras"), [("dev", ("test",)), ("runtime", ())])
+@pytest.mark.parametrize(("lock", "extras"), [("dev", ("test", "otel")), ("runtime", ("otel",))])
 def test_the_lock_files_satisfy_pyproject(lock: str, extras: tuple[str, ...]) -> None:
     """A dependency added to pyproject without ``bash scripts/lock.sh`` fails here, naming it."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
