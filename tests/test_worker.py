@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from arq.constants import health_check_key_suffix
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.change import parse_change, parse_envelope
@@ -116,3 +117,14 @@ async def test_the_last_enqueued_value_wins(
     assert (stage.name, stage.colour) == ("Name 27", "#000029")
     assert {events[0]["event"] for events in terminal.values()} <= {"succeeded", "superseded"}
     assert all(len(events) == 1 for events in terminal.values())
+
+
+async def test_an_idle_worker_keeps_arqs_health_check_key(settings: Settings, redis_client: aioredis.Redis) -> None:
+    # The wait for work blocks while idle: the health check (what `arq --check` and the bench read)
+    # is written before it, not only once work arrives.
+    async with running_worker(settings):
+
+        async def healthy() -> bool:
+            return bool(await redis_client.exists(settings.queue_name + health_check_key_suffix))
+
+        await eventually(healthy, within_s=5)

@@ -152,12 +152,13 @@ class LeadstageWorker(Worker):
                 await migrate(runtime.ledger)
                 await runtime.ledger.resync(runtime.settings.accounts)
                 self.prepared = True
+            # Before the wait, which blocks while idle: arq's health check must not wait for work.
+            with redis_errors():
+                await self.heart_beat()
             await self._serve(runtime)
             for job_id, task in list(self.tasks.items()):
                 if task.done():
                     del self.tasks[job_id]
-            with redis_errors():
-                await self.heart_beat()
         except RedisUnavailable as error:
             if not self.allow_pick_jobs:
                 return  # shutting down: the blocking wait was cut off by the closing pool
