@@ -44,6 +44,8 @@ from bench.measure import (
 )
 from bench.profile import PySpy
 from bench.side import Side
+from worker import keys
+from worker.change import DEFAULT_ACCOUNT
 from worker.processes import Child, Children
 
 #: Changes enqueued and finished before a latency phase starts measuring: the first job of a
@@ -275,8 +277,9 @@ async def run_cli(rig: Rig, side: Side, *, changes: int, tag: str) -> dict[str, 
         for key, change in items:
             out.write(orjson.dumps({**change, "idempotency_key": key}) + b"\n")
     elapsed = await _timed_command(["enqueue", "--file", str(path)], env)
-    if await rig.probe.zcard(side.queue_name) != changes:
-        raise BenchError(f"leadstage enqueue --file enqueued {await rig.probe.zcard(side.queue_name)} of {changes}")
+    queued = await rig.probe.zcard(keys.queue_key(side.queue_name, DEFAULT_ACCOUNT))  # the file's one account
+    if queued != changes:
+        raise BenchError(f"leadstage enqueue --file enqueued {queued} of {changes}")
     helps = [await _timed_command(["--help"], env) for _ in range(STARTUP_RUNS)]
     singles = [
         await _timed_command(["enqueue", "--name", f"Single {tag} {i}", "--apply-to", "lead"], env)
