@@ -97,10 +97,6 @@ class Runtime:
     running: dict[str, Lease] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
 
-    def rate_limit(self, account: str) -> float:
-        client = self.clients.get(account)
-        return client.account.rate_limit if client else self.settings.rate_limit
-
     def wall_ms(self) -> int:
         """This host's clock (with the test offset): event times only, never a decision."""
         return int((time.time() + self.settings.clock_offset_s) * 1000)

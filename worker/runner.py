@@ -95,7 +95,7 @@ class LeadstageWorker(Worker):
             while self.allow_pick_jobs and self.job_counter < self.max_jobs:
                 claimed_at = time.monotonic()
                 start = await runtime.ledger.claim(
-                    account, runtime.worker_id, runtime.rate_limit(account), runtime.rng.randrange(30)
+                    account, runtime.worker_id, runtime.settings.rate_limit_for(account), runtime.rng.randrange(30)
                 )
                 next_ms = start.account_next_ms
                 if start.decision is Decision.MISSING:
