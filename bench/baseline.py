@@ -27,7 +27,7 @@ from arq.worker import Worker, func
 from bench.infra import BenchError
 from bench.measure import Probe
 from bench.workload import Change, Item
-from worker.settings import Settings
+from worker.core.settings import Settings
 from worker.signing import API_VERSION, signed_headers
 
 JOB_NAME = "post_change"

@@ -1,6 +1,6 @@
-"""What a run needs beyond the process toolkit (``worker.processes``): its error, loopback checks, CPU time.
+"""What a run needs beyond the process toolkit (``worker.core.processes``): its error, loopback checks, CPU time.
 
-Every process of a run is a child in one ``worker.processes.Children``; leaving it (normally, on
+Every process of a run is a child in one ``worker.core.processes.Children``; leaving it (normally, on
 an error, on Ctrl-C or SIGTERM) stops each of them by its own pid, so a run never leaves a worker
 or a Redis behind.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from worker.processes import SOURCE_ROOT, Child, Children, is_loopback, python_module
+from worker.core.processes import SOURCE_ROOT, Child, Children, is_loopback, python_module
 
 #: Where the repository lives: worker processes import ``worker`` and ``bench`` from here.
 REPO_ROOT = SOURCE_ROOT

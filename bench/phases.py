@@ -44,9 +44,9 @@ from bench.measure import (
 )
 from bench.profile import PySpy
 from bench.side import Side
-from worker import keys
-from worker.change import DEFAULT_ACCOUNT
-from worker.processes import Child, Children
+from worker.core import keys
+from worker.core.change import DEFAULT_ACCOUNT
+from worker.core.processes import Child, Children
 
 #: Changes enqueued and finished before a latency phase starts measuring: the first job of a
 #: fresh worker opens its HTTP connection and loads scripts, which is not steady-state latency.

@@ -13,13 +13,13 @@ import contextlib
 import sys
 from collections.abc import Sequence
 
-from worker.settings import Settings
+from worker.core.settings import Settings
 
 
 def _fake_ivvy(rest: Sequence[str]) -> int:
     """The fake iVvy on uvloop when installed: the fake is infrastructure, and the less CPU it
     takes on a two-core machine, the less it takes away from the worker being measured."""
-    from worker import fake_ivvy
+    from worker.devtools import fake_ivvy
 
     with contextlib.suppress(ImportError):
         import uvloop

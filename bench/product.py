@@ -4,7 +4,7 @@ The worker process is the product's own entry point (``worker.runner.run_worker`
 installed, ``build_worker``, arq's run loop) configured from the environment exactly as
 ``leadstage worker`` is, with the rate limit set out of the way (1e6/s) and metrics off.
 Producers use ``producers.LeadStageProducer``; while that library is not importable (it is
-being written), ``worker.ledger.Ledger.enqueue_many`` over ``parse_change``/``parse_envelope``,
+being written), ``worker.core.ledger.Ledger.enqueue_many`` over ``parse_change``/``parse_envelope``,
 which is what the library calls.
 """
 
@@ -19,10 +19,10 @@ import redis.asyncio as aioredis
 from bench.infra import BenchError
 from bench.measure import Probe
 from bench.workload import Change, Item
-from worker.change import DEFAULT_ACCOUNT, parse_change, parse_envelope
-from worker.ledger import Ledger, Receipt
-from worker.results import TERMINAL_EVENTS
-from worker.settings import Account, Secret, Settings
+from worker.core.change import DEFAULT_ACCOUNT, parse_change, parse_envelope
+from worker.core.ledger import Ledger, Receipt
+from worker.core.results import TERMINAL_EVENTS
+from worker.core.settings import Account, Secret, Settings
 
 #: Far above what one worker can do, so the shared rate limiter never makes a job wait.
 UNLIMITED_RATE = 1_000_000.0
@@ -48,7 +48,7 @@ def run_product_worker(settings: Settings, *, uvloop: bool) -> int:
 
     ``uvloop=False`` runs the same worker on the standard asyncio loop, to price uvloop.
     """
-    from worker.logs import configure_logging
+    from worker.core.logs import configure_logging
     from worker.runner import build_worker, run_worker
 
     configure_logging(settings)
@@ -119,7 +119,7 @@ def _make_enqueuer(settings: Settings, *, library_allowed: bool) -> tuple[_Enque
         # An empty ``producers`` directory imports as a namespace package without the class.
         if hasattr(library, "LeadStageProducer") and hasattr(library, "ChangeItem"):
             return _LibraryEnqueuer(settings, library), "producers.LeadStageProducer"
-    return _LedgerEnqueuer(settings), "worker.ledger.Ledger.enqueue_many"
+    return _LedgerEnqueuer(settings), "worker.core.ledger.Ledger.enqueue_many"
 
 
 class ProductSide:

@@ -7,7 +7,7 @@
 4. optionally (``--profile``) one more product throughput run under py-spy;
 5. the table on stdout, everything in ``bench/results/latest.json``.
 
-Every child process is stopped on the way out, whatever happens (``worker.processes.Children``).
+Every child process is stopped on the way out, whatever happens (``worker.core.processes.Children``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from bench.measure import Probe
 from bench.product import ProductSide, product_env
 from bench.profile import RATE_HZ, summarize
 from bench.side import Side
-from worker.errors import ProcessFailed
-from worker.processes import LOOPBACK, Children, RedisServer, free_port, sigterm_as_interrupt, wait_for_port
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Settings
+from worker.core.errors import ProcessFailed
+from worker.core.processes import LOOPBACK, Children, RedisServer, free_port, sigterm_as_interrupt, wait_for_port
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Settings
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 PHASES = ("throughput", "latency", "bulk", "cli")

@@ -6,7 +6,7 @@
 
 from producers.library import ChangeItem, InvalidBatch, LeadStageProducer, Receipt
 from producers.outcomes import DeadLetterConsumer, ResultsConsumer, UnknownChange, WaitTimeout
-from worker.results import DeadLetter, ResultEvent
+from worker.core.results import DeadLetter, ResultEvent
 
 __all__ = [
     "ChangeItem",

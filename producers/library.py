@@ -15,7 +15,7 @@ Public API (re-exported by ``producers``)::
   each item is a change (a mapping) or a ``ChangeItem`` carrying its own key, account or source.
   All or nothing for the whole call: every item is validated, and every key checked against the
   ledger and against the items before it, before anything is written; then the batch goes to
-  Redis in pipelined chunks (``worker.ledger.ENQUEUE_CHUNK`` changes per script call), so 50,000
+  Redis in pipelined chunks (``worker.core.ledger.ENQUEUE_CHUNK`` changes per script call), so 50,000
   changes take a few dozen round trips, not 50,000. Only a concurrent producer writing one of its
   keys with another change between the check and the write stops it midway, with an
   ``IdempotencyConflict`` that counts what was enqueued (``enqueued_before``).
@@ -27,7 +27,7 @@ Public API (re-exported by ``producers``)::
 * ``aclose()`` (or ``async with``) closes the Redis connection the producer opened itself; a
   client passed in belongs to the caller.
 
-Errors (``worker.errors``): ``InvalidChange`` names each bad field (``InvalidBatch``, a subclass,
+Errors (``worker.core.errors``): ``InvalidChange`` names each bad field (``InvalidBatch``, a subclass,
 names the item index too, as ``changes[3].name``); ``UnknownAccount`` when accounts are
 configured (IVVY_* or LEADSTAGE_ACCOUNTS_FILE) and the account is not one of them; otherwise only
 the account name's format is checked, so a producer host needs no iVvy credentials.
@@ -36,7 +36,7 @@ enqueued); ``RedisUnavailable`` when Redis does not answer (nothing was enqueued
 subclass ``EnqueueOutcomeUnknown`` when Redis stopped answering after changes were sent: they
 may or may not be enqueued, and enqueuing them again with the same keys is safe (a change
 already written comes back as ``duplicate``). Every Redis command waits LEADSTAGE_REDIS_TIMEOUT
-at most. Validation is ``worker.change``'s:
+at most. Validation is ``worker.core.change``'s:
 producers and workers apply the same rules.
 
 Nothing is pickled: the queue holds job ids (``{account}:{idempotency_key}``) and each job's record
@@ -53,12 +53,12 @@ from typing import Final
 import redis.asyncio as aioredis
 
 from producers.outcomes import SharedReader, Waits
-from worker import tracing
-from worker.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
-from worker.errors import FieldError, InvalidChange, UnknownAccount
-from worker.ledger import Ledger, Receipt
-from worker.redis_connection import connect_redis, connect_redis_of
-from worker.settings import Settings
+from worker.core import tracing
+from worker.core.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
+from worker.core.errors import FieldError, InvalidChange, UnknownAccount
+from worker.core.ledger import Ledger, Receipt
+from worker.core.redis_connection import connect_redis, connect_redis_of
+from worker.core.settings import Settings
 
 __all__ = [
     "ChangeItem",
@@ -273,7 +273,7 @@ class LeadStageProducer(Waits):
             receipts = await self.ledger.enqueue_many(items, labels=labels, progress=progress)
         if not self.metrics:
             return receipts
-        from worker import metrics
+        from worker.core import metrics
 
         for status in ("queued", "duplicate"):
             count = sum(1 for r in receipts if r.status == status)

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the HTTP producer, served at ``GET /openapi.json``.
 
-It is built from the same constants the validation uses (``worker.change``) and the handler's
+It is built from the same constants the validation uses (``worker.core.change``) and the handler's
 own limits, so the document and the server cannot drift apart silently; tests run schemathesis
 against it. Where the server is more lenient than a JSON Schema can say simply (the name is
 trimmed before its length is checked, applyTo words ignore case), the schema states the strict
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import quote
 
-from worker.change import (
+from worker.core.change import (
     ACCOUNT_PATTERN,
     ALIASES,
     APPLY_TO_LEAD,
@@ -25,8 +25,8 @@ from worker.change import (
     NAME_MAX_CHARS,
     NAME_PATTERN,
 )
-from worker.ledger import Receipt
-from worker.results import EVENTS
+from worker.core.ledger import Receipt
+from worker.core.results import EVENTS
 
 CHANGES_PATH: Final = "/v1/lead-stage-changes"
 #: Where one change's status is read (``producers.status``); the key is percent-encoded in it.
@@ -422,7 +422,7 @@ def _nullable(kind: str) -> dict[str, Any]:
 def _result_event_schema() -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "One event of the results stream, typed (worker.results.ResultEvent).",
+        "description": "One event of the results stream, typed (worker.core.results.ResultEvent).",
         "required": ["id", "event", "idempotency_key", "job_id", "account", "attempt", "generation"],
         "properties": {
             "id": {"type": "string", "description": "The results stream's entry id."},

@@ -11,7 +11,7 @@ Public API (re-exported by ``producers``)::
             handle(event)
             await consumer.ack(event)                           # explicit: unacked ones come again
 
-* ``wait`` returns the change's terminal event (``worker.results.ResultEvent``) of its current
+* ``wait`` returns the change's terminal event (``worker.core.results.ResultEvent``) of its current
   generation, at once when there is one already. ``WaitTimeout`` says where the change stands
   (``status``: ``readers.change_status``) when none comes in time; ``UnknownChange`` when the
   ledger does not know the key. Every concurrent wait of one producer shares one reader: a single
@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Final, Generic, Literal, Self, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from worker import keys, readers
-from worker.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.errors import ConfigError, LeadstageError, PermanentError, RetryableError, redis_errors
-from worker.ledger import Receipt
-from worker.results import TERMINAL_EVENTS, DeadLetter, InvalidEvent, ResultEvent
-from worker.settings import Settings
-from worker.states import TERMINAL
+from worker.core import keys, readers
+from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
+from worker.core.errors import ConfigError, LeadstageError, PermanentError, RetryableError, redis_errors
+from worker.core.ledger import Receipt
+from worker.core.results import TERMINAL_EVENTS, DeadLetter, InvalidEvent, ResultEvent
+from worker.core.settings import Settings
+from worker.core.states import TERMINAL
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -65,7 +65,7 @@ __all__ = [
 def _log() -> FilteringBoundLogger:
     """The module's logger, made when first used: importing structlog costs a producer's start-up
     (``leadstage enqueue``) some 100 ms, and only a reader that retries logs."""
-    from worker.logs import get_logger
+    from worker.core.logs import get_logger
 
     return get_logger("leadstage.outcomes")
 

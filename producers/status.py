@@ -3,7 +3,7 @@
 Every 202 of ``POST /v1/lead-stage-changes`` gives each receipt a ``location`` (and a single change
 a ``Location`` header): this route (``producers.openapi.location``). It answers 200 with where the
 change stands (the ledger's state, attempts and history, as ``leadstage status`` prints them) and
-``event``: its terminal event once it has one (``worker.results.ResultEvent.as_dict``), null
+``event``: its terminal event once it has one (``worker.core.results.ResultEvent.as_dict``), null
 before. 404 when the account has no such change (never enqueued, another account's, or finished
 longer ago than the ledger retention).
 
@@ -37,9 +37,9 @@ from aiohttp import web
 from producers.openapi import STATUS_PATH
 from producers.outcomes import standing
 from producers.webhook import ACCOUNT_HEADER, Problem, _invalid, _named, _unavailable
-from worker.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.errors import ConfigError, InvalidChange, RedisUnavailable
-from worker.settings import Settings
+from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
+from worker.core.errors import ConfigError, InvalidChange, RedisUnavailable
+from worker.core.settings import Settings
 
 __all__ = ["account_secrets", "add_status_route", "authenticated_account", "status_token"]
 

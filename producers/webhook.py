@@ -65,13 +65,13 @@ from producers.openapi import (
     location,
     openapi_document,
 )
-from worker import metrics, tracing
-from worker.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.errors import ConfigError, FieldError, IdempotencyConflict, InvalidChange, RedisUnavailable
-from worker.logs import get_logger
-from worker.processes import signalled
-from worker.redis_connection import connect_redis, ping
-from worker.settings import Settings
+from worker.core import metrics, tracing
+from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
+from worker.core.errors import ConfigError, FieldError, IdempotencyConflict, InvalidChange, RedisUnavailable
+from worker.core.logs import get_logger
+from worker.core.processes import signalled
+from worker.core.redis_connection import connect_redis, ping
+from worker.core.settings import Settings
 
 __all__ = ["Verifier", "create_app", "run_webhook", "verifiers", "verify_signature"]
 

@@ -19,10 +19,10 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from worker import keys
-from worker.ledger import now_ms
-from worker.results import TERMINAL_EVENTS
-from worker.settings import Settings
+from worker.core import keys
+from worker.core.ledger import now_ms
+from worker.core.results import TERMINAL_EVENTS
+from worker.core.settings import Settings
 
 #: Errors of a Redis that is restarting (connection refused or reset, loading its data).
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)

@@ -49,11 +49,10 @@ from soak import checks
 from soak.observe import REDIS_DOWN, FakeAdmin, ResultsTail, Takeover, orphans_of, probe_takeover
 from soak.topology import ReplicatedRedis, SingleRedis
 from soak.workload import Planned, Workload
-from worker import keys
-from worker.change import DEFAULT_ACCOUNT
-from worker.errors import ProcessFailed, RedisUnavailable
-from worker.fake_ivvy import FAULT_FIELDS, Faults
-from worker.processes import (
+from worker.core import keys
+from worker.core.change import DEFAULT_ACCOUNT
+from worker.core.errors import ProcessFailed, RedisUnavailable
+from worker.core.processes import (
     LOOPBACK,
     Child,
     Children,
@@ -62,7 +61,8 @@ from worker.processes import (
     sigterm_as_interrupt,
     wait_for_port,
 )
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
+from worker.devtools.fake_ivvy import FAULT_FIELDS, Faults
 
 #: Every fault on, at rates that leave the run able to finish in minutes on two cores: about one
 #: request in eight misbehaves. 429s pause the whole account, so they are kept rarer.

@@ -20,8 +20,8 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from worker.processes import LOOPBACK, Child, Children, RedisServer, free_port, wait_for_port
-from worker.redis_connection import connect_redis
+from worker.core.processes import LOOPBACK, Child, Children, RedisServer, free_port, wait_for_port
+from worker.core.redis_connection import connect_redis
 
 #: The Sentinel's name for the soak's primary.
 SERVICE = "leadstage-soak"

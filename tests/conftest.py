@@ -12,8 +12,8 @@ import redis
 import redis.asyncio as aioredis
 
 from tests.redis_servers import RedisServer, start_redis
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 
 # CI runs the property and fuzz tests with a fixed seed, so a landing never fails by the draw;
 # elsewhere the draw is random and a failure prints the seed (``@reproduce_failure``) to replay it.

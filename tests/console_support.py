@@ -11,11 +11,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from tests.harness import worker_settings
-from worker.change import parse_change, parse_envelope
 from worker.console.app import create_app
-from worker.fake_ivvy import FakeIvvy, Stage
-from worker.ledger import Ledger
-from worker.settings import Secret, Settings
+from worker.core.change import parse_change, parse_envelope
+from worker.core.ledger import Ledger
+from worker.core.settings import Secret, Settings
+from worker.devtools.fake_ivvy import FakeIvvy, Stage
 
 TOKEN = "console-admin-token-for-tests-0123"
 READ_TOKEN = "console-read-token-for-tests-4567"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from worker.processes import python_module
-from worker.results import TERMINAL_EVENTS
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
+from worker.core.processes import python_module
+from worker.core.results import TERMINAL_EVENTS
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 
 
 def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Settings:

@@ -1,7 +1,7 @@
 """Redis servers of a test's own, on free loopback ports: for tests that refuse writes, stall,
 replicate or fail over a Redis, which must not disturb the shared test Redis.
 
-Each is a child of the process toolkit (``worker.processes``), as the demo's, the benchmark's
+Each is a child of the process toolkit (``worker.core.processes``), as the demo's, the benchmark's
 and the soak's Redis are.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from worker.processes import LOOPBACK, Child, free_port, wait_for_port
+from worker.core.processes import LOOPBACK, Child, free_port, wait_for_port
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.change import (
+from worker.core.change import (
     ID_MAX,
     NAME_PATTERN,
     LeadStageChange,
@@ -26,7 +26,7 @@ from worker.change import (
     repeated_key,
     shown,
 )
-from worker.errors import InvalidChange, PermanentError
+from worker.core.errors import InvalidChange, PermanentError
 
 
 def refusal(raw: object) -> InvalidChange:

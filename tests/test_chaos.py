@@ -24,9 +24,9 @@ from tests.harness import (
     worker_settings,
 )
 from tests.redis_servers import RedisServer
-from worker.change import parse_change, parse_envelope
-from worker.fake_ivvy import RunningFakeIvvy, Stage, running_fake_ivvy
-from worker.ledger import Ledger
+from worker.core.change import parse_change, parse_envelope
+from worker.core.ledger import Ledger
+from worker.devtools.fake_ivvy import RunningFakeIvvy, Stage, running_fake_ivvy
 
 ALL_FAULTS = {
     "latency_ms": 3,

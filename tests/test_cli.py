@@ -30,9 +30,9 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
-from worker import keys
-from worker.processes import free_port, python_module
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET
+from worker.core import keys
+from worker.core.processes import free_port, python_module
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"leadstage cli test secret").decode()
@@ -675,7 +675,7 @@ class WithholdingProxy:
 @pytest.fixture
 def enqueue_script_loaded(db: redis.Redis) -> None:
     """enqueue.lua known to the test Redis, so that its first EVALSHA runs (no NOSCRIPT round)."""
-    db.script_load((ROOT / "worker" / "lua" / "enqueue.lua").read_text())
+    db.script_load((ROOT / "worker" / "core" / "lua" / "enqueue.lua").read_text())
 
 
 @pytest.mark.usefixtures("enqueue_script_loaded")

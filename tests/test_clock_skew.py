@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
-from worker import readers
-from worker.change import parse_change, parse_envelope
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
-from worker.ledger import Ledger
+from worker.core import readers
+from worker.core.change import parse_change, parse_envelope
+from worker.core.ledger import Ledger
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.runner import running_worker
 
 

@@ -27,15 +27,15 @@ from tests.console_support import (
     running_console,
 )
 from tests.harness import eventually, read_events, wait_for_terminal
-from worker import keys
 from worker.console.app import create_app, exposure_warning
 from worker.console.auth import COOKIE
 from worker.console.openapi import openapi_document
-from worker.errors import ConfigError
-from worker.fake_ivvy import RunningFakeIvvy
-from worker.ledger import Ledger
+from worker.core import keys
+from worker.core.errors import ConfigError
+from worker.core.ledger import Ledger
+from worker.core.settings import DEMO_API_SECRET, Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
-from worker.settings import DEMO_API_SECRET, Settings
 
 API = "/api/v1"
 

@@ -20,11 +20,11 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.console_support import MISSING_STAGE, TOKEN, console_settings, create_missing_stage, enqueue, running_console
 from tests.harness import eventually, read_events, wait_for_terminal
-from worker import keys
-from worker.fake_ivvy import RunningFakeIvvy
-from worker.ledger import Ledger
+from worker.core import keys
+from worker.core.ledger import Ledger
+from worker.core.settings import Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
-from worker.settings import Settings
 
 pytestmark = pytest.mark.system  # starts a Chromium
 

@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.console_support import MISSING_STAGE, READ_TOKEN, TOKEN, bearer
 from worker.console.openapi import openapi_document
-from worker.processes import Child, free_port, python_module, wait_for_port
+from worker.core.processes import Child, free_port, python_module, wait_for_port
 
 pytestmark = pytest.mark.system  # starts the console as a process
 
@@ -95,7 +95,7 @@ async def _seed(redis_url: str) -> None:
 
     from tests.console_support import console_settings, enqueue
     from tests.harness import wait_for_terminal
-    from worker.fake_ivvy import running_fake_ivvy
+    from worker.devtools.fake_ivvy import running_fake_ivvy
     from worker.runner import running_worker
 
     client = aioredis.Redis.from_url(redis_url)

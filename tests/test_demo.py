@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from worker.demo import DEMO_DLQ, DEMO_RESULTS
-from worker.processes import free_port
+from worker.core.processes import free_port
+from worker.devtools.demo import DEMO_DLQ, DEMO_RESULTS
 
 DEMO = (sys.executable, "-m", "worker.cli", "demo")
 #: The demo bounds itself to 30 s; this only stops a hung test.

@@ -18,8 +18,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from worker.errors import ConfigError
-from worker.settings import Settings
+from worker.core.errors import ConfigError
+from worker.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("redis", "worker", "webhook", "fake-ivvy")

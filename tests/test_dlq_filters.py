@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 
 from tests.console_support import MISSING_STAGE, console_settings, enqueue
 from tests.harness import read_events, wait_for_terminal
-from worker.fake_ivvy import RunningFakeIvvy
+from worker.core.settings import Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
-from worker.settings import Settings
 
 pytestmark = pytest.mark.system  # runs leadstage commands as processes
 

@@ -10,7 +10,7 @@ import pytest
 import redis.exceptions
 
 from worker.backoff import backoff_seconds
-from worker.errors import (
+from worker.core.errors import (
     IvvyAuthError,
     IvvyRateLimited,
     IvvyRejected,

@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from producers.library import connect_redis
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisServer, start_redis
-from worker.change import parse_change, parse_envelope
-from worker.errors import RedisNotReplicated, RedisUnavailable
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
-from worker.ledger import Ledger
+from worker.core.change import parse_change, parse_envelope
+from worker.core.errors import RedisNotReplicated, RedisUnavailable
+from worker.core.ledger import Ledger
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.runner import running_worker
 
 SERVICE = "leadstage-test"

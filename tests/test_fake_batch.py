@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from worker.errors import IvvyErrorDetails, IvvyNoAnswer, IvvyRateLimited
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.core.errors import IvvyErrorDetails, IvvyNoAnswer, IvvyRateLimited
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ivvy import AiohttpTransport, IvvyClient
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
 
 
 @pytest.fixture

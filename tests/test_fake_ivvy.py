@@ -26,7 +26,8 @@ import orjson
 import pytest
 
 from tests import independent_ivvy_signing as independent
-from worker.fake_ivvy import (
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
+from worker.devtools.fake_ivvy import (
     FIRST_STAGE_ID,
     MAX_PER_PAGE,
     ApiError,
@@ -38,7 +39,6 @@ from worker.fake_ivvy import (
     run_from_args,
     running_fake_ivvy,
 )
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET
 
 ADD_URI = "/api/1.0/crm?action=addOrUpdateLeadStage"
 LIST_URI = "/api/1.0/crm?action=getLeadStageList"
@@ -720,7 +720,7 @@ def test_run_from_args_reports_a_port_in_use(capsys: pytest.CaptureFixture[str])
 async def test_run_from_args_serves_until_sigterm() -> None:
     code = (
         "import argparse, sys\n"
-        "from worker.fake_ivvy import add_arguments, run_from_args\n"
+        "from worker.devtools.fake_ivvy import add_arguments, run_from_args\n"
         "parser = argparse.ArgumentParser()\n"
         "add_arguments(parser)\n"
         "sys.exit(run_from_args(parser.parse_args(sys.argv[1:])))\n"

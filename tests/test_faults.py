@@ -14,13 +14,13 @@ import redis.asyncio as aioredis
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisServer
-from worker import keys, readers
-from worker.change import parse_change, parse_envelope
-from worker.errors import ConfigError, StaleRun
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
-from worker.ledger import Ledger, Start, backlog_warning
+from worker.core import keys, readers
+from worker.core.change import parse_change, parse_envelope
+from worker.core.errors import ConfigError, StaleRun
+from worker.core.ledger import Ledger, Start, backlog_warning
+from worker.core.settings import Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.runner import running_worker
-from worker.settings import Settings
 
 
 @pytest.fixture

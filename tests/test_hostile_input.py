@@ -33,8 +33,8 @@ from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.webhook import BODY_TIMEOUT_S
-from worker import keys
-from worker.processes import free_port, python_module, wait_for_port
+from worker.core import keys
+from worker.core.processes import free_port, python_module, wait_for_port
 
 SECRET = "whsec_" + base64.b64encode(b"hostile input: a 32-byte secret!").decode()
 #: LEADSTAGE_WEBHOOK_MAX_BODY of the served process.

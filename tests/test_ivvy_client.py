@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 
 from tests import independent_ivvy_signing as independent
-from worker.change import LeadStageChange
-from worker.errors import (
+from worker.core.change import LeadStageChange
+from worker.core.errors import (
     IvvyAuthError,
     IvvyClockSkew,
     IvvyNoAnswer,
@@ -32,9 +32,9 @@ from worker.errors import (
     IvvyTimeout,
     IvvyUnavailable,
 )
-from worker.fake_ivvy import FIRST_STAGE_ID, RunningFakeIvvy
+from worker.core.settings import Account, Secret
+from worker.devtools.fake_ivvy import FIRST_STAGE_ID, RunningFakeIvvy
 from worker.ivvy import CLOCK_SKEW_PAUSE_S, LIST_PAGE_TRIES, AiohttpTransport, IvvyClient, RawResponse
-from worker.settings import Account, Secret
 
 BUILT_IN_STAGES = 3
 

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from worker import keys
-from worker.change import Envelope, LeadStageChange, parse_change
-from worker.errors import IdempotencyConflict
-from worker.ledger import Ledger, Start, now_ms
-from worker.settings import Settings
+from worker.core import keys
+from worker.core.change import Envelope, LeadStageChange, parse_change
+from worker.core.errors import IdempotencyConflict
+from worker.core.ledger import Ledger, Start, now_ms
+from worker.core.settings import Settings
 
 WORKER = "test-worker"
 #: A rate limit high enough never to make these tests wait.

@@ -1,4 +1,4 @@
-"""worker.logs: one format for every line, the job's context on each, and no secret ever written."""
+"""worker.core.logs: one format for every line, the job's context on each, and no secret ever written."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from worker.errors import ConfigError
-from worker.logs import (
+from worker.core.errors import ConfigError
+from worker.core.logs import (
     LOG_LEVELS,
     REDACTED,
     bind_job_context,
@@ -26,7 +26,7 @@ from worker.logs import (
     merge_job_context,
     secret_redactor,
 )
-from worker.settings import LOG_LEVEL_NAMES, Account, LogFormat, Secret, Settings
+from worker.core.settings import LOG_LEVEL_NAMES, Account, LogFormat, Secret, Settings
 
 API_SECRET = "s3cr3t-api-VALUE-9f8e7d"
 OTHER_SECRET = "another-account-secret-42"

@@ -1,4 +1,4 @@
-"""worker.metrics: the names others rely on, the worker's HTTP endpoint, and gauges read from a real Redis."""
+"""worker.core.metrics: the names others rely on, the worker's HTTP endpoint, and gauges read from a real Redis."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producers import LeadStageProducer
 from tests.harness import wait_for_terminal, worker_settings
-from worker import keys, metrics
-from worker.errors import ConfigError, RedisUnavailable
-from worker.fake_ivvy import RunningFakeIvvy
-from worker.processes import free_port
+from worker.core import keys, metrics
+from worker.core.errors import ConfigError, RedisUnavailable
+from worker.core.processes import free_port
+from worker.core.settings import Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
-from worker.settings import Settings
 
 
 def sample(name: str, **labels: str) -> float:

@@ -12,12 +12,12 @@ import redis.asyncio as aioredis
 from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultEvent, ResultsConsumer
 from producers.outcomes import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
 from tests.harness import eventually, wait_for_terminal, worker_settings
-from worker import readers
-from worker.errors import InvalidChange
-from worker.fake_ivvy import RunningFakeIvvy
-from worker.results import InvalidEvent
+from worker.core import readers
+from worker.core.errors import InvalidChange
+from worker.core.results import InvalidEvent
+from worker.core.settings import Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
-from worker.settings import Settings
 
 HOT = {"name": "Hot", "applyTo": "lead"}
 

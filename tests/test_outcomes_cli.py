@@ -14,9 +14,9 @@ import redis.asyncio as aioredis
 from producers import LeadStageProducer
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.test_cli import ROOT, background, command, json_lines, one_error_line, read_line
-from worker.fake_ivvy import RunningFakeIvvy
+from worker.core.settings import Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
-from worker.settings import Settings
 
 #: Enough events that their JSON lines (~500 bytes each) overflow a pipe (64 KiB): a consumer whose
 #: output nobody reads blocks in the middle of a batch, with entries read but not acked.

@@ -1,4 +1,4 @@
-"""worker.processes: children are always stopped, the signal wait ends work cleanly, Redis restarts keep data."""
+"""worker.core.processes: children are always stopped, the signal wait ends work cleanly, Redis restarts keep data."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.errors import ProcessFailed
-from worker.processes import Children, RedisServer, free_port, wait_for_port
+from worker.core.errors import ProcessFailed
+from worker.core.processes import Children, RedisServer, free_port, wait_for_port
 
 #: A child that ignores SIGTERM: only SIGKILL stops it.
 STUBBORN = (
@@ -22,7 +22,7 @@ STUBBORN = (
 #: A child that waits for a signal in ``until_signalled``, then says what it returned.
 WAITER = """
 import asyncio
-from worker.processes import until_signalled
+from worker.core.processes import until_signalled
 
 async def work():
     print("ready", flush=True)

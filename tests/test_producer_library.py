@@ -11,10 +11,16 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from producers import ChangeItem, InvalidBatch, LeadStageProducer
-from worker import keys
-from worker.errors import EnqueueOutcomeUnknown, IdempotencyConflict, InvalidChange, RedisUnavailable, UnknownAccount
-from worker.ledger import ENQUEUE_CHUNK
-from worker.settings import Account, Secret, Settings
+from worker.core import keys
+from worker.core.errors import (
+    EnqueueOutcomeUnknown,
+    IdempotencyConflict,
+    InvalidChange,
+    RedisUnavailable,
+    UnknownAccount,
+)
+from worker.core.ledger import ENQUEUE_CHUNK
+from worker.core.settings import Account, Secret, Settings
 
 HOT = {"name": "Hot", "applyTo": "lead"}
 

@@ -18,11 +18,11 @@ from tests.harness import (
     worker_env,
     worker_settings,
 )
-from worker.change import parse_change, parse_envelope
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
-from worker.ledger import Ledger
+from worker.core.change import parse_change, parse_envelope
+from worker.core.ledger import Ledger
+from worker.core.settings import Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.runner import running_worker
-from worker.settings import Settings
 
 RATE = 10.0
 

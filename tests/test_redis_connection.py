@@ -1,13 +1,13 @@
-"""worker.redis_connection: every REDIS_URL form, parsed once for the worker, the library, the CLI, the webhook."""
+"""worker.core.redis_connection: every REDIS_URL form, parsed once for the worker, the library, the CLI, the webhook."""
 
 from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
 
-from worker.errors import ConfigError, RedisCredentialsRefused, RedisUnavailable
-from worker.processes import free_port
-from worker.redis_connection import RedisTarget, connect_redis, parse_redis_url, ping, printable_url
+from worker.core.errors import ConfigError, RedisCredentialsRefused, RedisUnavailable
+from worker.core.processes import free_port
+from worker.core.redis_connection import RedisTarget, connect_redis, parse_redis_url, ping, printable_url
 from worker.runner import redis_settings
 
 URLS = [

@@ -13,12 +13,12 @@ import redis.asyncio as aioredis
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from tests.redis_servers import start_redis
-from worker import keys
-from worker.change import parse_change, parse_envelope
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
-from worker.ledger import Ledger
+from worker.core import keys
+from worker.core.change import parse_change, parse_envelope
+from worker.core.ledger import Ledger
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.runner import running_worker
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 
 QUEUE = "leadstage:queue"
 

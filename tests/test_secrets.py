@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from producers.openapi import CHANGES_PATH
 from tests.harness import start_worker_process, stop_process, wait_for_terminal
 from tests.test_hostile_input import signed
-from worker.processes import free_port, python_module, wait_for_port
+from worker.core.processes import free_port, python_module, wait_for_port
 
 API_KEY = "live-key"
 API_SECRET = "s3cr3t-API-9f8e7d"

@@ -8,8 +8,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from worker.errors import ConfigError
-from worker.settings import ENVIRONMENT, Account, Secret, Settings
+from worker.core.errors import ConfigError
+from worker.core.settings import ENVIRONMENT, Account, Secret, Settings
 
 DEFAULTS = Settings()
 

@@ -18,9 +18,9 @@ from tests.harness import (
     worker_env,
     worker_settings,
 )
-from worker.change import parse_change, parse_envelope
-from worker.fake_ivvy import running_fake_ivvy
-from worker.ledger import Ledger
+from worker.core.change import parse_change, parse_envelope
+from worker.core.ledger import Ledger
+from worker.devtools.fake_ivvy import running_fake_ivvy
 
 
 async def test_sigterm_finishes_the_request_in_flight(

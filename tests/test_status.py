@@ -21,9 +21,9 @@ from producers.openapi import CHANGES_PATH, openapi_document
 from producers.status import account_secrets, status_token
 from producers.webhook import create_app
 from tests.harness import eventually, worker_settings
-from worker.fake_ivvy import RunningFakeIvvy
+from worker.core.settings import Account, Secret, Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
-from worker.settings import Account, Secret, Settings
 
 SECRET = "whsec_" + base64.b64encode(b"leadstage status test secret!!!!").decode()
 HOT = {"name": "Hot", "applyTo": "lead"}

@@ -40,12 +40,12 @@ from producers.webhook import create_app
 from tests.harness import eventually, start_worker_process, stop_process, wait_for_terminal, worker_env, worker_settings
 from tests.test_demo import run_demo
 from tests.test_webhook import SECRET, log_stream, settings, signed  # noqa: F401 - fixtures: the webhook's logs
-from worker import keys, tracing
-from worker.demo import DEMO_RESULTS
-from worker.fake_ivvy import running_fake_ivvy
-from worker.logs import configure_logging, get_logger
+from worker.core import keys, tracing
+from worker.core.logs import configure_logging, get_logger
+from worker.core.settings import Secret, Settings
+from worker.devtools.demo import DEMO_RESULTS
+from worker.devtools.fake_ivvy import running_fake_ivvy
 from worker.runner import running_worker
-from worker.settings import Secret, Settings
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -344,9 +344,10 @@ def test_tracing_off_imports_nothing_and_changes_nothing() -> None:
     script = """
 import sys
 from producers.webhook import create_app
-from worker import runner, tracing
-from worker.logs import configure_logging
-from worker.settings import Settings
+from worker.core import tracing
+from worker import runner
+from worker.core.logs import configure_logging
+from worker.core.settings import Settings
 from worker.ivvy import AiohttpTransport
 tracing.setup()
 configure_logging(Settings())

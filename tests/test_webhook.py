@@ -27,10 +27,10 @@ from standardwebhooks.webhooks import Webhook
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.webhook import create_app
 from tests.redis_servers import redis_servers
-from worker import keys
-from worker.errors import ConfigError
-from worker.logs import configure_logging
-from worker.settings import Account, Secret, Settings
+from worker.core import keys
+from worker.core.errors import ConfigError
+from worker.core.logs import configure_logging
+from worker.core.settings import Account, Secret, Settings
 
 SECRET = "whsec_" + base64.b64encode(b"leadstage webhook test secret!!!").decode()
 HOT = {"name": "Hot", "applyTo": "lead"}
@@ -144,7 +144,7 @@ async def test_the_key_is_the_signed_webhook_id_and_an_unsigned_header_cannot_ch
 async def test_the_webhook_id_follows_the_change_models_key_rules(
     client: TestClient[Any, Any], redis_client: aioredis.Redis
 ) -> None:
-    """The key rules are worker.change's, as for the CLI and the library: checked on the signed id,
+    """The key rules are worker.core.change's, as for the CLI and the library: checked on the signed id,
     and on each item's key of a list (the id and ':{index}')."""
     status, problem = await post(client, HOT, msg_id="k" * 256)
     assert status == 400

@@ -41,10 +41,10 @@ from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, openapi_document
 from producers.webhook import create_app
-from worker import keys
-from worker.change import ACCOUNT_PATTERN, parse_change
-from worker.errors import InvalidChange
-from worker.settings import Secret, Settings
+from worker.core import keys
+from worker.core.change import ACCOUNT_PATTERN, parse_change
+from worker.core.errors import InvalidChange
+from worker.core.settings import Secret, Settings
 
 SECRET = "whsec_" + base64.b64encode(b"leadstage fuzzing secret").decode()
 MAX_BODY = 256 * 1024

@@ -14,9 +14,9 @@ import redis.asyncio as aioredis
 
 from producers.openapi import CHANGES_PATH
 from tests.test_hostile_input import LOOPBACK, WebhookProcess, served_webhook, signed
-from worker import keys
-from worker.errors import ConfigError
-from worker.settings import Settings
+from worker.core import keys
+from worker.core.errors import ConfigError
+from worker.core.settings import Settings
 
 ONE = "whsec_" + base64.b64encode(b"first webhook secret, 32 bytes!!").decode()
 TWO = "whsec_" + base64.b64encode(b"second webhook secret, 32 bytes!").decode()

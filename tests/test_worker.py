@@ -10,11 +10,11 @@ import redis.asyncio as aioredis
 from arq.constants import health_check_key_suffix
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
-from worker.change import parse_change, parse_envelope
-from worker.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
-from worker.ledger import Ledger
+from worker.core.change import parse_change, parse_envelope
+from worker.core.ledger import Ledger
+from worker.core.settings import Settings
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.runner import running_worker
-from worker.settings import Settings
 
 
 class Producer:

@@ -3,7 +3,7 @@
 ``Transport`` is the one seam for HTTP (as in httpx): ``AiohttpTransport`` is the real one,
 one ``aiohttp.ClientSession`` per process, made at start-up. It is also where aiohttp's
 exceptions become ``IvvyNoAnswer``/``IvvyTimeout``; ``IvvyClient`` turns iVvy's answers into
-results or into the exceptions of ``worker.errors`` (classified there, once): by the body's
+results or into the exceptions of ``worker.core.errors`` (classified there, once): by the body's
 ``errorCode`` when it has one, whatever the HTTP status, as the official .NET SDK does.
 
 Every answer's ``Date`` header, when iVvy sends one, measures this host's clock against iVvy's
@@ -23,10 +23,10 @@ import aiohttp
 import orjson
 import structlog
 
-from worker import metrics
 from worker.backoff import backoff_seconds
-from worker.change import LeadStageChange
-from worker.errors import (
+from worker.core import metrics
+from worker.core.change import LeadStageChange
+from worker.core.errors import (
     IvvyClockSkew,
     IvvyNoAnswer,
     IvvyRejected,
@@ -35,7 +35,7 @@ from worker.errors import (
     RetryableError,
     error_for_response,
 )
-from worker.settings import Account
+from worker.core.settings import Account
 from worker.signing import API_VERSION, parse_http_date, signed_headers
 
 log = structlog.get_logger("leadstage.ivvy")
@@ -132,7 +132,7 @@ class IvvyClient:
         self.clock_skew_pause_s = clock_skew_pause_s
 
     async def call(self, namespace: str, action: str, payload: Mapping[str, Any]) -> Any:
-        """POST one signed call; return the decoded JSON answer or raise from ``worker.errors``."""
+        """POST one signed call; return the decoded JSON answer or raise from ``worker.core.errors``."""
         request_uri = f"/api/{API_VERSION}/{namespace}?action={action}"
         body = orjson.dumps(payload)
         headers = signed_headers(

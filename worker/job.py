@@ -11,7 +11,7 @@ This module does the rest of one run:
    same name, created after the add was first posted (``id_floor``) and claimed by no other add,
    is adopted instead of posting again; otherwise the recovery point is written just before the
    POST (``Ledger.mark_posting``).
-2. The POST; its outcome is classified by ``worker.errors`` (for an add, any 5xx or 24322 may have
+2. The POST; its outcome is classified by ``worker.core.errors`` (for an add, any 5xx or 24322 may have
    been committed: unknown) and recorded by ``finish.lua`` together with the results event (and
    the dead letter when it is terminal and failed), which also puts a retry back on the queue.
 """
@@ -28,10 +28,10 @@ from typing import Any
 import orjson
 import structlog
 
-from worker import keys, metrics, tracing
 from worker.backoff import backoff_seconds
-from worker.change import LeadStageChange, parse_change
-from worker.errors import (
+from worker.core import keys, metrics, tracing
+from worker.core.change import LeadStageChange, parse_change
+from worker.core.errors import (
     Exhausted,
     IvvyErrorDetails,
     IvvyNoAnswer,
@@ -45,12 +45,12 @@ from worker.errors import (
     StaleRun,
     UnknownAccount,
 )
+from worker.core.ledger import Ledger, Start
+from worker.core.logs import bind_job_context
+from worker.core.results import Event, JobFacts, build_event
+from worker.core.settings import Settings
+from worker.core.states import UNACCOUNTED, Decision
 from worker.ivvy import IvvyClient
-from worker.ledger import Ledger, Start
-from worker.logs import bind_job_context
-from worker.results import Event, JobFacts, build_event
-from worker.settings import Settings
-from worker.states import UNACCOUNTED, Decision
 
 log = structlog.get_logger("leadstage.job")
 

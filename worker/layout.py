@@ -15,10 +15,10 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 import structlog
 
-from worker import keys
-from worker.errors import redis_errors
-from worker.ledger import Ledger
-from worker.settings import Settings
+from worker.core import keys
+from worker.core.errors import redis_errors
+from worker.core.ledger import Ledger
+from worker.core.settings import Settings
 
 log = structlog.get_logger("leadstage.layout")
 

@@ -31,16 +31,16 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 
-from worker import keys, metrics, tracing
-from worker.errors import LeadstageError, RedisUnavailable, redis_errors
+from worker.core import keys, metrics, tracing
+from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
+from worker.core.ledger import Ledger, Pick, Start
+from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, parse_redis_url
+from worker.core.results import lost_event
+from worker.core.settings import Settings
+from worker.core.states import Decision, WaitReason
 from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.job import Lease, Runtime, apply_lead_stage_change
 from worker.layout import migrate
-from worker.ledger import Ledger, Pick, Start
-from worker.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, parse_redis_url
-from worker.results import lost_event
-from worker.settings import Settings
-from worker.states import Decision, WaitReason
 
 log = structlog.get_logger("leadstage.worker")
 

@@ -1,6 +1,6 @@
 """The console's JSON API under ``/api/v1/`` (documented by ``worker.console.openapi``).
 
-Handlers read through ``worker.readers`` and change things only through ``readers.replay`` and
+Handlers read through ``worker.core.readers`` and change things only through ``readers.replay`` and
 ``readers.discard``. Replay and discard take ``{"keys": [...], "account": A}`` or
 ``{"filter": {"account", "error_code", "since"}}`` and answer what they did, key by key; the
 matching dead letters are read first, then acted on, so a replayed change that fails again
@@ -21,12 +21,12 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from producers.webhook import Problem
-from worker import readers
-from worker.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.console.openapi import API, DEFAULT_LIMIT, MAX_KEYS, MAX_LIMIT, openapi_document
-from worker.errors import InvalidChange
-from worker.logs import get_logger
-from worker.settings import Settings
+from worker.core import readers
+from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
+from worker.core.errors import InvalidChange
+from worker.core.logs import get_logger
+from worker.core.settings import Settings
 
 log = get_logger("leadstage.console")
 

@@ -23,15 +23,15 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from producers.webhook import Problem
-from worker.change import DEFAULT_ACCOUNT
 from worker.console import api
 from worker.console.auth import COOKIE, CSRF_HEADER, SESSION_S, Gate, Session
 from worker.console.openapi import API
-from worker.errors import ConfigError, PermanentError, RedisUnavailable
-from worker.logs import get_logger
-from worker.processes import is_loopback, until_signalled
-from worker.redis_connection import connect_redis, printable_url
-from worker.settings import Settings
+from worker.core.change import DEFAULT_ACCOUNT
+from worker.core.errors import ConfigError, PermanentError, RedisUnavailable
+from worker.core.logs import get_logger
+from worker.core.processes import is_loopback, until_signalled
+from worker.core.redis_connection import connect_redis, printable_url
+from worker.core.settings import Settings
 
 __all__ = ["create_app", "exposure_warning", "run_console"]
 

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from worker.errors import ConfigError
-from worker.settings import Secret, Settings
+from worker.core.errors import ConfigError
+from worker.core.settings import Secret, Settings
 
 Role = Literal["admin", "read"]
 

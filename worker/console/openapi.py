@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.change import KEY_MAX_CHARS, KEY_PATTERN
-from worker.readers import DEAD_LETTER_FIELDS
+from worker.core.change import KEY_MAX_CHARS, KEY_PATTERN
+from worker.core.readers import DEAD_LETTER_FIELDS
 
 API = "/api/v1"
 #: Dead letters per page of ``GET /failures``: the default, and the most a request may ask for.
@@ -17,7 +17,7 @@ MAX_KEYS = 1000
 _NULLABLE_STRING = {"type": ["string", "null"]}
 _NULLABLE_INT = {"type": ["integer", "null"]}
 _ACCOUNT_QUERY = {"name": "account", "in": "query", "required": False, "schema": {"type": "string"}}
-#: What the server takes (worker.change's rules), so that a document-valid request is accepted.
+#: What the server takes (worker.core.change's rules), so that a document-valid request is accepted.
 _KEY = {"type": "string", "minLength": 1, "maxLength": KEY_MAX_CHARS, "pattern": f"^{KEY_PATTERN}$"}
 _ACCOUNT = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
 _NOT_BLANK = {"type": "string", "pattern": "\\S"}

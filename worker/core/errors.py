@@ -8,7 +8,7 @@ a caller usually asks: will trying again help?
     LeadstageError
     ├── NotFound                       a change or dead letter asked about is not known (the CLI)
     ├── Interrupted                    Redis stopped answering midway through a bulk enqueue (the CLI)
-    ├── ProcessFailed                  a child process did not start or answer (``worker.processes``)
+    ├── ProcessFailed                  a child process did not start or answer (``worker.core.processes``)
     │   └── DemoFailed                 ``leadstage demo`` cannot run (no Redis, the worker died)
     ├── PermanentError                 trying again cannot help; the change goes to the DLQ
     │   ├── ConfigError                a missing or bad setting (names it)

@@ -22,9 +22,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from redis.asyncio import Redis
 
-from worker import keys
-from worker.errors import ConfigError, redis_errors
-from worker.settings import Settings
+from worker.core import keys
+from worker.core.errors import ConfigError, redis_errors
+from worker.core.settings import Settings
 
 __all__ = [
     "ATTEMPTS",

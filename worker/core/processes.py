@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Final, TypeVar
 
-from worker.errors import ProcessFailed
+from worker.core.errors import ProcessFailed
 
 __all__ = [
     "LOOPBACK",

@@ -16,7 +16,7 @@ Exit status:
   answer, the change or dead letter asked about is unknown, an unexpected error;
 * 2 - bad input or a refusal, which only a change on the caller's side fixes: an invalid change
   or file line, an idempotency conflict, an unknown account, bad flags (argparse's own usage
-  errors) and a missing or bad setting in the environment. The split follows ``worker.errors``:
+  errors) and a missing or bad setting in the environment. The split follows ``worker.core.errors``:
   ``PermanentError`` is 2, everything else 1.
 """
 
@@ -28,20 +28,20 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-import orjson  # worker.change needs it anyway
+import orjson  # worker.core.change needs it anyway
 
 # Only what every command needs is imported here; each command imports the rest itself, so that
 # ``leadstage --help`` and a single enqueue start fast (redis-py, structlog and prometheus-client
 # cost a few hundred ms of imports together).
-from worker.change import DEFAULT_ACCOUNT, parse_id_text, repeated_key, shown
-from worker.errors import FieldError, InvalidChange, LeadstageError, NotFound, PermanentError, Refused
+from worker.core.change import DEFAULT_ACCOUNT, parse_id_text, repeated_key, shown
+from worker.core.errors import FieldError, InvalidChange, LeadstageError, NotFound, PermanentError, Refused
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from producers.library import LeadStageProducer
-    from worker.ledger import Receipt
-    from worker.settings import Settings
+    from worker.core.ledger import Receipt
+    from worker.core.settings import Settings
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -116,7 +116,7 @@ def _error_line(text: str) -> None:
 
 
 async def _with_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
-    from worker.redis_connection import connect_redis_of
+    from worker.core.redis_connection import connect_redis_of
 
     client = connect_redis_of(settings)
     try:
@@ -126,13 +126,13 @@ async def _with_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaita
 
 
 def _settings() -> Settings:
-    from worker.settings import Settings
+    from worker.core.settings import Settings
 
     return Settings.from_env()
 
 
 def _configure_logging(settings: Settings) -> None:
-    from worker.logs import configure_logging
+    from worker.core.logs import configure_logging
 
     configure_logging(settings)
 
@@ -141,7 +141,7 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from worker.errors import redis_errors
+    from worker.core.errors import redis_errors
     from worker.runner import run_worker
 
     settings = _settings()
@@ -169,7 +169,7 @@ def _cmd_console(args: argparse.Namespace) -> int:
 
 def _parse_fake_ivvy_options(options: list[str]) -> argparse.Namespace:
     # The fake's own options are parsed with its own parser, so that other commands need not import it.
-    from worker import fake_ivvy
+    from worker.devtools import fake_ivvy
 
     parser = argparse.ArgumentParser(
         prog=f"{PROG} fake-ivvy", description=FAKE_IVVY_DESCRIPTION, formatter_class=_Formatter
@@ -179,14 +179,14 @@ def _parse_fake_ivvy_options(options: list[str]) -> argparse.Namespace:
 
 
 def _cmd_fake_ivvy(args: argparse.Namespace) -> int:
-    from worker import fake_ivvy
+    from worker.devtools import fake_ivvy
 
     _configure_logging(_settings())
     return fake_ivvy.run_from_args(args.fake_options)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo  # configures its own logging (quieter, for a readable demo)
+    from worker.devtools.demo import run_demo  # configures its own logging (quieter, for a readable demo)
 
     return run_demo(_settings(), keep_running=args.keep_running)
 
@@ -208,7 +208,7 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
     if args.skip_invalid:
         raise Refused("--skip-invalid needs --file (it skips the invalid lines of a file)")
     settings = _settings()
-    from worker import tracing
+    from worker.core import tracing
 
     tracing.continue_from_env()
     change: dict[str, object] = {field: value for field, value in fields if value is not None}
@@ -232,7 +232,7 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
             (receipt,) = await producer.enqueue_validated([validated])
             return receipt
 
-    from worker.ledger import backlog_warning
+    from worker.core.ledger import backlog_warning
 
     receipt = asyncio.run(enqueue())
     _emit(receipt.as_dict())
@@ -243,7 +243,7 @@ def _cmd_enqueue(args: argparse.Namespace) -> int:
 
 def _in_flag_terms(error: InvalidChange) -> Refused:
     """The errors of a change given as flags, naming the flags (--apply-to, not applyTo)."""
-    from worker.change import UPDATABLE_FIELDS
+    from worker.core.change import UPDATABLE_FIELDS
 
     fields, flags = ", ".join(UPDATABLE_FIELDS), ", ".join(FLAG_OF_FIELD[f] for f in UPDATABLE_FIELDS)
     reasons = []
@@ -386,8 +386,8 @@ async def _check_file(
     """The first pass: the number of invalid lines (each listed on stderr, up to a limit) and the
     first 20 of their numbers."""
     from producers.library import Validated, field_errors
-    from worker.errors import UnknownAccount
-    from worker.ledger import ENQUEUE_CHUNK
+    from worker.core.errors import UnknownAccount
+    from worker.core.ledger import ENQUEUE_CHUNK
 
     problems = 0
     first_bad: list[int] = []
@@ -457,9 +457,9 @@ async def _write_spool(
 ) -> tuple[int, int]:
     """The second pass: the receipts go to stdout as each chunk is written; returns (queued, duplicate).
     A warning follows when an account's backlog outlasts LEADSTAGE_MAX_AGE."""
-    from worker import keys
-    from worker.errors import EnqueueOutcomeUnknown, Interrupted, RedisNotReplicated
-    from worker.ledger import Chunk, backlog_warning
+    from worker.core import keys
+    from worker.core.errors import EnqueueOutcomeUnknown, Interrupted, RedisNotReplicated
+    from worker.core.ledger import Chunk, backlog_warning
 
     counts = {"queued": 0, "duplicate": 0}
     #: The newest receipt of each account past the maximum age (what the warning names).
@@ -511,7 +511,7 @@ async def _write_spool(
 def _cmd_results(args: argparse.Namespace) -> int:
     import asyncio
 
-    from worker import readers
+    from worker.core import readers
 
     settings = _settings()
     if args.group is not None:
@@ -534,7 +534,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
         await until_signalled(stream())
 
-    from worker.processes import until_signalled
+    from worker.core.processes import until_signalled
 
     asyncio.run(_with_redis(settings, show))
     return EXIT_OK
@@ -546,7 +546,7 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
     import socket
 
     from producers.outcomes import ResultsConsumer
-    from worker.processes import until_signalled
+    from worker.core.processes import until_signalled
 
     if args.key is not None or args.account is not None:
         raise Refused("--key and --account cannot be used with --group (the group acks every event it reads)")
@@ -572,7 +572,7 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from worker import readers
+    from worker.core import readers
 
     settings = _settings()
     status = asyncio.run(
@@ -591,7 +591,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_dlq_list(args: argparse.Namespace) -> int:
     import asyncio
 
-    from worker import readers
+    from worker.core import readers
 
     settings = _settings()
 
@@ -606,7 +606,7 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
 def _cmd_dlq_replay(args: argparse.Namespace) -> int:
     import asyncio
 
-    from worker import readers
+    from worker.core import readers
 
     settings = _settings()
     # --error-code and --since choose dead letters as --all does, only fewer of them.
@@ -654,7 +654,7 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     import asyncio
 
-    from worker import readers
+    from worker.core import readers
 
     settings = _settings()
     _emit_object(asyncio.run(_with_redis(settings, lambda client: readers.stats(client, settings))))
@@ -885,7 +885,7 @@ def parse_command(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _redis_failure(exc: LeadstageError, *, written: bool) -> str:
     """What a Redis failure means for the user: where, which timeout, and whether anything was enqueued."""
-    from worker.redis_connection import printable_url
+    from worker.core.redis_connection import printable_url
 
     settings = _settings()
     where = f"REDIS_URL {printable_url(settings.redis_url)}"
@@ -897,8 +897,8 @@ def _redis_failure(exc: LeadstageError, *, written: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run ``leadstage`` with ``argv`` (default: the process's arguments); returns the exit status."""
     args = parse_command(argv)
-    from worker import tracing
-    from worker.errors import EnqueueOutcomeUnknown, RedisUnavailable
+    from worker.core import tracing
+    from worker.core.errors import EnqueueOutcomeUnknown, RedisUnavailable
 
     try:
         tracing.setup()
@@ -922,7 +922,3 @@ def main(argv: list[str] | None = None) -> int:
         _error_line(f"unexpected {type(exc).__name__}: {exc}")
         return EXIT_FAILURE
     return status
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from worker.errors import FieldError, InvalidChange
+from worker.core.errors import FieldError, InvalidChange
 
 APPLY_TO_OPPORTUNITY = 1
 APPLY_TO_LEAD = 2

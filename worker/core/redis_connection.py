@@ -23,10 +23,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
 
-from worker.errors import ConfigError, RedisUnavailable, redis_errors
+from worker.core.errors import ConfigError, RedisUnavailable, redis_errors
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    from worker.core.settings import Settings
 
 __all__ = ["RedisTarget", "connect_redis", "parse_redis_url", "ping", "printable_url"]
 

@@ -1,7 +1,7 @@
 """``leadstage demo``: the product's main job, end to end, on an embedded default.
 
 One command shows what leadstage-sync does without any set-up beyond a Redis: a fake iVvy
-(``worker.fake_ivvy``) and a worker run in this process, sample changes go through the producer
+(``worker.devtools.fake_ivvy``) and a worker run in this process, sample changes go through the producer
 library, and every result is printed as it arrives on the results stream:
 
 1. adds, a change the producer refuses (it never reaches the queue), a duplicate enqueue of the
@@ -42,9 +42,9 @@ from typing import Any, Final, Literal, TextIO
 import redis.asyncio as aioredis
 
 from producers import LeadStageProducer
-from worker import keys, metrics
-from worker.change import DEFAULT_ACCOUNT
-from worker.errors import (
+from worker.core import keys, metrics
+from worker.core.change import DEFAULT_ACCOUNT
+from worker.core.errors import (
     ConfigError,
     DemoFailed,
     InvalidChange,
@@ -53,13 +53,13 @@ from worker.errors import (
     RedisUnavailable,
     redis_errors,
 )
-from worker.fake_ivvy import DEFAULT_HOST, FakeIvvy, Faults, running_fake_ivvy
-from worker.logs import configure_logging
-from worker.processes import Children, RedisServer, until_signalled
-from worker.redis_connection import connect_redis, ping, printable_url
-from worker.results import TERMINAL_EVENTS
+from worker.core.logs import configure_logging
+from worker.core.processes import Children, RedisServer, until_signalled
+from worker.core.redis_connection import connect_redis, ping, printable_url
+from worker.core.results import TERMINAL_EVENTS
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
+from worker.devtools.fake_ivvy import DEFAULT_HOST, FakeIvvy, Faults, running_fake_ivvy
 from worker.runner import running_worker
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 
 __all__ = ["DEMO_ACCOUNT", "DEMO_DLQ", "DEMO_QUEUE", "DEMO_RESULTS", "run_demo"]
 

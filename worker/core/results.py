@@ -15,9 +15,9 @@ from typing import Any, Literal, Self, get_args
 
 import orjson
 
-from worker import tracing
-from worker.change import LeadStageChange
-from worker.errors import IvvyErrorDetails, LeadstageError, PermanentError
+from worker.core import tracing
+from worker.core.change import LeadStageChange
+from worker.core.errors import IvvyErrorDetails, LeadstageError, PermanentError
 
 Event = Literal["succeeded", "failed", "superseded", "retrying"]
 EVENTS = frozenset(get_args(Event))

@@ -27,7 +27,7 @@ lost.lua       a due job whose ledger entry expired: a failed event and a dead l
 =============  ==============================================================================
 
 Each script's KEYS, ARGV and reply are written at its top; every reply has a fixed shape and is
-parsed here, and only here, into the types below (states and decisions: ``worker.states``). The
+parsed here, and only here, into the types below (states and decisions: ``worker.core.states``). The
 ledger's fields and the state machine are tabled in docs/architecture.md.
 """
 
@@ -50,9 +50,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
 
-from worker import keys, tracing
-from worker.change import Envelope, LeadStageChange
-from worker.errors import (
+from worker.core import keys, tracing
+from worker.core.change import Envelope, LeadStageChange
+from worker.core.errors import (
     EnqueueOutcomeUnknown,
     IdempotencyConflict,
     RedisNotReplicated,
@@ -60,8 +60,8 @@ from worker.errors import (
     StaleRun,
     redis_errors,
 )
-from worker.settings import Settings
-from worker.states import RUNS, Decision, Outcome, Phase, State, WaitReason
+from worker.core.settings import Settings
+from worker.core.states import RUNS, Decision, Outcome, Phase, State, WaitReason
 
 EnqueueStatus = Literal["queued", "duplicate"]
 #: Changes per enqueue.lua call when enqueuing in bulk (Redis runs each call in one go: ~10 ms).
@@ -76,7 +76,7 @@ def now_ms() -> int:
 
 
 def _script(client: aioredis.Redis, name: str) -> AsyncScript:
-    return client.register_script(resources.files("worker").joinpath("lua", name).read_text())
+    return client.register_script(resources.files("worker.core").joinpath("lua", name).read_text())
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +260,7 @@ class Ledger:
                 progress(len(done))
         past = [receipt.account for receipt in receipts if receipt.expected_wait_s > self.settings.max_age_s]
         if past:
-            from worker import metrics  # only here: a producer process (the CLI) need not load prometheus-client
+            from worker.core import metrics  # only here: a producer process (the CLI) need not load prometheus-client
 
             for account in past:
                 metrics.ENQUEUED_PAST_MAX_AGE.labels(account).inc()
@@ -800,7 +800,7 @@ def _enqueue_reply(reply: list[Any]) -> tuple[list[list[bytes]], dict[str, int]]
 
 def _encode(items: Sequence[tuple[LeadStageChange, Envelope]], queue_name: str) -> bytes:
     """The changes as enqueue.lua takes them: one JSON array, one entry per change, with the names of
-    its keys (worker.keys)."""
+    its keys (worker.core.keys)."""
     trace = tracing.current_traceparent()  # the producer's span, stored with each change
     return orjson.dumps(
         [

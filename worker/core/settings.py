@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from worker.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.errors import ConfigError, InvalidChange
-from worker.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S, parse_redis_url
+from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
+from worker.core.errors import ConfigError, InvalidChange
+from worker.core.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S, parse_redis_url
 
 #: The fake iVvy's credentials when IVVY_API_KEY / IVVY_API_SECRET are unset (demo and tests only).
 DEMO_API_KEY = "demo-key"
@@ -418,7 +418,7 @@ def _check_base_url(origin: str, url: str, plain_http_hosts: frozenset[str]) -> 
 
 def _loopback(host: str) -> bool:
     # Imported here: only an http:// URL needs it, and the process toolkit is heavy for a CLI start.
-    from worker.processes import is_loopback
+    from worker.core.processes import is_loopback
 
     return is_loopback(host)
 

@@ -54,7 +54,7 @@ code   status  input
 =====  ======  ====================================================================
 
 Only one error is reported, the first found: 23016, then 24320/24321, then 24323, then 24324.
-404 for 24320 and 400 for 24321 keep both permanent for ``worker.errors`` (403 would read as a
+404 for 24320 and 400 for 24321 keep both permanent for ``worker.core.errors`` (403 would read as a
 credentials problem).
 
 getLeadStageList: ``start`` (zero-based, default 0) and ``perPage`` (default 10, capped at 100:
@@ -70,7 +70,7 @@ collection of what the filter keeps, ordered by id::
 
 ping: ``{"ack": "pong", "timestamp": "yyyy-mm-dd HH:mm:ss UTC"}`` (the server's clock).
 
-Credentials: ``IVVY_API_KEY``/``IVVY_API_SECRET``, else ``worker.settings.DEMO_API_KEY``/
+Credentials: ``IVVY_API_KEY``/``IVVY_API_SECRET``, else ``worker.core.settings.DEMO_API_KEY``/
 ``DEMO_API_SECRET``; more key:secret pairs with ``--credentials`` (repeatable) or
 ``FakeIvvy(credentials=...)``, for multi-account tests.
 
@@ -102,7 +102,7 @@ late_commit_rate  0        share of addOrUpdateLeadStage held for ``late_commit_
 late_commit_s     2        how long such a request is held before it is committed
 rate_limit_per_s  0        the server's own limit per API key: past it in a second, 429 with
                            ``Retry-After: 1``, not applied (0: off)
-batch_*                    the batch namespace's timing and faults: ``worker.fake_batch``
+batch_*                    the batch namespace's timing and faults: ``worker.devtools.fake_batch``
 errors_as_200_    0        share of error answers (signature, input, faults) sent with HTTP
 rate                       status 200 and the same error body, as some iVvy endpoints do
                            (drawn separately, only for error answers)
@@ -158,9 +158,9 @@ from typing import Any, Literal, TypedDict, Unpack
 import orjson
 from aiohttp import web
 
-from worker.fake_batch import BatchStore, DropAnswer
-from worker.processes import is_loopback, signalled
-from worker.settings import DEMO_API_KEY, DEMO_API_SECRET
+from worker.core.processes import is_loopback, signalled
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
+from worker.devtools.fake_batch import BatchStore, DropAnswer
 from worker.signing import API_VERSION, CONTENT_TYPE, SignatureRejected, format_ivvy_date, verify_request
 
 DEFAULT_HOST = "127.0.0.1"
@@ -285,7 +285,7 @@ class Faults:
     gateway_5xx_rate: float = 0.0
     late_commit_rate: float = 0.0
     late_commit_s: float = 2.0
-    #: The batch namespace (worker.fake_batch): processing time, how long results are kept, faults.
+    #: The batch namespace (worker.devtools.fake_batch): processing time, how long results are kept, faults.
     batch_delay_s: float = 0.2
     batch_results_s: float = 172_800.0
     batch_run_drop_rate: float = 0.0

@@ -32,7 +32,7 @@ MAX_JOBS = 200
 
 
 class BatchFaults(Protocol):
-    """The batch settings of ``worker.fake_ivvy.Faults`` (read only)."""
+    """The batch settings of ``worker.devtools.fake_ivvy.Faults`` (read only)."""
 
     @property
     def batch_delay_s(self) -> float: ...

@@ -37,8 +37,8 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from worker import keys
-from worker.errors import ConfigError, IvvyNoAnswer
+from worker.core import keys
+from worker.core.errors import ConfigError, IvvyNoAnswer
 
 if TYPE_CHECKING:  # only for annotations: importing them is what tracing off must not pay
     import redis.asyncio as aioredis

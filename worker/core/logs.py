@@ -34,8 +34,8 @@ import orjson
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from worker import tracing
-from worker.settings import LogFormat, Settings
+from worker.core import tracing
+from worker.core.settings import LogFormat, Settings
 
 __all__ = [
     "LOG_LEVELS",
@@ -50,7 +50,7 @@ __all__ = [
 #: What a secret, or the value of a credential-like key, is replaced with.
 REDACTED = "**********"
 
-#: The logging level of each of LEADSTAGE_LOG_LEVEL's names (``worker.settings.LOG_LEVEL_NAMES``).
+#: The logging level of each of LEADSTAGE_LOG_LEVEL's names (``worker.core.settings.LOG_LEVEL_NAMES``).
 LOG_LEVELS: Mapping[str, int] = {
     "debug": logging.DEBUG,
     "info": logging.INFO,

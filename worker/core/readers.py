@@ -1,8 +1,8 @@
 """Reading what the product wrote, for the ``leadstage`` commands results, status, dlq and stats,
 and for the console (``worker.console``: overview, failures, a change's timeline).
 
-Everything here reads Redis the way the worker writes it (``worker.keys``, ``worker.ledger``,
-``worker.results``, the heartbeats of ``worker.runner``) and changes nothing, except ``replay``, which goes through
+Everything here reads Redis the way the worker writes it (``worker.core.keys``, ``worker.core.ledger``,
+``worker.core.results``, the heartbeats of ``worker.runner``) and changes nothing, except ``replay``, which goes through
 ``Ledger.replay`` like every other enqueue, and ``discard``, which deletes one dead letter. Streams are read in
 pages, so a stream of 100,000 entries costs a hundred round trips and bounded memory, not one huge reply.
 """
@@ -20,13 +20,13 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
-from worker import keys
-from worker.change import parse_change, parse_envelope
-from worker.errors import STALE_REQUEST_CODE, PermanentError, redis_errors
-from worker.ledger import Ledger
-from worker.results import TERMINAL_EVENTS, iso_ms
-from worker.settings import Settings
-from worker.states import State
+from worker.core import keys
+from worker.core.change import parse_change, parse_envelope
+from worker.core.errors import STALE_REQUEST_CODE, PermanentError, redis_errors
+from worker.core.ledger import Ledger
+from worker.core.results import TERMINAL_EVENTS, iso_ms
+from worker.core.settings import Settings
+from worker.core.states import State
 
 __all__ = [
     "PAGE",

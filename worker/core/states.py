@@ -1,6 +1,6 @@
 """The ledger's states, phases and the decisions of its scripts, defined once (docs/architecture.md).
 
-The Lua scripts write and compare the same strings; ``worker.ledger`` parses their replies into
+The Lua scripts write and compare the same strings; ``worker.core.ledger`` parses their replies into
 these enums, so no other module compares bare strings.
 """
 

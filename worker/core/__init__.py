@@ -1,0 +1,1 @@
+"""What producers and the worker share: the change, settings, errors, keys, states, the ledger."""
