@@ -13,8 +13,7 @@ from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultE
 from producers.outcomes import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from worker.core import readers
-from worker.core.errors import InvalidChange
-from worker.core.results import InvalidEvent
+from worker.core.errors import InvalidChange, InvalidEvent
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         IdempotencyConflict,
         Interrupted,
         InvalidChange,
+        InvalidEvent,
         IvvyClockSkew,
         IvvyErrorDetails,
         IvvyNoAnswer,
@@ -102,10 +103,8 @@ if TYPE_CHECKING:
     )
     from worker.core.results import (
         EVENTS,
-        TERMINAL_EVENTS,
         DeadLetter,
         Event,
-        InvalidEvent,
         JobFacts,
         ResultEvent,
         build_event,
@@ -122,6 +121,7 @@ if TYPE_CHECKING:
         TERMINAL,
         UNACCOUNTED,
         Decision,
+        Outcome,
         WaitReason,
     )
 
@@ -134,7 +134,7 @@ SURFACE: Final[dict[str, str]] = {
     ),
     "errors": (
         "ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response Exhausted FieldError"
-        " IdempotencyConflict Interrupted InvalidChange IvvyClockSkew IvvyErrorDetails IvvyNoAnswer"
+        " IdempotencyConflict Interrupted InvalidChange InvalidEvent IvvyClockSkew IvvyErrorDetails IvvyNoAnswer"
         " IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError NotFound PermanentError"
         " redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused RetryableError"
         " RetryAfterTooLong StaleRun UnknownAccount"
@@ -149,9 +149,9 @@ SURFACE: Final[dict[str, str]] = {
         "close_sentinels connect_redis connect_redis_of DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url"
         " ping printable_url"
     ),
-    "results": "build_event DeadLetter Event EVENTS InvalidEvent JobFacts lost_event ResultEvent TERMINAL_EVENTS",
+    "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent",
     "settings": "Account DEMO_API_KEY DEMO_API_SECRET Secret Settings",
-    "states": "Decision TERMINAL UNACCOUNTED WaitReason",
+    "states": "Decision Outcome TERMINAL UNACCOUNTED WaitReason",
     "tracing": "",
 }
 _ORIGIN: Final[dict[str, str]] = {

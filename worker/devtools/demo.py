@@ -56,8 +56,8 @@ from worker.core.errors import (
 from worker.core.logs import configure_logging
 from worker.core.processes import Children, RedisServer, until_signalled
 from worker.core.redis_connection import connect_redis, ping, printable_url
-from worker.core.results import TERMINAL_EVENTS
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
+from worker.core.states import TERMINAL
 from worker.devtools.fake_ivvy import DEFAULT_HOST, FakeIvvy, Faults, running_fake_ivvy
 from worker.runner import running_worker
 
@@ -180,7 +180,7 @@ class Sample:
 
     @property
     def terminal(self) -> dict[str, str] | None:
-        return next((e for e in reversed(self.events) if e["event"] in TERMINAL_EVENTS), None)
+        return next((e for e in reversed(self.events) if e["event"] in TERMINAL), None)
 
     @property
     def retries(self) -> int:

@@ -15,6 +15,7 @@ from worker.core.ledger import Ledger
 from worker.core.readers.streams import Entry, matches, stream_pages
 from worker.core.results import iso_ms
 from worker.core.settings import Settings
+from worker.core.states import State
 
 
 async def change_status(
@@ -48,7 +49,7 @@ async def change_status(
         "generation": int(entry.get("gen") or 0),
         "enqueued_at": when("enqueued_at"),
         "last_attempt_at": when("attempt_at"),
-        "next_attempt_at": when("next_at") if state == "retrying" else None,
+        "next_attempt_at": when("next_at") if state == State.RETRYING else None,
         "finished_at": when("finished_at"),
         "history": [orjson.loads(line) for line in entry.get("history", "").splitlines() if line],
     }
