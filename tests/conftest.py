@@ -37,6 +37,7 @@ SYSTEM_MODULES = frozenset(
         "test_demo",
         "test_failover",
         "test_hostile_input",
+        "test_outcomes_cli",
         "test_processes",
         "test_rate_limit",
         "test_secrets",
