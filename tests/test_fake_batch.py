@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from worker.core.errors import IvvyErrorDetails, IvvyNoAnswer, IvvyRateLimited
@@ -122,6 +123,21 @@ async def test_progress_is_the_share_of_jobs_applied_in_order(fake: RunningFakeI
         await asyncio.sleep(0.02)
     assert seen == sorted(seen)
     assert any(0 < p < 100 for p in seen), seen  # the jobs were applied over the delay, not at once
+
+
+async def test_admin_batches_shows_each_batch_and_how_far_it_got(fake: RunningFakeIvvy, client: IvvyClient) -> None:
+    fake.fake.update_faults({"batch_delay_s": 0.0})
+    done_run = await client.call("batch", "run", {"jobs": [job({"name": f"A{i}", "applyTo": 1}) for i in range(3)]})
+    await done(client, done_run["asyncId"])
+    fake.fake.update_faults({"batch_never_ready_rate": 1.0})
+    stuck = await client.call("batch", "run", {"jobs": [job({"name": "Stuck", "applyTo": 1})]})
+    async with aiohttp.ClientSession() as http, http.get(fake.url + "/_admin/batches") as answer:
+        assert answer.status == 200
+        shown = (await answer.json())["batches"]
+    assert shown == [
+        {"asyncId": done_run["asyncId"], "jobs": 3, "applied": 3, "starts": True},
+        {"asyncId": stuck["asyncId"], "jobs": 1, "applied": 0, "starts": False},
+    ]
 
 
 async def test_a_reset_stops_a_batch_being_applied(fake: RunningFakeIvvy, client: IvvyClient) -> None:

@@ -37,6 +37,9 @@ Admin endpoints (no signature; the server binds to loopback unless told otherwis
   ``fault`` null, "latency", "5xx", "429", "hang", "drop", "24322", "gateway_5xx",
   "late_commit", "batch_drop" (a batch run accepted, its answer dropped) or "limit" (the
   server's own rate limit).
+* ``GET /_admin/batches`` -> ``{"batches": [{"asyncId", "jobs", "applied", "starts"}]}``: every
+  batch kept, oldest first: its number of jobs, how many are applied, and whether it ever starts
+  (false for the never-ready fault).
 * ``GET /_admin/faults`` -> the faults; ``POST /_admin/faults`` merges a partial object and
   returns the result, or 400 ``{"error", "field"}`` naming the bad setting.
 * ``POST /_admin/reset`` (optional body ``{"faults": true}``): back to the built-in stages and
@@ -228,6 +231,9 @@ class _Handlers:
         )
         return _json_response(200, {"id": stage.id})
 
+    async def get_batches(self, request: web.Request) -> web.Response:
+        return _json_response(200, {"batches": [batch.admin() for batch in self.fake.batches.batches.values()]})
+
     async def get_requests(self, request: web.Request) -> web.Response:
         return _json_response(200, {"requests": list(self.fake.requests)})
 
@@ -293,6 +299,7 @@ def create_app(fake: FakeIvvy) -> web.Application:
     app.router.add_get("/_admin/stages", handlers.get_stages)
     app.router.add_post("/_admin/stages", handlers.post_stage)
     app.router.add_get("/_admin/requests", handlers.get_requests)
+    app.router.add_get("/_admin/batches", handlers.get_batches)
     app.router.add_get("/_admin/faults", handlers.get_faults)
     app.router.add_post("/_admin/faults", handlers.post_faults)
     app.router.add_post("/_admin/reset", handlers.post_reset)

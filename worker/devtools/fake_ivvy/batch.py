@@ -60,6 +60,10 @@ class Batch:
     def done(self) -> bool:
         return len(self.results) == len(self.jobs)
 
+    def admin(self) -> dict[str, Any]:
+        """As GET /_admin/batches shows it."""
+        return {"asyncId": self.async_id, "jobs": len(self.jobs), "applied": len(self.results), "starts": self.starts}
+
 
 @dataclass
 class BatchStore:
