@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
-from producers.webhook import BODY_TIMEOUT_S
+from producers.webhook_body import BODY_TIMEOUT_S
 from worker.core import keys
 from worker.core.processes import free_port, python_module, wait_for_port
 

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultEvent, ResultsConsumer
-from producers.outcomes import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
+from producers.waits import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from worker.core import readers
 from worker.core.errors import InvalidChange
