@@ -33,6 +33,7 @@ from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.webhook_body import BODY_TIMEOUT_S
+from tests.raw_http import MARKER, assert_malformed_answered_as_problems, raw, status_of
 from worker.core import keys
 from worker.core.processes import free_port, python_module, wait_for_port
 
@@ -145,36 +146,10 @@ async def assert_still_serving(http: aiohttp.ClientSession) -> None:
         assert response.status == 200
 
 
-async def raw(port: int, request: bytes, *, read_s: float = 10.0, first: bool = False) -> bytes:
-    """Send bytes as they are on a fresh connection; what the server answers until it closes the
-    connection, or only its first chunk with ``first``, or whatever came within ``read_s``."""
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    answer = b""
-    try:
-        with contextlib.suppress(ConnectionError):
-            writer.write(request)
-            await writer.drain()
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(read_s):
-                while chunk := await reader.read(65536):
-                    answer += chunk
-                    if first:
-                        break
-    finally:
-        writer.close()
-    return answer
-
-
 def head(body_headers: dict[str, str], extra: Sequence[str]) -> bytes:
     lines = [f"POST {CHANGES_PATH} HTTP/1.1", f"Host: {LOOPBACK}"]
     lines += [f"{name}: {value}" for name, value in body_headers.items()]
     return ("\r\n".join([*lines, *extra]) + "\r\n\r\n").encode()
-
-
-def status_of(answer: bytes) -> int:
-    """The status code of the first response in ``answer`` (0 when there is none)."""
-    line = answer.split(b"\r\n", 1)[0].split()
-    return int(line[1]) if len(line) > 1 and line[0].startswith(b"HTTP/") else 0
 
 
 # -- replays -------------------------------------------------------------------------------------
@@ -535,6 +510,18 @@ async def test_thousands_of_concurrent_requests_are_all_answered_in_bounded_memo
     assert rss[-1] - rss[0] < 8 * 2**20, [g // 1024 for g in growth]
     await assert_enqueued(redis_client, valid)
     await assert_still_serving(http)
+
+
+# -- what the HTTP parser refuses ----------------------------------------------------------------
+
+
+async def test_requests_the_parser_refuses_are_problems_without_echoes(
+    webhook: WebhookProcess, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    await assert_malformed_answered_as_problems(webhook.port)
+    await assert_enqueued(redis_client)
+    await assert_still_serving(http)
+    assert MARKER not in webhook.log_path.read_text(errors="replace")
 
 
 # -- what is logged ------------------------------------------------------------------------------
