@@ -17,15 +17,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from worker.core.errors import ConfigError
-from worker.core.logs import (
-    LOG_LEVELS,
-    REDACTED,
-    bind_job_context,
-    configure_logging,
-    get_logger,
-    merge_job_context,
-    secret_redactor,
-)
+from worker.core.logs import LOG_LEVELS, bind_job_context, configure_logging, get_logger, merge_job_context
+from worker.core.redaction import REDACTED, secret_redactor
 from worker.core.settings import LOG_LEVEL_NAMES, Account, LogFormat, Secret, Settings
 
 API_SECRET = "s3cr3t-api-VALUE-9f8e7d"
@@ -390,6 +383,19 @@ def test_redactor_without_secrets_changes_nothing_else() -> None:
 def test_redactor_replaces_the_longest_secret_whole() -> None:
     redact = secret_redactor(["abc", "abcdef", ""])
     assert redact(None, "info", {"event": "x abcdef y abc"}) == {"event": f"x {REDACTED} y {REDACTED}"}
+
+
+def test_redactor_matches_secrets_in_any_case_in_flat_lines_ascii_or_not() -> None:
+    # Flat lines of strings take the quick test first: it must find what the pattern finds.
+    redact = secret_redactor(["Secret-Abc", "whsec_S3cr3t"])
+    flat = {"event": "e", "n": 1, "ok": True}
+    for text in ("x SECRET-abc y", "s3CR3T!", "caf\u00e9 secret-abc", "iws k:sig \u00e9", "IwS k:sig"):
+        assert text not in str(redact(None, "info", {**flat, "v": text})), text
+    assert secret_redactor([])(None, "info", {**flat, "v": "iWs k:sig"})["v"] == f"iWs k:{REDACTED}"
+    # A non-ASCII secret: the pattern's case-insensitive match ("\u017f", the long s, matches
+    # "s") is one that lower() does not give, so such lines must not take the quick test.
+    assert redact(None, "info", {**flat, "v": "no secret here"})["v"] == "no secret here"
+    assert secret_redactor(["pa\u017f\u017f"])(None, "info", {**flat, "v": "PASS"})["v"] == REDACTED
 
 
 def test_redactor_survives_cycles_and_broken_reprs() -> None:
