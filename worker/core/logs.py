@@ -11,12 +11,17 @@ Every line carries ``timestamp`` (ISO 8601 UTC), ``level``, ``logger`` and ``eve
 job's ``job_id``, ``idempotency_key``, ``account`` and ``attempt`` while ``bind_job_context``
 is active (``merge_job_context``).
 
-Secrets never reach the output (docs/contract.md: Configuration): ``secret_redactor`` (``worker.core.redaction``) runs after
-tracebacks are formatted and just before rendering, for our events and foreign records alike.
+Secrets never reach the output (docs/contract.md: Configuration): ``secret_redactor``
+(``worker.core.redaction``) runs after tracebacks are formatted and just before rendering, for
+our events and foreign records alike.
+
+Inside an event loop, info and debug lines to a file may wait ``FLUSH_AFTER_S`` to be written
+together (``_Handler``); a SIGKILL loses those of its last moment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import json
@@ -24,7 +29,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TextIO
+from typing import Any, Final, TextIO, cast
 
 import orjson
 import structlog
@@ -89,20 +94,109 @@ def _report_failure(name: str) -> None:
             sys.stderr.write(f"--- logging error: {type(exc).__name__} writing a record of {name!r}\n")
 
 
+#: How long our info and debug lines may wait, inside an event loop, to be written with the
+#: others of the same moment in one write(2) instead of one each (a worker writes a line per
+#: change). Warnings and errors are written at once, after the lines still waiting.
+FLUSH_AFTER_S: Final = 0.05
+#: Lines that may wait at most: a burst is written in slices of this many.
+_MAX_PENDING: Final = 256
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _has_file(stream: TextIO) -> bool:
+    """Whether writing to ``stream`` costs a system call (in-memory streams are written at once)."""
+    try:
+        stream.fileno()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both of the first two
+        return False
+    return True
+
+
 class _Handler(logging.StreamHandler[TextIO]):
-    """Our one root handler (stdlib records: arq, aiohttp, asyncio), recognised on reconfiguration."""
+    """Our one root handler, recognised on reconfiguration, and the one writer of the stream.
+
+    Stdlib records (arq, aiohttp, asyncio) come through ``emit``, our own lines through ``_Sink``:
+    ``now`` writes a line at once, ``later`` lets it wait up to ``FLUSH_AFTER_S`` on the running
+    loop's timer when the stream is a file. Everything goes through ``_write`` under the lock, the
+    waiting lines first, so lines come out in the order they were logged (a line logged in
+    another thread meanwhile may come before those waiting). ``flush`` writes what waits, and
+    logging calls it at exit (a SIGTERM or Ctrl-C ends the worker through that exit); a SIGKILL
+    loses the info and debug lines of the last ``FLUSH_AFTER_S``.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # whose timer writes _pending
+        self._waits = _has_file(stream)
+
+    def later(self, line: str) -> None:
+        loop = _running_loop() if self._waits else None
+        with self.lock or contextlib.nullcontext():
+            timer_loop = self._timer_loop
+            if loop is not None and timer_loop is not loop and timer_loop is not None:
+                if timer_loop.is_running():  # another thread's loop: its lines wait, this one not
+                    loop = None
+                else:  # a loop closed before its timer ran: this loop's timer takes over
+                    self._timer_loop = timer_loop = None
+            if loop is None or len(self._pending) >= _MAX_PENDING:
+                self._write(line)
+                return
+            if timer_loop is None:
+                loop.call_later(FLUSH_AFTER_S, self._on_timer)
+                self._timer_loop = loop
+            self._pending.append(line)
+
+    def now(self, line: str) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._write(line)
+
+    def _on_timer(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._timer_loop = None
+            try:
+                self._write("")
+            except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the loop
+                _report_failure("(lines written together)")
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._write("")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            self._write(line)  # handle() holds the lock
+        except RecursionError:  # as logging.StreamHandler.emit
+            raise
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler.emit
+            self.handleError(record)
+
+    def _write(self, line: str) -> None:
+        if self._pending:
+            line = "".join(self._pending) + line
+            self._pending.clear()
+        if line:
+            self.stream.write(line)
+            self.stream.flush()
 
     def handleError(self, record: logging.LogRecord) -> None:
         _report_failure(record.name)
 
 
 class _Sink:
-    """What our own structlog events are written by: the rendered line straight to the stream.
+    """What our own structlog events are written by: the rendered line handed to the handler.
 
     No stdlib round trip (a ``LogRecord``, the handler chain, ``ProcessorFormatter``, a second
-    copy of the event): that was most of what a log line cost. The handler's lock is shared, so
-    our lines and stdlib records never interleave; a failing write is reported as the handler
-    reports one, and never raised into the code that logged.
+    copy of the event): that was most of what a log line cost. Info and debug lines may wait to
+    be written together (``_Handler.later``); a failing write is reported as the handler reports
+    one, and never raised into the code that logged.
     """
 
     __slots__ = ("_handler", "name")
@@ -111,16 +205,20 @@ class _Sink:
         self.name = name
         self._handler = handler
 
-    def msg(self, message: str) -> None:
-        handler = self._handler
+    def info(self, message: str) -> None:
         try:
-            with handler.lock or contextlib.nullcontext():
-                handler.stream.write(message + "\n")
-                handler.stream.flush()
+            self._handler.later(message + "\n")
         except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the caller
             _report_failure(self.name)
 
-    debug = info = warning = error = critical = msg
+    def msg(self, message: str) -> None:
+        try:
+            self._handler.now(message + "\n")
+        except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the caller
+            _report_failure(self.name)
+
+    debug = info
+    warning = error = critical = msg
 
 
 class _SinkFactory:
@@ -211,10 +309,29 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
     )
 
 
+class _Logger:
+    """What ``get_logger`` returns: structlog's logger of one name, assembled once per
+    configuration. structlog's own lazy proxy (uncached, so that it follows a later
+    ``configure_logging`` or a test's ``capture_logs``) assembles a new one, with its sink and
+    context, at every call, even a debug call below the level."""
+
+    __slots__ = ("_config", "_logger", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._config: tuple[object, ...] = ()
+        self._logger: Any = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        config = tuple(structlog.get_config().values())
+        if config != self._config:
+            self._logger, self._config = structlog.get_logger(self._name).bind(), config
+        return getattr(self._logger, attribute)
+
+
 def get_logger(name: str) -> FilteringBoundLogger:
     """The logger of a module: ``log = get_logger(__name__)``."""
-    logger: FilteringBoundLogger = structlog.get_logger(name)
-    return logger
+    return cast("FilteringBoundLogger", _Logger(name))
 
 
 #: The job whose lines these are (one dict, set and reset once per job: structlog's per-key
