@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import random
 import re
 import socket
@@ -16,6 +17,7 @@ import string
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +29,8 @@ import pytest
 
 from tests import independent_ivvy_signing as independent
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
+from worker.devtools import demo as demo_package
+from worker.devtools import fake_ivvy as fake_ivvy_package
 from worker.devtools.fake_ivvy import (
     FIRST_STAGE_ID,
     MAX_PER_PAGE,
@@ -779,3 +783,12 @@ async def test_a_filter_the_fake_does_not_know_is_23016(lead_filter: object) -> 
     with pytest.raises(ApiError) as raised:
         fake.get_lead_stage_list({"filter": lead_filter})
     assert raised.value.specific_code == 23016
+
+
+@pytest.mark.parametrize("package", [fake_ivvy_package, demo_package], ids=lambda p: p.__name__)
+def test_the_devtools_packages_export_exactly_their_public_names(package: types.ModuleType) -> None:
+    public = {
+        name for name in dir(package) if not name.startswith("_") and not inspect.ismodule(getattr(package, name))
+    }
+    assert sorted(package.__all__) == sorted(public)
+    assert all(getattr(package, name) is not None for name in package.__all__)
