@@ -557,6 +557,15 @@ async def test_admin_stages_lists_and_creates_stages(fake_ivvy: RunningFakeIvvy)
     assert_ivvy_error(await call(fake_ivvy, ADD_URI, {"id": FIRST_STAGE_ID, "name": "x"}), 400, 24321)
 
 
+async def refused_naming(fake_ivvy: RunningFakeIvvy, path: str, payload: dict[str, Any], field: str) -> str:
+    """POST an admin payload that must be refused with 400 naming ``field``; the error's text."""
+    answer = await admin(fake_ivvy, "POST", path, payload)
+    assert answer.status == 400
+    assert answer.json()["field"] == field
+    error: str = answer.json()["error"]
+    return error
+
+
 @pytest.mark.parametrize(
     ("payload", "field"),
     [
@@ -570,9 +579,7 @@ async def test_admin_stages_lists_and_creates_stages(fake_ivvy: RunningFakeIvvy)
 async def test_admin_stage_creation_names_the_bad_field(
     fake_ivvy: RunningFakeIvvy, payload: dict[str, Any], field: str
 ) -> None:
-    answer = await admin(fake_ivvy, "POST", "/_admin/stages", payload)
-    assert answer.status == 400
-    assert answer.json()["field"] == field
+    await refused_naming(fake_ivvy, "/_admin/stages", payload, field)
     assert len(fake_ivvy.fake.stages) == len(BUILT_IN_IDS)
 
 
@@ -621,10 +628,8 @@ async def test_admin_faults_merges_and_answers_the_current_faults(fake_ivvy: Run
 async def test_admin_faults_refuses_bad_settings_by_name(
     fake_ivvy: RunningFakeIvvy, payload: dict[str, Any], field: str
 ) -> None:
-    answer = await admin(fake_ivvy, "POST", "/_admin/faults", payload)
-    assert answer.status == 400
-    assert answer.json()["field"] == field
-    assert field.split("+")[0] in answer.json()["error"]
+    error = await refused_naming(fake_ivvy, "/_admin/faults", payload, field)
+    assert field.split("+")[0] in error
     assert fake_ivvy.fake.faults == Faults()
 
 
