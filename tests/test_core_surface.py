@@ -10,6 +10,7 @@ core, and the graph of packages has no cycle.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,13 +32,16 @@ def source_files(*folders: str) -> Iterator[tuple[Path, str]]:
             yield path, module
 
 
-def imports(path: Path) -> Iterator[tuple[str, tuple[str, ...]]]:
+@functools.cache
+def imports(path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Every absolute import of a file, at any depth (lazy ones too): (module, names imported from it)."""
+    found: list[tuple[str, tuple[str, ...]]] = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            yield from ((alias.name, ()) for alias in node.names)
+            found += [(alias.name, ()) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module, tuple(alias.name for alias in node.names)
+            found.append((node.module, tuple(alias.name for alias in node.names)))
+    return tuple(found)
 
 
 def unit(module: str) -> str | None:
@@ -99,7 +103,8 @@ def test_nothing_outside_the_core_reaches_past_its_surface() -> None:
     assert not beyond, "not on worker/core/__init__.py's surface (add them to its SURFACE): " + "; ".join(beyond)
 
 
-def package_graph() -> dict[str, set[str]]:
+@functools.cache
+def package_graph() -> dict[str, frozenset[str]]:
     graph: dict[str, set[str]] = {name: set() for name in (*UNITS, "worker")}
     for path, module in source_files("worker", "producers"):
         here = unit(module)
@@ -108,7 +113,7 @@ def package_graph() -> dict[str, set[str]]:
             there = unit(imported)
             if there is not None and there != here:
                 graph[here].add(there)
-    return graph
+    return {name: frozenset(imported) for name, imported in graph.items()}
 
 
 def test_the_packages_keep_their_import_rules() -> None:
