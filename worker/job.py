@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import structlog
 
 from worker.backoff import backoff_seconds
 from worker.core import keys, metrics, tracing
@@ -46,13 +45,13 @@ from worker.core.errors import (
     UnknownAccount,
 )
 from worker.core.ledger import Ledger, Start
-from worker.core.logs import bind_job_context
+from worker.core.logs import bind_job_context, get_logger
 from worker.core.results import JobFacts, build_event
 from worker.core.settings import Settings
 from worker.core.states import UNACCOUNTED, Decision, Outcome
 from worker.ivvy import IvvyClient
 
-log = structlog.get_logger("leadstage.job")
+log = get_logger("leadstage.job")
 
 
 @dataclass
