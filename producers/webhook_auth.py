@@ -18,7 +18,7 @@ from typing import Any, Final
 from aiohttp import web
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 
-from producers.openapi import ACCOUNT_FIELD
+from producers.openapi_schemas import ACCOUNT_FIELD
 from producers.problems import Problem, excerpt, invalid, named
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.core.errors import ConfigError, InvalidChange
