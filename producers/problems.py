@@ -16,7 +16,7 @@ from aiohttp import web
 from producers.openapi import RETRY_AFTER_S
 from worker.core.errors import FieldError
 
-__all__ = ["PROBLEM_TYPE", "Problem", "excerpt", "from_http_exception", "invalid", "named", "unavailable"]
+__all__ = ["PROBLEM_TYPE", "Problem", "excerpt", "from_http_exception", "invalid", "named", "not_json", "unavailable"]
 
 PROBLEM_TYPE: Final = "urn:leadstage:problem:"
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
@@ -59,6 +59,11 @@ def from_http_exception(exc: web.HTTPException) -> Problem:
     """aiohttp's own error answer (a 404, a 405 with its Allow header, a 413) as a problem."""
     allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
     return Problem(exc.status, exc.reason, exc.text or exc.reason, headers=allow)
+
+
+def not_json(content_type: str) -> Problem:
+    """415 for a body of another content type than JSON."""
+    return Problem(415, "Unsupported Media Type", f"the body must be application/json, not {excerpt(content_type)!r}")
 
 
 def unavailable(detail: str) -> Problem:

@@ -136,7 +136,7 @@ def signed_account(request: web.Request, known_accounts: frozenset[str], *, boun
                     {
                         "field": where,
                         "reason": f"is not covered by the signature and differs from the signed account "
-                        f"{account!r}: name the account in the body's {ACCOUNT_FIELD} field, or sign with "
+                        f"{excerpt(account)!r}: name the account in the body's {ACCOUNT_FIELD} field, or sign with "
                         "the account's own secret",
                     }
                 ],

@@ -390,6 +390,14 @@ async def test_a_body_that_is_not_json_is_refused(console: str, http: aiohttp.Cl
         assert response.status == 415
     async with http.get(url, headers=bearer()) as response:
         assert response.status == 405
+        assert response.headers["Allow"] == "POST"  # the 405's own header, kept in the problem
+    async with http.post(url, data=b"{}", headers={**bearer(), "Content-Type": "text/" + "x" * 7000}) as response:
+        assert response.status == 415
+        assert len(await response.read()) < 1000  # what was sent is not echoed whole
+    for limit in ("9" * 7000, "\u00b2", "\u0665"):  # int() refuses all three: never a 500
+        async with http.get(console + API + "/failures", params={"limit": limit}, headers=bearer()) as response:
+            assert response.status == 400, limit
+            assert len(await response.read()) < 1000
 
 
 async def test_requests_the_parser_refuses_are_problems_without_echoes(console: str) -> None:

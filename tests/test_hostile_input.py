@@ -401,6 +401,24 @@ async def test_wrong_content_types_are_415(
     await assert_enqueued(redis_client)
 
 
+async def test_long_values_are_not_echoed_whole(http: aiohttp.ClientSession, redis_client: aioredis.Redis) -> None:
+    """A 7 KB content type (within the header limit) and a 50 KB account in the body, contradicted
+    by the unsigned account header: each problem names what is wrong with a short excerpt."""
+    long_type = "application/" + "x" * 7000
+    body = orjson.dumps(HOT)
+    async with http.post(CHANGES_PATH, data=body, headers=signed(body) | {"Content-Type": long_type}) as response:
+        assert response.status == 415
+        assert len(await response.read()) < 1000
+    body = orjson.dumps({**HOT, "account": "a" * 50_000})
+    headers = signed(body) | {"X-Leadstage-Account": "other"}
+    async with http.post(CHANGES_PATH, data=body, headers=headers) as response:
+        assert response.status == 400
+        problem = await response.read()
+    assert b"X-Leadstage-Account" in problem
+    assert len(problem) < 1000
+    await assert_enqueued(redis_client)
+
+
 # -- slow clients --------------------------------------------------------------------------------
 
 
