@@ -14,9 +14,20 @@ import orjson
 from aiohttp import web
 
 from producers.openapi import RETRY_AFTER_S
-from worker.core.errors import FieldError
+from worker.core.errors import ConfigError, FieldError
+from worker.core.logs import get_logger
 
-__all__ = ["PROBLEM_TYPE", "Problem", "excerpt", "from_http_exception", "invalid", "named", "not_json", "unavailable"]
+__all__ = [
+    "PROBLEM_TYPE",
+    "Problem",
+    "excerpt",
+    "from_http_exception",
+    "invalid",
+    "misconfigured",
+    "named",
+    "not_json",
+    "unavailable",
+]
 
 PROBLEM_TYPE: Final = "urn:leadstage:problem:"
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
@@ -69,6 +80,14 @@ def not_json(content_type: str) -> Problem:
 def unavailable(detail: str) -> Problem:
     """503 with Retry-After: Redis is down or does not answer in time."""
     return Problem(503, "Service Unavailable", detail, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def misconfigured(error: ConfigError) -> Problem:
+    """503 for a Redis the service cannot use as configured (REDIS_URL names something that is not
+    Redis, or a database it does not have): the operator's to fix, so the reason goes to the log
+    (it names the setting, never its password) and the client is told to retry later."""
+    get_logger("leadstage.http").error("http.redis_misconfigured", error=str(error))
+    return unavailable("the service cannot use its Redis as configured; see the server log")
 
 
 def invalid(detail: str, errors: Sequence[Mapping[str, object]] = ()) -> Problem:

@@ -34,6 +34,7 @@ from worker.console.openapi import openapi_document
 from worker.core import keys
 from worker.core.errors import ConfigError
 from worker.core.ledger import Ledger
+from worker.core.redis_connection import connect_redis_of
 from worker.core.settings import DEMO_API_SECRET, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
@@ -228,6 +229,24 @@ async def test_no_secret_is_ever_shown(
                     assert secret not in body
     finally:
         await unreachable.aclose()
+
+
+async def test_a_redis_url_that_is_not_redis_is_503_not_a_400(
+    fake_ivvy: RunningFakeIvvy, http: aiohttp.ClientSession
+) -> None:
+    """REDIS_URL at an HTTP server (the fake iVvy) is the operator's mistake, not the request's."""
+    settings = console_settings(fake_ivvy.url.replace("http://", "redis://") + "/0", fake_ivvy.url)
+    not_redis = connect_redis_of(settings)
+    try:
+        async with (
+            running_console(settings, not_redis) as url,
+            http.get(url + API + "/failures", headers=bearer()) as response,
+        ):
+            assert response.status == 503
+            assert response.content_type == "application/problem+json"
+            assert "see the server log" in (await response.json(content_type=None))["detail"]
+    finally:
+        await not_redis.aclose()
 
 
 async def test_the_overview_shows_what_redis_holds(
