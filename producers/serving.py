@@ -72,12 +72,11 @@ class _ProblemRequestHandler(RequestHandler):
         # aiohttp's own: it logs (see _malformed_requests_as_warnings) and refuses a second answer
         # on a connection that has sent part of one.
         super().handle_error(request, status, exc, message)
-        if status == HTTPStatus.BAD_REQUEST:
-            problem = Problem(status, "Bad Request", malformed_detail(exc), kind="malformed-request")
-        elif status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+        if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+            # A handler's exception that no middleware turned into an answer (the outer ones).
             problem = Problem(status, HTTPStatus(status).phrase, "unexpected error; see the server log")
-        else:
-            problem = Problem(status, HTTPStatus(status).phrase, HTTPStatus(status).description)
+        else:  # the parser refused the request (aiohttp answers those 400)
+            problem = Problem(status, HTTPStatus(status).phrase, malformed_detail(exc), kind="malformed-request")
         response = problem.response()
         response.force_close()  # as aiohttp's: the connection's state is unknown after an error
         return response
