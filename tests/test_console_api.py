@@ -194,6 +194,25 @@ async def test_login_sets_an_httponly_samesite_cookie_and_posts_need_the_csrf_to
                 assert response.status == 303
 
 
+@pytest.mark.parametrize(
+    ("target", "location"),
+    [
+        ("/failures\r\nSet-Cookie: evil=1", "/"),  # header injection: refused
+        ("/\u2028x", "/"),
+        ("//elsewhere.example/", "/"),
+        ("/changes?key=caf\u00e9", "/changes?key=caf%C3%A9"),
+    ],
+)
+async def test_the_login_goes_only_to_a_path_a_location_header_can_carry(
+    console: str, http: aiohttp.ClientSession, target: str, location: str
+) -> None:
+    data = {"token": TOKEN, "next": target}
+    async with http.post(console + "/login", data=data, allow_redirects=False) as response:
+        assert response.status == 303
+        assert response.headers["Location"] == location
+        assert "evil" not in response.cookies
+
+
 async def test_the_cookie_is_secure_behind_a_declared_tls_proxy(
     settings: Settings, redis_client: aioredis.Redis, http: aiohttp.ClientSession
 ) -> None:

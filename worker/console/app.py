@@ -205,9 +205,15 @@ def _page(template: str) -> Handler:
     return page
 
 
+#: What a path in the Location header keeps as it is; anything else (non-ASCII) is percent-encoded.
+_PATH_SAFE: Final = "/?&=%:@!$'()*+,;-._~"
+
+
 def _safe_next(target: str) -> str:
-    """Only a path of this console: never another site (``//host``, ``https://``)."""
-    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+    """Only a path of this console: never another site (``//host``, ``https://``), and nothing a
+    Location header cannot carry (a control character; CR LF would inject a header), percent-encoded."""
+    local = target.startswith("/") and not target.startswith("//") and "\\" not in target
+    return quote(target, safe=_PATH_SAFE) if local and target.isprintable() else "/"
 
 
 async def _login_form(request: web.Request) -> web.StreamResponse:
