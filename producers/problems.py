@@ -13,7 +13,7 @@ from typing import Final
 import orjson
 from aiohttp import web
 
-from producers.openapi import RETRY_AFTER_S
+from producers.openapi import CONTENT_ENCODINGS, RETRY_AFTER_S
 from worker.core.errors import ConfigError, FieldError
 from worker.core.logs import get_logger
 
@@ -75,6 +75,14 @@ def from_http_exception(exc: web.HTTPException) -> Problem:
 def not_json(content_type: str) -> Problem:
     """415 for a body of another content type than JSON."""
     return Problem(415, "Unsupported Media Type", f"the body must be application/json, not {excerpt(content_type)!r}")
+
+
+def unsupported_encoding(given: str | None = None) -> Problem:
+    """415 for a Content-Encoding the service does not decode (``given``, when known), naming those it does."""
+    wanted = ", ".join(CONTENT_ENCODINGS)
+    detail = f"Content-Encoding must be one of {wanted}" + (f", not {excerpt(given)}" if given is not None else "")
+    accepted = ", ".join(coding for coding in CONTENT_ENCODINGS if coding != "identity")
+    return Problem(415, "Unsupported Media Type", detail, headers={"Accept-Encoding": accepted})
 
 
 def unavailable(detail: str) -> Problem:

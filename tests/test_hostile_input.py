@@ -34,7 +34,7 @@ from standardwebhooks.webhooks import Webhook
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.status import status_token
 from producers.webhook_body import BODY_TIMEOUT_S
-from tests.raw_http import MARKER, assert_malformed_answered_as_problems, raw, status_of
+from tests.raw_http import MARKER, assert_malformed_answered_as_problems, problem_of, raw, status_of
 from tests.redis_servers import RedisServer
 from worker.core import keys
 from worker.core.processes import free_port, python_module, wait_for_port
@@ -223,6 +223,21 @@ async def test_bodies_that_do_not_decode_are_client_errors_without_tracebacks(
         assert response.content_type == "application/problem+json"
     await assert_enqueued(redis_client)
     await assert_still_serving(http)
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd"])
+async def test_codings_the_parser_cannot_decode_are_415_like_any_other_unknown_coding(
+    webhook: WebhookProcess, redis_client: aioredis.Redis, coding: str
+) -> None:
+    """aiohttp knows br and zstd but refuses them with the headers when their libraries are not
+    installed: the client is told what the service decodes, as for any coding it does not."""
+    body = orjson.dumps(HOT)
+    request = head(signed(body), [f"Content-Encoding: {coding}", f"Content-Length: {len(body)}"]) + body
+    answer = await raw(webhook.port, request)
+    assert status_of(answer) == 415, answer[:300]
+    assert b"\r\nAccept-Encoding: gzip, deflate\r\n" in answer
+    assert problem_of(answer)["title"] == "Unsupported Media Type"
+    await assert_enqueued(redis_client)
 
 
 # -- timestamps and signatures -------------------------------------------------------------------

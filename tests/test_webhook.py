@@ -460,7 +460,8 @@ async def test_a_body_that_does_not_decode_is_400(
     assert "webhook.error" not in log_stream.getvalue()
 
 
-@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "x-gzip", "gzip, gzip", "gzip;q=1", "\u00e9"])
+# br and zstd, which aiohttp's parser refuses itself: tests/test_hostile_input.py, on the served webhook.
+@pytest.mark.parametrize("coding", ["compress", "x-gzip", "gzip, gzip", "gzip;q=1", "\u00e9"])
 async def test_an_unknown_content_encoding_is_415(
     client: TestClient[Any, Any], redis_client: aioredis.Redis, coding: str
 ) -> None:
@@ -468,11 +469,6 @@ async def test_an_unknown_content_encoding_is_415(
     response = await client.post(
         CHANGES_PATH, data=body, headers={**signed(body), "Content-Encoding": coding.encode().decode("latin-1")}
     )
-    if coding in ("br", "zstd") and response.status == 400:
-        # aiohttp's parser refuses these itself when their decoder is not installed, before the
-        # handler: a client error all the same.
-        assert await redis_client.dbsize() == 0
-        return
     assert response.status == 415
     assert response.headers["Accept-Encoding"] == "gzip, deflate"
     assert (await response.json(content_type=PROBLEM))["title"] == "Unsupported Media Type"
