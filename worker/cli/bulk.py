@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["enqueue_file"]
 
-#: The envelope fields a line of an enqueue file may carry beside the change.
-LINE_ENVELOPE_FIELDS = ("idempotency_key", "account", "source")
 #: Bad lines of a file listed one by one before the rest are only counted.
 LISTED_PROBLEMS = 100
 
@@ -57,11 +55,11 @@ def _line_item(raw: object, line: int, key_prefix: str | None) -> tuple[object, 
     """
     if not isinstance(raw, dict):
         return raw, None, None, None
-    change = {k: v for k, v in raw.items() if k not in LINE_ENVELOPE_FIELDS}
-    key = raw.get("idempotency_key")
+    # The line's object is this pass's own: the envelope is taken out of it, the change is what is left.
+    key, account, source = raw.pop("idempotency_key", None), raw.pop("account", None), raw.pop("source", None)
     if key is None and key_prefix is not None:
         key = f"{key_prefix}:{line}"
-    return change, key, raw.get("account"), raw.get("source")
+    return raw, key, account, source
 
 
 class _Progress:
@@ -195,7 +193,7 @@ async def _check_file(
 
         for number, text in enumerate(file, start=1):
             progress.read += len(text)
-            if not text.strip():
+            if text.isspace():
                 continue
             try:
                 raw = orjson.loads(text)
