@@ -575,11 +575,11 @@ def test_the_worker_with_redis_down_at_start_is_one_line(leadstage: Run) -> None
 
 
 @contextlib.contextmanager
-def own_redis_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def own_redis_server(*options: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A redis-server of this test on a free port of its own (it may be stopped with SIGSTOP)."""
     port = free_port()
     process = subprocess.Popen(  # noqa: S603 - a fixed command
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],  # noqa: S607 - on PATH
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options],  # noqa: S607 - on PATH
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -612,6 +612,9 @@ def test_a_hung_redis_ends_each_command_with_one_line_in_bounded_time(leadstage:
             (("stats",), True),
             (("status", "k"), True),
             (("results",), True),
+            (("results", "--group", "g"), True),
+            (("dlq", "list"), True),
+            (("dlq", "replay", "--all"), True),
         ]:
             result = leadstage(*args, extra_env=extra)  # the fixture's own timeout (60 s) fails a hang
             assert result.returncode == 1, result.stderr
@@ -620,6 +623,40 @@ def test_a_hung_redis_ends_each_command_with_one_line_in_bounded_time(leadstage:
             assert "LEADSTAGE_REDIS_TIMEOUT 0.5 s" in line
             # Nothing reached Redis: the enqueue says so (the connection's first command got no answer).
             assert line.endswith("; nothing enqueued") != written, line
+
+
+def test_a_redis_that_takes_no_connection_is_given_up_after_the_connect_timeout(leadstage: Run) -> None:
+    """Item 4: connecting has its own bound, LEADSTAGE_REDIS_CONNECT_TIMEOUT, and the error names it.
+
+    A stopped redis-server whose accept queue is full answers no handshake (the kernel drops the
+    SYN): with a command timeout of 600 s only the connect timeout can end the command in time.
+    """
+    with own_redis_server("--tcp-backlog", "1") as (server, url):
+        server.send_signal(signal.SIGSTOP)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        held: list[socket.socket] = []
+        try:
+            for _ in range(64):  # fill the accept queue: the next connection gets no answer
+                sock = socket.socket()
+                sock.settimeout(0.5)
+                try:
+                    sock.connect(("127.0.0.1", port))
+                except TimeoutError:
+                    sock.close()
+                    break
+                held.append(sock)
+            else:
+                pytest.fail("the stopped redis-server kept taking connections")
+            extra = {"REDIS_URL": url, "LEADSTAGE_REDIS_TIMEOUT": "600", "LEADSTAGE_REDIS_CONNECT_TIMEOUT": "0.5"}
+            for args in (("stats",), ("enqueue", "--name", "x", "--apply-to", "1")):
+                result = leadstage(*args, extra_env=extra)  # the fixture's own timeout (60 s) fails a hang
+                assert result.returncode == 1, result.stderr
+                line = one_error_line(result)
+                assert "Redis is unavailable: TimeoutError" in line
+                assert "LEADSTAGE_REDIS_CONNECT_TIMEOUT 0.5 s" in line
+        finally:
+            for sock in held:
+                sock.close()
 
 
 class WithholdingProxy:

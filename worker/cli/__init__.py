@@ -50,8 +50,13 @@ def _redis_failure(exc: LeadstageError, *, written: bool) -> str:
 
     settings = load_settings()
     where = f"REDIS_URL {printable_url(settings.redis_url)}"
-    if type(exc.__cause__).__name__ == "TimeoutError":
-        where += f", LEADSTAGE_REDIS_TIMEOUT {settings.redis_timeout_s:g} s"
+    cause = exc.__cause__
+    if type(cause).__name__ == "TimeoutError":
+        # The setting that ran out: redis-py says "Timeout connecting to server" for the connection's.
+        if "connecting" in str(cause):
+            where += f", LEADSTAGE_REDIS_CONNECT_TIMEOUT {settings.redis_connect_timeout_s:g} s"
+        else:
+            where += f", LEADSTAGE_REDIS_TIMEOUT {settings.redis_timeout_s:g} s"
     return f"{exc} ({where})" + ("" if written else "; nothing enqueued")
 
 
