@@ -538,6 +538,20 @@ def test_bad_settings_and_flags_are_one_line_naming_them(leadstage: Run, redis_u
         assert "unexpected" not in result.stderr
 
 
+def test_errors_name_what_was_given_in_the_command_line_terms(leadstage: Run, db: redis.Redis, tmp_path: Path) -> None:
+    """Item 9: a bad duration names the flag; a line of bytes that is not UTF-8 is said to be so
+    (orjson calls it a "str" with surrogates), with the byte's place."""
+    result = leadstage("dlq", "replay", "--since", "5x")
+    assert result.returncode == 2
+    assert one_error_line(result).startswith("leadstage: error: --since must be a duration such as 90s")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + '{"name": "Caf\u00e9", "applyTo": 1}\n'.encode("latin-1"))
+    result = leadstage("enqueue", "--file", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == "line 2: is not UTF-8 text (byte 14 of the line is 0xe9)"
+    assert queued(db) == 0
+
+
 def test_a_redis_url_at_a_server_that_is_not_redis_is_a_config_error(leadstage: Run) -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

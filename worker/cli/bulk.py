@@ -62,6 +62,15 @@ def _line_item(raw: object, line: int, key_prefix: str | None) -> tuple[object, 
     return raw, key, account, source
 
 
+def _not_json(text: bytes, error: orjson.JSONDecodeError) -> str:
+    """Why a line is not a JSON value, in the file's terms (orjson speaks of a "str" for bad bytes)."""
+    try:
+        text.decode()
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 text (byte {exc.start + 1} of the line is 0x{text[exc.start]:02x})"
+    return f"not valid JSON ({error})"
+
+
 class _Progress:
     """One line on a terminal's stderr, rewritten at most every 0.2 s: bytes read, lines validated,
     changes enqueued. Nothing when stderr is not a terminal (a log file gets the summary only)."""
@@ -198,7 +207,7 @@ async def _check_file(
             try:
                 raw = orjson.loads(text)
             except orjson.JSONDecodeError as exc:
-                problem(number, f"not valid JSON ({exc})")
+                problem(number, _not_json(text, exc))
                 continue
             repeated = repeated_key(text, raw)
             if repeated is not None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from worker.cli.common import EXIT_OK, emit, emit_object, load_settings, note, with_redis
 from worker.core.change import DEFAULT_ACCOUNT
-from worker.core.errors import NotFound, Refused
+from worker.core.errors import BadFilter, NotFound, Refused
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -127,7 +127,10 @@ def run_dlq_replay(args: argparse.Namespace) -> int:
     if bool(args.keys) == matching:
         raise Refused("give the idempotency keys to replay, or --all / --error-code / --since (not both)")
     if args.since is not None:
-        readers.parse_duration(args.since)  # a bad duration is refused before Redis is asked anything
+        try:
+            readers.parse_duration(args.since)  # a bad duration is refused before Redis is asked anything
+        except BadFilter as exc:
+            raise BadFilter(f"--{exc}") from None  # its message names the filter "since": here it is a flag
     account = args.account if args.account is not None or matching else DEFAULT_ACCOUNT
     wanted = None if matching else set(args.keys)
 
