@@ -67,7 +67,8 @@ if mode == 'check' then
 end
 if conflict then return {answers, {}} end
 
-local written = {}
+-- Each account's queue gets its new jobs in one ZADD, and its pending count one HINCRBY.
+local written, queued, queues = {}, {}, {}
 for i, c in ipairs(changes) do
   if answers[i][1] == 'new' or (mode == 'replay' and answers[i][1] == 'queued') then
     local ledger, stage = ledger_key(c), c[10]
@@ -104,20 +105,34 @@ for i, c in ipairs(changes) do
       end
     end
     redis.call('HSET', ledger, unpack(record))
-    redis.call('PEXPIRE', ledger, retention)
-    redis.call('ZADD', c[12], now, c[1])
-    written[c[6]] = redis.call('HINCRBY', pending, c[6], 1)
+    -- A change's entry expires only once it is done (finish.lua): while it waits, nothing expires.
+    if mode == 'replay' then redis.call('PERSIST', ledger) end
+    local queue = c[12]
+    if not queued[queue] then
+      queued[queue] = {}
+      queues[#queues + 1] = queue
+    end
+    queued[queue][#queued[queue] + 1] = now
+    queued[queue][#queued[queue] + 1] = c[1]
+    written[c[6]] = (written[c[6]] or 0) + 1
     answers[i] = {'queued', gen}
   elseif answers[i][1] == 'duplicate' then
     -- A write of this call's own, so that a WAIT after it also covers the earlier write of the
-    -- entry (replication is ordered): a duplicate is confirmed like a new one. It keeps the entry too.
-    redis.call('PEXPIRE', ledger_key(c), retention)
+    -- entry (replication is ordered): a duplicate is confirmed like a new one. A done entry is kept
+    -- for another retention; one not done yet does not expire.
+    local state = answers[i][2]
+    if state == 'succeeded' or state == 'failed' or state == 'superseded' then
+      redis.call('PEXPIRE', ledger_key(c), retention)
+    else
+      redis.call('HSET', ledger_key(c), 'state', state)
+    end
   end
 end
+for _, queue in ipairs(queues) do redis.call('ZADD', queue, unpack(queued[queue])) end
 if mode == 'replay' and ARGV[3] ~= '' and answers[1][1] == 'queued' then redis.call('XDEL', dlq, ARGV[3]) end
 local backlog = {}
 for account, count in pairs(written) do
   backlog[#backlog + 1] = account
-  backlog[#backlog + 1] = count
+  backlog[#backlog + 1] = redis.call('HINCRBY', pending, account, count)
 end
 return {answers, backlog}

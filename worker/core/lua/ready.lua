@@ -15,8 +15,11 @@
 --     the sooner of the two is kept. Reply: 'ok'
 local ready, wake, epoch = KEYS[1], KEYS[2], KEYS[3]
 local mode = ARGV[1]
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- The server's clock, read by 'pick' and 'notify' ('set' is told its time).
+local function server_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
 
 local function wake_one()
   -- One token at a time: a woken worker that finds more due work passes the word on (pick).
@@ -24,6 +27,7 @@ local function wake_one()
 end
 
 if mode == 'pick' then
+  local now = server_ms()
   local first = redis.call('ZRANGE', ready, 0, 1, 'WITHSCORES')
   if not first[1] then return {'', 0, -1} end
   if tonumber(first[2]) > now then return {'', 0, tonumber(first[2]) - now} end
@@ -31,6 +35,7 @@ if mode == 'pick' then
   if first[3] and tonumber(first[4]) <= now then wake_one() end
   return {first[1], redis.call('HGET', epoch, first[1]) or '0', 0}
 elseif mode == 'notify' then
+  local now = server_ms()
   local at = tonumber(ARGV[2]) or now
   local head = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
   for i = 3, #ARGV do
