@@ -31,18 +31,29 @@ local function ledger_key(c) return c[9] end
 
 local answers, seen, conflict = {}, {}, false
 local labels = mode == 'check' and cjson.decode(ARGV[6])
+-- One EXISTS for the whole call: when none of its keys is known (a new bulk), no entry is read.
+local ledgers, jobs = {}, {}
+for i, c in ipairs(changes) do
+  ledgers[i] = ledger_key(c)
+  jobs[i] = c[1]
+end
+local known = redis.call('EXISTS', unpack(ledgers)) > 0
+-- 'check': what the bulk's earlier calls staged, read at once; this call's keys are staged at once.
+local staged = mode == 'check' and redis.call('HMGET', KEYS[3], unpack(jobs))
+local staging = {}
 for i, c in ipairs(changes) do
   local job, change = c[1], c[2]
-  local existing = redis.call('HMGET', ledger_key(c), 'change', 'state', 'gen')
+  local existing = known and redis.call('HMGET', ledgers[i], 'change', 'state', 'gen') or {}
   if seen[job] then existing = {seen[job], 'queued', '0'} end
   if mode == 'check' and not existing[1] then
-    if redis.call('HSETNX', KEYS[3], job, labels[i] .. '\n' .. change) == 1 then
+    local earlier = staged[i] or staging[job]
+    if not earlier then
+      staging[job] = labels[i] .. '\n' .. change
       answers[i] = {'new', ''}
     else
-      local staged = redis.call('HGET', KEYS[3], job)
-      local gap = string.find(staged, '\n', 1, true)
-      if string.sub(staged, gap + 1) == change then answers[i] = {'new', ''} else
-        answers[i] = {'twice', string.sub(staged, 1, gap - 1)}
+      local gap = string.find(earlier, '\n', 1, true)
+      if string.sub(earlier, gap + 1) == change then answers[i] = {'new', ''} else
+        answers[i] = {'twice', string.sub(earlier, 1, gap - 1)}
       end
     end
   elseif mode == 'replay' then
@@ -62,6 +73,12 @@ for i, c in ipairs(changes) do
   end
 end
 if mode == 'check' then
+  local fields = {}
+  for job, value in pairs(staging) do
+    fields[#fields + 1] = job
+    fields[#fields + 1] = value
+  end
+  if #fields > 0 then redis.call('HSET', KEYS[3], unpack(fields)) end
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
   return {answers, {}}
 end
