@@ -53,7 +53,7 @@ IDLE_WAKE_S = 30.0
 #: A wait for the next due account this short is slept here, not blocked in Redis: Redis ends a
 #: BLPOP's timeout on its timer tick (100 ms at the default hz), which would halve a 20/s account.
 SHORT_WAIT_MS = 110
-#: While many jobs run, a worker claims again once this share of its slots is free (``_claim_at``).
+#: While many jobs run, a worker claims again once this share of its slots is free (``_may_claim``).
 CLAIM_SHARE = 4
 #: Every this many heartbeats the worker puts accounts with queued changes back on the schedule
 #: (``Ledger.resync``).
@@ -74,12 +74,15 @@ class LeadstageWorker(Worker):
         """Serve due accounts, a claim of changes at a time each, until none is due or the worker's
         slots are taken; then wait: for running jobs to end (full), or for a notice or the next due
         account (idle)."""
-        while self.allow_pick_jobs and self._free_slots() >= self._claim_at():
-            pick = await runtime.ledger.pick()
+        pick: Pick | None = None
+        while self._may_claim():
+            if pick is None:
+                pick = await runtime.ledger.pick()
             if pick.account is not None:
-                await self._claim_from(runtime, pick)
+                pick = await self._claim_from(runtime, pick)
             elif 0 <= pick.wait_ms <= SHORT_WAIT_MS:
                 await asyncio.sleep(pick.wait_ms / 1000)
+                pick = None
             else:
                 # Redis ends a blocking wait on its own timer tick (1/hz, 100 ms by default): block for
                 # all but that, and wait out the rest here (above).
@@ -93,45 +96,49 @@ class LeadstageWorker(Worker):
     def _free_slots(self) -> int:
         return self.max_jobs - self.job_counter
 
-    def _claim_at(self) -> int:
-        """How many slots must be free before the worker claims again: one while few jobs run; while
-        many do, a share of them, so that a claim (and the schedule's pick around it) is paid once
-        for several changes."""
-        return max(1, min(self.max_jobs // CLAIM_SHARE, self.job_counter))
+    def _may_claim(self) -> bool:
+        """Whether the worker claims now: one free slot is enough while few jobs run; while many
+        do, a share of the slots must be free, so that a claim (and the schedule's pick around it)
+        is paid once for several changes."""
+        return self.allow_pick_jobs and self._free_slots() >= max(
+            1, min(self.max_jobs // CLAIM_SHARE, self.job_counter)
+        )
 
-    async def _claim_from(self, runtime: Runtime, pick: Pick) -> None:
+    async def _claim_from(self, runtime: Runtime, pick: Pick) -> Pick | None:
         """Claim from the picked account as many changes as the worker has free slots (other
         accounts get their turn after that claim), and put it back on the schedule for its next
-        due time."""
+        due time; then the next pick, in the same call, when the worker may claim again."""
         account = pick.account or ""
-        next_ms = -1
-        try:
-            while self.allow_pick_jobs and self._free_slots() > 0:
-                claimed_at = time.monotonic()
-                claim = await runtime.ledger.claim(
-                    account,
-                    runtime.worker_id,
-                    runtime.settings.rate_limit_for(account),
-                    runtime.rng.randrange(30),
-                    self._free_slots(),
-                )
-                next_ms = claim.account_next_ms
-                launched = 0
-                for start in claim.starts:
-                    if start.decision is Decision.MISSING:
-                        await _report_missing(runtime, start.job_id)
-                    elif start.runs:
-                        await self._launch(runtime, start, claimed_at)
-                        launched += 1
-                if claim.rate_reason is not None:
-                    metrics.RATE_LIMIT_WAITS.labels(account).inc()
-                # Only jobs found done or missing: the account may have more to claim now.
-                if launched or not claim.starts or claim.rate_reason is not None:
-                    break
-        finally:
-            # A claim that failed leaves the account hidden for one lease: it comes back by itself.
-            busy = self.job_counter >= self.max_jobs
-            await runtime.ledger.reschedule(account, pick.epoch, next_ms, wake=busy)
+        # A claim that fails leaves the account hidden for one lease: it comes back by itself.
+        next_ms = await self._claim(runtime, account)
+        if self._may_claim():
+            return await runtime.ledger.reschedule_and_pick(account, pick.epoch, next_ms)
+        await runtime.ledger.reschedule(account, pick.epoch, next_ms, wake=True)
+        return None
+
+    async def _claim(self, runtime: Runtime, account: str) -> int:
+        """The claims of one turn of the account; when it may next have work (server ms, -1: none)."""
+        while True:
+            claimed_at = time.monotonic()
+            claim = await runtime.ledger.claim(
+                account,
+                runtime.worker_id,
+                runtime.settings.rate_limit_for(account),
+                runtime.rng.randrange(30),
+                self._free_slots(),
+            )
+            launched = 0
+            for start in claim.starts:
+                if start.decision is Decision.MISSING:
+                    await _report_missing(runtime, start.job_id)
+                elif start.runs:
+                    await self._launch(runtime, start, claimed_at)
+                    launched += 1
+            if claim.rate_reason is not None:
+                metrics.RATE_LIMIT_WAITS.labels(account).inc()
+            # Only jobs found done or missing: the account may have more to claim now.
+            if launched or not claim.starts or claim.rate_reason is not None or not self._free_slots():
+                return claim.account_next_ms
 
     async def _launch(self, runtime: Runtime, start: Start, claimed_at: float) -> None:
         job_id = start.job_id

@@ -110,7 +110,13 @@ class Ledger(Enqueuing):
         """After a claim: when the account may next have work (-1: none); ``wake`` an idle worker
         for it when the caller will not come back for it itself."""
         with redis_errors():
-            await self._ready(keys=self._ready_keys, args=["set", account, epoch, next_ms, "1" if wake else ""])
+            await self._ready(keys=self._ready_keys, args=["set", account, epoch, next_ms, "1" if wake else "", ""])
+
+    async def reschedule_and_pick(self, account: str, epoch: str, next_ms: int) -> Pick:
+        """``reschedule``, then ``pick`` in the same call (a worker that goes on serving)."""
+        with redis_errors():
+            reply = await self._ready(keys=self._ready_keys, args=["set", account, epoch, next_ms, "", self.lease_ms])
+        return parse_pick(reply)
 
     async def wait_for_work(self, timeout_s: float) -> None:
         """Block until a notice wakes this worker or ``timeout_s`` passes (BLPOP on the wake list)."""

@@ -129,7 +129,10 @@ local function consider(job)
   end
   if exhausted then return decide('exhausted', '') end
 
-  tat = math.max(tat, now_us) + interval_us
+  -- A claim late for its slot by up to half an interval (the worker's own round trips) does not
+  -- push the account's next slots back with it; after a longer pause the slots start afresh.
+  if tat < now_us - interval_us / 2 then tat = now_us end
+  tat = tat + interval_us
   attempts = attempts + 1
   local recovery = {'attempts', attempts}
   if not (l[6] == 'add' and (phase == 'posting' or phase == 'unknown')) then
