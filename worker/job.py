@@ -121,11 +121,10 @@ async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, start: Start
     source, enqueued_at, generation = start.facts
     facts = JobFacts(job_id, idempotency_key, account, change, source, enqueued_at, generation)
     client = runtime.clients.get(account)
-    traceparent = await tracing.stored_traceparent(runtime.ledger.client, job_id)
     with (
         bind_job_context(job_id, idempotency_key, account, start.attempt),
         tracing.attempt_span(
-            traceparent, job_id=job_id, account=account, operation=change.operation, attempt=start.attempt
+            start.traceparent, job_id=job_id, account=account, operation=change.operation, attempt=start.attempt
         ),
     ):
         if start.decision is Decision.SUPERSEDED:

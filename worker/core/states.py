@@ -44,7 +44,6 @@ UNACCOUNTED: frozenset[Phase] = frozenset({Phase.POSTING, Phase.UNKNOWN})
 class Decision(StrEnum):
     """start.lua's decision about a due job (or an account's next one)."""
 
-    IDLE = "idle"  # the account has no job to claim now (none due, or no free rate-limit slot)
     SKIP = "skip"  # not due any more: another worker has it, or it was rescheduled
     MISSING = "missing"  # the ledger entry is gone (expired): reported as failed, never silently
     DONE = "done"  # already terminal: dropped from the queue
