@@ -12,8 +12,6 @@ import aiohttp
 import jsonschema_rs
 import pytest
 import redis.asyncio as aioredis
-import schemathesis
-from schemathesis.core.result import Ok
 
 from tests.console_support import (
     MISSING_STAGE,
@@ -481,7 +479,11 @@ async def test_a_changes_timeline_shows_each_attempt(
         assert (await response.json(content_type=None))["errors"][0]["field"] == "account"
 
 
+@pytest.mark.system  # schemathesis takes seconds to load: with the fuzz tests, in the full suite
 async def test_the_openapi_document_is_served_and_valid(console: str, http: aiohttp.ClientSession) -> None:
+    import schemathesis
+    from schemathesis.core.result import Ok
+
     document = await get(http, console + API + "/openapi.json")
     assert document == openapi_document()
     operations = set()
