@@ -6,7 +6,7 @@
 
 from producers.library import ChangeItem, InvalidBatch, LeadStageProducer, Receipt
 from producers.outcomes import DeadLetterConsumer, ResultsConsumer
-from producers.waits import UnknownChange, WaitTimeout
+from worker.core.errors import UnknownChange, WaitTimeout
 from worker.core.results import DeadLetter, ResultEvent
 
 __all__ = [

@@ -36,9 +36,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from producers.clients import RedisUser
-from producers.waits import BLOCK_S, InvalidOption, blocking_read_s, decoded, outcomes_log, stream_refused
+from producers.waits import BLOCK_S, blocking_read_s, decoded, outcomes_log, stream_refused
 from worker.core import readers
-from worker.core.errors import redis_errors
+from worker.core.errors import InvalidOption, redis_errors
 from worker.core.results import DeadLetter, ResultEvent
 from worker.core.settings import Settings
 

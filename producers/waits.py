@@ -24,7 +24,17 @@ import redis.exceptions
 
 from worker.core import keys, readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.core.errors import ConfigError, InvalidEvent, LeadstageError, PermanentError, RetryableError, redis_errors
+from worker.core.errors import (
+    ConfigError,
+    InvalidEvent,
+    InvalidOption,
+    LeadstageError,
+    OutcomeUnavailable,
+    RetryableError,
+    UnknownChange,
+    WaitTimeout,
+    redis_errors,
+)
 from worker.core.ledger import Receipt
 from worker.core.results import ResultEvent
 from worker.core.settings import Settings
@@ -35,11 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCK_S",
-    "InvalidOption",
-    "OutcomeUnavailable",
     "SharedReader",
-    "UnknownChange",
-    "WaitTimeout",
     "Waits",
     "blocking_read_s",
     "decoded",
@@ -68,64 +74,6 @@ def blocking_read_s(settings: Settings, wanted: float = BLOCK_S) -> float:
     """How long a blocking read may block: ``wanted``, but at most half of LEADSTAGE_REDIS_TIMEOUT
     (a read blocked longer than the socket timeout is cut off as if Redis did not answer)."""
     return min(wanted, settings.redis_timeout_s / 2)
-
-
-class InvalidOption(PermanentError):
-    """An argument of ``wait`` or of a consumer is unusable; the message names it."""
-
-    error_code = "invalid_option"
-
-
-class UnknownChange(PermanentError):
-    """The ledger does not know the change: never enqueued, or finished before the retention."""
-
-    error_code = "unknown_change"
-
-    def __init__(self, account: str, idempotency_key: str) -> None:
-        self.account, self.idempotency_key = account, idempotency_key
-        super().__init__(
-            f"no change with idempotency key {idempotency_key!r} for account {account!r} "
-            "(never enqueued, or finished longer ago than the ledger retention)"
-        )
-
-
-def _where(status: Mapping[str, object]) -> str:
-    text = f"it is {status['state']} after {status['attempts']} attempt(s)"
-    if status.get("next_attempt_at"):
-        text += f", next attempt at {status['next_attempt_at']}"
-    history = status.get("history")
-    if isinstance(history, list) and history and isinstance(history[-1], Mapping):
-        last = history[-1]
-        if last.get("error_code"):
-            text += f", last error {last['error_code']}: {last.get('error_message', '')}"
-    return text
-
-
-class WaitTimeout(RetryableError):
-    """No terminal event within the timeout; ``status`` is where the change stands (the ledger's)."""
-
-    error_code = "wait_timeout"
-
-    def __init__(self, status: Mapping[str, object], timeout: float) -> None:
-        self.status = dict(status)
-        self.timeout = timeout
-        super().__init__(
-            f"change {status['idempotency_key']!r} of account {status['account']!r} has no terminal event "
-            f"after {timeout:g} s: {_where(status)}"
-        )
-
-
-class OutcomeUnavailable(LeadstageError):
-    """The change ended (``status`` says how) but its event is no longer in the results stream."""
-
-    error_code = "outcome_unavailable"
-
-    def __init__(self, status: Mapping[str, object]) -> None:
-        self.status = dict(status)
-        super().__init__(
-            f"change {status['idempotency_key']!r} of account {status['account']!r} is {status['state']}, "
-            "but its event has been trimmed from the results stream (LEADSTAGE_RESULTS_MAXLEN)"
-        )
 
 
 async def standing(

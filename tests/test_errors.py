@@ -10,6 +10,7 @@ import pytest
 import redis.exceptions
 
 from worker.backoff import backoff_seconds
+from worker.core import errors
 from worker.core.errors import (
     IvvyAuthError,
     IvvyRateLimited,
@@ -154,3 +155,18 @@ def test_every_redis_failure_is_translated_at_the_boundary(raised: Exception, ki
 def test_a_command_error_is_a_bug_and_not_translated() -> None:
     with pytest.raises(redis.exceptions.ResponseError), redis_errors():
         raise redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+
+def test_every_raisable_class_of_the_tree_names_a_code_of_its_own() -> None:
+    """The ``code=`` of a class header is its ``error_code``; no two classes share one."""
+    intermediate = {errors.LeadstageError, errors.PermanentError, errors.RetryableError, errors.IvvyErrorDetails}
+    classes = [
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, errors.LeadstageError) and value not in intermediate
+    ]
+    codes = {cls.error_code: cls for cls in classes}
+    assert len(codes) == len(classes), sorted(cls.__name__ for cls in classes if codes[cls.error_code] is not cls)
+    assert "error" not in codes
+    assert errors.NotFound.error_code == "not_found"
+    assert errors.WaitTimeout.error_code == "wait_timeout"

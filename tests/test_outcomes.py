@@ -10,11 +10,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultEvent, ResultsConsumer
-from producers.waits import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisServer
 from worker.core import readers
-from worker.core.errors import InvalidChange, InvalidEvent, RedisUnavailable
+from worker.core.errors import (
+    InvalidChange,
+    InvalidEvent,
+    InvalidOption,
+    OutcomeUnavailable,
+    RedisUnavailable,
+    UnknownChange,
+    WaitTimeout,
+)
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker

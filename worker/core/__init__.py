@@ -28,7 +28,8 @@ SURFACE: Final[dict[str, str]] = {
         " IdempotencyConflict Interrupted InvalidChange InvalidEvent IvvyClockSkew IvvyErrorDetails IvvyNoAnswer"
         " IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError NotFound PermanentError"
         " redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused RetryableError"
-        " RetryAfterTooLong StaleRun UnknownAccount"
+        " RetryAfterTooLong StaleRun UnknownAccount InvalidOption OutcomeUnavailable UnknownChange WaitTimeout"
+        " SignatureRejected STALE_REQUEST_CODE"
     ),
     "keys": "",
     "ledger": "backlog_warning Chunk ENQUEUE_CHUNK Ledger Pick Receipt Start",

@@ -19,13 +19,18 @@ a caller usually asks: will trying again help?
     │   ├── RetryAfterTooLong          iVvy asked to wait longer than LEADSTAGE_RETRY_AFTER_MAX
     │   ├── Refused                    a command line that cannot be carried out as given (the CLI)
     │   ├── BadFilter                  a reader's filter (``since``, a page cursor) is not usable
+    │   ├── InvalidOption              an argument of ``wait`` or of a consumer is unusable (names it)
+    │   ├── UnknownChange              the ledger does not know the change a producer asks after
+    │   ├── SignatureRejected          the fake iVvy refuses a request's signature (23005: stale date)
     │   ├── InvalidEvent               a results-stream entry is not an event ``build_event`` wrote
     │   └── IvvyRejected               iVvy refused the change: 24320, 24321, 24323, 24324,
     │       │                          23016, 23017 and any other 4xx
     │       └── IvvyAuthError          401, 403, 462, 463: the credentials are wrong or revoked
+    ├── OutcomeUnavailable             a change ended, but its event was trimmed from the results stream
     ├── StaleRun                       a worker's run of a change was overtaken (its lease
     │                                  lapsed, another run began): it stops without recording
     └── RetryableError                 a later attempt may succeed (backoff, Retry-After)
+        ├── WaitTimeout                no terminal event within a wait's timeout (``status``: where it stands)
         ├── RedisUnavailable           Redis did not answer
         │   ├── RedisRefused           Redis answered but refused the command: OOM, READONLY
         │   │                          (a demoted primary), MISCONF, LOADING, BUSY, ...
@@ -55,9 +60,11 @@ for HTTP, ``redis_errors`` for Redis); nothing above those boundaries sees them.
 Messages never contain secrets: they are built from status codes, iVvy's own error text and
 field names only.
 
-The tree lives in three modules by job: ``base`` (the root and the errors of our own making),
-``ivvy`` (iVvy's answers and their classification), ``redis_boundary`` (Redis's failures and
-``redis_errors``); import every name from here.
+The tree lives in four modules by job: ``base`` (the root and the errors of our own making),
+``changes`` (what a producer asking after one change hears), ``ivvy`` (iVvy's answers, their
+classification and the fake's signature refusal), ``redis_boundary`` (Redis's failures and
+``redis_errors``); import every name from here. A class names its ``error_code`` in its header:
+``class NotFound(LeadstageError, code="not_found")``.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ from worker.core.errors.base import (
     StaleRun,
     UnknownAccount,
 )
+from worker.core.errors.changes import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
 from worker.core.errors.ivvy import (
     AUTH_STATUSES,
     RETRYABLE_SPECIFIC_CODES,
@@ -95,6 +103,7 @@ from worker.core.errors.ivvy import (
     IvvyRejected,
     IvvyTimeout,
     IvvyUnavailable,
+    SignatureRejected,
     error_for_response,
 )
 from worker.core.errors.redis_boundary import (
@@ -123,6 +132,7 @@ __all__ = [
     "Interrupted",
     "InvalidChange",
     "InvalidEvent",
+    "InvalidOption",
     "IvvyAuthError",
     "IvvyClockSkew",
     "IvvyErrorDetails",
@@ -133,6 +143,7 @@ __all__ = [
     "IvvyUnavailable",
     "LeadstageError",
     "NotFound",
+    "OutcomeUnavailable",
     "PermanentError",
     "ProcessFailed",
     "RedisCredentialsRefused",
@@ -142,8 +153,11 @@ __all__ = [
     "Refused",
     "RetryAfterTooLong",
     "RetryableError",
+    "SignatureRejected",
     "StaleRun",
     "UnknownAccount",
+    "UnknownChange",
+    "WaitTimeout",
     "error_for_response",
     "redis_errors",
 ]

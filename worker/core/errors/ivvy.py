@@ -37,20 +37,19 @@ class IvvyErrorDetails(LeadstageError):
         return None if self.specific_code is None else str(self.specific_code)
 
 
-class IvvyRejected(IvvyErrorDetails, PermanentError):
-    error_code = "rejected"
+class IvvyRejected(IvvyErrorDetails, PermanentError, code="rejected"):
+    """iVvy refused the change (any 4xx but the ones below, and its refusing specific codes)."""
 
 
-class IvvyAuthError(IvvyRejected):
-    error_code = "unauthorized"
+class IvvyAuthError(IvvyRejected, code="unauthorized"):
+    """401, 403, 462, 463: the credentials are wrong or revoked."""
 
 
-class IvvyUnavailable(IvvyErrorDetails, RetryableError):
-    error_code = "unavailable"
+class IvvyUnavailable(IvvyErrorDetails, RetryableError, code="unavailable"):
+    """iVvy answered 5xx, 460, 461 or specific code 24322."""
 
 
-class IvvyRateLimited(IvvyUnavailable):
-    error_code = "rate_limited"
+class IvvyRateLimited(IvvyUnavailable, code="rate_limited"):
     pauses_account = True
 
 
@@ -58,7 +57,7 @@ class IvvyRateLimited(IvvyUnavailable):
 STALE_REQUEST_CODE = 23005
 
 
-class IvvyClockSkew(IvvyErrorDetails, RetryableError):
+class IvvyClockSkew(IvvyErrorDetails, RetryableError, code="clock_skew"):
     """iVvy found the request's date stale (23005): the worker host's clock is off by more than
     iVvy's tolerance. Every change of the account would fail alike, so the account pauses and
     the change is tried again after the pause, instead of being dead-lettered as unauthorised.
@@ -66,7 +65,6 @@ class IvvyClockSkew(IvvyErrorDetails, RetryableError):
     ``skew_s``: iVvy's clock (its Date header) minus ours, in seconds, when it sent one.
     """
 
-    error_code = "clock_skew"
     pauses_account = True
 
     def __init__(
@@ -89,16 +87,22 @@ class IvvyClockSkew(IvvyErrorDetails, RetryableError):
         )
 
 
-class IvvyNoAnswer(IvvyErrorDetails, RetryableError):
-    error_code = "connection"
+class SignatureRejected(PermanentError, code="signature_rejected"):
+    """Why the fake iVvy refuses a request's signature; ``specific_code`` 23005 for a stale date."""
 
+    def __init__(self, message: str, specific_code: int | None = None) -> None:
+        self.specific_code = specific_code
+        super().__init__(message)
+
+
+class IvvyNoAnswer(IvvyErrorDetails, RetryableError, code="connection"):
     def __init__(self, message: str, *, outcome_unknown: bool) -> None:
         self.outcome_unknown = outcome_unknown
         super().__init__(message)
 
 
-class IvvyTimeout(IvvyNoAnswer):
-    error_code = "timeout"
+class IvvyTimeout(IvvyNoAnswer, code="timeout"):
+    """No answer within the request timeout."""
 
 
 # The retry classification of docs/contract.md, defined here once.

@@ -8,26 +8,20 @@ from collections.abc import Iterator, Sequence
 from worker.core.errors.base import ConfigError, RetryableError
 
 
-class RedisUnavailable(RetryableError):
-    error_code = "redis_unavailable"
+class RedisUnavailable(RetryableError, code="redis_unavailable"):
+    """Redis did not answer (or refused the command for now: the subclasses)."""
 
 
-class RedisRefused(RedisUnavailable):
+class RedisRefused(RedisUnavailable, code="redis_refused"):
     """Redis answered with an error that says it cannot take the command now (not a bug of ours)."""
 
-    error_code = "redis_refused"
 
-
-class RedisCredentialsRefused(RedisUnavailable):
+class RedisCredentialsRefused(RedisUnavailable, code="redis_credentials_refused"):
     """Redis answered, and refused the user or password of REDIS_URL (it may be rotated meanwhile)."""
 
-    error_code = "redis_credentials_refused"
 
-
-class RedisNotReplicated(RedisUnavailable):
+class RedisNotReplicated(RedisUnavailable, code="redis_not_replicated"):
     """A write was not confirmed by enough replicas: a failover now could lose it."""
-
-    error_code = "redis_not_replicated"
 
     def __init__(self, what: str, acked: int, wanted: int, timeout_s: float) -> None:
         super().__init__(
@@ -37,12 +31,10 @@ class RedisNotReplicated(RedisUnavailable):
         )
 
 
-class EnqueueOutcomeUnknown(RedisUnavailable):
+class EnqueueOutcomeUnknown(RedisUnavailable, code="outcome_unknown"):
     """Redis stopped answering while changes were written: ``unknown`` (account, idempotency key)
     may or may not be enqueued, ``enqueued`` changes before them were. Enqueuing them again with
     the same keys is safe: a change already written comes back as a duplicate."""
-
-    error_code = "outcome_unknown"
 
     def __init__(self, reason: str, *, enqueued: int, unknown: Sequence[tuple[str, str]]) -> None:
         self.enqueued = enqueued

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from worker.core.errors import SignatureRejected
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
 from worker.devtools.fake_ivvy.batch import BatchStore
 from worker.devtools.fake_ivvy.faults import FaultName, Faults
@@ -51,7 +52,7 @@ from worker.devtools.fake_ivvy.params import (
     string,
     whole_number,
 )
-from worker.signing import SignatureRejected, format_ivvy_date, verify_request
+from worker.signing import format_ivvy_date, verify_request
 
 FIRST_STAGE_ID: Final = 1000
 DEFAULT_PER_PAGE: Final = 10
