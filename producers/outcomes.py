@@ -42,6 +42,7 @@ from worker.core import keys, readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.core.errors import ConfigError, LeadstageError, PermanentError, RetryableError, redis_errors
 from worker.core.ledger import Receipt
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster
 from worker.core.results import TERMINAL_EVENTS, DeadLetter, InvalidEvent, ResultEvent
 from worker.core.settings import Settings
 from worker.core.states import TERMINAL
@@ -139,7 +140,7 @@ class OutcomeUnavailable(LeadstageError):
 
 
 async def standing(
-    client: aioredis.Redis, settings: Settings, account: str, idempotency_key: str
+    client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> tuple[dict[str, object] | None, ResultEvent | None]:
     """Where a change stands (``readers.change_status``) and its terminal event once it has one.
 
@@ -179,7 +180,7 @@ Delivery = ResultEvent | LeadstageError
 class SharedReader:
     """One blocking XREAD over the results stream, handing terminal events to the waits for them."""
 
-    def __init__(self, client: aioredis.Redis, stream: str) -> None:
+    def __init__(self, client: RedisClient, stream: str) -> None:
         self.client, self.stream = client, stream
         self._waiters: dict[str, set[asyncio.Queue[Delivery]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -373,16 +374,16 @@ class _GroupConsumer(Generic[E]):
         consumer: str,
         *,
         settings: Settings | None = None,
-        redis: aioredis.Redis | None = None,
+        redis: RedisClient | None = None,
         start: Start = "new",
         claim_idle_s: float = 60.0,
         batch: int = 100,
         block_s: float = BLOCK_S,
         follow: bool = True,
     ) -> None:
-        """``settings`` default to ``Settings.from_env()`` (the stream's name, REDIS_URL); without
-        ``redis`` a client is opened and ``aclose`` closes it. ``follow=False`` ends once nothing
-        new is left instead of waiting for more."""
+        """``settings`` default to ``Settings.from_env()`` (the stream's name, REDIS_URL: a single
+        Redis or a Redis Cluster); without ``redis`` a client is opened and ``aclose`` closes it.
+        ``follow=False`` ends once nothing new is left instead of waiting for more."""
         for name, value in (("group", group), ("consumer", consumer)):
             if not isinstance(value, str) or not _NAME.fullmatch(value):
                 raise InvalidOption(f"{name} must be 1..200 printable ASCII characters without spaces, not {value!r}")
@@ -395,11 +396,7 @@ class _GroupConsumer(Generic[E]):
         self.block_ms = int(_positive("block_s", block_s) * 1000)
         self.batch, self.follow = batch, follow
         self._owns_client = redis is None
-        if redis is None:
-            from producers.library import connect_redis  # the library imports this module
-
-            redis = connect_redis(self.settings.redis_url)
-        self.redis = redis
+        self.redis = connect_redis_or_cluster(self.settings.redis_url) if redis is None else redis
 
     @staticmethod
     def _stream(settings: Settings) -> str:

@@ -11,7 +11,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tests.redis_servers import RedisServer, start_redis
+from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, start_redis
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 
@@ -105,3 +105,20 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster of three masters on free loopback ports, started once per test session."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(cluster_servers: RedisCluster) -> Iterator[str]:
+    """``REDIS_URL`` of the session's Redis Cluster (redis+cluster://), emptied before and after the test."""
+    cluster_servers.flush()
+    try:
+        yield cluster_servers.url
+    finally:
+        cluster_servers.flush()

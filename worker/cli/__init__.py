@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from producers.library import LeadStageProducer
     from worker.core.ledger import Receipt
+    from worker.core.redis_connection import RedisClient
     from worker.core.settings import Settings
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -66,6 +67,7 @@ FLAG_OF_FIELD = {
 LISTED_PROBLEMS = 100
 
 _T = TypeVar("_T")
+_Client = TypeVar("_Client", bound="RedisClient")
 
 ENVIRONMENT_HELP = """environment (the settings that matter most; README lists them all):
   REDIS_URL                  redis://, rediss://, unix:// or redis+sentinel:// URL
@@ -115,10 +117,21 @@ def _error_line(text: str) -> None:
 # -- running -----------------------------------------------------------------------------------
 
 
-async def _with_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
+async def _with_redis(settings: Settings, use: Callable[[RedisClient], Awaitable[_T]]) -> _T:
+    """``use`` a client of REDIS_URL: a single Redis or a Redis Cluster (the read commands)."""
+    from worker.core.redis_connection import connect_redis_or_cluster_of
+
+    return await _using(connect_redis_or_cluster_of(settings), use)
+
+
+async def _with_single_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
+    """``use`` a client of a single Redis: what runs the enqueue script (a replay) refuses a cluster."""
     from worker.core.redis_connection import connect_redis_of
 
-    client = connect_redis_of(settings)
+    return await _using(connect_redis_of(settings), use)
+
+
+async def _using(client: _Client, use: Callable[[_Client], Awaitable[_T]]) -> _T:
     try:
         return await use(client)
     finally:
@@ -519,7 +532,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
     if args.consumer is not None or args.start != "new":
         raise Refused("--consumer and --start need --group")
 
-    async def show(client: aioredis.Redis) -> None:
+    async def show(client: RedisClient) -> None:
         async def stream() -> None:
             # Each blocking read ends well within the Redis timeout, so a hung Redis is still noticed.
             async for entry in readers.results(
@@ -552,7 +565,7 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
         raise Refused("--key and --account cannot be used with --group (the group acks every event it reads)")
     consumer_name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
 
-    async def show(client: aioredis.Redis) -> None:
+    async def show(client: RedisClient) -> None:
         consumer = ResultsConsumer(
             args.group, consumer_name, settings=settings, redis=client, start=args.start,
             claim_idle_s=args.claim_idle, follow=args.follow,
@@ -595,7 +608,7 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
 
     settings = _settings()
 
-    async def show(client: aioredis.Redis) -> None:
+    async def show(client: RedisClient) -> None:
         async for entry in readers.dead_letters(client, settings, account=args.account):
             _emit(entry)
 
@@ -638,7 +651,7 @@ def _cmd_dlq_replay(args: argparse.Namespace) -> int:
             outcomes.append(outcome)
         return outcomes
 
-    outcomes = asyncio.run(_with_redis(settings, replay))
+    outcomes = asyncio.run(_with_single_redis(settings, replay))
     queued = sum(1 for o in outcomes if o.status == "queued")
     if outcomes or matching:
         not_failed = len(outcomes) - queued

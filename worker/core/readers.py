@@ -5,6 +5,10 @@ Everything here reads Redis the way the worker writes it (``worker.core.keys``, 
 ``worker.core.results``, the heartbeats of ``worker.runner``) and changes nothing, except ``replay``, which goes through
 ``Ledger.replay`` like every other enqueue, and ``discard``, which deletes one dead letter. Streams are read in
 pages, so a stream of 100,000 entries costs a hundred round trips and bounded memory, not one huge reply.
+
+Every reader but ``replay`` takes a ``RedisClient``: a single Redis or a Redis Cluster. Each command names one
+key, and a pipeline (never a transaction) may name keys of several slots: the cluster client sends each command to
+its slot's master. ``replay`` runs enqueue.lua, which does not run on a cluster yet.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from worker.core import keys
 from worker.core.change import parse_change, parse_envelope
 from worker.core.errors import STALE_REQUEST_CODE, PermanentError, redis_errors
 from worker.core.ledger import Ledger
+from worker.core.redis_connection import RedisClient
 from worker.core.results import TERMINAL_EVENTS, iso_ms
 from worker.core.settings import Settings
 from worker.core.states import State
@@ -71,7 +76,7 @@ def _matches(entry: Entry, idempotency_key: str | None, account: str | None) -> 
     )
 
 
-async def _pages(client: aioredis.Redis, stream: str, start: str = "-") -> AsyncIterator[Entry]:
+async def _pages(client: RedisClient, stream: str, start: str = "-") -> AsyncIterator[Entry]:
     """Every entry of ``stream`` from ``start`` on, oldest first, one page per round trip."""
     while True:
         with redis_errors():
@@ -84,7 +89,7 @@ async def _pages(client: aioredis.Redis, stream: str, start: str = "-") -> Async
 
 
 async def results(
-    client: aioredis.Redis,
+    client: RedisClient,
     settings: Settings,
     *,
     idempotency_key: str | None = None,
@@ -114,7 +119,7 @@ async def results(
 
 
 async def change_status(
-    client: aioredis.Redis, settings: Settings, account: str, idempotency_key: str
+    client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> dict[str, object] | None:
     """Where one change stands, from its ledger entry; None when the key is unknown (or expired).
 
@@ -122,9 +127,11 @@ async def change_status(
     error_code, error_message), oldest first.
     """
     job = keys.job_id(account, idempotency_key)
-    entry = await Ledger(client, settings).entry(job)
-    if entry is None:
+    with redis_errors():
+        raw = await client.hgetall(keys.ledger_key(job))  # type: ignore[misc]  # redis-py's async stubs
+    if not raw:
         return None
+    entry = {k.decode(): v.decode() for k, v in raw.items()}
 
     def when(field: str) -> str | None:
         value = int(entry.get(field) or 0)
@@ -151,7 +158,7 @@ async def change_status(
 
 
 async def dead_letters(
-    client: aioredis.Redis,
+    client: RedisClient,
     settings: Settings,
     *,
     account: str | None = None,
@@ -213,7 +220,7 @@ async def replay(client: aioredis.Redis, settings: Settings, entry: Entry) -> Re
     )  # fmt: skip
 
 
-async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]:
+async def stats(client: RedisClient, settings: Settings) -> dict[str, object]:
     """Queue depth, in progress, retrying, dead letters and recent rates, in two round trips.
 
     * ``queue_depth``: ZCARD of the accounts' queues: every change not finished yet;
@@ -336,14 +343,14 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
-async def since_as_ms(client: aioredis.Redis, since: str | None) -> int | None:
+async def since_as_ms(client: RedisClient, since: str | None) -> int | None:
     """A ``since`` duration (``parse_duration``) as a moment of Redis's clock, never before 1970."""
     if since is None:
         return None
     return max(await redis_now_ms(client) - parse_duration(since) * 1000, 0)
 
 
-async def redis_now_ms(client: aioredis.Redis) -> int:
+async def redis_now_ms(client: RedisClient) -> int:
     """Redis's clock in ms: the clock of stream ids, so that windows do not depend on this host's."""
     with redis_errors():
         seconds, micros = await client.time()
@@ -382,7 +389,7 @@ class RateHistory:
         self._failures: dict[int, Counter[tuple[str, str, str]]] = defaultdict(Counter)
         self._lock = asyncio.Lock()
 
-    async def update(self, client: aioredis.Redis, settings: Settings, now_ms: int) -> None:
+    async def update(self, client: RedisClient, settings: Settings, now_ms: int) -> None:
         async with self._lock:
             oldest = now_ms - self.SPAN_S * 1000
             after = self._after
@@ -429,7 +436,7 @@ class RateHistory:
         return rates
 
 
-async def _queue_by_account(client: aioredis.Redis, settings: Settings, now_ms: int) -> dict[str, Counter[str]]:
+async def _queue_by_account(client: RedisClient, settings: Settings, now_ms: int) -> dict[str, Counter[str]]:
     """queued, due, in_progress and retrying per account, from the queue and the ledger states."""
     scores: dict[str, float] = {}
     with redis_errors():
@@ -467,7 +474,7 @@ async def _queue_by_account(client: aioredis.Redis, settings: Settings, now_ms: 
     return counts
 
 
-async def overview(client: aioredis.Redis, settings: Settings, history: RateHistory) -> dict[str, object]:
+async def overview(client: RedisClient, settings: Settings, history: RateHistory) -> dict[str, object]:
     """Per account: queued, due now, in progress, retrying, dead letters, paused until, the rate
     limit and its use; the workers with their heartbeat age; events per second over the last hour.
 
@@ -525,7 +532,7 @@ def _dead_letter_view(entry: Entry) -> dict[str, object]:
 
 
 async def failures(
-    client: aioredis.Redis,
+    client: RedisClient,
     settings: Settings,
     history: RateHistory,
     *,
@@ -580,7 +587,7 @@ async def failures(
     }
 
 
-async def discard(client: aioredis.Redis, settings: Settings, entry: Entry) -> str:
+async def discard(client: RedisClient, settings: Settings, entry: Entry) -> str:
     """Delete one dead letter (the ledger keeps its ``failed`` state until it expires):
     ``discarded``, or ``not_found`` when it was already gone (replayed or discarded meanwhile)."""
     with redis_errors():
@@ -598,7 +605,7 @@ _CLOCK_MARGIN_MS = 300_000
 
 
 async def change_timeline(
-    client: aioredis.Redis, settings: Settings, account: str, idempotency_key: str
+    client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> dict[str, object] | None:
     """One change (``change_status``) and its timeline, oldest first: enqueued, then each attempt
     with its HTTP status, error code and, from the results stream, its duration and whole event.
