@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultsConsumer
-from producers.outcomes import standing
+from producers.waits import standing
 from tests.console_support import MISSING_STAGE, enqueue
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.test_dlq_filters import leadstage
