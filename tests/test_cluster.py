@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -131,6 +132,24 @@ async def test_the_readers_read_on_the_cluster_what_they_read_on_a_single_redis(
     on_cluster, on_single = await readers.stats(cluster, settings), await readers.stats(single, settings)
     assert (on_single["queue_depth"], on_single["waiting"], on_single["dead_letters"]) == (1, 1, 1)
     assert on_cluster == on_single
+
+
+async def test_the_consoles_readers_read_the_same_on_the_cluster(both: Both) -> None:
+    """The overview (each account's queue by ZSCAN, the states of its deferred changes, pauses,
+    dead letters) and the failures; their clock-dependent fields (now, heartbeat ages) left out."""
+    single, cluster, settings = both.single, both.cluster, both.single_settings
+    views = []
+    for client in (single, cluster):
+        history = readers.RateHistory()
+        overview = await readers.overview(client, settings, history)
+        failures = await readers.failures(client, settings, history)
+        rows = cast(list[dict[str, object]], overview["accounts"])
+        views.append((rows, {k: v for k, v in failures.items() if k != "recent_since"}))
+    assert views[1] == views[0]
+    accounts, failures = views[0]
+    counts = ("account", "queued", "due", "in_progress", "retrying", "dead_letters", "paused_until")
+    assert [tuple(row[k] for k in counts) for row in accounts] == [("default", 1, 1, 0, 0, 1, None)]
+    assert failures["dead_letters_matching"] == 1
 
 
 async def test_consumer_groups_and_standing_read_the_streams_on_the_cluster(both: Both) -> None:
