@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from worker.core.redis_connection import RedisClient
-
     from worker.core.settings import Settings
 
 __all__ = ["run_dlq_list", "run_dlq_replay", "run_results", "run_stats", "run_status"]
