@@ -24,7 +24,7 @@ SURFACE: Final[dict[str, str]] = {
         " NAME_PATTERN parse_change parse_envelope parse_id_text repeated_key shown UPDATABLE_FIELDS"
     ),
     "errors": (
-        "ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response Exhausted FieldError"
+        "BadFilter ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response Exhausted FieldError"
         " IdempotencyConflict Interrupted InvalidChange InvalidEvent IvvyClockSkew IvvyErrorDetails IvvyNoAnswer"
         " IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError NotFound PermanentError"
         " redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused RetryableError"
