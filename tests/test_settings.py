@@ -55,7 +55,11 @@ GOOD = [
 
 #: (variable, raw value, what the error says)
 BAD = [
-    ("REDIS_URL", "http://cache:6379", r"REDIS_URL must be a redis://, rediss://, unix:// or redis\+sentinel:// URL"),
+    (
+        "REDIS_URL",
+        "http://cache:6379",
+        r"REDIS_URL must be a redis://, rediss://, unix://, redis\+sentinel:// or redis\+cluster:// URL",
+    ),
     ("REDIS_URL", "redis://:hunter2@cache:notaport/0", r"REDIS_URL \(redis://cache:notaport/0\): the port must be"),
     ("LEADSTAGE_RATE_LIMIT", "0", r"LEADSTAGE_RATE_LIMIT must be a positive number, not '0'"),
     ("LEADSTAGE_RATE_LIMIT", "nan", r"LEADSTAGE_RATE_LIMIT must be a positive number, not 'nan'"),
