@@ -49,9 +49,14 @@ SYSTEM_MODULES = frozenset(
 SYSTEM_MODULE_MARK = "\npytestmark = pytest.mark.system"
 
 
+#: Fixtures that start a process (a redis-server of the test's own): a test using one is ``system``.
+SYSTEM_FIXTURES = frozenset({"private_redis"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.stem in SYSTEM_MODULES:
+        if item.path.stem in SYSTEM_MODULES or SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.system)
 
 
