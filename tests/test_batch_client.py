@@ -4,7 +4,7 @@ progress, results, the polling, and each job's answer classified as a single cal
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -24,13 +24,6 @@ from worker.core.errors import (
 from worker.core.settings import Account
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.ivvy import AiohttpTransport, IvvyClient, RawResponse, Transport
-
-
-@pytest.fixture
-async def transport() -> AsyncIterator[AiohttpTransport]:
-    transport = AiohttpTransport()
-    yield transport
-    await transport.close()
 
 
 @pytest.fixture
