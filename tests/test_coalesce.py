@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.coalesce import merge
+from worker.core import readers
 from worker.core.change import LeadStageChange, parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.settings import Settings
@@ -107,6 +108,9 @@ async def test_changes_of_one_stage_due_together_go_in_one_request(
     assert (alone["sent_as"], alone["carried_by"]) == ("alone", "o1")
     sent = {how: sent_as(how) - before[how] for how in before}
     assert sent == {"coalesced": 3, "alone": 1}
+    recent = (await readers.stats(redis_client, settings))["recent"]
+    assert isinstance(recent, dict)
+    assert (recent["1m"]["sent_coalesced"], recent["1m"]["sent_alone"], recent["1m"]["superseded"]) == (3, 1, 1)
 
 
 async def test_without_coalescing_each_change_is_its_own_request(
