@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.coalesce import merge
-from worker.core import readers
+from worker.core import keys, readers
 from worker.core.change import LeadStageChange, parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.settings import Settings
@@ -70,6 +70,10 @@ async def enqueue(
 def sent_as(how: str) -> float:
     labels = {"account": "default", "sent_as": how}
     return prometheus_client.REGISTRY.get_sample_value("leadstage_changes_sent_total", labels) or 0.0
+
+
+async def stage_fields(redis_client: aioredis.Redis, stage_key: str) -> list[str]:
+    return [f.decode() for f in await redis_client.hkeys(stage_key)]  # type: ignore[misc]  # redis-py's async stubs
 
 
 def posts(fake: RunningFakeIvvy, stage_id: int) -> list[dict[str, object]]:
@@ -172,3 +176,21 @@ async def test_a_coalesced_request_refused_for_good_fails_each_of_its_changes(
         [event] = events
         assert (event["event"], event["error_code"], event["sent_as"]) == ("failed", "24320", "coalesced")
     assert sorted(e["idempotency_key"] for e in await read_events(redis_client, "leadstage:dlq")) == ["x", "y"]
+
+
+async def test_changes_far_apart_in_a_backlog_are_found_and_the_stage_forgets_them_when_done(
+    settings: Settings, redis_client: aioredis.Redis, fake: RunningFakeIvvy
+) -> None:
+    stage = fake.fake.add_stage("Start", apply_to=1)
+    changes: list[tuple[str, dict[str, object]]] = [("first", {"id": stage.id, "name": "First"})]
+    changes += [(f"add-{i}", {"name": f"Added {i}", "applyTo": 1}) for i in range(450)]
+    changes += [("last", {"id": stage.id, "colour": "#0000dd"})]
+    await enqueue(redis_client, settings, changes)
+    stage_key = keys.stage_key("default", stage.id)
+    pending = [f for f in await stage_fields(redis_client, stage_key) if f.startswith(keys.PENDING_FIELD_PREFIX)]
+    assert len(pending) == 2
+    async with running_worker(settings):
+        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes])
+    assert posts(fake, stage.id) == [{"id": stage.id, "name": "First", "colour": "#0000dd"}]
+    assert terminal["first"][0]["carried_by"] == terminal["last"][0]["carried_by"] == "first"
+    assert sorted(await stage_fields(redis_client, stage_key)) == ["colour", "name", "seq"]

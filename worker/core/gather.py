@@ -11,10 +11,6 @@ from worker.core import keys
 from worker.core.errors import StaleRun
 from worker.core.ledger import Ledger
 
-#: The most due jobs of the account one gather looks at (a bound on the script's time).
-GATHER_SCAN = 400
-
-
 @dataclass(frozen=True, slots=True)
 class Gathered:
     """A change gathered into another's request: the run it began and what its events need."""
@@ -47,7 +43,7 @@ def _parse(job_id: str, run: int, reply: Sequence[object]) -> Gathering:
     if _text(status) != "ok":  # type: ignore[arg-type]  # a Redis reply: bytes or int
         raise StaleRun(job_id, run)
     flat = [_text(v) for v in stage]  # type: ignore[attr-defined]  # a Redis array reply
-    newest = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2) if flat[i] != "seq"}
+    newest = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
     items = []
     for item in gathered:  # type: ignore[attr-defined]  # a Redis array reply
         job, run_, attempt, seq, change, source, enqueued_at, gen = item
@@ -68,7 +64,7 @@ async def gather(ledger: Ledger, job_id: str, run: int, worker_id: str, most: in
         [keys.queue_key(settings.queue_name, account), keys.ledger_key(job_id)],
         [
             job_id, run, ledger.lease_ms, worker_id, keys.ledger_prefix(account), settings.ledger_retention_s * 1000,
-            most, GATHER_SCAN, settings.max_attempts, int(settings.max_age_s * 1000),
+            most, keys.PENDING_FIELD_PREFIX, settings.max_attempts, int(settings.max_age_s * 1000),
         ],
         confirm=True,
     )  # fmt: skip

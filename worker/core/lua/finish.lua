@@ -18,7 +18,7 @@ local job, run, outcome, retention_ms, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[
 local delay_ms, phase_after, hold_ms, pause_ms = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
 local created, stage_id, history_line, account = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
 
-local l = redis.call('HMGET', ledger, 'state', 'history', 'change', 'gen', 'run', 'unknown_until')
+local l = redis.call('HMGET', ledger, 'state', 'history', 'change', 'gen', 'run', 'unknown_until', 'stage_key', 'seq')
 local state = l[1]
 if not state or state == 'succeeded' or state == 'failed' or state == 'superseded' then
   return {'stale', state or 'missing'}
@@ -64,6 +64,8 @@ else
   end
   release_lock()
   redis.call('ZREM', queue, job)
+  -- No longer one of its stage's pending updates (worker.keys.stage_key).
+  if l[7] then redis.call('HDEL', l[7], 'j' .. l[8]) end
   if redis.call('HINCRBY', pending, account, -1) <= 0 then redis.call('HDEL', pending, account) end
 end
 if outcome == 'failed' then
