@@ -34,7 +34,8 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("redis-py", ("redis/",)),
     ("hiredis", ("hiredis/",)),
     ("aiohttp", ("aiohttp/", "multidict/", "yarl/", "aiohappyeyeballs/", "propcache/")),
-    ("logging (structlog + stdlib)", ("structlog/", "logging/")),
+    # Our own logging modules too: lines written later (worker.core.logs) leave no structlog frame.
+    ("logging (structlog + stdlib)", ("structlog/", "logging/", "worker/core/logs.py", "worker/core/redaction.py")),
     ("prometheus-client", ("prometheus_client/",)),
     ("event loop (asyncio / uvloop)", ("asyncio/", "uvloop/", "selectors.py")),
     ("product: producers", ("producers/",)),

@@ -5,7 +5,8 @@
 """
 
 from producers.library import ChangeItem, InvalidBatch, LeadStageProducer, Receipt
-from producers.outcomes import DeadLetterConsumer, ResultsConsumer, UnknownChange, WaitTimeout
+from producers.outcomes import DeadLetterConsumer, ResultsConsumer
+from producers.waits import UnknownChange, WaitTimeout
 from worker.core.results import DeadLetter, ResultEvent
 
 __all__ = [

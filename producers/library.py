@@ -23,7 +23,7 @@ Public API (re-exported by ``producers``)::
   that report errors their own way (line numbers, list indexes) or skip invalid items.
 * ``wait(receipt_or_key, *, timeout, account="default") -> ResultEvent``: the change's terminal
   event, or ``WaitTimeout`` saying where it stands (``producers.outcomes``, which also has the
-  consumer-group readers ``ResultsConsumer`` and ``DeadLetterConsumer``).
+  consumer-group readers ``ResultsConsumer`` and ``DeadLetterConsumer``; ``producers.waits``).
 * ``aclose()`` (or ``async with``) closes the Redis connection the producer opened itself; a
   client passed in belongs to the caller.
 
@@ -47,12 +47,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Final
 
 import redis.asyncio as aioredis
 
-from producers.outcomes import SharedReader, Waits
+from producers.clients import RedisUser
+from producers.waits import SharedReader, Waits, blocking_read_s
 from worker.core import tracing
 from worker.core.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.core.errors import FieldError, InvalidChange, UnknownAccount
@@ -115,7 +115,7 @@ class InvalidBatch(InvalidChange):
         )
 
 
-class LeadStageProducer(Waits):
+class LeadStageProducer(RedisUser, Waits):
     """Validates changes and enqueues them through the ledger (see the module docstring)."""
 
     def __init__(
@@ -134,25 +134,15 @@ class LeadStageProducer(Waits):
         self.settings = Settings.from_env() if settings is None else settings
         tracing.setup()
         self.metrics = metrics
-        self._owns_client = redis is None
-        self.redis = connect_redis_of(self.settings) if redis is None else redis
+        super().__init__(self.settings, redis)
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
-        self.reader = SharedReader(self.redis, self.settings.results_stream)
-
-    async def __aenter__(self) -> LeadStageProducer:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
+        self.reader = SharedReader(self.redis, self.settings.results_stream, block_s=blocking_read_s(self.settings))
 
     async def aclose(self) -> None:
         """Stop the waits' reader; close the Redis client if this producer opened it."""
         await self.reader.aclose()
-        if self._owns_client:
-            await self.redis.aclose()
+        await super().aclose()
 
     # -- validation ----------------------------------------------------------------------------
 

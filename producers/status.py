@@ -35,8 +35,9 @@ import redis.exceptions
 from aiohttp import web
 
 from producers.openapi import STATUS_PATH
-from producers.outcomes import standing
-from producers.webhook import ACCOUNT_HEADER, Problem, _invalid, _named, _unavailable
+from producers.problems import Problem, invalid, named, unavailable
+from producers.waits import standing
+from producers.webhook_auth import ACCOUNT_HEADER
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.core.errors import ConfigError, InvalidChange, RedisUnavailable
 from worker.core.settings import Settings
@@ -80,7 +81,7 @@ def authenticated_account(settings: Settings, request: web.Request) -> str:
         parse_envelope(account=account)
     except InvalidChange as exc:
         where = ACCOUNT_HEADER if header is not None else "account"
-        raise _invalid("invalid account", [_named(error, where) for error in exc.errors]) from None
+        raise invalid("invalid account", [named(error, where) for error in exc.errors]) from None
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     presented = token.strip().encode()
     # Every key is compared (in constant time), so the time taken does not tell which nearly matched.
@@ -120,11 +121,11 @@ async def _get_change(request: web.Request) -> web.Response:
     try:
         parse_envelope(idempotency_key=key)
     except InvalidChange as exc:
-        raise _invalid("invalid idempotency key", [_named(error, "idempotency_key") for error in exc.errors]) from None
+        raise invalid("invalid idempotency key", [named(error, "idempotency_key") for error in exc.errors]) from None
     try:
         status, event = await standing(state.redis, state.settings, account, key)
     except (RedisUnavailable, redis.exceptions.RedisError):
-        raise _unavailable("Redis is unavailable; retry later") from None
+        raise unavailable("Redis is unavailable; retry later") from None
     if status is None:
         raise Problem(404, "Not Found", f"account {account!r} has no change with idempotency key {key!r}")
     body = {**status, "event": None if event is None else event.as_dict()}

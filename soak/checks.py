@@ -12,6 +12,7 @@ from typing import Any
 
 from soak.observe import Event
 from soak.workload import Planned, Workload
+from worker.core.states import TERMINAL
 
 #: The fake's built-in stages (1 Quoted, 2 Won, 3 Lost): not ours, never changed.
 BUILT_IN_STAGES = 3
@@ -100,7 +101,7 @@ def last_value_wins(workload: Workload, stages: Sequence[Mapping[str, Any]]) -> 
 
 def ledgers_terminal(states: Mapping[str, str], queue_depth: int) -> list[str]:
     """Every change's ledger entry is terminal and the queue is empty."""
-    open_ = [f"{key}={state}" for key, state in states.items() if state not in ("succeeded", "failed", "superseded")]
+    open_ = [f"{key}={state}" for key, state in states.items() if state not in TERMINAL]
     violations = []
     if open_:
         violations.append(f"ledger: {len(open_)} changes not terminal in the ledger: {_few(open_)}")

@@ -20,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from worker.core.processes import LOOPBACK, Child, Children, RedisServer, free_port, wait_for_port
+from worker.core.processes import LOOPBACK, Children, RedisServer
 from worker.core.redis_connection import connect_redis
 
 #: The Sentinel's name for the soak's primary.
@@ -65,33 +65,27 @@ class ReplicatedRedis:
                     args=(*FAST_SYNC, "--replicaof", LOOPBACK, str(primary)),
                 )
             )  # fmt: skip
-        self.sentinel_port = free_port()
-        config = data_dir / "sentinel.conf"
-        config.write_text(
-            "\n".join(
-                (
-                    f"port {self.sentinel_port}",
-                    f"bind {LOOPBACK}",
-                    f"dir {data_dir}",
-                    f"sentinel monitor {SERVICE} {LOOPBACK} {primary} 1",
-                    f"sentinel down-after-milliseconds {SERVICE} 1000",
-                    f"sentinel failover-timeout {SERVICE} 5000",
-                )
-            )
-            + "\n"
+        self.sentinel = RedisServer(
+            children,
+            data_dir / "sentinel",
+            name="sentinel",
+            sentinel=True,
+            args=(
+                f"sentinel monitor {SERVICE} {LOOPBACK} {primary} 1",
+                f"sentinel down-after-milliseconds {SERVICE} 1000",
+                f"sentinel failover-timeout {SERVICE} 5000",
+            ),
         )
-        self.sentinel: Child = children.add("sentinel", [self.servers[0].child.argv[0], str(config), "--sentinel"])
         self.restarts = 0
 
     @property
     def url(self) -> str:
-        return f"redis+sentinel://{LOOPBACK}:{self.sentinel_port}/{SERVICE}"
+        return f"redis+sentinel://{LOOPBACK}:{self.sentinel.port}/{SERVICE}"
 
     def start(self) -> None:
         for server in self.servers:
             server.start()
         self.sentinel.start()
-        wait_for_port(self.sentinel_port, 30, self.sentinel.popen)
         deadline = time.monotonic() + 30
         while self._synced() < 2:
             if time.monotonic() > deadline:
@@ -129,7 +123,7 @@ class ReplicatedRedis:
         return f"failover from port {old.port} to {new.port}"
 
     def _primary(self) -> RedisServer:
-        with redis.Redis(host=LOOPBACK, port=self.sentinel_port) as sentinel:
+        with redis.Redis(host=LOOPBACK, port=self.sentinel.port) as sentinel:
             address = sentinel.sentinel_get_master_addr_by_name(SERVICE)
         port = int(address[1])
         return next(server for server in self.servers if server.port == port)

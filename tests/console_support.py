@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from aiohttp import web
 
+from producers.serving import serving
 from tests.harness import worker_settings
 from worker.console.app import create_app
 from worker.core.change import parse_change, parse_envelope
@@ -38,16 +37,9 @@ def console_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Sett
 
 @contextlib.asynccontextmanager
 async def running_console(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[str]:
-    """The console on a free loopback port; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    runner = web.AppRunner(create_app(settings, redis), access_log=None, handle_signals=False, shutdown_timeout=2.0)
-    await runner.setup()
-    try:
-        await web.SockSite(runner, sock).start()
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        await runner.cleanup()
+    """The console on a free loopback port, served as ``leadstage console`` serves it; yields its base URL."""
+    async with serving(create_app(settings, redis), "127.0.0.1", 0, shutdown_timeout=2.0) as (host, port):
+        yield f"http://{host}:{port}"
 
 
 async def enqueue(

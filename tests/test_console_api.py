@@ -27,6 +27,7 @@ from tests.console_support import (
     running_console,
 )
 from tests.harness import eventually, read_events, wait_for_terminal
+from tests.raw_http import assert_malformed_answered_as_problems
 from worker.console.app import create_app, exposure_warning
 from worker.console.auth import COOKIE
 from worker.console.openapi import openapi_document
@@ -389,6 +390,10 @@ async def test_a_body_that_is_not_json_is_refused(console: str, http: aiohttp.Cl
         assert response.status == 415
     async with http.get(url, headers=bearer()) as response:
         assert response.status == 405
+
+
+async def test_requests_the_parser_refuses_are_problems_without_echoes(console: str) -> None:
+    await assert_malformed_answered_as_problems(int(console.rsplit(":", 1)[1]))
 
 
 async def test_a_changes_timeline_shows_each_attempt(

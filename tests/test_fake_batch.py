@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from worker.core.errors import IvvyErrorDetails, IvvyNoAnswer, IvvyRateLimited
@@ -41,6 +42,14 @@ async def specific_code(call: Any) -> int | None:
     return raised.value.specific_code
 
 
+async def done(client: IvvyClient, async_id: str) -> None:
+    """Until the batch's progress is 100 (the test's timeout ends a batch that never is)."""
+    for _ in range(10_000):
+        if (await client.call("batch", "progress", {"async": async_id}))["progress"] == 100:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_a_batch_is_applied_in_order_and_its_results_answer_each_job(
     fake: RunningFakeIvvy, client: IvvyClient
 ) -> None:
@@ -55,8 +64,7 @@ async def test_a_batch_is_applied_in_order_and_its_results_answer_each_job(
     async_id = run["asyncId"]
     assert await specific_code(client.call("batch", "results", {"async": async_id})) == 24114
     assert 0 <= (await client.call("batch", "progress", {"async": async_id}))["progress"] < 100
-    await asyncio.sleep(0.4)
-    assert (await client.call("batch", "progress", {"async": async_id}))["progress"] == 100
+    await done(client, async_id)
     answer = await client.call("batch", "results", {"async": async_id})
     assert answer["asyncId"] == async_id
     results = answer["results"]
@@ -87,15 +95,72 @@ async def test_malformed_batches_are_refused_as_the_docs_say(
     assert fake.fake.batches.batches == {}
 
 
+async def test_a_batch_of_200_jobs_is_taken(fake: RunningFakeIvvy, client: IvvyClient) -> None:
+    fake.fake.update_faults({"batch_delay_s": 0.0})
+    run = await client.call("batch", "run", {"jobs": [job({"name": f"S{i}", "applyTo": 1}) for i in range(200)]})
+    await done(client, run["asyncId"])
+    assert len((await client.call("batch", "results", {"async": run["asyncId"]}))["results"]) == 200
+
+
+async def test_a_malformed_job_is_named_in_the_error(client: IvvyClient) -> None:
+    good = job({"name": "Fine", "applyTo": 1})
+    with pytest.raises(IvvyErrorDetails) as raised:
+        await client.call("batch", "run", {"jobs": [good, good, {"namespace": "crm", "action": 7, "params": {}}]})
+    assert any("job 2 " in message for message in raised.value.additional_messages)
+
+
+async def test_progress_is_the_share_of_jobs_applied_in_order(fake: RunningFakeIvvy, client: IvvyClient) -> None:
+    fake.fake.update_faults({"batch_delay_s": 1.0})
+    names = [f"Step {i}" for i in range(10)]
+    run = await client.call("batch", "run", {"jobs": [job({"name": name, "applyTo": 1}) for name in names]})
+    seen: list[int] = []
+    while not seen or seen[-1] < 100:
+        progress = (await client.call("batch", "progress", {"async": run["asyncId"]}))["progress"]
+        applied = [s.name for s in fake.fake.stages.values() if s.name.startswith("Step")]
+        assert applied == names[: len(applied)]  # a prefix of the jobs: in order, one after the other
+        assert len(applied) >= progress * len(names) // 100
+        seen.append(progress)
+        await asyncio.sleep(0.02)
+    assert seen == sorted(seen)
+    assert any(0 < p < 100 for p in seen), seen  # the jobs were applied over the delay, not at once
+
+
+async def test_admin_batches_shows_each_batch_and_how_far_it_got(fake: RunningFakeIvvy, client: IvvyClient) -> None:
+    fake.fake.update_faults({"batch_delay_s": 0.0})
+    done_run = await client.call("batch", "run", {"jobs": [job({"name": f"A{i}", "applyTo": 1}) for i in range(3)]})
+    await done(client, done_run["asyncId"])
+    fake.fake.update_faults({"batch_never_ready_rate": 1.0})
+    stuck = await client.call("batch", "run", {"jobs": [job({"name": "Stuck", "applyTo": 1})]})
+    async with aiohttp.ClientSession() as http, http.get(fake.url + "/_admin/batches") as answer:
+        assert answer.status == 200
+        shown = (await answer.json())["batches"]
+    assert shown == [
+        {"asyncId": done_run["asyncId"], "jobs": 3, "applied": 3, "starts": True},
+        {"asyncId": stuck["asyncId"], "jobs": 1, "applied": 0, "starts": False},
+    ]
+
+
+async def test_a_reset_stops_a_batch_being_applied(fake: RunningFakeIvvy, client: IvvyClient) -> None:
+    fake.fake.update_faults({"batch_delay_s": 0.3})
+    run = await client.call("batch", "run", {"jobs": [job({"name": "Too late", "applyTo": 1})]})
+    fake.fake.reset()
+    await asyncio.sleep(0.5)
+    assert "Too late" not in [s.name for s in fake.fake.stages.values()]
+    assert await specific_code(client.call("batch", "results", {"async": run["asyncId"]})) == 24115
+
+
 async def test_unknown_and_expired_batches(fake: RunningFakeIvvy, client: IvvyClient) -> None:
     assert await specific_code(client.call("batch", "progress", {"async": "nope"})) == 24105
     assert await specific_code(client.call("batch", "results", {"async": "nope"})) == 24115
-    fake.fake.update_faults({"batch_results_s": 0.3})
+    fake.fake.update_faults({"batch_delay_s": 0.0, "batch_results_s": 1.0})
     run = await client.call("batch", "run", {"jobs": [job({"name": "Kept briefly", "applyTo": 1})]})
-    await asyncio.sleep(0.25)
+    await done(client, run["asyncId"])
     assert len((await client.call("batch", "results", {"async": run["asyncId"]}))["results"]) == 1
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(1.05)
     assert await specific_code(client.call("batch", "results", {"async": run["asyncId"]})) == 24115
+    assert await specific_code(client.call("batch", "progress", {"async": run["asyncId"]})) == 24105
+    await client.call("batch", "run", {"jobs": [job({"name": "Later", "applyTo": 1})]})
+    assert run["asyncId"] not in fake.fake.batches.batches  # forgotten, not only hidden
 
 
 async def test_batch_faults(fake: RunningFakeIvvy, client: IvvyClient) -> None:
@@ -103,9 +168,11 @@ async def test_batch_faults(fake: RunningFakeIvvy, client: IvvyClient) -> None:
     with pytest.raises(IvvyNoAnswer) as dropped:
         await client.call("batch", "run", {"jobs": [job({"name": "Dropped run", "applyTo": 1})]})
     assert dropped.value.outcome_unknown
-    await asyncio.sleep(0.3)
-    # Accepted all the same: its jobs were applied, though nobody learnt its asyncId.
+    # Accepted all the same: its jobs are applied, though nobody learnt its asyncId.
+    [accepted] = fake.fake.batches.batches
+    await done(client, accepted)
     assert [s.name for s in fake.fake.stages.values()].count("Dropped run") == 1
+    assert [r.fault for r in fake.fake.requests if r.action == "run"] == ["batch_drop"]
 
     fake.fake.update_faults({"batch_run_drop_rate": 0.0, "batch_never_ready_rate": 1.0})
     stuck = await client.call("batch", "run", {"jobs": [job({"name": "Never", "applyTo": 1})]})
@@ -116,7 +183,7 @@ async def test_batch_faults(fake: RunningFakeIvvy, client: IvvyClient) -> None:
 
     fake.fake.update_faults({"batch_never_ready_rate": 0.0, "batch_job_24322_rate": 1.0})
     failing = await client.call("batch", "run", {"jobs": [job({"name": "Not applied", "applyTo": 1})]})
-    await asyncio.sleep(0.3)
+    await done(client, failing["asyncId"])
     [result] = (await client.call("batch", "results", {"async": failing["asyncId"]}))["results"]
     assert result["response"] == {"errorCode": 500, "message": "An error has occurred", "specificCode": 24322}
     assert "Not applied" not in [s.name for s in fake.fake.stages.values()]

@@ -32,7 +32,10 @@ import redis.asyncio as aioredis
 from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
-from producers.webhook import BODY_TIMEOUT_S
+from producers.status import status_token
+from producers.webhook_body import BODY_TIMEOUT_S
+from tests.raw_http import MARKER, assert_malformed_answered_as_problems, raw, status_of
+from tests.redis_servers import RedisServer
 from worker.core import keys
 from worker.core.processes import free_port, python_module, wait_for_port
 
@@ -81,13 +84,14 @@ class WebhookProcess:
 
 
 @contextlib.contextmanager
-def served_webhook(variables: dict[str, str], log_path: Path) -> Iterator[WebhookProcess]:
-    """``leadstage webhook`` as deployed, with these variables only (of ours), until the end."""
+def served_webhook(variables: dict[str, str], log_path: Path, command: str = "webhook") -> Iterator[WebhookProcess]:
+    """``leadstage webhook`` (or another server ``command``: ``console``) as deployed, with these
+    variables only (of ours), until the end."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IVVY_", "LEADSTAGE_", "WEBHOOK_", "REDIS_"))}
     with log_path.open("wb") as log:
         process = subprocess.Popen(  # noqa: S603 - our interpreter, fixed arguments
-            python_module("worker.cli", "webhook", "--host", LOOPBACK, "--port", str(port)),
+            python_module("worker.cli", command, "--host", LOOPBACK, "--port", str(port)),
             env=env | {"LEADSTAGE_LOG_FORMAT": "json", **variables},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -145,36 +149,10 @@ async def assert_still_serving(http: aiohttp.ClientSession) -> None:
         assert response.status == 200
 
 
-async def raw(port: int, request: bytes, *, read_s: float = 10.0, first: bool = False) -> bytes:
-    """Send bytes as they are on a fresh connection; what the server answers until it closes the
-    connection, or only its first chunk with ``first``, or whatever came within ``read_s``."""
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    answer = b""
-    try:
-        with contextlib.suppress(ConnectionError):
-            writer.write(request)
-            await writer.drain()
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(read_s):
-                while chunk := await reader.read(65536):
-                    answer += chunk
-                    if first:
-                        break
-    finally:
-        writer.close()
-    return answer
-
-
 def head(body_headers: dict[str, str], extra: Sequence[str]) -> bytes:
     lines = [f"POST {CHANGES_PATH} HTTP/1.1", f"Host: {LOOPBACK}"]
     lines += [f"{name}: {value}" for name, value in body_headers.items()]
     return ("\r\n".join([*lines, *extra]) + "\r\n\r\n").encode()
-
-
-def status_of(answer: bytes) -> int:
-    """The status code of the first response in ``answer`` (0 when there is none)."""
-    line = answer.split(b"\r\n", 1)[0].split()
-    return int(line[1]) if len(line) > 1 and line[0].startswith(b"HTTP/") else 0
 
 
 # -- replays -------------------------------------------------------------------------------------
@@ -535,6 +513,90 @@ async def test_thousands_of_concurrent_requests_are_all_answered_in_bounded_memo
     assert rss[-1] - rss[0] < 8 * 2**20, [g // 1024 for g in growth]
     await assert_enqueued(redis_client, valid)
     await assert_still_serving(http)
+
+
+# -- a hung Redis ---------------------------------------------------------------------------------
+
+#: LEADSTAGE_REDIS_TIMEOUT and LEADSTAGE_REDIS_CONNECT_TIMEOUT of the servers over a hung Redis.
+HUNG_TIMEOUT_S = 0.3
+#: How long a client waits for their answer: far above the timeout, far below the 5 s default
+#: that a server ignoring the settings would wait.
+HUNG_CLIENT_WAIT_S = 3.0
+
+
+@pytest.fixture
+def hung_variables(private_redis: RedisServer) -> Iterator[dict[str, str]]:
+    """The variables of a server over ``private_redis`` with short Redis timeouts; the Redis is
+    stopped (SIGSTOP) once the server is up, by the test, and resumed at the end."""
+    timeout = str(HUNG_TIMEOUT_S)
+    yield {
+        "REDIS_URL": private_redis.url,
+        "LEADSTAGE_REDIS_TIMEOUT": timeout,
+        "LEADSTAGE_REDIS_CONNECT_TIMEOUT": timeout,
+        "WEBHOOK_SECRET": SECRET,
+    }
+    private_redis.resume()
+
+
+async def answer_of(url: str, method: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, str, bytes]:
+    """(status, content type, body) of one request, which must come within HUNG_CLIENT_WAIT_S."""
+    timeout = aiohttp.ClientTimeout(total=HUNG_CLIENT_WAIT_S)
+    async with (
+        aiohttp.ClientSession(timeout=timeout, skip_auto_headers=["Content-Type"]) as session,
+        session.request(method, url, data=body, headers=headers) as response,
+    ):
+        return response.status, response.content_type, await response.read()
+
+
+async def test_a_hung_redis_is_503_from_the_webhook_and_its_status_route_within_the_redis_timeout(
+    private_redis: RedisServer, hung_variables: dict[str, str], tmp_path: Path
+) -> None:
+    with served_webhook(hung_variables, tmp_path / "webhook.log") as served:
+        body = orjson.dumps(HOT)
+        status, _, _ = await answer_of(served.url + CHANGES_PATH, "POST", signed(body, msg_id="msg_before"), body)
+        assert status == 202  # the connection to Redis is made and pooled before Redis hangs
+        private_redis.pause()
+        changes = (served.url + CHANGES_PATH, "POST", signed(body, msg_id="msg_hung"), body)
+        token = {"Authorization": f"Bearer {status_token(SECRET)}"}
+        for url, method, headers, payload in (
+            changes,
+            (served.url + CHANGES_PATH + "/msg_before", "GET", token, b""),
+            (served.url + "/readyz", "GET", {}, b""),
+        ):
+            status, content_type, answer = await answer_of(url, method, headers, payload)
+            assert (status, content_type) == (503, "application/problem+json"), (url, answer)
+            assert orjson.loads(answer)["status"] == 503
+        private_redis.resume()
+        status, _, answer = await answer_of(*changes)
+        assert status == 202, answer  # the retry with the same webhook-id is safe
+        assert orjson.loads(answer)["receipts"][0]["status"] in ("queued", "duplicate")
+
+
+async def test_a_hung_redis_is_503_from_the_console_within_the_redis_timeout(
+    private_redis: RedisServer, hung_variables: dict[str, str], tmp_path: Path
+) -> None:
+    token = "console-token-over-a-hung-redis"
+    with served_webhook(
+        hung_variables | {"LEADSTAGE_CONSOLE_TOKEN": token}, tmp_path / "console.log", "console"
+    ) as served:
+        headers = {"Authorization": f"Bearer {token}"}
+        assert (await answer_of(served.url + "/api/v1/failures", "GET", headers))[0] == 200
+        private_redis.pause()
+        status, content_type, answer = await answer_of(served.url + "/api/v1/failures", "GET", headers)
+        assert (status, content_type) == (503, "application/problem+json"), answer
+        assert orjson.loads(answer)["status"] == 503
+
+
+# -- what the HTTP parser refuses ----------------------------------------------------------------
+
+
+async def test_requests_the_parser_refuses_are_problems_without_echoes(
+    webhook: WebhookProcess, http: aiohttp.ClientSession, redis_client: aioredis.Redis
+) -> None:
+    await assert_malformed_answered_as_problems(webhook.port)
+    await assert_enqueued(redis_client)
+    await assert_still_serving(http)
+    assert MARKER not in webhook.log_path.read_text(errors="replace")
 
 
 # -- what is logged ------------------------------------------------------------------------------

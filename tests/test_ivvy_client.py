@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from worker.core.errors import (
     IvvyTimeout,
     IvvyUnavailable,
 )
+from worker.core.processes import free_port
 from worker.core.settings import Account, Secret
 from worker.devtools.fake_ivvy import FIRST_STAGE_ID, RunningFakeIvvy
 from worker.ivvy import CLOCK_SKEW_PAUSE_S, LIST_PAGE_TRIES, AiohttpTransport, IvvyClient, RawResponse
@@ -304,10 +304,7 @@ async def test_a_dropped_connection_is_no_answer_with_unknown_outcome(
 
 
 async def test_a_refused_connection_is_no_answer_that_cannot_have_arrived(transport: AiohttpTransport) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    account = Account("default", f"http://127.0.0.1:{port}", "k", Secret("s"), 10.0)
+    account = Account("default", f"http://127.0.0.1:{free_port()}", "k", Secret("s"), 10.0)
     with pytest.raises(IvvyNoAnswer) as refused:
         await IvvyClient(account, transport, timeout=2.0).ping()
     assert type(refused.value) is IvvyNoAnswer

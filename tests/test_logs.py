@@ -6,9 +6,12 @@ import asyncio
 import io
 import logging
 import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,14 +21,14 @@ from structlog.testing import capture_logs
 
 from worker.core.errors import ConfigError
 from worker.core.logs import (
+    FLUSH_AFTER_S,
     LOG_LEVELS,
-    REDACTED,
     bind_job_context,
     configure_logging,
     get_logger,
     merge_job_context,
-    secret_redactor,
 )
+from worker.core.redaction import REDACTED, secret_redactor
 from worker.core.settings import LOG_LEVEL_NAMES, Account, LogFormat, Secret, Settings
 
 API_SECRET = "s3cr3t-api-VALUE-9f8e7d"
@@ -377,6 +380,68 @@ def test_a_failing_stream_does_not_print_the_record(capsys: pytest.CaptureFixtur
     assert "unwritable" not in err
 
 
+# --- lines written together ----------------------------------------------------------------------
+
+
+def file_events(path: Path) -> list[str]:
+    return [orjson.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+async def test_in_an_event_loop_lines_to_a_file_wait_for_the_timer_and_keep_their_order(tmp_path: Path) -> None:
+    path = tmp_path / "worker.log"
+    with path.open("w", buffering=1) as out:  # line-buffered, as stderr
+        configure_logging(make_settings("json"), stream=out)
+        log = get_logger("t")
+        log.info("first")
+        log.debug("below the level")
+        log.info("second", raw_secret=API_SECRET)
+        assert path.read_text() == ""
+        await asyncio.sleep(FLUSH_AFTER_S * 2)  # a later timer than the handler's: it runs first
+        assert file_events(path) == ["first", "second"]
+        # A stdlib record, a warning: written at once, after the lines that wait.
+        log.info("third")
+        logging.getLogger("arq.worker").info("foreign")
+        log.info("fourth")
+        log.warning("at once")
+        assert file_events(path) == ["first", "second", "third", "foreign", "fourth", "at once"]
+    assert_no_secret(path.read_text())
+
+
+def test_lines_left_by_a_stopped_loop_go_out_with_the_next_loops(tmp_path: Path) -> None:
+    path = tmp_path / "worker.log"
+
+    async def log_then_wait(event: str, wait_s: float) -> None:
+        get_logger("t").info(event)
+        await asyncio.sleep(wait_s)
+
+    with path.open("w", buffering=1) as out:
+        configure_logging(make_settings("json"), stream=out)
+        asyncio.run(log_then_wait("first", 0))  # its loop is closed before its timer runs
+        assert path.read_text() == ""
+        asyncio.run(log_then_wait("second", FLUSH_AFTER_S * 2))
+        assert file_events(path) == ["first", "second"]
+
+
+def test_waiting_lines_are_written_at_exit() -> None:
+    script = """
+import asyncio
+from worker.core.logs import configure_logging, get_logger
+from worker.core.settings import Settings
+configure_logging(Settings(log_format="json"))
+log = get_logger("t")
+async def main() -> None:
+    log.info("in a loop")
+asyncio.run(main())
+log.info("outside a loop")
+asyncio.run(main())
+"""
+    result = subprocess.run(  # noqa: S603 - this interpreter with a fixed script
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [orjson.loads(line)["event"] for line in result.stderr.splitlines()]
+    assert lines == ["in a loop", "outside a loop", "in a loop"]
+
+
 # --- the redactor on its own ---------------------------------------------------------------------
 
 
@@ -390,6 +455,19 @@ def test_redactor_without_secrets_changes_nothing_else() -> None:
 def test_redactor_replaces_the_longest_secret_whole() -> None:
     redact = secret_redactor(["abc", "abcdef", ""])
     assert redact(None, "info", {"event": "x abcdef y abc"}) == {"event": f"x {REDACTED} y {REDACTED}"}
+
+
+def test_redactor_matches_secrets_in_any_case_in_flat_lines_ascii_or_not() -> None:
+    # Flat lines of strings take the quick test first: it must find what the pattern finds.
+    redact = secret_redactor(["Secret-Abc", "whsec_S3cr3t"])
+    flat = {"event": "e", "n": 1, "ok": True}
+    for text in ("x SECRET-abc y", "s3CR3T!", "caf\u00e9 secret-abc", "iws k:sig \u00e9", "IwS k:sig"):
+        assert text not in str(redact(None, "info", {**flat, "v": text})), text
+    assert secret_redactor([])(None, "info", {**flat, "v": "iWs k:sig"})["v"] == f"iWs k:{REDACTED}"
+    # A non-ASCII secret: the pattern's case-insensitive match ("\u017f", the long s, matches
+    # "s") is one that lower() does not give, so such lines must not take the quick test.
+    assert redact(None, "info", {**flat, "v": "no secret here"})["v"] == "no secret here"
+    assert secret_redactor(["pa\u017f\u017f"])(None, "info", {**flat, "v": "PASS"})["v"] == REDACTED
 
 
 def test_redactor_survives_cycles_and_broken_reprs() -> None:

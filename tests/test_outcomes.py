@@ -10,10 +10,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultEvent, ResultsConsumer
-from producers.outcomes import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
+from producers.waits import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
 from tests.harness import eventually, wait_for_terminal, worker_settings
+from tests.redis_servers import RedisServer
 from worker.core import readers
-from worker.core.errors import InvalidChange
+from worker.core.errors import InvalidChange, RedisUnavailable
 from worker.core.results import InvalidEvent
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
@@ -291,3 +292,36 @@ async def test_a_dead_letter_replayed_while_pending_is_not_delivered_again(
     assert [e async for e in again] == []
     assert (await redis_client.xpending("leadstage:dlq", "ops"))["pending"] == 0
     assert dead.idempotency_key == "refused"
+
+
+# -- Redis timeouts ------------------------------------------------------------------------------
+
+
+async def test_a_consumer_over_a_hung_redis_fails_within_its_redis_timeout(private_redis: RedisServer) -> None:
+    """Redis stopped by SIGSTOP accepts connections and never answers: the consumer's own client
+    has LEADSTAGE_REDIS_TIMEOUT and LEADSTAGE_REDIS_CONNECT_TIMEOUT, so the read is an error, not a hang."""
+    hung = Settings(redis_url=private_redis.url, redis_timeout_s=0.3, redis_connect_timeout_s=0.3)
+    private_redis.pause()
+    try:
+        async with ResultsConsumer("g", "c1", settings=hung) as consumer:
+            # Far above the timeout, far below the 5 s a client without the settings waits.
+            with pytest.raises(RedisUnavailable):
+                await asyncio.wait_for(anext(aiter(consumer)), 3)
+    finally:
+        private_redis.resume()
+
+
+async def test_a_consumer_blocks_for_less_than_a_short_redis_timeout_and_gets_later_events(
+    settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
+) -> None:
+    """A blocking read longer than the socket timeout would end as "Redis does not answer": each
+    read blocks half of LEADSTAGE_REDIS_TIMEOUT at most."""
+    short = dataclasses.replace(settings, redis_timeout_s=0.4)
+    async with ResultsConsumer("short", "c1", settings=short) as consumer:  # its own client: the short timeout
+        assert consumer.block_ms == 200
+        first = asyncio.ensure_future(anext(aiter(consumer)))
+        await asyncio.sleep(1.5)  # several blocking reads end with nothing: none may fail
+        assert not first.done()
+        await finished(settings, producer, redis_client, 1)
+        event = await asyncio.wait_for(first, 30)
+    assert event.event == "succeeded"

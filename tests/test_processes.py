@@ -83,3 +83,36 @@ def test_a_durable_redis_keeps_what_it_acknowledged_across_a_crash(tmp_path: Pat
         with redis.Redis.from_url(server.url) as client:
             assert client.get("kept") == b"yes"
         assert server.restarts == 1
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not on PATH")
+def test_a_paused_redis_answers_nothing_until_resumed(tmp_path: Path) -> None:
+    with Children(tmp_path) as children:
+        server = RedisServer(children, tmp_path / "data")
+        server.start()
+        with redis.Redis.from_url(server.url, socket_timeout=0.3) as client:
+            server.pause()
+            with pytest.raises(redis.TimeoutError):
+                client.ping()
+            server.resume()
+            assert client.ping() is True
+            server.pause()
+        server.kill()  # a paused server dies too
+        assert not server.child.alive()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not on PATH")
+def test_a_sentinel_is_started_from_its_configuration_lines(tmp_path: Path) -> None:
+    with Children(tmp_path) as children:
+        primary = RedisServer(children, tmp_path / "primary")
+        primary.start()
+        sentinel = RedisServer(
+            children, tmp_path / "sentinel", sentinel=True, args=(f"sentinel monitor main 127.0.0.1 {primary.port} 1",)
+        )
+        sentinel.start()
+        with redis.Redis(host="127.0.0.1", port=sentinel.port, decode_responses=True) as client:
+            assert client.sentinel_get_master_addr_by_name("main") == ("127.0.0.1", primary.port)
+        # Started again where it was: the same port, its configuration kept.
+        sentinel.restart(crash=True, down_s=0)
+        with redis.Redis(host="127.0.0.1", port=sentinel.port, decode_responses=True) as client:
+            assert client.sentinel_get_master_addr_by_name("main") == ("127.0.0.1", primary.port)

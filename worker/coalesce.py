@@ -23,7 +23,7 @@ import orjson
 from worker.core import keys
 from worker.core.change import UPDATABLE_FIELDS, LeadStageChange, parse_change
 from worker.core.errors import PermanentError, RetryableError
-from worker.core.gather import gather
+from worker.core.gather import gather_updates
 from worker.core.ledger import Start
 from worker.core.results import JobFacts
 from worker.core.states import Decision
@@ -93,7 +93,7 @@ async def gather_group(runtime: Runtime, facts: JobFacts, start: Start) -> Group
     most = runtime.settings.coalesce_max - 1
     if most < 1 or facts.change.id is None:
         return None
-    gathering = await gather(runtime.ledger, facts.job_id, start.run, runtime.worker_id, most)
+    gathering = await gather_updates(runtime.ledger, facts.job_id, start.run, runtime.worker_id, most)
     if not gathering.gathered:
         return None
     task = asyncio.current_task()

@@ -31,7 +31,7 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 
-from worker.core import keys, metrics, tracing
+from worker.core import keys, metrics
 from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
 from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, parse_redis_url
@@ -39,6 +39,7 @@ from worker.core.results import lost_event
 from worker.core.settings import Settings
 from worker.core.states import Decision, WaitReason
 from worker.ivvy import AiohttpTransport, IvvyClient
+from worker.ivvy_tracing import traced_transport
 from worker.job import Lease, Runtime, apply_lead_stage_change
 from worker.layout import migrate
 
@@ -182,7 +183,7 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         redis: ArqRedis = ctx["redis"]
-        transport = tracing.traced_transport(AiohttpTransport(max_connections=max(settings.concurrency, 10)))
+        transport = traced_transport(AiohttpTransport(max_connections=max(settings.concurrency, 10)))
         offset = timedelta(seconds=settings.clock_offset_s)
         clients = {
             name: IvvyClient(

@@ -20,7 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from producers.webhook import Problem
+from producers.problems import Problem
 from worker.console.openapi import API, DEFAULT_LIMIT, MAX_KEYS, MAX_LIMIT, openapi_document
 from worker.core import readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope

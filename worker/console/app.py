@@ -22,15 +22,16 @@ import jinja2
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from producers.webhook import Problem
+from producers.problems import Problem, from_http_exception, unavailable
+from producers.serving import log_malformed_requests_as_warnings, serving
 from worker.console import api
 from worker.console.auth import COOKIE, CSRF_HEADER, SESSION_S, Gate, Session
 from worker.console.openapi import API
 from worker.core.change import DEFAULT_ACCOUNT
-from worker.core.errors import ConfigError, PermanentError, RedisUnavailable
+from worker.core.errors import PermanentError, RedisUnavailable
 from worker.core.logs import get_logger
 from worker.core.processes import is_loopback, until_signalled
-from worker.core.redis_connection import connect_redis, printable_url
+from worker.core.redis_connection import connect_redis_of, printable_url
 from worker.core.settings import Settings
 
 __all__ = ["create_app", "exposure_warning", "run_console"]
@@ -77,6 +78,7 @@ def exposure_warning(settings: Settings, host: str) -> str | None:
 def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
     """The console over ``redis`` (the caller's client: it closes it)."""
     gate = Gate(settings)
+    log_malformed_requests_as_warnings()
     package = resources.files("worker.console")
     templates = jinja2.Environment(
         loader=jinja2.PackageLoader("worker.console", "templates"),
@@ -155,11 +157,11 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     except PermanentError as exc:
         response = api.bad_request(str(exc)).response()
     except RedisUnavailable as exc:
-        response = Problem(503, "Service Unavailable", str(exc), headers={"Retry-After": "2"}).response()
+        response = unavailable(str(exc)).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = Problem(exc.status, exc.reason, exc.text or exc.reason).response()
+        response = from_http_exception(exc).response()
     except Exception:  # one bad request must not take the console down; logged with its traceback
         log.exception("console.error", method=request.method, path=request.path)
         response = Problem(500, "Internal Server Error", "unexpected error; see the server log").response()
@@ -267,21 +269,11 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
 
 async def _listen(settings: Settings, host: str, port: int) -> None:
     """Serve until cancelled (by a signal); the server and the Redis client are closed on the way out."""
-    redis_client = connect_redis(settings.redis_url)
+    redis_client = connect_redis_of(settings)
     try:
-        runner = web.AppRunner(create_app(settings, redis_client), access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port, shutdown_timeout=5.0)
-            try:
-                await site.start()
-            except OSError as exc:
-                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        async with serving(create_app(settings, redis_client), host, port, shutdown_timeout=5.0) as bound:
             # The bound address, not the asked one: --port 0 takes a free port, and says which.
-            bound_host, bound_port = runner.addresses[0][:2]
-            log.info("console.listening", host=bound_host, port=bound_port, redis=printable_url(settings.redis_url))
+            log.info("console.listening", host=bound[0], port=bound[1], redis=printable_url(settings.redis_url))
             await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
     finally:
         await redis_client.aclose()

@@ -11,6 +11,7 @@ from worker.core import keys
 from worker.core.errors import StaleRun
 from worker.core.ledger import Ledger
 
+
 @dataclass(frozen=True, slots=True)
 class Gathered:
     """A change gathered into another's request: the run it began and what its events need."""
@@ -53,7 +54,7 @@ def _parse(job_id: str, run: int, reply: Sequence[object]) -> Gathering:
     return Gathering(int(leader_seq), newest, items)  # type: ignore[call-overload]  # an int reply
 
 
-async def gather(ledger: Ledger, job_id: str, run: int, worker_id: str, most: int) -> Gathering:
+async def gather_updates(ledger: Ledger, job_id: str, run: int, worker_id: str, most: int) -> Gathering:
     """Gather up to ``most`` due changes of the stage of ``job_id`` (an update whose run ``run`` holds
     the stage's lock) into this worker's runs; ``StaleRun`` when that run is not current."""
     settings = ledger.settings

@@ -11,44 +11,35 @@ Every line carries ``timestamp`` (ISO 8601 UTC), ``level``, ``logger`` and ``eve
 job's ``job_id``, ``idempotency_key``, ``account`` and ``attempt`` while ``bind_job_context``
 is active (``merge_job_context``).
 
-Secrets never reach the output (docs/contract.md: Configuration): ``secret_redactor`` runs after
-tracebacks are formatted and just before rendering, for our events and foreign records alike.
+Secrets never reach the output (docs/contract.md: Configuration): ``secret_redactor``
+(``worker.core.redaction``) runs after tracebacks are formatted and just before rendering, for
+our events and foreign records alike.
+
+Inside an event loop, info and debug lines to a file may wait ``FLUSH_AFTER_S`` to be written
+together (``_Handler``); a SIGKILL loses those of its last moment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
-import datetime
-import functools
 import json
 import logging
 import os
-import re
 import sys
-import uuid
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TextIO
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TextIO, cast
 
 import orjson
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from worker.core import tracing
+from worker.core.redaction import safe_repr, secret_redactor
 from worker.core.settings import LogFormat, Settings
 
-__all__ = [
-    "LOG_LEVELS",
-    "REDACTED",
-    "bind_job_context",
-    "configure_logging",
-    "get_logger",
-    "merge_job_context",
-    "secret_redactor",
-]
-
-#: What a secret, or the value of a credential-like key, is replaced with.
-REDACTED = "**********"
+__all__ = ["LOG_LEVELS", "bind_job_context", "configure_logging", "get_logger", "merge_job_context"]
 
 #: The logging level of each of LEADSTAGE_LOG_LEVEL's names (``worker.core.settings.LOG_LEVEL_NAMES``).
 LOG_LEVELS: Mapping[str, int] = {
@@ -59,140 +50,6 @@ LOG_LEVELS: Mapping[str, int] = {
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
-
-# A key whose (normalised) name contains one of these holds a credential: its value is masked
-# whatever it is. This covers authorization, x-api-authorization, api_secret, webhook_secret,
-# webhook-signature, password, access_token, cookie, set-cookie...
-_CREDENTIAL_KEY_PARTS = ("authorization", "secret", "password", "passwd", "token", "signature", "cookie", "credential")
-
-# iVvy's "IWS {key}:{signature}": the key identifies the account and stays readable; the HMAC is
-# a replayable credential for that request, so it goes. Case-insensitive because a client might
-# send "iws" and the signature would still be a valid HMAC.
-_IWS = r"(?P<iws>\bIWS\s+[^\s:]*:)[^\s\"',;)\]}>]+"
-
-# structlog's bookkeeping keys and the raw exception: left alone, never rendered as values.
-_UNTOUCHED_KEYS = frozenset({"_record", "_from_structlog", "exc_info"})
-
-# Values that render without repr() and cannot hold text of ours.
-_PLAIN_TYPES = (bool, int, float, datetime.date, datetime.time, datetime.timedelta, uuid.UUID)
-
-# Deeper than this, a value is rendered with repr() and scrubbed as one string (cycles end here).
-_MAX_DEPTH = 16
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_credential_key(key: str) -> bool:
-    normalised = key.lower().replace("-", "_")
-    return any(part in normalised for part in _CREDENTIAL_KEY_PARTS)
-
-
-def _safe_repr(value: object) -> str:
-    try:
-        return repr(value)
-    except Exception:  # noqa: BLE001 - a broken __repr__ must not take the log line (or the job) down
-        return f"<unrepresentable {type(value).__name__}>"
-
-
-class _Redactor:
-    """The processor built by ``secret_redactor``; see there."""
-
-    __slots__ = ("_pattern",)
-
-    def __init__(self, pattern: re.Pattern[str]) -> None:
-        self._pattern = pattern
-
-    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-        if self._nothing_to_hide(event_dict):
-            return event_dict
-        for key, value in event_dict.items():
-            if key in _UNTOUCHED_KEYS or value is None:
-                continue
-            # Top-level keys are the event's own names (never secrets): only values change, in
-            # place, which is safe because structlog hands every processor its own copy.
-            if _is_credential_key(key):
-                event_dict[key] = REDACTED
-            else:
-                event_dict[key] = self._clean(value, 0)
-        return event_dict
-
-    def _nothing_to_hide(self, event_dict: EventDict) -> bool:
-        """The usual line: flat strings and numbers, no credential key, and one search over all its
-        strings joined finds nothing (a value holding a secret makes the joined text hold it, so
-        this never misses; a match across two values only sends the line the long way)."""
-        texts = []
-        for key, value in event_dict.items():
-            if key in _UNTOUCHED_KEYS or value is None:
-                continue
-            if _is_credential_key(key):
-                return False
-            if isinstance(value, str):
-                texts.append(value)
-            elif not isinstance(value, _PLAIN_TYPES):
-                return False
-        return self._pattern.search("\0".join(texts)) is None
-
-    def _clean_key(self, key: object) -> object:
-        return self._scrub(key) if isinstance(key, str) else key
-
-    def _clean_item(self, key: object, value: object, depth: int) -> object:
-        if value is not None and isinstance(key, str) and _is_credential_key(key):
-            return REDACTED
-        return self._clean(value, depth)
-
-    def _scrub(self, text: str) -> str:
-        # search() first: about half the cost of sub() on the usual string, which has nothing to hide.
-        return self._pattern.sub(_replacement, text) if self._pattern.search(text) else text
-
-    def _clean(self, value: object, depth: int) -> object:
-        # New containers are built rather than edited: the caller's own objects (a headers
-        # dict it goes on to send, say) must not change because they were logged.
-        if isinstance(value, str):
-            return self._scrub(value)
-        if value is None or isinstance(value, _PLAIN_TYPES):
-            return value
-        if depth < _MAX_DEPTH:
-            if isinstance(value, Mapping):
-                return {self._clean_key(k): self._clean_item(k, v, depth + 1) for k, v in value.items()}
-            if isinstance(value, list | tuple | set | frozenset):
-                return [self._clean(v, depth + 1) for v in value]
-        # Anything else (exceptions, bytes, objects) would be rendered with repr() by both
-        # renderers anyway; doing it here lets the text be scrubbed before it is written.
-        return self._scrub(_safe_repr(value))
-
-
-def _replacement(match: re.Match[str]) -> str:
-    prefix = match.group("iws")
-    return REDACTED if prefix is None else prefix + REDACTED
-
-
-def _secret_variants(secrets: Iterable[str]) -> set[str]:
-    variants: set[str] = set()
-    for secret in secrets:
-        if not secret:
-            continue
-        variants.add(secret)
-        # A Standard Webhooks secret is "whsec_" + base64 of the key; libraries strip the prefix,
-        # so the bare base64 may show up in an error message on its own.
-        if secret.startswith("whsec_") and len(secret) > len("whsec_"):
-            variants.add(secret[len("whsec_") :])
-    return variants
-
-
-def secret_redactor(secrets: Iterable[str]) -> Callable[[WrappedLogger, str, EventDict], EventDict]:
-    """A processor that hides secrets in every value of the event dict, however deep.
-
-    * every occurrence of one of ``secrets`` (settings.secret_values()) in any string, nested
-      dict key or value, list item, or repr() of another object becomes ``REDACTED``;
-    * the value of a key whose name suggests a credential (authorization, api_secret, token,
-      webhook-signature...) becomes ``REDACTED``, at any depth;
-    * the signature of "IWS key:signature" becomes ``REDACTED`` (the key stays).
-
-    Place it after ``format_exc_info`` (so traceback text is covered) and just before the
-    renderer. With no secrets it costs one scan for "IWS" per string value.
-    """
-    # Longest first, so a secret that contains another is replaced whole.
-    alternatives = [_IWS, *(re.escape(s) for s in sorted(_secret_variants(secrets), key=len, reverse=True))]
-    return _Redactor(re.compile("|".join(alternatives), re.IGNORECASE))
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -215,7 +72,7 @@ def _orjson_dumps(obj: Any, default: Callable[[Any], Any] | None = None, **_: An
     except orjson.JSONEncodeError:
         # orjson refuses a few things the stdlib takes (integers beyond 64 bits): a line is
         # still better than a logging error.
-        return json.dumps(obj, default=default or _safe_repr)
+        return json.dumps(obj, default=default or safe_repr)
 
 
 _LEADING_KEYS = ("timestamp", "level", "logger", "event")
@@ -237,20 +94,109 @@ def _report_failure(name: str) -> None:
             sys.stderr.write(f"--- logging error: {type(exc).__name__} writing a record of {name!r}\n")
 
 
+#: How long our info and debug lines may wait, inside an event loop, to be written with the
+#: others of the same moment in one write(2) instead of one each (a worker writes a line per
+#: change). Warnings and errors are written at once, after the lines still waiting.
+FLUSH_AFTER_S: Final = 0.05
+#: Lines that may wait at most: a burst is written in slices of this many.
+_MAX_PENDING: Final = 256
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _has_file(stream: TextIO) -> bool:
+    """Whether writing to ``stream`` costs a system call (in-memory streams are written at once)."""
+    try:
+        stream.fileno()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both of the first two
+        return False
+    return True
+
+
 class _Handler(logging.StreamHandler[TextIO]):
-    """Our one root handler (stdlib records: arq, aiohttp, asyncio), recognised on reconfiguration."""
+    """Our one root handler, recognised on reconfiguration, and the one writer of the stream.
+
+    Stdlib records (arq, aiohttp, asyncio) come through ``emit``, our own lines through ``_Sink``:
+    ``now`` writes a line at once, ``later`` lets it wait up to ``FLUSH_AFTER_S`` on the running
+    loop's timer when the stream is a file. Everything goes through ``_write`` under the lock, the
+    waiting lines first, so lines come out in the order they were logged (a line logged in
+    another thread meanwhile may come before those waiting). ``flush`` writes what waits, and
+    logging calls it at exit (a SIGTERM or Ctrl-C ends the worker through that exit); a SIGKILL
+    loses the info and debug lines of the last ``FLUSH_AFTER_S``.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # whose timer writes _pending
+        self._waits = _has_file(stream)
+
+    def later(self, line: str) -> None:
+        loop = _running_loop() if self._waits else None
+        with self.lock or contextlib.nullcontext():
+            timer_loop = self._timer_loop
+            if loop is not None and timer_loop is not loop and timer_loop is not None:
+                if timer_loop.is_running():  # another thread's loop: its lines wait, this one not
+                    loop = None
+                else:  # a loop closed before its timer ran: this loop's timer takes over
+                    self._timer_loop = timer_loop = None
+            if loop is None or len(self._pending) >= _MAX_PENDING:
+                self._write(line)
+                return
+            if timer_loop is None:
+                loop.call_later(FLUSH_AFTER_S, self._on_timer)
+                self._timer_loop = loop
+            self._pending.append(line)
+
+    def now(self, line: str) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._write(line)
+
+    def _on_timer(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._timer_loop = None
+            try:
+                self._write("")
+            except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the loop
+                _report_failure("(lines written together)")
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._write("")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            self._write(line)  # handle() holds the lock
+        except RecursionError:  # as logging.StreamHandler.emit
+            raise
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler.emit
+            self.handleError(record)
+
+    def _write(self, line: str) -> None:
+        if self._pending:
+            line = "".join(self._pending) + line
+            self._pending.clear()
+        if line:
+            self.stream.write(line)
+            self.stream.flush()
 
     def handleError(self, record: logging.LogRecord) -> None:
         _report_failure(record.name)
 
 
 class _Sink:
-    """What our own structlog events are written by: the rendered line straight to the stream.
+    """What our own structlog events are written by: the rendered line handed to the handler.
 
     No stdlib round trip (a ``LogRecord``, the handler chain, ``ProcessorFormatter``, a second
-    copy of the event): that was most of what a log line cost. The handler's lock is shared, so
-    our lines and stdlib records never interleave; a failing write is reported as the handler
-    reports one, and never raised into the code that logged.
+    copy of the event): that was most of what a log line cost. Info and debug lines may wait to
+    be written together (``_Handler.later``); a failing write is reported as the handler reports
+    one, and never raised into the code that logged.
     """
 
     __slots__ = ("_handler", "name")
@@ -259,16 +205,20 @@ class _Sink:
         self.name = name
         self._handler = handler
 
-    def msg(self, message: str) -> None:
-        handler = self._handler
+    def info(self, message: str) -> None:
         try:
-            with handler.lock or contextlib.nullcontext():
-                handler.stream.write(message + "\n")
-                handler.stream.flush()
+            self._handler.later(message + "\n")
         except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the caller
             _report_failure(self.name)
 
-    debug = info = warning = error = critical = msg
+    def msg(self, message: str) -> None:
+        try:
+            self._handler.now(message + "\n")
+        except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the caller
+            _report_failure(self.name)
+
+    debug = info
+    warning = error = critical = msg
 
 
 class _SinkFactory:
@@ -359,10 +309,29 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
     )
 
 
+class _Logger:
+    """What ``get_logger`` returns: structlog's logger of one name, assembled once per
+    configuration. structlog's own lazy proxy (uncached, so that it follows a later
+    ``configure_logging`` or a test's ``capture_logs``) assembles a new one, with its sink and
+    context, at every call, even a debug call below the level."""
+
+    __slots__ = ("_config", "_logger", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._config: tuple[object, ...] = ()
+        self._logger: Any = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        config = tuple(structlog.get_config().values())
+        if config != self._config:
+            self._logger, self._config = structlog.get_logger(self._name).bind(), config
+        return getattr(self._logger, attribute)
+
+
 def get_logger(name: str) -> FilteringBoundLogger:
     """The logger of a module: ``log = get_logger(__name__)``."""
-    logger: FilteringBoundLogger = structlog.get_logger(name)
-    return logger
+    return cast("FilteringBoundLogger", _Logger(name))
 
 
 #: The job whose lines these are (one dict, set and reset once per job: structlog's per-key

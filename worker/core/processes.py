@@ -153,6 +153,13 @@ class Child:
         self.send_signal(signal.SIGKILL)
         return self.wait(10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its connections open and answers nothing until ``resume``."""
+        self.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.send_signal(signal.SIGCONT)
+
     def stop(self, grace: float = DEFAULT_GRACE_S) -> int | None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; the exit status (None if it would not die)."""
         self.send_signal(signal.SIGTERM)
@@ -210,11 +217,14 @@ class Children:
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port, in a directory of its own.
+    """A private redis-server (or Sentinel) on a loopback port, in a directory of its own.
 
     ``durable`` turns on the append-only file with ``appendfsync always``: every write Redis
     acknowledged is on disk, so it survives a crash and a restart on the same port and directory.
-    Without it nothing is persisted (a throw-away Redis for a demo or a benchmark).
+    Without it nothing is persisted (a throw-away Redis for a demo, a benchmark or a test).
+    ``args`` are added to the command line; with ``sentinel`` they are the lines of its
+    configuration file instead (``sentinel monitor ...``), written to ``data_dir/sentinel.conf``.
+    ``port`` is a free one unless given (a server that comes back where another was).
     """
 
     def __init__(
@@ -225,22 +235,26 @@ class RedisServer:
         durable: bool = False,
         new_session: bool = False,
         args: Sequence[str] = (),
-        name: str = "redis-server",
+        name: str | None = None,
+        port: int | None = None,
+        sentinel: bool = False,
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ProcessFailed("redis-server is not on PATH (apt-get install redis-server)")
-        self.port = free_port()
+        self.port = port or free_port()
         data_dir.mkdir(parents=True, exist_ok=True)
-        persistence = ("--appendonly", "yes", "--appendfsync", "always") if durable else ("--appendonly", "no")
-        self.child = children.add(
-            name,
-            [
+        if sentinel:
+            config = data_dir / "sentinel.conf"
+            config.write_text("\n".join((f"port {self.port}", f"bind {LOOPBACK}", f"dir {data_dir}", *args)) + "\n")
+            argv = [binary, str(config), "--sentinel"]
+        else:
+            persistence = ("--appendonly", "yes", "--appendfsync", "always") if durable else ("--appendonly", "no")
+            argv = [
                 binary, "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(data_dir),
                 *persistence, "--save", "", "--daemonize", "no", "--protected-mode", "yes", *args,
-            ],
-            new_session=new_session,
-        )  # fmt: skip
+            ]  # fmt: skip
+        self.child = children.add(name or f"redis-{self.port}", argv, new_session=new_session)
         self.restarts = 0
 
     @property
@@ -264,6 +278,17 @@ class RedisServer:
         time.sleep(down_s)
         self.start()
         self.restarts += 1
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers (a hung Redis)."""
+        self.child.pause()
+
+    def resume(self) -> None:
+        self.child.resume()
+
+    def kill(self) -> None:
+        """SIGKILL (a paused server too), and reap it."""
+        self.child.kill()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ One trace follows a change across the queue:
   traceparent is still a duplicate, and keeps the first trace);
 * each worker attempt is a CONSUMER span, child of that context and linked to it, with the
   account, operation, attempt, stage id, outcome and error code; the iVvy requests are CLIENT
-  spans (``TracedTransport``, around the one transport seam), reconcile calls spans of their own;
+  spans (``worker.ivvy_tracing``, around the one transport seam), reconcile calls spans of their own;
 * the results event carries the ``trace_id``; log lines carry ``trace_id`` and ``span_id``.
 
 No attribute holds a secret: no headers (the iVvy signature, webhook signatures), no bodies.
@@ -35,10 +35,9 @@ import functools
 import os
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
-from urllib.parse import parse_qs, urlsplit
 
 from worker.core import keys
-from worker.core.errors import ConfigError, IvvyNoAnswer
+from worker.core.errors import ConfigError
 
 if TYPE_CHECKING:  # only for annotations: importing them is what tracing off must not pay
     import redis.asyncio as aioredis
@@ -46,10 +45,8 @@ if TYPE_CHECKING:  # only for annotations: importing them is what tracing off mu
     from opentelemetry.trace import Tracer
     from structlog.typing import EventDict, Processor, WrappedLogger
 
-    from worker.ivvy import RawResponse, Transport
 
 __all__ = [
-    "TracedTransport",
     "attempt_span",
     "continue_from_env",
     "current_trace_id",
@@ -62,7 +59,7 @@ __all__ = [
     "setup",
     "stored_traceparent",
     "traced",
-    "traced_transport",
+    "tracer",
     "use",
 ]
 
@@ -81,6 +78,11 @@ _OFF: Final[contextlib.nullcontext[None]] = contextlib.nullcontext()
 
 def enabled() -> bool:
     return _tracer is not None
+
+
+def tracer() -> Tracer | None:
+    """The tracer when tracing is on (for ``worker.ivvy_tracing``'s transport), else None."""
+    return _tracer
 
 
 def _wanted(env: Mapping[str, str]) -> str | None:
@@ -353,51 +355,3 @@ def traced(name: str) -> Callable[[Callable[_P, Awaitable[_T]]], Callable[_P, Aw
         return wrapper
 
     return decorate
-
-
-class TracedTransport:
-    """The iVvy transport with a CLIENT span per request: method, server, url (without userinfo),
-    iVvy action, status code or error type. Headers and bodies are never recorded."""
-
-    def __init__(self, inner: Transport, tracer: Tracer) -> None:
-        self._inner = inner
-        self._tracer = tracer
-
-    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> RawResponse:
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
-        parts = urlsplit(url)
-        action = parse_qs(parts.query).get("action", [""])[0]
-        with self._tracer.start_as_current_span(
-            f"POST {action}" if action else "POST",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "http.request.method": "POST",
-                "server.address": parts.hostname or "",
-                "server.port": parts.port or (443 if parts.scheme == "https" else 80),
-                "url.full": parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(),
-                "ivvy.action": action,
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                response = await self._inner.post(url, headers, body, timeout_s)
-            except IvvyNoAnswer as error:
-                span.set_attribute("error.type", error.error_code)
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-                raise
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 400:
-                span.set_attribute("error.type", str(response.status))
-                span.set_status(Status(StatusCode.ERROR))
-            return response
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-def traced_transport(transport: Transport) -> Transport:
-    """``transport`` with a CLIENT span per request when tracing is on; itself when off."""
-    setup()  # a worker built in another program may not have run the CLI's
-    return transport if _tracer is None else TracedTransport(transport, _tracer)

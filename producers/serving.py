@@ -1,0 +1,155 @@
+"""Serving an aiohttp application on host:port, as the webhook and the console do.
+
+``serving(app, host, port, ...)`` listens (``ConfigError`` when the address cannot be used),
+yields the bound address and stops the server on the way out. Its runner (``ProblemRunner``)
+answers what aiohttp's HTTP parser refuses before any handler runs (a bad request line, a bad
+header, a header over the 8 KiB field limit, bad chunking, a lying Content-Length) with a 400
+``application/problem+json``, as every other 4xx of the service, instead of aiohttp's text/plain;
+the detail names the kind of error only. Such a request is logged as one warning line naming the
+kind of error, without the offending line (it may be a signature header or a piece of the body).
+
+aiohttp has no public hook for those answers: ``RequestHandler.handle_error`` is overridden, and
+``tests/test_aiohttp_internals.py`` checks the internals this relies on against the installed
+aiohttp (pyproject pins it below its next minor release).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Final
+
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+from producers.problems import Problem
+from worker.core.errors import ConfigError
+
+__all__ = ["KEEPALIVE_TIMEOUT_S", "ProblemRunner", "log_malformed_requests_as_warnings", "serving"]
+
+#: An idle connection, or one still sending its request line and headers, is closed after this
+#: (aiohttp's default is an hour). 75 s, nginx's default, stays above the 60 s idle timeout usual
+#: in load balancers, which reuse connections and must not find them closed under them.
+KEEPALIVE_TIMEOUT_S: Final = 75.0
+
+#: What the client is told about a request the parser refused, by the parser's exception (the
+#: first class in the exception's MRO that is named here).
+_MALFORMED: Final[dict[type[Exception], str]] = {
+    http_exceptions.LineTooLong: "the request line or a header is too long",
+    http_exceptions.InvalidHeader: "a header is malformed",
+    http_exceptions.BadHttpMethod: "the request method is malformed",
+    http_exceptions.BadStatusLine: "the request line is malformed",
+    http_exceptions.InvalidURLError: "the request target is malformed",
+    http_exceptions.TransferEncodingError: "the chunked encoding is malformed",
+    http_exceptions.ContentLengthError: "the Content-Length is wrong for the body",
+    http_exceptions.ContentEncodingError: "the body cannot be decoded",
+    http_exceptions.HttpProcessingError: "the request is malformed",
+}
+
+
+def malformed_detail(error: BaseException | None) -> str:
+    """What a 400 of the parser says: the kind of error, never the offending bytes."""
+    for kind in type(error).__mro__:
+        if kind in _MALFORMED:
+            return _MALFORMED[kind]
+    return _MALFORMED[http_exceptions.HttpProcessingError]
+
+
+class _ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors as problem+json."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own: it logs (see _malformed_requests_as_warnings) and refuses a second answer
+        # on a connection that has sent part of one.
+        super().handle_error(request, status, exc, message)
+        if status == HTTPStatus.BAD_REQUEST:
+            problem = Problem(status, "Bad Request", malformed_detail(exc), kind="malformed-request")
+        elif status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+            problem = Problem(status, HTTPStatus(status).phrase, "unexpected error; see the server log")
+        else:
+            problem = Problem(status, HTTPStatus(status).phrase, HTTPStatus(status).description)
+        response = problem.response()
+        response.force_close()  # as aiohttp's: the connection's state is unknown after an error
+        return response
+
+
+class _ProblemServer(web.Server):
+    """aiohttp's protocol factory, making ``_ProblemRequestHandler`` connections."""
+
+    def __call__(self) -> RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProblemRunner(web.AppRunner):
+    """An ``AppRunner`` whose connections answer the parser's refusals as problem+json."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp makes its Server in Application._make_handler and offers no hook for the class:
+        # the same object, with the protocol factory above.
+        server.__class__ = _ProblemServer
+        return server
+
+
+def log_malformed_requests_as_warnings() -> None:
+    """Log each request the parser refuses as one warning line (the applications call this: it
+    holds however they are served, also by aiohttp's test server)."""
+    logging.getLogger("aiohttp.server").addFilter(_malformed_requests_as_warnings)  # added once, however often
+
+
+def _malformed_requests_as_warnings(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request its parser refuses (a client's fault: a bad Content-Length, a header
+    over 8 KiB) at error level with a traceback; any client could fill the log with them. One
+    warning line instead, the parser's exception name without the traceback."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, RequestPayloadError):
+        # aiohttp drains the rest of a body after the handler; one that failed to decode fails
+        # again there, for a request already answered (400) and logged.
+        return False
+    if isinstance(error, http_exceptions.HttpProcessingError):
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        # The kind of error only: the parser's message quotes the offending line, which may be a
+        # signature header or a piece of the body.
+        record.msg, record.args = "malformed request from %s: %s (%s)", (remote, type(error).__name__, error.code)
+        record.exc_info = record.exc_text = None
+    return True
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    app: web.Application, host: str, port: int, *, shutdown_timeout: float
+) -> AsyncIterator[tuple[str, int]]:
+    """Serve ``app`` on host:port (0: a free port) until the block ends; yields the bound (host, port).
+
+    ``ConfigError`` when the address cannot be used. ``shutdown_timeout`` is how long running
+    requests may finish at the end; an idle connection is closed after ``KEEPALIVE_TIMEOUT_S``.
+    """
+    runner = ProblemRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+        shutdown_timeout=shutdown_timeout,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        bound_host, bound_port = runner.addresses[0][:2]
+        yield str(bound_host), int(bound_port)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,189 @@
+"""iVvy's answers as exceptions, classified once as docs/contract.md says (Retries)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from worker.core.errors.base import LeadstageError, PermanentError, RetryableError
+
+
+class IvvyErrorDetails(LeadstageError):
+    """What iVvy said: HTTP status and its error body. Mixed into the iVvy exceptions."""
+
+    http_status: int | None = None
+    specific_code: int | None = None
+    additional_messages: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        specific_code: int | None = None,
+        additional_messages: Sequence[str] = (),
+    ) -> None:
+        self.http_status = http_status
+        self.specific_code = specific_code
+        self.additional_messages = tuple(additional_messages)
+        super().__init__(message)
+
+    @property
+    def ivvy_code(self) -> str | None:
+        """iVvy's specific code as text, for the results stream's ``error_code``."""
+        return None if self.specific_code is None else str(self.specific_code)
+
+
+class IvvyRejected(IvvyErrorDetails, PermanentError):
+    error_code = "rejected"
+
+
+class IvvyAuthError(IvvyRejected):
+    error_code = "unauthorized"
+
+
+class IvvyUnavailable(IvvyErrorDetails, RetryableError):
+    error_code = "unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        specific_code: int | None = None,
+        additional_messages: Sequence[str] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            message, http_status=http_status, specific_code=specific_code, additional_messages=additional_messages
+        )
+
+
+class IvvyRateLimited(IvvyUnavailable):
+    error_code = "rate_limited"
+    pauses_account = True
+
+
+#: iVvy's specific code for a Date/IVVY-Date more than 5 minutes from its clock (a 401).
+STALE_REQUEST_CODE = 23005
+
+
+class IvvyClockSkew(IvvyErrorDetails, RetryableError):
+    """iVvy found the request's date stale (23005): the worker host's clock is off by more than
+    iVvy's tolerance. Every change of the account would fail alike, so the account pauses and
+    the change is tried again after the pause, instead of being dead-lettered as unauthorised.
+
+    ``skew_s``: iVvy's clock (its Date header) minus ours, in seconds, when it sent one.
+    """
+
+    error_code = "clock_skew"
+    pauses_account = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        specific_code: int | None = STALE_REQUEST_CODE,
+        additional_messages: Sequence[str] = (),
+        retry_after: float | None = None,
+        skew_s: float | None = None,
+    ) -> None:
+        self.skew_s = skew_s
+        self.retry_after = retry_after
+        super().__init__(
+            message, http_status=http_status, specific_code=specific_code, additional_messages=additional_messages
+        )
+
+
+class IvvyNoAnswer(IvvyErrorDetails, RetryableError):
+    error_code = "connection"
+
+    def __init__(self, message: str, *, outcome_unknown: bool) -> None:
+        self.outcome_unknown = outcome_unknown
+        super().__init__(message)
+
+
+class IvvyTimeout(IvvyNoAnswer):
+    error_code = "timeout"
+
+
+class BatchNotReady(RetryableError):
+    """A batch's results are not ready yet (iVvy's 24114), or were not within the wait allowed."""
+
+    error_code = "batch_not_ready"
+
+    def __init__(self, async_id: str, message: str = "") -> None:
+        self.async_id = async_id
+        super().__init__(message or f"batch {async_id}: iVvy has not finished it (24114)")
+
+
+class BatchGone(LeadstageError):
+    """A batch's results cannot be had: iVvy does not know the batch (24115 from results, 24105
+    from progress: never accepted, or past retention), or its results do not answer its jobs.
+    What the jobs did is unknown: they are reconciled, as after a request without an answer."""
+
+    error_code = "batch_gone"
+
+    def __init__(self, async_id: str, reason: str, *, specific_code: int | None = None) -> None:
+        self.async_id = async_id
+        self.specific_code = specific_code
+        super().__init__(f"batch {async_id}: {reason}")
+
+
+# The retry classification of docs/contract.md, defined here once.
+RETRYABLE_STATUSES = frozenset({429, 460, 461})  # and every 5xx
+AUTH_STATUSES = frozenset({401, 403, 462, 463})
+RETRYABLE_SPECIFIC_CODES = frozenset({24322})
+
+
+def error_for_response(
+    http_status: int,
+    *,
+    message: str,
+    specific_code: int | None,
+    additional_messages: Sequence[str] = (),
+    retry_after: float | None = None,
+    clock_skew_s: float | None = None,
+    stale_pause_s: float = 0.0,
+) -> IvvyRejected | IvvyUnavailable | IvvyClockSkew:
+    """Classify an iVvy error answer as docs/contract.md says (Retries); ``clock_skew_s`` is iVvy's clock
+    minus ours when its Date header said (reported with a stale-request answer, which pauses the
+    account for at least ``stale_pause_s``)."""
+    text = f"iVvy answered {http_status}"
+    if specific_code is not None:
+        text += f" (specific code {specific_code})"
+    if message:
+        text += f": {message}"
+    if specific_code == STALE_REQUEST_CODE:
+        if clock_skew_s is not None:
+            direction = "behind" if clock_skew_s > 0 else "ahead of"
+            text += f"; this worker's clock is {abs(clock_skew_s):.0f} s {direction} iVvy's"
+        return IvvyClockSkew(
+            text,
+            http_status=http_status,
+            additional_messages=additional_messages,
+            retry_after=max(retry_after or 0.0, stale_pause_s),
+            skew_s=clock_skew_s,
+        )
+    if (
+        http_status == 429
+        or http_status >= 500
+        or http_status in RETRYABLE_STATUSES
+        or (specific_code in RETRYABLE_SPECIFIC_CODES)
+    ):
+        kind = IvvyRateLimited if http_status == 429 else IvvyUnavailable
+        return kind(
+            text,
+            http_status=http_status,
+            specific_code=specific_code,
+            additional_messages=additional_messages,
+            retry_after=retry_after,
+        )
+    kind_rejected = IvvyAuthError if http_status in AUTH_STATUSES else IvvyRejected
+    return kind_rejected(
+        text,
+        http_status=http_status,
+        specific_code=specific_code,
+        additional_messages=additional_messages,
+    )

@@ -1,0 +1,92 @@
+"""Redis's failures as exceptions, and the one place redis-py's exceptions are translated."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from worker.core.errors.base import ConfigError, RetryableError
+
+
+class RedisUnavailable(RetryableError):
+    error_code = "redis_unavailable"
+
+
+class RedisRefused(RedisUnavailable):
+    """Redis answered with an error that says it cannot take the command now (not a bug of ours)."""
+
+    error_code = "redis_refused"
+
+
+class RedisCredentialsRefused(RedisUnavailable):
+    """Redis answered, and refused the user or password of REDIS_URL (it may be rotated meanwhile)."""
+
+    error_code = "redis_credentials_refused"
+
+
+class RedisNotReplicated(RedisUnavailable):
+    """A write was not confirmed by enough replicas: a failover now could lose it."""
+
+    error_code = "redis_not_replicated"
+
+    def __init__(self, what: str, acked: int, wanted: int, timeout_s: float) -> None:
+        super().__init__(
+            f"{what}: written to the Redis primary but confirmed by {acked} of {wanted} replicas within "
+            f"{timeout_s:g}s (LEADSTAGE_REDIS_MIN_REPLICAS); the outcome is unknown, retry with the same "
+            "idempotency key"
+        )
+
+
+class EnqueueOutcomeUnknown(RedisUnavailable):
+    """Redis stopped answering while changes were written: ``unknown`` (account, idempotency key)
+    may or may not be enqueued, ``enqueued`` changes before them were. Enqueuing them again with
+    the same keys is safe: a change already written comes back as a duplicate."""
+
+    error_code = "outcome_unknown"
+
+    def __init__(self, reason: str, *, enqueued: int, unknown: Sequence[tuple[str, str]]) -> None:
+        self.enqueued = enqueued
+        self.unknown = tuple(unknown)
+        what = f"idempotency key {self.unknown[0][1]!r}" if len(self.unknown) == 1 else f"{len(self.unknown)} changes"
+        text = f"{reason}: whether {what} got enqueued is unknown, retry with the same key"
+        if len(self.unknown) > 1:
+            text += "s"
+        if enqueued:
+            text += f" ({enqueued} earlier change(s) were enqueued)"
+        super().__init__(text)
+
+
+#: Error replies with which Redis refuses a command for a while, whatever the command: out of memory,
+#: a read-only replica (a demoted primary behind a plain URL), a failed snapshot, a busy script, a
+#: cluster or primary link down. redis-py turns some into classes of their own (and strips their
+#: code), the others keep it as the first word of the message. Anything else is a bug: not translated.
+#: (The classes are named in ``redis_errors``, which imports redis-py only when it is used.)
+REFUSAL_CODES = frozenset({"OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN"})
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Translate redis-py's failures into ``RedisUnavailable`` (no answer) or ``RedisRefused`` (an
+    answer refusing the command for now) at the boundary; the answers that mean REDIS_URL is wrong
+    into ``ConfigError``."""
+    import redis.exceptions  # here, not at the top: ``leadstage --help`` has no use for redis-py
+
+    try:
+        yield
+    except redis.exceptions.AuthenticationError as exc:  # a ConnectionError subclass: before it
+        raise RedisCredentialsRefused(f"Redis refused the credentials of REDIS_URL: {type(exc).__name__}") from exc
+    except redis.exceptions.InvalidResponse:
+        raise ConfigError("REDIS_URL: what answers there is not Redis (its answer is not the Redis protocol)") from None
+    except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:  # the refusal classes
+        raise RedisRefused(f"Redis refused the command: {type(exc).__name__}") from exc
+    except redis.exceptions.ResponseError as exc:
+        if "DB index is out of range" in str(exc):
+            raise ConfigError("REDIS_URL selects a database number this Redis does not have") from None
+        if str(exc).startswith("WAIT cannot be used with replica"):  # a primary demoted under our feet
+            raise RedisRefused("Redis refused WAIT: the server is a replica now (a failover)") from exc
+        code = str(exc).split(" ", 1)[0]
+        if code in REFUSAL_CODES:  # exactly: BUSYGROUP or BUSYKEY are answers about data, not refusals
+            raise RedisRefused(f"Redis refused the command: {code}") from exc
+        raise
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc

@@ -1,0 +1,227 @@
+"""Settings, built once from the environment (docs/contract.md: Configuration).
+
+``Settings.from_env()`` reads every variable, checks it, and raises ``ConfigError`` naming the
+first bad one; the command line turns that into one clear line on stderr. Secrets are kept in
+``Secret`` so that no repr, log line or error message can show them.
+
+By job: ``variables`` reads each kind of value (``EnvReader``, ``Secret``), ``accounts`` the iVvy
+accounts and per-account webhook secrets; ``Settings`` and its table of variables are here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from worker.core.change import DEFAULT_ACCOUNT
+from worker.core.errors import ConfigError
+from worker.core.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S
+from worker.core.settings.accounts import DEMO_API_KEY, DEMO_API_SECRET, Account, load_accounts, load_webhook_secrets
+from worker.core.settings.variables import (
+    LOG_LEVEL_NAMES,
+    EnvReader,
+    LogFormat,
+    LogLevel,
+    Secret,
+    split_list,
+)
+
+__all__ = [
+    "DEMO_API_KEY",
+    "DEMO_API_SECRET",
+    "ENVIRONMENT",
+    "LOG_LEVEL_NAMES",
+    "Account",
+    "LogFormat",
+    "LogLevel",
+    "Secret",
+    "Settings",
+    "split_list",
+]
+
+#: Settings field -> (environment variable, how ``EnvReader`` reads it): read by ``from_env``,
+#: written back by ``to_env``. The accounts are read from their own variables (``load_accounts``).
+ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
+    "redis_url": ("REDIS_URL", "redis_url"),
+    "rate_limit": ("LEADSTAGE_RATE_LIMIT", "positive_float"),
+    "max_attempts": ("LEADSTAGE_MAX_ATTEMPTS", "positive_int"),
+    "max_age_s": ("LEADSTAGE_MAX_AGE", "positive_float"),
+    "backoff_base_s": ("LEADSTAGE_BACKOFF_BASE", "positive_float"),
+    "backoff_max_s": ("LEADSTAGE_BACKOFF_MAX", "positive_float"),
+    "results_stream": ("LEADSTAGE_RESULTS_STREAM", "name"),
+    "dlq_stream": ("LEADSTAGE_DLQ_STREAM", "name"),
+    "results_maxlen": ("LEADSTAGE_RESULTS_MAXLEN", "positive_int"),
+    "ledger_retention_s": ("LEADSTAGE_LEDGER_RETENTION", "positive_int"),
+    "queue_name": ("LEADSTAGE_QUEUE", "name"),
+    "concurrency": ("LEADSTAGE_CONCURRENCY", "positive_int"),
+    "request_timeout_s": ("LEADSTAGE_REQUEST_TIMEOUT", "positive_float"),
+    "job_timeout_s": ("LEADSTAGE_JOB_TIMEOUT", "positive_float"),
+    "poll_delay_s": ("LEADSTAGE_POLL_DELAY", "positive_float"),
+    "shutdown_grace_s": ("LEADSTAGE_SHUTDOWN_GRACE", "positive_float"),
+    "lease_s": ("LEADSTAGE_LEASE", "positive_float"),
+    "coalesce_max": ("LEADSTAGE_COALESCE_MAX", "positive_int"),
+    "redis_min_replicas": ("LEADSTAGE_REDIS_MIN_REPLICAS", "whole_number"),
+    "redis_replica_timeout_s": ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "positive_float"),
+    "retry_after_max_s": ("LEADSTAGE_RETRY_AFTER_MAX", "positive_float"),
+    "clock_offset_s": ("LEADSTAGE_TEST_CLOCK_OFFSET", "number"),
+    "webhook_secret": ("WEBHOOK_SECRET", "webhook_secret"),
+    "plain_http_hosts": ("LEADSTAGE_PLAIN_HTTP_HOSTS", "host_list"),
+    "webhook_max_body_bytes": ("LEADSTAGE_WEBHOOK_MAX_BODY", "positive_int"),
+    "metrics_port": ("LEADSTAGE_METRICS_PORT", "port"),
+    "log_format": ("LEADSTAGE_LOG_FORMAT", "log_format"),
+    "log_level": ("LEADSTAGE_LOG_LEVEL", "log_level"),
+    "redis_timeout_s": ("LEADSTAGE_REDIS_TIMEOUT", "positive_float"),
+    "redis_connect_timeout_s": ("LEADSTAGE_REDIS_CONNECT_TIMEOUT", "positive_float"),
+    "console_token": ("LEADSTAGE_CONSOLE_TOKEN", "token"),
+    "console_read_token": ("LEADSTAGE_CONSOLE_READ_TOKEN", "token"),
+    "console_tls_proxy": ("LEADSTAGE_CONSOLE_TLS_PROXY", "flag"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://localhost:6379/0"
+    accounts: Mapping[str, Account] = field(default_factory=dict)
+    rate_limit: float = 10.0
+    max_attempts: int = 8
+    max_age_s: float = 3600.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    results_stream: str = "leadstage:results"
+    dlq_stream: str = "leadstage:dlq"
+    results_maxlen: int = 100_000
+    ledger_retention_s: int = 86_400
+    queue_name: str = "leadstage:queue"
+    concurrency: int = 50
+    request_timeout_s: float = 10.0
+    job_timeout_s: float = 120.0
+    poll_delay_s: float = 0.01
+    shutdown_grace_s: float = 25.0
+    lease_s: float = 8.0
+    #: The most changes of one stage one request carries (coalescing, docs/contract.md; 1: never).
+    coalesce_max: int = 50
+    #: Replicas that must confirm the writes that matter (enqueue, the recovery point before a POST,
+    #: the terminal state) before they count as done; 0 waits for none (docs/contract.md: Durability).
+    redis_min_replicas: int = 0
+    redis_replica_timeout_s: float = 1.0
+    #: The longest Retry-After (and account pause) honoured; a longer one dead-letters the change.
+    retry_after_max_s: float = 600.0
+    #: Added to this host's clock (tests of clock skew only): nothing but event times and iVvy's
+    #: request signature read it, every decision uses the Redis server's clock.
+    clock_offset_s: float = 0.0
+    #: WEBHOOK_SECRET: one or more whsec_ secrets (several while rotating), for any account: the
+    #: signed body names the account.
+    webhook_secret: Secret | None = None
+    #: LEADSTAGE_WEBHOOK_SECRETS_FILE: account -> its own secrets (one or more, space-separated); a
+    #: request signed with one of them is for that account only.
+    webhook_account_secrets: Mapping[str, Secret] = field(default_factory=dict)
+    #: LEADSTAGE_PLAIN_HTTP_HOSTS: hosts besides loopback whose iVvy base URL may be http://.
+    plain_http_hosts: frozenset[str] = frozenset()
+    webhook_max_body_bytes: int = 1_048_576
+    metrics_port: int = 9464
+    log_format: LogFormat = "auto"
+    #: None when LEADSTAGE_LOG_LEVEL is unset: info (the demo, which is read by a person: warning).
+    log_level: LogLevel | None = None
+    #: Every Redis command of a producer or reader waits this long for its answer at most.
+    redis_timeout_s: float = TIMEOUT_S
+    #: Connecting to Redis gives up after this long (an unroutable host would hang otherwise).
+    redis_connect_timeout_s: float = CONNECT_TIMEOUT_S
+    #: ``leadstage console``: the token that may read and change (replay, discard); the console is
+    #: off without it. The read-only token, when set, may only read.
+    console_token: Secret | None = None
+    console_read_token: Secret | None = None
+    #: Declared when a TLS-terminating proxy stands in front of the console: its login cookie is
+    #: then marked Secure, and binding beyond loopback is not warned about.
+    console_tls_proxy: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        reader = EnvReader(env)
+        values: dict[str, Any] = {
+            name: getattr(reader, kind)(variable, getattr(cls, name)) for name, (variable, kind) in ENVIRONMENT.items()
+        }
+        accounts = load_accounts(env, values["rate_limit"], values["plain_http_hosts"])
+        settings = cls(accounts=accounts, webhook_account_secrets=load_webhook_secrets(env, accounts), **values)
+        settings.check_consistency()
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes ``from_env`` give these settings again (for child processes).
+
+        Holds the secrets (the child needs them): pass it to a process, never print it. Only the
+        default account can be written as variables; other accounts need LEADSTAGE_ACCOUNTS_FILE.
+        """
+        env: dict[str, str] = {}
+        for name, (variable, _) in ENVIRONMENT.items():
+            value = getattr(self, name)
+            if isinstance(value, frozenset):
+                env[variable] = " ".join(sorted(value))
+            elif value is not None:
+                env[variable] = value.get() if isinstance(value, Secret) else str(value)
+        if self.webhook_account_secrets:
+            raise ConfigError(
+                "per-account webhook secrets cannot be written as variables: use LEADSTAGE_WEBHOOK_SECRETS_FILE"
+            )
+        for account in self.accounts.values():
+            if account.name != DEFAULT_ACCOUNT:
+                raise ConfigError(
+                    f"account {account.name!r} cannot be written as variables: use LEADSTAGE_ACCOUNTS_FILE"
+                )
+            env |= {
+                "IVVY_BASE_URL": account.base_url,
+                "IVVY_API_KEY": account.api_key,
+                "IVVY_API_SECRET": account.api_secret.get(),
+            }
+        return env
+
+    def check_consistency(self) -> None:
+        """Refuse settings that contradict each other (each message names both)."""
+        if self.job_timeout_s <= self.request_timeout_s:
+            raise ConfigError("LEADSTAGE_JOB_TIMEOUT must be longer than LEADSTAGE_REQUEST_TIMEOUT")
+        if self.ledger_retention_s <= self.max_age_s + self.retry_after_max_s:
+            # A change may wait up to its maximum age plus one honoured pause before it ends: its
+            # ledger entry (refreshed whenever it is touched) must outlive that.
+            raise ConfigError(
+                f"LEADSTAGE_LEDGER_RETENTION ({self.ledger_retention_s}s) must be longer than LEADSTAGE_MAX_AGE "
+                f"({self.max_age_s:g}s) plus LEADSTAGE_RETRY_AFTER_MAX ({self.retry_after_max_s:g}s)"
+            )
+        if self.lease_s <= self.poll_delay_s * 3:
+            raise ConfigError("LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY")
+        if self.console_read_token is not None and self.console_read_token == self.console_token:
+            raise ConfigError("LEADSTAGE_CONSOLE_READ_TOKEN must differ from LEADSTAGE_CONSOLE_TOKEN")
+
+    def account(self, name: str) -> Account | None:
+        return self.accounts.get(name)
+
+    def rate_limit_for(self, account: str) -> float:
+        """Requests per second the account may send: its own limit, or LEADSTAGE_RATE_LIMIT."""
+        configured = self.accounts.get(account)
+        return configured.rate_limit if configured is not None else self.rate_limit
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log redactor."""
+        values = [a.api_secret.get() for a in self.accounts.values()]
+        values += [secret for _, secret in self.webhook_secrets()]
+        values.extend(token.get() for token in (self.console_token, self.console_read_token) if token is not None)
+        return [v for v in values if v]
+
+    def webhook_secrets(self) -> list[tuple[str | None, str]]:
+        """Every webhook secret with the account it is bound to: None for WEBHOOK_SECRET's (any
+        account, named in the signed body). The one place that says which secret serves whom."""
+        pairs: list[tuple[str | None, str]] = []
+        if self.webhook_secret is not None:
+            pairs += [(None, secret) for secret in split_list(self.webhook_secret.get())]
+        for account, secrets in self.webhook_account_secrets.items():
+            pairs += [(account, secret) for secret in split_list(secrets.get())]
+        return pairs
+
+    def require_accounts(self) -> None:
+        """The worker needs credentials; producers do not."""
+        if not self.accounts:
+            raise ConfigError(
+                "IVVY_BASE_URL is not set: the worker needs IVVY_BASE_URL, IVVY_API_KEY and "
+                "IVVY_API_SECRET, or LEADSTAGE_ACCOUNTS_FILE"
+            )

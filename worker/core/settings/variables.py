@@ -1,0 +1,191 @@
+"""Reading one environment variable: each kind of value, its check, and the message naming it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from collections.abc import Mapping
+from typing import Literal, TypeVar
+
+from worker.core.errors import ConfigError
+from worker.core.redis_connection import parse_redis_url
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+class Secret:
+    """A string that never shows itself in repr or str."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+LogFormat = Literal["json", "console", "auto"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console", "auto")
+LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
+LOG_LEVEL_NAMES: tuple[LogLevel, ...] = ("debug", "info", "warning", "warn", "error", "critical")
+#: The shortest console token accepted (LEADSTAGE_CONSOLE_TOKEN, LEADSTAGE_CONSOLE_READ_TOKEN).
+MIN_TOKEN_LENGTH = 16
+
+
+class EnvReader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def positive_float(self, name: str, default: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = self._finite(name, raw, "a positive number")
+        if value <= 0:
+            raise ConfigError(f"{name} must be a positive number, not {raw!r}")
+        return value
+
+    @staticmethod
+    def _finite(name: str, raw: str, what: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be {what}, not {raw!r}")
+        return value
+
+    def positive_int(self, name: str, default: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"{name} must be a positive whole number, not {raw!r}")
+        return int(raw)
+
+    def whole_number(self, name: str, default: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if not (raw.isascii() and raw.isdigit()):
+            raise ConfigError(f"{name} must be a whole number, 0 or more, not {raw!r}")
+        return int(raw)
+
+    def number(self, name: str, default: float) -> float:
+        raw = self._raw(name)
+        return default if raw is None else self._finite(name, raw, "a finite number")
+
+    def port(self, name: str, default: int) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) > 65535:
+            raise ConfigError(f"{name} must be a port number 0..65535 (0 turns it off), not {raw!r}")
+        return int(raw)
+
+    def name(self, name: str, default: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if any(c.isspace() for c in raw):
+            raise ConfigError(f"{name} must be a Redis key name without spaces, not {raw!r}")
+        return raw
+
+    def _choice(self, name: str, default: _Choice, choices: tuple[_Choice, ...]) -> _Choice:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        for choice in choices:
+            if raw.lower() == choice:
+                return choice
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+
+    def log_format(self, name: str, default: LogFormat) -> LogFormat:
+        return self._choice(name, default, LOG_FORMATS)
+
+    def log_level(self, name: str, default: LogLevel | None) -> LogLevel | None:
+        if self._raw(name) is None:
+            return default
+        return self._choice(name, "info", LOG_LEVEL_NAMES)
+
+    def redis_url(self, name: str, default: str) -> str:
+        raw = self._raw(name) or default
+        parse_redis_url(raw, name)
+        return raw
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
+
+    def token(self, name: str, default: None) -> Secret | None:
+        """A bearer token: long enough not to be guessed, and sendable in a header as is."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if len(raw) < MIN_TOKEN_LENGTH or not all(c.isascii() and c.isprintable() and not c.isspace() for c in raw):
+            # The message never repeats the value: it is a secret, even when a bad one.
+            raise ConfigError(
+                f"{name} must be at least {MIN_TOKEN_LENGTH} printable ASCII characters without spaces "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
+            )
+        return Secret(raw)
+
+    def webhook_secret(self, name: str, default: None) -> Secret | None:
+        raw = self._raw(name)
+        return None if raw is None else check_webhook_secrets(name, raw)
+
+    def host_list(self, name: str, default: frozenset[str]) -> frozenset[str]:
+        raw = self._raw(name)
+        return default if raw is None else frozenset(host.lower() for host in split_list(raw))
+
+
+def split_list(raw: str) -> list[str]:
+    """The items of a list setting, separated by spaces or commas (neither is in base64 or a host name)."""
+    return [item for item in re.split(r"[\s,]+", raw) if item]
+
+
+def check_webhook_secrets(origin: str, raw: str) -> Secret:
+    """One or more Standard Webhooks secrets (whsec_ + base64 of a non-empty key), as one Secret.
+
+    The message names ``origin``, never the value: a broken secret is still a secret.
+    """
+    secrets = split_list(raw)
+    if not secrets:
+        raise ConfigError(f"{origin} must hold at least one Standard Webhooks secret (whsec_...)")
+    for number, secret in enumerate(secrets, 1):
+        which = f"{origin} (secret {number} of {len(secrets)})" if len(secrets) > 1 else origin
+        if not secret.startswith("whsec_"):
+            raise ConfigError(f"{which} must be a Standard Webhooks secret starting with whsec_")
+        key = secret.removeprefix("whsec_")
+        try:
+            # Strict, unlike the reference library, which drops characters outside base64 silently.
+            decoded = base64.b64decode(key + "=" * (-len(key) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            decoded = b""
+        if not decoded:
+            raise ConfigError(f"{which} must be a Standard Webhooks secret: whsec_ and the base64 of a non-empty key")
+    return Secret(" ".join(secrets))
