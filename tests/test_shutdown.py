@@ -20,7 +20,7 @@ from tests.harness import (
 )
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
-from worker.devtools.fake_ivvy import running_fake_ivvy
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 
 
 async def test_sigterm_finishes_the_request_in_flight(
@@ -48,6 +48,19 @@ async def test_sigterm_finishes_the_request_in_flight(
     assert len(fake.fake.requests) == 1
 
 
+async def kill_while_its_request_hangs(fake: RunningFakeIvvy, env: dict[str, str], tmp_path: Path) -> None:
+    """Start a worker, SIGKILL it once its first request has reached the fake (which hangs it)."""
+    fake.fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
+    first = start_worker_process(env, tmp_path / "first.log")
+
+    async def request_arrived() -> bool:
+        return len(fake.fake.requests) > 0
+
+    await eventually(request_arrived, within_s=20)
+    first.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(first.wait, 10)
+
+
 async def test_a_killed_workers_change_is_taken_up_within_15_s(
     redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -57,16 +70,8 @@ async def test_a_killed_workers_change_is_taken_up_within_15_s(
         await Ledger(redis_client, settings).enqueue_many(
             [(parse_change({"name": "Orphan", "applyTo": 1}), parse_envelope(idempotency_key="orphan"))]
         )
-        fake.fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
         env = worker_env(settings)
-        first = start_worker_process(env, tmp_path / "first.log")
-
-        async def request_arrived() -> bool:
-            return len(fake.fake.requests) > 0
-
-        await eventually(request_arrived, within_s=20)
-        first.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(first.wait, 10)
+        await kill_while_its_request_hangs(fake, env, tmp_path)
         killed_at = time.monotonic()
         fake.fake.update_faults({"hang_rate": 0.0})
         second = start_worker_process(env, tmp_path / "second.log")
@@ -92,16 +97,8 @@ async def test_a_killed_workers_coalesced_changes_are_each_sent_again(
         await Ledger(redis_client, settings).enqueue_many(
             [(parse_change(raw), parse_envelope(idempotency_key=key)) for key, raw in changes.items()]
         )
-        fake.fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
         env = worker_env(settings)
-        first = start_worker_process(env, tmp_path / "first.log")
-
-        async def request_arrived() -> bool:
-            return len(fake.fake.requests) > 0
-
-        await eventually(request_arrived, within_s=20)
-        first.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(first.wait, 10)
+        await kill_while_its_request_hangs(fake, env, tmp_path)
         [hung] = [r.body for r in fake.fake.requests]
         assert hung == {"id": stage.id, "name": "Named", "colour": "#0000cc"}
         fake.fake.update_faults({"hang_rate": 0.0})
