@@ -50,7 +50,7 @@ __all__ = [
 LOOPBACK: Final = "127.0.0.1"
 #: The directory holding the ``worker`` package: children import the same code from here
 #: whatever their current directory (the checkout, when run from source).
-SOURCE_ROOT: Final = Path(__file__).resolve().parent.parent
+SOURCE_ROOT: Final = Path(__file__).resolve().parents[2]
 #: How long a stopped child may take after SIGTERM before it is killed.
 DEFAULT_GRACE_S: Final = 5.0
 
