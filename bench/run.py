@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import phases, report
+from bench import phases, real_ivvy, report
 from bench.baseline import BaselineSide
 from bench.infra import REPO_ROOT, BenchError, require_loopback_url, start_bench_process
 from bench.measure import Probe
@@ -35,7 +35,7 @@ from worker.core.processes import LOOPBACK, Children, RedisServer, free_port, si
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Settings
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-PHASES = ("throughput", "latency", "bulk", "cli")
+PHASES = ("throughput", "latency", "bulk", "cli", "real-ivvy")
 #: Phases short enough to run several rounds of; the latency phase already aggregates 400 samples.
 REPEATED = ("throughput", "bulk")
 #: Phases whose rounds are summed up by their median rather than their best (what a user sees).
@@ -50,6 +50,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-changes", type=int, default=400, help="latency phase: changes (default 400)")
     parser.add_argument("--latency-rate", type=float, default=20.0, help="latency phase: changes/s (default 20)")
     parser.add_argument("--bulk-changes", type=int, default=50_000, help="bulk phase: changes (default 50000)")
+    parser.add_argument("--ivvy-updates", type=int, default=1000, help="real-ivvy phase: updates (default 1000)")
+    parser.add_argument("--ivvy-stages", type=int, default=50, help="real-ivvy phase: stages updated (default 50)")
+    parser.add_argument("--ivvy-adds", type=int, default=100, help="real-ivvy phase: adds (default 100)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--sides", default="baseline,product", help="comma-separated subset of baseline,product")
     parser.add_argument(
@@ -174,10 +177,8 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
     }
     settings = Settings.from_env(worker_env)
     use_library = args.producer == "library"
-    sides: dict[str, Side] = {
-        "baseline": BaselineSide(settings),
-        "product": ProductSide(settings, uvloop=args.product_loop == "uvloop", use_library=use_library),
-    }
+    product = ProductSide(settings, uvloop=args.product_loop == "uvloop", use_library=use_library)
+    sides: dict[str, Side] = {"baseline": BaselineSide(settings), "product": product}
     for name, variant in args.variants.items():
         env = {k: v for k, v in variant.items() if k != "loop"}
         uvloop = variant.get("loop", args.product_loop) == "uvloop"
@@ -201,6 +202,13 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
                 "cli": lambda side: phases.run_cli(rig, side, changes=args.bulk_changes, tag="cli"),
             }
             for phase in args.phases:
+                if phase == "real-ivvy":
+                    # The product only, alone against coalesced (bench.real_ivvy), once.
+                    print("[bench] real-ivvy: product alone, then coalesced ...", file=sys.stderr, flush=True)
+                    results[phase] = await real_ivvy.run_real_ivvy(
+                        rig, product, updates=args.ivvy_updates, stages=args.ivvy_stages, adds=args.ivvy_adds, tag="ri"
+                    )
+                    continue
                 # Rounds alternate the sides, so a neighbour's load on this machine hits both alike.
                 rounds = {"throughput": args.rounds, "bulk": args.bulk_rounds, "cli": args.bulk_rounds}.get(phase, 1)
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in side_names}
@@ -282,6 +290,9 @@ def _print(document: Mapping[str, Any]) -> None:
     if "throughput" in results:
         print()
         print(report.commands_table(results, "throughput"))
+    if "real-ivvy" in results:
+        print()
+        print(real_ivvy.text(results["real-ivvy"]))
     if document.get("profile"):
         print()
         print(report.profile_text(document["profile"]))
