@@ -9,12 +9,14 @@ import dataclasses
 import prometheus_client
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.coalesce import merge
 from worker.core import keys, readers
 from worker.core.change import LeadStageChange, parse_change, parse_envelope
 from worker.core.ledger import Ledger
+from worker.core.logs import merge_job_context
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
@@ -194,3 +196,19 @@ async def test_changes_far_apart_in_a_backlog_are_found_and_the_stage_forgets_th
     assert posts(fake, stage.id) == [{"id": stage.id, "name": "First", "colour": "#0000dd"}]
     assert terminal["first"][0]["carried_by"] == terminal["last"][0]["carried_by"] == "first"
     assert sorted(await stage_fields(redis_client, stage_key)) == ["colour", "name", "seq"]
+
+
+async def test_each_coalesced_change_logs_its_end_under_its_own_key(
+    settings: Settings, redis_client: aioredis.Redis, fake: RunningFakeIvvy
+) -> None:
+    stage = fake.fake.add_stage("Start", apply_to=1)
+    changes: list[tuple[str, dict[str, object]]] = [
+        ("k1", {"id": stage.id, "name": "N"}),
+        ("k2", {"id": stage.id, "colour": "#000004"}),
+    ]
+    await enqueue(redis_client, settings, changes)
+    with capture_logs(processors=[merge_job_context]) as logged:
+        async with running_worker(settings):
+            await wait_for_terminal(redis_client, ["k1", "k2"])
+    finished = sorted(line["idempotency_key"] for line in logged if line["event"] == "job.finished")
+    assert finished == ["k1", "k2"]

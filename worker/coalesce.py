@@ -25,6 +25,7 @@ from worker.core.change import UPDATABLE_FIELDS, LeadStageChange, parse_change
 from worker.core.errors import PermanentError, RetryableError
 from worker.core.gather import gather_updates
 from worker.core.ledger import Start
+from worker.core.logs import bind_job_context
 from worker.core.results import JobFacts
 from worker.core.states import Decision
 
@@ -149,15 +150,16 @@ async def end(
         return False
     for member in group.members:
         facts, start = member.facts, member.start
-        if not member.carried:
-            await _finish(runtime, facts, start, "superseded", sent=None)
-        elif error is None:
-            await _finish(runtime, facts, start, "succeeded", sent=group.sent, stage_id=stage_id, started=started)
-        elif isinstance(error, PermanentError):
-            await _permanent_failure(runtime, facts, start, group.sent, error, started)
-        else:
-            unknown = _outcome_unknown(facts.change, error)
-            await _failed_attempt(runtime, facts, start, group.sent, error, started, outcome_unknown=unknown)
+        with bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt):  # its own log lines
+            if not member.carried:
+                await _finish(runtime, facts, start, "superseded", sent=None)
+            elif error is None:
+                await _finish(runtime, facts, start, "succeeded", sent=group.sent, stage_id=stage_id, started=started)
+            elif isinstance(error, PermanentError):
+                await _permanent_failure(runtime, facts, start, group.sent, error, started)
+            else:
+                unknown = _outcome_unknown(facts.change, error)
+                await _failed_attempt(runtime, facts, start, group.sent, error, started, outcome_unknown=unknown)
     release(runtime, [member.facts.job_id for member in group.members])
     if group.leader_carried:
         return False
