@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +79,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                         help="a primary, two replicas and a Sentinel; each Redis restart is a failover "
                         "(LEADSTAGE_REDIS_MIN_REPLICAS=2)")  # fmt: skip
     parser.add_argument("--refusal-s", type=float, default=4.0, help="seconds each refusal lasts (past a lease)")
-    parser.add_argument("--settle-timeout", type=float, default=420.0, help="seconds to wait after the last enqueue")
+    parser.add_argument("--settle-timeout", dest="settle_timeout_s", type=float, default=420.0, metavar="SECONDS",
+                        help="seconds to wait after the last enqueue")  # fmt: skip
     parser.add_argument("--fault", action="append", default=[], metavar="NAME=VALUE",
                         help=f"override a fault setting ({', '.join(FAULT_FIELDS)}); 'none' turns all off")  # fmt: skip
     parser.add_argument("--max-attempts", type=int, default=50, help="LEADSTAGE_MAX_ATTEMPTS of the workers")
-    parser.add_argument("--request-timeout", type=float, default=1.5, help="LEADSTAGE_REQUEST_TIMEOUT of the workers")
-    parser.add_argument("--lease", type=float, default=3.0, help="LEADSTAGE_LEASE of the workers")
+    parser.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=1.5, metavar="SECONDS",
+                        help="LEADSTAGE_REQUEST_TIMEOUT of the workers")  # fmt: skip
+    parser.add_argument("--lease", dest="lease_s", type=float, default=3.0, metavar="SECONDS",
+                        help="LEADSTAGE_LEASE of the workers")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=50, help="LEADSTAGE_CONCURRENCY of each worker")
     parser.add_argument("--log-dir", type=Path, default=None, help="where logs go (default: a temporary directory)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the log directory after a clean run")
@@ -100,26 +104,6 @@ def parse_args(argv: Sequence[str] | None) -> Options:
             parser.error(f"--fault {setting}: {exc}")
     if args.changes < 1 or args.workers < 1:
         parser.error("--changes and --workers must be at least 1")
-    return Options(
-        changes=args.changes,
-        workers=args.workers,
-        seed=args.seed,
-        add_share=args.add_share,
-        seed_stages=args.seed_stages if args.seed_stages is not None else max(20, args.changes // 40),
-        batch=args.batch,
-        enqueue_rate=args.enqueue_rate,
-        kill_every=(args.kill_every[0], args.kill_every[1]),
-        redis_restarts=args.redis_restarts,
-        refusals=args.refusals,
-        sentinel=args.sentinel,
-        refusal_s=args.refusal_s,
-        redis_down_s=args.redis_down_s,
-        settle_timeout_s=args.settle_timeout,
-        faults=faults,
-        max_attempts=args.max_attempts,
-        request_timeout_s=args.request_timeout,
-        lease_s=args.lease,
-        concurrency=args.concurrency,
-        log_dir=args.log_dir,
-        keep_logs=args.keep_logs,
-    )
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if hasattr(args, f.name)}
+    seed_stages = args.seed_stages if args.seed_stages is not None else max(20, args.changes // 40)
+    return Options(**{**given, "seed_stages": seed_stages, "kill_every": tuple(args.kill_every), "faults": faults})

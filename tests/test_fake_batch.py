@@ -199,3 +199,23 @@ async def test_the_server_side_rate_limit_answers_429_past_its_rate(fake: Runnin
     assert [r.fault for r in fake.fake.requests][-1] == "limit"
     await asyncio.sleep(1.05)
     await client.ping()  # a new second, a new allowance
+
+
+async def test_the_server_side_rate_limit_is_per_key_and_a_batch_counts_once(fake: RunningFakeIvvy) -> None:
+    fake.fake.credentials["other-key"] = "other-secret"
+    fake.fake.update_faults({"rate_limit_per_s": 2, "batch_delay_s": 0.0})
+    transport = AiohttpTransport()
+    try:
+        mine_account = Account("mine", fake.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 1000.0)
+        other_account = Account("other", fake.url, "other-key", Secret("other-secret"), 1000.0)
+        mine = IvvyClient(mine_account, transport, timeout=2.0)
+        other = IvvyClient(other_account, transport, timeout=2.0)
+        jobs = [job({"name": f"Counted once {i}", "applyTo": 1}) for i in range(50)]
+        await mine.call("batch", "run", {"jobs": jobs})  # 50 jobs, one request of the 2 a second
+        await mine.ping()
+        await other.ping()  # another key: not held against mine
+        with pytest.raises(IvvyRateLimited):
+            await mine.ping()
+    finally:
+        await transport.close()
+    assert {r.key for r in fake.fake.requests if r.fault == "limit"} == {DEMO_API_KEY}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import random
 import re
 import socket
@@ -16,6 +17,7 @@ import string
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +29,8 @@ import pytest
 
 from tests import independent_ivvy_signing as independent
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
+from worker.devtools import demo as demo_package
+from worker.devtools import fake_ivvy as fake_ivvy_package
 from worker.devtools.fake_ivvy import (
     FIRST_STAGE_ID,
     MAX_PER_PAGE,
@@ -553,6 +557,15 @@ async def test_admin_stages_lists_and_creates_stages(fake_ivvy: RunningFakeIvvy)
     assert_ivvy_error(await call(fake_ivvy, ADD_URI, {"id": FIRST_STAGE_ID, "name": "x"}), 400, 24321)
 
 
+async def refused_naming(fake_ivvy: RunningFakeIvvy, path: str, payload: dict[str, Any], field: str) -> str:
+    """POST an admin payload that must be refused with 400 naming ``field``; the error's text."""
+    answer = await admin(fake_ivvy, "POST", path, payload)
+    assert answer.status == 400
+    assert answer.json()["field"] == field
+    error: str = answer.json()["error"]
+    return error
+
+
 @pytest.mark.parametrize(
     ("payload", "field"),
     [
@@ -566,9 +579,7 @@ async def test_admin_stages_lists_and_creates_stages(fake_ivvy: RunningFakeIvvy)
 async def test_admin_stage_creation_names_the_bad_field(
     fake_ivvy: RunningFakeIvvy, payload: dict[str, Any], field: str
 ) -> None:
-    answer = await admin(fake_ivvy, "POST", "/_admin/stages", payload)
-    assert answer.status == 400
-    assert answer.json()["field"] == field
+    await refused_naming(fake_ivvy, "/_admin/stages", payload, field)
     assert len(fake_ivvy.fake.stages) == len(BUILT_IN_IDS)
 
 
@@ -617,10 +628,8 @@ async def test_admin_faults_merges_and_answers_the_current_faults(fake_ivvy: Run
 async def test_admin_faults_refuses_bad_settings_by_name(
     fake_ivvy: RunningFakeIvvy, payload: dict[str, Any], field: str
 ) -> None:
-    answer = await admin(fake_ivvy, "POST", "/_admin/faults", payload)
-    assert answer.status == 400
-    assert answer.json()["field"] == field
-    assert field.split("+")[0] in answer.json()["error"]
+    error = await refused_naming(fake_ivvy, "/_admin/faults", payload, field)
+    assert field.split("+")[0] in error
     assert fake_ivvy.fake.faults == Faults()
 
 
@@ -779,3 +788,12 @@ async def test_a_filter_the_fake_does_not_know_is_23016(lead_filter: object) -> 
     with pytest.raises(ApiError) as raised:
         fake.get_lead_stage_list({"filter": lead_filter})
     assert raised.value.specific_code == 23016
+
+
+@pytest.mark.parametrize("package", [fake_ivvy_package, demo_package], ids=lambda p: p.__name__)
+def test_the_devtools_packages_export_exactly_their_public_names(package: types.ModuleType) -> None:
+    public = {
+        name for name in dir(package) if not name.startswith("_") and not inspect.ismodule(getattr(package, name))
+    }
+    assert sorted(package.__all__) == sorted(public)
+    assert all(getattr(package, name) is not None for name in package.__all__)

@@ -16,13 +16,7 @@ first that fails answers:
    ``application/json``: else 400, specific code 23016.
 6. the action (``worker.devtools.fake_ivvy.model``, ``.batch``).
 
-Every error answer is iVvy's exception body (getting-started/interpreting-the-response/
-exceptions), ``Content-Type: application/json``::
-
-    {"errorCode": <HTTP status>, "message": "...", "specificCode": <int or null>,
-     "additionalMessages": ["..."]}      # additionalMessages only when there are any
-
-``specificCode`` is null where the docs give no code (401 other than stale, 404, 405, 429, 5xx).
+Every error answer is iVvy's exception body (``worker.devtools.fake_ivvy.params.ApiError``).
 Every API answer carries a ``Date`` header from the fake's clock (``clock_offset_s`` included).
 
 Admin endpoints (no signature; the server binds to loopback unless told otherwise)

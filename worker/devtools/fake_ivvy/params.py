@@ -8,12 +8,8 @@ exceptions), ``Content-Type: application/json``::
 
 ``specificCode`` is null where the docs give no code (401 other than stale, 404, 405, 429, 5xx).
 
-addOrUpdateLeadStage (the docs give codes, not which input causes which; these are our choices):
-
-* without ``id``: add. Answers ``200 {"success": true, "id": N}``; new ids count up from 1000.
-* with ``id``: update only the fields given (an update with none is a successful no-op).
-* the name is stored trimmed, the colour lower-case, applyTo as an int. Unknown fields are
-  ignored, as an RPC endpoint ignores parameters it does not take.
+addOrUpdateLeadStage's codes (the docs give codes, not which input causes which; these are our
+choices):
 
 =====  ======  ====================================================================
 code   status  input
