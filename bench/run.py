@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the product's enqueue API (ledger: Ledger.enqueue_many, the library's fallback)",
     )
     parser.add_argument("--check", action="store_true", help="exit with status 3 when a target is missed")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds the whole run may take (default 540)")
+    parser.add_argument("--budget", type=float, default=720.0, help="seconds the whole run may take (default 720)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     args.phases = [p for p in args.phases.split(",") if p]
