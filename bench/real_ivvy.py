@@ -21,7 +21,7 @@ from bench.measure import wait_until
 from bench.phases import Rig
 from bench.product import ProductSide
 from bench.workload import Item
-from worker.core.results import TERMINAL_EVENTS
+from worker.core.states import TERMINAL
 
 #: iVvy's round trip as a client far from it sees it, and its limit per key.
 LATENCY_MS = 150
@@ -67,7 +67,7 @@ async def _outcomes(rig: Rig, side: ProductSide, keys: set[str]) -> dict[str, Co
     seen: set[str] = set()
     for _, fields in await rig.probe.client.xrange(side.settings.results_stream):
         key, event = fields[b"idempotency_key"].decode(), fields[b"event"].decode()
-        if event not in TERMINAL_EVENTS or key not in keys:
+        if event not in TERMINAL or key not in keys:
             continue
         if key in seen:
             raise BenchError(f"change {key} has two terminal events")

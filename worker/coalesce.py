@@ -27,7 +27,7 @@ from worker.core.gather import gather_updates
 from worker.core.ledger import Start
 from worker.core.logs import bind_job_context
 from worker.core.results import JobFacts
-from worker.core.states import Decision
+from worker.core.states import Decision, Outcome
 
 if TYPE_CHECKING:
     from worker.job import Runtime
@@ -152,9 +152,11 @@ async def end(
         facts, start = member.facts, member.start
         with bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt):  # its own log lines
             if not member.carried:
-                await _finish(runtime, facts, start, "superseded", sent=None)
+                await _finish(runtime, facts, start, Outcome.SUPERSEDED, sent=None)
             elif error is None:
-                await _finish(runtime, facts, start, "succeeded", sent=group.sent, stage_id=stage_id, started=started)
+                await _finish(
+                    runtime, facts, start, Outcome.SUCCEEDED, sent=group.sent, stage_id=stage_id, started=started
+                )
             elif isinstance(error, PermanentError):
                 await _permanent_failure(runtime, facts, start, group.sent, error, started)
             else:
@@ -163,5 +165,5 @@ async def end(
     release(runtime, [member.facts.job_id for member in group.members])
     if group.leader_carried:
         return False
-    await _finish(runtime, leader, leader_start, "superseded", sent=None)
+    await _finish(runtime, leader, leader_start, Outcome.SUPERSEDED, sent=None)
     return True

@@ -3,9 +3,9 @@
 -- found in the stage hash (worker.keys.stage_key: a field per pending update, written at enqueue,
 -- removed by the terminal finish). Each change gathered begins a run of this worker, counts an
 -- attempt and gets its recovery point, as start.lua's go does; a change that start.lua would not
--- send now is left alone for its own claim: not due (another worker has it, or it was rescheduled),
--- a backoff not over, a request maybe in flight or of unknown outcome (phase), out of attempts or
--- too old, or every field set by a newer change (superseded). A pending field whose change is
+-- send now is left alone for its own claim: running (another worker has it), a backoff not over, a
+-- request maybe in flight or of unknown outcome (phase), out of attempts or too old, or every field
+-- set by a newer change (superseded). A pending field whose change is
 -- terminal or gone (an expired ledger entry) is removed.
 -- KEYS: 1 account queue zset, 2 the leader's ledger hash
 -- ARGV: 1 the leader's job id, 2 its run, 3 lease (ms), 4 worker id, 5 the account's ledger key
@@ -52,10 +52,11 @@ for _, p in ipairs(pending) do
       redis.call('HDEL', stage_key, p[3])
     else
       local attempts, seq = tonumber(l[3]) or 0, p[1]
-      local score = tonumber(redis.call('ZSCORE', queue, job) or '')
+      -- Its place in the queue does not matter: one put back because this stage was locked (by
+      -- the leader) or the rate limit had no slot is sendable all the same; one running elsewhere
+      -- is not queued or retrying.
       local sendable = (l[1] == 'queued' or l[1] == 'retrying') and (l[2] or '') == '' and l[9] == stage_key
-        and score and score <= now and (tonumber(l[5]) or 0) <= now and attempts < max_attempts
-        and now - (tonumber(l[4]) or 0) <= max_age_ms
+        and (tonumber(l[5]) or 0) <= now and attempts < max_attempts and now - (tonumber(l[4]) or 0) <= max_age_ms
       local kept = false
       if sendable then
         for field in string.gmatch(l[8] or '', '[^,]+') do
