@@ -3,6 +3,7 @@ one place its reply is parsed."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -54,11 +55,17 @@ def _parse(job_id: str, run: int, reply: Sequence[object]) -> Gathering:
     return Gathering(int(leader_seq), newest, items)  # type: ignore[call-overload]  # an int reply
 
 
+@functools.cache
+def _source() -> str:
+    """gather.lua's text, read once per process."""
+    return resources.files("worker.core").joinpath("lua", "gather.lua").read_text()
+
+
 async def gather_updates(ledger: Ledger, job_id: str, run: int, worker_id: str, most: int) -> Gathering:
     """Gather up to ``most`` due changes of the stage of ``job_id`` (an update whose run ``run`` holds
     the stage's lock) into this worker's runs; ``StaleRun`` when that run is not current."""
     settings = ledger.settings
-    script = ledger.client.register_script(resources.files("worker.core").joinpath("lua", "gather.lua").read_text())
+    script = ledger.client.register_script(_source())
     account = keys.split_job_id(job_id)[0]
     reply, acked = await ledger._call(
         script,
