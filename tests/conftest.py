@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, start_redis
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.ivvy import AiohttpTransport
 
 # CI runs the property and fuzz tests with a fixed seed, so a landing never fails by the draw;
 # elsewhere the draw is random and a failure prints the seed (``@reproduce_failure``) to replay it.
@@ -109,6 +110,14 @@ async def fake_ivvy() -> AsyncIterator[RunningFakeIvvy]:
     """The fake iVvy on a free loopback port, accepting the demo key and secret, without faults."""
     async with running_fake_ivvy(credentials={DEMO_API_KEY: DEMO_API_SECRET}) as server:
         yield server
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[AiohttpTransport]:
+    """The real HTTP transport of the iVvy client, closed after the test."""
+    transport = AiohttpTransport()
+    yield transport
+    await transport.close()
 
 
 @pytest.fixture
