@@ -36,6 +36,7 @@ from worker.core.errors import (
     redis_errors,
 )
 from worker.core.ledger import Receipt
+from worker.core.redis_connection import RedisClient
 from worker.core.results import ResultEvent
 from worker.core.settings import Settings
 from worker.core.states import TERMINAL
@@ -77,7 +78,7 @@ def blocking_read_s(settings: Settings, wanted: float = BLOCK_S) -> float:
 
 
 async def standing(
-    client: aioredis.Redis, settings: Settings, account: str, idempotency_key: str
+    client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> tuple[dict[str, object] | None, ResultEvent | None]:
     """Where a change stands (``readers.change_status``) and its terminal event once it has one.
 
@@ -115,7 +116,7 @@ Delivery = ResultEvent | LeadstageError
 class SharedReader:
     """One blocking XREAD over the results stream, handing terminal events to the waits for them."""
 
-    def __init__(self, client: aioredis.Redis, stream: str, *, block_s: float = BLOCK_S) -> None:
+    def __init__(self, client: RedisClient, stream: str, *, block_s: float = BLOCK_S) -> None:
         """``block_s``: how long each XREAD blocks (``blocking_read_s``: less than the client's socket timeout)."""
         self.client, self.stream = client, stream
         self.block_ms = max(1, int(block_s * 1000))
