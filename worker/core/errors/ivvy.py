@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict, Unpack
 
 from worker.core.errors.base import LeadstageError, PermanentError, RetryableError
+
+
+class IvvyAnswer(TypedDict, total=False):
+    """What iVvy's error answer said, as ``IvvyErrorDetails`` takes it (for its subclasses)."""
+
+    http_status: int | None
+    specific_code: int | None
+    additional_messages: Sequence[str]
+    retry_after: float | None
 
 
 class IvvyErrorDetails(LeadstageError):
@@ -67,24 +77,10 @@ class IvvyClockSkew(IvvyErrorDetails, RetryableError, code="clock_skew"):
 
     pauses_account = True
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        http_status: int | None = None,
-        specific_code: int | None = STALE_REQUEST_CODE,
-        additional_messages: Sequence[str] = (),
-        retry_after: float | None = None,
-        skew_s: float | None = None,
-    ) -> None:
+    def __init__(self, message: str, *, skew_s: float | None = None, **answer: Unpack[IvvyAnswer]) -> None:
         self.skew_s = skew_s
-        super().__init__(
-            message,
-            http_status=http_status,
-            specific_code=specific_code,
-            additional_messages=additional_messages,
-            retry_after=retry_after,
-        )
+        answer.setdefault("specific_code", STALE_REQUEST_CODE)
+        super().__init__(message, **answer)
 
 
 class SignatureRejected(PermanentError, code="signature_rejected"):

@@ -77,25 +77,17 @@ class Stage:
     editable: bool = True
     reasons: tuple[Reason, ...] = ()
 
+    def _shown(self) -> dict[str, Any]:
+        """What every view of a stage shows, in iVvy's field names."""
+        return {"id": self.id, "name": self.name, "colour": self.colour, "applyTo": self.apply_to}
+
     def public(self) -> dict[str, Any]:
         """As getLeadStageList shows it."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "colour": self.colour,
-            "applyTo": self.apply_to,
-            "reasons": [{"id": r.id, "reason": r.reason} for r in self.reasons],
-        }
+        return {**self._shown(), "reasons": [{"id": r.id, "reason": r.reason} for r in self.reasons]}
 
     def admin(self) -> dict[str, Any]:
         """As GET /_admin/stages shows it."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "colour": self.colour,
-            "applyTo": self.apply_to,
-            "editable": self.editable,
-        }
+        return {**self._shown(), "editable": self.editable}
 
 
 def _built_in_stages() -> list[Stage]:
