@@ -20,20 +20,20 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from worker.core import keys, readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.core.errors import (
-    ConfigError,
     InvalidEvent,
     InvalidOption,
     LeadstageError,
     OutcomeUnavailable,
     RetryableError,
+    StreamRefused,
     UnknownChange,
     WaitTimeout,
     redis_errors,
+    stream_errors,
 )
 from worker.core.ledger import Receipt
 from worker.core.redis_connection import RedisClient
@@ -52,7 +52,6 @@ __all__ = [
     "decoded",
     "outcomes_log",
     "standing",
-    "stream_refused",
 ]
 
 
@@ -91,6 +90,7 @@ async def standing(
             return status, None
         with redis_errors():
             event_id = await client.hget(keys.ledger_key(keys.job_id(account, idempotency_key)), "event_id")  # type: ignore[misc]  # redis-py's async stubs
+        with stream_errors(settings.results_stream):
             entries = await client.xrange(settings.results_stream, min=event_id, max=event_id) if event_id else []
         if not entries:
             break  # trimmed from the stream (or finished before event ids were recorded)
@@ -103,11 +103,6 @@ async def standing(
 
 def decoded(fields: Mapping[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in fields.items()}
-
-
-def stream_refused(exc: redis.exceptions.ResponseError, stream: str) -> ConfigError:
-    """Redis refused a stream command: the key is not a stream, or the server is too old."""
-    return ConfigError(f"Redis refused to read {stream!r} as a stream: {exc}")
 
 
 Delivery = ResultEvent | LeadstageError
@@ -161,18 +156,15 @@ class SharedReader:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _last_id(self) -> str:
-        try:
-            with redis_errors():
-                last = await self.client.xrevrange(self.stream, count=1)
-        except redis.exceptions.ResponseError as exc:
-            raise stream_refused(exc, self.stream) from None
+        with stream_errors(self.stream):
+            last = await self.client.xrevrange(self.stream, count=1)
         return last[0][0].decode() if last else "0-0"
 
     async def _run(self, position: str) -> None:
         pause = RETRY_FIRST_S
         while True:
             try:
-                with redis_errors():
+                with stream_errors(self.stream):
                     answer = await self.client.xread({self.stream: position}, count=readers.PAGE, block=self.block_ms)
             except RetryableError as exc:
                 # Waits keep their deadlines; the reader resumes from its position, losing nothing.
@@ -180,8 +172,8 @@ class SharedReader:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RETRY_MAX_S)
                 continue
-            except redis.exceptions.ResponseError as exc:
-                self._fail_all(stream_refused(exc, self.stream))
+            except StreamRefused as exc:
+                self._fail_all(exc)
                 return
             pause = RETRY_FIRST_S
             for _, entries in answer:

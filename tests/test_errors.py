@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import re
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import pytest
 import redis.exceptions
@@ -170,3 +172,24 @@ def test_every_raisable_class_of_the_tree_names_a_code_of_its_own() -> None:
     assert "error" not in codes
     assert errors.NotFound.error_code == "not_found"
     assert errors.WaitTimeout.error_code == "wait_timeout"
+
+
+#: The one module that names redis-py's exceptions: it translates them into the tree.
+REDIS_BOUNDARY = Path(__file__).resolve().parents[1] / "worker" / "core" / "errors" / "redis_boundary.py"
+_NAMES_REDIS_EXCEPTION = re.compile(
+    r"\bredis\.exceptions\b|^\s*except\b[^:#\n]*\bredis\b|^\s*from redis import .*Error", re.M
+)
+
+
+def test_redis_exceptions_are_named_at_the_boundary_only() -> None:
+    """Product code catches the tree's exceptions; redis-py's are translated in one module."""
+    product = [path for top in ("worker", "producers") for path in (REDIS_BOUNDARY.parents[3] / top).rglob("*.py")]
+    naming = [
+        f"{path.relative_to(REDIS_BOUNDARY.parents[3])}:{text.count(chr(10), 0, match.start()) + 1}"
+        for path in product
+        if path != REDIS_BOUNDARY
+        for text in [path.read_text()]
+        for match in _NAMES_REDIS_EXCEPTION.finditer(text)
+    ]
+    assert len(product) > 50
+    assert not naming, "redis-py exceptions named outside worker/core/errors/redis_boundary.py: " + ", ".join(naming)

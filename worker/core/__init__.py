@@ -29,7 +29,7 @@ SURFACE: Final[dict[str, str]] = {
         " IvvyErrorDetails IvvyNoAnswer IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError"
         " NotFound PermanentError redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused"
         " RetryableError RetryAfterTooLong StaleRun UnknownAccount InvalidOption OutcomeUnavailable UnknownChange"
-        " WaitTimeout SignatureRejected STALE_REQUEST_CODE"
+        " WaitTimeout SignatureRejected STALE_REQUEST_CODE StreamRefused stream_errors"
     ),
     "gather": "gather_updates",
     "keys": "",

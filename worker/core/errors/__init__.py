@@ -12,6 +12,7 @@ a caller usually asks: will trying again help?
     │   └── DemoFailed                 ``leadstage demo`` cannot run (no Redis, the worker died)
     ├── PermanentError                 trying again cannot help; the change goes to the DLQ
     │   ├── ConfigError                a missing or bad setting (names it)
+    │   │   └── StreamRefused          Redis refused a stream command (WRONGTYPE, NOGROUP, BUSYGROUP)
     │   ├── InvalidChange              a change broke the rules of docs/contract.md (names each field)
     │   ├── IdempotencyConflict        a known idempotency key came with a different change
     │   ├── UnknownAccount             a change names an account with no credentials
@@ -59,7 +60,7 @@ then the connection dropped or timed out): an add in that state is reconciled wi
 getLeadStageList before it is posted again.
 
 aiohttp and redis exceptions are translated into this tree where they are caught (``worker.ivvy``
-for HTTP, ``redis_errors`` for Redis); nothing above those boundaries sees them.
+for HTTP, ``redis_errors`` and ``stream_errors`` for Redis); nothing above those boundaries sees them.
 Messages never contain secrets: they are built from status codes, iVvy's own error text and
 field names only.
 
@@ -118,7 +119,11 @@ from worker.core.errors.redis_boundary import (
     RedisNotReplicated,
     RedisRefused,
     RedisUnavailable,
+    StreamRefused,
     redis_errors,
+    reply_or_error,
+    script_missing,
+    stream_errors,
 )
 
 __all__ = [
@@ -162,9 +167,13 @@ __all__ = [
     "RetryableError",
     "SignatureRejected",
     "StaleRun",
+    "StreamRefused",
     "UnknownAccount",
     "UnknownChange",
     "WaitTimeout",
     "error_for_response",
     "redis_errors",
+    "reply_or_error",
+    "script_missing",
+    "stream_errors",
 ]

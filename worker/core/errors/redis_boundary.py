@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from worker.core.errors.base import ConfigError, RetryableError
+
+if TYPE_CHECKING:
+    from redis.asyncio.connection import Connection
 
 
 class RedisUnavailable(RetryableError, code="redis_unavailable"):
@@ -46,6 +50,15 @@ class EnqueueOutcomeUnknown(RedisUnavailable, code="outcome_unknown"):
         if enqueued:
             text += f" ({enqueued} earlier change(s) were enqueued)"
         super().__init__(text)
+
+
+class StreamRefused(ConfigError, code="stream_refused"):
+    """Redis refused a stream command: the key is not a stream, the consumer group is gone, or the
+    server is too old. ``reply`` is Redis's error code (``WRONGTYPE``, ``NOGROUP``, ``BUSYGROUP``)."""
+
+    def __init__(self, stream: str, answer: str) -> None:
+        self.reply = answer.split(" ", 1)[0]
+        super().__init__(f"Redis refused to read {stream!r} as a stream: {answer}")
 
 
 #: Error replies with which Redis refuses a command for a while, whatever the command: out of memory,
@@ -93,3 +106,35 @@ def redis_errors() -> Iterator[None]:
         if "Cluster mode is not enabled" in str(exc):
             raise ConfigError("REDIS_URL names a Redis Cluster, but the server there is not in cluster mode") from None
         raise  # a command whose keys span slots: a bug, not a state of Redis
+
+
+@contextlib.contextmanager
+def stream_errors(stream: str) -> Iterator[None]:
+    """``redis_errors`` around a command on the stream ``stream``, with Redis's other error replies
+    to it (a key that is not a stream, no such group, a group that exists) as ``StreamRefused``."""
+    import redis.exceptions
+
+    try:
+        with redis_errors():
+            yield
+    except redis.exceptions.ResponseError as exc:
+        raise StreamRefused(stream, str(exc)) from None
+
+
+def script_missing(reply: object) -> bool:
+    """Whether a reply of a pipeline run without raising (``raise_on_error=False``) is Redis's
+    NOSCRIPT: the script is not loaded (a Redis that restarted or flushed its scripts)."""
+    import redis.exceptions
+
+    return isinstance(reply, redis.exceptions.NoScriptError)
+
+
+async def reply_or_error(connection: Connection) -> Any:
+    """One reply read from a raw connection, an error reply as its exception (as a pipeline run
+    without raising gives it), for the caller to raise inside ``redis_errors``."""
+    import redis.exceptions
+
+    try:
+        return await connection.read_response()
+    except redis.exceptions.ResponseError as exc:
+        return exc
