@@ -24,9 +24,9 @@ import redis.exceptions
 
 from worker.core import keys, readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.core.errors import ConfigError, LeadstageError, PermanentError, RetryableError, redis_errors
+from worker.core.errors import ConfigError, InvalidEvent, LeadstageError, PermanentError, RetryableError, redis_errors
 from worker.core.ledger import Receipt
-from worker.core.results import TERMINAL_EVENTS, InvalidEvent, ResultEvent
+from worker.core.results import ResultEvent
 from worker.core.settings import Settings
 from worker.core.states import TERMINAL
 
@@ -242,7 +242,7 @@ class SharedReader:
 
     def _deliver(self, entry_id: str, fields: Mapping[bytes, bytes]) -> None:
         job = fields.get(b"job_id", b"").decode()
-        if job not in self._waiters or fields.get(b"event", b"").decode() not in TERMINAL_EVENTS:
+        if job not in self._waiters or fields.get(b"event", b"").decode() not in TERMINAL:
             return
         delivery: Delivery
         try:

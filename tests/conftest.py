@@ -27,8 +27,9 @@ TEST_REDIS_SERVER = os.environ.get("LEADSTAGE_TEST_REDIS_SERVER", "redis://127.0
 TEST_DATABASES = range(15, 0, -1)
 
 
-#: Modules whose every test starts processes (workers, commands, servers): marked ``system``, so
-#: that ``pytest -m "not system"`` is the quick loop. Single tests elsewhere carry the mark themselves.
+#: Modules whose every test starts processes (workers, commands, servers) or fuzzes for seconds
+#: (schemathesis): marked ``system``, so that ``pytest -m "not system"`` is the quick loop. Single
+#: tests elsewhere carry the mark themselves, and so do modules with ``pytestmark = pytest.mark.system``.
 SYSTEM_MODULES = frozenset(
     {
         "test_chaos",
@@ -36,18 +37,32 @@ SYSTEM_MODULES = frozenset(
         "test_demo",
         "test_failover",
         "test_hostile_input",
+        "test_outcomes_cli",
         "test_processes",
         "test_rate_limit",
         "test_secrets",
         "test_shutdown",
+        "test_webhook_fuzz",
     }
 )
+#: How a module marks all of its tests ``system`` itself.
+SYSTEM_MODULE_MARK = "\npytestmark = pytest.mark.system"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.stem in SYSTEM_MODULES:
             item.add_marker(pytest.mark.system)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``-m "not system"``, a module whose every test is ``system`` is not even imported:
+    importing and collecting them (schemathesis prepares its cases at collection, the browser
+    tests import Playwright) is a third of the quick loop's time, for tests it would deselect."""
+    if str(config.getoption("markexpr")).replace(" ", "") != "notsystem" or collection_path.suffix != ".py":
+        return None
+    whole = collection_path.stem in SYSTEM_MODULES or SYSTEM_MODULE_MARK in collection_path.read_text(encoding="utf-8")
+    return True if whole else None
 
 
 @pytest.fixture(scope="session")

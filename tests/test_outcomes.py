@@ -14,8 +14,7 @@ from producers.waits import InvalidOption, OutcomeUnavailable, UnknownChange, Wa
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisServer
 from worker.core import readers
-from worker.core.errors import InvalidChange, RedisUnavailable
-from worker.core.results import InvalidEvent
+from worker.core.errors import InvalidChange, InvalidEvent, RedisUnavailable
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker

@@ -63,6 +63,9 @@ BAD = [
     ("LEADSTAGE_MAX_AGE", "-1", r"LEADSTAGE_MAX_AGE must be a positive number"),
     ("LEADSTAGE_MAX_ATTEMPTS", "1.5", r"LEADSTAGE_MAX_ATTEMPTS must be a positive whole number, not '1.5'"),
     ("LEADSTAGE_CONCURRENCY", "0", r"LEADSTAGE_CONCURRENCY must be a positive whole number, not '0'"),
+    # Digits that are not ASCII: int() reads the first as 4 and fails on the second with a ValueError.
+    ("LEADSTAGE_CONCURRENCY", "\u0664", r"LEADSTAGE_CONCURRENCY must be a positive whole number, not '\u0664'"),
+    ("LEADSTAGE_METRICS_PORT", "\u00b2", r"LEADSTAGE_METRICS_PORT must be a port number 0..65535"),
     ("LEADSTAGE_METRICS_PORT", "65536", r"LEADSTAGE_METRICS_PORT must be a port number 0..65535"),
     ("LEADSTAGE_METRICS_PORT", "-1", r"LEADSTAGE_METRICS_PORT must be a port number"),
     ("LEADSTAGE_QUEUE", "my queue", r"LEADSTAGE_QUEUE must be a Redis key name without spaces, not 'my queue'"),

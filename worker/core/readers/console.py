@@ -16,11 +16,11 @@ from worker.core.readers.stats import parse_heartbeat
 from worker.core.readers.streams import PAGE, Entry, dead_letters, id_ms, id_order, redis_now_ms, stream_pages
 from worker.core.results import iso_ms
 from worker.core.settings import Settings
-from worker.core.states import State
+from worker.core.states import Outcome, State
 
 _STREAM_ID = re.compile(r"\d+-\d+")
 #: The events of the results stream that are failures, for ``failures``' recent counts.
-FAILURE_EVENTS = ("failed", "retrying")
+FAILURE_EVENTS = (Outcome.FAILED.value, Outcome.RETRYING.value)
 #: What a dead letter shows of itself (its fields are the results event's, plus the original change).
 DEAD_LETTER_FIELDS = (
     "account", "idempotency_key", "job_id", "operation", "attempt", "http_status", "error_code", "error_message",
@@ -38,7 +38,7 @@ class RateHistory:
 
     BUCKET_S = 10
     SPAN_S = 3600
-    SERIES = ("succeeded", "failed", "retrying")
+    SERIES = tuple(event.value for event in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.RETRYING))
     #: The window of ``used_per_s``.
     USE_WINDOW_S = 60
 
