@@ -551,7 +551,7 @@ async def test_thousands_of_concurrent_requests_are_all_answered_in_bounded_memo
 # -- a hung Redis ---------------------------------------------------------------------------------
 
 #: LEADSTAGE_REDIS_TIMEOUT and LEADSTAGE_REDIS_CONNECT_TIMEOUT of the servers over a hung Redis.
-HUNG_TIMEOUT_S = 0.3
+HUNG_TIMEOUT_S = 0.5
 #: How long a client waits for their answer: far above the timeout, far below the 5 s default
 #: that a server ignoring the settings would wait.
 HUNG_CLIENT_WAIT_S = 3.0

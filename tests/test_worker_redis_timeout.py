@@ -48,8 +48,10 @@ async def test_an_idle_worker_waits_for_less_than_the_redis_timeout(
     private_redis: RedisServer, fake_ivvy: RunningFakeIvvy
 ) -> None:
     """Its blocking wait for work would otherwise end as a Redis that does not answer, each time."""
-    settings = dataclasses.replace(worker_settings(private_redis.url, fake_ivvy.url), redis_timeout_s=TIMEOUT_S)
+    # A longer timeout than above: a healthy Redis on a loaded machine must never look hung here.
+    timeout_s = 1.0
+    settings = dataclasses.replace(worker_settings(private_redis.url, fake_ivvy.url), redis_timeout_s=timeout_s)
     with capture_logs() as events:
         async with running_worker(settings):
-            await asyncio.sleep(8 * TIMEOUT_S)  # several idle waits end with nothing to do
+            await asyncio.sleep(4 * timeout_s)  # several idle waits (of half the timeout) end with nothing to do
     assert [e for e in events if e["log_level"] == "warning"] == []
