@@ -9,6 +9,7 @@ summary to stderr, a progress line to a terminal's stderr.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Iterator
@@ -93,9 +94,11 @@ class _Progress:
         sys.stderr.flush()
 
     def done(self) -> None:
+        """The last progress line, ended; once (a later call writes nothing)."""
         if self.enabled and self._shown_at:
             self.update(force=True)
             sys.stderr.write("\n")
+            self._shown_at = 0.0
 
 
 class _Spool:
@@ -143,7 +146,12 @@ async def enqueue_file(args: argparse.Namespace, settings: Settings) -> int:
     spool = _Spool()
     try:
         async with LeadStageProducer(settings, producer="cli", metrics=False) as producer:
-            problems, first_bad = await _check_file(producer, file, args, progress, spool)
+            try:
+                problems, first_bad = await _check_file(producer, file, args, progress, spool)
+            except asyncio.CancelledError:  # SIGINT: asyncio.run cancels the command, then exits 130
+                progress.done()
+                error_line("interrupted while checking the file; nothing enqueued")
+                raise
             if problems and not args.skip_invalid:
                 progress.done()
                 bad = ", ".join(map(str, first_bad)) + (", ..." if problems > len(first_bad) else "")
@@ -272,17 +280,23 @@ async def _write_spool(
                     emit_receipts(*written)  # the chunk before, while Redis writes this one
                     written = None
                 written = (await write.receive(), lines)
-            except (EnqueueOutcomeUnknown, RedisNotReplicated) as exc:
+            except (EnqueueOutcomeUnknown, RedisNotReplicated, asyncio.CancelledError) as exc:
+                # What was written is told before the error: the chunk before (written), this one (unknown).
                 if written is not None:
                     emit_receipts(*written)
                 for (account, key), line in zip(chunk.envelopes(), lines, strict=True):
                     emit(
                         {"job_id": keys.job_id(account, key), "idempotency_key": key, "status": "unknown", "line": line}
                     )
-                raise Interrupted(
-                    f"{exc}; lines {lines[0]}..{lines[-1]} may or may not be enqueued (the receipts with status "
-                    f"unknown), the lines before them were enqueued, the lines after them were not"
-                ) from None
+                where = (
+                    f"lines {lines[0]}..{lines[-1]} may or may not be enqueued (the receipts with status unknown), "
+                    "the lines before them were enqueued, the lines after them were not"
+                )
+                if isinstance(exc, asyncio.CancelledError):  # SIGINT: asyncio.run cancels the command, then exits 130
+                    progress.done()
+                    error_line(f"interrupted; {where}")
+                    raise
+                raise Interrupted(f"{exc}; {where}") from None
     if written is not None:
         emit_receipts(*written)
     if warning := backlog_warning(list(past_max_age.values()), settings):
