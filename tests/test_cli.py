@@ -829,7 +829,13 @@ def test_a_bulk_interrupted_midway_says_which_lines_were_enqueued(
             out.write(json.dumps({"name": f"Stage {i}", "applyTo": 2, "idempotency_key": f"k{i}"}) + "\n")
     env = {**env, "LEADSTAGE_RATE_LIMIT": "1000000"}  # no warning of a backlog past the maximum age
     with subprocess.Popen(  # noqa: S603 - our own command, fixed arguments
-        command("enqueue", "--file", str(path)), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command("enqueue", "--file", str(path)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A suite started in the background has SIGINT ignored, and the child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     ) as process:
         assert process.stdout is not None
         assert process.stderr is not None
@@ -844,7 +850,9 @@ def test_a_bulk_interrupted_midway_says_which_lines_were_enqueued(
     enqueued = {r["idempotency_key"] for r in receipts if r["status"] == "queued"}
     assert unknown, "the chunk in flight is unknown"
     assert len(enqueued) + len(unknown) < 100_000, "interrupted before the end"
-    in_queue = {m.decode().split(":", 1)[1] for m in db.zrange(keys.queue_key("leadstage:queue", "default"), 0, -1)}
+    members = db.zrange(keys.queue_key("leadstage:queue", "default"), 0, -1)
+    assert isinstance(members, list)
+    in_queue = {member.decode().split(":", 1)[1] for member in members}
     assert enqueued <= in_queue <= enqueued | unknown
     lines = stderr.strip().splitlines()
     assert lines[-1].startswith("leadstage: error: interrupted; lines "), stderr
