@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from worker.cli.common import EXIT_OK, EXIT_USAGE, emit, error_line, note
+from worker.cli.common import EXIT_OK, EXIT_USAGE, emit, error_line, note, write_out
 from worker.core.change import repeated_key, shown
 from worker.core.errors import InvalidChange, Refused
 
@@ -266,8 +266,7 @@ async def _write_spool(
             out.append(orjson.dumps({**receipt.as_dict(), "line": line}))
             if receipt.expected_wait_s > settings.max_age_s:
                 past_max_age[receipt.account] = receipt
-        sys.stdout.buffer.write(b"\n".join(out) + b"\n")  # one write per chunk, not per line
-        sys.stdout.flush()
+        write_out(b"\n".join(out) + b"\n")  # one write per chunk, not per line
         progress.enqueued += len(receipts)
         progress.update()
 
