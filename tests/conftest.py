@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,10 +11,12 @@ import hypothesis
 import pytest
 import redis
 import redis.asyncio as aioredis
+import structlog
 
-from tests.redis_servers import RedisServer, start_redis
+from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, start_redis
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.ivvy import AiohttpTransport
 
 # CI runs the property and fuzz tests with a fixed seed, so a landing never fails by the draw;
 # elsewhere the draw is random and a failure prints the seed (``@reproduce_failure``) to replay it.
@@ -49,9 +52,14 @@ SYSTEM_MODULES = frozenset(
 SYSTEM_MODULE_MARK = "\npytestmark = pytest.mark.system"
 
 
+#: Fixtures that start a process (a redis-server of the test's own): a test using one is ``system``.
+SYSTEM_FIXTURES = frozenset({"private_redis"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.stem in SYSTEM_MODULES:
+        if item.path.stem in SYSTEM_MODULES or SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.system)
 
 
@@ -107,6 +115,14 @@ async def fake_ivvy() -> AsyncIterator[RunningFakeIvvy]:
 
 
 @pytest.fixture
+async def transport() -> AsyncIterator[AiohttpTransport]:
+    """The real HTTP transport of the iVvy client, closed after the test."""
+    transport = AiohttpTransport()
+    yield transport
+    await transport.close()
+
+
+@pytest.fixture
 def ivvy_account(fake_ivvy: RunningFakeIvvy) -> Account:
     """The default account, pointing at ``fake_ivvy``."""
     return Account("default", fake_ivvy.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), rate_limit=1000.0)
@@ -120,3 +136,44 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster of three masters on free loopback ports, started once per test session."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(cluster_servers: RedisCluster) -> Iterator[str]:
+    """``REDIS_URL`` of the session's Redis Cluster (redis+cluster://), emptied before and after the test."""
+    cluster_servers.flush()
+    try:
+        yield cluster_servers.url
+    finally:
+        cluster_servers.flush()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A test that configures logging (to its own stream) leaves the process as it found it.
+
+    Otherwise a later test's worker would write to that stream, and what it asserts of the logs
+    would depend on the order the tests ran in.
+    """
+    monkeypatch.delenv("LEADSTAGE_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    structlog.contextvars.clear_contextvars()
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        structlog.contextvars.clear_contextvars()
+        structlog.reset_defaults()
