@@ -151,7 +151,8 @@ def signed_account(request: web.Request, known_accounts: frozenset[str], *, boun
             [
                 {
                     "field": ACCOUNT_FIELD,
-                    "reason": "is not configured (see LEADSTAGE_ACCOUNTS_FILE, LEADSTAGE_WEBHOOK_SECRETS_FILE)",
+                    "reason": "is not configured (see LEADSTAGE_ACCOUNT_NAMES, LEADSTAGE_ACCOUNTS_FILE, "
+                    "LEADSTAGE_WEBHOOK_SECRETS_FILE)",
                 }
             ],
         )

@@ -29,12 +29,20 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.status import status_token
 from producers.webhook_body import BODY_TIMEOUT_S
-from tests.raw_http import MARKER, assert_malformed_answered_as_problems, problem_of, raw, status_of
+from tests.raw_http import (
+    MALFORMED_REQUESTS,
+    MARKER,
+    assert_malformed_answered_as_problems,
+    problem_of,
+    raw,
+    status_of,
+)
 from tests.redis_servers import RedisServer
 from worker.core import keys
 from worker.core.processes import free_port, python_module, wait_for_port
@@ -623,13 +631,31 @@ async def test_a_hung_redis_is_503_from_the_console_within_the_redis_timeout(
 # -- what the HTTP parser refuses ----------------------------------------------------------------
 
 
-async def test_requests_the_parser_refuses_are_problems_without_echoes(
+async def requests_counted(http: aiohttp.ClientSession, status: int) -> float:
+    """leadstage_webhook_requests_total{status} as the served process's /metrics says."""
+    async with http.get("/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "leadstage_webhook_requests_total" and sample.labels == {"status": str(status)}:
+                return float(sample.value)
+    return 0.0
+
+
+async def test_requests_the_parser_refuses_are_problems_without_echoes_and_are_counted(
     webhook: WebhookProcess, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
+    before = await requests_counted(http, 400), await requests_counted(http, 415)
     await assert_malformed_answered_as_problems(webhook.port)
+    body = orjson.dumps(HOT)
+    brotli = head(signed(body), ["Content-Encoding: br", f"Content-Length: {len(body)}"]) + body
+    assert status_of(await raw(webhook.port, brotli)) == 415
     await assert_enqueued(redis_client)
     await assert_still_serving(http)
     assert MARKER not in webhook.log_path.read_text(errors="replace")
+    # No handler sees them, but the webhook's request counter does (whatever path they named).
+    after = await requests_counted(http, 400), await requests_counted(http, 415)
+    assert (after[0] - before[0], after[1] - before[1]) == (len(MALFORMED_REQUESTS), 1)
 
 
 # -- what is logged ------------------------------------------------------------------------------
@@ -682,3 +708,23 @@ async def test_names_with_control_bidi_or_only_invisible_characters_are_refused_
     assert b"\x1b" not in problem
     assert "\u202e".encode() not in problem
     await assert_enqueued(redis_client)
+
+
+async def test_the_webhook_as_compose_deploys_it_refuses_an_account_outside_the_account_list(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Without credentials, the account list comes from LEADSTAGE_ACCOUNT_NAMES (docker-compose.yml
+    shares it with the worker): another account is 400 here, as the CLI refuses it, instead of
+    being queued for the worker to dead-letter."""
+    variables = {"REDIS_URL": redis_url, "WEBHOOK_SECRET": SECRET, "LEADSTAGE_ACCOUNT_NAMES": "default acme"}
+    with served_webhook(variables, tmp_path / "webhook.log") as served:
+        for account, status in (("other", 400), ("acme", 202), ("default", 202)):
+            body = orjson.dumps({**HOT, "account": account})
+            answer, content_type, problem = await answer_of(
+                served.url + CHANGES_PATH, "POST", signed(body, msg_id=f"msg_{account}"), body
+            )
+            assert answer == status, problem
+            if status == 400:
+                assert content_type == "application/problem+json"
+                assert orjson.loads(problem)["errors"][0]["field"] == "account"
+    assert await enqueued(redis_client) == ({"acme:msg_acme", "default:msg_default"},) * 2
