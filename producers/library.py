@@ -178,12 +178,6 @@ class LeadStageProducer(RedisUser, Waits):
         self._check_known(envelope.account)
         return parsed, envelope
 
-    def check_account(self, account: str) -> str:
-        """``account`` if changes may be enqueued for it; ``InvalidChange`` or ``UnknownAccount`` if not."""
-        parse_envelope(account=account)
-        self._check_known(account)
-        return account
-
     def _check_known(self, account: str) -> None:
         # Without an account list (a producer-only host without LEADSTAGE_ACCOUNT_NAMES) any
         # well-formed name is accepted.
