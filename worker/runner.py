@@ -34,7 +34,7 @@ from arq.worker import Worker, func
 from worker.core import keys, metrics
 from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
-from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, parse_redis_url
+from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, single_server
 from worker.core.results import lost_event
 from worker.core.settings import Settings
 from worker.core.states import Decision
@@ -273,8 +273,9 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
 
 
 def redis_settings(url: str) -> RedisSettings:
-    """arq's connection settings from REDIS_URL, parsed as every other client parses it."""
-    target = parse_redis_url(url)
+    """arq's connection settings from REDIS_URL, parsed as every other client parses it (arq's pool
+    is a single server's: a cluster URL is a ``ConfigError``)."""
+    target = single_server(url)
     if target.sentinel:
         return RedisSettings(
             host=list(target.hosts),

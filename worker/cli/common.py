@@ -18,6 +18,7 @@ from worker.core.change import shown
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
+    from worker.core.redis_connection import RedisClient
     from worker.core.settings import Settings
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "load_settings",
     "note",
     "with_redis",
+    "with_single_redis",
 ]
 
 EXIT_OK = 0
@@ -41,6 +43,7 @@ EXIT_USAGE = 2
 PROG = "leadstage"
 
 _T = TypeVar("_T")
+_Client = TypeVar("_Client", bound="RedisClient")
 
 
 def emit(obj: object) -> None:
@@ -83,11 +86,23 @@ def configure_logging(settings: Settings) -> None:
     configure(settings)
 
 
-async def with_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
-    """``use`` a client of ``REDIS_URL`` with the Redis timeouts of ``settings``, closed after."""
+async def with_redis(settings: Settings, use: Callable[[RedisClient], Awaitable[_T]]) -> _T:
+    """``use`` a client of ``REDIS_URL`` with the Redis timeouts of ``settings``, closed after: a
+    single Redis or a Redis Cluster (the read commands)."""
+    from worker.core.redis_connection import connect_redis_or_cluster_of
+
+    return await _using(connect_redis_or_cluster_of(settings), use)
+
+
+async def with_single_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
+    """``with_redis`` for a single Redis only: what runs the enqueue script (a replay) refuses a
+    Redis Cluster, before any I/O."""
     from worker.core.redis_connection import connect_redis_of
 
-    client = connect_redis_of(settings)
+    return await _using(connect_redis_of(settings), use)
+
+
+async def _using(client: _Client, use: Callable[[_Client], Awaitable[_T]]) -> _T:
     try:
         return await use(client)
     finally:

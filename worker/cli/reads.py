@@ -9,13 +9,14 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from worker.cli.common import EXIT_OK, emit, emit_object, load_settings, note, with_redis
+from worker.cli.common import EXIT_OK, emit, emit_object, load_settings, note, with_redis, with_single_redis
 from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import BadFilter, NotFound, Refused
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
+    from worker.core.redis_connection import RedisClient
     from worker.core.settings import Settings
 
 __all__ = ["run_dlq_list", "run_dlq_replay", "run_results", "run_stats", "run_status"]
@@ -32,7 +33,7 @@ def run_results(args: argparse.Namespace) -> int:
     if args.consumer is not None or args.start != "new":
         raise Refused("--consumer and --start need --group")
 
-    async def show(client: aioredis.Redis) -> None:
+    async def show(client: RedisClient) -> None:
         async def stream() -> None:
             # Each blocking read ends well within the Redis timeout, so a hung Redis is still noticed.
             async for entry in readers.results(
@@ -65,7 +66,7 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
         raise Refused("--key and --account cannot be used with --group (the group acks every event it reads)")
     consumer_name = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
 
-    async def show(client: aioredis.Redis) -> None:
+    async def show(client: RedisClient) -> None:
         consumer = ResultsConsumer(
             args.group, consumer_name, settings=settings, redis=client, start=args.start,
             claim_idle_s=args.claim_idle, follow=args.follow,
@@ -108,7 +109,7 @@ def run_dlq_list(args: argparse.Namespace) -> int:
 
     settings = load_settings()
 
-    async def show(client: aioredis.Redis) -> None:
+    async def show(client: RedisClient) -> None:
         async for entry in readers.dead_letters(client, settings, account=args.account):
             emit(entry)
 
@@ -154,7 +155,7 @@ def run_dlq_replay(args: argparse.Namespace) -> int:
             outcomes.append(outcome)
         return outcomes
 
-    outcomes = asyncio.run(with_redis(settings, replay))
+    outcomes = asyncio.run(with_single_redis(settings, replay))
     queued = sum(1 for o in outcomes if o.status == "queued")
     if outcomes or matching:
         not_failed = len(outcomes) - queued

@@ -24,12 +24,13 @@ SURFACE: Final[dict[str, str]] = {
         " NAME_PATTERN parse_change parse_envelope parse_id_text repeated_key shown UPDATABLE_FIELDS"
     ),
     "errors": (
-        "BadFilter ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response Exhausted FieldError"
-        " IdempotencyConflict Interrupted InvalidChange InvalidEvent IvvyClockSkew IvvyErrorDetails IvvyNoAnswer"
-        " IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError NotFound PermanentError"
-        " redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused RetryableError"
-        " RetryAfterTooLong StaleRun UnknownAccount"
+        "BadFilter BatchGone BatchNotReady ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response"
+        " Exhausted FieldError IdempotencyConflict Interrupted InvalidChange InvalidEvent IvvyClockSkew"
+        " IvvyErrorDetails IvvyNoAnswer IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError"
+        " NotFound PermanentError redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused"
+        " RetryableError RetryAfterTooLong StaleRun UnknownAccount"
     ),
+    "gather": "gather_updates",
     "keys": "",
     "ledger": "backlog_warning Chunk ENQUEUE_CHUNK Ledger Pick Receipt Start",
     "logs": "bind_job_context configure_logging get_logger",
@@ -37,8 +38,8 @@ SURFACE: Final[dict[str, str]] = {
     "processes": "Children is_loopback RedisServer signalled until_signalled",
     "readers": "",
     "redis_connection": (
-        "close_sentinels connect_redis connect_redis_of DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url"
-        " ping printable_url"
+        "close_sentinels connect_redis connect_redis_of connect_redis_or_cluster connect_redis_or_cluster_of"
+        " DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url ping printable_url RedisClient single_server"
     ),
     "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent",
     "settings": "Account DEMO_API_KEY DEMO_API_SECRET Secret Settings",

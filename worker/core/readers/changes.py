@@ -12,15 +12,17 @@ import redis.asyncio as aioredis
 
 from worker.core import keys
 from worker.core.change import parse_change, parse_envelope
+from worker.core.errors import redis_errors
 from worker.core.ledger import Ledger
 from worker.core.readers.streams import Entry, matches, stream_pages
+from worker.core.redis_connection import RedisClient
 from worker.core.results import iso_ms
 from worker.core.settings import Settings
 from worker.core.states import State
 
 
 async def change_status(
-    client: aioredis.Redis, settings: Settings, account: str, idempotency_key: str
+    client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> dict[str, object] | None:
     """Where one change stands, from its ledger entry; None when the key is unknown (or expired).
 
@@ -28,9 +30,11 @@ async def change_status(
     error_code, error_message), oldest first.
     """
     job = keys.job_id(account, idempotency_key)
-    entry = await Ledger(client, settings).entry(job)
-    if entry is None:
+    with redis_errors():
+        raw = await client.hgetall(keys.ledger_key(job))  # type: ignore[misc]  # redis-py's async stubs
+    if not raw:
         return None
+    entry = {k.decode(): v.decode() for k, v in raw.items()}
 
     def when(field: str) -> str | None:
         value = int(entry.get(field) or 0)
@@ -106,7 +110,7 @@ _CLOCK_MARGIN_MS = 300_000
 
 
 async def change_timeline(
-    client: aioredis.Redis, settings: Settings, account: str, idempotency_key: str
+    client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> dict[str, object] | None:
     """One change (``change_status``) and its timeline, oldest first: enqueued, then each attempt
     with its HTTP status, error code and, from the results stream, its duration and whole event.
