@@ -30,8 +30,8 @@ from bench.phases import Rig
 from bench.product import ProductSide
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
-from worker.core.results import TERMINAL_EVENTS
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Settings
+from worker.core.states import TERMINAL
 
 BUSY, QUIET = "busy", "quiet"
 #: Each account's rate limit in the backlog phase (requests per second).
@@ -122,7 +122,7 @@ async def _terminal_events(client: aioredis.Redis, stream: str) -> dict[str, tup
     """idempotency key -> (account, when its terminal event was added: its entry id, epoch s)."""
     found: dict[str, tuple[str, float]] = {}
     for entry_id, fields in await client.xrange(stream):
-        if fields[b"event"].decode() in TERMINAL_EVENTS:
+        if fields[b"event"].decode() in TERMINAL:
             at = int(entry_id.split(b"-")[0]) / 1000
             found[fields[b"idempotency_key"].decode()] = (fields[b"account"].decode(), at)
     return found

@@ -34,7 +34,7 @@ from arq.worker import Worker, func
 from worker.core import keys, metrics
 from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
-from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, parse_redis_url
+from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, single_server
 from worker.core.results import lost_event
 from worker.core.settings import Settings
 from worker.core.states import Decision
@@ -87,7 +87,9 @@ class LeadstageWorker(Worker):
                 # Redis ends a blocking wait on its own timer tick (1/hz, 100 ms by default): block for
                 # all but that, and wait out the rest here (above).
                 timeout_ms = IDLE_WAKE_S * 1000 if pick.wait_ms < 0 else pick.wait_ms - SHORT_WAIT_MS
-                await runtime.ledger.wait_for_work(min(timeout_ms, IDLE_WAKE_S * 1000) / 1000)
+                # And for less than the socket timeout, which would end it as a Redis that does not answer.
+                longest_s = min(IDLE_WAKE_S, runtime.settings.redis_timeout_s / 2)
+                await runtime.ledger.wait_for_work(min(timeout_ms / 1000, longest_s))
                 return
         running = [task for task in self.tasks.values() if not task.done()]
         if self.allow_pick_jobs and running:
@@ -210,6 +212,15 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         redis: ArqRedis = ctx["redis"]
+        # arq's RedisSettings has no socket timeout: every connection of its pool waits
+        # LEADSTAGE_REDIS_TIMEOUT for an answer at most (a hung Redis is an error, ridden through
+        # by the poll and the heartbeat, not a hang). The connection of arq's start-up ping is
+        # closed and dropped, to be made again with it.
+        redis.connection_pool.connection_kwargs.update(
+            socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_connect_timeout_s
+        )
+        await redis.connection_pool.disconnect()
+        redis.connection_pool.reset()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         transport = traced_transport(AiohttpTransport(max_connections=max(settings.concurrency, 10)))
         offset = timedelta(seconds=settings.clock_offset_s)
         clients = {
@@ -262,8 +273,9 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
 
 
 def redis_settings(url: str) -> RedisSettings:
-    """arq's connection settings from REDIS_URL, parsed as every other client parses it."""
-    target = parse_redis_url(url)
+    """arq's connection settings from REDIS_URL, parsed as every other client parses it (arq's pool
+    is a single server's: a cluster URL is a ``ConfigError``)."""
+    target = single_server(url)
     if target.sentinel:
         return RedisSettings(
             host=list(target.hosts),

@@ -166,8 +166,7 @@ class _Handler(logging.StreamHandler[TextIO]):
                 _report_failure("(lines written together)")
 
     def flush(self) -> None:
-        with self.lock or contextlib.nullcontext():
-            self._write("")
+        self.now("")
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -206,14 +205,14 @@ class _Sink:
         self._handler = handler
 
     def info(self, message: str) -> None:
-        try:
-            self._handler.later(message + "\n")
-        except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the caller
-            _report_failure(self.name)
+        self._hand_over(self._handler.later, message)
 
     def msg(self, message: str) -> None:
+        self._hand_over(self._handler.now, message)
+
+    def _hand_over(self, write: Callable[[str], None], message: str) -> None:
         try:
-            self._handler.now(message + "\n")
+            write(message + "\n")
         except Exception:  # noqa: BLE001 - as logging.Handler: a log line must not break the caller
             _report_failure(self.name)
 

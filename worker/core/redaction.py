@@ -35,6 +35,12 @@ _UNTOUCHED_KEYS = frozenset({"_record", "_from_structlog", "exc_info"})
 
 # Values that render without repr() and cannot hold text of ours.
 _PLAIN_TYPES = (bool, int, float, datetime.date, datetime.time, datetime.timedelta, uuid.UUID)
+# The usual line's values, by exact type (a subclass, or a str, takes the longer way).
+_FLAT_TYPES = frozenset({type(None), bool, int, float, datetime.datetime, *_PLAIN_TYPES[3:]})
+
+# The key sets of the lines seen without a credential key (a few per event: bounded all the same).
+_PLAIN_KEY_SETS: set[tuple[str, ...]] = set()
+_MAX_KEY_SETS = 1024
 
 # Deeper than this, a value is rendered with repr() and scrubbed as one string (cycles end here).
 _MAX_DEPTH = 16
@@ -80,15 +86,18 @@ class _Redactor:
         """The usual line: flat strings and numbers, no credential key, and nothing to hide in all
         its strings joined (a value holding a secret makes the joined text hold it, so this never
         misses; a match across two values only sends the line the long way)."""
+        keys = tuple(event_dict)
+        if keys not in _PLAIN_KEY_SETS:
+            if any(_is_credential_key(key) for key in keys if key not in _UNTOUCHED_KEYS):
+                return False
+            if len(_PLAIN_KEY_SETS) < _MAX_KEY_SETS:
+                _PLAIN_KEY_SETS.add(keys)
         texts = []
         for key, value in event_dict.items():
-            if key in _UNTOUCHED_KEYS or value is None:
-                continue
-            if _is_credential_key(key):
-                return False
-            if isinstance(value, str):
+            kind = type(value)
+            if kind is str:
                 texts.append(value)
-            elif not isinstance(value, _PLAIN_TYPES):
+            elif kind not in _FLAT_TYPES and key not in _UNTOUCHED_KEYS:
                 return False
         text = "\0".join(texts)
         if self._needles is not None and text.isascii():
@@ -96,7 +105,10 @@ class _Redactor:
             # needles (each secret, and "iws") in the lower-cased text, and a substring test is a
             # fraction of the cost of the pattern's search.
             lowered = text.lower()
-            if not any(needle in lowered for needle in self._needles):
+            for needle in self._needles:
+                if needle in lowered:
+                    break
+            else:
                 return True
         return self._pattern.search(text) is None
 

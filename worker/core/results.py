@@ -11,17 +11,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from dataclasses import fields as fields_of
 from datetime import UTC, datetime
-from typing import Any, Literal, Self, get_args
+from typing import Any, Self
 
 import orjson
 
 from worker.core import tracing
 from worker.core.change import LeadStageChange
-from worker.core.errors import IvvyErrorDetails, LeadstageError, PermanentError
+from worker.core.errors import InvalidEvent, IvvyErrorDetails, LeadstageError
+from worker.core.states import TERMINAL, Outcome
 
-Event = Literal["succeeded", "failed", "superseded", "retrying"]
-EVENTS = frozenset(get_args(Event))
-TERMINAL_EVENTS = frozenset({"succeeded", "failed", "superseded"})
+#: The results stream's events: a retry, or one of the terminal states (``worker.core.states.TERMINAL``).
+Event = Outcome
+EVENTS: frozenset[Outcome] = frozenset(Outcome)
 
 
 def iso_ms(epoch_ms: int) -> str:
@@ -115,16 +116,6 @@ def build_event(
     }
 
 
-class InvalidEvent(PermanentError):
-    """A stream entry is not an event as ``build_event`` writes it (written by something else)."""
-
-    error_code = "invalid_event"
-
-    def __init__(self, entry_id: str, field: str, reason: str) -> None:
-        self.entry_id = entry_id
-        super().__init__(f"stream entry {entry_id} is not a results event: {field} {reason}")
-
-
 @dataclass(frozen=True, slots=True)
 class ResultEvent:
     """One results-stream entry, typed: what ``build_event`` wrote, read back.
@@ -159,7 +150,7 @@ class ResultEvent:
     @property
     def terminal(self) -> bool:
         """Whether this is the change's one terminal event (of its generation)."""
-        return self.event in TERMINAL_EVENTS
+        return self.event in TERMINAL
 
     @classmethod
     def from_entry(cls, entry_id: str, fields: Mapping[str, str]) -> Self:
@@ -214,7 +205,7 @@ def _event_values(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
     retryable = fields.get("retryable", "")
     return {
         "id": entry_id,
-        "event": event,
+        "event": Outcome(event),
         "idempotency_key": text("idempotency_key"),
         "job_id": text("job_id"),
         "account": text("account"),

@@ -20,8 +20,10 @@ class State(StrEnum):
     SUPERSEDED = "superseded"
 
 
-#: States a change never leaves (but by a replay of a failed one, as a new generation).
-TERMINAL: frozenset[State] = frozenset({State.SUCCEEDED, State.FAILED, State.SUPERSEDED})
+#: States a change never leaves (but by a replay of a failed one, as a new generation); the same
+#: strings are the terminal events of the results stream (``Outcome``). The one terminal check:
+#: typed as strings, so that a ``State``, an ``Outcome`` and a field read from Redis all compare.
+TERMINAL: frozenset[str] = frozenset({State.SUCCEEDED, State.FAILED, State.SUPERSEDED})
 
 
 class Phase(StrEnum):

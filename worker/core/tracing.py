@@ -39,8 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 from worker.core.errors import ConfigError
 
 if TYPE_CHECKING:  # only for annotations: importing them is what tracing off must not pay
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Tracer
+    from opentelemetry.trace import SpanContext, Tracer
     from structlog.typing import EventDict, Processor, WrappedLogger
 
 
@@ -61,7 +60,6 @@ __all__ = [
 ]
 
 SCOPE: Final = "leadstage-sync"
-DEFAULT_SERVICE_NAME: Final = "leadstage-sync"
 #: The ledger field that holds the producer's ``traceparent``.
 LEDGER_FIELD: Final = "trace"
 _P = ParamSpec("_P")
@@ -105,48 +103,15 @@ def setup(env: Mapping[str, str] | None = None) -> None:
         return
     try:
         from opentelemetry import trace
-        from opentelemetry.sdk.trace import TracerProvider  # noqa: F401 - checks that the SDK is there
+
+        from worker.core.tracing_sdk import tracer_provider  # imports the SDK
     except ImportError:
         raise ConfigError(
             "OTEL_TRACES_EXPORTER is set but OpenTelemetry is not installed: pip install 'leadstage-sync[otel]'"
         ) from None
-    existing = trace.get_tracer_provider()
-    if isinstance(existing, trace.ProxyTracerProvider):
-        provider = _provider(names, env)
-        trace.set_tracer_provider(provider)
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        trace.set_tracer_provider(tracer_provider(names, env))
     use(trace.get_tracer_provider())
-
-
-def _provider(names: str, env: Mapping[str, str]) -> TracerProvider:
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; without either the
-    # SDK says unknown_service, and ours is the better default.
-    resource = Resource.create()
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    # The sampler comes from OTEL_TRACES_SAMPLER/_ARG, the batch sizes from OTEL_BSP_*; at exit the
-    # provider flushes what is left (shutdown_on_exit).
-    provider = TracerProvider(resource=resource)
-    for name in (n.strip() for n in names.split(",") if n.strip()):
-        provider.add_span_processor(BatchSpanProcessor(_exporter(name, env)))
-    return provider
-
-
-def _exporter(name: str, env: Mapping[str, str]) -> Any:
-    """The span exporter registered under ``name`` (``otlp`` means OTLP over the configured protocol)."""
-    from importlib.metadata import entry_points
-
-    if name == "otlp":
-        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
-        name = "otlp_proto_grpc" if protocol.strip() == "grpc" else "otlp_proto_http"
-    found = list(entry_points(group="opentelemetry_traces_exporter", name=name))
-    if not found:
-        known = sorted({"otlp", *(e.name for e in entry_points(group="opentelemetry_traces_exporter"))})
-        raise ConfigError(f"OTEL_TRACES_EXPORTER names no installed exporter: {name!r} (known: {', '.join(known)})")
-    return found[0].load()()
 
 
 def use(provider: Any) -> None:
@@ -165,13 +130,21 @@ def log_processors() -> list[Processor]:
 
 
 def _add_trace_ids(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-    from opentelemetry import trace
-
-    context = trace.get_current_span().get_span_context()
-    if context.is_valid:
+    context = _current_context()
+    if context is not None:
         event_dict["trace_id"] = format(context.trace_id, "032x")
         event_dict["span_id"] = format(context.span_id, "016x")
     return event_dict
+
+
+def _current_context() -> SpanContext | None:
+    """The current span's context, when tracing is on and there is a valid one."""
+    if _tracer is None:
+        return None
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    return context if context.is_valid else None
 
 
 # -- producers ---------------------------------------------------------------------------------
@@ -246,24 +219,14 @@ def producer_span(operation: str, count: int, destination: str) -> contextlib.Ab
 
 def current_traceparent() -> str:
     """The current span as a W3C ``traceparent`` ('' when tracing is off or nothing is sampled)."""
-    if _tracer is None:
-        return ""
-    from opentelemetry import trace
-
-    context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
-        return ""
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+    context = _current_context()
+    return "" if context is None else f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def current_trace_id() -> str:
     """The current trace id, 32 hex digits ('' when tracing is off): the results event's ``trace_id``."""
-    if _tracer is None:
-        return ""
-    from opentelemetry import trace
-
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""
+    context = _current_context()
+    return "" if context is None else format(context.trace_id, "032x")
 
 
 # -- worker ------------------------------------------------------------------------------------

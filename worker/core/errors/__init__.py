@@ -19,6 +19,7 @@ a caller usually asks: will trying again help?
     │   ├── RetryAfterTooLong          iVvy asked to wait longer than LEADSTAGE_RETRY_AFTER_MAX
     │   ├── Refused                    a command line that cannot be carried out as given (the CLI)
     │   ├── BadFilter                  a reader's filter (``since``, a page cursor) is not usable
+    │   ├── InvalidEvent               a results-stream entry is not an event ``build_event`` wrote
     │   └── IvvyRejected               iVvy refused the change: 24320, 24321, 24323, 24324,
     │       │                          23016, 23017 and any other 4xx
     │       └── IvvyAuthError          401, 403, 462, 463: the credentials are wrong or revoked
@@ -70,6 +71,7 @@ from worker.core.errors.base import (
     IdempotencyConflict,
     Interrupted,
     InvalidChange,
+    InvalidEvent,
     LeadstageError,
     NotFound,
     PermanentError,
@@ -120,6 +122,7 @@ __all__ = [
     "IdempotencyConflict",
     "Interrupted",
     "InvalidChange",
+    "InvalidEvent",
     "IvvyAuthError",
     "IvvyClockSkew",
     "IvvyErrorDetails",

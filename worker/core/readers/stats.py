@@ -5,24 +5,23 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
-import redis.asyncio as aioredis
-
 from worker.core import keys
 from worker.core.errors import STALE_REQUEST_CODE, redis_errors
 from worker.core.readers.streams import stream_pages
-from worker.core.results import TERMINAL_EVENTS
+from worker.core.redis_connection import RedisClient
 from worker.core.settings import Settings
+from worker.core.states import TERMINAL, Outcome
 
 #: The windows of ``stats``' recent rates: name -> seconds.
 RATE_WINDOWS_S: Mapping[str, int] = {"1m": 60, "5m": 300}
 #: The events counted in the recent rates (terminal outcomes, and retries as a sign of trouble).
-RATE_EVENTS = ("succeeded", "failed", "superseded", "retrying")
+RATE_EVENTS = tuple(event.value for event in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.SUPERSEDED, Outcome.RETRYING))
 
 #: The key of ``stats``' recent counts of stale-clock answers (not an event: a kind of retry).
 _CLOCK_SKEW = "clock_skew_pauses"
 
 
-async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]:
+async def stats(client: RedisClient, settings: Settings) -> dict[str, object]:
     """Queue depth, in progress, retrying, dead letters and recent rates, in two round trips.
 
     * ``queue_depth``: ZCARD of the accounts' queues: every change not finished yet;
@@ -75,7 +74,7 @@ async def stats(client: aioredis.Redis, settings: Settings) -> dict[str, object]
     recent: dict[str, dict[str, float]] = {}
     for name, window_s in RATE_WINDOWS_S.items():
         counts: dict[str, float] = {event: since[name][event] for event in RATE_EVENTS}
-        terminal = sum(since[name][event] for event in TERMINAL_EVENTS)
+        terminal = sum(since[name][event] for event in TERMINAL)
         counts["terminal_per_s"] = round(terminal / window_s, 3)
         counts[_CLOCK_SKEW] = since[name][_CLOCK_SKEW]
         recent[name] = counts
