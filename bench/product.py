@@ -21,8 +21,8 @@ from bench.measure import Probe
 from bench.workload import Change, Item
 from worker.core.change import DEFAULT_ACCOUNT, parse_change, parse_envelope
 from worker.core.ledger import Ledger, Receipt
-from worker.core.results import TERMINAL_EVENTS
 from worker.core.settings import Account, Secret, Settings
+from worker.core.states import TERMINAL
 
 #: Far above what one worker can do, so the shared rate limiter never makes a job wait.
 UNLIMITED_RATE = 1_000_000.0
@@ -198,7 +198,7 @@ class ProductSide:
             for entry_id, fields in page:
                 event = fields[b"event"].decode()
                 key = fields[b"idempotency_key"].decode()
-                if event not in TERMINAL_EVENTS or key not in wanted:
+                if event not in TERMINAL or key not in wanted:
                     continue
                 if event != "succeeded":
                     raise BenchError(f"change {key} ended {event}: {fields.get(b'error_message', b'').decode()}")

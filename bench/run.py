@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import phases, report
+from bench import backlog, phases, real_ivvy, report
 from bench.baseline import BaselineSide
 from bench.infra import REPO_ROOT, BenchError, require_loopback_url, start_bench_process
 from bench.measure import Probe
@@ -35,7 +35,10 @@ from worker.core.processes import LOOPBACK, Children, RedisServer, free_port, si
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Settings
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-PHASES = ("throughput", "latency", "bulk", "cli")
+PHASES = ("throughput", "latency", "bulk", "cli", "backlog", "idle", "real-ivvy")
+#: Phases of the product alone (``bench.backlog``, ``bench.real_ivvy``): arq has no per-account rate
+#: limit nor coalescing to compare.
+PRODUCT_ONLY = ("backlog", "idle", "real-ivvy")
 #: Phases short enough to run several rounds of; the latency phase already aggregates 400 samples.
 REPEATED = ("throughput", "bulk")
 #: Phases whose rounds are summed up by their median rather than their best (what a user sees).
@@ -50,6 +53,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-changes", type=int, default=400, help="latency phase: changes (default 400)")
     parser.add_argument("--latency-rate", type=float, default=20.0, help="latency phase: changes/s (default 20)")
     parser.add_argument("--bulk-changes", type=int, default=50_000, help="bulk phase: changes (default 50000)")
+    parser.add_argument(
+        "--backlog-changes",
+        default="30000",
+        help="backlog phase: sizes of the busy account's backlog, comma-separated (default 30000; "
+        "3000,30000,300000 shows the cost per change against the size)",
+    )
+    parser.add_argument("--ivvy-updates", type=int, default=1000, help="real-ivvy phase: updates (default 1000)")
+    parser.add_argument("--ivvy-stages", type=int, default=50, help="real-ivvy phase: stages updated (default 50)")
+    parser.add_argument("--ivvy-adds", type=int, default=100, help="real-ivvy phase: adds (default 100)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--sides", default="baseline,product", help="comma-separated subset of baseline,product")
     parser.add_argument(
@@ -90,11 +102,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the product's enqueue API (ledger: Ledger.enqueue_many, the library's fallback)",
     )
     parser.add_argument("--check", action="store_true", help="exit with status 3 when a target is missed")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds the whole run may take (default 540)")
+    parser.add_argument("--budget", type=float, default=720.0, help="seconds the whole run may take (default 720)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     args.phases = [p for p in args.phases.split(",") if p]
     args.sides = [s for s in args.sides.split(",") if s]
+    try:
+        args.backlog_changes = [int(size) for size in args.backlog_changes.split(",") if size]
+    except ValueError:
+        parser.error(f"--backlog-changes wants sizes like 3000,30000, not {args.backlog_changes!r}")
     unknown = set(args.phases) - set(PHASES) | set(args.sides) - {"baseline", "product"}
     if unknown:
         parser.error(f"unknown phase or side: {', '.join(sorted(unknown))}")
@@ -174,10 +190,8 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
     }
     settings = Settings.from_env(worker_env)
     use_library = args.producer == "library"
-    sides: dict[str, Side] = {
-        "baseline": BaselineSide(settings),
-        "product": ProductSide(settings, uvloop=args.product_loop == "uvloop", use_library=use_library),
-    }
+    product = ProductSide(settings, uvloop=args.product_loop == "uvloop", use_library=use_library)
+    sides: dict[str, Side] = {"baseline": BaselineSide(settings), "product": product}
     for name, variant in args.variants.items():
         env = {k: v for k, v in variant.items() if k != "loop"}
         uvloop = variant.get("loop", args.product_loop) == "uvloop"
@@ -187,6 +201,7 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
     await probe.connect()
     info = await probe.client.info("server")
     results: dict[str, dict[str, Any]] = {}
+    product_only: dict[str, Any] = {}
     profile: dict[str, Any] | None = None
     try:
         for name in side_names:
@@ -200,7 +215,7 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
                 "bulk": lambda side: phases.run_bulk(rig, side, changes=args.bulk_changes, tag="bulk"),
                 "cli": lambda side: phases.run_cli(rig, side, changes=args.bulk_changes, tag="cli"),
             }
-            for phase in args.phases:
+            for phase in (p for p in args.phases if p not in PRODUCT_ONLY):
                 # Rounds alternate the sides, so a neighbour's load on this machine hits both alike.
                 rounds = {"throughput": args.rounds, "bulk": args.bulk_rounds, "cli": args.bulk_rounds}.get(phase, 1)
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in side_names}
@@ -216,6 +231,21 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
                     else side_runs[0]
                     for name, side_runs in runs.items()
                 }
+            if "backlog" in args.phases:
+                for size in args.backlog_changes:
+                    print(f"[bench] backlog of {size:,}: product ...", file=sys.stderr, flush=True)
+                    product_only.setdefault("backlog", []).append(
+                        await backlog.run_backlog(rig, settings, changes=size)
+                    )
+            if "idle" in args.phases:
+                print("[bench] idle: product ...", file=sys.stderr, flush=True)
+                product_only["idle"] = await backlog.run_idle(rig, settings)
+            if "real-ivvy" in args.phases:
+                # Each change alone, then coalesced, on the same workload (bench.real_ivvy), once.
+                print("[bench] real-ivvy: product alone, then coalesced ...", file=sys.stderr, flush=True)
+                product_only["real-ivvy"] = await real_ivvy.run_real_ivvy(
+                    rig, product, updates=args.ivvy_updates, stages=args.ivvy_stages, adds=args.ivvy_adds, tag="ri"
+                )
             if args.profile:
                 print("[bench] profile: product throughput under py-spy ...", file=sys.stderr, flush=True)
                 raw = args.output.parent / "profile-product.txt"
@@ -257,6 +287,7 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
             "redis": "private redis-server" if not args.redis_url else args.redis_url,
         },
         "results": results,
+        "product_only": product_only,
         "verdicts": report.verdicts(results),
         "profile": profile,
     }
@@ -282,6 +313,12 @@ def _print(document: Mapping[str, Any]) -> None:
     if "throughput" in results:
         print()
         print(report.commands_table(results, "throughput"))
+    if document.get("product_only"):
+        print()
+        print(backlog.table(document["product_only"].get("backlog", []), document["product_only"].get("idle")))
+    if document.get("product_only", {}).get("real-ivvy"):
+        print()
+        print(real_ivvy.text(document["product_only"]["real-ivvy"]))
     if document.get("profile"):
         print()
         print(report.profile_text(document["profile"]))

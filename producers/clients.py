@@ -1,29 +1,32 @@
 """The Redis client a producer-side object uses: its own (opened from the settings, closed with
-it) or the caller's (left open)."""
+it) or the caller's (left open); a single Redis's (``aioredis.Redis``) or, for what runs on a
+Redis Cluster too, either (``RedisClient``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Generic, Self, TypeVar
 
-import redis.asyncio as aioredis
-
-from worker.core.redis_connection import connect_redis_of
+from worker.core.redis_connection import RedisClient
 from worker.core.settings import Settings
 
 __all__ = ["RedisUser"]
 
 
-class RedisUser:
-    """Holds ``redis``: a client of ``settings`` (LEADSTAGE_REDIS_TIMEOUT and
+_Client = TypeVar("_Client", bound=RedisClient)
+
+
+class RedisUser(Generic[_Client]):
+    """Holds ``redis``: ``connect(settings)`` (LEADSTAGE_REDIS_TIMEOUT and
     LEADSTAGE_REDIS_CONNECT_TIMEOUT included) when none is given, which ``aclose`` (or the end of
     ``async with``) closes; a given client belongs to the caller."""
 
-    redis: aioredis.Redis
+    redis: _Client
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis | None) -> None:
+    def __init__(self, settings: Settings, redis: _Client | None, connect: Callable[[Settings], _Client]) -> None:
         self._owns_client = redis is None
-        self.redis = connect_redis_of(settings) if redis is None else redis
+        self.redis = connect(settings) if redis is None else redis
 
     async def __aenter__(self) -> Self:
         return self

@@ -115,7 +115,7 @@ class InvalidBatch(InvalidChange):
         )
 
 
-class LeadStageProducer(RedisUser, Waits):
+class LeadStageProducer(RedisUser[aioredis.Redis], Waits):
     """Validates changes and enqueues them through the ledger (see the module docstring)."""
 
     def __init__(
@@ -134,7 +134,7 @@ class LeadStageProducer(RedisUser, Waits):
         self.settings = Settings.from_env() if settings is None else settings
         tracing.setup()
         self.metrics = metrics
-        super().__init__(self.settings, redis)
+        super().__init__(self.settings, redis, connect_redis_of)
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
         self.reader = SharedReader(self.redis, self.settings.results_stream, block_s=blocking_read_s(self.settings))

@@ -4,7 +4,7 @@ It is built from the same constants the validation uses (``worker.core.change``)
 own limits, so the document and the server cannot drift apart silently; tests run schemathesis
 against it. Where the server is more lenient than a JSON Schema can say simply (the name is
 trimmed before its length is checked, applyTo words ignore case), the schema states the strict
-form and the description the leniency.
+form and the description the leniency. The schemas are ``producers.openapi_schemas``'s.
 """
 
 from __future__ import annotations
@@ -12,21 +12,19 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import quote
 
-from worker.core.change import (
-    ACCOUNT_PATTERN,
-    ALIASES,
-    APPLY_TO_LEAD,
-    APPLY_TO_OPPORTUNITY,
-    APPLY_TO_WORDS,
-    COLOUR_PATTERN,
-    DEFAULT_ACCOUNT,
-    ID_MAX,
-    KEY_PATTERN,
-    NAME_MAX_CHARS,
-    NAME_PATTERN,
+from producers.openapi_schemas import (
+    ACCOUNT_FIELD,
+    ACCOUNT_SCHEMA_PATTERN,
+    KEY_SCHEMA_PATTERN,
+    account_property,
+    change_schema,
+    change_status_schema,
+    ref,
+    result_event_schema,
+    signed_change_schema,
 )
+from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.ledger import Receipt
-from worker.core.results import EVENTS
 
 CHANGES_PATH: Final = "/v1/lead-stage-changes"
 #: Where one change's status is read (``producers.status``); the key is percent-encoded in it.
@@ -34,16 +32,8 @@ STATUS_PATH: Final = CHANGES_PATH + "/{idempotency_key}"
 MAX_BATCH: Final = 1000
 #: Seconds a client is asked to wait (``Retry-After``) when Redis is down.
 RETRY_AFTER_S: Final = 5
-#: The body's top-level field naming the account (signed, unlike a header).
-ACCOUNT_FIELD: Final = "account"
 #: The Content-Encodings of a request body the server decodes (415 for any other).
 CONTENT_ENCODINGS: Final = ("identity", "gzip", "deflate")
-
-#: The change model's rules, anchored as JSON Schema patterns are not.
-ACCOUNT_SCHEMA_PATTERN: Final = f"^{ACCOUNT_PATTERN}$"
-KEY_SCHEMA_PATTERN: Final = f"^{KEY_PATTERN}$"
-COLOUR_SCHEMA_PATTERN: Final = f"^{COLOUR_PATTERN}$"
-NAME_SCHEMA_PATTERN: Final = f"^{NAME_PATTERN}$"
 
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
@@ -53,80 +43,6 @@ def location(receipt: Receipt) -> str:
     """The status URL of a receipt's change (with ``?account=`` unless it is the default account)."""
     path = STATUS_PATH.format(idempotency_key=quote(receipt.idempotency_key, safe=""))
     return path if receipt.account == DEFAULT_ACCOUNT else f"{path}?account={receipt.account}"
-
-
-def _ref(kind: str, name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _change_schema() -> dict[str, Any]:
-    colour = {
-        "type": "string",
-        "pattern": COLOUR_SCHEMA_PATTERN,
-        "description": "Hex colour #rrggbb, any case; sent to iVvy in lower case.",
-        "examples": ["#7ee546"],
-    }
-    apply_to = {
-        "enum": [APPLY_TO_OPPORTUNITY, APPLY_TO_LEAD, *APPLY_TO_WORDS],
-        "description": 'What the stage applies to: 1 or "opportunity", 2 or "lead". The words ignore case and '
-        'surrounding spaces; "1" and "2" as strings are accepted too.',
-    }
-    alias_of = {alias: field for alias, field in ALIASES.items()}
-    updatable = ["name", "colour", "applyTo", *alias_of]
-    return {
-        "type": "object",
-        "description": "One addOrUpdateLeadStage request body. Without id: add a stage (name and applyTo "
-        "required). With id: update that stage (at least one other field). Any other field is refused by name.",
-        "properties": {
-            "id": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": ID_MAX,
-                "description": "The stage to update; absent for an add. Written as a JSON integer (5, not 5.0).",
-            },
-            "name": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": NAME_MAX_CHARS,
-                "pattern": NAME_SCHEMA_PATTERN,
-                "description": f"1..{NAME_MAX_CHARS} characters after trimming surrounding spaces; no control "
-                "characters or bidi overrides, and a visible character (the pattern states the strict form: a "
-                "letter or digit of a common script; names visible only through other scripts or symbols pass too).",
-            },
-            "colour": colour,
-            "color": {**colour, "description": "Alias of colour (give one of the two)."},
-            "applyTo": apply_to,
-            "appliesTo": {**apply_to, "description": "Alias of applyTo (an older name in iVvy's docs)."},
-        },
-        "additionalProperties": False,
-        "allOf": [
-            {"not": {"required": [field, alias]}} for alias, field in alias_of.items()
-        ] + [
-            {
-                "anyOf": [
-                    {"required": ["id"], "anyOf": [{"required": [f]} for f in updatable]},
-                    {"required": ["name"], "anyOf": [{"required": ["applyTo"]}, {"required": ["appliesTo"]}]},
-                ]
-            }
-        ],
-    }  # fmt: skip
-
-
-def _account_property() -> dict[str, Any]:
-    return {
-        "type": "string",
-        "pattern": ACCOUNT_SCHEMA_PATTERN,
-        "description": "The iVvy account (default 'default'), for requests signed with a WEBHOOK_SECRET secret; "
-        "with an account's own secret (LEADSTAGE_WEBHOOK_SECRETS_FILE) it may only name that account (403 otherwise).",
-    }
-
-
-def _signed_change_schema() -> dict[str, Any]:
-    """A change as a webhook body: the change's fields and the top-level ``account``."""
-    schema = _change_schema()
-    schema["properties"][ACCOUNT_FIELD] = _account_property()
-    schema["description"] += f" As a whole body it may carry {ACCOUNT_FIELD}."
-    return schema
 
 
 def _header(name: str, description: str, *, required: bool, schema: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +67,7 @@ def _account_parameters(header_description: str) -> list[dict[str, Any]]:
 def _problem_response(description: str, *, validation: bool = False, retry_after: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
-        "content": {_PROBLEM: {"schema": _ref("schemas", "ValidationProblem" if validation else "Problem")}},
+        "content": {_PROBLEM: {"schema": ref("schemas", "ValidationProblem" if validation else "Problem")}},
     }
     if retry_after:
         response["headers"] = {
@@ -237,7 +153,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
         ],
         "requestBody": {
             "required": True,
-            "content": {_JSON: {"schema": {"oneOf": [_ref("schemas", "SignedChange"), _ref("schemas", "ChangeList")]}}},
+            "content": {_JSON: {"schema": {"oneOf": [ref("schemas", "SignedChange"), ref("schemas", "ChangeList")]}}},
         },
         "responses": {
             "202": {
@@ -248,12 +164,14 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                         "schema": {"type": "string", "format": "uri-reference"},
                     }
                 },
-                "content": {_JSON: {"schema": _ref("schemas", "Receipts")}},
+                "content": {_JSON: {"schema": ref("schemas", "Receipts")}},
             },
             "400": _problem_response(
                 "The body is not JSON (or repeats a key in an object) or cannot be decoded, or a change, the "
                 "account or the key is invalid, or an unsigned header contradicts the signed request; errors "
-                "name each field (and the item index for a list). Nothing was enqueued.",
+                "name each field (and the item index for a list). Also a request the HTTP parser refuses (a bad "
+                "request line, header or chunking, a header over 8 KiB: type "
+                "urn:leadstage:problem:malformed-request). Nothing was enqueued.",
                 validation=True,
             ),
             "401": _problem_response("Missing, invalid or expired Standard Webhooks signature."),
@@ -290,7 +208,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                     "operationId": "healthz",
                     "summary": "The process is alive",
                     "responses": {
-                        "200": {"description": "Alive.", "content": {_JSON: {"schema": _ref("schemas", "Status")}}}
+                        "200": {"description": "Alive.", "content": {_JSON: {"schema": ref("schemas", "Status")}}}
                     },
                 }
             },
@@ -299,7 +217,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                     "operationId": "readyz",
                     "summary": "Redis answers PING",
                     "responses": {
-                        "200": {"description": "Ready.", "content": {_JSON: {"schema": _ref("schemas", "Status")}}},
+                        "200": {"description": "Ready.", "content": {_JSON: {"schema": ref("schemas", "Status")}}},
                         "503": _problem_response("Redis is unavailable.", retry_after=True),
                     },
                 }
@@ -331,19 +249,19 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
         },
         "components": {
             "schemas": {
-                "LeadStageChange": _change_schema(),
-                "SignedChange": _signed_change_schema(),
+                "LeadStageChange": change_schema(),
+                "SignedChange": signed_change_schema(),
                 "ChangeList": {
                     "type": "object",
                     "required": ["changes"],
                     "additionalProperties": False,
                     "properties": {
-                        ACCOUNT_FIELD: _account_property(),
+                        ACCOUNT_FIELD: account_property(),
                         "changes": {
                             "type": "array",
                             "minItems": 1,
                             "maxItems": MAX_BATCH,
-                            "items": _ref("schemas", "LeadStageChange"),
+                            "items": ref("schemas", "LeadStageChange"),
                         },
                     },
                 },
@@ -351,18 +269,18 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 "Receipts": {
                     "type": "object",
                     "required": ["receipts"],
-                    "properties": {"receipts": {"type": "array", "items": _ref("schemas", "Receipt")}},
+                    "properties": {"receipts": {"type": "array", "items": ref("schemas", "Receipt")}},
                 },
                 "Problem": problem,
                 "ValidationProblem": {
                     "allOf": [
-                        _ref("schemas", "Problem"),
+                        ref("schemas", "Problem"),
                         {"type": "object", "properties": {"errors": {"type": "array", "items": field_error}}},
                     ]
                 },
                 "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
-                "ChangeStatus": _change_status_schema(),
-                "ResultEvent": _result_event_schema(),
+                "ChangeStatus": change_status_schema(),
+                "ResultEvent": result_event_schema(),
             },
             "securitySchemes": {
                 "statusToken": {
@@ -399,7 +317,7 @@ def _status_operation() -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": "Where the change stands.",
-                "content": {_JSON: {"schema": _ref("schemas", "ChangeStatus")}},
+                "content": {_JSON: {"schema": ref("schemas", "ChangeStatus")}},
             },
             "400": _problem_response("The account or the key is malformed.", validation=True),
             "401": {
@@ -411,66 +329,5 @@ def _status_operation() -> dict[str, Any]:
                 "ledger retention)."
             ),
             "503": _problem_response("Redis is unavailable; retry later.", retry_after=True),
-        },
-    }
-
-
-def _nullable(kind: str) -> dict[str, Any]:
-    return {"type": [kind, "null"]}
-
-
-def _result_event_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "description": "One event of the results stream, typed (worker.core.results.ResultEvent).",
-        "required": ["id", "event", "idempotency_key", "job_id", "account", "attempt", "generation"],
-        "properties": {
-            "id": {"type": "string", "description": "The results stream's entry id."},
-            "event": {"enum": sorted(EVENTS)},
-            "idempotency_key": {"type": "string"},
-            "job_id": {"type": "string"},
-            "account": {"type": "string"},
-            "operation": {"type": "string"},
-            "stage_id": _nullable("integer"),
-            "attempt": {"type": "integer"},
-            "http_status": _nullable("integer"),
-            "error_code": _nullable("string"),
-            "error_message": _nullable("string"),
-            "retryable": _nullable("boolean"),
-            "source": {"type": "string"},
-            "enqueued_at": _nullable("string"),
-            "finished_at": _nullable("string"),
-            "duration_ms": {"type": "integer"},
-            "change": {"type": ["object", "null"], "description": "The body sent to iVvy (null: nothing sent)."},
-            "generation": {"type": "integer"},
-            "trace_id": {**_nullable("string"), "description": "The OpenTelemetry trace (null: not traced)."},
-        },
-    }
-
-
-def _change_status_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["job_id", "idempotency_key", "account", "state", "attempts", "generation", "event"],
-        "properties": {
-            "job_id": {"type": "string"},
-            "idempotency_key": {"type": "string"},
-            "account": {"type": "string"},
-            "state": {"enum": ["queued", "running", "retrying", "succeeded", "failed", "superseded"]},
-            "operation": {"type": "string"},
-            "stage_id": _nullable("integer"),
-            "change": {"type": ["object", "null"]},
-            "source": {"type": "string"},
-            "attempts": {"type": "integer"},
-            "generation": {"type": "integer"},
-            "enqueued_at": _nullable("string"),
-            "last_attempt_at": _nullable("string"),
-            "next_attempt_at": _nullable("string"),
-            "finished_at": _nullable("string"),
-            "history": {"type": "array", "items": {"type": "object"}, "description": "One object per attempt."},
-            "event": {
-                "oneOf": [_ref("schemas", "ResultEvent"), {"type": "null"}],
-                "description": "The terminal event; null while the change is not finished.",
-            },
         },
     }

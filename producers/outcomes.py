@@ -32,13 +32,13 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Generic, Literal, TypeVar
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from producers.clients import RedisUser
 from producers.waits import BLOCK_S, InvalidOption, blocking_read_s, decoded, outcomes_log, stream_refused
 from worker.core import readers
 from worker.core.errors import redis_errors
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster_of
 from worker.core.results import DeadLetter, ResultEvent
 from worker.core.settings import Settings
 
@@ -71,7 +71,7 @@ def _positive(name: str, value: float) -> float:
     return value
 
 
-class _GroupConsumer(RedisUser, Generic[E]):
+class _GroupConsumer(RedisUser[RedisClient], Generic[E]):
     """A consumer of one stream through a consumer group (see the module docstring)."""
 
     #: What each entry is read as (its ``from_entry`` raises ``InvalidEvent`` for one that is not).
@@ -83,16 +83,16 @@ class _GroupConsumer(RedisUser, Generic[E]):
         consumer: str,
         *,
         settings: Settings | None = None,
-        redis: aioredis.Redis | None = None,
+        redis: RedisClient | None = None,
         start: Start = "new",
         claim_idle_s: float = 60.0,
         batch: int = 100,
         block_s: float = BLOCK_S,
         follow: bool = True,
     ) -> None:
-        """``settings`` default to ``Settings.from_env()`` (the stream's name, REDIS_URL); without
-        ``redis`` a client is opened and ``aclose`` closes it. ``follow=False`` ends once nothing
-        new is left instead of waiting for more."""
+        """``settings`` default to ``Settings.from_env()`` (the stream's name, REDIS_URL: a single
+        Redis or a Redis Cluster); without ``redis`` a client is opened and ``aclose`` closes it.
+        ``follow=False`` ends once nothing new is left instead of waiting for more."""
         for name, value in (("group", group), ("consumer", consumer)):
             if not isinstance(value, str) or not _NAME.fullmatch(value):
                 raise InvalidOption(f"{name} must be 1..200 printable ASCII characters without spaces, not {value!r}")
@@ -104,7 +104,7 @@ class _GroupConsumer(RedisUser, Generic[E]):
         self.claim_idle_ms = int(_positive("claim_idle_s", claim_idle_s) * 1000)
         self.block_ms = int(blocking_read_s(self.settings, _positive("block_s", block_s)) * 1000)
         self.batch, self.follow = batch, follow
-        super().__init__(self.settings, redis)
+        super().__init__(self.settings, redis, connect_redis_or_cluster_of)
 
     @staticmethod
     def _stream(settings: Settings) -> str:

@@ -13,10 +13,21 @@ from typing import Final
 import orjson
 from aiohttp import web
 
-from producers.openapi import RETRY_AFTER_S
-from worker.core.errors import FieldError
+from producers.openapi import CONTENT_ENCODINGS, RETRY_AFTER_S
+from worker.core.errors import ConfigError, FieldError
+from worker.core.logs import get_logger
 
-__all__ = ["PROBLEM_TYPE", "Problem", "excerpt", "from_http_exception", "invalid", "named", "unavailable"]
+__all__ = [
+    "PROBLEM_TYPE",
+    "Problem",
+    "excerpt",
+    "from_http_exception",
+    "invalid",
+    "misconfigured",
+    "named",
+    "not_json",
+    "unavailable",
+]
 
 PROBLEM_TYPE: Final = "urn:leadstage:problem:"
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
@@ -61,9 +72,30 @@ def from_http_exception(exc: web.HTTPException) -> Problem:
     return Problem(exc.status, exc.reason, exc.text or exc.reason, headers=allow)
 
 
+def not_json(content_type: str) -> Problem:
+    """415 for a body of another content type than JSON."""
+    return Problem(415, "Unsupported Media Type", f"the body must be application/json, not {excerpt(content_type)!r}")
+
+
+def unsupported_encoding(given: str | None = None) -> Problem:
+    """415 for a Content-Encoding the service does not decode (``given``, when known), naming those it does."""
+    wanted = ", ".join(CONTENT_ENCODINGS)
+    detail = f"Content-Encoding must be one of {wanted}" + (f", not {excerpt(given)}" if given is not None else "")
+    accepted = ", ".join(coding for coding in CONTENT_ENCODINGS if coding != "identity")
+    return Problem(415, "Unsupported Media Type", detail, headers={"Accept-Encoding": accepted})
+
+
 def unavailable(detail: str) -> Problem:
     """503 with Retry-After: Redis is down or does not answer in time."""
     return Problem(503, "Service Unavailable", detail, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def misconfigured(error: ConfigError) -> Problem:
+    """503 for a Redis the service cannot use as configured (REDIS_URL names something that is not
+    Redis, or a database it does not have): the operator's to fix, so the reason goes to the log
+    (it names the setting, never its password) and the client is told to retry later."""
+    get_logger("leadstage.http").error("http.redis_misconfigured", error=str(error))
+    return unavailable("the service cannot use its Redis as configured; see the server log")
 
 
 def invalid(detail: str, errors: Sequence[Mapping[str, object]] = ()) -> Problem:

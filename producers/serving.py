@@ -4,7 +4,8 @@
 yields the bound address and stops the server on the way out. Its runner (``ProblemRunner``)
 answers what aiohttp's HTTP parser refuses before any handler runs (a bad request line, a bad
 header, a header over the 8 KiB field limit, bad chunking, a lying Content-Length) with a 400
-``application/problem+json``, as every other 4xx of the service, instead of aiohttp's text/plain;
+``application/problem+json`` (415 for a Content-Encoding it cannot decode), as every other 4xx
+of the service, instead of aiohttp's text/plain;
 the detail names the kind of error only. Such a request is logged as one warning line naming the
 kind of error, without the offending line (it may be a signature header or a piece of the body).
 
@@ -24,7 +25,7 @@ from typing import Final
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from producers.problems import Problem
+from producers.problems import Problem, unsupported_encoding
 from worker.core.errors import ConfigError
 
 __all__ = ["KEEPALIVE_TIMEOUT_S", "ProblemRunner", "log_malformed_requests_as_warnings", "serving"]
@@ -44,7 +45,6 @@ _MALFORMED: Final[dict[type[Exception], str]] = {
     http_exceptions.InvalidURLError: "the request target is malformed",
     http_exceptions.TransferEncodingError: "the chunked encoding is malformed",
     http_exceptions.ContentLengthError: "the Content-Length is wrong for the body",
-    http_exceptions.ContentEncodingError: "the body cannot be decoded",
     http_exceptions.HttpProcessingError: "the request is malformed",
 }
 
@@ -72,12 +72,15 @@ class _ProblemRequestHandler(RequestHandler):
         # aiohttp's own: it logs (see _malformed_requests_as_warnings) and refuses a second answer
         # on a connection that has sent part of one.
         super().handle_error(request, status, exc, message)
-        if status == HTTPStatus.BAD_REQUEST:
-            problem = Problem(status, "Bad Request", malformed_detail(exc), kind="malformed-request")
+        if isinstance(exc, http_exceptions.ContentEncodingError):
+            # Refused with the headers, before any body: a coding aiohttp knows but cannot decode
+            # here (br, zstd without their libraries). As any coding the service does not decode: 415.
+            problem = unsupported_encoding()
         elif status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+            # A handler's exception that no middleware turned into an answer (the outer ones).
             problem = Problem(status, HTTPStatus(status).phrase, "unexpected error; see the server log")
-        else:
-            problem = Problem(status, HTTPStatus(status).phrase, HTTPStatus(status).description)
+        else:  # the parser refused the request (aiohttp answers those 400)
+            problem = Problem(status, HTTPStatus(status).phrase, malformed_detail(exc), kind="malformed-request")
         response = problem.response()
         response.force_close()  # as aiohttp's: the connection's state is unknown after an error
         return response

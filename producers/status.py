@@ -35,7 +35,7 @@ import redis.exceptions
 from aiohttp import web
 
 from producers.openapi import STATUS_PATH
-from producers.problems import Problem, invalid, named, unavailable
+from producers.problems import Problem, invalid, misconfigured, named, unavailable
 from producers.waits import standing
 from producers.webhook_auth import ACCOUNT_HEADER
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
@@ -126,6 +126,8 @@ async def _get_change(request: web.Request) -> web.Response:
         status, event = await standing(state.redis, state.settings, account, key)
     except (RedisUnavailable, redis.exceptions.RedisError):
         raise unavailable("Redis is unavailable; retry later") from None
+    except ConfigError as exc:
+        raise misconfigured(exc) from None
     if status is None:
         raise Problem(404, "Not Found", f"account {account!r} has no change with idempotency key {key!r}")
     body = {**status, "event": None if event is None else event.as_dict()}

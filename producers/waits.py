@@ -24,9 +24,10 @@ import redis.exceptions
 
 from worker.core import keys, readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.core.errors import ConfigError, LeadstageError, PermanentError, RetryableError, redis_errors
+from worker.core.errors import ConfigError, InvalidEvent, LeadstageError, PermanentError, RetryableError, redis_errors
 from worker.core.ledger import Receipt
-from worker.core.results import TERMINAL_EVENTS, InvalidEvent, ResultEvent
+from worker.core.redis_connection import RedisClient
+from worker.core.results import ResultEvent
 from worker.core.settings import Settings
 from worker.core.states import TERMINAL
 
@@ -129,7 +130,7 @@ class OutcomeUnavailable(LeadstageError):
 
 
 async def standing(
-    client: aioredis.Redis, settings: Settings, account: str, idempotency_key: str
+    client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> tuple[dict[str, object] | None, ResultEvent | None]:
     """Where a change stands (``readers.change_status``) and its terminal event once it has one.
 
@@ -167,7 +168,7 @@ Delivery = ResultEvent | LeadstageError
 class SharedReader:
     """One blocking XREAD over the results stream, handing terminal events to the waits for them."""
 
-    def __init__(self, client: aioredis.Redis, stream: str, *, block_s: float = BLOCK_S) -> None:
+    def __init__(self, client: RedisClient, stream: str, *, block_s: float = BLOCK_S) -> None:
         """``block_s``: how long each XREAD blocks (``blocking_read_s``: less than the client's socket timeout)."""
         self.client, self.stream = client, stream
         self.block_ms = max(1, int(block_s * 1000))
@@ -242,7 +243,7 @@ class SharedReader:
 
     def _deliver(self, entry_id: str, fields: Mapping[bytes, bytes]) -> None:
         job = fields.get(b"job_id", b"").decode()
-        if job not in self._waiters or fields.get(b"event", b"").decode() not in TERMINAL_EVENTS:
+        if job not in self._waiters or fields.get(b"event", b"").decode() not in TERMINAL:
             return
         delivery: Delivery
         try:

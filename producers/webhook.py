@@ -51,7 +51,7 @@ from aiohttp import web
 
 from producers.library import ChangeItem, LeadStageProducer, Receipt
 from producers.openapi import CHANGES_PATH, location, openapi_document
-from producers.problems import Problem, from_http_exception, invalid, unavailable
+from producers.problems import Problem, from_http_exception, invalid, misconfigured, unavailable
 from producers.serving import log_malformed_requests_as_warnings, serving
 from producers.webhook_auth import (
     Verifier,
@@ -63,7 +63,7 @@ from producers.webhook_auth import (
 )
 from producers.webhook_body import changes_of, check_key, error_list, loads, read_body
 from worker.core import metrics, tracing
-from worker.core.errors import IdempotencyConflict, RedisUnavailable
+from worker.core.errors import ConfigError, IdempotencyConflict, RedisUnavailable
 from worker.core.logs import get_logger
 from worker.core.processes import signalled
 from worker.core.redis_connection import connect_redis_of, ping
@@ -191,6 +191,8 @@ async def _enqueue(state: _State, items: Sequence[Any]) -> list[Receipt]:
             f"{exc}; nothing was enqueued",
             kind="idempotency-conflict",
         ) from None
+    except ConfigError as exc:  # nothing was written: what answers is not a usable Redis
+        raise misconfigured(exc) from None
     except (TimeoutError, RedisUnavailable) as exc:
         error = f"no answer within {state.settings.redis_timeout_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
         log.warning("webhook.redis_unavailable", error=error)
@@ -211,6 +213,8 @@ async def _readyz(request: web.Request) -> web.Response:
         await ping(redis_client, READY_TIMEOUT_S)
     except RedisUnavailable as exc:
         raise unavailable(f"Redis does not answer: {exc}") from None
+    except ConfigError as exc:
+        raise misconfigured(exc) from None
     return web.json_response({"status": "ready"}, dumps=lambda obj: orjson.dumps(obj).decode())
 
 

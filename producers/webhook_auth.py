@@ -18,7 +18,7 @@ from typing import Any, Final
 from aiohttp import web
 from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 
-from producers.openapi import ACCOUNT_FIELD
+from producers.openapi_schemas import ACCOUNT_FIELD
 from producers.problems import Problem, excerpt, invalid, named
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.core.errors import ConfigError, InvalidChange
@@ -136,7 +136,7 @@ def signed_account(request: web.Request, known_accounts: frozenset[str], *, boun
                     {
                         "field": where,
                         "reason": f"is not covered by the signature and differs from the signed account "
-                        f"{account!r}: name the account in the body's {ACCOUNT_FIELD} field, or sign with "
+                        f"{excerpt(account)!r}: name the account in the body's {ACCOUNT_FIELD} field, or sign with "
                         "the account's own secret",
                     }
                 ],

@@ -20,7 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from producers.library import ItemError, field_errors
 from producers.openapi import CONTENT_ENCODINGS, MAX_BATCH
-from producers.problems import Problem, excerpt, invalid, named
+from producers.problems import Problem, excerpt, invalid, named, not_json, unsupported_encoding
 from worker.core.change import parse_envelope
 from worker.core.errors import InvalidChange
 
@@ -36,16 +36,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise Problem(413, "Content Too Large", f"the body is {request.content_length} bytes; at most {limit}")
     if request.content_type != "application/json":
-        raise Problem(415, "Unsupported Media Type", f"the body must be application/json, not {request.content_type}")
+        raise not_json(request.content_type)
     encodings = request.headers.getall("Content-Encoding", [])
     # Exactly what aiohttp decodes for us (one coding, compared after lower()), or nothing.
     if len(encodings) > 1 or (encodings and encodings[0].lower() not in CONTENT_ENCODINGS):
-        raise Problem(
-            415,
-            "Unsupported Media Type",
-            f"Content-Encoding must be one of {', '.join(CONTENT_ENCODINGS)}, not {excerpt(', '.join(encodings))}",
-            headers={"Accept-Encoding": ", ".join(c for c in CONTENT_ENCODINGS if c != "identity")},
-        )
+        raise unsupported_encoding(", ".join(encodings))
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
             return await request.read()

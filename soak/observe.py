@@ -21,8 +21,8 @@ import redis.exceptions
 
 from worker.core import keys
 from worker.core.ledger import now_ms
-from worker.core.results import TERMINAL_EVENTS
 from worker.core.settings import Settings
+from worker.core.states import TERMINAL
 
 #: Errors of a Redis that is restarting (connection refused or reset, loading its data).
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -69,7 +69,7 @@ class ResultsTail:
         if kind == "retrying":
             self.retries[event.get("error_code") or "?"] += 1
             return
-        if kind not in TERMINAL_EVENTS:
+        if kind not in TERMINAL:
             return
         self.outcomes[kind] += 1
         key = event.get("idempotency_key", "")

@@ -11,9 +11,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tests.redis_servers import RedisServer, start_redis
+from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, start_redis
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.ivvy import AiohttpTransport
 
 # CI runs the property and fuzz tests with a fixed seed, so a landing never fails by the draw;
 # elsewhere the draw is random and a failure prints the seed (``@reproduce_failure``) to replay it.
@@ -27,8 +28,9 @@ TEST_REDIS_SERVER = os.environ.get("LEADSTAGE_TEST_REDIS_SERVER", "redis://127.0
 TEST_DATABASES = range(15, 0, -1)
 
 
-#: Modules whose every test starts processes (workers, commands, servers): marked ``system``, so
-#: that ``pytest -m "not system"`` is the quick loop. Single tests elsewhere carry the mark themselves.
+#: Modules whose every test starts processes (workers, commands, servers) or fuzzes for seconds
+#: (schemathesis): marked ``system``, so that ``pytest -m "not system"`` is the quick loop. Single
+#: tests elsewhere carry the mark themselves, and so do modules with ``pytestmark = pytest.mark.system``.
 SYSTEM_MODULES = frozenset(
     {
         "test_chaos",
@@ -36,18 +38,37 @@ SYSTEM_MODULES = frozenset(
         "test_demo",
         "test_failover",
         "test_hostile_input",
+        "test_outcomes_cli",
         "test_processes",
         "test_rate_limit",
         "test_secrets",
         "test_shutdown",
+        "test_webhook_fuzz",
     }
 )
+#: How a module marks all of its tests ``system`` itself.
+SYSTEM_MODULE_MARK = "\npytestmark = pytest.mark.system"
 
 
+#: Fixtures that start a process (a redis-server of the test's own): a test using one is ``system``.
+SYSTEM_FIXTURES = frozenset({"private_redis"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.stem in SYSTEM_MODULES:
+        if item.path.stem in SYSTEM_MODULES or SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.system)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``-m "not system"``, a module whose every test is ``system`` is not even imported:
+    importing and collecting them (schemathesis prepares its cases at collection, the browser
+    tests import Playwright) is a third of the quick loop's time, for tests it would deselect."""
+    if str(config.getoption("markexpr")).replace(" ", "") != "notsystem" or collection_path.suffix != ".py":
+        return None
+    whole = collection_path.stem in SYSTEM_MODULES or SYSTEM_MODULE_MARK in collection_path.read_text(encoding="utf-8")
+    return True if whole else None
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +113,14 @@ async def fake_ivvy() -> AsyncIterator[RunningFakeIvvy]:
 
 
 @pytest.fixture
+async def transport() -> AsyncIterator[AiohttpTransport]:
+    """The real HTTP transport of the iVvy client, closed after the test."""
+    transport = AiohttpTransport()
+    yield transport
+    await transport.close()
+
+
+@pytest.fixture
 def ivvy_account(fake_ivvy: RunningFakeIvvy) -> Account:
     """The default account, pointing at ``fake_ivvy``."""
     return Account("default", fake_ivvy.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), rate_limit=1000.0)
@@ -105,3 +134,20 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster of three masters on free loopback ports, started once per test session."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(cluster_servers: RedisCluster) -> Iterator[str]:
+    """``REDIS_URL`` of the session's Redis Cluster (redis+cluster://), emptied before and after the test."""
+    cluster_servers.flush()
+    try:
+        yield cluster_servers.url
+    finally:
+        cluster_servers.flush()

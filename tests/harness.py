@@ -14,8 +14,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from worker.core.processes import python_module
-from worker.core.results import TERMINAL_EVENTS
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
+from worker.core.states import TERMINAL
 
 
 def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Settings:
@@ -81,7 +81,7 @@ async def wait_for_terminal(
     while True:
         terminal: dict[str, list[dict[str, str]]] = {}
         for event in await read_events(client, stream):
-            if event["event"] in TERMINAL_EVENTS:
+            if event["event"] in TERMINAL:
                 terminal.setdefault(event["idempotency_key"], []).append(event)
         missing = wanted - terminal.keys()
         if not missing:

@@ -1,5 +1,6 @@
 """Redis servers of a test's own, on free loopback ports: for tests that refuse writes, stall,
-replicate or fail over a Redis, which must not disturb the shared test Redis.
+replicate or fail over a Redis, which must not disturb the shared test Redis; and a Redis Cluster
+of three masters (``redis_cluster``) for the tests of ``redis+cluster://``.
 
 Each is the process toolkit's ``RedisServer`` (``worker.core.processes``), as the demo's, the
 benchmark's and the soak's Redis are; this module adds a client and starting it in one call.
@@ -8,13 +9,17 @@ benchmark's and the soak's Redis are; this module adds a client and starting it 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
 from worker.core import processes
-from worker.core.processes import LOOPBACK, Children
+from worker.core.processes import LOOPBACK, Children, free_port
 
 
 class RedisServer(processes.RedisServer):
@@ -49,4 +54,82 @@ def redis_servers(directory: Path, *configs: Sequence[str]) -> Iterator[list[Red
         yield servers
     finally:
         for server in servers:
+            server.kill()
+
+
+#: How long a new cluster may take until every node says cluster_state:ok.
+CLUSTER_READY_S = 30.0
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster of masters without replicas on loopback, every slot assigned."""
+
+    masters: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        """``REDIS_URL`` naming every master (a client needs one that answers to find the rest)."""
+        return "redis+cluster://" + ",".join(f"{LOOPBACK}:{server.port}" for server in self.masters) + "/"
+
+    def flush(self) -> None:
+        """Empty every master (FLUSHALL of this cluster's own servers, never of the shared Redis)."""
+        for server in self.masters:
+            with server.client() as client:
+                client.flushall()
+
+
+def start_redis_cluster(directory: Path, masters: int = 3) -> RedisCluster:
+    """``masters`` redis-servers with ``--cluster-enabled yes`` on free ports (their cluster bus on
+    free ports too), joined by ``redis-cli --cluster create``; returned once every node reports
+    ``cluster_state:ok`` and knows every master."""
+    cli = shutil.which("redis-cli")
+    assert cli is not None, "redis-cli is not installed (it comes with redis-server: scripts/setup.sh)"
+    servers: list[RedisServer] = []
+    try:
+        for index in range(masters):
+            port = free_port()
+            servers.append(
+                start_redis(
+                    directory / f"node-{index}",
+                    *("--cluster-enabled", "yes", "--cluster-port", str(free_port())),
+                    *("--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000"),
+                    port=port,
+                )
+            )
+        create = [cli, "--cluster", "create", *(f"{LOOPBACK}:{s.port}" for s in servers)]
+        subprocess.run(  # noqa: S603 - redis-cli with fixed arguments
+            [*create, "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60
+        )
+        _wait_for_cluster(servers)
+    except BaseException:
+        for server in servers:
+            server.kill()
+        raise
+    return RedisCluster(servers)
+
+
+def _wait_for_cluster(servers: Sequence[RedisServer]) -> None:
+    deadline = time.monotonic() + CLUSTER_READY_S
+    while True:
+        views = []
+        for server in servers:
+            with server.client() as client:
+                info = client.execute_command("CLUSTER", "INFO").decode()
+                known = sum(1 for line in client.execute_command("CLUSTER", "NODES").decode().splitlines() if line)
+            views.append("cluster_state:ok" in info and known == len(servers))
+        if all(views):
+            return
+        assert time.monotonic() < deadline, f"the cluster was not ready within {CLUSTER_READY_S:g} s: {views}"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def redis_cluster(directory: Path, masters: int = 3) -> Iterator[RedisCluster]:
+    """A cluster of ``masters`` (``start_redis_cluster``), every server stopped at the end."""
+    cluster = start_redis_cluster(directory, masters)
+    try:
+        yield cluster
+    finally:
+        for server in cluster.masters:
             server.kill()

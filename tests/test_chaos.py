@@ -15,14 +15,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.harness import (
-    read_events,
-    start_worker_process,
-    stop_process,
-    wait_for_terminal,
-    worker_env,
-    worker_settings,
-)
+from tests import harness
 from tests.redis_servers import RedisServer
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
@@ -55,7 +48,7 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
     fake: RunningFakeIvvy, private_redis: RedisServer, tmp_path: Path
 ) -> None:
     rng = random.Random(5)
-    settings = worker_settings(private_redis.url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30)
+    settings = harness.worker_settings(private_redis.url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30)
     redis_client = aioredis.Redis.from_url(private_redis.url)
     ledger = Ledger(redis_client, settings)
     stages = [fake.fake.add_stage(f"Seeded {i}", apply_to=1) for i in range(20)]
@@ -80,10 +73,10 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
                 expected[change.id].update({k: v for k, v in fields.items() if v is not None})
 
     fake.fake.update_faults(ALL_FAULTS)
-    env = worker_env(settings)
+    env = harness.worker_env(settings)
     log = tmp_path / "workers.log"
     envs = [{**env, "LEADSTAGE_TEST_CLOCK_OFFSET": offset} for offset in CLOCK_OFFSETS_S]
-    workers = [start_worker_process(worker, log) for worker in envs]
+    workers = [harness.start_worker_process(worker, log) for worker in envs]
     admin = private_redis.client()
     kills = 0
     batches = [changes[i : i + 40] for i in range(0, len(changes), 40)]
@@ -102,14 +95,14 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
                 victim.send_signal(signal.SIGKILL)
                 victim.wait(10)
                 kills += 1
-                workers.append(start_worker_process(envs[kills % len(envs)], log))
+                workers.append(harness.start_worker_process(envs[kills % len(envs)], log))
         started = time.monotonic()
-        terminal = await wait_for_terminal(redis_client, [key for _, key in changes], within_s=150)
+        terminal = await harness.wait_for_terminal(redis_client, [key for _, key in changes], within_s=150)
         settle = time.monotonic() - started
     finally:
         admin.config_set("maxmemory", 0)
         for process in workers:
-            stop_process(process)
+            harness.stop_process(process)
     try:
         await check_invariants(fake, redis_client, changes, terminal, stages, expected, kills, settle)
     finally:
@@ -149,9 +142,13 @@ async def check_invariants(
         actual = fake.fake.stages[stage.id]
         assert {"name": actual.name, "colour": actual.colour, "apply_to": actual.apply_to} == expected[stage.id]
 
-    retries = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+    retries = [e for e in await harness.read_events(redis_client) if e["event"] == "retrying"]
     assert {e["error_code"] for e in retries} >= {"timeout", "connection", "unavailable", "rate_limited"}
     assert "504" in {e["http_status"] for e in retries}  # some adds were committed behind a lying gateway
+    # Updates of one stage due together went out coalesced, under the same faults and kills.
+    coalesced = sum(1 for events in terminal.values() if events[0]["sent_as"] == "coalesced")
+    assert coalesced > 0
     print(
-        f"chaos: {len(changes)} changes, {kills} kills, {len(retries)} retries, done {settle:.1f}s after the last kill"
+        f"chaos: {len(changes)} changes, {kills} kills, {len(retries)} retries, {coalesced} coalesced,"
+        f" done {settle:.1f}s after the last kill"
     )

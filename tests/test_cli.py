@@ -538,6 +538,20 @@ def test_bad_settings_and_flags_are_one_line_naming_them(leadstage: Run, redis_u
         assert "unexpected" not in result.stderr
 
 
+def test_errors_name_what_was_given_in_the_command_line_terms(leadstage: Run, db: redis.Redis, tmp_path: Path) -> None:
+    """Item 9: a bad duration names the flag; a line of bytes that is not UTF-8 is said to be so
+    (orjson calls it a "str" with surrogates), with the byte's place."""
+    result = leadstage("dlq", "replay", "--since", "5x")
+    assert result.returncode == 2
+    assert one_error_line(result).startswith("leadstage: error: --since must be a duration such as 90s")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + '{"name": "Caf\u00e9", "applyTo": 1}\n'.encode("latin-1"))
+    result = leadstage("enqueue", "--file", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == "line 2: is not UTF-8 text (byte 14 of the line is 0xe9)"
+    assert queued(db) == 0
+
+
 def test_a_redis_url_at_a_server_that_is_not_redis_is_a_config_error(leadstage: Run) -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -575,11 +589,11 @@ def test_the_worker_with_redis_down_at_start_is_one_line(leadstage: Run) -> None
 
 
 @contextlib.contextmanager
-def own_redis_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def own_redis_server(*options: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A redis-server of this test on a free port of its own (it may be stopped with SIGSTOP)."""
     port = free_port()
     process = subprocess.Popen(  # noqa: S603 - a fixed command
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],  # noqa: S607 - on PATH
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options],  # noqa: S607 - on PATH
         stdout=subprocess.DEVNULL,
     )
     try:
@@ -612,6 +626,9 @@ def test_a_hung_redis_ends_each_command_with_one_line_in_bounded_time(leadstage:
             (("stats",), True),
             (("status", "k"), True),
             (("results",), True),
+            (("results", "--group", "g"), True),
+            (("dlq", "list"), True),
+            (("dlq", "replay", "--all"), True),
         ]:
             result = leadstage(*args, extra_env=extra)  # the fixture's own timeout (60 s) fails a hang
             assert result.returncode == 1, result.stderr
@@ -620,6 +637,40 @@ def test_a_hung_redis_ends_each_command_with_one_line_in_bounded_time(leadstage:
             assert "LEADSTAGE_REDIS_TIMEOUT 0.5 s" in line
             # Nothing reached Redis: the enqueue says so (the connection's first command got no answer).
             assert line.endswith("; nothing enqueued") != written, line
+
+
+def test_a_redis_that_takes_no_connection_is_given_up_after_the_connect_timeout(leadstage: Run) -> None:
+    """Item 4: connecting has its own bound, LEADSTAGE_REDIS_CONNECT_TIMEOUT, and the error names it.
+
+    A stopped redis-server whose accept queue is full answers no handshake (the kernel drops the
+    SYN): with a command timeout of 600 s only the connect timeout can end the command in time.
+    """
+    with own_redis_server("--tcp-backlog", "1") as (server, url):
+        server.send_signal(signal.SIGSTOP)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        held: list[socket.socket] = []
+        try:
+            for _ in range(64):  # fill the accept queue: the next connection gets no answer
+                sock = socket.socket()
+                sock.settimeout(0.5)
+                try:
+                    sock.connect(("127.0.0.1", port))
+                except TimeoutError:
+                    sock.close()
+                    break
+                held.append(sock)
+            else:
+                pytest.fail("the stopped redis-server kept taking connections")
+            extra = {"REDIS_URL": url, "LEADSTAGE_REDIS_TIMEOUT": "600", "LEADSTAGE_REDIS_CONNECT_TIMEOUT": "0.5"}
+            for args in (("stats",), ("enqueue", "--name", "x", "--apply-to", "1")):
+                result = leadstage(*args, extra_env=extra)  # the fixture's own timeout (60 s) fails a hang
+                assert result.returncode == 1, result.stderr
+                line = one_error_line(result)
+                assert "Redis is unavailable: TimeoutError" in line
+                assert "LEADSTAGE_REDIS_CONNECT_TIMEOUT 0.5 s" in line
+        finally:
+            for sock in held:
+                sock.close()
 
 
 class WithholdingProxy:
@@ -801,7 +852,8 @@ def test_help_and_a_single_enqueue_import_only_what_they_need(env: dict[str, str
         "from worker.cli import main\n"
         "with contextlib.suppress(SystemExit):\n"
         "    main(sys.argv[1:])\n"
-        "heavy = ('redis', 'structlog', 'prometheus_client', 'aiohttp', 'arq')\n"
+        "heavy = ('redis', 'structlog', 'prometheus_client', 'aiohttp', 'arq', 'worker.runner', 'worker.job',\n"
+        "         'worker.devtools', 'worker.console', 'worker.cli.bulk', 'worker.cli.reads', 'worker.cli.servers')\n"
         "print('imported:', *sorted(m for m in heavy if m in sys.modules))\n"
     )
 
@@ -815,6 +867,8 @@ def test_help_and_a_single_enqueue_import_only_what_they_need(env: dict[str, str
     assert imported("enqueue", "--help") == "imported:"
     assert imported("enqueue", "--name", "x", "--apply-to", "1") == "imported: redis"
     assert queued(db) == 1
+    # A read command loads its own module, not the enqueue's nor the servers'.
+    assert imported("stats") == "imported: redis worker.cli.reads"
 
 
 def test_a_line_that_repeats_a_key_is_refused_not_read_as_its_last_value(leadstage: Run, db: redis.Redis) -> None:

@@ -12,8 +12,6 @@ import aiohttp
 import jsonschema_rs
 import pytest
 import redis.asyncio as aioredis
-import schemathesis
-from schemathesis.core.result import Ok
 
 from tests.console_support import (
     MISSING_STAGE,
@@ -34,6 +32,7 @@ from worker.console.openapi import openapi_document
 from worker.core import keys
 from worker.core.errors import ConfigError
 from worker.core.ledger import Ledger
+from worker.core.redis_connection import connect_redis_of
 from worker.core.settings import DEMO_API_SECRET, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
@@ -193,6 +192,25 @@ async def test_login_sets_an_httponly_samesite_cookie_and_posts_need_the_csrf_to
                 assert response.status == 303
 
 
+@pytest.mark.parametrize(
+    ("target", "location"),
+    [
+        ("/failures\r\nSet-Cookie: evil=1", "/"),  # header injection: refused
+        ("/\u2028x", "/"),
+        ("//elsewhere.example/", "/"),
+        ("/changes?key=caf\u00e9", "/changes?key=caf%C3%A9"),
+    ],
+)
+async def test_the_login_goes_only_to_a_path_a_location_header_can_carry(
+    console: str, http: aiohttp.ClientSession, target: str, location: str
+) -> None:
+    data = {"token": TOKEN, "next": target}
+    async with http.post(console + "/login", data=data, allow_redirects=False) as response:
+        assert response.status == 303
+        assert response.headers["Location"] == location
+        assert "evil" not in response.cookies
+
+
 async def test_the_cookie_is_secure_behind_a_declared_tls_proxy(
     settings: Settings, redis_client: aioredis.Redis, http: aiohttp.ClientSession
 ) -> None:
@@ -228,6 +246,24 @@ async def test_no_secret_is_ever_shown(
                     assert secret not in body
     finally:
         await unreachable.aclose()
+
+
+async def test_a_redis_url_that_is_not_redis_is_503_not_a_400(
+    fake_ivvy: RunningFakeIvvy, http: aiohttp.ClientSession
+) -> None:
+    """REDIS_URL at an HTTP server (the fake iVvy) is the operator's mistake, not the request's."""
+    settings = console_settings(fake_ivvy.url.replace("http://", "redis://") + "/0", fake_ivvy.url)
+    not_redis = connect_redis_of(settings)
+    try:
+        async with (
+            running_console(settings, not_redis) as url,
+            http.get(url + API + "/failures", headers=bearer()) as response,
+        ):
+            assert response.status == 503
+            assert response.content_type == "application/problem+json"
+            assert "see the server log" in (await response.json(content_type=None))["detail"]
+    finally:
+        await not_redis.aclose()
 
 
 async def test_the_overview_shows_what_redis_holds(
@@ -390,6 +426,14 @@ async def test_a_body_that_is_not_json_is_refused(console: str, http: aiohttp.Cl
         assert response.status == 415
     async with http.get(url, headers=bearer()) as response:
         assert response.status == 405
+        assert response.headers["Allow"] == "POST"  # the 405's own header, kept in the problem
+    async with http.post(url, data=b"{}", headers={**bearer(), "Content-Type": "text/" + "x" * 7000}) as response:
+        assert response.status == 415
+        assert len(await response.read()) < 1000  # what was sent is not echoed whole
+    for limit in ("9" * 7000, "\u00b2", "\u0665"):  # int() refuses all three: never a 500
+        async with http.get(console + API + "/failures", params={"limit": limit}, headers=bearer()) as response:
+            assert response.status == 400, limit
+            assert len(await response.read()) < 1000
 
 
 async def test_requests_the_parser_refuses_are_problems_without_echoes(console: str) -> None:
@@ -435,7 +479,11 @@ async def test_a_changes_timeline_shows_each_attempt(
         assert (await response.json(content_type=None))["errors"][0]["field"] == "account"
 
 
+@pytest.mark.system  # schemathesis takes seconds to load: with the fuzz tests, in the full suite
 async def test_the_openapi_document_is_served_and_valid(console: str, http: aiohttp.ClientSession) -> None:
+    import schemathesis
+    from schemathesis.core.result import Ok
+
     document = await get(http, console + API + "/openapi.json")
     assert document == openapi_document()
     operations = set()

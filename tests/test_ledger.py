@@ -228,3 +228,59 @@ async def test_adopt_gives_each_stage_to_one_add(ledger: Ledger) -> None:
     assert await ledger.adopt("default", "default:b", runs["b"], [10, 11]) == 11
     assert await ledger.adopt("default", "default:a", runs["a"], [10, 11]) == 10
     assert await ledger.adopt("default", "default:c", runs["c"], [10, 11]) is None
+
+
+async def test_a_claim_takes_as_many_due_changes_as_free_slots(ledger: Ledger, redis_client: aioredis.Redis) -> None:
+    for i in range(5):
+        await enqueue(ledger, f"c{i}", {"name": f"Claimed {i}", "applyTo": 1})
+    claim = await ledger.claim("default", WORKER, RATE, 0, 3)
+    assert [(s.decision, s.job_id, s.run) for s in claim.starts] == [("go", f"default:c{i}", 1) for i in range(3)]
+    head = await redis_client.zrange(QUEUE, 0, 0, withscores=True)
+    # The fourth change is still due: from its due time, or the rate limiter's next slot if later.
+    assert int(head[0][1]) <= claim.account_next_ms <= now_ms() + 1
+    slow = await ledger.claim("default", WORKER, 10.0, 0, 2)  # 10/s: one slot now, the next in 100 ms
+    assert [s.job_id for s in slow.starts] == ["default:c3"]
+    assert (slow.rate_reason, 0 < slow.rate_wait_ms <= 100) == ("rate", True)
+
+
+async def test_runs_that_end_together_are_recorded_in_one_call_each_fenced_on_its_own(
+    ledger: Ledger, redis_client: aioredis.Redis
+) -> None:
+    changes = [await enqueue(ledger, f"e{i}", {"name": f"Ended {i}", "applyTo": 1}) for i in range(3)]
+    claim = await ledger.claim("default", WORKER, RATE, 0, 3)
+    runs = [start.run for start in claim.starts]
+    runs[1] += 1  # a run that is not the change's current one any more
+    finished = await asyncio.gather(
+        *(
+            ledger.finish(f"default:e{i}", runs[i], changes[i], event=event("succeeded", f"e{i}"), history={})
+            for i in range(3)
+        )
+    )
+    assert [(f.recorded, f.refused_because) for f in finished] == [(True, ""), (False, "fenced"), (True, "")]
+    assert await redis_client.zrange(QUEUE, 0, -1) == [b"default:e1"]
+    assert await redis_client.xlen(ledger.settings.results_stream) == 2
+
+
+async def test_a_change_does_not_expire_until_it_is_done(ledger: Ledger, redis_client: aioredis.Redis) -> None:
+    change = await enqueue(ledger, "kept", {"name": "Kept", "applyTo": 1})
+    assert await redis_client.pttl(keys.ledger_key("default:kept")) == -1
+    started = await start(ledger, "kept")
+    assert await finish(ledger, "kept", change, started, "succeeded")
+    retention_ms = ledger.settings.ledger_retention_s * 1000
+    assert retention_ms - 60_000 < await redis_client.pttl(keys.ledger_key("default:kept")) <= retention_ms
+
+
+async def test_a_lock_taken_over_after_it_expired_is_put_back_by_the_run_that_lost_it(
+    ledger: Ledger, redis_client: aioredis.Redis
+) -> None:
+    old = await enqueue(ledger, "old", {"id": 9, "colour": "#111111"})
+    first = await start(ledger, "old")
+    lock = keys.stage_lock_key("default", "9")
+    await redis_client.delete(lock)  # as if it expired while the old run went on
+    await enqueue(ledger, "new", {"id": 9, "applyTo": 2})
+    newer = await start(ledger, "new")
+    assert newer.decision == "go"
+    taken = await redis_client.get(lock)
+    assert await finish(ledger, "old", old, first, "succeeded")
+    assert await redis_client.get(lock) == taken  # the newer change's lock, as it was
+    assert 0 < await redis_client.pttl(lock) <= ledger.lock_ms

@@ -422,6 +422,7 @@ def test_lines_left_by_a_stopped_loop_go_out_with_the_next_loops(tmp_path: Path)
         assert file_events(path) == ["first", "second"]
 
 
+@pytest.mark.system  # a fresh interpreter, to see what it writes at exit
 def test_waiting_lines_are_written_at_exit() -> None:
     script = """
 import asyncio

@@ -14,8 +14,7 @@ from producers.waits import InvalidOption, OutcomeUnavailable, UnknownChange, Wa
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisServer
 from worker.core import readers
-from worker.core.errors import InvalidChange, RedisUnavailable
-from worker.core.results import InvalidEvent
+from worker.core.errors import InvalidChange, InvalidEvent, RedisUnavailable
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
@@ -316,11 +315,11 @@ async def test_a_consumer_blocks_for_less_than_a_short_redis_timeout_and_gets_la
 ) -> None:
     """A blocking read longer than the socket timeout would end as "Redis does not answer": each
     read blocks half of LEADSTAGE_REDIS_TIMEOUT at most."""
-    short = dataclasses.replace(settings, redis_timeout_s=0.4)
+    short = dataclasses.replace(settings, redis_timeout_s=1.0)
     async with ResultsConsumer("short", "c1", settings=short) as consumer:  # its own client: the short timeout
-        assert consumer.block_ms == 200
+        assert consumer.block_ms == 500  # not block_s: 2 s
         first = asyncio.ensure_future(anext(aiter(consumer)))
-        await asyncio.sleep(1.5)  # several blocking reads end with nothing: none may fail
+        await asyncio.sleep(2.5)  # several blocking reads end with nothing: none may fail
         assert not first.done()
         await finished(settings, producer, redis_client, 1)
         event = await asyncio.wait_for(first, 30)

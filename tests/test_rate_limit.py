@@ -9,15 +9,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.harness import (
-    eventually,
-    read_events,
-    start_worker_process,
-    stop_process,
-    wait_for_terminal,
-    worker_env,
-    worker_settings,
-)
+from tests import harness
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.settings import Settings
@@ -51,14 +43,14 @@ def arrivals(fake: RunningFakeIvvy, fault: str | None = None) -> list[float]:
 async def test_three_worker_processes_keep_to_the_account_rate_limit(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
-    settings = worker_settings(redis_url, fake.url, rate_limit=RATE)
+    settings = harness.worker_settings(redis_url, fake.url, rate_limit=RATE)
     keys = await enqueue_adds(Ledger(redis_client, settings), 40)
-    workers = [start_worker_process(worker_env(settings), tmp_path / "w.log") for _ in range(3)]
+    workers = [harness.start_worker_process(harness.worker_env(settings), tmp_path / "w.log") for _ in range(3)]
     try:
-        await wait_for_terminal(redis_client, keys, within_s=60)
+        await harness.wait_for_terminal(redis_client, keys, within_s=60)
     finally:
         for process in workers:
-            stop_process(process)
+            harness.stop_process(process)
     times = arrivals(fake)
     assert len(times) == 40
     # GCRA with a burst of one: at most RATE requests start in any one-second window (+1 for the
@@ -73,19 +65,19 @@ async def test_three_worker_processes_keep_to_the_account_rate_limit(
 async def test_a_429_pauses_every_job_of_the_account(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    settings: Settings = worker_settings(redis_url, fake.url, rate_limit=1000.0)
+    settings: Settings = harness.worker_settings(redis_url, fake.url, rate_limit=1000.0)
     fake.fake.update_faults({"rate_limit_rate": 1.0, "retry_after_s": 1})
     keys = await enqueue_adds(Ledger(redis_client, settings), 10)
     async with running_worker(settings):
 
         async def a_429_was_seen() -> bool:
-            return any(e["error_code"] == "rate_limited" for e in await read_events(redis_client))
+            return any(e["error_code"] == "rate_limited" for e in await harness.read_events(redis_client))
 
         # Once a worker has seen the 429, no request of the account may leave before Retry-After.
-        await eventually(a_429_was_seen)
+        await harness.eventually(a_429_was_seen)
         await asyncio.sleep(0.05)  # requests already on the wire then still meet the 429 fault
         fake.fake.update_faults({"rate_limit_rate": 0.0})
-        await wait_for_terminal(redis_client, keys, within_s=30)
+        await harness.wait_for_terminal(redis_client, keys, within_s=30)
     limited, served = arrivals(fake, "429"), arrivals(fake)
     assert len(served) == 10
     assert served[0] - min(limited) >= 0.95

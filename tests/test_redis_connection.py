@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
 
 from worker.core.errors import ConfigError, RedisCredentialsRefused, RedisUnavailable
 from worker.core.processes import free_port
-from worker.core.redis_connection import RedisTarget, connect_redis, parse_redis_url, ping, printable_url
+from worker.core.redis_connection import (
+    RedisTarget,
+    connect_redis,
+    connect_redis_or_cluster,
+    parse_redis_url,
+    ping,
+    printable_url,
+)
 from worker.runner import redis_settings
 
 URLS = [
@@ -30,6 +39,15 @@ URLS = [
         RedisTarget("redis+sentinel", (("s1", 5000),), 2, None, "pw", service="cache"),
     ),
     ("redis+sentinel://s1", RedisTarget("redis+sentinel", (("s1", 26379),), service="mymaster")),
+    ("redis+cluster://n1:7000,n2:7001/", RedisTarget("redis+cluster", (("n1", 7000), ("n2", 7001)))),
+    ("redis+cluster://n1", RedisTarget("redis+cluster", (("n1", 6379),))),
+    ("redis+cluster://n1,[::1]:7002/0", RedisTarget("redis+cluster", (("n1", 6379), ("::1", 7002)))),
+    ("redis+cluster://:pa%40ss@n1:7000/", RedisTarget("redis+cluster", (("n1", 7000),), 0, None, "pa@ss")),
+    (
+        "redis+cluster://user:pw@n1:7000,n2:7000/",
+        RedisTarget("redis+cluster", (("n1", 7000), ("n2", 7000)), 0, "user", "pw"),
+    ),
+    ("rediss+cluster://:pw@n1:7000/", RedisTarget("rediss+cluster", (("n1", 7000),), 0, None, "pw")),
 ]
 
 
@@ -39,15 +57,25 @@ def test_every_form_is_parsed(url: str, target: RedisTarget) -> None:
 
 
 BAD = [
-    ("http://cache:6379", r"REDIS_URL must be a redis://, rediss://, unix:// or redis\+sentinel:// URL"),
+    (
+        "http://cache:6379",
+        r"REDIS_URL must be a redis://, rediss://, unix://, redis\+sentinel:// or redis\+cluster:// URL",
+    ),
     ("cache:6379", r"must be a redis://"),
     ("redis://cache:port/0", r"the port must be a number 1..65535, not 'port'"),
     ("redis://cache:0", r"the port must be a number 1..65535, not '0'"),
     ("redis://cache:70000", r"the port must be a number 1..65535"),
     ("redis://cache/first", r"the database must be a whole number, not 'first'"),
-    ("redis://a,b/0", r"names several hosts; only redis\+sentinel:// URLs may"),
+    ("redis://a,b/0", r"names several hosts; only redis\+sentinel:// and redis\+cluster:// URLs may"),
     ("unix://relative.sock", r"must name the socket's absolute path"),
     ("redis+sentinel:///cache", r"names no Sentinel host"),
+    ("redis+cluster:///", r"names no cluster node"),
+    ("redis+cluster://,/", r"names no cluster node"),
+    ("redis+cluster://n1:7000/2", r"a Redis Cluster has database 0 only"),
+    ("redis+cluster://n1:7000/?db=1", r"a Redis Cluster has database 0 only"),
+    ("redis+cluster://n1:7000,n2:x/", r"the port must be a number 1..65535, not 'x'"),
+    ("rediss+cluster://n1:99999/", r"the port must be a number 1..65535"),
+    ("redis+cluster://n1/zero", r"the database must be a whole number, not 'zero'"),
 ]
 
 
@@ -66,6 +94,8 @@ def test_a_bad_url_is_a_config_error_without_its_password(url: str, message: str
         ("rediss://user:pw@cache/1", "rediss://cache/1"),
         ("redis+sentinel://:pw@s1,s2/cache", "redis+sentinel://s1,s2/cache"),
         ("unix://:pw@/run/redis.sock", "unix:///run/redis.sock"),
+        ("redis+cluster://user:pw@n1:7000,n2:7001/", "redis+cluster://n1:7000,n2:7001/"),
+        ("rediss+cluster://:p%40ss@n1/", "rediss+cluster://n1/"),
     ],
 )
 def test_printable_url_drops_the_credentials(url: str, printable: str) -> None:
@@ -99,6 +129,43 @@ async def test_a_client_for_each_form_is_made_without_io() -> None:
         client = connect_redis(url)
         assert isinstance(client, aioredis.Redis)
         await client.aclose()
+        either = connect_redis_or_cluster(url)
+        assert isinstance(either, aioredis.Redis)
+        await either.aclose()
+    for url in ("redis+cluster://user:pw@n1:7000,n2:7001/", "rediss+cluster://n1/"):
+        cluster = connect_redis_or_cluster(url)
+        assert isinstance(cluster, RedisCluster)
+        target = parse_redis_url(url)
+        assert [(node.host, node.port) for node in cluster.nodes_manager.startup_nodes.values()] == list(target.hosts)
+        assert (cluster.connection_kwargs["connection_class"] is SSLConnection) == target.tls
+        await cluster.aclose()
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://:hunter2@n1:7000/", "rediss+cluster://n1/"])
+def test_what_does_not_run_on_a_cluster_refuses_a_cluster_url(url: str) -> None:
+    for refuses in (connect_redis, redis_settings):
+        with pytest.raises(ConfigError, match="names a Redis Cluster: enqueuing, replaying and the worker") as refusal:
+            refuses(url)
+        assert "hunter2" not in str(refusal.value)
+
+
+async def test_a_cluster_client_translates_redis_errors(redis_url: str) -> None:
+    """No node answering, a refused password and a server not in cluster mode are the errors a
+    single Redis gives for the same faults (the shared test Redis is not a cluster)."""
+    server = redis_url.rpartition("/")[0].removeprefix("redis://")
+    cases = [
+        (f"redis+cluster://127.0.0.1:{free_port()}/", RedisUnavailable, "no node of the Redis Cluster answers"),
+        (f"redis+cluster://nobody:hunter2@{server}/", RedisCredentialsRefused, "refused the credentials"),
+        (f"redis+cluster://{server}/", ConfigError, "the server there is not in cluster mode"),
+    ]
+    for url, error, message in cases:
+        client = connect_redis_or_cluster(url, timeout_s=2, connect_timeout_s=2)
+        try:
+            with pytest.raises(error, match=message) as refusal:
+                await ping(client, 5)
+            assert "hunter2" not in str(refusal.value)
+        finally:
+            await client.aclose()
 
 
 async def test_ping_translates_redis_errors(redis_url: str) -> None:

@@ -33,6 +33,7 @@ GOOD = [
     ("LEADSTAGE_POLL_DELAY", "0.5", "poll_delay_s", 0.5),
     ("LEADSTAGE_SHUTDOWN_GRACE", "3", "shutdown_grace_s", 3.0),
     ("LEADSTAGE_LEASE", "4", "lease_s", 4.0),
+    ("LEADSTAGE_COALESCE_MAX", "1", "coalesce_max", 1),
     ("LEADSTAGE_REDIS_MIN_REPLICAS", "0", "redis_min_replicas", 0),
     ("LEADSTAGE_REDIS_MIN_REPLICAS", "2", "redis_min_replicas", 2),
     ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "0.5", "redis_replica_timeout_s", 0.5),
@@ -55,7 +56,11 @@ GOOD = [
 
 #: (variable, raw value, what the error says)
 BAD = [
-    ("REDIS_URL", "http://cache:6379", r"REDIS_URL must be a redis://, rediss://, unix:// or redis\+sentinel:// URL"),
+    (
+        "REDIS_URL",
+        "http://cache:6379",
+        r"REDIS_URL must be a redis://, rediss://, unix://, redis\+sentinel:// or redis\+cluster:// URL",
+    ),
     ("REDIS_URL", "redis://:hunter2@cache:notaport/0", r"REDIS_URL \(redis://cache:notaport/0\): the port must be"),
     ("LEADSTAGE_RATE_LIMIT", "0", r"LEADSTAGE_RATE_LIMIT must be a positive number, not '0'"),
     ("LEADSTAGE_RATE_LIMIT", "nan", r"LEADSTAGE_RATE_LIMIT must be a positive number, not 'nan'"),
@@ -63,6 +68,10 @@ BAD = [
     ("LEADSTAGE_MAX_AGE", "-1", r"LEADSTAGE_MAX_AGE must be a positive number"),
     ("LEADSTAGE_MAX_ATTEMPTS", "1.5", r"LEADSTAGE_MAX_ATTEMPTS must be a positive whole number, not '1.5'"),
     ("LEADSTAGE_CONCURRENCY", "0", r"LEADSTAGE_CONCURRENCY must be a positive whole number, not '0'"),
+    ("LEADSTAGE_COALESCE_MAX", "0", r"LEADSTAGE_COALESCE_MAX must be a positive whole number, not '0'"),
+    # Digits that are not ASCII: int() reads the first as 4 and fails on the second with a ValueError.
+    ("LEADSTAGE_CONCURRENCY", "\u0664", r"LEADSTAGE_CONCURRENCY must be a positive whole number, not '\u0664'"),
+    ("LEADSTAGE_METRICS_PORT", "\u00b2", r"LEADSTAGE_METRICS_PORT must be a port number 0..65535"),
     ("LEADSTAGE_METRICS_PORT", "65536", r"LEADSTAGE_METRICS_PORT must be a port number 0..65535"),
     ("LEADSTAGE_METRICS_PORT", "-1", r"LEADSTAGE_METRICS_PORT must be a port number"),
     ("LEADSTAGE_QUEUE", "my queue", r"LEADSTAGE_QUEUE must be a Redis key name without spaces, not 'my queue'"),

@@ -316,6 +316,7 @@ def leadstage(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.system  # runs the command
 async def test_the_cli_continues_a_traceparent_from_its_environment(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
@@ -340,6 +341,7 @@ def test_an_unknown_exporter_is_refused_by_name() -> None:
     assert "OTEL_TRACES_EXPORTER names no installed exporter: 'nonesuch'" in result.stderr
 
 
+@pytest.mark.system  # a fresh interpreter: logging configured before tracing
 def test_log_lines_carry_the_trace_ids_when_logging_is_configured_before_anything_traced() -> None:
     script = """
 from opentelemetry import trace
@@ -363,6 +365,7 @@ with trace.get_tracer("test").start_as_current_span("work"):
     assert line["trace_id"] in result.stdout.replace('"0x', '"')  # the span the console printed
 
 
+@pytest.mark.system  # a fresh interpreter: what tracing off imports
 def test_tracing_off_imports_nothing_and_changes_nothing() -> None:
     script = """
 import sys

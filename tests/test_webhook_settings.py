@@ -118,6 +118,7 @@ def eu_webhook(tmp_path: Path, redis_url: str) -> Iterator[WebhookProcess]:
         yield served
 
 
+@pytest.mark.system  # serves the webhook as a process
 async def test_the_served_webhook_routes_by_the_accounts_own_secret(
     eu_webhook: WebhookProcess, redis_client: aioredis.Redis
 ) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from worker import coalesce
 from worker.backoff import backoff_seconds
 from worker.core import keys, metrics, tracing
 from worker.core.change import LeadStageChange, parse_change
@@ -46,9 +47,9 @@ from worker.core.errors import (
 )
 from worker.core.ledger import Ledger, Start
 from worker.core.logs import bind_job_context, get_logger
-from worker.core.results import Event, JobFacts, build_event
+from worker.core.results import JobFacts, build_event
 from worker.core.settings import Settings
-from worker.core.states import UNACCOUNTED, Decision
+from worker.core.states import UNACCOUNTED, Decision, Outcome
 from worker.ivvy import IvvyClient
 
 log = get_logger("leadstage.job")
@@ -113,7 +114,7 @@ class Runtime:
             raise StaleRun(job_id, lease.run if lease else 0)
 
 
-async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, start: Start) -> str:
+async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, start: Start) -> Outcome:
     """The job, for a start that has work to do; returns the state the change reached."""
     runtime: Runtime = ctx["runtime"]
     account, idempotency_key = keys.split_job_id(job_id)
@@ -121,19 +122,18 @@ async def apply_lead_stage_change(ctx: dict[str, Any], job_id: str, start: Start
     source, enqueued_at, generation = start.facts
     facts = JobFacts(job_id, idempotency_key, account, change, source, enqueued_at, generation)
     client = runtime.clients.get(account)
-    traceparent = await tracing.stored_traceparent(runtime.ledger.client, job_id)
     with (
         bind_job_context(job_id, idempotency_key, account, start.attempt),
         tracing.attempt_span(
-            traceparent, job_id=job_id, account=account, operation=change.operation, attempt=start.attempt
+            start.traceparent, job_id=job_id, account=account, operation=change.operation, attempt=start.attempt
         ),
     ):
         if start.decision is Decision.SUPERSEDED:
-            await _finish(runtime, facts, start, "superseded", sent=None)
-            return "superseded"
+            await _finish(runtime, facts, start, Outcome.SUPERSEDED, sent=None)
+            return Outcome.SUPERSEDED
         if client is None:
-            await _finish(runtime, facts, start, "failed", sent=None, error=UnknownAccount(account))
-            return "failed"
+            await _finish(runtime, facts, start, Outcome.FAILED, sent=None, error=UnknownAccount(account))
+            return Outcome.FAILED
         if start.decision is Decision.EXHAUSTED:
             return await _exhausted(runtime, client, facts, start)
         return await _attempt(runtime, client, facts, start)
@@ -143,7 +143,7 @@ def _must_reconcile(facts: JobFacts, start: Start) -> bool:
     return facts.change.operation == "add" and start.previous_phase in UNACCOUNTED
 
 
-async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> str:
+async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> Outcome:
     settings = runtime.settings
     change = facts.change
     sent = change.without(set(start.dropped))
@@ -157,8 +157,8 @@ async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start:
         except PermanentError as error:
             return await _permanent_failure(runtime, facts, start, sent, error, started)
         if adopted is not None:
-            await _finish(runtime, facts, start, "succeeded", sent=sent, stage_id=adopted)
-            return "succeeded"
+            await _finish(runtime, facts, start, Outcome.SUCCEEDED, sent=sent, stage_id=adopted)
+            return Outcome.SUCCEEDED
     try:
         if not _must_reconcile(facts, start):
             if not start.replicated:
@@ -171,21 +171,34 @@ async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start:
         # nothing is sent until Redis can promise it.
         return await _failed_attempt(runtime, facts, start, sent, error, started, outcome_unknown=False)
     runtime.check_lease(facts.job_id)
+    group = await coalesce.gather_group(runtime, facts, start) if change.operation == "update" else None
+    if group is not None:
+        coalesce.CARRIAGE.set(("coalesced", facts.idempotency_key))
+        sent = group.sent
+        if group.empty:
+            await coalesce.end(runtime, facts, start, group, started)
+            return Outcome.SUPERSEDED
     try:
         with metrics.IVVY_LATENCY.labels(facts.account, "addOrUpdateLeadStage").time():
             stage_id = await client.add_or_update_lead_stage(sent)
     except RetryableError as error:
+        if await coalesce.end(runtime, facts, start, group, started, error=error):
+            return Outcome.SUPERSEDED
         return await _failed_attempt(
             runtime, facts, start, sent, error, started, outcome_unknown=_outcome_unknown(change, error)
         )
     except PermanentError as error:
+        if await coalesce.end(runtime, facts, start, group, started, error=error):
+            return Outcome.SUPERSEDED
         return await _permanent_failure(runtime, facts, start, sent, error, started)
+    if await coalesce.end(runtime, facts, start, group, started, stage_id=stage_id):
+        return Outcome.SUPERSEDED
     metrics.ATTEMPTS.labels(facts.account, change.operation, "ok").inc()
     await _finish(
-        runtime, facts, start, "succeeded", sent=sent, stage_id=stage_id, started=started,
+        runtime, facts, start, Outcome.SUCCEEDED, sent=sent, stage_id=stage_id, started=started,
         created=change.operation == "add",
     )  # fmt: skip
-    return "succeeded"
+    return Outcome.SUCCEEDED
 
 
 def _outcome_unknown(change: LeadStageChange, error: RetryableError) -> bool:
@@ -204,10 +217,10 @@ def _outcome_unknown(change: LeadStageChange, error: RetryableError) -> bool:
 
 async def _permanent_failure(
     runtime: Runtime, facts: JobFacts, start: Start, sent: LeadStageChange, error: PermanentError, started: float
-) -> str:
+) -> Outcome:
     metrics.ATTEMPTS.labels(facts.account, facts.change.operation, "permanent").inc()
-    await _finish(runtime, facts, start, "failed", sent=sent, error=error, started=started)
-    return "failed"
+    await _finish(runtime, facts, start, Outcome.FAILED, sent=sent, error=error, started=started)
+    return Outcome.FAILED
 
 
 async def _failed_attempt(
@@ -219,7 +232,7 @@ async def _failed_attempt(
     started: float,
     *,
     outcome_unknown: bool,
-) -> str:
+) -> Outcome:
     """A retryable failure: schedule the next attempt, or fail when out of attempts.
 
     ``outcome_unknown``: iVvy may have applied some attempt of this change; an add in that state
@@ -230,11 +243,11 @@ async def _failed_attempt(
     must_reconcile = outcome_unknown and facts.change.operation == "add"
     if (error.retry_after or 0.0) > settings.retry_after_max_s and not must_reconcile:
         too_long = RetryAfterTooLong(error.retry_after or 0.0, settings.retry_after_max_s, str(error))
-        await _finish(runtime, facts, start, "failed", sent=sent, error=too_long, started=started)
-        return "failed"
+        await _finish(runtime, facts, start, Outcome.FAILED, sent=sent, error=too_long, started=started)
+        return Outcome.FAILED
     if start.attempt >= settings.max_attempts and not must_reconcile:
-        await _finish(runtime, facts, start, "failed", sent=sent, error=error, started=started)
-        return "failed"
+        await _finish(runtime, facts, start, Outcome.FAILED, sent=sent, error=error, started=started)
+        return Outcome.FAILED
     delay = backoff_seconds(
         start.attempt,
         base=settings.backoff_base_s,
@@ -248,13 +261,13 @@ async def _failed_attempt(
         delay = max(delay, settings.request_timeout_s)
     delay_ms = int(delay * 1000)
     await _finish(
-        runtime, facts, start, "retrying", sent=sent, error=error, started=started, delay_ms=delay_ms,
+        runtime, facts, start, Outcome.RETRYING, sent=sent, error=error, started=started, delay_ms=delay_ms,
         outcome_unknown=outcome_unknown, pause_ms=delay_ms if error.pauses_account else None,
     )  # fmt: skip
-    return "retrying"
+    return Outcome.RETRYING
 
 
-async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> str:
+async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> Outcome:
     """Out of attempts or too old: fail, unless an add of unknown outcome turns out to exist."""
     if _must_reconcile(facts, start):
         try:
@@ -265,15 +278,15 @@ async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, star
                 runtime, facts, start, facts.change, error, time.monotonic(), outcome_unknown=True
             )
         if adopted is not None:
-            await _finish(runtime, facts, start, "succeeded", sent=facts.change, stage_id=adopted)
-            return "succeeded"
+            await _finish(runtime, facts, start, Outcome.SUCCEEDED, sent=facts.change, stage_id=adopted)
+            return Outcome.SUCCEEDED
     exhausted = Exhausted(
         f"gave up after {start.attempt} attempts"
         if start.attempt >= runtime.settings.max_attempts
         else f"older than LEADSTAGE_MAX_AGE ({runtime.settings.max_age_s:g}s)"
     )
-    await _finish(runtime, facts, start, "failed", sent=None, error=exhausted)
-    return "failed"
+    await _finish(runtime, facts, start, Outcome.FAILED, sent=None, error=exhausted)
+    return Outcome.FAILED
 
 
 @tracing.traced("reconcile")
@@ -299,7 +312,7 @@ async def _finish(
     runtime: Runtime,
     facts: JobFacts,
     start: Start,
-    event: Event,
+    event: Outcome,
     *,
     sent: LeadStageChange | None,
     stage_id: int | None = None,
@@ -311,7 +324,8 @@ async def _finish(
     pause_ms: int | None = None,
 ) -> None:
     duration = 0 if started is None else int((time.monotonic() - started) * 1000)
-    if stage_id is None and facts.change.id is not None and event == "succeeded":
+    sent_as, carried_by = coalesce.CARRIAGE.get() or ("alone", None)
+    if stage_id is None and facts.change.id is not None and event == Outcome.SUCCEEDED:
         stage_id = facts.change.id
     fields = build_event(
         event,
@@ -322,6 +336,8 @@ async def _finish(
         sent=sent,
         stage_id=stage_id,
         error=error,
+        sent_as=sent_as,
+        carried_by=carried_by,
     )
     tracing.record_outcome(fields)
     history = {k: fields[k] for k in ("event", "attempt", "finished_at", "http_status", "error_code", "error_message")}
@@ -339,12 +355,14 @@ async def _finish(
     )
     if not finished.replicated:
         log.warning("job.finish_not_replicated", outcome=event, replicas=runtime.settings.redis_min_replicas)
-    if finished.recorded and event != "retrying":
+    if finished.recorded and event != Outcome.RETRYING:
         metrics.CHANGES.labels(facts.account, event).inc()
-        if event == "failed":
+        if fields["sent_as"]:
+            metrics.CHANGES_SENT.labels(facts.account, fields["sent_as"]).inc()
+        if event == Outcome.FAILED:
             metrics.DEAD_LETTERED.labels(facts.account).inc()
     log.info(
-        "job.attempt_finished" if event == "retrying" else "job.finished",
+        "job.attempt_finished" if event == Outcome.RETRYING else "job.finished",
         outcome=event,
         stage_id=stage_id,
         error_code=fields["error_code"] or None,

@@ -34,10 +34,10 @@ from arq.worker import Worker, func
 from worker.core import keys, metrics
 from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
-from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, parse_redis_url
+from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, single_server
 from worker.core.results import lost_event
 from worker.core.settings import Settings
-from worker.core.states import Decision, WaitReason
+from worker.core.states import Decision
 from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.ivvy_tracing import traced_transport
 from worker.job import Lease, Runtime, apply_lead_stage_change
@@ -53,6 +53,8 @@ IDLE_WAKE_S = 30.0
 #: A wait for the next due account this short is slept here, not blocked in Redis: Redis ends a
 #: BLPOP's timeout on its timer tick (100 ms at the default hz), which would halve a 20/s account.
 SHORT_WAIT_MS = 110
+#: While many jobs run, a worker claims again once this share of its slots is free (``_may_claim``).
+CLAIM_SHARE = 4
 #: Every this many heartbeats the worker puts accounts with queued changes back on the schedule
 #: (``Ledger.resync``).
 RESYNC_BEATS = 20
@@ -69,53 +71,80 @@ class LeadstageWorker(Worker):
     prepared = False
 
     async def _serve(self, runtime: Runtime) -> None:
-        """Serve due accounts, one change at a time each, until none is due or every slot is taken;
-        then wait: for a running job to end (full), or for a notice or the next due account (idle)."""
-        while self.allow_pick_jobs and self.job_counter < self.max_jobs:
-            pick = await runtime.ledger.pick()
+        """Serve due accounts, a claim of changes at a time each, until none is due or the worker's
+        slots are taken; then wait: for running jobs to end (full), or for a notice or the next due
+        account (idle)."""
+        pick: Pick | None = None
+        while self._may_claim():
+            if pick is None:
+                pick = await runtime.ledger.pick()
             if pick.account is not None:
-                await self._claim_from(runtime, pick)
+                pick = await self._claim_from(runtime, pick)
             elif 0 <= pick.wait_ms <= SHORT_WAIT_MS:
                 await asyncio.sleep(pick.wait_ms / 1000)
+                pick = None
             else:
                 # Redis ends a blocking wait on its own timer tick (1/hz, 100 ms by default): block for
                 # all but that, and wait out the rest here (above).
                 timeout_ms = IDLE_WAKE_S * 1000 if pick.wait_ms < 0 else pick.wait_ms - SHORT_WAIT_MS
-                await runtime.ledger.wait_for_work(min(timeout_ms, IDLE_WAKE_S * 1000) / 1000)
+                # And for less than the socket timeout, which would end it as a Redis that does not answer.
+                longest_s = min(IDLE_WAKE_S, runtime.settings.redis_timeout_s / 2)
+                await runtime.ledger.wait_for_work(min(timeout_ms / 1000, longest_s))
                 return
         running = [task for task in self.tasks.values() if not task.done()]
         if self.allow_pick_jobs and running:
             await asyncio.wait(running, timeout=IDLE_WAKE_S, return_when=asyncio.FIRST_COMPLETED)
 
-    async def _claim_from(self, runtime: Runtime, pick: Pick) -> None:
-        """Claim from the picked account until one change runs (then other accounts get their turn)
-        or it has nothing to claim now, and put it back on the schedule for its next due time."""
+    def _free_slots(self) -> int:
+        return self.max_jobs - self.job_counter
+
+    def _may_claim(self) -> bool:
+        """Whether the worker claims now: one free slot is enough while few jobs run; while many
+        do, a share of the slots must be free, so that a claim (and the schedule's pick around it)
+        is paid once for several changes."""
+        return self.allow_pick_jobs and self._free_slots() >= max(
+            1, min(self.max_jobs // CLAIM_SHARE, self.job_counter)
+        )
+
+    async def _claim_from(self, runtime: Runtime, pick: Pick) -> Pick | None:
+        """Claim from the picked account as many changes as the worker has free slots (other
+        accounts get their turn after that claim), and put it back on the schedule for its next
+        due time; then the next pick, in the same call, when the worker may claim again."""
         account = pick.account or ""
-        next_ms = -1
-        try:
-            while self.allow_pick_jobs and self.job_counter < self.max_jobs:
-                claimed_at = time.monotonic()
-                start = await runtime.ledger.claim(
-                    account, runtime.worker_id, runtime.settings.rate_limit_for(account), runtime.rng.randrange(30)
-                )
-                next_ms = start.account_next_ms
+        # A claim that fails leaves the account hidden for one lease: it comes back by itself.
+        next_ms = await self._claim(runtime, account)
+        if self._may_claim():
+            return await runtime.ledger.reschedule_and_pick(account, pick.epoch, next_ms)
+        await runtime.ledger.reschedule(account, pick.epoch, next_ms, wake=True)
+        return None
+
+    async def _claim(self, runtime: Runtime, account: str) -> int:
+        """The claims of one turn of the account; when it may next have work (server ms, -1: none)."""
+        while True:
+            claimed_at = time.monotonic()
+            claim = await runtime.ledger.claim(
+                account,
+                runtime.worker_id,
+                runtime.settings.rate_limit_for(account),
+                runtime.rng.randrange(30),
+                self._free_slots(),
+            )
+            launched = 0
+            for start in claim.starts:
                 if start.decision is Decision.MISSING:
                     await _report_missing(runtime, start.job_id)
                 elif start.runs:
                     await self._launch(runtime, start, claimed_at)
-                    break
-                elif start.decision is not Decision.DONE:
-                    if start.reason in (WaitReason.RATE, WaitReason.PAUSED):
-                        metrics.RATE_LIMIT_WAITS.labels(account).inc()
-                    break
-        finally:
-            # A claim that failed leaves the account hidden for one lease: it comes back by itself.
-            busy = self.job_counter >= self.max_jobs
-            await runtime.ledger.reschedule(account, pick.epoch, next_ms, wake=busy)
+                    launched += 1
+            if claim.rate_reason is not None:
+                metrics.RATE_LIMIT_WAITS.labels(account).inc()
+            # Only jobs found done or missing: the account may have more to claim now.
+            if launched or not claim.starts or claim.rate_reason is not None or not self._free_slots():
+                return claim.account_next_ms
 
     async def _launch(self, runtime: Runtime, start: Start, claimed_at: float) -> None:
         job_id = start.job_id
-        await self.sem.acquire()  # never waits (a slot is free): arq's done-callback releases it
+        await self.sem.acquire()  # never waits (the claim asked for no more than the free slots)
         self.job_counter += 1
         lease = Lease(start.run, claimed_at)
         runtime.running[job_id] = lease
@@ -183,6 +212,15 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         redis: ArqRedis = ctx["redis"]
+        # arq's RedisSettings has no socket timeout: every connection of its pool waits
+        # LEADSTAGE_REDIS_TIMEOUT for an answer at most (a hung Redis is an error, ridden through
+        # by the poll and the heartbeat, not a hang). The connection of arq's start-up ping is
+        # closed and dropped, to be made again with it.
+        redis.connection_pool.connection_kwargs.update(
+            socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_connect_timeout_s
+        )
+        await redis.connection_pool.disconnect()
+        redis.connection_pool.reset()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         transport = traced_transport(AiohttpTransport(max_connections=max(settings.concurrency, 10)))
         offset = timedelta(seconds=settings.clock_offset_s)
         clients = {
@@ -235,8 +273,9 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
 
 
 def redis_settings(url: str) -> RedisSettings:
-    """arq's connection settings from REDIS_URL, parsed as every other client parses it."""
-    target = parse_redis_url(url)
+    """arq's connection settings from REDIS_URL, parsed as every other client parses it (arq's pool
+    is a single server's: a cluster URL is a ``ConfigError``)."""
+    target = single_server(url)
     if target.sentinel:
         return RedisSettings(
             host=list(target.hosts),

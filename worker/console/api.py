@@ -20,7 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from producers.problems import Problem
+from producers.problems import Problem, excerpt, not_json
 from worker.console.openapi import API, DEFAULT_LIMIT, MAX_KEYS, MAX_LIMIT, openapi_document
 from worker.core import readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
@@ -86,8 +86,12 @@ async def failures(request: web.Request) -> web.Response:
     state = request.app[API_STATE]
     query = request.query
     raw_limit = query.get("limit", str(DEFAULT_LIMIT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise bad_request(f"limit must be a whole number 1..{MAX_LIMIT}, not {raw_limit!r}")
+    # ASCII digits only, and few of them: int() refuses other digits and numbers of over 4,300.
+    if (
+        not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6)
+        or not 1 <= int(raw_limit) <= MAX_LIMIT
+    ):
+        raise bad_request(f"limit must be a whole number 1..{MAX_LIMIT}, not {excerpt(raw_limit)!r}")
     answer = await readers.failures(
         state.redis,
         state.settings,
@@ -237,7 +241,7 @@ async def _discard_one(client: aioredis.Redis, settings: Settings, entry: reader
 async def _act(request: web.Request, action: str, act: Act) -> web.Response:
     state = request.app[API_STATE]
     if request.content_type != "application/json":
-        raise Problem(415, "Unsupported Media Type", f"the body must be application/json, not {request.content_type}")
+        raise not_json(request.content_type)
     try:
         payload = orjson.loads(await request.read())
     except orjson.JSONDecodeError as exc:

@@ -22,13 +22,13 @@ import jinja2
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from producers.problems import Problem, from_http_exception, unavailable
+from producers.problems import Problem, from_http_exception, misconfigured, unavailable
 from producers.serving import log_malformed_requests_as_warnings, serving
 from worker.console import api
 from worker.console.auth import COOKIE, CSRF_HEADER, SESSION_S, Gate, Session
 from worker.console.openapi import API
 from worker.core.change import DEFAULT_ACCOUNT
-from worker.core.errors import PermanentError, RedisUnavailable
+from worker.core.errors import ConfigError, PermanentError, RedisUnavailable
 from worker.core.logs import get_logger
 from worker.core.processes import is_loopback, until_signalled
 from worker.core.redis_connection import connect_redis_of, printable_url
@@ -154,6 +154,8 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         response = refused or await handler(request)
     except Problem as problem:
         response = problem.response()
+    except ConfigError as exc:  # a PermanentError, but of the server's Redis, not of the request
+        response = misconfigured(exc).response()
     except PermanentError as exc:
         response = api.bad_request(str(exc)).response()
     except RedisUnavailable as exc:
@@ -203,9 +205,15 @@ def _page(template: str) -> Handler:
     return page
 
 
+#: What a path in the Location header keeps as it is; anything else (non-ASCII) is percent-encoded.
+_PATH_SAFE: Final = "/?&=%:@!$'()*+,;-._~"
+
+
 def _safe_next(target: str) -> str:
-    """Only a path of this console: never another site (``//host``, ``https://``)."""
-    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+    """Only a path of this console: never another site (``//host``, ``https://``), and nothing a
+    Location header cannot carry (a control character; CR LF would inject a header), percent-encoded."""
+    local = target.startswith("/") and not target.startswith("//") and "\\" not in target
+    return quote(target, safe=_PATH_SAFE) if local and target.isprintable() else "/"
 
 
 async def _login_form(request: web.Request) -> web.StreamResponse:

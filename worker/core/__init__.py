@@ -7,123 +7,14 @@ what is exported and that nothing outside the core reaches past it.
 
 Names are loaded on first use (PEP 562): ``leadstage --help`` must not import redis-py,
 structlog or prometheus-client, so importing ``worker.core`` imports nothing by itself.
-Import a name from here or from its module; both are the same object.
+Import a name from here or from its module; both are the same object, and the module is where
+type checkers see its type (the project imports from the modules).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from worker.core import keys, metrics, readers, tracing
-    from worker.core.change import (
-        ACCOUNT_PATTERN,
-        ALIASES,
-        APPLY_TO_LEAD,
-        APPLY_TO_OPPORTUNITY,
-        APPLY_TO_WORDS,
-        COLOUR_PATTERN,
-        DEFAULT_ACCOUNT,
-        ID_MAX,
-        KEY_MAX_CHARS,
-        KEY_PATTERN,
-        NAME_MAX_CHARS,
-        NAME_PATTERN,
-        UPDATABLE_FIELDS,
-        Envelope,
-        LeadStageChange,
-        parse_change,
-        parse_envelope,
-        parse_id_text,
-        repeated_key,
-        shown,
-    )
-    from worker.core.errors import (
-        ConfigError,
-        DemoFailed,
-        EnqueueOutcomeUnknown,
-        Exhausted,
-        FieldError,
-        IdempotencyConflict,
-        Interrupted,
-        InvalidChange,
-        IvvyClockSkew,
-        IvvyErrorDetails,
-        IvvyNoAnswer,
-        IvvyRateLimited,
-        IvvyRejected,
-        IvvyTimeout,
-        IvvyUnavailable,
-        LeadstageError,
-        NotFound,
-        PermanentError,
-        RedisCredentialsRefused,
-        RedisNotReplicated,
-        RedisUnavailable,
-        Refused,
-        RetryableError,
-        RetryAfterTooLong,
-        StaleRun,
-        UnknownAccount,
-        error_for_response,
-        redis_errors,
-    )
-    from worker.core.ledger import (
-        ENQUEUE_CHUNK,
-        Chunk,
-        Ledger,
-        Pick,
-        Receipt,
-        Start,
-        backlog_warning,
-    )
-    from worker.core.logs import (
-        bind_job_context,
-        configure_logging,
-        get_logger,
-    )
-    from worker.core.processes import (
-        Children,
-        RedisServer,
-        is_loopback,
-        signalled,
-        until_signalled,
-    )
-    from worker.core.redis_connection import (
-        DEFAULT_PORT,
-        DEFAULT_SENTINEL_SERVICE,
-        close_sentinels,
-        connect_redis,
-        connect_redis_of,
-        parse_redis_url,
-        ping,
-        printable_url,
-    )
-    from worker.core.results import (
-        EVENTS,
-        TERMINAL_EVENTS,
-        DeadLetter,
-        Event,
-        InvalidEvent,
-        JobFacts,
-        ResultEvent,
-        build_event,
-        lost_event,
-    )
-    from worker.core.settings import (
-        DEMO_API_KEY,
-        DEMO_API_SECRET,
-        Account,
-        Secret,
-        Settings,
-    )
-    from worker.core.states import (
-        TERMINAL,
-        UNACCOUNTED,
-        Decision,
-        WaitReason,
-    )
+from typing import Any, Final
 
 #: Module of ``worker.core`` -> its public names, space-separated ("": a module used whole).
 SURFACE: Final[dict[str, str]] = {
@@ -133,12 +24,13 @@ SURFACE: Final[dict[str, str]] = {
         " NAME_PATTERN parse_change parse_envelope parse_id_text repeated_key shown UPDATABLE_FIELDS"
     ),
     "errors": (
-        "ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response Exhausted FieldError"
-        " IdempotencyConflict Interrupted InvalidChange IvvyClockSkew IvvyErrorDetails IvvyNoAnswer"
-        " IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError NotFound PermanentError"
-        " redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused RetryableError"
-        " RetryAfterTooLong StaleRun UnknownAccount"
+        "BadFilter BatchGone BatchNotReady ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response"
+        " Exhausted FieldError IdempotencyConflict Interrupted InvalidChange InvalidEvent IvvyClockSkew"
+        " IvvyErrorDetails IvvyNoAnswer IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError"
+        " NotFound PermanentError redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused"
+        " RetryableError RetryAfterTooLong StaleRun UnknownAccount"
     ),
+    "gather": "gather_updates",
     "keys": "",
     "ledger": "backlog_warning Chunk ENQUEUE_CHUNK Ledger Pick Receipt Start",
     "logs": "bind_job_context configure_logging get_logger",
@@ -146,12 +38,12 @@ SURFACE: Final[dict[str, str]] = {
     "processes": "Children is_loopback RedisServer signalled until_signalled",
     "readers": "",
     "redis_connection": (
-        "close_sentinels connect_redis connect_redis_of DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url"
-        " ping printable_url"
+        "close_sentinels connect_redis connect_redis_of connect_redis_or_cluster connect_redis_or_cluster_of"
+        " DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url ping printable_url RedisClient single_server"
     ),
-    "results": "build_event DeadLetter Event EVENTS InvalidEvent JobFacts lost_event ResultEvent TERMINAL_EVENTS",
+    "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent",
     "settings": "Account DEMO_API_KEY DEMO_API_SECRET Secret Settings",
-    "states": "Decision TERMINAL UNACCOUNTED WaitReason",
+    "states": "Decision Outcome TERMINAL UNACCOUNTED WaitReason",
     "tracing": "",
 }
 _ORIGIN: Final[dict[str, str]] = {
@@ -160,7 +52,7 @@ _ORIGIN: Final[dict[str, str]] = {
 __all__ = sorted([*_ORIGIN, *(module for module, names in SURFACE.items() if not names)])
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:  # what the name is: its module says (and types it)
     origin = _ORIGIN.get(name)
     if origin is not None:
         return getattr(importlib.import_module(origin), name)

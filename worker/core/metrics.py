@@ -29,6 +29,7 @@ from worker.core.settings import Settings
 __all__ = [
     "ATTEMPTS",
     "CHANGES",
+    "CHANGES_SENT",
     "CLOCK_SKEW",
     "CLOCK_SKEW_ERRORS",
     "DEAD_LETTERED",
@@ -50,6 +51,14 @@ __all__ = [
 #: outcome: succeeded / failed / superseded (the terminal events of the results stream).
 CHANGES = Counter(
     "leadstage_changes_total", "Changes that reached a terminal state, by outcome", ["account", "outcome"]
+)
+
+#: sent_as: alone / coalesced (how the change that reached a terminal state was sent; nothing sent:
+#: not counted).
+CHANGES_SENT = Counter(
+    "leadstage_changes_sent_total",
+    "Changes that reached a terminal state, by how they were sent",
+    ["account", "sent_as"],
 )
 
 #: operation: add / update; result: ok / retryable / permanent.

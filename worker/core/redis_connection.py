@@ -7,20 +7,31 @@ The forms (docs/contract.md, Configuration)::
     unix://[[user]:password@]/path/to/redis.sock[?db=N]  a Unix socket
     redis+sentinel://[:password@]host[:port][,host[:port]...]/service[/db]
                                                          Sentinel (port 26379, service mymaster)
+    redis+cluster://[[user]:password@]host[:port][,host[:port]...][/0]
+    rediss+cluster://...                                 Redis Cluster (port 6379; database 0
+                                                         only), plain or TLS: the hosts are where
+                                                         the client first asks for the slot map
 
 The worker (arq's settings, ``worker.runner``), the producer library, the command line and the
 webhook all connect through here, so a URL means the same to each of them. Messages name
 ``REDIS_URL`` and never repeat its password (``printable_url``).
+
+Two factories, so that the type checker knows which code may meet a cluster: ``connect_redis``
+gives a single-server client (``aioredis.Redis``) and refuses a cluster URL with a ``ConfigError``
+(the parts whose scripts or connections are not cluster-safe yet: docs/architecture.md, "Redis
+Cluster"); ``connect_redis_or_cluster`` gives a ``RedisClient``, a cluster client for a cluster URL,
+to the parts that work on both (the readers of the results and dead letters, the consumer groups).
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from worker.core.errors import ConfigError, RedisUnavailable, redis_errors
@@ -28,9 +39,22 @@ from worker.core.errors import ConfigError, RedisUnavailable, redis_errors
 if TYPE_CHECKING:
     from worker.core.settings import Settings
 
-__all__ = ["RedisTarget", "connect_redis", "parse_redis_url", "ping", "printable_url"]
+__all__ = [
+    "RedisClient",
+    "RedisTarget",
+    "connect_redis",
+    "connect_redis_or_cluster",
+    "connect_redis_or_cluster_of",
+    "parse_redis_url",
+    "ping",
+    "printable_url",
+    "single_server",
+]
 
-SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel")
+CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel", *CLUSTER_SCHEMES)
+#: A client of a single Redis (plain, TLS, socket, Sentinel's primary) or of a Redis Cluster.
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 DEFAULT_PORT: Final = 6379
 DEFAULT_SENTINEL_PORT: Final = 26379
 DEFAULT_SENTINEL_SERVICE: Final = "mymaster"
@@ -46,7 +70,8 @@ class RedisTarget:
     """What a ``REDIS_URL`` names: the scheme, where to connect, which database, as whom."""
 
     scheme: str
-    #: (host, port): the server for redis:// and rediss://, every Sentinel for redis+sentinel://.
+    #: (host, port): the server for redis:// and rediss://, every Sentinel for redis+sentinel://,
+    #: the nodes first asked for the slot map for redis+cluster://.
     hosts: tuple[tuple[str, int], ...] = ()
     database: int = 0
     username: str | None = None
@@ -58,11 +83,15 @@ class RedisTarget:
 
     @property
     def tls(self) -> bool:
-        return self.scheme == "rediss"
+        return self.scheme in ("rediss", "rediss+cluster")
 
     @property
     def sentinel(self) -> bool:
         return self.scheme == "redis+sentinel"
+
+    @property
+    def cluster(self) -> bool:
+        return self.scheme in CLUSTER_SCHEMES
 
 
 def printable_url(url: str) -> str:
@@ -76,7 +105,8 @@ def parse_redis_url(url: str, name: str = "REDIS_URL") -> RedisTarget:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in SCHEMES:
         raise ConfigError(
-            f"{name} must be a redis://, rediss://, unix:// or redis+sentinel:// URL, not {printable_url(url)!r}"
+            f"{name} must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL, "
+            f"not {printable_url(url)!r}"
         )
     where = f"{name} ({printable_url(url)})"
     auth, at, location = rest.rpartition("@")
@@ -96,10 +126,30 @@ def parse_redis_url(url: str, name: str = "REDIS_URL") -> RedisTarget:
             raise ConfigError(f"{where} names no Sentinel host")
         database = _database(where, db) or database or 0
         return RedisTarget(scheme, hosts, database, user, secret, service=service or DEFAULT_SENTINEL_SERVICE)
+    if scheme in CLUSTER_SCHEMES:
+        hosts = tuple(_host_port(where, h, DEFAULT_PORT) for h in netloc.split(",") if h)
+        if not hosts:
+            raise ConfigError(f"{where} names no cluster node")
+        if _database(where, path.strip("/")) or database:
+            raise ConfigError(f"{where}: a Redis Cluster has database 0 only")
+        return RedisTarget(scheme, hosts, 0, user, secret)
     if "," in netloc:
-        raise ConfigError(f"{where} names several hosts; only redis+sentinel:// URLs may")
+        raise ConfigError(f"{where} names several hosts; only redis+sentinel:// and redis+cluster:// URLs may")
     host = _host_port(where, netloc or "localhost", DEFAULT_PORT)
     return RedisTarget(scheme, (host,), _database(where, path.strip("/")) or database or 0, user, secret)
+
+
+def single_server(url: str) -> RedisTarget:
+    """``parse_redis_url``, refusing a Redis Cluster: for the clients that do not run on one yet
+    (``connect_redis``, arq's connection settings)."""
+    target = parse_redis_url(url)
+    if target.cluster:
+        raise ConfigError(
+            f"REDIS_URL ({printable_url(url)}) names a Redis Cluster: enqueuing, replaying and the worker do not "
+            "run on a cluster yet (their scripts write keys of several slots); the readers do "
+            "(docs/architecture.md, Redis Cluster)"
+        )
+    return target
 
 
 def _host_port(where: str, text: str, default_port: int) -> tuple[str, int]:
@@ -147,9 +197,10 @@ def connect_redis(
     """A Redis client for ``url`` (any form above); lazy, no I/O. Responses stay bytes. Every
     command waits ``timeout_s`` for its answer at most, a connection ``connect_timeout_s``.
 
-    A URL that is not usable is a ``ConfigError`` naming REDIS_URL, without its password.
+    A URL that is not usable is a ``ConfigError`` naming REDIS_URL, without its password; so is a
+    Redis Cluster's (``connect_redis_or_cluster`` connects to one).
     """
-    target = parse_redis_url(url)
+    target = single_server(url)
     if target.sentinel:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             list(target.hosts),
@@ -174,6 +225,26 @@ def connect_redis(
     return plain
 
 
+def connect_redis_or_cluster(
+    url: str, *, timeout_s: float = TIMEOUT_S, connect_timeout_s: float = CONNECT_TIMEOUT_S
+) -> RedisClient:
+    """``connect_redis``, or for a redis+cluster:// URL a cluster client: it asks the first node
+    that answers for the slot map (on its first command: no I/O here), sends each command to the
+    master of its key's slot and follows MOVED and ASK redirections. Responses stay bytes."""
+    target = parse_redis_url(url)
+    if not target.cluster:
+        return connect_redis(url, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s)
+    cluster: RedisCluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+    )
+    return cluster
+
+
 def connect_redis_of(settings: Settings) -> aioredis.Redis:
     """``connect_redis`` with the URL and the timeouts of ``settings``."""
     return connect_redis(
@@ -181,7 +252,14 @@ def connect_redis_of(settings: Settings) -> aioredis.Redis:
     )
 
 
-async def ping(client: aioredis.Redis, timeout_s: float) -> None:
+def connect_redis_or_cluster_of(settings: Settings) -> RedisClient:
+    """``connect_redis_or_cluster`` with the URL and the timeouts of ``settings``."""
+    return connect_redis_or_cluster(
+        settings.redis_url, timeout_s=settings.redis_timeout_s, connect_timeout_s=settings.redis_connect_timeout_s
+    )
+
+
+async def ping(client: RedisClient, timeout_s: float) -> None:
     """PING within ``timeout_s``; ``RedisUnavailable`` when Redis does not answer (``RedisCredentialsRefused``
     when it refuses REDIS_URL's credentials)."""
     try:

@@ -11,17 +11,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from dataclasses import fields as fields_of
 from datetime import UTC, datetime
-from typing import Any, Literal, Self, get_args
+from typing import Any, Self
 
 import orjson
 
 from worker.core import tracing
 from worker.core.change import LeadStageChange
-from worker.core.errors import IvvyErrorDetails, LeadstageError, PermanentError
+from worker.core.errors import InvalidEvent, IvvyErrorDetails, LeadstageError
+from worker.core.states import TERMINAL, Outcome
 
-Event = Literal["succeeded", "failed", "superseded", "retrying"]
-EVENTS = frozenset(get_args(Event))
-TERMINAL_EVENTS = frozenset({"succeeded", "failed", "superseded"})
+#: The results stream's events: a retry, or one of the terminal states (``worker.core.states.TERMINAL``).
+Event = Outcome
+EVENTS: frozenset[Outcome] = frozenset(Outcome)
 
 
 def iso_ms(epoch_ms: int) -> str:
@@ -81,6 +82,8 @@ def lost_event(job_id: str, *, finished_at_ms: int) -> dict[str, str]:
         "change": "",
         "generation": "0",
         "trace_id": "",
+        "sent_as": "",
+        "carried_by": "",
     }
 
 
@@ -94,8 +97,12 @@ def build_event(
     sent: LeadStageChange | None,
     stage_id: int | None = None,
     error: LeadstageError | None = None,
+    sent_as: str = "alone",
+    carried_by: str | None = None,
 ) -> dict[str, str]:
-    """One results-stream entry. ``sent`` is the body posted to iVvy (None when nothing was sent)."""
+    """One results-stream entry. ``sent`` is the body posted to iVvy (None when nothing was sent),
+    ``sent_as`` how (``alone``, ``coalesced``) and ``carried_by`` the key of the change whose request
+    carried it (default: its own)."""
     return {
         "event": event,
         "idempotency_key": facts.idempotency_key,
@@ -112,17 +119,9 @@ def build_event(
         "change": "" if sent is None else sent.canonical_json().decode(),
         "generation": str(facts.generation),
         "trace_id": tracing.current_trace_id(),  # '' without tracing
+        "sent_as": "" if sent is None else sent_as,
+        "carried_by": "" if sent is None else carried_by or facts.idempotency_key,
     }
-
-
-class InvalidEvent(PermanentError):
-    """A stream entry is not an event as ``build_event`` writes it (written by something else)."""
-
-    error_code = "invalid_event"
-
-    def __init__(self, entry_id: str, field: str, reason: str) -> None:
-        self.entry_id = entry_id
-        super().__init__(f"stream entry {entry_id} is not a results event: {field} {reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +153,16 @@ class ResultEvent:
     generation: int
     #: The OpenTelemetry trace of the attempt (and of its producer), None without tracing.
     trace_id: str | None
+    #: How the change was sent (``alone``, ``coalesced``), and the key whose request carried it
+    #: (None when nothing was sent, or written before coalescing existed).
+    sent_as: str | None
+    carried_by: str | None
     raw: Mapping[str, str] = field(repr=False, compare=False)
 
     @property
     def terminal(self) -> bool:
         """Whether this is the change's one terminal event (of its generation)."""
-        return self.event in TERMINAL_EVENTS
+        return self.event in TERMINAL
 
     @classmethod
     def from_entry(cls, entry_id: str, fields: Mapping[str, str]) -> Self:
@@ -214,7 +217,7 @@ def _event_values(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
     retryable = fields.get("retryable", "")
     return {
         "id": entry_id,
-        "event": event,
+        "event": Outcome(event),
         "idempotency_key": text("idempotency_key"),
         "job_id": text("job_id"),
         "account": text("account"),
@@ -232,6 +235,8 @@ def _event_values(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
         "change": _json_object(entry_id, fields, "change"),
         "generation": number("generation", empty=0),
         "trace_id": fields.get("trace_id") or None,
+        "sent_as": fields.get("sent_as") or None,
+        "carried_by": fields.get("carried_by") or None,
         "raw": dict(fields),
     }
 

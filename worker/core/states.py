@@ -20,8 +20,10 @@ class State(StrEnum):
     SUPERSEDED = "superseded"
 
 
-#: States a change never leaves (but by a replay of a failed one, as a new generation).
-TERMINAL: frozenset[State] = frozenset({State.SUCCEEDED, State.FAILED, State.SUPERSEDED})
+#: States a change never leaves (but by a replay of a failed one, as a new generation); the same
+#: strings are the terminal events of the results stream (``Outcome``). The one terminal check:
+#: typed as strings, so that a ``State``, an ``Outcome`` and a field read from Redis all compare.
+TERMINAL: frozenset[str] = frozenset({State.SUCCEEDED, State.FAILED, State.SUPERSEDED})
 
 
 class Phase(StrEnum):
@@ -42,7 +44,6 @@ UNACCOUNTED: frozenset[Phase] = frozenset({Phase.POSTING, Phase.UNKNOWN})
 class Decision(StrEnum):
     """start.lua's decision about a due job (or an account's next one)."""
 
-    IDLE = "idle"  # the account has no job to claim now (none due, or no free rate-limit slot)
     SKIP = "skip"  # not due any more: another worker has it, or it was rescheduled
     MISSING = "missing"  # the ledger entry is gone (expired): reported as failed, never silently
     DONE = "done"  # already terminal: dropped from the queue

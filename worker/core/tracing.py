@@ -36,11 +36,9 @@ import os
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
-from worker.core import keys
 from worker.core.errors import ConfigError
 
 if TYPE_CHECKING:  # only for annotations: importing them is what tracing off must not pay
-    import redis.asyncio as aioredis
     from opentelemetry.trace import SpanContext, Tracer
     from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -56,7 +54,6 @@ __all__ = [
     "record_outcome",
     "server_middlewares",
     "setup",
-    "stored_traceparent",
     "traced",
     "tracer",
     "use",
@@ -233,23 +230,6 @@ def current_trace_id() -> str:
 
 
 # -- worker ------------------------------------------------------------------------------------
-
-
-async def stored_traceparent(client: aioredis.Redis, job_id: str) -> str:
-    """The producer's ``traceparent`` stored with the change ('' when off, unknown or unreadable).
-
-    One HGET per attempt, paid only with tracing on. A Redis that does not answer costs the
-    attempt its parent, not the attempt itself (the job meets the same Redis right after).
-    """
-    if _tracer is None:
-        return ""
-    import redis.exceptions  # here: a CLI that only parses its flags has no use for redis-py
-
-    try:
-        raw = await client.hget(keys.ledger_key(job_id), LEDGER_FIELD)  # type: ignore[misc]  # redis-py's async stubs
-    except (redis.exceptions.RedisError, OSError):
-        return ""
-    return raw.decode() if isinstance(raw, bytes) else ""
 
 
 def attempt_span(

@@ -159,3 +159,13 @@ class BadFilter(PermanentError):
     """A filter given to a reader (``since``, a page cursor) is not usable as given."""
 
     error_code = "bad_filter"
+
+
+class InvalidEvent(PermanentError):
+    """A stream entry is not an event as ``build_event`` writes it (written by something else)."""
+
+    error_code = "invalid_event"
+
+    def __init__(self, entry_id: str, field: str, reason: str) -> None:
+        self.entry_id = entry_id
+        super().__init__(f"stream entry {entry_id} is not a results event: {field} {reason}")

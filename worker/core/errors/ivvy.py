@@ -13,6 +13,8 @@ class IvvyErrorDetails(LeadstageError):
     http_status: int | None = None
     specific_code: int | None = None
     additional_messages: tuple[str, ...] = ()
+    #: Seconds iVvy asked us to wait (``Retry-After``), when it said so.
+    retry_after: float | None = None
 
     def __init__(
         self,
@@ -21,10 +23,12 @@ class IvvyErrorDetails(LeadstageError):
         http_status: int | None = None,
         specific_code: int | None = None,
         additional_messages: Sequence[str] = (),
+        retry_after: float | None = None,
     ) -> None:
         self.http_status = http_status
         self.specific_code = specific_code
         self.additional_messages = tuple(additional_messages)
+        self.retry_after = retry_after
         super().__init__(message)
 
     @property
@@ -43,20 +47,6 @@ class IvvyAuthError(IvvyRejected):
 
 class IvvyUnavailable(IvvyErrorDetails, RetryableError):
     error_code = "unavailable"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        http_status: int | None = None,
-        specific_code: int | None = None,
-        additional_messages: Sequence[str] = (),
-        retry_after: float | None = None,
-    ) -> None:
-        self.retry_after = retry_after
-        super().__init__(
-            message, http_status=http_status, specific_code=specific_code, additional_messages=additional_messages
-        )
 
 
 class IvvyRateLimited(IvvyUnavailable):
@@ -90,9 +80,12 @@ class IvvyClockSkew(IvvyErrorDetails, RetryableError):
         skew_s: float | None = None,
     ) -> None:
         self.skew_s = skew_s
-        self.retry_after = retry_after
         super().__init__(
-            message, http_status=http_status, specific_code=specific_code, additional_messages=additional_messages
+            message,
+            http_status=http_status,
+            specific_code=specific_code,
+            additional_messages=additional_messages,
+            retry_after=retry_after,
         )
 
 
@@ -106,6 +99,29 @@ class IvvyNoAnswer(IvvyErrorDetails, RetryableError):
 
 class IvvyTimeout(IvvyNoAnswer):
     error_code = "timeout"
+
+
+class BatchNotReady(RetryableError):
+    """A batch's results are not ready yet (iVvy's 24114), or were not within the wait allowed."""
+
+    error_code = "batch_not_ready"
+
+    def __init__(self, async_id: str, message: str = "") -> None:
+        self.async_id = async_id
+        super().__init__(message or f"batch {async_id}: iVvy has not finished it (24114)")
+
+
+class BatchGone(LeadstageError):
+    """A batch's results cannot be had: iVvy does not know the batch (24115 from results, 24105
+    from progress: never accepted, or past retention), or its results do not answer its jobs.
+    What the jobs did is unknown: they are reconciled, as after a request without an answer."""
+
+    error_code = "batch_gone"
+
+    def __init__(self, async_id: str, reason: str, *, specific_code: int | None = None) -> None:
+        self.async_id = async_id
+        self.specific_code = specific_code
+        super().__init__(f"batch {async_id}: {reason}")
 
 
 # The retry classification of docs/contract.md, defined here once.

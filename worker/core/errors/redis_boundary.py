@@ -66,9 +66,9 @@ REFUSAL_CODES = frozenset({"OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "
 
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
-    """Translate redis-py's failures into ``RedisUnavailable`` (no answer) or ``RedisRefused`` (an
-    answer refusing the command for now) at the boundary; the answers that mean REDIS_URL is wrong
-    into ``ConfigError``."""
+    """Translate redis-py's failures into ``RedisUnavailable`` (no answer, from a single Redis or from
+    every node of a cluster) or ``RedisRefused`` (an answer refusing the command for now) at the
+    boundary; the answers that mean REDIS_URL is wrong into ``ConfigError``."""
     import redis.exceptions  # here, not at the top: ``leadstage --help`` has no use for redis-py
 
     try:
@@ -90,3 +90,14 @@ def redis_errors() -> Iterator[None]:
         raise
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
         raise RedisUnavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
+    except redis.exceptions.RedisClusterException as exc:  # a cluster client that found no node to ask
+        cause = exc.__cause__
+        if isinstance(cause, redis.exceptions.AuthenticationError):
+            raise RedisCredentialsRefused(
+                f"Redis refused the credentials of REDIS_URL: {type(cause).__name__}"
+            ) from exc
+        if isinstance(cause, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | OSError):
+            raise RedisUnavailable(f"no node of the Redis Cluster answers: {type(cause).__name__}") from exc
+        if "Cluster mode is not enabled" in str(exc):
+            raise ConfigError("REDIS_URL names a Redis Cluster, but the server there is not in cluster mode") from None
+        raise  # a command whose keys span slots: a bug, not a state of Redis

@@ -31,18 +31,29 @@ local function ledger_key(c) return c[9] end
 
 local answers, seen, conflict = {}, {}, false
 local labels = mode == 'check' and cjson.decode(ARGV[6])
+-- One EXISTS for the whole call: when none of its keys is known (a new bulk), no entry is read.
+local ledgers, jobs = {}, {}
+for i, c in ipairs(changes) do
+  ledgers[i] = ledger_key(c)
+  jobs[i] = c[1]
+end
+local known = redis.call('EXISTS', unpack(ledgers)) > 0
+-- 'check': what the bulk's earlier calls staged, read at once; this call's keys are staged at once.
+local staged = mode == 'check' and redis.call('HMGET', KEYS[3], unpack(jobs))
+local staging = {}
 for i, c in ipairs(changes) do
   local job, change = c[1], c[2]
-  local existing = redis.call('HMGET', ledger_key(c), 'change', 'state', 'gen')
+  local existing = known and redis.call('HMGET', ledgers[i], 'change', 'state', 'gen') or {}
   if seen[job] then existing = {seen[job], 'queued', '0'} end
   if mode == 'check' and not existing[1] then
-    if redis.call('HSETNX', KEYS[3], job, labels[i] .. '\n' .. change) == 1 then
+    local earlier = staged[i] or staging[job]
+    if not earlier then
+      staging[job] = labels[i] .. '\n' .. change
       answers[i] = {'new', ''}
     else
-      local staged = redis.call('HGET', KEYS[3], job)
-      local gap = string.find(staged, '\n', 1, true)
-      if string.sub(staged, gap + 1) == change then answers[i] = {'new', ''} else
-        answers[i] = {'twice', string.sub(staged, 1, gap - 1)}
+      local gap = string.find(earlier, '\n', 1, true)
+      if string.sub(earlier, gap + 1) == change then answers[i] = {'new', ''} else
+        answers[i] = {'twice', string.sub(earlier, 1, gap - 1)}
       end
     end
   elseif mode == 'replay' then
@@ -62,12 +73,19 @@ for i, c in ipairs(changes) do
   end
 end
 if mode == 'check' then
+  local fields = {}
+  for job, value in pairs(staging) do
+    fields[#fields + 1] = job
+    fields[#fields + 1] = value
+  end
+  if #fields > 0 then redis.call('HSET', KEYS[3], unpack(fields)) end
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
   return {answers, {}}
 end
 if conflict then return {answers, {}} end
 
-local written = {}
+-- Each account's queue gets its new jobs in one ZADD, and its pending count one HINCRBY.
+local written, queued, queues = {}, {}, {}
 for i, c in ipairs(changes) do
   if answers[i][1] == 'new' or (mode == 'replay' and answers[i][1] == 'queued') then
     local ledger, stage = ledger_key(c), c[10]
@@ -76,7 +94,8 @@ for i, c in ipairs(changes) do
     if c[3] == 'update' then
       -- Every field this change sets now belongs to it: an older change must not send it any more.
       seq = redis.call('HINCRBY', stage, 'seq', 1)
-      local pairs_ = {}
+      -- The stage's pending updates (worker.keys.stage_key), which coalescing gathers from.
+      local pairs_ = {'j' .. seq, c[1]}
       for field in string.gmatch(c[5], '[^,]+') do
         pairs_[#pairs_ + 1] = field
         pairs_[#pairs_ + 1] = seq
@@ -104,20 +123,34 @@ for i, c in ipairs(changes) do
       end
     end
     redis.call('HSET', ledger, unpack(record))
-    redis.call('PEXPIRE', ledger, retention)
-    redis.call('ZADD', c[12], now, c[1])
-    written[c[6]] = redis.call('HINCRBY', pending, c[6], 1)
+    -- A change's entry expires only once it is done (finish.lua): while it waits, nothing expires.
+    if mode == 'replay' then redis.call('PERSIST', ledger) end
+    local queue = c[12]
+    if not queued[queue] then
+      queued[queue] = {}
+      queues[#queues + 1] = queue
+    end
+    queued[queue][#queued[queue] + 1] = now
+    queued[queue][#queued[queue] + 1] = c[1]
+    written[c[6]] = (written[c[6]] or 0) + 1
     answers[i] = {'queued', gen}
   elseif answers[i][1] == 'duplicate' then
     -- A write of this call's own, so that a WAIT after it also covers the earlier write of the
-    -- entry (replication is ordered): a duplicate is confirmed like a new one. It keeps the entry too.
-    redis.call('PEXPIRE', ledger_key(c), retention)
+    -- entry (replication is ordered): a duplicate is confirmed like a new one. A done entry is kept
+    -- for another retention; one not done yet does not expire.
+    local state = answers[i][2]
+    if state == 'succeeded' or state == 'failed' or state == 'superseded' then
+      redis.call('PEXPIRE', ledger_key(c), retention)
+    else
+      redis.call('HSET', ledger_key(c), 'state', state)
+    end
   end
 end
+for _, queue in ipairs(queues) do redis.call('ZADD', queue, unpack(queued[queue])) end
 if mode == 'replay' and ARGV[3] ~= '' and answers[1][1] == 'queued' then redis.call('XDEL', dlq, ARGV[3]) end
 local backlog = {}
 for account, count in pairs(written) do
   backlog[#backlog + 1] = account
-  backlog[#backlog + 1] = count
+  backlog[#backlog + 1] = redis.call('HINCRBY', pending, account, count)
 end
 return {answers, backlog}

@@ -1,73 +1,119 @@
--- Record the end of a run and publish its event, atomically: a terminal event is written exactly
--- once, together with the ledger's final state, and the job leaves the queue with it. Only the
--- change's current run may finish it (fencing): a worker that lost its lease is refused.
--- KEYS: 1 ledger hash, 2 results stream, 3 dead-letter stream, 4 lock key, 5 account claims hash,
---       6 account rate hash, 7 account queue zset, 8 account newest-claim key, 9 pending hash
--- ARGV: 1 job id, 2 run (fencing token), 3 outcome (succeeded | failed | superseded | retrying),
---       4 retention (ms), 5 stream max length, 6 retry delay (ms, retrying), 7 phase after
---       ('' | 'unknown'), 8 late-commit hold (ms): how long a request of unknown outcome may still
---       be applied by iVvy, 9 account pause (ms) or '', 10 created stage id to claim (adds) or '',
---       11 stage id or '', 12 history line (JSON), 13 account, 14.. event fields and values
--- Reply: {'ok', finished at (server ms)} | {'stale', state} when the ledger is terminal or gone, or
---   another run owns the change ('fenced').
+-- Record the end of runs of one account's changes and publish their events, atomically: a
+-- terminal event is written exactly once, together with the ledger's final state, and the job
+-- leaves the queue with it. Only a change's current run may finish it (fencing): a worker that
+-- lost its lease is refused. A worker finishes the runs that end while its previous call is on
+-- the way in one call (worker.core.ledger.Finisher): what every run pays once is paid once.
+-- KEYS: 1 results stream, 2 dead-letter stream, 3 pending hash, 4 account queue zset, 5 account
+--       claims hash, 6 account rate hash, 7 account newest-claim key, then for each run: its
+--       ledger hash, its lock key
+-- ARGV: 1 account, 2 retention (ms), 3 stream max length, 4 late-commit hold (ms): how long a
+--       request of unknown outcome may still be applied by iVvy, 5 lock ttl (ms), then for each
+--       run: job id, run (fencing token), outcome (succeeded | failed | superseded | retrying),
+--       retry delay (ms, retrying), phase after ('' | 'unknown'), account pause (ms) or '',
+--       created stage id to claim (adds) or '', stage id or '', history line (JSON), the number
+--       of event fields and values, then those
+-- Reply: per run, in order: {'ok', finished at (server ms)} | {'stale', state} when the ledger is
+--   terminal or gone, or another run owns the change ('fenced').
 -- A terminal state records its event's stream id (event_id), so readers find the event without
--- scanning the stream.
-local ledger, results, dlq, lock, claims = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local rate_key, queue, newest_claim, pending = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local job, run, outcome, retention_ms, maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local delay_ms, phase_after, hold_ms, pause_ms = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
-local created, stage_id, history_line, account = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+-- scanning the stream. A lock's value is 'job#run#expires at' (start.lua): one taken by another
+-- job since this run's lock expired is put back as it was.
+local results, dlq, pending, queue, claims = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local rate_key, newest_claim = KEYS[6], KEYS[7]
+local account, retention_ms, maxlen, hold_ms, lock_ttl_ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 
-local l = redis.call('HMGET', ledger, 'state', 'history', 'change', 'gen', 'run', 'unknown_until')
-local state = l[1]
-if not state or state == 'succeeded' or state == 'failed' or state == 'superseded' then
-  return {'stale', state or 'missing'}
-end
-if l[5] ~= run then return {'stale', 'fenced'} end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local history = (l[2] or '') .. history_line .. '\n'
-local event_id = redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 14))
+local replies, done, created_ids, created_jobs = {}, {}, {}, {}
 
--- A request whose outcome is unknown may still be applied by iVvy for a while: until then no other
--- change of this stage may be sent, whatever becomes of this one (retried, superseded, failed).
-local unknown_until = tonumber(l[6]) or 0
-if phase_after == 'unknown' then unknown_until = math.max(unknown_until, now + hold_ms) end
-local function release_lock()
-  if redis.call('GET', lock) == job .. '#' .. run then
-    if unknown_until > now then redis.call('PEXPIREAT', lock, unknown_until) else redis.call('DEL', lock) end
+local function release(lock, mine, unknown_until)
+  if unknown_until > now then
+    -- A request whose outcome is unknown may still be applied by iVvy for a while: until then no
+    -- other change of this stage may be sent, whatever becomes of this one.
+    local owner = redis.call('GET', lock)
+    if owner and string.sub(owner, 1, #mine) == mine then
+      redis.call('SET', lock, mine .. unknown_until, 'PXAT', unknown_until)
+    end
+    return
+  end
+  local owner = redis.call('GETDEL', lock)
+  if owner and string.sub(owner, 1, #mine) ~= mine then
+    local expires = tonumber(string.match(owner, '#(%d+)$'))
+    if not expires then redis.call('SET', lock, owner, 'PX', lock_ttl_ms) -- a value without its expiry
+    elseif expires > now then redis.call('SET', lock, owner, 'PXAT', expires) end
   end
 end
 
-if outcome == 'retrying' then
-  local next_at = now + delay_ms
-  redis.call('HSET', ledger, 'state', 'retrying', 'phase', phase_after, 'next_at', next_at, 'history', history,
-    'unknown_until', unknown_until)
-  redis.call('PEXPIRE', ledger, retention_ms)
-  if pause_ms ~= '' then
-    local pause_until = now + tonumber(pause_ms)
-    if pause_until > (tonumber(redis.call('HGET', rate_key, 'pause_until')) or 0) then
-      redis.call('HSET', rate_key, 'pause_until', pause_until)
+local function finish_one(ledger, lock, a, first)
+  local job, run, outcome, delay_ms, phase_after = a[first], a[first + 1], a[first + 2], a[first + 3], a[first + 4]
+  local pause_ms, created, stage_id, history_line = a[first + 5], a[first + 6], a[first + 7], a[first + 8]
+  local nfields = tonumber(a[first + 9])
+  local event = {unpack(a, first + 10, first + 9 + nfields)}
+  local l = redis.call('HMGET', ledger, 'state', 'history', 'change', 'gen', 'run', 'unknown_until', 'stage_key',
+    'seq')
+  local state = l[1]
+  if not state or state == 'succeeded' or state == 'failed' or state == 'superseded' then
+    return {'stale', state or 'missing'}
+  end
+  if l[5] ~= run then return {'stale', 'fenced'} end
+  local history = (l[2] or '') .. history_line .. '\n'
+  local event_id = redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(event))
+  local unknown_until = tonumber(l[6]) or 0
+  if phase_after == 'unknown' then unknown_until = math.max(unknown_until, now + hold_ms) end
+  release(lock, job .. '#' .. run .. '#', unknown_until)
+  if outcome == 'retrying' then
+    local next_at = now + tonumber(delay_ms)
+    redis.call('HSET', ledger, 'state', 'retrying', 'phase', phase_after, 'next_at', next_at, 'history', history,
+      'unknown_until', unknown_until)
+    if pause_ms ~= '' then
+      local pause_until = now + tonumber(pause_ms)
+      if pause_until > (tonumber(redis.call('HGET', rate_key, 'pause_until')) or 0) then
+        redis.call('HSET', rate_key, 'pause_until', pause_until)
+      end
+    end
+    redis.call('ZADD', queue, next_at, job)
+  else
+    redis.call('HSET', ledger, 'state', outcome, 'phase', '', 'finished_at', now, 'stage_id', stage_id,
+      'history', history, 'event_id', event_id)
+    done[#done + 1] = job
+    -- No longer one of its stage's pending updates (worker.keys.stage_key).
+    if l[7] then redis.call('HDEL', l[7], 'j' .. l[8]) end
+    if created ~= '' then
+      created_ids[#created_ids + 1] = created
+      created_jobs[#created_jobs + 1] = job
     end
   end
-  release_lock()
-  redis.call('ZADD', queue, next_at, job)
-else
-  redis.call('HSET', ledger, 'state', outcome, 'phase', '', 'finished_at', now, 'stage_id', stage_id,
-    'history', history, 'event_id', event_id)
   redis.call('PEXPIRE', ledger, retention_ms)
-  if created ~= '' then
-    redis.call('HSETNX', claims, created, job)
-    if tonumber(created) > (tonumber(redis.call('GET', newest_claim)) or 0) then
-      redis.call('SET', newest_claim, created)
-    end
+  if outcome == 'failed' then
+    -- The dead letter carries the whole original change, so a replay needs nothing else.
+    redis.call('XADD', dlq, '*', 'original_change', l[3], 'generation', l[4] or '0', unpack(event))
   end
-  release_lock()
-  redis.call('ZREM', queue, job)
-  if redis.call('HINCRBY', pending, account, -1) <= 0 then redis.call('HDEL', pending, account) end
+  return {'ok', tostring(now)}
 end
-if outcome == 'failed' then
-  -- The dead letter carries the whole original change, so a replay needs nothing else.
-  redis.call('XADD', dlq, '*', 'original_change', l[3], 'generation', l[4] or '0', unpack(ARGV, 14))
+
+local first = 6
+for i = 8, #KEYS, 2 do
+  replies[#replies + 1] = finish_one(KEYS[i], KEYS[i + 1], ARGV, first)
+  first = first + 10 + tonumber(ARGV[first + 9])
 end
-return {'ok', tostring(now)}
+
+if #done > 0 then
+  redis.call('ZREM', queue, unpack(done))
+  if redis.call('HINCRBY', pending, account, -#done) <= 0 then redis.call('HDEL', pending, account) end
+end
+if #created_ids > 0 then
+  -- The stages these adds created are theirs (an add that adopted one first keeps it), and the
+  -- newest claimed id moves up: later adds reconcile only above it.
+  local owners = redis.call('HMGET', claims, unpack(created_ids))
+  local known = tonumber(redis.call('GET', newest_claim)) or 0
+  local claimed, newest = {}, known
+  for i, id in ipairs(created_ids) do
+    if not owners[i] then
+      claimed[#claimed + 1] = id
+      claimed[#claimed + 1] = created_jobs[i]
+    end
+    newest = math.max(newest, tonumber(id))
+  end
+  if #claimed > 0 then redis.call('HSET', claims, unpack(claimed)) end
+  if newest > known then redis.call('SET', newest_claim, newest) end
+end
+return replies

@@ -1,72 +1,84 @@
--- Claim a change of one account and decide whether it may talk to iVvy now, in one step, by the
--- server's clock (no client clock decides anything). Given a job id, that job; given '', the
--- account's due jobs in due order until one has work to do: a job is read only when it is due,
--- and one that could be sent waits untouched in the queue while the account's rate limiter has no
--- free slot (the worker picks the account again when it has one).
+-- Claim changes of one account and decide for each whether it may talk to iVvy now, in one step,
+-- by the server's clock (no client clock decides anything). Given a job id, that job; given '',
+-- the account's due jobs in due order until `wanted` of them run: a job is read only when it is
+-- due, and one that could be sent waits untouched in the queue while the account's rate limiter
+-- has no free slot (the worker picks the account again when it has one).
 -- KEYS: 1 account queue zset, 2 account rate hash, 3 account newest-claim key
--- ARGV: 1 job id or '' (the account's next due job), 2 lease (ms), 3 max attempts, 4 max age (ms),
+-- ARGV: 1 job id or '' (the account's next due jobs), 2 lease (ms), 3 max attempts, 4 max age (ms),
 --       5 rate interval (µs), 6 lock ttl (ms), 7 in-flight guard (ms), 8 worker id,
 --       9 the account's ledger key prefix (worker.keys: prefix .. idempotency key), 10 jitter (ms)
---       for lock waits, 11 ledger retention (ms)
+--       for lock waits, 11 ledger retention (ms), 12 how many jobs may run (a worker's free slots),
+--       13 rate window (µs): slots that fall due within it are taken now (a batch at high rates)
 -- The stage hash and lock key of a change are read from its ledger entry (stage_key, lock_key:
--- named by worker.keys at enqueue, in the account's slot).
--- Reply, always 14 items (worker.ledger parses it into a Start):
---   {decision, wait ms, wait reason, run, attempt, previous phase, dropped csv, source,
---    enqueued at (ms), generation, change, state, job id, account next (server ms, -1: empty)}
---   decision: idle | skip | missing | done | wait | superseded | exhausted | go
---   (worker.states.Decision). superseded, exhausted and go start a new run (the fencing token) and
---   hide the job for one lease; go also counts an attempt, takes a rate-limit slot and the lock.
+-- named by worker.keys at enqueue, in the account's slot). A lock's value is 'job#run#expires at
+-- (server ms)', so that finish.lua can put back a lock it took by mistake (GETDEL) as it was.
+-- Reply (worker.core.replies parses it): {account next (server ms, -1: its queue is empty),
+--   rate reason ('' | 'rate' | 'paused': why the claim stopped), rate wait (ms), decisions}, the
+--   decisions a flat array of 14 items each: decision, wait ms, wait reason, run, attempt, previous phase,
+--   dropped csv, source, enqueued at (ms), generation, change, state, job id, traceparent}
+--   decision: skip | missing | done | wait | superseded | exhausted | go (worker.core.states.Decision).
+--   superseded, exhausted and go start a new run (the fencing token) and hide the job for one
+--   lease; go also counts an attempt, takes a rate-limit slot and the lock. With a job id there is
+--   always exactly one decision; without, 'wait' is never one (the job is put back for later).
 local queue, rate_key, newest_claim = KEYS[1], KEYS[2], KEYS[3]
 local wanted, lease_ms, max_attempts, max_age_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local ledger_prefix, jitter_ms, retention_ms = ARGV[9], tonumber(ARGV[10]), ARGV[11]
+local slots, window_us = tonumber(ARGV[12]), tonumber(ARGV[13])
 
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
 local now = math.floor(now_us / 1000)
 local rate = redis.call('HMGET', rate_key, 'tat', 'pause_until')
-local tat = tonumber(rate[1]) or 0
+local tat0 = tonumber(rate[1]) or 0
+local tat = tat0
 local pause_until_us = (tonumber(rate[2]) or 0) * 1000
-local free_at_us = math.max(tat, pause_until_us)
 
--- When the account may next have a change to send: its queue's head, once the rate limit allows.
-local function account_next()
-  local head = redis.call('ZRANGE', queue, 0, 0, 'WITHSCORES')
-  if not head[1] then return -1 end
-  return math.max(tonumber(head[2]), math.ceil(free_at_us / 1000))
+local decisions, leased, newest = {}, {}, nil
+-- The soonest score given to a job this call (its lease, or its time to look again).
+local soonest = -1
+local function rescored(at)
+  if soonest < 0 or at < soonest then soonest = at end
 end
-
-local function reply(decision, job, wait_ms, reason, run, attempt, phase, dropped, l)
+local rate_reason, rate_wait = '', 0
+local function decided(decision, job, wait_ms, reason, run, attempt, phase, dropped, l)
   l = l or {}
-  return {decision, wait_ms or 0, reason or '', run or 0, attempt or 0, phase or '', dropped or '',
-    l[10] or '', l[4] or '0', l[11] or '0', l[12] or '', l[1] or '', job or '', account_next()}
+  for _, v in ipairs({decision, wait_ms or 0, reason or '', run or 0, attempt or 0, phase or '', dropped or '',
+    l[10] or '', l[4] or '0', l[11] or '0', l[12] or '', l[1] or '', job, l[16] or ''}) do
+    decisions[#decisions + 1] = v
+  end
+  return true
 end
 
--- One due job: a decision, or nil when it was put back for later (the claim goes on to the next).
+-- One due job: true when it was decided about (a decision in the reply), false when it was put back
+-- for later (the claim goes on to the next), nil when the rate limit has no free slot (it stops).
 local function consider(job)
   local ledger = ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
   local l = redis.call('HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
-    'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run')
+    'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'id_floor')
   local state, phase = l[1], l[2] or ''
   local attempts, run = tonumber(l[3]) or 0, tonumber(l[15]) or 0
   if not state or state == 'succeeded' or state == 'failed' or state == 'superseded' then
     redis.call('ZREM', queue, job)
-    if not state then return reply('missing', job) end
-    return reply('done', job, 0, '', 0, 0, '', '', l)
+    if not state then return decided('missing', job) end
+    return decided('done', job, 0, '', 0, 0, '', '', l)
   end
-  -- Touched, so kept: a change held back for a long time must not outlive its ledger entry.
-  redis.call('PEXPIRE', ledger, retention_ms)
 
   local function later(ms, reason)
     redis.call('ZADD', queue, now + ms, job)
-    if wanted ~= '' then return reply('wait', job, ms, reason) end
-    return nil
+    rescored(now + ms)
+    -- Touched, so kept: a change held back for a long time must not outlive its ledger entry.
+    redis.call('PEXPIRE', ledger, retention_ms)
+    if wanted ~= '' then return decided('wait', job, ms, reason) end
+    return false
   end
   local function decide(decision, dropped, fields)
     run = run + 1
     redis.call('HSET', ledger, 'state', 'running', 'run', run, 'worker', worker_id, unpack(fields or {}))
-    redis.call('ZADD', queue, now + lease_ms, job)
-    return reply(decision, job, 0, '', run, attempts, phase, dropped, l)
+    leased[#leased + 1] = now + lease_ms
+    leased[#leased + 1] = job
+    rescored(now + lease_ms)
+    return decided(decision, job, 0, '', run, attempts, phase, dropped, l)
   end
 
   local next_at = tonumber(l[5]) or 0
@@ -89,55 +101,72 @@ local function consider(job)
     if kept == 0 then return decide('superseded', table.concat(dropped, ',')) end
   end
 
-  -- The lock's value names the job and its run; an older run of this same job (kept after an
+  local exhausted = attempts >= max_attempts or now - tonumber(l[4]) > max_age_ms
+  if not exhausted then
+    -- The account's rate limit, shared by every worker: GCRA with a burst of one request (and of
+    -- the slots due within the window), in µs. No slot is reserved ahead: while none is free the
+    -- change is left as it is.
+    local wait_us = math.max(tat - window_us, pause_until_us) - now_us
+    if wait_us > 0 then
+      local reason = pause_until_us > now_us and 'paused' or 'rate'
+      if wanted ~= '' then return later(math.ceil(wait_us / 1000), reason) end
+      rate_reason, rate_wait = reason, math.ceil(wait_us / 1000)
+      return nil
+    end
+  end
+
+  -- The lock names the job, its run and its expiry; an older run of this same job (kept after an
   -- unknown outcome) is ours to take over.
   local lock = l[14]
-  local owner = redis.call('GET', lock)
-  if owner and string.sub(owner, 1, #job + 1) ~= job .. '#' then
-    -- The holder usually finishes within one request: look again soon, not at the lock's expiry.
-    return later(math.min(redis.call('PTTL', lock), 20) + jitter_ms, 'locked')
+  local value = job .. '#' .. (run + 1) .. '#' .. (now + lock_ttl_ms)
+  if not redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX') then
+    local owner = redis.call('GET', lock)
+    if string.sub(owner, 1, #job + 1) ~= job .. '#' then
+      -- The holder usually finishes within one request: look again soon, not at the lock's expiry.
+      return later(math.min(redis.call('PTTL', lock), 20) + jitter_ms, 'locked')
+    end
+    redis.call('SET', lock, value, 'PX', lock_ttl_ms)
   end
-  if attempts >= max_attempts or now - tonumber(l[4]) > max_age_ms then
-    local decision = decide('exhausted', '')
-    redis.call('SET', lock, job .. '#' .. run, 'PX', lock_ttl_ms)
-    return decision
-  end
+  if exhausted then return decide('exhausted', '') end
 
-  -- The account's rate limit, shared by every worker: GCRA with a burst of one request, in µs. No
-  -- slot is reserved ahead: while none is free the change is left as it is.
-  if free_at_us > now_us then
-    local reason = 'rate'
-    if pause_until_us > now_us then reason = 'paused' end
-    if wanted ~= '' then return later(math.ceil((free_at_us - now_us) / 1000), reason) end
-    return reply('idle', '', math.ceil((free_at_us - now_us) / 1000), reason)
-  end
-  tat = math.max(tat, now_us) + interval_us
-  free_at_us = math.max(tat, pause_until_us)
-  redis.call('HSET', rate_key, 'tat', string.format('%d', tat))
-
+  -- A claim late for its slot by up to half an interval (the worker's own round trips) does not
+  -- push the account's next slots back with it; after a longer pause the slots start afresh.
+  if tat < now_us - interval_us / 2 then tat = now_us end
+  tat = tat + interval_us
   attempts = attempts + 1
   local recovery = {'attempts', attempts}
   if not (l[6] == 'add' and (phase == 'posting' or phase == 'unknown')) then
     -- The recovery point: the POST follows at once. An add of unknown outcome is reconciled first
     -- and writes its recovery point just before its own POST (post.lua).
     for _, v in ipairs({'phase', 'posting', 'posted_at', now}) do recovery[#recovery + 1] = v end
+    if l[6] == 'add' and not l[17] then
+      -- Stages at or below the newest claimed id existed before this add was first posted.
+      newest = newest or redis.call('GET', newest_claim) or '0'
+      recovery[#recovery + 1] = 'id_floor'
+      recovery[#recovery + 1] = newest
+    end
   end
-  local decision = decide('go', table.concat(dropped, ','), recovery)
-  redis.call('SET', lock, job .. '#' .. run, 'PX', lock_ttl_ms)
-  if recovery[3] and l[6] == 'add' then
-    redis.call('HSETNX', ledger, 'id_floor', redis.call('GET', newest_claim) or '0')
-  end
-  return decision
+  return decide('go', table.concat(dropped, ','), recovery)
 end
 
+local head = -1
 if wanted ~= '' then
   local score = redis.call('ZSCORE', queue, wanted)
-  if not score or tonumber(score) > now then return reply('skip', wanted) end
-  return consider(wanted)
+  if not score or tonumber(score) > now then decided('skip', wanted) else consider(wanted) end
+else
+  -- A bounded number of due jobs per call, so that one call stays short whatever the backlog; one
+  -- more is read, so that the queue's head after the claim is known without another read.
+  local due = redis.call('ZRANGEBYSCORE', queue, '-inf', '+inf', 'WITHSCORES', 'LIMIT', 0, slots + 17)
+  local i = 1
+  while due[i] and tonumber(due[i + 1]) <= now and #leased < 2 * slots and i < 2 * (slots + 16) do
+    if consider(due[i]) == nil then break end
+    i = i + 2
+  end
+  -- The queue's head now: the first job not touched (every other one comes after it), or one touched.
+  head = due[i + 1] and tonumber(due[i + 1]) or -1
+  if soonest >= 0 and (head < 0 or soonest < head) then head = soonest end
+  if head >= 0 then head = math.max(head, math.ceil(math.max(tat - window_us, pause_until_us) / 1000)) end
 end
--- A few due jobs per call at most, so that one call stays short whatever the backlog.
-for _, job in ipairs(redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', 0, 16)) do
-  local decision = consider(job)
-  if decision then return decision end
-end
-return reply('idle')
+if #leased > 0 then redis.call('ZADD', queue, unpack(leased)) end
+if tat ~= tat0 then redis.call('HSET', rate_key, 'tat', string.format('%d', tat)) end
+return {head, rate_reason, rate_wait, decisions}

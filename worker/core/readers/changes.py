@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
@@ -11,14 +12,17 @@ import redis.asyncio as aioredis
 
 from worker.core import keys
 from worker.core.change import parse_change, parse_envelope
+from worker.core.errors import redis_errors
 from worker.core.ledger import Ledger
 from worker.core.readers.streams import Entry, matches, stream_pages
+from worker.core.redis_connection import RedisClient
 from worker.core.results import iso_ms
 from worker.core.settings import Settings
+from worker.core.states import State
 
 
 async def change_status(
-    client: aioredis.Redis, settings: Settings, account: str, idempotency_key: str
+    client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> dict[str, object] | None:
     """Where one change stands, from its ledger entry; None when the key is unknown (or expired).
 
@@ -26,9 +30,11 @@ async def change_status(
     error_code, error_message), oldest first.
     """
     job = keys.job_id(account, idempotency_key)
-    entry = await Ledger(client, settings).entry(job)
-    if entry is None:
+    with redis_errors():
+        raw = await client.hgetall(keys.ledger_key(job))  # type: ignore[misc]  # redis-py's async stubs
+    if not raw:
         return None
+    entry = {k.decode(): v.decode() for k, v in raw.items()}
 
     def when(field: str) -> str | None:
         value = int(entry.get(field) or 0)
@@ -48,7 +54,7 @@ async def change_status(
         "generation": int(entry.get("gen") or 0),
         "enqueued_at": when("enqueued_at"),
         "last_attempt_at": when("attempt_at"),
-        "next_attempt_at": when("next_at") if state == "retrying" else None,
+        "next_attempt_at": when("next_at") if state == State.RETRYING else None,
         "finished_at": when("finished_at"),
         "history": [orjson.loads(line) for line in entry.get("history", "").splitlines() if line],
     }
@@ -58,7 +64,6 @@ async def change_status(
 class ReplayOutcome:
     """What ``replay`` did with one dead letter."""
 
-    dead_letter_id: str
     job_id: str
     idempotency_key: str
     account: str
@@ -66,16 +71,10 @@ class ReplayOutcome:
     #: replayed, say): then the dead letter is left alone.
     status: str
     generation: int
+    dead_letter_id: str
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "job_id": self.job_id,
-            "idempotency_key": self.idempotency_key,
-            "account": self.account,
-            "status": self.status,
-            "generation": self.generation,
-            "dead_letter_id": self.dead_letter_id,
-        }
+        return dataclasses.asdict(self)
 
 
 async def replay(client: aioredis.Redis, settings: Settings, entry: Entry) -> ReplayOutcome:
@@ -92,9 +91,13 @@ async def replay(client: aioredis.Redis, settings: Settings, entry: Entry) -> Re
         change, envelope, dlq_entry_id=entry["id"], generation=entry.get("generation", "0")
     )
     return ReplayOutcome(
-        entry["id"], keys.job_id(envelope.account, envelope.idempotency_key), envelope.idempotency_key,
-        envelope.account, status, generation,
-    )  # fmt: skip
+        job_id=keys.job_id(envelope.account, envelope.idempotency_key),
+        idempotency_key=envelope.idempotency_key,
+        account=envelope.account,
+        status=status,
+        generation=generation,
+        dead_letter_id=entry["id"],
+    )
 
 
 def _iso_to_ms(text: str | None) -> int | None:
@@ -107,7 +110,7 @@ _CLOCK_MARGIN_MS = 300_000
 
 
 async def change_timeline(
-    client: aioredis.Redis, settings: Settings, account: str, idempotency_key: str
+    client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> dict[str, object] | None:
     """One change (``change_status``) and its timeline, oldest first: enqueued, then each attempt
     with its HTTP status, error code and, from the results stream, its duration and whole event.

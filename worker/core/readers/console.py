@@ -8,19 +8,19 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from worker.core import keys
 from worker.core.errors import BadFilter, redis_errors
 from worker.core.readers.stats import parse_heartbeat
 from worker.core.readers.streams import PAGE, Entry, dead_letters, id_ms, id_order, redis_now_ms, stream_pages
+from worker.core.redis_connection import RedisClient
 from worker.core.results import iso_ms
 from worker.core.settings import Settings
-from worker.core.states import State
+from worker.core.states import Outcome, State
 
 _STREAM_ID = re.compile(r"\d+-\d+")
 #: The events of the results stream that are failures, for ``failures``' recent counts.
-FAILURE_EVENTS = ("failed", "retrying")
+FAILURE_EVENTS = (Outcome.FAILED.value, Outcome.RETRYING.value)
 #: What a dead letter shows of itself (its fields are the results event's, plus the original change).
 DEAD_LETTER_FIELDS = (
     "account", "idempotency_key", "job_id", "operation", "attempt", "http_status", "error_code", "error_message",
@@ -38,7 +38,7 @@ class RateHistory:
 
     BUCKET_S = 10
     SPAN_S = 3600
-    SERIES = ("succeeded", "failed", "retrying")
+    SERIES = tuple(event.value for event in (Outcome.SUCCEEDED, Outcome.FAILED, Outcome.RETRYING))
     #: The window of ``used_per_s``.
     USE_WINDOW_S = 60
 
@@ -51,7 +51,7 @@ class RateHistory:
         self._failures: dict[int, Counter[tuple[str, str, str]]] = defaultdict(Counter)
         self._lock = asyncio.Lock()
 
-    async def update(self, client: aioredis.Redis, settings: Settings, now_ms: int) -> None:
+    async def update(self, client: RedisClient, settings: Settings, now_ms: int) -> None:
         async with self._lock:
             oldest = now_ms - self.SPAN_S * 1000
             after = self._after
@@ -98,7 +98,7 @@ class RateHistory:
         return rates
 
 
-async def _queue_by_account(client: aioredis.Redis, settings: Settings, now_ms: int) -> dict[str, Counter[str]]:
+async def _queue_by_account(client: RedisClient, settings: Settings, now_ms: int) -> dict[str, Counter[str]]:
     """queued, due, in_progress and retrying per account, from the queue and the ledger states."""
     scores: dict[str, float] = {}
     with redis_errors():
@@ -136,7 +136,7 @@ async def _queue_by_account(client: aioredis.Redis, settings: Settings, now_ms: 
     return counts
 
 
-async def overview(client: aioredis.Redis, settings: Settings, history: RateHistory) -> dict[str, object]:
+async def overview(client: RedisClient, settings: Settings, history: RateHistory) -> dict[str, object]:
     """Per account: queued, due now, in progress, retrying, dead letters, paused until, the rate
     limit and its use; the workers with their heartbeat age; events per second over the last hour.
 
@@ -194,7 +194,7 @@ def _dead_letter_view(entry: Entry) -> dict[str, object]:
 
 
 async def failures(
-    client: aioredis.Redis,
+    client: RedisClient,
     settings: Settings,
     history: RateHistory,
     *,
@@ -249,7 +249,7 @@ async def failures(
     }
 
 
-async def discard(client: aioredis.Redis, settings: Settings, entry: Entry) -> str:
+async def discard(client: RedisClient, settings: Settings, entry: Entry) -> str:
     """Delete one dead letter (the ledger keeps its ``failed`` state until it expires):
     ``discarded``, or ``not_found`` when it was already gone (replayed or discarded meanwhile)."""
     with redis_errors():

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Collection, Mapping
 
-import redis.asyncio as aioredis
-
 from worker.core.errors import BadFilter, redis_errors
+from worker.core.redis_connection import RedisClient
 from worker.core.settings import Settings
 
 PAGE = 1000
@@ -26,7 +25,7 @@ def matches(entry: Entry, idempotency_key: str | None, account: str | None) -> b
     )
 
 
-async def stream_pages(client: aioredis.Redis, stream: str, start: str = "-") -> AsyncIterator[Entry]:
+async def stream_pages(client: RedisClient, stream: str, start: str = "-") -> AsyncIterator[Entry]:
     """Every entry of ``stream`` from ``start`` on, oldest first, one page per round trip."""
     while True:
         with redis_errors():
@@ -39,7 +38,7 @@ async def stream_pages(client: aioredis.Redis, stream: str, start: str = "-") ->
 
 
 async def results(
-    client: aioredis.Redis,
+    client: RedisClient,
     settings: Settings,
     *,
     idempotency_key: str | None = None,
@@ -69,7 +68,7 @@ async def results(
 
 
 async def dead_letters(
-    client: aioredis.Redis,
+    client: RedisClient,
     settings: Settings,
     *,
     account: str | None = None,
@@ -105,14 +104,14 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
-async def since_as_ms(client: aioredis.Redis, since: str | None) -> int | None:
+async def since_as_ms(client: RedisClient, since: str | None) -> int | None:
     """A ``since`` duration (``parse_duration``) as a moment of Redis's clock, never before 1970."""
     if since is None:
         return None
     return max(await redis_now_ms(client) - parse_duration(since) * 1000, 0)
 
 
-async def redis_now_ms(client: aioredis.Redis) -> int:
+async def redis_now_ms(client: RedisClient) -> int:
     """Redis's clock in ms: the clock of stream ids, so that windows do not depend on this host's."""
     with redis_errors():
         seconds, micros = await client.time()

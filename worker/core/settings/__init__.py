@@ -61,6 +61,7 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "poll_delay_s": ("LEADSTAGE_POLL_DELAY", "positive_float"),
     "shutdown_grace_s": ("LEADSTAGE_SHUTDOWN_GRACE", "positive_float"),
     "lease_s": ("LEADSTAGE_LEASE", "positive_float"),
+    "coalesce_max": ("LEADSTAGE_COALESCE_MAX", "positive_int"),
     "redis_min_replicas": ("LEADSTAGE_REDIS_MIN_REPLICAS", "whole_number"),
     "redis_replica_timeout_s": ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "positive_float"),
     "retry_after_max_s": ("LEADSTAGE_RETRY_AFTER_MAX", "positive_float"),
@@ -99,6 +100,8 @@ class Settings:
     poll_delay_s: float = 0.01
     shutdown_grace_s: float = 25.0
     lease_s: float = 8.0
+    #: The most changes of one stage one request carries (coalescing, docs/contract.md; 1: never).
+    coalesce_max: int = 50
     #: Replicas that must confirm the writes that matter (enqueue, the recovery point before a POST,
     #: the terminal state) before they count as done; 0 waits for none (docs/contract.md: Durability).
     redis_min_replicas: int = 0

@@ -6,7 +6,7 @@ import base64
 import binascii
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal, TypeVar
 
 from worker.core.errors import ConfigError
@@ -73,33 +73,27 @@ class EnvReader:
             raise ConfigError(f"{name} must be {what}, not {raw!r}")
         return value
 
-    def positive_int(self, name: str, default: int) -> int:
+    def _whole(self, name: str, default: int, what: str, fits: Callable[[int], bool]) -> int:
+        """A whole number written in ASCII digits (``int`` also reads "٤" and chokes on "²")."""
         raw = self._raw(name)
         if raw is None:
             return default
-        if not raw.isdigit() or int(raw) < 1:
-            raise ConfigError(f"{name} must be a positive whole number, not {raw!r}")
+        if not (raw.isascii() and raw.isdigit()) or not fits(int(raw)):
+            raise ConfigError(f"{name} must be {what}, not {raw!r}")
         return int(raw)
 
+    def positive_int(self, name: str, default: int) -> int:
+        return self._whole(name, default, "a positive whole number", lambda value: value >= 1)
+
     def whole_number(self, name: str, default: int) -> int:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        if not (raw.isascii() and raw.isdigit()):
-            raise ConfigError(f"{name} must be a whole number, 0 or more, not {raw!r}")
-        return int(raw)
+        return self._whole(name, default, "a whole number, 0 or more", lambda value: True)
 
     def number(self, name: str, default: float) -> float:
         raw = self._raw(name)
         return default if raw is None else self._finite(name, raw, "a finite number")
 
     def port(self, name: str, default: int) -> int:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        if not raw.isdigit() or int(raw) > 65535:
-            raise ConfigError(f"{name} must be a port number 0..65535 (0 turns it off), not {raw!r}")
-        return int(raw)
+        return self._whole(name, default, "a port number 0..65535 (0 turns it off)", lambda value: value <= 65535)
 
     def name(self, name: str, default: str) -> str:
         raw = self._raw(name)

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from producers import LeadStageProducer
 from worker.core import metrics
 from worker.core.errors import DemoFailed, InvalidChange, redis_errors
-from worker.core.results import TERMINAL_EVENTS
+from worker.core.states import TERMINAL
 from worker.devtools.demo.embedded import DEMO_ACCOUNT
 from worker.devtools.demo.printer import Printer
 from worker.devtools.fake_ivvy import FakeIvvy, Faults
@@ -63,7 +63,7 @@ class Sample:
 
     @property
     def terminal(self) -> dict[str, str] | None:
-        return next((e for e in reversed(self.events) if e["event"] in TERMINAL_EVENTS), None)
+        return next((e for e in reversed(self.events) if e["event"] in TERMINAL), None)
 
     @property
     def retries(self) -> int:

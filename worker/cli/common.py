@@ -1,0 +1,109 @@
+"""What every command of ``leadstage`` shares: exit statuses, output, settings, the Redis client.
+
+Output: what a command produces goes to stdout as JSON (one line per item, so it pipes into jq or
+another program; a single object is indented on a terminal). Progress, summaries and errors go to
+stderr, an error as one line, ``leadstage: error: ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import orjson  # worker.core.change needs it anyway
+
+from worker.core.change import shown
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from worker.core.redis_connection import RedisClient
+    from worker.core.settings import Settings
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "PROG",
+    "configure_logging",
+    "emit",
+    "emit_object",
+    "error_line",
+    "load_settings",
+    "note",
+    "with_redis",
+    "with_single_redis",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+PROG = "leadstage"
+
+_T = TypeVar("_T")
+_Client = TypeVar("_Client", bound="RedisClient")
+
+
+def emit(obj: object) -> None:
+    """One JSON line on stdout, flushed (``results --follow`` is read as it is written)."""
+    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
+    sys.stdout.flush()
+
+
+def emit_object(obj: object) -> None:
+    """One JSON object: indented for a person at a terminal, one line for a program."""
+    if sys.stdout.isatty():
+        sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.flush()
+    else:
+        emit(obj)
+
+
+def note(text: str) -> None:
+    """A line for the person on stderr (progress, summaries, warnings)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def error_line(text: str) -> None:
+    """The one line of a failure on stderr."""
+    # Messages may carry what the user gave (a key, a file name): no control character reaches the terminal.
+    note(f"{PROG}: error: {shown(text, limit=2000)}")
+
+
+def load_settings() -> Settings:
+    """The settings from the environment (``ConfigError`` names a bad one)."""
+    from worker.core.settings import Settings
+
+    return Settings.from_env()
+
+
+def configure_logging(settings: Settings) -> None:
+    """The logging of the long-running commands (a one-shot command logs nothing)."""
+    from worker.core.logs import configure_logging as configure
+
+    configure(settings)
+
+
+async def with_redis(settings: Settings, use: Callable[[RedisClient], Awaitable[_T]]) -> _T:
+    """``use`` a client of ``REDIS_URL`` with the Redis timeouts of ``settings``, closed after: a
+    single Redis or a Redis Cluster (the read commands)."""
+    from worker.core.redis_connection import connect_redis_or_cluster_of
+
+    return await _using(connect_redis_or_cluster_of(settings), use)
+
+
+async def with_single_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
+    """``with_redis`` for a single Redis only: what runs the enqueue script (a replay) refuses a
+    Redis Cluster, before any I/O."""
+    from worker.core.redis_connection import connect_redis_of
+
+    return await _using(connect_redis_of(settings), use)
+
+
+async def _using(client: _Client, use: Callable[[_Client], Awaitable[_T]]) -> _T:
+    try:
+        return await use(client)
+    finally:
+        await client.aclose()

@@ -1,0 +1,281 @@
+"""A bulk enqueue's wire: enqueue.lua calls pipelined on one connection, chunk by chunk (the check of a
+whole bulk before its first write, then its writes), and the changes encoded as the script takes them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+from redis.asyncio.connection import Connection
+from redis.exceptions import NoScriptError, ResponseError
+from redis.typing import EncodableT
+
+from worker.core import keys, tracing
+from worker.core.change import Envelope, LeadStageChange
+from worker.core.errors import EnqueueOutcomeUnknown, IdempotencyConflict, RedisUnavailable, redis_errors
+from worker.core.replies import Receipt, parse_enqueue
+from worker.core.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.core.enqueue import Enqueuing
+
+#: Changes per enqueue.lua call when enqueuing in bulk (Redis runs each call in one go: ~10 ms).
+ENQUEUE_CHUNK = 1000
+#: A bulk check's staging hash expires this long after its last chunk (an interrupted producer's).
+STAGING_TTL_MS = 3_600_000
+
+
+def backlog_warning(receipts: Sequence[Receipt], settings: Settings) -> str | None:
+    """One line for the newest receipt of each account whose backlog outlasts LEADSTAGE_MAX_AGE: its
+    changes will fail as too old before they are sent (counted in ``ENQUEUED_PAST_MAX_AGE``)."""
+    newest: dict[str, Receipt] = {}
+    for receipt in receipts:
+        if receipt.expected_wait_s > settings.max_age_s:
+            newest[receipt.account] = receipt
+    if not newest:
+        return None
+    return "; ".join(
+        f"account {account!r} has {r.backlog} changes waiting, about {r.expected_wait_s:,.0f}s at its rate limit: "
+        f"past LEADSTAGE_MAX_AGE ({settings.max_age_s:g}s), the newest will fail as too old"
+        for account, r in sorted(newest.items())
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Up to ``ENQUEUE_CHUNK`` validated changes as enqueue.lua takes them, each with a label: its
+    place in the bulk in the caller's terms (``changes[3]``, ``line 4``; no newline), for errors."""
+
+    changes: bytes
+    labels: Sequence[str]
+
+    def envelopes(self) -> list[tuple[str, str]]:
+        """(account, idempotency key) of each change."""
+        return [(change[5], change[6]) for change in orjson.loads(self.changes)]
+
+
+class _Pipe:
+    """enqueue.lua calls on one connection of their own, pipelined: a request is sent at once and
+    its answer read later, so Redis runs one chunk while the producer prepares the next. At most
+    one request is outstanding, so the chunks run in the order they were sent. A write is followed
+    by ``WAIT`` on the same connection when LEADSTAGE_REDIS_MIN_REPLICAS asks for it (WAIT counts
+    the replicas that have this connection's writes), in the same round trip."""
+
+    def __init__(self, ledger: Enqueuing) -> None:
+        self.ledger = ledger
+        self._connection: Connection | None = None
+        self._request: tuple[Any, ...] | None = None  # sent, its answer not read yet
+        self._confirm = False  # a WAIT follows the request
+        self._notify: list[str] = []  # then the schedule's notice for these accounts
+
+    async def open(self) -> None:
+        """Connect: a failure here has sent nothing."""
+        with redis_errors():
+            self._connection = await self.ledger.client.connection_pool.get_connection()
+
+    async def close(self) -> None:
+        if self._connection is None:
+            return
+        connection, self._connection = self._connection, None
+        if self._request is not None:  # an answer nobody will read: the connection cannot be used again
+            with contextlib.suppress(RedisUnavailable), redis_errors():
+                await connection.disconnect()
+        await self.ledger.client.connection_pool.release(connection)
+
+    @property
+    def busy(self) -> bool:
+        return self._request is not None
+
+    async def send(self, mode: Literal["enqueue", "check"], changes: bytes, staging: tuple[str, bytes] | None) -> None:
+        assert self._connection is not None, "open() first"
+        assert self._request is None, "one request at a time"
+        script_keys, args = self.ledger._enqueue_arguments(mode, changes, staging=staging)
+        self._request = (len(script_keys), *script_keys, *args)
+        self._confirm = mode == "enqueue" and self.ledger.settings.redis_min_replicas > 0
+        # The schedule hears of the accounts written to in the same round trip (idle workers wake).
+        self._notify = sorted({account for account, _ in Chunk(changes, ()).envelopes()}) if mode == "enqueue" else []
+        with redis_errors():
+            await self._send_request()
+
+    async def _send_request(self) -> None:
+        """The script call, its WAIT and the schedule's notice: one write on the connection."""
+        assert self._connection is not None
+        assert self._request is not None
+        ledger = self.ledger
+        commands: list[tuple[EncodableT, ...]] = [("EVALSHA", ledger._enqueue.sha, *self._request)]
+        if self._confirm:
+            settings = ledger.settings
+            commands.append(("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)))
+        if self._notify:
+            commands.append(("EVALSHA", ledger._ready.sha, 3, *ledger._ready_keys, "notify", "", *self._notify))
+        await self._connection.send_packed_command(self._connection.pack_commands(commands))
+
+    async def _replies(self) -> list[Any]:
+        """The replies to the commands of one request (an error reply as its exception), in order."""
+        assert self._connection is not None
+        replies: list[Any] = []
+        for _ in range(1 + self._confirm + bool(self._notify)):
+            try:
+                replies.append(await self._connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def receive(self) -> tuple[list[list[bytes]], dict[str, int], int | None]:
+        """The answers of the request sent, the backlog of each account it wrote to, and how many
+        replicas confirmed it (None: not asked)."""
+        assert self._connection is not None, "open() first"
+        assert self._request is not None, "send() first"
+        connection, ledger = self._connection, self.ledger
+        with redis_errors():
+            replies = await self._replies()
+            if any(isinstance(r, NoScriptError) for r in replies):  # none ran: load them, send again
+                for script in (ledger._enqueue, ledger._ready):
+                    await connection.send_command("SCRIPT", "LOAD", script.script)
+                    script.sha = (await connection.read_response()).decode()
+                await self._send_request()
+                replies = await self._replies()
+            for error in replies:
+                if isinstance(error, Exception):
+                    raise error
+        reply = replies[0]
+        acked = int(replies[1]) if self._confirm else None
+        self._request = None
+        answers, backlog = parse_enqueue(reply)
+        return answers, backlog, acked
+
+
+class BulkCheck:
+    """Checks a bulk enqueue chunk by chunk before its first write: every key against the ledger
+    and against the keys checked before it (a staging hash in Redis, so the producer's memory
+    stays bounded by a chunk). Nothing is enqueued; the staging hash is removed at the end.
+
+    ``send(chunk)``, then ``receive()`` (which raises ``IdempotencyConflict`` for the first key of
+    the chunk that cannot be enqueued); between the two, prepare the next chunk.
+    """
+
+    def __init__(self, ledger: Enqueuing, staging_key: str) -> None:
+        self.ledger = ledger
+        self.staging_key = staging_key
+        self._pipe = _Pipe(ledger)
+        self._chunk: Chunk | None = None
+
+    async def __aenter__(self) -> BulkCheck:
+        await self._pipe.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pipe.close()
+        with contextlib.suppress(RedisUnavailable), redis_errors():
+            await self.ledger.client.unlink(self.staging_key)  # or it expires after STAGING_TTL_MS
+
+    @property
+    def busy(self) -> bool:
+        """Whether a chunk was sent and its answer is not received yet."""
+        return self._pipe.busy
+
+    async def send(self, chunk: Chunk) -> None:
+        self._chunk = chunk
+        await self._pipe.send("check", chunk.changes, (self.staging_key, orjson.dumps(list(chunk.labels))))
+
+    async def receive(self) -> None:
+        assert self._chunk is not None
+        answers, _, _ = await self._pipe.receive()
+        for index, answer in enumerate(answers):
+            if answer[0] in (b"conflict", b"twice"):
+                account, key = self._chunk.envelopes()[index]
+                earlier = answer[1].decode() if answer[0] == b"twice" else None
+                raise IdempotencyConflict(account, key, label=self._chunk.labels[index], earlier_label=earlier)
+
+
+class BulkWrite:
+    """Writes checked chunks, each one atomically, pipelined like ``BulkCheck``: ``send(chunk)``,
+    then ``receive()`` its receipts.
+
+    A conflict (only possible when another producer wrote the key after the check) raises
+    ``IdempotencyConflict``, with nothing of the chunk written; no answer raises
+    ``EnqueueOutcomeUnknown`` naming the chunk's changes as unknown. Either way the error counts
+    the changes written before (``enqueued``).
+    """
+
+    def __init__(self, ledger: Enqueuing) -> None:
+        self._pipe = _Pipe(ledger)
+        self._chunk: Chunk | None = None
+        self.enqueued = 0
+
+    async def __aenter__(self) -> BulkWrite:
+        await self._pipe.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pipe.close()
+
+    @property
+    def busy(self) -> bool:
+        return self._pipe.busy
+
+    async def send(self, chunk: Chunk) -> None:
+        self._chunk = chunk
+        try:
+            await self._pipe.send("enqueue", chunk.changes, None)
+        except RedisUnavailable as exc:
+            raise EnqueueOutcomeUnknown(str(exc), enqueued=self.enqueued, unknown=chunk.envelopes()) from exc
+
+    async def receive(self) -> list[Receipt]:
+        assert self._chunk is not None
+        envelopes = self._chunk.envelopes()
+        try:
+            answers, backlog, acked = await self._pipe.receive()
+        except RedisUnavailable as exc:
+            raise EnqueueOutcomeUnknown(str(exc), enqueued=self.enqueued, unknown=envelopes) from exc
+        for (account, key), label, answer in zip(envelopes, self._chunk.labels, answers, strict=True):
+            if answer[0] == b"conflict":
+                raise IdempotencyConflict(account, key, label=label, enqueued_before=self.enqueued)
+        ledger = self._pipe.ledger
+        ledger._require_replicas(acked, "the enqueued changes")
+        self.enqueued += len(answers)
+        # The backlog a queued change joins: the account's count after the chunk, less the changes
+        # of the chunk queued behind it.
+        behind = Counter(
+            account for (account, _), answer in zip(envelopes, answers, strict=True) if answer[0] == b"queued"
+        )
+        receipts = []
+        for (account, key), answer in zip(envelopes, answers, strict=True):
+            job = keys.job_id(account, key)
+            if answer[0] != b"queued":
+                receipts.append(Receipt(job, key, account, "duplicate"))
+                continue
+            position = backlog.get(account, 0) - behind[account] + 1
+            behind[account] -= 1
+            receipts.append(Receipt(job, key, account, "queued", position, ledger.expected_wait_s(account, position)))
+        return receipts
+
+
+def encode_changes(items: Sequence[tuple[LeadStageChange, Envelope]], queue_name: str) -> bytes:
+    """The changes as enqueue.lua takes them: one JSON array, one entry per change, with the names of
+    its keys (worker.core.keys)."""
+    trace = tracing.current_traceparent()  # the producer's span, stored with each change
+    return orjson.dumps(
+        [
+            [
+                (job := keys.job_id(envelope.account, envelope.idempotency_key)),
+                change.canonical_json().decode(),
+                change.operation,
+                "" if change.id is None else str(change.id),
+                ",".join(change.changed_fields()),
+                envelope.account,
+                envelope.idempotency_key,
+                envelope.source,
+                keys.ledger_key(job),
+                "" if change.id is None else keys.stage_key(envelope.account, change.id),
+                keys.stage_lock_key(envelope.account, keys.lock_subject(change.id, change.name)),
+                keys.queue_key(queue_name, envelope.account),
+                trace,
+            ]
+            for change, envelope in items
+        ]
+    )

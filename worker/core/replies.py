@@ -1,0 +1,170 @@
+"""What the ledger's scripts answer, typed: every reply has a fixed shape (written at the top of its
+script in ``worker/core/lua/``) and is parsed here, and only here (states and decisions:
+``worker.core.states``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from worker.core.states import RUNS, Decision, Phase, State, WaitReason
+
+EnqueueStatus = Literal["queued", "duplicate"]
+#: Items per decision in start.lua's reply.
+START_ITEMS = 14
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a producer gets back for one change.
+
+    ``backlog`` is how many changes of the account were waiting for a terminal state when this one
+    was queued (itself included: its place in line), and ``expected_wait_s`` how long the account's rate limit
+    needs to send them: when it exceeds the maximum age, the newest of them will fail as too old.
+    """
+
+    job_id: str
+    idempotency_key: str
+    account: str
+    status: EnqueueStatus
+    backlog: int = 0
+    expected_wait_s: float = 0.0
+
+    def as_dict(self) -> dict[str, str]:
+        return {"job_id": self.job_id, "idempotency_key": self.idempotency_key, "status": self.status}
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """start.lua's decision about one job."""
+
+    decision: Decision
+    wait_ms: int = 0
+    reason: WaitReason | None = None
+    #: The run this start began (the fencing token every later script of it presents).
+    run: int = 0
+    attempt: int = 0
+    previous_phase: Phase = Phase.NONE
+    dropped: frozenset[str] = field(default_factory=frozenset)
+    #: (source, enqueued at in server ms, generation) of the change, for its events.
+    facts: tuple[str, int, int] = ("", 0, 0)
+    #: The change's canonical JSON, from its ledger entry.
+    change_json: bytes = b""
+    #: The terminal state a ``done`` job was found in.
+    state: State | None = None
+    #: False when fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed this start in time: a
+    #: recovery point it wrote could be lost in a failover, so nothing may be posted on it.
+    replicated: bool = True
+    #: The job decided about.
+    job_id: str = ""
+    #: The producer's W3C traceparent stored with the change ('' when it did not trace).
+    traceparent: str = ""
+
+    @property
+    def runs(self) -> bool:
+        """Whether the job has work to do now (a task is started for it)."""
+        return self.decision in RUNS
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """start.lua's claim from an account: a decision per job it touched, and what comes next."""
+
+    starts: tuple[Start, ...]
+    #: When the account may next have a change to send (server ms; -1: its queue is empty).
+    account_next_ms: int = -1
+    #: Why the claim stopped before it had claimed all it might: no free rate-limit slot (or a
+    #: pause), and for how long (ms).
+    rate_reason: WaitReason | None = None
+    rate_wait_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """finish.lua's answer for one run: whether its end was recorded, and when (server ms)."""
+
+    recorded: bool
+    finished_at_ms: int = 0
+    #: Why not, when not: the terminal state found, ``missing`` or ``fenced`` (a newer run owns it).
+    refused_because: str = ""
+    #: False when fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed it in time.
+    replicated: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """ready.lua's pick: the account to serve now, or how long until one is due."""
+
+    account: str | None
+    epoch: str = "0"
+    #: Milliseconds until the first account is due (-1: none has work).
+    wait_ms: int = -1
+
+
+def text(value: bytes | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_claim(reply: Sequence[Any], *, replicated: bool) -> Claim:
+    """start.lua's reply: {account next, rate reason, rate wait, decisions (14 items each)}."""
+    account_next, reason, wait_ms, flat = reply
+    starts = tuple(
+        _parse_start(flat[i : i + START_ITEMS], replicated=replicated) for i in range(0, len(flat), START_ITEMS)
+    )
+    reason_text = text(reason)
+    return Claim(starts, int(account_next), WaitReason(reason_text) if reason_text else None, int(wait_ms))
+
+
+def _parse_start(item: Sequence[bytes | int], *, replicated: bool) -> Start:
+    decision, wait_ms, reason, run, attempt, phase, dropped, source, enqueued_at, gen, change, state, job, trace = item
+    words = [text(v) for v in (reason, phase, dropped, source, state, job, trace)]
+    return Start(
+        decision=Decision(text(decision)),
+        wait_ms=int(wait_ms),
+        reason=WaitReason(words[0]) if words[0] else None,
+        run=int(run),
+        attempt=int(attempt),
+        previous_phase=Phase(words[1]),
+        dropped=frozenset(f for f in words[2].split(",") if f),
+        facts=(words[3], int(enqueued_at), int(gen)),
+        change_json=change if isinstance(change, bytes) else b"",
+        state=State(words[4]) if words[4] else None,
+        replicated=replicated,
+        job_id=words[5],
+        traceparent=words[6],
+    )
+
+
+def parse_finished(reply: Sequence[Sequence[bytes]], *, replicated: bool) -> list[Finished]:
+    """finish.lua's reply: {status, detail} per run, in order."""
+    return [
+        Finished(True, int(detail), replicated=replicated)
+        if status == b"ok"
+        else Finished(False, refused_because=detail.decode())
+        for status, detail in reply
+    ]
+
+
+def parse_pick(reply: Sequence[bytes | int]) -> Pick:
+    """ready.lua pick's reply: {account or '', its epoch, ms until the first account is due}."""
+    account, epoch, wait_ms = reply
+    return Pick(text(account) or None, text(epoch), int(wait_ms))
+
+
+def parse_adopt(reply: Sequence[bytes]) -> tuple[str, int | None]:
+    """adopt.lua's reply: its status ('adopted' | 'none' | 'stale') and the stage adopted."""
+    status, stage_id = reply
+    return status.decode(), int(stage_id) if status == b"adopted" else None
+
+
+def parse_post(reply: Sequence[bytes]) -> bool:
+    """post.lua's reply: whether the recovery point was written (False: another run owns it)."""
+    return bool(reply[0] == b"ok")
+
+
+def parse_enqueue(reply: Sequence[Any]) -> tuple[list[list[bytes]], dict[str, int]]:
+    """enqueue.lua's reply: the answers, and account -> backlog for the accounts written to."""
+    answers, backlog = reply
+    pairs = iter(backlog)
+    return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
