@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import hypothesis
 import pytest
 import redis
 import redis.asyncio as aioredis
+import structlog
 
 from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, start_redis
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
@@ -151,3 +153,27 @@ def cluster_url(cluster_servers: RedisCluster) -> Iterator[str]:
         yield cluster_servers.url
     finally:
         cluster_servers.flush()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A test that configures logging (to its own stream) leaves the process as it found it.
+
+    Otherwise a later test's worker would write to that stream, and what it asserts of the logs
+    would depend on the order the tests ran in.
+    """
+    monkeypatch.delenv("LEADSTAGE_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    structlog.contextvars.clear_contextvars()
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        structlog.contextvars.clear_contextvars()
+        structlog.reset_defaults()
