@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import backlog, phases, report
+from bench import backlog, phases, real_ivvy, report
 from bench.baseline import BaselineSide
 from bench.infra import REPO_ROOT, BenchError, require_loopback_url, start_bench_process
 from bench.measure import Probe
@@ -35,9 +35,10 @@ from worker.core.processes import LOOPBACK, Children, RedisServer, free_port, si
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Settings
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-PHASES = ("throughput", "latency", "bulk", "cli", "backlog", "idle")
-#: Phases of the product alone (``bench.backlog``): arq has no per-account rate limit to compare.
-PRODUCT_ONLY = ("backlog", "idle")
+PHASES = ("throughput", "latency", "bulk", "cli", "backlog", "idle", "real-ivvy")
+#: Phases of the product alone (``bench.backlog``, ``bench.real_ivvy``): arq has no per-account rate
+#: limit nor coalescing to compare.
+PRODUCT_ONLY = ("backlog", "idle", "real-ivvy")
 #: Phases short enough to run several rounds of; the latency phase already aggregates 400 samples.
 REPEATED = ("throughput", "bulk")
 #: Phases whose rounds are summed up by their median rather than their best (what a user sees).
@@ -58,6 +59,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="backlog phase: sizes of the busy account's backlog, comma-separated (default 30000; "
         "3000,30000,300000 shows the cost per change against the size)",
     )
+    parser.add_argument("--ivvy-updates", type=int, default=1000, help="real-ivvy phase: updates (default 1000)")
+    parser.add_argument("--ivvy-stages", type=int, default=50, help="real-ivvy phase: stages updated (default 50)")
+    parser.add_argument("--ivvy-adds", type=int, default=100, help="real-ivvy phase: adds (default 100)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--sides", default="baseline,product", help="comma-separated subset of baseline,product")
     parser.add_argument(
@@ -98,7 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the product's enqueue API (ledger: Ledger.enqueue_many, the library's fallback)",
     )
     parser.add_argument("--check", action="store_true", help="exit with status 3 when a target is missed")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds the whole run may take (default 540)")
+    parser.add_argument("--budget", type=float, default=720.0, help="seconds the whole run may take (default 720)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     args.phases = [p for p in args.phases.split(",") if p]
@@ -186,10 +190,8 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
     }
     settings = Settings.from_env(worker_env)
     use_library = args.producer == "library"
-    sides: dict[str, Side] = {
-        "baseline": BaselineSide(settings),
-        "product": ProductSide(settings, uvloop=args.product_loop == "uvloop", use_library=use_library),
-    }
+    product = ProductSide(settings, uvloop=args.product_loop == "uvloop", use_library=use_library)
+    sides: dict[str, Side] = {"baseline": BaselineSide(settings), "product": product}
     for name, variant in args.variants.items():
         env = {k: v for k, v in variant.items() if k != "loop"}
         uvloop = variant.get("loop", args.product_loop) == "uvloop"
@@ -238,6 +240,12 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
             if "idle" in args.phases:
                 print("[bench] idle: product ...", file=sys.stderr, flush=True)
                 product_only["idle"] = await backlog.run_idle(rig, settings)
+            if "real-ivvy" in args.phases:
+                # Each change alone, then coalesced, on the same workload (bench.real_ivvy), once.
+                print("[bench] real-ivvy: product alone, then coalesced ...", file=sys.stderr, flush=True)
+                product_only["real-ivvy"] = await real_ivvy.run_real_ivvy(
+                    rig, product, updates=args.ivvy_updates, stages=args.ivvy_stages, adds=args.ivvy_adds, tag="ri"
+                )
             if args.profile:
                 print("[bench] profile: product throughput under py-spy ...", file=sys.stderr, flush=True)
                 raw = args.output.parent / "profile-product.txt"
@@ -308,6 +316,9 @@ def _print(document: Mapping[str, Any]) -> None:
     if document.get("product_only"):
         print()
         print(backlog.table(document["product_only"].get("backlog", []), document["product_only"].get("idle")))
+    if document.get("product_only", {}).get("real-ivvy"):
+        print()
+        print(real_ivvy.text(document["product_only"]["real-ivvy"]))
     if document.get("profile"):
         print()
         print(report.profile_text(document["profile"]))

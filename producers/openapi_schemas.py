@@ -146,6 +146,14 @@ def result_event_schema() -> dict[str, Any]:
             "change": {"type": ["object", "null"], "description": "The body sent to iVvy (null: nothing sent)."},
             "generation": {"type": "integer"},
             "trace_id": {**_nullable("string"), "description": "The OpenTelemetry trace (null: not traced)."},
+            "sent_as": {
+                **_nullable("string"),
+                "description": "How it was sent: alone, or coalesced with other changes of its stage.",
+            },
+            "carried_by": {
+                **_nullable("string"),
+                "description": "The idempotency key of the change whose request carried it (null: nothing sent).",
+            },
         },
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,10 +11,12 @@ import hypothesis
 import pytest
 import redis
 import redis.asyncio as aioredis
+import structlog
 
 from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, start_redis
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
+from worker.ivvy import AiohttpTransport
 
 # CI runs the property and fuzz tests with a fixed seed, so a landing never fails by the draw;
 # elsewhere the draw is random and a failure prints the seed (``@reproduce_failure``) to replay it.
@@ -112,6 +115,14 @@ async def fake_ivvy() -> AsyncIterator[RunningFakeIvvy]:
 
 
 @pytest.fixture
+async def transport() -> AsyncIterator[AiohttpTransport]:
+    """The real HTTP transport of the iVvy client, closed after the test."""
+    transport = AiohttpTransport()
+    yield transport
+    await transport.close()
+
+
+@pytest.fixture
 def ivvy_account(fake_ivvy: RunningFakeIvvy) -> Account:
     """The default account, pointing at ``fake_ivvy``."""
     return Account("default", fake_ivvy.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), rate_limit=1000.0)
@@ -142,3 +153,27 @@ def cluster_url(cluster_servers: RedisCluster) -> Iterator[str]:
         yield cluster_servers.url
     finally:
         cluster_servers.flush()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A test that configures logging (to its own stream) leaves the process as it found it.
+
+    Otherwise a later test's worker would write to that stream, and what it asserts of the logs
+    would depend on the order the tests ran in.
+    """
+    monkeypatch.delenv("LEADSTAGE_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    structlog.contextvars.clear_contextvars()
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        structlog.contextvars.clear_contextvars()
+        structlog.reset_defaults()

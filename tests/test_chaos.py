@@ -145,6 +145,10 @@ async def check_invariants(
     retries = [e for e in await harness.read_events(redis_client) if e["event"] == "retrying"]
     assert {e["error_code"] for e in retries} >= {"timeout", "connection", "unavailable", "rate_limited"}
     assert "504" in {e["http_status"] for e in retries}  # some adds were committed behind a lying gateway
+    # Updates of one stage due together went out coalesced, under the same faults and kills.
+    coalesced = sum(1 for events in terminal.values() if events[0]["sent_as"] == "coalesced")
+    assert coalesced > 0
     print(
-        f"chaos: {len(changes)} changes, {kills} kills, {len(retries)} retries, done {settle:.1f}s after the last kill"
+        f"chaos: {len(changes)} changes, {kills} kills, {len(retries)} retries, {coalesced} coalesced,"
+        f" done {settle:.1f}s after the last kill"
     )

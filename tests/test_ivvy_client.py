@@ -40,13 +40,6 @@ BUILT_IN_STAGES = 3
 
 
 @pytest.fixture
-async def transport() -> AsyncIterator[AiohttpTransport]:
-    transport = AiohttpTransport()
-    yield transport
-    await transport.close()
-
-
-@pytest.fixture
 def client(ivvy_account: Account, transport: AiohttpTransport) -> IvvyClient:
     return IvvyClient(ivvy_account, transport, timeout=2.0)
 

@@ -9,14 +9,12 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from worker.core.errors import ConfigError
@@ -52,26 +50,6 @@ class TtyStringIO(io.StringIO):
 
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture(autouse=True)
-def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test configures logging its own way; put the process back as it was afterwards."""
-    monkeypatch.delenv("LEADSTAGE_LOG_LEVEL", raising=False)
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    structlog.contextvars.clear_contextvars()
-    try:
-        yield
-    finally:
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
-        logging.captureWarnings(False)
-        structlog.contextvars.clear_contextvars()
-        structlog.reset_defaults()
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:

@@ -69,6 +69,7 @@ async def test_the_documented_series_after_real_work(
     kinds = {n: f.type for n, f in after.items() if n.startswith("leadstage_") and not n.endswith("_created")}
     assert kinds == {
         "leadstage_changes": "counter",
+        "leadstage_changes_sent": "counter",
         "leadstage_attempts": "counter",
         "leadstage_ivvy_request_seconds": "histogram",
         "leadstage_queue_depth": "gauge",
@@ -85,6 +86,7 @@ async def test_the_documented_series_after_real_work(
     }
     moved = {
         ("leadstage_changes_total", (("account", "default"), ("outcome", "succeeded"))),
+        ("leadstage_changes_sent_total", (("account", "default"), ("sent_as", "alone"))),
         ("leadstage_attempts_total", (("account", "default"), ("operation", "add"), ("result", "ok"))),
         ("leadstage_enqueued_total", (("producer", "library"), ("status", "queued"))),
         ("leadstage_ivvy_request_seconds_count", (("account", "default"), ("action", "addOrUpdateLeadStage"))),

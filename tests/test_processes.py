@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from worker.core.errors import ProcessFailed
-from worker.core.processes import Children, RedisServer, free_port, wait_for_port
+from worker.core.processes import SOURCE_ROOT, Children, RedisServer, free_port, wait_for_port
 
 #: A child that ignores SIGTERM: only SIGKILL stops it.
 STUBBORN = (
@@ -116,3 +116,8 @@ def test_a_sentinel_is_started_from_its_configuration_lines(tmp_path: Path) -> N
         sentinel.restart(crash=True, down_s=0)
         with redis.Redis(host="127.0.0.1", port=sentinel.port, decode_responses=True) as client:
             assert client.sentinel_get_master_addr_by_name("main") == ("127.0.0.1", primary.port)
+
+
+def test_the_source_root_holds_the_packages_children_import() -> None:
+    assert (SOURCE_ROOT / "worker" / "__init__.py").is_file()
+    assert (SOURCE_ROOT / "bench" / "procs.py").is_file()

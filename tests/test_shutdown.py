@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from tests import harness
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
-from worker.devtools.fake_ivvy import running_fake_ivvy
+from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 
 
 async def test_sigterm_finishes_the_request_in_flight(
@@ -40,6 +40,19 @@ async def test_sigterm_finishes_the_request_in_flight(
     assert len(fake.fake.requests) == 1
 
 
+async def kill_while_its_request_hangs(fake: RunningFakeIvvy, env: dict[str, str], tmp_path: Path) -> None:
+    """Start a worker, SIGKILL it once its first request has reached the fake (which hangs it)."""
+    fake.fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
+    first = harness.start_worker_process(env, tmp_path / "first.log")
+
+    async def request_arrived() -> bool:
+        return len(fake.fake.requests) > 0
+
+    await harness.eventually(request_arrived, within_s=20)
+    first.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(first.wait, 10)
+
+
 async def test_a_killed_workers_change_is_taken_up_within_15_s(
     redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -51,16 +64,8 @@ async def test_a_killed_workers_change_is_taken_up_within_15_s(
         await Ledger(redis_client, settings).enqueue_many(
             [(parse_change({"name": "Orphan", "applyTo": 1}), parse_envelope(idempotency_key="orphan"))]
         )
-        fake.fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
         env = harness.worker_env(settings)
-        first = harness.start_worker_process(env, tmp_path / "first.log")
-
-        async def request_arrived() -> bool:
-            return len(fake.fake.requests) > 0
-
-        await harness.eventually(request_arrived, within_s=20)
-        first.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(first.wait, 10)
+        await kill_while_its_request_hangs(fake, env, tmp_path)
         killed_at = time.monotonic()
         fake.fake.update_faults({"hang_rate": 0.0})
         second = harness.start_worker_process(env, tmp_path / "second.log")
@@ -72,3 +77,33 @@ async def test_a_killed_workers_change_is_taken_up_within_15_s(
     assert terminal["orphan"][0]["event"] == "succeeded"
     assert [s.name for s in fake.fake.stages.values()].count("Orphan") == 1
     assert taken_up_after <= 15.0, f"taken up {taken_up_after:.1f}s after the kill"
+
+
+async def test_a_killed_workers_coalesced_changes_are_each_sent_again(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A worker SIGKILLed while its coalesced request hangs: every change it carried comes back
+    (its own recovery point), the stage ends at the newest values, one terminal event per key."""
+    async with running_fake_ivvy() as fake:
+        stage = fake.fake.add_stage("Start", apply_to=1)
+        settings = harness.worker_settings(redis_url, fake.url, request_timeout_s=3.0)
+        changes = {"n": {"id": stage.id, "name": "Named"}, "c": {"id": stage.id, "colour": "#0000cc"}}
+        await Ledger(redis_client, settings).enqueue_many(
+            [(parse_change(raw), parse_envelope(idempotency_key=key)) for key, raw in changes.items()]
+        )
+        env = harness.worker_env(settings)
+        await kill_while_its_request_hangs(fake, env, tmp_path)
+        [hung] = [r.body for r in fake.fake.requests]
+        assert hung == {"id": stage.id, "name": "Named", "colour": "#0000cc"}
+        fake.fake.update_faults({"hang_rate": 0.0})
+        second = harness.start_worker_process(env, tmp_path / "second.log")
+        try:
+            terminal = await harness.wait_for_terminal(redis_client, list(changes), within_s=30)
+        finally:
+            harness.stop_process(second)
+    assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
+        "n": ["succeeded"],
+        "c": ["succeeded"],
+    }
+    assert {events[0]["attempt"] for events in terminal.values()} == {"2"}
+    assert (stage.name, stage.colour) == ("Named", "#0000cc")

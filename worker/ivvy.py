@@ -155,16 +155,7 @@ class IvvyClient:
 
     async def add_or_update_lead_stage(self, change: LeadStageChange) -> int:
         """Apply one change; return the stage id iVvy reports."""
-        answer = await self.call("crm", "addOrUpdateLeadStage", change.body())
-        stage_id = answer.get("id") if isinstance(answer, dict) else None
-        if not isinstance(answer, dict) or answer.get("success") is not True:
-            raise IvvyRejected(f"iVvy did not report success: {_excerpt(answer)}", http_status=200)
-        try:
-            return int(stage_id)  # type: ignore[arg-type]  # checked by the except below
-        except (TypeError, ValueError):
-            if change.id is not None:
-                return change.id
-            raise IvvyUnavailable(f"iVvy reported success without a stage id: {_excerpt(answer)}") from None
+        return lead_stage_id(await self.call("crm", "addOrUpdateLeadStage", change.body()), change)
 
     async def get_lead_stage_list(
         self, *, name: str | None = None, per_page: int = LIST_PAGE_SIZE
@@ -181,7 +172,7 @@ class IvvyClient:
             answer = await self._list_page({**query, "start": start, "perPage": per_page})
             results = answer.get("results") if isinstance(answer, dict) else None
             if not isinstance(results, list):
-                raise IvvyUnavailable(f"getLeadStageList answered without results: {_excerpt(answer)}")
+                raise IvvyUnavailable(f"getLeadStageList answered without results: {excerpt(answer)}")
             for item in results:
                 if isinstance(item, dict) and "id" in item:
                     try:
@@ -215,36 +206,72 @@ class IvvyClient:
         return await self.call("test", "ping", {})
 
 
+def lead_stage_id(answer: Any, change: LeadStageChange) -> int:
+    """The stage id of addOrUpdateLeadStage's successful answer to ``change`` (a single call's or a
+    batch job's), or the error that says it did not succeed."""
+    stage_id = answer.get("id") if isinstance(answer, dict) else None
+    if not isinstance(answer, dict) or answer.get("success") is not True:
+        raise IvvyRejected(f"iVvy did not report success: {excerpt(answer)}", http_status=200)
+    try:
+        return int(stage_id)  # type: ignore[arg-type]  # checked by the except below
+    except (TypeError, ValueError):
+        if change.id is not None:
+            return change.id
+        raise IvvyUnavailable(f"iVvy reported success without a stage id: {excerpt(answer)}") from None
+
+
 def _decode(response: RawResponse, clock_skew: float | None = None, stale_pause_s: float = 0.0) -> Any:
     try:
         answer = orjson.loads(response.body) if response.body else None
     except orjson.JSONDecodeError:
         answer = None
+    return classify_answer(
+        answer,
+        response.status,
+        response.headers,
+        raw=response.body.decode("utf-8", "replace"),
+        clock_skew=clock_skew,
+        stale_pause_s=stale_pause_s,
+    )
+
+
+def classify_answer(
+    answer: Any,
+    http_status: int | None,
+    headers: Mapping[str, str],
+    *,
+    raw: str,
+    clock_skew: float | None = None,
+    stale_pause_s: float = 0.0,
+) -> Any:
+    """The one reading of an iVvy answer (docs/contract.md: Retries): ``answer`` itself, or the
+    exception of ``worker.core.errors`` it means. A batch job's response goes through here too,
+    without an HTTP status of its own (``http_status`` None: read as 200) and without headers: its
+    body's ``errorCode`` decides."""
+    status = 200 if http_status is None else http_status
     error = answer if isinstance(answer, dict) and answer.get("errorCode") not in (None, False, 0) else None
-    if 200 <= response.status < 300 and error is None:
+    if 200 <= status < 300 and error is None:
         if answer is None:
-            raise IvvyUnavailable(f"iVvy answered {response.status} without a JSON body", http_status=response.status)
+            raise IvvyUnavailable(f"iVvy answered {status} without a JSON body", http_status=status)
         return answer
     if error is None:
         error = answer if isinstance(answer, dict) else {}
     code = error.get("errorCode")
     # The body's errorCode decides when it is an error status; the HTTP status otherwise.
-    status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else response.status
+    effective = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else status
     specific = error.get("specificCode")
     additional = error.get("additionalMessages")
-    message = str(error.get("message", "")) or _excerpt(response.body.decode("utf-8", "replace"))
-    if status < 400:
-        raise IvvyUnavailable(
-            f"iVvy answered {response.status} with an error body: {_excerpt(error)}", http_status=response.status
-        )
-    if status != response.status:
-        message += f" (HTTP status {response.status})"
+    message = str(error.get("message", "")) or excerpt(raw)
+    if effective < 400:
+        raise IvvyUnavailable(f"iVvy answered {status} with an error body: {excerpt(error)}", http_status=status)
+    if effective != status and http_status is not None:
+        message += f" (HTTP status {status})"
     raise error_for_response(
-        status,
+        effective,
         message=message,
         specific_code=specific if isinstance(specific, int) and not isinstance(specific, bool) else None,
         additional_messages=[str(m) for m in additional] if isinstance(additional, list) else (),
-        retry_after=parse_retry_after(response.headers),
+        retry_after=parse_retry_after(headers),
         clock_skew_s=clock_skew,
         stale_pause_s=stale_pause_s,
     )
@@ -284,6 +311,6 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
-def _excerpt(value: object) -> str:
+def excerpt(value: object) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 200 else text[:197] + "..."

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from worker import coalesce
 from worker.backoff import backoff_seconds
 from worker.core import keys, metrics, tracing
 from worker.core.change import LeadStageChange, parse_change
@@ -170,15 +171,28 @@ async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start:
         # nothing is sent until Redis can promise it.
         return await _failed_attempt(runtime, facts, start, sent, error, started, outcome_unknown=False)
     runtime.check_lease(facts.job_id)
+    group = await coalesce.gather_group(runtime, facts, start) if change.operation == "update" else None
+    if group is not None:
+        coalesce.CARRIAGE.set(("coalesced", facts.idempotency_key))
+        sent = group.sent
+        if group.empty:
+            await coalesce.end(runtime, facts, start, group, started)
+            return Outcome.SUPERSEDED
     try:
         with metrics.IVVY_LATENCY.labels(facts.account, "addOrUpdateLeadStage").time():
             stage_id = await client.add_or_update_lead_stage(sent)
     except RetryableError as error:
+        if await coalesce.end(runtime, facts, start, group, started, error=error):
+            return Outcome.SUPERSEDED
         return await _failed_attempt(
             runtime, facts, start, sent, error, started, outcome_unknown=_outcome_unknown(change, error)
         )
     except PermanentError as error:
+        if await coalesce.end(runtime, facts, start, group, started, error=error):
+            return Outcome.SUPERSEDED
         return await _permanent_failure(runtime, facts, start, sent, error, started)
+    if await coalesce.end(runtime, facts, start, group, started, stage_id=stage_id):
+        return Outcome.SUPERSEDED
     metrics.ATTEMPTS.labels(facts.account, change.operation, "ok").inc()
     await _finish(
         runtime, facts, start, Outcome.SUCCEEDED, sent=sent, stage_id=stage_id, started=started,
@@ -310,6 +324,7 @@ async def _finish(
     pause_ms: int | None = None,
 ) -> None:
     duration = 0 if started is None else int((time.monotonic() - started) * 1000)
+    sent_as, carried_by = coalesce.CARRIAGE.get() or ("alone", None)
     if stage_id is None and facts.change.id is not None and event == Outcome.SUCCEEDED:
         stage_id = facts.change.id
     fields = build_event(
@@ -321,6 +336,8 @@ async def _finish(
         sent=sent,
         stage_id=stage_id,
         error=error,
+        sent_as=sent_as,
+        carried_by=carried_by,
     )
     tracing.record_outcome(fields)
     history = {k: fields[k] for k in ("event", "attempt", "finished_at", "http_status", "error_code", "error_message")}
@@ -340,6 +357,8 @@ async def _finish(
         log.warning("job.finish_not_replicated", outcome=event, replicas=runtime.settings.redis_min_replicas)
     if finished.recorded and event != Outcome.RETRYING:
         metrics.CHANGES.labels(facts.account, event).inc()
+        if fields["sent_as"]:
+            metrics.CHANGES_SENT.labels(facts.account, fields["sent_as"]).inc()
         if event == Outcome.FAILED:
             metrics.DEAD_LETTERED.labels(facts.account).inc()
     log.info(

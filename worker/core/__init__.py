@@ -24,12 +24,13 @@ SURFACE: Final[dict[str, str]] = {
         " NAME_PATTERN parse_change parse_envelope parse_id_text repeated_key shown UPDATABLE_FIELDS"
     ),
     "errors": (
-        "BadFilter ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response Exhausted FieldError"
-        " IdempotencyConflict Interrupted InvalidChange InvalidEvent IvvyClockSkew IvvyErrorDetails IvvyNoAnswer"
-        " IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError NotFound PermanentError"
-        " redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused RetryableError"
-        " RetryAfterTooLong StaleRun UnknownAccount"
+        "BadFilter BatchGone BatchNotReady ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response"
+        " Exhausted FieldError IdempotencyConflict Interrupted InvalidChange InvalidEvent IvvyClockSkew"
+        " IvvyErrorDetails IvvyNoAnswer IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError"
+        " NotFound PermanentError redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused"
+        " RetryableError RetryAfterTooLong StaleRun UnknownAccount"
     ),
+    "gather": "gather_updates",
     "keys": "",
     "ledger": "backlog_warning Chunk ENQUEUE_CHUNK Ledger Pick Receipt Start",
     "logs": "bind_job_context configure_logging get_logger",

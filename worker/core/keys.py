@@ -26,6 +26,8 @@ WORKERS = "leadstage:workers"
 
 LEDGER_PREFIX = "leadstage:ledger:"
 STAGE_PREFIX = "leadstage:stage:"
+#: In a stage hash, the field prefix of its pending updates (``stage_key``); no change field starts so.
+PENDING_FIELD_PREFIX = "j"
 STAGE_LOCK_PREFIX = "leadstage:stage-lock:"
 CLAIMS_PREFIX = "leadstage:claims:"
 NEWEST_CLAIM_PREFIX = "leadstage:newest-claim:"
@@ -91,7 +93,9 @@ def ledger_prefix(account: str) -> str:
 
 
 def stage_key(account: str, stage_id: int) -> str:
-    """Hash field -> sequence number of the newest enqueued change that sets it, plus ``seq``."""
+    """Hash field -> sequence number of the newest enqueued change that sets it, plus ``seq``, and
+    for each update of the stage not yet terminal ``PENDING_FIELD_PREFIX`` + its seq -> its job id
+    (what coalescing gathers from)."""
     return f"{STAGE_PREFIX}{tag(account)}:{stage_id}"
 
 

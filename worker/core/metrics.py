@@ -29,6 +29,7 @@ from worker.core.settings import Settings
 __all__ = [
     "ATTEMPTS",
     "CHANGES",
+    "CHANGES_SENT",
     "CLOCK_SKEW",
     "CLOCK_SKEW_ERRORS",
     "DEAD_LETTERED",
@@ -50,6 +51,14 @@ __all__ = [
 #: outcome: succeeded / failed / superseded (the terminal events of the results stream).
 CHANGES = Counter(
     "leadstage_changes_total", "Changes that reached a terminal state, by outcome", ["account", "outcome"]
+)
+
+#: sent_as: alone / coalesced (how the change that reached a terminal state was sent; nothing sent:
+#: not counted).
+CHANGES_SENT = Counter(
+    "leadstage_changes_sent_total",
+    "Changes that reached a terminal state, by how they were sent",
+    ["account", "sent_as"],
 )
 
 #: operation: add / update; result: ok / retryable / permanent.
@@ -99,7 +108,8 @@ ENQUEUED_PAST_MAX_AGE = Counter(
     ["account"],
 )
 
-#: status: the HTTP status code answered, as text ("202", "400"...).
+#: status: the HTTP status code answered, as text ("202", "400"...): the changes endpoint's
+#: requests, and every request the HTTP parser refused before any route (it may name none).
 WEBHOOK_REQUESTS = Counter("leadstage_webhook_requests_total", "HTTP producer requests by status code", ["status"])
 
 

@@ -82,6 +82,8 @@ def lost_event(job_id: str, *, finished_at_ms: int) -> dict[str, str]:
         "change": "",
         "generation": "0",
         "trace_id": "",
+        "sent_as": "",
+        "carried_by": "",
     }
 
 
@@ -95,8 +97,12 @@ def build_event(
     sent: LeadStageChange | None,
     stage_id: int | None = None,
     error: LeadstageError | None = None,
+    sent_as: str = "alone",
+    carried_by: str | None = None,
 ) -> dict[str, str]:
-    """One results-stream entry. ``sent`` is the body posted to iVvy (None when nothing was sent)."""
+    """One results-stream entry. ``sent`` is the body posted to iVvy (None when nothing was sent),
+    ``sent_as`` how (``alone``, ``coalesced``) and ``carried_by`` the key of the change whose request
+    carried it (default: its own)."""
     return {
         "event": event,
         "idempotency_key": facts.idempotency_key,
@@ -113,6 +119,8 @@ def build_event(
         "change": "" if sent is None else sent.canonical_json().decode(),
         "generation": str(facts.generation),
         "trace_id": tracing.current_trace_id(),  # '' without tracing
+        "sent_as": "" if sent is None else sent_as,
+        "carried_by": "" if sent is None else carried_by or facts.idempotency_key,
     }
 
 
@@ -145,6 +153,10 @@ class ResultEvent:
     generation: int
     #: The OpenTelemetry trace of the attempt (and of its producer), None without tracing.
     trace_id: str | None
+    #: How the change was sent (``alone``, ``coalesced``), and the key whose request carried it
+    #: (None when nothing was sent, or written before coalescing existed).
+    sent_as: str | None
+    carried_by: str | None
     raw: Mapping[str, str] = field(repr=False, compare=False)
 
     @property
@@ -223,6 +235,8 @@ def _event_values(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
         "change": _json_object(entry_id, fields, "change"),
         "generation": number("generation", empty=0),
         "trace_id": fields.get("trace_id") or None,
+        "sent_as": fields.get("sent_as") or None,
+        "carried_by": fields.get("carried_by") or None,
         "raw": dict(fields),
     }
 

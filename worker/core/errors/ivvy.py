@@ -101,6 +101,29 @@ class IvvyTimeout(IvvyNoAnswer):
     error_code = "timeout"
 
 
+class BatchNotReady(RetryableError):
+    """A batch's results are not ready yet (iVvy's 24114), or were not within the wait allowed."""
+
+    error_code = "batch_not_ready"
+
+    def __init__(self, async_id: str, message: str = "") -> None:
+        self.async_id = async_id
+        super().__init__(message or f"batch {async_id}: iVvy has not finished it (24114)")
+
+
+class BatchGone(LeadstageError):
+    """A batch's results cannot be had: iVvy does not know the batch (24115 from results, 24105
+    from progress: never accepted, or past retention), or its results do not answer its jobs.
+    What the jobs did is unknown: they are reconciled, as after a request without an answer."""
+
+    error_code = "batch_gone"
+
+    def __init__(self, async_id: str, reason: str, *, specific_code: int | None = None) -> None:
+        self.async_id = async_id
+        self.specific_code = specific_code
+        super().__init__(f"batch {async_id}: {reason}")
+
+
 # The retry classification of docs/contract.md, defined here once.
 RETRYABLE_STATUSES = frozenset({429, 460, 461})  # and every 5xx
 AUTH_STATUSES = frozenset({401, 403, 462, 463})

@@ -94,7 +94,8 @@ for i, c in ipairs(changes) do
     if c[3] == 'update' then
       -- Every field this change sets now belongs to it: an older change must not send it any more.
       seq = redis.call('HINCRBY', stage, 'seq', 1)
-      local pairs_ = {}
+      -- The stage's pending updates (worker.keys.stage_key), which coalescing gathers from.
+      local pairs_ = {'j' .. seq, c[1]}
       for field in string.gmatch(c[5], '[^,]+') do
         pairs_[#pairs_ + 1] = field
         pairs_[#pairs_ + 1] = seq

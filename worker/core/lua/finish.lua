@@ -48,7 +48,8 @@ local function finish_one(ledger, lock, a, first)
   local pause_ms, created, stage_id, history_line = a[first + 5], a[first + 6], a[first + 7], a[first + 8]
   local nfields = tonumber(a[first + 9])
   local event = {unpack(a, first + 10, first + 9 + nfields)}
-  local l = redis.call('HMGET', ledger, 'state', 'history', 'change', 'gen', 'run', 'unknown_until')
+  local l = redis.call('HMGET', ledger, 'state', 'history', 'change', 'gen', 'run', 'unknown_until', 'stage_key',
+    'seq')
   local state = l[1]
   if not state or state == 'succeeded' or state == 'failed' or state == 'superseded' then
     return {'stale', state or 'missing'}
@@ -74,6 +75,8 @@ local function finish_one(ledger, lock, a, first)
     redis.call('HSET', ledger, 'state', outcome, 'phase', '', 'finished_at', now, 'stage_id', stage_id,
       'history', history, 'event_id', event_id)
     done[#done + 1] = job
+    -- No longer one of its stage's pending updates (worker.keys.stage_key).
+    if l[7] then redis.call('HDEL', l[7], 'j' .. l[8]) end
     if created ~= '' then
       created_ids[#created_ids + 1] = created
       created_jobs[#created_jobs + 1] = job

@@ -19,6 +19,8 @@ RATE_EVENTS = tuple(event.value for event in (Outcome.SUCCEEDED, Outcome.FAILED,
 
 #: The key of ``stats``' recent counts of stale-clock answers (not an event: a kind of retry).
 _CLOCK_SKEW = "clock_skew_pauses"
+#: How terminal events say their change was sent (``sent_as``), counted by ``stats`` as ``sent_<how>``.
+SENT_AS = ("alone", "coalesced")
 
 
 async def stats(client: RedisClient, settings: Settings) -> dict[str, object]:
@@ -35,7 +37,8 @@ async def stats(client: RedisClient, settings: Settings) -> dict[str, object]:
     * ``recent``: events per outcome in the last minute and five minutes, read from the results
       stream by entry id (ids are Redis's clock, so no host clock skew), with the terminal events
       per second and ``clock_skew_pauses``: attempts iVvy refused as stale (23005, a worker's
-      clock is off), each of which paused its account.
+      clock is off), each of which paused its account, and ``sent_alone`` / ``sent_coalesced``:
+      the changes among the terminal ones that were sent alone or in a coalesced request.
     """
     with redis_errors():
         (seconds, micros) = await client.time()
@@ -71,12 +74,16 @@ async def stats(client: RedisClient, settings: Settings) -> dict[str, object]:
                 since[name][entry.get("event", "")] += 1
                 if entry.get("error_code") == stale:
                     since[name][_CLOCK_SKEW] += 1
+                if entry.get("event") in TERMINAL and entry.get("sent_as"):
+                    since[name]["sent_" + entry["sent_as"]] += 1
     recent: dict[str, dict[str, float]] = {}
     for name, window_s in RATE_WINDOWS_S.items():
         counts: dict[str, float] = {event: since[name][event] for event in RATE_EVENTS}
         terminal = sum(since[name][event] for event in TERMINAL)
         counts["terminal_per_s"] = round(terminal / window_s, 3)
         counts[_CLOCK_SKEW] = since[name][_CLOCK_SKEW]
+        for how in SENT_AS:
+            counts["sent_" + how] = since[name]["sent_" + how]
         recent[name] = counts
     return {
         "queue_depth": depth,

@@ -1,0 +1,185 @@
+"""worker.batch.BatchCalls with the real aiohttp transport against the fake iVvy over HTTP: run,
+progress, results, the polling, and each job's answer classified as a single call's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import orjson
+import pytest
+
+from worker.batch import MAX_JOBS, BatchCalls, BatchJob, lead_stage_job
+from worker.core.change import LeadStageChange
+from worker.core.errors import (
+    BatchGone,
+    BatchNotReady,
+    IvvyNoAnswer,
+    IvvyRejected,
+    IvvyUnavailable,
+    PermanentError,
+    RetryableError,
+)
+from worker.core.settings import Account
+from worker.devtools.fake_ivvy import RunningFakeIvvy
+from worker.ivvy import AiohttpTransport, IvvyClient, RawResponse, Transport
+
+
+@pytest.fixture
+def batches(ivvy_account: Account, transport: AiohttpTransport, fake_ivvy: RunningFakeIvvy) -> BatchCalls:
+    fake_ivvy.fake.update_faults({"batch_delay_s": 0.1})
+    return BatchCalls(IvvyClient(ivvy_account, transport, timeout=2.0))
+
+
+def calls(fake_ivvy: RunningFakeIvvy, action: str) -> int:
+    return sum(1 for r in fake_ivvy.fake.requests if (r.namespace, r.action) == ("batch", action))
+
+
+async def test_each_job_is_answered_and_classified_as_a_single_call(
+    batches: BatchCalls, fake_ivvy: RunningFakeIvvy
+) -> None:
+    stage = fake_ivvy.fake.add_stage("Existing", apply_to=1)
+    changes = [
+        LeadStageChange(name="Batched", apply_to=2),
+        LeadStageChange(id=stage.id, colour="#123456"),
+        LeadStageChange(id=999_999, name="Nowhere"),  # 24320: permanent
+        LeadStageChange(id=2, name="Built in"),  # 24321: permanent
+    ]
+    jobs = [lead_stage_job(change) for change in changes]
+    async_id = await batches.run(jobs)
+    outcomes = await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.3)
+    added = outcomes[0].lead_stage_id(changes[0])
+    assert fake_ivvy.fake.stages[added].name == "Batched"
+    assert outcomes[1].lead_stage_id(changes[1]) == stage.id
+    assert stage.colour == "#123456"
+    for outcome, code in zip(outcomes[2:], (24320, 24321), strict=True):
+        assert isinstance(outcome.error, IvvyRejected)
+        assert isinstance(outcome.error, PermanentError)
+        assert outcome.error.specific_code == code
+        with pytest.raises(IvvyRejected):
+            outcome.lead_stage_id(changes[2])
+    assert "HTTP status" not in str(outcomes[2].error)  # a job has no HTTP status of its own
+    # The run's body is the single call's body for every job.
+    [run] = [r.body for r in fake_ivvy.fake.requests if r.action == "run"]
+    assert [job["params"] for job in run["jobs"]] == [change.body() for change in changes]
+
+
+async def test_a_job_answered_24322_is_retryable(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
+    fake_ivvy.fake.update_faults({"batch_job_24322_rate": 1.0})
+    change = LeadStageChange(name="Not applied", apply_to=1)
+    jobs = [lead_stage_job(change)]
+    [outcome] = await batches.wait_for_results(
+        await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.3
+    )
+    assert isinstance(outcome.error, IvvyUnavailable)
+    assert isinstance(outcome.error, RetryableError)
+    assert outcome.error.specific_code == 24322
+
+
+async def test_run_refuses_an_empty_or_oversized_batch_before_sending(
+    batches: BatchCalls, fake_ivvy: RunningFakeIvvy
+) -> None:
+    job = lead_stage_job(LeadStageChange(name="S", apply_to=1))
+    for jobs in ([], [job] * (MAX_JOBS + 1)):
+        with pytest.raises(ValueError, match=f"1 to {MAX_JOBS} jobs"):
+            await batches.run(jobs)
+    assert calls(fake_ivvy, "run") == 0
+    assert await batches.run([job] * MAX_JOBS)  # exactly the limit is accepted
+
+
+async def test_unfinished_unknown_and_expired_batches(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
+    jobs = [lead_stage_job(LeadStageChange(name="Slow", apply_to=1))]
+    fake_ivvy.fake.update_faults({"batch_delay_s": 0.3, "batch_results_s": 0.6})
+    async_id = await batches.run(jobs)
+    with pytest.raises(BatchNotReady):
+        await batches.results(async_id, jobs)
+    assert 0 <= await batches.progress(async_id) < 100
+    for call in (batches.progress("nope"), batches.results("nope", jobs)):
+        with pytest.raises(BatchGone):
+            await call
+    await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.3)
+    await asyncio.sleep(0.7)
+    with pytest.raises(BatchGone) as gone:
+        await batches.results(async_id, jobs)
+    assert gone.value.specific_code == 24115
+
+
+async def test_a_run_whose_answer_is_dropped_has_an_unknown_outcome(
+    batches: BatchCalls, fake_ivvy: RunningFakeIvvy
+) -> None:
+    fake_ivvy.fake.update_faults({"batch_run_drop_rate": 1.0})
+    with pytest.raises(IvvyNoAnswer) as dropped:
+        await batches.run([lead_stage_job(LeadStageChange(name="Dropped", apply_to=1))])
+    assert dropped.value.outcome_unknown
+
+
+async def test_waiting_for_a_batch_that_never_finishes_gives_up_at_its_deadline(
+    batches: BatchCalls, fake_ivvy: RunningFakeIvvy
+) -> None:
+    fake_ivvy.fake.update_faults({"batch_never_ready_rate": 1.0})
+    jobs = [lead_stage_job(LeadStageChange(name="Never", apply_to=1))]
+    async_id = await batches.run(jobs)
+    with pytest.raises(BatchNotReady, match="not done within"):
+        await batches.wait_for_results(async_id, jobs, timeout_s=0.5, poll_min_s=0.02, poll_max_s=0.1)
+    # A batch stuck at 0 % is polled at the cap, not at the floor.
+    assert 2 <= calls(fake_ivvy, "progress") <= 0.5 / 0.1 + 1
+    assert calls(fake_ivvy, "results") == 0
+
+
+async def test_polls_follow_the_progress_instead_of_the_floor(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
+    fake_ivvy.fake.update_faults({"batch_delay_s": 1.0})
+    jobs = [lead_stage_job(LeadStageChange(name="Paced", apply_to=1))]
+    await batches.wait_for_results(await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.01, poll_max_s=0.5)
+    # Polling at the floor would ask about 100 times in that second.
+    assert calls(fake_ivvy, "progress") <= 12
+    assert calls(fake_ivvy, "results") == 1
+
+
+async def test_polls_ride_through_the_servers_rate_limit(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
+    fake_ivvy.fake.update_faults({"rate_limit_per_s": 2, "batch_delay_s": 0.2})
+    jobs = [lead_stage_job(LeadStageChange(name="Limited", apply_to=1))]
+    async_id = await batches.run(jobs)
+    [outcome] = await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.01, poll_max_s=0.05)
+    assert outcome.error is None
+    assert any(r.fault == "limit" for r in fake_ivvy.fake.requests)
+
+
+@dataclass
+class AlteringTransport:
+    """The real transport, but the answers of ``batch?action=results`` are cut to ``keep`` results,
+    or their first result renamed to another action."""
+
+    inner: Transport
+    keep: int | None = None
+    rename: bool = False
+
+    async def post(self, url: str, headers: Mapping[str, str], body: bytes, timeout_s: float) -> RawResponse:
+        response = await self.inner.post(url, headers, body, timeout_s)
+        if not url.endswith("batch?action=results") or response.status != 200:
+            return response
+        answer = orjson.loads(response.body)
+        if self.keep is not None:
+            answer["results"] = answer["results"][: self.keep]
+        if self.rename:
+            answer["results"][0]["action"] = "getLeadStageList"
+        return RawResponse(response.status, response.headers, orjson.dumps(answer))
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.mark.parametrize(("keep", "rename", "says"), [(1, False, "1 results for 2 jobs"), (None, True, "result 0")])
+async def test_results_that_do_not_answer_the_jobs_are_refused(
+    ivvy_account: Account,
+    transport: AiohttpTransport,
+    fake_ivvy: RunningFakeIvvy,
+    keep: int | None,
+    rename: bool,
+    says: str,
+) -> None:
+    fake_ivvy.fake.update_faults({"batch_delay_s": 0.0})
+    altered = BatchCalls(IvvyClient(ivvy_account, AlteringTransport(transport, keep, rename), timeout=2.0))
+    jobs: list[BatchJob] = [lead_stage_job(LeadStageChange(name=f"S{n}", apply_to=1)) for n in range(2)]
+    with pytest.raises(BatchGone, match=says):
+        await altered.wait_for_results(await altered.run(jobs), jobs, timeout_s=0.3, poll_min_s=0.02, poll_max_s=0.3)
