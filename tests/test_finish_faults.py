@@ -15,8 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.redis_servers import RedisServer
+from tests.test_ledger import enqueue, envelope
 from worker.core import keys
-from worker.core.change import Envelope, LeadStageChange, parse_change
+from worker.core.change import LeadStageChange, parse_change
 from worker.core.ledger import Finished, Ledger, Start
 from worker.core.settings import Settings
 
@@ -34,8 +35,7 @@ def _ledgers(redis_client: aioredis.Redis) -> tuple[Ledger, Ledger]:
 
 
 async def _claimed(ledger: Ledger, key: str, raw: dict[str, object]) -> tuple[LeadStageChange, Start]:
-    change = parse_change(raw)
-    await ledger.enqueue_many([(change, Envelope(idempotency_key=key, account="default", source="test"))])
+    change = await enqueue(ledger, key, raw)
     started = await ledger.start(f"default:{key}", WORKER, RATE, 0)
     assert started.decision == "go"
     return change, started
@@ -134,8 +134,7 @@ async def test_an_unknown_outcome_holds_the_stage_even_when_the_lock_expired_dur
     await redis_client.delete(keys.stage_lock_key("default", "9"))  # its lock ran out while the POST hung
     finished = await _finish(ledger, "old", older, first, "retrying", delay_ms=60_000, outcome_unknown=True)
     assert finished.recorded
-    newer = parse_change({"id": 9, "colour": "#222222"})
-    await ledger.enqueue_many([(newer, Envelope(idempotency_key="new", account="default", source="test"))])
+    await enqueue(ledger, "new", {"id": 9, "colour": "#222222"})
     # iVvy may still apply the older POST for LEADSTAGE_REQUEST_TIMEOUT: the newer must not go now.
     started = await ledger.start("default:new", WORKER, RATE, 0)
     assert (started.decision, started.reason) == ("wait", "locked")
@@ -152,9 +151,7 @@ async def test_an_enqueue_whose_notice_script_is_not_loaded_yet_is_queued_once(p
         # A fresh (or restarted) Redis where a bulk check (enqueue.lua alone) came first: ready.lua is not loaded.
         await client.script_load(ledger._enqueue.script)
         change = parse_change({"name": "Once", "applyTo": 1})
-        [receipt] = await ledger.enqueue_many(
-            [(change, Envelope(idempotency_key="once", account="default", source="t"))]
-        )
+        [receipt] = await ledger.enqueue_many([(change, envelope("once"))])
         assert receipt.status == "queued"  # not "duplicate": the first send of the pipeline did queue it
     finally:
         await client.aclose()
@@ -167,26 +164,13 @@ async def test_a_missing_job_claimed_by_a_worker_that_dies_before_reporting_it_i
     redis_client: aioredis.Redis,
 ) -> None:
     ledger, _ = _ledgers(redis_client)
-    await ledger.enqueue_many(
-        [
-            (
-                parse_change({"name": "Gone", "applyTo": 1}),
-                Envelope(idempotency_key="gone", account="default", source="t"),
-            )
-        ]
-    )
+    await enqueue(ledger, "gone", {"name": "Gone", "applyTo": 1})
     await redis_client.delete(keys.ledger_key("default:gone"))  # expired, or deleted by hand
     claim = await ledger.claim("default", WORKER, RATE, 0, 4)
     assert [start.decision for start in claim.starts] == ["missing"]
     # The worker is SIGKILLed here, before its report_missing (lost.lua): nothing may vanish silently.
     reported = await redis_client.xlen(ledger.settings.results_stream)
     assert reported == 1 or await redis_client.zscore(QUEUE, "default:gone") is not None
-
-
-async def _enqueued(ledger: Ledger, key: str, raw: dict[str, object]) -> LeadStageChange:
-    change = parse_change(raw)
-    await ledger.enqueue_many([(change, Envelope(idempotency_key=key, account="default", source="test"))])
-    return change
 
 
 @pytest.mark.xfail(
@@ -196,8 +180,8 @@ async def test_a_stage_locked_by_a_key_that_extends_another_key_stays_locked_to_
     redis_client: aioredis.Redis,
 ) -> None:
     ledger, _ = _ledgers(redis_client)
-    await _enqueued(ledger, "k", {"id": 5, "colour": "#111111"})
-    await _enqueued(ledger, "k#1", {"id": 5, "name": "Other"})  # '#' is printable ASCII: a valid key
+    await enqueue(ledger, "k", {"id": 5, "colour": "#111111"})
+    await enqueue(ledger, "k#1", {"id": 5, "name": "Other"})  # '#' is printable ASCII: a valid key
     assert (await ledger.start("default:k#1", WORKER, RATE, 0)).decision == "go"  # its POST is on the way
     started = await ledger.start("default:k", WORKER, RATE, 0)
     assert (started.decision, started.reason) == ("wait", "locked")
@@ -229,7 +213,7 @@ async def test_a_retried_change_does_not_expire_until_it_is_done(redis_client: a
 async def test_a_change_held_back_by_the_lock_does_not_expire_until_it_is_done(redis_client: aioredis.Redis) -> None:
     ledger, _ = _ledgers(redis_client)
     await _claimed(ledger, "first", {"id": 4, "colour": "#111111"})
-    await _enqueued(ledger, "second", {"id": 4, "colour": "#222222"})
+    await enqueue(ledger, "second", {"id": 4, "colour": "#222222"})
     started = await ledger.start("default:second", WORKER, RATE, 0)
     assert (started.decision, started.reason) == ("wait", "locked")
     assert await redis_client.pttl(keys.ledger_key("default:second")) == -1
