@@ -118,13 +118,15 @@ class Ledger(Enqueuing):
             reply = await self._ready(keys=self._ready_keys, args=["set", account, epoch, next_ms, "", self.lease_ms])
         return parse_pick(reply)
 
-    async def wait_for_work(self, timeout_s: float) -> None:
-        """Block until a notice wakes this worker or ``timeout_s`` passes (BLPOP on the wake list)."""
+    async def wait_for_work(self, timeout_s: float) -> bool:
+        """Block until a notice wakes this worker or ``timeout_s`` passes (BLPOP on the wake list);
+        whether a notice woke it."""
         with redis_errors():
             # BLPOP takes fractions of a second since Redis 6 (redis-py's stubs say int).
-            await self.client.execute_command(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            woken = await self.client.execute_command(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
                 "BLPOP", keys.wake_key(self.settings.queue_name), f"{max(timeout_s, 0.001):.3f}"
             )
+        return woken is not None
 
     async def resync(self, accounts: Iterable[str]) -> None:
         """Put every account with a queued change back on the schedule (at start-up, and now and
