@@ -240,7 +240,7 @@ def test_to_env_gives_the_same_settings_back() -> None:
 
 
 def test_to_env_refuses_accounts_it_cannot_write() -> None:
-    other = Account("eu", "http://127.0.0.1:8765", "key", Secret("secret"), 7.0)
+    other = Account("eu", "http://127.0.0.1:8765", "key", Secret(TEST_API_SECRET), 7.0)
     with pytest.raises(ConfigError, match="account 'eu' cannot be written as variables"):
         dataclasses.replace(DEFAULTS, accounts={"eu": other}).to_env()
 
