@@ -13,8 +13,9 @@ import redis
 import redis.asyncio as aioredis
 import structlog
 
+from tests.console_support import running_console
 from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, start_redis
-from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ivvy import AiohttpTransport
 
@@ -131,6 +132,13 @@ async def transport() -> AsyncIterator[AiohttpTransport]:
 def ivvy_account(fake_ivvy: RunningFakeIvvy) -> Account:
     """The default account, pointing at ``fake_ivvy``."""
     return Account("default", fake_ivvy.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), rate_limit=1000.0)
+
+
+@pytest.fixture
+async def console(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[str]:
+    """The console served over the test module's own ``settings`` fixture; yields its URL."""
+    async with running_console(settings, redis_client) as url:
+        yield url
 
 
 @pytest.fixture
