@@ -27,6 +27,11 @@ hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 #: The Redis the tests use (scripts/setup.sh starts one on 127.0.0.1:6379 when none answers).
 TEST_REDIS_SERVER = os.environ.get("LEADSTAGE_TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
+#: Secrets for tests that configure one but do not care which: each as long as settings require
+#: (MIN_SECRET_LENGTH), and unlike any word of a log line, so that the redactor masks only them.
+TEST_API_SECRET = "test-api-secret-4f3e2d1c"
+TEST_WEBHOOK_SECRET = "whsec_dGVzdC13ZWJob29rLWtleS0wMTIz"
+TEST_REDIS_PASSWORD = "test-redis-password-9b8a"
 #: Databases a test session may claim; 0 is left alone (it holds the claims).
 TEST_DATABASES = range(15, 0, -1)
 

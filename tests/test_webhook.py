@@ -28,6 +28,7 @@ from structlog.testing import capture_logs
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.status import status_token
 from producers.webhook import create_app
+from tests.conftest import TEST_API_SECRET
 from tests.redis_servers import redis_servers
 from worker.core import keys
 from worker.core.errors import ConfigError
@@ -191,7 +192,7 @@ async def test_the_account_is_signed_and_an_unsigned_header_or_query_cannot_chan
 async def test_an_unknown_account_is_refused_when_accounts_are_configured(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    account = Account("default", "https://ivvy.example", "key", Secret("s"), 5.0)
+    account = Account("default", "https://ivvy.example", "key", Secret(TEST_API_SECRET), 5.0)
     async with await serve(dataclasses.replace(settings, accounts={"default": account}), redis_client) as client:
         status, problem = await post(client, {**HOT, "account": "other"})
         assert status == 400
