@@ -134,20 +134,11 @@ def run_dlq_replay(args: argparse.Namespace) -> int:
             raise BadFilter(f"--{exc}") from None  # its message names the filter "since": here it is a flag
     account = args.account if args.account is not None or matching else DEFAULT_ACCOUNT
     wanted = None if matching else set(args.keys)
+    selection = readers.Selection(keys=wanted, account=account, error_code=args.error_code, since=args.since)
 
     async def replay(client: aioredis.Redis) -> list[readers.ReplayOutcome]:
         # Read first, then replay: a replayed change that fails again must not be met again here.
-        entries = [
-            e
-            async for e in readers.dead_letters(
-                client,
-                settings,
-                account=account,
-                idempotency_keys=wanted,
-                error_code=args.error_code,
-                since_ms=await readers.since_as_ms(client, args.since),
-            )
-        ]
+        entries = [e async for e in readers.selected_dead_letters(client, settings, selection)]
         outcomes = []
         for entry in entries:
             outcome = await readers.replay(client, settings, entry)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,16 +136,6 @@ async def openapi(request: web.Request) -> web.Response:
 # -- replay and discard ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """Which dead letters a replay or discard is about: keys of one account, or a filter."""
-
-    keys: list[str] | None = None
-    account: str | None = None
-    error_code: str | None = None
-    since: str | None = None
-
-
 def _string_field(value: object, where: str, errors: list[dict[str, object]]) -> str | None:
     if value is None:
         return None
@@ -155,7 +145,7 @@ def _string_field(value: object, where: str, errors: list[dict[str, object]]) ->
     return value.strip()
 
 
-def parse_selection(payload: object) -> Selection:
+def parse_selection(payload: object) -> readers.Selection:
     """The body of a replay or discard request; 400 naming each bad field."""
     if not isinstance(payload, dict):
         raise bad_request('the body must be a JSON object: {"keys": [...], "account": ...} or {"filter": {...}}')
@@ -174,7 +164,7 @@ def parse_selection(payload: object) -> Selection:
             errors.append({"field": "keys", "reason": "every key must be a non-empty string"})
         if errors:
             raise bad_request("invalid selection; nothing was done", errors)
-        return Selection(keys=list(dict.fromkeys(raw_keys)), account=account)
+        return readers.Selection(keys=list(dict.fromkeys(raw_keys)), account=account)
     if "account" in payload:
         errors.append({"field": "account", "reason": "goes inside filter when there are no keys"})
     raw_filter = payload["filter"]
@@ -186,7 +176,7 @@ def parse_selection(payload: object) -> Selection:
         {"field": f"filter.{name}", "reason": "is not a filter (account, error_code, since)"}
         for name in sorted(set(raw_filter) - {"account", "error_code", "since"})
     )
-    selection = Selection(
+    selection = readers.Selection(
         account=_string_field(raw_filter.get("account"), "filter.account", errors),
         error_code=_string_field(raw_filter.get("error_code"), "filter.error_code", errors),
         since=_string_field(raw_filter.get("since"), "filter.since", errors),
@@ -199,20 +189,6 @@ def parse_selection(payload: object) -> Selection:
     if errors:
         raise bad_request("invalid selection; nothing was done", errors)
     return selection
-
-
-async def selected_dead_letters(
-    client: aioredis.Redis, settings: Settings, selection: Selection
-) -> AsyncIterator[readers.Entry]:
-    async for entry in readers.dead_letters(
-        client,
-        settings,
-        account=selection.account,
-        idempotency_keys=selection.keys,
-        error_code=selection.error_code,
-        since_ms=await readers.since_as_ms(client, selection.since),
-    ):
-        yield entry
 
 
 Act = Callable[[aioredis.Redis, Settings, readers.Entry], Awaitable[dict[str, Any]]]
@@ -247,7 +223,7 @@ async def _act(request: web.Request, action: str, act: Act) -> web.Response:
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"the body is not valid JSON: {exc}") from None
     selection = parse_selection(payload)
-    entries = [entry async for entry in selected_dead_letters(state.redis, state.settings, selection)]
+    entries = [entry async for entry in readers.selected_dead_letters(state.redis, state.settings, selection)]
     results: list[dict[str, Any]] = []
     for entry in entries:
         try:

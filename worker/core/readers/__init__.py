@@ -23,10 +23,12 @@ from worker.core.readers.stats import RATE_WINDOWS_S, stats
 from worker.core.readers.streams import (
     PAGE,
     Entry,
+    Selection,
     dead_letters,
     parse_duration,
     redis_now_ms,
     results,
+    selected_dead_letters,
     since_as_ms,
 )
 
@@ -38,6 +40,7 @@ __all__ = [
     "Entry",
     "RateHistory",
     "ReplayOutcome",
+    "Selection",
     "change_status",
     "change_timeline",
     "dead_letters",
@@ -48,6 +51,7 @@ __all__ = [
     "redis_now_ms",
     "replay",
     "results",
+    "selected_dead_letters",
     "since_as_ms",
     "stats",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass
 
 from worker.core.errors import BadFilter, redis_errors
 from worker.core.redis_connection import RedisClient
@@ -85,6 +86,31 @@ async def dead_letters(
             and (error_code is None or entry.get("error_code") == error_code)
         ):
             yield entry
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which dead letters a replay or discard is about (the console's and ``leadstage dlq replay``'s):
+    some keys of one account, or a filter; a field left ``None`` matches every dead letter."""
+
+    keys: Collection[str] | None = None
+    account: str | None = None
+    error_code: str | None = None
+    #: A duration (``parse_duration``): only those dead-lettered within it.
+    since: str | None = None
+
+
+async def selected_dead_letters(client: RedisClient, settings: Settings, selection: Selection) -> AsyncIterator[Entry]:
+    """The dead letters ``selection`` chooses, oldest first."""
+    async for entry in dead_letters(
+        client,
+        settings,
+        account=selection.account,
+        idempotency_keys=selection.keys,
+        error_code=selection.error_code,
+        since_ms=await since_as_ms(client, selection.since),
+    ):
+        yield entry
 
 
 _DURATION = re.compile(r"(?:\d+[smhd])+")
