@@ -35,7 +35,7 @@ from worker.core.errors import (
 from worker.core.processes import free_port
 from worker.core.settings import Account, Secret
 from worker.devtools.fake_ivvy import FIRST_STAGE_ID, RunningFakeIvvy
-from worker.ivvy import CLOCK_SKEW_PAUSE_S, LIST_PAGE_TRIES, AiohttpTransport, IvvyClient, RawResponse
+from worker.ivvy import CLOCK_SKEW_PAUSE_S, LIST_PAGE_TRIES, AiohttpTransport, IvvyClient, RawResponse, Transport
 
 BUILT_IN_STAGES = 3
 
@@ -89,6 +89,11 @@ async def test_get_lead_stage_list_by_name_asks_for_one_name(client: IvvyClient,
     assert page == {"filter": {"name": "Stage 7"}, "start": 0, "perPage": 100}
 
 
+def quick_lister(account: Account, transport: Transport) -> IvvyClient:
+    """A client whose page retries back off briefly: what is checked is how many tries each page gets."""
+    return IvvyClient(account, transport, timeout=2.0, list_retry_base_s=0.005, list_retry_cap_s=0.05)
+
+
 @dataclass
 class FlakyTransport:
     """The real transport, but each distinct request is answered 503 its first ``failures`` times."""
@@ -114,13 +119,13 @@ async def test_get_lead_stage_list_tries_each_page_again_before_giving_up(
     for n in range(25):
         fake_ivvy.fake.add_stage(f"Stage {n}", apply_to=1)
     flaky = FlakyTransport(transport, failures=LIST_PAGE_TRIES - 1, seen=Counter())
-    stages = await IvvyClient(ivvy_account, flaky, timeout=2.0).get_lead_stage_list(per_page=10)
+    stages = await quick_lister(ivvy_account, flaky).get_lead_stage_list(per_page=10)
     assert len(stages) == BUILT_IN_STAGES + 25
     assert sorted(flaky.seen.values()) == [LIST_PAGE_TRIES] * 3
 
     hopeless = FlakyTransport(transport, failures=LIST_PAGE_TRIES, seen=Counter())
     with pytest.raises(IvvyUnavailable):
-        await IvvyClient(ivvy_account, hopeless, timeout=2.0).get_lead_stage_list(per_page=10)
+        await quick_lister(ivvy_account, hopeless).get_lead_stage_list(per_page=10)
     assert list(hopeless.seen.values()) == [LIST_PAGE_TRIES]
 
 

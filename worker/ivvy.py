@@ -53,7 +53,8 @@ LIST_PAGE_TRIES = 4
 #: host's clock is not put right in milliseconds (the worker passes LEADSTAGE_BACKOFF_MAX).
 CLOCK_SKEW_PAUSE_S = 60.0
 #: Backoff between two tries of a page (full jitter); a Retry-After longer than the cap is not
-#: waited out here but left to the job's own backoff, which pauses the account.
+#: waited out here but left to the job's own backoff, which pauses the account. The defaults of
+#: ``IvvyClient.list_retry_base_s`` / ``list_retry_cap_s`` (tests shorten them).
 LIST_RETRY_BASE_S = 0.1
 LIST_RETRY_CAP_S = 1.0
 
@@ -123,6 +124,8 @@ class IvvyClient:
     timeout: float
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     clock_skew_pause_s: float = CLOCK_SKEW_PAUSE_S
+    list_retry_base_s: float = LIST_RETRY_BASE_S
+    list_retry_cap_s: float = LIST_RETRY_CAP_S
 
     async def call(self, namespace: str, action: str, payload: Mapping[str, Any]) -> Any:
         """POST one signed call; return the decoded JSON answer or raise from ``worker.core.errors``."""
@@ -186,11 +189,11 @@ class IvvyClient:
             try:
                 return await self.call("crm", "getLeadStageList", query)
             except RetryableError as error:
-                if attempt == LIST_PAGE_TRIES or (error.retry_after or 0.0) > LIST_RETRY_CAP_S:
+                if attempt == LIST_PAGE_TRIES or (error.retry_after or 0.0) > self.list_retry_cap_s:
                     raise
                 await asyncio.sleep(
                     backoff_seconds(
-                        attempt, base=LIST_RETRY_BASE_S, cap=LIST_RETRY_CAP_S, retry_after=error.retry_after
+                        attempt, base=self.list_retry_base_s, cap=self.list_retry_cap_s, retry_after=error.retry_after
                     )
                 )
         raise AssertionError("unreachable: the last try returns or raises")
