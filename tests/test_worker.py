@@ -68,7 +68,8 @@ async def test_transient_errors_are_retried_then_succeed(
     keys = [f"k{i}" for i in range(20)]
     for i, key in enumerate(keys):
         await producer.enqueue({"name": f"Stage {i}", "applyTo": 1}, idempotency_key=key)
-    async with running_worker(dataclasses.replace(settings, max_attempts=30)):
+    # A failed add waits at least a request timeout before it reconciles: the fake answers at once.
+    async with running_worker(dataclasses.replace(settings, max_attempts=30, request_timeout_s=0.4)):
         terminal = await wait_for_terminal(redis_client, keys)
     assert all(events[0]["event"] == "succeeded" for events in terminal.values())
     retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]

@@ -38,7 +38,7 @@ from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE,
 from worker.core.results import lost_event
 from worker.core.settings import Settings
 from worker.core.states import Decision
-from worker.ivvy import AiohttpTransport, IvvyClient
+from worker.ivvy import LIST_RETRY_BASE_S, LIST_RETRY_CAP_S, AiohttpTransport, IvvyClient
 from worker.ivvy_tracing import traced_transport
 from worker.job import Lease, Runtime, apply_lead_stage_change
 from worker.layout import migrate
@@ -237,6 +237,9 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
                 # The longest backoff, but never past the longest Retry-After honoured (which would
                 # dead-letter the change instead of pausing it).
                 clock_skew_pause_s=min(settings.backoff_max_s, settings.retry_after_max_s),
+                # A page of a listing never backs off longer than the job itself would.
+                list_retry_base_s=min(LIST_RETRY_BASE_S, settings.backoff_base_s),
+                list_retry_cap_s=min(LIST_RETRY_CAP_S, settings.backoff_max_s),
             )
             for name, account in settings.accounts.items()
         }
