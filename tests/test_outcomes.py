@@ -13,6 +13,7 @@ from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultE
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisServer
 from worker.core import readers
+from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import (
     ConfigError,
     InvalidChange,
@@ -71,7 +72,7 @@ async def test_wait_returns_the_terminal_event_then_again_at_once(
 
 
 async def test_a_wait_that_times_out_says_where_the_change_stands(
-    settings: Settings, producer: LeadStageProducer, fake_ivvy: RunningFakeIvvy
+    settings: Settings, producer: LeadStageProducer, fake_ivvy: RunningFakeIvvy, redis_client: aioredis.Redis
 ) -> None:
     await producer.enqueue(HOT, idempotency_key="queued-only")
     with pytest.raises(WaitTimeout) as queued:
@@ -84,8 +85,14 @@ async def test_a_wait_that_times_out_says_where_the_change_stands(
     fake_ivvy.fake.update_faults({"error_rate": 1})  # every POST answers 500: the change keeps retrying
     await producer.enqueue({"name": "Warm", "applyTo": "lead"}, idempotency_key="retrying")
     async with running_worker(dataclasses.replace(settings, backoff_base_s=2.0, backoff_max_s=2.0)):
+
+        async def attempted() -> bool:
+            status = await readers.change_status(redis_client, settings, DEFAULT_ACCOUNT, "retrying")
+            return status is not None and bool(status["history"])
+
+        await eventually(attempted)  # the first attempt has failed: the next is 2 s away
         with pytest.raises(WaitTimeout) as retrying:
-            await producer.wait("retrying", timeout=1.5)
+            await producer.wait("retrying", timeout=0.2)
     status = retrying.value.status
     assert status["state"] in ("retrying", "running")
     assert status["attempts"] >= 1  # type: ignore[operator]  # an int in change_status
@@ -352,11 +359,11 @@ async def test_a_consumer_blocks_for_less_than_a_short_redis_timeout_and_gets_la
 ) -> None:
     """A blocking read longer than the socket timeout would end as "Redis does not answer": each
     read blocks half of LEADSTAGE_REDIS_TIMEOUT at most."""
-    short = dataclasses.replace(settings, redis_timeout_s=1.0)
+    short = dataclasses.replace(settings, redis_timeout_s=0.5)
     async with ResultsConsumer("short", "c1", settings=short) as consumer:  # its own client: the short timeout
-        assert consumer.block_ms == 500  # not block_s: 2 s
+        assert consumer.block_ms == 250  # not block_s: 2 s
         first = asyncio.ensure_future(anext(aiter(consumer)))
-        await asyncio.sleep(2.5)  # several blocking reads end with nothing: none may fail
+        await asyncio.sleep(1.25)  # several blocking reads end with nothing: none may fail
         assert not first.done()
         await finished(settings, producer, redis_client, 1)
         event = await asyncio.wait_for(first, 30)
