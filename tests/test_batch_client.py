@@ -90,7 +90,7 @@ async def test_run_refuses_an_empty_or_oversized_batch_before_sending(
 
 async def test_unfinished_unknown_and_expired_batches(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
     jobs = [lead_stage_job(LeadStageChange(name="Slow", apply_to=1))]
-    fake_ivvy.fake.update_faults({"batch_delay_s": 0.3, "batch_results_s": 0.6})
+    fake_ivvy.fake.update_faults({"batch_delay_s": 0.3, "batch_results_s": 0.4})
     async_id = await batches.run(jobs)
     with pytest.raises(BatchNotReady):
         await batches.results(async_id, jobs)
@@ -98,8 +98,8 @@ async def test_unfinished_unknown_and_expired_batches(batches: BatchCalls, fake_
     for call in (batches.progress("nope"), batches.results("nope", jobs)):
         with pytest.raises(BatchGone):
             await call
-    await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.3)
-    await asyncio.sleep(0.7)
+    await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.1)
+    await asyncio.sleep(0.45)
     with pytest.raises(BatchGone) as gone:
         await batches.results(async_id, jobs)
     assert gone.value.specific_code == 24115
@@ -128,10 +128,10 @@ async def test_waiting_for_a_batch_that_never_finishes_gives_up_at_its_deadline(
 
 
 async def test_polls_follow_the_progress_instead_of_the_floor(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
-    fake_ivvy.fake.update_faults({"batch_delay_s": 1.0})
+    fake_ivvy.fake.update_faults({"batch_delay_s": 0.5})
     jobs = [lead_stage_job(LeadStageChange(name="Paced", apply_to=1))]
     await batches.wait_for_results(await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.01, poll_max_s=0.5)
-    # Polling at the floor would ask about 100 times in that second.
+    # Polling at the floor would ask about 50 times in that half second.
     assert calls(fake_ivvy, "progress") <= 12
     assert calls(fake_ivvy, "results") == 1
 

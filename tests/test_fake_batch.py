@@ -110,7 +110,7 @@ async def test_a_malformed_job_is_named_in_the_error(client: IvvyClient) -> None
 
 
 async def test_progress_is_the_share_of_jobs_applied_in_order(fake: RunningFakeIvvy, client: IvvyClient) -> None:
-    fake.fake.update_faults({"batch_delay_s": 1.0})
+    fake.fake.update_faults({"batch_delay_s": 0.4})
     names = [f"Step {i}" for i in range(10)]
     run = await client.call("batch", "run", {"jobs": [job({"name": name, "applyTo": 1}) for name in names]})
     seen: list[int] = []
@@ -152,11 +152,11 @@ async def test_a_reset_stops_a_batch_being_applied(fake: RunningFakeIvvy, client
 async def test_unknown_and_expired_batches(fake: RunningFakeIvvy, client: IvvyClient) -> None:
     assert await specific_code(client.call("batch", "progress", {"async": "nope"})) == 24105
     assert await specific_code(client.call("batch", "results", {"async": "nope"})) == 24115
-    fake.fake.update_faults({"batch_delay_s": 0.0, "batch_results_s": 1.0})
+    fake.fake.update_faults({"batch_delay_s": 0.0, "batch_results_s": 0.4})
     run = await client.call("batch", "run", {"jobs": [job({"name": "Kept briefly", "applyTo": 1})]})
     await done(client, run["asyncId"])
     assert len((await client.call("batch", "results", {"async": run["asyncId"]}))["results"]) == 1
-    await asyncio.sleep(1.05)
+    await asyncio.sleep(0.45)
     assert await specific_code(client.call("batch", "results", {"async": run["asyncId"]})) == 24115
     assert await specific_code(client.call("batch", "progress", {"async": run["asyncId"]})) == 24105
     await client.call("batch", "run", {"jobs": [job({"name": "Later", "applyTo": 1})]})
