@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 
 from producers.serving import serving
-from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
+from tests.harness import eventually, read_events, reconciling_soon, wait_for_terminal, worker_settings
 from worker.console.app import create_app
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
@@ -72,7 +72,7 @@ async def retried_then_applied(
     attempt was retried, then applied: a timeline of a retry and a success."""
     fake_ivvy.fake.update_faults({"error_rate": 1.0})
     await enqueue(redis, settings, change, key)
-    async with running_worker(settings):
+    async with running_worker(reconciling_soon(settings)):
 
         async def retried() -> bool:
             return any(e["event"] == "retrying" for e in await read_events(redis))

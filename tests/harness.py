@@ -38,6 +38,12 @@ def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Setti
     return Settings(**values)  # type: ignore[arg-type]  # the keys above are Settings' fields
 
 
+def reconciling_soon(settings: Settings) -> Settings:
+    """``settings`` with a short request timeout: an add whose attempt failed waits a request timeout
+    before its next run reconciles it, and the fake answers at once."""
+    return dataclasses.replace(settings, request_timeout_s=0.5)
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
     """The environment that makes ``leadstage worker`` use ``settings``, logging JSON lines."""
     return {**os.environ, **dataclasses.replace(settings, log_format="json").to_env()}

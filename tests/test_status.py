@@ -20,7 +20,7 @@ from standardwebhooks.webhooks import Webhook
 from producers.openapi import CHANGES_PATH, openapi_document
 from producers.status import account_secrets, status_token
 from producers.webhook import create_app
-from tests.harness import eventually, worker_settings
+from tests.harness import eventually, reconciling_soon, worker_settings
 from worker.core.settings import Account, Secret, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
@@ -89,7 +89,7 @@ async def test_the_status_of_a_change_through_its_life(
     assert conforms(queued)
 
     fake_ivvy.fake.update_faults({"error_rate": 1})  # iVvy answers 500: the change is retried
-    async with running_worker(settings):
+    async with running_worker(reconciling_soon(settings)):
         seen: list[dict[str, Any]] = []
 
         async def retrying() -> bool:

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from arq.constants import health_check_key_suffix
 
-from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
+from tests.harness import eventually, read_events, reconciling_soon, wait_for_terminal, worker_settings
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.settings import Settings
@@ -68,8 +68,7 @@ async def test_transient_errors_are_retried_then_succeed(
     keys = [f"k{i}" for i in range(20)]
     for i, key in enumerate(keys):
         await producer.enqueue({"name": f"Stage {i}", "applyTo": 1}, idempotency_key=key)
-    # A failed add waits at least a request timeout before it reconciles: the fake answers at once.
-    async with running_worker(dataclasses.replace(settings, max_attempts=30, request_timeout_s=0.4)):
+    async with running_worker(reconciling_soon(dataclasses.replace(settings, max_attempts=30))):
         terminal = await wait_for_terminal(redis_client, keys)
     assert all(events[0]["event"] == "succeeded" for events in terminal.values())
     retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
@@ -83,7 +82,7 @@ async def test_an_add_whose_answer_was_lost_is_not_created_twice(
 ) -> None:
     fake.fake.update_faults({"drop_rate": 1.0})
     await producer.enqueue({"name": "Once", "applyTo": 2}, idempotency_key="once")
-    async with running_worker(settings):
+    async with running_worker(reconciling_soon(settings)):
 
         async def dropped() -> bool:
             return any(r.fault == "drop" for r in fake.fake.requests)
