@@ -37,7 +37,15 @@ from opentelemetry.trace import Tracer
 
 from producers.openapi import CHANGES_PATH
 from producers.webhook import create_app
-from tests.harness import eventually, start_worker_process, stop_process, wait_for_terminal, worker_env, worker_settings
+from tests.harness import (
+    eventually,
+    reconciling_soon,
+    start_worker_process,
+    stop_process,
+    wait_for_terminal,
+    worker_env,
+    worker_settings,
+)
 from tests.test_demo import run_demo
 from tests.test_webhook import SECRET, log_stream, settings, signed  # noqa: F401 - fixtures: the webhook's logs
 from worker.core import keys, tracing
@@ -155,7 +163,7 @@ async def test_a_webhook_trace_holds_the_attempts_and_the_ivvy_requests_across_a
         webhook_client(redis_url, redis_client) as client,
     ):
         fake.fake.update_faults({"error_rate": 1.0})
-        settings = worker_settings(redis_url, fake.url)
+        settings = reconciling_soon(worker_settings(redis_url, fake.url))
         async with running_worker(settings):
             await post_change(client, "traced", {"name": "Traced", "applyTo": "lead"})
 
