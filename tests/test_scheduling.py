@@ -75,8 +75,8 @@ async def test_a_backlog_on_one_account_does_not_hold_back_another(
 async def test_changes_behind_the_head_are_not_touched_while_the_rate_limit_has_no_slot(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    account = Account("default", fake.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 5.0)
-    settings = worker_settings(redis_url, fake.url, rate_limit=5.0, accounts={"default": account})
+    account = Account("default", fake.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 10.0)
+    settings = worker_settings(redis_url, fake.url, rate_limit=10.0, accounts={"default": account})
     ledger = Ledger(redis_client, settings)
     names = await enqueue_adds(ledger, "default", 100)
     queue = keys.queue_key(QUEUE, "default")
