@@ -187,9 +187,6 @@ async def test_a_stage_locked_by_a_key_that_extends_another_key_stays_locked_to_
     assert (started.decision, started.reason) == ("wait", "locked")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="finish.lua's release takes a lock of key 'k#1' for its own when run 1 of 'k' ends"
-)
 async def test_a_lock_taken_over_by_a_key_that_extends_the_runs_key_is_put_back(redis_client: aioredis.Redis) -> None:
     ledger, _ = _ledgers(redis_client)
     older, first = await _claimed(ledger, "k", {"id": 9, "colour": "#111111"})

@@ -25,18 +25,24 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local replies, done, created_ids, created_jobs = {}, {}, {}, {}
 
+-- Whether a lock's value names this run: parsed from the right, since a job id may itself
+-- contain '#' (job 'k' must not take the lock of job 'k#1' for its own).
+local function held_by(owner, mine)
+  return string.match(owner, '^(.*#%d+)#%d+$') == mine
+end
+
 local function release(lock, mine, unknown_until)
   if unknown_until > now then
     -- A request whose outcome is unknown may still be applied by iVvy for a while: until then no
     -- other change of this stage may be sent, whatever becomes of this one.
     local owner = redis.call('GET', lock)
-    if owner and string.sub(owner, 1, #mine) == mine then
-      redis.call('SET', lock, mine .. unknown_until, 'PXAT', unknown_until)
+    if owner and held_by(owner, mine) then
+      redis.call('SET', lock, mine .. '#' .. unknown_until, 'PXAT', unknown_until)
     end
     return
   end
   local owner = redis.call('GETDEL', lock)
-  if owner and string.sub(owner, 1, #mine) ~= mine then
+  if owner and not held_by(owner, mine) then
     local expires = tonumber(string.match(owner, '#(%d+)$'))
     if not expires then redis.call('SET', lock, owner, 'PX', lock_ttl_ms) -- a value without its expiry
     elseif expires > now then redis.call('SET', lock, owner, 'PXAT', expires) end
@@ -59,7 +65,7 @@ local function finish_one(ledger, lock, a, first)
   local event_id = redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(event))
   local unknown_until = tonumber(l[6]) or 0
   if phase_after == 'unknown' then unknown_until = math.max(unknown_until, now + hold_ms) end
-  release(lock, job .. '#' .. run .. '#', unknown_until)
+  release(lock, job .. '#' .. run, unknown_until)
   if outcome == 'retrying' then
     local next_at = now + tonumber(delay_ms)
     redis.call('HSET', ledger, 'state', 'retrying', 'phase', phase_after, 'next_at', next_at, 'history', history,
