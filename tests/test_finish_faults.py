@@ -173,9 +173,6 @@ async def test_a_missing_job_claimed_by_a_worker_that_dies_before_reporting_it_i
     assert reported == 1 or await redis_client.zscore(QUEUE, "default:gone") is not None
 
 
-@pytest.mark.xfail(
-    strict=True, reason="start.lua takes a lock whose value starts with 'job#' as its own: key 'k' takes key 'k#1''s"
-)
 async def test_a_stage_locked_by_a_key_that_extends_another_key_stays_locked_to_that_other(
     redis_client: aioredis.Redis,
 ) -> None:

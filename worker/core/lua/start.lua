@@ -120,8 +120,8 @@ local function consider(job)
   local lock = l[14]
   local value = job .. '#' .. (run + 1) .. '#' .. (now + lock_ttl_ms)
   if not redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX') then
-    local owner = redis.call('GET', lock)
-    if string.sub(owner, 1, #job + 1) ~= job .. '#' then
+    -- The value parsed from the right: a job id may itself contain '#' ('k' and 'k#1').
+    if string.match(redis.call('GET', lock), '^(.*)#%d+#%d+$') ~= job then
       -- The holder usually finishes within one request: look again soon, not at the lock's expiry.
       return later(math.min(redis.call('PTTL', lock), 20) + jitter_ms, 'locked')
     end
