@@ -125,7 +125,6 @@ async def test_a_cancelled_runs_end_sent_by_another_leaves_no_unretrieved_error(
     assert "Future exception was never retrieved" not in errors
 
 
-@pytest.mark.xfail(strict=True, reason="finish.lua places the unknown-outcome hold only on a lock still held")
 async def test_an_unknown_outcome_holds_the_stage_even_when_the_lock_expired_during_the_run(
     redis_client: aioredis.Redis,
 ) -> None:

@@ -34,9 +34,10 @@ end
 local function release(lock, mine, unknown_until)
   if unknown_until > now then
     -- A request whose outcome is unknown may still be applied by iVvy for a while: until then no
-    -- other change of this stage may be sent, whatever becomes of this one.
+    -- other change of this stage may be sent, whatever becomes of this one (also when this run's
+    -- lock expired while it ran).
     local owner = redis.call('GET', lock)
-    if owner and held_by(owner, mine) then
+    if not owner or held_by(owner, mine) then
       redis.call('SET', lock, mine .. '#' .. unknown_until, 'PXAT', unknown_until)
     end
     return
