@@ -139,10 +139,6 @@ async def test_an_unknown_outcome_holds_the_stage_even_when_the_lock_expired_dur
     assert (started.decision, started.reason) == ("wait", "locked")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scripts._call sends the pipeline again when only the notice's script was missing: the enqueue runs twice",
-)
 async def test_an_enqueue_whose_notice_script_is_not_loaded_yet_is_queued_once(private_redis: RedisServer) -> None:
     client = aioredis.Redis.from_url(private_redis.url)
     try:
@@ -152,6 +148,22 @@ async def test_an_enqueue_whose_notice_script_is_not_loaded_yet_is_queued_once(p
         change = parse_change({"name": "Once", "applyTo": 1})
         [receipt] = await ledger.enqueue_many([(change, envelope("once"))])
         assert receipt.status == "queued"  # not "duplicate": the first send of the pipeline did queue it
+    finally:
+        await client.aclose()
+
+
+async def test_a_replay_whose_notice_script_is_not_loaded_yet_is_replayed_once(private_redis: RedisServer) -> None:
+    client = aioredis.Redis.from_url(private_redis.url)
+    try:
+        ledger = Ledger(client, Settings(max_attempts=3))
+        change, started = await _claimed(ledger, "dead", {"name": "Dead", "applyTo": 1})
+        assert (await _finish(ledger, "dead", change, started, "failed")).recorded
+        [(entry_id, _)] = await client.xrange(ledger.settings.dlq_stream)
+        # Redis restarted: its script cache is empty, then a bulk check loaded enqueue.lua alone.
+        await client.script_flush()
+        await client.script_load(ledger._enqueue.script)
+        replayed = await ledger.replay(change, envelope("dead"), dlq_entry_id=entry_id.decode(), generation="0")
+        assert replayed == ("queued", 1)  # not "not_failed": the first send of the pipeline did replay it
     finally:
         await client.aclose()
 
