@@ -206,7 +206,6 @@ async def test_a_lock_taken_over_by_a_key_that_extends_the_runs_key_is_put_back(
     assert await redis_client.get(lock) == taken  # the lock of 'k#1' (its POST on the way), as it was
 
 
-@pytest.mark.xfail(strict=True, reason="finish.lua gives a retrying change an expiry (README: none until it is done)")
 async def test_a_retried_change_does_not_expire_until_it_is_done(redis_client: aioredis.Redis) -> None:
     ledger, _ = _ledgers(redis_client)
     change, started = await _claimed(ledger, "again", {"name": "Again", "applyTo": 1})
@@ -214,7 +213,6 @@ async def test_a_retried_change_does_not_expire_until_it_is_done(redis_client: a
     assert await redis_client.pttl(keys.ledger_key("default:again")) == -1
 
 
-@pytest.mark.xfail(strict=True, reason="start.lua's later() gives a held-back change an expiry it did not have")
 async def test_a_change_held_back_by_the_lock_does_not_expire_until_it_is_done(redis_client: aioredis.Redis) -> None:
     ledger, _ = _ledgers(redis_client)
     await _claimed(ledger, "first", {"id": 4, "colour": "#111111"})

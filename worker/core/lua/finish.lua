@@ -78,9 +78,11 @@ local function finish_one(ledger, lock, a, first)
       end
     end
     redis.call('ZADD', queue, next_at, job)
+    redis.call('PERSIST', ledger) -- no expiry until it is done (one of an older version's goes)
   else
     redis.call('HSET', ledger, 'state', outcome, 'phase', '', 'finished_at', now, 'stage_id', stage_id,
       'history', history, 'event_id', event_id)
+    redis.call('PEXPIRE', ledger, retention_ms) -- kept for the retention from its terminal state
     done[#done + 1] = job
     -- No longer one of its stage's pending updates (worker.keys.stage_key).
     if l[7] then redis.call('HDEL', l[7], 'j' .. l[8]) end
@@ -89,7 +91,6 @@ local function finish_one(ledger, lock, a, first)
       created_jobs[#created_jobs + 1] = job
     end
   end
-  redis.call('PEXPIRE', ledger, retention_ms)
   if outcome == 'failed' then
     -- The dead letter carries the whole original change, so a replay needs nothing else.
     redis.call('XADD', dlq, '*', 'original_change', l[3], 'generation', l[4] or '0', unpack(event))

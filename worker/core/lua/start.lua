@@ -7,8 +7,8 @@
 -- ARGV: 1 job id or '' (the account's next due jobs), 2 lease (ms), 3 max attempts, 4 max age (ms),
 --       5 rate interval (µs), 6 lock ttl (ms), 7 in-flight guard (ms), 8 worker id,
 --       9 the account's ledger key prefix (worker.keys: prefix .. idempotency key), 10 jitter (ms)
---       for lock waits, 11 ledger retention (ms), 12 how many jobs may run (a worker's free slots),
---       13 rate window (µs): slots that fall due within it are taken now (a batch at high rates)
+--       for lock waits, 11 how many jobs may run (a worker's free slots), 12 rate window (µs):
+--       slots that fall due within it are taken now (a batch at high rates)
 -- The stage hash and lock key of a change are read from its ledger entry (stage_key, lock_key:
 -- named by worker.keys at enqueue, in the account's slot). A lock's value is 'job#run#expires at
 -- (server ms)', so that finish.lua can put back a lock it took by mistake (GETDEL) as it was.
@@ -23,8 +23,8 @@
 local queue, rate_key, newest_claim = KEYS[1], KEYS[2], KEYS[3]
 local wanted, lease_ms, max_attempts, max_age_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local ledger_prefix, jitter_ms, retention_ms = ARGV[9], tonumber(ARGV[10]), ARGV[11]
-local slots, window_us = tonumber(ARGV[12]), tonumber(ARGV[13])
+local ledger_prefix, jitter_ms = ARGV[9], tonumber(ARGV[10])
+local slots, window_us = tonumber(ARGV[11]), tonumber(ARGV[12])
 
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -67,8 +67,9 @@ local function consider(job)
   local function later(ms, reason)
     redis.call('ZADD', queue, now + ms, job)
     rescored(now + ms)
-    -- Touched, so kept: a change held back for a long time must not outlive its ledger entry.
-    redis.call('PEXPIRE', ledger, retention_ms)
+    -- No expiry until it is done, however long it is held back (an entry of an older version
+    -- found with one loses it).
+    redis.call('PERSIST', ledger)
     if wanted ~= '' then return decided('wait', job, ms, reason) end
     return false
   end
