@@ -168,9 +168,6 @@ async def test_a_replay_whose_notice_script_is_not_loaded_yet_is_replayed_once(p
         await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="start.lua drops a missing job from the queue before lost.lua reports it, in another call"
-)
 async def test_a_missing_job_claimed_by_a_worker_that_dies_before_reporting_it_is_not_lost(
     redis_client: aioredis.Redis,
 ) -> None:
@@ -182,6 +179,24 @@ async def test_a_missing_job_claimed_by_a_worker_that_dies_before_reporting_it_i
     # The worker is SIGKILLed here, before its report_missing (lost.lua): nothing may vanish silently.
     reported = await redis_client.xlen(ledger.settings.results_stream)
     assert reported == 1 or await redis_client.zscore(QUEUE, "default:gone") is not None
+
+
+async def test_a_missing_job_is_reported_once_and_not_for_a_change_enqueued_again_under_its_key(
+    redis_client: aioredis.Redis,
+) -> None:
+    ledger, _ = _ledgers(redis_client)
+    for key in ("gone", "back"):
+        await enqueue(ledger, key, {"name": key, "applyTo": 1})
+        await redis_client.delete(keys.ledger_key(f"default:{key}"))
+    claim = await ledger.claim("default", WORKER, RATE, 0, 4)
+    assert [start.decision for start in claim.starts] == ["missing", "missing"]
+    event = {"event": "failed", "idempotency_key": "gone"}
+    # Two workers report it (the first worker's lease ran out before its report): one event.
+    assert [await ledger.report_missing("default:gone", event) for _ in range(2)] == [True, False]
+    await enqueue(ledger, "back", {"name": "Back", "applyTo": 1})  # its key enqueued again before the report
+    assert not await ledger.report_missing("default:back", event)
+    assert await redis_client.xlen(ledger.settings.results_stream) == 1
+    assert await redis_client.zscore(QUEUE, "default:back") is not None  # the new change stays queued
 
 
 async def test_a_stage_locked_by_a_key_that_extends_another_key_stays_locked_to_that_other(

@@ -304,15 +304,21 @@ class Ledger(Enqueuing):
             await self.notify([account], min(retries))
         return finished
 
-    async def report_missing(self, job_id: str, event: Mapping[str, str]) -> None:
-        """A due job whose ledger entry is gone: its failed event and a dead letter (lost.lua)."""
+    async def report_missing(self, job_id: str, event: Mapping[str, str]) -> bool:
+        """A due job whose ledger entry is gone: its failed event and a dead letter, and it leaves the
+        queue (lost.lua); False when it was not reported here (another worker did, or its key was
+        enqueued again)."""
         settings = self.settings
         fields = [item for pair in event.items() for item in pair]
         with redis_errors():
-            await self._lost(
-                keys=[settings.results_stream, settings.dlq_stream, keys.PENDING],
-                args=[keys.split_job_id(job_id)[0], settings.results_maxlen, *fields],
-            )
+            reported: int = await self._lost(
+                keys=[
+                    settings.results_stream, settings.dlq_stream, keys.PENDING, self.queue_of(job_id),
+                    keys.ledger_key(job_id),
+                ],
+                args=[keys.split_job_id(job_id)[0], settings.results_maxlen, job_id, *fields],
+            )  # fmt: skip
+        return reported == 1
 
     async def id_floor(self, job_id: str) -> int:
         """The highest stage id claimed before this add was first posted (see keys.newest_claim_key)."""

@@ -18,7 +18,7 @@
 --   dropped csv, source, enqueued at (ms), generation, change, state, job id, traceparent}
 --   decision: skip | missing | done | wait | superseded | exhausted | go (worker.core.states.Decision).
 --   superseded, exhausted and go start a new run (the fencing token) and hide the job for one
---   lease; go also counts an attempt, takes a rate-limit slot and the lock. With a job id there is
+--   lease (missing too, until lost.lua reports it); go also counts an attempt, takes a rate-limit slot and the lock. With a job id there is
 --   always exactly one decision; without, 'wait' is never one (the job is put back for later).
 local queue, rate_key, newest_claim = KEYS[1], KEYS[2], KEYS[3]
 local wanted, lease_ms, max_attempts, max_age_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -58,9 +58,15 @@ local function consider(job)
     'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'id_floor')
   local state, phase = l[1], l[2] or ''
   local attempts, run = tonumber(l[3]) or 0, tonumber(l[15]) or 0
-  if not state or state == 'succeeded' or state == 'failed' or state == 'superseded' then
+  if not state then
+    -- Reported by lost.lua, which removes it from the queue; hidden for one lease meanwhile, so that
+    -- a worker that dies before reporting it leaves it for another.
+    redis.call('ZADD', queue, now + lease_ms, job)
+    rescored(now + lease_ms)
+    return decided('missing', job)
+  end
+  if state == 'succeeded' or state == 'failed' or state == 'superseded' then
     redis.call('ZREM', queue, job)
-    if not state then return decided('missing', job) end
     return decided('done', job, 0, '', 0, 0, '', '', l)
   end
 
