@@ -11,12 +11,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from redis.asyncio.connection import Connection
-from redis.exceptions import ResponseError
 from redis.typing import EncodableT
 
 from worker.core import keys, tracing
 from worker.core.change import Envelope, LeadStageChange
-from worker.core.errors import EnqueueOutcomeUnknown, IdempotencyConflict, RedisUnavailable, redis_errors
+from worker.core.errors import (
+    EnqueueOutcomeUnknown,
+    IdempotencyConflict,
+    RedisUnavailable,
+    redis_errors,
+    reply_or_error,
+)
 from worker.core.replies import Receipt, parse_enqueue
 from worker.core.scripts import Part, evalsha, not_run
 from worker.core.settings import Settings
@@ -118,10 +123,7 @@ class _Pipe:
         assert self._connection is not None
         replies: list[Any] = []
         for _ in range(count):
-            try:
-                replies.append(await self._connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
+            replies.append(await reply_or_error(self._connection))
         return replies
 
     async def receive(self) -> tuple[list[list[bytes]], dict[str, int], int | None]:

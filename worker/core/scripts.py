@@ -15,11 +15,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
 from worker.core import keys
-from worker.core.errors import RedisNotReplicated, redis_errors
+from worker.core.errors import RedisNotReplicated, redis_errors, script_missing
 from worker.core.settings import Settings
 
 #: How far ahead of the server's clock a rate-limit slot may be taken in a claim (µs): at high rates
@@ -49,7 +48,7 @@ def not_run(parts: Sequence[Part], replies: Sequence[Any]) -> tuple[list[AsyncSc
     """After a pipeline of ``parts``: the scripts Redis did not have (NOSCRIPT), and the parts to send
     again once they are loaded: those that did not run, and a WAIT after one that is sent again. A
     part that ran is never sent twice (a second enqueue.lua would call its own change a duplicate)."""
-    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    missing = [i for i, reply in enumerate(replies) if script_missing(reply)]
     again = [
         i for i, (script, _) in enumerate(parts) if i in missing or (script is None and any(j < i for j in missing))
     ]
