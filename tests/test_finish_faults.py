@@ -75,10 +75,6 @@ async def _until_waiting(ledger: Ledger, count: int) -> None:
     await _until(waiting)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ledger._finish_endings: the sender's cancellation is every batched run's RedisUnavailable, recorded or not",
-)
 async def test_a_run_recorded_by_a_shared_finish_hears_its_result_when_the_sender_is_cancelled(
     redis_client: aioredis.Redis,
 ) -> None:
@@ -97,9 +93,6 @@ async def test_a_run_recorded_by_a_shared_finish_hears_its_result_when_the_sende
     assert (finished.recorded, finished.replicated) == (True, False)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Ledger._finish_endings sets an exception on the future of a run whose task is gone"
-)
 async def test_a_cancelled_runs_end_sent_by_another_leaves_no_unretrieved_error(
     redis_client: aioredis.Redis,
 ) -> None:
