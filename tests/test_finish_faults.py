@@ -1,8 +1,8 @@
-"""Review: the ends of runs that share one finish.lua call, and the stage lock after an unknown
-outcome, against a real Redis (no replica: a WAIT that asks for one lasts its whole timeout, which
-keeps a finish call on the way for as long as the test needs). Each test is a defect found in the
-review of the cost-per-change rewrite, marked ``xfail(strict=True)`` until the fix lands (then it
-passes and the mark must go)."""
+"""Review: the ends of runs that share one finish.lua call, the stage lock after an unknown outcome,
+a lock of a key that extends another, a script missing from Redis's cache, a missing ledger entry and
+the expiry of a change not done yet, against a real Redis (no replica: a WAIT that asks for one lasts
+its whole timeout, which keeps a finish call on the way for as long as the test needs). Each test is
+a defect found in the review of the cost-per-change rewrite, and fails on the code before its fix."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 
 from tests.redis_servers import RedisServer
 from tests.test_ledger import enqueue, envelope
 from worker.core import keys
 from worker.core.change import LeadStageChange, parse_change
+from worker.core.errors import RedisUnavailable
 from worker.core.ledger import Finished, Ledger, Start
 from worker.core.settings import Settings
 
@@ -116,6 +116,37 @@ async def test_a_cancelled_runs_end_sent_by_another_leaves_no_unretrieved_error(
     gc.collect()
     await asyncio.sleep(0)
     assert "Future exception was never retrieved" not in errors
+
+
+async def test_a_cancelled_runs_end_in_a_call_that_fails_leaves_no_unretrieved_error(
+    private_redis: RedisServer,
+) -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[str] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(str(context.get("message"))))
+    client = aioredis.Redis.from_url(private_redis.url)
+    try:
+        plain, waiting = _ledgers(client)
+        runs = {key: await _claimed(plain, key, {"id": i + 1, "name": key}) for i, key in enumerate(["c", "d", "a"])}
+        first = asyncio.create_task(_finish(waiting, "c", *runs["c"], "succeeded"))
+        await _until_state(client, "c", b"succeeded")
+        gone = asyncio.create_task(_finish(waiting, "d", *runs["d"], "succeeded"))
+        await _until_waiting(waiting, 1)
+        gone.cancel()  # d's lease is lost while its end waits for the account's next call
+        sender = asyncio.create_task(_finish(waiting, "a", *runs["a"], "succeeded"))
+        await _until_waiting(waiting, 2)
+        await client.config_set("maxmemory", 1)  # the next call (a's, with d's end) is refused: OOM
+        await first
+        ended = await asyncio.gather(gone, sender, return_exceptions=True)
+        assert isinstance(ended[1], RedisUnavailable)  # a hears of it; d's task is gone
+        del gone, sender, ended  # the error's traceback holds the call's runs (d's end among them)
+        for _ in range(2):  # the callbacks scheduled when they ended hold them until they run
+            await asyncio.sleep(0)
+            gc.collect()
+        assert "Future exception was never retrieved" not in errors
+    finally:
+        await client.config_set("maxmemory", 0)
+        await client.aclose()
 
 
 async def test_an_unknown_outcome_holds_the_stage_even_when_the_lock_expired_during_the_run(

@@ -254,7 +254,12 @@ class Ledger(Enqueuing):
             delay_ms,
         )  # fmt: skip
         self._endings.setdefault(account, []).append(ending)
-        return await self._finish_endings(account, ending)
+        try:
+            return await self._finish_endings(account, ending)
+        finally:
+            # Nobody reads this run's result once its task is gone (cancelled while its end waited for
+            # the account's next call): that call, sending it still, leaves it alone.
+            ending.done.cancel()
 
     async def _finish_endings(self, account: str, ending: _Ending) -> Finished:
         """Send ``ending`` with every other end of the account waiting, unless a call on the way
