@@ -93,56 +93,65 @@ async def test_a_run_recorded_by_a_shared_finish_hears_its_result_when_the_sende
     assert (finished.recorded, finished.replicated) == (True, False)
 
 
-async def test_a_cancelled_runs_end_sent_by_another_leaves_no_unretrieved_error(
-    redis_client: aioredis.Redis,
-) -> None:
-    loop = asyncio.get_running_loop()
+def _unhandled() -> list[str]:
+    """The messages asyncio gives the loop's exception handler from now on."""
     errors: list[str] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(str(context.get("message"))))
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(str(context.get("message"))))
+    return errors
+
+
+async def _collected() -> None:
+    """Until what nothing refers to is collected (the callbacks scheduled as tasks end hold them)."""
+    for _ in range(2):
+        await asyncio.sleep(0)
+        gc.collect()
+
+
+async def _a_gone_run_behind_a_call(
+    redis_client: aioredis.Redis,
+) -> tuple[asyncio.Task[Finished], asyncio.Task[Finished], asyncio.Task[Finished]]:
+    """Runs c, d and a: c's finish call on the way, d's end waiting for the next call and its task
+    cancelled (its lease lost), a's end waiting too, so that a's call sends d's end with its own.
+    Returns the tasks (c's, d's, a's)."""
     plain, waiting = _ledgers(redis_client)
     runs = {key: await _claimed(plain, key, {"id": i + 1, "name": key}) for i, key in enumerate(["c", "d", "a"])}
     first = asyncio.create_task(_finish(waiting, "c", *runs["c"], "succeeded"))
     await _until_state(redis_client, "c", b"succeeded")
     gone = asyncio.create_task(_finish(waiting, "d", *runs["d"], "succeeded"))
     await _until_waiting(waiting, 1)
-    gone.cancel()  # d's lease is lost while its end waits for the account's next call
+    gone.cancel()
     sender = asyncio.create_task(_finish(waiting, "a", *runs["a"], "succeeded"))
     await _until_waiting(waiting, 2)
+    return first, gone, sender
+
+
+async def test_a_cancelled_runs_end_sent_by_another_leaves_no_unretrieved_error(
+    redis_client: aioredis.Redis,
+) -> None:
+    errors = _unhandled()
+    first, gone, sender = await _a_gone_run_behind_a_call(redis_client)
     await first
     await _until_state(redis_client, "a", b"succeeded")
     sender.cancel()
     await asyncio.gather(gone, sender, return_exceptions=True)
     del gone, sender
-    gc.collect()
-    await asyncio.sleep(0)
+    await _collected()
     assert "Future exception was never retrieved" not in errors
 
 
 async def test_a_cancelled_runs_end_in_a_call_that_fails_leaves_no_unretrieved_error(
     private_redis: RedisServer,
 ) -> None:
-    loop = asyncio.get_running_loop()
-    errors: list[str] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(str(context.get("message"))))
+    errors = _unhandled()
     client = aioredis.Redis.from_url(private_redis.url)
     try:
-        plain, waiting = _ledgers(client)
-        runs = {key: await _claimed(plain, key, {"id": i + 1, "name": key}) for i, key in enumerate(["c", "d", "a"])}
-        first = asyncio.create_task(_finish(waiting, "c", *runs["c"], "succeeded"))
-        await _until_state(client, "c", b"succeeded")
-        gone = asyncio.create_task(_finish(waiting, "d", *runs["d"], "succeeded"))
-        await _until_waiting(waiting, 1)
-        gone.cancel()  # d's lease is lost while its end waits for the account's next call
-        sender = asyncio.create_task(_finish(waiting, "a", *runs["a"], "succeeded"))
-        await _until_waiting(waiting, 2)
+        first, gone, sender = await _a_gone_run_behind_a_call(client)
         await client.config_set("maxmemory", 1)  # the next call (a's, with d's end) is refused: OOM
         await first
         ended = await asyncio.gather(gone, sender, return_exceptions=True)
         assert isinstance(ended[1], RedisUnavailable)  # a hears of it; d's task is gone
         del gone, sender, ended  # the error's traceback holds the call's runs (d's end among them)
-        for _ in range(2):  # the callbacks scheduled when they ended hold them until they run
-            await asyncio.sleep(0)
-            gc.collect()
+        await _collected()
         assert "Future exception was never retrieved" not in errors
     finally:
         await client.config_set("maxmemory", 0)
