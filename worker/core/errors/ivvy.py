@@ -111,10 +111,11 @@ class BatchNotReady(RetryableError):
         super().__init__(message or f"batch {async_id}: iVvy has not finished it (24114)")
 
 
-class BatchGone(LeadstageError):
+class BatchGone(RetryableError):
     """A batch's results cannot be had: iVvy does not know the batch (24115 from results, 24105
     from progress: never accepted, or past retention), or its results do not answer its jobs.
-    What the jobs did is unknown: they are reconciled, as after a request without an answer."""
+    What the jobs did is unknown: each change is attempted again (an update is resent), as after
+    a request without an answer; asking about the batch again cannot help."""
 
     error_code = "batch_gone"
 
