@@ -42,7 +42,7 @@ SURFACE: Final[dict[str, str]] = {
         " DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url ping printable_url RedisClient single_server"
     ),
     "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent",
-    "settings": "Account DEMO_API_KEY DEMO_API_SECRET Secret Settings",
+    "settings": "Account BATCH_MAX_JOBS DEMO_API_KEY DEMO_API_SECRET Secret Settings",
     "states": "Decision Outcome TERMINAL UNACCOUNTED WaitReason",
     "tracing": "",
 }
