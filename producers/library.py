@@ -28,9 +28,11 @@ Public API (re-exported by ``producers``)::
   client passed in belongs to the caller.
 
 Errors (``worker.core.errors``): ``InvalidChange`` names each bad field (``InvalidBatch``, a subclass,
-names the item index too, as ``changes[3].name``); ``UnknownAccount`` when accounts are
-configured (IVVY_* or LEADSTAGE_ACCOUNTS_FILE) and the account is not one of them; otherwise only
-the account name's format is checked, so a producer host needs no iVvy credentials.
+names the item index too, as ``changes[3].name``); ``UnknownAccount`` when there is an
+account list (``Settings.known_accounts``: IVVY_*, LEADSTAGE_ACCOUNTS_FILE, LEADSTAGE_ACCOUNT_NAMES or
+LEADSTAGE_WEBHOOK_SECRETS_FILE) and the account is not on it; otherwise only the account name's
+format is checked. A producer host needs no iVvy credentials: LEADSTAGE_ACCOUNT_NAMES lists the
+accounts by name.
 ``IdempotencyConflict`` when a known key comes with a different change (nothing of a batch is
 enqueued); ``RedisUnavailable`` when Redis does not answer (nothing was enqueued), and its
 subclass ``EnqueueOutcomeUnknown`` when Redis stopped answering after changes were sent: they
@@ -176,15 +178,11 @@ class LeadStageProducer(RedisUser[aioredis.Redis], Waits):
         self._check_known(envelope.account)
         return parsed, envelope
 
-    def check_account(self, account: str) -> str:
-        """``account`` if changes may be enqueued for it; ``InvalidChange`` or ``UnknownAccount`` if not."""
-        parse_envelope(account=account)
-        self._check_known(account)
-        return account
-
     def _check_known(self, account: str) -> None:
-        # Without configured accounts (a producer-only host) any well-formed name is accepted.
-        if self.settings.accounts and account not in self.settings.accounts:
+        # Without an account list (a producer-only host without LEADSTAGE_ACCOUNT_NAMES) any
+        # well-formed name is accepted.
+        known = self.settings.known_accounts
+        if known and account not in known:
             raise UnknownAccount(account)
 
     def validate_many(

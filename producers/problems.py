@@ -61,9 +61,12 @@ class Problem(Exception):
         }
         if self.errors:
             body["errors"] = self.errors
-        return web.Response(
+        response = web.Response(
             status=self.status, body=orjson.dumps(body), content_type=PROBLEM_CONTENT_TYPE, headers=self.headers
         )
+        if self.headers.get("Connection", "").lower() == "close":
+            response.force_close()  # as the header says: the server closes the connection after it
+        return response
 
 
 def from_http_exception(exc: web.HTTPException) -> Problem:

@@ -7,7 +7,9 @@ header, a header over the 8 KiB field limit, bad chunking, a lying Content-Lengt
 ``application/problem+json`` (415 for a Content-Encoding it cannot decode), as every other 4xx
 of the service, instead of aiohttp's text/plain;
 the detail names the kind of error only. Such a request is logged as one warning line naming the
-kind of error, without the offending line (it may be a signature header or a piece of the body).
+kind of error, without the offending line (it may be a signature header or a piece of the body),
+and an application that sets ``ON_REFUSED`` is told its status (no handler or middleware sees it:
+the webhook counts it in ``leadstage_webhook_requests_total`` there).
 
 aiohttp has no public hook for those answers: ``RequestHandler.handle_error`` is overridden, and
 ``tests/test_aiohttp_internals.py`` checks the internals this relies on against the installed
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Final
 
@@ -28,12 +30,15 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from producers.problems import Problem, unsupported_encoding
 from worker.core.errors import ConfigError
 
-__all__ = ["KEEPALIVE_TIMEOUT_S", "ProblemRunner", "log_malformed_requests_as_warnings", "serving"]
+__all__ = ["KEEPALIVE_TIMEOUT_S", "ON_REFUSED", "ProblemRunner", "log_malformed_requests_as_warnings", "serving"]
 
 #: An idle connection, or one still sending its request line and headers, is closed after this
 #: (aiohttp's default is an hour). 75 s, nginx's default, stays above the 60 s idle timeout usual
 #: in load balancers, which reuse connections and must not find them closed under them.
 KEEPALIVE_TIMEOUT_S: Final = 75.0
+
+#: Set on an application to be called with the status of each request the HTTP parser refuses.
+ON_REFUSED: Final = web.AppKey[Callable[[int], None]]("leadstage_on_refused")
 
 #: What the client is told about a request the parser refused, by the parser's exception (the
 #: first class in the exception's MRO that is named here).
@@ -81,6 +86,10 @@ class _ProblemRequestHandler(RequestHandler):
             problem = Problem(status, HTTPStatus(status).phrase, "unexpected error; see the server log")
         else:  # the parser refused the request (aiohttp answers those 400)
             problem = Problem(status, HTTPStatus(status).phrase, malformed_detail(exc), kind="malformed-request")
+        manager = self._manager
+        refused = problem.status < HTTPStatus.INTERNAL_SERVER_ERROR  # by the parser: no middleware saw it
+        if refused and isinstance(manager, _ProblemServer) and manager.on_refused is not None:
+            manager.on_refused(problem.status)
         response = problem.response()
         response.force_close()  # as aiohttp's: the connection's state is unknown after an error
         return response
@@ -88,6 +97,9 @@ class _ProblemRequestHandler(RequestHandler):
 
 class _ProblemServer(web.Server):
     """aiohttp's protocol factory, making ``_ProblemRequestHandler`` connections."""
+
+    #: The application's ``ON_REFUSED``, when it set one.
+    on_refused: Callable[[int], None] | None = None
 
     def __call__(self) -> RequestHandler:
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -101,6 +113,8 @@ class ProblemRunner(web.AppRunner):
         # aiohttp makes its Server in Application._make_handler and offers no hook for the class:
         # the same object, with the protocol factory above.
         server.__class__ = _ProblemServer
+        assert isinstance(server, _ProblemServer)
+        server.on_refused = self.app.get(ON_REFUSED)
         return server
 
 

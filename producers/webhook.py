@@ -32,7 +32,8 @@ Several secrets may be valid at once (rotation): each is tried in turn. Source:
 ``webhook:{webhook-id}``.
 
 Every request to the changes endpoint counts in ``leadstage_webhook_requests_total`` by status,
-and every request is logged once at info with its status; signature headers and bodies never are,
+as does every request the HTTP parser refuses (whatever its path: it may have none), and every
+request is logged once at info with its status; signature headers and bodies never are,
 also not for requests the HTTP parser refuses: those are answered 400 problem+json too, and
 logged as one warning line naming the kind of error (``producers.serving``).
 """
@@ -52,7 +53,7 @@ from aiohttp import web
 from producers.library import ChangeItem, LeadStageProducer, Receipt
 from producers.openapi import CHANGES_PATH, location, openapi_document
 from producers.problems import Problem, from_http_exception, invalid, misconfigured, unavailable
-from producers.serving import log_malformed_requests_as_warnings, serving
+from producers.serving import ON_REFUSED, log_malformed_requests_as_warnings, serving
 from producers.webhook_auth import (
     Verifier,
     check_key_header,
@@ -110,9 +111,11 @@ def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
         redis=redis,
         producer=LeadStageProducer(settings, redis=redis, producer="webhook"),
         verifiers=verifiers(settings),
-        known_accounts=frozenset(settings.accounts) | frozenset(settings.webhook_account_secrets),
+        known_accounts=settings.known_accounts,
         openapi=orjson.dumps(openapi_document(settings.webhook_max_body_bytes)),
     )
+    # Refused by the HTTP parser before any route: counted whatever path they named (if any).
+    app[ON_REFUSED] = _count_request
     app.router.add_post(CHANGES_PATH, _post_changes)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -143,7 +146,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         log.exception("webhook.error", method=request.method, path=request.path)
         response = Problem(500, "Internal Server Error", "unexpected error; see the server log").response()
     if request.path == CHANGES_PATH:
-        metrics.WEBHOOK_REQUESTS.labels(str(response.status)).inc()
+        _count_request(response.status)
     log.info(
         "webhook.request",
         method=request.method,
@@ -154,6 +157,10 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
         remote=request.remote,
     )
     return response
+
+
+def _count_request(status: int) -> None:
+    metrics.WEBHOOK_REQUESTS.labels(str(status)).inc()
 
 
 async def _post_changes(request: web.Request) -> web.Response:

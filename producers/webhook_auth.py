@@ -117,14 +117,19 @@ def signed_account(request: web.Request, known_accounts: frozenset[str], *, boun
     """
     if in_body is not None and not isinstance(in_body, str):
         raise invalid("invalid account", [{"field": ACCOUNT_FIELD, "reason": "must be a string"}])
-    if bound is not None and in_body is not None and in_body != bound:
+    try:
+        # Spaces and tabs around the name are trimmed, as every producer trims them.
+        named_in_body = None if in_body is None else parse_envelope(account=in_body).account
+    except InvalidChange as exc:
+        raise invalid("invalid account", [named(error, ACCOUNT_FIELD) for error in exc.errors]) from None
+    if bound is not None and named_in_body is not None and named_in_body != bound:
         raise Problem(
             403,
             "Forbidden",
-            f"the body names account {excerpt(in_body)!r}, but the request is signed with a secret of "
+            f"the body names account {excerpt(named_in_body)!r}, but the request is signed with a secret of "
             f"account {bound!r}",
         )
-    account = bound if bound is not None else in_body if in_body is not None else DEFAULT_ACCOUNT
+    account = bound if bound is not None else named_in_body if named_in_body is not None else DEFAULT_ACCOUNT
     for where, value in (
         (ACCOUNT_HEADER, request.headers.get(ACCOUNT_HEADER)),
         ("account", request.query.get("account")),
@@ -141,17 +146,14 @@ def signed_account(request: web.Request, known_accounts: frozenset[str], *, boun
                     }
                 ],
             )
-    try:
-        parse_envelope(account=account)
-    except InvalidChange as exc:
-        raise invalid("invalid account", [named(error, ACCOUNT_FIELD) for error in exc.errors]) from None
     if known_accounts and account not in known_accounts:
         raise invalid(
             "invalid account",
             [
                 {
                     "field": ACCOUNT_FIELD,
-                    "reason": "is not configured (see LEADSTAGE_ACCOUNTS_FILE, LEADSTAGE_WEBHOOK_SECRETS_FILE)",
+                    "reason": "is not configured (see LEADSTAGE_ACCOUNT_NAMES, LEADSTAGE_ACCOUNTS_FILE, "
+                    "LEADSTAGE_WEBHOOK_SECRETS_FILE)",
                 }
             ],
         )

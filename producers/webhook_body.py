@@ -30,6 +30,9 @@ __all__ = ["BODY_TIMEOUT_S", "changes_of", "check_key", "error_list", "loads", "
 #: it (slowloris) gets 408 instead of holding a connection and a handler forever.
 BODY_TIMEOUT_S: Final = 10.0
 
+#: The header of an answer after which the connection is closed (its body was not read to the end).
+_CLOSE: Final = {"Connection": "close"}
+
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole (decoded) body, or the 413, 415, 408 or 400 that says why not."""
@@ -51,13 +54,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             408,
             "Request Timeout",
             f"the body did not arrive within {BODY_TIMEOUT_S:g} s",
-            headers={"Connection": "close"},
+            headers=_CLOSE,
         ) from None
     except (RequestPayloadError, HttpProcessingError) as exc:
-        # Corrupt gzip/deflate, or a chunked body the parser refuses: the client's fault.
+        # Corrupt gzip/deflate, or a chunked body the parser refuses: the client's fault. The rest
+        # of the connection cannot be read either: the answer says it is closed.
         if isinstance(exc.__cause__, ContentEncodingError) or isinstance(exc, ContentEncodingError):
-            raise Problem(400, "Bad Request", f"the body cannot be decoded as {encodings[0].lower()}") from None
-        raise Problem(400, "Bad Request", "the body is malformed (its length or chunked encoding)") from None
+            detail = f"the body cannot be decoded as {encodings[0].lower()}"
+        else:
+            detail = "the body is malformed (its length or chunked encoding)"
+        raise Problem(400, "Bad Request", detail, headers=_CLOSE) from None
     except ConnectionError:
         # The client went away mid-body: its fault, not a server error (no traceback, no 500 counted).
         raise Problem(400, "Bad Request", "the connection closed before the whole body arrived") from None

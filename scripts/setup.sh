@@ -14,6 +14,9 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.installed 2>/dev/null)" != "$_lo
     echo "$_lock_stamp" > .venv/.installed
 fi
 unset _lock_stamp
+# Bytecode for the project, as a wheel install would have it: an editable install has none, and a
+# machine with PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module at every start.
+.venv/bin/python -m compileall -q -j 0 worker producers >/dev/null
 if ! .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1).close()" 2>/dev/null; then
     if ! command -v redis-server >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -817,6 +817,48 @@ def test_a_big_file_is_enqueued_in_memory_bounded_by_the_chunk_not_the_file(
     assert stderr.startswith("enqueued 100000 change(s): 100000 queued")
 
 
+def test_a_bulk_interrupted_midway_says_which_lines_were_enqueued(
+    env: dict[str, str], db: redis.Redis, tmp_path: Path
+) -> None:
+    """Items 1 and 4: a SIGINT during the writes used to end the command silently, the receipts of
+    the last chunks unprinted. Now the chunk written before it has its receipts, the chunk in
+    flight is "unknown", one line says so, and nothing after it was written."""
+    path = tmp_path / "f.jsonl"
+    with path.open("w") as out:
+        for i in range(100_000):
+            out.write(json.dumps({"name": f"Stage {i}", "applyTo": 2, "idempotency_key": f"k{i}"}) + "\n")
+    env = {**env, "LEADSTAGE_RATE_LIMIT": "1000000"}  # no warning of a backlog past the maximum age
+    with subprocess.Popen(  # noqa: S603 - our own command, fixed arguments
+        command("enqueue", "--file", str(path)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A suite started in the background has SIGINT ignored, and the child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    ) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        first = process.stdout.readline()  # the writes have begun: the first chunk's receipts
+        process.send_signal(signal.SIGINT)
+        rest = process.stdout.read()  # through the same buffer as the first line
+        stderr = process.stderr.read()
+        assert process.wait(timeout=60) == 130, stderr
+    receipts = [json.loads(line) for line in [first, *rest.splitlines()]]
+    assert [r["line"] for r in receipts] == list(range(1, len(receipts) + 1)), "every line up to the last told"
+    unknown = {r["idempotency_key"] for r in receipts if r["status"] == "unknown"}
+    enqueued = {r["idempotency_key"] for r in receipts if r["status"] == "queued"}
+    assert unknown, "the chunk in flight is unknown"
+    assert len(enqueued) + len(unknown) < 100_000, "interrupted before the end"
+    members = db.zrange(keys.queue_key("leadstage:queue", "default"), 0, -1)
+    assert isinstance(members, list)
+    in_queue = {member.decode().split(":", 1)[1] for member in members}
+    assert enqueued <= in_queue <= enqueued | unknown
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("leadstage: error: interrupted; lines "), stderr
+    assert "may or may not be enqueued" in lines[-1]
+
+
 def test_progress_shows_on_a_terminal_from_the_first_chunk(
     env: dict[str, str], db: redis.Redis, tmp_path: Path
 ) -> None:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import producers
 import worker.core
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,3 +140,19 @@ def test_the_packages_import_without_a_cycle() -> None:
 
     for name in sorted(graph):
         visit(name, ())
+
+
+@pytest.mark.system  # starts an interpreter of its own
+def test_the_producers_package_exports_its_all_and_loads_each_name_on_first_use() -> None:
+    assert producers.__all__ == sorted(producers.__all__)
+    assert set(producers.__all__) <= set(dir(producers))
+    for name in producers.__all__:
+        assert getattr(producers, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        producers.Nope  # noqa: B018 - the attribute access is what is tested
+    # In a fresh interpreter: importing the package loads none of its modules by itself.
+    probe = "import sys, producers; print(sorted(m for m in sys.modules if m.startswith('producers.')))"
+    loaded = subprocess.run(  # noqa: S603 - our own interpreter running a constant probe
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert loaded.stdout.strip() == "[]"

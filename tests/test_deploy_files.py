@@ -130,7 +130,7 @@ def test_worker_environment() -> None:
 def test_the_workers_compose_defaults_are_valid_settings() -> None:
     """With nothing set, the worker boots against the demo's fake over plain http, which
     LEADSTAGE_PLAIN_HTTP_HOSTS allows for that host only."""
-    defaults = {name: re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", value) for name, value in environment("worker").items()}
+    defaults = compose_defaults("worker")
     settings = Settings.from_env(defaults)
     assert settings.accounts["default"].base_url.startswith("http://fake-ivvy:")
     with pytest.raises(ConfigError, match="LEADSTAGE_PLAIN_HTTP_HOSTS"):
@@ -163,10 +163,55 @@ def test_webhook_service() -> None:
     assert "127.0.0.1:8080/readyz" in healthcheck_text("webhook")
 
 
-def test_producer_and_worker_agree_on_queue_and_streams() -> None:
+#: What the webhook and the worker must agree on: where the changes go, how long Redis may take
+#: and how many replicas confirm a write (the producers wait for them too), and the account list.
+SHARED = (
+    "REDIS_URL",
+    "LEADSTAGE_QUEUE",
+    "LEADSTAGE_RESULTS_STREAM",
+    "LEADSTAGE_DLQ_STREAM",
+    "LEADSTAGE_LEDGER_RETENTION",
+    "LEADSTAGE_REDIS_TIMEOUT",
+    "LEADSTAGE_REDIS_CONNECT_TIMEOUT",
+    "LEADSTAGE_REDIS_MIN_REPLICAS",
+    "LEADSTAGE_REDIS_REPLICA_TIMEOUT",
+    "LEADSTAGE_ACCOUNT_NAMES",
+)
+
+
+def compose_defaults(name: str) -> dict[str, str]:
+    """The service's environment with nothing set on the host: each ${VAR:-default} as its default."""
+    return {var: re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", value) for var, value in environment(name).items()}
+
+
+def test_producer_and_worker_agree_on_queue_streams_redis_and_accounts() -> None:
     worker, webhook = environment("worker"), environment("webhook")
-    for name in ("REDIS_URL", "LEADSTAGE_QUEUE", "LEADSTAGE_RESULTS_STREAM", "LEADSTAGE_DLQ_STREAM"):
-        assert worker.get(name) == webhook.get(name), name
+    for name in SHARED:
+        assert name in worker, f"the worker's environment does not pass {name} through"
+        assert worker[name] == webhook.get(name), name
+        if name != "REDIS_URL":
+            assert worker[name].startswith("${" + name), f"{name} comes from the environment"
+
+
+def test_the_webhook_knows_the_workers_accounts_without_their_credentials(tmp_path: Path) -> None:
+    """As deployed, the webhook refuses an account the worker has no credentials for, as the CLI
+    does, instead of accepting it for the worker to dead-letter (any account, without a list)."""
+    webhook = Settings.from_env(compose_defaults("webhook"))
+    worker = Settings.from_env(compose_defaults("worker"))
+    assert webhook.known_accounts, "the webhook has an account list"
+    assert webhook.known_accounts == worker.known_accounts == set(worker.accounts)
+    assert not webhook.accounts, "the producer gets no iVvy credentials"
+    assert not {"IVVY_API_KEY", "IVVY_API_SECRET"} & set(environment("webhook"))
+    # An accounts file given to the worker alone: the worker refuses to start until the shared
+    # account list names its accounts too.
+    accounts = tmp_path / "accounts.json"
+    accounts.write_bytes(
+        json.dumps({"acme": {"base_url": "https://ivvy.example", "api_key": "k", "api_secret": "s"}}).encode()
+    )
+    with pytest.raises(ConfigError, match=r"LEADSTAGE_ACCOUNT_NAMES \(default\) must name the accounts"):
+        Settings.from_env({**compose_defaults("worker"), "LEADSTAGE_ACCOUNTS_FILE": str(accounts)})
+    both = {"LEADSTAGE_ACCOUNTS_FILE": str(accounts), "LEADSTAGE_ACCOUNT_NAMES": "default acme"}
+    assert set(Settings.from_env({**compose_defaults("worker"), **both}).accounts) == {"default", "acme"}
 
 
 def test_fake_ivvy_only_under_the_demo_profile() -> None:

@@ -29,12 +29,20 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.status import status_token
 from producers.webhook_body import BODY_TIMEOUT_S
-from tests.raw_http import MARKER, assert_malformed_answered_as_problems, problem_of, raw, status_of
+from tests.raw_http import (
+    MALFORMED_REQUESTS,
+    MARKER,
+    assert_malformed_answered_as_problems,
+    problem_of,
+    raw,
+    status_of,
+)
 from tests.redis_servers import RedisServer
 from worker.core import keys
 from worker.core.processes import free_port, python_module, wait_for_port
@@ -223,6 +231,28 @@ async def test_bodies_that_do_not_decode_are_client_errors_without_tracebacks(
         assert response.content_type == "application/problem+json"
     await assert_enqueued(redis_client)
     await assert_still_serving(http)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        head(signed(b"{}"), ["Content-Encoding: gzip", "Content-Length: 15"]) + b"not gzip at all",
+        head(signed(b"{}"), ["Content-Encoding: deflate", "Content-Length: 42"]) + b"\x78\x9c" + b"\xff" * 40,
+        head(signed(b"{}"), ["Transfer-Encoding: chunked"]) + b"2\r\n{}\r\nzz\r\n",
+    ],
+    ids=["gzip", "deflate", "chunking"],
+)
+async def test_a_body_that_does_not_decode_is_answered_before_the_connection_is_closed_and_says_so(
+    webhook: WebhookProcess, request_bytes: bytes
+) -> None:
+    """The server cannot go on reading a connection whose body did not decode: its 400 says
+    ``Connection: close``, so a keep-alive client does not send its next request into a closed
+    connection (aiohttp's own client failed its next POST with "Can not write request body")."""
+    answer = await raw(webhook.port, request_bytes + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(answer) == 400, answer[:300]
+    first_head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    closing = b"\r\nconnection: close" in first_head or first_head.startswith(b"http/1.0")
+    assert closing or answer.count(b"HTTP/1.1 200") == 1, answer[:600]
 
 
 @pytest.mark.parametrize("coding", ["br", "zstd"])
@@ -418,7 +448,8 @@ async def test_wrong_content_types_are_415(
 
 async def test_long_values_are_not_echoed_whole(http: aiohttp.ClientSession, redis_client: aioredis.Redis) -> None:
     """A 7 KB content type (within the header limit) and a 50 KB account in the body, contradicted
-    by the unsigned account header: each problem names what is wrong with a short excerpt."""
+    by the unsigned account header: each problem names what is wrong with a short excerpt (the
+    signed account is checked first, then the unsigned header against it)."""
     long_type = "application/" + "x" * 7000
     body = orjson.dumps(HOT)
     async with http.post(CHANGES_PATH, data=body, headers=signed(body) | {"Content-Type": long_type}) as response:
@@ -429,7 +460,8 @@ async def test_long_values_are_not_echoed_whole(http: aiohttp.ClientSession, red
     async with http.post(CHANGES_PATH, data=body, headers=headers) as response:
         assert response.status == 400
         problem = await response.read()
-    assert b"X-Leadstage-Account" in problem
+    assert orjson.loads(problem)["errors"][0]["field"] == "account"
+    assert b"(50000 characters)" in problem
     assert len(problem) < 1000
     await assert_enqueued(redis_client)
 
@@ -623,13 +655,31 @@ async def test_a_hung_redis_is_503_from_the_console_within_the_redis_timeout(
 # -- what the HTTP parser refuses ----------------------------------------------------------------
 
 
-async def test_requests_the_parser_refuses_are_problems_without_echoes(
+async def requests_counted(http: aiohttp.ClientSession, status: int) -> float:
+    """leadstage_webhook_requests_total{status} as the served process's /metrics says."""
+    async with http.get("/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "leadstage_webhook_requests_total" and sample.labels == {"status": str(status)}:
+                return float(sample.value)
+    return 0.0
+
+
+async def test_requests_the_parser_refuses_are_problems_without_echoes_and_are_counted(
     webhook: WebhookProcess, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
+    before = await requests_counted(http, 400), await requests_counted(http, 415)
     await assert_malformed_answered_as_problems(webhook.port)
+    body = orjson.dumps(HOT)
+    brotli = head(signed(body), ["Content-Encoding: br", f"Content-Length: {len(body)}"]) + body
+    assert status_of(await raw(webhook.port, brotli)) == 415
     await assert_enqueued(redis_client)
     await assert_still_serving(http)
     assert MARKER not in webhook.log_path.read_text(errors="replace")
+    # No handler sees them, but the webhook's request counter does (whatever path they named).
+    after = await requests_counted(http, 400), await requests_counted(http, 415)
+    assert (after[0] - before[0], after[1] - before[1]) == (len(MALFORMED_REQUESTS), 1)
 
 
 # -- what is logged ------------------------------------------------------------------------------
@@ -682,3 +732,29 @@ async def test_names_with_control_bidi_or_only_invisible_characters_are_refused_
     assert b"\x1b" not in problem
     assert "\u202e".encode() not in problem
     await assert_enqueued(redis_client)
+
+
+async def test_the_webhook_as_compose_deploys_it_refuses_an_account_outside_the_account_list(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Without credentials, the account list comes from LEADSTAGE_ACCOUNT_NAMES (docker-compose.yml
+    shares it with the worker): another account is 400 here, as the CLI refuses it, instead of
+    being queued for the worker to dead-letter."""
+    variables = {"REDIS_URL": redis_url, "WEBHOOK_SECRET": SECRET, "LEADSTAGE_ACCOUNT_NAMES": "default acme"}
+    with served_webhook(variables, tmp_path / "webhook.log") as served:
+        # Spaces and tabs around the name are trimmed before the check, as the CLI trims --account.
+        for msg_id, account, status in (
+            ("o", "other", 400),
+            ("a", "acme", 202),
+            ("d", "default", 202),
+            ("t", " acme\t", 202),
+        ):
+            body = orjson.dumps({**HOT, "account": account})
+            answer, content_type, problem = await answer_of(
+                served.url + CHANGES_PATH, "POST", signed(body, msg_id=msg_id), body
+            )
+            assert answer == status, problem
+            if status == 400:
+                assert content_type == "application/problem+json"
+                assert orjson.loads(problem)["errors"][0]["field"] == "account"
+    assert await enqueued(redis_client) == ({"acme:a", "default:d", "acme:t"},) * 2

@@ -118,6 +118,24 @@ async def test_configured_accounts_refuse_others(redis_url: str, redis_client: a
     assert await redis_client.zcard(keys.queue_key("leadstage:queue", "eu")) == 1
 
 
+async def test_an_account_list_by_name_refuses_others_without_credentials(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """LEADSTAGE_ACCOUNT_NAMES: the account list of a producer host without iVvy credentials (one
+    rule with the webhook's and the CLI's: a change for another account is refused, not queued
+    for the worker to dead-letter); spaces around the name are trimmed before the check."""
+    settings = Settings.from_env({"REDIS_URL": redis_url, "LEADSTAGE_ACCOUNT_NAMES": "eu"})
+    producer = LeadStageProducer(settings, redis=redis_client)
+    assert (await producer.enqueue(HOT, account=" eu\t")).account == "eu"
+    for bad in ("default", "us"):
+        with pytest.raises(UnknownAccount):
+            await producer.enqueue(HOT, account=bad)
+    with pytest.raises(InvalidBatch):
+        await producer.enqueue_many([HOT, ChangeItem(HOT, account="us")])
+    assert await redis_client.zcard(keys.queue_key("leadstage:queue", "eu")) == 1
+    assert await redis_client.zcard(keys.queue_key("leadstage:queue", "us")) == 0
+
+
 class CountingConnection(aioredis.Connection):
     """A real connection that counts how often it writes to the socket: one write per round trip."""
 

@@ -48,6 +48,7 @@ GOOD = [
     ("LEADSTAGE_TEST_CLOCK_OFFSET", "-2.5", "clock_offset_s", -2.5),
     ("WEBHOOK_SECRET", "whsec_abc", "webhook_secret", Secret("whsec_abc")),
     ("LEADSTAGE_PLAIN_HTTP_HOSTS", "fake-ivvy, Other", "plain_http_hosts", frozenset({"fake-ivvy", "other"})),
+    ("LEADSTAGE_ACCOUNT_NAMES", "acme, eu  default", "account_names", frozenset({"acme", "eu", "default"})),
     ("LEADSTAGE_WEBHOOK_MAX_BODY", "1024", "webhook_max_body_bytes", 1024),
     ("LEADSTAGE_METRICS_PORT", "0", "metrics_port", 0),
     ("LEADSTAGE_METRICS_PORT", "65535", "metrics_port", 65535),
@@ -98,10 +99,41 @@ BAD = [
         r"LEADSTAGE_LEDGER_RETENTION \(3600s\) must be longer than LEADSTAGE_MAX_AGE",
     ),
     ("LEADSTAGE_LEASE", "0.02", r"LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY"),
+    (
+        "LEADSTAGE_ACCOUNT_NAMES",
+        "acme e\u00fc",
+        r"LEADSTAGE_ACCOUNT_NAMES, account 'e\u00fc': the name must be letters",
+    ),
     ("LEADSTAGE_CONSOLE_TOKEN", "hunter2", r"LEADSTAGE_CONSOLE_TOKEN must be at least 16 printable ASCII characters"),
     ("LEADSTAGE_CONSOLE_READ_TOKEN", "hunter2 hunter2 hunter2", r"LEADSTAGE_CONSOLE_READ_TOKEN must be at least 16"),
     ("LEADSTAGE_CONSOLE_TLS_PROXY", "maybe", r"LEADSTAGE_CONSOLE_TLS_PROXY must be 1/true/yes/on or 0/false/no/off"),
 ]
+
+
+def test_a_replica_wait_as_long_as_the_redis_timeout_is_refused() -> None:
+    """The WAIT for replicas runs under the Redis timeout: as long a bound would be cut short,
+    and every write reported unconfirmed."""
+    replicas = {"LEADSTAGE_REDIS_MIN_REPLICAS": "1", "LEADSTAGE_REDIS_TIMEOUT": "2"}
+    for wait in ("2", "3"):
+        with pytest.raises(
+            ConfigError,
+            match=r"LEADSTAGE_REDIS_REPLICA_TIMEOUT \(\d+s\) must be shorter than LEADSTAGE_REDIS_TIMEOUT \(2s\)",
+        ):
+            Settings.from_env({**replicas, "LEADSTAGE_REDIS_REPLICA_TIMEOUT": wait})
+    assert Settings.from_env({**replicas, "LEADSTAGE_REDIS_REPLICA_TIMEOUT": "1.5"}).redis_replica_timeout_s == 1.5
+    # Without replicas to wait for there is no WAIT: a short Redis timeout alone is fine.
+    assert Settings.from_env({"LEADSTAGE_REDIS_TIMEOUT": "0.5"}).redis_timeout_s == 0.5
+
+
+def test_the_account_names_must_be_the_accounts_with_credentials(tmp_path: Path) -> None:
+    ivvy = {"IVVY_BASE_URL": "https://ivvy.example", "IVVY_API_KEY": "k", "IVVY_API_SECRET": "s"}
+    assert Settings.from_env({**ivvy, "LEADSTAGE_ACCOUNT_NAMES": "default"}).known_accounts == {"default"}
+    for names in ("default acme", "acme"):
+        with pytest.raises(ConfigError, match=r"LEADSTAGE_ACCOUNT_NAMES \(.*\) must name the accounts .*\(default\)"):
+            Settings.from_env({**ivvy, "LEADSTAGE_ACCOUNT_NAMES": names})
+    # Without credentials (a producer host) the names are the account list.
+    assert Settings.from_env({"LEADSTAGE_ACCOUNT_NAMES": "acme eu"}).known_accounts == {"acme", "eu"}
+    assert Settings.from_env({}).known_accounts == frozenset()
 
 
 def test_the_defaults_without_any_variable() -> None:

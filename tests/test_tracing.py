@@ -341,6 +341,30 @@ def test_an_unknown_exporter_is_refused_by_name() -> None:
     assert "OTEL_TRACES_EXPORTER names no installed exporter: 'nonesuch'" in result.stderr
 
 
+@pytest.mark.system  # a fresh interpreter: logging configured before tracing
+def test_log_lines_carry_the_trace_ids_when_logging_is_configured_before_anything_traced() -> None:
+    script = """
+from opentelemetry import trace
+from worker.core.logs import configure_logging, get_logger
+from worker.core.settings import Settings
+configure_logging(Settings(log_format="json"))
+with trace.get_tracer("test").start_as_current_span("work"):
+    get_logger("t").info("inside")
+"""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    result = subprocess.run(  # noqa: S603 - this interpreter with a fixed script
+        [sys.executable, "-c", script],
+        env={**base, "OTEL_TRACES_EXPORTER": "console"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (line,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert re.fullmatch("[0-9a-f]{32}", line["trace_id"]), line
+    assert line["trace_id"] in result.stdout.replace('"0x', '"')  # the span the console printed
+
+
 @pytest.mark.system  # a fresh interpreter: what tracing off imports
 def test_tracing_off_imports_nothing_and_changes_nothing() -> None:
     script = """

@@ -198,7 +198,8 @@ async def test_an_unknown_account_is_refused_when_accounts_are_configured(
         assert problem["errors"] == [
             {
                 "field": "account",
-                "reason": "is not configured (see LEADSTAGE_ACCOUNTS_FILE, LEADSTAGE_WEBHOOK_SECRETS_FILE)",
+                "reason": "is not configured (see LEADSTAGE_ACCOUNT_NAMES, LEADSTAGE_ACCOUNTS_FILE, "
+                "LEADSTAGE_WEBHOOK_SECRETS_FILE)",
             }
         ]
         assert (await post(client, HOT))[0] == 202

@@ -9,6 +9,7 @@ summary to stderr, a progress line to a terminal's stderr.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from worker.cli.common import EXIT_OK, EXIT_USAGE, emit, error_line, note
+from worker.cli.common import EXIT_OK, EXIT_USAGE, emit, error_line, note, write_out
 from worker.core.change import repeated_key, shown
 from worker.core.errors import InvalidChange, Refused
 
@@ -93,9 +94,11 @@ class _Progress:
         sys.stderr.flush()
 
     def done(self) -> None:
+        """The last progress line, ended; once (a later call writes nothing)."""
         if self.enabled and self._shown_at:
             self.update(force=True)
             sys.stderr.write("\n")
+            self._shown_at = 0.0
 
 
 class _Spool:
@@ -143,7 +146,12 @@ async def enqueue_file(args: argparse.Namespace, settings: Settings) -> int:
     spool = _Spool()
     try:
         async with LeadStageProducer(settings, producer="cli", metrics=False) as producer:
-            problems, first_bad = await _check_file(producer, file, args, progress, spool)
+            try:
+                problems, first_bad = await _check_file(producer, file, args, progress, spool)
+            except asyncio.CancelledError:  # SIGINT: asyncio.run cancels the command, then exits 130
+                progress.done()
+                error_line("interrupted while checking the file; nothing enqueued")
+                raise
             if problems and not args.skip_invalid:
                 progress.done()
                 bad = ", ".join(map(str, first_bad)) + (", ..." if problems > len(first_bad) else "")
@@ -258,8 +266,7 @@ async def _write_spool(
             out.append(orjson.dumps({**receipt.as_dict(), "line": line}))
             if receipt.expected_wait_s > settings.max_age_s:
                 past_max_age[receipt.account] = receipt
-        sys.stdout.buffer.write(b"\n".join(out) + b"\n")  # one write per chunk, not per line
-        sys.stdout.flush()
+        write_out(b"\n".join(out) + b"\n")  # one write per chunk, not per line
         progress.enqueued += len(receipts)
         progress.update()
 
@@ -272,17 +279,23 @@ async def _write_spool(
                     emit_receipts(*written)  # the chunk before, while Redis writes this one
                     written = None
                 written = (await write.receive(), lines)
-            except (EnqueueOutcomeUnknown, RedisNotReplicated) as exc:
+            except (EnqueueOutcomeUnknown, RedisNotReplicated, asyncio.CancelledError) as exc:
+                # What was written is told before the error: the chunk before (written), this one (unknown).
                 if written is not None:
                     emit_receipts(*written)
                 for (account, key), line in zip(chunk.envelopes(), lines, strict=True):
                     emit(
                         {"job_id": keys.job_id(account, key), "idempotency_key": key, "status": "unknown", "line": line}
                     )
-                raise Interrupted(
-                    f"{exc}; lines {lines[0]}..{lines[-1]} may or may not be enqueued (the receipts with status "
-                    f"unknown), the lines before them were enqueued, the lines after them were not"
-                ) from None
+                where = (
+                    f"lines {lines[0]}..{lines[-1]} may or may not be enqueued (the receipts with status unknown), "
+                    "the lines before them were enqueued, the lines after them were not"
+                )
+                if isinstance(exc, asyncio.CancelledError):  # SIGINT: asyncio.run cancels the command, then exits 130
+                    progress.done()
+                    error_line(f"interrupted; {where}")
+                    raise
+                raise Interrupted(f"{exc}; {where}") from None
     if written is not None:
         emit_receipts(*written)
     if warning := backlog_warning(list(past_max_age.values()), settings):

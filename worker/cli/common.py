@@ -34,6 +34,7 @@ __all__ = [
     "note",
     "with_redis",
     "with_single_redis",
+    "write_out",
 ]
 
 EXIT_OK = 0
@@ -46,19 +47,27 @@ _T = TypeVar("_T")
 _Client = TypeVar("_Client", bound="RedisClient")
 
 
+def write_out(data: bytes) -> None:
+    """Every byte of ``data`` on stdout, flushed (``results --follow`` is read as it is written).
+
+    With PYTHONUNBUFFERED=1 (the image sets it) stdout's binary layer is the raw file, whose write
+    may take only part of a large block: a signal while a pipe is full ends the system call early.
+    """
+    out = sys.stdout.buffer
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) or 0 :]
+    out.flush()
+
+
 def emit(obj: object) -> None:
-    """One JSON line on stdout, flushed (``results --follow`` is read as it is written)."""
-    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
-    sys.stdout.flush()
+    """One JSON line on stdout."""
+    write_out(orjson.dumps(obj) + b"\n")
 
 
 def emit_object(obj: object) -> None:
     """One JSON object: indented for a person at a terminal, one line for a program."""
-    if sys.stdout.isatty():
-        sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
-        sys.stdout.flush()
-    else:
-        emit(obj)
+    write_out(orjson.dumps(obj, option=orjson.OPT_INDENT_2 if sys.stdout.isatty() else 0) + b"\n")
 
 
 def note(text: str) -> None:

@@ -245,6 +245,7 @@ def configure_logging(settings: Settings, *, stream: TextIO | None = None, level
     previous configuration.
     """
     out = sys.stderr if stream is None else stream
+    tracing.setup()  # before its log processors are asked for (a program may configure logging first)
     if level is None:
         level = settings.log_level or "info"
     numeric_level = LOG_LEVELS[level] if isinstance(level, str) else level

@@ -108,7 +108,8 @@ ENQUEUED_PAST_MAX_AGE = Counter(
     ["account"],
 )
 
-#: status: the HTTP status code answered, as text ("202", "400"...).
+#: status: the HTTP status code answered, as text ("202", "400"...): the changes endpoint's
+#: requests, and every request the HTTP parser refused before any route (it may name none).
 WEBHOOK_REQUESTS = Counter("leadstage_webhook_requests_total", "HTTP producer requests by status code", ["status"])
 
 

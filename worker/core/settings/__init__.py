@@ -77,6 +77,7 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "clock_offset_s": ("LEADSTAGE_TEST_CLOCK_OFFSET", "number"),
     "webhook_secret": ("WEBHOOK_SECRET", "webhook_secret"),
     "plain_http_hosts": ("LEADSTAGE_PLAIN_HTTP_HOSTS", "host_list"),
+    "account_names": ("LEADSTAGE_ACCOUNT_NAMES", "account_list"),
     "webhook_max_body_bytes": ("LEADSTAGE_WEBHOOK_MAX_BODY", "positive_int"),
     "metrics_port": ("LEADSTAGE_METRICS_PORT", "port"),
     "log_format": ("LEADSTAGE_LOG_FORMAT", "log_format"),
@@ -135,6 +136,9 @@ class Settings:
     webhook_account_secrets: Mapping[str, Secret] = field(default_factory=dict)
     #: LEADSTAGE_PLAIN_HTTP_HOSTS: hosts besides loopback whose iVvy base URL may be http://.
     plain_http_hosts: frozenset[str] = frozenset()
+    #: LEADSTAGE_ACCOUNT_NAMES: the account list of a producer that has no credentials (the
+    #: webhook); where credentials are configured too, it must name exactly their accounts.
+    account_names: frozenset[str] = frozenset()
     webhook_max_body_bytes: int = 1_048_576
     metrics_port: int = 9464
     log_format: LogFormat = "auto"
@@ -160,7 +164,8 @@ class Settings:
             name: getattr(reader, kind)(variable, getattr(cls, name)) for name, (variable, kind) in ENVIRONMENT.items()
         }
         accounts = load_accounts(env, values["rate_limit"], values["plain_http_hosts"])
-        settings = cls(accounts=accounts, webhook_account_secrets=load_webhook_secrets(env, accounts), **values)
+        secrets = load_webhook_secrets(env, frozenset(accounts) | values["account_names"])
+        settings = cls(accounts=accounts, webhook_account_secrets=secrets, **values)
         settings.check_consistency()
         return settings
 
@@ -216,8 +221,29 @@ class Settings:
             )
         if self.lease_s <= self.poll_delay_s * 3:
             raise ConfigError("LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY")
+        if self.redis_min_replicas and self.redis_replica_timeout_s >= self.redis_timeout_s:
+            # The WAIT for the replicas is a Redis command like any other: a socket timeout no
+            # longer than its bound would cut it short and report every write unconfirmed.
+            raise ConfigError(
+                f"LEADSTAGE_REDIS_REPLICA_TIMEOUT ({self.redis_replica_timeout_s:g}s) must be shorter than "
+                f"LEADSTAGE_REDIS_TIMEOUT ({self.redis_timeout_s:g}s) when LEADSTAGE_REDIS_MIN_REPLICAS is set"
+            )
+        if self.accounts and self.account_names and self.account_names != set(self.accounts):
+            # Producers refuse changes outside the list and the worker dead-letters changes for an
+            # account it has no credentials for: both must know the same accounts.
+            raise ConfigError(
+                f"LEADSTAGE_ACCOUNT_NAMES ({', '.join(sorted(self.account_names))}) must name the accounts "
+                f"configured with IVVY_BASE_URL or LEADSTAGE_ACCOUNTS_FILE ({', '.join(sorted(self.accounts))})"
+            )
         if self.console_read_token is not None and self.console_read_token == self.console_token:
             raise ConfigError("LEADSTAGE_CONSOLE_READ_TOKEN must differ from LEADSTAGE_CONSOLE_TOKEN")
+
+    @property
+    def known_accounts(self) -> frozenset[str]:
+        """The account list every producer checks a change's account against (empty: there is
+        none, and any well-formed name is accepted): the accounts with credentials, those of
+        LEADSTAGE_ACCOUNT_NAMES and those with their own webhook secrets."""
+        return frozenset(self.accounts) | self.account_names | frozenset(self.webhook_account_secrets)
 
     def account(self, name: str) -> Account | None:
         return self.accounts.get(name)

@@ -9,9 +9,9 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.core.errors import ConfigError, InvalidChange
-from worker.core.settings.variables import Secret, check_webhook_secrets
+from worker.core.change import DEFAULT_ACCOUNT
+from worker.core.errors import ConfigError
+from worker.core.settings.variables import Secret, check_account_name, check_webhook_secrets
 
 #: The fake iVvy's credentials when IVVY_API_KEY / IVVY_API_SECRET are unset (demo and tests only).
 DEMO_API_KEY = "demo-key"
@@ -83,15 +83,9 @@ def _read_json_file(origin: str, path: Path) -> object:
         raise ConfigError(f"{origin} is not valid JSON: {exc}") from None
 
 
-def _check_account_name(where: str, name: str) -> None:
-    try:
-        parse_envelope(account=name)
-    except InvalidChange:
-        raise ConfigError(f"{where}: the name must be letters, digits, '_', '.', '-'") from None
-
-
-def load_webhook_secrets(env: Mapping[str, str], accounts: Mapping[str, Account]) -> dict[str, Secret]:
-    """LEADSTAGE_WEBHOOK_SECRETS_FILE: a JSON object, account name -> a secret or a list of secrets."""
+def load_webhook_secrets(env: Mapping[str, str], accounts: frozenset[str]) -> dict[str, Secret]:
+    """LEADSTAGE_WEBHOOK_SECRETS_FILE: a JSON object, account name -> a secret or a list of secrets,
+    each of ``accounts`` (the account list; empty: none)."""
     path = env.get("LEADSTAGE_WEBHOOK_SECRETS_FILE", "").strip()
     if not path:
         return {}
@@ -102,9 +96,11 @@ def load_webhook_secrets(env: Mapping[str, str], accounts: Mapping[str, Account]
     secrets: dict[str, Secret] = {}
     for name, entry in data.items():
         where = f"{origin}, account {name!r}"
-        _check_account_name(where, name)
+        check_account_name(where, name)
         if accounts and name not in accounts:
-            raise ConfigError(f"{where} is not a configured account (IVVY_BASE_URL, LEADSTAGE_ACCOUNTS_FILE)")
+            raise ConfigError(
+                f"{where} is not a configured account (IVVY_BASE_URL, LEADSTAGE_ACCOUNTS_FILE, LEADSTAGE_ACCOUNT_NAMES)"
+            )
         values = entry if isinstance(entry, list) else [entry]
         if not values or not all(isinstance(value, str) for value in values):
             raise ConfigError(f"{where} must be a whsec_ secret or a non-empty list of them")
@@ -121,7 +117,7 @@ def _read_accounts_file(path: Path, default_rate: float, plain_http_hosts: froze
     accounts: dict[str, Account] = {}
     for name, entry in data.items():
         where = f"{origin}, account {name!r}"
-        _check_account_name(where, name)
+        check_account_name(where, name)
         if not isinstance(entry, dict):
             raise ConfigError(f"{where} must be an object with base_url, api_key, api_secret")
         unknown = set(entry) - {"base_url", "api_key", "api_secret", "rate_limit"}

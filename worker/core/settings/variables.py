@@ -9,7 +9,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Literal, TypeVar
 
-from worker.core.errors import ConfigError
+from worker.core.change import parse_envelope
+from worker.core.errors import ConfigError, InvalidChange
 from worker.core.redis_connection import parse_redis_url
 
 _Choice = TypeVar("_Choice", bound=str)
@@ -160,6 +161,23 @@ class EnvReader:
     def host_list(self, name: str, default: frozenset[str]) -> frozenset[str]:
         raw = self._raw(name)
         return default if raw is None else frozenset(host.lower() for host in split_list(raw))
+
+    def account_list(self, name: str, default: frozenset[str]) -> frozenset[str]:
+        """Account names (not their credentials), separated by spaces or commas."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        for account in split_list(raw):
+            check_account_name(f"{name}, account {account!r}", account)
+        return frozenset(split_list(raw))
+
+
+def check_account_name(where: str, name: str) -> None:
+    """``ConfigError`` at ``where`` unless ``name`` is an account name a change may carry."""
+    try:
+        parse_envelope(account=name)
+    except InvalidChange:
+        raise ConfigError(f"{where}: the name must be letters, digits, '_', '.', '-'") from None
 
 
 def split_list(raw: str) -> list[str]:
