@@ -104,6 +104,23 @@ async def test_at_or_below_the_threshold_each_update_is_a_single_call(
     assert {events[0]["sent_as"] for events in terminal.values()} == {"alone"}
 
 
+async def test_many_due_updates_of_few_stages_are_coalesced_not_batched(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """More due jobs than the threshold, but only one stage: a batch takes one update per stage."""
+    stage = fake.add_stage("Busy", apply_to=1)
+    changes: list[tuple[str, dict[str, object]]] = [
+        (f"c{i}", {"id": stage.id, "colour": f"#0000{i:02x}"} if i % 2 else {"id": stage.id, "name": f"N{i}"})
+        for i in range(12)
+    ]
+    await enqueue(redis_client, settings, changes)
+    async with running_worker(settings):
+        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes])
+    assert calls(fake, "batch", "run") == 0
+    assert {events[0]["sent_as"] for events in terminal.values()} <= {"coalesced", "alone", ""}
+    assert (stage.name, stage.colour) == ("N10", "#00000b")
+
+
 async def test_batch_mode_off_sends_no_batch(settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy) -> None:
     changes = one_per_stage(fake, 12)
     await enqueue(redis_client, settings, changes)

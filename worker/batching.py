@@ -51,6 +51,11 @@ log = get_logger("leadstage.batch")
 #: The shortest and longest pause between two polls of a batch (``BatchCalls.wait_for_results``).
 POLL_MIN_S = 0.2
 POLL_MAX_S = 5.0
+#: After a claim found too few updates for a batch, this worker's turns on that account do not
+#: ask again for this long (a claim reads up to four times LEADSTAGE_BATCH_MAX ledger entries).
+QUIET_S = 1.0
+#: (worker id, account) -> until when (this host's monotonic clock) no batch is asked for.
+_quiet_until: dict[tuple[str, str], float] = {}
 
 
 async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int:
@@ -59,8 +64,12 @@ async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int
     if client is None or worker.max_jobs - worker.job_counter < 1:
         return 0  # an unknown account's changes fail one by one, as single calls
     claimed_at = time.monotonic()
+    if _quiet_until.get((runtime.worker_id, account), 0.0) > claimed_at:
+        return 0
     claim = await claim_batch(runtime.ledger, account, runtime.worker_id, runtime.settings.rate_limit_for(account))
     if not claim.starts:
+        if claim.refused == "below":
+            _quiet_until[(runtime.worker_id, account)] = claimed_at + QUIET_S
         return 0
     await worker.sem.acquire()  # never waits: a free slot was checked above, in this same task
     worker.job_counter += 1

@@ -28,7 +28,8 @@ class BatchClaim:
     starts: list[Start]
     #: How many updates could have been sent now (one per stage), claimed or not.
     candidates: int
-    #: Why nothing was claimed: '' (claimed), 'below' (not more than the threshold), 'rate' (no slot).
+    #: Why nothing was claimed: '' (claimed), 'few' (not more due jobs than the threshold: none was
+    #: read), 'below' (not more sendable updates than the threshold), 'rate' (no free slot).
     refused: str
     rate_wait_ms: int
 

@@ -14,9 +14,10 @@
 --         lock ttl (ms), 7 in-flight guard (ms), 8 worker id, 9 the account's ledger key prefix,
 --         10 ledger retention (ms), 11 threshold, 12 the most changes, 13 how many due jobs to read,
 --         14 rate window (µs), 15 the batch's wait (ms)
---   Reply: {status ('ok' | 'below' | 'rate'), candidates found, rate wait (ms),
---           {{job id, run, attempt, dropped csv, source, enqueued at (ms), generation, change,
---             traceparent}, ...}}
+--   Reply: {status, candidates found, rate wait (ms), {{job id, run, attempt, dropped csv, source,
+--           enqueued at (ms), generation, change, traceparent}, ...}}; status: 'ok', 'few' (not more
+--           due jobs than the threshold: none read), 'below' (not more sendable updates than the
+--           threshold), 'rate' (no free slot)
 -- 'sent': the batch's run was answered with its asyncId: the recovery point names it, and the wait
 --   for its results starts now. Only a change's current run is written (fencing).
 --   KEYS: each change's ledger hash;  ARGV: 1 'sent', 2 asyncId, 3 the batch's wait (ms),
@@ -68,9 +69,12 @@ local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumbe
 local ledger_prefix, retention_ms, threshold, most = ARGV[9], ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
 local scan, window_us, wait_ms = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
 
+-- Too few due jobs of any kind: nothing to read.
+if redis.call('ZCOUNT', queue, '-inf', now) <= threshold then return {'few', 0, 0, {}} end
 local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', 0, scan)
 local candidates, stages = {}, {}
 for _, job in ipairs(due) do
+  if #candidates >= most then break end
   local ledger = ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
   local l = redis.call('HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
     'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace')
