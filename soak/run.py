@@ -109,6 +109,7 @@ class Soak:
             request_timeout_s=o.request_timeout_s,
             job_timeout_s=60.0,
             concurrency=o.concurrency,
+            batch_mode="auto" if o.batch_mode == "auto" else "off",
             shutdown_grace_s=5.0,
             metrics_port=0,
             log_format="json",
