@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ loads them
     from producers.library import ChangeItem, InvalidBatch, LeadStageProducer, Receipt
     from producers.outcomes import DeadLetterConsumer, ResultsConsumer
-    from producers.waits import UnknownChange, WaitTimeout
+    from worker.core.errors import UnknownChange, WaitTimeout
     from worker.core.results import DeadLetter, ResultEvent
 
 #: Each public name and the module that defines it.
@@ -28,8 +28,8 @@ _ORIGINS: Final = {
     "Receipt": "producers.library",
     "ResultEvent": "worker.core.results",
     "ResultsConsumer": "producers.outcomes",
-    "UnknownChange": "producers.waits",
-    "WaitTimeout": "producers.waits",
+    "UnknownChange": "worker.core.errors",
+    "WaitTimeout": "worker.core.errors",
 }
 
 __all__ = [

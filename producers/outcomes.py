@@ -32,12 +32,10 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Generic, Literal, TypeVar
 
-import redis.exceptions
-
 from producers.clients import RedisUser
-from producers.waits import BLOCK_S, InvalidOption, blocking_read_s, decoded, outcomes_log, stream_refused
+from producers.waits import BLOCK_S, blocking_read_s, decoded, outcomes_log
 from worker.core import readers
-from worker.core.errors import redis_errors
+from worker.core.errors import InvalidOption, StreamRefused, stream_errors
 from worker.core.redis_connection import RedisClient, connect_redis_or_cluster_of
 from worker.core.results import DeadLetter, ResultEvent
 from worker.core.settings import Settings
@@ -115,7 +113,7 @@ class _GroupConsumer(RedisUser[RedisClient], Generic[E]):
         ids = [e if isinstance(e, str) else e.id for e in events]
         if not ids:
             return 0
-        with redis_errors():
+        with stream_errors(self.stream):
             return int(await self.redis.xack(self.stream, self.group, *ids))
 
     def __aiter__(self) -> AsyncIterator[E]:
@@ -146,20 +144,15 @@ class _GroupConsumer(RedisUser[RedisClient], Generic[E]):
 
     async def _ensure_group(self) -> None:
         try:
-            with redis_errors():
-                try:
-                    await self.redis.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
-                except redis.exceptions.ResponseError as exc:
-                    # An existing group keeps its position. (Checked before redis_errors, which
-                    # would take BUSYGROUP for BUSY, a refusal.)
-                    if not str(exc).startswith("BUSYGROUP"):
-                        raise
-        except redis.exceptions.ResponseError as exc:
-            raise stream_refused(exc, self.stream) from None
+            with stream_errors(self.stream):
+                await self.redis.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
+        except StreamRefused as exc:
+            if exc.reply != "BUSYGROUP":  # an existing group keeps its position
+                raise
 
     async def _read(self, cursor: str, *, block: bool) -> list[E]:
         try:
-            with redis_errors():
+            with stream_errors(self.stream):
                 answer = await self.redis.xreadgroup(
                     self.group,
                     self.consumer,
@@ -167,11 +160,13 @@ class _GroupConsumer(RedisUser[RedisClient], Generic[E]):
                     count=self.batch,
                     block=self.block_ms if block else None,
                 )
-        except redis.exceptions.ResponseError as exc:
-            if "NOGROUP" in str(exc):  # the group was destroyed under us: create it again, go on
-                await self._ensure_group()
-                return []
-            raise stream_refused(exc, self.stream) from None
+        except StreamRefused as exc:
+            if exc.reply != "NOGROUP":
+                raise
+            # The group was destroyed under us: create it again (at its start) and read on, so an
+            # iteration that does not follow still gets what the new group holds.
+            await self._ensure_group()
+            return await self._read(cursor, block=block)
         raw: list[tuple[bytes, Mapping[bytes, bytes] | None]] = [entry for _, entries in answer for entry in entries]
         return await self._parsed(raw)
 
@@ -179,13 +174,10 @@ class _GroupConsumer(RedisUser[RedisClient], Generic[E]):
         """Entries other consumers left unacked for ``claim_idle_s``, now ours (XAUTOCLAIM)."""
         cursor = "0-0"
         while True:
-            try:
-                with redis_errors():
-                    answer = await self.redis.xautoclaim(
-                        self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=cursor, count=self.batch
-                    )
-            except redis.exceptions.ResponseError as exc:
-                raise stream_refused(exc, self.stream) from None
+            with stream_errors(self.stream):
+                answer = await self.redis.xautoclaim(
+                    self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=cursor, count=self.batch
+                )
             cursor = answer[0].decode()
             deleted: Sequence[bytes] = answer[2] if len(answer) > 2 else []
             if deleted:

@@ -31,7 +31,6 @@ from typing import Final
 
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
 from aiohttp import web
 
 from producers.openapi import STATUS_PATH
@@ -124,7 +123,7 @@ async def _get_change(request: web.Request) -> web.Response:
         raise invalid("invalid idempotency key", [named(error, "idempotency_key") for error in exc.errors]) from None
     try:
         status, event = await standing(state.redis, state.settings, account, key)
-    except (RedisUnavailable, redis.exceptions.RedisError):
+    except RedisUnavailable:
         raise unavailable("Redis is unavailable; retry later") from None
     except ConfigError as exc:
         raise misconfigured(exc) from None

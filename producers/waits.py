@@ -20,11 +20,21 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from worker.core import keys, readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
-from worker.core.errors import ConfigError, InvalidEvent, LeadstageError, PermanentError, RetryableError, redis_errors
+from worker.core.errors import (
+    InvalidEvent,
+    InvalidOption,
+    LeadstageError,
+    OutcomeUnavailable,
+    RetryableError,
+    StreamRefused,
+    UnknownChange,
+    WaitTimeout,
+    redis_errors,
+    stream_errors,
+)
 from worker.core.ledger import Receipt
 from worker.core.redis_connection import RedisClient
 from worker.core.results import ResultEvent
@@ -36,17 +46,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCK_S",
-    "InvalidOption",
-    "OutcomeUnavailable",
     "SharedReader",
-    "UnknownChange",
-    "WaitTimeout",
     "Waits",
     "blocking_read_s",
     "decoded",
     "outcomes_log",
     "standing",
-    "stream_refused",
 ]
 
 
@@ -71,64 +76,6 @@ def blocking_read_s(settings: Settings, wanted: float = BLOCK_S) -> float:
     return min(wanted, settings.redis_timeout_s / 2)
 
 
-class InvalidOption(PermanentError):
-    """An argument of ``wait`` or of a consumer is unusable; the message names it."""
-
-    error_code = "invalid_option"
-
-
-class UnknownChange(PermanentError):
-    """The ledger does not know the change: never enqueued, or finished before the retention."""
-
-    error_code = "unknown_change"
-
-    def __init__(self, account: str, idempotency_key: str) -> None:
-        self.account, self.idempotency_key = account, idempotency_key
-        super().__init__(
-            f"no change with idempotency key {idempotency_key!r} for account {account!r} "
-            "(never enqueued, or finished longer ago than the ledger retention)"
-        )
-
-
-def _where(status: Mapping[str, object]) -> str:
-    text = f"it is {status['state']} after {status['attempts']} attempt(s)"
-    if status.get("next_attempt_at"):
-        text += f", next attempt at {status['next_attempt_at']}"
-    history = status.get("history")
-    if isinstance(history, list) and history and isinstance(history[-1], Mapping):
-        last = history[-1]
-        if last.get("error_code"):
-            text += f", last error {last['error_code']}: {last.get('error_message', '')}"
-    return text
-
-
-class WaitTimeout(RetryableError):
-    """No terminal event within the timeout; ``status`` is where the change stands (the ledger's)."""
-
-    error_code = "wait_timeout"
-
-    def __init__(self, status: Mapping[str, object], timeout: float) -> None:
-        self.status = dict(status)
-        self.timeout = timeout
-        super().__init__(
-            f"change {status['idempotency_key']!r} of account {status['account']!r} has no terminal event "
-            f"after {timeout:g} s: {_where(status)}"
-        )
-
-
-class OutcomeUnavailable(LeadstageError):
-    """The change ended (``status`` says how) but its event is no longer in the results stream."""
-
-    error_code = "outcome_unavailable"
-
-    def __init__(self, status: Mapping[str, object]) -> None:
-        self.status = dict(status)
-        super().__init__(
-            f"change {status['idempotency_key']!r} of account {status['account']!r} is {status['state']}, "
-            "but its event has been trimmed from the results stream (LEADSTAGE_RESULTS_MAXLEN)"
-        )
-
-
 async def standing(
     client: RedisClient, settings: Settings, account: str, idempotency_key: str
 ) -> tuple[dict[str, object] | None, ResultEvent | None]:
@@ -143,6 +90,7 @@ async def standing(
             return status, None
         with redis_errors():
             event_id = await client.hget(keys.ledger_key(keys.job_id(account, idempotency_key)), "event_id")  # type: ignore[misc]  # redis-py's async stubs
+        with stream_errors(settings.results_stream):
             entries = await client.xrange(settings.results_stream, min=event_id, max=event_id) if event_id else []
         if not entries:
             break  # trimmed from the stream (or finished before event ids were recorded)
@@ -155,11 +103,6 @@ async def standing(
 
 def decoded(fields: Mapping[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in fields.items()}
-
-
-def stream_refused(exc: redis.exceptions.ResponseError, stream: str) -> ConfigError:
-    """Redis refused a stream command: the key is not a stream, or the server is too old."""
-    return ConfigError(f"Redis refused to read {stream!r} as a stream: {exc}")
 
 
 Delivery = ResultEvent | LeadstageError
@@ -213,18 +156,15 @@ class SharedReader:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _last_id(self) -> str:
-        try:
-            with redis_errors():
-                last = await self.client.xrevrange(self.stream, count=1)
-        except redis.exceptions.ResponseError as exc:
-            raise stream_refused(exc, self.stream) from None
+        with stream_errors(self.stream):
+            last = await self.client.xrevrange(self.stream, count=1)
         return last[0][0].decode() if last else "0-0"
 
     async def _run(self, position: str) -> None:
         pause = RETRY_FIRST_S
         while True:
             try:
-                with redis_errors():
+                with stream_errors(self.stream):
                     answer = await self.client.xread({self.stream: position}, count=readers.PAGE, block=self.block_ms)
             except RetryableError as exc:
                 # Waits keep their deadlines; the reader resumes from its position, losing nothing.
@@ -232,8 +172,8 @@ class SharedReader:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RETRY_MAX_S)
                 continue
-            except redis.exceptions.ResponseError as exc:
-                self._fail_all(stream_refused(exc, self.stream))
+            except StreamRefused as exc:
+                self._fail_all(exc)
                 return
             pause = RETRY_FIRST_S
             for _, entries in answer:

@@ -13,8 +13,9 @@ import redis
 import redis.asyncio as aioredis
 import structlog
 
+from tests.console_support import running_console
 from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, start_redis
-from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
+from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ivvy import AiohttpTransport
 
@@ -26,6 +27,11 @@ hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 #: The Redis the tests use (scripts/setup.sh starts one on 127.0.0.1:6379 when none answers).
 TEST_REDIS_SERVER = os.environ.get("LEADSTAGE_TEST_REDIS_SERVER", "redis://127.0.0.1:6379")
+#: Secrets for tests that configure one but do not care which: each as long as settings require
+#: (MIN_SECRET_LENGTH), and unlike any word of a log line, so that the redactor masks only them.
+TEST_API_SECRET = "test-api-secret-4f3e2d1c"
+TEST_WEBHOOK_SECRET = "whsec_dGVzdC13ZWJob29rLWtleS0wMTIz"
+TEST_REDIS_PASSWORD = "test-redis-password-9b8a"
 #: Databases a test session may claim; 0 is left alone (it holds the claims).
 TEST_DATABASES = range(15, 0, -1)
 
@@ -126,6 +132,13 @@ async def transport() -> AsyncIterator[AiohttpTransport]:
 def ivvy_account(fake_ivvy: RunningFakeIvvy) -> Account:
     """The default account, pointing at ``fake_ivvy``."""
     return Account("default", fake_ivvy.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), rate_limit=1000.0)
+
+
+@pytest.fixture
+async def console(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[str]:
+    """The console served over the test module's own ``settings`` fixture; yields its URL."""
+    async with running_console(settings, redis_client) as url:
+        yield url
 
 
 @pytest.fixture

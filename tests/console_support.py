@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
 from producers.serving import serving
-from tests.harness import worker_settings
+from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.console.app import create_app
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.settings import Secret, Settings
-from worker.devtools.fake_ivvy import FakeIvvy, Stage
+from worker.devtools.fake_ivvy import FakeIvvy, RunningFakeIvvy, Stage
+from worker.runner import running_worker
 
 TOKEN = "console-admin-token-for-tests-0123"
 READ_TOKEN = "console-read-token-for-tests-4567"
@@ -49,6 +51,35 @@ async def enqueue(
     await Ledger(redis, settings).enqueue_many(
         [(parse_change(change), parse_envelope(idempotency_key=key, account=account))]
     )
+
+
+async def queue_with_one_claimed(redis: aioredis.Redis, settings: Settings, *names: str) -> None:
+    """Changes ``names`` of account default and one (``o1``) of account other queued, and a worker's
+    claim of the first (start.lua): running, hidden for a lease longer than any test takes, however
+    slowly it runs (and no real worker takes it)."""
+    for key in names:
+        await enqueue(redis, settings, {"name": f"Stage {key}", "applyTo": "lead"}, key)
+    await enqueue(redis, settings, {"name": "Other", "applyTo": "lead"}, "o1", account="other")
+    long_lease = dataclasses.replace(settings, lease_s=600.0)
+    start = await Ledger(redis, long_lease).start(f"default:{names[0]}", "test-worker", 1000.0, 0)
+    assert start.decision == "go"
+
+
+async def retried_then_applied(
+    redis: aioredis.Redis, settings: Settings, fake_ivvy: RunningFakeIvvy, change: dict[str, object], key: str
+) -> None:
+    """``change`` enqueued as ``key`` and worked on while the fake fails every request until an
+    attempt was retried, then applied: a timeline of a retry and a success."""
+    fake_ivvy.fake.update_faults({"error_rate": 1.0})
+    await enqueue(redis, settings, change, key)
+    async with running_worker(settings):
+
+        async def retried() -> bool:
+            return any(e["event"] == "retrying" for e in await read_events(redis))
+
+        await eventually(retried)
+        fake_ivvy.fake.update_faults({"error_rate": 0.0})
+        await wait_for_terminal(redis, [key])
 
 
 def create_missing_stage(fake: FakeIvvy) -> None:

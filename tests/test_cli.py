@@ -30,6 +30,7 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
+from tests.conftest import TEST_REDIS_PASSWORD
 from worker.core import keys
 from worker.core.processes import free_port, python_module
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
@@ -189,12 +190,12 @@ def test_a_bad_setting_stops_the_command_with_one_line_naming_it(leadstage: Run)
 
 
 def test_redis_down_is_one_line_and_status_1_without_the_password(leadstage: Run) -> None:
-    result = leadstage("stats", extra_env={"REDIS_URL": "redis://user:hunter2@127.0.0.1:1/0"})
+    result = leadstage("stats", extra_env={"REDIS_URL": f"redis://user:{TEST_REDIS_PASSWORD}@127.0.0.1:1/0"})
     assert result.returncode == 1
     line = one_error_line(result)
     assert "Redis is unavailable" in line
     assert "127.0.0.1:1" in line
-    assert "hunter2" not in result.stderr
+    assert TEST_REDIS_PASSWORD not in result.stderr
 
 
 def test_the_worker_needs_ivvy_settings(leadstage: Run) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,8 @@ from tests.console_support import (
     console_settings,
     create_missing_stage,
     enqueue,
+    queue_with_one_claimed,
+    retried_then_applied,
     running_console,
 )
 from tests.harness import eventually, read_events, wait_for_terminal
@@ -31,7 +32,6 @@ from worker.console.auth import COOKIE
 from worker.console.openapi import openapi_document
 from worker.core import keys
 from worker.core.errors import ConfigError
-from worker.core.ledger import Ledger
 from worker.core.redis_connection import connect_redis_of
 from worker.core.settings import DEMO_API_SECRET, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
@@ -43,12 +43,6 @@ API = "/api/v1"
 @pytest.fixture
 def settings(redis_url: str, fake_ivvy: RunningFakeIvvy) -> Settings:
     return console_settings(redis_url, fake_ivvy.url)
-
-
-@pytest.fixture
-async def console(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[str]:
-    async with running_console(settings, redis_client) as url:
-        yield url
 
 
 @pytest.fixture
@@ -269,14 +263,7 @@ async def test_a_redis_url_that_is_not_redis_is_503_not_a_400(
 async def test_the_overview_shows_what_redis_holds(
     settings: Settings, console: str, http: aiohttp.ClientSession, redis_client: aioredis.Redis
 ) -> None:
-    for key in ("a0", "a1", "a2", "a3"):
-        await enqueue(redis_client, settings, {"name": f"Stage {key}", "applyTo": "lead"}, key)
-    await enqueue(redis_client, settings, {"name": "Other", "applyTo": "lead"}, "o1", account="other")
-    # A worker's claim of a0 (start.lua): running, hidden for one lease, a long one, so that it is
-    # still in progress however slowly this test runs (and no real worker takes it).
-    long_lease = dataclasses.replace(settings, lease_s=600.0)
-    start = await Ledger(redis_client, long_lease).start("default:a0", "test-worker", 1000.0, 0)
-    assert start.decision == "go"
+    await queue_with_one_claimed(redis_client, settings, "a0", "a1", "a2", "a3")
     pause_until = int(time.time() * 1000) + 60_000
     await redis_client.hset(keys.rate_key("default"), "pause_until", str(pause_until))  # type: ignore[misc]  # redis-py's async stubs
 
@@ -447,16 +434,9 @@ async def test_a_changes_timeline_shows_each_attempt(
     redis_client: aioredis.Redis,
     fake_ivvy: RunningFakeIvvy,
 ) -> None:
-    fake_ivvy.fake.update_faults({"error_rate": 1.0})
-    await enqueue(redis_client, settings, {"name": "Timeline", "applyTo": "lead", "colour": "#00aa00"}, "t1")
-    async with running_worker(settings):
-
-        async def retried() -> bool:
-            return any(e["event"] == "retrying" for e in await read_events(redis_client))
-
-        await eventually(retried)
-        fake_ivvy.fake.update_faults({"error_rate": 0.0})
-        await wait_for_terminal(redis_client, ["t1"])
+    await retried_then_applied(
+        redis_client, settings, fake_ivvy, {"name": "Timeline", "applyTo": "lead", "colour": "#00aa00"}, "t1"
+    )
     answer = await get(http, console + API + "/changes/t1?account=default")
     conforms(openapi_document(), "Change", answer)
     assert answer["change"]["state"] == "succeeded"

@@ -7,7 +7,6 @@ never for a fixed time. Redis, the worker and the fake iVvy are the real ones, i
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import time
@@ -18,10 +17,17 @@ import pytest
 import redis.asyncio as aioredis
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from tests.console_support import MISSING_STAGE, TOKEN, console_settings, create_missing_stage, enqueue, running_console
+from tests.console_support import (
+    MISSING_STAGE,
+    TOKEN,
+    console_settings,
+    create_missing_stage,
+    enqueue,
+    queue_with_one_claimed,
+    retried_then_applied,
+)
 from tests.harness import eventually, read_events, wait_for_terminal
 from worker.core import keys
-from worker.core.ledger import Ledger
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
@@ -66,12 +72,6 @@ def settings(redis_url: str, fake_ivvy: RunningFakeIvvy) -> Settings:
     return console_settings(redis_url, fake_ivvy.url)
 
 
-@pytest.fixture
-async def console(settings: Settings, redis_client: aioredis.Redis) -> AsyncIterator[str]:
-    async with running_console(settings, redis_client) as url:
-        yield url
-
-
 async def log_in(page: Page, console: str, path: str) -> None:
     """Open ``path``: the console sends the browser to the login form, then back to ``path``."""
     await page.goto(console + path)
@@ -107,13 +107,7 @@ async def expected_counts(redis_client: aioredis.Redis, settings: Settings, acco
 async def test_the_overview_shows_the_numbers_redis_holds(
     page: Page, console: str, settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    for key in ("a1", "a2", "a3", "a4"):
-        await enqueue(redis_client, settings, {"name": f"Stage {key}", "applyTo": "lead"}, key)
-    await enqueue(redis_client, settings, {"name": "Other", "applyTo": "lead"}, "o1", account="other")
-    # A worker's claim of a1, hidden for a lease longer than this test can take, however slowly it runs.
-    long_lease = dataclasses.replace(settings, lease_s=600.0)
-    start = await Ledger(redis_client, long_lease).start("default:a1", "test-worker", 1000.0, 0)
-    assert start.decision == "go"
+    await queue_with_one_claimed(redis_client, settings, "a1", "a2", "a3", "a4")
     await log_in(page, console, "/")
     for account, in_progress in (("default", 1), ("other", 0)):
         row = page.locator(f'#accounts tr[data-account="{account}"]')
@@ -192,16 +186,7 @@ async def test_a_dead_letter_is_replayed_from_the_failures_page_and_then_succeed
 async def test_a_changes_timeline_shows_its_attempts(
     page: Page, console: str, settings: Settings, redis_client: aioredis.Redis, fake_ivvy: RunningFakeIvvy
 ) -> None:
-    fake_ivvy.fake.update_faults({"error_rate": 1.0})
-    await enqueue(redis_client, settings, {"name": "Timeline", "applyTo": "lead"}, "t1")
-    async with running_worker(settings):
-
-        async def retried() -> bool:
-            return any(e["event"] == "retrying" for e in await read_events(redis_client))
-
-        await eventually(retried)
-        fake_ivvy.fake.update_faults({"error_rate": 0.0})
-        await wait_for_terminal(redis_client, ["t1"])
+    await retried_then_applied(redis_client, settings, fake_ivvy, {"name": "Timeline", "applyTo": "lead"}, "t1")
     attempts = [e for e in await read_events(redis_client) if e["idempotency_key"] == "t1"]
 
     await log_in(page, console, "/changes")

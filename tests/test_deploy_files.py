@@ -18,6 +18,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.conftest import TEST_API_SECRET
 from worker.core.errors import ConfigError
 from worker.core.settings import Settings
 
@@ -121,7 +122,7 @@ def test_worker_environment() -> None:
     fake_port = service("fake-ivvy")["command"][-1]
     assert env["IVVY_BASE_URL"] == "${IVVY_BASE_URL:-http://fake-ivvy:" + fake_port + "}"
     assert env["IVVY_API_KEY"] == "${IVVY_API_KEY:-demo-key}"
-    assert env["IVVY_API_SECRET"] == "${IVVY_API_SECRET:-demo-secret}"
+    assert env["IVVY_API_SECRET"] == "${IVVY_API_SECRET:-demo-secret-of-the-fake-ivvy}"
     fake_env = environment("fake-ivvy")
     assert fake_env["IVVY_API_KEY"] == env["IVVY_API_KEY"]
     assert fake_env["IVVY_API_SECRET"] == env["IVVY_API_SECRET"]
@@ -206,7 +207,9 @@ def test_the_webhook_knows_the_workers_accounts_without_their_credentials(tmp_pa
     # account list names its accounts too.
     accounts = tmp_path / "accounts.json"
     accounts.write_bytes(
-        json.dumps({"acme": {"base_url": "https://ivvy.example", "api_key": "k", "api_secret": "s"}}).encode()
+        json.dumps(
+            {"acme": {"base_url": "https://ivvy.example", "api_key": "k", "api_secret": TEST_API_SECRET}}
+        ).encode()
     )
     with pytest.raises(ConfigError, match=r"LEADSTAGE_ACCOUNT_NAMES \(default\) must name the accounts"):
         Settings.from_env({**compose_defaults("worker"), "LEADSTAGE_ACCOUNTS_FILE": str(accounts)})

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+import re
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import pytest
 import redis.exceptions
 
 from worker.backoff import backoff_seconds
+from worker.core import errors
 from worker.core.errors import (
     IvvyAuthError,
     IvvyRateLimited,
@@ -154,3 +157,39 @@ def test_every_redis_failure_is_translated_at_the_boundary(raised: Exception, ki
 def test_a_command_error_is_a_bug_and_not_translated() -> None:
     with pytest.raises(redis.exceptions.ResponseError), redis_errors():
         raise redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+
+def test_every_raisable_class_of_the_tree_names_a_code_of_its_own() -> None:
+    """The ``code=`` of a class header is its ``error_code``; no two classes share one."""
+    intermediate = {errors.LeadstageError, errors.PermanentError, errors.RetryableError, errors.IvvyErrorDetails}
+    classes = [
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, errors.LeadstageError) and value not in intermediate
+    ]
+    codes = {cls.error_code: cls for cls in classes}
+    assert len(codes) == len(classes), sorted(cls.__name__ for cls in classes if codes[cls.error_code] is not cls)
+    assert "error" not in codes
+    assert errors.NotFound.error_code == "not_found"
+    assert errors.WaitTimeout.error_code == "wait_timeout"
+
+
+#: The one module that names redis-py's exceptions: it translates them into the tree.
+REDIS_BOUNDARY = Path(__file__).resolve().parents[1] / "worker" / "core" / "errors" / "redis_boundary.py"
+_NAMES_REDIS_EXCEPTION = re.compile(
+    r"\bredis\.exceptions\b|^\s*except\b[^:#\n]*\bredis\b|^\s*from redis import .*Error", re.M
+)
+
+
+def test_redis_exceptions_are_named_at_the_boundary_only() -> None:
+    """Product code catches the tree's exceptions; redis-py's are translated in one module."""
+    product = [path for top in ("worker", "producers") for path in (REDIS_BOUNDARY.parents[3] / top).rglob("*.py")]
+    naming = [
+        f"{path.relative_to(REDIS_BOUNDARY.parents[3])}:{text.count(chr(10), 0, match.start()) + 1}"
+        for path in product
+        if path != REDIS_BOUNDARY
+        for text in [path.read_text()]
+        for match in _NAMES_REDIS_EXCEPTION.finditer(text)
+    ]
+    assert len(product) > 50
+    assert not naming, "redis-py exceptions named outside worker/core/errors/redis_boundary.py: " + ", ".join(naming)

@@ -28,6 +28,7 @@ import orjson
 import pytest
 
 from tests import independent_ivvy_signing as independent
+from tests.conftest import TEST_API_SECRET
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
 from worker.devtools import demo as demo_package
 from worker.devtools import fake_ivvy as fake_ivvy_package
@@ -262,7 +263,7 @@ async def test_extra_credentials_are_accepted_and_logged_by_key() -> None:
 
 def test_default_credentials_come_from_the_environment_else_the_demo_pair() -> None:
     assert default_credentials({}) == {DEMO_API_KEY: DEMO_API_SECRET}
-    assert default_credentials({"IVVY_API_KEY": "k", "IVVY_API_SECRET": "s"}) == {"k": "s"}
+    assert default_credentials({"IVVY_API_KEY": "k", "IVVY_API_SECRET": TEST_API_SECRET}) == {"k": TEST_API_SECRET}
 
 
 # Routing.

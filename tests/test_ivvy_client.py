@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from tests import independent_ivvy_signing as independent
+from tests.conftest import TEST_API_SECRET
 from worker.core.change import LeadStageChange
 from worker.core.errors import (
     IvvyAuthError,
@@ -304,7 +305,7 @@ async def test_a_dropped_connection_is_no_answer_with_unknown_outcome(
 
 
 async def test_a_refused_connection_is_no_answer_that_cannot_have_arrived(transport: AiohttpTransport) -> None:
-    account = Account("default", f"http://127.0.0.1:{free_port()}", "k", Secret("s"), 10.0)
+    account = Account("default", f"http://127.0.0.1:{free_port()}", "k", Secret(TEST_API_SECRET), 10.0)
     with pytest.raises(IvvyNoAnswer) as refused:
         await IvvyClient(account, transport, timeout=2.0).ping()
     assert type(refused.value) is IvvyNoAnswer

@@ -13,6 +13,7 @@ from worker.core import keys
 from worker.core.change import Envelope, LeadStageChange, parse_change
 from worker.core.errors import IdempotencyConflict
 from worker.core.ledger import Ledger, Start, now_ms
+from worker.core.scripts import RATE_WINDOW_US
 from worker.core.settings import Settings
 
 WORKER = "test-worker"
@@ -182,6 +183,24 @@ async def test_rate_limit_is_shared_by_jobs_of_one_account(ledger: Ledger, redis
     # Nothing was reserved: at the free slot the job goes.
     await asyncio.sleep(waiting.wait_ms / 1000)
     assert (await ledger.start("default:b", WORKER, 2.0, 0)).decision == "go"
+
+
+@pytest.mark.parametrize("late_by", [0.0, 0.25, 0.45, 3.0])
+async def test_the_next_slot_is_a_whole_interval_after_a_send_however_late_its_claim(
+    ledger: Ledger, redis_client: aioredis.Redis, late_by: float
+) -> None:
+    """A server that counts requests over any sliding second (iVvy's limit, the fake's) sees at
+    most the limit only if no two sends are closer than one interval: a claim late for its slot
+    (``late_by`` intervals) must not leave the account's next slot on the old grid."""
+    interval_us = 100_000  # 10/s
+    await enqueue(ledger, "a", {"name": "A", "applyTo": 1})
+    seconds, micros = await redis_client.time()
+    before_us = seconds * 1_000_000 + micros
+    await redis_client.hset(keys.rate_key("default"), "tat", str(before_us - int(late_by * interval_us)))  # type: ignore[misc]  # redis-py's async stubs
+    assert (await start(ledger, "a", rate=10.0)).decision == "go"
+    tat = int(await redis_client.hget(keys.rate_key("default"), "tat"))  # type: ignore[misc]  # redis-py's async stubs
+    # The earliest next send: its slot less the window within which slots are taken early.
+    assert tat - RATE_WINDOW_US >= before_us + interval_us
 
 
 async def test_a_429_pauses_the_whole_account(ledger: Ledger) -> None:

@@ -235,6 +235,32 @@ def test_secret_in_event_values_is_redacted() -> None:
     assert_no_secret(out.getvalue())
 
 
+def test_secrets_read_from_the_environment_are_masked_and_the_rest_of_the_line_kept() -> None:
+    # Every kind of secret the settings accept, the Redis password included: each is masked where
+    # it occurs, and the ordinary words around it (full of the letters it is made of) stay whole.
+    redis_password = "r3dis-PASSWORD-0a1b2c"
+    env = {
+        "IVVY_BASE_URL": "https://ivvy.example",
+        "IVVY_API_KEY": "key-default",
+        "IVVY_API_SECRET": API_SECRET,
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "LEADSTAGE_CONSOLE_TOKEN": OTHER_SECRET,
+        "REDIS_URL": f"redis://user:{redis_password}@cache:6379/0",
+        "LEADSTAGE_LOG_FORMAT": "json",
+    }
+    out = io.StringIO()
+    configure_logging(Settings.from_env(env), stream=out)
+    words = "sales stage status: secrets stay set"
+    get_logger("worker.ivvy").info(
+        words, detail=f"{words} {API_SECRET}/{redis_password} {WEBHOOK_KEY}, token={OTHER_SECRET}."
+    )
+    (line,) = json_lines(out)
+    assert line["event"] == words
+    assert line["detail"] == f"{words} {REDACTED}/{REDACTED} {REDACTED}, token={REDACTED}."
+    assert redis_password not in out.getvalue()
+    assert_no_secret(out.getvalue())
+
+
 def test_secret_in_nested_values_is_redacted_without_touching_the_callers_objects() -> None:
     out = io.StringIO()
     configure_logging(make_settings("json"), stream=out)

@@ -10,11 +10,20 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultEvent, ResultsConsumer
-from producers.waits import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisServer
 from worker.core import readers
-from worker.core.errors import InvalidChange, InvalidEvent, RedisUnavailable
+from worker.core.errors import (
+    ConfigError,
+    InvalidChange,
+    InvalidEvent,
+    InvalidOption,
+    OutcomeUnavailable,
+    RedisUnavailable,
+    StreamRefused,
+    UnknownChange,
+    WaitTimeout,
+)
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
@@ -267,6 +276,34 @@ async def test_a_foreign_entry_is_named_and_can_be_skipped(settings: Settings, r
         [e async for e in consumer]
     await consumer.ack(caught.value.entry_id)
     assert [e async for e in consumer] == []
+
+
+async def test_a_results_stream_key_that_is_not_a_stream_is_refused_by_name(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    await redis_client.set("leadstage:results", "not a stream")
+    consumer = ResultsConsumer("g", "c", settings=settings, redis=redis_client, start="all", follow=False)
+    with pytest.raises(StreamRefused, match="'leadstage:results' as a stream: WRONGTYPE") as caught:
+        [e async for e in consumer]
+    assert caught.value.reply == "WRONGTYPE"
+    assert isinstance(caught.value, ConfigError)
+
+
+async def test_a_group_destroyed_under_its_consumer_is_created_again(
+    settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
+) -> None:
+    await finished(settings, producer, redis_client, 3)
+    expected = await stream_ids(redis_client)
+    consumer = ResultsConsumer("g", "c", settings=settings, redis=redis_client, start="all", batch=1, follow=False)
+    seen: list[str] = []
+    async for event in consumer:
+        seen.append(event.id)
+        if len(seen) == 1:
+            assert await redis_client.xgroup_destroy("leadstage:results", "g")
+        else:
+            await consumer.ack(event)
+    # NOGROUP: the group is made again at its start, so every event comes (again), none is lost.
+    assert seen == [expected[0], *expected]
 
 
 @pytest.mark.parametrize(

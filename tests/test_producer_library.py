@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from producers import ChangeItem, InvalidBatch, LeadStageProducer
+from tests.conftest import TEST_API_SECRET
 from worker.core import keys
 from worker.core.errors import (
     EnqueueOutcomeUnknown,
@@ -110,7 +111,7 @@ async def test_a_bad_envelope_is_reported_with_the_change(
 
 
 async def test_configured_accounts_refuse_others(redis_url: str, redis_client: aioredis.Redis) -> None:
-    account = Account("eu", "https://eu.example", "key", Secret("secret"), 5.0)
+    account = Account("eu", "https://eu.example", "key", Secret(TEST_API_SECRET), 5.0)
     producer = LeadStageProducer(Settings(redis_url=redis_url, accounts={"eu": account}), redis=redis_client)
     assert (await producer.enqueue(HOT, account="eu")).account == "eu"
     with pytest.raises(UnknownAccount):

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from pathlib import Path
 
 import orjson
 import pytest
 
+from tests.conftest import TEST_API_SECRET, TEST_REDIS_PASSWORD, TEST_WEBHOOK_SECRET
 from worker.core.errors import ConfigError
 from worker.core.settings import ENVIRONMENT, Account, Secret, Settings
+from worker.core.settings.variables import MIN_SECRET_LENGTH
 
 DEFAULTS = Settings()
 
 #: (variable, raw value, field, parsed value)
 GOOD = [
-    ("REDIS_URL", "rediss://:pw@cache:6380/2", "redis_url", "rediss://:pw@cache:6380/2"),
+    (
+        "REDIS_URL",
+        f"rediss://:{TEST_REDIS_PASSWORD}@cache:6380/2",
+        "redis_url",
+        f"rediss://:{TEST_REDIS_PASSWORD}@cache:6380/2",
+    ),
     ("REDIS_URL", "  ", "redis_url", DEFAULTS.redis_url),
     ("LEADSTAGE_RATE_LIMIT", "2.5", "rate_limit", 2.5),
     ("LEADSTAGE_MAX_ATTEMPTS", " 3 ", "max_attempts", 3),
@@ -46,7 +54,7 @@ GOOD = [
     ("LEADSTAGE_REDIS_CONNECT_TIMEOUT", "2", "redis_connect_timeout_s", 2.0),
     ("LEADSTAGE_RETRY_AFTER_MAX", "30", "retry_after_max_s", 30.0),
     ("LEADSTAGE_TEST_CLOCK_OFFSET", "-2.5", "clock_offset_s", -2.5),
-    ("WEBHOOK_SECRET", "whsec_abc", "webhook_secret", Secret("whsec_abc")),
+    ("WEBHOOK_SECRET", TEST_WEBHOOK_SECRET, "webhook_secret", Secret(TEST_WEBHOOK_SECRET)),
     ("LEADSTAGE_PLAIN_HTTP_HOSTS", "fake-ivvy, Other", "plain_http_hosts", frozenset({"fake-ivvy", "other"})),
     ("LEADSTAGE_ACCOUNT_NAMES", "acme, eu  default", "account_names", frozenset({"acme", "eu", "default"})),
     ("LEADSTAGE_WEBHOOK_MAX_BODY", "1024", "webhook_max_body_bytes", 1024),
@@ -126,7 +134,7 @@ def test_a_replica_wait_as_long_as_the_redis_timeout_is_refused() -> None:
 
 
 def test_the_account_names_must_be_the_accounts_with_credentials(tmp_path: Path) -> None:
-    ivvy = {"IVVY_BASE_URL": "https://ivvy.example", "IVVY_API_KEY": "k", "IVVY_API_SECRET": "s"}
+    ivvy = {"IVVY_BASE_URL": "https://ivvy.example", "IVVY_API_KEY": "k", "IVVY_API_SECRET": TEST_API_SECRET}
     assert Settings.from_env({**ivvy, "LEADSTAGE_ACCOUNT_NAMES": "default"}).known_accounts == {"default"}
     for names in ("default acme", "acme"):
         with pytest.raises(ConfigError, match=r"LEADSTAGE_ACCOUNT_NAMES \(.*\) must name the accounts .*\(default\)"):
@@ -167,7 +175,10 @@ def test_a_batch_wait_that_does_not_fit_in_the_job_timeout_is_refused_in_batch_m
 ACCOUNT_ERRORS = [
     ({"IVVY_BASE_URL": "http://ivvy"}, r"IVVY_API_KEY is not set \(IVVY_BASE_URL is\)"),
     ({"IVVY_BASE_URL": "http://ivvy", "IVVY_API_KEY": "k"}, r"IVVY_API_SECRET is not set"),
-    ({"IVVY_BASE_URL": "ftp://ivvy", "IVVY_API_KEY": "k", "IVVY_API_SECRET": "s"}, r"IVVY_BASE_URL must be an http"),
+    (
+        {"IVVY_BASE_URL": "ftp://ivvy", "IVVY_API_KEY": "k", "IVVY_API_SECRET": TEST_API_SECRET},
+        r"IVVY_BASE_URL must be an http",
+    ),
 ]
 
 
@@ -182,8 +193,16 @@ ACCOUNTS_FILES = [
     (b"{", r"is not valid JSON"),
     (b'{"bad name": {}}', r"account 'bad name'.*letters, digits"),
     (b'{"a": {"base_url": "http://x", "api_key": "k"}}', r"account 'a'.*api_secret is missing"),
-    (b'{"a": {"base_url": "http://x", "api_key": "k", "api_secret": "s", "extra": 1}}', r"unknown fields: extra"),
-    (b'{"a": {"base_url": "http://x", "api_key": "k", "api_secret": "s", "rate_limit": true}}', r"rate_limit must be"),
+    (
+        orjson.dumps({"a": {"base_url": "http://x", "api_key": "k", "api_secret": TEST_API_SECRET, "extra": 1}}),
+        r"unknown fields: extra",
+    ),
+    (
+        orjson.dumps(
+            {"a": {"base_url": "http://x", "api_key": "k", "api_secret": TEST_API_SECRET, "rate_limit": True}}
+        ),
+        r"rate_limit must be",
+    ),
 ]
 
 
@@ -197,17 +216,24 @@ def test_a_bad_accounts_file_names_the_file_and_the_account(content: bytes, mess
 
 def test_accounts_come_from_the_variables_and_the_file(tmp_path: Path) -> None:
     path = tmp_path / "accounts.json"
-    path.write_bytes(orjson.dumps({"eu": {"base_url": "https://eu.ivvy/", "api_key": "ke", "api_secret": "se"}}))
-    env = {"IVVY_BASE_URL": "https://ivvy", "IVVY_API_KEY": "k", "IVVY_API_SECRET": "s", "LEADSTAGE_RATE_LIMIT": "3"}
+    path.write_bytes(
+        orjson.dumps({"eu": {"base_url": "https://eu.ivvy/", "api_key": "ke", "api_secret": TEST_API_SECRET + "-eu"}})
+    )
+    env = {
+        "IVVY_BASE_URL": "https://ivvy",
+        "IVVY_API_KEY": "k",
+        "IVVY_API_SECRET": TEST_API_SECRET,
+        "LEADSTAGE_RATE_LIMIT": "3",
+    }
     settings = Settings.from_env({**env, "LEADSTAGE_ACCOUNTS_FILE": str(path)})
     assert settings.accounts == {
-        "default": Account("default", "https://ivvy", "k", Secret("s"), 3.0),
-        "eu": Account("eu", "https://eu.ivvy", "ke", Secret("se"), 3.0),
+        "default": Account("default", "https://ivvy", "k", Secret(TEST_API_SECRET), 3.0),
+        "eu": Account("eu", "https://eu.ivvy", "ke", Secret(TEST_API_SECRET + "-eu"), 3.0),
     }
 
 
 def test_to_env_gives_the_same_settings_back() -> None:
-    account = Account("default", "http://127.0.0.1:8765", "key", Secret("secret"), 7.0)
+    account = Account("default", "http://127.0.0.1:8765", "key", Secret(TEST_API_SECRET), 7.0)
     changed: dict[str, object] = {
         "redis_url": "redis://127.0.0.1:6379/3",
         "rate_limit": 7.0,
@@ -220,7 +246,7 @@ def test_to_env_gives_the_same_settings_back() -> None:
         "retry_after_max_s": 30.0,
         "request_timeout_s": 1.5,
         "job_timeout_s": 9.0,
-        "webhook_secret": Secret("whsec_xyz"),
+        "webhook_secret": Secret(TEST_WEBHOOK_SECRET),
         "metrics_port": 0,
         "log_format": "json",
         "log_level": "debug",
@@ -231,6 +257,78 @@ def test_to_env_gives_the_same_settings_back() -> None:
 
 
 def test_to_env_refuses_accounts_it_cannot_write() -> None:
-    other = Account("eu", "http://127.0.0.1:8765", "key", Secret("secret"), 7.0)
+    other = Account("eu", "http://127.0.0.1:8765", "key", Secret(TEST_API_SECRET), 7.0)
     with pytest.raises(ConfigError, match="account 'eu' cannot be written as variables"):
         dataclasses.replace(DEFAULTS, accounts={"eu": other}).to_env()
+
+
+#: One character short of the minimum, and distinctive, so that an error repeating it would show.
+SHORT = "sh0rt-s3cr3t-x9"
+#: whsec_ and 15 characters of base64 (a key of 11 bytes, unpadded).
+SHORT_WEBHOOK = "whsec_" + base64.b64encode(b"short-key-1").decode().rstrip("=")
+assert len(SHORT) == len(SHORT_WEBHOOK.removeprefix("whsec_")) == MIN_SECRET_LENGTH - 1
+WITH_IVVY = {"IVVY_BASE_URL": "https://ivvy.example", "IVVY_API_KEY": "k"}
+
+#: (environment without the files, accounts file, webhook secrets file, what the error names)
+TOO_SHORT = [
+    ({**WITH_IVVY, "IVVY_API_SECRET": SHORT}, None, None, r"^IVVY_API_SECRET is too short"),
+    (
+        {},
+        {"a": {"base_url": "https://x", "api_key": "k", "api_secret": SHORT}},
+        None,
+        r"account 'a': api_secret is too",
+    ),
+    ({"WEBHOOK_SECRET": SHORT_WEBHOOK}, None, None, r"^WEBHOOK_SECRET \(after whsec_\) is too short"),
+    (
+        {"WEBHOOK_SECRET": f"{TEST_WEBHOOK_SECRET} {SHORT_WEBHOOK}"},
+        None,
+        None,
+        r"^WEBHOOK_SECRET \(secret 2 of 2\) \(after whsec_\) is too short",
+    ),
+    (
+        {},
+        None,
+        {"acme": SHORT_WEBHOOK},
+        r"LEADSTAGE_WEBHOOK_SECRETS_FILE \(.*\), account 'acme' \(after whsec_\) is too",
+    ),
+    ({"LEADSTAGE_CONSOLE_TOKEN": SHORT}, None, None, r"^LEADSTAGE_CONSOLE_TOKEN must be at least 16"),
+    ({"LEADSTAGE_CONSOLE_READ_TOKEN": SHORT}, None, None, r"^LEADSTAGE_CONSOLE_READ_TOKEN must be at least 16"),
+    ({"REDIS_URL": f"redis://:{SHORT}@cache:6379/0"}, None, None, r"^REDIS_URL's password is too short"),
+    ({"REDIS_URL": f"rediss://user:{SHORT}@cache"}, None, None, r"^REDIS_URL's password is too short"),
+    ({"REDIS_URL": f"redis+sentinel://:{SHORT}@s1,s2/mymaster"}, None, None, r"^REDIS_URL's password is too short"),
+    ({"REDIS_URL": f"redis+cluster://:{SHORT}@n1:7000,n2:7001"}, None, None, r"^REDIS_URL's password is too short"),
+]
+
+
+@pytest.mark.parametrize(("env", "accounts", "webhook_secrets", "message"), TOO_SHORT)
+def test_a_too_short_secret_is_refused_naming_the_variable_not_the_value(
+    env: dict[str, str], accounts: object, webhook_secrets: object, message: str, tmp_path: Path
+) -> None:
+    env = dict(env)
+    if accounts is not None:
+        (tmp_path / "accounts.json").write_bytes(orjson.dumps(accounts))
+        env["LEADSTAGE_ACCOUNTS_FILE"] = str(tmp_path / "accounts.json")
+    if webhook_secrets is not None:
+        (tmp_path / "webhook.json").write_bytes(orjson.dumps(webhook_secrets))
+        env["LEADSTAGE_WEBHOOK_SECRETS_FILE"] = str(tmp_path / "webhook.json")
+    with pytest.raises(ConfigError, match=message) as refusal:
+        Settings.from_env(env)
+    assert f"at least {MIN_SECRET_LENGTH}" in str(refusal.value)
+    for shown in (SHORT, SHORT_WEBHOOK, SHORT_WEBHOOK.removeprefix("whsec_")):
+        assert shown not in str(refusal.value)
+
+
+def test_a_secret_of_the_minimum_length_is_accepted_and_given_to_the_redactor() -> None:
+    exact = SHORT + "z"
+    exact_webhook = "whsec_" + base64.b64encode(b"twelve bytes").decode()
+    assert len(exact) == len(exact_webhook.removeprefix("whsec_")) == MIN_SECRET_LENGTH
+    settings = Settings.from_env(
+        {
+            **WITH_IVVY,
+            "IVVY_API_SECRET": exact,
+            "WEBHOOK_SECRET": exact_webhook,
+            "LEADSTAGE_CONSOLE_TOKEN": exact + "-console",
+            "REDIS_URL": f"redis://:{exact}-redis@cache:6379/0",
+        }
+    )
+    assert sorted(settings.secret_values()) == sorted([exact, exact_webhook, exact + "-console", exact + "-redis"])

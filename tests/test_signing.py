@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tests import independent_ivvy_signing as independent
 from worker import signing
+from worker.core.errors import SignatureRejected
 
 # The example request of "Signing the request".
 DOCS_URI = "/api/1.0/test?action=ping"
@@ -172,7 +173,7 @@ def test_independent_signatures_pass_the_worker_verifier(
         method="POST", request_uri=uri, headers=headers, body=body, secrets={key: secret}, now=sent + skew
     )
     assert verified == key
-    with pytest.raises(signing.SignatureRejected, match="signature does not match"):
+    with pytest.raises(SignatureRejected, match="signature does not match"):
         signing.verify_request(
             method="POST", request_uri=uri, headers=headers, body=body, secrets={key: secret + "x"}, now=sent
         )
@@ -187,7 +188,7 @@ def test_both_call_a_request_more_than_five_minutes_off_stale(sent: datetime, sk
     uri, body = "/api/1.0/test?action=ping", b"{}"
     headers = independent.sign(key="k", secret="s", request_uri=uri, body=body, now=sent)
     now = sent + skew if late else sent - skew
-    with pytest.raises(signing.SignatureRejected) as worker_refusal:
+    with pytest.raises(SignatureRejected) as worker_refusal:
         signing.verify_request(method="POST", request_uri=uri, headers=headers, body=body, secrets={"k": "s"}, now=now)
     with pytest.raises(independent.Refused) as independent_refusal:
         independent.verify(method="POST", request_uri=uri, headers=headers, body=body, secrets={"k": "s"}, now=now)

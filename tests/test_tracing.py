@@ -42,7 +42,7 @@ from tests.test_demo import run_demo
 from tests.test_webhook import SECRET, log_stream, settings, signed  # noqa: F401 - fixtures: the webhook's logs
 from worker.core import keys, tracing
 from worker.core.logs import configure_logging, get_logger
-from worker.core.settings import Secret, Settings
+from worker.core.settings import DEMO_API_SECRET, Secret, Settings
 from worker.devtools.demo import DEMO_RESULTS
 from worker.devtools.fake_ivvy import running_fake_ivvy
 from worker.runner import running_worker
@@ -131,7 +131,7 @@ async def post_change(client: TestClient[Any, Any], key: str, change: dict[str, 
 
 def no_secret_in(spans: list[Span]) -> None:
     text = json.dumps([s.attributes for s in spans])
-    for secret in ("demo-secret", SECRET, SECRET.removeprefix("whsec_"), "IWS "):
+    for secret in (DEMO_API_SECRET, SECRET, SECRET.removeprefix("whsec_"), "IWS "):
         assert secret not in text
 
 

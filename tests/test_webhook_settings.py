@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers.openapi import CHANGES_PATH
+from tests.conftest import TEST_API_SECRET
 from tests.test_hostile_input import LOOPBACK, WebhookProcess, served_webhook, signed
 from worker.core import keys
 from worker.core.errors import ConfigError
@@ -20,7 +21,7 @@ from worker.core.settings import Settings
 
 ONE = "whsec_" + base64.b64encode(b"first webhook secret, 32 bytes!!").decode()
 TWO = "whsec_" + base64.b64encode(b"second webhook secret, 32 bytes!").decode()
-IVVY = {"IVVY_API_KEY": "key", "IVVY_API_SECRET": "secret"}
+IVVY = {"IVVY_API_KEY": "key", "IVVY_API_SECRET": TEST_API_SECRET}
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,7 @@ def test_a_plain_http_base_url_is_refused(url: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"IVVY_BASE_URL must be an https:// URL.*LEADSTAGE_PLAIN_HTTP_HOSTS"):
         Settings.from_env({"IVVY_BASE_URL": url, **IVVY})
     accounts = tmp_path / "accounts.json"
-    accounts.write_bytes(orjson.dumps({"acme": {"base_url": url, "api_key": "k", "api_secret": "s"}}))
+    accounts.write_bytes(orjson.dumps({"acme": {"base_url": url, "api_key": "k", "api_secret": TEST_API_SECRET}}))
     with pytest.raises(ConfigError, match=r"account 'acme' base_url must be an https:// URL"):
         Settings.from_env({"LEADSTAGE_ACCOUNTS_FILE": str(accounts)})
 

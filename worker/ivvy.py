@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -113,23 +113,16 @@ class StageSummary:
     raw: Mapping[str, Any]
 
 
+@dataclass(slots=True)
 class IvvyClient:
     """Calls of one iVvy account."""
 
-    def __init__(
-        self,
-        account: Account,
-        transport: Transport,
-        *,
-        timeout: float,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        clock_skew_pause_s: float = CLOCK_SKEW_PAUSE_S,
-    ) -> None:
-        self.account = account
-        self.transport = transport
-        self.timeout = timeout
-        self.clock = clock
-        self.clock_skew_pause_s = clock_skew_pause_s
+    account: Account
+    transport: Transport
+    _: KW_ONLY
+    timeout: float
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    clock_skew_pause_s: float = CLOCK_SKEW_PAUSE_S
 
     async def call(self, namespace: str, action: str, payload: Mapping[str, Any]) -> Any:
         """POST one signed call; return the decoded JSON answer or raise from ``worker.core.errors``."""

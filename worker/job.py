@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 import orjson
 
@@ -37,7 +37,6 @@ from worker.core.errors import (
     IvvyNoAnswer,
     IvvyRateLimited,
     IvvyUnavailable,
-    LeadstageError,
     PermanentError,
     RedisNotReplicated,
     RetryableError,
@@ -47,7 +46,7 @@ from worker.core.errors import (
 )
 from worker.core.ledger import Ledger, Start
 from worker.core.logs import bind_job_context, get_logger
-from worker.core.results import JobFacts, build_event
+from worker.core.results import JobFacts, Verdict, build_event
 from worker.core.settings import Settings
 from worker.core.states import UNACCOUNTED, Decision, Outcome
 from worker.ivvy import IvvyClient
@@ -314,30 +313,27 @@ async def _finish(
     start: Start,
     event: Outcome,
     *,
-    sent: LeadStageChange | None,
-    stage_id: int | None = None,
-    error: LeadstageError | None = None,
     started: float | None = None,
     created: bool = False,
     delay_ms: int = 0,
     outcome_unknown: bool = False,
     pause_ms: int | None = None,
+    **verdict: Unpack[Verdict],
 ) -> None:
     duration = 0 if started is None else int((time.monotonic() - started) * 1000)
     sent_as, carried_by = coalesce.CARRIAGE.get() or ("alone", None)
-    if stage_id is None and facts.change.id is not None and event == Outcome.SUCCEEDED:
-        stage_id = facts.change.id
+    if verdict.get("stage_id") is None and facts.change.id is not None and event == Outcome.SUCCEEDED:
+        verdict["stage_id"] = facts.change.id
+    stage_id, error = verdict.get("stage_id"), verdict.get("error")
     fields = build_event(
         event,
         facts,
         attempt=start.attempt,
         finished_at_ms=runtime.wall_ms(),
         duration_ms=duration,
-        sent=sent,
-        stage_id=stage_id,
-        error=error,
         sent_as=sent_as,
         carried_by=carried_by,
+        **verdict,
     )
     tracing.record_outcome(fields)
     history = {k: fields[k] for k in ("event", "attempt", "finished_at", "http_status", "error_code", "error_message")}

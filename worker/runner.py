@@ -88,9 +88,14 @@ class LeadstageWorker(Worker):
                 # Redis ends a blocking wait on its own timer tick (1/hz, 100 ms by default): block for
                 # all but that, and wait out the rest here (above).
                 timeout_ms = IDLE_WAKE_S * 1000 if pick.wait_ms < 0 else pick.wait_ms - SHORT_WAIT_MS
-                # And for less than the socket timeout, which would end it as a Redis that does not answer.
+                # And for less than the socket timeout, which would end it as a Redis that does not answer:
+                # with nothing scheduled, only a notice brings work, so the worker blocks again (no pick)
+                # until one does or IDLE_WAKE_S has passed.
                 longest_s = min(IDLE_WAKE_S, runtime.settings.redis_timeout_s / 2)
-                await runtime.ledger.wait_for_work(min(timeout_ms / 1000, longest_s))
+                until = time.monotonic() + timeout_ms / 1000
+                while not await runtime.ledger.wait_for_work(min(until - time.monotonic(), longest_s)):
+                    if pick.wait_ms >= 0 or time.monotonic() >= until or not self.allow_pick_jobs:
+                        break
                 return
         running = [task for task in self.tasks.values() if not task.done()]
         if self.allow_pick_jobs and running:

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
+from worker.core.errors import STALE_REQUEST_CODE, SignatureRejected
+
 API_VERSION = "1.0"
 CONTENT_TYPE = "application/json"
 #: iVvy's timestamp format (development-reference/timestamp-format); " UTC" is optional on input.
@@ -111,14 +113,6 @@ def _same_text(received: str, expected: str) -> bool:
     return hmac.compare_digest(received.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape"))
 
 
-class SignatureRejected(Exception):
-    """Why the fake iVvy refuses a request's signature; ``specific_code`` 23005 for a stale date."""
-
-    def __init__(self, message: str, specific_code: int | None = None) -> None:
-        self.specific_code = specific_code
-        super().__init__(message)
-
-
 def verify_request(
     *,
     method: str,
@@ -156,7 +150,7 @@ def verify_request(
     except (ValueError, TypeError):
         raise SignatureRejected("The Date or IVVY-Date header is not a valid date") from None
     if abs(now - sent_at) > MAX_CLOCK_SKEW:
-        raise SignatureRejected("Request is stale", specific_code=23005)
+        raise SignatureRejected("Request is stale", specific_code=STALE_REQUEST_CODE)
     expected = hmac_sha1_hex(
         secret,
         string_to_sign(

@@ -33,6 +33,18 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _object(
+    properties: dict[str, Any], *, required: list[str] | None = None, description: str | None = None
+) -> dict[str, Any]:
+    """A JSON object schema: its properties, those it must have, what it is."""
+    schema: dict[str, Any] = {"type": "object"}
+    if description is not None:
+        schema["description"] = description
+    if required is not None:
+        schema["required"] = required
+    return {**schema, "properties": properties}
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -53,21 +65,35 @@ _CHANGING_ERRORS = {
 }
 
 _SCHEMAS: dict[str, Any] = {
-    "Problem": {
-        "type": "object",
-        "description": "RFC 9457 problem details",
-        "required": ["type", "title", "status", "detail"],
-        "properties": {
+    "Problem": _object(
+        {
             "type": {"type": "string"},
             "title": {"type": "string"},
             "status": {"type": "integer"},
             "detail": {"type": "string"},
             "errors": {"type": "array", "items": {"type": "object"}},
         },
-    },
-    "AccountOverview": {
-        "type": "object",
-        "required": [
+        required=["type", "title", "status", "detail"],
+        description="RFC 9457 problem details",
+    ),
+    "AccountOverview": _object(
+        {
+            "account": {"type": "string"},
+            "queued": {"type": "integer", "description": "changes on the queue (not finished)"},
+            "due": {"type": "integer", "description": "queued changes due now, not taken yet"},
+            "in_progress": {"type": "integer", "description": "changes a worker is attempting"},
+            "retrying": {"type": "integer", "description": "changes waiting for a later attempt"},
+            "dead_letters": {"type": "integer"},
+            "paused_until": {**_NULLABLE_STRING, "description": "paused by iVvy's 429 until then (ISO 8601)"},
+            "rate_limit": _object(
+                {
+                    "per_s": {"type": "number", "description": "the configured requests per second"},
+                    "used_per_s": {"type": "number", "description": "requests per second over about a minute"},
+                },
+                required=["per_s", "used_per_s"],
+            ),
+        },
+        required=[
             "account",
             "queued",
             "due",
@@ -77,93 +103,68 @@ _SCHEMAS: dict[str, Any] = {
             "paused_until",
             "rate_limit",
         ],
-        "properties": {
-            "account": {"type": "string"},
-            "queued": {"type": "integer", "description": "changes on the queue (not finished)"},
-            "due": {"type": "integer", "description": "queued changes due now, not taken yet"},
-            "in_progress": {"type": "integer", "description": "changes a worker is attempting"},
-            "retrying": {"type": "integer", "description": "changes waiting for a later attempt"},
-            "dead_letters": {"type": "integer"},
-            "paused_until": {**_NULLABLE_STRING, "description": "paused by iVvy's 429 until then (ISO 8601)"},
-            "rate_limit": {
-                "type": "object",
-                "required": ["per_s", "used_per_s"],
-                "properties": {
-                    "per_s": {"type": "number", "description": "the configured requests per second"},
-                    "used_per_s": {"type": "number", "description": "requests per second over about a minute"},
-                },
-            },
-        },
-    },
-    "Worker": {
-        "type": "object",
-        "required": ["id", "running", "heartbeat_age_s", "alive"],
-        "properties": {
+    ),
+    "Worker": _object(
+        {
             "id": {"type": "string"},
             "running": {"type": "integer"},
             "heartbeat_age_s": {"type": "number"},
             "alive": {"type": "boolean", "description": "heard from within one lease"},
         },
-    },
-    "Rates": {
-        "type": "object",
-        "description": "events per second in each bucket of the last hour, oldest first",
-        "required": ["bucket_s", "start", "succeeded", "failed", "retrying"],
-        "properties": {
+        required=["id", "running", "heartbeat_age_s", "alive"],
+    ),
+    "Rates": _object(
+        {
             "bucket_s": {"type": "integer"},
             "start": {"type": "string"},
             **{event: {"type": "array", "items": {"type": "number"}} for event in ("succeeded", "failed", "retrying")},
             **{f"{event}_last_hour": {"type": "integer"} for event in ("succeeded", "failed", "retrying")},
         },
-    },
-    "Overview": {
-        "type": "object",
-        "required": ["now", "accounts", "workers", "rates"],
-        "properties": {
+        required=["bucket_s", "start", "succeeded", "failed", "retrying"],
+        description="events per second in each bucket of the last hour, oldest first",
+    ),
+    "Overview": _object(
+        {
             "now": {"type": "string"},
             "accounts": {"type": "array", "items": _ref("AccountOverview")},
             "workers": {"type": "array", "items": _ref("Worker")},
             "rates": _ref("Rates"),
         },
-    },
-    "DeadLetter": {
-        "type": "object",
-        "required": ["id", "dead_lettered_at", "account", "idempotency_key", "error_code", "original_change"],
-        "properties": {
+        required=["now", "accounts", "workers", "rates"],
+    ),
+    "DeadLetter": _object(
+        {
             "id": {"type": "string", "description": "the dead-letter stream id"},
             "dead_lettered_at": {"type": "string"},
             **{name: {"type": "string"} for name in DEAD_LETTER_FIELDS},
             "original_change": {"type": ["object", "null"]},
         },
-    },
-    "Failures": {
-        "type": "object",
-        "required": ["dead_letters_matching", "recent_since", "groups", "dead_letters", "next"],
-        "properties": {
+        required=["id", "dead_lettered_at", "account", "idempotency_key", "error_code", "original_change"],
+    ),
+    "Failures": _object(
+        {
             "dead_letters_matching": {"type": "integer"},
             "recent_since": {"type": "string"},
             "groups": {
                 "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["account", "error_code", "dead_letters", "recent_failed", "recent_retrying"],
-                    "properties": {
+                "items": _object(
+                    {
                         "account": {"type": "string"},
                         "error_code": {"type": "string"},
                         "dead_letters": {"type": "integer"},
                         "recent_failed": {"type": "integer"},
                         "recent_retrying": {"type": "integer"},
                     },
-                },
+                    required=["account", "error_code", "dead_letters", "recent_failed", "recent_retrying"],
+                ),
             },
             "dead_letters": {"type": "array", "items": _ref("DeadLetter")},
             "next": {**_NULLABLE_STRING, "description": "pass as ?before= for the next page"},
         },
-    },
-    "TimelineItem": {
-        "type": "object",
-        "required": ["kind", "at"],
-        "properties": {
+        required=["dead_letters_matching", "recent_since", "groups", "dead_letters", "next"],
+    ),
+    "TimelineItem": _object(
+        {
             "kind": {"enum": ["enqueued", "attempt"]},
             "at": _NULLABLE_STRING,
             "generation": {"type": "integer"},
@@ -176,15 +177,15 @@ _SCHEMAS: dict[str, Any] = {
             "stage_id": _NULLABLE_INT,
             "result": {"type": ["object", "null"], "description": "the results-stream event, while kept"},
         },
-    },
-    "Change": {
-        "type": "object",
-        "required": ["change", "timeline"],
-        "properties": {
+        required=["kind", "at"],
+    ),
+    "Change": _object(
+        {
             "change": {"type": "object", "description": "as leadstage status prints it"},
             "timeline": {"type": "array", "items": _ref("TimelineItem")},
         },
-    },
+        required=["change", "timeline"],
+    ),
     "Selection": {
         "type": "object",
         "description": "either keys (of one account) or a filter; a filter without fields matches every dead letter",
@@ -203,17 +204,13 @@ _SCHEMAS: dict[str, Any] = {
             {"required": ["filter"], "not": {"anyOf": [{"required": ["keys"]}, {"required": ["account"]}]}},
         ],
     },
-    "Outcomes": {
-        "type": "object",
-        "required": ["action", "results"],
-        "properties": {
+    "Outcomes": _object(
+        {
             "action": {"enum": ["replay", "discard"]},
             "results": {
                 "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["idempotency_key", "account", "status"],
-                    "properties": {
+                "items": _object(
+                    {
                         "idempotency_key": {"type": "string"},
                         "account": {"type": "string"},
                         "dead_letter_id": _NULLABLE_STRING,
@@ -225,10 +222,12 @@ _SCHEMAS: dict[str, Any] = {
                         "generation": {"type": "integer"},
                         "message": {"type": "string"},
                     },
-                },
+                    required=["idempotency_key", "account", "status"],
+                ),
             },
         },
-    },
+        required=["action", "results"],
+    ),
 }
 
 

@@ -29,7 +29,8 @@ SURFACE: Final[dict[str, str]] = {
         " Exhausted FieldError IdempotencyConflict Interrupted InvalidChange InvalidEvent IvvyClockSkew"
         " IvvyErrorDetails IvvyNoAnswer IvvyRateLimited IvvyRejected IvvyTimeout IvvyUnavailable LeadstageError"
         " NotFound PermanentError redis_errors RedisCredentialsRefused RedisNotReplicated RedisUnavailable Refused"
-        " RetryableError RetryAfterTooLong StaleRun UnknownAccount"
+        " RetryableError RetryAfterTooLong StaleRun UnknownAccount InvalidOption OutcomeUnavailable UnknownChange"
+        " WaitTimeout SignatureRejected STALE_REQUEST_CODE StreamRefused stream_errors"
     ),
     "gather": "gather_updates",
     "keys": "",
@@ -42,7 +43,7 @@ SURFACE: Final[dict[str, str]] = {
         "close_sentinels connect_redis connect_redis_of connect_redis_or_cluster connect_redis_or_cluster_of"
         " DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url ping printable_url RedisClient single_server"
     ),
-    "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent",
+    "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent Verdict",
     "settings": "Account BATCH_MAX_JOBS DEMO_API_KEY DEMO_API_SECRET Secret Settings",
     "states": "Decision Outcome TERMINAL UNACCOUNTED WaitReason",
     "tracing": "",

@@ -11,12 +11,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from redis.asyncio.connection import Connection
-from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
 
 from worker.core import keys, tracing
 from worker.core.change import Envelope, LeadStageChange
-from worker.core.errors import EnqueueOutcomeUnknown, IdempotencyConflict, RedisUnavailable, redis_errors
+from worker.core.errors import (
+    EnqueueOutcomeUnknown,
+    IdempotencyConflict,
+    RedisUnavailable,
+    redis_errors,
+    reply_or_error,
+    script_missing,
+)
 from worker.core.replies import Receipt, parse_enqueue
 from worker.core.settings import Settings
 
@@ -119,10 +125,7 @@ class _Pipe:
         assert self._connection is not None
         replies: list[Any] = []
         for _ in range(1 + self._confirm + bool(self._notify)):
-            try:
-                replies.append(await self._connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
+            replies.append(await reply_or_error(self._connection))
         return replies
 
     async def receive(self) -> tuple[list[list[bytes]], dict[str, int], int | None]:
@@ -133,7 +136,7 @@ class _Pipe:
         connection, ledger = self._connection, self.ledger
         with redis_errors():
             replies = await self._replies()
-            if any(isinstance(r, NoScriptError) for r in replies):  # none ran: load them, send again
+            if any(script_missing(r) for r in replies):  # none ran: load them, send again
                 for script in (ledger._enqueue, ledger._ready):
                     await connection.send_command("SCRIPT", "LOAD", script.script)
                     script.sha = (await connection.read_response()).decode()

@@ -46,7 +46,7 @@ from worker.core import keys
 from worker.core.bulk import ENQUEUE_CHUNK, BulkCheck, BulkWrite, Chunk, backlog_warning
 from worker.core.change import LeadStageChange
 from worker.core.enqueue import Enqueuing
-from worker.core.errors import StaleRun, redis_errors
+from worker.core.errors import RedisUnavailable, StaleRun, redis_errors
 from worker.core.replies import (
     Claim,
     Finished,
@@ -96,9 +96,9 @@ class Ledger(Enqueuing):
 
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         super().__init__(client, settings)
-        #: Runs' ends waiting for their account's finish.lua call, and the calls on the way.
+        #: Runs' ends waiting for their account's finish.lua call, and one call at a time per account.
         self._endings: dict[str, list[_Ending]] = {}
-        self._finishing: dict[str, asyncio.Task[None]] = {}
+        self._finishing: dict[str, asyncio.Lock] = {}
 
     async def pick(self) -> Pick:
         """The first account due now by the server's clock, hidden from other workers for one lease
@@ -118,13 +118,15 @@ class Ledger(Enqueuing):
             reply = await self._ready(keys=self._ready_keys, args=["set", account, epoch, next_ms, "", self.lease_ms])
         return parse_pick(reply)
 
-    async def wait_for_work(self, timeout_s: float) -> None:
-        """Block until a notice wakes this worker or ``timeout_s`` passes (BLPOP on the wake list)."""
+    async def wait_for_work(self, timeout_s: float) -> bool:
+        """Block until a notice wakes this worker or ``timeout_s`` passes (BLPOP on the wake list);
+        whether a notice woke it."""
         with redis_errors():
             # BLPOP takes fractions of a second since Redis 6 (redis-py's stubs say int).
-            await self.client.execute_command(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            woken = await self.client.execute_command(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
                 "BLPOP", keys.wake_key(self.settings.queue_name), f"{max(timeout_s, 0.001):.3f}"
             )
+        return woken is not None
 
     async def resync(self, accounts: Iterable[str]) -> None:
         """Put every account with a queued change back on the schedule (at start-up, and now and
@@ -250,28 +252,28 @@ class Ledger(Enqueuing):
             delay_ms,
         )  # fmt: skip
         self._endings.setdefault(account, []).append(ending)
-        if account not in self._finishing:
-            self._finishing[account] = asyncio.create_task(self._finish_endings(account))
-        return await asyncio.shield(ending.done)
+        return await self._finish_endings(account, ending)
 
-    async def _finish_endings(self, account: str) -> None:
-        """Send the account's waiting ends, one finish.lua call at a time, until none waits."""
-        try:
-            while endings := self._endings.pop(account, None):
+    async def _finish_endings(self, account: str, ending: _Ending) -> Finished:
+        """Send ``ending`` with every other end of the account waiting, unless a call on the way
+        while it waited sent it already; one finish.lua call at a time per account."""
+        lock = self._finishing.setdefault(account, asyncio.Lock())
+        async with lock:
+            if not ending.done.done():
+                endings = self._endings.pop(account)
                 try:
                     finished = await self._finish_call(account, endings)
-                except Exception as error:  # noqa: BLE001 - every run of the call hears of it, as from its own call
-                    for ending in endings:
-                        ending.done.set_exception(error)
-                    continue
-                except asyncio.CancelledError:
-                    for ending in endings:
-                        ending.done.cancel()
+                except BaseException as error:
+                    # Every run of the call hears of it as from its own call (a cancelled one that its
+                    # outcome is unknown: the lease brings the change back if it was not recorded).
+                    unknown = RedisUnavailable(f"a finish sent with this run's was interrupted: {error!r}")
+                    for other in endings:
+                        if other is not ending:
+                            other.done.set_exception(error if isinstance(error, Exception) else unknown)
                     raise
-                for ending, result in zip(endings, finished, strict=True):
-                    ending.done.set_result(result)
-        finally:
-            del self._finishing[account]
+                for other, result in zip(endings, finished, strict=True):
+                    other.done.set_result(result)
+        return ending.done.result()
 
     async def _finish_call(self, account: str, endings: Sequence[_Ending]) -> list[Finished]:
         settings = self.settings

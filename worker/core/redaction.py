@@ -3,6 +3,10 @@
 docs/contract.md (Configuration): no secret reaches a log line. ``worker.core.logs`` places the
 processor after tracebacks are formatted and just before rendering, for our events and foreign
 records alike.
+
+Every occurrence of a secret it is given is masked, however short: the settings are what refuse a
+secret shorter than ``MIN_SECRET_LENGTH`` (a short one would mask ordinary words and so spell
+itself out), so that the secrets configured never cost a line its readability.
 """
 
 from __future__ import annotations

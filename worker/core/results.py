@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from dataclasses import fields as fields_of
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, Required, Self, TypedDict, Unpack
 
 import orjson
 
@@ -87,6 +87,15 @@ def lost_event(job_id: str, *, finished_at_ms: int) -> dict[str, str]:
     }
 
 
+class Verdict(TypedDict, total=False):
+    """How a run of a change ended, beyond its event: what was posted to iVvy (None when nothing
+    was), the stage it applied to, the error it ended with."""
+
+    sent: Required[LeadStageChange | None]
+    stage_id: int | None
+    error: LeadstageError | None
+
+
 def build_event(
     event: Event,
     facts: JobFacts,
@@ -94,15 +103,14 @@ def build_event(
     attempt: int,
     finished_at_ms: int,
     duration_ms: int,
-    sent: LeadStageChange | None,
-    stage_id: int | None = None,
-    error: LeadstageError | None = None,
     sent_as: str = "alone",
     carried_by: str | None = None,
+    **verdict: Unpack[Verdict],
 ) -> dict[str, str]:
-    """One results-stream entry. ``sent`` is the body posted to iVvy (None when nothing was sent),
-    ``sent_as`` how (``alone``, ``coalesced``) and ``carried_by`` the key of the change whose request
+    """One results-stream entry: ``verdict`` says what was sent and how it ended, ``sent_as`` how it
+    was sent (``alone``, ``coalesced``) and ``carried_by`` the key of the change whose request
     carried it (default: its own)."""
+    sent, stage_id = verdict["sent"], verdict.get("stage_id")
     return {
         "event": event,
         "idempotency_key": facts.idempotency_key,
@@ -111,7 +119,7 @@ def build_event(
         "operation": facts.change.operation,
         "stage_id": "" if stage_id is None else str(stage_id),
         "attempt": str(attempt),
-        **error_fields(error),
+        **error_fields(verdict.get("error")),
         "source": facts.source,
         "enqueued_at": iso_ms(facts.enqueued_at_ms),
         "finished_at": iso_ms(finished_at_ms),

@@ -15,11 +15,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
 from worker.core import keys
-from worker.core.errors import RedisNotReplicated, redis_errors
+from worker.core.errors import RedisNotReplicated, redis_errors, script_missing
 from worker.core.settings import Settings
 
 #: How far ahead of the server's clock a rate-limit slot may be taken in a claim (µs): at high rates
@@ -82,7 +81,7 @@ class Scripts:
                     if notify:
                         pipe.evalsha(self._ready.sha, 3, *self._ready_keys, "notify", "", *sorted(set(notify)))
                     replies = await pipe.execute(raise_on_error=False)
-                missing = [r for r in replies if isinstance(r, NoScriptError)]
+                missing = [r for r in replies if script_missing(r)]
                 if not missing:
                     break
                 # A Redis that restarted or flushed its scripts: load them, then once more.

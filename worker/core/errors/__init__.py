@@ -12,6 +12,7 @@ a caller usually asks: will trying again help?
     │   └── DemoFailed                 ``leadstage demo`` cannot run (no Redis, the worker died)
     ├── PermanentError                 trying again cannot help; the change goes to the DLQ
     │   ├── ConfigError                a missing or bad setting (names it)
+    │   │   └── StreamRefused          Redis refused a stream command (WRONGTYPE, NOGROUP, BUSYGROUP)
     │   ├── InvalidChange              a change broke the rules of docs/contract.md (names each field)
     │   ├── IdempotencyConflict        a known idempotency key came with a different change
     │   ├── UnknownAccount             a change names an account with no credentials
@@ -19,13 +20,18 @@ a caller usually asks: will trying again help?
     │   ├── RetryAfterTooLong          iVvy asked to wait longer than LEADSTAGE_RETRY_AFTER_MAX
     │   ├── Refused                    a command line that cannot be carried out as given (the CLI)
     │   ├── BadFilter                  a reader's filter (``since``, a page cursor) is not usable
+    │   ├── InvalidOption              an argument of ``wait`` or of a consumer is unusable (names it)
+    │   ├── UnknownChange              the ledger does not know the change a producer asks after
+    │   ├── SignatureRejected          the fake iVvy refuses a request's signature (23005: stale date)
     │   ├── InvalidEvent               a results-stream entry is not an event ``build_event`` wrote
     │   └── IvvyRejected               iVvy refused the change: 24320, 24321, 24323, 24324,
     │       │                          23016, 23017 and any other 4xx
     │       └── IvvyAuthError          401, 403, 462, 463: the credentials are wrong or revoked
+    ├── OutcomeUnavailable             a change ended, but its event was trimmed from the results stream
     ├── StaleRun                       a worker's run of a change was overtaken (its lease
     │                                  lapsed, another run began): it stops without recording
     └── RetryableError                 a later attempt may succeed (backoff, Retry-After)
+        ├── WaitTimeout                no terminal event within a wait's timeout (``status``: where it stands)
         ├── RedisUnavailable           Redis did not answer
         │   ├── RedisRefused           Redis answered but refused the command: OOM, READONLY
         │   │                          (a demoted primary), MISCONF, LOADING, BUSY, ...
@@ -54,13 +60,15 @@ then the connection dropped or timed out): an add in that state is reconciled wi
 getLeadStageList before it is posted again.
 
 aiohttp and redis exceptions are translated into this tree where they are caught (``worker.ivvy``
-for HTTP, ``redis_errors`` for Redis); nothing above those boundaries sees them.
+for HTTP, ``redis_errors`` and ``stream_errors`` for Redis); nothing above those boundaries sees them.
 Messages never contain secrets: they are built from status codes, iVvy's own error text and
 field names only.
 
-The tree lives in three modules by job: ``base`` (the root and the errors of our own making),
-``ivvy`` (iVvy's answers and their classification), ``redis_boundary`` (Redis's failures and
-``redis_errors``); import every name from here.
+The tree lives in four modules by job: ``base`` (the root and the errors of our own making),
+``changes`` (what a producer asking after one change hears), ``ivvy`` (iVvy's answers, their
+classification and the fake's signature refusal), ``redis_boundary`` (Redis's failures and
+``redis_errors``); import every name from here. A class names its ``error_code`` in its header:
+``class NotFound(LeadstageError, code="not_found")``.
 """
 
 from __future__ import annotations
@@ -85,6 +93,7 @@ from worker.core.errors.base import (
     StaleRun,
     UnknownAccount,
 )
+from worker.core.errors.changes import InvalidOption, OutcomeUnavailable, UnknownChange, WaitTimeout
 from worker.core.errors.ivvy import (
     AUTH_STATUSES,
     RETRYABLE_SPECIFIC_CODES,
@@ -100,6 +109,7 @@ from worker.core.errors.ivvy import (
     IvvyRejected,
     IvvyTimeout,
     IvvyUnavailable,
+    SignatureRejected,
     error_for_response,
 )
 from worker.core.errors.redis_boundary import (
@@ -109,7 +119,11 @@ from worker.core.errors.redis_boundary import (
     RedisNotReplicated,
     RedisRefused,
     RedisUnavailable,
+    StreamRefused,
     redis_errors,
+    reply_or_error,
+    script_missing,
+    stream_errors,
 )
 
 __all__ = [
@@ -130,6 +144,7 @@ __all__ = [
     "Interrupted",
     "InvalidChange",
     "InvalidEvent",
+    "InvalidOption",
     "IvvyAuthError",
     "IvvyClockSkew",
     "IvvyErrorDetails",
@@ -140,6 +155,7 @@ __all__ = [
     "IvvyUnavailable",
     "LeadstageError",
     "NotFound",
+    "OutcomeUnavailable",
     "PermanentError",
     "ProcessFailed",
     "RedisCredentialsRefused",
@@ -149,8 +165,15 @@ __all__ = [
     "Refused",
     "RetryAfterTooLong",
     "RetryableError",
+    "SignatureRejected",
     "StaleRun",
+    "StreamRefused",
     "UnknownAccount",
+    "UnknownChange",
+    "WaitTimeout",
     "error_for_response",
     "redis_errors",
+    "reply_or_error",
+    "script_missing",
+    "stream_errors",
 ]

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class LeadstageError(Exception):
-    """Base of every error leadstage-sync raises."""
+    """Base of every error leadstage-sync raises.
+
+    A class of the tree names its ``error_code`` in its header, ``class NotFound(LeadstageError,
+    code="not_found")``; a class that names none (an intermediate one) keeps its parent's.
+    """
 
     retryable: bool = False
     #: Short machine-readable name, written to the results stream as ``error_code``.
     error_code: str = "error"
+
+    def __init_subclass__(cls, *, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.error_code = code
 
 
 class PermanentError(LeadstageError):
@@ -28,8 +38,8 @@ class RetryableError(LeadstageError):
     pauses_account: bool = False
 
 
-class ConfigError(PermanentError):
-    error_code = "config"
+class ConfigError(PermanentError, code="config"):
+    """A missing or bad setting; the message names it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +53,15 @@ class FieldError:
         return f"{self.field}: {self.reason}"
 
 
-class InvalidChange(PermanentError):
+class InvalidChange(PermanentError, code="invalid_change"):
     """A change (or its envelope) broke the rules; ``errors`` names each bad field."""
-
-    error_code = "invalid_change"
 
     def __init__(self, errors: Sequence[FieldError]) -> None:
         self.errors = tuple(errors)
         super().__init__("invalid change: " + "; ".join(str(e) for e in self.errors))
 
 
-class IdempotencyConflict(PermanentError):
+class IdempotencyConflict(PermanentError, code="idempotency_conflict"):
     """The idempotency key is already used, for a different change.
 
     In a batch, ``label`` names the refused item in the caller's terms (``changes[3]``, ``line 4``)
@@ -61,8 +69,6 @@ class IdempotencyConflict(PermanentError):
     ``enqueued_before`` counts the changes of the batch already written (only ever non-zero when
     another producer wrote the key between the batch's check and its write).
     """
-
-    error_code = "idempotency_conflict"
 
     def __init__(
         self,
@@ -90,25 +96,19 @@ class IdempotencyConflict(PermanentError):
         super().__init__(f"{label}: {text}" if label else text)
 
 
-class UnknownAccount(PermanentError):
-    error_code = "unknown_account"
-
+class UnknownAccount(PermanentError, code="unknown_account"):
     def __init__(self, account: str) -> None:
         self.account = account
         super().__init__(f"account {account!r} is not configured (see LEADSTAGE_ACCOUNTS_FILE)")
 
 
-class Exhausted(PermanentError):
+class Exhausted(PermanentError, code="exhausted"):
     """Out of attempts or past the maximum age."""
 
-    error_code = "exhausted"
 
-
-class RetryAfterTooLong(PermanentError):
+class RetryAfterTooLong(PermanentError, code="retry_after_too_long"):
     """iVvy asked for a pause longer than the change may wait: dead-lettered with the reason, so an
     operator replays it later instead of it waiting unseen (and outliving its ledger entry)."""
-
-    error_code = "retry_after_too_long"
 
     def __init__(self, retry_after_s: float, cap_s: float, answer: str) -> None:
         super().__init__(
@@ -116,55 +116,39 @@ class RetryAfterTooLong(PermanentError):
         )
 
 
-class NotFound(LeadstageError):
+class NotFound(LeadstageError, code="not_found"):
     """The change or dead letter a command asks about is not known (exit status 1)."""
 
-    error_code = "not_found"
 
-
-class Interrupted(LeadstageError):
+class Interrupted(LeadstageError, code="interrupted"):
     """Redis stopped answering in the middle of a bulk enqueue (exit status 1); says what was written."""
 
-    error_code = "interrupted"
 
-
-class Refused(PermanentError):
+class Refused(PermanentError, code="refused"):
     """The command line cannot be carried out as given (exit status 2): flags, a file, a located conflict."""
 
-    error_code = "refused"
 
-
-class ProcessFailed(LeadstageError):
+class ProcessFailed(LeadstageError, code="process_failed"):
     """A child process did not start, exited early, or does not answer on its port."""
 
-    error_code = "process_failed"
 
-
-class DemoFailed(ProcessFailed):
+class DemoFailed(ProcessFailed, code="demo_failed"):
     """The demo cannot run (no Redis, the worker died): one line for the operator, exit 1."""
 
-    error_code = "demo_failed"
 
-
-class StaleRun(LeadstageError):
+class StaleRun(LeadstageError, code="stale_run"):
     """This run no longer owns its change (its lease lapsed and another run began): it must stop."""
-
-    error_code = "stale_run"
 
     def __init__(self, job_id: str, run: int) -> None:
         super().__init__(f"run {run} of {job_id} was overtaken by a newer run")
 
 
-class BadFilter(PermanentError):
+class BadFilter(PermanentError, code="bad_filter"):
     """A filter given to a reader (``since``, a page cursor) is not usable as given."""
 
-    error_code = "bad_filter"
 
-
-class InvalidEvent(PermanentError):
+class InvalidEvent(PermanentError, code="invalid_event"):
     """A stream entry is not an event as ``build_event`` writes it (written by something else)."""
-
-    error_code = "invalid_event"
 
     def __init__(self, entry_id: str, field: str, reason: str) -> None:
         self.entry_id = entry_id

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict, Unpack
 
 from worker.core.errors.base import LeadstageError, PermanentError, RetryableError
+
+
+class IvvyAnswer(TypedDict, total=False):
+    """What iVvy's error answer said, as ``IvvyErrorDetails`` takes it (for its subclasses)."""
+
+    http_status: int | None
+    specific_code: int | None
+    additional_messages: Sequence[str]
+    retry_after: float | None
 
 
 class IvvyErrorDetails(LeadstageError):
@@ -37,20 +47,19 @@ class IvvyErrorDetails(LeadstageError):
         return None if self.specific_code is None else str(self.specific_code)
 
 
-class IvvyRejected(IvvyErrorDetails, PermanentError):
-    error_code = "rejected"
+class IvvyRejected(IvvyErrorDetails, PermanentError, code="rejected"):
+    """iVvy refused the change (any 4xx but the ones below, and its refusing specific codes)."""
 
 
-class IvvyAuthError(IvvyRejected):
-    error_code = "unauthorized"
+class IvvyAuthError(IvvyRejected, code="unauthorized"):
+    """401, 403, 462, 463: the credentials are wrong or revoked."""
 
 
-class IvvyUnavailable(IvvyErrorDetails, RetryableError):
-    error_code = "unavailable"
+class IvvyUnavailable(IvvyErrorDetails, RetryableError, code="unavailable"):
+    """iVvy answered 5xx, 460, 461 or specific code 24322."""
 
 
-class IvvyRateLimited(IvvyUnavailable):
-    error_code = "rate_limited"
+class IvvyRateLimited(IvvyUnavailable, code="rate_limited"):
     pauses_account = True
 
 
@@ -58,7 +67,7 @@ class IvvyRateLimited(IvvyUnavailable):
 STALE_REQUEST_CODE = 23005
 
 
-class IvvyClockSkew(IvvyErrorDetails, RetryableError):
+class IvvyClockSkew(IvvyErrorDetails, RetryableError, code="clock_skew"):
     """iVvy found the request's date stale (23005): the worker host's clock is off by more than
     iVvy's tolerance. Every change of the account would fail alike, so the account pauses and
     the change is tried again after the pause, instead of being dead-lettered as unauthorised.
@@ -66,58 +75,45 @@ class IvvyClockSkew(IvvyErrorDetails, RetryableError):
     ``skew_s``: iVvy's clock (its Date header) minus ours, in seconds, when it sent one.
     """
 
-    error_code = "clock_skew"
     pauses_account = True
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        http_status: int | None = None,
-        specific_code: int | None = STALE_REQUEST_CODE,
-        additional_messages: Sequence[str] = (),
-        retry_after: float | None = None,
-        skew_s: float | None = None,
-    ) -> None:
+    def __init__(self, message: str, *, skew_s: float | None = None, **answer: Unpack[IvvyAnswer]) -> None:
         self.skew_s = skew_s
-        super().__init__(
-            message,
-            http_status=http_status,
-            specific_code=specific_code,
-            additional_messages=additional_messages,
-            retry_after=retry_after,
-        )
+        answer.setdefault("specific_code", STALE_REQUEST_CODE)
+        super().__init__(message, **answer)
 
 
-class IvvyNoAnswer(IvvyErrorDetails, RetryableError):
-    error_code = "connection"
+class SignatureRejected(PermanentError, code="signature_rejected"):
+    """Why the fake iVvy refuses a request's signature; ``specific_code`` 23005 for a stale date."""
 
+    def __init__(self, message: str, specific_code: int | None = None) -> None:
+        self.specific_code = specific_code
+        super().__init__(message)
+
+
+class IvvyNoAnswer(IvvyErrorDetails, RetryableError, code="connection"):
     def __init__(self, message: str, *, outcome_unknown: bool) -> None:
         self.outcome_unknown = outcome_unknown
         super().__init__(message)
 
 
-class IvvyTimeout(IvvyNoAnswer):
-    error_code = "timeout"
+class IvvyTimeout(IvvyNoAnswer, code="timeout"):
+    """No answer within the request timeout."""
 
 
-class BatchNotReady(RetryableError):
+class BatchNotReady(RetryableError, code="batch_not_ready"):
     """A batch's results are not ready yet (iVvy's 24114), or were not within the wait allowed."""
-
-    error_code = "batch_not_ready"
 
     def __init__(self, async_id: str, message: str = "") -> None:
         self.async_id = async_id
         super().__init__(message or f"batch {async_id}: iVvy has not finished it (24114)")
 
 
-class BatchGone(RetryableError):
+class BatchGone(RetryableError, code="batch_gone"):
     """A batch's results cannot be had: iVvy does not know the batch (24115 from results, 24105
     from progress: never accepted, or past retention), or its results do not answer its jobs.
     What the jobs did is unknown: each change is attempted again (an update is resent), as after
     a request without an answer; asking about the batch again cannot help."""
-
-    error_code = "batch_gone"
 
     def __init__(self, async_id: str, reason: str, *, specific_code: int | None = None) -> None:
         self.async_id = async_id

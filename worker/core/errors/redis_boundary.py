@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from worker.core.errors.base import ConfigError, RetryableError
 
+if TYPE_CHECKING:
+    from redis.asyncio.connection import Connection
 
-class RedisUnavailable(RetryableError):
-    error_code = "redis_unavailable"
+
+class RedisUnavailable(RetryableError, code="redis_unavailable"):
+    """Redis did not answer (or refused the command for now: the subclasses)."""
 
 
-class RedisRefused(RedisUnavailable):
+class RedisRefused(RedisUnavailable, code="redis_refused"):
     """Redis answered with an error that says it cannot take the command now (not a bug of ours)."""
 
-    error_code = "redis_refused"
 
-
-class RedisCredentialsRefused(RedisUnavailable):
+class RedisCredentialsRefused(RedisUnavailable, code="redis_credentials_refused"):
     """Redis answered, and refused the user or password of REDIS_URL (it may be rotated meanwhile)."""
 
-    error_code = "redis_credentials_refused"
 
-
-class RedisNotReplicated(RedisUnavailable):
+class RedisNotReplicated(RedisUnavailable, code="redis_not_replicated"):
     """A write was not confirmed by enough replicas: a failover now could lose it."""
-
-    error_code = "redis_not_replicated"
 
     def __init__(self, what: str, acked: int, wanted: int, timeout_s: float) -> None:
         super().__init__(
@@ -37,12 +35,10 @@ class RedisNotReplicated(RedisUnavailable):
         )
 
 
-class EnqueueOutcomeUnknown(RedisUnavailable):
+class EnqueueOutcomeUnknown(RedisUnavailable, code="outcome_unknown"):
     """Redis stopped answering while changes were written: ``unknown`` (account, idempotency key)
     may or may not be enqueued, ``enqueued`` changes before them were. Enqueuing them again with
     the same keys is safe: a change already written comes back as a duplicate."""
-
-    error_code = "outcome_unknown"
 
     def __init__(self, reason: str, *, enqueued: int, unknown: Sequence[tuple[str, str]]) -> None:
         self.enqueued = enqueued
@@ -54,6 +50,15 @@ class EnqueueOutcomeUnknown(RedisUnavailable):
         if enqueued:
             text += f" ({enqueued} earlier change(s) were enqueued)"
         super().__init__(text)
+
+
+class StreamRefused(ConfigError, code="stream_refused"):
+    """Redis refused a stream command: the key is not a stream, the consumer group is gone, or the
+    server is too old. ``reply`` is Redis's error code (``WRONGTYPE``, ``NOGROUP``, ``BUSYGROUP``)."""
+
+    def __init__(self, stream: str, answer: str) -> None:
+        self.reply = answer.split(" ", 1)[0]
+        super().__init__(f"Redis refused to read {stream!r} as a stream: {answer}")
 
 
 #: Error replies with which Redis refuses a command for a while, whatever the command: out of memory,
@@ -101,3 +106,35 @@ def redis_errors() -> Iterator[None]:
         if "Cluster mode is not enabled" in str(exc):
             raise ConfigError("REDIS_URL names a Redis Cluster, but the server there is not in cluster mode") from None
         raise  # a command whose keys span slots: a bug, not a state of Redis
+
+
+@contextlib.contextmanager
+def stream_errors(stream: str) -> Iterator[None]:
+    """``redis_errors`` around a command on the stream ``stream``, with Redis's other error replies
+    to it (a key that is not a stream, no such group, a group that exists) as ``StreamRefused``."""
+    import redis.exceptions
+
+    try:
+        with redis_errors():
+            yield
+    except redis.exceptions.ResponseError as exc:
+        raise StreamRefused(stream, str(exc)) from None
+
+
+def script_missing(reply: object) -> bool:
+    """Whether a reply of a pipeline run without raising (``raise_on_error=False``) is Redis's
+    NOSCRIPT: the script is not loaded (a Redis that restarted or flushed its scripts)."""
+    import redis.exceptions
+
+    return isinstance(reply, redis.exceptions.NoScriptError)
+
+
+async def reply_or_error(connection: Connection) -> Any:
+    """One reply read from a raw connection, an error reply as its exception (as a pipeline run
+    without raising gives it), for the caller to raise inside ``redis_errors``."""
+    import redis.exceptions
+
+    try:
+        return await connection.read_response()
+    except redis.exceptions.ResponseError as exc:
+        return exc

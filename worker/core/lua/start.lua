@@ -129,9 +129,12 @@ local function consider(job)
   end
   if exhausted then return decide('exhausted', '') end
 
-  -- A claim late for its slot by up to half an interval (the worker's own round trips) does not
-  -- push the account's next slots back with it; after a longer pause the slots start afresh.
-  if tat < now_us - interval_us / 2 then tat = now_us end
+  -- The next slot is a whole interval after this send, however early (the window) or late the
+  -- claim: two sends are never closer than one interval, so a server counting requests over any
+  -- sliding second sees at most the limit. Above one request per window, the slots due within it
+  -- go together.
+  local floor_us = interval_us >= window_us and now_us + window_us or now_us
+  if tat < floor_us then tat = floor_us end
   tat = tat + interval_us
   attempts = attempts + 1
   local recovery = {'attempts', attempts}

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import ConfigError
-from worker.core.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S
+from worker.core.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S, parse_redis_url
 from worker.core.settings.accounts import DEMO_API_KEY, DEMO_API_SECRET, Account, load_accounts, load_webhook_secrets
 from worker.core.settings.variables import (
     LOG_LEVEL_NAMES,
@@ -258,6 +258,7 @@ class Settings:
         values = [a.api_secret.get() for a in self.accounts.values()]
         values += [secret for _, secret in self.webhook_secrets()]
         values.extend(token.get() for token in (self.console_token, self.console_read_token) if token is not None)
+        values.append(parse_redis_url(self.redis_url).password or "")
         return [v for v in values if v]
 
     def webhook_secrets(self) -> list[tuple[str | None, str]]:

@@ -11,11 +11,11 @@ import orjson
 
 from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import ConfigError
-from worker.core.settings.variables import Secret, check_account_name, check_webhook_secrets
+from worker.core.settings.variables import Secret, check_account_name, check_secret_length, check_webhook_secrets
 
 #: The fake iVvy's credentials when IVVY_API_KEY / IVVY_API_SECRET are unset (demo and tests only).
 DEMO_API_KEY = "demo-key"
-DEMO_API_SECRET = "demo-secret"  # noqa: S105 - the fake's published demo credential, not a real secret
+DEMO_API_SECRET = "demo-secret-of-the-fake-ivvy"  # noqa: S105 - the fake's published demo credential, not a real secret
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ def load_accounts(env: Mapping[str, str], default_rate: float, plain_http_hosts:
             raise ConfigError("IVVY_API_KEY is not set (IVVY_BASE_URL is)")
         if not secret:
             raise ConfigError("IVVY_API_SECRET is not set (IVVY_BASE_URL is)")
+        check_secret_length("IVVY_API_SECRET", secret)
         accounts[DEFAULT_ACCOUNT] = Account(
             DEFAULT_ACCOUNT,
             _check_base_url("IVVY_BASE_URL", base_url, plain_http_hosts),
@@ -126,6 +127,7 @@ def _read_accounts_file(path: Path, default_rate: float, plain_http_hosts: froze
         for required in ("base_url", "api_key", "api_secret"):
             if not isinstance(entry.get(required), str) or not entry[required].strip():
                 raise ConfigError(f"{where}: {required} is missing or not a string")
+        check_secret_length(f"{where}: api_secret", entry["api_secret"].strip())
         rate = entry.get("rate_limit", default_rate)
         if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
             raise ConfigError(f"{where}: rate_limit must be a positive number")

@@ -45,8 +45,11 @@ BatchMode = Literal["auto", "off"]
 BATCH_MODES: tuple[BatchMode, ...] = ("auto", "off")
 LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
 LOG_LEVEL_NAMES: tuple[LogLevel, ...] = ("debug", "info", "warning", "warn", "error", "critical")
-#: The shortest console token accepted (LEADSTAGE_CONSOLE_TOKEN, LEADSTAGE_CONSOLE_READ_TOKEN).
-MIN_TOKEN_LENGTH = 16
+#: The shortest secret accepted, of every kind (docs/contract.md: Configuration): an iVvy API
+#: secret, a console token, a webhook secret's key (after whsec_), the password in REDIS_URL. Every
+#: secret goes to the log redactor, which masks each occurrence of it in every line: a shorter one
+#: would mask ordinary words (and so show itself), and is weak anyway.
+MIN_SECRET_LENGTH = 16
 
 
 class EnvReader:
@@ -128,7 +131,9 @@ class EnvReader:
 
     def redis_url(self, name: str, default: str) -> str:
         raw = self._raw(name) or default
-        parse_redis_url(raw, name)
+        password = parse_redis_url(raw, name).password
+        if password is not None:
+            check_secret_length(f"{name}'s password", password)
         return raw
 
     def flag(self, name: str, default: bool) -> bool:
@@ -146,10 +151,10 @@ class EnvReader:
         raw = self._raw(name)
         if raw is None:
             return default
-        if len(raw) < MIN_TOKEN_LENGTH or not all(c.isascii() and c.isprintable() and not c.isspace() for c in raw):
+        if len(raw) < MIN_SECRET_LENGTH or not all(c.isascii() and c.isprintable() and not c.isspace() for c in raw):
             # The message never repeats the value: it is a secret, even when a bad one.
             raise ConfigError(
-                f"{name} must be at least {MIN_TOKEN_LENGTH} printable ASCII characters without spaces "
+                f"{name} must be at least {MIN_SECRET_LENGTH} printable ASCII characters without spaces "
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
             )
         return Secret(raw)
@@ -180,6 +185,16 @@ def check_account_name(where: str, name: str) -> None:
         raise ConfigError(f"{where}: the name must be letters, digits, '_', '.', '-'") from None
 
 
+def check_secret_length(where: str, secret: str) -> None:
+    """``ConfigError`` at ``where`` if ``secret`` is shorter than ``MIN_SECRET_LENGTH``; the message
+    names ``where`` and the minimum, never the value (nor its length, which would narrow a guess)."""
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"{where} is too short: a secret must be at least {MIN_SECRET_LENGTH} characters "
+            "(the log redactor masks every occurrence of it, so a short one would mask ordinary text)"
+        )
+
+
 def split_list(raw: str) -> list[str]:
     """The items of a list setting, separated by spaces or commas (neither is in base64 or a host name)."""
     return [item for item in re.split(r"[\s,]+", raw) if item]
@@ -205,4 +220,6 @@ def check_webhook_secrets(origin: str, raw: str) -> Secret:
             decoded = b""
         if not decoded:
             raise ConfigError(f"{which} must be a Standard Webhooks secret: whsec_ and the base64 of a non-empty key")
+        # The redactor masks the base64 after whsec_ on its own too: that is what must be long enough.
+        check_secret_length(f"{which} (after whsec_)", key)
     return Secret(" ".join(secrets))

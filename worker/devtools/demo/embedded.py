@@ -31,13 +31,6 @@ DEMO_DLQ: Final = "leadstage:demo:dlq"
 REDIS_START_TIMEOUT_S: Final = 5.0
 #: How long "does Redis answer at REDIS_URL?" may take (an unroutable host would hang otherwise).
 REDIS_PROBE_TIMEOUT_S: Final = 2.0
-#: The fake's fault draws are seeded, so a rerun answers the same way.
-FAKE_SEED: Final = 2026
-
-#: Requests per second to the fake: the shared rate limiter at work, without slowing the demo.
-DEMO_RATE_LIMIT: Final = 20.0
-#: The demo's ledger entries are throw-away: they expire after an hour, not the production 24 h.
-DEMO_LEDGER_RETENTION_S: Final = 3600
 
 
 async def answers(url: str) -> bool:
@@ -104,7 +97,8 @@ def demo_credentials(settings: Settings) -> tuple[str, str]:
 def settings_for_demo(settings: Settings, redis_url: str, ivvy_url: str, credentials: tuple[str, str]) -> Settings:
     """``settings`` with the demo's names, its one account (at the fake) and its fast timings."""
     key, secret = credentials
-    account = Account(DEMO_ACCOUNT, ivvy_url, key, Secret(secret), DEMO_RATE_LIMIT)
+    rate_limit = 20.0  # requests per second to the fake: the shared rate limiter at work, without slowing the demo
+    account = Account(DEMO_ACCOUNT, ivvy_url, key, Secret(secret), rate_limit)
     return dataclasses.replace(
         settings,
         redis_url=redis_url,
@@ -112,8 +106,8 @@ def settings_for_demo(settings: Settings, redis_url: str, ivvy_url: str, credent
         queue_name=DEMO_QUEUE,
         results_stream=DEMO_RESULTS,
         dlq_stream=DEMO_DLQ,
-        ledger_retention_s=DEMO_LEDGER_RETENTION_S,
-        rate_limit=DEMO_RATE_LIMIT,
+        ledger_retention_s=3600,  # throw-away entries: they expire after an hour, not the production 24 h
+        rate_limit=rate_limit,
         concurrency=10,
         # Fast timings: a retry is seen within a second, not after the production defaults.
         max_attempts=6,

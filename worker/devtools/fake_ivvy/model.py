@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from worker.core.errors import SignatureRejected
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
 from worker.devtools.fake_ivvy.batch import BatchStore
 from worker.devtools.fake_ivvy.faults import FaultName, Faults
@@ -51,7 +52,7 @@ from worker.devtools.fake_ivvy.params import (
     string,
     whole_number,
 )
-from worker.signing import SignatureRejected, format_ivvy_date, verify_request
+from worker.signing import format_ivvy_date, verify_request
 
 FIRST_STAGE_ID: Final = 1000
 DEFAULT_PER_PAGE: Final = 10
@@ -76,25 +77,17 @@ class Stage:
     editable: bool = True
     reasons: tuple[Reason, ...] = ()
 
+    def _shown(self) -> dict[str, Any]:
+        """What every view of a stage shows, in iVvy's field names."""
+        return {"id": self.id, "name": self.name, "colour": self.colour, "applyTo": self.apply_to}
+
     def public(self) -> dict[str, Any]:
         """As getLeadStageList shows it."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "colour": self.colour,
-            "applyTo": self.apply_to,
-            "reasons": [{"id": r.id, "reason": r.reason} for r in self.reasons],
-        }
+        return {**self._shown(), "reasons": [{"id": r.id, "reason": r.reason} for r in self.reasons]}
 
     def admin(self) -> dict[str, Any]:
         """As GET /_admin/stages shows it."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "colour": self.colour,
-            "applyTo": self.apply_to,
-            "editable": self.editable,
-        }
+        return {**self._shown(), "editable": self.editable}
 
 
 def _built_in_stages() -> list[Stage]:
