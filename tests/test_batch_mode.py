@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from tests import harness
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.core import keys, readers
+from worker.core.batch_claim import claim_batch, take_rate_slot
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.settings import Settings
@@ -119,6 +120,30 @@ async def test_many_due_updates_of_few_stages_are_coalesced_not_batched(
     assert calls(fake, "batch", "run") == 0
     assert {events[0]["sent_as"] for events in terminal.values()} <= {"coalesced", "alone", ""}
     assert (stage.name, stage.colour) == ("N10", "#00000b")
+
+
+async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_limit(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """batch.lua's claim takes one slot for the run; its 'slot' takes one per poll, never two within
+    one interval, and takes nothing while none is free (by the server's clock, no timing)."""
+    await enqueue(redis_client, settings, one_per_stage(fake, 8))
+    ledger = Ledger(redis_client, settings)
+    rate = 10.0  # one slot per 100 ms
+    claim = await claim_batch(ledger, "default", "w", rate)
+    assert (len(claim.starts), claim.refused) == (8, "")
+    first_wait = await take_rate_slot(ledger, "default", rate)
+    assert 0 < first_wait <= 100  # the run took the slot
+    rate_state = await redis_client.hgetall(keys.rate_key("default"))  # type: ignore[misc]  # redis-py's async stubs
+    assert await take_rate_slot(ledger, "default", rate) > 0
+    assert await redis_client.hgetall(keys.rate_key("default")) == rate_state  # type: ignore[misc]  # nothing taken
+    await redis_client.hset(keys.rate_key("default"), "tat", "0")  # type: ignore[misc]  # redis-py's async stubs; as after a quiet while
+    assert await take_rate_slot(ledger, "default", rate) == 0
+    assert 0 < await take_rate_slot(ledger, "default", rate) <= 100
+    # With no free slot, a claim takes nothing (and says so).
+    await enqueue(redis_client, settings, one_per_stage(fake, 8, prefix="v"))
+    refused = await claim_batch(ledger, "default", "w", rate)
+    assert (refused.starts, refused.refused) == ([], "rate")
 
 
 async def test_batch_mode_off_sends_no_batch(settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy) -> None:

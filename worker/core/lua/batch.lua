@@ -32,14 +32,16 @@ local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
 local now = math.floor(now_us / 1000)
 
--- The account's rate limit, as start.lua keeps it (GCRA in µs, a burst of one request).
+-- The account's rate limit, exactly as start.lua keeps it (GCRA in µs; keep the two the same): the
+-- next slot is a whole interval after this send, however early (the window) or late.
 local function rate_slot(rate_key, interval_us, window_us)
   local rate = redis.call('HMGET', rate_key, 'tat', 'pause_until')
   local tat = tonumber(rate[1]) or 0
   local pause_until_us = (tonumber(rate[2]) or 0) * 1000
   local wait_us = math.max(tat - window_us, pause_until_us) - now_us
   if wait_us > 0 then return math.ceil(wait_us / 1000) end
-  if tat < now_us - interval_us / 2 then tat = now_us end
+  local floor_us = interval_us >= window_us and now_us + window_us or now_us
+  if tat < floor_us then tat = floor_us end
   redis.call('HSET', rate_key, 'tat', string.format('%d', tat + interval_us))
   return 0
 end
