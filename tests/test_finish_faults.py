@@ -1,8 +1,8 @@
-"""Review: the ends of runs that share one finish.lua call, and the stage lock after an unknown
-outcome, against a real Redis (no replica: a WAIT that asks for one lasts its whole timeout, which
-keeps a finish call on the way for as long as the test needs). Each test is a defect found in the
-review of the cost-per-change rewrite, marked ``xfail(strict=True)`` until the fix lands (then it
-passes and the mark must go)."""
+"""Review: the ends of runs that share one finish.lua call, the stage lock after an unknown outcome,
+a lock of a key that extends another, a script missing from Redis's cache, a missing ledger entry and
+the expiry of a change not done yet, against a real Redis (no replica: a WAIT that asks for one lasts
+its whole timeout, which keeps a finish call on the way for as long as the test needs). Each test is
+a defect found in the review of the cost-per-change rewrite, and fails on the code before its fix."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 
 from tests.redis_servers import RedisServer
 from tests.test_ledger import enqueue, envelope
 from worker.core import keys
 from worker.core.change import LeadStageChange, parse_change
+from worker.core.errors import RedisUnavailable
 from worker.core.ledger import Finished, Ledger, Start
 from worker.core.settings import Settings
 
@@ -75,10 +75,6 @@ async def _until_waiting(ledger: Ledger, count: int) -> None:
     await _until(waiting)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ledger._finish_endings: the sender's cancellation is every batched run's RedisUnavailable, recorded or not",
-)
 async def test_a_run_recorded_by_a_shared_finish_hears_its_result_when_the_sender_is_cancelled(
     redis_client: aioredis.Redis,
 ) -> None:
@@ -97,35 +93,71 @@ async def test_a_run_recorded_by_a_shared_finish_hears_its_result_when_the_sende
     assert (finished.recorded, finished.replicated) == (True, False)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="Ledger._finish_endings sets an exception on the future of a run whose task is gone"
-)
-async def test_a_cancelled_runs_end_sent_by_another_leaves_no_unretrieved_error(
-    redis_client: aioredis.Redis,
-) -> None:
-    loop = asyncio.get_running_loop()
+def _unhandled() -> list[str]:
+    """The messages asyncio gives the loop's exception handler from now on."""
     errors: list[str] = []
-    loop.set_exception_handler(lambda _loop, context: errors.append(str(context.get("message"))))
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(str(context.get("message"))))
+    return errors
+
+
+async def _collected() -> None:
+    """Until what nothing refers to is collected (the callbacks scheduled as tasks end hold them)."""
+    for _ in range(2):
+        await asyncio.sleep(0)
+        gc.collect()
+
+
+async def _a_gone_run_behind_a_call(
+    redis_client: aioredis.Redis,
+) -> tuple[asyncio.Task[Finished], asyncio.Task[Finished], asyncio.Task[Finished]]:
+    """Runs c, d and a: c's finish call on the way, d's end waiting for the next call and its task
+    cancelled (its lease lost), a's end waiting too, so that a's call sends d's end with its own.
+    Returns the tasks (c's, d's, a's)."""
     plain, waiting = _ledgers(redis_client)
     runs = {key: await _claimed(plain, key, {"id": i + 1, "name": key}) for i, key in enumerate(["c", "d", "a"])}
     first = asyncio.create_task(_finish(waiting, "c", *runs["c"], "succeeded"))
     await _until_state(redis_client, "c", b"succeeded")
     gone = asyncio.create_task(_finish(waiting, "d", *runs["d"], "succeeded"))
     await _until_waiting(waiting, 1)
-    gone.cancel()  # d's lease is lost while its end waits for the account's next call
+    gone.cancel()
     sender = asyncio.create_task(_finish(waiting, "a", *runs["a"], "succeeded"))
     await _until_waiting(waiting, 2)
+    return first, gone, sender
+
+
+async def test_a_cancelled_runs_end_sent_by_another_leaves_no_unretrieved_error(
+    redis_client: aioredis.Redis,
+) -> None:
+    errors = _unhandled()
+    first, gone, sender = await _a_gone_run_behind_a_call(redis_client)
     await first
     await _until_state(redis_client, "a", b"succeeded")
     sender.cancel()
     await asyncio.gather(gone, sender, return_exceptions=True)
     del gone, sender
-    gc.collect()
-    await asyncio.sleep(0)
+    await _collected()
     assert "Future exception was never retrieved" not in errors
 
 
-@pytest.mark.xfail(strict=True, reason="finish.lua places the unknown-outcome hold only on a lock still held")
+async def test_a_cancelled_runs_end_in_a_call_that_fails_leaves_no_unretrieved_error(
+    private_redis: RedisServer,
+) -> None:
+    errors = _unhandled()
+    client = aioredis.Redis.from_url(private_redis.url)
+    try:
+        first, gone, sender = await _a_gone_run_behind_a_call(client)
+        await client.config_set("maxmemory", 1)  # the next call (a's, with d's end) is refused: OOM
+        await first
+        ended = await asyncio.gather(gone, sender, return_exceptions=True)
+        assert isinstance(ended[1], RedisUnavailable)  # a hears of it; d's task is gone
+        del gone, sender, ended  # the error's traceback holds the call's runs (d's end among them)
+        await _collected()
+        assert "Future exception was never retrieved" not in errors
+    finally:
+        await client.config_set("maxmemory", 0)
+        await client.aclose()
+
+
 async def test_an_unknown_outcome_holds_the_stage_even_when_the_lock_expired_during_the_run(
     redis_client: aioredis.Redis,
 ) -> None:
@@ -140,10 +172,6 @@ async def test_an_unknown_outcome_holds_the_stage_even_when_the_lock_expired_dur
     assert (started.decision, started.reason) == ("wait", "locked")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scripts._call sends the pipeline again when only the notice's script was missing: the enqueue runs twice",
-)
 async def test_an_enqueue_whose_notice_script_is_not_loaded_yet_is_queued_once(private_redis: RedisServer) -> None:
     client = aioredis.Redis.from_url(private_redis.url)
     try:
@@ -157,9 +185,22 @@ async def test_an_enqueue_whose_notice_script_is_not_loaded_yet_is_queued_once(p
         await client.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="start.lua drops a missing job from the queue before lost.lua reports it, in another call"
-)
+async def test_a_replay_whose_notice_script_is_not_loaded_yet_is_replayed_once(private_redis: RedisServer) -> None:
+    client = aioredis.Redis.from_url(private_redis.url)
+    try:
+        ledger = Ledger(client, Settings(max_attempts=3))
+        change, started = await _claimed(ledger, "dead", {"name": "Dead", "applyTo": 1})
+        assert (await _finish(ledger, "dead", change, started, "failed")).recorded
+        [(entry_id, _)] = await client.xrange(ledger.settings.dlq_stream)
+        # Redis restarted: its script cache is empty, then a bulk check loaded enqueue.lua alone.
+        await client.script_flush()
+        await client.script_load(ledger._enqueue.script)
+        replayed = await ledger.replay(change, envelope("dead"), dlq_entry_id=entry_id.decode(), generation="0")
+        assert replayed == ("queued", 1)  # not "not_failed": the first send of the pipeline did replay it
+    finally:
+        await client.aclose()
+
+
 async def test_a_missing_job_claimed_by_a_worker_that_dies_before_reporting_it_is_not_lost(
     redis_client: aioredis.Redis,
 ) -> None:
@@ -173,9 +214,24 @@ async def test_a_missing_job_claimed_by_a_worker_that_dies_before_reporting_it_i
     assert reported == 1 or await redis_client.zscore(QUEUE, "default:gone") is not None
 
 
-@pytest.mark.xfail(
-    strict=True, reason="start.lua takes a lock whose value starts with 'job#' as its own: key 'k' takes key 'k#1''s"
-)
+async def test_a_missing_job_is_reported_once_and_not_for_a_change_enqueued_again_under_its_key(
+    redis_client: aioredis.Redis,
+) -> None:
+    ledger, _ = _ledgers(redis_client)
+    for key in ("gone", "back"):
+        await enqueue(ledger, key, {"name": key, "applyTo": 1})
+        await redis_client.delete(keys.ledger_key(f"default:{key}"))
+    claim = await ledger.claim("default", WORKER, RATE, 0, 4)
+    assert [start.decision for start in claim.starts] == ["missing", "missing"]
+    event = {"event": "failed", "idempotency_key": "gone"}
+    # Two workers report it (the first worker's lease ran out before its report): one event.
+    assert [await ledger.report_missing("default:gone", event) for _ in range(2)] == [True, False]
+    await enqueue(ledger, "back", {"name": "Back", "applyTo": 1})  # its key enqueued again before the report
+    assert not await ledger.report_missing("default:back", event)
+    assert await redis_client.xlen(ledger.settings.results_stream) == 1
+    assert await redis_client.zscore(QUEUE, "default:back") is not None  # the new change stays queued
+
+
 async def test_a_stage_locked_by_a_key_that_extends_another_key_stays_locked_to_that_other(
     redis_client: aioredis.Redis,
 ) -> None:
@@ -187,9 +243,6 @@ async def test_a_stage_locked_by_a_key_that_extends_another_key_stays_locked_to_
     assert (started.decision, started.reason) == ("wait", "locked")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="finish.lua's release takes a lock of key 'k#1' for its own when run 1 of 'k' ends"
-)
 async def test_a_lock_taken_over_by_a_key_that_extends_the_runs_key_is_put_back(redis_client: aioredis.Redis) -> None:
     ledger, _ = _ledgers(redis_client)
     older, first = await _claimed(ledger, "k", {"id": 9, "colour": "#111111"})
@@ -201,7 +254,6 @@ async def test_a_lock_taken_over_by_a_key_that_extends_the_runs_key_is_put_back(
     assert await redis_client.get(lock) == taken  # the lock of 'k#1' (its POST on the way), as it was
 
 
-@pytest.mark.xfail(strict=True, reason="finish.lua gives a retrying change an expiry (README: none until it is done)")
 async def test_a_retried_change_does_not_expire_until_it_is_done(redis_client: aioredis.Redis) -> None:
     ledger, _ = _ledgers(redis_client)
     change, started = await _claimed(ledger, "again", {"name": "Again", "applyTo": 1})
@@ -209,7 +261,6 @@ async def test_a_retried_change_does_not_expire_until_it_is_done(redis_client: a
     assert await redis_client.pttl(keys.ledger_key("default:again")) == -1
 
 
-@pytest.mark.xfail(strict=True, reason="start.lua's later() gives a held-back change an expiry it did not have")
 async def test_a_change_held_back_by_the_lock_does_not_expire_until_it_is_done(redis_client: aioredis.Redis) -> None:
     ledger, _ = _ledgers(redis_client)
     await _claimed(ledger, "first", {"id": 4, "colour": "#111111"})

@@ -139,11 +139,14 @@ class LeadstageWorker(Worker):
             )
             launched = 0
             for start in claim.starts:
-                if start.decision is Decision.MISSING:
-                    await _report_missing(runtime, start.job_id)
-                elif start.runs:
+                if start.runs:
                     await self._launch(runtime, start, claimed_at)
                     launched += 1
+            # After the launches: a report that fails leaves no claimed change unstarted, and its job
+            # comes back after one lease to be reported then (start.lua hides it, lost.lua removes it).
+            for start in claim.starts:
+                if start.decision is Decision.MISSING:
+                    await _report_missing(runtime, start.job_id)
             if claim.rate_reason is not None:
                 metrics.RATE_LIMIT_WAITS.labels(account).inc()
             # Only jobs found done or missing: the account may have more to claim now.
@@ -207,10 +210,10 @@ class LeadstageWorker(Worker):
 async def _report_missing(runtime: Runtime, job_id: str) -> None:
     """A due job without a ledger entry: never dropped silently (a failed event and a dead letter)."""
     account, idempotency_key = keys.split_job_id(job_id)
-    log.error("job.ledger_missing", job_id=job_id, account=account, idempotency_key=idempotency_key)
-    await runtime.ledger.report_missing(job_id, lost_event(job_id, finished_at_ms=runtime.wall_ms()))
-    metrics.CHANGES.labels(account, "failed").inc()
-    metrics.DEAD_LETTERED.labels(account).inc()
+    if await runtime.ledger.report_missing(job_id, lost_event(job_id, finished_at_ms=runtime.wall_ms())):
+        log.error("job.ledger_missing", job_id=job_id, account=account, idempotency_key=idempotency_key)
+        metrics.CHANGES.labels(account, "failed").inc()
+        metrics.DEAD_LETTERED.labels(account).inc()
 
 
 def build_worker(settings: Settings, *, handle_signals: bool = True) -> LeadstageWorker:

@@ -21,9 +21,9 @@ from worker.core.errors import (
     RedisUnavailable,
     redis_errors,
     reply_or_error,
-    script_missing,
 )
 from worker.core.replies import Receipt, parse_enqueue
+from worker.core.scripts import Part, evalsha, not_run
 from worker.core.settings import Settings
 
 if TYPE_CHECKING:
@@ -74,9 +74,8 @@ class _Pipe:
     def __init__(self, ledger: Enqueuing) -> None:
         self.ledger = ledger
         self._connection: Connection | None = None
-        self._request: tuple[Any, ...] | None = None  # sent, its answer not read yet
+        self._request: list[Part] | None = None  # sent, its answers not read yet
         self._confirm = False  # a WAIT follows the request
-        self._notify: list[str] = []  # then the schedule's notice for these accounts
 
     async def open(self) -> None:
         """Connect: a failure here has sent nothing."""
@@ -99,32 +98,31 @@ class _Pipe:
     async def send(self, mode: Literal["enqueue", "check"], changes: bytes, staging: tuple[str, bytes] | None) -> None:
         assert self._connection is not None, "open() first"
         assert self._request is None, "one request at a time"
-        script_keys, args = self.ledger._enqueue_arguments(mode, changes, staging=staging)
-        self._request = (len(script_keys), *script_keys, *args)
-        self._confirm = mode == "enqueue" and self.ledger.settings.redis_min_replicas > 0
-        # The schedule hears of the accounts written to in the same round trip (idle workers wake).
-        self._notify = sorted({account for account, _ in Chunk(changes, ()).envelopes()}) if mode == "enqueue" else []
-        with redis_errors():
-            await self._send_request()
-
-    async def _send_request(self) -> None:
-        """The script call, its WAIT and the schedule's notice: one write on the connection."""
-        assert self._connection is not None
-        assert self._request is not None
         ledger = self.ledger
-        commands: list[tuple[EncodableT, ...]] = [("EVALSHA", ledger._enqueue.sha, *self._request)]
+        script_keys, args = ledger._enqueue_arguments(mode, changes, staging=staging)
+        request = [evalsha(ledger._enqueue, script_keys, args)]
+        self._confirm = mode == "enqueue" and ledger.settings.redis_min_replicas > 0
         if self._confirm:
             settings = ledger.settings
-            commands.append(("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)))
-        if self._notify:
-            commands.append(("EVALSHA", ledger._ready.sha, 3, *ledger._ready_keys, "notify", "", *self._notify))
+            request.append((None, ("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))))
+        if mode == "enqueue":
+            # The schedule hears of the accounts written to in the same round trip (idle workers wake).
+            accounts = sorted({account for account, _ in Chunk(changes, ()).envelopes()})
+            request.append(evalsha(ledger._ready, ledger._ready_keys, ["notify", "", *accounts]))
+        self._request = request
+        with redis_errors():
+            await self._send_commands([command for _, command in request])
+
+    async def _send_commands(self, commands: Sequence[tuple[EncodableT, ...]]) -> None:
+        """Commands of one request (the script call, its WAIT, the schedule's notice): one write."""
+        assert self._connection is not None
         await self._connection.send_packed_command(self._connection.pack_commands(commands))
 
-    async def _replies(self) -> list[Any]:
-        """The replies to the commands of one request (an error reply as its exception), in order."""
+    async def _replies(self, count: int) -> list[Any]:
+        """The replies to ``count`` commands sent (an error reply as its exception), in order."""
         assert self._connection is not None
         replies: list[Any] = []
-        for _ in range(1 + self._confirm + bool(self._notify)):
+        for _ in range(count):
             replies.append(await reply_or_error(self._connection))
         return replies
 
@@ -133,15 +131,17 @@ class _Pipe:
         replicas confirmed it (None: not asked)."""
         assert self._connection is not None, "open() first"
         assert self._request is not None, "send() first"
-        connection, ledger = self._connection, self.ledger
+        connection, request = self._connection, self._request
         with redis_errors():
-            replies = await self._replies()
-            if any(script_missing(r) for r in replies):  # none ran: load them, send again
-                for script in (ledger._enqueue, ledger._ready):
+            replies = await self._replies(len(request))
+            missing, again = not_run(request, replies)
+            if again:  # a Redis without these scripts: load them, send again only what did not run
+                for script in missing:
                     await connection.send_command("SCRIPT", "LOAD", script.script)
-                    script.sha = (await connection.read_response()).decode()
-                await self._send_request()
-                replies = await self._replies()
+                    await connection.read_response()
+                await self._send_commands([request[i][1] for i in again])
+                for i, reply in zip(again, await self._replies(len(again)), strict=True):
+                    replies[i] = reply
             for error in replies:
                 if isinstance(error, Exception):
                     raise error

@@ -36,6 +36,7 @@ machine are tabled in docs/architecture.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -99,6 +100,7 @@ class Ledger(Enqueuing):
         #: Runs' ends waiting for their account's finish.lua call, and one call at a time per account.
         self._endings: dict[str, list[_Ending]] = {}
         self._finishing: dict[str, asyncio.Lock] = {}
+        self._calls: set[asyncio.Task[list[Finished]]] = set()  # finish calls on the way (kept referenced)
 
     async def pick(self) -> Pick:
         """The first account due now by the server's clock, hidden from other workers for one lease
@@ -165,7 +167,7 @@ class Ledger(Enqueuing):
                 [
                     job_id, self.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
                     max(1, round(1_000_000 / rate_limit)), self.lock_ms, self.in_flight_guard_ms, worker_id,
-                    keys.ledger_prefix(account), jitter_ms, settings.ledger_retention_s * 1000, slots, RATE_WINDOW_US,
+                    keys.ledger_prefix(account), jitter_ms, slots, RATE_WINDOW_US,
                 ],
                 confirm=True,
             )  # fmt: skip
@@ -252,28 +254,45 @@ class Ledger(Enqueuing):
             delay_ms,
         )  # fmt: skip
         self._endings.setdefault(account, []).append(ending)
-        return await self._finish_endings(account, ending)
+        try:
+            return await self._finish_endings(account, ending)
+        finally:
+            # Nobody reads this run's result once its task is gone (cancelled while its end waited for
+            # the account's next call): that call, sending it still, leaves it alone.
+            ending.done.cancel()
 
     async def _finish_endings(self, account: str, ending: _Ending) -> Finished:
         """Send ``ending`` with every other end of the account waiting, unless a call on the way
-        while it waited sent it already; one finish.lua call at a time per account."""
+        while it waited sent it already; one finish.lua call at a time per account. The call is a
+        task of its own that holds the account's turn until it ends: a run cancelled while its call
+        is on the way (its lease lost) leaves the call to go on, and the other runs in it hear their
+        own results."""
         lock = self._finishing.setdefault(account, asyncio.Lock())
-        async with lock:
-            if not ending.done.done():
-                endings = self._endings.pop(account)
-                try:
-                    finished = await self._finish_call(account, endings)
-                except BaseException as error:
-                    # Every run of the call hears of it as from its own call (a cancelled one that its
-                    # outcome is unknown: the lease brings the change back if it was not recorded).
-                    unknown = RedisUnavailable(f"a finish sent with this run's was interrupted: {error!r}")
-                    for other in endings:
-                        if other is not ending:
-                            other.done.set_exception(error if isinstance(error, Exception) else unknown)
-                    raise
-                for other, result in zip(endings, finished, strict=True):
-                    other.done.set_result(result)
-        return ending.done.result()
+        await lock.acquire()
+        if ending.done.done():
+            lock.release()
+        else:
+            endings = self._endings.pop(account)
+            call = asyncio.create_task(self._finish_call(account, endings))
+            self._calls.add(call)
+            call.add_done_callback(functools.partial(self._settle, lock, endings))
+        return await ending.done
+
+    def _settle(self, lock: asyncio.Lock, endings: Sequence[_Ending], call: asyncio.Task[list[Finished]]) -> None:
+        """A finish call ended: each of its runs still waiting hears its result, or the call's error as
+        from its own call; then the account's next call may go."""
+        self._calls.discard(call)
+        error = RedisUnavailable("the finish call was cancelled") if call.cancelled() else call.exception()
+        if error is None:
+            for ending, result in zip(endings, call.result(), strict=True):
+                if not ending.done.done():
+                    ending.done.set_result(result)
+        else:
+            unknown = error if isinstance(error, Exception) else RedisUnavailable(f"the finish call ended: {error!r}")
+            for ending in endings:
+                if not ending.done.done():
+                    ending.done.set_exception(unknown)
+        lock.release()
 
     async def _finish_call(self, account: str, endings: Sequence[_Ending]) -> list[Finished]:
         settings = self.settings
@@ -304,15 +323,21 @@ class Ledger(Enqueuing):
             await self.notify([account], min(retries))
         return finished
 
-    async def report_missing(self, job_id: str, event: Mapping[str, str]) -> None:
-        """A due job whose ledger entry is gone: its failed event and a dead letter (lost.lua)."""
+    async def report_missing(self, job_id: str, event: Mapping[str, str]) -> bool:
+        """A due job whose ledger entry is gone: its failed event and a dead letter, and it leaves the
+        queue (lost.lua); False when it was not reported here (another worker did, or its key was
+        enqueued again)."""
         settings = self.settings
         fields = [item for pair in event.items() for item in pair]
         with redis_errors():
-            await self._lost(
-                keys=[settings.results_stream, settings.dlq_stream, keys.PENDING],
-                args=[keys.split_job_id(job_id)[0], settings.results_maxlen, *fields],
-            )
+            reported: int = await self._lost(
+                keys=[
+                    settings.results_stream, settings.dlq_stream, keys.PENDING, self.queue_of(job_id),
+                    keys.ledger_key(job_id),
+                ],
+                args=[keys.split_job_id(job_id)[0], settings.results_maxlen, job_id, *fields],
+            )  # fmt: skip
+        return reported == 1
 
     async def id_floor(self, job_id: str) -> int:
         """The highest stage id claimed before this add was first posted (see keys.newest_claim_key)."""

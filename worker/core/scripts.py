@@ -35,6 +35,26 @@ def _script(client: aioredis.Redis, name: str) -> AsyncScript:
     return client.register_script(resources.files("worker.core").joinpath("lua", name).read_text())
 
 
+#: One command of a pipeline, with the script it calls (None: not a script).
+Part = tuple[AsyncScript | None, tuple[EncodableT, ...]]
+
+
+def evalsha(script: AsyncScript, keys_: Sequence[EncodableT], args: Sequence[EncodableT]) -> Part:
+    """A call of ``script`` by its digest, for a pipeline."""
+    return script, ("EVALSHA", script.sha, len(keys_), *keys_, *args)
+
+
+def not_run(parts: Sequence[Part], replies: Sequence[Any]) -> tuple[list[AsyncScript], list[int]]:
+    """After a pipeline of ``parts``: the scripts Redis did not have (NOSCRIPT), and the parts to send
+    again once they are loaded: those that did not run, and a WAIT after one that is sent again. A
+    part that ran is never sent twice (a second enqueue.lua would call its own change a duplicate)."""
+    missing = [i for i, reply in enumerate(replies) if script_missing(reply)]
+    again = [
+        i for i, (script, _) in enumerate(parts) if i in missing or (script is None and any(j < i for j in missing))
+    ]
+    return [script for script in {parts[i][0] for i in missing} if script is not None], again
+
+
 class Scripts:
     """The scripts over one shared client, and the settings their arguments come from."""
 
@@ -70,27 +90,34 @@ class Scripts:
         with redis_errors():
             if not wait and not notify:
                 return await script(keys=keys_, args=args), None
-            for _ in range(2):
-                # EVALSHA by hand: a pipeline of Script objects asks SCRIPT EXISTS first, a round trip more.
-                async with self.client.pipeline(transaction=False) as pipe:
-                    pipe.evalsha(script.sha, len(keys_), *keys_, *args)  # type: ignore[arg-type]  # redis-py types ARGV as str only
-                    if wait:
-                        pipe.execute_command(
-                            "WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)
-                        )
-                    if notify:
-                        pipe.evalsha(self._ready.sha, 3, *self._ready_keys, "notify", "", *sorted(set(notify)))
-                    replies = await pipe.execute(raise_on_error=False)
-                missing = [r for r in replies if script_missing(r)]
-                if not missing:
-                    break
-                # A Redis that restarted or flushed its scripts: load them, then once more.
-                await self.client.script_load(script.script)
-                await self.client.script_load(self._ready.script)
+            # EVALSHA by hand: a pipeline of Script objects asks SCRIPT EXISTS first, a round trip more.
+            parts = [evalsha(script, keys_, args)]
+            if wait:
+                parts.append(
+                    (None, ("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)))
+                )
+            if notify:
+                parts.append(evalsha(self._ready, self._ready_keys, ["notify", "", *sorted(set(notify))]))
+            replies = await self._send([command for _, command in parts])
+            missing, again = not_run(parts, replies)
+            if again:
+                # A Redis that restarted or flushed its scripts: load them, send again only what did not run.
+                for loaded in missing:
+                    await self.client.script_load(loaded.script)
+                for i, reply in zip(again, await self._send([parts[i][1] for i in again]), strict=True):
+                    replies[i] = reply
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
         return replies[0], int(replies[1]) if wait else None
+
+    async def _send(self, commands: Sequence[tuple[EncodableT, ...]]) -> list[Any]:
+        """These commands in one round trip, on one connection; errors are replies, not raised."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     def _require_replicas(self, acked: int | None, what: str) -> None:
         """``RedisNotReplicated`` when fewer replicas than required confirmed ``what``."""

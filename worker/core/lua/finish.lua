@@ -25,18 +25,25 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local replies, done, created_ids, created_jobs = {}, {}, {}, {}
 
+-- Whether a lock's value names this run: parsed from the right, since a job id may itself
+-- contain '#' (job 'k' must not take the lock of job 'k#1' for its own).
+local function held_by(owner, mine)
+  return string.match(owner, '^(.*#%d+)#%d+$') == mine
+end
+
 local function release(lock, mine, unknown_until)
   if unknown_until > now then
     -- A request whose outcome is unknown may still be applied by iVvy for a while: until then no
-    -- other change of this stage may be sent, whatever becomes of this one.
+    -- other change of this stage may be sent, whatever becomes of this one (also when this run's
+    -- lock expired while it ran).
     local owner = redis.call('GET', lock)
-    if owner and string.sub(owner, 1, #mine) == mine then
-      redis.call('SET', lock, mine .. unknown_until, 'PXAT', unknown_until)
+    if not owner or held_by(owner, mine) then
+      redis.call('SET', lock, mine .. '#' .. unknown_until, 'PXAT', unknown_until)
     end
     return
   end
   local owner = redis.call('GETDEL', lock)
-  if owner and string.sub(owner, 1, #mine) ~= mine then
+  if owner and not held_by(owner, mine) then
     local expires = tonumber(string.match(owner, '#(%d+)$'))
     if not expires then redis.call('SET', lock, owner, 'PX', lock_ttl_ms) -- a value without its expiry
     elseif expires > now then redis.call('SET', lock, owner, 'PXAT', expires) end
@@ -59,7 +66,7 @@ local function finish_one(ledger, lock, a, first)
   local event_id = redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(event))
   local unknown_until = tonumber(l[6]) or 0
   if phase_after == 'unknown' then unknown_until = math.max(unknown_until, now + hold_ms) end
-  release(lock, job .. '#' .. run .. '#', unknown_until)
+  release(lock, job .. '#' .. run, unknown_until)
   if outcome == 'retrying' then
     local next_at = now + tonumber(delay_ms)
     redis.call('HSET', ledger, 'state', 'retrying', 'phase', phase_after, 'next_at', next_at, 'history', history,
@@ -71,9 +78,11 @@ local function finish_one(ledger, lock, a, first)
       end
     end
     redis.call('ZADD', queue, next_at, job)
+    redis.call('PERSIST', ledger) -- no expiry until it is done (one of an older version's goes)
   else
     redis.call('HSET', ledger, 'state', outcome, 'phase', '', 'finished_at', now, 'stage_id', stage_id,
       'history', history, 'event_id', event_id)
+    redis.call('PEXPIRE', ledger, retention_ms) -- kept for the retention from its terminal state
     done[#done + 1] = job
     -- No longer one of its stage's pending updates (worker.keys.stage_key).
     if l[7] then redis.call('HDEL', l[7], 'j' .. l[8]) end
@@ -82,7 +91,6 @@ local function finish_one(ledger, lock, a, first)
       created_jobs[#created_jobs + 1] = job
     end
   end
-  redis.call('PEXPIRE', ledger, retention_ms)
   if outcome == 'failed' then
     -- The dead letter carries the whole original change, so a replay needs nothing else.
     redis.call('XADD', dlq, '*', 'original_change', l[3], 'generation', l[4] or '0', unpack(event))

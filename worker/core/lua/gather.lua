@@ -9,16 +9,16 @@
 -- terminal or gone (an expired ledger entry) is removed.
 -- KEYS: 1 account queue zset, 2 the leader's ledger hash
 -- ARGV: 1 the leader's job id, 2 its run, 3 lease (ms), 4 worker id, 5 the account's ledger key
---       prefix, 6 ledger retention (ms), 7 the most changes to gather, 8 the pending field prefix,
---       9 max attempts, 10 max age (ms)
+--       prefix, 6 the most changes to gather, 7 the pending field prefix, 8 max attempts,
+--       9 max age (ms)
 -- Reply, fixed shape (worker.core.gather parses it):
 --   {status ('ok' | 'stale': the leader's run is not current), the leader's seq,
 --    {field, seq of the newest change that set it, ...} (the stage hash's change fields),
 --    {{job id, run, attempt, seq, change, source, enqueued at (ms), generation}, ...}}
 local queue, leader_ledger = KEYS[1], KEYS[2]
 local leader, leader_run, lease_ms, worker_id = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local ledger_prefix, retention_ms, most, pending_prefix = ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
-local max_attempts, max_age_ms = tonumber(ARGV[9]), tonumber(ARGV[10])
+local ledger_prefix, most, pending_prefix = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local max_attempts, max_age_ms = tonumber(ARGV[8]), tonumber(ARGV[9])
 
 local own = redis.call('HMGET', leader_ledger, 'run', 'state', 'stage_key', 'seq')
 if own[1] ~= leader_run or own[2] ~= 'running' or not own[3] then return {'stale', 0, {}, {}} end
@@ -67,7 +67,7 @@ for _, p in ipairs(pending) do
         local run = (tonumber(l[10]) or 0) + 1
         redis.call('HSET', ledger, 'state', 'running', 'run', run, 'worker', worker_id, 'attempts', attempts + 1,
           'phase', 'posting', 'posted_at', now)
-        redis.call('PEXPIRE', ledger, retention_ms)
+        redis.call('PERSIST', ledger) -- no expiry until it is done
         redis.call('ZADD', queue, now + lease_ms, job)
         gathered[#gathered + 1] = {job, run, attempts + 1, seq, l[11], l[12] or '', l[4] or '0', l[13] or '0'}
       end

@@ -1,11 +1,15 @@
 -- A due job whose ledger entry is gone (expired): its failed event and a dead letter without the
--- change (which is lost), so that it never vanishes silently; it no longer counts as waiting.
--- KEYS: 1 results stream, 2 dead-letter stream, 3 pending hash
--- ARGV: 1 account, 2 stream max length, 3.. event fields and values
--- Reply: 'ok'
-local results, dlq, pending = KEYS[1], KEYS[2], KEYS[3]
-local account, maxlen = ARGV[1], ARGV[2]
-redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 3))
-redis.call('XADD', dlq, '*', 'original_change', '', 'generation', '0', unpack(ARGV, 3))
+-- change (which is lost), so that it never vanishes silently; it leaves the queue with them and no
+-- longer counts as waiting. start.lua only hides such a job for one lease: a worker that dies before
+-- this call leaves it for another to report. Reported once: a job no longer queued (another worker
+-- reported it) or whose entry is back (enqueued again under its key) is left alone.
+-- KEYS: 1 results stream, 2 dead-letter stream, 3 pending hash, 4 account queue zset, 5 its ledger hash
+-- ARGV: 1 account, 2 stream max length, 3 job id, 4.. event fields and values
+-- Reply: 1 reported, 0 left alone
+local results, dlq, pending, queue, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local account, maxlen, job = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', ledger) == 1 or redis.call('ZREM', queue, job) == 0 then return 0 end
+redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 4))
+redis.call('XADD', dlq, '*', 'original_change', '', 'generation', '0', unpack(ARGV, 4))
 if redis.call('HINCRBY', pending, account, -1) <= 0 then redis.call('HDEL', pending, account) end
-return 'ok'
+return 1

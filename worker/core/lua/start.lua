@@ -7,8 +7,8 @@
 -- ARGV: 1 job id or '' (the account's next due jobs), 2 lease (ms), 3 max attempts, 4 max age (ms),
 --       5 rate interval (µs), 6 lock ttl (ms), 7 in-flight guard (ms), 8 worker id,
 --       9 the account's ledger key prefix (worker.keys: prefix .. idempotency key), 10 jitter (ms)
---       for lock waits, 11 ledger retention (ms), 12 how many jobs may run (a worker's free slots),
---       13 rate window (µs): slots that fall due within it are taken now (a batch at high rates)
+--       for lock waits, 11 how many jobs may run (a worker's free slots), 12 rate window (µs):
+--       slots that fall due within it are taken now (a batch at high rates)
 -- The stage hash and lock key of a change are read from its ledger entry (stage_key, lock_key:
 -- named by worker.keys at enqueue, in the account's slot). A lock's value is 'job#run#expires at
 -- (server ms)', so that finish.lua can put back a lock it took by mistake (GETDEL) as it was.
@@ -18,13 +18,13 @@
 --   dropped csv, source, enqueued at (ms), generation, change, state, job id, traceparent}
 --   decision: skip | missing | done | wait | superseded | exhausted | go (worker.core.states.Decision).
 --   superseded, exhausted and go start a new run (the fencing token) and hide the job for one
---   lease; go also counts an attempt, takes a rate-limit slot and the lock. With a job id there is
+--   lease (missing too, until lost.lua reports it); go also counts an attempt, takes a rate-limit slot and the lock. With a job id there is
 --   always exactly one decision; without, 'wait' is never one (the job is put back for later).
 local queue, rate_key, newest_claim = KEYS[1], KEYS[2], KEYS[3]
 local wanted, lease_ms, max_attempts, max_age_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local ledger_prefix, jitter_ms, retention_ms = ARGV[9], tonumber(ARGV[10]), ARGV[11]
-local slots, window_us = tonumber(ARGV[12]), tonumber(ARGV[13])
+local ledger_prefix, jitter_ms = ARGV[9], tonumber(ARGV[10])
+local slots, window_us = tonumber(ARGV[11]), tonumber(ARGV[12])
 
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -58,17 +58,24 @@ local function consider(job)
     'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'id_floor')
   local state, phase = l[1], l[2] or ''
   local attempts, run = tonumber(l[3]) or 0, tonumber(l[15]) or 0
-  if not state or state == 'succeeded' or state == 'failed' or state == 'superseded' then
+  if not state then
+    -- Reported by lost.lua, which removes it from the queue; hidden for one lease meanwhile, so that
+    -- a worker that dies before reporting it leaves it for another.
+    redis.call('ZADD', queue, now + lease_ms, job)
+    rescored(now + lease_ms)
+    return decided('missing', job)
+  end
+  if state == 'succeeded' or state == 'failed' or state == 'superseded' then
     redis.call('ZREM', queue, job)
-    if not state then return decided('missing', job) end
     return decided('done', job, 0, '', 0, 0, '', '', l)
   end
 
   local function later(ms, reason)
     redis.call('ZADD', queue, now + ms, job)
     rescored(now + ms)
-    -- Touched, so kept: a change held back for a long time must not outlive its ledger entry.
-    redis.call('PEXPIRE', ledger, retention_ms)
+    -- No expiry until it is done, however long it is held back (an entry of an older version
+    -- found with one loses it).
+    redis.call('PERSIST', ledger)
     if wanted ~= '' then return decided('wait', job, ms, reason) end
     return false
   end
@@ -120,8 +127,8 @@ local function consider(job)
   local lock = l[14]
   local value = job .. '#' .. (run + 1) .. '#' .. (now + lock_ttl_ms)
   if not redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX') then
-    local owner = redis.call('GET', lock)
-    if string.sub(owner, 1, #job + 1) ~= job .. '#' then
+    -- The value parsed from the right: a job id may itself contain '#' ('k' and 'k#1').
+    if string.match(redis.call('GET', lock), '^(.*)#%d+#%d+$') ~= job then
       -- The holder usually finishes within one request: look again soon, not at the lock's expiry.
       return later(math.min(redis.call('PTTL', lock), 20) + jitter_ms, 'locked')
     end
