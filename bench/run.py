@@ -241,8 +241,8 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
                 print("[bench] idle: product ...", file=sys.stderr, flush=True)
                 product_only["idle"] = await backlog.run_idle(rig, settings)
             if "real-ivvy" in args.phases:
-                # Each change alone, then coalesced, on the same workload (bench.real_ivvy), once.
-                print("[bench] real-ivvy: product alone, then coalesced ...", file=sys.stderr, flush=True)
+                # Alone, batch off (coalescing), batch auto, on one workload (bench.real_ivvy), once.
+                print("[bench] real-ivvy: product alone, batch off, batch auto ...", file=sys.stderr, flush=True)
                 product_only["real-ivvy"] = await real_ivvy.run_real_ivvy(
                     rig, product, updates=args.ivvy_updates, stages=args.ivvy_stages, adds=args.ivvy_adds, tag="ri"
                 )

@@ -109,6 +109,10 @@ class Soak:
             request_timeout_s=o.request_timeout_s,
             job_timeout_s=60.0,
             concurrency=o.concurrency,
+            batch_mode="auto" if o.batch_mode == "auto" else "off",
+            # A killed worker's batched changes wait out the batch's wait and the in-flight guard:
+            # within 15 s, as the contract says, with this wait (the fake applies a batch in 0.2 s).
+            batch_wait_s=6.0,
             shutdown_grace_s=5.0,
             metrics_port=0,
             log_format="json",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from worker.batch import MAX_JOBS, BatchCalls, BatchJob, lead_stage_job
+from worker.batch import BatchCalls, BatchJob, lead_stage_job
 from worker.core.change import LeadStageChange
 from worker.core.errors import (
     BatchGone,
@@ -21,6 +21,7 @@ from worker.core.errors import (
     PermanentError,
     RetryableError,
 )
+from worker.core.settings import BATCH_MAX_JOBS as MAX_JOBS
 from worker.core.settings import Account
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.ivvy import AiohttpTransport, IvvyClient, RawResponse, Transport
@@ -112,6 +113,19 @@ async def test_a_run_whose_answer_is_dropped_has_an_unknown_outcome(
     with pytest.raises(IvvyNoAnswer) as dropped:
         await batches.run([lead_stage_job(LeadStageChange(name="Dropped", apply_to=1))])
     assert dropped.value.outcome_unknown
+
+
+async def test_a_pause_longer_than_the_time_left_ends_at_the_deadline_with_a_last_poll(
+    batches: BatchCalls, fake_ivvy: RunningFakeIvvy
+) -> None:
+    """A batch at 0 % is next polled after the cap; with less time left, at the deadline: it does
+    not give up before its wait is over (the batch is done by then)."""
+    jobs = [lead_stage_job(LeadStageChange(name="Slow start", apply_to=1))]
+    [outcome] = await batches.wait_for_results(
+        await batches.run(jobs), jobs, timeout_s=0.5, poll_min_s=0.02, poll_max_s=30
+    )
+    assert outcome.error is None
+    assert calls(fake_ivvy, "progress") == 2
 
 
 async def test_waiting_for_a_batch_that_never_finishes_gives_up_at_its_deadline(

@@ -34,6 +34,14 @@ ALL_FAULTS = {
     "late_commit_rate": 0.02,
     "late_commit_s": 1.3,
 }
+#: Batch mode's own faults (LEADSTAGE_BATCH=auto): runs accepted then dropped, batches never done,
+#: jobs answered 24322.
+BATCH_FAULTS = {
+    "batch_delay_s": 0.2,
+    "batch_run_drop_rate": 0.25,
+    "batch_never_ready_rate": 0.15,
+    "batch_job_24322_rate": 0.1,
+}
 #: The workers' clocks: one right, one ahead, one behind (LEADSTAGE_TEST_CLOCK_OFFSET).
 CLOCK_OFFSETS_S = ("0", "3", "-3")
 
@@ -44,11 +52,17 @@ async def fake() -> AsyncIterator[RunningFakeIvvy]:
         yield running
 
 
+@pytest.mark.parametrize("batch_mode", ["off", "auto"])
 async def test_no_loss_no_duplicate_last_value_wins_under_kills(
-    fake: RunningFakeIvvy, private_redis: RedisServer, tmp_path: Path
+    fake: RunningFakeIvvy, private_redis: RedisServer, tmp_path: Path, batch_mode: str
 ) -> None:
     rng = random.Random(5)
-    settings = harness.worker_settings(private_redis.url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30)
+    # In batch mode the account sends at 40/s (LEADSTAGE_RATE_LIMIT, the workers' account's limit), so
+    # that each tick's changes are due together, more than the threshold of them, and go as batches.
+    settings = harness.worker_settings(
+        private_redis.url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30, batch_mode=batch_mode,
+        batch_threshold=5, batch_wait_s=2.0, **({"rate_limit": 40.0} if batch_mode == "auto" else {}),
+    )  # fmt: skip
     redis_client = aioredis.Redis.from_url(private_redis.url)
     ledger = Ledger(redis_client, settings)
     stages = [fake.fake.add_stage(f"Seeded {i}", apply_to=1) for i in range(20)]
@@ -72,7 +86,7 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
                 fields = {"name": change.name, "colour": change.colour, "apply_to": change.apply_to}
                 expected[change.id].update({k: v for k, v in fields.items() if v is not None})
 
-    fake.fake.update_faults(ALL_FAULTS)
+    fake.fake.update_faults(ALL_FAULTS | (BATCH_FAULTS if batch_mode == "auto" else {}))
     env = harness.worker_env(settings)
     log = tmp_path / "workers.log"
     envs = [{**env, "LEADSTAGE_TEST_CLOCK_OFFSET": offset} for offset in CLOCK_OFFSETS_S]
@@ -104,7 +118,7 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
         for process in workers:
             harness.stop_process(process)
     try:
-        await check_invariants(fake, redis_client, changes, terminal, stages, expected, kills, settle)
+        await check_invariants(fake, redis_client, changes, terminal, stages, expected, kills, settle, batch_mode)
     finally:
         await redis_client.aclose()
     assert "Redis refused the command" in log.read_text()  # the blip was felt, and ridden through
@@ -119,6 +133,7 @@ async def check_invariants(
     expected: dict[int, dict[str, object]],
     kills: int,
     settle: float,
+    batch_mode: str,
 ) -> None:
     assert kills >= 3
 
@@ -145,10 +160,17 @@ async def check_invariants(
     retries = [e for e in await harness.read_events(redis_client) if e["event"] == "retrying"]
     assert {e["error_code"] for e in retries} >= {"timeout", "connection", "unavailable", "rate_limited"}
     assert "504" in {e["http_status"] for e in retries}  # some adds were committed behind a lying gateway
-    # Updates of one stage due together went out coalesced, under the same faults and kills.
+    # Updates of one stage due together went out coalesced, under the same faults and kills; in
+    # batch mode, updates of several stages went out as batches, under their faults too.
     coalesced = sum(1 for events in terminal.values() if events[0]["sent_as"] == "coalesced")
-    assert coalesced > 0
+    batched = sum(1 for events in terminal.values() if events[0]["sent_as"] == "batch")
+    if batch_mode == "auto":
+        assert batched > 0
+    else:
+        assert coalesced > 0
+        assert batched == 0
     print(
-        f"chaos: {len(changes)} changes, {kills} kills, {len(retries)} retries, {coalesced} coalesced,"
+        f"chaos ({batch_mode}): {len(changes)} changes, {kills} kills, {len(retries)} retries, {coalesced} coalesced,"
+        f" {batched} batched (retried for {sorted({e['error_code'] for e in retries if e['sent_as'] == 'batch'})}),"
         f" done {settle:.1f}s after the last kill"
     )

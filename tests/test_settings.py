@@ -42,6 +42,11 @@ GOOD = [
     ("LEADSTAGE_SHUTDOWN_GRACE", "3", "shutdown_grace_s", 3.0),
     ("LEADSTAGE_LEASE", "4", "lease_s", 4.0),
     ("LEADSTAGE_COALESCE_MAX", "1", "coalesce_max", 1),
+    ("LEADSTAGE_BATCH", "Auto", "batch_mode", "auto"),
+    ("LEADSTAGE_BATCH", "off", "batch_mode", "off"),
+    ("LEADSTAGE_BATCH_THRESHOLD", "5", "batch_threshold", 5),
+    ("LEADSTAGE_BATCH_MAX", "200", "batch_max", 200),
+    ("LEADSTAGE_BATCH_WAIT", "30", "batch_wait_s", 30.0),
     ("LEADSTAGE_REDIS_MIN_REPLICAS", "0", "redis_min_replicas", 0),
     ("LEADSTAGE_REDIS_MIN_REPLICAS", "2", "redis_min_replicas", 2),
     ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "0.5", "redis_replica_timeout_s", 0.5),
@@ -78,6 +83,10 @@ BAD = [
     ("LEADSTAGE_MAX_ATTEMPTS", "1.5", r"LEADSTAGE_MAX_ATTEMPTS must be a positive whole number, not '1.5'"),
     ("LEADSTAGE_CONCURRENCY", "0", r"LEADSTAGE_CONCURRENCY must be a positive whole number, not '0'"),
     ("LEADSTAGE_COALESCE_MAX", "0", r"LEADSTAGE_COALESCE_MAX must be a positive whole number, not '0'"),
+    ("LEADSTAGE_BATCH", "on", r"LEADSTAGE_BATCH must be one of auto, off, not 'on'"),
+    ("LEADSTAGE_BATCH_THRESHOLD", "0", r"LEADSTAGE_BATCH_THRESHOLD must be a positive whole number, not '0'"),
+    ("LEADSTAGE_BATCH_MAX", "201", r"LEADSTAGE_BATCH_MAX \(201\) must be at most 200 \(iVvy's limit\)"),
+    ("LEADSTAGE_BATCH_MAX", "1", r"LEADSTAGE_BATCH_MAX must be at least 2"),
     # Digits that are not ASCII: int() reads the first as 4 and fails on the second with a ValueError.
     ("LEADSTAGE_CONCURRENCY", "\u0664", r"LEADSTAGE_CONCURRENCY must be a positive whole number, not '\u0664'"),
     ("LEADSTAGE_METRICS_PORT", "\u00b2", r"LEADSTAGE_METRICS_PORT must be a port number 0..65535"),
@@ -153,6 +162,14 @@ def test_a_bad_value_is_a_config_error_naming_the_variable(variable: str, raw: s
     with pytest.raises(ConfigError, match=message) as refusal:
         Settings.from_env({variable: raw})
     assert "hunter2" not in str(refusal.value)
+
+
+def test_a_batch_wait_that_does_not_fit_in_the_job_timeout_is_refused_in_batch_mode() -> None:
+    env = {"LEADSTAGE_BATCH_WAIT": "101", "LEADSTAGE_JOB_TIMEOUT": "120"}
+    assert Settings.from_env(env).batch_wait_s == 101.0  # batch mode off: the wait is never used
+    message = r"LEADSTAGE_BATCH_WAIT \(101s\) plus two LEADSTAGE_REQUEST_TIMEOUT \(10s\) must be shorter than"
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env({**env, "LEADSTAGE_BATCH": "auto"})
 
 
 ACCOUNT_ERRORS = [

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,10 +35,9 @@ from worker.core.errors import (
     PermanentError,
     RetryableError,
 )
+from worker.core.settings import BATCH_MAX_JOBS
 from worker.ivvy import IvvyClient, classify_answer, excerpt, lead_stage_id
 
-#: The most jobs one ``batch?action=run`` takes (more: iVvy answers 24448).
-MAX_JOBS = 200
 #: iVvy's specific codes of the batch namespace.
 NOT_COMPLETED_CODE = 24114
 UNKNOWN_BATCH_CODES = frozenset({24105, 24115})
@@ -92,9 +91,9 @@ class BatchCalls:
         self.client = client
 
     async def run(self, jobs: Sequence[BatchJob]) -> str:
-        """Send ``jobs`` (1 to ``MAX_JOBS``) as one batch; return its asyncId."""
-        if not 1 <= len(jobs) <= MAX_JOBS:
-            raise ValueError(f"a batch takes 1 to {MAX_JOBS} jobs, not {len(jobs)}")
+        """Send ``jobs`` (1 to ``BATCH_MAX_JOBS``) as one batch; return its asyncId."""
+        if not 1 <= len(jobs) <= BATCH_MAX_JOBS:
+            raise ValueError(f"a batch takes 1 to {BATCH_MAX_JOBS} jobs, not {len(jobs)}")
         answer = await self.client.call("batch", "run", {"jobs": [job.as_json() for job in jobs]})
         async_id = answer.get("asyncId") if isinstance(answer, dict) else None
         if not isinstance(async_id, str) or not async_id:
@@ -143,21 +142,29 @@ class BatchCalls:
         poll_min_s: float,
         poll_max_s: float,
         rng: random.Random | None = None,
+        pace: Callable[[], Awaitable[None]] | None = None,
     ) -> list[JobOutcome]:
-        """Poll until the batch is done and return its results (see the module docstring)."""
+        """Poll until the batch is done and return its results (see the module docstring).
+        ``pace``, when given, is awaited before each poll (the account's rate limit)."""
         started = time.monotonic()
         deadline = started + timeout_s
         failures = 0
         while True:
             try:
+                if pace is not None:
+                    await pace()
                 done = await self.progress(async_id)
                 if done >= 100:
+                    if pace is not None:
+                        await pace()
                     return await self.results(async_id, jobs)
                 elapsed = time.monotonic() - started
                 # At this pace, what is left takes elapsed * (100 - done) / done.
                 delay = poll_max_s if done <= 0 else elapsed * (100 - done) / done
                 delay = min(poll_max_s, max(poll_min_s, delay))
                 failures = 0
+            except BatchGone:
+                raise  # asking again cannot bring it back
             except BatchNotReady:
                 delay = poll_min_s  # progress said done before results were: ask again soon
             except RetryableError as error:
@@ -165,9 +172,11 @@ class BatchCalls:
                 delay = backoff_seconds(
                     failures, base=poll_min_s, cap=poll_max_s, retry_after=getattr(error, "retry_after", None), rng=rng
                 )
-            if time.monotonic() + delay > deadline:
+            # The last poll is at the deadline: a pause longer than what is left is cut short.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise BatchNotReady(async_id, f"batch {async_id}: not done within {timeout_s:g}s")
-            await asyncio.sleep(delay)
+            await asyncio.sleep(min(delay, remaining))
 
 
 def _batch_error(async_id: str, error: IvvyErrorDetails) -> LeadstageError:

@@ -32,7 +32,7 @@ from worker.core.states import Decision, Outcome
 if TYPE_CHECKING:
     from worker.job import Runtime
 
-SentAs = Literal["alone", "coalesced"]
+SentAs = Literal["alone", "coalesced", "batch"]
 #: How the change whose run this task is finishing was sent, and by which key's request: unset
 #: for a change sent alone (its own key).
 CARRIAGE: ContextVar[tuple[SentAs, str] | None] = ContextVar("leadstage_carriage", default=None)

@@ -31,6 +31,7 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 
+from worker import batching
 from worker.core import keys, metrics
 from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
@@ -125,6 +126,8 @@ class LeadstageWorker(Worker):
 
     async def _claim(self, runtime: Runtime, account: str) -> int:
         """The claims of one turn of the account; when it may next have work (server ms, -1: none)."""
+        if runtime.settings.batch_mode == "auto":
+            await batching.launch(self, runtime, account)  # a batch first, when enough are due
         while True:
             claimed_at = time.monotonic()
             claim = await runtime.ledger.claim(

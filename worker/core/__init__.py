@@ -18,6 +18,7 @@ from typing import Any, Final
 
 #: Module of ``worker.core`` -> its public names, space-separated ("": a module used whole).
 SURFACE: Final[dict[str, str]] = {
+    "batch_claim": "claim_batch record_sent take_rate_slot",
     "change": (
         "ACCOUNT_PATTERN ALIASES APPLY_TO_LEAD APPLY_TO_OPPORTUNITY APPLY_TO_WORDS COLOUR_PATTERN"
         " DEFAULT_ACCOUNT Envelope ID_MAX KEY_MAX_CHARS KEY_PATTERN LeadStageChange NAME_MAX_CHARS"
@@ -43,7 +44,7 @@ SURFACE: Final[dict[str, str]] = {
         " DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url ping printable_url RedisClient single_server"
     ),
     "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent Verdict",
-    "settings": "Account DEMO_API_KEY DEMO_API_SECRET Secret Settings",
+    "settings": "Account BATCH_MAX_JOBS DEMO_API_KEY DEMO_API_SECRET Secret Settings",
     "states": "Decision Outcome TERMINAL UNACCOUNTED WaitReason",
     "tracing": "",
 }

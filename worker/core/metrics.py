@@ -53,7 +53,7 @@ CHANGES = Counter(
     "leadstage_changes_total", "Changes that reached a terminal state, by outcome", ["account", "outcome"]
 )
 
-#: sent_as: alone / coalesced (how the change that reached a terminal state was sent; nothing sent:
+#: sent_as: alone / coalesced / batch (how the change that reached a terminal state was sent; nothing sent:
 #: not counted).
 CHANGES_SENT = Counter(
     "leadstage_changes_sent_total",

@@ -28,8 +28,6 @@ a caller usually asks: will trying again help?
     │       │                          23016, 23017 and any other 4xx
     │       └── IvvyAuthError          401, 403, 462, 463: the credentials are wrong or revoked
     ├── OutcomeUnavailable             a change ended, but its event was trimmed from the results stream
-    ├── BatchGone                      a batch's results cannot be had (24115, 24105, results
-    │                                  that do not answer its jobs): its jobs' outcome is unknown
     ├── StaleRun                       a worker's run of a change was overtaken (its lease
     │                                  lapsed, another run began): it stops without recording
     └── RetryableError                 a later attempt may succeed (backoff, Retry-After)
@@ -42,6 +40,8 @@ a caller usually asks: will trying again help?
         │   │                          a write in time: its fate is unknown if the primary fails
         │   └── EnqueueOutcomeUnknown  no answer while changes were written: retry with the same keys
         ├── BatchNotReady              a batch is not done yet (24114), or not within the wait
+        ├── BatchGone                  a batch's results cannot be had (24115, 24105, results
+        │                              that do not answer its jobs): its jobs' outcome is unknown
         ├── IvvyUnavailable            iVvy answered 5xx, 460, 461 or specific code 24322
         │   └── IvvyRateLimited        iVvy answered 429 (``retry_after`` when it said so)
         ├── IvvyClockSkew              specific code 23005 (a 401, "Request is stale"): this

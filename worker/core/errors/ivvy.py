@@ -109,10 +109,11 @@ class BatchNotReady(RetryableError, code="batch_not_ready"):
         super().__init__(message or f"batch {async_id}: iVvy has not finished it (24114)")
 
 
-class BatchGone(LeadstageError, code="batch_gone"):
+class BatchGone(RetryableError, code="batch_gone"):
     """A batch's results cannot be had: iVvy does not know the batch (24115 from results, 24105
     from progress: never accepted, or past retention), or its results do not answer its jobs.
-    What the jobs did is unknown: they are reconciled, as after a request without an answer."""
+    What the jobs did is unknown: each change is attempted again (an update is resent), as after
+    a request without an answer; asking about the batch again cannot help."""
 
     def __init__(self, async_id: str, reason: str, *, specific_code: int | None = None) -> None:
         self.async_id = async_id

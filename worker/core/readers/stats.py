@@ -20,7 +20,7 @@ RATE_EVENTS = tuple(event.value for event in (Outcome.SUCCEEDED, Outcome.FAILED,
 #: The key of ``stats``' recent counts of stale-clock answers (not an event: a kind of retry).
 _CLOCK_SKEW = "clock_skew_pauses"
 #: How terminal events say their change was sent (``sent_as``), counted by ``stats`` as ``sent_<how>``.
-SENT_AS = ("alone", "coalesced")
+SENT_AS = ("alone", "coalesced", "batch")
 
 
 async def stats(client: RedisClient, settings: Settings) -> dict[str, object]:

@@ -21,6 +21,7 @@ from worker.core.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S, parse_red
 from worker.core.settings.accounts import DEMO_API_KEY, DEMO_API_SECRET, Account, load_accounts, load_webhook_secrets
 from worker.core.settings.variables import (
     LOG_LEVEL_NAMES,
+    BatchMode,
     EnvReader,
     LogFormat,
     LogLevel,
@@ -34,12 +35,16 @@ __all__ = [
     "ENVIRONMENT",
     "LOG_LEVEL_NAMES",
     "Account",
+    "BatchMode",
     "LogFormat",
     "LogLevel",
     "Secret",
     "Settings",
     "split_list",
 ]
+
+#: The most jobs one iVvy batch takes (more: iVvy answers 24448).
+BATCH_MAX_JOBS: Final = 200
 
 #: Settings field -> (environment variable, how ``EnvReader`` reads it): read by ``from_env``,
 #: written back by ``to_env``. The accounts are read from their own variables (``load_accounts``).
@@ -62,6 +67,10 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "shutdown_grace_s": ("LEADSTAGE_SHUTDOWN_GRACE", "positive_float"),
     "lease_s": ("LEADSTAGE_LEASE", "positive_float"),
     "coalesce_max": ("LEADSTAGE_COALESCE_MAX", "positive_int"),
+    "batch_mode": ("LEADSTAGE_BATCH", "batch_mode"),
+    "batch_threshold": ("LEADSTAGE_BATCH_THRESHOLD", "positive_int"),
+    "batch_max": ("LEADSTAGE_BATCH_MAX", "positive_int"),
+    "batch_wait_s": ("LEADSTAGE_BATCH_WAIT", "positive_float"),
     "redis_min_replicas": ("LEADSTAGE_REDIS_MIN_REPLICAS", "whole_number"),
     "redis_replica_timeout_s": ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "positive_float"),
     "retry_after_max_s": ("LEADSTAGE_RETRY_AFTER_MAX", "positive_float"),
@@ -103,6 +112,13 @@ class Settings:
     lease_s: float = 8.0
     #: The most changes of one stage one request carries (coalescing, docs/contract.md; 1: never).
     coalesce_max: int = 50
+    #: Batch mode (docs/contract.md: Batches): ``auto`` sends an account's due updates through
+    #: iVvy's batch namespace when more than ``batch_threshold`` of them (on distinct stages) are
+    #: due, up to ``batch_max`` (at most 200) per batch, waiting up to ``batch_wait_s`` for results.
+    batch_mode: BatchMode = "off"
+    batch_threshold: int = 20
+    batch_max: int = 200
+    batch_wait_s: float = 30.0
     #: Replicas that must confirm the writes that matter (enqueue, the recovery point before a POST,
     #: the terminal state) before they count as done; 0 waits for none (docs/contract.md: Durability).
     redis_min_replicas: int = 0
@@ -192,6 +208,16 @@ class Settings:
             raise ConfigError(
                 f"LEADSTAGE_LEDGER_RETENTION ({self.ledger_retention_s}s) must be longer than LEADSTAGE_MAX_AGE "
                 f"({self.max_age_s:g}s) plus LEADSTAGE_RETRY_AFTER_MAX ({self.retry_after_max_s:g}s)"
+            )
+        if self.batch_max > BATCH_MAX_JOBS:
+            raise ConfigError(f"LEADSTAGE_BATCH_MAX ({self.batch_max}) must be at most {BATCH_MAX_JOBS} (iVvy's limit)")
+        if self.batch_max <= 1:
+            raise ConfigError("LEADSTAGE_BATCH_MAX must be at least 2 (a batch of one is a single call)")
+        if self.batch_mode == "auto" and self.batch_wait_s + 2 * self.request_timeout_s >= self.job_timeout_s:
+            # The batch's task is one job: its run, its wait for results and one poll must fit.
+            raise ConfigError(
+                f"LEADSTAGE_BATCH_WAIT ({self.batch_wait_s:g}s) plus two LEADSTAGE_REQUEST_TIMEOUT "
+                f"({self.request_timeout_s:g}s) must be shorter than LEADSTAGE_JOB_TIMEOUT ({self.job_timeout_s:g}s)"
             )
         if self.lease_s <= self.poll_delay_s * 3:
             raise ConfigError("LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY")

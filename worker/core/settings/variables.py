@@ -41,6 +41,8 @@ class Secret:
 
 LogFormat = Literal["json", "console", "auto"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console", "auto")
+BatchMode = Literal["auto", "off"]
+BATCH_MODES: tuple[BatchMode, ...] = ("auto", "off")
 LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
 LOG_LEVEL_NAMES: tuple[LogLevel, ...] = ("debug", "info", "warning", "warn", "error", "critical")
 #: The shortest secret accepted, of every kind (docs/contract.md: Configuration): an iVvy API
@@ -118,6 +120,9 @@ class EnvReader:
 
     def log_format(self, name: str, default: LogFormat) -> LogFormat:
         return self._choice(name, default, LOG_FORMATS)
+
+    def batch_mode(self, name: str, default: BatchMode) -> BatchMode:
+        return self._choice(name, default, BATCH_MODES)
 
     def log_level(self, name: str, default: LogLevel | None) -> LogLevel | None:
         if self._raw(name) is None:

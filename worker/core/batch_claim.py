@@ -1,0 +1,116 @@
+"""batch.lua for the worker (batch mode, docs/contract.md: Batches): a batch's claim of an account's
+due updates, its asyncId recorded, a rate slot for its polls; the script's calls and the one place
+its replies are parsed."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+from redis.commands.core import AsyncScript
+
+from worker.core import keys
+from worker.core.errors import redis_errors
+from worker.core.ledger import Ledger, Start
+from worker.core.scripts import RATE_WINDOW_US
+from worker.core.states import Decision
+
+#: How many of an account's due jobs one claim reads at most (a batch takes one per stage).
+SCAN_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class BatchClaim:
+    """batch.lua's claim: the changes claimed (a ``go`` start each), or why none was."""
+
+    starts: list[Start]
+    #: How many updates could have been sent now (one per stage), claimed or not.
+    candidates: int
+    #: Why nothing was claimed: '' (claimed), 'few' (not more due jobs than the threshold: none was
+    #: read), 'below' (not more sendable updates than the threshold), 'rate' (no free slot).
+    refused: str
+    rate_wait_ms: int
+
+
+def _text(value: bytes | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_claim(reply: Sequence[object]) -> BatchClaim:
+    status, candidates, rate_wait, claimed = reply
+    starts = []
+    for item in claimed:  # type: ignore[attr-defined]  # a Redis array reply
+        job, run, attempt, dropped, source, enqueued_at, gen, change, trace = item
+        starts.append(
+            Start(
+                decision=Decision.GO, run=int(run), attempt=int(attempt),
+                dropped=frozenset(f for f in _text(dropped).split(",") if f),
+                facts=(_text(source), int(enqueued_at), int(gen)), change_json=change, job_id=_text(job),
+                traceparent=_text(trace),
+            )
+        )  # fmt: skip
+    text = _text(status)  # type: ignore[arg-type]  # a Redis reply: bytes or int
+    return BatchClaim(starts, int(candidates), "" if text == "ok" else text, int(rate_wait))  # type: ignore[call-overload]  # int replies
+
+
+@functools.cache
+def _source() -> str:
+    """batch.lua's text, read once per process."""
+    return resources.files("worker.core").joinpath("lua", "batch.lua").read_text()
+
+
+def _script(ledger: Ledger) -> AsyncScript:
+    return ledger.client.register_script(_source())
+
+
+def _interval_us(rate_limit: float) -> int:
+    return max(1, round(1_000_000 / rate_limit))
+
+
+def batch_lock_ms(ledger: Ledger) -> int:
+    """A batch's stage locks last for its run, its wait for results, one more poll and the finish."""
+    settings = ledger.settings
+    return int((settings.batch_wait_s + 2 * settings.request_timeout_s) * 1000) + 5000
+
+
+async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: float) -> BatchClaim:
+    """Claim up to ``LEADSTAGE_BATCH_MAX`` of the account's due updates for one batch, when more than
+    ``LEADSTAGE_BATCH_THRESHOLD`` could be sent now (see batch.lua)."""
+    settings = ledger.settings
+    reply, acked = await ledger._call(
+        _script(ledger),
+        [keys.queue_key(settings.queue_name, account), keys.rate_key(account)],
+        [
+            "claim", ledger.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000), _interval_us(rate_limit),
+            batch_lock_ms(ledger), ledger.in_flight_guard_ms, worker_id, keys.ledger_prefix(account),
+            settings.ledger_retention_s * 1000, settings.batch_threshold, settings.batch_max,
+            settings.batch_max * SCAN_FACTOR, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
+        ],
+        confirm=True,
+    )  # fmt: skip
+    claim = _parse_claim(reply)
+    if claim.starts:
+        ledger._require_replicas(acked, "the recovery point of a batch")
+    return claim
+
+
+async def record_sent(ledger: Ledger, async_id: str, starts: Sequence[Start]) -> set[str]:
+    """The batch's asyncId in each change's recovery point; returns the jobs still on their run."""
+    with redis_errors():
+        recorded: list[int] = await _script(ledger)(
+            keys=[keys.ledger_key(s.job_id) for s in starts],
+            args=["sent", async_id, int(ledger.settings.batch_wait_s * 1000), *(s.run for s in starts)],
+        )
+    return {s.job_id for s, ok in zip(starts, recorded, strict=True) if ok}
+
+
+async def take_rate_slot(ledger: Ledger, account: str, rate_limit: float) -> int:
+    """A slot of the account's rate limit for one poll: 0 when taken, else how long to wait (ms)."""
+    with redis_errors():
+        [wait_ms] = await _script(ledger)(
+            keys=[keys.queue_key(ledger.settings.queue_name, account), keys.rate_key(account)],
+            args=["slot", _interval_us(rate_limit), RATE_WINDOW_US],
+        )
+    return int(wait_ms)
