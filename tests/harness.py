@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -58,10 +58,34 @@ def start_worker_process(env: Mapping[str, str], log_path: Path) -> subprocess.P
         return subprocess.Popen(argv, env=unbuffered, stdout=log, stderr=log)  # noqa: S603 - our interpreter, fixed arguments
 
 
+def stop_processes(
+    processes: Sequence[subprocess.Popen[bytes]], sig: int = signal.SIGTERM, timeout: float = 15
+) -> None:
+    """Send ``sig`` to each process and wait for all of them, ``timeout`` seconds in all.
+
+    One that does not stop in time is SIGKILLed, with every other still running, before the test
+    fails: a worker left running would take the jobs of the tests after it (same database).
+    """
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    stuck = []
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stuck.append(process)
+    for process in stuck:
+        process.kill()
+        process.wait()
+    if stuck:
+        raise AssertionError(f"pids {[p.pid for p in stuck]} did not stop within {timeout} s of signal {sig} (killed)")
+
+
 def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-    if process.poll() is None:
-        process.send_signal(sig)
-    return process.wait(timeout)
+    stop_processes([process], sig, timeout)
+    return process.returncode
 
 
 async def eventually(condition: Callable[[], Awaitable[bool]], *, within_s: float = 10.0) -> None:

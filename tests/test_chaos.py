@@ -115,8 +115,7 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
         settle = time.monotonic() - started
     finally:
         admin.config_set("maxmemory", 0)
-        for process in workers:
-            harness.stop_process(process)
+        harness.stop_processes(workers)
     try:
         await check_invariants(fake, redis_client, changes, terminal, stages, expected, kills, settle, batch_mode)
     finally:

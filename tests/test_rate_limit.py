@@ -49,8 +49,7 @@ async def test_three_worker_processes_keep_to_the_account_rate_limit(
     try:
         await harness.wait_for_terminal(redis_client, keys, within_s=60)
     finally:
-        for process in workers:
-            harness.stop_process(process)
+        harness.stop_processes(workers)
     times = arrivals(fake)
     assert len(times) == 40
     # GCRA with a burst of one: at most RATE requests start in any one-second window (+1 for the
