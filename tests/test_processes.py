@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import sys
@@ -12,7 +13,7 @@ import pytest
 import redis
 
 from worker.core.errors import ProcessFailed
-from worker.core.processes import SOURCE_ROOT, Children, RedisServer, free_port, wait_for_port
+from worker.core.processes import SOURCE_ROOT, Children, RedisServer, cancel_until_done, free_port, wait_for_port
 
 #: A child that ignores SIGTERM: only SIGKILL stops it.
 STUBBORN = (
@@ -121,3 +122,26 @@ def test_a_sentinel_is_started_from_its_configuration_lines(tmp_path: Path) -> N
 def test_the_source_root_holds_the_packages_children_import() -> None:
     assert (SOURCE_ROOT / "worker" / "__init__.py").is_file()
     assert (SOURCE_ROOT / "bench" / "procs.py").is_file()
+
+
+async def test_cancel_until_done_ends_a_task_that_loses_a_cancellation() -> None:
+    """redis-py (5.3, with a socket timeout) can swallow a cancellation that lands while it reads:
+    a worker whose heartbeat did so waited for it for good at shutdown."""
+    lost = 0
+
+    async def heartbeat_like() -> None:
+        nonlocal lost
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if lost == 0:  # the first cancellation is lost, as redis-py can lose it
+                    lost += 1
+                    continue
+                raise
+
+    task = asyncio.create_task(heartbeat_like())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_until_done(task), timeout=5)  # a guard against hanging the suite
+    assert task.cancelled()
+    assert lost == 1

@@ -35,6 +35,7 @@ from worker import batching
 from worker.core import keys, metrics
 from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
+from worker.core.processes import cancel_until_done
 from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, single_server
 from worker.core.results import lost_event
 from worker.core.settings import Settings
@@ -259,9 +260,8 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
     async def on_shutdown(ctx: dict[str, Any]) -> None:
         heartbeat: asyncio.Task[None] | None = ctx.get("heartbeat")
         if heartbeat is not None:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            # The heartbeat only ends by cancellation, and a lost one would hold the shutdown.
+            await cancel_until_done(heartbeat)
         with contextlib.suppress(LeadstageError), redis_errors():
             await ctx["redis"].hdel(keys.WORKERS, worker_id)
         if "transport" in ctx:

@@ -37,7 +37,7 @@ SURFACE: Final[dict[str, str]] = {
     "ledger": "backlog_warning Chunk ENQUEUE_CHUNK Ledger Pick Receipt Start",
     "logs": "bind_job_context configure_logging get_logger",
     "metrics": "",
-    "processes": "Children is_loopback RedisServer signalled until_signalled",
+    "processes": "cancel_until_done Children is_loopback RedisServer signalled until_signalled",
     "readers": "",
     "redis_connection": (
         "close_sentinels connect_redis connect_redis_of connect_redis_or_cluster connect_redis_or_cluster_of"

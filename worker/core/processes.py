@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from worker.core.errors import ProcessFailed
 
@@ -38,6 +38,7 @@ __all__ = [
     "Child",
     "Children",
     "RedisServer",
+    "cancel_until_done",
     "free_port",
     "is_loopback",
     "python_module",
@@ -322,11 +323,7 @@ async def until_signalled(work: Awaitable[_T]) -> _T | None:
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        while not task.done():
-            # Cancelled again until it ends: redis-py (5.3, with a socket timeout) can lose a
-            # cancellation that lands while it reads (``leadstage results --follow`` then ran on).
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await cancel_until_done(task)
         return None if task.cancelled() else task.result()
     except asyncio.CancelledError:
         task.cancel()  # this coroutine itself was cancelled, not ``work`` by a signal: so is ``work``
@@ -335,6 +332,18 @@ async def until_signalled(work: Awaitable[_T]) -> _T | None:
         stopped.cancel()
         for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
+
+
+async def cancel_until_done(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every 0.1 s.
+
+    redis-py (5.3, with a socket timeout) can lose a cancellation that lands while it reads: a
+    single ``cancel()`` then leaves the task running (``leadstage results --follow`` ran on; a
+    worker's heartbeat kept its shutdown waiting for good).
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
 
 
 async def signalled() -> None:
