@@ -6,12 +6,10 @@ running ones). Two things are replaced. What to run next: instead of polling one
 worker picks the first due account from the schedule (``keys.ready_key``, round-robin among due
 accounts), claims that account's next change that may be sent, and, when nothing is due, blocks
 on the wake list (BLPOP) until an enqueue or a retry notifies it or the next account is due. And
-how a due job is claimed. arq claims with WATCH/MULTI and an in-progress key that lives for the job
-timeout plus 10 s, reads a pickled job record, counts tries and writes a result, in four round
-trips and sixteen commands. Here ``start.lua`` claims the job and makes every decision about it
-in one round trip, and the job's record is its ledger entry: a running job is hidden from other
-workers for one lease (``LEADSTAGE_LEASE``), renewed by a heartbeat, so a killed worker's
-change is due again within the lease (docs/contract.md: within 15 s).
+how a due job is claimed: not arq's four round trips (WATCH/MULTI, an in-progress key, a pickled
+record), but ``start.lua``, every decision in one, the record being the ledger entry; a running job
+is hidden for one lease (``LEADSTAGE_LEASE``), renewed by a heartbeat, so a killed worker's change
+is due again within the lease (docs/contract.md: within 15 s).
 """
 
 from __future__ import annotations
@@ -65,12 +63,27 @@ RESYNC_BEATS = 20
 GAUGE_BEATS = 3
 
 
+CLOSE_TIMEOUT_S = 10.0  # closing once the jobs are done: Redis calls and the transport, each bounded
+
+
 class LeadstageWorker(Worker):
-    """arq's Worker serving accounts from the schedule, claiming with ``start.lua``, and blocking on
-    the wake list while idle instead of polling (see the module docstring)."""
+    """arq's Worker serving accounts from the schedule, claiming with ``start.lua``, blocking while idle."""
 
     #: Whether a queue of the old layout was migrated and the schedule resynced (``layout``).
     prepared = False
+
+    def handle_sig(self, signum: int) -> None:
+        super().handle_sig(signum)  # type: ignore[arg-type]  # arq annotates it with Signals
+        if self.main_task is not None:  # cancelled until it ends: redis-py can lose one cancellation
+            self._stopping = asyncio.ensure_future(cancel_until_done(self.main_task))
+
+    async def close(self) -> None:
+        """arq's close, bounded: a task that lost its cancellation (redis-py can) is logged, not waited for."""
+        closing = asyncio.ensure_future(super().close())
+        await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT_S)
+        if not closing.done():
+            held = [repr(task.get_coro()) for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            log.error("worker.close_timed_out", timeout_s=CLOSE_TIMEOUT_S, tasks=held[:20])
 
     async def _serve(self, runtime: Runtime) -> None:
         """Serve due accounts, a claim of changes at a time each, until none is due or the worker's
@@ -106,9 +119,8 @@ class LeadstageWorker(Worker):
         return self.max_jobs - self.job_counter
 
     def _may_claim(self) -> bool:
-        """Whether the worker claims now: one free slot is enough while few jobs run; while many
-        do, a share of the slots must be free, so that a claim (and the schedule's pick around it)
-        is paid once for several changes."""
+        """Whether the worker claims now: one free slot while few jobs run; while many do, a share
+        of the slots, so that a claim (and the schedule's pick around it) serves several changes."""
         return self.allow_pick_jobs and self._free_slots() >= max(
             1, min(self.max_jobs // CLAIM_SHARE, self.job_counter)
         )
