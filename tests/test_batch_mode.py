@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import time
 from pathlib import Path
 
 import prometheus_client
@@ -200,17 +201,23 @@ async def test_a_job_refused_for_good_is_dead_lettered_and_the_others_succeed(
     assert [e["idempotency_key"] for e in await read_events(redis_client, "leadstage:dlq")] == ["nowhere"]
 
 
-async def test_a_worker_killed_mid_batch_leaves_its_changes_to_be_resent(
-    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, tmp_path: Path
+async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
+    redis_url: str, redis_client: aioredis.Redis, fake: FakeIvvy, fake_ivvy: RunningFakeIvvy, tmp_path: Path
 ) -> None:
-    """SIGKILLed once its batch was accepted (its asyncId recorded) and while iVvy still applies it:
-    the leases lapse, the batch's wait passes, and another worker claims the changes and resends
-    them. Nobody collects the dead worker's results."""
-    changes = one_per_stage(fake, 10)
-    fake.update_faults({"batch_delay_s": 1.0})
+    """With the default lease, request timeout, batch wait and threshold: a worker SIGKILLed once its
+    batch was accepted (its asyncId recorded) and while iVvy still applies it. Another worker
+    collects that batch's results once the leases lapse, and finishes each change by its own job's
+    answer: no second run, no single call, the killed run's attempt is the only one."""
+    settings = worker_settings(
+        redis_url, fake_ivvy.url, batch_mode="auto", request_timeout_s=10.0, lease_s=8.0, job_timeout_s=120.0
+    )
+    assert (settings.batch_wait_s, settings.batch_threshold) == (Settings.batch_wait_s, Settings.batch_threshold)
+    changes = one_per_stage(fake, settings.batch_threshold + 5)
+    fake.update_faults({"batch_delay_s": 4.0})
     await enqueue(redis_client, settings, changes)
     ledger = Ledger(redis_client, settings)
-    first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
+    env = harness.worker_env(settings)
+    first = harness.start_worker_process(env, tmp_path / "first.log")
     try:
 
         async def batch_recorded() -> bool:
@@ -221,13 +228,84 @@ async def test_a_worker_killed_mid_batch_leaves_its_changes_to_be_resent(
     finally:
         first.send_signal(signal.SIGKILL)
         await asyncio.to_thread(first.wait, 10)
+    killed_at = time.monotonic()
+    seen_at_kill = len(fake.requests)
     assert not [e for e in await read_events(redis_client) if e["event"] != "retrying"]
+    second = harness.start_worker_process(env, tmp_path / "second.log")
+    try:
+        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
+        taken_up_after = time.monotonic() - killed_at
+    finally:
+        harness.stop_process(second)
+    assert {key: [(e["event"], e["sent_as"], e["attempt"]) for e in events] for key, events in terminal.items()} == {
+        key: [("succeeded", "batch", "1")] for key, _ in changes
+    }
+    # After the kill: only polls of the one batch (the collection), then nothing else was sent.
+    after = {(r.namespace, r.action) for r in list(fake.requests)[seen_at_kill:]}
+    assert after == {("batch", "progress"), ("batch", "results")}
+    assert calls(fake, "batch", "run") == 1
+    assert calls(fake, "crm", "addOrUpdateLeadStage") == 0
+    assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes)
+    assert "batch.collecting" in (tmp_path / "second.log").read_text()
+    assert taken_up_after <= 15.0, f"taken up {taken_up_after:.1f}s after the kill"
+
+
+async def test_a_worker_killed_before_its_batchs_run_was_answered_leaves_it_resent_its_stages_held(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, tmp_path: Path
+) -> None:
+    """SIGKILLed while its run hangs (recovery point ``pending``: nobody can ask about that batch).
+    After the in-flight guard the changes are claimed again and resent, each stage staying locked
+    until that batch's wait is over (it could still have been accepted and be applied late)."""
+    changes = one_per_stage(fake, 8)
+    fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
+    await enqueue(redis_client, settings, changes)
+    ledger = Ledger(redis_client, settings)
+    first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
+    try:
+
+        async def run_hangs() -> bool:
+            return calls(fake, "batch", "run") > 0
+
+        await eventually(run_hangs, within_s=20)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+    pending = await ledger.entry(keys.job_id("default", "u0"))
+    assert pending is not None
+    assert pending["batch"] == "pending"
+    fake.update_faults({"hang_rate": 0.0})
     async with running_worker(settings):
         terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
-    assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
-        key: ["succeeded"] for key, _ in changes
+    assert {key: [(e["event"], e["attempt"]) for e in events] for key, events in terminal.items()} == {
+        key: [("succeeded", "2")] for key, _ in changes
     }
-    assert calls(fake, "batch", "run") >= 2  # the killed worker's, and the one that resent them
     assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes)
-    # Each change was attempted again, by a new run: the killed run's attempt counts.
-    assert {events[0]["attempt"] for events in terminal.values()} == {"2"}
+    entry = await ledger.entry(keys.job_id("default", "u0"))
+    assert entry is not None
+    guard_ms, wait_ms = ledger.in_flight_guard_ms, int(settings.batch_wait_s * 1000)
+    assert int(entry["unknown_until"]) == int(pending["posted_at"]) + guard_ms + wait_ms
+
+
+async def test_a_batch_not_ready_within_its_wait_keeps_its_stages_locked_for_another_wait(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """It may still be applied: a newer change of its stages must not go before that hold is over
+    (longer than the single call's late-commit hold, the request timeout)."""
+    changes = one_per_stage(fake, 8)
+    fake.update_faults({"batch_never_ready_rate": 1.0})
+    ledger = Ledger(redis_client, settings)
+    await enqueue(redis_client, settings, changes)
+    async with running_worker(dataclasses.replace(settings, batch_wait_s=2.0)):
+
+        async def retried() -> bool:
+            return any(e["event"] == "retrying" for e in await read_events(redis_client))
+
+        await eventually(retried, within_s=20)
+        [event, *_] = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+        entry = await ledger.entry(keys.job_id("default", event["idempotency_key"]))
+        assert entry is not None
+        # By the server's clock: the single call's hold would end at most the late-commit hold after
+        # the retry is due (finish.lua: unknown_until = its now + the hold, next_at = its now + a delay).
+        assert int(entry["unknown_until"]) - int(entry["next_at"]) > ledger.late_commit_ms
+        fake.update_faults({"batch_never_ready_rate": 0.0})
+        await wait_for_terminal(redis_client, [key for key, _ in changes])

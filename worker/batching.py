@@ -6,18 +6,21 @@ claims are runs of this worker like any other (their leases renewed by the heart
 by its run), all carried by one task (``run_batch``) that holds one of the worker's slots:
 
 1. ``batch?action=run`` with each change's request (its surviving fields, as a single call's);
-2. its asyncId written in each change's recovery point (batch.lua 'sent');
+2. its asyncId written in each change's recovery point and the batch listed for collection
+   (batch.lua 'sent');
 3. ``progress``/``results`` polled with backoff (``worker.batch``), each poll taking a slot of the
    account's rate limit;
 4. each change finished by its job's answer through the single attempt's finish path
    (``worker.job``): succeeded, retried later (retryable), dead-lettered (permanent).
 
-A run or a wait whose outcome is unknown (no answer, results never ready within
-``LEADSTAGE_BATCH_WAIT``, 24115, results that do not answer the jobs) is an unknown outcome for
-each change: an update is simply resent later, the stage staying locked for the late-commit hold.
-A worker killed mid-batch leaves its changes at ``phase=posting`` with a ``posted_at`` past the
-batch's wait: once their leases lapse and that wait is over, they are claimed again and resent
-(nobody collects the dead worker's results).
+A worker killed after step 2 leaves its batch to be collected: once the changes' leases lapse,
+the next turn's claim takes them over (``collect_batch``: steps 3 and 4, each change by its own
+job's index). A run or a wait whose outcome is unknown (no answer, results never ready within
+``LEADSTAGE_BATCH_WAIT``) is an unknown outcome for each change, whose stage stays locked for
+another ``LEADSTAGE_BATCH_WAIT`` (the batch may still be applied); results that are gone (24115)
+or do not answer the jobs are an unknown outcome with the single call's hold. Either way an update
+is simply resent later. A worker killed before step 2 leaves its changes to be resent after the
+in-flight guard, their stages locked until that batch's wait is over.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ from typing import TYPE_CHECKING
 import orjson
 
 from worker import coalesce
-from worker.batch import BatchCalls, JobOutcome, lead_stage_job
+from worker.batch import BatchCalls, BatchJob, JobOutcome, lead_stage_job
 from worker.core import keys, metrics
-from worker.core.batch_claim import claim_batch, record_sent, take_rate_slot
+from worker.core.batch_claim import BatchClaim, claim_batch, hold_unresolved, record_sent, take_rate_slot
 from worker.core.change import LeadStageChange, parse_change
-from worker.core.errors import LeadstageError, PermanentError, RetryableError
+from worker.core.errors import BatchGone, IvvyNoAnswer, LeadstageError, PermanentError, RetryableError
 from worker.core.ledger import Start
 from worker.core.logs import bind_job_context, get_logger
 from worker.core.results import JobFacts
@@ -74,14 +77,18 @@ async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int
     await worker.sem.acquire()  # never waits: a free slot was checked above, in this same task
     worker.job_counter += 1
     leases = {start.job_id: Lease(start.run, claimed_at) for start in claim.starts}
-    task = asyncio.create_task(_guarded(runtime, run_batch(runtime, client, claim.starts), leases))
+    work = collect_batch(runtime, client, claim) if claim.async_id else run_batch(runtime, client, claim.starts)
+    task = asyncio.create_task(_guarded(runtime, work, leases))
     for job_id, lease in leases.items():
         lease.task = task
         runtime.running[job_id] = lease
         lease.confirm(claimed_at + runtime.settings.lease_s, runtime.lease_margin_s)
     task.add_done_callback(lambda _: worker._release_sem_dec_counter_on_complete())
     worker.tasks[f"batch:{uuid.uuid4().hex}"] = task
-    log.info("batch.claimed", account=account, changes=len(claim.starts), candidates=claim.candidates)
+    if claim.async_id:
+        log.info("batch.collecting", account=account, async_id=claim.async_id, changes=len(claim.starts))
+    else:
+        log.info("batch.claimed", account=account, changes=len(claim.starts), candidates=claim.candidates)
     return len(claim.starts)
 
 
@@ -125,11 +132,43 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
     try:
         async_id = await calls.run(jobs)
     except (RetryableError, PermanentError) as error:
+        if isinstance(error, IvvyNoAnswer) and error.outcome_unknown:
+            await hold_unresolved(runtime.ledger, starts)  # accepted or not: it may still be applied
         await _end_all(runtime, members, sent, error, started, unknown=None)
         return
-    mine = await record_sent(runtime.ledger, async_id, starts)
-    log.info("batch.sent", async_id=async_id, changes=len(starts), overtaken=len(starts) - len(mine))
     account = members[0][1].account
+    mine = await record_sent(runtime.ledger, account, async_id, starts)
+    log.info("batch.sent", async_id=async_id, changes=len(starts), overtaken=len(starts) - len(mine))
+    kept = [(i, m) for i, m in enumerate(members) if m[0].job_id in mine]
+    await _collect(runtime, calls, async_id, jobs, [m for _, m in kept], [sent[i] for i, _ in kept],
+                   [i for i, _ in kept], started)  # fmt: skip
+
+
+async def collect_batch(runtime: Runtime, client: IvvyClient, claim: BatchClaim) -> None:
+    """A dead worker's batch (its asyncId recorded): wait for its results and finish each change
+    claimed by its own job's answer, as that worker would have."""
+    coalesce.CARRIAGE.set(("batch", ""))
+    members = [(start, _facts(start)) for start in claim.starts]
+    sent = [facts.change.without(set(start.dropped)) for start, facts in members]
+    jobs: list[BatchJob | None] = [None] * claim.candidates
+    for index, change in zip(claim.indexes, sent, strict=True):
+        jobs[index] = lead_stage_job(change)
+    metrics.BATCHES_COLLECTED.labels(members[0][1].account).inc()
+    await _collect(runtime, BatchCalls(client), claim.async_id, jobs, members, sent, claim.indexes, time.monotonic())
+
+
+async def _collect(
+    runtime: Runtime,
+    calls: BatchCalls,
+    async_id: str,
+    jobs: list[BatchJob] | list[BatchJob | None],
+    members: list[tuple[Start, JobFacts]],
+    sent: list[LeadStageChange],
+    indexes: list[int],
+    started: float,
+) -> None:
+    """Poll the batch within the rate limit and finish each member by its job (``indexes``)."""
+    account = members[0][1].account if members else ""
 
     async def pace() -> None:
         while True:
@@ -138,22 +177,26 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
                 return
             await asyncio.sleep(wait_ms / 1000)
 
+    if not members:
+        return
     try:
         outcomes = await calls.wait_for_results(
             async_id, jobs, timeout_s=runtime.settings.batch_wait_s, poll_min_s=POLL_MIN_S, poll_max_s=POLL_MAX_S,
             rng=runtime.rng, pace=pace,
         )  # fmt: skip
     except (RetryableError, PermanentError) as error:
-        # The batch may still be applied: each change's outcome is unknown.
+        # The batch may still be applied (unless iVvy says it does not know it): each change's outcome
+        # is unknown.
         log.warning("batch.unanswered", async_id=async_id, error=str(error), error_code=error.error_code)
-        kept = [(i, m) for i, m in enumerate(members) if m[0].job_id in mine]
-        await _end_all(runtime, [m for _, m in kept], [sent[i] for i, _ in kept], error, started, unknown=True)
+        starts = [start for start, _ in members]
+        if not isinstance(error, BatchGone):
+            await hold_unresolved(runtime.ledger, starts)
+        await _end_all(runtime, members, sent, error, started, unknown=True)
         return
     await asyncio.gather(
         *(
-            _end_one(runtime, start, facts, change, outcome, started)
-            for (start, facts), change, outcome in zip(members, sent, outcomes, strict=True)
-            if start.job_id in mine
+            _end_one(runtime, start, facts, change, outcomes[index], started)
+            for (start, facts), change, index in zip(members, sent, indexes, strict=True)
         )
     )
 
