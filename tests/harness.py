@@ -29,6 +29,9 @@ def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Setti
         "request_timeout_s": 1.0,
         "job_timeout_s": 30.0,
         "lease_s": 2.0,
+        # Batch mode is on by default: its wait must fit in the job timeout above (a batch that is
+        # not done within it is an unknown outcome, its stages held for another wait).
+        "batch_wait_s": 3.0,
         "poll_delay_s": 0.01,
         "concurrency": 20,
         "shutdown_grace_s": 5.0,
