@@ -208,10 +208,12 @@ async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
     batch was accepted (its asyncId recorded) and while iVvy still applies it. Another worker
     collects that batch's results once the leases lapse, and finishes each change by its own job's
     answer: no second run, no single call, the killed run's attempt is the only one."""
+    defaults = Settings()
     settings = worker_settings(
-        redis_url, fake_ivvy.url, batch_mode="auto", request_timeout_s=10.0, lease_s=8.0, job_timeout_s=120.0
-    )
-    assert (settings.batch_wait_s, settings.batch_threshold) == (Settings.batch_wait_s, Settings.batch_threshold)
+        redis_url, fake_ivvy.url, request_timeout_s=10.0, lease_s=8.0, job_timeout_s=120.0,
+        batch_wait_s=defaults.batch_wait_s,
+    )  # fmt: skip
+    assert (settings.batch_mode, settings.batch_threshold) == (defaults.batch_mode, defaults.batch_threshold)
     changes = one_per_stage(fake, settings.batch_threshold + 5)
     fake.update_faults({"batch_delay_s": 4.0})
     await enqueue(redis_client, settings, changes)
@@ -309,3 +311,62 @@ async def test_a_batch_not_ready_within_its_wait_keeps_its_stages_locked_for_ano
         assert int(entry["unknown_until"]) - int(entry["next_at"]) > ledger.late_commit_ms
         fake.update_faults({"batch_never_ready_rate": 0.0})
         await wait_for_terminal(redis_client, [key for key, _ in changes])
+
+
+def adds(count: int, prefix: str = "a") -> list[tuple[str, dict[str, object]]]:
+    return [(f"{prefix}{i}", {"name": f"New {prefix}{i}", "applyTo": 1}) for i in range(count)]
+
+
+def stage_count(fake: FakeIvvy, name: str) -> int:
+    return sum(1 for stage in fake.stages.values() if stage.name == name)
+
+
+async def test_due_adds_go_as_one_batch_each_creating_one_stage(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    changes = adds(12) + one_per_stage(fake, 4)
+    await enqueue(redis_client, settings, changes)
+    async with running_worker(settings):
+        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes])
+    assert (calls(fake, "batch", "run"), calls(fake, "crm", "addOrUpdateLeadStage")) == (1, 0)
+    for key, raw in changes:
+        [event] = terminal[key]
+        assert (event["event"], event["sent_as"]) == ("succeeded", "batch")
+        if "id" not in raw:
+            [stage] = [s for s in fake.stages.values() if s.name == raw["name"]]
+            assert event["stage_id"] == str(stage.id)
+    # Each created stage is claimed by its add: a later reconcile of another add never adopts it.
+    claims = await redis_client.hgetall(keys.claims_key("default"))  # type: ignore[misc]  # redis-py's async stubs
+    assert sorted(v.decode() for v in claims.values()) == sorted(keys.job_id("default", k) for k, _ in adds(12))
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param("batch_run_drop_rate", id="the run's answer dropped after its adds were applied"),
+        pytest.param("batch_job_24322_rate", id="every add answered 24322, not applied"),
+        pytest.param("batch_never_ready_rate", id="results never ready within the wait"),
+    ],
+)
+async def test_batched_adds_of_unknown_outcome_are_reconciled_before_any_resend(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, fault: str
+) -> None:
+    """At most one stage per add: each is reconciled with getLeadStageList (an applied one adopted,
+    a missing one sent again), exactly as a single call of unknown outcome."""
+    changes = adds(8)
+    fake.update_faults({fault: 1.0})
+    await enqueue(redis_client, settings, changes)
+    async with running_worker(dataclasses.replace(settings, batch_wait_s=1.0)):
+
+        async def all_retried() -> bool:
+            retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+            return {e["idempotency_key"] for e in retrying} == {key for key, _ in changes}
+
+        await eventually(all_retried, within_s=20)
+        fake.update_faults({fault: 0.0})
+        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
+    assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
+        key: ["succeeded"] for key, _ in changes
+    }
+    assert all(stage_count(fake, str(raw["name"])) == 1 for _, raw in changes)
+    assert calls(fake, "crm", "getLeadStageList") >= 1

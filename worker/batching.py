@@ -132,9 +132,10 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
     try:
         async_id = await calls.run(jobs)
     except (RetryableError, PermanentError) as error:
-        if isinstance(error, IvvyNoAnswer) and error.outcome_unknown:
+        held = isinstance(error, IvvyNoAnswer) and error.outcome_unknown
+        if held:
             await hold_unresolved(runtime.ledger, starts)  # accepted or not: it may still be applied
-        await _end_all(runtime, members, sent, error, started, unknown=None)
+        await _end_all(runtime, members, sent, error, started, unknown=None, held=held)
         return
     account = members[0][1].account
     mine = await record_sent(runtime.ledger, account, async_id, starts)
@@ -188,15 +189,17 @@ async def _collect(
         # The batch may still be applied (unless iVvy says it does not know it): each change's outcome
         # is unknown.
         log.warning("batch.unanswered", async_id=async_id, error=str(error), error_code=error.error_code)
-        starts = [start for start, _ in members]
-        if not isinstance(error, BatchGone):
-            await hold_unresolved(runtime.ledger, starts)
-        await _end_all(runtime, members, sent, error, started, unknown=True)
+        held = not isinstance(error, BatchGone)
+        if held:
+            await hold_unresolved(runtime.ledger, [start for start, _ in members])
+        await _end_all(runtime, members, sent, error, started, unknown=True, held=held)
         return
+    # An add's job that failed may have been applied for all this worker knows: reconciled first.
+    unknown = [True if facts.change.operation == "add" else None for _, facts in members]
     await asyncio.gather(
         *(
-            _end_one(runtime, start, facts, change, outcomes[index], started)
-            for (start, facts), change, index in zip(members, sent, indexes, strict=True)
+            _end_one(runtime, start, facts, change, outcomes[index], started, unknown=add_unknown)
+            for (start, facts), change, index, add_unknown in zip(members, sent, indexes, unknown, strict=True)
         )
     )
 
@@ -209,11 +212,16 @@ async def _end_all(
     started: float,
     *,
     unknown: bool | None,
+    held: bool,
 ) -> None:
-    """Every change of the batch ends as its request would have alone with ``error``."""
+    """Every change of the batch ends as its request would have alone with ``error``; ``held``: the
+    batch may still be applied for another LEADSTAGE_BATCH_WAIT (an add reconciles after that)."""
+    settle_s = runtime.settings.batch_wait_s if held else None
     await asyncio.gather(
         *(
-            _end_one(runtime, start, facts, change, JobOutcome(error=error), started, unknown=unknown)
+            _end_one(
+                runtime, start, facts, change, JobOutcome(error=error), started, unknown=unknown, settle_s=settle_s
+            )
             for (start, facts), change in zip(members, sent, strict=True)
         )
     )
@@ -228,17 +236,24 @@ async def _end_one(
     started: float,
     *,
     unknown: bool | None = None,
+    settle_s: float | None = None,
 ) -> None:
     """One change's end by its job's answer: the single attempt's finish path."""
+    operation = facts.change.operation
     with bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt):
         try:
             stage_id = outcome.lead_stage_id(sent)
         except RetryableError as error:
             if unknown is None:
                 unknown = _outcome_unknown(facts.change, error)
-            await _failed_attempt(runtime, facts, start, sent, error, started, outcome_unknown=unknown)
+            await _failed_attempt(
+                runtime, facts, start, sent, error, started, outcome_unknown=unknown, settle_s=settle_s
+            )
         except PermanentError as error:
             await _permanent_failure(runtime, facts, start, sent, error, started)
         else:
-            metrics.ATTEMPTS.labels(facts.account, "update", "ok").inc()
-            await _finish(runtime, facts, start, Outcome.SUCCEEDED, sent=sent, stage_id=stage_id, started=started)
+            metrics.ATTEMPTS.labels(facts.account, operation, "ok").inc()
+            await _finish(
+                runtime, facts, start, Outcome.SUCCEEDED, sent=sent, stage_id=stage_id, started=started,
+                created=operation == "add",
+            )  # fmt: skip

@@ -92,7 +92,10 @@ async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: 
     settings = ledger.settings
     reply, acked = await ledger._call(
         _script(ledger),
-        [keys.queue_key(settings.queue_name, account), keys.rate_key(account), keys.batches_key(account)],
+        [
+            keys.queue_key(settings.queue_name, account), keys.rate_key(account), keys.batches_key(account),
+            keys.newest_claim_key(account),
+        ],
         [
             "claim", ledger.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000), _interval_us(rate_limit),
             batch_lock_ms(ledger), ledger.in_flight_guard_ms, worker_id, keys.ledger_prefix(account),

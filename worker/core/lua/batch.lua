@@ -4,9 +4,10 @@
 -- and whose changes' leases lapsed while still on that batch's run (its worker died): those
 -- changes begin a new run of this worker (fencing), hidden for one lease, their stage locks taken
 -- again, no attempt counted and no rate slot taken (the polls take theirs); the worker collects
--- the batch's results and finishes each change by its job's answer. Otherwise, when more than `threshold` of the account's due updates (one per stage: the first in queue order)
--- could be sent now, claim up to `most` of them for one batch, as start.lua's go claims one change:
--- each takes its stage's lock, begins a new run (the fencing token), counts an attempt, is hidden
+-- the batch's results and finishes each change by its job's answer. Otherwise, when more than
+-- `threshold` of the account's due changes (one per stage lock, the first in queue order: updates,
+-- and adds with nothing to reconcile) could be sent now, claim up to `most` of them for one batch,
+-- as start.lua's go claims one change (an add's id_floor too): each takes its stage's lock, begins a new run (the fencing token), counts an attempt, is hidden
 -- for one lease, and gets the batch's recovery point (batch = 'pending', batch_run = its run,
 -- phase = posting, posted_at = now: the in-flight guard counts from the run's send). A change
 -- start.lua would not send now is left alone: not due (a live lease), terminal, a backoff not
@@ -16,7 +17,7 @@
 -- ('pending') keeps its stage locked until that batch's wait is over (unknown_until): that batch
 -- may still be applied until then.
 --   KEYS: 1 account queue zset, 2 account rate hash, 3 the account's batches zset (asyncId ->
---         until when it may be collected, server ms)
+--         until when it may be collected, server ms), 4 the account's newest-claim key
 --   ARGV: 1 'claim', 2 lease (ms), 3 max attempts, 4 max age (ms), 5 rate interval (µs), 6 the batch's
 --         lock ttl (ms), 7 in-flight guard (ms), 8 worker id, 9 the account's ledger key prefix,
 --         10 ledger retention (ms), 11 threshold, 12 the most changes, 13 how many due jobs to read,
@@ -106,7 +107,7 @@ if mode == 'unresolved' then
   return recorded
 end
 
-local queue, rate_key, batches = KEYS[1], KEYS[2], KEYS[3]
+local queue, rate_key, batches, newest_claim = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lease_ms, max_attempts, max_age_ms = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local ledger_prefix, retention_ms, threshold, most = ARGV[9], ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
@@ -180,16 +181,18 @@ for _, job in ipairs(due) do
   local ledger = ledger_of(job)
   local l = redis.call('HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
     'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'batch', 'batch_run',
-    'unknown_until')
+    'unknown_until', 'id_floor')
   local state, phase, lock = l[1], l[2] or '', l[14]
   -- Due: queued, retrying, or running with its lease lapsed (a dead worker's, taken over).
-  local sendable = (state == 'queued' or state == 'retrying' or state == 'running') and l[6] == 'update' and lock
+  -- An add whose earlier attempt may have been applied is reconciled first (start.lua's path): never batched.
+  local op_ok = l[6] == 'update' or (l[6] == 'add' and phase == '')
+  local sendable = (state == 'queued' or state == 'retrying' or state == 'running') and op_ok and lock
     and not stages[lock]
     and (tonumber(l[5]) or 0) <= now and (tonumber(l[3]) or 0) < max_attempts
     and now - (tonumber(l[4]) or 0) <= max_age_ms
     and not (phase == 'posting' and (tonumber(l[9]) or 0) + guard_ms > now)
-  local dropped, kept = {}, 0
-  if sendable then
+  local dropped, kept = {}, l[6] == 'add' and 1 or 0
+  if sendable and l[6] == 'update' then
     local seq, fields = tonumber(l[7]), {}
     for field in string.gmatch(l[8] or '', '[^,]+') do fields[#fields + 1] = field end
     local latest = redis.call('HMGET', l[13], unpack(fields))
@@ -210,7 +213,7 @@ if #candidates <= threshold then return {'below', #candidates, 0, {}, ''} end
 local rate_wait = rate_slot(rate_key, interval_us, window_us)
 if rate_wait > 0 then return {'rate', #candidates, rate_wait, {}, ''} end
 
-local claims, leased = {}, {}
+local claims, leased, newest = {}, {}, nil
 for i = 1, math.min(#candidates, most) do
   local job, ledger, l, dropped = unpack(candidates[i])
   local run, attempt = (tonumber(l[15]) or 0) + 1, (tonumber(l[3]) or 0) + 1
@@ -223,6 +226,11 @@ for i = 1, math.min(#candidates, most) do
   redis.call('SET', l[14], job .. '#' .. run .. '#' .. (now + lock_ttl_ms), 'PX', lock_ttl_ms)
   redis.call('HSET', ledger, 'state', 'running', 'run', run, 'worker', worker_id, 'attempts', attempt,
     'phase', 'posting', 'posted_at', now, 'batch', 'pending', 'batch_run', run, 'batch_dropped', dropped)
+  if l[6] == 'add' and not l[20] then
+    -- As start.lua's go: stages at or below the newest claimed id existed before this add was first posted.
+    newest = newest or redis.call('GET', newest_claim) or '0'
+    redis.call('HSET', ledger, 'id_floor', newest)
+  end
   redis.call('PEXPIRE', ledger, retention_ms)
   leased[#leased + 1] = now + lease_ms
   leased[#leased + 1] = job

@@ -96,6 +96,11 @@ local function consider(job)
     -- A worker may still be waiting for iVvy's answer to its POST: let that request time out first,
     -- counted from the recovery point written just before it.
     local guard_end = (tonumber(l[9]) or 0) + guard_ms
+    if l[6] == 'add' and l[18] == 'pending' and l[19] == l[15] then
+      -- An add of a batch whose run was never answered: that batch may still create its stage until
+      -- its wait is over; the reconcile that follows must come after.
+      guard_end = guard_end + batch_wait_ms
+    end
     if guard_end > now then
       -- A batch whose asyncId was recorded is collected by batch.lua's claim once its leases lapse
       -- (not resent): look again soon, so that its jobs stay due for that claim.
