@@ -370,3 +370,40 @@ async def test_batched_adds_of_unknown_outcome_are_reconciled_before_any_resend(
     }
     assert all(stage_count(fake, str(raw["name"])) == 1 for _, raw in changes)
     assert calls(fake, "crm", "getLeadStageList") >= 1
+
+
+async def test_adds_of_a_killed_workers_unanswered_batch_are_reconciled_after_its_wait(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, tmp_path: Path
+) -> None:
+    """The run hangs (not applied) and its worker is SIGKILLed: nobody can ask about that batch, which
+    could still create its stages until its wait is over. Each add is reconciled only after that
+    (its in-flight guard plus the batch's wait, by the server's clock), then sent: one stage each."""
+    changes = adds(8)
+    fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
+    await enqueue(redis_client, settings, changes)
+    ledger = Ledger(redis_client, settings)
+    first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
+    try:
+
+        async def run_hangs() -> bool:
+            return calls(fake, "batch", "run") > 0
+
+        await eventually(run_hangs, within_s=20)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+    pending = await ledger.entry(keys.job_id("default", "a0"))
+    assert pending is not None
+    assert pending["batch"] == "pending"
+    fake.update_faults({"hang_rate": 0.0})
+    async with running_worker(settings):
+        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
+    assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
+        key: ["succeeded"] for key, _ in changes
+    }
+    assert all(stage_count(fake, str(raw["name"])) == 1 for _, raw in changes)
+    # The reconcile came after the batch's wait: no listing before it (server ms in the ledger).
+    entry = await ledger.entry(keys.job_id("default", "a0"))
+    assert entry is not None
+    wait_ms = int(settings.batch_wait_s * 1000)
+    assert int(entry["posted_at"]) >= int(pending["posted_at"]) + ledger.in_flight_guard_ms + wait_ms
