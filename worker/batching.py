@@ -35,7 +35,7 @@ import orjson
 
 from worker import coalesce
 from worker.batch import BatchCalls, BatchJob, JobOutcome, lead_stage_job
-from worker.core import keys, metrics
+from worker.core import keys, metrics, tracing
 from worker.core.batch_claim import BatchClaim, claim_batch, hold_unresolved, record_sent, take_rate_slot
 from worker.core.change import LeadStageChange, parse_change
 from worker.core.errors import BatchGone, IvvyNoAnswer, LeadstageError, PermanentError, RetryableError
@@ -77,7 +77,11 @@ async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int
     await worker.sem.acquire()  # never waits: a free slot was checked above, in this same task
     worker.job_counter += 1
     leases = {start.job_id: Lease(start.run, claimed_at) for start in claim.starts}
-    work = collect_batch(runtime, client, claim) if claim.async_id else run_batch(runtime, client, claim.starts)
+    work = _traced(
+        account,
+        claim,
+        collect_batch(runtime, client, claim) if claim.async_id else run_batch(runtime, client, claim.starts),
+    )
     task = asyncio.create_task(_guarded(runtime, work, leases))
     for job_id, lease in leases.items():
         lease.task = task
@@ -90,6 +94,12 @@ async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int
     else:
         log.info("batch.claimed", account=account, changes=len(claim.starts), candidates=claim.candidates)
     return len(claim.starts)
+
+
+async def _traced(account: str, claim: BatchClaim, work: Awaitable[None]) -> None:
+    """The batch's work inside its span (tracing.batch_span)."""
+    with tracing.batch_span(account, [s.traceparent for s in claim.starts], collected=bool(claim.async_id)):
+        await work
 
 
 async def _guarded(runtime: Runtime, batch: Awaitable[None], leases: dict[str, Lease]) -> None:
@@ -240,7 +250,12 @@ async def _end_one(
 ) -> None:
     """One change's end by its job's answer: the single attempt's finish path."""
     operation = facts.change.operation
-    with bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt):
+    with (
+        bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt),
+        tracing.attempt_span(
+            start.traceparent, job_id=facts.job_id, account=facts.account, operation=operation, attempt=start.attempt
+        ),
+    ):
         try:
             stage_id = outcome.lead_stage_id(sent)
         except RetryableError as error:
