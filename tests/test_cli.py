@@ -215,20 +215,22 @@ def test_a_redis_user_without_the_permissions_needed_is_one_line_and_status_2(
     url = env["REDIS_URL"].replace("redis://", f"redis://{user}:{password}@", 1)
     try:
         # No scripts at all; then scripts, but none of leadstage's keys (the refusal comes from inside one).
-        for rules in (["~*", "+@all", "-eval", "-evalsha", "-script"], ["~other:*", "+@all"]):
-            admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", *rules)
+        for patterns, commands in ((["*"], ["+@all", "-eval", "-evalsha", "-script"]), (["other:*"], ["+@all"])):
+            admin.acl_setuser(
+                user, enabled=True, reset=True, passwords=[f"+{password}"], keys=patterns, commands=commands
+            )
             for args in (("enqueue", "--name", "Denied", "--apply-to", "1", "--key", "acl-1"), ("stats",), ("worker",)):
                 result = leadstage(*args, extra_env={"REDIS_URL": url, **WORKER_ENV})
-                if args == ("stats",) and rules[0] == "~*":
+                if args == ("stats",) and patterns == ["*"]:
                     assert result.returncode == 0, result.stderr  # reads need no script
                     continue
-                assert result.returncode == 2, (rules, args, result.stderr)
+                assert result.returncode == 2, (patterns, commands, args, result.stderr)
                 # The worker's JSON log lines share its stderr: the error is its one other line.
                 (line,) = [line for line in result.stderr.splitlines() if not line.startswith("{")]
                 assert line.startswith("leadstage: error: REDIS_URL: its Redis user is not allowed to do what"), line
                 assert password not in result.stderr
     finally:
-        admin.execute_command("ACL", "DELUSER", user)
+        admin.acl_deluser(user)
         admin.close()
 
 
