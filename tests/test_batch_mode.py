@@ -62,6 +62,51 @@ def names(fake: FakeIvvy) -> dict[int, str]:
     return {stage.id: stage.name for stage in fake.stages.values()}
 
 
+async def kill_while_the_run_hangs(
+    fake: FakeIvvy, settings: Settings, ledger: Ledger, tmp_path: Path, key: str
+) -> dict[str, str]:
+    """A worker process SIGKILLed while its batch's run hangs at the fake (not applied); the fake
+    answers again afterwards. Returns ``key``'s ledger entry then (its recovery point ``pending``)."""
+    fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
+    first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
+    try:
+
+        async def run_hangs() -> bool:
+            return calls(fake, "batch", "run") > 0
+
+        await eventually(run_hangs, within_s=20)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+    pending = await ledger.entry(keys.job_id("default", key))
+    assert pending is not None
+    assert pending["batch"] == "pending"
+    fake.update_faults({"hang_rate": 0.0})
+    return pending
+
+
+async def through_a_fault(
+    redis_client: aioredis.Redis,
+    settings: Settings,
+    fake: FakeIvvy,
+    changes: list[tuple[str, dict[str, object]]],
+    fault: str,
+) -> dict[str, list[dict[str, str]]]:
+    """The changes through a worker (a 1 s batch wait) while the batch ``fault`` hits every batch,
+    until each was retried; then without it until each is terminal. Their terminal events."""
+    fake.update_faults({fault: 1.0})
+    await enqueue(redis_client, settings, changes)
+    async with running_worker(dataclasses.replace(settings, batch_wait_s=1.0)):
+
+        async def all_retried() -> bool:
+            retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+            return {e["idempotency_key"] for e in retrying} == {key for key, _ in changes}
+
+        await eventually(all_retried, within_s=20)
+        fake.update_faults({fault: 0.0})
+        return await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
+
+
 async def test_an_accounts_due_updates_go_as_one_batch_each_with_its_own_event(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
 ) -> None:
@@ -167,17 +212,7 @@ async def test_a_batch_whose_outcome_is_unknown_or_retryable_is_resent(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, fault: str, retried_because: str
 ) -> None:
     changes = one_per_stage(fake, 8)
-    fake.update_faults({fault: 1.0})
-    await enqueue(redis_client, settings, changes)
-    async with running_worker(dataclasses.replace(settings, batch_wait_s=1.0)):
-
-        async def all_retried() -> bool:
-            retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
-            return {e["idempotency_key"] for e in retrying} == {key for key, _ in changes}
-
-        await eventually(all_retried, within_s=20)
-        fake.update_faults({fault: 0.0})
-        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes])
+    terminal = await through_a_fault(redis_client, settings, fake, changes, fault)
     retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
     assert {(e["sent_as"], e["error_code"]) for e in retrying} == {("batch", retried_because)}
     assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
@@ -259,23 +294,9 @@ async def test_a_worker_killed_before_its_batchs_run_was_answered_leaves_it_rese
     After the in-flight guard the changes are claimed again and resent, each stage staying locked
     until that batch's wait is over (it could still have been accepted and be applied late)."""
     changes = one_per_stage(fake, 8)
-    fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
     await enqueue(redis_client, settings, changes)
     ledger = Ledger(redis_client, settings)
-    first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
-    try:
-
-        async def run_hangs() -> bool:
-            return calls(fake, "batch", "run") > 0
-
-        await eventually(run_hangs, within_s=20)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(first.wait, 10)
-    pending = await ledger.entry(keys.job_id("default", "u0"))
-    assert pending is not None
-    assert pending["batch"] == "pending"
-    fake.update_faults({"hang_rate": 0.0})
+    pending = await kill_while_the_run_hangs(fake, settings, ledger, tmp_path, "u0")
     async with running_worker(settings):
         terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
     assert {key: [(e["event"], e["attempt"]) for e in events] for key, events in terminal.items()} == {
@@ -354,17 +375,7 @@ async def test_batched_adds_of_unknown_outcome_are_reconciled_before_any_resend(
     """At most one stage per add: each is reconciled with getLeadStageList (an applied one adopted,
     a missing one sent again), exactly as a single call of unknown outcome."""
     changes = adds(8)
-    fake.update_faults({fault: 1.0})
-    await enqueue(redis_client, settings, changes)
-    async with running_worker(dataclasses.replace(settings, batch_wait_s=1.0)):
-
-        async def all_retried() -> bool:
-            retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
-            return {e["idempotency_key"] for e in retrying} == {key for key, _ in changes}
-
-        await eventually(all_retried, within_s=20)
-        fake.update_faults({fault: 0.0})
-        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
+    terminal = await through_a_fault(redis_client, settings, fake, changes, fault)
     assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
         key: ["succeeded"] for key, _ in changes
     }
@@ -379,23 +390,9 @@ async def test_adds_of_a_killed_workers_unanswered_batch_are_reconciled_after_it
     could still create its stages until its wait is over. Each add is reconciled only after that
     (its in-flight guard plus the batch's wait, by the server's clock), then sent: one stage each."""
     changes = adds(8)
-    fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
     await enqueue(redis_client, settings, changes)
     ledger = Ledger(redis_client, settings)
-    first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
-    try:
-
-        async def run_hangs() -> bool:
-            return calls(fake, "batch", "run") > 0
-
-        await eventually(run_hangs, within_s=20)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(first.wait, 10)
-    pending = await ledger.entry(keys.job_id("default", "a0"))
-    assert pending is not None
-    assert pending["batch"] == "pending"
-    fake.update_faults({"hang_rate": 0.0})
+    pending = await kill_while_the_run_hangs(fake, settings, ledger, tmp_path, "a0")
     async with running_worker(settings):
         terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
     assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
