@@ -100,6 +100,13 @@ async def eventually(condition: Callable[[], Awaitable[bool]], *, within_s: floa
         await asyncio.sleep(0.01)
 
 
+def stream_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id's place in its stream (ms, then sequence): ``1-10`` comes after ``1-2``,
+    as a batch's events finished together in one millisecond are."""
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
 async def read_events(client: aioredis.Redis, stream: str = "leadstage:results") -> list[dict[str, str]]:
     entries = await client.xrange(stream)
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
