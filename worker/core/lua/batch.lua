@@ -167,8 +167,11 @@ if async_id then
       l[12] or '', index}
   end
   redis.call('ZADD', queue, unpack(leased))
-  -- Collectable for as long as a batch just sent would be.
-  redis.call('ZADD', batches, 'GT', now + wait_ms + guard_ms, async_id)
+  -- Collectable for as long as a batch just sent would be (should this collector die too).
+  -- (Every expiry here is now + the same span: the latest is the longest.)
+  redis.call('ZADD', batches, now + wait_ms + guard_ms, async_id)
+  redis.call('PEXPIRE', batches, wait_ms + guard_ms + lease_ms)
+  redis.call('PEXPIRE', batch_prefix .. async_id, wait_ms + guard_ms + lease_ms)
   return {'collect', size, 0, claims, async_id}
 end
 
