@@ -112,8 +112,9 @@ async def test_an_accounts_due_updates_go_as_one_batch_each_with_its_own_event(
 ) -> None:
     changes = one_per_stage(fake, 30)
     first, second = (int(str(changes[i][1]["id"])) for i in (0, 1))
-    # A second change of the first stage, of another field: not in the same batch (one per stage),
-    # sent alone after it. One of the second stage that overtakes u1's only field: u1 sends nothing.
+    # A second change of the first stage, of another field: carried by u0's job (coalesced into it, one
+    # job per stage). One of the second stage that overtakes u1's only field: u1 sends nothing
+    # (superseded), the newer one is its stage's job.
     changes += [("z-later", {"id": first, "colour": "#00000b"}), ("z-newer", {"id": second, "name": "Newest"})]
     before = sent_as("batch")
     await enqueue(redis_client, settings, changes)
@@ -126,17 +127,19 @@ async def test_an_accounts_due_updates_go_as_one_batch_each_with_its_own_event(
         [event] = terminal[key]
         assert (event["sent_as"], event["carried_by"], event["stage_id"]) == ("batch", key, str(raw["id"]))
         assert names(fake)[int(str(raw["id"]))] == raw["name"]
-    assert (terminal["z-later"][0]["sent_as"], terminal["z-newer"][0]["sent_as"]) == ("alone", "batch")
+    carriers = {key: (terminal[key][0]["sent_as"], terminal[key][0]["carried_by"]) for key in ("z-later", "z-newer")}
+    assert carriers == {"z-later": ("batch", "u0"), "z-newer": ("batch", "z-newer")}
+    assert calls(fake, "crm", "addOrUpdateLeadStage") == 0
     assert (fake.stages[first].colour, names(fake)[second]) == ("#00000b", "Newest")
     # Each change's recovery point names the batch that carried it.
     [batch] = fake.batches.batches.values()
     entry = await Ledger(redis_client, settings).entry(keys.job_id("default", "u3"))
     assert entry is not None
     assert entry["batch"] == batch.async_id
-    assert sent_as("batch") - before == 30
+    assert sent_as("batch") - before == 31
     recent = (await readers.stats(redis_client, settings))["recent"]
     assert isinstance(recent, dict)
-    assert (recent["1m"]["sent_batch"], recent["1m"]["sent_alone"], recent["1m"]["superseded"]) == (30, 1, 1)
+    assert (recent["1m"]["sent_batch"], recent["1m"]["sent_alone"], recent["1m"]["superseded"]) == (31, 0, 1)
 
 
 async def test_at_or_below_the_threshold_each_update_is_a_single_call(
@@ -242,7 +245,9 @@ async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
     """With the default lease, request timeout, batch wait and threshold: a worker SIGKILLed once its
     batch was accepted (its asyncId recorded) and while iVvy still applies it. Another worker
     collects that batch's results once the leases lapse, and finishes each change by its own job's
-    answer: no second run, no single call, the killed run's attempt is the only one."""
+    answer: no second run, the killed run's attempt is the only one. A change its job carried
+    (coalesced into it) is not in the batch's list: it is sent again alone, after the in-flight
+    guard, once the collector has released its stage."""
     defaults = Settings()
     settings = worker_settings(
         redis_url, fake_ivvy.url, request_timeout_s=10.0, lease_s=8.0, job_timeout_s=120.0,
@@ -250,6 +255,8 @@ async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
     )  # fmt: skip
     assert (settings.batch_mode, settings.batch_threshold) == (defaults.batch_mode, defaults.batch_threshold)
     changes = one_per_stage(fake, settings.batch_threshold + 5)
+    carried = ("z-carried", {"id": changes[0][1]["id"], "colour": "#00000c"})
+    changes.append(carried)
     fake.update_faults({"batch_delay_s": 4.0})
     await enqueue(redis_client, settings, changes)
     ledger = Ledger(redis_client, settings)
@@ -274,15 +281,17 @@ async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
         taken_up_after = time.monotonic() - killed_at
     finally:
         harness.stop_process(second)
-    assert {key: [(e["event"], e["sent_as"], e["attempt"]) for e in events] for key, events in terminal.items()} == {
-        key: [("succeeded", "batch", "1")] for key, _ in changes
+    ends = {key: [(e["event"], e["sent_as"], e["attempt"]) for e in events] for key, events in terminal.items()}
+    assert ends == {key: [("succeeded", "batch", "1")] for key, _ in changes[:-1]} | {
+        "z-carried": [("succeeded", "alone", "2")]
     }
-    # After the kill: only polls of the one batch (the collection), then nothing else was sent.
-    after = {(r.namespace, r.action) for r in list(fake.requests)[seen_at_kill:]}
-    assert after == {("batch", "progress"), ("batch", "results")}
+    # After the kill: polls of the one batch (the collection), and the carried change alone.
+    after = [(r.namespace, r.action) for r in list(fake.requests)[seen_at_kill:]]
+    assert set(after) == {("batch", "progress"), ("batch", "results"), ("crm", "addOrUpdateLeadStage")}
+    assert after.count(("crm", "addOrUpdateLeadStage")) == 1
     assert calls(fake, "batch", "run") == 1
-    assert calls(fake, "crm", "addOrUpdateLeadStage") == 0
-    assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes)
+    assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes[:-1])
+    assert fake.stages[int(str(carried[1]["id"]))].colour == "#00000c"
     assert "batch.collecting" in (tmp_path / "second.log").read_text()
     assert taken_up_after <= 15.0, f"taken up {taken_up_after:.1f}s after the kill"
 

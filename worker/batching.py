@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING
 
 import orjson
@@ -135,24 +135,49 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
     members = [(start, _facts(start)) for start in starts]
     for start, _ in members:
         runtime.check_lease(start.job_id)
-    sent = [facts.change.without(set(start.dropped)) for start, facts in members]
+    started = time.monotonic()
+    groups = await _gather(runtime, members, started)
+    members = [m for m in members if m[1].job_id not in groups or not groups[m[1].job_id].empty]
+    if not members:
+        return
+    starts = [start for start, _ in members]
+    sent = [
+        groups[facts.job_id].sent if facts.job_id in groups else facts.change.without(set(start.dropped))
+        for start, facts in members
+    ]
     jobs = [lead_stage_job(change) for change in sent]
     calls = BatchCalls(client)
-    started = time.monotonic()
     try:
         async_id = await calls.run(jobs)
     except (RetryableError, PermanentError) as error:
         held = isinstance(error, IvvyNoAnswer) and error.outcome_unknown
         if held:
             await hold_unresolved(runtime.ledger, starts)  # accepted or not: it may still be applied
-        await _end_all(runtime, members, sent, error, started, unknown=None, held=held)
+        await _end_all(runtime, members, sent, error, started, unknown=None, held=held, groups=groups)
         return
     account = members[0][1].account
     mine = await record_sent(runtime.ledger, account, async_id, starts)
     log.info("batch.sent", async_id=async_id, changes=len(starts), overtaken=len(starts) - len(mine))
     kept = [(i, m) for i, m in enumerate(members) if m[0].job_id in mine]
     await _collect(runtime, calls, async_id, jobs, [m for _, m in kept], [sent[i] for i, _ in kept],
-                   [i for i, _ in kept], started)  # fmt: skip
+                   [i for i, _ in kept], started, groups)  # fmt: skip
+
+
+async def _gather(runtime: Runtime, members: list[tuple[Start, JobFacts]], started: float) -> dict[str, coalesce.Group]:
+    """Coalescing inside the batch: each update's job carries the other due updates of its stage
+    (``coalesce.gather_group``, one call per stage, in this task: their leases last as long as it);
+    a group none of whose fields survive is superseded here, whole. The groups by leader."""
+    groups: dict[str, coalesce.Group] = {}
+    for start, facts in members:
+        if facts.change.operation != "update":
+            continue
+        group = await coalesce.gather_group(runtime, facts, start)
+        if group is None:
+            continue
+        groups[facts.job_id] = group
+        if group.empty:
+            await coalesce.end(runtime, facts, start, group, started)
+    return groups
 
 
 async def collect_batch(runtime: Runtime, client: IvvyClient, claim: BatchClaim) -> None:
@@ -165,7 +190,9 @@ async def collect_batch(runtime: Runtime, client: IvvyClient, claim: BatchClaim)
     for index, change in zip(claim.indexes, sent, strict=True):
         jobs[index] = lead_stage_job(change)
     metrics.BATCHES_COLLECTED.labels(members[0][1].account).inc()
-    await _collect(runtime, BatchCalls(client), claim.async_id, jobs, members, sent, claim.indexes, time.monotonic())
+    await _collect(
+        runtime, BatchCalls(client), claim.async_id, jobs, members, sent, claim.indexes, time.monotonic(), {}
+    )
 
 
 async def _collect(
@@ -177,8 +204,10 @@ async def _collect(
     sent: list[LeadStageChange],
     indexes: list[int],
     started: float,
+    groups: Mapping[str, coalesce.Group],
 ) -> None:
-    """Poll the batch within the rate limit and finish each member by its job (``indexes``)."""
+    """Poll the batch within the rate limit and finish each member by its job (``indexes``), with
+    the changes its job carried (``groups``)."""
     account = members[0][1].account if members else ""
 
     async def pace() -> None:
@@ -202,13 +231,22 @@ async def _collect(
         held = not isinstance(error, BatchGone)
         if held:
             await hold_unresolved(runtime.ledger, [start for start, _ in members])
-        await _end_all(runtime, members, sent, error, started, unknown=True, held=held)
+        await _end_all(runtime, members, sent, error, started, unknown=True, held=held, groups=groups)
         return
     # An add's job that failed may have been applied for all this worker knows: reconciled first.
     unknown = [True if facts.change.operation == "add" else None for _, facts in members]
     await asyncio.gather(
         *(
-            _end_one(runtime, start, facts, change, outcomes[index], started, unknown=add_unknown)
+            _end_one(
+                runtime,
+                start,
+                facts,
+                change,
+                outcomes[index],
+                started,
+                unknown=add_unknown,
+                group=groups.get(facts.job_id),
+            )
             for (start, facts), change, index, add_unknown in zip(members, sent, indexes, unknown, strict=True)
         )
     )
@@ -223,6 +261,7 @@ async def _end_all(
     *,
     unknown: bool | None,
     held: bool,
+    groups: Mapping[str, coalesce.Group],
 ) -> None:
     """Every change of the batch ends as its request would have alone with ``error``; ``held``: the
     batch may still be applied for another LEADSTAGE_BATCH_WAIT (an add reconciles after that)."""
@@ -230,7 +269,15 @@ async def _end_all(
     await asyncio.gather(
         *(
             _end_one(
-                runtime, start, facts, change, JobOutcome(error=error), started, unknown=unknown, settle_s=settle_s
+                runtime,
+                start,
+                facts,
+                change,
+                JobOutcome(error=error),
+                started,
+                unknown=unknown,
+                settle_s=settle_s,
+                group=groups.get(facts.job_id),
             )
             for (start, facts), change in zip(members, sent, strict=True)
         )
@@ -247,8 +294,10 @@ async def _end_one(
     *,
     unknown: bool | None = None,
     settle_s: float | None = None,
+    group: coalesce.Group | None = None,
 ) -> None:
-    """One change's end by its job's answer: the single attempt's finish path."""
+    """One change's end by its job's answer: the single attempt's finish path; the changes its job
+    carried (``group``) end first, as a coalesced request's do (``carried_by`` this change)."""
     operation = facts.change.operation
     with (
         bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt),
@@ -256,15 +305,26 @@ async def _end_one(
             start.traceparent, job_id=facts.job_id, account=facts.account, operation=operation, attempt=start.attempt
         ),
     ):
+        stage_id: int | None = None
+        error: RetryableError | PermanentError | None = None
         try:
             stage_id = outcome.lead_stage_id(sent)
-        except RetryableError as error:
+        except (RetryableError, PermanentError) as failure:
+            error = failure
+        if group is not None:
+            carried = coalesce.CARRIAGE.set(("batch", facts.idempotency_key))
+            try:
+                if await coalesce.end(runtime, facts, start, group, started, stage_id=stage_id, error=error):
+                    return  # none of the job's fields was this change's: superseded
+            finally:
+                coalesce.CARRIAGE.reset(carried)
+        if isinstance(error, RetryableError):
             if unknown is None:
                 unknown = _outcome_unknown(facts.change, error)
             await _failed_attempt(
                 runtime, facts, start, sent, error, started, outcome_unknown=unknown, settle_s=settle_s
             )
-        except PermanentError as error:
+        elif isinstance(error, PermanentError):
             await _permanent_failure(runtime, facts, start, sent, error, started)
         else:
             metrics.ATTEMPTS.labels(facts.account, operation, "ok").inc()
