@@ -7,9 +7,9 @@ one of name, colour and applyTo, in turn) and adds, interleaved, enqueued before
 starts. It runs three times, in the same run: each change alone (``LEADSTAGE_COALESCE_MAX=1``),
 batch mode off (``LEADSTAGE_BATCH=off``, coalescing on) and batch mode on (``LEADSTAGE_BATCH=auto``:
 updates of several stages, each coalesced, and adds as one iVvy batch), and prints for each the
-wall time from the worker's start to the last terminal event, the requests iVvy received per change (a batch's run and each
-of its polls are requests), the 429s it answered, and the ratios of the wall times. Every key must
-end with exactly one terminal event, none failed.
+wall time from the worker's start to the last terminal event, the requests iVvy received per
+change (a batch's run and each of its polls are requests), the 429s it answered, and the ratios of
+the wall times. Every key must end with exactly one terminal event, none failed.
 """
 
 from __future__ import annotations
