@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from worker.batch import BatchCalls, BatchJob, lead_stage_job
+from worker.batch import BatchCalls, BatchJob, ReadyEstimate, lead_stage_job
 from worker.core.change import LeadStageChange
 from worker.core.errors import (
     BatchGone,
@@ -157,6 +157,31 @@ async def test_polls_ride_through_the_servers_rate_limit(batches: BatchCalls, fa
     [outcome] = await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.01, poll_max_s=0.05)
     assert outcome.error is None
     assert any(r.fault == "limit" for r in fake_ivvy.fake.requests)
+
+
+async def test_with_an_estimate_a_batch_done_by_then_costs_no_progress_poll(
+    batches: BatchCalls, fake_ivvy: RunningFakeIvvy
+) -> None:
+    """The first poll asks for the results themselves; results not ready then fall back to the
+    progress, and the estimate learns how soon this account's batches are done."""
+    fake_ivvy.fake.update_faults({"batch_delay_s": 0.0})
+    ready = ReadyEstimate()
+    jobs = [lead_stage_job(LeadStageChange(name=f"Quick {n}", apply_to=1)) for n in range(2)]
+    await batches.wait_for_results(
+        await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.01, poll_max_s=0.3, ready=ready
+    )
+    assert (calls(fake_ivvy, "progress"), calls(fake_ivvy, "results")) == (0, 1)
+    assert ready.s_per_job is not None
+    fake_ivvy.fake.update_faults({"batch_delay_s": 2.0})  # far past the first try, at the floor
+    slow = ReadyEstimate()
+    [outcome] = await batches.wait_for_results(
+        await batches.run(jobs[:1]), jobs[:1], timeout_s=10, poll_min_s=0.01, poll_max_s=0.3, ready=slow
+    )
+    assert outcome.error is None
+    assert calls(fake_ivvy, "progress") >= 1
+    assert calls(fake_ivvy, "results") == 3  # the first try too soon (24114), then once done
+    assert slow.s_per_job is not None
+    assert slow.expect(1, 0.01, 30) > 0.01  # the next waits longer
 
 
 @dataclass

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from tests import harness
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.core import keys, readers
-from worker.core.batch_claim import claim_batch, take_rate_slot
+from worker.core.batch_claim import claim_batch, take_rate_slot, take_run_slot
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.settings import Settings
@@ -174,15 +174,22 @@ async def test_many_due_updates_of_few_stages_are_coalesced_not_batched(
 async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_limit(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
 ) -> None:
-    """batch.lua's claim takes one slot for the run; its 'slot' takes one per poll, never two within
-    one interval, and takes nothing while none is free (by the server's clock, no timing)."""
+    """batch.lua's claim sees a slot free and takes none; 'go' takes the run's just before it is sent
+    (and its in-flight guard counts from then); 'slot' takes one per poll, never two within one
+    interval, and takes nothing while none is free (by the server's clock, no timing)."""
     await enqueue(redis_client, settings, one_per_stage(fake, 8))
     ledger = Ledger(redis_client, settings)
     rate = 10.0  # one slot per 100 ms
     claim = await claim_batch(ledger, "default", "w", rate)
     assert (len(claim.starts), claim.refused) == (8, "")
+    assert await redis_client.hget(keys.rate_key("default"), "tat") is None  # type: ignore[misc]  # redis-py's async stubs; nothing taken
+    ledger_key = keys.ledger_key(claim.starts[0].job_id)
+    claimed_at = int(await redis_client.hget(ledger_key, "posted_at"))  # type: ignore[misc]  # redis-py's async stubs
+    assert await take_run_slot(ledger, "default", rate, claim.starts) == 0
+    assert int(await redis_client.hget(ledger_key, "posted_at")) >= claimed_at  # type: ignore[misc]  # redis-py's async stubs
     first_wait = await take_rate_slot(ledger, "default", rate)
     assert 0 < first_wait <= 100  # the run took the slot
+    assert await take_run_slot(ledger, "default", rate, claim.starts) > 0  # none free: nothing taken
     rate_state = await redis_client.hgetall(keys.rate_key("default"))  # type: ignore[misc]  # redis-py's async stubs
     assert await take_rate_slot(ledger, "default", rate) > 0
     assert await redis_client.hgetall(keys.rate_key("default")) == rate_state  # type: ignore[misc]  # nothing taken
@@ -285,9 +292,10 @@ async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
     assert ends == {key: [("succeeded", "batch", "1")] for key, _ in changes[:-1]} | {
         "z-carried": [("succeeded", "alone", "2")]
     }
-    # After the kill: polls of the one batch (the collection), and the carried change alone.
+    # After the kill: polls of the one batch (the collection: its results, asked for first, a
+    # progress poll only if they were not ready), and the carried change alone.
     after = [(r.namespace, r.action) for r in list(fake.requests)[seen_at_kill:]]
-    assert set(after) == {("batch", "progress"), ("batch", "results"), ("crm", "addOrUpdateLeadStage")}
+    assert set(after) - {("batch", "progress")} == {("batch", "results"), ("crm", "addOrUpdateLeadStage")}
     assert after.count(("crm", "addOrUpdateLeadStage")) == 1
     assert calls(fake, "batch", "run") == 1
     assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes[:-1])

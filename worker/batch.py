@@ -8,7 +8,10 @@ answer read exactly as the single call's (``worker.ivvy.classify_answer``).
   results, 24105 from progress: never accepted, or past iVvy's two days), or results that do not
   answer the jobs sent (another count, another call), are ``BatchGone``.
 * ``wait_for_results`` polls: ``progress`` until it says 100, sleeping in between for what the
-  progress so far predicts is left (within a floor and a cap), then ``results`` once; a poll that
+  progress so far predicts is left (within a floor and a cap), then ``results`` once. Given the
+  account's ``ReadyEstimate`` (how soon its last batch was done, per job), it first waits that long
+  and asks for the ``results`` directly (a batch done by then costs no progress poll), polling
+  progress as above only if they are not ready yet; a poll that
   fails for a retryable reason (429, 5xx, no answer) is a read, asked again after a backoff that
   honours ``Retry-After``. Past its deadline it raises ``BatchNotReady``: the batch may still run.
 
@@ -41,6 +44,8 @@ from worker.ivvy import IvvyClient, classify_answer, excerpt, lead_stage_id
 #: iVvy's specific codes of the batch namespace.
 NOT_COMPLETED_CODE = 24114
 UNKNOWN_BATCH_CODES = frozenset({24105, 24115})
+#: A batch whose results were ready at the first ask: the next is asked this much sooner (its share).
+SOONER = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,40 +152,72 @@ class BatchCalls:
         poll_max_s: float,
         rng: random.Random | None = None,
         pace: Callable[[], Awaitable[None]] | None = None,
+        ready: ReadyEstimate | None = None,
     ) -> list[JobOutcome]:
         """Poll until the batch is done and return its results (see the module docstring).
-        ``pace``, when given, is awaited before each poll (the account's rate limit)."""
+        ``pace``, when given, is awaited before each poll (the account's rate limit). With ``ready``
+        (the account's batches so far), the first poll asks for the results themselves, when the
+        batch is expected done; progress is polled only if they are not ready then."""
         started = time.monotonic()
         deadline = started + timeout_s
         failures = 0
+        ask_results = ready is not None
+        delay = 0.0 if ready is None else ready.expect(len(jobs), poll_min_s, poll_max_s)
+        first = True
         while True:
+            if delay > 0:
+                # The last poll is at the deadline: a pause longer than what is left is cut short.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BatchNotReady(async_id, f"batch {async_id}: not done within {timeout_s:g}s")
+                await asyncio.sleep(min(delay, remaining))
             try:
                 if pace is not None:
                     await pace()
+                if ask_results:
+                    asked_after = time.monotonic() - started
+                    outcomes = await self.results(async_id, jobs)
+                    if ready is not None:
+                        ready.observe(len(jobs), asked_after, first_try=first)
+                    return outcomes
                 done = await self.progress(async_id)
-                if done >= 100:
-                    if pace is not None:
-                        await pace()
-                    return await self.results(async_id, jobs)
                 elapsed = time.monotonic() - started
                 # At this pace, what is left takes elapsed * (100 - done) / done.
                 delay = poll_max_s if done <= 0 else elapsed * (100 - done) / done
-                delay = min(poll_max_s, max(poll_min_s, delay))
+                delay = 0.0 if done >= 100 else min(poll_max_s, max(poll_min_s, delay))
+                ask_results = done >= 100
                 failures = 0
             except BatchGone:
                 raise  # asking again cannot bring it back
             except BatchNotReady:
-                delay = poll_min_s  # progress said done before results were: ask again soon
+                # Results asked for too soon (or progress said done before they were): the progress
+                # says how long is left.
+                ask_results, delay = False, poll_min_s
             except RetryableError as error:
                 failures += 1
                 delay = backoff_seconds(
                     failures, base=poll_min_s, cap=poll_max_s, retry_after=getattr(error, "retry_after", None), rng=rng
                 )
-            # The last poll is at the deadline: a pause longer than what is left is cut short.
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BatchNotReady(async_id, f"batch {async_id}: not done within {timeout_s:g}s")
-            await asyncio.sleep(min(delay, remaining))
+            first = False
+
+
+@dataclass(slots=True)
+class ReadyEstimate:
+    """How soon after its run was answered an account's batch is done, per job, as its last batch
+    showed: when the next batch's first poll asks for its results (``wait_for_results``)."""
+
+    #: Seconds per job; None before any batch was done.
+    s_per_job: float | None = None
+
+    def expect(self, jobs: int, floor_s: float, cap_s: float) -> float:
+        """When to ask a batch of ``jobs`` jobs for its results: within ``floor_s`` and ``cap_s``."""
+        guess = floor_s if self.s_per_job is None else self.s_per_job * jobs
+        return min(cap_s, max(floor_s, guess))
+
+    def observe(self, jobs: int, asked_after_s: float, *, first_try: bool) -> None:
+        """A batch's results were ready when asked ``asked_after_s`` after its run's answer: at the
+        first try it may have been done sooner (the next is asked a little sooner), else about then."""
+        self.s_per_job = asked_after_s * (SOONER if first_try else 1.0) / max(1, jobs)
 
 
 def _batch_error(async_id: str, error: IvvyErrorDetails) -> LeadstageError:

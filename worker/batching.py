@@ -28,15 +28,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import orjson
 
 from worker import coalesce
-from worker.batch import BatchCalls, BatchJob, JobOutcome, lead_stage_job
+from worker.batch import BatchCalls, BatchJob, JobOutcome, ReadyEstimate, lead_stage_job
 from worker.core import keys, metrics, tracing
-from worker.core.batch_claim import BatchClaim, claim_batch, hold_unresolved, record_sent, take_rate_slot
+from worker.core.batch_claim import (
+    BatchClaim,
+    claim_batch,
+    hold_unresolved,
+    record_sent,
+    take_rate_slot,
+    take_run_slot,
+)
 from worker.core.change import LeadStageChange, parse_change
 from worker.core.errors import BatchGone, IvvyNoAnswer, LeadstageError, PermanentError, RetryableError
 from worker.core.ledger import Start
@@ -59,6 +66,8 @@ POLL_MAX_S = 5.0
 QUIET_S = 1.0
 #: (worker id, account) -> until when (this host's monotonic clock) no batch is asked for.
 _quiet_until: dict[tuple[str, str], float] = {}
+#: (worker id, account) -> how soon its batches are done (when a batch's first poll asks for results).
+_ready: dict[tuple[str, str], ReadyEstimate] = {}
 
 
 async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int:
@@ -147,7 +156,12 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
     ]
     jobs = [lead_stage_job(change) for change in sent]
     calls = BatchCalls(client)
+    account = members[0][1].account
+    rate = runtime.settings.rate_limit_for(account)
     try:
+        # The run's slot, now that it is gathered: the claim only saw one free (a slot taken there,
+        # a gathering ago, would let this request arrive in the next one's).
+        await _pace(lambda: take_run_slot(runtime.ledger, account, rate, starts))
         async_id = await calls.run(jobs)
     except (RetryableError, PermanentError) as error:
         held = isinstance(error, IvvyNoAnswer) and error.outcome_unknown
@@ -155,7 +169,6 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
             await hold_unresolved(runtime.ledger, starts)  # accepted or not: it may still be applied
         await _end_all(runtime, members, sent, error, started, unknown=None, held=held, groups=groups)
         return
-    account = members[0][1].account
     mine = await record_sent(runtime.ledger, account, async_id, starts)
     log.info("batch.sent", async_id=async_id, changes=len(starts), overtaken=len(starts) - len(mine))
     kept = [(i, m) for i, m in enumerate(members) if m[0].job_id in mine]
@@ -208,21 +221,15 @@ async def _collect(
 ) -> None:
     """Poll the batch within the rate limit and finish each member by its job (``indexes``), with
     the changes its job carried (``groups``)."""
-    account = members[0][1].account if members else ""
-
-    async def pace() -> None:
-        while True:
-            wait_ms = await take_rate_slot(runtime.ledger, account, runtime.settings.rate_limit_for(account))
-            if not wait_ms:
-                return
-            await asyncio.sleep(wait_ms / 1000)
-
     if not members:
         return
+    account = members[0][1].account
+    rate = runtime.settings.rate_limit_for(account)
+    ready = _ready.setdefault((runtime.worker_id, account), ReadyEstimate())
     try:
         outcomes = await calls.wait_for_results(
             async_id, jobs, timeout_s=runtime.settings.batch_wait_s, poll_min_s=POLL_MIN_S, poll_max_s=POLL_MAX_S,
-            rng=runtime.rng, pace=pace,
+            rng=runtime.rng, pace=lambda: _pace(lambda: take_rate_slot(runtime.ledger, account, rate)), ready=ready,
         )  # fmt: skip
     except (RetryableError, PermanentError) as error:
         # The batch may still be applied (unless iVvy says it does not know it): each change's outcome
@@ -250,6 +257,15 @@ async def _collect(
             for (start, facts), change, index, add_unknown in zip(members, sent, indexes, unknown, strict=True)
         )
     )
+
+
+async def _pace(take: Callable[[], Awaitable[int]]) -> None:
+    """Until ``take`` took a slot of the account's rate limit (it says how long to wait otherwise)."""
+    while True:
+        wait_ms = await take()
+        if not wait_ms:
+            return
+        await asyncio.sleep(wait_ms / 1000)
 
 
 async def _end_all(

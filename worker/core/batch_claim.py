@@ -1,6 +1,6 @@
 """batch.lua for the worker (batch mode, docs/contract.md: Batches): a batch's claim of an account's
-due updates, its asyncId recorded, a rate slot for its polls; the script's calls and the one place
-its replies are parsed."""
+due updates, its asyncId recorded, a rate slot for its run and for each poll; the script's calls and
+the one place its replies are parsed."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from worker.core.ledger import Ledger, Start
 from worker.core.scripts import RATE_WINDOW_US
 from worker.core.states import Decision
 
-#: How many of an account's due jobs one claim reads at most (a batch takes one per stage).
-SCAN_FACTOR = 4
+#: How many of an account's due jobs one claim reads at most (a batch takes one per stage): enough
+#: that the updates overtaken by newer ones, or on locked stages, at the head of a backlog do not
+#: hide the sendable changes behind them (the bench's backlog has 8,500 overtaken updates before
+#: its last 1,500). A due job read costs Redis about 5 µs: 12,800 about 60 ms.
+SCAN_FACTOR = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,20 @@ async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> set[str]:
             args=["unresolved", int(ledger.settings.batch_wait_s * 1000), *(s.run for s in starts)],
         )
     return _recorded(starts, recorded)
+
+
+async def take_run_slot(ledger: Ledger, account: str, rate_limit: float, starts: Sequence[Start]) -> int:
+    """The slot of a batch's run, taken just before it is sent (the claim only saw one free): 0 when
+    taken, and then each change's in-flight guard counts from now; else how long to wait (ms)."""
+    with redis_errors():
+        [wait_ms] = await _script(ledger)(
+            keys=[
+                keys.queue_key(ledger.settings.queue_name, account), keys.rate_key(account),
+                *(keys.ledger_key(s.job_id) for s in starts),
+            ],
+            args=["go", _interval_us(rate_limit), RATE_WINDOW_US, *(s.run for s in starts)],
+        )  # fmt: skip
+    return int(wait_ms)
 
 
 async def take_rate_slot(ledger: Ledger, account: str, rate_limit: float) -> int:

@@ -45,6 +45,12 @@
 --   KEYS: 1 account queue zset (unused), 2 account rate hash;  ARGV: 1 'slot', 2 rate interval (µs),
 --         3 rate window (µs)
 --   Reply: {0} (taken) or {wait ms} (none free now: nothing taken).
+-- 'go': take the slot of a batch's run just before it is sent (the claim only checked that one was
+--   free: the batch is gathered in between), and when taken, each change's in-flight guard counts
+--   from now (posted_at; only a change's current run, still 'pending', is written).
+--   KEYS: 1 account queue zset (unused), 2 account rate hash, then each change's ledger hash
+--   ARGV: 1 'go', 2 rate interval (µs), 3 rate window (µs), then per change: its run
+--   Reply: {0} (taken) or {wait ms} (none free now: nothing taken or written).
 local mode = ARGV[1]
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -52,12 +58,14 @@ local now = math.floor(now_us / 1000)
 
 -- The account's rate limit, exactly as start.lua keeps it (GCRA in µs; keep the two the same): the
 -- next slot is a whole interval after this send, however early (the window) or late.
-local function rate_slot(rate_key, interval_us, window_us)
+-- With `take` false, only whether one is free now (nothing written).
+local function rate_slot(rate_key, interval_us, window_us, take)
   local rate = redis.call('HMGET', rate_key, 'tat', 'pause_until')
   local tat = tonumber(rate[1]) or 0
   local pause_until_us = (tonumber(rate[2]) or 0) * 1000
   local wait_us = math.max(tat - window_us, pause_until_us) - now_us
   if wait_us > 0 then return math.ceil(wait_us / 1000) end
+  if not take then return 0 end
   local floor_us = interval_us >= window_us and now_us + window_us or now_us
   if tat < floor_us then tat = floor_us end
   redis.call('HSET', rate_key, 'tat', string.format('%d', tat + interval_us))
@@ -65,7 +73,19 @@ local function rate_slot(rate_key, interval_us, window_us)
 end
 
 if mode == 'slot' then
-  return {rate_slot(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))}
+  return {rate_slot(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]), true)}
+end
+
+if mode == 'go' then
+  local wait = rate_slot(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]), true)
+  if wait > 0 then return {wait} end
+  for i = 3, #KEYS do
+    local l = redis.call('HMGET', KEYS[i], 'run', 'state', 'batch')
+    if l[1] == ARGV[i + 1] and l[2] == 'running' and l[3] == 'pending' then
+      redis.call('HSET', KEYS[i], 'posted_at', now)
+    end
+  end
+  return {0}
 end
 
 if mode == 'sent' then
@@ -213,7 +233,8 @@ for _, job in ipairs(due) do
   end
 end
 if #candidates <= threshold then return {'below', #candidates, 0, {}, ''} end
-local rate_wait = rate_slot(rate_key, interval_us, window_us)
+-- A slot must be free now; the run takes it when it is sent ('go'), after the batch is gathered.
+local rate_wait = rate_slot(rate_key, interval_us, window_us, false)
 if rate_wait > 0 then return {'rate', #candidates, rate_wait, {}, ''} end
 
 local claims, leased, newest = {}, {}, nil
