@@ -44,7 +44,7 @@ async def _release(redis_client: aioredis.Redis) -> None:
     """End the finish call's WAIT (blocked in this test's database) as its timeout would: it
     answers the replicas it reached, none. Waits until the WAIT is blocked (the call may be on its
     way to it)."""
-    database = redis_client.get_connection_kwargs()["db"]
+    database = int(redis_client.connection_pool.connection_kwargs.get("db", 0))
 
     async def blocked() -> list[int]:
         clients = await redis_client.client_list()
