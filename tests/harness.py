@@ -27,6 +27,12 @@ def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Setti
         "backoff_base_s": 0.05,
         "backoff_max_s": 0.5,
         "request_timeout_s": 1.0,
+        # The round trip between the recovery point and the POST is on loopback here: a change
+        # that failed mid-POST is retried after the request timeout and this, not a whole second.
+        "in_flight_margin_s": 0.05,
+        # A test's batch takes a fraction of a second: polled at most 0.2 s apart, not 5 s.
+        "batch_poll_min_s": 0.05,
+        "batch_poll_max_s": 0.2,
         "job_timeout_s": 30.0,
         "lease_s": 2.0,
         "poll_delay_s": 0.01,

@@ -168,7 +168,7 @@ async def test_a_batch_whose_outcome_is_unknown_or_retryable_is_resent(
     changes = one_per_stage(fake, 8)
     fake.update_faults({fault: 1.0})
     await enqueue(redis_client, settings, changes)
-    async with running_worker(dataclasses.replace(settings, batch_wait_s=1.0)):
+    async with running_worker(dataclasses.replace(settings, batch_wait_s=0.5)):
 
         async def all_retried() -> bool:
             retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
@@ -206,11 +206,16 @@ async def test_a_worker_killed_mid_batch_leaves_its_changes_to_be_resent(
     """SIGKILLed once its batch was accepted (its asyncId recorded) and while iVvy still applies it:
     the leases lapse, the batch's wait passes, and another worker claims the changes and resends
     them. Nobody collects the dead worker's results."""
+    # The dead worker's short lease lapses first: the second worker's claim then finds the changes
+    # still guarded (batch.lua: 'below') and asks for no batch for a second (QUIET_S); their wait and
+    # in-flight guard end about a second after that, so that they are claimed as a batch again.
+    settings = dataclasses.replace(settings, batch_wait_s=1.5)
     changes = one_per_stage(fake, 10)
     fake.update_faults({"batch_delay_s": 1.0})
     await enqueue(redis_client, settings, changes)
     ledger = Ledger(redis_client, settings)
-    first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
+    dying = dataclasses.replace(settings, lease_s=0.5)
+    first = harness.start_worker_process(harness.worker_env(dying), tmp_path / "first.log")
     try:
 
         async def batch_recorded() -> bool:
@@ -221,6 +226,7 @@ async def test_a_worker_killed_mid_batch_leaves_its_changes_to_be_resent(
     finally:
         first.send_signal(signal.SIGKILL)
         await asyncio.to_thread(first.wait, 10)
+    fake.update_faults({"batch_delay_s": 0.05})  # the batch that resends them is applied at once
     assert not [e for e in await read_events(redis_client) if e["event"] != "retrying"]
     async with running_worker(settings):
         terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)

@@ -48,9 +48,6 @@ if TYPE_CHECKING:
 
 log = get_logger("leadstage.batch")
 
-#: The shortest and longest pause between two polls of a batch (``BatchCalls.wait_for_results``).
-POLL_MIN_S = 0.2
-POLL_MAX_S = 5.0
 #: After a claim found too few updates for a batch, this worker's turns on that account do not
 #: ask again for this long (a claim reads up to four times LEADSTAGE_BATCH_MAX ledger entries).
 QUIET_S = 1.0
@@ -139,9 +136,10 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
             await asyncio.sleep(wait_ms / 1000)
 
     try:
+        settings = runtime.settings
         outcomes = await calls.wait_for_results(
-            async_id, jobs, timeout_s=runtime.settings.batch_wait_s, poll_min_s=POLL_MIN_S, poll_max_s=POLL_MAX_S,
-            rng=runtime.rng, pace=pace,
+            async_id, jobs, timeout_s=settings.batch_wait_s, poll_min_s=settings.batch_poll_min_s,
+            poll_max_s=settings.batch_poll_max_s, rng=runtime.rng, pace=pace,
         )  # fmt: skip
     except (RetryableError, PermanentError) as error:
         # The batch may still be applied: each change's outcome is unknown.

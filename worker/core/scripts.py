@@ -143,8 +143,9 @@ class Scripts:
     @property
     def in_flight_guard_ms(self) -> int:
         """How long after its recovery point a POST may still be in flight (a crashed worker's): the
-        request timeout, and a second for the round trip that wrote the recovery point."""
-        return int(self.settings.request_timeout_s * 1000) + 1000
+        request timeout, and ``LEADSTAGE_IN_FLIGHT_MARGIN`` (1 s) for the round trip that wrote the
+        recovery point."""
+        return int(self.settings.request_timeout_s * 1000) + int(self.settings.in_flight_margin_s * 1000)
 
     @property
     def late_commit_ms(self) -> int:
