@@ -151,7 +151,7 @@ async def test_polls_follow_the_progress_instead_of_the_floor(batches: BatchCall
 
 
 async def test_polls_ride_through_the_servers_rate_limit(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
-    fake_ivvy.fake.update_faults({"rate_limit_per_s": 2, "batch_delay_s": 0.2})
+    fake_ivvy.fake.update_faults({"rate_limit_per_s": 2, "rate_limit_window_s": 0.2, "batch_delay_s": 0.2})
     jobs = [lead_stage_job(LeadStageChange(name="Limited", apply_to=1))]
     async_id = await batches.run(jobs)
     [outcome] = await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.01, poll_max_s=0.05)
