@@ -12,7 +12,9 @@ process: each worker sets it to the changes it is attempting (aggregate with sum
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import socket
 import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -145,7 +147,16 @@ class MetricsServer:
         return int(self.server.server_address[1])
 
     def close(self) -> None:
-        self.server.shutdown()
+        """Stop serving, at once: the server's loop sees the stop only when its select returns,
+        every 0.5 s (``serve_forever``'s poll), so a connection of its own wakes it until it has."""
+        stopping = threading.Thread(target=self.server.shutdown, daemon=True)
+        stopping.start()
+        host, port = self.server.server_address[:2]
+        wake = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(str(host), str(host))  # noqa: S104 - not bound, compared
+        while stopping.is_alive():
+            with contextlib.suppress(OSError), socket.create_connection((wake, int(port)), timeout=0.5):
+                pass
+            stopping.join(timeout=0.02)
         self.server.server_close()
         self.thread.join(timeout=5)
 
