@@ -200,6 +200,7 @@ async def test_a_job_refused_for_good_is_dead_lettered_and_the_others_succeed(
     assert [e["idempotency_key"] for e in await read_events(redis_client, "leadstage:dlq")] == ["nowhere"]
 
 
+@pytest.mark.system  # starts a worker process of its own (to SIGKILL it)
 async def test_a_worker_killed_mid_batch_leaves_its_changes_to_be_resent(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, tmp_path: Path
 ) -> None:

@@ -164,7 +164,7 @@ async def test_unknown_and_expired_batches(fake: RunningFakeIvvy, client: IvvyCl
 
 
 async def test_batch_faults(fake: RunningFakeIvvy, client: IvvyClient) -> None:
-    fake.fake.update_faults({"batch_run_drop_rate": 1.0})
+    fake.fake.update_faults({"batch_run_drop_rate": 1.0, "batch_delay_s": 0.05})
     with pytest.raises(IvvyNoAnswer) as dropped:
         await client.call("batch", "run", {"jobs": [job({"name": "Dropped run", "applyTo": 1})]})
     assert dropped.value.outcome_unknown
@@ -176,7 +176,7 @@ async def test_batch_faults(fake: RunningFakeIvvy, client: IvvyClient) -> None:
 
     fake.fake.update_faults({"batch_run_drop_rate": 0.0, "batch_never_ready_rate": 1.0})
     stuck = await client.call("batch", "run", {"jobs": [job({"name": "Never", "applyTo": 1})]})
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.15)  # three times as long as a batch takes
     assert (await client.call("batch", "progress", {"async": stuck["asyncId"]}))["progress"] == 0
     assert await specific_code(client.call("batch", "results", {"async": stuck["asyncId"]})) == 24114
     assert "Never" not in [s.name for s in fake.fake.stages.values()]
