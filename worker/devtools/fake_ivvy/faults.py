@@ -104,7 +104,8 @@ class Faults:
     batch_run_drop_rate: float = 0.0
     batch_never_ready_rate: float = 0.0
     batch_job_24322_rate: float = 0.0
-    #: The server's own rate limit per API key: requests past this many in a second get 429 (0: off).
+    #: The server's own rate limit per API key: requests past this many in a window (a second, as
+    #: iVvy's) get 429 with that window as their Retry-After (0: off).
     rate_limit_per_s: float = 0.0
     rate_limit_window_s: float = 1.0
     errors_as_200_rate: float = 0.0
