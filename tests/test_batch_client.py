@@ -49,7 +49,7 @@ async def test_each_job_is_answered_and_classified_as_a_single_call(
     ]
     jobs = [lead_stage_job(change) for change in changes]
     async_id = await batches.run(jobs)
-    outcomes = await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.3)
+    outcomes = await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.05)
     added = outcomes[0].lead_stage_id(changes[0])
     assert fake_ivvy.fake.stages[added].name == "Batched"
     assert outcomes[1].lead_stage_id(changes[1]) == stage.id
@@ -71,7 +71,7 @@ async def test_a_job_answered_24322_is_retryable(batches: BatchCalls, fake_ivvy:
     change = LeadStageChange(name="Not applied", apply_to=1)
     jobs = [lead_stage_job(change)]
     [outcome] = await batches.wait_for_results(
-        await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.3
+        await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.05
     )
     assert isinstance(outcome.error, IvvyUnavailable)
     assert isinstance(outcome.error, RetryableError)
