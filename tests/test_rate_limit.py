@@ -43,7 +43,8 @@ def arrivals(fake: RunningFakeIvvy, fault: str | None = None) -> list[float]:
 async def test_three_worker_processes_keep_to_the_account_rate_limit(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
-    settings = harness.worker_settings(redis_url, fake.url, rate_limit=RATE)
+    # Batch mode off: each add its own request, 40 requests to space (a batch would be one).
+    settings = harness.worker_settings(redis_url, fake.url, rate_limit=RATE, batch_mode="off")
     keys = await enqueue_adds(Ledger(redis_client, settings), 40)
     workers = [harness.start_worker_process(harness.worker_env(settings), tmp_path / "w.log") for _ in range(3)]
     try:

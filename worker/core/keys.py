@@ -32,6 +32,8 @@ STAGE_LOCK_PREFIX = "leadstage:stage-lock:"
 CLAIMS_PREFIX = "leadstage:claims:"
 NEWEST_CLAIM_PREFIX = "leadstage:newest-claim:"
 RATE_PREFIX = "leadstage:rate:"
+BATCHES_PREFIX = "leadstage:batches:"
+BATCH_PREFIX = "leadstage:batch:"
 #: Hash account -> changes enqueued and not yet terminal (the backlog behind a new change).
 PENDING = "leadstage:pending"
 #: Set to the layout version once a queue of the single-queue layout has been migrated.
@@ -124,3 +126,19 @@ def newest_claim_key(account: str) -> str:
 def rate_key(account: str) -> str:
     """The account's shared rate limiter state (GCRA theoretical arrival time, pause)."""
     return RATE_PREFIX + tag(account)
+
+
+def batches_key(account: str) -> str:
+    """Sorted set asyncId -> until when (server ms) the account's batch may be collected by another
+    worker (batch.lua: its worker died after its run was answered)."""
+    return BATCHES_PREFIX + tag(account)
+
+
+def batch_prefix(account: str) -> str:
+    """What ``batch_key`` puts before the asyncId, for batch.lua's collection."""
+    return f"{BATCH_PREFIX}{tag(account)}:"
+
+
+def batch_key(account: str, async_id: str) -> str:
+    """List of a batch's job ids in the order of its jobs (an index into its results)."""
+    return batch_prefix(account) + async_id
