@@ -327,9 +327,12 @@ async def test_a_batch_not_ready_within_its_wait_keeps_its_stages_locked_for_ano
     (longer than the single call's late-commit hold, the request timeout)."""
     changes = one_per_stage(fake, 8)
     fake.update_faults({"batch_never_ready_rate": 1.0})
+    # The hold (the batch's wait) outlasts the late-commit hold (the request timeout) and a backoff
+    # (0.5 s at most) by a fifth of a second at least.
+    settings = dataclasses.replace(settings, batch_wait_s=1.2, request_timeout_s=0.5)
     ledger = Ledger(redis_client, settings)
     await enqueue(redis_client, settings, changes)
-    async with running_worker(dataclasses.replace(settings, batch_wait_s=2.0)):
+    async with running_worker(settings):
 
         async def retried() -> bool:
             return any(e["event"] == "retrying" for e in await read_events(redis_client))
