@@ -157,8 +157,13 @@ async def check_invariants(
         assert {"name": actual.name, "colour": actual.colour, "apply_to": actual.apply_to} == expected[stage.id]
 
     retries = [e for e in await harness.read_events(redis_client) if e["event"] == "retrying"]
-    assert {e["error_code"] for e in retries} >= {"timeout", "connection", "unavailable", "rate_limited"}
-    assert "504" in {e["http_status"] for e in retries}  # some adds were committed behind a lying gateway
+    if batch_mode == "auto":
+        # Most changes go in batches, so single calls are too few for each of their faults to be
+        # drawn in every run; a batch job's 24322 (one job in ten) always is.
+        assert "24322" in {e["error_code"] for e in retries if e["sent_as"] == "batch"}
+    else:
+        assert {e["error_code"] for e in retries} >= {"timeout", "connection", "unavailable", "rate_limited"}
+        assert "504" in {e["http_status"] for e in retries}  # some adds were committed behind a lying gateway
     # Updates of one stage due together went out coalesced, under the same faults and kills; in
     # batch mode, updates of several stages went out as batches, under their faults too.
     coalesced = sum(1 for events in terminal.values() if events[0]["sent_as"] == "coalesced")
