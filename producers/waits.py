@@ -19,8 +19,6 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
-import redis.asyncio as aioredis
-
 from worker.core import keys, readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.core.errors import (
@@ -202,7 +200,7 @@ class SharedReader:
 class Waits:
     """``wait``, mixed into ``LeadStageProducer``: it needs the producer's Redis, settings and reader."""
 
-    redis: aioredis.Redis
+    redis: RedisClient
     settings: Settings
     #: The one reader of every wait of this producer.
     reader: SharedReader

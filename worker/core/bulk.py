@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,6 +22,7 @@ from worker.core.errors import (
     redis_errors,
     reply_or_error,
 )
+from worker.core.redis_connection import acquire_connection
 from worker.core.replies import Receipt, parse_enqueue
 from worker.core.scripts import Part, evalsha, not_run
 from worker.core.settings import Settings
@@ -69,18 +70,23 @@ class _Pipe:
     its answer read later, so Redis runs one chunk while the producer prepares the next. At most
     one request is outstanding, so the chunks run in the order they were sent. A write is followed
     by ``WAIT`` on the same connection when LEADSTAGE_REDIS_MIN_REPLICAS asks for it (WAIT counts
-    the replicas that have this connection's writes), in the same round trip."""
+    the replicas that have this connection's writes), in the same round trip. On a Redis Cluster
+    the calls are one ``account``'s, on a connection of its master, and the schedule's notice
+    (another slot) follows each write's answer."""
 
-    def __init__(self, ledger: Enqueuing) -> None:
+    def __init__(self, ledger: Enqueuing, account: str | None) -> None:
         self.ledger = ledger
+        self.account = account
         self._connection: Connection | None = None
+        self._release: Callable[[], Awaitable[None]] | None = None
         self._request: list[Part] | None = None  # sent, its answers not read yet
         self._confirm = False  # a WAIT follows the request
 
     async def open(self) -> None:
         """Connect: a failure here has sent nothing."""
+        key = keys.pending_key(self.account or "", cluster=self.ledger.cluster)
         with redis_errors():
-            self._connection = await self.ledger.client.connection_pool.get_connection()
+            self._connection, self._release = await acquire_connection(self.ledger.client, key)
 
     async def close(self) -> None:
         if self._connection is None:
@@ -89,7 +95,8 @@ class _Pipe:
         if self._request is not None:  # an answer nobody will read: the connection cannot be used again
             with contextlib.suppress(RedisUnavailable), redis_errors():
                 await connection.disconnect()
-        await self.ledger.client.connection_pool.release(connection)
+        assert self._release is not None
+        await self._release()
 
     @property
     def busy(self) -> bool:
@@ -99,13 +106,13 @@ class _Pipe:
         assert self._connection is not None, "open() first"
         assert self._request is None, "one request at a time"
         ledger = self.ledger
-        script_keys, args = ledger._enqueue_arguments(mode, changes, staging=staging)
+        script_keys, args = ledger._enqueue_arguments(mode, changes, account=self.account, staging=staging)
         request = [evalsha(ledger._enqueue, script_keys, args)]
         self._confirm = mode == "enqueue" and ledger.settings.redis_min_replicas > 0
         if self._confirm:
             settings = ledger.settings
             request.append((None, ("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))))
-        if mode == "enqueue":
+        if mode == "enqueue" and not ledger.cluster:
             # The schedule hears of the accounts written to in the same round trip (idle workers wake).
             accounts = sorted({account for account, _ in Chunk(changes, ()).envelopes()})
             request.append(evalsha(ledger._ready, ledger._ready_keys, ["notify", "", *accounts]))
@@ -149,6 +156,8 @@ class _Pipe:
         acked = int(replies[1]) if self._confirm else None
         self._request = None
         answers, backlog = parse_enqueue(reply)
+        if self.ledger.cluster and backlog:
+            await self.ledger.notify(backlog)  # the accounts written to
         return answers, backlog, acked
 
 
@@ -161,10 +170,10 @@ class BulkCheck:
     the chunk that cannot be enqueued); between the two, prepare the next chunk.
     """
 
-    def __init__(self, ledger: Enqueuing, staging_key: str) -> None:
+    def __init__(self, ledger: Enqueuing, staging_key: str, account: str | None = None) -> None:
         self.ledger = ledger
         self.staging_key = staging_key
-        self._pipe = _Pipe(ledger)
+        self._pipe = _Pipe(ledger, account)
         self._chunk: Chunk | None = None
 
     async def __aenter__(self) -> BulkCheck:
@@ -205,8 +214,8 @@ class BulkWrite:
     the changes written before (``enqueued``).
     """
 
-    def __init__(self, ledger: Enqueuing) -> None:
-        self._pipe = _Pipe(ledger)
+    def __init__(self, ledger: Enqueuing, account: str | None = None) -> None:
+        self._pipe = _Pipe(ledger, account)
         self._chunk: Chunk | None = None
         self.enqueued = 0
 

@@ -10,6 +10,7 @@ from typing import Literal
 from worker.core import keys
 from worker.core.bulk import ENQUEUE_CHUNK, STAGING_TTL_MS, BulkCheck, BulkWrite, Chunk, encode_changes
 from worker.core.change import Envelope, LeadStageChange
+from worker.core.errors import redis_errors
 from worker.core.replies import Receipt, parse_enqueue
 from worker.core.scripts import Scripts
 
@@ -38,31 +39,39 @@ class Enqueuing(Scripts):
         its fate is unknown (retry with the same keys).
         """
         names = [""] * len(items) if labels is None else labels
-        starts = range(0, len(items), ENQUEUE_CHUNK)
-
-        def chunk(start: int) -> Chunk:
-            return self.chunk(items[start : start + ENQUEUE_CHUNK], names[start : start + ENQUEUE_CHUNK])
-
-        if len(starts) > 1:
-            async with self.bulk_check() as check:
-                for start in starts:
-                    next_chunk = chunk(start)  # encoded while Redis checks the one before
-                    if check.busy:
-                        await check.receive()
-                    await check.send(next_chunk)
-                await check.receive()
+        # On a Redis Cluster each call is one account's (one slot): the bulk is split by account,
+        # in order within each, checked whole first, then written account after account.
+        parts = by_account(items, names) if self.cluster else {None: (list(items), list(names))}
+        if len(parts) > 1 or len(items) > ENQUEUE_CHUNK:
+            token = secrets.token_hex(8)
+            for account, (its, its_names) in parts.items():
+                async with self.bulk_check(account, token) as check:
+                    for start in range(0, len(its), ENQUEUE_CHUNK):
+                        next_chunk = self.chunk(
+                            its[start : start + ENQUEUE_CHUNK], its_names[start : start + ENQUEUE_CHUNK]
+                        )
+                        if check.busy:  # encoded while Redis checks the one before
+                            await check.receive()
+                        await check.send(next_chunk)
+                    await check.receive()
         receipts: list[Receipt] = []
-        async with self.bulk_write() as write:
-            for start in starts:
-                next_chunk = chunk(start)
-                if write.busy:
-                    receipts.extend(done := await write.receive())
-                    if progress is not None:
-                        progress(len(done))
-                await write.send(next_chunk)
-            receipts.extend(done := await write.receive())
-            if progress is not None:
-                progress(len(done))
+        for account, (its, its_names) in parts.items():
+            async with self.bulk_write(account) as write:
+                for start in range(0, len(its), ENQUEUE_CHUNK):
+                    next_chunk = self.chunk(
+                        its[start : start + ENQUEUE_CHUNK], its_names[start : start + ENQUEUE_CHUNK]
+                    )
+                    if write.busy:
+                        receipts.extend(done := await write.receive())
+                        if progress is not None:
+                            progress(len(done))
+                    await write.send(next_chunk)
+                receipts.extend(done := await write.receive())
+                if progress is not None:
+                    progress(len(done))
+        if len(parts) > 1:  # in the order of ``items``
+            place = {(item[1].account, item[1].idempotency_key): i for i, item in enumerate(items)}
+            receipts.sort(key=lambda receipt: place[(receipt.account, receipt.idempotency_key)])
         past = [receipt.account for receipt in receipts if receipt.expected_wait_s > self.settings.max_age_s]
         if past:
             from worker.core import metrics  # only here: a producer process (the CLI) need not load prometheus-client
@@ -79,26 +88,37 @@ class Enqueuing(Scripts):
         """Up to ``ENQUEUE_CHUNK`` changes encoded for enqueue.lua, with their labels."""
         return Chunk(encode_changes(items, self.settings.queue_name), labels)
 
-    def bulk_check(self) -> BulkCheck:
-        """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``)."""
-        return BulkCheck(self, keys.STAGING_PREFIX + secrets.token_hex(8))
+    def bulk_check(self, account: str | None = None, token: str | None = None) -> BulkCheck:
+        """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``); on a
+        Redis Cluster, of one ``account``'s changes, with a staging hash in its slot."""
+        return BulkCheck(self, keys.staging_key(token or secrets.token_hex(8), account), account)
 
-    def bulk_write(self) -> BulkWrite:
-        """The writes of a bulk enqueue, chunk by chunk, after its check (``async with``)."""
-        return BulkWrite(self)
+    def bulk_write(self, account: str | None = None) -> BulkWrite:
+        """The writes of a bulk enqueue, chunk by chunk, after its check (``async with``); on a Redis
+        Cluster, of one ``account``'s changes."""
+        return BulkWrite(self, account)
 
     def _enqueue_arguments(
         self,
         mode: Literal["enqueue", "check", "replay"],
         changes: bytes,
         *,
+        account: str | None = None,
         replay_of: tuple[str, str] = ("", ""),
         staging: tuple[str, bytes] | None = None,
     ) -> tuple[list[str], list[bytes | str | int]]:
         """enqueue.lua's keys and arguments; ``staging`` (check only): the staging hash and the
-        changes' labels as a JSON array."""
+        changes' labels as a JSON array. On a Redis Cluster the changes are all ``account``'s, and the
+        dead letter of a replay is deleted by the caller (another slot): the pending hash stands in
+        for the stream, never touched."""
         settings = self.settings
-        script_keys = [settings.dlq_stream, keys.PENDING]
+        if self.cluster:
+            assert account is not None, "on a Redis Cluster a call is one account's"
+            pending = keys.pending_key(account, cluster=True)
+            script_keys = [pending, pending]
+            replay_of = ("", replay_of[1])
+        else:
+            script_keys = [settings.dlq_stream, keys.PENDING]
         args: list[bytes | str | int] = [mode, settings.ledger_retention_s * 1000, *replay_of, changes]
         if staging is not None:
             script_keys.append(staging[0])
@@ -115,7 +135,9 @@ class Enqueuing(Scripts):
     ) -> tuple[list[list[bytes]], dict[str, int]]:
         """enqueue.lua over changes encoded by ``_encode``: one answer per change, and the backlog of
         each account written to; the schedule is told about ``accounts`` in the same round trip."""
-        script_keys, args = self._enqueue_arguments(mode, changes, replay_of=replay_of)
+        script_keys, args = self._enqueue_arguments(
+            mode, changes, account=accounts[0] if accounts else None, replay_of=replay_of
+        )
         reply, acked = await self._call(self._enqueue, script_keys, args, confirm=mode != "check", notify=accounts)
         answers, backlog = parse_enqueue(reply)
         if mode != "check" and not any(answer[0] in (b"conflict", b"not_failed") for answer in answers):
@@ -133,4 +155,21 @@ class Enqueuing(Scripts):
             accounts=[envelope.account],
         )
         status = answer[0].decode()
+        if self.cluster and dlq_entry_id:
+            # The dead letter is another slot's: deleted once the replay is queued. A crash in between
+            # leaves it, and its next replay (``not_failed``) deletes it.
+            with redis_errors():
+                await self.client.xdel(self.settings.dlq_stream, dlq_entry_id)
         return status, int(answer[1]) if status == "queued" else 0
+
+
+def by_account(
+    items: Sequence[tuple[LeadStageChange, Envelope]], labels: Sequence[str]
+) -> dict[str | None, tuple[list[tuple[LeadStageChange, Envelope]], list[str]]]:
+    """The items and their labels split by account, in order within each (a cluster's bulk)."""
+    parts: dict[str | None, tuple[list[tuple[LeadStageChange, Envelope]], list[str]]] = {}
+    for item, label in zip(items, labels, strict=True):
+        its, its_labels = parts.setdefault(item[1].account, ([], []))
+        its.append(item)
+        its_labels.append(label)
+    return parts

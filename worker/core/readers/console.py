@@ -11,6 +11,7 @@ import orjson
 
 from worker.core import keys
 from worker.core.errors import BadFilter, redis_errors
+from worker.core.pending import backlogs
 from worker.core.readers.stats import parse_heartbeat
 from worker.core.readers.streams import PAGE, Entry, dead_letters, id_ms, id_order, redis_now_ms, stream_pages
 from worker.core.redis_connection import RedisClient
@@ -101,8 +102,7 @@ class RateHistory:
 async def _queue_by_account(client: RedisClient, settings: Settings, now_ms: int) -> dict[str, Counter[str]]:
     """queued, due, in_progress and retrying per account, from the queue and the ledger states."""
     scores: dict[str, float] = {}
-    with redis_errors():
-        pending = await client.hkeys(keys.PENDING)  # type: ignore[misc]  # redis-py's async stubs
+    pending = await backlogs(client, settings)
     # Each account has its own queue: the configured accounts and those with changes not yet terminal.
     for account in sorted({*settings.accounts, *(a.decode() for a in pending)}):
         cursor = 0
