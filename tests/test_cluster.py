@@ -264,6 +264,10 @@ async def test_the_worker_applies_changes_on_the_cluster(cluster_url: str, fake_
                     where, event = await standing(cluster, settings, "default", key)
                     assert event is not None, where
                     assert event.idempotency_key == key
+                # A wait reads the results stream on its master (and stops its reader between reads).
+                assert (await producer.wait(receipts[1], timeout=10)).event == "succeeded"
+                late = await producer.enqueue({"name": "Late", "applyTo": "lead"}, idempotency_key="late")
+                assert (await producer.wait(late, timeout=30)).event == "succeeded"
 
                 # The dead letter goes back on the queue (its account's slot) and is deleted (another
                 # slot); iVvy refuses it again: a second failed event and a new dead letter.
