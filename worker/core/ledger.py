@@ -24,6 +24,8 @@ finish.lua     runs' ends, those of one account that end together in one call: l
                results event (+ dead letter) + the queue, exactly once, refused for a stale run
 lost.lua       a due job whose ledger entry expired: a failed event and a dead letter, never
                silence
+ack.lua        on a Redis Cluster, where finish and lost write events into the account's outbox:
+               the outbox entries published (``worker.core.outbox``) leave it, ``event_id`` set
 =============  ==============================================================================
 
 Each script's KEYS, ARGV and reply are written at its top; every reply has a fixed shape and is
@@ -192,45 +194,31 @@ class Ledger(Enqueuing):
 
     async def extend_leases(self, runs: Mapping[str, int], worker_id: str) -> set[str]:
         """The heartbeat (lease.lua): keep running attempts hidden for another lease and say that the
-        worker is alive; returns the jobs extended (the others are no longer this worker's run)."""
-        jobs = list(runs)
-        if self.cluster:
-            return await self._extend_by_account(jobs, runs, worker_id)
-        with redis_errors():
-            extended: list[int] = await self._lease(
-                keys=[
-                    keys.WORKERS,
-                    *(k for job in jobs for k in (self.queue_of(job), keys.ledger_key(job))),
-                ],
-                args=[self.lease_ms, worker_id, len(jobs), *(v for job in jobs for v in (job, runs[job]))],
-            )
-        return {job for job, ok in zip(jobs, extended, strict=True) if ok}
-
-    async def _extend_by_account(self, jobs: Sequence[str], runs: Mapping[str, int], worker_id: str) -> set[str]:
-        """On a Redis Cluster: one lease.lua call per account (its slot) and one for the workers hash,
-        all at once."""
-        groups: dict[str, list[str]] = {}
-        for job in jobs:
+        worker is alive; returns the jobs extended (the others are no longer this worker's run). On a
+        Redis Cluster: one call per account (its slot) and one for the workers hash, sent together."""
+        groups: dict[str, list[str]] = {"": list(runs)} if not self.cluster else {}
+        for job in runs if self.cluster else ():
             groups.setdefault(keys.split_job_id(job)[0], []).append(job)
-        calls = [self._lease(keys=[keys.WORKERS], args=[self.lease_ms, worker_id, len(jobs)])]
+        calls = [self._lease(keys=[keys.WORKERS], args=[self.lease_ms, worker_id, len(runs)])] if self.cluster else []
         for its in groups.values():
             calls.append(
                 self._lease(
                     keys=[
-                        self.queue_of(its[0]),
+                        self.queue_of(its[0]) if self.cluster else keys.WORKERS,
                         *(k for job in its for k in (self.queue_of(job), keys.ledger_key(job))),
                     ],
-                    args=[self.lease_ms, worker_id, "", *(v for job in its for v in (job, runs[job]))],
+                    args=[
+                        self.lease_ms,
+                        worker_id,
+                        "" if self.cluster else len(runs),
+                        *(v for j in its for v in (j, runs[j])),
+                    ],
                 )
             )
         with redis_errors():
             replies = await asyncio.gather(*calls)
-        return {
-            job
-            for its, reply in zip(groups.values(), replies[1:], strict=True)
-            for job, ok in zip(its, reply, strict=True)
-            if ok
-        }
+        extended = zip(groups.values(), replies[1:] if self.cluster else replies, strict=True)
+        return {job for its, reply in extended for job, ok in zip(its, reply, strict=True) if ok}
 
     async def adopt(self, account: str, job_id: str, run: int, candidates: Sequence[int]) -> int | None:
         """Claim the first candidate stage no other add has claimed (adopt.lua); None when there is
