@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -24,11 +25,13 @@ from producers.waits import standing
 from tests.console_support import MISSING_STAGE, enqueue
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.test_dlq_filters import leadstage
-from worker.core import keys, readers
+from worker.core import keys, outbox, readers
 from worker.core.errors import ConfigError
+from worker.core.ledger import Ledger
 from worker.core.redis_connection import RedisClient, connect_redis_of, connect_redis_or_cluster
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
+from worker.layout import migrate
 from worker.runner import running_worker
 
 pytestmark = pytest.mark.system  # a cluster of three redis-servers, workers, leadstage commands
@@ -217,7 +220,9 @@ async def cluster_terminal(cluster: RedisClient, settings: Settings, wanted: set
     return terminal
 
 
-async def test_the_worker_applies_changes_on_the_cluster(cluster_url: str, fake_ivvy: RunningFakeIvvy) -> None:
+async def test_the_worker_applies_changes_on_the_cluster(
+    cluster_url: str, fake_ivvy: RunningFakeIvvy, tmp_path: Path
+) -> None:
     """Enqueued one by one and in bulk across two accounts (whose keys are on different masters), a
     worker drains them: every key has exactly one terminal event in the results stream, a refused
     change one dead letter, the outboxes are empty and the backlog is zero; then a replay."""
@@ -245,7 +250,28 @@ async def test_the_worker_applies_changes_on_the_cluster(cluster_url: str, fake_
                 (item.idempotency_key, item.account, "queued") for item in bulk
             ]
             assert (await producer.enqueue(DONE["hot"], idempotency_key="hot")).status == "duplicate"
-            wanted = {*DONE, *REFUSED, *(str(item.idempotency_key) for item in bulk)}
+            # The command line: one change, and a file of them.
+            status, lines, err = await leadstage(
+                settings, "enqueue", "--name", "Cold", "--apply-to", "lead", "--key", "cold"
+            )
+            assert (status, [line["status"] for line in lines]) == (0, ["queued"]), err
+            jsonl = tmp_path / "changes.jsonl"
+            jsonl.write_text(
+                "".join(
+                    f'{{"name": "Filed {i}", "applyTo": "lead", "idempotency_key": "filed-{i}"}}\n' for i in range(3)
+                )
+            )
+            status, lines, err = await leadstage(settings, "enqueue", "--file", str(jsonl))
+            assert (status, [line["status"] for line in lines]) == (0, ["queued"] * 3), err
+            wanted = {
+                *DONE,
+                *REFUSED,
+                "cold",
+                "filed-0",
+                "filed-1",
+                "filed-2",
+                *(str(item.idempotency_key) for item in bulk),
+            }
             async with running_worker(settings):
                 terminal = await cluster_terminal(cluster, settings, wanted)
                 assert {key: events for key, events in terminal.items()} == {
@@ -283,5 +309,65 @@ async def test_the_worker_applies_changes_on_the_cluster(cluster_url: str, fake_
         assert sorted(s.name for s in fake_ivvy.fake.stages.values() if s.name.startswith("Bulk ")) == sorted(
             f"Bulk {i}" for i in range(30)
         )
+    finally:
+        await cluster.aclose()
+
+
+async def test_an_event_left_in_the_outbox_is_published_by_the_sweep(
+    cluster_url: str, fake_ivvy: RunningFakeIvvy
+) -> None:
+    """A worker that dies between finish.lua and publishing leaves the event in the account's outbox:
+    the change stands terminal and unpublished (a wait goes on waiting), and the sweep publishes it
+    and writes its event id, as the worker would have."""
+    settings = worker_settings(cluster_url, fake_ivvy.url)
+    cluster = connect_redis_or_cluster(cluster_url)
+    try:
+        async with LeadStageProducer(settings, redis=cluster) as producer:
+            await producer.enqueue(DONE["hot"], idempotency_key="hot")
+            async with running_worker(settings):
+                assert (await producer.wait("hot", timeout=30)).event == "succeeded"
+        # What finish.lua leaves when its worker dies before publishing: the entry, named in the ledger.
+        ledger_key = keys.ledger_key(keys.job_id("default", "hot"))
+        [(event_id, event)] = await cluster.xrange(settings.results_stream)
+        await cluster.xdel(settings.results_stream, event_id)
+        entry = {
+            b"ledger": ledger_key.encode(),
+            b"letter": b"",
+            b"original_change": b"{}",
+            b"generation": b"0",
+            **event,
+        }
+        outbox_id = await cluster.xadd(keys.outbox_key("default"), entry)
+        await cluster.hset(ledger_key, "outbox", outbox_id)  # type: ignore[misc]  # redis-py's async stubs
+        await cluster.hdel(ledger_key, "event_id")  # type: ignore[misc]  # redis-py's async stubs
+        where, published = await standing(cluster, settings, "default", "hot")
+        assert published is None
+        assert where is not None
+        assert (where["state"], where["unpublished"]) == ("succeeded", True)
+
+        assert await outbox.sweep(Ledger(cluster, settings), ["default"], older_than_ms=0) == 1
+        [(again_id, again)] = await cluster.xrange(settings.results_stream)
+        assert again == event
+        assert await cluster.xlen(keys.outbox_key("default")) == 0
+        assert await cluster.hget(ledger_key, "event_id") == again_id  # type: ignore[misc]  # redis-py's async stubs
+        where, published = await standing(cluster, settings, "default", "hot")
+        assert published is not None
+        assert published.id == again_id.decode()
+    finally:
+        await cluster.aclose()
+
+
+async def test_the_layout_migration_is_skipped_on_the_cluster_and_an_old_queue_refused(cluster_url: str) -> None:
+    """The single-queue layout never ran on a cluster: nothing is renamed there, and a single queue
+    found under the queue's name stops the worker before it serves anything."""
+    settings = worker_settings(cluster_url, "http://127.0.0.1:1")
+    cluster = connect_redis_or_cluster(cluster_url)
+    try:
+        ledger = Ledger(cluster, settings)
+        assert await migrate(ledger) == 0
+        assert await cluster.get(keys.LAYOUT) is None
+        await cluster.zadd(settings.queue_name, {"default:old": 1})
+        with pytest.raises(ConfigError, match="single-queue layout"):
+            await migrate(ledger)
     finally:
         await cluster.aclose()

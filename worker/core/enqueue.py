@@ -39,39 +39,31 @@ class Enqueuing(Scripts):
         its fate is unknown (retry with the same keys).
         """
         names = [""] * len(items) if labels is None else labels
-        # On a Redis Cluster each call is one account's (one slot): the bulk is split by account,
-        # in order within each, checked whole first, then written account after account.
-        parts = by_account(items, names) if self.cluster else {None: (list(items), list(names))}
-        if len(parts) > 1 or len(items) > ENQUEUE_CHUNK:
-            token = secrets.token_hex(8)
-            for account, (its, its_names) in parts.items():
-                async with self.bulk_check(account, token) as check:
-                    for start in range(0, len(its), ENQUEUE_CHUNK):
-                        next_chunk = self.chunk(
-                            its[start : start + ENQUEUE_CHUNK], its_names[start : start + ENQUEUE_CHUNK]
-                        )
-                        if check.busy:  # encoded while Redis checks the one before
-                            await check.receive()
-                        await check.send(next_chunk)
-                    await check.receive()
+        starts = range(0, len(items), ENQUEUE_CHUNK)
+
+        def chunk(start: int) -> Chunk:
+            return self.chunk(items[start : start + ENQUEUE_CHUNK], names[start : start + ENQUEUE_CHUNK])
+
+        if len(starts) > 1:
+            async with self.bulk_check() as check:
+                for start in starts:
+                    next_chunk = chunk(start)  # encoded while Redis checks the one before
+                    if check.busy:
+                        await check.receive()
+                    await check.send(next_chunk)
+                await check.receive()
         receipts: list[Receipt] = []
-        for account, (its, its_names) in parts.items():
-            async with self.bulk_write(account) as write:
-                for start in range(0, len(its), ENQUEUE_CHUNK):
-                    next_chunk = self.chunk(
-                        its[start : start + ENQUEUE_CHUNK], its_names[start : start + ENQUEUE_CHUNK]
-                    )
-                    if write.busy:
-                        receipts.extend(done := await write.receive())
-                        if progress is not None:
-                            progress(len(done))
-                    await write.send(next_chunk)
-                receipts.extend(done := await write.receive())
-                if progress is not None:
-                    progress(len(done))
-        if len(parts) > 1:  # in the order of ``items``
-            place = {(item[1].account, item[1].idempotency_key): i for i, item in enumerate(items)}
-            receipts.sort(key=lambda receipt: place[(receipt.account, receipt.idempotency_key)])
+        async with self.bulk_write() as write:
+            for start in starts:
+                next_chunk = chunk(start)
+                if write.busy:
+                    receipts.extend(done := await write.receive())
+                    if progress is not None:
+                        progress(len(done))
+                await write.send(next_chunk)
+            receipts.extend(done := await write.receive())
+            if progress is not None:
+                progress(len(done))
         past = [receipt.account for receipt in receipts if receipt.expected_wait_s > self.settings.max_age_s]
         if past:
             from worker.core import metrics  # only here: a producer process (the CLI) need not load prometheus-client
@@ -88,15 +80,13 @@ class Enqueuing(Scripts):
         """Up to ``ENQUEUE_CHUNK`` changes encoded for enqueue.lua, with their labels."""
         return Chunk(encode_changes(items, self.settings.queue_name), labels)
 
-    def bulk_check(self, account: str | None = None, token: str | None = None) -> BulkCheck:
-        """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``); on a
-        Redis Cluster, of one ``account``'s changes, with a staging hash in its slot."""
-        return BulkCheck(self, keys.staging_key(token or secrets.token_hex(8), account), account)
+    def bulk_check(self) -> BulkCheck:
+        """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``)."""
+        return BulkCheck(self, secrets.token_hex(8))
 
-    def bulk_write(self, account: str | None = None) -> BulkWrite:
-        """The writes of a bulk enqueue, chunk by chunk, after its check (``async with``); on a Redis
-        Cluster, of one ``account``'s changes."""
-        return BulkWrite(self, account)
+    def bulk_write(self) -> BulkWrite:
+        """The writes of a bulk enqueue, chunk by chunk, after its check (``async with``)."""
+        return BulkWrite(self)
 
     def _enqueue_arguments(
         self,
@@ -161,15 +151,3 @@ class Enqueuing(Scripts):
             with redis_errors():
                 await self.client.xdel(self.settings.dlq_stream, dlq_entry_id)
         return status, int(answer[1]) if status == "queued" else 0
-
-
-def by_account(
-    items: Sequence[tuple[LeadStageChange, Envelope]], labels: Sequence[str]
-) -> dict[str | None, tuple[list[tuple[LeadStageChange, Envelope]], list[str]]]:
-    """The items and their labels split by account, in order within each (a cluster's bulk)."""
-    parts: dict[str | None, tuple[list[tuple[LeadStageChange, Envelope]], list[str]]] = {}
-    for item, label in zip(items, labels, strict=True):
-        its, its_labels = parts.setdefault(item[1].account, ([], []))
-        its.append(item)
-        its_labels.append(label)
-    return parts

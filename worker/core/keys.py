@@ -143,5 +143,6 @@ def outbox_key(account: str) -> str:
 
 
 def staging_key(token: str, account: str | None) -> str:
-    """A bulk enqueue's staging hash; on a Redis Cluster one per account of the bulk, in its slot."""
+    """A bulk enqueue's staging hash (``token``: the bulk's); on a Redis Cluster one per account of
+    the bulk, in its slot."""
     return STAGING_PREFIX + token if account is None else f"{STAGING_PREFIX}{tag(account)}:{token}"
