@@ -1,7 +1,7 @@
 """The arq internals ``worker.runner.LeadstageWorker`` relies on, checked against the installed arq.
 
 The worker overrides ``_poll_iteration`` (its own claim replaces arq's ``start_jobs``, which is
-never reached) and uses ``sem``, ``job_counter``, ``tasks``, ``allow_pick_jobs`` and
+never reached) and uses ``sem``, ``job_counter``, ``tasks``, ``allow_pick_jobs``, ``on_stop`` and
 ``_release_sem_dec_counter_on_complete``, none of which arq documents. pyproject pins
 arq below its next minor release; when a new release is allowed, these tests say whether the
 contract still holds: a failure here means reading arq's new ``worker.py`` before moving the bound.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import inspect
+import signal
 
 from arq.worker import Worker
 
@@ -58,3 +59,33 @@ async def test_the_counter_and_semaphore_are_what_start_jobs_balances() -> None:
     worker._release_sem_dec_counter_on_complete()
     assert worker.job_counter == 0
     assert worker.sem._value == worker.max_jobs + 1  # arq's BoundedSemaphore(max_jobs + 1), all free
+
+
+def test_both_stops_cancel_the_main_task_then_call_on_stop() -> None:
+    # SIGTERM's handler (the worker waits for its jobs) ends in _wait_for_tasks_to_complete; close's
+    # (and SIGINT's without a wait) in handle_sig. The worker's on_stop relies on both.
+    for method in (Worker._wait_for_tasks_to_complete, Worker.handle_sig):
+        source = inspect.getsource(method)
+        assert source.index("self.main_task.cancel()") < source.index("self.on_stop("), method.__name__
+    assert "self._wait_for_tasks_to_complete(" in inspect.getsource(Worker.handle_sig_wait_for_completion)
+
+
+async def test_sigterm_cancels_the_main_task_until_it_ends_when_a_cancellation_is_lost() -> None:
+    worker = build_worker(worker_settings("redis://127.0.0.1:1/0", "http://127.0.0.1:1"), handle_signals=False)
+    lost = 0
+
+    async def main_losing_two_cancellations() -> None:
+        nonlocal lost
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if lost == 2:
+                    raise
+                lost += 1  # as redis-py 5.3 can lose a cancellation that lands while it reads a reply
+
+    worker.main_task = asyncio.ensure_future(main_losing_two_cancellations())
+    worker.handle_sig_wait_for_completion(signal.SIGTERM)  # what arq runs on SIGTERM (no jobs to wait for)
+    await asyncio.wait({worker.main_task}, timeout=30)  # bounded, so that a regression fails instead of hanging
+    assert worker.main_task.cancelled()
+    assert lost == 2

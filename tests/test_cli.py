@@ -30,7 +30,7 @@ import pytest
 import redis
 from standardwebhooks.webhooks import Webhook
 
-from tests.conftest import TEST_REDIS_PASSWORD
+from tests.conftest import TEST_API_SECRET, TEST_REDIS_PASSWORD
 from worker.core import keys
 from worker.core.processes import free_port, python_module
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
@@ -196,6 +196,42 @@ def test_redis_down_is_one_line_and_status_1_without_the_password(leadstage: Run
     assert "Redis is unavailable" in line
     assert "127.0.0.1:1" in line
     assert TEST_REDIS_PASSWORD not in result.stderr
+
+
+#: What ``leadstage worker`` needs besides Redis (an iVvy that is never reached; no metrics port).
+WORKER_ENV = {
+    "IVVY_BASE_URL": "http://127.0.0.1:1",
+    "IVVY_API_KEY": "key",
+    "IVVY_API_SECRET": TEST_API_SECRET,
+    "LEADSTAGE_METRICS_PORT": "0",
+}
+
+
+def test_a_redis_user_without_the_permissions_needed_is_one_line_and_status_2(
+    leadstage: Run, env: dict[str, str]
+) -> None:
+    admin = redis.Redis.from_url(env["REDIS_URL"])
+    user, password = f"leadstage-test-{os.getpid()}", "test-acl-password-5d4c3b2a"
+    url = env["REDIS_URL"].replace("redis://", f"redis://{user}:{password}@", 1)
+    try:
+        # No scripts at all; then scripts, but none of leadstage's keys (the refusal comes from inside one).
+        for patterns, commands in ((["*"], ["+@all", "-eval", "-evalsha", "-script"]), (["other:*"], ["+@all"])):
+            admin.acl_setuser(
+                user, enabled=True, reset=True, passwords=[f"+{password}"], keys=patterns, commands=commands
+            )
+            for args in (("enqueue", "--name", "Denied", "--apply-to", "1", "--key", "acl-1"), ("stats",), ("worker",)):
+                result = leadstage(*args, extra_env={"REDIS_URL": url, **WORKER_ENV})
+                if args == ("stats",) and patterns == ["*"]:
+                    assert result.returncode == 0, result.stderr  # reads need no script
+                    continue
+                assert result.returncode == 2, (patterns, commands, args, result.stderr)
+                # The worker's JSON log lines share its stderr: the error is its one other line.
+                (line,) = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+                assert line.startswith("leadstage: error: REDIS_URL: its Redis user is not allowed to do what"), line
+                assert password not in result.stderr
+    finally:
+        admin.acl_deluser(user)
+        admin.close()
 
 
 def test_the_worker_needs_ivvy_settings(leadstage: Run) -> None:

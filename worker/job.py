@@ -46,7 +46,7 @@ from worker.core.errors import (
 )
 from worker.core.ledger import Ledger, Start
 from worker.core.logs import bind_job_context, get_logger
-from worker.core.results import JobFacts, Verdict, build_event
+from worker.core.results import JobFacts, Verdict, build_event, lost_event
 from worker.core.settings import Settings
 from worker.core.states import UNACCOUNTED, Decision, Outcome
 from worker.ivvy import IvvyClient
@@ -366,3 +366,12 @@ async def _finish(
         recorded=finished.recorded,
         refused_because=finished.refused_because or None,
     )
+
+
+async def report_missing(runtime: Runtime, job_id: str) -> None:
+    """A due job without a ledger entry: never dropped silently (a failed event and a dead letter)."""
+    account, idempotency_key = keys.split_job_id(job_id)
+    if await runtime.ledger.report_missing(job_id, lost_event(job_id, finished_at_ms=runtime.wall_ms())):
+        log.error("job.ledger_missing", job_id=job_id, account=account, idempotency_key=idempotency_key)
+        metrics.CHANGES.labels(account, "failed").inc()
+        metrics.DEAD_LETTERED.labels(account).inc()

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from signal import Signals
 from typing import Any
 
 import structlog
@@ -35,12 +36,11 @@ from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
 from worker.core.processes import cancel_until_done
 from worker.core.redis_connection import RedisClient, close_sentinels
-from worker.core.results import lost_event
 from worker.core.settings import Settings
 from worker.core.states import Decision
 from worker.ivvy import LIST_RETRY_BASE_S, LIST_RETRY_CAP_S, AiohttpTransport, IvvyClient
 from worker.ivvy_tracing import traced_transport
-from worker.job import Lease, Runtime, apply_lead_stage_change
+from worker.job import Lease, Runtime, apply_lead_stage_change, report_missing
 from worker.layout import migrate
 
 log = structlog.get_logger("leadstage.worker")
@@ -72,9 +72,15 @@ class LeadstageWorker(Worker):
     #: Whether a queue of the old layout was migrated and the schedule resynced (``layout``).
     prepared = False
 
-    def handle_sig(self, signum: int) -> None:
-        super().handle_sig(signum)  # type: ignore[arg-type]  # arq annotates it with Signals
-        if self.main_task is not None:  # cancelled until it ends: redis-py can lose one cancellation
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Both of arq's stops (SIGTERM's, which waits for the jobs first, and close's) cancel the
+        # main task once, then call on_stop: a cancellation redis-py lost would leave it running.
+        self.on_stop = self._cancel_until_stopped
+        self._stopping: asyncio.Future[None] | None = None
+
+    def _cancel_until_stopped(self, _signum: Signals) -> None:
+        if self.main_task is not None and self._stopping is None:
             self._stopping = asyncio.ensure_future(cancel_until_done(self.main_task))
 
     async def close(self) -> None:
@@ -84,6 +90,8 @@ class LeadstageWorker(Worker):
         if not closing.done():
             held = [repr(task.get_coro()) for task in asyncio.all_tasks() if task is not asyncio.current_task()]
             log.error("worker.close_timed_out", timeout_s=CLOSE_TIMEOUT_S, tasks=held[:20])
+        elif (error := closing.exception()) is not None:  # arq's last Redis calls failed: the stop goes on
+            log.warning("worker.close_failed", error=str(error) or type(error).__name__)
 
     async def _serve(self, runtime: Runtime) -> None:
         """Serve due accounts, a claim of changes at a time each, until none is due or the worker's
@@ -159,7 +167,7 @@ class LeadstageWorker(Worker):
             # comes back after one lease to be reported then (start.lua hides it, lost.lua removes it).
             for start in claim.starts:
                 if start.decision is Decision.MISSING:
-                    await _report_missing(runtime, start.job_id)
+                    await report_missing(runtime, start.job_id)
             if claim.rate_reason is not None:
                 metrics.RATE_LIMIT_WAITS.labels(account).inc()
             # Only jobs found done or missing: the account may have more to claim now.
@@ -219,15 +227,6 @@ class LeadstageWorker(Worker):
                 return  # shutting down: the blocking wait was cut off by the closing pool
             log.warning("worker.redis_unavailable", error=str(error))
             await asyncio.sleep(REDIS_RETRY_S)
-
-
-async def _report_missing(runtime: Runtime, job_id: str) -> None:
-    """A due job without a ledger entry: never dropped silently (a failed event and a dead letter)."""
-    account, idempotency_key = keys.split_job_id(job_id)
-    if await runtime.ledger.report_missing(job_id, lost_event(job_id, finished_at_ms=runtime.wall_ms())):
-        log.error("job.ledger_missing", job_id=job_id, account=account, idempotency_key=idempotency_key)
-        metrics.CHANGES.labels(account, "failed").inc()
-        metrics.DEAD_LETTERED.labels(account).inc()
 
 
 def build_worker(settings: Settings, *, handle_signals: bool = True) -> LeadstageWorker:

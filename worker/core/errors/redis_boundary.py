@@ -84,7 +84,13 @@ def redis_errors() -> Iterator[None]:
         raise ConfigError("REDIS_URL: what answers there is not Redis (its answer is not the Redis protocol)") from None
     except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as exc:  # the refusal classes
         raise RedisRefused(f"Redis refused the command: {type(exc).__name__}") from exc
+    except redis.exceptions.NoPermissionError as exc:  # an ACL user without a command or key we need
+        raise ConfigError(f"REDIS_URL: its Redis user is not allowed to do what leadstage needs: {_cut(exc)}") from None
     except redis.exceptions.ResponseError as exc:
+        if str(exc).startswith("The user executing the script can't"):  # NOPERM inside a script
+            raise ConfigError(
+                f"REDIS_URL: its Redis user is not allowed to do what leadstage needs: {_cut(exc)}"
+            ) from None
         if "DB index is out of range" in str(exc):
             raise ConfigError("REDIS_URL selects a database number this Redis does not have") from None
         if str(exc).startswith("WAIT cannot be used with replica"):  # a primary demoted under our feet
@@ -138,3 +144,9 @@ async def reply_or_error(connection: Connection) -> Any:
         return await connection.read_response()
     except redis.exceptions.ResponseError as exc:
         return exc
+
+
+def _cut(exc: Exception, limit: int = 200) -> str:
+    """Redis's error text, cut short: it names the command and key, never a value."""
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

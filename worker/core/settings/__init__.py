@@ -92,17 +92,23 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of every program; ``from_env`` reads them (``ENV_VARS`` names the variables)."""
+
     redis_url: str = "redis://localhost:6379/0"
     accounts: Mapping[str, Account] = field(default_factory=dict)
+    #: Requests per second per account, shared by every worker (the GCRA in start.lua).
     rate_limit: float = 10.0
+    #: Retries: a change is dead-lettered after this many attempts or this long after its enqueue.
     max_attempts: int = 8
     max_age_s: float = 3600.0
     backoff_base_s: float = 0.5
     backoff_max_s: float = 60.0
+    #: Where outcomes go, how many results are kept, how long a finished key is remembered.
     results_stream: str = "leadstage:results"
     dlq_stream: str = "leadstage:dlq"
     results_maxlen: int = 100_000
     ledger_retention_s: int = 86_400
+    #: The worker process: its arq queue, how many jobs at once, their timeouts, its stop.
     queue_name: str = "leadstage:queue"
     concurrency: int = 50
     request_timeout_s: float = 10.0

@@ -84,12 +84,14 @@ class Faults:
     """What the fake does wrong, and how often (see the module docstring)."""
 
     latency_ms: float = 0.0
+    #: The rate faults: one draw per request picks at most one of them (``_RATE_FAULTS``).
     error_rate: float = 0.0
     rate_limit_rate: float = 0.0
     retry_after_s: int = 1
     hang_rate: float = 0.0
     hang_s: float = 30.0
     drop_rate: float = 0.0
+    #: Rate faults that only addOrUpdateLeadStage draws (``CHANGE_FAULTS``).
     error_24322_rate: float = 0.0
     gateway_5xx_rate: float = 0.0
     late_commit_rate: float = 0.0
