@@ -225,8 +225,10 @@ class BulkCheck:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._pipe.close()
         with contextlib.suppress(RedisUnavailable), redis_errors():
-            for key in [keys.staging_key(self.staging_key, a) for a in self._accounts] or [self.staging_key]:
-                await self.ledger.client.unlink(key)  # or it expires after STAGING_TTL_MS
+            # Or they expire after STAGING_TTL_MS. On a cluster one per account checked, in its slot.
+            staged = [keys.staging_key(self.staging_key, a) for a in self._accounts] if self.ledger.cluster else []
+            for key in staged if self.ledger.cluster else [self.staging_key]:
+                await self.ledger.client.unlink(key)
 
     @property
     def busy(self) -> bool:

@@ -18,9 +18,10 @@ webhook all connect through here, so a URL means the same to each of them. Messa
 
 Two factories, so that the type checker knows which code may meet a cluster: ``connect_redis``
 gives a single-server client (``aioredis.Redis``) and refuses a cluster URL with a ``ConfigError``
-(the parts whose scripts or connections are not cluster-safe yet: docs/architecture.md, "Redis
-Cluster"); ``connect_redis_or_cluster`` gives a ``RedisClient``, a cluster client for a cluster URL,
-to the parts that work on both (the readers of the results and dead letters, the consumer groups).
+(the parts not run on a cluster yet: the webhook, the console, the demo; docs/architecture.md,
+"Redis Cluster"); ``connect_redis_or_cluster`` gives a ``RedisClient``, a cluster client for a
+cluster URL, to the parts that work on both (the worker, the producer library, the commands, the
+readers, the consumer groups).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def parse_redis_url(url: str, name: str = "REDIS_URL") -> RedisTarget:
 
 def single_server(url: str) -> RedisTarget:
     """``parse_redis_url``, refusing a Redis Cluster: for the clients that do not run on one yet
-    (``connect_redis``, arq's connection settings)."""
+    (``connect_redis``), and arq's connection settings (on a cluster arq gets ``worker.arq_pool``'s)."""
     target = parse_redis_url(url)
     if target.cluster:
         raise ConfigError(
