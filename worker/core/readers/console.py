@@ -143,7 +143,7 @@ async def overview(client: RedisClient, settings: Settings, history: RateHistory
     Accounts are the configured ones and any the queue or the dead letters name. Nothing of an
     account's credentials is read: only its name and rate limit.
     """
-    now = await redis_now_ms(client)
+    now = await redis_now_ms(client, settings.results_stream)
     counts = await _queue_by_account(client, settings, now)
     async for entry in stream_pages(client, settings.dlq_stream):
         counts[entry.get("account", "")]["dead_letters"] += 1
@@ -219,7 +219,7 @@ async def failures(
     groups: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for entry in letters:
         groups[entry.get("account", ""), entry.get("error_code", "")]["dead_letters"] += 1
-    now = await redis_now_ms(client)
+    now = await redis_now_ms(client, settings.results_stream)
     await history.update(client, settings, now)
     recent_from = max(since_ms or 0, now - history.SPAN_S * 1000)
     for (event_account, code, event), count in history.failures_since(recent_from).items():
