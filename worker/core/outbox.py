@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from worker.core import keys
-from worker.core.errors import redis_errors
+from worker.core.errors import RedisUnavailable, redis_errors
 from worker.core.replies import parse_acked
 from worker.core.scripts import now_ms
 
@@ -29,17 +29,27 @@ SWEEP_COUNT = 100
 
 
 async def publish(scripts: Scripts, account: str, ids: Iterable[str]) -> int:
-    """Publish these outbox entries of the account (those still there); how many were acked."""
+    """Publish these outbox entries of the account (those still there); how many were acked. A
+    Redis that does not answer now leaves them to the sweep (logged): their terminal states are
+    recorded already, so the runs that wrote them are not failed for it."""
     wanted = [entry_id for entry_id in ids if entry_id]
     if not wanted:
         return 0
     outbox = keys.outbox_key(account)
-    with redis_errors():
-        async with scripts.client.pipeline(transaction=False) as pipe:
-            for entry_id in wanted:
-                pipe.xrange(outbox, entry_id, entry_id)
-            found = await pipe.execute()
-    return await _publish_entries(scripts, account, [entry for entries in found for entry in entries])
+    try:
+        with redis_errors():
+            async with scripts.client.pipeline(transaction=False) as pipe:
+                for entry_id in wanted:
+                    pipe.xrange(outbox, entry_id, entry_id)
+                found = await pipe.execute()
+        return await _publish_entries(scripts, account, [entry for entries in found for entry in entries])
+    except RedisUnavailable as error:
+        from worker.core.logs import get_logger
+
+        get_logger("leadstage.outbox").warning(
+            "outbox.publish_deferred", account=account, entries=len(wanted), error=str(error) or type(error).__name__
+        )
+        return 0
 
 
 async def sweep(scripts: Scripts, accounts: Iterable[str], older_than_ms: int) -> int:
