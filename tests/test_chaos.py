@@ -52,7 +52,9 @@ async def fake() -> AsyncIterator[RunningFakeIvvy]:
         yield running
 
 
-@pytest.mark.parametrize(("batch_mode", "where"), [("off", "single"), ("auto", "single"), ("off", "cluster")])
+@pytest.mark.parametrize(
+    ("batch_mode", "where"), [("off", "single"), ("auto", "single"), ("off", "cluster"), ("auto", "cluster")]
+)
 async def test_no_loss_no_duplicate_last_value_wins_under_kills(
     fake: RunningFakeIvvy, request: pytest.FixtureRequest, tmp_path: Path, batch_mode: str, where: str
 ) -> None:
