@@ -62,6 +62,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ivvy-updates", type=int, default=1000, help="real-ivvy phase: updates (default 1000)")
     parser.add_argument("--ivvy-stages", type=int, default=50, help="real-ivvy phase: stages updated (default 50)")
     parser.add_argument("--ivvy-adds", type=int, default=100, help="real-ivvy phase: adds (default 100)")
+    parser.add_argument(
+        "--ivvy-modes",
+        type=lambda text: tuple(mode for mode in text.split(",") if mode),
+        default=tuple(real_ivvy.MODES),
+        help=f"real-ivvy phase: the modes to run, of {','.join(real_ivvy.MODES)} (default all)",
+    )
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--sides", default="baseline,product", help="comma-separated subset of baseline,product")
     parser.add_argument(
@@ -114,6 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.phases) - set(PHASES) | set(args.sides) - {"baseline", "product"}
     if unknown:
         parser.error(f"unknown phase or side: {', '.join(sorted(unknown))}")
+    if not args.ivvy_modes or set(args.ivvy_modes) - set(real_ivvy.MODES):
+        parser.error(f"--ivvy-modes wants some of {','.join(real_ivvy.MODES)}, not {','.join(args.ivvy_modes)!r}")
     for item in args.product_env:
         if "=" not in item:
             parser.error(f"--product-env wants NAME=VALUE, not {item!r}")
@@ -244,7 +252,13 @@ async def _run(args: argparse.Namespace, group: Children, work_dir: Path) -> dic
                 # Alone, batch off (coalescing), batch auto, on one workload (bench.real_ivvy), once.
                 print("[bench] real-ivvy: product alone, batch off, batch auto ...", file=sys.stderr, flush=True)
                 product_only["real-ivvy"] = await real_ivvy.run_real_ivvy(
-                    rig, product, updates=args.ivvy_updates, stages=args.ivvy_stages, adds=args.ivvy_adds, tag="ri"
+                    rig,
+                    product,
+                    updates=args.ivvy_updates,
+                    stages=args.ivvy_stages,
+                    adds=args.ivvy_adds,
+                    tag="ri",
+                    modes=args.ivvy_modes,
                 )
             if args.profile:
                 print("[bench] profile: product throughput under py-spy ...", file=sys.stderr, flush=True)

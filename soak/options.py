@@ -90,7 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--lease", dest="lease_s", type=float, default=3.0, metavar="SECONDS",
                         help="LEADSTAGE_LEASE of the workers")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=50, help="LEADSTAGE_CONCURRENCY of each worker")
-    parser.add_argument("--batch-mode", choices=("off", "auto"), default="off",
+    parser.add_argument("--batch-mode", choices=("off", "auto"), default="auto",
                         help="LEADSTAGE_BATCH of the workers (auto: the batch faults are drawn too)")  # fmt: skip
     parser.add_argument("--log-dir", type=Path, default=None, help="where logs go (default: a temporary directory)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the log directory after a clean run")

@@ -110,8 +110,9 @@ class Soak:
             job_timeout_s=60.0,
             concurrency=o.concurrency,
             batch_mode="auto" if o.batch_mode == "auto" else "off",
-            # A killed worker's batched changes wait out the batch's wait and the in-flight guard:
-            # within 15 s, as the contract says, with this wait (the fake applies a batch in 0.2 s).
+            # A killed worker's batch is collected once its leases lapse (its run unanswered: resent
+            # after the in-flight guard); the wait bounds a batch's polls and the hold of its stages
+            # when it is not done in time (the fake applies a batch in 0.2 s).
             batch_wait_s=6.0,
             shutdown_grace_s=5.0,
             metrics_port=0,

@@ -28,6 +28,9 @@ def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Setti
         "request_timeout_s": 1.0,
         "job_timeout_s": 30.0,
         "lease_s": 2.0,
+        # Batch mode is on by default: its wait must fit in the job timeout above (a batch that is
+        # not done within it is an unknown outcome, its stages held for another wait).
+        "batch_wait_s": 3.0,
         "poll_delay_s": 0.01,
         "concurrency": 20,
         "shutdown_grace_s": 5.0,
@@ -94,6 +97,13 @@ async def eventually(condition: Callable[[], Awaitable[bool]], *, within_s: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition still false after {within_s}s")
         await asyncio.sleep(0.01)
+
+
+def stream_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id's place in its stream (ms, then sequence): ``1-10`` comes after ``1-2``,
+    as a batch's events finished together in one millisecond are."""
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
 
 
 async def read_events(client: RedisClient, stream: str = "leadstage:results") -> list[dict[str, str]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import time
 from pathlib import Path
 
 import prometheus_client
@@ -61,13 +62,59 @@ def names(fake: FakeIvvy) -> dict[int, str]:
     return {stage.id: stage.name for stage in fake.stages.values()}
 
 
+async def kill_while_the_run_hangs(
+    fake: FakeIvvy, settings: Settings, ledger: Ledger, tmp_path: Path, key: str
+) -> dict[str, str]:
+    """A worker process SIGKILLed while its batch's run hangs at the fake (not applied); the fake
+    answers again afterwards. Returns ``key``'s ledger entry then (its recovery point ``pending``)."""
+    fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
+    first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
+    try:
+
+        async def run_hangs() -> bool:
+            return calls(fake, "batch", "run") > 0
+
+        await eventually(run_hangs, within_s=20)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+    pending = await ledger.entry(keys.job_id("default", key))
+    assert pending is not None
+    assert pending["batch"] == "pending"
+    fake.update_faults({"hang_rate": 0.0})
+    return pending
+
+
+async def through_a_fault(
+    redis_client: aioredis.Redis,
+    settings: Settings,
+    fake: FakeIvvy,
+    changes: list[tuple[str, dict[str, object]]],
+    fault: str,
+) -> dict[str, list[dict[str, str]]]:
+    """The changes through a worker (a 1 s batch wait) while the batch ``fault`` hits every batch,
+    until each was retried; then without it until each is terminal. Their terminal events."""
+    fake.update_faults({fault: 1.0})
+    await enqueue(redis_client, settings, changes)
+    async with running_worker(dataclasses.replace(settings, batch_wait_s=1.0)):
+
+        async def all_retried() -> bool:
+            retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+            return {e["idempotency_key"] for e in retrying} == {key for key, _ in changes}
+
+        await eventually(all_retried, within_s=20)
+        fake.update_faults({fault: 0.0})
+        return await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
+
+
 async def test_an_accounts_due_updates_go_as_one_batch_each_with_its_own_event(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
 ) -> None:
     changes = one_per_stage(fake, 30)
     first, second = (int(str(changes[i][1]["id"])) for i in (0, 1))
-    # A second change of the first stage, of another field: not in the same batch (one per stage),
-    # sent alone after it. One of the second stage that overtakes u1's only field: u1 sends nothing.
+    # A second change of the first stage, of another field: carried by u0's job (coalesced into it, one
+    # job per stage). One of the second stage that overtakes u1's only field: u1 sends nothing
+    # (superseded), the newer one is its stage's job.
     changes += [("z-later", {"id": first, "colour": "#00000b"}), ("z-newer", {"id": second, "name": "Newest"})]
     before = sent_as("batch")
     await enqueue(redis_client, settings, changes)
@@ -80,17 +127,19 @@ async def test_an_accounts_due_updates_go_as_one_batch_each_with_its_own_event(
         [event] = terminal[key]
         assert (event["sent_as"], event["carried_by"], event["stage_id"]) == ("batch", key, str(raw["id"]))
         assert names(fake)[int(str(raw["id"]))] == raw["name"]
-    assert (terminal["z-later"][0]["sent_as"], terminal["z-newer"][0]["sent_as"]) == ("alone", "batch")
+    carriers = {key: (terminal[key][0]["sent_as"], terminal[key][0]["carried_by"]) for key in ("z-later", "z-newer")}
+    assert carriers == {"z-later": ("batch", "u0"), "z-newer": ("batch", "z-newer")}
+    assert calls(fake, "crm", "addOrUpdateLeadStage") == 0
     assert (fake.stages[first].colour, names(fake)[second]) == ("#00000b", "Newest")
     # Each change's recovery point names the batch that carried it.
     [batch] = fake.batches.batches.values()
     entry = await Ledger(redis_client, settings).entry(keys.job_id("default", "u3"))
     assert entry is not None
     assert entry["batch"] == batch.async_id
-    assert sent_as("batch") - before == 30
+    assert sent_as("batch") - before == 31
     recent = (await readers.stats(redis_client, settings))["recent"]
     assert isinstance(recent, dict)
-    assert (recent["1m"]["sent_batch"], recent["1m"]["sent_alone"], recent["1m"]["superseded"]) == (30, 1, 1)
+    assert (recent["1m"]["sent_batch"], recent["1m"]["sent_alone"], recent["1m"]["superseded"]) == (31, 0, 1)
 
 
 async def test_at_or_below_the_threshold_each_update_is_a_single_call(
@@ -166,17 +215,7 @@ async def test_a_batch_whose_outcome_is_unknown_or_retryable_is_resent(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, fault: str, retried_because: str
 ) -> None:
     changes = one_per_stage(fake, 8)
-    fake.update_faults({fault: 1.0})
-    await enqueue(redis_client, settings, changes)
-    async with running_worker(dataclasses.replace(settings, batch_wait_s=1.0)):
-
-        async def all_retried() -> bool:
-            retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
-            return {e["idempotency_key"] for e in retrying} == {key for key, _ in changes}
-
-        await eventually(all_retried, within_s=20)
-        fake.update_faults({fault: 0.0})
-        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes])
+    terminal = await through_a_fault(redis_client, settings, fake, changes, fault)
     retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
     assert {(e["sent_as"], e["error_code"]) for e in retrying} == {("batch", retried_because)}
     assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
@@ -200,17 +239,29 @@ async def test_a_job_refused_for_good_is_dead_lettered_and_the_others_succeed(
     assert [e["idempotency_key"] for e in await read_events(redis_client, "leadstage:dlq")] == ["nowhere"]
 
 
-async def test_a_worker_killed_mid_batch_leaves_its_changes_to_be_resent(
-    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, tmp_path: Path
+async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
+    redis_url: str, redis_client: aioredis.Redis, fake: FakeIvvy, fake_ivvy: RunningFakeIvvy, tmp_path: Path
 ) -> None:
-    """SIGKILLed once its batch was accepted (its asyncId recorded) and while iVvy still applies it:
-    the leases lapse, the batch's wait passes, and another worker claims the changes and resends
-    them. Nobody collects the dead worker's results."""
-    changes = one_per_stage(fake, 10)
-    fake.update_faults({"batch_delay_s": 1.0})
+    """With the default lease, request timeout, batch wait and threshold: a worker SIGKILLed once its
+    batch was accepted (its asyncId recorded) and while iVvy still applies it. Another worker
+    collects that batch's results once the leases lapse, and finishes each change by its own job's
+    answer: no second run, the killed run's attempt is the only one. A change its job carried
+    (coalesced into it) is not in the batch's list: it is sent again alone, after the in-flight
+    guard, once the collector has released its stage."""
+    defaults = Settings()
+    settings = worker_settings(
+        redis_url, fake_ivvy.url, request_timeout_s=10.0, lease_s=8.0, job_timeout_s=120.0,
+        batch_wait_s=defaults.batch_wait_s,
+    )  # fmt: skip
+    assert (settings.batch_mode, settings.batch_threshold) == (defaults.batch_mode, defaults.batch_threshold)
+    changes = one_per_stage(fake, settings.batch_threshold + 5)
+    carried = ("z-carried", {"id": changes[0][1]["id"], "colour": "#00000c"})
+    changes.append(carried)
+    fake.update_faults({"batch_delay_s": 4.0})
     await enqueue(redis_client, settings, changes)
     ledger = Ledger(redis_client, settings)
-    first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
+    env = harness.worker_env(settings)
+    first = harness.start_worker_process(env, tmp_path / "first.log")
     try:
 
         async def batch_recorded() -> bool:
@@ -221,13 +272,144 @@ async def test_a_worker_killed_mid_batch_leaves_its_changes_to_be_resent(
     finally:
         first.send_signal(signal.SIGKILL)
         await asyncio.to_thread(first.wait, 10)
+    killed_at = time.monotonic()
+    seen_at_kill = len(fake.requests)
     assert not [e for e in await read_events(redis_client) if e["event"] != "retrying"]
+    second = harness.start_worker_process(env, tmp_path / "second.log")
+    try:
+        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
+        taken_up_after = time.monotonic() - killed_at
+    finally:
+        harness.stop_process(second)
+    ends = {key: [(e["event"], e["sent_as"], e["attempt"]) for e in events] for key, events in terminal.items()}
+    assert ends == {key: [("succeeded", "batch", "1")] for key, _ in changes[:-1]} | {
+        "z-carried": [("succeeded", "alone", "2")]
+    }
+    # After the kill: polls of the one batch (the collection), and the carried change alone.
+    after = [(r.namespace, r.action) for r in list(fake.requests)[seen_at_kill:]]
+    assert set(after) == {("batch", "progress"), ("batch", "results"), ("crm", "addOrUpdateLeadStage")}
+    assert after.count(("crm", "addOrUpdateLeadStage")) == 1
+    assert calls(fake, "batch", "run") == 1
+    assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes[:-1])
+    assert fake.stages[int(str(carried[1]["id"]))].colour == "#00000c"
+    assert "batch.collecting" in (tmp_path / "second.log").read_text()
+    assert taken_up_after <= 15.0, f"taken up {taken_up_after:.1f}s after the kill"
+
+
+async def test_a_worker_killed_before_its_batchs_run_was_answered_leaves_it_resent_its_stages_held(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, tmp_path: Path
+) -> None:
+    """SIGKILLed while its run hangs (recovery point ``pending``: nobody can ask about that batch).
+    After the in-flight guard the changes are claimed again and resent, each stage staying locked
+    until that batch's wait is over (it could still have been accepted and be applied late)."""
+    changes = one_per_stage(fake, 8)
+    await enqueue(redis_client, settings, changes)
+    ledger = Ledger(redis_client, settings)
+    pending = await kill_while_the_run_hangs(fake, settings, ledger, tmp_path, "u0")
+    async with running_worker(settings):
+        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
+    assert {key: [(e["event"], e["attempt"]) for e in events] for key, events in terminal.items()} == {
+        key: [("succeeded", "2")] for key, _ in changes
+    }
+    assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes)
+    entry = await ledger.entry(keys.job_id("default", "u0"))
+    assert entry is not None
+    guard_ms, wait_ms = ledger.in_flight_guard_ms, int(settings.batch_wait_s * 1000)
+    assert int(entry["unknown_until"]) == int(pending["posted_at"]) + guard_ms + wait_ms
+
+
+async def test_a_batch_not_ready_within_its_wait_keeps_its_stages_locked_for_another_wait(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """It may still be applied: a newer change of its stages must not go before that hold is over
+    (longer than the single call's late-commit hold, the request timeout)."""
+    changes = one_per_stage(fake, 8)
+    fake.update_faults({"batch_never_ready_rate": 1.0})
+    ledger = Ledger(redis_client, settings)
+    await enqueue(redis_client, settings, changes)
+    async with running_worker(dataclasses.replace(settings, batch_wait_s=2.0)):
+
+        async def retried() -> bool:
+            return any(e["event"] == "retrying" for e in await read_events(redis_client))
+
+        await eventually(retried, within_s=20)
+        [event, *_] = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
+        entry = await ledger.entry(keys.job_id("default", event["idempotency_key"]))
+        assert entry is not None
+        # By the server's clock: the single call's hold would end at most the late-commit hold after
+        # the retry is due (finish.lua: unknown_until = its now + the hold, next_at = its now + a delay).
+        assert int(entry["unknown_until"]) - int(entry["next_at"]) > ledger.late_commit_ms
+        fake.update_faults({"batch_never_ready_rate": 0.0})
+        await wait_for_terminal(redis_client, [key for key, _ in changes])
+
+
+def adds(count: int, prefix: str = "a") -> list[tuple[str, dict[str, object]]]:
+    return [(f"{prefix}{i}", {"name": f"New {prefix}{i}", "applyTo": 1}) for i in range(count)]
+
+
+def stage_count(fake: FakeIvvy, name: str) -> int:
+    return sum(1 for stage in fake.stages.values() if stage.name == name)
+
+
+async def test_due_adds_go_as_one_batch_each_creating_one_stage(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    changes = adds(12) + one_per_stage(fake, 4)
+    await enqueue(redis_client, settings, changes)
+    async with running_worker(settings):
+        terminal = await wait_for_terminal(redis_client, [key for key, _ in changes])
+    assert (calls(fake, "batch", "run"), calls(fake, "crm", "addOrUpdateLeadStage")) == (1, 0)
+    for key, raw in changes:
+        [event] = terminal[key]
+        assert (event["event"], event["sent_as"]) == ("succeeded", "batch")
+        if "id" not in raw:
+            [stage] = [s for s in fake.stages.values() if s.name == raw["name"]]
+            assert event["stage_id"] == str(stage.id)
+    # Each created stage is claimed by its add: a later reconcile of another add never adopts it.
+    claims = await redis_client.hgetall(keys.claims_key("default"))  # type: ignore[misc]  # redis-py's async stubs
+    assert sorted(v.decode() for v in claims.values()) == sorted(keys.job_id("default", k) for k, _ in adds(12))
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param("batch_run_drop_rate", id="the run's answer dropped after its adds were applied"),
+        pytest.param("batch_job_24322_rate", id="every add answered 24322, not applied"),
+        pytest.param("batch_never_ready_rate", id="results never ready within the wait"),
+    ],
+)
+async def test_batched_adds_of_unknown_outcome_are_reconciled_before_any_resend(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, fault: str
+) -> None:
+    """At most one stage per add: each is reconciled with getLeadStageList (an applied one adopted,
+    a missing one sent again), exactly as a single call of unknown outcome."""
+    changes = adds(8)
+    terminal = await through_a_fault(redis_client, settings, fake, changes, fault)
+    assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
+        key: ["succeeded"] for key, _ in changes
+    }
+    assert all(stage_count(fake, str(raw["name"])) == 1 for _, raw in changes)
+    assert calls(fake, "crm", "getLeadStageList") >= 1
+
+
+async def test_adds_of_a_killed_workers_unanswered_batch_are_reconciled_after_its_wait(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, tmp_path: Path
+) -> None:
+    """The run hangs (not applied) and its worker is SIGKILLed: nobody can ask about that batch, which
+    could still create its stages until its wait is over. Each add is reconciled only after that
+    (its in-flight guard plus the batch's wait, by the server's clock), then sent: one stage each."""
+    changes = adds(8)
+    await enqueue(redis_client, settings, changes)
+    ledger = Ledger(redis_client, settings)
+    pending = await kill_while_the_run_hangs(fake, settings, ledger, tmp_path, "a0")
     async with running_worker(settings):
         terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
     assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
         key: ["succeeded"] for key, _ in changes
     }
-    assert calls(fake, "batch", "run") >= 2  # the killed worker's, and the one that resent them
-    assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes)
-    # Each change was attempted again, by a new run: the killed run's attempt counts.
-    assert {events[0]["attempt"] for events in terminal.values()} == {"2"}
+    assert all(stage_count(fake, str(raw["name"])) == 1 for _, raw in changes)
+    # The reconcile came after the batch's wait: no listing before it (server ms in the ledger).
+    entry = await ledger.entry(keys.job_id("default", "a0"))
+    assert entry is not None
+    wait_ms = int(settings.batch_wait_s * 1000)
+    assert int(entry["posted_at"]) >= int(pending["posted_at"]) + ledger.in_flight_guard_ms + wait_ms

@@ -191,7 +191,8 @@ async def test_changes_far_apart_in_a_backlog_are_found_and_the_stage_forgets_th
     stage_key = keys.stage_key("default", stage.id)
     pending = [f for f in await stage_fields(redis_client, stage_key) if f.startswith(keys.PENDING_FIELD_PREFIX)]
     assert len(pending) == 2
-    async with running_worker(settings):
+    # Batch mode off: a batch takes one change per stage (it would carry "first" with the adds, alone).
+    async with running_worker(dataclasses.replace(settings, batch_mode="off")):
         terminal = await wait_for_terminal(redis_client, [key for key, _ in changes])
     assert posts(fake, stage.id) == [{"id": stage.id, "name": "First", "colour": "#0000dd"}]
     assert terminal["first"][0]["carried_by"] == terminal["last"][0]["carried_by"] == "first"

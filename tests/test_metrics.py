@@ -70,6 +70,7 @@ async def test_the_documented_series_after_real_work(
     assert kinds == {
         "leadstage_changes": "counter",
         "leadstage_changes_sent": "counter",
+        "leadstage_batches_collected": "counter",
         "leadstage_attempts": "counter",
         "leadstage_ivvy_request_seconds": "histogram",
         "leadstage_queue_depth": "gauge",

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultEvent, ResultsConsumer
-from tests.harness import eventually, wait_for_terminal, worker_settings
+from tests.harness import eventually, stream_order, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisServer
 from worker.core import readers
 from worker.core.change import DEFAULT_ACCOUNT
@@ -231,7 +231,9 @@ async def test_a_consumer_killed_mid_batch_is_taken_over_with_nothing_lost_or_sk
     async for event in taker:
         handled_by_b.append(event.id)
         await taker.ack(event)
-    assert sorted(handled_by_a + handled_by_b) == expected  # nothing lost, nothing skipped, nothing twice
+    assert (
+        sorted(handled_by_a + handled_by_b, key=stream_order) == expected
+    )  # nothing lost, nothing skipped, nothing twice
     assert handled_by_b[:7] == expected[3:10]  # A's unacked batch first
     assert (await redis_client.xpending("leadstage:results", "g"))["pending"] == 0
 

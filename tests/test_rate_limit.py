@@ -46,7 +46,8 @@ async def test_three_worker_processes_keep_to_the_account_rate_limit(
 ) -> None:
     """On a single Redis and on a Redis Cluster (where the account's limiter is in its slot)."""
     redis_url, redis_client = any_redis
-    settings = harness.worker_settings(redis_url, fake.url, rate_limit=RATE)
+    # Batch mode off: each add its own request, 40 requests to space (a batch would be one).
+    settings = harness.worker_settings(redis_url, fake.url, rate_limit=RATE, batch_mode="off")
     keys = await enqueue_adds(Ledger(redis_client, settings), 40)
     workers = [harness.start_worker_process(harness.worker_env(settings), tmp_path / "w.log") for _ in range(3)]
     try:

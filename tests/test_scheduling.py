@@ -4,6 +4,7 @@ block until woken, and the single-queue layout migrated at start-up."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -53,7 +54,8 @@ async def enqueue_adds(ledger: Ledger, account: str, count: int, prefix: str = "
 async def test_a_backlog_on_one_account_does_not_hold_back_another(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    settings = two_accounts(redis_url, fake, rate=20.0)
+    # Batch mode off: the turns are counted in changes, one per request (a batch would end 200 at once).
+    settings = dataclasses.replace(two_accounts(redis_url, fake, rate=20.0), batch_mode="off")
     ledger = Ledger(redis_client, settings)
     await enqueue_adds(ledger, "busy", 400)  # 20 s of the busy account's rate limit
     async with running_worker(settings):

@@ -37,7 +37,7 @@ GOOD = [
     ("LEADSTAGE_QUEUE", "q", "queue_name", "q"),
     ("LEADSTAGE_CONCURRENCY", "4", "concurrency", 4),
     ("LEADSTAGE_REQUEST_TIMEOUT", "2", "request_timeout_s", 2.0),
-    ("LEADSTAGE_JOB_TIMEOUT", "30", "job_timeout_s", 30.0),
+    ("LEADSTAGE_JOB_TIMEOUT", "60", "job_timeout_s", 60.0),
     ("LEADSTAGE_POLL_DELAY", "0.5", "poll_delay_s", 0.5),
     ("LEADSTAGE_SHUTDOWN_GRACE", "3", "shutdown_grace_s", 3.0),
     ("LEADSTAGE_LEASE", "4", "lease_s", 4.0),
@@ -166,10 +166,11 @@ def test_a_bad_value_is_a_config_error_naming_the_variable(variable: str, raw: s
 
 def test_a_batch_wait_that_does_not_fit_in_the_job_timeout_is_refused_in_batch_mode() -> None:
     env = {"LEADSTAGE_BATCH_WAIT": "101", "LEADSTAGE_JOB_TIMEOUT": "120"}
-    assert Settings.from_env(env).batch_wait_s == 101.0  # batch mode off: the wait is never used
+    off = {**env, "LEADSTAGE_BATCH": "off"}
+    assert Settings.from_env(off).batch_wait_s == 101.0  # batch mode off: the wait is never used
     message = r"LEADSTAGE_BATCH_WAIT \(101s\) plus two LEADSTAGE_REQUEST_TIMEOUT \(10s\) must be shorter than"
     with pytest.raises(ConfigError, match=message):
-        Settings.from_env({**env, "LEADSTAGE_BATCH": "auto"})
+        Settings.from_env(env)  # batch mode is auto by default
 
 
 ACCOUNT_ERRORS = [
@@ -246,6 +247,7 @@ def test_to_env_gives_the_same_settings_back() -> None:
         "retry_after_max_s": 30.0,
         "request_timeout_s": 1.5,
         "job_timeout_s": 9.0,
+        "batch_wait_s": 5.0,
         "webhook_secret": Secret(TEST_WEBHOOK_SECRET),
         "metrics_port": 0,
         "log_format": "json",

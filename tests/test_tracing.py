@@ -49,6 +49,8 @@ from tests.harness import (
 from tests.test_demo import run_demo
 from tests.test_webhook import SECRET, log_stream, settings, signed  # noqa: F401 - fixtures: the webhook's logs
 from worker.core import keys, tracing
+from worker.core.change import parse_change, parse_envelope
+from worker.core.ledger import Ledger
 from worker.core.logs import configure_logging, get_logger
 from worker.core.settings import DEMO_API_SECRET, Secret, Settings
 from worker.devtools.demo import DEMO_RESULTS
@@ -432,3 +434,40 @@ async def test_log_lines_carry_the_trace_and_span_ids_when_tracing_is_on(exporte
     with tracer.start_as_current_span("work"):
         log.info("untraced")
     assert "trace_id" not in json.loads(out.getvalue().splitlines()[-1])
+
+
+async def test_a_batch_has_a_span_linked_to_each_change_and_each_change_its_attempt_span(
+    redis_url: str, redis_client: aioredis.Redis, exported: InMemorySpanExporter
+) -> None:
+    """The batch's run and polls are children of one CONSUMER span linked to every change's producer
+    span; each change's end is an attempt span of its own trace, with its outcome."""
+    async with running_fake_ivvy() as fake:
+        stages = [fake.fake.add_stage(f"Stage {i}", apply_to=1) for i in range(8)]
+        settings = worker_settings(redis_url, fake.url, batch_mode="auto", batch_threshold=5)
+        ledger = Ledger(redis_client, settings)
+        with tracing.producer_span("enqueue", len(stages), settings.queue_name):
+            await ledger.enqueue_many(
+                [
+                    (parse_change({"id": s.id, "name": f"Renamed {i}"}), parse_envelope(idempotency_key=f"b{i}"))
+                    for i, s in enumerate(stages)
+                ]
+            )
+        async with running_worker(settings):
+            await wait_for_terminal(redis_client, [f"b{i}" for i in range(8)])
+    spans = finished(exported)
+    (producer,) = [s for s in spans if s.kind == "PRODUCER"]
+    (batch,) = [s for s in spans if s.name == "process leadstage batch"]
+    assert batch.links == (producer.span_id,) * 8
+    assert (batch.attributes["messaging.batch.message_count"], batch.attributes["leadstage.batch.collected"]) == (
+        8,
+        False,
+    )
+    actions = sorted(
+        {s.attributes["ivvy.action"] for s in spans if s.kind == "CLIENT" and s.parent_id == batch.span_id}
+    )
+    assert actions == ["progress", "results", "run"]
+    attempts = [s for s in spans if s.name == "process leadstage"]
+    assert len(attempts) == 8
+    assert {(a.trace_id, a.parent_id, a.attributes["leadstage.outcome"]) for a in attempts} == {
+        (producer.trace_id, producer.span_id, "succeeded")
+    }

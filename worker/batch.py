@@ -112,8 +112,9 @@ class BatchCalls:
             raise IvvyUnavailable(f"batch?action=progress answered without a progress: {excerpt(answer)}")
         return max(0, min(100, int(value)))
 
-    async def results(self, async_id: str, jobs: Sequence[BatchJob]) -> list[JobOutcome]:
-        """One outcome per job of the batch ``async_id`` (sent as ``jobs``), in their order."""
+    async def results(self, async_id: str, jobs: Sequence[BatchJob | None]) -> list[JobOutcome]:
+        """One outcome per job of the batch ``async_id`` (sent as ``jobs``), in their order; a job
+        given as None (another worker's, not collected here) is counted, not checked."""
         try:
             answer = await self.client.call("batch", "results", {"async": async_id})
         except IvvyErrorDetails as error:
@@ -124,6 +125,9 @@ class BatchCalls:
             raise BatchGone(async_id, f"{count} results for {len(jobs)} jobs")
         outcomes = []
         for index, (job, result) in enumerate(zip(jobs, results, strict=True)):
+            if job is None:
+                outcomes.append(JobOutcome())
+                continue
             if not (
                 isinstance(result, dict)
                 and result.get("namespace") == job.namespace
@@ -136,7 +140,7 @@ class BatchCalls:
     async def wait_for_results(
         self,
         async_id: str,
-        jobs: Sequence[BatchJob],
+        jobs: Sequence[BatchJob | None],
         *,
         timeout_s: float,
         poll_min_s: float,

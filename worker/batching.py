@@ -6,18 +6,21 @@ claims are runs of this worker like any other (their leases renewed by the heart
 by its run), all carried by one task (``run_batch``) that holds one of the worker's slots:
 
 1. ``batch?action=run`` with each change's request (its surviving fields, as a single call's);
-2. its asyncId written in each change's recovery point (batch.lua 'sent');
+2. its asyncId written in each change's recovery point and the batch listed for collection
+   (batch.lua 'sent');
 3. ``progress``/``results`` polled with backoff (``worker.batch``), each poll taking a slot of the
    account's rate limit;
 4. each change finished by its job's answer through the single attempt's finish path
    (``worker.job``): succeeded, retried later (retryable), dead-lettered (permanent).
 
-A run or a wait whose outcome is unknown (no answer, results never ready within
-``LEADSTAGE_BATCH_WAIT``, 24115, results that do not answer the jobs) is an unknown outcome for
-each change: an update is simply resent later, the stage staying locked for the late-commit hold.
-A worker killed mid-batch leaves its changes at ``phase=posting`` with a ``posted_at`` past the
-batch's wait: once their leases lapse and that wait is over, they are claimed again and resent
-(nobody collects the dead worker's results).
+A worker killed after step 2 leaves its batch to be collected: once the changes' leases lapse,
+the next turn's claim takes them over (``collect_batch``: steps 3 and 4, each change by its own
+job's index). A run or a wait whose outcome is unknown (no answer, results never ready within
+``LEADSTAGE_BATCH_WAIT``) is an unknown outcome for each change, whose stage stays locked for
+another ``LEADSTAGE_BATCH_WAIT`` (the batch may still be applied); results that are gone (24115)
+or do not answer the jobs are an unknown outcome with the single call's hold. Either way an update
+is simply resent later. A worker killed before step 2 leaves its changes to be resent after the
+in-flight guard, their stages locked until that batch's wait is over.
 """
 
 from __future__ import annotations
@@ -25,17 +28,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING
 
 import orjson
 
 from worker import coalesce
-from worker.batch import BatchCalls, JobOutcome, lead_stage_job
-from worker.core import keys, metrics
-from worker.core.batch_claim import claim_batch, record_sent, take_rate_slot
+from worker.batch import BatchCalls, BatchJob, JobOutcome, lead_stage_job
+from worker.core import keys, metrics, tracing
+from worker.core.batch_claim import BatchClaim, claim_batch, hold_unresolved, record_sent, take_rate_slot
 from worker.core.change import LeadStageChange, parse_change
-from worker.core.errors import LeadstageError, PermanentError, RetryableError
+from worker.core.errors import BatchGone, IvvyNoAnswer, LeadstageError, PermanentError, RetryableError
 from worker.core.ledger import Start
 from worker.core.logs import bind_job_context, get_logger
 from worker.core.results import JobFacts
@@ -74,15 +77,29 @@ async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int
     await worker.sem.acquire()  # never waits: a free slot was checked above, in this same task
     worker.job_counter += 1
     leases = {start.job_id: Lease(start.run, claimed_at) for start in claim.starts}
-    task = asyncio.create_task(_guarded(runtime, run_batch(runtime, client, claim.starts), leases))
+    work = _traced(
+        account,
+        claim,
+        collect_batch(runtime, client, claim) if claim.async_id else run_batch(runtime, client, claim.starts),
+    )
+    task = asyncio.create_task(_guarded(runtime, work, leases))
     for job_id, lease in leases.items():
         lease.task = task
         runtime.running[job_id] = lease
         lease.confirm(claimed_at + runtime.settings.lease_s, runtime.lease_margin_s)
     task.add_done_callback(lambda _: worker._release_sem_dec_counter_on_complete())
     worker.tasks[f"batch:{uuid.uuid4().hex}"] = task
-    log.info("batch.claimed", account=account, changes=len(claim.starts), candidates=claim.candidates)
+    if claim.async_id:
+        log.info("batch.collecting", account=account, async_id=claim.async_id, changes=len(claim.starts))
+    else:
+        log.info("batch.claimed", account=account, changes=len(claim.starts), candidates=claim.candidates)
     return len(claim.starts)
+
+
+async def _traced(account: str, claim: BatchClaim, work: Awaitable[None]) -> None:
+    """The batch's work inside its span (tracing.batch_span)."""
+    with tracing.batch_span(account, [s.traceparent for s in claim.starts], collected=bool(claim.async_id)):
+        await work
 
 
 async def _guarded(runtime: Runtime, batch: Awaitable[None], leases: dict[str, Lease]) -> None:
@@ -118,18 +135,80 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
     members = [(start, _facts(start)) for start in starts]
     for start, _ in members:
         runtime.check_lease(start.job_id)
-    sent = [facts.change.without(set(start.dropped)) for start, facts in members]
+    started = time.monotonic()
+    groups = await _gather(runtime, members, started)
+    members = [m for m in members if m[1].job_id not in groups or not groups[m[1].job_id].empty]
+    if not members:
+        return
+    starts = [start for start, _ in members]
+    sent = [
+        groups[facts.job_id].sent if facts.job_id in groups else facts.change.without(set(start.dropped))
+        for start, facts in members
+    ]
     jobs = [lead_stage_job(change) for change in sent]
     calls = BatchCalls(client)
-    started = time.monotonic()
     try:
         async_id = await calls.run(jobs)
     except (RetryableError, PermanentError) as error:
-        await _end_all(runtime, members, sent, error, started, unknown=None)
+        held = isinstance(error, IvvyNoAnswer) and error.outcome_unknown
+        if held:
+            await hold_unresolved(runtime.ledger, starts)  # accepted or not: it may still be applied
+        await _end_all(runtime, members, sent, error, started, unknown=None, held=held, groups=groups)
         return
-    mine = await record_sent(runtime.ledger, async_id, starts)
-    log.info("batch.sent", async_id=async_id, changes=len(starts), overtaken=len(starts) - len(mine))
     account = members[0][1].account
+    mine = await record_sent(runtime.ledger, account, async_id, starts)
+    log.info("batch.sent", async_id=async_id, changes=len(starts), overtaken=len(starts) - len(mine))
+    kept = [(i, m) for i, m in enumerate(members) if m[0].job_id in mine]
+    await _collect(runtime, calls, async_id, jobs, [m for _, m in kept], [sent[i] for i, _ in kept],
+                   [i for i, _ in kept], started, groups)  # fmt: skip
+
+
+async def _gather(runtime: Runtime, members: list[tuple[Start, JobFacts]], started: float) -> dict[str, coalesce.Group]:
+    """Coalescing inside the batch: each update's job carries the other due updates of its stage
+    (``coalesce.gather_group``, one call per stage, in this task: their leases last as long as it);
+    a group none of whose fields survive is superseded here, whole. The groups by leader."""
+    groups: dict[str, coalesce.Group] = {}
+    for start, facts in members:
+        if facts.change.operation != "update":
+            continue
+        group = await coalesce.gather_group(runtime, facts, start)
+        if group is None:
+            continue
+        groups[facts.job_id] = group
+        if group.empty:
+            await coalesce.end(runtime, facts, start, group, started)
+    return groups
+
+
+async def collect_batch(runtime: Runtime, client: IvvyClient, claim: BatchClaim) -> None:
+    """A dead worker's batch (its asyncId recorded): wait for its results and finish each change
+    claimed by its own job's answer, as that worker would have."""
+    coalesce.CARRIAGE.set(("batch", ""))
+    members = [(start, _facts(start)) for start in claim.starts]
+    sent = [facts.change.without(set(start.dropped)) for start, facts in members]
+    jobs: list[BatchJob | None] = [None] * claim.candidates
+    for index, change in zip(claim.indexes, sent, strict=True):
+        jobs[index] = lead_stage_job(change)
+    metrics.BATCHES_COLLECTED.labels(members[0][1].account).inc()
+    await _collect(
+        runtime, BatchCalls(client), claim.async_id, jobs, members, sent, claim.indexes, time.monotonic(), {}
+    )
+
+
+async def _collect(
+    runtime: Runtime,
+    calls: BatchCalls,
+    async_id: str,
+    jobs: list[BatchJob] | list[BatchJob | None],
+    members: list[tuple[Start, JobFacts]],
+    sent: list[LeadStageChange],
+    indexes: list[int],
+    started: float,
+    groups: Mapping[str, coalesce.Group],
+) -> None:
+    """Poll the batch within the rate limit and finish each member by its job (``indexes``), with
+    the changes its job carried (``groups``)."""
+    account = members[0][1].account if members else ""
 
     async def pace() -> None:
         while True:
@@ -138,22 +217,37 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
                 return
             await asyncio.sleep(wait_ms / 1000)
 
+    if not members:
+        return
     try:
         outcomes = await calls.wait_for_results(
             async_id, jobs, timeout_s=runtime.settings.batch_wait_s, poll_min_s=POLL_MIN_S, poll_max_s=POLL_MAX_S,
             rng=runtime.rng, pace=pace,
         )  # fmt: skip
     except (RetryableError, PermanentError) as error:
-        # The batch may still be applied: each change's outcome is unknown.
+        # The batch may still be applied (unless iVvy says it does not know it): each change's outcome
+        # is unknown.
         log.warning("batch.unanswered", async_id=async_id, error=str(error), error_code=error.error_code)
-        kept = [(i, m) for i, m in enumerate(members) if m[0].job_id in mine]
-        await _end_all(runtime, [m for _, m in kept], [sent[i] for i, _ in kept], error, started, unknown=True)
+        held = not isinstance(error, BatchGone)
+        if held:
+            await hold_unresolved(runtime.ledger, [start for start, _ in members])
+        await _end_all(runtime, members, sent, error, started, unknown=True, held=held, groups=groups)
         return
+    # An add's job that failed may have been applied for all this worker knows: reconciled first.
+    unknown = [True if facts.change.operation == "add" else None for _, facts in members]
     await asyncio.gather(
         *(
-            _end_one(runtime, start, facts, change, outcome, started)
-            for (start, facts), change, outcome in zip(members, sent, outcomes, strict=True)
-            if start.job_id in mine
+            _end_one(
+                runtime,
+                start,
+                facts,
+                change,
+                outcomes[index],
+                started,
+                unknown=add_unknown,
+                group=groups.get(facts.job_id),
+            )
+            for (start, facts), change, index, add_unknown in zip(members, sent, indexes, unknown, strict=True)
         )
     )
 
@@ -166,11 +260,25 @@ async def _end_all(
     started: float,
     *,
     unknown: bool | None,
+    held: bool,
+    groups: Mapping[str, coalesce.Group],
 ) -> None:
-    """Every change of the batch ends as its request would have alone with ``error``."""
+    """Every change of the batch ends as its request would have alone with ``error``; ``held``: the
+    batch may still be applied for another LEADSTAGE_BATCH_WAIT (an add reconciles after that)."""
+    settle_s = runtime.settings.batch_wait_s if held else None
     await asyncio.gather(
         *(
-            _end_one(runtime, start, facts, change, JobOutcome(error=error), started, unknown=unknown)
+            _end_one(
+                runtime,
+                start,
+                facts,
+                change,
+                JobOutcome(error=error),
+                started,
+                unknown=unknown,
+                settle_s=settle_s,
+                group=groups.get(facts.job_id),
+            )
             for (start, facts), change in zip(members, sent, strict=True)
         )
     )
@@ -185,17 +293,42 @@ async def _end_one(
     started: float,
     *,
     unknown: bool | None = None,
+    settle_s: float | None = None,
+    group: coalesce.Group | None = None,
 ) -> None:
-    """One change's end by its job's answer: the single attempt's finish path."""
-    with bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt):
+    """One change's end by its job's answer: the single attempt's finish path; the changes its job
+    carried (``group``) end first, as a coalesced request's do (``carried_by`` this change)."""
+    operation = facts.change.operation
+    with (
+        bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt),
+        tracing.attempt_span(
+            start.traceparent, job_id=facts.job_id, account=facts.account, operation=operation, attempt=start.attempt
+        ),
+    ):
+        stage_id: int | None = None
+        error: RetryableError | PermanentError | None = None
         try:
             stage_id = outcome.lead_stage_id(sent)
-        except RetryableError as error:
+        except (RetryableError, PermanentError) as failure:
+            error = failure
+        if group is not None:
+            carried = coalesce.CARRIAGE.set(("batch", facts.idempotency_key))
+            try:
+                if await coalesce.end(runtime, facts, start, group, started, stage_id=stage_id, error=error):
+                    return  # none of the job's fields was this change's: superseded
+            finally:
+                coalesce.CARRIAGE.reset(carried)
+        if isinstance(error, RetryableError):
             if unknown is None:
                 unknown = _outcome_unknown(facts.change, error)
-            await _failed_attempt(runtime, facts, start, sent, error, started, outcome_unknown=unknown)
-        except PermanentError as error:
+            await _failed_attempt(
+                runtime, facts, start, sent, error, started, outcome_unknown=unknown, settle_s=settle_s
+            )
+        elif isinstance(error, PermanentError):
             await _permanent_failure(runtime, facts, start, sent, error, started)
         else:
-            metrics.ATTEMPTS.labels(facts.account, "update", "ok").inc()
-            await _finish(runtime, facts, start, Outcome.SUCCEEDED, sent=sent, stage_id=stage_id, started=started)
+            metrics.ATTEMPTS.labels(facts.account, operation, "ok").inc()
+            await _finish(
+                runtime, facts, start, Outcome.SUCCEEDED, sent=sent, stage_id=stage_id, started=started,
+                created=operation == "add",
+            )  # fmt: skip

@@ -231,11 +231,13 @@ async def _failed_attempt(
     started: float,
     *,
     outcome_unknown: bool,
+    settle_s: float | None = None,
 ) -> Outcome:
     """A retryable failure: schedule the next attempt, or fail when out of attempts.
 
     ``outcome_unknown``: iVvy may have applied some attempt of this change; an add in that state
-    is never failed here, so that the next run reconciles it first.
+    is never failed here, so that the next run reconciles it first, once the request may no longer
+    land: after the request timeout, or ``settle_s`` (a batch that may still be applied).
     """
     settings = runtime.settings
     metrics.ATTEMPTS.labels(facts.account, facts.change.operation, "retryable").inc()
@@ -257,7 +259,7 @@ async def _failed_attempt(
     if must_reconcile:
         # A request of unknown outcome may still be applied late: give it that long to land before
         # the reconcile looks for it.
-        delay = max(delay, settings.request_timeout_s)
+        delay = max(delay, settings.request_timeout_s if settle_s is None else settle_s)
     delay_ms = int(delay * 1000)
     await _finish(
         runtime, facts, start, Outcome.RETRYING, sent=sent, error=error, started=started, delay_ms=delay_ms,

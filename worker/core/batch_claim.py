@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from redis.commands.core import AsyncScript
@@ -26,12 +26,18 @@ class BatchClaim:
     """batch.lua's claim: the changes claimed (a ``go`` start each), or why none was."""
 
     starts: list[Start]
-    #: How many updates could have been sent now (one per stage), claimed or not.
+    #: How many updates could have been sent now (one per stage), claimed or not; of a collection,
+    #: how many jobs the batch has.
     candidates: int
-    #: Why nothing was claimed: '' (claimed), 'few' (not more due jobs than the threshold: none was
-    #: read), 'below' (not more sendable updates than the threshold), 'rate' (no free slot).
+    #: Why nothing was claimed: '' (claimed), 'collect' (a dead worker's batch to collect), 'few'
+    #: (not more due jobs than the threshold: none was read), 'below' (not more sendable updates than
+    #: the threshold), 'rate' (no free slot).
     refused: str
     rate_wait_ms: int
+    #: Each start's index among the batch's jobs.
+    indexes: list[int] = field(default_factory=list)
+    #: The batch to collect ('' unless ``refused`` is 'collect').
+    async_id: str = ""
 
 
 def _text(value: bytes | int) -> str:
@@ -39,10 +45,10 @@ def _text(value: bytes | int) -> str:
 
 
 def _parse_claim(reply: Sequence[object]) -> BatchClaim:
-    status, candidates, rate_wait, claimed = reply
-    starts = []
+    status, candidates, rate_wait, claimed, async_id = reply
+    starts, indexes = [], []
     for item in claimed:  # type: ignore[attr-defined]  # a Redis array reply
-        job, run, attempt, dropped, source, enqueued_at, gen, change, trace = item
+        job, run, attempt, dropped, source, enqueued_at, gen, change, trace, index = item
         starts.append(
             Start(
                 decision=Decision.GO, run=int(run), attempt=int(attempt),
@@ -51,8 +57,12 @@ def _parse_claim(reply: Sequence[object]) -> BatchClaim:
                 traceparent=_text(trace),
             )
         )  # fmt: skip
+        indexes.append(int(index))
     text = _text(status)  # type: ignore[arg-type]  # a Redis reply: bytes or int
-    return BatchClaim(starts, int(candidates), "" if text == "ok" else text, int(rate_wait))  # type: ignore[call-overload]  # int replies
+    return BatchClaim(
+        starts, int(candidates), "" if text == "ok" else text, int(rate_wait),  # type: ignore[call-overload]  # int replies
+        indexes, _text(async_id),  # type: ignore[arg-type]  # a Redis reply: bytes
+    )  # fmt: skip
 
 
 @functools.cache
@@ -76,17 +86,22 @@ def batch_lock_ms(ledger: Ledger) -> int:
 
 
 async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: float) -> BatchClaim:
-    """Claim up to ``LEADSTAGE_BATCH_MAX`` of the account's due updates for one batch, when more than
-    ``LEADSTAGE_BATCH_THRESHOLD`` could be sent now (see batch.lua)."""
+    """A dead worker's batch to collect; otherwise up to ``LEADSTAGE_BATCH_MAX``
+    of the account's due updates for one batch, when more than ``LEADSTAGE_BATCH_THRESHOLD`` could
+    be sent now (see batch.lua)."""
     settings = ledger.settings
     reply, acked = await ledger._call(
         _script(ledger),
-        [keys.queue_key(settings.queue_name, account), keys.rate_key(account)],
+        [
+            keys.queue_key(settings.queue_name, account), keys.rate_key(account), keys.batches_key(account),
+            keys.newest_claim_key(account),
+        ],
         [
             "claim", ledger.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000), _interval_us(rate_limit),
             batch_lock_ms(ledger), ledger.in_flight_guard_ms, worker_id, keys.ledger_prefix(account),
             settings.ledger_retention_s * 1000, settings.batch_threshold, settings.batch_max,
             settings.batch_max * SCAN_FACTOR, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
+            keys.batch_prefix(account),
         ],
         confirm=True,
     )  # fmt: skip
@@ -96,14 +111,35 @@ async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: 
     return claim
 
 
-async def record_sent(ledger: Ledger, async_id: str, starts: Sequence[Start]) -> set[str]:
-    """The batch's asyncId in each change's recovery point; returns the jobs still on their run."""
+def _recorded(starts: Sequence[Start], recorded: Sequence[int]) -> set[str]:
+    return {s.job_id for s, ok in zip(starts, recorded, strict=True) if ok}
+
+
+async def record_sent(ledger: Ledger, account: str, async_id: str, starts: Sequence[Start]) -> set[str]:
+    """The batch's asyncId in each change's recovery point, and the batch listed for collection;
+    returns the jobs still on their run."""
+    settings = ledger.settings
+    listed = [keys.batches_key(account), keys.batch_key(account, async_id)]
+    with redis_errors():
+        recorded: list[int] = await _script(ledger)(
+            keys=[*listed, *(keys.ledger_key(s.job_id) for s in starts)],
+            args=[
+                "sent", async_id, int(settings.batch_wait_s * 1000), ledger.in_flight_guard_ms, ledger.lease_ms,
+                *(v for s in starts for v in (s.job_id, s.run)),
+            ],
+        )  # fmt: skip
+    return _recorded(starts, recorded)
+
+
+async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> set[str]:
+    """A batch that may still be applied: each change's stage stays locked for another
+    ``LEADSTAGE_BATCH_WAIT`` whatever becomes of it; returns the jobs still on their run."""
     with redis_errors():
         recorded: list[int] = await _script(ledger)(
             keys=[keys.ledger_key(s.job_id) for s in starts],
-            args=["sent", async_id, int(ledger.settings.batch_wait_s * 1000), *(s.run for s in starts)],
+            args=["unresolved", int(ledger.settings.batch_wait_s * 1000), *(s.run for s in starts)],
         )
-    return {s.job_id for s, ok in zip(starts, recorded, strict=True) if ok}
+    return _recorded(starts, recorded)
 
 
 async def take_rate_slot(ledger: Ledger, account: str, rate_limit: float) -> int:

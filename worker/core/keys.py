@@ -32,6 +32,8 @@ STAGE_LOCK_PREFIX = "leadstage:stage-lock:"
 CLAIMS_PREFIX = "leadstage:claims:"
 NEWEST_CLAIM_PREFIX = "leadstage:newest-claim:"
 RATE_PREFIX = "leadstage:rate:"
+BATCHES_PREFIX = "leadstage:batches:"
+BATCH_PREFIX = "leadstage:batch:"
 #: Hash account -> changes enqueued and not yet terminal (the backlog behind a new change); on a Redis
 #: Cluster each account has its own such hash in its slot (``pending_key``).
 PENDING = "leadstage:pending"
@@ -146,3 +148,19 @@ def staging_key(token: str, account: str | None) -> str:
     """A bulk enqueue's staging hash (``token``: the bulk's); on a Redis Cluster one per account of
     the bulk, in its slot."""
     return STAGING_PREFIX + token if account is None else f"{STAGING_PREFIX}{tag(account)}:{token}"
+
+
+def batches_key(account: str) -> str:
+    """Sorted set asyncId -> until when (server ms) the account's batch may be collected by another
+    worker (batch.lua: its worker died after its run was answered)."""
+    return BATCHES_PREFIX + tag(account)
+
+
+def batch_prefix(account: str) -> str:
+    """What ``batch_key`` puts before the asyncId, for batch.lua's collection."""
+    return f"{BATCH_PREFIX}{tag(account)}:"
+
+
+def batch_key(account: str, async_id: str) -> str:
+    """List of a batch's job ids in the order of its jobs (an index into its results)."""
+    return batch_prefix(account) + async_id

@@ -170,7 +170,7 @@ class Ledger(Enqueuing):
                 [
                     job_id, self.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
                     max(1, round(1_000_000 / rate_limit)), self.lock_ms, self.in_flight_guard_ms, worker_id,
-                    keys.ledger_prefix(account), jitter_ms, slots, RATE_WINDOW_US,
+                    keys.ledger_prefix(account), jitter_ms, slots, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
                 ],
                 confirm=True,
             )  # fmt: skip

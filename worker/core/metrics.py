@@ -28,6 +28,7 @@ from worker.core.settings import Settings
 
 __all__ = [
     "ATTEMPTS",
+    "BATCHES_COLLECTED",
     "CHANGES",
     "CHANGES_SENT",
     "CLOCK_SKEW",
@@ -59,6 +60,11 @@ CHANGES_SENT = Counter(
     "leadstage_changes_sent_total",
     "Changes that reached a terminal state, by how they were sent",
     ["account", "sent_as"],
+)
+
+#: A dead worker's batch whose results another worker collected (docs/contract.md: Batches).
+BATCHES_COLLECTED = Counter(
+    "leadstage_batches_collected_total", "Batches of a dead worker whose results another worker collected", ["account"]
 )
 
 #: operation: add / update; result: ok / retryable / permanent.

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
 from worker.core.errors import ConfigError
@@ -257,6 +257,33 @@ def attempt_span(
             "leadstage.account": account,
             "leadstage.operation": operation,
             "leadstage.attempt": attempt,
+        },
+    )
+
+
+def batch_span(account: str, traceparents: Sequence[str], *, collected: bool) -> contextlib.AbstractContextManager[Any]:
+    """The CONSUMER span of one iVvy batch (its run and polls are its children), linked to each
+    change's producer context; each change's end has its own attempt span (``attempt_span``)."""
+    if _tracer is None:
+        return _OFF
+    from opentelemetry import trace
+    from opentelemetry.trace import Link, SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    propagator = TraceContextTextMapPropagator()
+    contexts = [
+        trace.get_current_span(propagator.extract({"traceparent": t})).get_span_context() for t in traceparents if t
+    ]
+    return _tracer.start_as_current_span(
+        "process leadstage batch",
+        kind=SpanKind.CONSUMER,
+        links=[Link(c) for c in contexts if c.is_valid] or None,
+        attributes={
+            "messaging.system": "leadstage",
+            "messaging.operation.type": "process",
+            "messaging.batch.message_count": len(traceparents),
+            "leadstage.account": account,
+            "leadstage.batch.collected": collected,
         },
     )
 

@@ -8,7 +8,8 @@
 --       5 rate interval (µs), 6 lock ttl (ms), 7 in-flight guard (ms), 8 worker id,
 --       9 the account's ledger key prefix (worker.keys: prefix .. idempotency key), 10 jitter (ms)
 --       for lock waits, 11 how many jobs may run (a worker's free slots), 12 rate window (µs):
---       slots that fall due within it are taken now (a batch at high rates)
+--       slots that fall due within it are taken now (a batch at high rates), 13 LEADSTAGE_BATCH_WAIT
+--       (ms): how long a batch that never answered its run may still be applied (batch.lua)
 -- The stage hash and lock key of a change are read from its ledger entry (stage_key, lock_key:
 -- named by worker.keys at enqueue, in the account's slot). A lock's value is 'job#run#expires at
 -- (server ms)', so that finish.lua can put back a lock it took by mistake (GETDEL) as it was.
@@ -24,7 +25,7 @@ local queue, rate_key, newest_claim = KEYS[1], KEYS[2], KEYS[3]
 local wanted, lease_ms, max_attempts, max_age_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local ledger_prefix, jitter_ms = ARGV[9], tonumber(ARGV[10])
-local slots, window_us = tonumber(ARGV[11]), tonumber(ARGV[12])
+local slots, window_us, batch_wait_ms = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -55,7 +56,8 @@ end
 local function consider(job)
   local ledger = ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
   local l = redis.call('HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
-    'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'id_floor')
+    'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'id_floor', 'batch',
+    'batch_run', 'unknown_until')
   local state, phase = l[1], l[2] or ''
   local attempts, run = tonumber(l[3]) or 0, tonumber(l[15]) or 0
   if not state then
@@ -94,7 +96,17 @@ local function consider(job)
     -- A worker may still be waiting for iVvy's answer to its POST: let that request time out first,
     -- counted from the recovery point written just before it.
     local guard_end = (tonumber(l[9]) or 0) + guard_ms
-    if guard_end > now then return later(guard_end - now, 'in_flight') end
+    if l[6] == 'add' and l[18] == 'pending' and l[19] == l[15] then
+      -- An add of a batch whose run was never answered: that batch may still create its stage until
+      -- its wait is over; the reconcile that follows must come after.
+      guard_end = guard_end + batch_wait_ms
+    end
+    if guard_end > now then
+      -- A batch whose asyncId was recorded is collected by batch.lua's claim once its leases lapse
+      -- (not resent): look again soon, so that its jobs stay due for that claim.
+      local recorded = l[18] and l[18] ~= '' and l[18] ~= 'pending' and l[19] == l[15]
+      return later(recorded and math.min(guard_end - now, 1000) or guard_end - now, 'in_flight')
+    end
   end
 
   local dropped = {}
@@ -155,6 +167,13 @@ local function consider(job)
       recovery[#recovery + 1] = 'id_floor'
       recovery[#recovery + 1] = newest
     end
+  end
+  if phase == 'posting' and l[18] == 'pending' and l[19] == l[15] then
+    -- Taken over from a batch whose run was never answered: it may still be applied until its wait
+    -- is over (counted from its recovery point); the stage stays locked until then.
+    local until_ms = (tonumber(l[9]) or 0) + guard_ms + batch_wait_ms
+    recovery[#recovery + 1] = 'unknown_until'
+    recovery[#recovery + 1] = math.max(tonumber(l[20]) or 0, until_ms)
   end
   return decide('go', table.concat(dropped, ','), recovery)
 end

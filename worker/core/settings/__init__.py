@@ -121,7 +121,7 @@ class Settings:
     #: Batch mode (docs/contract.md: Batches): ``auto`` sends an account's due updates through
     #: iVvy's batch namespace when more than ``batch_threshold`` of them (on distinct stages) are
     #: due, up to ``batch_max`` (at most 200) per batch, waiting up to ``batch_wait_s`` for results.
-    batch_mode: BatchMode = "off"
+    batch_mode: BatchMode = "auto"
     batch_threshold: int = 20
     batch_max: int = 200
     batch_wait_s: float = 30.0
