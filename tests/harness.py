@@ -11,9 +11,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
 from worker.core.processes import python_module
+from worker.core.redis_connection import RedisClient
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 from worker.core.states import TERMINAL
 
@@ -113,13 +112,13 @@ def stream_order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-async def read_events(client: aioredis.Redis, stream: str = "leadstage:results") -> list[dict[str, str]]:
+async def read_events(client: RedisClient, stream: str = "leadstage:results") -> list[dict[str, str]]:
     entries = await client.xrange(stream)
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
 async def wait_for_terminal(
-    client: aioredis.Redis, keys: Iterable[str], *, within_s: float = 30.0, stream: str = "leadstage:results"
+    client: RedisClient, keys: Iterable[str], *, within_s: float = 30.0, stream: str = "leadstage:results"
 ) -> dict[str, list[dict[str, str]]]:
     """Wait until every idempotency key has a terminal event; return all terminal events by key."""
     wanted = set(keys)

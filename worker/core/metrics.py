@@ -22,7 +22,7 @@ from wsgiref.simple_server import WSGIServer
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from worker.core import keys
 from worker.core.errors import ConfigError, redis_errors
@@ -121,7 +121,7 @@ ENQUEUED_PAST_MAX_AGE = Counter(
 WEBHOOK_REQUESTS = Counter("leadstage_webhook_requests_total", "HTTP producer requests by status code", ["status"])
 
 
-async def refresh_queue_gauges(redis: Redis, settings: Settings) -> None:
+async def refresh_queue_gauges(redis: Redis | RedisCluster, settings: Settings) -> None:
     """Set QUEUE_DEPTH and DEAD_LETTERS from Redis, in one round trip.
 
     QUEUE_DEPTH is the sum of ``keys.PENDING``: the changes enqueued and not yet terminal (waiting,
@@ -131,12 +131,19 @@ async def refresh_queue_gauges(redis: Redis, settings: Settings) -> None:
 
     Raises ``RedisUnavailable`` when Redis does not answer (the gauges keep their last values).
     """
-    with redis_errors():
-        # Independent reads: no MULTI needed, one round trip is what matters.
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hvals(keys.PENDING)
-            pipe.xlen(settings.dlq_stream)
-            pending, dead = await pipe.execute()
+    from worker.core.pending import backlogs
+
+    if isinstance(redis, RedisCluster):  # each account's count in its slot: read apart
+        pending = list((await backlogs(redis, settings)).values())
+        with redis_errors():
+            dead = await redis.xlen(settings.dlq_stream)
+    else:
+        with redis_errors():
+            # Independent reads: no MULTI needed, one round trip is what matters.
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.hvals(keys.PENDING)
+                pipe.xlen(settings.dlq_stream)
+                pending, dead = await pipe.execute()
     QUEUE_DEPTH.set(sum(int(count) for count in pending))
     DEAD_LETTERS.set(int(dead))
 
