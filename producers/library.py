@@ -51,15 +51,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import redis.asyncio as aioredis
-
 from producers.clients import RedisUser
 from producers.waits import SharedReader, Waits, blocking_read_s
 from worker.core import tracing
 from worker.core.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
 from worker.core.errors import FieldError, InvalidChange, UnknownAccount
 from worker.core.ledger import Ledger, Receipt
-from worker.core.redis_connection import connect_redis, connect_redis_of
+from worker.core.redis_connection import RedisClient, connect_redis, connect_redis_of, connect_redis_or_cluster_of
 from worker.core.settings import Settings
 
 __all__ = [
@@ -117,14 +115,14 @@ class InvalidBatch(InvalidChange):
         )
 
 
-class LeadStageProducer(RedisUser[aioredis.Redis], Waits):
+class LeadStageProducer(RedisUser[RedisClient], Waits):
     """Validates changes and enqueues them through the ledger (see the module docstring)."""
 
     def __init__(
         self,
         settings: Settings | None = None,
         *,
-        redis: aioredis.Redis | None = None,
+        redis: RedisClient | None = None,
         producer: str = DEFAULT_SOURCE,
         metrics: bool = True,
     ) -> None:
@@ -136,7 +134,7 @@ class LeadStageProducer(RedisUser[aioredis.Redis], Waits):
         self.settings = Settings.from_env() if settings is None else settings
         tracing.setup()
         self.metrics = metrics
-        super().__init__(self.settings, redis, connect_redis_of)
+        super().__init__(self.settings, redis, connect_redis_or_cluster_of)
         self.ledger = Ledger(self.redis, self.settings)
         self.producer = producer
         self.reader = SharedReader(self.redis, self.settings.results_stream, block_s=blocking_read_s(self.settings))

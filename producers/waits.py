@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from worker.core import keys, readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
@@ -82,14 +82,20 @@ async def standing(
     """Where a change stands (``readers.change_status``) and its terminal event once it has one.
 
     The event is the one ``finish.lua`` recorded in the ledger (``event_id``) for the current
-    generation; None while the change is not finished, or when the stream no longer holds it.
+    generation; None while the change is not finished, or when the stream no longer holds it. On a
+    Redis Cluster a terminal change whose event is still in its account's outbox (not published yet:
+    ``worker.core.outbox``) has ``unpublished`` True in its status, and no event yet.
     """
     for _ in range(2):
         status = await readers.change_status(client, settings, account, idempotency_key)
         if status is None or status["state"] not in TERMINAL:
             return status, None
         with redis_errors():
-            event_id = await client.hget(keys.ledger_key(keys.job_id(account, idempotency_key)), "event_id")  # type: ignore[misc]  # redis-py's async stubs
+            event_id, unpublished = await client.hmget(  # type: ignore[misc]  # redis-py's async stubs
+                keys.ledger_key(keys.job_id(account, idempotency_key)), ["event_id", "outbox"]
+            )
+        if unpublished and not event_id:
+            return {**status, "unpublished": True}, None
         with stream_errors(settings.results_stream):
             entries = await client.xrange(settings.results_stream, min=event_id, max=event_id) if event_id else []
         if not entries:
@@ -117,6 +123,10 @@ class SharedReader:
         self.block_ms = max(1, int(block_s * 1000))
         self._waiters: dict[str, set[asyncio.Queue[Delivery]]] = {}
         self._task: asyncio.Task[None] | None = None
+        #: Set to stop the running reader between two reads: on a Redis Cluster, redis-py 5.3 loses
+        #: the cancellation of a task that has just sent a blocking XREAD (docs/architecture.md).
+        self._stop = asyncio.Event()
+        self._cluster = isinstance(client, RedisCluster)
         self._starting = asyncio.Lock()
         #: How many times the reader was started (a test checks that concurrent waits share one).
         self.starts = 0
@@ -131,7 +141,8 @@ class SharedReader:
                     # The position is taken before the caller reads the ledger: any event written
                     # after that read is after this position, so the reader cannot miss it.
                     position = await self._last_id()
-                    self._task = asyncio.create_task(self._run(position), name="leadstage-outcomes-reader")
+                    self._stop = asyncio.Event()
+                    self._task = asyncio.create_task(self._run(position, self._stop), name="leadstage-outcomes-reader")
                     self.starts += 1
         except BaseException:
             self.unsubscribe(job_id, queue)
@@ -146,23 +157,30 @@ class SharedReader:
             if not queues:
                 del self._waiters[job_id]
         if not self._waiters and self._task is not None:
-            self._task.cancel()
+            self._end(self._task)
             self._task = None
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            self._end(task)
             await asyncio.gather(task, return_exceptions=True)
+
+    def _end(self, task: asyncio.Task[None]) -> None:
+        """Stop the reader: cancelled at once, or on a cluster after its current read (one block)."""
+        if self._cluster:
+            self._stop.set()
+        else:
+            task.cancel()
 
     async def _last_id(self) -> str:
         with stream_errors(self.stream):
             last = await self.client.xrevrange(self.stream, count=1)
         return last[0][0].decode() if last else "0-0"
 
-    async def _run(self, position: str) -> None:
+    async def _run(self, position: str, stop: asyncio.Event) -> None:
         pause = RETRY_FIRST_S
-        while True:
+        while not stop.is_set():
             try:
                 with stream_errors(self.stream):
                     answer = await self.client.xread({self.stream: position}, count=readers.PAGE, block=self.block_ms)
@@ -202,7 +220,7 @@ class SharedReader:
 class Waits:
     """``wait``, mixed into ``LeadStageProducer``: it needs the producer's Redis, settings and reader."""
 
-    redis: aioredis.Redis
+    redis: RedisClient
     settings: Settings
     #: The one reader of every wait of this producer.
     reader: SharedReader
@@ -255,7 +273,7 @@ class Waits:
             return event
         if status is None:
             raise UnknownChange(account, key)
-        if status["state"] in TERMINAL:
+        if status["state"] in TERMINAL and not status.get("unpublished"):
             raise OutcomeUnavailable(status)
         generation = status["generation"]
         assert isinstance(generation, int)

@@ -15,6 +15,7 @@ import structlog
 
 from tests.console_support import running_console
 from tests.redis_servers import RedisCluster, RedisServer, redis_cluster, start_redis
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ivvy import AiohttpTransport
@@ -156,6 +157,24 @@ def cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisC
     """A Redis Cluster of three masters on free loopback ports, started once per test session."""
     with redis_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def any_redis(
+    request: pytest.FixtureRequest, redis_url: str, redis_client: aioredis.Redis, cluster_servers: RedisCluster
+) -> AsyncIterator[tuple[str, RedisClient]]:
+    """(``REDIS_URL``, a client of it): the test database of the test Redis, then the session's Redis
+    Cluster, each emptied before and after the test (a test that runs on both)."""
+    if request.param == "single":
+        yield redis_url, redis_client
+        return
+    cluster_servers.flush()
+    client = connect_redis_or_cluster(cluster_servers.url)
+    try:
+        yield cluster_servers.url, client
+    finally:
+        await client.aclose()
+        cluster_servers.flush()
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
 from worker.core.processes import python_module
+from worker.core.redis_connection import RedisClient
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 from worker.core.states import TERMINAL
 
@@ -27,6 +26,12 @@ def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Setti
         "backoff_base_s": 0.05,
         "backoff_max_s": 0.5,
         "request_timeout_s": 1.0,
+        # The round trip between the recovery point and the POST is on loopback here: a change
+        # that failed mid-POST is retried after the request timeout and this, not a whole second.
+        "in_flight_margin_s": 0.05,
+        # A test's batch takes a fraction of a second: polled at most 0.2 s apart, not 5 s.
+        "batch_poll_min_s": 0.05,
+        "batch_poll_max_s": 0.2,
         "job_timeout_s": 30.0,
         "lease_s": 2.0,
         # Batch mode is on by default: its wait must fit in the job timeout above (a batch that is
@@ -107,13 +112,13 @@ def stream_order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-async def read_events(client: aioredis.Redis, stream: str = "leadstage:results") -> list[dict[str, str]]:
+async def read_events(client: RedisClient, stream: str = "leadstage:results") -> list[dict[str, str]]:
     entries = await client.xrange(stream)
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
 async def wait_for_terminal(
-    client: aioredis.Redis, keys: Iterable[str], *, within_s: float = 30.0, stream: str = "leadstage:results"
+    client: RedisClient, keys: Iterable[str], *, within_s: float = 30.0, stream: str = "leadstage:results"
 ) -> dict[str, list[dict[str, str]]]:
     """Wait until every idempotency key has a terminal event; return all terminal events by key."""
     wanted = set(keys)

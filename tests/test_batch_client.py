@@ -49,7 +49,7 @@ async def test_each_job_is_answered_and_classified_as_a_single_call(
     ]
     jobs = [lead_stage_job(change) for change in changes]
     async_id = await batches.run(jobs)
-    outcomes = await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.3)
+    outcomes = await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.05)
     added = outcomes[0].lead_stage_id(changes[0])
     assert fake_ivvy.fake.stages[added].name == "Batched"
     assert outcomes[1].lead_stage_id(changes[1]) == stage.id
@@ -71,7 +71,7 @@ async def test_a_job_answered_24322_is_retryable(batches: BatchCalls, fake_ivvy:
     change = LeadStageChange(name="Not applied", apply_to=1)
     jobs = [lead_stage_job(change)]
     [outcome] = await batches.wait_for_results(
-        await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.3
+        await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.05
     )
     assert isinstance(outcome.error, IvvyUnavailable)
     assert isinstance(outcome.error, RetryableError)
@@ -151,7 +151,7 @@ async def test_polls_follow_the_progress_instead_of_the_floor(batches: BatchCall
 
 
 async def test_polls_ride_through_the_servers_rate_limit(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
-    fake_ivvy.fake.update_faults({"rate_limit_per_s": 2, "batch_delay_s": 0.2})
+    fake_ivvy.fake.update_faults({"rate_limit_per_s": 2, "rate_limit_window_s": 0.2, "batch_delay_s": 0.2})
     jobs = [lead_stage_job(LeadStageChange(name="Limited", apply_to=1))]
     async_id = await batches.run(jobs)
     [outcome] = await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.01, poll_max_s=0.05)

@@ -92,11 +92,11 @@ async def through_a_fault(
     changes: list[tuple[str, dict[str, object]]],
     fault: str,
 ) -> dict[str, list[dict[str, str]]]:
-    """The changes through a worker (a 1 s batch wait) while the batch ``fault`` hits every batch,
+    """The changes through a worker (a 0.5 s batch wait) while the batch ``fault`` hits every batch,
     until each was retried; then without it until each is terminal. Their terminal events."""
     fake.update_faults({fault: 1.0})
     await enqueue(redis_client, settings, changes)
-    async with running_worker(dataclasses.replace(settings, batch_wait_s=1.0)):
+    async with running_worker(dataclasses.replace(settings, batch_wait_s=0.5)):
 
         async def all_retried() -> bool:
             retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
@@ -246,6 +246,7 @@ async def test_a_job_refused_for_good_is_dead_lettered_and_the_others_succeed(
     assert [e["idempotency_key"] for e in await read_events(redis_client, "leadstage:dlq")] == ["nowhere"]
 
 
+@pytest.mark.system  # starts worker processes of its own (to SIGKILL one)
 async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
     redis_url: str, redis_client: aioredis.Redis, fake: FakeIvvy, fake_ivvy: RunningFakeIvvy, tmp_path: Path
 ) -> None:
@@ -304,6 +305,7 @@ async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
     assert taken_up_after <= 15.0, f"taken up {taken_up_after:.1f}s after the kill"
 
 
+@pytest.mark.system  # starts a worker process of its own (kill_while_the_run_hangs)
 async def test_a_worker_killed_before_its_batchs_run_was_answered_leaves_it_resent_its_stages_held(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, tmp_path: Path
 ) -> None:
@@ -333,9 +335,12 @@ async def test_a_batch_not_ready_within_its_wait_keeps_its_stages_locked_for_ano
     (longer than the single call's late-commit hold, the request timeout)."""
     changes = one_per_stage(fake, 8)
     fake.update_faults({"batch_never_ready_rate": 1.0})
+    # The hold (the batch's wait) outlasts the late-commit hold (the request timeout) and a backoff
+    # (0.5 s at most) by a fifth of a second at least.
+    settings = dataclasses.replace(settings, batch_wait_s=1.2, request_timeout_s=0.5)
     ledger = Ledger(redis_client, settings)
     await enqueue(redis_client, settings, changes)
-    async with running_worker(dataclasses.replace(settings, batch_wait_s=2.0)):
+    async with running_worker(settings):
 
         async def retried() -> bool:
             return any(e["event"] == "retrying" for e in await read_events(redis_client))
@@ -400,6 +405,7 @@ async def test_batched_adds_of_unknown_outcome_are_reconciled_before_any_resend(
     assert calls(fake, "crm", "getLeadStageList") >= 1
 
 
+@pytest.mark.system  # starts a worker process of its own (kill_while_the_run_hangs)
 async def test_adds_of_a_killed_workers_unanswered_batch_are_reconciled_after_its_wait(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy, tmp_path: Path
 ) -> None:

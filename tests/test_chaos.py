@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from tests import harness
 from tests.redis_servers import RedisServer
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster
 from worker.devtools.fake_ivvy import RunningFakeIvvy, Stage, running_fake_ivvy
 
 ALL_FAULTS = {
@@ -52,18 +52,28 @@ async def fake() -> AsyncIterator[RunningFakeIvvy]:
         yield running
 
 
-@pytest.mark.parametrize("batch_mode", ["off", "auto"])
+@pytest.mark.parametrize(
+    ("batch_mode", "where"), [("off", "single"), ("auto", "single"), ("off", "cluster"), ("auto", "cluster")]
+)
 async def test_no_loss_no_duplicate_last_value_wins_under_kills(
-    fake: RunningFakeIvvy, private_redis: RedisServer, tmp_path: Path, batch_mode: str
+    fake: RunningFakeIvvy, request: pytest.FixtureRequest, tmp_path: Path, batch_mode: str, where: str
 ) -> None:
+    """On a Redis of the test's own, and on the session's 3-master Redis Cluster (every master
+    refusing writes during the blip)."""
+    if where == "single":
+        server: RedisServer = request.getfixturevalue("private_redis")
+        url, admins = server.url, [server.client()]
+    else:
+        url = request.getfixturevalue("cluster_url")
+        admins = [master.client() for master in request.getfixturevalue("cluster_servers").masters]
     rng = random.Random(5)
     # In batch mode the account sends at 40/s (LEADSTAGE_RATE_LIMIT, the workers' account's limit), so
     # that each tick's changes are due together, more than the threshold of them, and go as batches.
     settings = harness.worker_settings(
-        private_redis.url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30, batch_mode=batch_mode,
+        url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30, batch_mode=batch_mode,
         batch_threshold=5, batch_wait_s=2.0, **({"rate_limit": 40.0} if batch_mode == "auto" else {}),
     )  # fmt: skip
-    redis_client = aioredis.Redis.from_url(private_redis.url)
+    redis_client = connect_redis_or_cluster(url)
     ledger = Ledger(redis_client, settings)
     stages = [fake.fake.add_stage(f"Seeded {i}", apply_to=1) for i in range(20)]
     expected: dict[int, dict[str, object]] = {s.id: {"name": s.name, "colour": s.colour, "apply_to": 1} for s in stages}
@@ -91,7 +101,6 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
     log = tmp_path / "workers.log"
     envs = [{**env, "LEADSTAGE_TEST_CLOCK_OFFSET": offset} for offset in CLOCK_OFFSETS_S]
     workers = [harness.start_worker_process(worker, log) for worker in envs]
-    admin = private_redis.client()
     kills = 0
     batches = [changes[i : i + 40] for i in range(0, len(changes), 40)]
     try:
@@ -101,9 +110,11 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
             await asyncio.sleep(0.8)
             if tick == 2:
                 # Every write refused (OOM) for longer than a lease: heartbeats, claims and finishes fail.
-                admin.config_set("maxmemory", 1)
+                for admin in admins:
+                    admin.config_set("maxmemory", 1)
                 await asyncio.sleep(2.5)
-                admin.config_set("maxmemory", 0)
+                for admin in admins:
+                    admin.config_set("maxmemory", 0)
             if tick % 2 == 1:
                 victim = workers.pop(0)
                 victim.send_signal(signal.SIGKILL)
@@ -114,10 +125,14 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
         terminal = await harness.wait_for_terminal(redis_client, [key for _, key in changes], within_s=150)
         settle = time.monotonic() - started
     finally:
-        admin.config_set("maxmemory", 0)
+        for admin in admins:
+            admin.config_set("maxmemory", 0)
+            admin.close()
         harness.stop_processes(workers)
     try:
-        await check_invariants(fake, redis_client, changes, terminal, stages, expected, kills, settle, batch_mode)
+        await check_invariants(
+            fake, redis_client, changes, terminal, stages, expected, kills, settle, batch_mode, where
+        )
     finally:
         await redis_client.aclose()
     assert "Redis refused the command" in log.read_text()  # the blip was felt, and ridden through
@@ -125,7 +140,7 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
 
 async def check_invariants(
     fake: RunningFakeIvvy,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     changes: list[tuple[dict[str, object], str]],
     terminal: dict[str, list[dict[str, str]]],
     stages: list[Stage],
@@ -133,6 +148,7 @@ async def check_invariants(
     kills: int,
     settle: float,
     batch_mode: str,
+    where: str,
 ) -> None:
     assert kills >= 3
 
@@ -174,7 +190,8 @@ async def check_invariants(
         assert coalesced > 0
         assert batched == 0
     print(
-        f"chaos ({batch_mode}): {len(changes)} changes, {kills} kills, {len(retries)} retries, {coalesced} coalesced,"
+        f"chaos ({batch_mode}, {where}): {len(changes)} changes, {kills} kills, {len(retries)} retries,"
+        f" {coalesced} coalesced,"
         f" {batched} batched (retried for {sorted({e['error_code'] for e in retries if e['sent_as'] == 'batch'})}),"
         f" done {settle:.1f}s after the last kill"
     )

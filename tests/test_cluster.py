@@ -4,30 +4,34 @@ What runs on a cluster today — the readers (``leadstage stats``, ``status``, `
 ``results``), the consumer groups and ``standing`` (where a change stands, and its event) — is shown by
 reading what the product wrote: the worker applies changes to the fake iVvy on the test Redis, every
 key is then moved onto the cluster with DUMP and RESTORE (each to its slot's master, with its time
-to live), and each reader must read the same on both. What does not run on a cluster yet (the
-scripts that write keys of several slots: enqueue, replay, the worker) must refuse a cluster URL
-before it writes anything. docs/architecture.md, "Redis Cluster", has the design of the rest.
+to live), and each reader must read the same on both. The worker, the producer library,
+``leadstage enqueue`` and ``dlq replay`` run on the cluster itself (the last test); what does not yet
+(the webhook, the console, the demo) refuses a cluster URL before it writes anything (docs/architecture.md,
+"Redis Cluster").
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
 
-from producers import DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultsConsumer
+from producers import ChangeItem, DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultsConsumer
 from producers.waits import standing
 from tests.console_support import MISSING_STAGE, enqueue
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.test_dlq_filters import leadstage
-from worker.core import keys, readers
+from worker.core import keys, outbox, readers
 from worker.core.errors import ConfigError
-from worker.core.redis_connection import RedisClient, connect_redis_or_cluster
+from worker.core.ledger import Ledger
+from worker.core.redis_connection import RedisClient, connect_redis_of, connect_redis_or_cluster
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
+from worker.layout import migrate
 from worker.runner import running_worker
 
 pytestmark = pytest.mark.system  # a cluster of three redis-servers, workers, leadstage commands
@@ -40,7 +44,7 @@ DONE: dict[str, dict[str, object]] = {
 REFUSED: dict[str, dict[str, object]] = {"gone": {"id": MISSING_STAGE, "name": "Nowhere"}}
 #: Enqueued after the worker stopped: still queued.
 QUEUED: dict[str, dict[str, object]] = {"later": {"name": "Later", "applyTo": "lead"}}
-CLUSTER_REFUSAL = "names a Redis Cluster: enqueuing, replaying and the worker do not run on a cluster yet"
+CLUSTER_REFUSAL = "names a Redis Cluster: the webhook, the console and the demo do not run on a cluster yet"
 
 
 @dataclasses.dataclass
@@ -58,6 +62,11 @@ async def copy_to_cluster(source: aioredis.Redis, target: RedisClient) -> int:
     consumer groups, hashes, sorted sets), with its time to live; how many keys."""
     copied = 0
     async for key in source.scan_iter(count=1000):
+        if key == keys.PENDING.encode():  # on a cluster each account counts its backlog in its slot
+            for account, count in (await source.hgetall(key)).items():  # type: ignore[misc]  # redis-py's async stubs
+                await target.hset(keys.pending_key(account.decode(), cluster=True), account, count)  # type: ignore[misc]  # redis-py's async stubs
+            copied += 1
+            continue
         dumped, ttl = await source.dump(key), await source.pttl(key)
         await target.restore(key, max(ttl, 0), dumped, replace=True)
         copied += 1
@@ -188,38 +197,177 @@ async def test_the_read_commands_print_the_same_on_the_cluster(both: Both) -> No
 
 
 async def test_what_does_not_run_on_a_cluster_refuses_it_before_writing(both: Both) -> None:
+    """The webhook, the console and the demo connect with ``connect_redis``, which refuses a cluster."""
     settings = both.cluster_settings
     before = await readers.stats(both.cluster, settings)
     with pytest.raises(ConfigError, match=CLUSTER_REFUSAL):
-        LeadStageProducer(settings)
-    with pytest.raises(ConfigError, match=CLUSTER_REFUSAL):
-        async with running_worker(settings):
-            pass
-    for command in (("enqueue", "--name", "Cold", "--apply-to", "lead"), ("dlq", "replay", "--all")):
-        status, lines, err = await leadstage(settings, *command)
-        assert (status, lines) == (2, []), err
-        assert err.count("\n") == 1, err
-        assert CLUSTER_REFUSAL in err
+        connect_redis_of(settings)
     assert await readers.stats(both.cluster, settings) == before
-    assert await listed(readers.dead_letters(both.cluster, settings)) == await listed(
-        readers.dead_letters(both.single, both.single_settings)
+
+
+async def cluster_terminal(cluster: RedisClient, settings: Settings, wanted: set[str]) -> dict[str, list[str]]:
+    """The terminal events of each key in the cluster's results stream, once every wanted key has one."""
+    terminal: dict[str, list[str]] = {}
+
+    async def all_done() -> bool:
+        terminal.clear()
+        for event in await listed(readers.results(cluster, settings)):
+            if event["event"] in ("succeeded", "failed", "superseded"):
+                terminal.setdefault(str(event["idempotency_key"]), []).append(str(event["event"]))
+        return wanted <= terminal.keys()
+
+    await eventually(all_done, within_s=30)
+    return terminal
+
+
+async def test_the_worker_applies_changes_on_the_cluster(
+    cluster_url: str, fake_ivvy: RunningFakeIvvy, tmp_path: Path
+) -> None:
+    """Enqueued one by one and in bulk across two accounts (whose keys are on different masters), a
+    worker drains them: every key has exactly one terminal event in the results stream, a refused
+    change one dead letter, the outboxes are empty and the backlog is zero; then a replay."""
+    base = worker_settings(cluster_url, fake_ivvy.url)
+    default = base.accounts["default"]
+    settings = dataclasses.replace(
+        base, accounts={**base.accounts, "second": dataclasses.replace(default, name="second")}
     )
-
-
-@pytest.mark.skip(
-    reason="the worker does not run on a Redis Cluster yet: enqueue.lua, finish.lua and lost.lua write the results "
-    "and dead-letter streams and leadstage:pending beside the account's keys, lease.lua renews several accounts' "
-    "jobs and the workers hash in one call, the bulk enqueue's pipe takes a connection of a single server's pool, "
-    "and arq's pool is a single server's (docs/architecture.md, Redis Cluster)"
-)
-async def test_the_worker_applies_changes_on_the_cluster(cluster_url: str, fake_ivvy: RunningFakeIvvy) -> None:
-    settings = worker_settings(cluster_url, fake_ivvy.url)
-    async with LeadStageProducer(settings) as producer:
-        receipts = [await producer.enqueue(change, idempotency_key=key) for key, change in DONE.items()]
-        async with running_worker(settings):
-            events = [await producer.wait(receipt, timeout=30) for receipt in receipts]
-    assert [event.event for event in events] == ["succeeded", "succeeded"]
-    assert sorted(stage.name for stage in fake_ivvy.fake.stages.values() if stage.name in ("Hot", "Warm")) == [
-        "Hot",
-        "Warm",
+    cluster = connect_redis_or_cluster(cluster_url)
+    assert isinstance(cluster, aioredis.RedisCluster)
+    await cluster.initialize()
+    assert cluster.get_node_from_key(keys.outbox_key("default")) != cluster.get_node_from_key(keys.outbox_key("second"))
+    bulk = [
+        ChangeItem(
+            {"name": f"Bulk {i}", "applyTo": "lead"}, idempotency_key=f"bulk-{i}", account=("default", "second")[i % 2]
+        )
+        for i in range(30)
     ]
+    try:
+        async with LeadStageProducer(settings) as producer:
+            for key, change in {**DONE, **REFUSED}.items():
+                assert (await producer.enqueue(change, idempotency_key=key)).status == "queued"
+            receipts = await producer.enqueue_many(bulk)
+            assert [(r.idempotency_key, r.account, r.status) for r in receipts] == [
+                (item.idempotency_key, item.account, "queued") for item in bulk
+            ]
+            assert (await producer.enqueue(DONE["hot"], idempotency_key="hot")).status == "duplicate"
+            # The command line: one change, and a file of them.
+            status, lines, err = await leadstage(
+                settings, "enqueue", "--name", "Cold", "--apply-to", "lead", "--key", "cold"
+            )
+            assert (status, [line["status"] for line in lines]) == (0, ["queued"]), err
+            jsonl = tmp_path / "changes.jsonl"
+            jsonl.write_text(
+                "".join(
+                    f'{{"name": "Filed {i}", "applyTo": "lead", "idempotency_key": "filed-{i}"}}\n' for i in range(3)
+                )
+            )
+            status, lines, err = await leadstage(settings, "enqueue", "--file", str(jsonl))
+            assert (status, [line["status"] for line in lines]) == (0, ["queued"] * 3), err
+            wanted = {
+                *DONE,
+                *REFUSED,
+                "cold",
+                "filed-0",
+                "filed-1",
+                "filed-2",
+                *(str(item.idempotency_key) for item in bulk),
+            }
+            async with running_worker(settings):
+                terminal = await cluster_terminal(cluster, settings, wanted)
+                assert {key: events for key, events in terminal.items()} == {
+                    key: ["failed" if key in REFUSED else "succeeded"] for key in wanted
+                }
+                letters = await listed(readers.dead_letters(cluster, settings))
+                assert [letter["idempotency_key"] for letter in letters] == ["gone"]
+
+                async def published() -> bool:
+                    outboxes = [await cluster.xlen(keys.outbox_key(a)) for a in settings.accounts]
+                    stats = await readers.stats(cluster, settings)
+                    return outboxes == [0, 0] and stats["queue_depth"] == 0
+
+                await eventually(published)
+                for key in ("hot", "gone"):
+                    where, event = await standing(cluster, settings, "default", key)
+                    assert event is not None, where
+                    assert event.idempotency_key == key
+                # A wait reads the results stream on its master (and stops its reader between reads).
+                assert (await producer.wait(receipts[1], timeout=10)).event == "succeeded"
+                late = await producer.enqueue({"name": "Late", "applyTo": "lead"}, idempotency_key="late")
+                assert (await producer.wait(late, timeout=30)).event == "succeeded"
+
+                # The dead letter goes back on the queue (its account's slot) and is deleted (another
+                # slot); iVvy refuses it again: a second failed event and a new dead letter.
+                replayed, _, err = await leadstage(settings, "dlq", "replay", "gone")
+                assert replayed == 0, err
+
+                async def failed_twice() -> bool:
+                    return (await cluster_terminal(cluster, settings, {"gone"}))["gone"] == ["failed", "failed"]
+
+                await eventually(failed_twice)
+                letters = await listed(readers.dead_letters(cluster, settings))
+                assert [(letter["idempotency_key"], letter["generation"]) for letter in letters] == [("gone", "1")]
+        assert sorted(s.name for s in fake_ivvy.fake.stages.values() if s.name.startswith("Bulk ")) == sorted(
+            f"Bulk {i}" for i in range(30)
+        )
+    finally:
+        await cluster.aclose()
+
+
+async def test_an_event_left_in_the_outbox_is_published_by_the_sweep(
+    cluster_url: str, fake_ivvy: RunningFakeIvvy
+) -> None:
+    """A worker that dies between finish.lua and publishing leaves the event in the account's outbox:
+    the change stands terminal and unpublished (a wait goes on waiting), and the sweep publishes it
+    and writes its event id, as the worker would have."""
+    settings = worker_settings(cluster_url, fake_ivvy.url)
+    cluster = connect_redis_or_cluster(cluster_url)
+    try:
+        async with LeadStageProducer(settings, redis=cluster) as producer:
+            await producer.enqueue(DONE["hot"], idempotency_key="hot")
+            async with running_worker(settings):
+                assert (await producer.wait("hot", timeout=30)).event == "succeeded"
+        # What finish.lua leaves when its worker dies before publishing: the entry, named in the ledger.
+        ledger_key = keys.ledger_key(keys.job_id("default", "hot"))
+        [(event_id, event)] = await cluster.xrange(settings.results_stream)
+        await cluster.xdel(settings.results_stream, event_id)
+        entry = {
+            b"ledger": ledger_key.encode(),
+            b"letter": b"",
+            b"original_change": b"{}",
+            b"generation": b"0",
+            **event,
+        }
+        outbox_id = await cluster.xadd(keys.outbox_key("default"), entry)
+        await cluster.hset(ledger_key, "outbox", outbox_id)  # type: ignore[misc]  # redis-py's async stubs
+        await cluster.hdel(ledger_key, "event_id")  # type: ignore[misc]  # redis-py's async stubs
+        where, published = await standing(cluster, settings, "default", "hot")
+        assert published is None
+        assert where is not None
+        assert (where["state"], where["unpublished"]) == ("succeeded", True)
+
+        assert await outbox.sweep(Ledger(cluster, settings), ["default"], older_than_ms=0) == 1
+        [(again_id, again)] = await cluster.xrange(settings.results_stream)
+        assert again == event
+        assert await cluster.xlen(keys.outbox_key("default")) == 0
+        assert await cluster.hget(ledger_key, "event_id") == again_id  # type: ignore[misc]  # redis-py's async stubs
+        where, published = await standing(cluster, settings, "default", "hot")
+        assert published is not None
+        assert published.id == again_id.decode()
+    finally:
+        await cluster.aclose()
+
+
+async def test_the_layout_migration_is_skipped_on_the_cluster_and_an_old_queue_refused(cluster_url: str) -> None:
+    """The single-queue layout never ran on a cluster: nothing is renamed there, and a single queue
+    found under the queue's name stops the worker before it serves anything."""
+    settings = worker_settings(cluster_url, "http://127.0.0.1:1")
+    cluster = connect_redis_or_cluster(cluster_url)
+    try:
+        ledger = Ledger(cluster, settings)
+        assert await migrate(ledger) == 0
+        assert await cluster.get(keys.LAYOUT) is None
+        await cluster.zadd(settings.queue_name, {"default:old": 1})
+        with pytest.raises(ConfigError, match="single-queue layout"):
+            await migrate(ledger)
+    finally:
+        await cluster.aclose()

@@ -211,12 +211,13 @@ async def test_a_superseded_change_keeps_the_stage_locked_while_its_request_may_
 
 
 async def test_a_stale_run_cannot_finish_adopt_or_renew(redis_client: aioredis.Redis) -> None:
-    settings = Settings(lease_s=0.2, request_timeout_s=0.1)
+    settings = Settings(lease_s=0.2, request_timeout_s=0.1, in_flight_margin_s=0.1)
     ledger = Ledger(redis_client, settings)
     change = parse_change({"name": "Fenced", "applyTo": 1})
     await ledger.enqueue_many([(change, parse_envelope(idempotency_key="f"))])
     stale = await ledger.start("default:f", "w1", 1e6, 0)
-    await asyncio.sleep(1.3)  # the lease and the in-flight guard run out: another worker takes over
+    # The lease and the in-flight guard run out (with a margin for the clocks): another worker takes over.
+    await asyncio.sleep(max(ledger.lease_ms, ledger.in_flight_guard_ms) / 1000 + 0.1)
     current = await ledger.start("default:f", "w2", 1e6, 0)
     assert (stale.run, current.run) == (1, 2)
     event = {"event": "succeeded", "idempotency_key": "f", "stage_id": "5"}

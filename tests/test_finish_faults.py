@@ -1,8 +1,9 @@
 """Review: the ends of runs that share one finish.lua call, the stage lock after an unknown outcome,
 a lock of a key that extends another, a script missing from Redis's cache, a missing ledger entry and
 the expiry of a change not done yet, against a real Redis (no replica: a WAIT that asks for one lasts
-its whole timeout, which keeps a finish call on the way for as long as the test needs). Each test is
-a defect found in the review of the cost-per-change rewrite, and fails on the code before its fix."""
+its whole timeout, which keeps a finish call on the way until the test ends that WAIT with CLIENT
+UNBLOCK). Each test is a defect found in the review of the cost-per-change rewrite, and fails on the
+code before its fix."""
 
 from __future__ import annotations
 
@@ -26,12 +27,39 @@ RATE = 1e6
 QUEUE = keys.queue_key("leadstage:queue", "default")
 
 
+#: The WAIT's timeout: far longer than any test takes, so that each call stays on the way until
+#: ``_release`` ends its WAIT (a bound only if a test fails before it does).
+WAIT_S = 60.0
+
+
 def _ledgers(redis_client: aioredis.Redis) -> tuple[Ledger, Ledger]:
     """One that enqueues and claims without asking for replicas, one whose terminal finishes WAIT
-    for a replica that is not there (each such call is on the way for the WAIT's timeout)."""
+    for a replica that is not there (each such call is on the way until ``_release``)."""
     plain = Ledger(redis_client, Settings(max_attempts=3))
-    waiting = Ledger(redis_client, Settings(max_attempts=3, redis_min_replicas=1, redis_replica_timeout_s=3.0))
+    waiting = Ledger(redis_client, Settings(max_attempts=3, redis_min_replicas=1, redis_replica_timeout_s=WAIT_S))
     return plain, waiting
+
+
+async def _release(redis_client: aioredis.Redis) -> None:
+    """End the finish call's WAIT (blocked in this test's database) as its timeout would: it
+    answers the replicas it reached, none. Waits until the WAIT is blocked (the call may be on its
+    way to it)."""
+    database = int(redis_client.connection_pool.connection_kwargs.get("db", 0))
+
+    async def blocked() -> list[int]:
+        clients = await redis_client.client_list()
+        return [int(c["id"]) for c in clients if c["cmd"] == "wait" and "b" in c["flags"] and int(c["db"]) == database]
+
+    while not (waiting := await blocked()):  # noqa: ASYNC110  # polled state of Redis (no event to await)
+        await asyncio.sleep(0.005)
+    [client_id] = waiting  # one finish call at a time per account
+    assert await redis_client.client_unblock(client_id)
+
+
+async def _loaded(ledger: Ledger) -> None:
+    """finish.lua in Redis's script cache: on a fresh Redis the first call's EVALSHA would be
+    refused (NOSCRIPT) and its WAIT, in the same round trip, would block until ``WAIT_S``."""
+    await ledger.client.script_load(ledger._finish.script)
 
 
 async def _claimed(ledger: Ledger, key: str, raw: dict[str, object]) -> tuple[LeadStageChange, Start]:
@@ -80,15 +108,19 @@ async def test_a_run_recorded_by_a_shared_finish_hears_its_result_when_the_sende
 ) -> None:
     plain, waiting = _ledgers(redis_client)
     runs = {key: await _claimed(plain, key, {"id": i + 1, "name": key}) for i, key in enumerate(["c", "a", "b"])}
+    await _loaded(waiting)
     first = asyncio.create_task(_finish(waiting, "c", *runs["c"], "succeeded"))
     await _until_state(redis_client, "c", b"succeeded")  # c's call ran and waits for its replica
     sender = asyncio.create_task(_finish(waiting, "a", *runs["a"], "succeeded"))
     other = asyncio.create_task(_finish(waiting, "b", *runs["b"], "succeeded"))
     await _until_waiting(waiting, 2)
     assert not first.done()  # a and b end while c's call is on the way: they go in the next call together
+    await _release(redis_client)
     await first
     await _until_state(redis_client, "b", b"succeeded")  # the next call (a's) ran: b's end is recorded
     sender.cancel()  # a's lease is lost while its call waits for the replica (Lease.give_up)
+    await asyncio.wait([sender])
+    await _release(redis_client)
     finished = await other
     assert (finished.recorded, finished.replicated) == (True, False)
 
@@ -115,6 +147,7 @@ async def _a_gone_run_behind_a_call(
     Returns the tasks (c's, d's, a's)."""
     plain, waiting = _ledgers(redis_client)
     runs = {key: await _claimed(plain, key, {"id": i + 1, "name": key}) for i, key in enumerate(["c", "d", "a"])}
+    await _loaded(waiting)
     first = asyncio.create_task(_finish(waiting, "c", *runs["c"], "succeeded"))
     await _until_state(redis_client, "c", b"succeeded")
     gone = asyncio.create_task(_finish(waiting, "d", *runs["d"], "succeeded"))
@@ -130,9 +163,12 @@ async def test_a_cancelled_runs_end_sent_by_another_leaves_no_unretrieved_error(
 ) -> None:
     errors = _unhandled()
     first, gone, sender = await _a_gone_run_behind_a_call(redis_client)
+    await _release(redis_client)
     await first
     await _until_state(redis_client, "a", b"succeeded")
     sender.cancel()
+    await asyncio.wait([sender])
+    await _release(redis_client)
     await asyncio.gather(gone, sender, return_exceptions=True)
     del gone, sender
     await _collected()
@@ -147,7 +183,9 @@ async def test_a_cancelled_runs_end_in_a_call_that_fails_leaves_no_unretrieved_e
     try:
         first, gone, sender = await _a_gone_run_behind_a_call(client)
         await client.config_set("maxmemory", 1)  # the next call (a's, with d's end) is refused: OOM
+        await _release(client)
         await first
+        await _release(client)  # the refused script's WAIT, sent in the same round trip
         ended = await asyncio.gather(gone, sender, return_exceptions=True)
         assert isinstance(ended[1], RedisUnavailable)  # a hears of it; d's task is gone
         del gone, sender, ended  # the error's traceback holds the call's runs (d's end among them)

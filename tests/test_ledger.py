@@ -221,7 +221,7 @@ async def test_a_crashed_attempt_is_guarded_then_resumed(ledger: Ledger, setting
     # The worker died mid-POST and its lease ran out: its request may still be in flight.
     guarded = await start(ledger, "k")
     assert (guarded.decision, guarded.reason) == ("wait", "in_flight")
-    quick = Ledger(ledger.client, dataclasses.replace(settings, request_timeout_s=0.001))
+    quick = Ledger(ledger.client, dataclasses.replace(settings, request_timeout_s=0.001, in_flight_margin_s=0.05))
     await asyncio.sleep(quick.in_flight_guard_ms / 1000)
     await ledger.client.zadd(QUEUE, {"default:k": 0})
     resumed = await quick.start("default:k", WORKER, RATE, 0)

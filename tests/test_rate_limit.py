@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from tests import harness
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
+from worker.core.redis_connection import RedisClient
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.runner import running_worker
@@ -41,8 +42,10 @@ def arrivals(fake: RunningFakeIvvy, fault: str | None = None) -> list[float]:
 
 
 async def test_three_worker_processes_keep_to_the_account_rate_limit(
-    fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+    fake: RunningFakeIvvy, any_redis: tuple[str, RedisClient], tmp_path: Path
 ) -> None:
+    """On a single Redis and on a Redis Cluster (where the account's limiter is in its slot)."""
+    redis_url, redis_client = any_redis
     # Batch mode off: each add its own request, 40 requests to space (a batch would be one).
     settings = harness.worker_settings(redis_url, fake.url, rate_limit=RATE, batch_mode="off")
     keys = await enqueue_adds(Ledger(redis_client, settings), 40)

@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
+from worker.arq_pool import redis_settings
 from worker.core.errors import ConfigError, RedisCredentialsRefused, RedisUnavailable
 from worker.core.processes import free_port
 from worker.core.redis_connection import (
@@ -17,7 +18,6 @@ from worker.core.redis_connection import (
     ping,
     printable_url,
 )
-from worker.runner import redis_settings
 
 URLS = [
     ("redis://localhost", RedisTarget("redis", (("localhost", 6379),))),
@@ -144,7 +144,9 @@ async def test_a_client_for_each_form_is_made_without_io() -> None:
 @pytest.mark.parametrize("url", ["redis+cluster://:hunter2@n1:7000/", "rediss+cluster://n1/"])
 def test_what_does_not_run_on_a_cluster_refuses_a_cluster_url(url: str) -> None:
     for refuses in (connect_redis, redis_settings):
-        with pytest.raises(ConfigError, match="names a Redis Cluster: enqueuing, replaying and the worker") as refusal:
+        with pytest.raises(
+            ConfigError, match="names a Redis Cluster: the webhook, the console and the demo"
+        ) as refusal:
             refuses(url)
         assert "hunter2" not in str(refusal.value)
 

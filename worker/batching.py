@@ -58,11 +58,8 @@ if TYPE_CHECKING:
 
 log = get_logger("leadstage.batch")
 
-#: The shortest and longest pause between two polls of a batch (``BatchCalls.wait_for_results``).
-POLL_MIN_S = 0.2
-POLL_MAX_S = 5.0
 #: After a claim found too few updates for a batch, this worker's turns on that account do not
-#: ask again for this long (a claim reads up to four times LEADSTAGE_BATCH_MAX ledger entries).
+#: ask again for this long (a claim reads up to 64 times LEADSTAGE_BATCH_MAX ledger entries).
 QUIET_S = 1.0
 #: (worker id, account) -> until when (this host's monotonic clock) no batch is asked for.
 _quiet_until: dict[tuple[str, str], float] = {}
@@ -227,9 +224,11 @@ async def _collect(
     rate = runtime.settings.rate_limit_for(account)
     ready = _ready.setdefault((runtime.worker_id, account), ReadyEstimate())
     try:
+        settings = runtime.settings
         outcomes = await calls.wait_for_results(
-            async_id, jobs, timeout_s=runtime.settings.batch_wait_s, poll_min_s=POLL_MIN_S, poll_max_s=POLL_MAX_S,
-            rng=runtime.rng, pace=lambda: _pace(lambda: take_rate_slot(runtime.ledger, account, rate)), ready=ready,
+            async_id, jobs, timeout_s=settings.batch_wait_s, poll_min_s=settings.batch_poll_min_s,
+            poll_max_s=settings.batch_poll_max_s, rng=runtime.rng,
+            pace=lambda: _pace(lambda: take_rate_slot(runtime.ledger, account, rate)), ready=ready,
         )  # fmt: skip
     except (RetryableError, PermanentError) as error:
         # The batch may still be applied (unless iVvy says it does not know it): each change's outcome

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 
 from worker.core import keys
-from worker.core.errors import redis_errors
+from worker.core.errors import ConfigError, redis_errors
 from worker.core.ledger import Ledger
 from worker.core.settings import Settings
 
@@ -54,6 +55,17 @@ def _tagged(old: str) -> tuple[str, str] | None:
 async def migrate(ledger: Ledger) -> int:
     """Move a Redis of the single-queue layout to per-account queues; returns the jobs moved."""
     client, queue = ledger.client, ledger.settings.queue_name
+    if isinstance(client, RedisCluster):
+        # The old layout never ran on a cluster (its scripts could not): nothing to move, and a
+        # single queue there is not this product's to serve.
+        with redis_errors():
+            if await client.type(queue) == b"zset":
+                raise ConfigError(
+                    f"a queue of the single-queue layout ({queue!r}) is on the Redis Cluster: it was never "
+                    "migrated; move it on a single Redis first (docs/architecture.md, Redis Cluster)"
+                )
+        return 0
+    assert isinstance(client, aioredis.Redis)
     with redis_errors():
         if (await client.get(keys.LAYOUT)) == keys.LAYOUT_VERSION.encode():
             return 0

@@ -25,17 +25,17 @@ from datetime import UTC, datetime, timedelta
 from signal import Signals
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
 from worker import batching
+from worker.arq_pool import ClusterPool, cluster_pool, redis_settings
 from worker.core import keys, metrics
 from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
 from worker.core.processes import cancel_until_done
-from worker.core.redis_connection import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, close_sentinels, single_server
+from worker.core.redis_connection import RedisClient, close_sentinels
 from worker.core.settings import Settings
 from worker.core.states import Decision
 from worker.ivvy import LIST_RETRY_BASE_S, LIST_RETRY_CAP_S, AiohttpTransport, IvvyClient
@@ -213,6 +213,7 @@ class LeadstageWorker(Worker):
                 # Before the first claim, and ridden through like any other Redis error.
                 await migrate(runtime.ledger)
                 await runtime.ledger.resync(runtime.settings.accounts)
+                await runtime.ledger.sweep_outboxes(runtime.settings.accounts)
                 self.prepared = True
             # Before the wait, which blocks while idle: arq's health check must not wait for work.
             with redis_errors():
@@ -231,19 +232,11 @@ class LeadstageWorker(Worker):
 def build_worker(settings: Settings, *, handle_signals: bool = True) -> LeadstageWorker:
     """The worker for the change job; clients are made in ``on_startup``, once per process."""
     settings.require_accounts()
+    pool = cluster_pool(settings)
     worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     async def on_startup(ctx: dict[str, Any]) -> None:
-        redis: ArqRedis = ctx["redis"]
-        # arq's RedisSettings has no socket timeout: every connection of its pool waits
-        # LEADSTAGE_REDIS_TIMEOUT for an answer at most (a hung Redis is an error, ridden through
-        # by the poll and the heartbeat, not a hang). The connection of arq's start-up ping is
-        # closed and dropped, to be made again with it.
-        redis.connection_pool.connection_kwargs.update(
-            socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_connect_timeout_s
-        )
-        await redis.connection_pool.disconnect()
-        redis.connection_pool.reset()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        redis = await _shared_client(ctx["redis"], settings)
         transport = traced_transport(AiohttpTransport(max_connections=max(settings.concurrency, 10)))
         offset = timedelta(seconds=settings.clock_offset_s)
         clients = {
@@ -274,15 +267,17 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
             # The heartbeat only ends by cancellation, and a lost one would hold the shutdown.
             await cancel_until_done(heartbeat)
         with contextlib.suppress(LeadstageError), redis_errors():
-            await ctx["redis"].hdel(keys.WORKERS, worker_id)
+            await (await _shared_client(ctx["redis"], settings)).hdel(keys.WORKERS, worker_id)  # type: ignore[misc]  # redis-py's async stubs
         if "transport" in ctx:
             await ctx["transport"].close()
-        await close_sentinels(ctx["redis"])
+        if not isinstance(ctx["redis"], ClusterPool):
+            await close_sentinels(ctx["redis"])
         log.info("worker.stopped", worker_id=worker_id)
 
     return LeadstageWorker(
         functions=[func(apply_lead_stage_change, name=keys.JOB_FUNCTION)],
-        redis_settings=redis_settings(settings.redis_url),
+        redis_settings=None if pool else redis_settings(settings.redis_url),
+        redis_pool=pool,
         queue_name=settings.queue_name,
         max_jobs=settings.concurrency,
         queue_read_limit=settings.concurrency,
@@ -297,31 +292,24 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
     )
 
 
-def redis_settings(url: str) -> RedisSettings:
-    """arq's connection settings from REDIS_URL, parsed as every other client parses it (arq's pool
-    is a single server's: a cluster URL is a ``ConfigError``)."""
-    target = single_server(url)
-    if target.sentinel:
-        return RedisSettings(
-            host=list(target.hosts),
-            sentinel=True,
-            sentinel_master=target.service or DEFAULT_SENTINEL_SERVICE,
-            password=target.password,
-            database=target.database,
-        )
-    host, port = target.hosts[0] if target.hosts else ("localhost", DEFAULT_PORT)
-    return RedisSettings(
-        host=host,
-        port=port,
-        unix_socket_path=target.socket_path,
-        database=target.database,
-        username=target.username,
-        password=target.password,
-        ssl=target.tls,
-    )
+async def _shared_client(pool: ArqRedis, settings: Settings) -> RedisClient:
+    """The client the worker shares: arq's pool (its connections given the socket timeouts), or on a
+    Redis Cluster the cluster client under arq's (``worker.arq_pool``)."""
+    if isinstance(pool, ClusterPool):
+        return pool.cluster
+    # arq's RedisSettings has no socket timeout: every connection of its pool waits
+    # LEADSTAGE_REDIS_TIMEOUT for an answer at most (a hung Redis is an error, ridden through
+    # by the poll and the heartbeat, not a hang). The connection of arq's start-up ping is
+    # closed and dropped, to be made again with it (once).
+    kwargs = pool.connection_pool.connection_kwargs
+    if kwargs.get("socket_timeout") != settings.redis_timeout_s:
+        kwargs.update(socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_connect_timeout_s)
+        await pool.connection_pool.disconnect()
+        pool.connection_pool.reset()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    return pool
 
 
-async def _heartbeat(redis: aioredis.Redis, runtime: Runtime) -> None:
+async def _heartbeat(redis: RedisClient, runtime: Runtime) -> None:
     """Keep this worker's running attempts hidden, say that it is alive, and refresh the gauges.
 
     It survives every error: a beat that fails is logged and the next one tries again. An attempt
@@ -341,6 +329,7 @@ async def _heartbeat(redis: aioredis.Redis, runtime: Runtime) -> None:
         if beats % RESYNC_BEATS == 0:
             try:
                 await runtime.ledger.resync(runtime.settings.accounts)
+                await runtime.ledger.sweep_outboxes(runtime.settings.accounts)
             except Exception as error:  # noqa: BLE001 - the next resync tries again
                 log.warning("worker.resync_failed", error=str(error) or type(error).__name__)
 

@@ -16,8 +16,6 @@ import orjson  # worker.core.change needs it anyway
 from worker.core.change import shown
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
     from worker.core.redis_connection import RedisClient
     from worker.core.settings import Settings
 
@@ -33,7 +31,6 @@ __all__ = [
     "load_settings",
     "note",
     "with_redis",
-    "with_single_redis",
     "write_out",
 ]
 
@@ -101,14 +98,6 @@ async def with_redis(settings: Settings, use: Callable[[RedisClient], Awaitable[
     from worker.core.redis_connection import connect_redis_or_cluster_of
 
     return await _using(connect_redis_or_cluster_of(settings), use)
-
-
-async def with_single_redis(settings: Settings, use: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
-    """``with_redis`` for a single Redis only: what runs the enqueue script (a replay) refuses a
-    Redis Cluster, before any I/O."""
-    from worker.core.redis_connection import connect_redis_of
-
-    return await _using(connect_redis_of(settings), use)
 
 
 async def _using(client: _Client, use: Callable[[_Client], Awaitable[_T]]) -> _T:

@@ -9,13 +9,11 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from worker.cli.common import EXIT_OK, emit, emit_object, load_settings, note, with_redis, with_single_redis
+from worker.cli.common import EXIT_OK, emit, emit_object, load_settings, note, with_redis
 from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import BadFilter, NotFound, Refused
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
     from worker.core.redis_connection import RedisClient
     from worker.core.settings import Settings
 
@@ -136,7 +134,7 @@ def run_dlq_replay(args: argparse.Namespace) -> int:
     wanted = None if matching else set(args.keys)
     selection = readers.Selection(keys=wanted, account=account, error_code=args.error_code, since=args.since)
 
-    async def replay(client: aioredis.Redis) -> list[readers.ReplayOutcome]:
+    async def replay(client: RedisClient) -> list[readers.ReplayOutcome]:
         # Read first, then replay: a replayed change that fails again must not be met again here.
         entries = [e async for e in readers.selected_dead_letters(client, settings, selection)]
         outcomes = []
@@ -146,7 +144,7 @@ def run_dlq_replay(args: argparse.Namespace) -> int:
             outcomes.append(outcome)
         return outcomes
 
-    outcomes = asyncio.run(with_single_redis(settings, replay))
+    outcomes = asyncio.run(with_redis(settings, replay))
     queued = sum(1 for o in outcomes if o.status == "queued")
     if outcomes or matching:
         not_failed = len(outcomes) - queued

@@ -98,7 +98,7 @@ async def failures(request: web.Request) -> web.Response:
         state.history,
         account=_optional(query, "account"),
         error_code=_optional(query, "error_code"),
-        since_ms=await readers.since_as_ms(state.redis, _optional(query, "since")),
+        since_ms=await readers.since_as_ms(state.redis, _optional(query, "since"), state.settings.dlq_stream),
         limit=int(raw_limit),
         before=_optional(query, "before"),
     )

@@ -14,7 +14,7 @@ from redis.commands.core import AsyncScript
 from worker.core import keys
 from worker.core.errors import redis_errors
 from worker.core.ledger import Ledger, Start
-from worker.core.scripts import RATE_WINDOW_US
+from worker.core.scripts import RATE_WINDOW_US, register
 from worker.core.states import Decision
 
 #: How many of an account's due jobs one claim reads at most (a batch takes one per stage): enough
@@ -75,7 +75,7 @@ def _source() -> str:
 
 
 def _script(ledger: Ledger) -> AsyncScript:
-    return ledger.client.register_script(_source())
+    return register(ledger.client, _source())
 
 
 def _interval_us(rate_limit: float) -> int:

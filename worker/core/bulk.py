@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,6 +22,7 @@ from worker.core.errors import (
     redis_errors,
     reply_or_error,
 )
+from worker.core.redis_connection import acquire_connection
 from worker.core.replies import Receipt, parse_enqueue
 from worker.core.scripts import Part, evalsha, not_run
 from worker.core.settings import Settings
@@ -69,18 +70,28 @@ class _Pipe:
     its answer read later, so Redis runs one chunk while the producer prepares the next. At most
     one request is outstanding, so the chunks run in the order they were sent. A write is followed
     by ``WAIT`` on the same connection when LEADSTAGE_REDIS_MIN_REPLICAS asks for it (WAIT counts
-    the replicas that have this connection's writes), in the same round trip."""
+    the replicas that have this connection's writes), in the same round trip.
+
+    On a Redis Cluster a script call names one slot: a chunk is sent as one call per account in it
+    (``_by_account``, each all or nothing, with its WAIT on the account's master and its notice),
+    during ``send``; ``receive`` hands their answers back in the chunk's order.
+    """
 
     def __init__(self, ledger: Enqueuing) -> None:
         self.ledger = ledger
         self._connection: Connection | None = None
+        self._give_back: Callable[[], Awaitable[None]] | None = None
         self._request: list[Part] | None = None  # sent, its answers not read yet
         self._confirm = False  # a WAIT follows the request
+        #: On a cluster: the answers of the chunk sent, the backlog and the replicas that confirmed it.
+        self._answered: tuple[list[list[bytes]], dict[str, int], int | None] | None = None
 
     async def open(self) -> None:
         """Connect: a failure here has sent nothing."""
+        if self.ledger.cluster:
+            return  # a connection per account's master, taken by each call
         with redis_errors():
-            self._connection = await self.ledger.client.connection_pool.get_connection()
+            self._connection, self._give_back = await acquire_connection(self.ledger.client, "")
 
     async def close(self) -> None:
         if self._connection is None:
@@ -89,16 +100,20 @@ class _Pipe:
         if self._request is not None:  # an answer nobody will read: the connection cannot be used again
             with contextlib.suppress(RedisUnavailable), redis_errors():
                 await connection.disconnect()
-        await self.ledger.client.connection_pool.release(connection)
+        assert self._give_back is not None
+        await self._give_back()
 
     @property
     def busy(self) -> bool:
-        return self._request is not None
+        return self._request is not None or self._answered is not None
 
     async def send(self, mode: Literal["enqueue", "check"], changes: bytes, staging: tuple[str, bytes] | None) -> None:
-        assert self._connection is not None, "open() first"
-        assert self._request is None, "one request at a time"
+        assert not self.busy, "one request at a time"
         ledger = self.ledger
+        if ledger.cluster:
+            self._answered = await self._by_account(mode, changes, staging)
+            return
+        assert self._connection is not None, "open() first"
         script_keys, args = ledger._enqueue_arguments(mode, changes, staging=staging)
         request = [evalsha(ledger._enqueue, script_keys, args)]
         self._confirm = mode == "enqueue" and ledger.settings.redis_min_replicas > 0
@@ -126,9 +141,43 @@ class _Pipe:
             replies.append(await reply_or_error(self._connection))
         return replies
 
+    async def _by_account(
+        self, mode: Literal["enqueue", "check"], changes: bytes, staging: tuple[str, bytes] | None
+    ) -> tuple[list[list[bytes]], dict[str, int], int | None]:
+        """On a cluster: the chunk as one enqueue.lua call per account (``staging``: the bulk's
+        staging key, made the account's with ``keys.staging_key``), in the chunk's order."""
+        ledger, entries = self.ledger, orjson.loads(changes)
+        labels = orjson.loads(staging[1]) if staging is not None else []
+        places: dict[str, list[int]] = {}
+        for i, entry in enumerate(entries):
+            places.setdefault(entry[5], []).append(i)
+        answers: list[list[bytes]] = [[] for _ in entries]
+        backlog: dict[str, int] = {}
+        confirmed: int | None = None
+        for account, at in places.items():
+            its_staging = None
+            if staging is not None:
+                its_staging = (keys.staging_key(staging[0], account), orjson.dumps([labels[i] for i in at]))
+            script_keys, args = ledger._enqueue_arguments(
+                mode, orjson.dumps([entries[i] for i in at]), account=account, staging=its_staging
+            )
+            notify = [account] if mode == "enqueue" else []
+            reply, acked = await ledger._call(
+                ledger._enqueue, script_keys, args, confirm=mode == "enqueue", notify=notify
+            )
+            its_answers, its_backlog = parse_enqueue(reply)
+            for i, answer in zip(at, its_answers, strict=True):
+                answers[i] = answer
+            backlog.update(its_backlog)
+            confirmed = acked if confirmed is None or acked is None else min(confirmed, acked)
+        return answers, backlog, confirmed
+
     async def receive(self) -> tuple[list[list[bytes]], dict[str, int], int | None]:
         """The answers of the request sent, the backlog of each account it wrote to, and how many
         replicas confirmed it (None: not asked)."""
+        if self._answered is not None:
+            answered, self._answered = self._answered, None
+            return answered
         assert self._connection is not None, "open() first"
         assert self._request is not None, "send() first"
         connection, request = self._connection, self._request
@@ -161,9 +210,11 @@ class BulkCheck:
     the chunk that cannot be enqueued); between the two, prepare the next chunk.
     """
 
-    def __init__(self, ledger: Enqueuing, staging_key: str) -> None:
+    def __init__(self, ledger: Enqueuing, token: str) -> None:
         self.ledger = ledger
-        self.staging_key = staging_key
+        #: The staging hash (keys.staging_key); on a cluster, the token of each account's.
+        self.staging_key = token if ledger.cluster else keys.staging_key(token, None)
+        self._accounts: set[str] = set()
         self._pipe = _Pipe(ledger)
         self._chunk: Chunk | None = None
 
@@ -174,7 +225,10 @@ class BulkCheck:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._pipe.close()
         with contextlib.suppress(RedisUnavailable), redis_errors():
-            await self.ledger.client.unlink(self.staging_key)  # or it expires after STAGING_TTL_MS
+            # Or they expire after STAGING_TTL_MS. On a cluster one per account checked, in its slot.
+            staged = [keys.staging_key(self.staging_key, a) for a in self._accounts] if self.ledger.cluster else []
+            for key in staged if self.ledger.cluster else [self.staging_key]:
+                await self.ledger.client.unlink(key)
 
     @property
     def busy(self) -> bool:
@@ -183,6 +237,8 @@ class BulkCheck:
 
     async def send(self, chunk: Chunk) -> None:
         self._chunk = chunk
+        if self.ledger.cluster:
+            self._accounts.update(account for account, _ in chunk.envelopes())
         await self._pipe.send("check", chunk.changes, (self.staging_key, orjson.dumps(list(chunk.labels))))
 
     async def receive(self) -> None:

@@ -10,6 +10,7 @@ from typing import Literal
 from worker.core import keys
 from worker.core.bulk import ENQUEUE_CHUNK, STAGING_TTL_MS, BulkCheck, BulkWrite, Chunk, encode_changes
 from worker.core.change import Envelope, LeadStageChange
+from worker.core.errors import redis_errors
 from worker.core.replies import Receipt, parse_enqueue
 from worker.core.scripts import Scripts
 
@@ -81,7 +82,7 @@ class Enqueuing(Scripts):
 
     def bulk_check(self) -> BulkCheck:
         """A check of a bulk enqueue, chunk by chunk, before its first write (``async with``)."""
-        return BulkCheck(self, keys.STAGING_PREFIX + secrets.token_hex(8))
+        return BulkCheck(self, secrets.token_hex(8))
 
     def bulk_write(self) -> BulkWrite:
         """The writes of a bulk enqueue, chunk by chunk, after its check (``async with``)."""
@@ -92,13 +93,22 @@ class Enqueuing(Scripts):
         mode: Literal["enqueue", "check", "replay"],
         changes: bytes,
         *,
+        account: str | None = None,
         replay_of: tuple[str, str] = ("", ""),
         staging: tuple[str, bytes] | None = None,
     ) -> tuple[list[str], list[bytes | str | int]]:
         """enqueue.lua's keys and arguments; ``staging`` (check only): the staging hash and the
-        changes' labels as a JSON array."""
+        changes' labels as a JSON array. On a Redis Cluster the changes are all ``account``'s, and the
+        dead letter of a replay is deleted by the caller (another slot): the pending hash stands in
+        for the stream, never touched."""
         settings = self.settings
-        script_keys = [settings.dlq_stream, keys.PENDING]
+        if self.cluster:
+            assert account is not None, "on a Redis Cluster a call is one account's"
+            pending = keys.pending_key(account, cluster=True)
+            script_keys = [pending, pending]
+            replay_of = ("", replay_of[1])
+        else:
+            script_keys = [settings.dlq_stream, keys.PENDING]
         args: list[bytes | str | int] = [mode, settings.ledger_retention_s * 1000, *replay_of, changes]
         if staging is not None:
             script_keys.append(staging[0])
@@ -115,7 +125,9 @@ class Enqueuing(Scripts):
     ) -> tuple[list[list[bytes]], dict[str, int]]:
         """enqueue.lua over changes encoded by ``_encode``: one answer per change, and the backlog of
         each account written to; the schedule is told about ``accounts`` in the same round trip."""
-        script_keys, args = self._enqueue_arguments(mode, changes, replay_of=replay_of)
+        script_keys, args = self._enqueue_arguments(
+            mode, changes, account=accounts[0] if accounts else None, replay_of=replay_of
+        )
         reply, acked = await self._call(self._enqueue, script_keys, args, confirm=mode != "check", notify=accounts)
         answers, backlog = parse_enqueue(reply)
         if mode != "check" and not any(answer[0] in (b"conflict", b"not_failed") for answer in answers):
@@ -133,4 +145,9 @@ class Enqueuing(Scripts):
             accounts=[envelope.account],
         )
         status = answer[0].decode()
+        if self.cluster and dlq_entry_id:
+            # The dead letter is another slot's: deleted once the replay is queued. A crash in between
+            # leaves it, and its next replay (``not_failed``) deletes it.
+            with redis_errors():
+                await self.client.xdel(self.settings.dlq_stream, dlq_entry_id)
         return status, int(answer[1]) if status == "queued" else 0

@@ -11,6 +11,7 @@ from importlib import resources
 from worker.core import keys
 from worker.core.errors import StaleRun
 from worker.core.ledger import Ledger
+from worker.core.scripts import register
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ async def gather_updates(ledger: Ledger, job_id: str, run: int, worker_id: str, 
     """Gather up to ``most`` due changes of the stage of ``job_id`` (an update whose run ``run`` holds
     the stage's lock) into this worker's runs; ``StaleRun`` when that run is not current."""
     settings = ledger.settings
-    script = ledger.client.register_script(_source())
+    script = register(ledger.client, _source())
     account = keys.split_job_id(job_id)[0]
     reply, acked = await ledger._call(
         script,

@@ -34,8 +34,11 @@ NEWEST_CLAIM_PREFIX = "leadstage:newest-claim:"
 RATE_PREFIX = "leadstage:rate:"
 BATCHES_PREFIX = "leadstage:batches:"
 BATCH_PREFIX = "leadstage:batch:"
-#: Hash account -> changes enqueued and not yet terminal (the backlog behind a new change).
+#: Hash account -> changes enqueued and not yet terminal (the backlog behind a new change); on a Redis
+#: Cluster each account has its own such hash in its slot (``pending_key``).
 PENDING = "leadstage:pending"
+#: On a Redis Cluster, the stream of an account's events not yet published (``outbox_key``).
+OUTBOX_PREFIX = "leadstage:outbox:"
 #: Set to the layout version once a queue of the single-queue layout has been migrated.
 LAYOUT = "leadstage:layout"
 LAYOUT_VERSION = "2"
@@ -126,6 +129,25 @@ def newest_claim_key(account: str) -> str:
 def rate_key(account: str) -> str:
     """The account's shared rate limiter state (GCRA theoretical arrival time, pause)."""
     return RATE_PREFIX + tag(account)
+
+
+def pending_key(account: str, *, cluster: bool) -> str:
+    """The hash that counts the account's changes not yet terminal (field: the account): the shared
+    ``PENDING`` on a single Redis, the account's own in its slot on a Redis Cluster."""
+    return f"{PENDING}:{tag(account)}" if cluster else PENDING
+
+
+def outbox_key(account: str) -> str:
+    """On a Redis Cluster: the account's events written with their terminal state (finish.lua,
+    lost.lua), in its slot, until a worker has published them to the results and dead-letter
+    streams (``worker.core.outbox``)."""
+    return OUTBOX_PREFIX + tag(account)
+
+
+def staging_key(token: str, account: str | None) -> str:
+    """A bulk enqueue's staging hash (``token``: the bulk's); on a Redis Cluster one per account of
+    the bulk, in its slot."""
+    return STAGING_PREFIX + token if account is None else f"{STAGING_PREFIX}{tag(account)}:{token}"
 
 
 def batches_key(account: str) -> str:

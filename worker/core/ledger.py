@@ -24,6 +24,8 @@ finish.lua     runs' ends, those of one account that end together in one call: l
                results event (+ dead letter) + the queue, exactly once, refused for a stale run
 lost.lua       a due job whose ledger entry expired: a failed event and a dead letter, never
                silence
+ack.lua        on a Redis Cluster, where finish and lost write events into the account's outbox:
+               the outbox entries published (``worker.core.outbox``) leave it, ``event_id`` set
 =============  ==============================================================================
 
 Each script's KEYS, ARGV and reply are written at its top; every reply has a fixed shape and is
@@ -41,13 +43,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
-import redis.asyncio as aioredis
 
-from worker.core import keys
+from worker.core import keys, outbox
 from worker.core.bulk import ENQUEUE_CHUNK, BulkCheck, BulkWrite, Chunk, backlog_warning
 from worker.core.change import LeadStageChange
 from worker.core.enqueue import Enqueuing
 from worker.core.errors import RedisUnavailable, StaleRun, redis_errors
+from worker.core.redis_connection import RedisClient
 from worker.core.replies import (
     Claim,
     Finished,
@@ -57,6 +59,7 @@ from worker.core.replies import (
     parse_adopt,
     parse_claim,
     parse_finished,
+    parse_lost,
     parse_pick,
     parse_post,
 )
@@ -95,7 +98,7 @@ class _Ending:
 class Ledger(Enqueuing):
     """The Redis side of every state change; one instance per process, over a shared client."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, client: RedisClient, settings: Settings) -> None:
         super().__init__(client, settings)
         #: Runs' ends waiting for their account's finish.lua call, and one call at a time per account.
         self._endings: dict[str, list[_Ending]] = {}
@@ -125,7 +128,7 @@ class Ledger(Enqueuing):
         whether a notice woke it."""
         with redis_errors():
             # BLPOP takes fractions of a second since Redis 6 (redis-py's stubs say int).
-            woken = await self.client.execute_command(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            woken = await self.client.execute_command(
                 "BLPOP", keys.wake_key(self.settings.queue_name), f"{max(timeout_s, 0.001):.3f}"
             )
         return woken is not None
@@ -191,17 +194,31 @@ class Ledger(Enqueuing):
 
     async def extend_leases(self, runs: Mapping[str, int], worker_id: str) -> set[str]:
         """The heartbeat (lease.lua): keep running attempts hidden for another lease and say that the
-        worker is alive; returns the jobs extended (the others are no longer this worker's run)."""
-        jobs = list(runs)
-        with redis_errors():
-            extended: list[int] = await self._lease(
-                keys=[
-                    keys.WORKERS,
-                    *(k for job in jobs for k in (self.queue_of(job), keys.ledger_key(job))),
-                ],
-                args=[self.lease_ms, worker_id, len(jobs), *(v for job in jobs for v in (job, runs[job]))],
+        worker is alive; returns the jobs extended (the others are no longer this worker's run). On a
+        Redis Cluster: one call per account (its slot) and one for the workers hash, sent together."""
+        groups: dict[str, list[str]] = {"": list(runs)} if not self.cluster else {}
+        for job in runs if self.cluster else ():
+            groups.setdefault(keys.split_job_id(job)[0], []).append(job)
+        calls = [self._lease(keys=[keys.WORKERS], args=[self.lease_ms, worker_id, len(runs)])] if self.cluster else []
+        for its in groups.values():
+            calls.append(
+                self._lease(
+                    keys=[
+                        self.queue_of(its[0]) if self.cluster else keys.WORKERS,
+                        *(k for job in its for k in (self.queue_of(job), keys.ledger_key(job))),
+                    ],
+                    args=[
+                        self.lease_ms,
+                        worker_id,
+                        "" if self.cluster else len(runs),
+                        *(v for j in its for v in (j, runs[j])),
+                    ],
+                )
             )
-        return {job for job, ok in zip(jobs, extended, strict=True) if ok}
+        with redis_errors():
+            replies = await asyncio.gather(*calls)
+        extended = zip(groups.values(), replies[1:] if self.cluster else replies, strict=True)
+        return {job for its, reply in extended for job, ok in zip(its, reply, strict=True) if ok}
 
     async def adopt(self, account: str, job_id: str, run: int, candidates: Sequence[int]) -> int | None:
         """Claim the first candidate stage no other add has claimed (adopt.lua); None when there is
@@ -297,8 +314,9 @@ class Ledger(Enqueuing):
     async def _finish_call(self, account: str, endings: Sequence[_Ending]) -> list[Finished]:
         settings = self.settings
         script_keys = [
-            settings.results_stream, settings.dlq_stream, keys.PENDING, keys.queue_key(settings.queue_name, account),
-            keys.claims_key(account), keys.rate_key(account), keys.newest_claim_key(account),
+            *self._streams(account), keys.pending_key(account, cluster=self.cluster),
+            keys.queue_key(settings.queue_name, account), keys.claims_key(account), keys.rate_key(account),
+            keys.newest_claim_key(account),
         ]  # fmt: skip
         for ending in endings:
             script_keys += [keys.ledger_key(ending.job_id), ending.lock_key]
@@ -314,6 +332,8 @@ class Ledger(Enqueuing):
         confirm = any(ending.outcome is not Outcome.RETRYING for ending in endings)
         reply, acked = await self._call(self._finish, script_keys, args, confirm=confirm)
         finished = parse_finished(reply, replicated=acked is None or acked >= settings.redis_min_replicas)
+        if self.cluster:
+            await outbox.publish(self, account, (result.outbox_id for result in finished))
         retries = [
             result.finished_at_ms + ending.delay_ms
             for ending, result in zip(endings, finished, strict=True)
@@ -329,15 +349,32 @@ class Ledger(Enqueuing):
         enqueued again)."""
         settings = self.settings
         fields = [item for pair in event.items() for item in pair]
+        account = keys.split_job_id(job_id)[0]
         with redis_errors():
-            reported: int = await self._lost(
-                keys=[
-                    settings.results_stream, settings.dlq_stream, keys.PENDING, self.queue_of(job_id),
-                    keys.ledger_key(job_id),
-                ],
-                args=[keys.split_job_id(job_id)[0], settings.results_maxlen, job_id, *fields],
+            reported = parse_lost(
+                await self._lost(
+                    keys=[
+                        *self._streams(account), keys.pending_key(account, cluster=self.cluster),
+                        self.queue_of(job_id), keys.ledger_key(job_id),
+                    ],
+                    args=[account, settings.results_maxlen, job_id, *fields],
+                )
             )  # fmt: skip
-        return reported == 1
+        if reported:
+            await outbox.publish(self, account, [reported])
+        return reported is not None
+
+    def _streams(self, account: str) -> tuple[str, str]:
+        """Where finish.lua and lost.lua write events and dead letters: the streams, or on a Redis
+        Cluster the account's outbox (``worker.core.outbox``)."""
+        if self.cluster:
+            return keys.outbox_key(account), keys.outbox_key(account)
+        return self.settings.results_stream, self.settings.dlq_stream
+
+    async def sweep_outboxes(self, accounts: Iterable[str]) -> int:
+        """On a Redis Cluster: publish the outbox entries older than a lease (a worker died before
+        publishing them); how many. Nothing to do on a single Redis."""
+        return await outbox.sweep(self, accounts, self.lease_ms) if self.cluster else 0
 
     async def id_floor(self, job_id: str) -> int:
         """The highest stage id claimed before this add was first posted (see keys.newest_claim_key)."""

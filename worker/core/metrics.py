@@ -12,7 +12,9 @@ process: each worker sets it to the changes it is attempting (aggregate with sum
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import socket
 import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -20,7 +22,7 @@ from wsgiref.simple_server import WSGIServer
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from worker.core import keys
 from worker.core.errors import ConfigError, redis_errors
@@ -119,7 +121,7 @@ ENQUEUED_PAST_MAX_AGE = Counter(
 WEBHOOK_REQUESTS = Counter("leadstage_webhook_requests_total", "HTTP producer requests by status code", ["status"])
 
 
-async def refresh_queue_gauges(redis: Redis, settings: Settings) -> None:
+async def refresh_queue_gauges(redis: Redis | RedisCluster, settings: Settings) -> None:
     """Set QUEUE_DEPTH and DEAD_LETTERS from Redis, in one round trip.
 
     QUEUE_DEPTH is the sum of ``keys.PENDING``: the changes enqueued and not yet terminal (waiting,
@@ -129,12 +131,19 @@ async def refresh_queue_gauges(redis: Redis, settings: Settings) -> None:
 
     Raises ``RedisUnavailable`` when Redis does not answer (the gauges keep their last values).
     """
-    with redis_errors():
-        # Independent reads: no MULTI needed, one round trip is what matters.
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hvals(keys.PENDING)
-            pipe.xlen(settings.dlq_stream)
-            pending, dead = await pipe.execute()
+    from worker.core.pending import backlogs
+
+    if isinstance(redis, RedisCluster):  # each account's count in its slot: read apart
+        pending = list((await backlogs(redis, settings)).values())
+        with redis_errors():
+            dead = await redis.xlen(settings.dlq_stream)
+    else:
+        with redis_errors():
+            # Independent reads: no MULTI needed, one round trip is what matters.
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.hvals(keys.PENDING)
+                pipe.xlen(settings.dlq_stream)
+                pending, dead = await pipe.execute()
     QUEUE_DEPTH.set(sum(int(count) for count in pending))
     DEAD_LETTERS.set(int(dead))
 
@@ -151,7 +160,16 @@ class MetricsServer:
         return int(self.server.server_address[1])
 
     def close(self) -> None:
-        self.server.shutdown()
+        """Stop serving, at once: the server's loop sees the stop only when its select returns,
+        every 0.5 s (``serve_forever``'s poll), so a connection of its own wakes it until it has."""
+        stopping = threading.Thread(target=self.server.shutdown, daemon=True)
+        stopping.start()
+        host, port = self.server.server_address[:2]
+        wake = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(str(host), str(host))  # noqa: S104 - not bound, compared
+        while stopping.is_alive():
+            with contextlib.suppress(OSError), socket.create_connection((wake, int(port)), timeout=0.5):
+                pass
+            stopping.join(timeout=0.02)
         self.server.server_close()
         self.thread.join(timeout=5)
 

@@ -18,20 +18,23 @@ webhook all connect through here, so a URL means the same to each of them. Messa
 
 Two factories, so that the type checker knows which code may meet a cluster: ``connect_redis``
 gives a single-server client (``aioredis.Redis``) and refuses a cluster URL with a ``ConfigError``
-(the parts whose scripts or connections are not cluster-safe yet: docs/architecture.md, "Redis
-Cluster"); ``connect_redis_or_cluster`` gives a ``RedisClient``, a cluster client for a cluster URL,
-to the parts that work on both (the readers of the results and dead letters, the consumer groups).
+(the parts not run on a cluster yet: the webhook, the console, the demo; docs/architecture.md,
+"Redis Cluster"); ``connect_redis_or_cluster`` gives a ``RedisClient``, a cluster client for a
+cluster URL, to the parts that work on both (the worker, the producer library, the commands, the
+readers, the consumer groups).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import Sentinel
 
 from worker.core.errors import ConfigError, RedisUnavailable, redis_errors
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RedisClient",
     "RedisTarget",
+    "acquire_connection",
     "connect_redis",
     "connect_redis_or_cluster",
     "connect_redis_or_cluster_of",
@@ -141,12 +145,12 @@ def parse_redis_url(url: str, name: str = "REDIS_URL") -> RedisTarget:
 
 def single_server(url: str) -> RedisTarget:
     """``parse_redis_url``, refusing a Redis Cluster: for the clients that do not run on one yet
-    (``connect_redis``, arq's connection settings)."""
+    (``connect_redis``), and arq's connection settings (on a cluster arq gets ``worker.arq_pool``'s)."""
     target = parse_redis_url(url)
     if target.cluster:
         raise ConfigError(
-            f"REDIS_URL ({printable_url(url)}) names a Redis Cluster: enqueuing, replaying and the worker do not "
-            "run on a cluster yet (their scripts write keys of several slots); the readers do "
+            f"REDIS_URL ({printable_url(url)}) names a Redis Cluster: the webhook, the console and the demo do not "
+            "run on a cluster yet; the worker, the producer library, enqueue, replay and the readers do "
             "(docs/architecture.md, Redis Cluster)"
         )
     return target
@@ -268,3 +272,26 @@ async def ping(client: RedisClient, timeout_s: float) -> None:
                 await client.ping()
     except TimeoutError:
         raise RedisUnavailable(f"Redis did not answer within {timeout_s:g} s") from None
+
+
+async def acquire_connection(client: RedisClient, key: str) -> tuple[Connection, Callable[[], Awaitable[None]]]:
+    """A connection of its own to the server that holds ``key`` (a single Redis: one of its pool's; a
+    cluster: one of the key's master's), for commands that must share one connection (``WAIT`` counts
+    the replicas of its own connection's writes; a pipelined bulk); and how to give it back."""
+    if not isinstance(client, RedisCluster):
+        pool = client.connection_pool
+        connection = await pool.get_connection()
+
+        async def give_back() -> None:
+            await pool.release(connection)  # type: ignore[misc]  # redis-py types it sync or async
+
+        return connection, give_back
+    await client.initialize()  # the slot map, asked once
+    node = client.get_node_from_key(key)
+    assert node is not None  # a master, never None (only a replica may be missing)
+    plain = node.acquire_connection()
+
+    async def release() -> None:
+        node._free.append(plain)  # what ClusterNode.execute_command does with its connection
+
+    return plain, release

@@ -90,6 +90,8 @@ class Finished:
     refused_because: str = ""
     #: False when fewer replicas than LEADSTAGE_REDIS_MIN_REPLICAS confirmed it in time.
     replicated: bool = True
+    #: On a Redis Cluster: the outbox entry of its event, to publish (``worker.core.outbox``).
+    outbox_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,13 +139,25 @@ def _parse_start(item: Sequence[bytes | int], *, replicated: bool) -> Start:
 
 
 def parse_finished(reply: Sequence[Sequence[bytes]], *, replicated: bool) -> list[Finished]:
-    """finish.lua's reply: {status, detail} per run, in order."""
+    """finish.lua's reply: {status, detail[, outbox id]} per run, in order."""
     return [
-        Finished(True, int(detail), replicated=replicated)
-        if status == b"ok"
-        else Finished(False, refused_because=detail.decode())
-        for status, detail in reply
+        Finished(True, int(run[1]), replicated=replicated, outbox_id=text(run[2]))
+        if run[0] == b"ok"
+        else Finished(False, refused_because=run[1].decode())
+        for run in reply
     ]
+
+
+def parse_acked(reply: int) -> int:
+    """ack.lua's reply: how many outbox entries it removed."""
+    return int(reply)
+
+
+def parse_lost(reply: int | bytes) -> str | None:
+    """lost.lua's reply: None when left alone; '' when reported, or on a Redis Cluster its outbox entry id."""
+    if reply == 0:
+        return None
+    return "" if reply == 1 else text(reply)
 
 
 def parse_pick(reply: Sequence[bytes | int]) -> Pick:

@@ -13,12 +13,13 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.typing import EncodableT
 
 from worker.core import keys
-from worker.core.errors import RedisNotReplicated, redis_errors, script_missing
+from worker.core.errors import RedisNotReplicated, redis_errors, reply_or_error, script_missing
+from worker.core.redis_connection import RedisClient, acquire_connection
 from worker.core.settings import Settings
 
 #: How far ahead of the server's clock a rate-limit slot may be taken in a claim (µs): at high rates
@@ -31,8 +32,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _script(client: aioredis.Redis, name: str) -> AsyncScript:
-    return client.register_script(resources.files("worker.core").joinpath("lua", name).read_text())
+def register(client: RedisClient, source: str) -> AsyncScript:
+    """A script over ``client``, a single Redis's or a cluster's (EVALSHA, loaded on NOSCRIPT)."""
+    return client.register_script(source)  # type: ignore[misc]  # redis-py's stubs type it for Redis only
+
+
+def _script(client: RedisClient, name: str) -> AsyncScript:
+    return register(client, resources.files("worker.core").joinpath("lua", name).read_text())
 
 
 #: One command of a pipeline, with the script it calls (None: not a script).
@@ -56,11 +62,16 @@ def not_run(parts: Sequence[Part], replies: Sequence[Any]) -> tuple[list[AsyncSc
 
 
 class Scripts:
-    """The scripts over one shared client, and the settings their arguments come from."""
+    """The scripts over one shared client, and the settings their arguments come from.
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    On a Redis Cluster (``cluster``) each call names keys of one slot; a call confirmed by ``WAIT``
+    goes on a connection of that slot's master, and the schedule's notice (another slot) follows it.
+    """
+
+    def __init__(self, client: RedisClient, settings: Settings) -> None:
         self.client = client
         self.settings = settings
+        self.cluster = isinstance(client, RedisCluster)
         self._enqueue = _script(client, "enqueue.lua")
         self._ready = _script(client, "ready.lua")
         queue = settings.queue_name
@@ -71,6 +82,7 @@ class Scripts:
         self._adopt = _script(client, "adopt.lua")
         self._finish = _script(client, "finish.lua")
         self._lost = _script(client, "lost.lua")
+        self._ack = _script(client, "ack.lua")
 
     async def _call(
         self,
@@ -87,6 +99,10 @@ class Scripts:
         script's reply and how many replicas confirmed (None: not asked)."""
         settings = self.settings
         wait = confirm and settings.redis_min_replicas > 0
+        if self.cluster and notify:  # the schedule is another slot's: its notice follows the call
+            reply = await self._call(script, keys_, args, confirm=confirm)
+            await self.notify(notify)
+            return reply
         with redis_errors():
             if not wait and not notify:
                 return await script(keys=keys_, args=args), None
@@ -98,25 +114,38 @@ class Scripts:
                 )
             if notify:
                 parts.append(evalsha(self._ready, self._ready_keys, ["notify", "", *sorted(set(notify))]))
-            replies = await self._send([command for _, command in parts])
+            replies = await self._send([command for _, command in parts], keys_[0])
             missing, again = not_run(parts, replies)
             if again:
                 # A Redis that restarted or flushed its scripts: load them, send again only what did not run.
                 for loaded in missing:
                     await self.client.script_load(loaded.script)
-                for i, reply in zip(again, await self._send([parts[i][1] for i in again]), strict=True):
+                for i, reply in zip(again, await self._send([parts[i][1] for i in again], keys_[0]), strict=True):
                     replies[i] = reply
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
         return replies[0], int(replies[1]) if wait else None
 
-    async def _send(self, commands: Sequence[tuple[EncodableT, ...]]) -> list[Any]:
-        """These commands in one round trip, on one connection; errors are replies, not raised."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+    async def _send(self, commands: Sequence[tuple[EncodableT, ...]], key: str) -> list[Any]:
+        """These commands in one round trip, on one connection (on a cluster, one of ``key``'s
+        master's); errors are replies, not raised."""
+        if not self.cluster:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        connection, release = await acquire_connection(self.client, key)
+        read = False
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            replies = [await reply_or_error(connection) for _ in commands]
+            read = True
+        finally:
+            if not read:  # answers nobody will read: the connection cannot be used again
+                await connection.disconnect()
+            await release()
         return replies
 
     def _require_replicas(self, acked: int | None, what: str) -> None:
@@ -143,8 +172,9 @@ class Scripts:
     @property
     def in_flight_guard_ms(self) -> int:
         """How long after its recovery point a POST may still be in flight (a crashed worker's): the
-        request timeout, and a second for the round trip that wrote the recovery point."""
-        return int(self.settings.request_timeout_s * 1000) + 1000
+        request timeout, and ``LEADSTAGE_IN_FLIGHT_MARGIN`` (1 s) for the round trip that wrote the
+        recovery point."""
+        return int(self.settings.request_timeout_s * 1000) + int(self.settings.in_flight_margin_s * 1000)
 
     @property
     def late_commit_ms(self) -> int:

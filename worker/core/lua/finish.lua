@@ -5,21 +5,24 @@
 -- the way in one call (worker.core.ledger.Finisher): what every run pays once is paid once.
 -- KEYS: 1 results stream, 2 dead-letter stream, 3 pending hash, 4 account queue zset, 5 account
 --       claims hash, 6 account rate hash, 7 account newest-claim key, then for each run: its
---       ledger hash, its lock key
+--       ledger hash, its lock key. On a Redis Cluster KEYS 1 and 2 are both the account's outbox
+--       (keys.outbox_key): each event goes there with its dead letter's fields, for the worker to
+--       publish (worker.core.outbox), and the ledger names its outbox entry ('outbox') until then.
 -- ARGV: 1 account, 2 retention (ms), 3 stream max length, 4 late-commit hold (ms): how long a
 --       request of unknown outcome may still be applied by iVvy, 5 lock ttl (ms), then for each
 --       run: job id, run (fencing token), outcome (succeeded | failed | superseded | retrying),
 --       retry delay (ms, retrying), phase after ('' | 'unknown'), account pause (ms) or '',
 --       created stage id to claim (adds) or '', stage id or '', history line (JSON), the number
 --       of event fields and values, then those
--- Reply: per run, in order: {'ok', finished at (server ms)} | {'stale', state} when the ledger is
---   terminal or gone, or another run owns the change ('fenced').
+-- Reply: per run, in order: {'ok', finished at (server ms), outbox entry id or ''} | {'stale', state}
+--   when the ledger is terminal or gone, or another run owns the change ('fenced').
 -- A terminal state records its event's stream id (event_id), so readers find the event without
 -- scanning the stream. A lock's value is 'job#run#expires at' (start.lua): one taken by another
 -- job since this run's lock expired is put back as it was.
 local results, dlq, pending, queue, claims = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local rate_key, newest_claim = KEYS[6], KEYS[7]
 local account, retention_ms, maxlen, hold_ms, lock_ttl_ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local outbox = results == dlq
 
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -63,7 +66,16 @@ local function finish_one(ledger, lock, a, first)
   end
   if l[5] ~= run then return {'stale', 'fenced'} end
   local history = (l[2] or '') .. history_line .. '\n'
-  local event_id = redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(event))
+  local terminal = outcome ~= 'retrying'
+  local event_id, outbox_id = '', ''
+  if outbox then
+    -- The outbox entry: the ledger to tell once published ('' while not terminal), the dead letter's
+    -- fields ('' unless failed), then the event.
+    outbox_id = redis.call('XADD', results, '*', 'ledger', terminal and ledger or '',
+      'letter', outcome == 'failed' and '1' or '', 'original_change', l[3], 'generation', l[4] or '0', unpack(event))
+  else
+    event_id = redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(event))
+  end
   local unknown_until = tonumber(l[6]) or 0
   if phase_after == 'unknown' then unknown_until = math.max(unknown_until, now + hold_ms) end
   release(lock, job .. '#' .. run, unknown_until)
@@ -82,6 +94,7 @@ local function finish_one(ledger, lock, a, first)
   else
     redis.call('HSET', ledger, 'state', outcome, 'phase', '', 'finished_at', now, 'stage_id', stage_id,
       'history', history, 'event_id', event_id)
+    if outbox then redis.call('HSET', ledger, 'outbox', outbox_id) end
     redis.call('PEXPIRE', ledger, retention_ms) -- kept for the retention from its terminal state
     done[#done + 1] = job
     -- No longer one of its stage's pending updates (worker.keys.stage_key).
@@ -91,11 +104,11 @@ local function finish_one(ledger, lock, a, first)
       created_jobs[#created_jobs + 1] = job
     end
   end
-  if outcome == 'failed' then
+  if outcome == 'failed' and not outbox then
     -- The dead letter carries the whole original change, so a replay needs nothing else.
     redis.call('XADD', dlq, '*', 'original_change', l[3], 'generation', l[4] or '0', unpack(event))
   end
-  return {'ok', tostring(now)}
+  return {'ok', tostring(now), outbox_id}
 end
 
 local first = 6

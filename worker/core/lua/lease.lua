@@ -1,14 +1,16 @@
 -- The heartbeat: keep this worker's running attempts hidden for another lease, by the server's
 -- clock, and say that the worker is alive. An attempt is extended only while it is still the
 -- change's current run by this worker (fencing): a stale one is left to lapse.
--- KEYS: 1 workers hash, then for each running job: its account queue zset, its ledger hash
+-- KEYS: 1 workers hash, then for each running job: its account queue zset, its ledger hash. On a
+--       Redis Cluster one call per account (its slot), with KEYS 1 its queue and ARGV 3 '': the
+--       workers hash is written by a call of its own, without jobs.
 -- ARGV: 1 lease (ms), 2 worker id, 3 running count, 4.. for each running job: job id, run
 -- Reply: one 1 (extended) or 0 (stale: another run owns the change now) per job, in order.
 local workers = KEYS[1]
 local lease_ms, worker_id = tonumber(ARGV[1]), ARGV[2]
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-redis.call('HSET', workers, worker_id, ARGV[3] .. '|' .. now_ms)
+if ARGV[3] ~= '' then redis.call('HSET', workers, worker_id, ARGV[3] .. '|' .. now_ms) end
 local extended = {}
 for i = 1, (#KEYS - 1) / 2 do
   local queue, ledger = KEYS[2 * i], KEYS[2 * i + 1]

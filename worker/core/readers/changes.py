@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import cast
 
 import orjson
-import redis.asyncio as aioredis
 
 from worker.core import keys
 from worker.core.change import parse_change, parse_envelope
@@ -77,7 +76,7 @@ class ReplayOutcome:
         return dataclasses.asdict(self)
 
 
-async def replay(client: aioredis.Redis, settings: Settings, entry: Entry) -> ReplayOutcome:
+async def replay(client: RedisClient, settings: Settings, entry: Entry) -> ReplayOutcome:
     """Put one dead-lettered change back on the queue under its own key (a new generation).
 
     The dead letter carries the whole original change (``original_change``), its key, account

@@ -11,6 +11,7 @@ import orjson
 
 from worker.core import keys
 from worker.core.errors import BadFilter, redis_errors
+from worker.core.pending import backlogs
 from worker.core.readers.stats import parse_heartbeat
 from worker.core.readers.streams import PAGE, Entry, dead_letters, id_ms, id_order, redis_now_ms, stream_pages
 from worker.core.redis_connection import RedisClient
@@ -101,8 +102,7 @@ class RateHistory:
 async def _queue_by_account(client: RedisClient, settings: Settings, now_ms: int) -> dict[str, Counter[str]]:
     """queued, due, in_progress and retrying per account, from the queue and the ledger states."""
     scores: dict[str, float] = {}
-    with redis_errors():
-        pending = await client.hkeys(keys.PENDING)  # type: ignore[misc]  # redis-py's async stubs
+    pending = await backlogs(client, settings)
     # Each account has its own queue: the configured accounts and those with changes not yet terminal.
     for account in sorted({*settings.accounts, *(a.decode() for a in pending)}):
         cursor = 0
@@ -143,7 +143,7 @@ async def overview(client: RedisClient, settings: Settings, history: RateHistory
     Accounts are the configured ones and any the queue or the dead letters name. Nothing of an
     account's credentials is read: only its name and rate limit.
     """
-    now = await redis_now_ms(client)
+    now = await redis_now_ms(client, settings.results_stream)
     counts = await _queue_by_account(client, settings, now)
     async for entry in stream_pages(client, settings.dlq_stream):
         counts[entry.get("account", "")]["dead_letters"] += 1
@@ -219,7 +219,7 @@ async def failures(
     groups: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for entry in letters:
         groups[entry.get("account", ""), entry.get("error_code", "")]["dead_letters"] += 1
-    now = await redis_now_ms(client)
+    now = await redis_now_ms(client, settings.results_stream)
     await history.update(client, settings, now)
     recent_from = max(since_ms or 0, now - history.SPAN_S * 1000)
     for (event_account, code, event), count in history.failures_since(recent_from).items():

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 from worker.core import keys
 from worker.core.errors import STALE_REQUEST_CODE, redis_errors
-from worker.core.readers.streams import stream_pages
+from worker.core.pending import backlogs
+from worker.core.readers.streams import redis_now_ms, stream_pages
 from worker.core.redis_connection import RedisClient
 from worker.core.settings import Settings
 from worker.core.states import TERMINAL, Outcome
@@ -41,14 +42,14 @@ async def stats(client: RedisClient, settings: Settings) -> dict[str, object]:
       the changes among the terminal ones that were sent alone or in a coalesced request.
     """
     with redis_errors():
-        (seconds, micros) = await client.time()
-        now_ms = seconds * 1000 + micros // 1000
+        now_ms = await redis_now_ms(client, settings.results_stream)
         async with client.pipeline(transaction=False) as pipe:
             pipe.hvals(keys.WORKERS)
             pipe.xlen(settings.dlq_stream)
             pipe.xlen(settings.results_stream)
-            pipe.hgetall(keys.PENDING)
-            heartbeats, dead, result_count, pending = await pipe.execute()
+            heartbeats, dead, result_count = await pipe.execute()
+    pending = await backlogs(client, settings)
+    with redis_errors():
         # Each account has its own queue: those with changes not yet terminal, and the configured ones.
         queues = [keys.queue_key(settings.queue_name, a) for a in {*(a.decode() for a in pending), *settings.accounts}]
         async with client.pipeline(transaction=False) as pipe:

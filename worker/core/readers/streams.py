@@ -6,6 +6,8 @@ import re
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 
+from redis.asyncio.cluster import RedisCluster
+
 from worker.core.errors import BadFilter, redis_errors
 from worker.core.redis_connection import RedisClient
 from worker.core.settings import Settings
@@ -108,7 +110,7 @@ async def selected_dead_letters(client: RedisClient, settings: Settings, selecti
         account=selection.account,
         idempotency_keys=selection.keys,
         error_code=selection.error_code,
-        since_ms=await since_as_ms(client, selection.since),
+        since_ms=await since_as_ms(client, selection.since, settings.dlq_stream),
     ):
         yield entry
 
@@ -130,17 +132,22 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
-async def since_as_ms(client: RedisClient, since: str | None) -> int | None:
-    """A ``since`` duration (``parse_duration``) as a moment of Redis's clock, never before 1970."""
+async def since_as_ms(client: RedisClient, since: str | None, stream: str) -> int | None:
+    """A ``since`` duration (``parse_duration``) as a moment of ``stream``'s Redis clock, never before 1970."""
     if since is None:
         return None
-    return max(await redis_now_ms(client) - parse_duration(since) * 1000, 0)
+    return max(await redis_now_ms(client, stream) - parse_duration(since) * 1000, 0)
 
 
-async def redis_now_ms(client: RedisClient) -> int:
-    """Redis's clock in ms: the clock of stream ids, so that windows do not depend on this host's."""
+async def redis_now_ms(client: RedisClient, stream: str) -> int:
+    """Redis's clock in ms: the clock of ``stream``'s ids, so that windows do not depend on this
+    host's (on a Redis Cluster, the clock of the stream's master: each has its own)."""
     with redis_errors():
-        seconds, micros = await client.time()
+        if isinstance(client, RedisCluster):
+            await client.initialize()  # the slot map, asked once
+            seconds, micros = await client.time(target_nodes=client.get_node_from_key(stream))
+        else:
+            seconds, micros = await client.time()
     return int(seconds) * 1000 + int(micros) // 1000
 
 

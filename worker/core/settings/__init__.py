@@ -62,6 +62,7 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "queue_name": ("LEADSTAGE_QUEUE", "name"),
     "concurrency": ("LEADSTAGE_CONCURRENCY", "positive_int"),
     "request_timeout_s": ("LEADSTAGE_REQUEST_TIMEOUT", "positive_float"),
+    "in_flight_margin_s": ("LEADSTAGE_IN_FLIGHT_MARGIN", "positive_float"),
     "job_timeout_s": ("LEADSTAGE_JOB_TIMEOUT", "positive_float"),
     "poll_delay_s": ("LEADSTAGE_POLL_DELAY", "positive_float"),
     "shutdown_grace_s": ("LEADSTAGE_SHUTDOWN_GRACE", "positive_float"),
@@ -71,6 +72,8 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
     "batch_threshold": ("LEADSTAGE_BATCH_THRESHOLD", "positive_int"),
     "batch_max": ("LEADSTAGE_BATCH_MAX", "positive_int"),
     "batch_wait_s": ("LEADSTAGE_BATCH_WAIT", "positive_float"),
+    "batch_poll_min_s": ("LEADSTAGE_BATCH_POLL_MIN", "positive_float"),
+    "batch_poll_max_s": ("LEADSTAGE_BATCH_POLL_MAX", "positive_float"),
     "redis_min_replicas": ("LEADSTAGE_REDIS_MIN_REPLICAS", "whole_number"),
     "redis_replica_timeout_s": ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "positive_float"),
     "retry_after_max_s": ("LEADSTAGE_RETRY_AFTER_MAX", "positive_float"),
@@ -112,6 +115,9 @@ class Settings:
     queue_name: str = "leadstage:queue"
     concurrency: int = 50
     request_timeout_s: float = 10.0
+    #: The in-flight guard (a POST of a worker that may still wait for iVvy's answer) is the request
+    #: timeout plus this margin for the round trip that wrote the recovery point before the POST.
+    in_flight_margin_s: float = 1.0
     job_timeout_s: float = 120.0
     poll_delay_s: float = 0.01
     shutdown_grace_s: float = 25.0
@@ -125,6 +131,10 @@ class Settings:
     batch_threshold: int = 20
     batch_max: int = 200
     batch_wait_s: float = 30.0
+    #: The shortest and longest pause between two polls of a batch's progress (paced by the progress
+    #: between them; the longest while it reports none).
+    batch_poll_min_s: float = 0.2
+    batch_poll_max_s: float = 5.0
     #: Replicas that must confirm the writes that matter (enqueue, the recovery point before a POST,
     #: the terminal state) before they count as done; 0 waits for none (docs/contract.md: Durability).
     redis_min_replicas: int = 0
@@ -225,6 +235,8 @@ class Settings:
                 f"LEADSTAGE_BATCH_WAIT ({self.batch_wait_s:g}s) plus two LEADSTAGE_REQUEST_TIMEOUT "
                 f"({self.request_timeout_s:g}s) must be shorter than LEADSTAGE_JOB_TIMEOUT ({self.job_timeout_s:g}s)"
             )
+        if self.batch_poll_min_s > self.batch_poll_max_s:
+            raise ConfigError("LEADSTAGE_BATCH_POLL_MIN must be at most LEADSTAGE_BATCH_POLL_MAX")
         if self.lease_s <= self.poll_delay_s * 3:
             raise ConfigError("LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY")
         if self.redis_min_replicas and self.redis_replica_timeout_s >= self.redis_timeout_s:

@@ -9,8 +9,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-import redis.asyncio as aioredis
-
 from producers import LeadStageProducer
 from worker.core import metrics
 from worker.core.errors import DemoFailed, InvalidChange, redis_errors
@@ -136,7 +134,7 @@ class DemoRun:
         worker_task: asyncio.Task[Any],
     ) -> None:
         self.producer = producer
-        self.redis: aioredis.Redis = producer.redis
+        self.redis = producer.redis
         self.settings = producer.settings
         self.fake = fake
         self.printer = printer

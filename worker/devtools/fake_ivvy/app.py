@@ -10,7 +10,8 @@ first that fails answers:
    date: 401. A date more than 5 minutes from the server's clock: 401, specific code 23005
    ("Request is stale").
 3. the server's own rate limit per API key (``rate_limit_per_s``, off by default): a request past
-   it in the last second is answered 429 with ``Retry-After: 1`` and not applied.
+   it in the last ``rate_limit_window_s`` (a second) is answered 429 with ``Retry-After`` that
+   window (``1``) and not applied.
 4. faults (``worker.devtools.fake_ivvy.faults``), only for requests that passed 1 to 3.
 5. the body: empty means no parameters; otherwise it must be a JSON object sent as
    ``application/json``: else 400, specific code 23016.
@@ -144,7 +145,8 @@ class _Handlers:
             fake.verify(request.method, request.raw_path, request.headers.items(), body)
             if fake.over_rate_limit(record.key):
                 record.fault = "limit"
-                raise ApiError(429, "Too Many Requests", headers={"Retry-After": "1"})
+                window = f"{fake.faults.rate_limit_window_s:g}"
+                raise ApiError(429, "Too Many Requests", headers={"Retry-After": window})
             fault = fake.faults.pick(fake.rng)
             if fault in CHANGE_FAULTS and action is not FakeIvvy.add_or_update_lead_stage:
                 fault = None

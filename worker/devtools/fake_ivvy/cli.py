@@ -66,7 +66,8 @@ _FAULT_HELP = {
     "batch_run_drop_rate": "share of batch runs accepted, then dropped without an answer",
     "batch_never_ready_rate": "share of batches that never complete (progress 0, results 24114)",
     "batch_job_24322_rate": "share of batch jobs answered 500/24322 instead of applied",
-    "rate_limit_per_s": "the server's own limit per API key: requests past it in a second get 429 (0: off)",
+    "rate_limit_per_s": "the server's own limit per API key: requests past it in a window get 429 (0: off)",
+    "rate_limit_window_s": "the window of --rate-limit-per-s, in seconds (also the Retry-After of its 429s)",
     "errors_as_200_rate": "share of error answers sent with HTTP status 200 (the error body unchanged)",
     "clock_offset_s": "seconds the fake's clock is ahead of the host's (negative: behind); beyond 300: 23005",
 }
@@ -79,6 +80,7 @@ _FAULT_TYPES: dict[str, Callable[[str], float]] = {
     "batch_delay_s": _non_negative,
     "batch_results_s": _non_negative,
     "rate_limit_per_s": _non_negative,
+    "rate_limit_window_s": _non_negative,
 }
 
 

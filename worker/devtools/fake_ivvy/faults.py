@@ -24,8 +24,10 @@ gateway_5xx_rate  0        share of addOrUpdateLeadStage committed, then answere
 late_commit_rate  0        share of addOrUpdateLeadStage held for ``late_commit_s``, then
                            committed and answered (the client has usually given up by then)
 late_commit_s     2        how long such a request is held before it is committed
-rate_limit_per_s  0        the server's own limit per API key: past it in a second, 429 with
-                           ``Retry-After: 1``, not applied (0: off)
+rate_limit_per_s  0        the server's own limit per API key: past it in a window, 429 with
+                           ``Retry-After`` the window, not applied (0: off)
+rate_limit_       1        the window of ``rate_limit_per_s``, in seconds (iVvy's: a second;
+window_s                   tests shorten it)
 batch_delay_s     0.2      how long a batch takes: its jobs are applied one by one over it
 batch_results_s   172800   how long a batch's results are kept after its run (iVvy: 2 days)
 batch_run_drop_   0        share of batch runs accepted (their jobs applied), then dropped
@@ -102,8 +104,10 @@ class Faults:
     batch_run_drop_rate: float = 0.0
     batch_never_ready_rate: float = 0.0
     batch_job_24322_rate: float = 0.0
-    #: The server's own rate limit per API key: requests past this many in a second get 429 (0: off).
+    #: The server's own rate limit per API key: requests past this many in a window (a second, as
+    #: iVvy's) get 429 with that window as their Retry-After (0: off).
     rate_limit_per_s: float = 0.0
+    rate_limit_window_s: float = 1.0
     errors_as_200_rate: float = 0.0
     clock_offset_s: float = 0.0
 

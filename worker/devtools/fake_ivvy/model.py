@@ -258,13 +258,14 @@ class FakeIvvy:
         return call(self, params)
 
     def over_rate_limit(self, key: str | None) -> bool:
-        """Whether this request of ``key`` is one too many in the last second (``rate_limit_per_s``)."""
+        """Whether this request of ``key`` is one too many in the last window (``rate_limit_per_s`` in
+        ``rate_limit_window_s``)."""
         limit = self.faults.rate_limit_per_s
         if limit <= 0 or key is None:
             return False
         now = time.monotonic()
         recent = self.recent_by_key.setdefault(key, deque())
-        while recent and recent[0] <= now - 1.0:
+        while recent and recent[0] <= now - self.faults.rate_limit_window_s:
             recent.popleft()
         if len(recent) >= limit:
             return True
