@@ -312,7 +312,28 @@ async def _end_one(
     group: coalesce.Group | None = None,
 ) -> None:
     """One change's end by its job's answer: the single attempt's finish path; the changes its job
-    carried (``group``) end first, as a coalesced request's do (``carried_by`` this change)."""
+    carried (``group``) end first, as a coalesced request's do (``carried_by`` this change). Once
+    ended, its lease is dropped: the heartbeat would find its run over and cancel the batch's one
+    task, with the other changes' ends under way (left to a collection a lease later)."""
+    await _end_change(runtime, start, facts, sent, outcome, started, unknown=unknown, settle_s=settle_s, group=group)
+    lease = runtime.running.get(facts.job_id)
+    if lease is not None and lease.run == start.run:
+        lease.end()
+        del runtime.running[facts.job_id]
+
+
+async def _end_change(
+    runtime: Runtime,
+    start: Start,
+    facts: JobFacts,
+    sent: LeadStageChange,
+    outcome: JobOutcome,
+    started: float,
+    *,
+    unknown: bool | None,
+    settle_s: float | None,
+    group: coalesce.Group | None,
+) -> None:
     operation = facts.change.operation
     with (
         bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt),
