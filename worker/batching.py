@@ -243,15 +243,19 @@ async def _collect(
     unknown = [True if facts.change.operation == "add" else None for _, facts in members]
     await asyncio.gather(
         *(
-            _end_one(
+            _ended(
                 runtime,
                 start,
-                facts,
-                change,
-                outcomes[index],
-                started,
-                unknown=add_unknown,
-                group=groups.get(facts.job_id),
+                _end_one(
+                    runtime,
+                    start,
+                    facts,
+                    change,
+                    outcomes[index],
+                    started,
+                    unknown=add_unknown,
+                    group=groups.get(facts.job_id),
+                ),
             )
             for (start, facts), change, index, add_unknown in zip(members, sent, indexes, unknown, strict=True)
         )
@@ -283,20 +287,35 @@ async def _end_all(
     settle_s = runtime.settings.batch_wait_s if held else None
     await asyncio.gather(
         *(
-            _end_one(
+            _ended(
                 runtime,
                 start,
-                facts,
-                change,
-                JobOutcome(error=error),
-                started,
-                unknown=unknown,
-                settle_s=settle_s,
-                group=groups.get(facts.job_id),
+                _end_one(
+                    runtime,
+                    start,
+                    facts,
+                    change,
+                    JobOutcome(error=error),
+                    started,
+                    unknown=unknown,
+                    settle_s=settle_s,
+                    group=groups.get(facts.job_id),
+                ),
             )
             for (start, facts), change in zip(members, sent, strict=True)
         )
     )
+
+
+async def _ended(runtime: Runtime, start: Start, end: Awaitable[None]) -> None:
+    """A change's ``end``, then its lease dropped: the heartbeat, finding its run over, would cancel
+    the batch's one task while the other changes' ends are under way (left to a collection a lease
+    later)."""
+    await end
+    lease = runtime.running.get(start.job_id)
+    if lease is not None and lease.run == start.run:
+        lease.end()
+        del runtime.running[start.job_id]
 
 
 async def _end_one(
@@ -312,28 +331,7 @@ async def _end_one(
     group: coalesce.Group | None = None,
 ) -> None:
     """One change's end by its job's answer: the single attempt's finish path; the changes its job
-    carried (``group``) end first, as a coalesced request's do (``carried_by`` this change). Once
-    ended, its lease is dropped: the heartbeat would find its run over and cancel the batch's one
-    task, with the other changes' ends under way (left to a collection a lease later)."""
-    await _end_change(runtime, start, facts, sent, outcome, started, unknown=unknown, settle_s=settle_s, group=group)
-    lease = runtime.running.get(facts.job_id)
-    if lease is not None and lease.run == start.run:
-        lease.end()
-        del runtime.running[facts.job_id]
-
-
-async def _end_change(
-    runtime: Runtime,
-    start: Start,
-    facts: JobFacts,
-    sent: LeadStageChange,
-    outcome: JobOutcome,
-    started: float,
-    *,
-    unknown: bool | None,
-    settle_s: float | None,
-    group: coalesce.Group | None,
-) -> None:
+    carried (``group``) end first, as a coalesced request's do (``carried_by`` this change)."""
     operation = facts.change.operation
     with (
         bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt),
