@@ -45,12 +45,15 @@ from tests.console_support import (
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisCluster as ClusterServers
 from tests.redis_servers import RedisServer
+from tests.test_demo import lines_of, run_demo
 from tests.test_dlq_filters import leadstage
 from worker.core import keys, outbox, readers
 from worker.core.errors import ConfigError
 from worker.core.ledger import Ledger
 from worker.core.redis_connection import RedisClient, connect_redis_or_cluster
 from worker.core.settings import Settings
+from worker.devtools.demo import DEMO_DLQ
+from worker.devtools.demo.embedded import DEMO_ACCOUNT
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.layout import migrate
 from worker.runner import running_worker
@@ -589,3 +592,28 @@ async def test_the_console_reads_replays_and_discards_on_the_cluster(
 
 async def dead_letters_are(cluster: RedisClient, settings: Settings, count: int) -> bool:
     return len(await listed(readers.dead_letters(cluster, settings))) == count
+
+
+async def test_the_demo_runs_on_the_cluster_and_leaves_production_keys_alone(cluster_url: str) -> None:
+    """``leadstage demo`` with REDIS_URL naming the cluster: every sample ends as expected (the
+    metrics counted before the summary), what an earlier demo left on any master is cleared
+    first, and production keys stay."""
+    cluster = connect_redis_or_cluster(cluster_url)
+    production = {"leadstage:queue": "job", keys.ledger_key("default:crm-42"): "entry", "leadstage:results": "x"}
+    stale = [keys.ledger_key(keys.job_id(DEMO_ACCOUNT, "stale")), keys.pending_key(DEMO_ACCOUNT, cluster=True)]
+    try:
+        for key, value in {**production, **dict.fromkeys(stale, "old")}.items():
+            await cluster.set(key, value)
+        run = await run_demo(REDIS_URL=cluster_url, LEADSTAGE_METRICS_PORT="0")
+        assert run.status == 0, run.stdout + run.stderr
+        assert run.stderr == ""
+        assert len(lines_of(run, "succeeded")) == 4
+        assert 'leadstage_changes_total{account="leadstage-demo",outcome="succeeded"} 4.0' in run.stdout
+        assert "Every sample ended as expected" in run.stdout
+        [dead] = await cluster.xrange(DEMO_DLQ)
+        assert dead[1][b"idempotency_key"].endswith(b"-quoted")
+        assert await cluster.exists(*stale) == 0
+        for key, value in production.items():
+            assert await cluster.get(key) == value.encode()
+    finally:
+        await cluster.aclose()

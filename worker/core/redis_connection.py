@@ -12,16 +12,15 @@ The forms (docs/contract.md, Configuration)::
                                                          only), plain or TLS: the hosts are where
                                                          the client first asks for the slot map
 
-The worker (arq's settings, ``worker.runner``), the producer library, the command line and the
-webhook all connect through here, so a URL means the same to each of them. Messages name
-``REDIS_URL`` and never repeat its password (``printable_url``).
+The worker (arq's settings, ``worker.runner``), the producer library, the command line, the
+webhook, the console and the demo all connect through here, so a URL means the same to each of
+them. Messages name ``REDIS_URL`` and never repeat its password (``printable_url``).
 
 Two factories, so that the type checker knows which code may meet a cluster: ``connect_redis``
 gives a single-server client (``aioredis.Redis``) and refuses a cluster URL with a ``ConfigError``
-(the parts not run on a cluster yet: the webhook, the console, the demo; docs/architecture.md,
-"Redis Cluster"); ``connect_redis_or_cluster`` gives a ``RedisClient``, a cluster client for a
-cluster URL, to the parts that work on both (the worker, the producer library, the commands, the
-readers, the consumer groups).
+(for code that needs one server: the soak's topologies, the tests of a failover); ``connect_redis_or_cluster``
+gives a ``RedisClient``, a cluster client for a cluster URL, to everything the product runs (the
+worker, the producer library, every command, the webhook, the console, the demo, the readers).
 """
 
 from __future__ import annotations
@@ -144,14 +143,15 @@ def parse_redis_url(url: str, name: str = "REDIS_URL") -> RedisTarget:
 
 
 def single_server(url: str) -> RedisTarget:
-    """``parse_redis_url``, refusing a Redis Cluster: for the clients that do not run on one yet
-    (``connect_redis``), and arq's connection settings (on a cluster arq gets ``worker.arq_pool``'s)."""
+    """``parse_redis_url``, refusing a Redis Cluster: for a single server's client (``connect_redis``)
+    and arq's connection settings (on a cluster arq gets ``worker.arq_pool``'s). Every command and
+    service connects with ``connect_redis_or_cluster``, so only code that asked for a single Redis
+    meets this refusal."""
     target = parse_redis_url(url)
     if target.cluster:
         raise ConfigError(
-            f"REDIS_URL ({printable_url(url)}) names a Redis Cluster: the webhook, the console and the demo do not "
-            "run on a cluster yet; the worker, the producer library, enqueue, replay and the readers do "
-            "(docs/architecture.md, Redis Cluster)"
+            f"REDIS_URL ({printable_url(url)}) names a Redis Cluster, and this client is a single Redis's "
+            "(connect_redis); connect_redis_or_cluster connects to either (docs/architecture.md, Redis Cluster)"
         )
     return target
 
