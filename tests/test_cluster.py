@@ -1,19 +1,20 @@
-"""``REDIS_URL=redis+cluster://``: what runs on a real 3-master Redis Cluster, and what refuses it.
+"""``REDIS_URL=redis+cluster://``: everything the product runs, on a real 3-master Redis Cluster.
 
-What runs on a cluster today — the readers (``leadstage stats``, ``status``, ``dlq list``,
-``results``), the consumer groups and ``standing`` (where a change stands, and its event) — is shown by
-reading what the product wrote: the worker applies changes to the fake iVvy on the test Redis, every
-key is then moved onto the cluster with DUMP and RESTORE (each to its slot's master, with its time
-to live), and each reader must read the same on both. The worker, the producer library,
-``leadstage enqueue`` and ``dlq replay`` run on the cluster itself (the last test); what does not yet
-(the webhook, the console, the demo) refuses a cluster URL before it writes anything (docs/architecture.md,
-"Redis Cluster").
+The readers (``leadstage stats``, ``status``, ``dlq list``, ``results``), the consumer groups and
+``standing`` (where a change stands, and its event) are shown by reading what the product wrote:
+the worker applies changes to the fake iVvy on the test Redis, every key is then moved onto the
+cluster with DUMP and RESTORE (each to its slot's master, with its time to live), and each reader
+must read the same on both. The worker, the producer library, ``leadstage enqueue`` and ``dlq
+replay`` run on the cluster itself; so do the webhook (through its HTTP server, also with the
+account's master hung and killed), the console (through its HTTP API) and ``leadstage demo``
+(docs/architecture.md, "Redis Cluster").
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from producers.webhook import create_app as create_webhook
 from producers.webhook_auth import ACCOUNT_HEADER
 from tests.console_support import (
     MISSING_STAGE,
+    TOKEN,
     WEBHOOK_SECRET,
     bearer,
     console_settings,
@@ -45,11 +47,13 @@ from tests.console_support import (
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisCluster as ClusterServers
 from tests.redis_servers import RedisServer
+from tests.test_cli import background, http, wait_for
 from tests.test_demo import lines_of, run_demo
 from tests.test_dlq_filters import leadstage
 from worker.core import keys, outbox, readers
 from worker.core.errors import ConfigError
 from worker.core.ledger import Ledger
+from worker.core.processes import free_port
 from worker.core.redis_connection import RedisClient, connect_redis_or_cluster
 from worker.core.settings import Settings
 from worker.devtools.demo import DEMO_DLQ
@@ -617,3 +621,23 @@ async def test_the_demo_runs_on_the_cluster_and_leaves_production_keys_alone(clu
             assert await cluster.get(key) == value.encode()
     finally:
         await cluster.aclose()
+
+
+def test_leadstage_webhook_and_console_serve_the_cluster(cluster_url: str) -> None:
+    """``leadstage webhook`` and ``leadstage console`` as an operator starts them, with REDIS_URL
+    naming the cluster: the webhook is ready and enqueues a signed change, the console's API reads it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IVVY_", "LEADSTAGE_", "REDIS_URL", "WEBHOOK_"))}
+    env |= {"REDIS_URL": cluster_url, "LEADSTAGE_METRICS_PORT": "0", "LEADSTAGE_LOG_FORMAT": "json"}
+    webhook_port, console_port = free_port(), free_port()
+    with (
+        background("webhook", "--port", str(webhook_port), env={**env, "WEBHOOK_SECRET": WEBHOOK_SECRET}),
+        background("console", "--port", str(console_port), env={**env, "LEADSTAGE_CONSOLE_TOKEN": TOKEN}),
+    ):
+        webhook, console = f"http://127.0.0.1:{webhook_port}", f"http://127.0.0.1:{console_port}"
+        wait_for(lambda: http("GET", webhook + "/healthz") == 200, "the webhook")
+        assert http("GET", webhook + "/readyz") == 200
+        body = orjson.dumps(DONE["hot"])
+        assert http("POST", webhook + CHANGES_PATH, body, signed(body, "cli-hot")) == 202
+        wait_for(lambda: http("GET", console + "/login") == 200, "the console")
+        assert http("GET", console + "/api/v1/changes/cli-hot?account=default", headers=bearer()) == 200
+        assert http("GET", console + "/api/v1/overview", headers=bearer()) == 200
