@@ -34,16 +34,8 @@ from producers.status import status_token
 from producers.waits import standing
 from producers.webhook import create_app as create_webhook
 from producers.webhook_auth import ACCOUNT_HEADER
-from tests.console_support import (
-    MISSING_STAGE,
-    TOKEN,
-    WEBHOOK_SECRET,
-    bearer,
-    console_settings,
-    create_missing_stage,
-    enqueue,
-    running_console,
-)
+from tests import console_support as consoles
+from tests.console_support import MISSING_STAGE, enqueue
 from tests.harness import eventually, wait_for_terminal, worker_settings
 from tests.redis_servers import RedisCluster as ClusterServers
 from tests.redis_servers import RedisServer
@@ -397,7 +389,7 @@ async def test_the_layout_migration_is_skipped_on_the_cluster_and_an_old_queue_r
 def two_account_settings(cluster_url: str, ivvy_url: str, **overrides: object) -> Settings:
     """Console settings (both tokens, a webhook secret) with accounts ``default`` and ``second``,
     whose keys are on different masters of the test cluster."""
-    base = console_settings(cluster_url, ivvy_url, **overrides)
+    base = consoles.console_settings(cluster_url, ivvy_url, **overrides)
     default = base.accounts["default"]
     return dataclasses.replace(base, accounts={**base.accounts, "second": dataclasses.replace(default, name="second")})
 
@@ -408,7 +400,7 @@ def signed(body: bytes, msg_id: str) -> dict[str, str]:
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": Webhook(WEBHOOK_SECRET).sign(msg_id, at, body.decode()),
+        "webhook-signature": Webhook(consoles.WEBHOOK_SECRET).sign(msg_id, at, body.decode()),
         "Content-Type": "application/json",
     }
 
@@ -471,7 +463,10 @@ async def test_the_webhook_enqueues_and_answers_status_on_the_cluster(
                 assert (where["state"], where["source"]) == ("queued", f"webhook:{key.split(':')[0]}")
 
             async def status_of(account: str, key: str) -> tuple[int, Any]:
-                headers = {"Authorization": f"Bearer {status_token(WEBHOOK_SECRET, account)}", ACCOUNT_HEADER: account}
+                headers = {
+                    "Authorization": f"Bearer {status_token(consoles.WEBHOOK_SECRET, account)}",
+                    ACCOUNT_HEADER: account,
+                }
                 async with http.get(base + f"{CHANGES_PATH}/{key}", headers=headers) as response:
                     return response.status, await response.json(content_type=None)
 
@@ -553,10 +548,12 @@ async def test_the_console_reads_replays_and_discards_on_the_cluster(
                 await producer.enqueue(REFUSED["gone"], idempotency_key="gone", account=account)
         async with running_worker(settings):
             await eventually(lambda: dead_letters_are(cluster, settings, 2), within_s=30)
-        async with running_console(settings, cluster) as console, aiohttp.ClientSession() as http:
+        async with consoles.running_console(settings, cluster) as console, aiohttp.ClientSession() as http:
 
             async def api(method: str, path: str, body: object = None) -> Any:
-                async with http.request(method, console + "/api/v1" + path, json=body, headers=bearer()) as response:
+                async with http.request(
+                    method, console + "/api/v1" + path, json=body, headers=consoles.bearer()
+                ) as response:
                     assert response.status == 200, await response.text()
                     return await response.json()
 
@@ -574,7 +571,7 @@ async def test_the_console_reads_replays_and_discards_on_the_cluster(
             assert [entry["kind"] for entry in timeline["timeline"]] == ["enqueued", "attempt"]
             assert timeline["timeline"][1]["result"]["event"] == "succeeded"  # from the results stream
 
-            create_missing_stage(fake_ivvy.fake)
+            consoles.create_missing_stage(fake_ivvy.fake)
             replayed = await api("POST", "/dead-letters/replay", {"keys": ["gone"], "account": "default"})
             assert [(r["account"], r["status"]) for r in replayed["results"]] == [("default", "queued")]
             discarded = await api("POST", "/dead-letters/discard", {"filter": {"account": "second"}})
@@ -630,8 +627,8 @@ def test_leadstage_webhook_and_console_serve_the_cluster(cluster_url: str) -> No
     env |= {"REDIS_URL": cluster_url, "LEADSTAGE_METRICS_PORT": "0", "LEADSTAGE_LOG_FORMAT": "json"}
     webhook_port, console_port = free_port(), free_port()
     with (
-        background("webhook", "--port", str(webhook_port), env={**env, "WEBHOOK_SECRET": WEBHOOK_SECRET}),
-        background("console", "--port", str(console_port), env={**env, "LEADSTAGE_CONSOLE_TOKEN": TOKEN}),
+        background("webhook", "--port", str(webhook_port), env={**env, "WEBHOOK_SECRET": consoles.WEBHOOK_SECRET}),
+        background("console", "--port", str(console_port), env={**env, "LEADSTAGE_CONSOLE_TOKEN": consoles.TOKEN}),
     ):
         webhook, console = f"http://127.0.0.1:{webhook_port}", f"http://127.0.0.1:{console_port}"
         wait_for(lambda: http("GET", webhook + "/healthz") == 200, "the webhook")
@@ -639,5 +636,5 @@ def test_leadstage_webhook_and_console_serve_the_cluster(cluster_url: str) -> No
         body = orjson.dumps(DONE["hot"])
         assert http("POST", webhook + CHANGES_PATH, body, signed(body, "cli-hot")) == 202
         wait_for(lambda: http("GET", console + "/login") == 200, "the console")
-        assert http("GET", console + "/api/v1/changes/cli-hot?account=default", headers=bearer()) == 200
-        assert http("GET", console + "/api/v1/overview", headers=bearer()) == 200
+        assert http("GET", console + "/api/v1/changes/cli-hot?account=default", headers=consoles.bearer()) == 200
+        assert http("GET", console + "/api/v1/overview", headers=consoles.bearer()) == 200
