@@ -1,7 +1,7 @@
 """The product's phases that have no bare-arq counterpart (arq has no per-account rate limit):
 
 =============  ===============================================================================
-backlog        N changes of one account ("busy", LEADSTAGE's rate limit 20/s) enqueued first,
+backlog        N changes of one account ("busy", LEADSTAGE's rate limit 20/s, batch mode off) enqueued first,
                then one worker; over its first 10 s, a trickle of 10 changes of a second account
                ("quiet", also 20/s), one a second. The busy account's rate in those 10 s (target:
                at least 95 % of its limit), the quiet one's p99 from enqueue to terminal event
@@ -51,7 +51,11 @@ def _accounts_side(rig: Rig, settings: Settings) -> ProductSide:
     path = rig.group.log_dir / "backlog-accounts.json"
     account = {"base_url": rig.fake_url, "api_key": DEMO_API_KEY, "api_secret": DEMO_API_SECRET}
     path.write_bytes(orjson.dumps({name: {**account, "rate_limit": ACCOUNT_RATE} for name in (BUSY, QUIET)}))
-    return ProductSide(settings, name="product-backlog", worker_env={"LEADSTAGE_ACCOUNTS_FILE": str(path)})
+    # One request per change: the phase measures the schedule against the accounts' rate limits
+    # (batch mode would send 200 of the busy account's changes in one request; the real-ivvy
+    # phase measures that).
+    env = {"LEADSTAGE_ACCOUNTS_FILE": str(path), "LEADSTAGE_BATCH": "off"}
+    return ProductSide(settings, name="product-backlog", worker_env=env)
 
 
 async def run_backlog(rig: Rig, settings: Settings, *, changes: int) -> dict[str, Any]:

@@ -215,7 +215,7 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "operationId": "readyz",
-                    "summary": "Redis answers PING",
+                    "summary": "Redis answers PING (on a Redis Cluster, every master)",
                     "responses": {
                         "200": {"description": "Ready.", "content": {_JSON: {"schema": ref("schemas", "Status")}}},
                         "503": _problem_response("Redis is unavailable.", retry_after=True),

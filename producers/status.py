@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Final
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from producers.openapi import STATUS_PATH
@@ -39,6 +38,7 @@ from producers.waits import standing
 from producers.webhook_auth import ACCOUNT_HEADER
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.core.errors import ConfigError, InvalidChange, RedisUnavailable
+from worker.core.redis_connection import RedisClient
 from worker.core.settings import Settings
 
 __all__ = ["account_secrets", "add_status_route", "authenticated_account", "status_token"]
@@ -101,13 +101,13 @@ def authenticated_account(settings: Settings, request: web.Request) -> str:
 @dataclass(frozen=True, slots=True)
 class _Status:
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
 
 
 _STATUS: Final = web.AppKey("leadstage_status", _Status)
 
 
-def add_status_route(app: web.Application, settings: Settings, redis: aioredis.Redis) -> None:
+def add_status_route(app: web.Application, settings: Settings, redis: RedisClient) -> None:
     """Serve the status route on the webhook's application (``create_app`` calls this)."""
     app[_STATUS] = _Status(settings, redis)
     app.router.add_get(STATUS_PATH, _get_change)

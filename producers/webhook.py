@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from producers.library import ChangeItem, LeadStageProducer, Receipt
@@ -67,7 +66,7 @@ from worker.core import metrics, tracing
 from worker.core.errors import ConfigError, IdempotencyConflict, RedisUnavailable
 from worker.core.logs import get_logger
 from worker.core.processes import signalled
-from worker.core.redis_connection import connect_redis_of, ping
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster_of, ping
 from worker.core.settings import Settings
 
 __all__ = ["Verifier", "create_app", "run_webhook", "verifiers", "verify_signature"]
@@ -81,7 +80,7 @@ READY_TIMEOUT_S: Final = 2.0
 @dataclass(frozen=True, slots=True)
 class _State:
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
     producer: LeadStageProducer
     verifiers: tuple[Verifier, ...]
     #: Accounts changes may be enqueued for; empty: any well-formed name (no account list).
@@ -92,7 +91,7 @@ class _State:
 _STATE: Final = web.AppKey("leadstage_webhook", _State)
 
 
-def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
+def create_app(settings: Settings, redis: RedisClient) -> web.Application:
     """The HTTP producer over ``redis`` (the caller's client: it closes it). An enqueue that gets
     no answer within ``settings.redis_timeout_s`` (LEADSTAGE_REDIS_TIMEOUT) is a 503.
 
@@ -246,7 +245,7 @@ def run_webhook(settings: Settings, host: str, port: int) -> int:
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
-    redis_client = connect_redis_of(settings)
+    redis_client = connect_redis_or_cluster_of(settings)
     try:
         async with serving(create_app(settings, redis_client), host, port, shutdown_timeout=10.0) as (_, bound):
             log.info("webhook.listening", host=host, port=bound, path=CHANGES_PATH)

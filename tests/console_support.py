@@ -14,6 +14,7 @@ from tests.harness import eventually, read_events, reconciling_soon, wait_for_te
 from worker.console.app import create_app
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
+from worker.core.redis_connection import RedisClient
 from worker.core.settings import Secret, Settings
 from worker.devtools.fake_ivvy import FakeIvvy, RunningFakeIvvy, Stage
 from worker.runner import running_worker
@@ -38,14 +39,14 @@ def console_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Sett
 
 
 @contextlib.asynccontextmanager
-async def running_console(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[str]:
+async def running_console(settings: Settings, redis: RedisClient) -> AsyncIterator[str]:
     """The console on a free loopback port, served as ``leadstage console`` serves it; yields its base URL."""
     async with serving(create_app(settings, redis), "127.0.0.1", 0, shutdown_timeout=2.0) as (host, port):
         yield f"http://{host}:{port}"
 
 
 async def enqueue(
-    redis: aioredis.Redis, settings: Settings, change: dict[str, object], key: str, account: str = "default"
+    redis: RedisClient, settings: Settings, change: dict[str, object], key: str, account: str = "default"
 ) -> None:
     """Enqueue one change through the ledger, as every producer does."""
     await Ledger(redis, settings).enqueue_many(

@@ -136,3 +136,20 @@ async def wait_for_terminal(
                 f"{len(missing)} changes have no terminal event after {within_s}s: {sorted(missing)[:5]}"
             )
         await asyncio.sleep(0.05)
+
+
+class LosingCancellations:
+    """A task's body that swallows its first ``count`` cancellations, as redis-py 5.3 (with a socket
+    timeout) can lose one that lands while it reads a reply; ``lost`` counts them."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.lost = count, 0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if self.lost == self.count:
+                    raise
+                self.lost += 1

@@ -16,7 +16,7 @@ import signal
 
 from arq.worker import Worker
 
-from tests.harness import worker_settings
+from tests.harness import LosingCancellations, worker_settings
 from worker.runner import LeadstageWorker, build_worker
 
 #: The arq releases whose internals were read against ``worker.runner`` (pyproject's bound).
@@ -72,20 +72,9 @@ def test_both_stops_cancel_the_main_task_then_call_on_stop() -> None:
 
 async def test_sigterm_cancels_the_main_task_until_it_ends_when_a_cancellation_is_lost() -> None:
     worker = build_worker(worker_settings("redis://127.0.0.1:1/0", "http://127.0.0.1:1"), handle_signals=False)
-    lost = 0
-
-    async def main_losing_two_cancellations() -> None:
-        nonlocal lost
-        while True:
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                if lost == 2:
-                    raise
-                lost += 1  # as redis-py 5.3 can lose a cancellation that lands while it reads a reply
-
-    worker.main_task = asyncio.ensure_future(main_losing_two_cancellations())
+    body = LosingCancellations(2)
+    worker.main_task = asyncio.ensure_future(body.run())
     worker.handle_sig_wait_for_completion(signal.SIGTERM)  # what arq runs on SIGTERM (no jobs to wait for)
     await asyncio.wait({worker.main_task}, timeout=30)  # bounded, so that a regression fails instead of hanging
     assert worker.main_task.cancelled()
-    assert lost == 2
+    assert body.lost == 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.harness import LosingCancellations
 from worker.core.errors import ProcessFailed
 from worker.core.processes import SOURCE_ROOT, Children, RedisServer, cancel_until_done, free_port, wait_for_port
 
@@ -127,21 +128,9 @@ def test_the_source_root_holds_the_packages_children_import() -> None:
 async def test_cancel_until_done_ends_a_task_that_loses_a_cancellation() -> None:
     """redis-py (5.3, with a socket timeout) can swallow a cancellation that lands while it reads:
     a worker whose heartbeat did so waited for it for good at shutdown."""
-    lost = 0
-
-    async def heartbeat_like() -> None:
-        nonlocal lost
-        while True:
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                if lost == 0:  # the first cancellation is lost, as redis-py can lose it
-                    lost += 1
-                    continue
-                raise
-
-    task = asyncio.create_task(heartbeat_like())
+    body = LosingCancellations(1)
+    task = asyncio.create_task(body.run())
     await asyncio.sleep(0)
     await asyncio.wait_for(cancel_until_done(task), timeout=5)  # a guard against hanging the suite
     assert task.cancelled()
-    assert lost == 1
+    assert body.lost == 1

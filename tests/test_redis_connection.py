@@ -142,10 +142,12 @@ async def test_a_client_for_each_form_is_made_without_io() -> None:
 
 
 @pytest.mark.parametrize("url", ["redis+cluster://:hunter2@n1:7000/", "rediss+cluster://n1/"])
-def test_what_does_not_run_on_a_cluster_refuses_a_cluster_url(url: str) -> None:
+def test_a_single_servers_client_refuses_a_cluster_url(url: str) -> None:
+    """``connect_redis`` (a single Redis's client, for code that needs one server) and arq's own
+    connection settings refuse a cluster URL, naming the factory that takes one."""
     for refuses in (connect_redis, redis_settings):
         with pytest.raises(
-            ConfigError, match="names a Redis Cluster: the webhook, the console and the demo"
+            ConfigError, match=r"names a Redis Cluster, and this client is a single Redis's .*connect_redis_or_cluster"
         ) as refusal:
             refuses(url)
         assert "hunter2" not in str(refusal.value)

@@ -18,8 +18,8 @@ __all__ = ["COMMANDS", "build_parser", "parse_command", "parse_fake_ivvy_options
 
 ENVIRONMENT_HELP = """environment (the settings that matter most; README lists them all):
   REDIS_URL                  redis://, rediss://, unix:// or redis+sentinel:// URL
-                             (default redis://localhost:6379/0); redis+cluster:// for
-                             the read commands (stats, status, dlq list, results)
+                             (default redis://localhost:6379/0), or redis+cluster://
+                             (a Redis Cluster: every command runs on one)
   IVVY_BASE_URL, IVVY_API_KEY, IVVY_API_SECRET
                              the iVvy account "default" (the worker needs an account)
   LEADSTAGE_ACCOUNTS_FILE    JSON file of accounts: name -> base_url, api_key, api_secret

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from producers.problems import Problem, excerpt, not_json
@@ -26,6 +25,7 @@ from worker.core import readers
 from worker.core.change import DEFAULT_ACCOUNT, parse_envelope
 from worker.core.errors import InvalidChange
 from worker.core.logs import get_logger
+from worker.core.redis_connection import RedisClient
 from worker.core.settings import Settings
 
 log = get_logger("leadstage.console")
@@ -55,7 +55,7 @@ class Shared:
 @dataclass(frozen=True, slots=True)
 class ApiState:
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
     history: readers.RateHistory
     openapi: bytes
     overview: Shared
@@ -191,10 +191,10 @@ def parse_selection(payload: object) -> readers.Selection:
     return selection
 
 
-Act = Callable[[aioredis.Redis, Settings, readers.Entry], Awaitable[dict[str, Any]]]
+Act = Callable[[RedisClient, Settings, readers.Entry], Awaitable[dict[str, Any]]]
 
 
-async def _replay_one(client: aioredis.Redis, settings: Settings, entry: readers.Entry) -> dict[str, Any]:
+async def _replay_one(client: RedisClient, settings: Settings, entry: readers.Entry) -> dict[str, Any]:
     outcome = await readers.replay(client, settings, entry)
     return {
         "idempotency_key": outcome.idempotency_key,
@@ -205,7 +205,7 @@ async def _replay_one(client: aioredis.Redis, settings: Settings, entry: readers
     }
 
 
-async def _discard_one(client: aioredis.Redis, settings: Settings, entry: readers.Entry) -> dict[str, Any]:
+async def _discard_one(client: RedisClient, settings: Settings, entry: readers.Entry) -> dict[str, Any]:
     return {
         "idempotency_key": entry.get("idempotency_key", ""),
         "account": entry.get("account", ""),
@@ -271,5 +271,5 @@ def add_routes(app: web.Application, state: ApiState) -> None:
     app.router.add_get(f"{API}/openapi.json", openapi)
 
 
-def new_state(settings: Settings, redis: aioredis.Redis) -> ApiState:
+def new_state(settings: Settings, redis: RedisClient) -> ApiState:
     return ApiState(settings, redis, readers.RateHistory(), orjson.dumps(openapi_document()), Shared(OVERVIEW_TTL_S))

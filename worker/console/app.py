@@ -19,7 +19,6 @@ from typing import Final
 from urllib.parse import quote
 
 import jinja2
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from producers.problems import Problem, from_http_exception, misconfigured, unavailable
@@ -31,7 +30,7 @@ from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import ConfigError, PermanentError, RedisUnavailable
 from worker.core.logs import get_logger
 from worker.core.processes import is_loopback, until_signalled
-from worker.core.redis_connection import connect_redis_of, printable_url
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster_of, printable_url
 from worker.core.settings import Settings
 
 __all__ = ["create_app", "exposure_warning", "run_console"]
@@ -75,7 +74,7 @@ def exposure_warning(settings: Settings, host: str) -> str | None:
     )
 
 
-def create_app(settings: Settings, redis: aioredis.Redis) -> web.Application:
+def create_app(settings: Settings, redis: RedisClient) -> web.Application:
     """The console over ``redis`` (the caller's client: it closes it)."""
     gate = Gate(settings)
     log_malformed_requests_as_warnings()
@@ -277,7 +276,7 @@ async def _serve(settings: Settings, host: str, port: int) -> None:
 
 async def _listen(settings: Settings, host: str, port: int) -> None:
     """Serve until cancelled (by a signal); the server and the Redis client are closed on the way out."""
-    redis_client = connect_redis_of(settings)
+    redis_client = connect_redis_or_cluster_of(settings)
     try:
         async with serving(create_app(settings, redis_client), host, port, shutdown_timeout=5.0) as bound:
             # The bound address, not the asked one: --port 0 takes a free port, and says which.

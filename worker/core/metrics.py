@@ -46,6 +46,7 @@ __all__ = [
     "RATE_LIMIT_WAIT_SECONDS",
     "WEBHOOK_REQUESTS",
     "MetricsServer",
+    "counted_changes",
     "refresh_queue_gauges",
     "render_latest",
     "start_metrics_server",
@@ -193,6 +194,13 @@ def start_metrics_server(port: int, host: str = "0.0.0.0") -> MetricsServer | No
             f"LEADSTAGE_METRICS_PORT: port {port} on {host} {reason}; choose another port, or 0 to turn metrics off"
         ) from None
     return MetricsServer(server, thread)
+
+
+def counted_changes(account: str, outcome: str) -> float | None:
+    """This process's ``leadstage_changes_total`` of ``account`` and ``outcome`` (None before the first)."""
+    return prometheus_client.REGISTRY.get_sample_value(
+        "leadstage_changes_total", {"account": account, "outcome": outcome}
+    )
 
 
 def render_latest(accept: str | None = None) -> tuple[bytes, str]:

@@ -12,16 +12,15 @@ The forms (docs/contract.md, Configuration)::
                                                          only), plain or TLS: the hosts are where
                                                          the client first asks for the slot map
 
-The worker (arq's settings, ``worker.runner``), the producer library, the command line and the
-webhook all connect through here, so a URL means the same to each of them. Messages name
-``REDIS_URL`` and never repeat its password (``printable_url``).
+The worker (arq's settings, ``worker.runner``), the producer library, the command line, the
+webhook, the console and the demo all connect through here, so a URL means the same to each of
+them. Messages name ``REDIS_URL`` and never repeat its password (``printable_url``).
 
 Two factories, so that the type checker knows which code may meet a cluster: ``connect_redis``
 gives a single-server client (``aioredis.Redis``) and refuses a cluster URL with a ``ConfigError``
-(the parts not run on a cluster yet: the webhook, the console, the demo; docs/architecture.md,
-"Redis Cluster"); ``connect_redis_or_cluster`` gives a ``RedisClient``, a cluster client for a
-cluster URL, to the parts that work on both (the worker, the producer library, the commands, the
-readers, the consumer groups).
+(for code that needs one server: the soak's topologies, the tests of a failover); ``connect_redis_or_cluster``
+gives a ``RedisClient``, a cluster client for a cluster URL, to everything the product runs (the
+worker, the producer library, every command, the webhook, the console, the demo, the readers).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, NodesManager, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.sentinel import Sentinel
 
@@ -144,14 +143,15 @@ def parse_redis_url(url: str, name: str = "REDIS_URL") -> RedisTarget:
 
 
 def single_server(url: str) -> RedisTarget:
-    """``parse_redis_url``, refusing a Redis Cluster: for the clients that do not run on one yet
-    (``connect_redis``), and arq's connection settings (on a cluster arq gets ``worker.arq_pool``'s)."""
+    """``parse_redis_url``, refusing a Redis Cluster: for a single server's client (``connect_redis``)
+    and arq's connection settings (on a cluster arq gets ``worker.arq_pool``'s). Every command and
+    service connects with ``connect_redis_or_cluster``, so only code that asked for a single Redis
+    meets this refusal."""
     target = parse_redis_url(url)
     if target.cluster:
         raise ConfigError(
-            f"REDIS_URL ({printable_url(url)}) names a Redis Cluster: the webhook, the console and the demo do not "
-            "run on a cluster yet; the worker, the producer library, enqueue, replay and the readers do "
-            "(docs/architecture.md, Redis Cluster)"
+            f"REDIS_URL ({printable_url(url)}) names a Redis Cluster, and this client is a single Redis's "
+            "(connect_redis); connect_redis_or_cluster connects to either (docs/architecture.md, Redis Cluster)"
         )
     return target
 
@@ -246,7 +246,39 @@ def connect_redis_or_cluster(
         socket_timeout=timeout_s,
         socket_connect_timeout=connect_timeout_s,
     )
+    cluster.nodes_manager = _SeededNodes(target.hosts, cluster.nodes_manager)
     return cluster
+
+
+class _SeededNodes(NodesManager):
+    """redis-py's map of a cluster's nodes, which asks REDIS_URL's nodes for the slot map again when
+    it has forgotten every node it knew.
+
+    redis-py 5.3 drops a node from those it asks for the slot map when a command to it fails to
+    connect, and closes every connection; the commands in flight to the other masters then fail the
+    same way and drop theirs (a PING of every master, as /readyz sends, does it at once). Once none
+    is left, every later command is "Redis Cluster cannot be connected" without asking anyone: a
+    master killed and back would leave the client dead for good.
+    """
+
+    __slots__ = ("seeds",)
+
+    def __init__(self, seeds: tuple[tuple[str, int], ...], manager: NodesManager) -> None:
+        super().__init__(
+            list(manager.startup_nodes.values()),
+            manager.require_full_coverage,
+            manager.connection_kwargs,
+            address_remap=manager.address_remap,
+            event_dispatcher=manager._event_dispatcher,  # the client's own, shared with its nodes
+        )
+        self.seeds = seeds
+
+    async def initialize(self) -> None:
+        if not self.startup_nodes:
+            for host, port in self.seeds:
+                node = ClusterNode(host, port, **self.connection_kwargs)
+                self.startup_nodes[node.name] = node
+        await super().initialize()
 
 
 def connect_redis_of(settings: Settings) -> aioredis.Redis:
@@ -264,12 +296,16 @@ def connect_redis_or_cluster_of(settings: Settings) -> RedisClient:
 
 
 async def ping(client: RedisClient, timeout_s: float) -> None:
-    """PING within ``timeout_s``; ``RedisUnavailable`` when Redis does not answer (``RedisCredentialsRefused``
+    """PING within ``timeout_s`` (on a cluster, every master: one that does not answer leaves its
+    accounts' slots unserved); ``RedisUnavailable`` when Redis does not answer (``RedisCredentialsRefused``
     when it refuses REDIS_URL's credentials)."""
     try:
         async with asyncio.timeout(timeout_s):
             with redis_errors():
-                await client.ping()
+                if isinstance(client, RedisCluster):
+                    await client.ping(target_nodes=RedisCluster.PRIMARIES)
+                else:
+                    await client.ping()
     except TimeoutError:
         raise RedisUnavailable(f"Redis did not answer within {timeout_s:g} s") from None
 

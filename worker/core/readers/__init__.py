@@ -6,9 +6,9 @@ Everything here reads Redis the way the worker writes it (``worker.core.keys``, 
 through ``Ledger.replay`` like every other enqueue, and ``discard``, which deletes one dead letter. Streams are read
 in pages, so a stream of 100,000 entries costs a hundred round trips and bounded memory, not one huge reply.
 
-Every reader but ``replay`` takes a ``RedisClient``: a single Redis or a Redis Cluster. Each command names one key,
-and a pipeline (never a transaction) may name keys of several slots: the cluster client sends each command to its
-slot's master. ``replay`` runs enqueue.lua, which does not run on a cluster yet.
+Every reader takes a ``RedisClient``: a single Redis or a Redis Cluster. Each command names one key, and a
+pipeline (never a transaction) may name keys of several slots: the cluster client sends each command to its
+slot's master. ``replay`` enqueues in the account's slot, then deletes the dead letter (``Ledger.replay``).
 
 By job: ``streams`` (paged reads, time filters), ``changes`` (one change: status, timeline, replay), ``stats``
 (``leadstage stats``), ``console`` (the console's overview and failures); import every name from here.

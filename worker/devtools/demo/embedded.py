@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from worker.core import keys, metrics
 from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import ConfigError, DemoFailed, RedisCredentialsRefused, RedisUnavailable, redis_errors
 from worker.core.processes import Children, RedisServer
-from worker.core.redis_connection import connect_redis, ping, printable_url
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster, ping, printable_url
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 from worker.devtools.demo.printer import Printer
 
@@ -35,7 +35,7 @@ REDIS_PROBE_TIMEOUT_S: Final = 2.0
 
 async def answers(url: str) -> bool:
     """Whether a Redis answers at ``url``; one that answers but refuses us is a ``DemoFailed``."""
-    client = connect_redis(url)
+    client = connect_redis_or_cluster(url)
     try:
         await ping(client, REDIS_PROBE_TIMEOUT_S)
     except RedisCredentialsRefused as error:  # a RedisUnavailable: before it
@@ -66,10 +66,12 @@ async def own_redis_server(unanswered_url: str) -> AsyncIterator[str]:
             await asyncio.to_thread(children.close)
 
 
-async def clear_demo_keys(client: aioredis.Redis) -> None:
+async def clear_demo_keys(client: RedisClient) -> None:
     """Delete what earlier demos left: the demo's queue, streams and every key of its account.
 
-    One SCAN pass, then an exact prefix check, so that no production key is ever touched.
+    One SCAN pass (of every master, on a Redis Cluster), then an exact prefix check, so that no
+    production key is ever touched; on a cluster also the account's backlog count and outbox, which
+    are its own there (on a single Redis its backlog is a field of the shared hash, left alone).
     """
     prefixes = tuple(
         prefix + keys.tag(DEMO_ACCOUNT) + ":"
@@ -78,6 +80,8 @@ async def clear_demo_keys(client: aioredis.Redis) -> None:
     doomed = [DEMO_QUEUE, DEMO_RESULTS, DEMO_DLQ, keys.claims_key(DEMO_ACCOUNT), keys.rate_key(DEMO_ACCOUNT)]
     doomed += [keys.newest_claim_key(DEMO_ACCOUNT), keys.queue_key(DEMO_QUEUE, DEMO_ACCOUNT)]
     doomed += [keys.ready_key(DEMO_QUEUE), keys.wake_key(DEMO_QUEUE), keys.epoch_key(DEMO_QUEUE)]
+    if isinstance(client, RedisCluster):
+        doomed += [keys.pending_key(DEMO_ACCOUNT, cluster=True), keys.outbox_key(DEMO_ACCOUNT)]
     with redis_errors():
         async for raw in client.scan_iter(match="leadstage:*" + keys.tag(DEMO_ACCOUNT) + ":*", count=1000):
             if raw.decode(errors="replace").startswith(prefixes):

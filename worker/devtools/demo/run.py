@@ -13,7 +13,7 @@ from producers import LeadStageProducer
 from worker.core.errors import LeadstageError
 from worker.core.logs import configure_logging
 from worker.core.processes import until_signalled
-from worker.core.redis_connection import connect_redis, printable_url
+from worker.core.redis_connection import connect_redis_or_cluster, printable_url
 from worker.core.settings import Settings
 from worker.devtools.demo.embedded import (
     DEMO_DLQ,
@@ -48,7 +48,7 @@ async def _demo(settings: Settings, keep_running: bool, printer: Printer, status
         redis_url, own_redis = settings.redis_url, not await answers(settings.redis_url)
         if own_redis:
             redis_url = await stack.enter_async_context(own_redis_server(settings.redis_url))
-        client = connect_redis(redis_url)
+        client = connect_redis_or_cluster(redis_url)
         stack.push_async_callback(client.aclose)
         await clear_demo_keys(client)
         key, secret = credentials = demo_credentials(settings)

@@ -248,6 +248,7 @@ class DemoRun:
         entries = f"{len(dead)} {'entry' if len(dead) == 1 else 'entries'}"
         p.line(f"  dead letters: stream {self.settings.dlq_stream} on {redis_where} ({entries})")
         p.line(f"  metrics:      {metrics_url or 'no endpoint'}; the series this run moved:")
+        await _counted(outcomes.count("succeeded"), outcomes.count("failed"))
         for series in _metric_lines():
             p.line(f"    {series}", "dim")
         unexpected = [s for s in self.samples if not s.as_expected()]
@@ -265,6 +266,21 @@ _METRIC_SERIES: Final = (
     "leadstage_attempts_total{",
     "leadstage_ivvy_request_seconds_count{",
 )
+
+
+#: How long the summary waits for the worker to count the outcomes it has already published.
+COUNTED_WITHIN_S: Final = 2.0
+COUNTED_POLL_S: Final = 0.01
+
+
+async def _counted(succeeded: int, failed: int) -> None:
+    """Until this process's worker has counted the terminal outcomes the demo saw (or a moment has
+    passed): on a Redis Cluster it publishes an event a round trip (its outbox's ack) before it counts it."""
+    wanted = {"succeeded": succeeded, "failed": failed}
+    for _ in range(int(COUNTED_WITHIN_S / COUNTED_POLL_S)):
+        if all((metrics.counted_changes(DEMO_ACCOUNT, outcome) or 0) >= n for outcome, n in wanted.items()):
+            return
+        await asyncio.sleep(COUNTED_POLL_S)
 
 
 def _metric_lines() -> list[str]:
