@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import orjson
@@ -241,24 +241,8 @@ async def _collect(
         return
     # An add's job that failed may have been applied for all this worker knows: reconciled first.
     unknown = [True if facts.change.operation == "add" else None for _, facts in members]
-    await asyncio.gather(
-        *(
-            _ended(
-                runtime,
-                start,
-                _end_one(
-                    runtime,
-                    start,
-                    facts,
-                    change,
-                    outcomes[index],
-                    started,
-                    unknown=add_unknown,
-                    group=groups.get(facts.job_id),
-                ),
-            )
-            for (start, facts), change, index, add_unknown in zip(members, sent, indexes, unknown, strict=True)
-        )
+    await _end_each(
+        runtime, members, sent, [outcomes[index] for index in indexes], started, unknown=unknown, groups=groups
     )
 
 
@@ -284,7 +268,31 @@ async def _end_all(
 ) -> None:
     """Every change of the batch ends as its request would have alone with ``error``; ``held``: the
     batch may still be applied for another LEADSTAGE_BATCH_WAIT (an add reconciles after that)."""
-    settle_s = runtime.settings.batch_wait_s if held else None
+    await _end_each(
+        runtime,
+        members,
+        sent,
+        [JobOutcome(error=error) for _ in members],
+        started,
+        unknown=[unknown] * len(members),
+        settle_s=runtime.settings.batch_wait_s if held else None,
+        groups=groups,
+    )
+
+
+async def _end_each(
+    runtime: Runtime,
+    members: list[tuple[Start, JobFacts]],
+    sent: list[LeadStageChange],
+    outcomes: Sequence[JobOutcome],
+    started: float,
+    *,
+    unknown: Sequence[bool | None],
+    groups: Mapping[str, coalesce.Group],
+    settle_s: float | None = None,
+) -> None:
+    """Each change of the batch ends by its own job's outcome through the single attempt's path
+    (``_end_one``), and gives up its lease as soon as it has (``_ended``)."""
     await asyncio.gather(
         *(
             _ended(
@@ -295,14 +303,14 @@ async def _end_all(
                     start,
                     facts,
                     change,
-                    JobOutcome(error=error),
+                    outcome,
                     started,
-                    unknown=unknown,
+                    unknown=change_unknown,
                     settle_s=settle_s,
                     group=groups.get(facts.job_id),
                 ),
             )
-            for (start, facts), change in zip(members, sent, strict=True)
+            for (start, facts), change, outcome, change_unknown in zip(members, sent, outcomes, unknown, strict=True)
         )
     )
 
