@@ -143,8 +143,8 @@ async def run_real_ivvy(
     tag: str,
     modes: tuple[str, ...] = tuple(MODES),
 ) -> dict[str, Any]:
-    """The modes on the same workload (all three unless told: "alone" at the issue's 11,000 changes
-    takes 18 minutes); the ratios of their wall times."""
+    """The modes on the same workload (``bench.run`` runs batch-off and batch-auto unless told:
+    "alone" at the issue's 11,000 changes takes 18 minutes); the ratios of their wall times."""
     runs: dict[str, Any] = {}
     for mode, env in MODES.items():
         if mode not in modes:
