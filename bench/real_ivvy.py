@@ -4,7 +4,8 @@ The fake iVvy answers after ``LATENCY_MS`` and refuses (429) requests of one key
 ``SERVER_LIMIT`` per second; the product's worker keeps to ``SERVER_LIMIT`` requests/s itself
 (LEADSTAGE_RATE_LIMIT). The workload: updates spread over a number of stages (each update sets
 one of name, colour and applyTo, in turn) and adds, interleaved, enqueued before one worker
-starts. It runs three times, in the same run: each change alone (``LEADSTAGE_COALESCE_MAX=1``),
+starts. It runs in up to three modes, in the same run (``--ivvy-modes``; the last two unless told):
+each change alone (``LEADSTAGE_COALESCE_MAX=1``),
 batch mode off (``LEADSTAGE_BATCH=off``, coalescing on) and batch mode on (``LEADSTAGE_BATCH=auto``:
 updates of several stages, each coalesced, and adds as one iVvy batch), and prints for each the
 wall time from the worker's start to the last terminal event, the requests iVvy received per
