@@ -95,7 +95,7 @@ ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of every program; ``from_env`` reads them (``ENV_VARS`` names the variables)."""
+    """Every setting of every program; ``from_env`` reads them (``ENVIRONMENT`` names the variables)."""
 
     redis_url: str = "redis://localhost:6379/0"
     accounts: Mapping[str, Account] = field(default_factory=dict)
@@ -124,9 +124,10 @@ class Settings:
     lease_s: float = 8.0
     #: The most changes of one stage one request carries (coalescing, docs/contract.md; 1: never).
     coalesce_max: int = 50
-    #: Batch mode (docs/contract.md: Batches): ``auto`` sends an account's due updates through
-    #: iVvy's batch namespace when more than ``batch_threshold`` of them (on distinct stages) are
-    #: due, up to ``batch_max`` (at most 200) per batch, waiting up to ``batch_wait_s`` for results.
+    #: Batch mode (docs/contract.md: Batches): ``auto`` sends an account's due changes (updates, and
+    #: adds with nothing to reconcile) through iVvy's batch namespace when more than
+    #: ``batch_threshold`` of them (one per stage lock) are due, up to ``batch_max`` (at most 200)
+    #: per batch, waiting up to ``batch_wait_s`` for results.
     batch_mode: BatchMode = "auto"
     batch_threshold: int = 20
     batch_max: int = 200
