@@ -10,6 +10,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from tests import harness
+from worker.core import keys
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
@@ -29,12 +30,17 @@ async def test_sigterm_finishes_the_request_in_flight(
         async def request_arrived() -> bool:
             return len(fake.fake.requests) > 0
 
+        async def registered() -> bool:
+            return bool(await redis_client.hlen(keys.WORKERS))  # type: ignore[misc]  # redis-py's async stubs
+
         await harness.eventually(request_arrived, within_s=20)
+        await harness.eventually(registered)
         worker.send_signal(signal.SIGTERM)
         # The fake answers after its latency; the worker records the outcome, then exits by itself.
         status = await asyncio.to_thread(worker.wait, 20)
         events = await harness.read_events(redis_client)
     assert status == 0
+    assert await redis_client.hlen(keys.WORKERS) == 0  # type: ignore[misc]  # redis-py's async stubs: it left the workers hash
     assert [(e["event"], e["idempotency_key"]) for e in events] == [("succeeded", "slow")]
     assert [s.name for s in fake.fake.stages.values()].count("Slow") == 1
     assert len(fake.fake.requests) == 1

@@ -266,8 +266,10 @@ def build_worker(settings: Settings, *, handle_signals: bool = True) -> Leadstag
         if heartbeat is not None:
             # The heartbeat only ends by cancellation, and a lost one would hold the shutdown.
             await cancel_until_done(heartbeat)
-        with contextlib.suppress(LeadstageError), redis_errors():
-            await (await _shared_client(ctx["redis"], settings)).hdel(keys.WORKERS, worker_id)  # type: ignore[misc]  # redis-py's async stubs
+        runtime: Runtime | None = ctx.get("runtime")
+        if runtime is not None:  # only a started worker's heartbeat wrote it into the workers hash
+            with contextlib.suppress(LeadstageError), redis_errors():
+                await runtime.ledger.client.hdel(keys.WORKERS, worker_id)  # type: ignore[misc]  # redis-py's async stubs
         if "transport" in ctx:
             await ctx["transport"].close()
         if not isinstance(ctx["redis"], ClusterPool):
