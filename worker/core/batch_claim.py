@@ -4,17 +4,14 @@ the one place its replies are parsed."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
-
-from redis.commands.core import AsyncScript
 
 from worker.core import keys
 from worker.core.errors import redis_errors
 from worker.core.ledger import Ledger, Start
-from worker.core.scripts import RATE_WINDOW_US, register
+from worker.core.replies import text
+from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
 from worker.core.states import Decision
 
 #: How many of an account's due jobs one claim reads at most (a batch takes one per stage): enough
@@ -43,10 +40,6 @@ class BatchClaim:
     async_id: str = ""
 
 
-def _text(value: bytes | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _parse_claim(reply: Sequence[object]) -> BatchClaim:
     status, candidates, rate_wait, claimed, async_id = reply
     starts, indexes = [], []
@@ -55,31 +48,17 @@ def _parse_claim(reply: Sequence[object]) -> BatchClaim:
         starts.append(
             Start(
                 decision=Decision.GO, run=int(run), attempt=int(attempt),
-                dropped=frozenset(f for f in _text(dropped).split(",") if f),
-                facts=(_text(source), int(enqueued_at), int(gen)), change_json=change, job_id=_text(job),
-                traceparent=_text(trace),
+                dropped=frozenset(f for f in text(dropped).split(",") if f),
+                facts=(text(source), int(enqueued_at), int(gen)), change_json=change, job_id=text(job),
+                traceparent=text(trace),
             )
         )  # fmt: skip
         indexes.append(int(index))
-    text = _text(status)  # type: ignore[arg-type]  # a Redis reply: bytes or int
+    refused = text(status)  # type: ignore[arg-type]  # a Redis reply: bytes or int
     return BatchClaim(
-        starts, int(candidates), "" if text == "ok" else text, int(rate_wait),  # type: ignore[call-overload]  # int replies
-        indexes, _text(async_id),  # type: ignore[arg-type]  # a Redis reply: bytes
+        starts, int(candidates), "" if refused == "ok" else refused, int(rate_wait),  # type: ignore[call-overload]  # int replies
+        indexes, text(async_id),  # type: ignore[arg-type]  # a Redis reply: bytes
     )  # fmt: skip
-
-
-@functools.cache
-def _source() -> str:
-    """batch.lua's text, read once per process."""
-    return resources.files("worker.core").joinpath("lua", "batch.lua").read_text()
-
-
-def _script(ledger: Ledger) -> AsyncScript:
-    return register(ledger.client, _source())
-
-
-def _interval_us(rate_limit: float) -> int:
-    return max(1, round(1_000_000 / rate_limit))
 
 
 def batch_lock_ms(ledger: Ledger) -> int:
@@ -94,16 +73,16 @@ async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: 
     be sent now (see batch.lua)."""
     settings = ledger.settings
     reply, acked = await ledger._call(
-        _script(ledger),
+        ledger._batch,
         [
             keys.queue_key(settings.queue_name, account), keys.rate_key(account), keys.batches_key(account),
             keys.newest_claim_key(account),
         ],
         [
-            "claim", ledger.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000), _interval_us(rate_limit),
-            batch_lock_ms(ledger), ledger.in_flight_guard_ms, worker_id, keys.ledger_prefix(account),
-            settings.ledger_retention_s * 1000, settings.batch_threshold, settings.batch_max,
-            settings.batch_max * SCAN_FACTOR, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
+            "claim", ledger.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
+            rate_interval_us(rate_limit), batch_lock_ms(ledger), ledger.in_flight_guard_ms, worker_id,
+            keys.ledger_prefix(account), settings.ledger_retention_s * 1000, settings.batch_threshold,
+            settings.batch_max, settings.batch_max * SCAN_FACTOR, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
             keys.batch_prefix(account),
         ],
         confirm=True,
@@ -124,7 +103,7 @@ async def record_sent(ledger: Ledger, account: str, async_id: str, starts: Seque
     settings = ledger.settings
     listed = [keys.batches_key(account), keys.batch_key(account, async_id)]
     with redis_errors():
-        recorded: list[int] = await _script(ledger)(
+        recorded: list[int] = await ledger._batch(
             keys=[*listed, *(keys.ledger_key(s.job_id) for s in starts)],
             args=[
                 "sent", async_id, int(settings.batch_wait_s * 1000), ledger.in_flight_guard_ms, ledger.lease_ms,
@@ -138,7 +117,7 @@ async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> set[str]:
     """A batch that may still be applied: each change's stage stays locked for another
     ``LEADSTAGE_BATCH_WAIT`` whatever becomes of it; returns the jobs still on their run."""
     with redis_errors():
-        recorded: list[int] = await _script(ledger)(
+        recorded: list[int] = await ledger._batch(
             keys=[keys.ledger_key(s.job_id) for s in starts],
             args=["unresolved", int(ledger.settings.batch_wait_s * 1000), *(s.run for s in starts)],
         )
@@ -149,12 +128,12 @@ async def take_run_slot(ledger: Ledger, account: str, rate_limit: float, starts:
     """The slot of a batch's run, taken just before it is sent (the claim only saw one free): 0 when
     taken, and then each change's in-flight guard counts from now; else how long to wait (ms)."""
     with redis_errors():
-        [wait_ms] = await _script(ledger)(
+        [wait_ms] = await ledger._batch(
             keys=[
                 keys.queue_key(ledger.settings.queue_name, account), keys.rate_key(account),
                 *(keys.ledger_key(s.job_id) for s in starts),
             ],
-            args=["go", _interval_us(rate_limit), RATE_WINDOW_US, *(s.run for s in starts)],
+            args=["go", rate_interval_us(rate_limit), RATE_WINDOW_US, *(s.run for s in starts)],
         )  # fmt: skip
     return int(wait_ms)
 
@@ -162,8 +141,8 @@ async def take_run_slot(ledger: Ledger, account: str, rate_limit: float, starts:
 async def take_rate_slot(ledger: Ledger, account: str, rate_limit: float) -> int:
     """A slot of the account's rate limit for one poll: 0 when taken, else how long to wait (ms)."""
     with redis_errors():
-        [wait_ms] = await _script(ledger)(
+        [wait_ms] = await ledger._batch(
             keys=[keys.queue_key(ledger.settings.queue_name, account), keys.rate_key(account)],
-            args=["slot", _interval_us(rate_limit), RATE_WINDOW_US],
+            args=["slot", rate_interval_us(rate_limit), RATE_WINDOW_US],
         )
     return int(wait_ms)

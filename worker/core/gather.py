@@ -3,15 +3,13 @@ one place its reply is parsed."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 
 from worker.core import keys
 from worker.core.errors import StaleRun
 from worker.core.ledger import Ledger
-from worker.core.scripts import register
+from worker.core.replies import text
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,39 +35,28 @@ class Gathering:
     gathered: list[Gathered]
 
 
-def _text(value: bytes | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _parse(job_id: str, run: int, reply: Sequence[object]) -> Gathering:
     status, leader_seq, stage, gathered = reply
-    if _text(status) != "ok":  # type: ignore[arg-type]  # a Redis reply: bytes or int
+    if text(status) != "ok":  # type: ignore[arg-type]  # a Redis reply: bytes or int
         raise StaleRun(job_id, run)
-    flat = [_text(v) for v in stage]  # type: ignore[attr-defined]  # a Redis array reply
+    flat = [text(v) for v in stage]  # type: ignore[attr-defined]  # a Redis array reply
     newest = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
     items = []
     for item in gathered:  # type: ignore[attr-defined]  # a Redis array reply
         job, run_, attempt, seq, change, source, enqueued_at, gen = item
         items.append(
-            Gathered(_text(job), int(run_), int(attempt), int(seq), change, (_text(source), int(enqueued_at), int(gen)))
+            Gathered(text(job), int(run_), int(attempt), int(seq), change, (text(source), int(enqueued_at), int(gen)))
         )
     return Gathering(int(leader_seq), newest, items)  # type: ignore[call-overload]  # an int reply
-
-
-@functools.cache
-def _source() -> str:
-    """gather.lua's text, read once per process."""
-    return resources.files("worker.core").joinpath("lua", "gather.lua").read_text()
 
 
 async def gather_updates(ledger: Ledger, job_id: str, run: int, worker_id: str, most: int) -> Gathering:
     """Gather up to ``most`` due changes of the stage of ``job_id`` (an update whose run ``run`` holds
     the stage's lock) into this worker's runs; ``StaleRun`` when that run is not current."""
     settings = ledger.settings
-    script = register(ledger.client, _source())
     account = keys.split_job_id(job_id)[0]
     reply, acked = await ledger._call(
-        script,
+        ledger._gather,
         [keys.queue_key(settings.queue_name, account), keys.ledger_key(job_id)],
         [
             job_id, run, ledger.lease_ms, worker_id, keys.ledger_prefix(account), most, keys.PENDING_FIELD_PREFIX,

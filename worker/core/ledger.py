@@ -63,7 +63,7 @@ from worker.core.replies import (
     parse_pick,
     parse_post,
 )
-from worker.core.scripts import RATE_WINDOW_US, now_ms
+from worker.core.scripts import RATE_WINDOW_US, now_ms, rate_interval_us
 from worker.core.settings import Settings
 from worker.core.states import Outcome, Phase
 
@@ -169,7 +169,7 @@ class Ledger(Enqueuing):
                 [keys.queue_key(settings.queue_name, account), keys.rate_key(account), keys.newest_claim_key(account)],
                 [
                     job_id, self.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
-                    max(1, round(1_000_000 / rate_limit)), self.lock_ms, self.in_flight_guard_ms, worker_id,
+                    rate_interval_us(rate_limit), self.lock_ms, self.in_flight_guard_ms, worker_id,
                     keys.ledger_prefix(account), jitter_ms, slots, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
                 ],
                 confirm=True,

@@ -32,13 +32,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def register(client: RedisClient, source: str) -> AsyncScript:
-    """A script over ``client``, a single Redis's or a cluster's (EVALSHA, loaded on NOSCRIPT)."""
+def _script(client: RedisClient, name: str) -> AsyncScript:
+    """A script of worker/core/lua/ over ``client``, a single Redis's or a cluster's (EVALSHA, loaded on NOSCRIPT)."""
+    source = resources.files("worker.core").joinpath("lua", name).read_text()
     return client.register_script(source)  # type: ignore[misc]  # redis-py's stubs type it for Redis only
 
 
-def _script(client: RedisClient, name: str) -> AsyncScript:
-    return register(client, resources.files("worker.core").joinpath("lua", name).read_text())
+def rate_interval_us(rate_limit: float) -> int:
+    """The account's rate limit as the GCRA's interval between two sends (µs), as the scripts take it."""
+    return max(1, round(1_000_000 / rate_limit))
 
 
 #: One command of a pipeline, with the script it calls (None: not a script).
@@ -83,6 +85,8 @@ class Scripts:
         self._finish = _script(client, "finish.lua")
         self._lost = _script(client, "lost.lua")
         self._ack = _script(client, "ack.lua")
+        self._gather = _script(client, "gather.lua")
+        self._batch = _script(client, "batch.lua")
 
     async def _call(
         self,
