@@ -144,13 +144,16 @@ async def collect_figures(soak: Soak, admin: FakeAdmin, results: ResultsTail) ->
 def _worker_log_counts(soak: Soak) -> dict[str, int]:
     """Events of interest in the workers' logs (crashed jobs are bugs: each one is a violation)."""
     counts: Counter[str] = Counter()
-    wanted = ("job.crashed", "job.interrupted", "job.reconciled", "worker.redis_unavailable", "Traceback")
+    wanted = (
+        "job.crashed", "batch.crashed", "job.interrupted", "job.reconciled", "worker.redis_unavailable", "Traceback"
+    )  # fmt: skip
     for worker in soak.workers:
         with contextlib.suppress(OSError), worker.log_path.open(errors="replace") as log:
             for line in log:
                 for word in wanted:
                     if word in line:
                         counts[word] += 1
-    if counts["job.crashed"]:
-        soak.violations.append(f"workers: {counts['job.crashed']} jobs crashed (see worker-*.log, job.crashed)")
+    for event, what in (("job.crashed", "jobs"), ("batch.crashed", "batches")):  # both: Runtime.guarded
+        if counts[event]:
+            soak.violations.append(f"workers: {counts[event]} {what} crashed (see worker-*.log, {event})")
     return dict(counts)

@@ -45,7 +45,7 @@ from worker.core.batch_claim import (
     take_run_slot,
 )
 from worker.core.change import LeadStageChange, parse_change
-from worker.core.errors import BatchGone, IvvyNoAnswer, LeadstageError, PermanentError, RetryableError
+from worker.core.errors import BatchGone, IvvyNoAnswer, PermanentError, RetryableError
 from worker.core.ledger import Start
 from worker.core.logs import bind_job_context, get_logger
 from worker.core.results import JobFacts
@@ -88,7 +88,10 @@ async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int
         claim,
         collect_batch(runtime, client, claim) if claim.async_id else run_batch(runtime, client, claim.starts),
     )
-    task = asyncio.create_task(_guarded(runtime, work, leases))
+    # Never raising (as a single job): whatever the batch could not record, its leases bring back.
+    task = asyncio.create_task(
+        runtime.guarded(work, leases, runtime.settings.job_timeout_s, log, "batch", changes=len(leases))
+    )
     for job_id, lease in leases.items():
         lease.task = task
         runtime.running[job_id] = lease
@@ -106,26 +109,6 @@ async def _traced(account: str, claim: BatchClaim, work: Awaitable[None]) -> Non
     """The batch's work inside its span (tracing.batch_span)."""
     with tracing.batch_span(account, [s.traceparent for s in claim.starts], collected=bool(claim.async_id)):
         await work
-
-
-async def _guarded(runtime: Runtime, batch: Awaitable[None], leases: dict[str, Lease]) -> None:
-    """The batch's task, never raising (as ``LeadstageWorker._run``): whatever it could not record,
-    the leases bring back."""
-    try:
-        await asyncio.wait_for(batch, runtime.settings.job_timeout_s)
-    except asyncio.CancelledError:
-        if not any(lease.lost for lease in leases.values()):
-            raise
-        log.warning("batch.lease_lost", changes=len(leases))
-    except (LeadstageError, TimeoutError) as error:
-        log.warning("batch.interrupted", error=str(error) or type(error).__name__)
-    except Exception:  # a bug in one batch must not stop the worker; logged with its traceback
-        log.exception("batch.crashed")
-    finally:
-        for job_id, lease in leases.items():
-            lease.end()
-            if runtime.running.get(job_id) is lease:
-                del runtime.running[job_id]
 
 
 def _facts(start: Start) -> JobFacts:

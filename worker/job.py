@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 import orjson
 
@@ -37,6 +37,7 @@ from worker.core.errors import (
     IvvyNoAnswer,
     IvvyRateLimited,
     IvvyUnavailable,
+    LeadstageError,
     PermanentError,
     RedisNotReplicated,
     RetryableError,
@@ -46,10 +47,13 @@ from worker.core.errors import (
 )
 from worker.core.ledger import Ledger, Start
 from worker.core.logs import bind_job_context, get_logger
-from worker.core.results import JobFacts, Verdict, build_event, lost_event
+from worker.core.results import JobFacts, Verdict, build_event
 from worker.core.settings import Settings
 from worker.core.states import UNACCOUNTED, Decision, Outcome
 from worker.ivvy import IvvyClient
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 log = get_logger("leadstage.job")
 
@@ -105,6 +109,29 @@ class Runtime:
         """A run is given up this long before its lease is known to end: time for clocks that tick
         at slightly different rates and for a loop that is late."""
         return self.settings.lease_s / 4
+
+    async def guarded(
+        self, work: Awaitable[object], leases: Mapping[str, Lease], timeout_s: float, log: FilteringBoundLogger,
+        what: str, **context: object,
+    ) -> None:  # fmt: skip
+        """A job's (or a batch's, ``what`` naming its log lines) work, never raising: whatever it could
+        not record, its leases bring back; they end with it."""
+        try:
+            await asyncio.wait_for(work, timeout_s)
+        except asyncio.CancelledError:
+            if not any(lease.lost for lease in leases.values()):
+                raise
+            # Cancelled by its own lease timer: another worker may take the change over from now on.
+            log.warning(f"{what}.lease_lost", **context)
+        except (LeadstageError, TimeoutError) as error:
+            log.warning(f"{what}.interrupted", error=str(error) or type(error).__name__, **context)
+        except Exception:  # a bug in one job must not stop the worker; logged with its traceback
+            log.exception(f"{what}.crashed", **context)
+        finally:
+            for job_id, lease in leases.items():
+                lease.end()
+                if self.running.get(job_id) is lease:
+                    del self.running[job_id]
 
     def check_lease(self, job_id: str) -> None:
         """``StaleRun`` unless this run's lease is still known to hold, with the margin to spare."""
@@ -368,12 +395,3 @@ async def _finish(
         recorded=finished.recorded,
         refused_because=finished.refused_because or None,
     )
-
-
-async def report_missing(runtime: Runtime, job_id: str) -> None:
-    """A due job without a ledger entry: never dropped silently (a failed event and a dead letter)."""
-    account, idempotency_key = keys.split_job_id(job_id)
-    if await runtime.ledger.report_missing(job_id, lost_event(job_id, finished_at_ms=runtime.wall_ms())):
-        log.error("job.ledger_missing", job_id=job_id, account=account, idempotency_key=idempotency_key)
-        metrics.CHANGES.labels(account, "failed").inc()
-        metrics.DEAD_LETTERED.labels(account).inc()

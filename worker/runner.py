@@ -36,11 +36,12 @@ from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
 from worker.core.processes import cancel_until_done
 from worker.core.redis_connection import RedisClient, close_sentinels
+from worker.core.results import lost_event
 from worker.core.settings import Settings
 from worker.core.states import Decision
 from worker.ivvy import LIST_RETRY_BASE_S, LIST_RETRY_CAP_S, AiohttpTransport, IvvyClient
 from worker.ivvy_tracing import traced_transport
-from worker.job import Lease, Runtime, apply_lead_stage_change, report_missing
+from worker.job import Lease, Runtime, apply_lead_stage_change
 from worker.layout import migrate
 
 log = structlog.get_logger("leadstage.worker")
@@ -167,7 +168,7 @@ class LeadstageWorker(Worker):
             # comes back after one lease to be reported then (start.lua hides it, lost.lua removes it).
             for start in claim.starts:
                 if start.decision is Decision.MISSING:
-                    await report_missing(runtime, start.job_id)
+                    await _report_missing(runtime, start.job_id)
             if claim.rate_reason is not None:
                 metrics.RATE_LIMIT_WAITS.labels(account).inc()
             # Only jobs found done or missing: the account may have more to claim now.
@@ -187,21 +188,8 @@ class LeadstageWorker(Worker):
 
     async def _run(self, runtime: Runtime, job_id: str, start: Start, lease: Lease) -> None:
         """One job, never raising: whatever it could not record, the lease brings back."""
-        try:
-            await asyncio.wait_for(apply_lead_stage_change(self.ctx, job_id, start), self.job_timeout_s)
-        except asyncio.CancelledError:
-            if not lease.lost:
-                raise
-            # Cancelled by its own lease timer: another worker may take the change over from now on.
-            log.warning("job.lease_lost", job_id=job_id, run=start.run)
-        except (LeadstageError, TimeoutError) as error:
-            log.warning("job.interrupted", job_id=job_id, error=str(error) or type(error).__name__)
-        except Exception:  # a bug in one job must not stop the worker; logged with its traceback
-            log.exception("job.crashed", job_id=job_id)
-        finally:
-            lease.end()
-            if runtime.running.get(job_id) is lease:
-                del runtime.running[job_id]
+        work = apply_lead_stage_change(self.ctx, job_id, start)
+        await runtime.guarded(work, {job_id: lease}, self.job_timeout_s, log, "job", job_id=job_id, run=start.run)
 
     async def _poll_iteration(self) -> None:
         """arq's poll, but accounts are served from the schedule by the Redis server's clock, an idle
@@ -227,6 +215,15 @@ class LeadstageWorker(Worker):
                 return  # shutting down: the blocking wait was cut off by the closing pool
             log.warning("worker.redis_unavailable", error=str(error))
             await asyncio.sleep(REDIS_RETRY_S)
+
+
+async def _report_missing(runtime: Runtime, job_id: str) -> None:
+    """A due job without a ledger entry: never dropped silently (a failed event and a dead letter)."""
+    account, idempotency_key = keys.split_job_id(job_id)
+    if await runtime.ledger.report_missing(job_id, lost_event(job_id, finished_at_ms=runtime.wall_ms())):
+        log.error("job.ledger_missing", job_id=job_id, account=account, idempotency_key=idempotency_key)
+        metrics.CHANGES.labels(account, "failed").inc()
+        metrics.DEAD_LETTERED.labels(account).inc()
 
 
 def build_worker(settings: Settings, *, handle_signals: bool = True) -> LeadstageWorker:
