@@ -226,8 +226,11 @@ class BulkCheck:
         await self._pipe.close()
         with contextlib.suppress(RedisUnavailable), redis_errors():
             # Or they expire after STAGING_TTL_MS. On a cluster one per account checked, in its slot.
-            staged = [keys.staging_key(self.staging_key, a) for a in self._accounts] if self.ledger.cluster else []
-            for key in staged if self.ledger.cluster else [self.staging_key]:
+            if self.ledger.cluster:
+                staged = [keys.staging_key(self.staging_key, account) for account in sorted(self._accounts)]
+            else:
+                staged = [self.staging_key]
+            for key in staged:
                 await self.ledger.client.unlink(key)
 
     @property
