@@ -159,7 +159,7 @@ async def test_a_5xx_after_iVvy_committed_an_add_is_reconciled_never_posted_agai
 async def test_a_stage_edited_before_the_reconcile_is_still_found_and_an_older_namesake_is_not(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    settings = worker_settings(redis_url, fake.url, request_timeout_s=0.5)
+    settings = worker_settings(redis_url, fake.url, request_timeout_s=0.3)
     ledger = Ledger(redis_client, settings)
     older = fake.fake.add_stage("Twin", apply_to=1)  # out of band, before any add of ours
     await enqueue(ledger, {"name": "Other", "applyTo": 1}, "first")

@@ -76,7 +76,7 @@ async def test_a_wait_that_times_out_says_where_the_change_stands(
 ) -> None:
     await producer.enqueue(HOT, idempotency_key="queued-only")
     with pytest.raises(WaitTimeout) as queued:
-        await producer.wait("queued-only", timeout=0.2)
+        await producer.wait("queued-only", timeout=0.1)
     assert queued.value.status["state"] == "queued"
     assert "'queued-only'" in str(queued.value)
     assert "it is queued after 0 attempt(s)" in str(queued.value)
@@ -92,7 +92,7 @@ async def test_a_wait_that_times_out_says_where_the_change_stands(
 
         await eventually(attempted)  # the first attempt has failed: the next is 2 s away
         with pytest.raises(WaitTimeout) as retrying:
-            await producer.wait("retrying", timeout=0.2)
+            await producer.wait("retrying", timeout=0.1)
     status = retrying.value.status
     assert status["state"] in ("retrying", "running")
     assert status["attempts"] >= 1  # type: ignore[operator]  # an int in change_status
@@ -193,7 +193,7 @@ async def stream_ids(client: aioredis.Redis, stream: str = "leadstage:results") 
 async def test_two_groups_each_see_every_event(
     settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
 ) -> None:
-    await finished(settings, producer, redis_client, 25)
+    await finished(settings, producer, redis_client, 10)
     expected = await stream_ids(redis_client)
     seen: dict[str, list[str]] = {}
     for group in ("billing", "audit"):
@@ -209,7 +209,7 @@ async def test_two_groups_each_see_every_event(
 async def test_a_consumer_killed_mid_batch_is_taken_over_with_nothing_lost_or_skipped(
     settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
 ) -> None:
-    await finished(settings, producer, redis_client, 30)
+    await finished(settings, producer, redis_client, 15)
     expected = await stream_ids(redis_client)
 
     # A reads a batch of 10, handles (and acks) 3 of them, then dies: 7 stay pending for A.
@@ -225,9 +225,9 @@ async def test_a_consumer_killed_mid_batch_is_taken_over_with_nothing_lost_or_sk
     assert pending["pending"] == 7
 
     # B takes A's 7 over once they have been idle long enough, then reads the rest.
-    taker = ResultsConsumer("g", "b", settings=settings, redis=redis_client, claim_idle_s=0.3, batch=10, follow=False)
+    taker = ResultsConsumer("g", "b", settings=settings, redis=redis_client, claim_idle_s=0.1, batch=10, follow=False)
     handled_by_b: list[str] = []
-    await asyncio.sleep(0.3)  # A's entries must be idle for claim_idle_s before they may be claimed
+    await asyncio.sleep(0.1)  # A's entries must be idle for claim_idle_s before they may be claimed
     async for event in taker:
         handled_by_b.append(event.id)
         await taker.ack(event)
@@ -361,11 +361,11 @@ async def test_a_consumer_blocks_for_less_than_a_short_redis_timeout_and_gets_la
 ) -> None:
     """A blocking read longer than the socket timeout would end as "Redis does not answer": each
     read blocks half of LEADSTAGE_REDIS_TIMEOUT at most."""
-    short = dataclasses.replace(settings, redis_timeout_s=0.5)
+    short = dataclasses.replace(settings, redis_timeout_s=0.3)
     async with ResultsConsumer("short", "c1", settings=short) as consumer:  # its own client: the short timeout
-        assert consumer.block_ms == 250  # not block_s: 2 s
+        assert consumer.block_ms == 150  # not block_s: 2 s
         first = asyncio.ensure_future(anext(aiter(consumer)))
-        await asyncio.sleep(1.25)  # several blocking reads end with nothing: none may fail
+        await asyncio.sleep(0.6)  # several blocking reads end with nothing: none may fail
         assert not first.done()
         await finished(settings, producer, redis_client, 1)
         event = await asyncio.wait_for(first, 30)
