@@ -40,8 +40,10 @@ def console_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Sett
 
 @contextlib.asynccontextmanager
 async def running_console(settings: Settings, redis: RedisClient) -> AsyncIterator[str]:
-    """The console on a free loopback port, served as ``leadstage console`` serves it; yields its base URL."""
-    async with serving(create_app(settings, redis), "127.0.0.1", 0, shutdown_timeout=2.0) as (host, port):
+    """The console on a free loopback port, served as ``leadstage console`` serves it; yields its base URL.
+    Its overview is reused for a twentieth of a second, not a second: a test sees a change soon."""
+    app = create_app(settings, redis, overview_ttl_s=0.05)
+    async with serving(app, "127.0.0.1", 0, shutdown_timeout=2.0) as (host, port):
         yield f"http://{host}:{port}"
 
 

@@ -48,8 +48,8 @@ def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Setti
 
 def reconciling_soon(settings: Settings) -> Settings:
     """``settings`` with a short request timeout: an add whose attempt failed waits a request timeout
-    before its next run reconciles it, and the fake answers at once."""
-    return dataclasses.replace(settings, request_timeout_s=0.5)
+    before its next run reconciles it, and the fake on loopback answers within milliseconds."""
+    return dataclasses.replace(settings, request_timeout_s=0.3)
 
 
 def worker_env(settings: Settings) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator
@@ -281,9 +282,10 @@ async def test_the_overview_shows_what_redis_holds(
     assert default["rate_limit"] == {"per_s": 1000.0, "used_per_s": 0.0}
     assert overview["workers"] == []
 
-    # A worker takes the rest: default's succeed, other's fails (no credentials for it).
+    # A worker takes the rest: default's succeed, other's fails (no credentials for it). Its
+    # heartbeat, every third of a lease, is what the overview shows: a short lease, a quick one.
     await redis_client.hdel(keys.rate_key("default"), "pause_until")  # type: ignore[misc]  # redis-py's async stubs
-    async with running_worker(settings):
+    async with running_worker(dataclasses.replace(settings, lease_s=0.6)):
         await wait_for_terminal(redis_client, ["a1", "a2", "a3", "o1"])
 
         async def heard() -> bool:

@@ -18,7 +18,7 @@ from worker.ivvy import AiohttpTransport, IvvyClient
 @pytest.fixture
 async def fake() -> AsyncIterator[RunningFakeIvvy]:
     async with running_fake_ivvy(credentials={DEMO_API_KEY: DEMO_API_SECRET}, seed=1) as running:
-        running.fake.update_faults({"batch_delay_s": 0.2})
+        running.fake.update_faults({"batch_delay_s": 0.05})
         yield running
 
 
@@ -40,6 +40,15 @@ async def specific_code(call: Any) -> int | None:
     with pytest.raises(IvvyErrorDetails) as raised:
         await call
     return raised.value.specific_code
+
+
+async def specific_code_or_none(call: Any) -> int | None:
+    """The call's specific code when it fails, None when it answers."""
+    try:
+        await call
+    except IvvyErrorDetails as error:
+        return error.specific_code
+    return None
 
 
 async def done(client: IvvyClient, async_id: str) -> None:
@@ -110,7 +119,7 @@ async def test_a_malformed_job_is_named_in_the_error(client: IvvyClient) -> None
 
 
 async def test_progress_is_the_share_of_jobs_applied_in_order(fake: RunningFakeIvvy, client: IvvyClient) -> None:
-    fake.fake.update_faults({"batch_delay_s": 0.4})
+    fake.fake.update_faults({"batch_delay_s": 0.2})
     names = [f"Step {i}" for i in range(10)]
     run = await client.call("batch", "run", {"jobs": [job({"name": name, "applyTo": 1}) for name in names]})
     seen: list[int] = []
@@ -120,7 +129,7 @@ async def test_progress_is_the_share_of_jobs_applied_in_order(fake: RunningFakeI
         assert applied == names[: len(applied)]  # a prefix of the jobs: in order, one after the other
         assert len(applied) >= progress * len(names) // 100
         seen.append(progress)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.01)
     assert seen == sorted(seen)
     assert any(0 < p < 100 for p in seen), seen  # the jobs were applied over the delay, not at once
 
@@ -141,10 +150,10 @@ async def test_admin_batches_shows_each_batch_and_how_far_it_got(fake: RunningFa
 
 
 async def test_a_reset_stops_a_batch_being_applied(fake: RunningFakeIvvy, client: IvvyClient) -> None:
-    fake.fake.update_faults({"batch_delay_s": 0.3})
+    fake.fake.update_faults({"batch_delay_s": 0.1})
     run = await client.call("batch", "run", {"jobs": [job({"name": "Too late", "applyTo": 1})]})
     fake.fake.reset()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.2)  # twice as long as the batch would have taken
     assert "Too late" not in [s.name for s in fake.fake.stages.values()]
     assert await specific_code(client.call("batch", "results", {"async": run["asyncId"]})) == 24115
 
@@ -152,12 +161,13 @@ async def test_a_reset_stops_a_batch_being_applied(fake: RunningFakeIvvy, client
 async def test_unknown_and_expired_batches(fake: RunningFakeIvvy, client: IvvyClient) -> None:
     assert await specific_code(client.call("batch", "progress", {"async": "nope"})) == 24105
     assert await specific_code(client.call("batch", "results", {"async": "nope"})) == 24115
-    fake.fake.update_faults({"batch_delay_s": 0.0, "batch_results_s": 0.4})
+    fake.fake.update_faults({"batch_delay_s": 0.0, "batch_results_s": 0.25})
     run = await client.call("batch", "run", {"jobs": [job({"name": "Kept briefly", "applyTo": 1})]})
     await done(client, run["asyncId"])
     assert len((await client.call("batch", "results", {"async": run["asyncId"]}))["results"]) == 1
-    await asyncio.sleep(0.45)
-    assert await specific_code(client.call("batch", "results", {"async": run["asyncId"]})) == 24115
+    while (code := await specific_code_or_none(client.call("batch", "results", {"async": run["asyncId"]}))) is None:
+        await asyncio.sleep(0.02)  # kept until batch_results_s after the run
+    assert code == 24115
     assert await specific_code(client.call("batch", "progress", {"async": run["asyncId"]})) == 24105
     await client.call("batch", "run", {"jobs": [job({"name": "Later", "applyTo": 1})]})
     assert run["asyncId"] not in fake.fake.batches.batches  # forgotten, not only hidden
@@ -197,8 +207,8 @@ async def test_the_server_side_rate_limit_answers_429_past_its_rate(fake: Runnin
         await client.ping()
     assert limited.value.retry_after == 1.0  # the window: iVvy's second
     assert [r.fault for r in fake.fake.requests][-1] == "limit"
-    fake.fake.update_faults({"rate_limit_window_s": 0.2})  # so as not to wait a whole second for the next
-    await asyncio.sleep(0.25)
+    fake.fake.update_faults({"rate_limit_window_s": 0.1})  # so as not to wait a whole second for the next
+    await asyncio.sleep(0.15)
     await client.ping()  # a new window, a new allowance
 
 

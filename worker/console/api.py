@@ -271,5 +271,5 @@ def add_routes(app: web.Application, state: ApiState) -> None:
     app.router.add_get(f"{API}/openapi.json", openapi)
 
 
-def new_state(settings: Settings, redis: RedisClient) -> ApiState:
-    return ApiState(settings, redis, readers.RateHistory(), orjson.dumps(openapi_document()), Shared(OVERVIEW_TTL_S))
+def new_state(settings: Settings, redis: RedisClient, overview_ttl_s: float = OVERVIEW_TTL_S) -> ApiState:
+    return ApiState(settings, redis, readers.RateHistory(), orjson.dumps(openapi_document()), Shared(overview_ttl_s))

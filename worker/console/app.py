@@ -74,8 +74,9 @@ def exposure_warning(settings: Settings, host: str) -> str | None:
     )
 
 
-def create_app(settings: Settings, redis: RedisClient) -> web.Application:
-    """The console over ``redis`` (the caller's client: it closes it)."""
+def create_app(settings: Settings, redis: RedisClient, *, overview_ttl_s: float = api.OVERVIEW_TTL_S) -> web.Application:
+    """The console over ``redis`` (the caller's client: it closes it), reusing one overview for
+    ``overview_ttl_s`` (a test that watches the overview change asks for a shorter one)."""
     gate = Gate(settings)
     log_malformed_requests_as_warnings()
     package = resources.files("worker.console")
@@ -87,7 +88,7 @@ def create_app(settings: Settings, redis: RedisClient) -> web.Application:
     static = {name: package.joinpath("static", name).read_bytes() for name in _STATIC_TYPES}
     app = web.Application(client_max_size=256 * 1024, middlewares=[_middleware])
     app[_STATE] = _State(settings, gate, templates, static)
-    api.add_routes(app, api.new_state(settings, redis))
+    api.add_routes(app, api.new_state(settings, redis, overview_ttl_s))
     app.router.add_get("/", _page("overview.html"))
     app.router.add_get("/failures", _page("failures.html"))
     app.router.add_get("/changes", _page("change.html"))
