@@ -29,7 +29,8 @@ async def fake() -> AsyncIterator[RunningFakeIvvy]:
 async def test_a_stale_clock_pauses_the_account_and_its_changes_succeed_after(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    settings = worker_settings(redis_url, fake.url, max_attempts=3)
+    # The account's pause after a stale answer is the backoff's cap: a short one.
+    settings = worker_settings(redis_url, fake.url, max_attempts=3, backoff_max_s=0.2)
     fake.fake.update_faults({"clock_offset_s": -400})
     keys = [f"skew-{i}" for i in range(5)]
     await Ledger(redis_client, settings).enqueue_many(

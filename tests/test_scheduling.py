@@ -55,9 +55,9 @@ async def test_a_backlog_on_one_account_does_not_hold_back_another(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     # Batch mode off: the turns are counted in changes, one per request (a batch would end 200 at once).
-    settings = dataclasses.replace(two_accounts(redis_url, fake, rate=20.0), batch_mode="off")
+    settings = dataclasses.replace(two_accounts(redis_url, fake, rate=40.0), batch_mode="off")
     ledger = Ledger(redis_client, settings)
-    await enqueue_adds(ledger, "busy", 400)  # 20 s of the busy account's rate limit
+    await enqueue_adds(ledger, "busy", 400)  # 10 s of the busy account's rate limit
     async with running_worker(settings):
 
         async def busy_served() -> bool:
@@ -77,8 +77,8 @@ async def test_a_backlog_on_one_account_does_not_hold_back_another(
 async def test_changes_behind_the_head_are_not_touched_while_the_rate_limit_has_no_slot(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    account = Account("default", fake.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 10.0)
-    settings = worker_settings(redis_url, fake.url, rate_limit=10.0, accounts={"default": account})
+    account = Account("default", fake.url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 20.0)
+    settings = worker_settings(redis_url, fake.url, rate_limit=20.0, accounts={"default": account})
     ledger = Ledger(redis_client, settings)
     names = await enqueue_adds(ledger, "default", 100)
     queue = keys.queue_key(QUEUE, "default")
