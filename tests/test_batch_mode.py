@@ -92,12 +92,12 @@ async def through_a_fault(
     changes: list[tuple[str, dict[str, object]]],
     fault: str,
 ) -> dict[str, list[dict[str, str]]]:
-    """The changes through a worker (a 0.3 s batch wait, a 0.5 s request timeout: the holds of an
+    """The changes through a worker (a 0.3 s batch wait, a 0.3 s request timeout: the holds of an
     unknown outcome) while the batch ``fault`` hits every batch, until each was retried; then
     without it until each is terminal. Their terminal events."""
     fake.update_faults({fault: 1.0})
     await enqueue(redis_client, settings, changes)
-    async with running_worker(dataclasses.replace(settings, batch_wait_s=0.3, request_timeout_s=0.5)):
+    async with running_worker(dataclasses.replace(harness.reconciling_soon(settings), batch_wait_s=0.3)):
 
         async def all_retried() -> bool:
             retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]

@@ -54,11 +54,11 @@ async def test_a_worker_whose_clock_runs_30s_ahead_never_takes_over_a_running_ad
 ) -> None:
     # Every request takes longer than a lease: a worker that read the lease by its own clock would
     # think the other worker's run long expired and post the same add again.
-    settings = worker_settings(redis_url, fake.url, lease_s=0.6, request_timeout_s=3.0, concurrency=5)
+    settings = worker_settings(redis_url, fake.url, lease_s=0.4, request_timeout_s=3.0, concurrency=5)
     ahead = dataclasses.replace(settings, clock_offset_s=30.0)
     behind = dataclasses.replace(settings, clock_offset_s=-30.0)
     ledger = Ledger(redis_client, settings)
-    fake.fake.update_faults({"latency_ms": 900})
+    fake.fake.update_faults({"latency_ms": 600})
     keys_ = [f"skew-{i}" for i in range(6)]
     for i, key in enumerate(keys_):
         await enqueue(ledger, {"name": f"Skewed {i}", "applyTo": 1}, key)

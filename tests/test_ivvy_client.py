@@ -288,7 +288,7 @@ async def test_a_hang_past_the_timeout_is_a_timeout_with_unknown_outcome(
     ivvy_account: Account, transport: AiohttpTransport, fake_ivvy: RunningFakeIvvy
 ) -> None:
     fake_ivvy.fake.update_faults({"hang_rate": 1, "hang_s": 2})
-    impatient = IvvyClient(ivvy_account, transport, timeout=0.3)
+    impatient = IvvyClient(ivvy_account, transport, timeout=0.15)
     with pytest.raises(IvvyTimeout) as timed_out:
         await impatient.add_or_update_lead_stage(LeadStageChange(name="x", apply_to=1))
     assert timed_out.value.outcome_unknown

@@ -306,7 +306,7 @@ async def test_a_redis_that_never_answers_is_unavailable_within_the_timeout(sett
     """A Redis that accepts the connection, then answers nothing (a stopped process's backlog)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
-        hung = Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.3, redis_connect_timeout_s=0.3)
+        hung = Settings(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.15, redis_connect_timeout_s=0.15)
         async with LeadStageProducer(hung) as producer:
             with pytest.raises(RedisUnavailable) as caught:
                 await producer.enqueue(HOT, idempotency_key="k-hung")

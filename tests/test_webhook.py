@@ -532,7 +532,7 @@ async def test_a_hung_redis_is_503_in_bounded_time_and_the_retry_is_safe(setting
     Redis timeout, saying the outcome is unknown; the same delivery after it resumes is enqueued
     at most once."""
     with redis_servers(tmp_path, ()) as (server,):
-        settings = dataclasses.replace(settings, redis_url=server.url, redis_timeout_s=0.5)
+        settings = dataclasses.replace(settings, redis_url=server.url, redis_timeout_s=0.3)
         hung = aioredis.Redis.from_url(server.url)  # no socket timeout: the webhook's own bound answers
         try:
             async with TestClient(
