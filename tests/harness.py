@@ -23,15 +23,15 @@ def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Setti
         "redis_url": redis_url,
         "accounts": {"default": Account("default", ivvy_url, DEMO_API_KEY, Secret(DEMO_API_SECRET), 1000.0)},
         "rate_limit": 1000.0,
-        "backoff_base_s": 0.05,
-        "backoff_max_s": 0.5,
+        "backoff_base_s": 0.02,
+        "backoff_max_s": 0.2,
         "request_timeout_s": 1.0,
         # The round trip between the recovery point and the POST is on loopback here: a change
         # that failed mid-POST is retried after the request timeout and this, not a whole second.
         "in_flight_margin_s": 0.05,
-        # A test's batch takes a fraction of a second: polled at most 0.2 s apart, not 5 s.
-        "batch_poll_min_s": 0.05,
-        "batch_poll_max_s": 0.2,
+        # A test's batch takes a fraction of a second: polled at most 0.1 s apart, not 5 s.
+        "batch_poll_min_s": 0.02,
+        "batch_poll_max_s": 0.1,
         "job_timeout_s": 30.0,
         "lease_s": 2.0,
         # Batch mode is on by default: its wait must fit in the job timeout above (a batch that is
@@ -135,7 +135,7 @@ async def wait_for_terminal(
             raise AssertionError(
                 f"{len(missing)} changes have no terminal event after {within_s}s: {sorted(missing)[:5]}"
             )
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
 
 
 class LosingCancellations:

@@ -91,7 +91,7 @@ async def test_run_refuses_an_empty_or_oversized_batch_before_sending(
 
 async def test_unfinished_unknown_and_expired_batches(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
     jobs = [lead_stage_job(LeadStageChange(name="Slow", apply_to=1))]
-    fake_ivvy.fake.update_faults({"batch_delay_s": 0.2, "batch_results_s": 0.4})
+    fake_ivvy.fake.update_faults({"batch_delay_s": 0.1, "batch_results_s": 0.25})
     async_id = await batches.run(jobs)
     with pytest.raises(BatchNotReady):
         await batches.results(async_id, jobs)
@@ -176,7 +176,7 @@ async def test_with_an_estimate_a_batch_done_by_then_costs_no_progress_poll(
     )
     assert (calls(fake_ivvy, "progress"), calls(fake_ivvy, "results")) == (0, 1)
     assert ready.s_per_job is not None
-    fake_ivvy.fake.update_faults({"batch_delay_s": 0.4})  # far past the first try, at the floor
+    fake_ivvy.fake.update_faults({"batch_delay_s": 0.2})  # far past the first try, at the floor
     slow = ReadyEstimate()
     [outcome] = await batches.wait_for_results(
         await batches.run(jobs[:1]), jobs[:1], timeout_s=10, poll_min_s=0.01, poll_max_s=0.1, ready=slow

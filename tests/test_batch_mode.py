@@ -92,12 +92,12 @@ async def through_a_fault(
     changes: list[tuple[str, dict[str, object]]],
     fault: str,
 ) -> dict[str, list[dict[str, str]]]:
-    """The changes through a worker (a 0.3 s batch wait, a 0.3 s request timeout: the holds of an
+    """The changes through a worker (a 0.2 s batch wait, a 0.3 s request timeout: the holds of an
     unknown outcome) while the batch ``fault`` hits every batch, until each was retried; then
     without it until each is terminal. Their terminal events."""
     fake.update_faults({fault: 1.0})
     await enqueue(redis_client, settings, changes)
-    async with running_worker(dataclasses.replace(harness.reconciling_soon(settings), batch_wait_s=0.3)):
+    async with running_worker(dataclasses.replace(harness.reconciling_soon(settings), batch_wait_s=0.2)):
 
         async def all_retried() -> bool:
             retrying = [e for e in await read_events(redis_client) if e["event"] == "retrying"]
@@ -337,8 +337,8 @@ async def test_a_batch_not_ready_within_its_wait_keeps_its_stages_locked_for_ano
     changes = one_per_stage(fake, 8)
     fake.update_faults({"batch_never_ready_rate": 1.0})
     # The hold (the batch's wait) outlasts the late-commit hold (the request timeout) and a backoff
-    # (0.1 s at most) by a fifth of a second at least.
-    settings = dataclasses.replace(settings, batch_wait_s=0.6, request_timeout_s=0.25, backoff_max_s=0.1)
+    # (0.05 s at most) by a fifth of a second at least.
+    settings = dataclasses.replace(settings, batch_wait_s=0.45, request_timeout_s=0.2, backoff_max_s=0.05)
     ledger = Ledger(redis_client, settings)
     await enqueue(redis_client, settings, changes)
     async with running_worker(settings):

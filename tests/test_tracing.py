@@ -345,6 +345,7 @@ async def test_the_cli_continues_a_traceparent_from_its_environment(
     assert stored == f"00-{TRACE_ID}-{printed['context']['span_id'][2:]}-01".encode()
 
 
+@pytest.mark.system  # runs the command as a process
 def test_an_unknown_exporter_is_refused_by_name() -> None:
     result = leadstage("stats", OTEL_TRACES_EXPORTER="nonesuch", REDIS_URL="redis://127.0.0.1:1/0")
     assert result.returncode == 2

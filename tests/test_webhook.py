@@ -527,6 +527,7 @@ async def test_a_repeated_webhook_header_is_401(client: TestClient[Any, Any], re
     assert await redis_client.dbsize() == 0
 
 
+@pytest.mark.system  # starts a redis-server of its own (to SIGSTOP it)
 async def test_a_hung_redis_is_503_in_bounded_time_and_the_retry_is_safe(settings: Settings, tmp_path: Path) -> None:
     """Redis stopped by SIGSTOP accepts connections and never answers: 503 after the webhook's
     Redis timeout, saying the outcome is unknown; the same delivery after it resumes is enqueued

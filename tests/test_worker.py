@@ -64,13 +64,13 @@ async def test_add_update_and_rejection(
 async def test_transient_errors_are_retried_then_succeed(
     settings: Settings, producer: Producer, redis_client: aioredis.Redis, fake: RunningFakeIvvy
 ) -> None:
-    fake.fake.update_faults({"error_rate": 0.3, "error_24322_rate": 0.1, "rate_limit_rate": 0.1, "retry_after_s": 0})
+    # A 5xx (or a 24322) leaves an add's outcome unknown: its retry waits out the request timeout,
+    # then reconciles, so the run lasts as many of those waits as the longest run of such answers
+    # to one key. A 429 is retried at once: more of those, fewer keys.
+    fake.fake.update_faults({"error_rate": 0.15, "error_24322_rate": 0.05, "rate_limit_rate": 0.2, "retry_after_s": 0})
     keys = [f"k{i}" for i in range(10)]
     for i, key in enumerate(keys):
         await producer.enqueue({"name": f"Stage {i}", "applyTo": 1}, idempotency_key=key)
-    # A 5xx (or 24322) leaves an add's outcome unknown: its retry waits out the request timeout,
-    # then reconciles, so the run lasts as many of those waits as the longest run of such answers
-    # to one key: few keys, as many faults as before.
     async with running_worker(reconciling_soon(dataclasses.replace(settings, max_attempts=30))):
         terminal = await wait_for_terminal(redis_client, keys)
     assert all(events[0]["event"] == "succeeded" for events in terminal.values())
