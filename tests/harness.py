@@ -28,7 +28,7 @@ def worker_settings(redis_url: str, ivvy_url: str, **overrides: object) -> Setti
         "request_timeout_s": 1.0,
         # The round trip between the recovery point and the POST is on loopback here: a change
         # that failed mid-POST is retried after the request timeout and this, not a whole second.
-        "in_flight_margin_s": 0.05,
+        "in_flight_margin_s": 0.02,
         # A test's batch takes a fraction of a second: polled at most 0.1 s apart, not 5 s.
         "batch_poll_min_s": 0.02,
         "batch_poll_max_s": 0.1,
@@ -112,20 +112,27 @@ def stream_order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+def decoded(fields: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in fields.items()}
+
+
 async def read_events(client: RedisClient, stream: str = "leadstage:results") -> list[dict[str, str]]:
-    entries = await client.xrange(stream)
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+    return [decoded(fields) for _, fields in await client.xrange(stream)]
 
 
 async def wait_for_terminal(
     client: RedisClient, keys: Iterable[str], *, within_s: float = 30.0, stream: str = "leadstage:results"
 ) -> dict[str, list[dict[str, str]]]:
-    """Wait until every idempotency key has a terminal event; return all terminal events by key."""
+    """Wait until every idempotency key has a terminal event; return all terminal events by key.
+    Each poll reads only the events after the last one read: a test's stream is polled often."""
     wanted = set(keys)
     deadline = time.monotonic() + within_s
+    terminal: dict[str, list[dict[str, str]]] = {}
+    after = "-"
     while True:
-        terminal: dict[str, list[dict[str, str]]] = {}
-        for event in await read_events(client, stream):
+        for entry_id, fields in await client.xrange(stream, min=after):
+            after = f"({entry_id.decode()}"
+            event = decoded(fields)
             if event["event"] in TERMINAL:
                 terminal.setdefault(event["idempotency_key"], []).append(event)
         missing = wanted - terminal.keys()

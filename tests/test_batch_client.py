@@ -3,13 +3,13 @@ progress, results, the polling, and each job's answer classified as a single cal
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
 import pytest
 
+from tests.harness import eventually
 from worker.batch import BatchCalls, BatchJob, ReadyEstimate, lead_stage_job
 from worker.core.change import LeadStageChange
 from worker.core.errors import (
@@ -100,14 +100,16 @@ async def test_unfinished_unknown_and_expired_batches(batches: BatchCalls, fake_
         with pytest.raises(BatchGone):
             await call
     await batches.wait_for_results(async_id, jobs, timeout_s=10, poll_min_s=0.02, poll_max_s=0.05)
-    # Kept until batch_results_s after the run, then gone: asked again until then.
-    while True:
+
+    async def expired() -> bool:
+        """Kept until batch_results_s after the run, then gone (24115: iVvy knows it no more)."""
         try:
             await batches.results(async_id, jobs)
         except BatchGone as gone:
-            assert gone.specific_code == 24115
-            break
-        await asyncio.sleep(0.02)
+            return gone.specific_code == 24115
+        return False
+
+    await eventually(expired, within_s=5)
 
 
 async def test_a_run_whose_answer_is_dropped_has_an_unknown_outcome(
@@ -139,17 +141,17 @@ async def test_waiting_for_a_batch_that_never_finishes_gives_up_at_its_deadline(
     jobs = [lead_stage_job(LeadStageChange(name="Never", apply_to=1))]
     async_id = await batches.run(jobs)
     with pytest.raises(BatchNotReady, match="not done within"):
-        await batches.wait_for_results(async_id, jobs, timeout_s=0.25, poll_min_s=0.01, poll_max_s=0.05)
+        await batches.wait_for_results(async_id, jobs, timeout_s=0.15, poll_min_s=0.005, poll_max_s=0.03)
     # A batch stuck at 0 % is polled at the cap, not at the floor.
-    assert 2 <= calls(fake_ivvy, "progress") <= 0.25 / 0.05 + 1
+    assert 2 <= calls(fake_ivvy, "progress") <= 0.15 / 0.03 + 1
     assert calls(fake_ivvy, "results") == 0
 
 
 async def test_polls_follow_the_progress_instead_of_the_floor(batches: BatchCalls, fake_ivvy: RunningFakeIvvy) -> None:
-    fake_ivvy.fake.update_faults({"batch_delay_s": 0.25})
+    fake_ivvy.fake.update_faults({"batch_delay_s": 0.15})
     jobs = [lead_stage_job(LeadStageChange(name="Paced", apply_to=1))]
-    await batches.wait_for_results(await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.005, poll_max_s=0.25)
-    # Polling at the floor would ask about 50 times in that quarter second.
+    await batches.wait_for_results(await batches.run(jobs), jobs, timeout_s=10, poll_min_s=0.003, poll_max_s=0.15)
+    # Polling at the floor would ask about 50 times in that time.
     assert calls(fake_ivvy, "progress") <= 12
     assert calls(fake_ivvy, "results") == 1
 

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.harness import eventually
 from worker.core.errors import IvvyErrorDetails, IvvyNoAnswer, IvvyRateLimited
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
@@ -40,15 +41,6 @@ async def specific_code(call: Any) -> int | None:
     with pytest.raises(IvvyErrorDetails) as raised:
         await call
     return raised.value.specific_code
-
-
-async def specific_code_or_none(call: Any) -> int | None:
-    """The call's specific code when it fails, None when it answers."""
-    try:
-        await call
-    except IvvyErrorDetails as error:
-        return error.specific_code
-    return None
 
 
 async def done(client: IvvyClient, async_id: str) -> None:
@@ -165,9 +157,16 @@ async def test_unknown_and_expired_batches(fake: RunningFakeIvvy, client: IvvyCl
     run = await client.call("batch", "run", {"jobs": [job({"name": "Kept briefly", "applyTo": 1})]})
     await done(client, run["asyncId"])
     assert len((await client.call("batch", "results", {"async": run["asyncId"]}))["results"]) == 1
-    while (code := await specific_code_or_none(client.call("batch", "results", {"async": run["asyncId"]}))) is None:
-        await asyncio.sleep(0.02)  # kept until batch_results_s after the run
-    assert code == 24115
+
+    async def expired() -> bool:
+        """Kept until batch_results_s after the run, then gone (24115)."""
+        try:
+            await client.call("batch", "results", {"async": run["asyncId"]})
+        except IvvyErrorDetails as error:
+            return error.specific_code == 24115
+        return False
+
+    await eventually(expired, within_s=5)
     assert await specific_code(client.call("batch", "progress", {"async": run["asyncId"]})) == 24105
     await client.call("batch", "run", {"jobs": [job({"name": "Later", "applyTo": 1})]})
     assert run["asyncId"] not in fake.fake.batches.batches  # forgotten, not only hidden

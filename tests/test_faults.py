@@ -211,7 +211,7 @@ async def test_a_superseded_change_keeps_the_stage_locked_while_its_request_may_
 
 
 async def test_a_stale_run_cannot_finish_adopt_or_renew(redis_client: aioredis.Redis) -> None:
-    settings = Settings(lease_s=0.2, request_timeout_s=0.1, in_flight_margin_s=0.1)
+    settings = Settings(lease_s=0.1, request_timeout_s=0.05, in_flight_margin_s=0.05)
     ledger = Ledger(redis_client, settings)
     change = parse_change({"name": "Fenced", "applyTo": 1})
     await ledger.enqueue_many([(change, parse_envelope(idempotency_key="f"))])

@@ -102,10 +102,10 @@ async def test_a_wait_that_times_out_says_where_the_change_stands(
 async def test_concurrent_waits_share_one_reader(
     settings: Settings, producer: LeadStageProducer, redis_client: aioredis.Redis
 ) -> None:
-    receipts = await producer.enqueue_many([{"name": f"Stage {i}", "applyTo": "lead"} for i in range(40)])
+    receipts = await producer.enqueue_many([{"name": f"Stage {i}", "applyTo": "lead"} for i in range(20)])
     waits = [asyncio.create_task(producer.wait(r, timeout=60)) for r in receipts]
     await eventually(lambda: _blocked_at_least_one(redis_client))
-    assert await blocked_readers(redis_client) == 1  # 40 waits, one XREAD
+    assert await blocked_readers(redis_client) == 1  # 20 waits, one XREAD
     async with running_worker(settings):
         events = await asyncio.gather(*waits)
     assert [e.idempotency_key for e in events] == [r.idempotency_key for r in receipts]

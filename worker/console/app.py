@@ -74,7 +74,9 @@ def exposure_warning(settings: Settings, host: str) -> str | None:
     )
 
 
-def create_app(settings: Settings, redis: RedisClient, *, overview_ttl_s: float = api.OVERVIEW_TTL_S) -> web.Application:
+def create_app(
+    settings: Settings, redis: RedisClient, *, overview_ttl_s: float = api.OVERVIEW_TTL_S
+) -> web.Application:
     """The console over ``redis`` (the caller's client: it closes it), reusing one overview for
     ``overview_ttl_s`` (a test that watches the overview change asks for a shorter one)."""
     gate = Gate(settings)
