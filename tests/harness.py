@@ -112,27 +112,21 @@ def stream_order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def decoded(fields: Mapping[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in fields.items()}
-
-
 async def read_events(client: RedisClient, stream: str = "leadstage:results") -> list[dict[str, str]]:
-    return [decoded(fields) for _, fields in await client.xrange(stream)]
+    entries = await client.xrange(stream)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
 async def wait_for_terminal(
     client: RedisClient, keys: Iterable[str], *, within_s: float = 30.0, stream: str = "leadstage:results"
 ) -> dict[str, list[dict[str, str]]]:
     """Wait until every idempotency key has a terminal event; return all terminal events by key.
-    Each poll reads only the events after the last one read: a test's stream is polled often."""
+    Each poll reads the whole stream again: after a failover it holds what the new primary has."""
     wanted = set(keys)
     deadline = time.monotonic() + within_s
-    terminal: dict[str, list[dict[str, str]]] = {}
-    after = "-"
     while True:
-        for entry_id, fields in await client.xrange(stream, min=after):
-            after = f"({entry_id.decode()}"
-            event = decoded(fields)
+        terminal: dict[str, list[dict[str, str]]] = {}
+        for event in await read_events(client, stream):
             if event["event"] in TERMINAL:
                 terminal.setdefault(event["idempotency_key"], []).append(event)
         missing = wanted - terminal.keys()
@@ -142,7 +136,7 @@ async def wait_for_terminal(
             raise AssertionError(
                 f"{len(missing)} changes have no terminal event after {within_s}s: {sorted(missing)[:5]}"
             )
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
 
 
 class LosingCancellations:
