@@ -111,15 +111,14 @@ async def end_batch(ledger: Ledger, account: str, claim: BatchClaim) -> None:
         await ledger._batch(keys=[keys.batches_key(account), claim.record], args=["ended"])
 
 
-async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> set[str]:
-    """A batch that may still be applied: each change's stage stays locked for another
-    ``LEADSTAGE_BATCH_WAIT`` whatever becomes of it; returns the jobs still on their run."""
+async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> None:
+    """A batch that may still be applied: each change still on its run keeps its stage locked for
+    another ``LEADSTAGE_BATCH_WAIT`` whatever becomes of it."""
     with redis_errors():
-        recorded: list[int] = await ledger._batch(
+        await ledger._batch(
             keys=[keys.ledger_key(s.job_id) for s in starts],
             args=["unresolved", int(ledger.settings.batch_wait_s * 1000), *(s.run for s in starts)],
         )
-    return {s.job_id for s, ok in zip(starts, recorded, strict=True) if ok}
 
 
 async def take_run_slot(
