@@ -334,6 +334,12 @@ async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
     try:
         terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
         taken_up_after = time.monotonic() - killed_at
+
+        async def nothing_left() -> bool:  # the collected batch's record and listing, once it ended
+            records = [key async for key in redis_client.scan_iter(match=keys.BATCH_PREFIX + "*")]
+            return not records and not await redis_client.exists(keys.batches_key("default"))
+
+        await eventually(nothing_left, within_s=5)
     finally:
         harness.stop_process(second)
     ends = {key: [(e["event"], e["sent_as"], e["attempt"]) for e in events] for key, events in terminal.items()}
