@@ -249,6 +249,23 @@ async def test_what_a_batchs_changes_share_is_written_once_in_its_record_and_col
     assert not await redis_client.exists(claim.record, keys.batches_key("default"))
 
 
+async def test_a_claim_below_the_threshold_leaves_every_stage_as_it_found_it(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """The scan takes each free stage's lock as it goes (SET NX): below the threshold it gives them
+    back, and a lock held by another change stays that change's."""
+    changes = one_per_stage(fake, settings.batch_threshold + 1)
+    await enqueue(redis_client, settings, changes)
+    held = keys.stage_lock_key("default", str(changes[0][1]["id"]))
+    await redis_client.set(held, "default:other#1#99999999999999", px=60_000)
+    ledger = Ledger(redis_client, settings)
+    refused = await claim_batch(ledger, "default", "w", 100.0)
+    assert (refused.starts, refused.refused, refused.candidates) == ([], "below", settings.batch_threshold)
+    locks = [key async for key in redis_client.scan_iter(match=keys.STAGE_LOCK_PREFIX + "*")]
+    assert locks == [held.encode()]
+    assert await redis_client.get(held) == b"default:other#1#99999999999999"
+
+
 async def test_batch_mode_off_sends_no_batch(settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy) -> None:
     changes = one_per_stage(fake, 12)
     await enqueue(redis_client, settings, changes)

@@ -32,7 +32,7 @@ class BatchClaim:
     candidates: int
     #: Why nothing was claimed: '' (claimed), 'collect' (a dead worker's batch to collect), 'few'
     #: (not more due jobs than the threshold: none was read), 'below' (not more sendable updates than
-    #: the threshold), 'rate' (no free slot).
+    #: the threshold), 'rate' (no free slot: none was read).
     refused: str
     rate_wait_ms: int
     #: Each start's index among the batch's jobs.

@@ -22,8 +22,9 @@
 -- the batch (phase = posting, posted_at = now, batch_key = the new batch's record). A change
 -- start.lua would not send now is left alone: not due (a live lease), terminal, a backoff not
 -- over, a request maybe in flight, out of attempts or too old, every field overtaken
--- (superseded), or its stage locked by another change. Below the threshold, or with no free rate
--- slot, nothing is touched. A change taken over from a batch that never answered its run keeps
+-- (superseded), or its stage locked by another change. With no free rate slot, nothing is read;
+-- below the threshold, nothing is left touched (the locks the scan took, as start.lua takes one
+-- with SET NX, are given back). A change taken over from a batch that never answered its run keeps
 -- its stage locked until that batch's wait is over (unknown_until): that batch may still be
 -- applied until then.
 --   KEYS: 1 account queue zset, 2 account rate hash, 3 the account's batches zset (batch record
@@ -36,7 +37,8 @@
 --           attempt, dropped csv, source, enqueued at (ms), generation, change, traceparent, job index
 --           in the batch}, ...}, asyncId ('' unless collecting), the batch's record key ('' unless
 --           claimed)}; status: 'ok', 'collect', 'few' (not more due jobs than the threshold: none
---           read), 'below' (not more sendable updates than the threshold), 'rate' (no free slot)
+--           read), 'below' (not more sendable updates than the threshold), 'rate' (no free slot: none
+--           read)
 -- 'go': take the slot of a batch's run just before it is sent (the claim only checked that one was
 --   free: the batch is gathered in between), and when taken, write the batch's record: posted_at
 --   now (each change's in-flight guard counts from then) and its jobs, kept for the ledger retention.
@@ -193,6 +195,9 @@ end
 
 -- Too few due jobs of any kind: nothing to read.
 if redis.call('ZCOUNT', queue, '-inf', now) <= threshold then return {'few', 0, 0, {}, '', ''} end
+-- A slot must be free now; the run takes it when it is sent ('go'), after the batch is gathered.
+local rate_wait = rate_slot(rate_key, interval_us, window_us, false)
+if rate_wait > 0 then return {'rate', 0, rate_wait, {}, '', ''} end
 local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', 0, scan)
 -- When a change in flight was sent last, and whether by a batch's run never answered: one still on
 -- its batch's run (batch_run) reads them from the batch's record (none yet: sent at the claim).
@@ -230,27 +235,31 @@ for _, job in ipairs(due) do
     end
   end
   if sendable and kept > 0 then
-    -- The stage is free, or locked by an earlier run of this same change (after an unknown outcome).
-    local owner = redis.call('GET', lock)
-    if not owner or owned_by(owner, job) then
+    -- The stage is free (taken now: given back if no batch is claimed), or locked by an earlier run
+    -- of this same change (after an unknown outcome: taken over if one is).
+    local value = job .. '#' .. ((tonumber(l[15]) or 0) + 1) .. '#' .. (now + lock_ttl_ms)
+    local taken = redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX')
+    if taken or owned_by(redis.call('GET', lock), job) then
       stages[lock] = true
       -- Taken over from a batch whose run was never answered: it may still be applied until its wait
       -- is over; its stage stays locked until then.
-      local hold = unanswered and math.max(tonumber(l[19]) or 0, posted_at + guard_ms + wait_ms) or nil
-      candidates[#candidates + 1] = {job, ledger, l, table.concat(dropped, ','), hold}
+      local hold = unanswered and math.max(tonumber(l[19]) or 0, posted_at + guard_ms + wait_ms) or false
+      candidates[#candidates + 1] = {job, ledger, l, table.concat(dropped, ','), hold, not taken and value}
     end
   end
 end
-if #candidates <= threshold then return {'below', #candidates, 0, {}, '', ''} end
--- A slot must be free now; the run takes it when it is sent ('go'), after the batch is gathered.
-local rate_wait = rate_slot(rate_key, interval_us, window_us, false)
-if rate_wait > 0 then return {'rate', #candidates, rate_wait, {}, '', ''} end
+if #candidates <= threshold then
+  for _, c in ipairs(candidates) do
+    if not c[6] then redis.call('DEL', c[3][14]) end
+  end
+  return {'below', #candidates, 0, {}, '', ''}
+end
 
 local claims, leased, newest = {}, {}, nil
-for i = 1, math.min(#candidates, most) do
-  local job, ledger, l, dropped, hold = unpack(candidates[i])
+for i = 1, #candidates do
+  local job, ledger, l, dropped, hold, retaken = unpack(candidates[i])
   local run, attempt = (tonumber(l[15]) or 0) + 1, (tonumber(l[3]) or 0) + 1
-  redis.call('SET', l[14], job .. '#' .. run .. '#' .. (now + lock_ttl_ms), 'PX', lock_ttl_ms)
+  if retaken then redis.call('SET', l[14], retaken, 'PX', lock_ttl_ms) end
   -- The change's own part of the batch (the rest is its record's, written once for all at 'go').
   local fields = {'state', 'running', 'run', run, 'worker', worker_id, 'attempts', attempt, 'phase', 'posting',
     'posted_at', now, 'batch_key', new_record, 'batch_run', run, 'batch_dropped', dropped}
