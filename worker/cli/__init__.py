@@ -46,7 +46,7 @@ def _command(run: str) -> Callable[..., int]:
 
 def _redis_failure(exc: LeadstageError, *, written: bool) -> str:
     """What a Redis failure means for the user: where, which timeout, and whether anything was enqueued."""
-    from worker.core.redis_connection import printable_url
+    from worker.core.redis_url import printable_url
 
     settings = load_settings()
     where = f"REDIS_URL {printable_url(settings.redis_url)}"

@@ -30,7 +30,8 @@ from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import ConfigError, PermanentError, RedisUnavailable
 from worker.core.logs import get_logger
 from worker.core.processes import is_loopback, until_signalled
-from worker.core.redis_connection import RedisClient, connect_redis_or_cluster_of, printable_url
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster_of
+from worker.core.redis_url import printable_url
 from worker.core.settings import Settings
 
 __all__ = ["create_app", "exposure_warning", "run_console"]

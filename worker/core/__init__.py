@@ -41,8 +41,9 @@ SURFACE: Final[dict[str, str]] = {
     "readers": "",
     "redis_connection": (
         "close_sentinels connect_redis connect_redis_of connect_redis_or_cluster connect_redis_or_cluster_of"
-        " DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url ping printable_url RedisClient single_server"
+        " ping RedisClient"
     ),
+    "redis_url": "DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url printable_url single_server",
     "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent Verdict",
     "settings": "Account BATCH_MAX_JOBS DEMO_API_KEY DEMO_API_SECRET Secret Settings",
     "states": "Decision Outcome TERMINAL UNACCOUNTED WaitReason",
