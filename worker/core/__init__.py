@@ -22,7 +22,7 @@ SURFACE: Final[dict[str, str]] = {
     "change": (
         "ACCOUNT_PATTERN ALIASES APPLY_TO_LEAD APPLY_TO_OPPORTUNITY APPLY_TO_WORDS COLOUR_PATTERN"
         " DEFAULT_ACCOUNT Envelope ID_MAX KEY_MAX_CHARS KEY_PATTERN LeadStageChange NAME_MAX_CHARS"
-        " NAME_PATTERN parse_change parse_envelope parse_id_text repeated_key shown UPDATABLE_FIELDS"
+        " NAME_PATTERN parse_change parse_envelope parse_id_text repeated_key shown UPDATABLE_FIELDS validate"
     ),
     "errors": (
         "BadFilter BatchGone BatchNotReady ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response"
@@ -34,7 +34,9 @@ SURFACE: Final[dict[str, str]] = {
     ),
     "gather": "gather_updates",
     "keys": "",
-    "ledger": "backlog_warning Chunk ENQUEUE_CHUNK Ledger Pick Receipt Start",
+    "bulk": "backlog_warning Chunk ENQUEUE_CHUNK",
+    "enqueue_once": "enqueue_once",
+    "ledger": "Ledger Pick Receipt Start",
     "logs": "bind_job_context configure_logging get_logger",
     "metrics": "",
     "processes": "cancel_until_done Children is_loopback RedisServer signalled until_signalled",
@@ -43,6 +45,7 @@ SURFACE: Final[dict[str, str]] = {
         "close_sentinels connect_redis connect_redis_of connect_redis_or_cluster connect_redis_or_cluster_of"
         " ping RedisClient"
     ),
+    "resp": "handles",
     "redis_url": "DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url printable_url single_server",
     "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent Verdict",
     "settings": "Account BATCH_MAX_JOBS DEMO_API_KEY DEMO_API_SECRET Secret Settings",

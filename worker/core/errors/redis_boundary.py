@@ -81,9 +81,9 @@ _CLASS_OF_CODE = {
 _CREDENTIAL_REPLIES = (
     "WRONGPASS ",
     "NOAUTH ",
-    "ERR invalid password",
-    "ERR AUTH <password> called without any password configured",
-    "ERR Client sent AUTH, but no password is set",
+    "invalid password",
+    "AUTH <password> called without any password configured",
+    "Client sent AUTH, but no password is set",
 )
 _NOT_REDIS = "REDIS_URL: what answers there is not Redis (its answer is not the Redis protocol)"
 
@@ -97,10 +97,11 @@ class RespProtocolError(Exception):
 
 
 def error_reply(exc: object) -> str | None:
-    """The Redis error reply ``exc`` stands for, code first (redis-py strips the code of some), from
-    either client; None when it is not an error reply."""
+    """The Redis error reply ``exc`` stands for, from either client, as redis-py words it: without
+    the generic code ``ERR``, any other code first (put back where redis-py strips it, for the
+    replies it gives classes of their own); None when it is not an error reply."""
     if isinstance(exc, RespErrorReply):
-        return str(exc)
+        return str(exc).removeprefix("ERR ")
     redis_py = sys.modules.get("redis.exceptions")  # a redis-py exception exists only once it is imported
     if redis_py is None or not isinstance(exc, redis_py.ResponseError | redis_py.BusyLoadingError):
         return None
@@ -138,7 +139,7 @@ def _reply_failure(reply: str) -> LeadstageError | None:
         return ConfigError("REDIS_URL selects a database number this Redis does not have")
     if reply.startswith("WAIT cannot be used with replica"):  # a primary demoted under our feet
         return RedisRefused("Redis refused WAIT: the server is a replica now (a failover)")
-    if code == "LOADING" or reply == "ERR max number of clients reached":  # redis-py: ConnectionError classes
+    if code == "LOADING" or reply == "max number of clients reached":  # redis-py: ConnectionError classes
         return RedisUnavailable(f"Redis is unavailable: {_CLASS_OF_CODE.get(code, 'ConnectionError')}")
     if code in REFUSAL_CODES:  # exactly: BUSYGROUP or BUSYKEY are answers about data, not refusals
         return RedisRefused(f"Redis refused the command: {_CLASS_OF_CODE.get(code, code)}")
