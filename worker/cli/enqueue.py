@@ -1,6 +1,6 @@
 """``leadstage enqueue``: one change from flags (here), or a file of them (``worker.cli.bulk``).
 
-A single enqueue imports only the change model, the settings and ``worker.core.enqueue_once``
+A single enqueue imports only the change model, the settings and ``worker.core.one_shot``
 (neither redis-py nor asyncio, unless REDIS_URL is a Sentinel's or a cluster's): it is what a
 shell loop runs once per change, so its start-up is most of its cost.
 """
@@ -16,7 +16,7 @@ from worker.core.errors import FieldError, InvalidChange, Refused
 
 if TYPE_CHECKING:
     from worker.core.change import Envelope, LeadStageChange
-    from worker.core.replies import Receipt
+    from worker.core.ledger import Receipt
     from worker.core.settings import Settings
 
 __all__ = ["FLAG_OF_FIELD", "run_enqueue"]
@@ -80,13 +80,13 @@ def run_enqueue(args: argparse.Namespace) -> int:
 
 
 def _enqueue(settings: Settings, validated: tuple[LeadStageChange, Envelope]) -> Receipt:
-    """Through ``worker.core.enqueue_once`` (no redis-py, no asyncio: the start-up is most of a
+    """Through ``worker.core.one_shot`` (no redis-py, no asyncio: the start-up is most of a
     single enqueue's time) when its client can talk to REDIS_URL; through the library otherwise."""
     from worker.core.redis_url import parse_redis_url
     from worker.core.resp import handles
 
     if handles(settings.redis_url, parse_redis_url(settings.redis_url)):
-        from worker.core.enqueue_once import enqueue_once
+        from worker.core.one_shot import enqueue_once
 
         return enqueue_once(settings, *validated)
     import asyncio

@@ -19,6 +19,7 @@ from typing import Any, Final
 #: Module of ``worker.core`` -> its public names, space-separated ("": a module used whole).
 SURFACE: Final[dict[str, str]] = {
     "batch_claim": "BatchClaim claim_batch hold_unresolved record_sent take_rate_slot take_run_slot",
+    "bulk": "backlog_warning Chunk ENQUEUE_CHUNK",
     "change": (
         "ACCOUNT_PATTERN ALIASES APPLY_TO_LEAD APPLY_TO_OPPORTUNITY APPLY_TO_WORDS COLOUR_PATTERN"
         " DEFAULT_ACCOUNT Envelope ID_MAX KEY_MAX_CHARS KEY_PATTERN LeadStageChange NAME_MAX_CHARS"
@@ -34,19 +35,18 @@ SURFACE: Final[dict[str, str]] = {
     ),
     "gather": "gather_updates",
     "keys": "",
-    "bulk": "backlog_warning Chunk ENQUEUE_CHUNK",
-    "enqueue_once": "enqueue_once",
     "ledger": "Ledger Pick Receipt Start",
     "logs": "bind_job_context configure_logging get_logger",
     "metrics": "",
+    "one_shot": "enqueue_once",
     "processes": "cancel_until_done Children is_loopback RedisServer signalled until_signalled",
     "readers": "",
     "redis_connection": (
         "close_sentinels connect_redis connect_redis_of connect_redis_or_cluster connect_redis_or_cluster_of"
         " ping RedisClient"
     ),
-    "resp": "handles",
     "redis_url": "DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url printable_url single_server",
+    "resp": "handles",
     "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent Verdict",
     "settings": "Account BATCH_MAX_JOBS DEMO_API_KEY DEMO_API_SECRET Secret Settings",
     "states": "Decision Outcome TERMINAL UNACCOUNTED WaitReason",

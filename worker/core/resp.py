@@ -4,7 +4,7 @@ Why it exists: a shell loop runs ``leadstage enqueue`` once per change, so the c
 is most of its cost, and importing redis-py (its package loads the asyncio client, the cluster
 client, JWT auth and importlib.metadata) and asyncio took more than half of that start-up. A
 single enqueue needs only a socket: one round trip to connect (AUTH, SELECT), one for the script
-call and what goes with it (``worker.core.enqueue_once``).
+call and what goes with it (``worker.core.one_shot``).
 
 What it does: connect to a plain, TLS or Unix-socket Redis named by ``REDIS_URL`` (TLS as
 redis-py does it by default: the certificate checked against the system's CAs, or
