@@ -142,3 +142,14 @@ def test_a_unix_socket_redis_is_reached_in_the_database_of_its_url(tmp_path: Pat
         client = redis.Redis.from_url(url.rsplit("/", 1)[0] + "/2")
         assert client.zrange("leadstage:queue:{default}", 0, -1) == [b"default:k1"]
         client.close()
+
+
+def test_a_cluster_url_takes_the_library_path_and_says_the_same(leadstage: Run, cluster_url: str) -> None:
+    """The RESP client does not follow a cluster's redirections: ``resp.handles`` sends a
+    redis+cluster:// URL to redis-py's path, with the same receipts."""
+    extra = {"REDIS_URL": cluster_url}
+    assert status_of(leadstage(*HOT, extra_env=extra)) == "queued"
+    assert status_of(leadstage(*HOT, extra_env=extra)) == "duplicate"
+    conflict = leadstage("enqueue", "--name", "Cold", "--apply-to", "lead", "--key", "k1", extra_env=extra)
+    assert conflict.returncode == 2
+    assert "is already used for a different change; nothing enqueued" in one_error_line(conflict)
