@@ -947,7 +947,8 @@ def test_a_single_enqueue_imports_neither_redis_py_nor_asyncio(env: dict[str, st
     """Issue 12: a single enqueue (what a shell loop runs once per change) took 0.19 s, most of it
     importing redis-py (~60 ms) and asyncio (~30 ms); it talks to Redis through worker.core.resp
     now. Were either imported again, the start-up would regress without any test failing (the
-    bench's cli phase shows the time itself). A cluster URL still takes redis-py's path."""
+    bench's cli phase shows the time itself). With an iVvy account configured too (a worker's
+    host): checking its http:// URL once imported the process toolkit, and asyncio with it."""
     probe = (
         "import sys\n"
         "from worker.cli import main\n"
@@ -956,7 +957,7 @@ def test_a_single_enqueue_imports_neither_redis_py_nor_asyncio(env: dict[str, st
     )
     result = subprocess.run(  # noqa: S603 - our own interpreter
         [sys.executable, "-c", probe, "enqueue", "--name", "Hot", "--apply-to", "lead", "--key", "lean"],
-        env=env,
+        env={**env, **WORKER_ENV},
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -131,4 +131,4 @@ def test_a_server_that_says_nothing_is_a_timeout_of_the_command_timeout() -> Non
     ],
 )
 def test_only_urls_the_client_can_serve_as_redis_py_would_are_handled(url: str, handled: bool) -> None:
-    assert handles(url, parse_redis_url(url)) is handled
+    assert handles(url) is handled

@@ -82,10 +82,9 @@ def run_enqueue(args: argparse.Namespace) -> int:
 def _enqueue(settings: Settings, validated: tuple[LeadStageChange, Envelope]) -> Receipt:
     """Through ``worker.core.one_shot`` (no redis-py, no asyncio: the start-up is most of a
     single enqueue's time) when its client can talk to REDIS_URL; through the library otherwise."""
-    from worker.core.redis_url import parse_redis_url
     from worker.core.resp import handles
 
-    if handles(settings.redis_url, parse_redis_url(settings.redis_url)):
+    if handles(settings.redis_url):
         from worker.core.one_shot import enqueue_once
 
         return enqueue_once(settings, *validated)

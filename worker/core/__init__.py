@@ -34,12 +34,13 @@ SURFACE: Final[dict[str, str]] = {
         " WaitTimeout SignatureRejected STALE_REQUEST_CODE StreamRefused stream_errors"
     ),
     "gather": "gather_updates",
+    "hosts": "is_loopback",
     "keys": "",
     "ledger": "Ledger Pick Receipt Start",
     "logs": "bind_job_context configure_logging get_logger",
     "metrics": "",
     "one_shot": "enqueue_once",
-    "processes": "cancel_until_done Children is_loopback RedisServer signalled until_signalled",
+    "processes": "cancel_until_done Children RedisServer signalled until_signalled",
     "readers": "",
     "redis_connection": (
         "close_sentinels connect_redis connect_redis_of connect_redis_or_cluster connect_redis_or_cluster_of"

@@ -29,7 +29,7 @@ from typing import Self, TypeAlias
 from urllib.parse import parse_qs, urlsplit
 
 from worker.core.errors import RespErrorReply, RespProtocolError
-from worker.core.redis_url import RedisTarget
+from worker.core.redis_url import RedisTarget, parse_redis_url
 
 __all__ = ["Arg", "Reply", "RespConnection", "encode", "handles"]
 
@@ -41,10 +41,11 @@ Reply: TypeAlias = "bytes | int | list[Reply] | RespErrorReply | None"
 MAX_LINE = 1 << 20
 
 
-def handles(url: str, target: RedisTarget) -> bool:
-    """Whether this client can talk to ``REDIS_URL`` as redis-py would: a single Redis (not
-    Sentinel nor a cluster) and no URL option but ``db``."""
-    return target.scheme in ("redis", "rediss", "unix") and set(parse_qs(urlsplit(url).query)) <= {"db"}
+def handles(url: str) -> bool:
+    """Whether this client can talk to ``REDIS_URL`` (checked by the settings) as redis-py would: a
+    single Redis (not Sentinel nor a cluster) and no URL option but ``db``."""
+    scheme = parse_redis_url(url).scheme
+    return scheme in ("redis", "rediss", "unix") and set(parse_qs(urlsplit(url).query)) <= {"db"}
 
 
 def encode(command: Sequence[Arg]) -> bytes:
