@@ -1,4 +1,4 @@
-"""worker.core.redis_connection: every REDIS_URL form, parsed once for the worker, the library, the CLI, the webhook."""
+"""worker.core.redis_url and redis_connection: every REDIS_URL form, parsed once for every client."""
 
 from __future__ import annotations
 
@@ -10,14 +10,8 @@ from redis.asyncio.connection import SSLConnection
 from worker.arq_pool import redis_settings
 from worker.core.errors import ConfigError, RedisCredentialsRefused, RedisUnavailable
 from worker.core.processes import free_port
-from worker.core.redis_connection import (
-    RedisTarget,
-    connect_redis,
-    connect_redis_or_cluster,
-    parse_redis_url,
-    ping,
-    printable_url,
-)
+from worker.core.redis_connection import connect_redis, connect_redis_or_cluster, ping
+from worker.core.redis_url import RedisTarget, parse_redis_url, printable_url
 
 URLS = [
     ("redis://localhost", RedisTarget("redis", (("localhost", 6379),))),
