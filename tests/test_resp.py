@@ -17,7 +17,8 @@ from worker.core.resp import RespConnection, encode, handles
 @pytest.fixture
 def connection(redis_url: str) -> Iterator[RespConnection]:
     """A connection to this session's test database (SELECTed by the handshake)."""
-    with RespConnection.connect(parse_redis_url(redis_url), timeout_s=5, connect_timeout_s=5) as opened:
+    opened = RespConnection.connect(parse_redis_url(redis_url), timeout_s=5, connect_timeout_s=5)
+    with contextlib.closing(opened):
         yield opened
 
 

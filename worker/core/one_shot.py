@@ -16,6 +16,7 @@ process that exits at once has nobody to be scraped by. Sentinel, Cluster and UR
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +58,7 @@ def enqueue_once(settings: Settings, change: LeadStageChange, envelope: Envelope
                 timeout_s=settings.redis_timeout_s,
                 connect_timeout_s=settings.redis_connect_timeout_s,
             )
-        with connection:
+        with contextlib.closing(connection):
             try:
                 with redis_errors():
                     replies = _run(connection, parts)

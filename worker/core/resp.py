@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Self, TypeAlias
+from typing import TypeAlias
 from urllib.parse import parse_qs, urlsplit
 
 from worker.core.errors import RespErrorReply, RespProtocolError
@@ -102,14 +101,6 @@ class RespConnection:
 
     def close(self) -> None:
         self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _send(self, data: bytes) -> None:
         try:
