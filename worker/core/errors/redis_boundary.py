@@ -162,6 +162,10 @@ def _redis_py_failure(exc: Exception, redis_py: Any) -> LeadstageError | None:
             return RedisUnavailable(f"no node of the Redis Cluster answers: {type(cause).__name__}")
         if "Cluster mode is not enabled" in str(exc):
             return ConfigError("REDIS_URL names a Redis Cluster, but the server there is not in cluster mode")
+        if isinstance(exc, redis_py.SlotNotCoveredError) or str(exc).startswith("All slots are not covered"):
+            # A state of the cluster (slots not assigned yet, or a master lost with no replica), as
+            # CLUSTERDOWN is: unavailable for now, not a bug.
+            return RedisUnavailable(f"the Redis Cluster does not serve every slot: {_cut(str(exc))}")
     return None  # a command whose keys span slots: a bug, not a state of Redis
 
 
