@@ -47,6 +47,7 @@ SYSTEM_MODULES = frozenset(
         "test_demo",
         "test_failover",
         "test_hostile_input",
+        "test_one_shot",
         "test_outcomes_cli",
         "test_processes",
         "test_rate_limit",
