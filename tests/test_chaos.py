@@ -69,9 +69,12 @@ async def test_no_loss_no_duplicate_last_value_wins_under_kills(
     rng = random.Random(5)
     # In batch mode the account sends at 40/s (LEADSTAGE_RATE_LIMIT, the workers' account's limit), so
     # that each tick's changes are due together, more than the threshold of them, and go as batches.
+    # The backoff and batch polls this fault mix was tuned with (slower than the quick loop's): enough
+    # batches go out for each batch fault to show up.
     settings = harness.worker_settings(
         url, fake.url, max_attempts=40, max_age_s=600.0, concurrency=30, batch_mode=batch_mode,
         batch_threshold=5, batch_wait_s=2.0, **({"rate_limit": 40.0} if batch_mode == "auto" else {}),
+        backoff_base_s=0.05, backoff_max_s=0.5, batch_poll_min_s=0.05, batch_poll_max_s=0.2,
     )  # fmt: skip
     redis_client = connect_redis_or_cluster(url)
     ledger = Ledger(redis_client, settings)
