@@ -20,6 +20,7 @@ from worker.core import keys, readers
 from worker.core.batch_claim import claim_batch, take_rate_slot, take_run_slot
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
+from worker.core.scripts import rate_interval_us
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import FakeIvvy, RunningFakeIvvy
 from worker.runner import running_worker
@@ -179,7 +180,8 @@ async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_li
     interval, and takes nothing while none is free (by the server's clock, no timing)."""
     await enqueue(redis_client, settings, one_per_stage(fake, 8))
     ledger = Ledger(redis_client, settings)
-    rate = 10.0  # one slot per 100 ms
+    rate = 10.0  # one slot per 100 ms (and the headroom)
+    interval_ms = rate_interval_us(rate) / 1000
     claim = await claim_batch(ledger, "default", "w", rate)
     assert (len(claim.starts), claim.refused) == (8, "")
     assert await redis_client.hget(keys.rate_key("default"), "tat") is None  # type: ignore[misc]  # redis-py's async stubs; nothing taken
@@ -188,14 +190,14 @@ async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_li
     assert await take_run_slot(ledger, "default", rate, claim.starts) == 0
     assert int(await redis_client.hget(ledger_key, "posted_at")) >= claimed_at  # type: ignore[misc]  # redis-py's async stubs
     first_wait = await take_rate_slot(ledger, "default", rate)
-    assert 0 < first_wait <= 100  # the run took the slot
+    assert 0 < first_wait <= interval_ms  # the run took the slot
     assert await take_run_slot(ledger, "default", rate, claim.starts) > 0  # none free: nothing taken
     rate_state = await redis_client.hgetall(keys.rate_key("default"))  # type: ignore[misc]  # redis-py's async stubs
     assert await take_rate_slot(ledger, "default", rate) > 0
     assert await redis_client.hgetall(keys.rate_key("default")) == rate_state  # type: ignore[misc]  # nothing taken
     await redis_client.hset(keys.rate_key("default"), "tat", "0")  # type: ignore[misc]  # redis-py's async stubs; as after a quiet while
     assert await take_rate_slot(ledger, "default", rate) == 0
-    assert 0 < await take_rate_slot(ledger, "default", rate) <= 100
+    assert 0 < await take_rate_slot(ledger, "default", rate) <= interval_ms
     # With no free slot, a claim takes nothing (and says so).
     await enqueue(redis_client, settings, one_per_stage(fake, 8, prefix="v"))
     refused = await claim_batch(ledger, "default", "w", rate)
