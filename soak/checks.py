@@ -7,7 +7,7 @@ stages concerned (the first few), so that a failed run says where to start looki
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from soak.observe import Event
@@ -19,16 +19,19 @@ BUILT_IN_STAGES = 3
 SHOWN = 5
 
 
-def _few(items: Iterable[object]) -> str:
-    listed = list(items)
-    more = f" (and {len(listed) - SHOWN} more)" if len(listed) > SHOWN else ""
-    return ", ".join(str(i) for i in listed[:SHOWN]) + more
+def _found(check: str, items: Sequence[object], what: str) -> list[str]:
+    """One violation of ``check`` naming how many ``items`` (each a ``what``) broke it and the first
+    few of them; none when there are none."""
+    if not items:
+        return []
+    more = f" (and {len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+    return [f"{check}: {len(items)} {what}: " + ", ".join(str(i) for i in items[:SHOWN]) + more]
 
 
 def nothing_lost(planned: Sequence[Planned], terminal: Mapping[tuple[str, str], list[Event]]) -> list[str]:
     """Every enqueued change has a terminal event (its first generation)."""
     missing = [p.key for p in planned if (p.key, "0") not in terminal]
-    return [f"lost: {len(missing)} changes have no terminal event: {_few(missing)}"] if missing else []
+    return _found("lost", missing, "changes have no terminal event")
 
 
 def exactly_one_terminal(planned: Sequence[Planned], terminal: Mapping[tuple[str, str], list[Event]]) -> list[str]:
@@ -40,12 +43,9 @@ def exactly_one_terminal(planned: Sequence[Planned], terminal: Mapping[tuple[str
         if len(events) > 1
     ]
     strangers = sorted({key for key, _ in terminal} - keys)
-    violations = []
-    if doubled:
-        violations.append(f"doubled: {len(doubled)} keys have more than one terminal event: {_few(doubled)}")
-    if strangers:
-        violations.append(f"unknown keys with terminal events: {_few(strangers)}")
-    return violations
+    return _found("doubled", doubled, "keys have more than one terminal event") + _found(
+        "unknown keys", strangers, "keys never enqueued have terminal events"
+    )
 
 
 def adds_once(
@@ -67,13 +67,11 @@ def adds_once(
             absent.append(f"{key} {name!r}")
         elif count == 1 and succeeded and not any(e.get("stage_id") == str(ids_by_name[name]) for e in events):
             wrong_id.append(f"{key}: event says {[e.get('stage_id') for e in events]}, stage is {ids_by_name[name]}")
-    violations = []
-    if twice:
-        violations.append(f"stage created twice: {len(twice)} adds: {_few(twice)}")
-    if absent:
-        violations.append(f"succeeded add without its stage: {len(absent)}: {_few(absent)}")
-    if wrong_id:
-        violations.append(f"add event names another stage: {len(wrong_id)}: {_few(wrong_id)}")
+    violations = (
+        _found("stage created twice", twice, "adds")
+        + _found("succeeded add without its stage", absent, "adds")
+        + _found("add event names another stage", wrong_id, "adds")
+    )
     made = (
         BUILT_IN_STAGES
         + len(workload.seeded)
@@ -96,15 +94,13 @@ def last_value_wins(workload: Workload, stages: Sequence[Mapping[str, Any]]) -> 
         diff = {f: (stage.get(f), v) for f, v in fields.items() if stage.get(f) != v}
         if diff:
             wrong.append(f"stage {stage_id} (actual, expected): {diff}")
-    return [f"order: {len(wrong)} stages are not at their last enqueued values: {_few(wrong)}"] if wrong else []
+    return _found("order", wrong, "stages are not at their last enqueued values")
 
 
 def ledgers_terminal(states: Mapping[str, str], queue_depth: int) -> list[str]:
     """Every change's ledger entry is terminal and the queue is empty."""
     open_ = [f"{key}={state}" for key, state in states.items() if state not in TERMINAL]
-    violations = []
-    if open_:
-        violations.append(f"ledger: {len(open_)} changes not terminal in the ledger: {_few(open_)}")
+    violations = _found("ledger", open_, "changes not terminal in the ledger")
     if queue_depth:
         violations.append(f"queue: {queue_depth} jobs still queued after every change ended")
     return violations

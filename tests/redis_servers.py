@@ -1,6 +1,6 @@
 """Redis servers of a test's own, on free loopback ports: for tests that refuse writes, stall,
 replicate or fail over a Redis, which must not disturb the shared test Redis; and a Redis Cluster
-of three masters (``redis_cluster``) for the tests of ``redis+cluster://``.
+of three masters, with or without replicas (``redis_cluster``), for the tests of ``redis+cluster://``.
 
 Each is the process toolkit's ``RedisServer`` (``worker.core.processes``), as the demo's, the
 benchmark's and the soak's Redis are; this module adds a client and starting it in one call.
@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -63,9 +63,14 @@ CLUSTER_READY_S = 30.0
 
 @dataclass
 class RedisCluster:
-    """A Redis Cluster of masters without replicas on loopback, every slot assigned."""
+    """A Redis Cluster on loopback, every slot assigned; ``replicas``: master port -> its replicas."""
 
     masters: list[RedisServer]
+    replicas: dict[int, list[RedisServer]] = field(default_factory=dict)
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return self.masters + [replica for replicas in self.replicas.values() for replica in replicas]
 
     @property
     def url(self) -> str:
@@ -79,15 +84,16 @@ class RedisCluster:
                 client.flushall()
 
 
-def start_redis_cluster(directory: Path, masters: int = 3) -> RedisCluster:
-    """``masters`` redis-servers with ``--cluster-enabled yes`` on free ports (their cluster bus on
-    free ports too), joined by ``redis-cli --cluster create``; returned once every node reports
-    ``cluster_state:ok`` and knows every master."""
+def start_redis_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> RedisCluster:
+    """``masters`` redis-servers, and ``replicas`` more for each, with ``--cluster-enabled yes`` on
+    free ports (their cluster bus on free ports too), joined by ``redis-cli --cluster create``;
+    returned once every node reports ``cluster_state:ok`` and knows every other, and every replica's
+    link to its master is up."""
     cli = shutil.which("redis-cli")
     assert cli is not None, "redis-cli is not installed (it comes with redis-server: scripts/setup.sh)"
     servers: list[RedisServer] = []
     try:
-        for index in range(masters):
+        for index in range(masters * (1 + replicas)):
             port = free_port()
             servers.append(
                 start_redis(
@@ -99,14 +105,23 @@ def start_redis_cluster(directory: Path, masters: int = 3) -> RedisCluster:
             )
         create = [cli, "--cluster", "create", *(f"{LOOPBACK}:{s.port}" for s in servers)]
         subprocess.run(  # noqa: S603 - redis-cli with fixed arguments
-            [*create, "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60
+            [*create, "--cluster-replicas", str(replicas), "--cluster-yes"], check=True, capture_output=True, timeout=60
         )
         _wait_for_cluster(servers)
+        # redis-cli chooses which servers become masters: each says what it is.
+        cluster = RedisCluster([])
+        for server in servers:
+            with server.client() as client:
+                role = client.execute_command("ROLE")
+            if role[0] == b"master":
+                cluster.masters.append(server)
+            else:
+                cluster.replicas.setdefault(int(role[2]), []).append(server)
     except BaseException:
         for server in servers:
             server.kill()
         raise
-    return RedisCluster(servers)
+    return cluster
 
 
 def _wait_for_cluster(servers: Sequence[RedisServer]) -> None:
@@ -117,7 +132,8 @@ def _wait_for_cluster(servers: Sequence[RedisServer]) -> None:
             with server.client() as client:
                 info = client.execute_command("CLUSTER", "INFO").decode()
                 known = sum(1 for line in client.execute_command("CLUSTER", "NODES").decode().splitlines() if line)
-            views.append("cluster_state:ok" in info and known == len(servers))
+                link = client.info("replication").get("master_link_status", "up")  # a master has none
+            views.append("cluster_state:ok" in info and known == len(servers) and link == "up")
         if all(views):
             return
         assert time.monotonic() < deadline, f"the cluster was not ready within {CLUSTER_READY_S:g} s: {views}"
@@ -125,11 +141,12 @@ def _wait_for_cluster(servers: Sequence[RedisServer]) -> None:
 
 
 @contextlib.contextmanager
-def redis_cluster(directory: Path, masters: int = 3) -> Iterator[RedisCluster]:
-    """A cluster of ``masters`` (``start_redis_cluster``), every server stopped at the end."""
-    cluster = start_redis_cluster(directory, masters)
+def redis_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> Iterator[RedisCluster]:
+    """A cluster of ``masters`` with ``replicas`` each (``start_redis_cluster``), every server
+    stopped at the end."""
+    cluster = start_redis_cluster(directory, masters, replicas)
     try:
         yield cluster
     finally:
-        for server in cluster.masters:
+        for server in cluster.servers:
             server.kill()

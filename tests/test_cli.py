@@ -22,15 +22,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from standardwebhooks.webhooks import Webhook
 
 from tests.conftest import TEST_API_SECRET, TEST_REDIS_PASSWORD
+from tests.webhook_signing import signed_headers
 from worker.core import keys
 from worker.core.processes import free_port, python_module
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET
@@ -445,13 +444,7 @@ def test_the_webhook_starts_answers_and_stops(leadstage: Run, env: dict[str, str
         wait_for(lambda: http("GET", base + "/healthz") == 200, "the webhook")
         assert http("GET", base + "/readyz") == 200
         body = b'{"name": "Hot", "applyTo": "lead"}'
-        now = datetime.now(UTC)
-        headers = {
-            "Content-Type": "application/json",
-            "webhook-id": "msg_cli",
-            "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": Webhook(WEBHOOK_SECRET).sign("msg_cli", now, body.decode()),
-        }
+        headers = signed_headers(body, WEBHOOK_SECRET, msg_id="msg_cli")
         assert http("POST", base + "/v1/lead-stage-changes", body, headers) == 202
         assert http("POST", base + "/v1/lead-stage-changes", body, {**headers, "webhook-id": "other"}) == 401
     assert json.loads(leadstage("status", "msg_cli").stdout)["source"] == "webhook:msg_cli"

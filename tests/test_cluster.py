@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +24,6 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from standardwebhooks.webhooks import Webhook
 
 from producers import ChangeItem, DeadLetter, DeadLetterConsumer, LeadStageProducer, ResultsConsumer
 from producers.openapi import CHANGES_PATH
@@ -42,6 +40,7 @@ from tests.redis_servers import RedisServer
 from tests.test_cli import background, http, wait_for
 from tests.test_demo import lines_of, run_demo
 from tests.test_dlq_filters import leadstage
+from tests.webhook_signing import signed_headers
 from worker.core import keys, outbox, readers
 from worker.core.errors import ConfigError
 from worker.core.ledger import Ledger
@@ -396,13 +395,7 @@ def two_account_settings(cluster_url: str, ivvy_url: str, **overrides: object) -
 
 def signed(body: bytes, msg_id: str) -> dict[str, str]:
     """Headers of a webhook signed with the console tests' ``WEBHOOK_SECRET`` by the reference library."""
-    at = datetime.now(UTC)
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": Webhook(consoles.WEBHOOK_SECRET).sign(msg_id, at, body.decode()),
-        "Content-Type": "application/json",
-    }
+    return signed_headers(body, consoles.WEBHOOK_SECRET, msg_id=msg_id)
 
 
 @contextlib.asynccontextmanager

@@ -23,14 +23,12 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from uuid import uuid4
 
 import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
-from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, MAX_BATCH
 from producers.status import status_token
@@ -44,6 +42,7 @@ from tests.raw_http import (
     status_of,
 )
 from tests.redis_servers import RedisServer
+from tests.webhook_signing import signed_headers
 from worker.core import keys
 from worker.core.processes import free_port, python_module, wait_for_port
 
@@ -61,14 +60,7 @@ def signed(
 
     ``secret`` is a ``whsec_`` secret, or raw key bytes.
     """
-    msg_id = msg_id or f"msg_{uuid4().hex}"
-    at = at or datetime.now(UTC)
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": Webhook(secret).sign(msg_id, at, body.decode()),
-        "Content-Type": "application/json",
-    }
+    return signed_headers(body, secret, msg_id=msg_id, at=at)
 
 
 @dataclass(frozen=True)

@@ -5,22 +5,20 @@ from __future__ import annotations
 import base64
 import dataclasses
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
-from uuid import uuid4
 
 import jsonschema_rs  # schemathesis's own validator (the fuzz tests' dependency)
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
-from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, openapi_document
 from producers.status import account_secrets, status_token
 from producers.webhook import create_app
 from tests.harness import eventually, reconciling_soon, worker_settings
+from tests.webhook_signing import signed_headers
 from worker.core.settings import Account, Secret, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.runner import running_worker
@@ -56,14 +54,7 @@ def conforms(body: dict[str, Any]) -> bool:
 async def post(client: Client, payload: object, *, msg_id: str | None = None) -> tuple[int, dict[str, Any], str | None]:
     """A signed POST of ``payload`` (the webhook-id is its idempotency key)."""
     body = orjson.dumps(payload)
-    msg_id, now = msg_id or f"msg_{uuid4().hex}", datetime.now(UTC)
-    headers = {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(now.timestamp())),
-        "webhook-signature": Webhook(SECRET).sign(msg_id, now, body.decode()),
-        "Content-Type": "application/json",
-    }
-    response = await client.post(CHANGES_PATH, data=body, headers=headers)
+    response = await client.post(CHANGES_PATH, data=body, headers=signed_headers(body, SECRET, msg_id=msg_id))
     return response.status, await response.json(), response.headers.get("Location")
 
 

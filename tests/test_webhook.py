@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import orjson
 import pytest
@@ -30,6 +29,7 @@ from producers.status import status_token
 from producers.webhook import create_app
 from tests.conftest import TEST_API_SECRET
 from tests.redis_servers import redis_servers
+from tests.webhook_signing import signed_headers
 from worker.core import keys
 from worker.core.errors import ConfigError
 from worker.core.logs import configure_logging
@@ -46,14 +46,7 @@ def signed(
     body: bytes, *, msg_id: str | None = None, at: datetime | None = None, content_type: str = "application/json"
 ) -> dict[str, str]:
     """Headers of a webhook signed with ``SECRET`` by the reference library."""
-    msg_id = msg_id or f"msg_{uuid4().hex}"
-    at = at or datetime.now(UTC)
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": Webhook(SECRET).sign(msg_id, at, body.decode()),
-        "Content-Type": content_type,
-    }
+    return signed_headers(body, SECRET, msg_id=msg_id, at=at, content_type=content_type)
 
 
 @pytest.fixture
@@ -213,8 +206,7 @@ OTHER_SECRET = "whsec_" + base64.b64encode(b"a secret configured nowhere at all"
 
 
 def signed_with(secret: str, body: bytes, msg_id: str) -> dict[str, str]:
-    at = datetime.now(UTC)
-    return {**signed(body, msg_id=msg_id, at=at), "webhook-signature": Webhook(secret).sign(msg_id, at, body.decode())}
+    return signed_headers(body, secret, msg_id=msg_id)
 
 
 async def test_an_accounts_own_secret_decides_the_account(settings: Settings, redis_client: aioredis.Redis) -> None:

@@ -17,9 +17,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
-from uuid import uuid4
 
 import hypothesis
 import orjson
@@ -37,10 +35,10 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from standardwebhooks.webhooks import Webhook
 
 from producers.openapi import CHANGES_PATH, openapi_document
 from producers.webhook import create_app
+from tests.webhook_signing import signed_headers
 from worker.core import keys
 from worker.core.change import ACCOUNT_PATTERN, parse_change
 from worker.core.errors import InvalidChange
@@ -53,16 +51,6 @@ FUZZ = hypothesis.settings(
     deadline=None,
     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture, hypothesis.HealthCheck.too_slow],
 )
-
-
-def signature_headers(body: bytes) -> dict[str, str]:
-    msg_id = f"msg_{uuid4().hex}"
-    now = datetime.now(UTC)
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(now.timestamp())),
-        "webhook-signature": Webhook(SECRET).sign(msg_id, now, body.decode()),
-    }
 
 
 @dataclass(frozen=True)
@@ -121,7 +109,7 @@ def served(redis_url: str) -> Iterator[Served]:
 def post(served: Served, body: bytes) -> tuple[int, Any]:
     connection = http.client.HTTPConnection(served.host, served.port, timeout=10)
     try:
-        headers = {**signature_headers(body), "Content-Type": "application/json"}
+        headers = signed_headers(body, SECRET)
         connection.request("POST", CHANGES_PATH, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, orjson.loads(response.read())
@@ -237,7 +225,7 @@ def sign(request: Any) -> Any:
         body.decode()
     except UnicodeDecodeError:
         return request
-    request.headers.update(signature_headers(body))
+    request.headers.update(signed_headers(body, SECRET, content_type=None))
     return request
 
 

@@ -11,8 +11,8 @@ accounts and per-account webhook secrets; ``Settings`` and its table of variable
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 from worker.core.change import DEFAULT_ACCOUNT
@@ -21,11 +21,13 @@ from worker.core.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S, parse_red
 from worker.core.settings.accounts import DEMO_API_KEY, DEMO_API_SECRET, Account, load_accounts, load_webhook_secrets
 from worker.core.settings.variables import (
     LOG_LEVEL_NAMES,
+    VARIABLE,
     BatchMode,
     EnvReader,
     LogFormat,
     LogLevel,
     Secret,
+    setting,
     split_list,
 )
 
@@ -46,144 +48,99 @@ __all__ = [
 #: The most jobs one iVvy batch takes (more: iVvy answers 24448).
 BATCH_MAX_JOBS: Final = 200
 
-#: Settings field -> (environment variable, how ``EnvReader`` reads it): read by ``from_env``,
-#: written back by ``to_env``. The accounts are read from their own variables (``load_accounts``).
-ENVIRONMENT: Final[Mapping[str, tuple[str, str]]] = {
-    "redis_url": ("REDIS_URL", "redis_url"),
-    "rate_limit": ("LEADSTAGE_RATE_LIMIT", "positive_float"),
-    "rate_lead_s": ("LEADSTAGE_RATE_LEAD", "positive_float"),
-    "max_attempts": ("LEADSTAGE_MAX_ATTEMPTS", "positive_int"),
-    "max_age_s": ("LEADSTAGE_MAX_AGE", "positive_float"),
-    "backoff_base_s": ("LEADSTAGE_BACKOFF_BASE", "positive_float"),
-    "backoff_max_s": ("LEADSTAGE_BACKOFF_MAX", "positive_float"),
-    "results_stream": ("LEADSTAGE_RESULTS_STREAM", "name"),
-    "dlq_stream": ("LEADSTAGE_DLQ_STREAM", "name"),
-    "results_maxlen": ("LEADSTAGE_RESULTS_MAXLEN", "positive_int"),
-    "ledger_retention_s": ("LEADSTAGE_LEDGER_RETENTION", "positive_int"),
-    "queue_name": ("LEADSTAGE_QUEUE", "name"),
-    "concurrency": ("LEADSTAGE_CONCURRENCY", "positive_int"),
-    "request_timeout_s": ("LEADSTAGE_REQUEST_TIMEOUT", "positive_float"),
-    "in_flight_margin_s": ("LEADSTAGE_IN_FLIGHT_MARGIN", "positive_float"),
-    "job_timeout_s": ("LEADSTAGE_JOB_TIMEOUT", "positive_float"),
-    "poll_delay_s": ("LEADSTAGE_POLL_DELAY", "positive_float"),
-    "shutdown_grace_s": ("LEADSTAGE_SHUTDOWN_GRACE", "positive_float"),
-    "lease_s": ("LEADSTAGE_LEASE", "positive_float"),
-    "coalesce_max": ("LEADSTAGE_COALESCE_MAX", "positive_int"),
-    "batch_mode": ("LEADSTAGE_BATCH", "batch_mode"),
-    "batch_threshold": ("LEADSTAGE_BATCH_THRESHOLD", "positive_int"),
-    "batch_max": ("LEADSTAGE_BATCH_MAX", "positive_int"),
-    "batch_wait_s": ("LEADSTAGE_BATCH_WAIT", "positive_float"),
-    "batch_poll_min_s": ("LEADSTAGE_BATCH_POLL_MIN", "positive_float"),
-    "batch_poll_max_s": ("LEADSTAGE_BATCH_POLL_MAX", "positive_float"),
-    "redis_min_replicas": ("LEADSTAGE_REDIS_MIN_REPLICAS", "whole_number"),
-    "redis_replica_timeout_s": ("LEADSTAGE_REDIS_REPLICA_TIMEOUT", "positive_float"),
-    "retry_after_max_s": ("LEADSTAGE_RETRY_AFTER_MAX", "positive_float"),
-    "clock_offset_s": ("LEADSTAGE_TEST_CLOCK_OFFSET", "number"),
-    "webhook_secret": ("WEBHOOK_SECRET", "webhook_secret"),
-    "plain_http_hosts": ("LEADSTAGE_PLAIN_HTTP_HOSTS", "host_list"),
-    "account_names": ("LEADSTAGE_ACCOUNT_NAMES", "account_list"),
-    "webhook_max_body_bytes": ("LEADSTAGE_WEBHOOK_MAX_BODY", "positive_int"),
-    "metrics_port": ("LEADSTAGE_METRICS_PORT", "port"),
-    "log_format": ("LEADSTAGE_LOG_FORMAT", "log_format"),
-    "log_level": ("LEADSTAGE_LOG_LEVEL", "log_level"),
-    "redis_timeout_s": ("LEADSTAGE_REDIS_TIMEOUT", "positive_float"),
-    "redis_connect_timeout_s": ("LEADSTAGE_REDIS_CONNECT_TIMEOUT", "positive_float"),
-    "console_token": ("LEADSTAGE_CONSOLE_TOKEN", "token"),
-    "console_read_token": ("LEADSTAGE_CONSOLE_READ_TOKEN", "token"),
-    "console_tls_proxy": ("LEADSTAGE_CONSOLE_TLS_PROXY", "flag"),
-}
-
 
 @dataclass(frozen=True)
 class Settings:
     """Every setting of every program; ``from_env`` reads them (``ENVIRONMENT`` names the variables)."""
 
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: str = setting("REDIS_URL", EnvReader.redis_url, "redis://localhost:6379/0")
     accounts: Mapping[str, Account] = field(default_factory=dict)
     #: Requests per second per account, shared by every worker (the GCRA in start.lua).
-    rate_limit: float = 10.0
+    rate_limit: float = setting("LEADSTAGE_RATE_LIMIT", EnvReader.positive_float, 10.0)
     #: A claim takes a rate-limit slot that opens within this lead and its run waits for it before
     #: sending, so that waking up for the slot (the schedule's pick and the claim, about 2.5 ms on
     #: a busy 2-core host) does not make every later slot that late: 5 ms covers most wake-ups.
-    rate_lead_s: float = 0.005
+    rate_lead_s: float = setting("LEADSTAGE_RATE_LEAD", EnvReader.positive_float, 0.005)
     #: Retries: a change is dead-lettered after this many attempts or this long after its enqueue.
-    max_attempts: int = 8
-    max_age_s: float = 3600.0
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 60.0
+    max_attempts: int = setting("LEADSTAGE_MAX_ATTEMPTS", EnvReader.positive_int, 8)
+    max_age_s: float = setting("LEADSTAGE_MAX_AGE", EnvReader.positive_float, 3600.0)
+    backoff_base_s: float = setting("LEADSTAGE_BACKOFF_BASE", EnvReader.positive_float, 0.5)
+    backoff_max_s: float = setting("LEADSTAGE_BACKOFF_MAX", EnvReader.positive_float, 60.0)
     #: Where outcomes go, how many results are kept, how long a finished key is remembered.
-    results_stream: str = "leadstage:results"
-    dlq_stream: str = "leadstage:dlq"
-    results_maxlen: int = 100_000
-    ledger_retention_s: int = 86_400
+    results_stream: str = setting("LEADSTAGE_RESULTS_STREAM", EnvReader.name, "leadstage:results")
+    dlq_stream: str = setting("LEADSTAGE_DLQ_STREAM", EnvReader.name, "leadstage:dlq")
+    results_maxlen: int = setting("LEADSTAGE_RESULTS_MAXLEN", EnvReader.positive_int, 100_000)
+    ledger_retention_s: int = setting("LEADSTAGE_LEDGER_RETENTION", EnvReader.positive_int, 86_400)
     #: The worker process: its arq queue, how many jobs at once, their timeouts, its stop.
-    queue_name: str = "leadstage:queue"
-    concurrency: int = 50
-    request_timeout_s: float = 10.0
+    queue_name: str = setting("LEADSTAGE_QUEUE", EnvReader.name, "leadstage:queue")
+    concurrency: int = setting("LEADSTAGE_CONCURRENCY", EnvReader.positive_int, 50)
+    request_timeout_s: float = setting("LEADSTAGE_REQUEST_TIMEOUT", EnvReader.positive_float, 10.0)
     #: The in-flight guard (a POST of a worker that may still wait for iVvy's answer) is the request
     #: timeout plus this margin for the round trip that wrote the recovery point before the POST.
-    in_flight_margin_s: float = 1.0
-    job_timeout_s: float = 120.0
-    poll_delay_s: float = 0.01
-    shutdown_grace_s: float = 25.0
-    lease_s: float = 8.0
+    in_flight_margin_s: float = setting("LEADSTAGE_IN_FLIGHT_MARGIN", EnvReader.positive_float, 1.0)
+    job_timeout_s: float = setting("LEADSTAGE_JOB_TIMEOUT", EnvReader.positive_float, 120.0)
+    poll_delay_s: float = setting("LEADSTAGE_POLL_DELAY", EnvReader.positive_float, 0.01)
+    shutdown_grace_s: float = setting("LEADSTAGE_SHUTDOWN_GRACE", EnvReader.positive_float, 25.0)
+    lease_s: float = setting("LEADSTAGE_LEASE", EnvReader.positive_float, 8.0)
     #: The most changes of one stage one request carries (coalescing, docs/contract.md; 1: never).
-    coalesce_max: int = 50
+    coalesce_max: int = setting("LEADSTAGE_COALESCE_MAX", EnvReader.positive_int, 50)
     #: Batch mode (docs/contract.md: Batches): ``auto`` sends an account's due changes (updates, and
     #: adds with nothing to reconcile) through iVvy's batch namespace when more than
     #: ``batch_threshold`` of them (one per stage lock) are due, up to ``batch_max`` (at most 200)
     #: per batch, waiting up to ``batch_wait_s`` for results.
-    batch_mode: BatchMode = "auto"
-    batch_threshold: int = 20
-    batch_max: int = 200
-    batch_wait_s: float = 30.0
+    batch_mode: BatchMode = setting("LEADSTAGE_BATCH", EnvReader.batch_mode, "auto")
+    batch_threshold: int = setting("LEADSTAGE_BATCH_THRESHOLD", EnvReader.positive_int, 20)
+    batch_max: int = setting("LEADSTAGE_BATCH_MAX", EnvReader.positive_int, 200)
+    batch_wait_s: float = setting("LEADSTAGE_BATCH_WAIT", EnvReader.positive_float, 30.0)
     #: The shortest and longest pause between two polls of a batch's progress (paced by the progress
     #: between them; the longest while it reports none).
-    batch_poll_min_s: float = 0.2
-    batch_poll_max_s: float = 5.0
+    batch_poll_min_s: float = setting("LEADSTAGE_BATCH_POLL_MIN", EnvReader.positive_float, 0.2)
+    batch_poll_max_s: float = setting("LEADSTAGE_BATCH_POLL_MAX", EnvReader.positive_float, 5.0)
     #: Replicas that must confirm the writes that matter (enqueue, the recovery point before a POST,
     #: the terminal state) before they count as done; 0 waits for none (docs/contract.md: Durability).
-    redis_min_replicas: int = 0
-    redis_replica_timeout_s: float = 1.0
+    redis_min_replicas: int = setting("LEADSTAGE_REDIS_MIN_REPLICAS", EnvReader.whole_number, 0)
+    redis_replica_timeout_s: float = setting("LEADSTAGE_REDIS_REPLICA_TIMEOUT", EnvReader.positive_float, 1.0)
     #: The longest Retry-After (and account pause) honoured; a longer one dead-letters the change.
-    retry_after_max_s: float = 600.0
+    retry_after_max_s: float = setting("LEADSTAGE_RETRY_AFTER_MAX", EnvReader.positive_float, 600.0)
     #: Added to this host's clock (tests of clock skew only): nothing but event times and iVvy's
     #: request signature read it, every decision uses the Redis server's clock.
-    clock_offset_s: float = 0.0
+    clock_offset_s: float = setting("LEADSTAGE_TEST_CLOCK_OFFSET", EnvReader.number, 0.0)
     #: WEBHOOK_SECRET: one or more whsec_ secrets (several while rotating), for any account: the
     #: signed body names the account.
-    webhook_secret: Secret | None = None
+    webhook_secret: Secret | None = setting("WEBHOOK_SECRET", EnvReader.webhook_secret, None)
     #: LEADSTAGE_WEBHOOK_SECRETS_FILE: account -> its own secrets (one or more, space-separated); a
     #: request signed with one of them is for that account only.
     webhook_account_secrets: Mapping[str, Secret] = field(default_factory=dict)
     #: LEADSTAGE_PLAIN_HTTP_HOSTS: hosts besides loopback whose iVvy base URL may be http://.
-    plain_http_hosts: frozenset[str] = frozenset()
+    plain_http_hosts: frozenset[str] = setting("LEADSTAGE_PLAIN_HTTP_HOSTS", EnvReader.host_list, frozenset())
     #: LEADSTAGE_ACCOUNT_NAMES: the account list of a producer that has no credentials (the
     #: webhook); where credentials are configured too, it must name exactly their accounts.
-    account_names: frozenset[str] = frozenset()
-    webhook_max_body_bytes: int = 1_048_576
-    metrics_port: int = 9464
-    log_format: LogFormat = "auto"
+    account_names: frozenset[str] = setting("LEADSTAGE_ACCOUNT_NAMES", EnvReader.account_list, frozenset())
+    webhook_max_body_bytes: int = setting("LEADSTAGE_WEBHOOK_MAX_BODY", EnvReader.positive_int, 1_048_576)
+    metrics_port: int = setting("LEADSTAGE_METRICS_PORT", EnvReader.port, 9464)
+    log_format: LogFormat = setting("LEADSTAGE_LOG_FORMAT", EnvReader.log_format, "auto")
     #: None when LEADSTAGE_LOG_LEVEL is unset: info (the demo, which is read by a person: warning).
-    log_level: LogLevel | None = None
+    log_level: LogLevel | None = setting("LEADSTAGE_LOG_LEVEL", EnvReader.log_level, None)
     #: Every Redis command of a producer or reader waits this long for its answer at most.
-    redis_timeout_s: float = TIMEOUT_S
+    redis_timeout_s: float = setting("LEADSTAGE_REDIS_TIMEOUT", EnvReader.positive_float, TIMEOUT_S)
     #: Connecting to Redis gives up after this long (an unroutable host would hang otherwise).
-    redis_connect_timeout_s: float = CONNECT_TIMEOUT_S
+    redis_connect_timeout_s: float = setting(
+        "LEADSTAGE_REDIS_CONNECT_TIMEOUT", EnvReader.positive_float, CONNECT_TIMEOUT_S
+    )
     #: ``leadstage console``: the token that may read and change (replay, discard); the console is
     #: off without it. The read-only token, when set, may only read.
-    console_token: Secret | None = None
-    console_read_token: Secret | None = None
+    console_token: Secret | None = setting("LEADSTAGE_CONSOLE_TOKEN", EnvReader.token, None)
+    console_read_token: Secret | None = setting("LEADSTAGE_CONSOLE_READ_TOKEN", EnvReader.token, None)
     #: Declared when a TLS-terminating proxy stands in front of the console: its login cookie is
     #: then marked Secure, and binding beyond loopback is not warned about.
-    console_tls_proxy: bool = False
+    console_tls_proxy: bool = setting("LEADSTAGE_CONSOLE_TLS_PROXY", EnvReader.flag, False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         reader = EnvReader(env)
         values: dict[str, Any] = {
-            name: getattr(reader, kind)(variable, getattr(cls, name)) for name, (variable, kind) in ENVIRONMENT.items()
+            name: read(reader, variable, getattr(cls, name)) for name, (variable, read) in ENVIRONMENT.items()
         }
         accounts = load_accounts(env, values["rate_limit"], values["plain_http_hosts"])
         secrets = load_webhook_secrets(env, frozenset(accounts) | values["account_names"])
@@ -311,3 +268,11 @@ class Settings:
                 "IVVY_BASE_URL is not set: the worker needs IVVY_BASE_URL, IVVY_API_KEY and "
                 "IVVY_API_SECRET, or LEADSTAGE_ACCOUNTS_FILE"
             )
+
+
+#: Settings field -> (its environment variable, the ``EnvReader`` method that reads it): read by
+#: ``from_env``, written back by ``to_env``. The accounts are read from their own variables
+#: (``load_accounts``), the per-account webhook secrets from their file.
+ENVIRONMENT: Final[Mapping[str, tuple[str, Callable[[EnvReader, str, Any], Any]]]] = {
+    each.name: each.metadata[VARIABLE] for each in fields(Settings) if VARIABLE in each.metadata
+}

@@ -7,6 +7,7 @@ import binascii
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import field
 from typing import Literal, TypeVar
 
 from worker.core.change import parse_envelope
@@ -14,6 +15,7 @@ from worker.core.errors import ConfigError, InvalidChange
 from worker.core.redis_connection import parse_redis_url
 
 _Choice = TypeVar("_Choice", bound=str)
+_Value = TypeVar("_Value")
 
 
 class Secret:
@@ -146,7 +148,7 @@ class EnvReader:
             return False
         raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
 
-    def token(self, name: str, default: None) -> Secret | None:
+    def token(self, name: str, default: Secret | None) -> Secret | None:
         """A bearer token: long enough not to be guessed, and sendable in a header as is."""
         raw = self._raw(name)
         if raw is None:
@@ -159,9 +161,9 @@ class EnvReader:
             )
         return Secret(raw)
 
-    def webhook_secret(self, name: str, default: None) -> Secret | None:
+    def webhook_secret(self, name: str, default: Secret | None) -> Secret | None:
         raw = self._raw(name)
-        return None if raw is None else check_webhook_secrets(name, raw)
+        return default if raw is None else check_webhook_secrets(name, raw)
 
     def host_list(self, name: str, default: frozenset[str]) -> frozenset[str]:
         raw = self._raw(name)
@@ -175,6 +177,18 @@ class EnvReader:
         for account in split_list(raw):
             check_account_name(f"{name}, account {account!r}", account)
         return frozenset(split_list(raw))
+
+
+#: The key of a settings field's metadata that holds its variable and how it is read.
+VARIABLE = "variable"
+
+
+def setting(variable: str, read: Callable[[EnvReader, str, _Value], _Value], default: _Value) -> _Value:
+    """A ``Settings`` field read from ``variable`` by ``read`` (an ``EnvReader`` method, so that the
+    field's type and its reader's agree), ``default`` when it is unset: each setting's variable is
+    named once, beside its field."""
+    # dataclasses sees the Field; type checkers see the default's type (the usual field() wrapper).
+    return field(default=default, metadata={VARIABLE: (variable, read)})
 
 
 def check_account_name(where: str, name: str) -> None:
