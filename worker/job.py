@@ -66,8 +66,7 @@ class Lease:
 
     run: int
     confirmed_until: float
-    #: From when (this host's monotonic clock) its request may leave: the claim's answer plus the
-    #: server's wait for the rate-limit slot it took (counted from the answer, so never early).
+    #: From when (monotonic) it may send: the claim's answer plus the wait for its slot (never early).
     send_at: float = 0.0
     task: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None
@@ -131,11 +130,9 @@ class Runtime:
                     del self.running[job_id]
 
     async def wait_for_slot(self, job_id: str) -> None:
-        """Until the rate-limit slot the run's claim took opens; ``StaleRun`` unless its lease still
-        holds then (a run that lost it while waiting sends nothing)."""
+        """Until the rate-limit slot the run's claim took opens; ``StaleRun`` unless its lease holds then."""
         lease = self.running.get(job_id)
-        if lease is not None and (wait_s := lease.send_at - time.monotonic()) > 0:
-            await asyncio.sleep(wait_s)
+        await asyncio.sleep(max(0.0, lease.send_at - time.monotonic()) if lease is not None else 0.0)
         self.check_lease(job_id)
 
     def check_lease(self, job_id: str) -> None:
