@@ -27,7 +27,7 @@ from worker.job import Lease, Runtime, apply_lead_stage_change
 from worker.runner import running_worker
 
 RATE = 10.0
-#: A lead far longer than the default's 5 ms, so that a claim within it is no race with the clock.
+#: A lead ten times the default's 20 ms, so that a claim within it is no race with the clock.
 LEAD_S = 0.2
 
 
