@@ -20,7 +20,7 @@ from worker.core import keys, readers
 from worker.core.batch_claim import claim_batch, take_rate_slot, take_run_slot
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
-from worker.core.scripts import rate_interval_us
+from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import FakeIvvy, RunningFakeIvvy
 from worker.runner import running_worker
@@ -202,6 +202,23 @@ async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_li
     await enqueue(redis_client, settings, one_per_stage(fake, 8, prefix="v"))
     refused = await claim_batch(ledger, "default", "w", rate)
     assert (refused.starts, refused.refused) == ([], "rate")
+
+
+async def test_a_batch_is_claimed_for_a_slot_that_opens_within_the_lead_and_its_run_waits_for_it(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """The account is picked the lead before its next slot (start.lua's claim may take it that
+    early): a batch claim that wanted a free slot would leave every such turn to single calls."""
+    await enqueue(redis_client, settings, one_per_stage(fake, 8))
+    ledger = Ledger(redis_client, dataclasses.replace(settings, rate_lead_s=0.2))
+    rate = 10.0
+    seconds, micros = await redis_client.time()
+    opens_us = int(seconds) * 1_000_000 + int(micros) + 150_000  # the next slot, within the lead
+    await redis_client.hset(keys.rate_key("default"), "tat", str(opens_us + RATE_WINDOW_US))  # type: ignore[misc]  # redis-py's async stubs
+    claim = await claim_batch(ledger, "default", "w", rate)
+    assert (len(claim.starts), claim.refused) == (8, "")
+    # Not open yet: the run's 'go' takes nothing and says how long to wait (its pace waits for it).
+    assert 0 < await take_run_slot(ledger, "default", rate, claim.starts) <= 150
 
 
 async def test_batch_mode_off_sends_no_batch(settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy) -> None:

@@ -12,8 +12,8 @@
 -- phase = posting, posted_at = now: the in-flight guard counts from the run's send). A change
 -- start.lua would not send now is left alone: not due (a live lease), terminal, a backoff not
 -- over, a request maybe in flight, out of attempts or too old, every field overtaken
--- (superseded), or its stage locked by another change. Below the threshold, or with no free rate
--- slot, nothing is touched. A change taken over from a batch that never answered its run
+-- (superseded), or its stage locked by another change. Below the threshold, or with no rate slot
+-- opening within the lead, nothing is touched. A change taken over from a batch that never answered its run
 -- ('pending') keeps its stage locked until that batch's wait is over (unknown_until): that batch
 -- may still be applied until then.
 --   KEYS: 1 account queue zset, 2 account rate hash, 3 the account's batches zset (asyncId ->
@@ -22,12 +22,13 @@
 --         lock ttl (ms), 7 in-flight guard (ms), 8 worker id, 9 the account's ledger key prefix,
 --         10 ledger retention (ms), 11 threshold, 12 the most changes, 13 how many due jobs to read,
 --         14 rate window (µs), 15 the batch's wait (ms), 16 the account's batch key prefix (+ asyncId:
---         the list of a batch's job ids, in job order)
+--         the list of a batch's job ids, in job order), 17 rate lead (µs): a slot that opens within
+--         it counts as free (start.lua may take it as early; the run's 'go' waits for it)
 --   Reply: {status, candidates found (a collection: the batch's size), rate wait (ms), {{job id, run,
 --           attempt, dropped csv, source, enqueued at (ms), generation, change, traceparent, job index
 --           in the batch}, ...}, asyncId ('' unless collecting)}; status: 'ok', 'collect', 'few' (not
 --           more due jobs than the threshold: none read), 'below' (not more sendable updates than the
---           threshold), 'rate' (no free slot)
+--           threshold), 'rate' (no slot opens within the lead)
 -- 'sent': the batch's run was answered with its asyncId: the recovery point names it (batch, and
 --   batch_job: the change's index in the batch), the batch is listed for collection until its wait
 --   and the in-flight guard are over, and other workers' claims keep off its changes until then
@@ -58,12 +59,12 @@ local now = math.floor(now_us / 1000)
 
 -- The account's rate limit, exactly as start.lua keeps it (GCRA in µs; keep the two the same): the
 -- next slot is a whole interval after this send, however early (the window) or late.
--- With `take` false, only whether one is free now (nothing written).
-local function rate_slot(rate_key, interval_us, window_us, take)
+-- With `take` false, only whether one opens within `lead_us` (nothing written).
+local function rate_slot(rate_key, interval_us, window_us, take, lead_us)
   local rate = redis.call('HMGET', rate_key, 'tat', 'pause_until')
   local tat = tonumber(rate[1]) or 0
   local pause_until_us = (tonumber(rate[2]) or 0) * 1000
-  local wait_us = math.max(tat - window_us, pause_until_us) - now_us
+  local wait_us = math.max(tat - window_us - (lead_us or 0), pause_until_us) - now_us
   if wait_us > 0 then return math.ceil(wait_us / 1000) end
   if not take then return 0 end
   local floor_us = interval_us >= window_us and now_us + window_us or now_us
@@ -132,7 +133,7 @@ local lease_ms, max_attempts, max_age_ms = tonumber(ARGV[2]), tonumber(ARGV[3]),
 local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local ledger_prefix, retention_ms, threshold, most = ARGV[9], ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
 local scan, window_us, wait_ms = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
-local batch_prefix = ARGV[16]
+local batch_prefix, lead_us = ARGV[16], tonumber(ARGV[17])
 
 local function ledger_of(job)
   return ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
@@ -233,8 +234,10 @@ for _, job in ipairs(due) do
   end
 end
 if #candidates <= threshold then return {'below', #candidates, 0, {}, ''} end
--- A slot must be free now; the run takes it when it is sent ('go'), after the batch is gathered.
-local rate_wait = rate_slot(rate_key, interval_us, window_us, false)
+-- A slot must open within the lead: as the account is picked that early for start.lua's claim, a
+-- claim that wanted a free slot would see none and leave every turn to single calls. The run takes
+-- it when it is sent ('go', after the batch is gathered), waiting for it if need be.
+local rate_wait = rate_slot(rate_key, interval_us, window_us, false, lead_us)
 if rate_wait > 0 then return {'rate', #candidates, rate_wait, {}, ''} end
 
 local claims, leased, newest = {}, {}, nil
