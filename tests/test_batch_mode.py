@@ -17,9 +17,10 @@ import redis.asyncio as aioredis
 from tests import harness
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.core import keys, readers
-from worker.core.batch_claim import claim_batch, take_rate_slot, take_run_slot
+from worker.core.batch_claim import claim_batch, end_batch, record_sent, take_rate_slot, take_run_slot
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
+from worker.core.redis_connection import RedisClient
 from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import FakeIvvy, RunningFakeIvvy
@@ -63,11 +64,17 @@ def names(fake: FakeIvvy) -> dict[int, str]:
     return {stage.id: stage.name for stage in fake.stages.values()}
 
 
+async def batch_record(redis_client: RedisClient, entry: dict[str, str]) -> dict[str, str]:
+    """The record of the batch a change's ledger entry names (empty when there is none)."""
+    raw = await redis_client.hgetall(entry["batch_key"])  # type: ignore[misc]  # redis-py's async stubs
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
 async def kill_while_the_run_hangs(
     fake: FakeIvvy, settings: Settings, ledger: Ledger, tmp_path: Path, key: str
 ) -> dict[str, str]:
     """A worker process SIGKILLed while its batch's run hangs at the fake (not applied); the fake
-    answers again afterwards. Returns ``key``'s ledger entry then (its recovery point ``pending``)."""
+    answers again afterwards. Returns the record of ``key``'s batch then (its run sent, unanswered)."""
     fake.update_faults({"hang_rate": 1.0, "hang_s": 60})
     first = harness.start_worker_process(harness.worker_env(settings), tmp_path / "first.log")
     try:
@@ -79,11 +86,13 @@ async def kill_while_the_run_hangs(
     finally:
         first.send_signal(signal.SIGKILL)
         await asyncio.to_thread(first.wait, 10)
-    pending = await ledger.entry(keys.job_id("default", key))
-    assert pending is not None
-    assert pending["batch"] == "pending"
+    entry = await ledger.entry(keys.job_id("default", key))
+    assert entry is not None
+    record = await batch_record(ledger.client, entry)
+    assert "async_id" not in record
+    assert keys.job_id("default", key) in record["jobs"].split("\n")
     fake.update_faults({"hang_rate": 0.0})
-    return pending
+    return record
 
 
 async def through_a_fault(
@@ -132,11 +141,11 @@ async def test_an_accounts_due_updates_go_as_one_batch_each_with_its_own_event(
     assert carriers == {"z-later": ("batch", "u0"), "z-newer": ("batch", "z-newer")}
     assert calls(fake, "crm", "addOrUpdateLeadStage") == 0
     assert (fake.stages[first].colour, names(fake)[second]) == ("#00000b", "Newest")
-    # Each change's recovery point names the batch that carried it.
-    [batch] = fake.batches.batches.values()
+    # Each change's entry names the batch that carried it, whose record went when it ended.
     entry = await Ledger(redis_client, settings).entry(keys.job_id("default", "u3"))
     assert entry is not None
-    assert entry["batch"] == batch.async_id
+    assert entry["batch_key"].startswith(keys.batch_key("default", ""))
+    assert not await redis_client.exists(entry["batch_key"], keys.batches_key("default"))
     assert sent_as("batch") - before == 31
     recent = (await readers.stats(redis_client, settings))["recent"]
     assert isinstance(recent, dict)
@@ -187,11 +196,13 @@ async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_li
     assert await redis_client.hget(keys.rate_key("default"), "tat") is None  # type: ignore[misc]  # redis-py's async stubs; nothing taken
     ledger_key = keys.ledger_key(claim.starts[0].job_id)
     claimed_at = int(await redis_client.hget(ledger_key, "posted_at"))  # type: ignore[misc]  # redis-py's async stubs
-    assert await take_run_slot(ledger, "default", rate, claim.starts) == 0
-    assert int(await redis_client.hget(ledger_key, "posted_at")) >= claimed_at  # type: ignore[misc]  # redis-py's async stubs
+    assert await take_run_slot(ledger, "default", rate, claim, claim.starts) == 0
+    assert int(await redis_client.hget(claim.record, "posted_at")) >= claimed_at  # type: ignore[misc]  # redis-py's async stubs
     first_wait = await take_rate_slot(ledger, "default", rate)
     assert 0 < first_wait <= interval_ms  # the run took the slot
-    assert await take_run_slot(ledger, "default", rate, claim.starts) > 0  # none free: nothing taken
+    record = await redis_client.hgetall(claim.record)  # type: ignore[misc]  # redis-py's async stubs
+    assert await take_run_slot(ledger, "default", rate, claim, claim.starts) > 0  # none free: nothing taken
+    assert await redis_client.hgetall(claim.record) == record  # type: ignore[misc]  # nothing written
     rate_state = await redis_client.hgetall(keys.rate_key("default"))  # type: ignore[misc]  # redis-py's async stubs
     assert await take_rate_slot(ledger, "default", rate) > 0
     assert await redis_client.hgetall(keys.rate_key("default")) == rate_state  # type: ignore[misc]  # nothing taken
@@ -202,6 +213,59 @@ async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_li
     await enqueue(redis_client, settings, one_per_stage(fake, 8, prefix="v"))
     refused = await claim_batch(ledger, "default", "w", rate)
     assert (refused.starts, refused.refused) == ([], "rate")
+
+
+async def test_what_a_batchs_changes_share_is_written_once_in_its_record_and_collected_from_it(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """A batch's run sent and answered: its asyncId and send time are in its record, once, and each
+    change's entry only names that record (and its run). Its worker gone (the leases lapsed), the next
+    claim collects it from the record: every change on a new run, by its index in the run's job order,
+    no attempt counted. Once the batch ends, neither its record nor its listing is left."""
+    await enqueue(redis_client, settings, one_per_stage(fake, 8))
+    ledger = Ledger(redis_client, settings)
+    claim = await claim_batch(ledger, "default", "w1", 100.0)
+    assert (len(claim.starts), claim.refused) == (8, "")
+    in_job_order = list(reversed(claim.starts))  # as after a gathering: the run's order is its own
+    assert await take_run_slot(ledger, "default", 100.0, claim, in_job_order) == 0
+    await record_sent(ledger, "default", claim, "A-1")
+    record = await redis_client.hgetall(claim.record)  # type: ignore[misc]  # redis-py's async stubs
+    assert record[b"async_id"] == b"A-1"
+    assert record[b"jobs"].decode().split("\n") == [s.job_id for s in in_job_order]
+    for start in claim.starts:
+        entry = await ledger.entry(start.job_id)
+        assert entry is not None
+        assert (entry["batch_key"], entry["batch_run"]) == (claim.record, str(start.run))
+        assert "A-1" not in entry.values()
+    # The worker dies: its leases lapse.
+    queue = keys.queue_key(settings.queue_name, "default")
+    await redis_client.zadd(queue, {start.job_id: 0 for start in claim.starts})
+    collected = await claim_batch(ledger, "default", "w2", 100.0)
+    assert (collected.refused, collected.async_id, collected.record) == ("collect", "A-1", claim.record)
+    by_job = {s.job_id: s for s in claim.starts}
+    assert {s.job_id: (s.run, s.attempt) for s in collected.starts} == {
+        job: (start.run + 1, start.attempt) for job, start in by_job.items()
+    }
+    assert [in_job_order[i].job_id for i in collected.indexes] == [s.job_id for s in collected.starts]
+    await end_batch(ledger, "default", collected)
+    assert not await redis_client.exists(claim.record, keys.batches_key("default"))
+
+
+async def test_a_claim_below_the_threshold_leaves_every_stage_as_it_found_it(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """The scan takes each free stage's lock as it goes (SET NX): below the threshold it gives them
+    back, and a lock held by another change stays that change's."""
+    changes = one_per_stage(fake, settings.batch_threshold + 1)
+    await enqueue(redis_client, settings, changes)
+    held = keys.stage_lock_key("default", str(changes[0][1]["id"]))
+    await redis_client.set(held, "default:other#1#99999999999999", px=60_000)
+    ledger = Ledger(redis_client, settings)
+    refused = await claim_batch(ledger, "default", "w", 100.0)
+    assert (refused.starts, refused.refused, refused.candidates) == ([], "below", settings.batch_threshold)
+    locks = [key async for key in redis_client.scan_iter(match=keys.STAGE_LOCK_PREFIX + "*")]
+    assert locks == [held.encode()]
+    assert await redis_client.get(held) == b"default:other#1#99999999999999"
 
 
 async def test_a_batch_is_claimed_for_a_slot_that_opens_within_the_lead_and_its_run_waits_for_it(
@@ -218,7 +282,7 @@ async def test_a_batch_is_claimed_for_a_slot_that_opens_within_the_lead_and_its_
     claim = await claim_batch(ledger, "default", "w", rate)
     assert (len(claim.starts), claim.refused) == (8, "")
     # Not open yet: the run's 'go' takes nothing and says how long to wait (its pace waits for it).
-    assert 0 < await take_run_slot(ledger, "default", rate, claim.starts) <= 150
+    assert 0 < await take_run_slot(ledger, "default", rate, claim, claim.starts) <= 150
 
 
 async def test_batch_mode_off_sends_no_batch(settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy) -> None:
@@ -293,7 +357,7 @@ async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
 
         async def batch_recorded() -> bool:
             entry = await ledger.entry(keys.job_id("default", "u0"))
-            return entry is not None and entry.get("batch") not in (None, "pending")
+            return entry is not None and "batch_key" in entry and "async_id" in await batch_record(redis_client, entry)
 
         await eventually(batch_recorded, within_s=20)
     finally:
@@ -306,6 +370,12 @@ async def test_a_worker_killed_mid_batch_has_its_batch_collected_within_15_s(
     try:
         terminal = await wait_for_terminal(redis_client, [key for key, _ in changes], within_s=40)
         taken_up_after = time.monotonic() - killed_at
+
+        async def nothing_left() -> bool:  # the collected batch's record and listing, once it ended
+            records = [key async for key in redis_client.scan_iter(match=keys.BATCH_PREFIX + "*")]
+            return not records and not await redis_client.exists(keys.batches_key("default"))
+
+        await eventually(nothing_left, within_s=5)
     finally:
         harness.stop_process(second)
     ends = {key: [(e["event"], e["sent_as"], e["attempt"]) for e in events] for key, events in terminal.items()}

@@ -6,12 +6,13 @@ claims are runs of this worker like any other (their leases renewed by the heart
 by its run), all carried by one task (``run_batch``) that holds one of the worker's slots:
 
 1. ``batch?action=run`` with each change's request (its surviving fields, as a single call's);
-2. its asyncId written in each change's recovery point and the batch listed for collection
-   (batch.lua 'sent');
+2. its asyncId written once in the batch's record (which each change's ledger entry names since
+   its claim) and the batch listed for collection (batch.lua 'sent');
 3. ``progress``/``results`` polled with backoff (``worker.batch``), each poll taking a slot of the
    account's rate limit;
 4. each change finished by its job's answer through the single attempt's finish path
-   (``worker.job``): succeeded, retried later (retryable), dead-lettered (permanent).
+   (``worker.job``): succeeded, retried later (retryable), dead-lettered (permanent); then the
+   batch's record goes (batch.lua 'ended').
 
 A worker killed after step 2 leaves its batch to be collected: once the changes' leases lapse,
 the next turn's claim takes them over (``collect_batch``: steps 3 and 4, each change by its own
@@ -39,6 +40,7 @@ from worker.core import keys, metrics, tracing
 from worker.core.batch_claim import (
     BatchClaim,
     claim_batch,
+    end_batch,
     hold_unresolved,
     record_sent,
     take_rate_slot,
@@ -84,9 +86,10 @@ async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int
     worker.job_counter += 1
     leases = {start.job_id: Lease(start.run, claimed_at) for start in claim.starts}
     work = _traced(
+        runtime,
         account,
         claim,
-        collect_batch(runtime, client, claim) if claim.async_id else run_batch(runtime, client, claim.starts),
+        collect_batch(runtime, client, claim) if claim.async_id else run_batch(runtime, client, claim),
     )
     # Never raising (as a single job): whatever the batch could not record, its leases bring back.
     task = asyncio.create_task(
@@ -105,10 +108,12 @@ async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int
     return len(claim.starts)
 
 
-async def _traced(account: str, claim: BatchClaim, work: Awaitable[None]) -> None:
-    """The batch's work inside its span (tracing.batch_span)."""
+async def _traced(runtime: Runtime, account: str, claim: BatchClaim, work: Awaitable[None]) -> None:
+    """The batch's work inside its span (tracing.batch_span); once every change of it has ended, its
+    record goes (should an end fail, a later claim or the ledger retention takes it)."""
     with tracing.batch_span(account, [s.traceparent for s in claim.starts], collected=bool(claim.async_id)):
         await work
+        await end_batch(runtime.ledger, account, claim)
 
 
 def _facts(start: Start) -> JobFacts:
@@ -118,10 +123,10 @@ def _facts(start: Start) -> JobFacts:
     return JobFacts(start.job_id, idempotency_key, account, change, source, enqueued_at, generation)
 
 
-async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -> None:
+async def run_batch(runtime: Runtime, client: IvvyClient, claim: BatchClaim) -> None:
     """Send the claimed changes as one batch, wait for its results and finish each change."""
     coalesce.CARRIAGE.set(("batch", ""))  # each job is its own change's request
-    members = [(start, _facts(start)) for start in starts]
+    members = [(start, _facts(start)) for start in claim.starts]
     for start, _ in members:
         runtime.check_lease(start.job_id)
     started = time.monotonic()
@@ -141,7 +146,7 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
     try:
         # The run's slot, now that it is gathered: the claim only saw one free (a slot taken there,
         # a gathering ago, would let this request arrive in the next one's).
-        await _pace(lambda: take_run_slot(runtime.ledger, account, rate, starts))
+        await _pace(lambda: take_run_slot(runtime.ledger, account, rate, claim, starts))
         async_id = await calls.run(jobs)
     except (RetryableError, PermanentError) as error:
         held = isinstance(error, IvvyNoAnswer) and error.outcome_unknown
@@ -149,11 +154,10 @@ async def run_batch(runtime: Runtime, client: IvvyClient, starts: list[Start]) -
             await hold_unresolved(runtime.ledger, starts)  # accepted or not: it may still be applied
         await _end_all(runtime, members, sent, error, started, unknown=None, held=held, groups=groups)
         return
-    mine = await record_sent(runtime.ledger, account, async_id, starts)
-    log.info("batch.sent", async_id=async_id, changes=len(starts), overtaken=len(starts) - len(mine))
-    kept = [(i, m) for i, m in enumerate(members) if m[0].job_id in mine]
-    await _collect(runtime, calls, async_id, jobs, [m for _, m in kept], [sent[i] for i, _ in kept],
-                   [i for i, _ in kept], started, groups)  # fmt: skip
+    await record_sent(runtime.ledger, account, claim, async_id)
+    log.info("batch.sent", async_id=async_id, changes=len(starts))
+    # A change another worker took over since is refused its end (fencing by run).
+    await _collect(runtime, calls, async_id, jobs, members, sent, list(range(len(members))), started, groups)
 
 
 async def _gather(runtime: Runtime, members: list[tuple[Start, JobFacts]], started: float) -> dict[str, coalesce.Group]:

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 #: Module of ``worker.core`` -> its public names, space-separated ("": a module used whole).
 SURFACE: Final[dict[str, str]] = {
-    "batch_claim": "BatchClaim claim_batch hold_unresolved record_sent take_rate_slot take_run_slot",
+    "batch_claim": "BatchClaim claim_batch end_batch hold_unresolved record_sent take_rate_slot take_run_slot",
     "change": (
         "ACCOUNT_PATTERN ALIASES APPLY_TO_LEAD APPLY_TO_OPPORTUNITY APPLY_TO_WORDS COLOUR_PATTERN"
         " DEFAULT_ACCOUNT Envelope ID_MAX KEY_MAX_CHARS KEY_PATTERN LeadStageChange NAME_MAX_CHARS"

@@ -1,9 +1,10 @@
 """batch.lua for the worker (batch mode, docs/contract.md: Batches): a batch's claim of an account's
-due updates, its asyncId recorded, a rate slot for its run and for each poll; the script's calls and
-the one place its replies are parsed."""
+due updates, its record (its run's send, its asyncId, its end), a rate slot for its run and for each
+poll; the script's calls and the one place its replies are parsed."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,17 +32,19 @@ class BatchClaim:
     candidates: int
     #: Why nothing was claimed: '' (claimed), 'collect' (a dead worker's batch to collect), 'few'
     #: (not more due jobs than the threshold: none was read), 'below' (not more sendable updates than
-    #: the threshold), 'rate' (no slot opens within ``LEADSTAGE_RATE_LEAD``).
+    #: the threshold), 'rate' (no slot opens within ``LEADSTAGE_RATE_LEAD``: none was read).
     refused: str
     rate_wait_ms: int
     #: Each start's index among the batch's jobs.
     indexes: list[int] = field(default_factory=list)
     #: The batch to collect ('' unless ``refused`` is 'collect').
     async_id: str = ""
+    #: The batch's record (keys.batch_key; '' when nothing was claimed).
+    record: str = ""
 
 
 def _parse_claim(reply: Sequence[object]) -> BatchClaim:
-    status, candidates, rate_wait, claimed, async_id = reply
+    status, candidates, rate_wait, claimed, async_id, record = reply
     starts, indexes = [], []
     for item in claimed:  # type: ignore[attr-defined]  # a Redis array reply
         job, run, attempt, dropped, source, enqueued_at, gen, change, trace, index = item
@@ -57,7 +60,7 @@ def _parse_claim(reply: Sequence[object]) -> BatchClaim:
     refused = text(status)  # type: ignore[arg-type]  # a Redis reply: bytes or int
     return BatchClaim(
         starts, int(candidates), "" if refused == "ok" else refused, int(rate_wait),  # type: ignore[call-overload]  # int replies
-        indexes, text(async_id),  # type: ignore[arg-type]  # a Redis reply: bytes
+        indexes, text(async_id), text(record),  # type: ignore[arg-type]  # Redis replies: bytes
     )  # fmt: skip
 
 
@@ -81,9 +84,9 @@ async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: 
         [
             "claim", ledger.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
             rate_interval_us(rate_limit), batch_lock_ms(ledger), ledger.in_flight_guard_ms, worker_id,
-            keys.ledger_prefix(account), settings.ledger_retention_s * 1000, settings.batch_threshold,
+            keys.ledger_prefix(account), keys.batch_key(account, uuid.uuid4().hex), settings.batch_threshold,
             settings.batch_max, settings.batch_max * SCAN_FACTOR, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
-            keys.batch_prefix(account), int(settings.rate_lead_s * 1_000_000),
+            int(settings.rate_lead_s * 1_000_000),
         ],
         confirm=True,
     )  # fmt: skip
@@ -93,47 +96,45 @@ async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: 
     return claim
 
 
-def _recorded(starts: Sequence[Start], recorded: Sequence[int]) -> set[str]:
-    return {s.job_id for s, ok in zip(starts, recorded, strict=True) if ok}
-
-
-async def record_sent(ledger: Ledger, account: str, async_id: str, starts: Sequence[Start]) -> set[str]:
-    """The batch's asyncId in each change's recovery point, and the batch listed for collection;
-    returns the jobs still on their run."""
+async def record_sent(ledger: Ledger, account: str, claim: BatchClaim, async_id: str) -> None:
+    """The batch's asyncId in its record, once for all its changes, and the batch listed for collection."""
     settings = ledger.settings
-    listed = [keys.batches_key(account), keys.batch_key(account, async_id)]
     with redis_errors():
-        recorded: list[int] = await ledger._batch(
-            keys=[*listed, *(keys.ledger_key(s.job_id) for s in starts)],
-            args=[
-                "sent", async_id, int(settings.batch_wait_s * 1000), ledger.in_flight_guard_ms, ledger.lease_ms,
-                *(v for s in starts for v in (s.job_id, s.run)),
-            ],
-        )  # fmt: skip
-    return _recorded(starts, recorded)
+        await ledger._batch(
+            keys=[keys.batches_key(account), claim.record],
+            args=["sent", async_id, int(settings.batch_wait_s * 1000), ledger.in_flight_guard_ms, ledger.lease_ms],
+        )
 
 
-async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> set[str]:
-    """A batch that may still be applied: each change's stage stays locked for another
-    ``LEADSTAGE_BATCH_WAIT`` whatever becomes of it; returns the jobs still on their run."""
+async def end_batch(ledger: Ledger, account: str, claim: BatchClaim) -> None:
+    """Every change of the batch ended: its record and its listing go."""
     with redis_errors():
-        recorded: list[int] = await ledger._batch(
+        await ledger._batch(keys=[keys.batches_key(account), claim.record], args=["ended"])
+
+
+async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> None:
+    """A batch that may still be applied: each change still on its run keeps its stage locked for
+    another ``LEADSTAGE_BATCH_WAIT`` whatever becomes of it."""
+    with redis_errors():
+        await ledger._batch(
             keys=[keys.ledger_key(s.job_id) for s in starts],
             args=["unresolved", int(ledger.settings.batch_wait_s * 1000), *(s.run for s in starts)],
         )
-    return _recorded(starts, recorded)
 
 
-async def take_run_slot(ledger: Ledger, account: str, rate_limit: float, starts: Sequence[Start]) -> int:
+async def take_run_slot(
+    ledger: Ledger, account: str, rate_limit: float, claim: BatchClaim, starts: Sequence[Start]
+) -> int:
     """The slot of a batch's run, taken just before it is sent (the claim only saw one free): 0 when
-    taken, and then each change's in-flight guard counts from now; else how long to wait (ms)."""
+    taken, and then its record says the run (``starts``, in job order) was sent now; else how long
+    to wait (ms)."""
     with redis_errors():
         [wait_ms] = await ledger._batch(
-            keys=[
-                keys.queue_key(ledger.settings.queue_name, account), keys.rate_key(account),
-                *(keys.ledger_key(s.job_id) for s in starts),
+            keys=[keys.queue_key(ledger.settings.queue_name, account), keys.rate_key(account), claim.record],
+            args=[
+                "go", rate_interval_us(rate_limit), RATE_WINDOW_US, ledger.settings.ledger_retention_s * 1000,
+                "\n".join(s.job_id for s in starts),
             ],
-            args=["go", rate_interval_us(rate_limit), RATE_WINDOW_US, *(s.run for s in starts)],
         )  # fmt: skip
     return int(wait_ms)
 

@@ -32,8 +32,9 @@ STAGE_LOCK_PREFIX = "leadstage:stage-lock:"
 CLAIMS_PREFIX = "leadstage:claims:"
 NEWEST_CLAIM_PREFIX = "leadstage:newest-claim:"
 RATE_PREFIX = "leadstage:rate:"
-BATCHES_PREFIX = "leadstage:batches:"
-BATCH_PREFIX = "leadstage:batch:"
+#: (Not the names of the previous batch lists: an entry left by an older worker is never read as a record.)
+BATCHES_PREFIX = "leadstage:batches-sent:"
+BATCH_PREFIX = "leadstage:batch-record:"
 #: Hash account -> changes enqueued and not yet terminal (the backlog behind a new change); on a Redis
 #: Cluster each account has its own such hash in its slot (``pending_key``).
 PENDING = "leadstage:pending"
@@ -151,16 +152,12 @@ def staging_key(token: str, account: str | None) -> str:
 
 
 def batches_key(account: str) -> str:
-    """Sorted set asyncId -> until when (server ms) the account's batch may be collected by another
-    worker (batch.lua: its worker died after its run was answered)."""
+    """Sorted set batch record key (``batch_key``) -> until when (server ms) the account's batch may
+    be collected by another worker (batch.lua: its worker died after its run was answered)."""
     return BATCHES_PREFIX + tag(account)
 
 
-def batch_prefix(account: str) -> str:
-    """What ``batch_key`` puts before the asyncId, for batch.lua's collection."""
-    return f"{BATCH_PREFIX}{tag(account)}:"
-
-
-def batch_key(account: str, async_id: str) -> str:
-    """List of a batch's job ids in the order of its jobs (an index into its results)."""
-    return batch_prefix(account) + async_id
+def batch_key(account: str, batch_id: str) -> str:
+    """A batch's record: the hash of what its changes share, once (batch.lua: its run's posted_at,
+    asyncId and job ids in job order); each change's ledger entry names it (``batch_key``)."""
+    return f"{BATCH_PREFIX}{tag(account)}:{batch_id}"

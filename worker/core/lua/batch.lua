@@ -1,5 +1,15 @@
 -- Batch mode (docs/contract.md: Batches), in the account's slot, by the server's clock.
 --
+-- What every change of a batch shares lives once in the batch's record (a hash, keys.batch_key):
+-- posted_at (when its run was sent; once answered, or collected, when its wait ends: single claims
+-- keep off its changes until then), async_id (once its run was answered: the batch was accepted),
+-- jobs (its job ids in job order, '\n'-separated: a change's index into its results). A change's
+-- own part is in its ledger entry, written at the claim: batch_key (its batch's record), batch_run
+-- (the run that holds that batch: a collection begins a new one; any other start leaves it behind,
+-- and the change is no longer that batch's), batch_dropped (the fields it left out, overtaken). A
+-- change on its batch's run whose record is missing was not sent yet (its claim's posted_at) or its
+-- batch ended; either way, an unanswered run.
+--
 -- 'claim': first, a batch to collect: a batch of the account whose asyncId was recorded ('sent')
 -- and whose changes' leases lapsed while still on that batch's run (its worker died): those
 -- changes begin a new run of this worker (fencing), hidden for one lease, their stage locks taken
@@ -7,36 +17,44 @@
 -- the batch's results and finishes each change by its job's answer. Otherwise, when more than
 -- `threshold` of the account's due changes (one per stage lock, the first in queue order: updates,
 -- and adds with nothing to reconcile) could be sent now, claim up to `most` of them for one batch,
--- as start.lua's go claims one change (an add's id_floor too): each takes its stage's lock, begins a new run (the fencing token), counts an attempt, is hidden
--- for one lease, and gets the batch's recovery point (batch = 'pending', batch_run = its run,
--- phase = posting, posted_at = now: the in-flight guard counts from the run's send). A change
+-- as start.lua's go claims one change (an add's id_floor too): each takes its stage's lock, begins
+-- a new run (the fencing token), counts an attempt, is hidden for one lease, and gets its part of
+-- the batch (phase = posting, posted_at = now, batch_key = the new batch's record). A change
 -- start.lua would not send now is left alone: not due (a live lease), terminal, a backoff not
 -- over, a request maybe in flight, out of attempts or too old, every field overtaken
--- (superseded), or its stage locked by another change. Below the threshold, or with no rate slot
--- opening within the lead, nothing is touched. A change taken over from a batch that never answered its run
--- ('pending') keeps its stage locked until that batch's wait is over (unknown_until): that batch
--- may still be applied until then.
---   KEYS: 1 account queue zset, 2 account rate hash, 3 the account's batches zset (asyncId ->
---         until when it may be collected, server ms), 4 the account's newest-claim key
+-- (superseded), or its stage locked by another change. With no rate slot that opens within the
+-- lead, nothing is read;
+-- below the threshold, nothing is left touched (the locks the scan took, as start.lua takes one
+-- with SET NX, are given back). A change taken over from a batch that never answered its run keeps
+-- its stage locked until that batch's wait is over (unknown_until): that batch may still be
+-- applied until then.
+--   KEYS: 1 account queue zset, 2 account rate hash, 3 the account's batches zset (batch record
+--         key -> until when it may be collected, server ms), 4 the account's newest-claim key
 --   ARGV: 1 'claim', 2 lease (ms), 3 max attempts, 4 max age (ms), 5 rate interval (µs), 6 the batch's
 --         lock ttl (ms), 7 in-flight guard (ms), 8 worker id, 9 the account's ledger key prefix,
---         10 ledger retention (ms), 11 threshold, 12 the most changes, 13 how many due jobs to read,
---         14 rate window (µs), 15 the batch's wait (ms), 16 the account's batch key prefix (+ asyncId:
---         the list of a batch's job ids, in job order), 17 rate lead (µs): a slot that opens within
---         it counts as free (start.lua may take it as early; the run's 'go' waits for it)
+--         10 the record key of a new batch, 11 threshold, 12 the most changes, 13 how many due jobs
+--         to read, 14 rate window (µs), 15 the batch's wait (ms), 16 rate lead (µs): a slot that
+--         opens within it counts as free (start.lua may take it that early; the run's 'go' waits)
 --   Reply: {status, candidates found (a collection: the batch's size), rate wait (ms), {{job id, run,
 --           attempt, dropped csv, source, enqueued at (ms), generation, change, traceparent, job index
---           in the batch}, ...}, asyncId ('' unless collecting)}; status: 'ok', 'collect', 'few' (not
---           more due jobs than the threshold: none read), 'below' (not more sendable updates than the
---           threshold), 'rate' (no slot opens within the lead)
--- 'sent': the batch's run was answered with its asyncId: the recovery point names it (batch, and
---   batch_job: the change's index in the batch), the batch is listed for collection until its wait
---   and the in-flight guard are over, and other workers' claims keep off its changes until then
---   (posted_at). Only a change's current run is written (fencing).
---   KEYS: 1 the account's batches zset, 2 this batch's job list, then each change's ledger hash
---   ARGV: 1 'sent', 2 asyncId, 3 the batch's wait (ms), 4 in-flight guard (ms), 5 lease (ms),
---         then per change: its job id, its run
---   Reply: one 1 (recorded) or 0 (stale) per change, in order.
+--           in the batch}, ...}, asyncId ('' unless collecting), the batch's record key ('' unless
+--           claimed)}; status: 'ok', 'collect', 'few' (not more due jobs than the threshold: none
+--           read), 'below' (not more sendable updates than the threshold), 'rate' (no slot opens
+--           within the lead: none read)
+-- 'go': take the slot of a batch's run just before it is sent (the claim only checked that one was
+--   free: the batch is gathered in between), and when taken, write the batch's record: posted_at
+--   now (each change's in-flight guard counts from then) and its jobs, kept for the ledger retention.
+--   KEYS: 1 account queue zset (unused), 2 account rate hash, 3 the batch's record
+--   ARGV: 1 'go', 2 rate interval (µs), 3 rate window (µs), 4 ledger retention (ms), 5 the job ids
+--         in job order, '\n'-separated
+--   Reply: {0} (taken) or {wait ms} (none free now: nothing taken or written).
+-- 'sent': the batch's run was answered with its asyncId: in its record (and posted_at when its wait
+--   ends), and the batch listed for collection until its wait and the in-flight guard are over.
+--   KEYS: 1 the account's batches zset, 2 the batch's record
+--   ARGV: 1 'sent', 2 asyncId, 3 the batch's wait (ms), 4 in-flight guard (ms), 5 lease (ms)
+--   Reply: 1.
+-- 'ended': every change of the batch ended (or went on without it): its record and listing go.
+--   KEYS: 1 the account's batches zset, 2 the batch's record;  ARGV: 1 'ended';  Reply: 1.
 -- 'unresolved': a batch that may still be applied (its run unanswered, its results not ready within
 --   the wait): each change's stage stays locked for `hold` from now, whatever becomes of it
 --   (unknown_until, which finish.lua honours). Only a change's current run is written.
@@ -46,12 +64,6 @@
 --   KEYS: 1 account queue zset (unused), 2 account rate hash;  ARGV: 1 'slot', 2 rate interval (µs),
 --         3 rate window (µs)
 --   Reply: {0} (taken) or {wait ms} (none free now: nothing taken).
--- 'go': take the slot of a batch's run just before it is sent (the claim only checked that one was
---   free: the batch is gathered in between), and when taken, each change's in-flight guard counts
---   from now (posted_at; only a change's current run, still 'pending', is written).
---   KEYS: 1 account queue zset (unused), 2 account rate hash, then each change's ledger hash
---   ARGV: 1 'go', 2 rate interval (µs), 3 rate window (µs), then per change: its run
---   Reply: {0} (taken) or {wait ms} (none free now: nothing taken or written).
 local mode = ARGV[1]
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -80,38 +92,25 @@ end
 if mode == 'go' then
   local wait = rate_slot(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]), true)
   if wait > 0 then return {wait} end
-  for i = 3, #KEYS do
-    local l = redis.call('HMGET', KEYS[i], 'run', 'state', 'batch')
-    if l[1] == ARGV[i + 1] and l[2] == 'running' and l[3] == 'pending' then
-      redis.call('HSET', KEYS[i], 'posted_at', now)
-    end
-  end
+  redis.call('HSET', KEYS[3], 'posted_at', now, 'jobs', ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
   return {0}
 end
 
 if mode == 'sent' then
-  local batches, members = KEYS[1], KEYS[2]
-  local async_id, wait_ms, guard_ms, lease_ms = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-  local recorded, jobs = {}, {}
-  for i = 3, #KEYS do
-    local job, run = ARGV[4 + 2 * (i - 2)], ARGV[5 + 2 * (i - 2)]
-    jobs[#jobs + 1] = job
-    local l = redis.call('HMGET', KEYS[i], 'run', 'state')
-    if l[1] == run and l[2] == 'running' then
-      redis.call('HSET', KEYS[i], 'batch', async_id, 'batch_job', i - 3, 'batch_run', run, 'posted_at', now + wait_ms)
-      recorded[#recorded + 1] = 1
-    else
-      recorded[#recorded + 1] = 0
-    end
-  end
-  local until_ms = now + wait_ms + guard_ms
+  local batches, record = KEYS[1], KEYS[2]
+  local wait_ms, guard_ms, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  redis.call('HSET', record, 'async_id', ARGV[2], 'posted_at', now + wait_ms)
   redis.call('ZREMRANGEBYSCORE', batches, '-inf', now)
-  redis.call('ZADD', batches, until_ms, async_id)
+  redis.call('ZADD', batches, now + wait_ms + guard_ms, record)
   redis.call('PEXPIRE', batches, wait_ms + guard_ms + lease_ms)
-  redis.call('DEL', members)
-  redis.call('RPUSH', members, unpack(jobs))
-  redis.call('PEXPIRE', members, wait_ms + guard_ms + lease_ms)
-  return recorded
+  return 1
+end
+
+if mode == 'ended' then
+  redis.call('ZREM', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[2])
+  return 1
 end
 
 if mode == 'unresolved' then
@@ -131,9 +130,9 @@ end
 local queue, rate_key, batches, newest_claim = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local lease_ms, max_attempts, max_age_ms = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local ledger_prefix, retention_ms, threshold, most = ARGV[9], ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
+local ledger_prefix, new_record, threshold, most = ARGV[9], ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
 local scan, window_us, wait_ms = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
-local batch_prefix, lead_us = ARGV[16], tonumber(ARGV[17])
+local lead_us = tonumber(ARGV[16])
 
 local function ledger_of(job)
   return ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
@@ -147,32 +146,33 @@ end
 -- A batch to collect: the first listed batch none of whose changes still on its run has a live lease.
 local function collectable()
   redis.call('ZREMRANGEBYSCORE', batches, '-inf', now)
-  for _, async_id in ipairs(redis.call('ZRANGE', batches, 0, 15)) do
-    local members = redis.call('LRANGE', batch_prefix .. async_id, 0, -1)
-    local lapsed, live = {}, false
-    for index, job in ipairs(members) do
+  for _, record in ipairs(redis.call('ZRANGE', batches, 0, 15)) do
+    local b = redis.call('HMGET', record, 'async_id', 'jobs')
+    local lapsed, live, size = {}, false, 0
+    for job in string.gmatch(b[2] or '', '[^\n]+') do
+      size = size + 1
       local ledger = ledger_of(job)
-      local l = redis.call('HMGET', ledger, 'state', 'phase', 'batch', 'batch_run', 'run', 'attempts', 'batch_dropped',
-        'source', 'enqueued_at', 'gen', 'change', 'trace', 'lock_key')
-      if l[1] == 'running' and l[2] == 'posting' and l[3] == async_id and l[4] == l[5] then
+      local l = redis.call('HMGET', ledger, 'state', 'phase', 'batch_key', 'batch_run', 'run', 'attempts',
+        'batch_dropped', 'source', 'enqueued_at', 'gen', 'change', 'trace', 'lock_key')
+      if l[1] == 'running' and l[2] == 'posting' and l[3] == record and l[4] == l[5] then
         if (tonumber(redis.call('ZSCORE', queue, job)) or 0) > now then
           live = true -- its worker (or a collector) still has it
           break
         end
-        lapsed[#lapsed + 1] = {job, ledger, l, index - 1}
+        lapsed[#lapsed + 1] = {job, ledger, l, size - 1}
       end
     end
-    if not live and #lapsed > 0 then return async_id, #members, lapsed end
+    if not live and #lapsed > 0 then return record, b[1], size, lapsed end
     if not live then
-      redis.call('ZREM', batches, async_id) -- every change of it ended, or went on without it
-      redis.call('DEL', batch_prefix .. async_id)
+      redis.call('ZREM', batches, record) -- every change of it ended, or went on without it
+      redis.call('DEL', record)
     end
   end
   return nil
 end
 
-local async_id, size, lapsed = collectable()
-if async_id then
+local record, async_id, size, lapsed = collectable()
+if record then
   local claims, leased = {}, {}
   for _, item in ipairs(lapsed) do
     local job, ledger, l, index = unpack(item)
@@ -181,32 +181,47 @@ if async_id then
     if not owner or owned_by(owner, job) then
       redis.call('SET', l[13], job .. '#' .. run .. '#' .. (now + lock_ttl_ms), 'PX', lock_ttl_ms)
     end
-    redis.call('HSET', ledger, 'run', run, 'batch_run', run, 'worker', worker_id, 'posted_at', now + wait_ms)
+    redis.call('HSET', ledger, 'run', run, 'batch_run', run, 'worker', worker_id)
     leased[#leased + 1] = now + lease_ms
     leased[#leased + 1] = job
     claims[#claims + 1] = {job, run, l[6] or '0', l[7] or '', l[8] or '', l[9] or '0', l[10] or '0', l[11] or '',
       l[12] or '', index}
   end
   redis.call('ZADD', queue, unpack(leased))
-  -- Collectable for as long as a batch just sent would be (should this collector die too).
-  -- (Every expiry here is now + the same span: the latest is the longest.)
-  redis.call('ZADD', batches, now + wait_ms + guard_ms, async_id)
+  -- Single claims keep off it, and it is collectable, for as long as a batch just sent (should this
+  -- collector die too).
+  redis.call('HSET', record, 'posted_at', now + wait_ms)
+  redis.call('ZADD', batches, now + wait_ms + guard_ms, record)
   redis.call('PEXPIRE', batches, wait_ms + guard_ms + lease_ms)
-  redis.call('PEXPIRE', batch_prefix .. async_id, wait_ms + guard_ms + lease_ms)
-  return {'collect', size, 0, claims, async_id}
+  return {'collect', size, 0, claims, async_id, record}
 end
 
 -- Too few due jobs of any kind: nothing to read.
-if redis.call('ZCOUNT', queue, '-inf', now) <= threshold then return {'few', 0, 0, {}, ''} end
+if redis.call('ZCOUNT', queue, '-inf', now) <= threshold then return {'few', 0, 0, {}, '', ''} end
+-- A slot must open within the lead: the account is picked that early for start.lua's claim, and a
+-- claim that wanted a free slot would leave every such turn to single calls. The run takes it when
+-- it is sent ('go', after the batch is gathered), waiting for it if need be.
+local rate_wait = rate_slot(rate_key, interval_us, window_us, false, lead_us)
+if rate_wait > 0 then return {'rate', 0, rate_wait, {}, '', ''} end
 local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', 0, scan)
+-- When a change in flight was sent last, and whether by a batch's run never answered: one still on
+-- its batch's run (batch_run) reads them from the batch's record (none yet: sent at the claim).
+local function in_flight(l)
+  if not l[17] or l[18] ~= l[15] then return tonumber(l[9]) or 0, false end
+  local b = redis.call('HMGET', l[17], 'posted_at', 'async_id')
+  return tonumber(b[1]) or tonumber(l[9]) or 0, not b[2]
+end
+
 local candidates, stages = {}, {}
 for _, job in ipairs(due) do
   if #candidates >= most then break end
   local ledger = ledger_of(job)
   local l = redis.call('HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
-    'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'batch', 'batch_run',
-    'unknown_until', 'id_floor')
+    'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'batch_key',
+    'batch_run', 'unknown_until', 'id_floor')
   local state, phase, lock = l[1], l[2] or '', l[14]
+  local posted_at, unanswered = 0, false
+  if phase == 'posting' then posted_at, unanswered = in_flight(l) end
   -- Due: queued, retrying, or running with its lease lapsed (a dead worker's, taken over).
   -- An add whose earlier attempt may have been applied is reconciled first (start.lua's path): never batched.
   local op_ok = l[6] == 'update' or (l[6] == 'add' and phase == '')
@@ -214,7 +229,7 @@ for _, job in ipairs(due) do
     and not stages[lock]
     and (tonumber(l[5]) or 0) <= now and (tonumber(l[3]) or 0) < max_attempts
     and now - (tonumber(l[4]) or 0) <= max_age_ms
-    and not (phase == 'posting' and (tonumber(l[9]) or 0) + guard_ms > now)
+    and not (phase == 'posting' and posted_at + guard_ms > now)
   local dropped, kept = {}, l[6] == 'add' and 1 or 0
   if sendable and l[6] == 'update' then
     local seq, fields = tonumber(l[7]), {}
@@ -225,44 +240,49 @@ for _, job in ipairs(due) do
     end
   end
   if sendable and kept > 0 then
-    -- The stage is free, or locked by an earlier run of this same change (after an unknown outcome).
-    local owner = redis.call('GET', lock)
-    if not owner or owned_by(owner, job) then
+    -- The stage is free (taken now: given back if no batch is claimed), or locked by an earlier run
+    -- of this same change (after an unknown outcome: taken over if one is).
+    local value = job .. '#' .. ((tonumber(l[15]) or 0) + 1) .. '#' .. (now + lock_ttl_ms)
+    local taken = redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX')
+    if taken or owned_by(redis.call('GET', lock), job) then
       stages[lock] = true
-      candidates[#candidates + 1] = {job, ledger, l, table.concat(dropped, ',')}
+      -- Taken over from a batch whose run was never answered: it may still be applied until its wait
+      -- is over; its stage stays locked until then.
+      local hold = unanswered and math.max(tonumber(l[19]) or 0, posted_at + guard_ms + wait_ms) or false
+      candidates[#candidates + 1] = {job, ledger, l, table.concat(dropped, ','), hold, not taken and value}
     end
   end
 end
-if #candidates <= threshold then return {'below', #candidates, 0, {}, ''} end
--- A slot must open within the lead: as the account is picked that early for start.lua's claim, a
--- claim that wanted a free slot would see none and leave every turn to single calls. The run takes
--- it when it is sent ('go', after the batch is gathered), waiting for it if need be.
-local rate_wait = rate_slot(rate_key, interval_us, window_us, false, lead_us)
-if rate_wait > 0 then return {'rate', #candidates, rate_wait, {}, ''} end
+if #candidates <= threshold then
+  for _, c in ipairs(candidates) do
+    if not c[6] then redis.call('DEL', c[3][14]) end
+  end
+  return {'below', #candidates, 0, {}, '', ''}
+end
 
 local claims, leased, newest = {}, {}, nil
-for i = 1, math.min(#candidates, most) do
-  local job, ledger, l, dropped = unpack(candidates[i])
+for i = 1, #candidates do
+  local job, ledger, l, dropped, hold, retaken = unpack(candidates[i])
   local run, attempt = (tonumber(l[15]) or 0) + 1, (tonumber(l[3]) or 0) + 1
-  if l[2] == 'posting' and l[17] == 'pending' and l[18] == l[15] then
-    -- Taken over from a batch whose run was never answered: it may still be applied until its wait
-    -- is over; its stage stays locked until then.
-    local until_ms = (tonumber(l[9]) or 0) + guard_ms + wait_ms
-    redis.call('HSET', ledger, 'unknown_until', math.max(tonumber(l[19]) or 0, until_ms))
+  if retaken then redis.call('SET', l[14], retaken, 'PX', lock_ttl_ms) end
+  -- The change's own part of the batch (the rest is its record's, written once for all at 'go').
+  local fields = {'state', 'running', 'run', run, 'worker', worker_id, 'attempts', attempt, 'phase', 'posting',
+    'posted_at', now, 'batch_key', new_record, 'batch_run', run, 'batch_dropped', dropped}
+  if hold then
+    fields[#fields + 1] = 'unknown_until'
+    fields[#fields + 1] = hold
   end
-  redis.call('SET', l[14], job .. '#' .. run .. '#' .. (now + lock_ttl_ms), 'PX', lock_ttl_ms)
-  redis.call('HSET', ledger, 'state', 'running', 'run', run, 'worker', worker_id, 'attempts', attempt,
-    'phase', 'posting', 'posted_at', now, 'batch', 'pending', 'batch_run', run, 'batch_dropped', dropped)
   if l[6] == 'add' and not l[20] then
     -- As start.lua's go: stages at or below the newest claimed id existed before this add was first posted.
     newest = newest or redis.call('GET', newest_claim) or '0'
-    redis.call('HSET', ledger, 'id_floor', newest)
+    fields[#fields + 1] = 'id_floor'
+    fields[#fields + 1] = newest
   end
-  redis.call('PEXPIRE', ledger, retention_ms)
+  redis.call('HSET', ledger, unpack(fields))
   leased[#leased + 1] = now + lease_ms
   leased[#leased + 1] = job
   claims[#claims + 1] = {job, run, attempt, dropped, l[10] or '', l[4] or '0', l[11] or '0', l[12] or '', l[16] or '',
     i - 1}
 end
 redis.call('ZADD', queue, unpack(leased))
-return {'ok', #candidates, 0, claims, ''}
+return {'ok', #candidates, 0, claims, '', new_record}

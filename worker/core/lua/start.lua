@@ -60,8 +60,8 @@ end
 local function consider(job)
   local ledger = ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
   local l = redis.call('HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
-    'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'id_floor', 'batch',
-    'batch_run', 'unknown_until')
+    'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'id_floor',
+    'batch_key', 'batch_run', 'unknown_until')
   local state, phase = l[1], l[2] or ''
   local attempts, run = tonumber(l[3]) or 0, tonumber(l[15]) or 0
   if not state then
@@ -96,11 +96,18 @@ local function consider(job)
 
   local next_at = tonumber(l[5]) or 0
   if next_at > now then return later(next_at - now, 'backoff') end
+  -- A change still on its batch's run (batch.lua): when it was sent, and whether that run was
+  -- answered, are its batch's record's (no record: not sent yet, at its claim's posted_at).
+  local posted_at, unanswered, recorded = tonumber(l[9]) or 0, false, false
+  if phase == 'posting' and l[18] and l[19] == l[15] then
+    local b = redis.call('HMGET', l[18], 'posted_at', 'async_id')
+    posted_at, unanswered, recorded = tonumber(b[1]) or posted_at, not b[2], b[2] ~= false
+  end
   if phase == 'posting' then
     -- A worker may still be waiting for iVvy's answer to its POST: let that request time out first,
     -- counted from the recovery point written just before it.
-    local guard_end = (tonumber(l[9]) or 0) + guard_ms
-    if l[6] == 'add' and l[18] == 'pending' and l[19] == l[15] then
+    local guard_end = posted_at + guard_ms
+    if l[6] == 'add' and unanswered then
       -- An add of a batch whose run was never answered: that batch may still create its stage until
       -- its wait is over; the reconcile that follows must come after.
       guard_end = guard_end + batch_wait_ms
@@ -108,7 +115,6 @@ local function consider(job)
     if guard_end > now then
       -- A batch whose asyncId was recorded is collected by batch.lua's claim once its leases lapse
       -- (not resent): look again soon, so that its jobs stay due for that claim.
-      local recorded = l[18] and l[18] ~= '' and l[18] ~= 'pending' and l[19] == l[15]
       return later(recorded and math.min(guard_end - now, 1000) or guard_end - now, 'in_flight')
     end
   end
@@ -179,10 +185,10 @@ local function consider(job)
       recovery[#recovery + 1] = newest
     end
   end
-  if phase == 'posting' and l[18] == 'pending' and l[19] == l[15] then
+  if unanswered then
     -- Taken over from a batch whose run was never answered: it may still be applied until its wait
-    -- is over (counted from its recovery point); the stage stays locked until then.
-    local until_ms = (tonumber(l[9]) or 0) + guard_ms + batch_wait_ms
+    -- is over (counted from its run's send); the stage stays locked until then.
+    local until_ms = posted_at + guard_ms + batch_wait_ms
     recovery[#recovery + 1] = 'unknown_until'
     recovery[#recovery + 1] = math.max(tonumber(l[20]) or 0, until_ms)
   end
