@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from worker.core.processes import SOURCE_ROOT, Child, Children, is_loopback, python_module
+from worker.core.hosts import is_loopback
+from worker.core.processes import SOURCE_ROOT, Child, Children, python_module
 
 #: Where the repository lives: worker processes import ``worker`` and ``bench`` from here.
 REPO_ROOT = SOURCE_ROOT

@@ -54,7 +54,7 @@ from typing import Final
 from producers.clients import RedisUser
 from producers.waits import SharedReader, Waits, blocking_read_s
 from worker.core import tracing
-from worker.core.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, parse_change, parse_envelope
+from worker.core.change import DEFAULT_ACCOUNT, Envelope, LeadStageChange, validate
 from worker.core.errors import FieldError, InvalidChange, UnknownAccount
 from worker.core.ledger import Ledger, Receipt
 from worker.core.redis_connection import RedisClient, connect_redis, connect_redis_of, connect_redis_or_cluster_of
@@ -158,30 +158,13 @@ class LeadStageProducer(RedisUser[RedisClient], Waits):
 
         Field errors of the change and of the envelope are reported together.
         """
-        errors: list[FieldError] = []
-        parsed: LeadStageChange | None = None
-        envelope: Envelope | None = None
-        try:
-            parsed = parse_change(change)
-        except InvalidChange as exc:
-            errors.extend(exc.errors)
-        try:
-            envelope = parse_envelope(idempotency_key=idempotency_key, account=account, source=source)
-        except InvalidChange as exc:
-            errors.extend(exc.errors)
-        if errors:
-            raise InvalidChange(errors)
-        assert parsed is not None
-        assert envelope is not None
-        self._check_known(envelope.account)
-        return parsed, envelope
-
-    def _check_known(self, account: str) -> None:
-        # Without an account list (a producer-only host without LEADSTAGE_ACCOUNT_NAMES) any
-        # well-formed name is accepted.
-        known = self.settings.known_accounts
-        if known and account not in known:
-            raise UnknownAccount(account)
+        return validate(
+            change,
+            idempotency_key=idempotency_key,
+            account=account,
+            source=source,
+            known_accounts=self.settings.known_accounts,
+        )
 
     def validate_many(
         self,

@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.installed 2>/dev/null)" != "$_lo
     # Exactly the locked set: --require-hashes refuses any file whose hash is not in the lock.
     .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.txt
     # The project itself, editable, built with the locked setuptools (no download at build time).
-    .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+    .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
     echo "$_lock_stamp" > .venv/.installed
 fi
 unset _lock_stamp

@@ -937,10 +937,36 @@ def test_help_and_a_single_enqueue_import_only_what_they_need(env: dict[str, str
 
     assert imported("--help") == "imported:"
     assert imported("enqueue", "--help") == "imported:"
-    assert imported("enqueue", "--name", "x", "--apply-to", "1") == "imported: redis"
+    assert imported("enqueue", "--name", "x", "--apply-to", "1") == "imported:"
     assert queued(db) == 1
     # A read command loads its own module, not the enqueue's nor the servers'.
     assert imported("stats") == "imported: redis worker.cli.reads"
+
+
+def test_a_single_enqueue_imports_neither_redis_py_nor_asyncio(env: dict[str, str], db: redis.Redis) -> None:
+    """Issue 12: a single enqueue (what a shell loop runs once per change) took 0.19 s, most of it
+    importing redis-py (~60 ms) and asyncio (~30 ms); it talks to Redis through worker.core.resp
+    now. Were either imported again, the start-up would regress without any test failing (the
+    bench's cli phase shows the time itself). With an iVvy account configured too (a worker's
+    host): checking its http:// URL once imported the process toolkit, and asyncio with it."""
+    probe = (
+        "import sys\n"
+        "from worker.cli import main\n"
+        "status = main(sys.argv[1:])\n"
+        "print(status, *sorted({m.split('.')[0] for m in sys.modules} & {'redis', 'asyncio', 'producers'}))\n"
+    )
+    result = subprocess.run(  # noqa: S603 - our own interpreter
+        [sys.executable, "-c", probe, "enqueue", "--name", "Hot", "--apply-to", "lead", "--key", "lean"],
+        env={**env, **WORKER_ENV},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    receipt, loaded = result.stdout.splitlines()
+    assert json.loads(receipt) == {"job_id": "default:lean", "idempotency_key": "lean", "status": "queued"}
+    assert loaded == "0"  # exit status 0, and none of the three imported
+    assert db.zrange(keys.queue_key("leadstage:queue", "default"), 0, -1) == [b"default:lean"]
 
 
 def test_a_line_that_repeats_a_key_is_refused_not_read_as_its_last_value(leadstage: Run, db: redis.Redis) -> None:

@@ -159,6 +159,47 @@ def test_a_command_error_is_a_bug_and_not_translated() -> None:
         raise redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "WRONGPASS invalid username-password pair or user is disabled.",
+        "NOAUTH Authentication required.",
+        "ERR AUTH <password> called without any password configured for the default user. Are you sure your"
+        " configuration is correct?",
+        "OOM command not allowed when used memory > 'maxmemory'.",
+        "READONLY You can't write against a read only replica.",
+        "LOADING Redis is loading the dataset in memory",
+        "MISCONF Errors writing to the AOF file",
+        "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+        "NOPERM User leadstage has no permissions to run the 'evalsha' command",
+        "The user executing the script can't run this command or subcommand script: 0123abcd, on @user_script:1.",
+        "ERR DB index is out of range",
+        "ERR max number of clients reached",
+        "ERR WAIT cannot be used with replica instances. Please also note that since Redis 4.0 if a replica is"
+        " configured to be writable (which is not the default) writes to replicas are just local and are not"
+        " propagated.",
+        "NOSCRIPT No matching script. Please use EVAL.",
+        "WRONGTYPE Operation against a key holding the wrong kind of value",
+        "BUSYGROUP Consumer Group name already exists",
+    ],
+)
+def test_an_error_reply_is_classified_alike_from_redis_py_and_from_the_resp_client(reply: str) -> None:
+    """Issue 12: the one-shot enqueue's RESP client and redis-py go through one classification, so
+    the same reply from Redis is the same error, message and all, whichever client read it
+    (redis-py's own parser turns the reply into its exception, stripping some codes)."""
+    from redis._parsers.base import BaseParser
+
+    from worker.core.errors import RespErrorReply, script_missing, translated
+
+    raised = BaseParser.parse_error(reply)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    by_redis_py, by_resp = translated(raised), translated(RespErrorReply(reply))
+    assert type(by_redis_py) is type(by_resp)
+    assert str(by_redis_py) == str(by_resp)
+    assert script_missing(raised) == script_missing(RespErrorReply(reply))
+    assert script_missing(RespErrorReply(reply)) == reply.startswith("NOSCRIPT")
+    assert (by_resp is None) == reply.startswith(("NOSCRIPT", "WRONGTYPE", "BUSYGROUP"))
+
+
 def test_every_raisable_class_of_the_tree_names_a_code_of_its_own() -> None:
     """The ``code=`` of a class header is its ``error_code``; no two classes share one."""
     intermediate = {errors.LeadstageError, errors.PermanentError, errors.RetryableError, errors.IvvyErrorDetails}

@@ -1,23 +1,20 @@
-"""worker.core.redis_connection: every REDIS_URL form, parsed once for the worker, the library, the CLI, the webhook."""
+"""worker.core.redis_url and redis_connection: every REDIS_URL form, parsed once for every client."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
+from tests.redis_servers import start_redis
 from worker.arq_pool import redis_settings
 from worker.core.errors import ConfigError, RedisCredentialsRefused, RedisUnavailable
 from worker.core.processes import free_port
-from worker.core.redis_connection import (
-    RedisTarget,
-    connect_redis,
-    connect_redis_or_cluster,
-    parse_redis_url,
-    ping,
-    printable_url,
-)
+from worker.core.redis_connection import connect_redis, connect_redis_or_cluster, ping
+from worker.core.redis_url import RedisTarget, parse_redis_url, printable_url
 
 URLS = [
     ("redis://localhost", RedisTarget("redis", (("localhost", 6379),))),
@@ -190,3 +187,27 @@ async def test_ping_translates_redis_errors(redis_url: str) -> None:
             await ping(wrong, 5)
     finally:
         await wrong.aclose()
+
+
+@pytest.mark.system  # a redis-server of its own
+async def test_a_cluster_that_does_not_serve_every_slot_is_unavailable(tmp_path: Path) -> None:
+    """A cluster node with only some slots assigned (a cluster being set up, or one that lost a
+    master): unavailable for now, as CLUSTERDOWN is, not an untranslated error (a webhook's 500)."""
+    port = free_port()
+    node = start_redis(
+        tmp_path,
+        *("--cluster-enabled", "yes", "--cluster-port", str(free_port())),
+        *("--cluster-config-file", f"nodes-{port}.conf"),
+        port=port,
+    )
+    try:
+        with node.client() as admin:
+            admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 100)
+        client = connect_redis_or_cluster(f"redis+cluster://127.0.0.1:{port}/", timeout_s=2, connect_timeout_s=2)
+        try:
+            with pytest.raises(RedisUnavailable, match="does not serve every slot"):
+                await ping(client, 5)
+        finally:
+            await client.aclose()
+    finally:
+        node.kill()

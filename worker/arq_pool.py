@@ -16,13 +16,8 @@ from typing import Any, cast
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio.cluster import RedisCluster
 
-from worker.core.redis_connection import (
-    DEFAULT_PORT,
-    DEFAULT_SENTINEL_SERVICE,
-    connect_redis_or_cluster_of,
-    parse_redis_url,
-    single_server,
-)
+from worker.core.redis_connection import connect_redis_or_cluster_of
+from worker.core.redis_url import DEFAULT_PORT, DEFAULT_SENTINEL_SERVICE, parse_redis_url, single_server
 from worker.core.settings import Settings
 
 

@@ -46,7 +46,7 @@ def _command(run: str) -> Callable[..., int]:
 
 def _redis_failure(exc: LeadstageError, *, written: bool) -> str:
     """What a Redis failure means for the user: where, which timeout, and whether anything was enqueued."""
-    from worker.core.redis_connection import printable_url
+    from worker.core.redis_url import printable_url
 
     settings = load_settings()
     where = f"REDIS_URL {printable_url(settings.redis_url)}"
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``leadstage`` with ``argv`` (default: the process's arguments); returns the exit status."""
     args = parse_command(sys.argv[1:] if argv is None else argv)
     from worker.core import tracing
-    from worker.core.errors import EnqueueOutcomeUnknown, RedisUnavailable
+    from worker.core.errors import EnqueueOutcomeUnknown, RedisNotReplicated, RedisUnavailable
 
     try:
         tracing.setup()
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         error_line(str(exc))
         return EXIT_USAGE
     except RedisUnavailable as exc:
-        error_line(_redis_failure(exc, written=isinstance(exc, EnqueueOutcomeUnknown) or args.command != "enqueue"))
+        # A change written but not confirmed by the replicas is not "nothing enqueued" either.
+        unknown = isinstance(exc, EnqueueOutcomeUnknown | RedisNotReplicated)
+        error_line(_redis_failure(exc, written=unknown or args.command != "enqueue"))
         return EXIT_FAILURE
     except LeadstageError as exc:
         error_line(str(exc))

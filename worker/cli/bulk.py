@@ -179,8 +179,8 @@ async def _check_file(
     """The first pass: the number of invalid lines (each listed on stderr, up to a limit) and the
     first 20 of their numbers."""
     from producers.library import Validated, field_errors
+    from worker.core.bulk import ENQUEUE_CHUNK
     from worker.core.errors import UnknownAccount
-    from worker.core.ledger import ENQUEUE_CHUNK
 
     problems = 0
     first_bad: list[int] = []
@@ -251,8 +251,8 @@ async def _write_spool(
     """The second pass: the receipts go to stdout as each chunk is written; returns (queued, duplicate).
     A warning follows when an account's backlog outlasts LEADSTAGE_MAX_AGE."""
     from worker.core import keys
+    from worker.core.bulk import Chunk, backlog_warning
     from worker.core.errors import EnqueueOutcomeUnknown, Interrupted, RedisNotReplicated
-    from worker.core.ledger import Chunk, backlog_warning
 
     counts = {"queued": 0, "duplicate": 0}
     #: The newest receipt of each account past the maximum age (what the warning names).

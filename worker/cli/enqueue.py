@@ -1,13 +1,13 @@
 """``leadstage enqueue``: one change from flags (here), or a file of them (``worker.cli.bulk``).
 
-A single enqueue imports only the change model, the settings, the ledger and redis-py: it is
-what a shell loop runs once per change, so its start-up is most of its cost.
+A single enqueue imports only the change model, the settings and ``worker.core.one_shot``
+(neither redis-py nor asyncio, unless REDIS_URL is a Sentinel's or a cluster's): it is what a
+shell loop runs once per change, so its start-up is most of its cost.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import TYPE_CHECKING
 
 from worker.cli.common import EXIT_OK, emit, load_settings, note
@@ -15,7 +15,9 @@ from worker.core.change import parse_id_text
 from worker.core.errors import FieldError, InvalidChange, Refused
 
 if TYPE_CHECKING:
+    from worker.core.change import Envelope, LeadStageChange
     from worker.core.ledger import Receipt
+    from worker.core.settings import Settings
 
 __all__ = ["FLAG_OF_FIELD", "run_enqueue"]
 
@@ -38,14 +40,16 @@ def run_enqueue(args: argparse.Namespace) -> int:
         given = [FLAG_OF_FIELD[field] for field, value in fields if value is not None]
         if given:
             raise Refused(f"--file cannot be combined with {', '.join(given)}: each line of the file is a change")
+        import asyncio
+
         from worker.cli.bulk import enqueue_file
 
         return asyncio.run(enqueue_file(args, load_settings()))
     if args.skip_invalid:
         raise Refused("--skip-invalid needs --file (it skips the invalid lines of a file)")
-    from producers.library import LeadStageProducer
     from worker.core import tracing
-    from worker.core.ledger import backlog_warning
+    from worker.core.bulk import backlog_warning
+    from worker.core.change import validate
 
     settings = load_settings()
     tracing.continue_from_env()
@@ -56,25 +60,44 @@ def run_enqueue(args: argparse.Namespace) -> int:
             change["id"] = parse_id_text(args.id)
         except InvalidChange as exc:
             id_errors, change["id"] = exc.errors, 1  # a stand-in, so that the other flags are checked too
-
-    async def enqueue() -> Receipt:
-        async with LeadStageProducer(settings, producer="cli", metrics=False) as producer:
-            try:
-                validated = producer.validate(
-                    change, idempotency_key=args.key, account=args.account, source=args.source
-                )
-            except InvalidChange as exc:
-                raise _in_flag_terms(InvalidChange([*id_errors, *exc.errors])) from None
-            if id_errors:
-                raise _in_flag_terms(InvalidChange(id_errors))
-            (receipt,) = await producer.enqueue_validated([validated])
-            return receipt
-
-    receipt = asyncio.run(enqueue())
+    try:
+        validated = validate(
+            change,
+            idempotency_key=args.key,
+            account=args.account,
+            source=args.source,
+            known_accounts=settings.known_accounts,
+        )
+    except InvalidChange as exc:
+        raise _in_flag_terms(InvalidChange([*id_errors, *exc.errors])) from None
+    if id_errors:
+        raise _in_flag_terms(InvalidChange(id_errors))
+    receipt = _enqueue(settings, validated)
     emit(receipt.as_dict())
     if warning := backlog_warning([receipt], settings):
         note(f"warning: {warning}")
     return EXIT_OK
+
+
+def _enqueue(settings: Settings, validated: tuple[LeadStageChange, Envelope]) -> Receipt:
+    """Through ``worker.core.one_shot`` (no redis-py, no asyncio: the start-up is most of a
+    single enqueue's time) when its client can talk to REDIS_URL; through the library otherwise."""
+    from worker.core.resp import handles
+
+    if handles(settings.redis_url):
+        from worker.core.one_shot import enqueue_once
+
+        return enqueue_once(settings, *validated)
+    import asyncio
+
+    from producers.library import LeadStageProducer
+
+    async def enqueue() -> Receipt:
+        async with LeadStageProducer(settings, producer="cli", metrics=False) as producer:
+            (receipt,) = await producer.enqueue_validated([validated])
+            return receipt
+
+    return asyncio.run(enqueue())
 
 
 def _in_flag_terms(error: InvalidChange) -> Refused:

@@ -28,9 +28,11 @@ from worker.console.auth import COOKIE, CSRF_HEADER, SESSION_S, Gate, Session
 from worker.console.openapi import API
 from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import ConfigError, PermanentError, RedisUnavailable
+from worker.core.hosts import is_loopback
 from worker.core.logs import get_logger
-from worker.core.processes import is_loopback, until_signalled
-from worker.core.redis_connection import RedisClient, connect_redis_or_cluster_of, printable_url
+from worker.core.processes import until_signalled
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster_of
+from worker.core.redis_url import printable_url
 from worker.core.settings import Settings
 
 __all__ = ["create_app", "exposure_warning", "run_console"]

@@ -19,10 +19,11 @@ from typing import Any, Final
 #: Module of ``worker.core`` -> its public names, space-separated ("": a module used whole).
 SURFACE: Final[dict[str, str]] = {
     "batch_claim": "BatchClaim claim_batch end_batch hold_unresolved record_sent take_rate_slot take_run_slot",
+    "bulk": "backlog_warning Chunk ENQUEUE_CHUNK",
     "change": (
         "ACCOUNT_PATTERN ALIASES APPLY_TO_LEAD APPLY_TO_OPPORTUNITY APPLY_TO_WORDS COLOUR_PATTERN"
         " DEFAULT_ACCOUNT Envelope ID_MAX KEY_MAX_CHARS KEY_PATTERN LeadStageChange NAME_MAX_CHARS"
-        " NAME_PATTERN parse_change parse_envelope parse_id_text repeated_key shown UPDATABLE_FIELDS"
+        " NAME_PATTERN parse_change parse_envelope parse_id_text repeated_key shown UPDATABLE_FIELDS validate"
     ),
     "errors": (
         "BadFilter BatchGone BatchNotReady ConfigError DemoFailed EnqueueOutcomeUnknown error_for_response"
@@ -33,16 +34,20 @@ SURFACE: Final[dict[str, str]] = {
         " WaitTimeout SignatureRejected STALE_REQUEST_CODE StreamRefused stream_errors"
     ),
     "gather": "gather_updates",
+    "hosts": "is_loopback",
     "keys": "",
-    "ledger": "backlog_warning Chunk ENQUEUE_CHUNK Ledger Pick Receipt Start",
+    "ledger": "Ledger Pick Receipt Start",
     "logs": "bind_job_context configure_logging get_logger",
     "metrics": "",
-    "processes": "cancel_until_done Children is_loopback RedisServer signalled until_signalled",
+    "one_shot": "enqueue_once",
+    "processes": "cancel_until_done Children RedisServer signalled until_signalled",
     "readers": "",
     "redis_connection": (
         "close_sentinels connect_redis connect_redis_of connect_redis_or_cluster connect_redis_or_cluster_of"
-        " DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url ping printable_url RedisClient single_server"
+        " ping RedisClient"
     ),
+    "redis_url": "DEFAULT_PORT DEFAULT_SENTINEL_SERVICE parse_redis_url printable_url single_server",
+    "resp": "handles",
     "results": "build_event DeadLetter Event EVENTS JobFacts lost_event ResultEvent Verdict",
     "settings": "Account BATCH_MAX_JOBS DEMO_API_KEY DEMO_API_SECRET Secret Settings",
     "states": "Decision Outcome TERMINAL UNACCOUNTED WaitReason",

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from redis.asyncio.connection import Connection
-from redis.typing import EncodableT
 
 from worker.core import keys, tracing
 from worker.core.change import Envelope, LeadStageChange
@@ -22,12 +20,14 @@ from worker.core.errors import (
     redis_errors,
     reply_or_error,
 )
-from worker.core.redis_connection import acquire_connection
 from worker.core.replies import Receipt, parse_enqueue
-from worker.core.scripts import Part, evalsha, not_run
+from worker.core.scripts import Part, evalsha, not_run, notice_args, round_trip
 from worker.core.settings import Settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # redis-py at run time only with a client: the one-shot enqueue uses this module without it
+    from redis.asyncio.connection import Connection
+    from redis.typing import EncodableT
+
     from worker.core.enqueue import Enqueuing
 
 #: Changes per enqueue.lua call when enqueuing in bulk (Redis runs each call in one go: ~10 ms).
@@ -90,6 +90,8 @@ class _Pipe:
         """Connect: a failure here has sent nothing."""
         if self.ledger.cluster:
             return  # a connection per account's master, taken by each call
+        from worker.core.redis_connection import acquire_connection
+
         with redis_errors():
             self._connection, self._give_back = await acquire_connection(self.ledger.client, "")
 
@@ -114,17 +116,15 @@ class _Pipe:
             self._answered = await self._by_account(mode, changes, staging)
             return
         assert self._connection is not None, "open() first"
-        script_keys, args = ledger._enqueue_arguments(mode, changes, staging=staging)
-        request = [evalsha(ledger._enqueue, script_keys, args)]
+        script_keys, args = enqueue_arguments(ledger.settings, mode, changes, staging=staging)
         self._confirm = mode == "enqueue" and ledger.settings.redis_min_replicas > 0
-        if self._confirm:
-            settings = ledger.settings
-            request.append((None, ("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))))
+        notice = None
         if mode == "enqueue":
             # The schedule hears of the accounts written to in the same round trip (idle workers wake).
-            accounts = sorted({account for account, _ in Chunk(changes, ()).envelopes()})
-            request.append(evalsha(ledger._ready, ledger._ready_keys, ["notify", "", *accounts]))
-        self._request = request
+            accounts = [account for account, _ in Chunk(changes, ()).envelopes()]
+            notice = evalsha(ledger._ready, ledger._ready_keys, notice_args(accounts))
+        call = evalsha(ledger._enqueue, script_keys, args)
+        self._request = request = round_trip(call, ledger.settings, confirm=mode == "enqueue", notice=notice)
         with redis_errors():
             await self._send_commands([command for _, command in request])
 
@@ -158,8 +158,13 @@ class _Pipe:
             its_staging = None
             if staging is not None:
                 its_staging = (keys.staging_key(staging[0], account), orjson.dumps([labels[i] for i in at]))
-            script_keys, args = ledger._enqueue_arguments(
-                mode, orjson.dumps([entries[i] for i in at]), account=account, staging=its_staging
+            script_keys, args = enqueue_arguments(
+                ledger.settings,
+                mode,
+                orjson.dumps([entries[i] for i in at]),
+                cluster=True,
+                account=account,
+                staging=its_staging,
             )
             notify = [account] if mode == "enqueue" else []
             reply, acked = await ledger._call(
@@ -294,27 +299,68 @@ class BulkWrite:
             answers, backlog, acked = await self._pipe.receive()
         except RedisUnavailable as exc:
             raise EnqueueOutcomeUnknown(str(exc), enqueued=self.enqueued, unknown=envelopes) from exc
-        for (account, key), label, answer in zip(envelopes, self._chunk.labels, answers, strict=True):
-            if answer[0] == b"conflict":
-                raise IdempotencyConflict(account, key, label=label, enqueued_before=self.enqueued)
         ledger = self._pipe.ledger
+        written = receipts(ledger.settings, envelopes, self._chunk.labels, answers, backlog, self.enqueued)
         ledger._require_replicas(acked, "the enqueued changes")
         self.enqueued += len(answers)
-        # The backlog a queued change joins: the account's count after the chunk, less the changes
-        # of the chunk queued behind it.
-        behind = Counter(
-            account for (account, _), answer in zip(envelopes, answers, strict=True) if answer[0] == b"queued"
-        )
-        receipts = []
-        for (account, key), answer in zip(envelopes, answers, strict=True):
-            job = keys.job_id(account, key)
-            if answer[0] != b"queued":
-                receipts.append(Receipt(job, key, account, "duplicate"))
-                continue
-            position = backlog.get(account, 0) - behind[account] + 1
-            behind[account] -= 1
-            receipts.append(Receipt(job, key, account, "queued", position, ledger.expected_wait_s(account, position)))
-        return receipts
+        return written
+
+
+def receipts(
+    settings: Settings,
+    envelopes: Sequence[tuple[str, str]],
+    labels: Sequence[str],
+    answers: Sequence[list[bytes]],
+    backlog: dict[str, int],
+    enqueued_before: int,
+) -> list[Receipt]:
+    """The receipts of a chunk's write (its changes' envelopes and labels: ``Chunk``) from
+    enqueue.lua's answers and backlog, or the ``IdempotencyConflict`` of its first conflict
+    (nothing of the chunk written; ``enqueued_before`` were, before it)."""
+    for (account, key), label, answer in zip(envelopes, labels, answers, strict=True):
+        if answer[0] == b"conflict":
+            raise IdempotencyConflict(account, key, label=label, enqueued_before=enqueued_before)
+    # The backlog a queued change joins: the account's count after the chunk, less the changes
+    # of the chunk queued behind it.
+    behind = Counter(account for (account, _), answer in zip(envelopes, answers, strict=True) if answer[0] == b"queued")
+    written = []
+    for (account, key), answer in zip(envelopes, answers, strict=True):
+        job = keys.job_id(account, key)
+        if answer[0] != b"queued":
+            written.append(Receipt(job, key, account, "duplicate"))
+            continue
+        position = backlog.get(account, 0) - behind[account] + 1
+        behind[account] -= 1
+        written.append(Receipt(job, key, account, "queued", position, position / settings.rate_limit_for(account)))
+    return written
+
+
+def enqueue_arguments(
+    settings: Settings,
+    mode: Literal["enqueue", "check", "replay"],
+    changes: bytes,
+    *,
+    cluster: bool = False,
+    account: str | None = None,
+    replay_of: tuple[str, str] = ("", ""),
+    staging: tuple[str, bytes] | None = None,
+) -> tuple[list[str], list[bytes | str | int]]:
+    """enqueue.lua's keys and arguments; ``staging`` (check only): the staging hash and the
+    changes' labels as a JSON array. On a Redis Cluster the changes are all ``account``'s, and the
+    dead letter of a replay is deleted by the caller (another slot): the pending hash stands in
+    for the stream, never touched."""
+    if cluster:
+        assert account is not None, "on a Redis Cluster a call is one account's"
+        pending = keys.pending_key(account, cluster=True)
+        script_keys = [pending, pending]
+        replay_of = ("", replay_of[1])
+    else:
+        script_keys = [settings.dlq_stream, keys.PENDING]
+    args: list[bytes | str | int] = [mode, settings.ledger_retention_s * 1000, *replay_of, changes]
+    if staging is not None:
+        script_keys.append(staging[0])
+        args += [staging[1], STAGING_TTL_MS]
+    return script_keys, args
 
 
 def encode_changes(items: Sequence[tuple[LeadStageChange, Envelope]], queue_name: str) -> bytes:

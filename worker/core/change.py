@@ -2,7 +2,8 @@
 
 ``parse_change`` turns untrusted input (a JSON object, CLI flags, a JSONL line) into a
 normalised, immutable ``LeadStageChange`` or raises ``InvalidChange`` naming every bad field.
-``parse_envelope`` does the same for what travels around a change.
+``parse_envelope`` does the same for what travels around a change; ``validate`` does both, for
+the producers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from worker.core.errors import FieldError, InvalidChange
+from worker.core.errors import FieldError, InvalidChange, UnknownAccount
 
 APPLY_TO_OPPORTUNITY = 1
 APPLY_TO_LEAD = 2
@@ -349,3 +350,34 @@ def parse_envelope(*, idempotency_key: object = None, account: object = None, so
     assert isinstance(account, str)
     assert isinstance(source, str)
     return Envelope(idempotency_key=idempotency_key, account=account, source=source)
+
+
+def validate(
+    change: object,
+    *,
+    idempotency_key: str | None,
+    account: str,
+    source: str,
+    known_accounts: frozenset[str],
+) -> tuple[LeadStageChange, Envelope]:
+    """The normalised change and its envelope, their field errors reported together
+    (``InvalidChange``); ``UnknownAccount`` when there is an account list (``known_accounts``) and
+    the account is not on it (without one, any well-formed name is accepted: a producer-only host)."""
+    errors: list[FieldError] = []
+    parsed: LeadStageChange | None = None
+    envelope: Envelope | None = None
+    try:
+        parsed = parse_change(change)
+    except InvalidChange as exc:
+        errors.extend(exc.errors)
+    try:
+        envelope = parse_envelope(idempotency_key=idempotency_key, account=account, source=source)
+    except InvalidChange as exc:
+        errors.extend(exc.errors)
+    if errors:
+        raise InvalidChange(errors)
+    assert parsed is not None
+    assert envelope is not None
+    if known_accounts and envelope.account not in known_accounts:
+        raise UnknownAccount(envelope.account)
+    return parsed, envelope

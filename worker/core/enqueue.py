@@ -7,8 +7,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from worker.core import keys
-from worker.core.bulk import ENQUEUE_CHUNK, STAGING_TTL_MS, BulkCheck, BulkWrite, Chunk, encode_changes
+from worker.core.bulk import ENQUEUE_CHUNK, BulkCheck, BulkWrite, Chunk, encode_changes, enqueue_arguments
 from worker.core.change import Envelope, LeadStageChange
 from worker.core.errors import redis_errors
 from worker.core.replies import Receipt, parse_enqueue
@@ -72,10 +71,6 @@ class Enqueuing(Scripts):
                 metrics.ENQUEUED_PAST_MAX_AGE.labels(account).inc()
         return receipts
 
-    def expected_wait_s(self, account: str, backlog: int) -> float:
-        """How long the account's rate limit needs to send ``backlog`` changes."""
-        return backlog / self.settings.rate_limit_for(account)
-
     def chunk(self, items: Sequence[tuple[LeadStageChange, Envelope]], labels: Sequence[str]) -> Chunk:
         """Up to ``ENQUEUE_CHUNK`` changes encoded for enqueue.lua, with their labels."""
         return Chunk(encode_changes(items, self.settings.queue_name), labels)
@@ -88,33 +83,6 @@ class Enqueuing(Scripts):
         """The writes of a bulk enqueue, chunk by chunk, after its check (``async with``)."""
         return BulkWrite(self)
 
-    def _enqueue_arguments(
-        self,
-        mode: Literal["enqueue", "check", "replay"],
-        changes: bytes,
-        *,
-        account: str | None = None,
-        replay_of: tuple[str, str] = ("", ""),
-        staging: tuple[str, bytes] | None = None,
-    ) -> tuple[list[str], list[bytes | str | int]]:
-        """enqueue.lua's keys and arguments; ``staging`` (check only): the staging hash and the
-        changes' labels as a JSON array. On a Redis Cluster the changes are all ``account``'s, and the
-        dead letter of a replay is deleted by the caller (another slot): the pending hash stands in
-        for the stream, never touched."""
-        settings = self.settings
-        if self.cluster:
-            assert account is not None, "on a Redis Cluster a call is one account's"
-            pending = keys.pending_key(account, cluster=True)
-            script_keys = [pending, pending]
-            replay_of = ("", replay_of[1])
-        else:
-            script_keys = [settings.dlq_stream, keys.PENDING]
-        args: list[bytes | str | int] = [mode, settings.ledger_retention_s * 1000, *replay_of, changes]
-        if staging is not None:
-            script_keys.append(staging[0])
-            args += [staging[1], STAGING_TTL_MS]
-        return script_keys, args
-
     async def _call_enqueue(
         self,
         mode: Literal["enqueue", "check", "replay"],
@@ -125,8 +93,13 @@ class Enqueuing(Scripts):
     ) -> tuple[list[list[bytes]], dict[str, int]]:
         """enqueue.lua over changes encoded by ``_encode``: one answer per change, and the backlog of
         each account written to; the schedule is told about ``accounts`` in the same round trip."""
-        script_keys, args = self._enqueue_arguments(
-            mode, changes, account=accounts[0] if accounts else None, replay_of=replay_of
+        script_keys, args = enqueue_arguments(
+            self.settings,
+            mode,
+            changes,
+            cluster=self.cluster,
+            account=accounts[0] if accounts else None,
+            replay_of=replay_of,
         )
         reply, acked = await self._call(self._enqueue, script_keys, args, confirm=mode != "check", notify=accounts)
         answers, backlog = parse_enqueue(reply)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import shutil
 import signal
@@ -40,7 +39,6 @@ __all__ = [
     "RedisServer",
     "cancel_until_done",
     "free_port",
-    "is_loopback",
     "python_module",
     "signalled",
     "sigterm_as_interrupt",
@@ -79,14 +77,6 @@ def wait_for_port(
         if time.monotonic() > deadline:
             raise ProcessFailed(f"nothing listens on {host}:{port} after {timeout:g} s")
         time.sleep(0.05)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or ``localhost``) is this machine's loopback."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def python_module(module: str, *args: str) -> list[str]:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from importlib import resources
-from typing import Any
-
-from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
-from redis.typing import EncodableT
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from worker.core import keys
 from worker.core.errors import RedisNotReplicated, redis_errors, reply_or_error, script_missing
-from worker.core.redis_connection import RedisClient, acquire_connection
 from worker.core.settings import Settings
+
+if TYPE_CHECKING:  # redis-py at run time only with a client: the one-shot enqueue uses this module without it
+    from redis.commands.core import AsyncScript
+    from redis.typing import EncodableT
+
+    from worker.core.redis_connection import RedisClient
 
 #: How far ahead of the server's clock a rate-limit slot may be taken in a claim (µs): at high rates
 #: the slots due within it go in one call; at rates below 1,000/s it changes nothing.
@@ -32,10 +33,14 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def script_source(name: str) -> str:
+    """The Lua source of a script of worker/core/lua/."""
+    return (Path(__file__).parent / "lua" / name).read_text()
+
+
 def _script(client: RedisClient, name: str) -> AsyncScript:
     """A script of worker/core/lua/ over ``client``, a single Redis's or a cluster's (EVALSHA, loaded on NOSCRIPT)."""
-    source = resources.files("worker.core").joinpath("lua", name).read_text()
-    return client.register_script(source)  # type: ignore[misc]  # redis-py's stubs type it for Redis only
+    return client.register_script(script_source(name))  # type: ignore[misc]  # redis-py's stubs type it for Redis only
 
 
 #: How much wider than its rate limit asks an account's sends are spaced. A server that counts
@@ -52,8 +57,10 @@ def rate_interval_us(rate_limit: float) -> int:
     return max(1, round(1_000_000 * (1 + RATE_HEADROOM) / rate_limit))
 
 
+#: A script as a pipeline calls it: redis-py's (its ``sha`` and ``script``), or the one-shot enqueue's.
+_Script = TypeVar("_Script")
 #: One command of a pipeline, with the script it calls (None: not a script).
-Part = tuple[AsyncScript | None, tuple[EncodableT, ...]]
+Part: TypeAlias = "tuple[AsyncScript | None, tuple[EncodableT, ...]]"
 
 
 def evalsha(script: AsyncScript, keys_: Sequence[EncodableT], args: Sequence[EncodableT]) -> Part:
@@ -61,7 +68,36 @@ def evalsha(script: AsyncScript, keys_: Sequence[EncodableT], args: Sequence[Enc
     return script, ("EVALSHA", script.sha, len(keys_), *keys_, *args)
 
 
-def not_run(parts: Sequence[Part], replies: Sequence[Any]) -> tuple[list[AsyncScript], list[int]]:
+def ready_keys(queue_name: str) -> list[str]:
+    """ready.lua's keys: the schedule of accounts, the wake-up list, the epoch."""
+    return [keys.ready_key(queue_name), keys.wake_key(queue_name), keys.epoch_key(queue_name)]
+
+
+def notice_args(accounts: Iterable[str], at_ms: int | None = None) -> list[str | int]:
+    """ready.lua's arguments telling the schedule that these accounts have work from ``at_ms``
+    (server ms; None: now)."""
+    return ["notify", "" if at_ms is None else at_ms, *sorted(set(accounts))]
+
+
+def round_trip(
+    call: tuple[_Script, tuple[Any, ...]],
+    settings: Settings,
+    *,
+    confirm: bool,
+    notice: tuple[_Script, tuple[Any, ...]] | None,
+) -> list[tuple[_Script | None, tuple[Any, ...]]]:
+    """A script's ``call`` as one round trip on one connection: with ``LEADSTAGE_REDIS_MIN_REPLICAS``
+    and ``confirm``, ``WAIT`` after it (WAIT counts the replicas that have this connection's
+    writes); then the schedule's ``notice`` (ready.lua), if any."""
+    parts: list[tuple[_Script | None, tuple[Any, ...]]] = [call]
+    if confirm and settings.redis_min_replicas > 0:
+        parts.append((None, ("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000))))
+    if notice is not None:
+        parts.append(notice)
+    return parts
+
+
+def not_run(parts: Sequence[tuple[_Script | None, object]], replies: Sequence[Any]) -> tuple[list[_Script], list[int]]:
     """After a pipeline of ``parts``: the scripts Redis did not have (NOSCRIPT), and the parts to send
     again once they are loaded: those that did not run, and a WAIT after one that is sent again. A
     part that ran is never sent twice (a second enqueue.lua would call its own change a duplicate)."""
@@ -72,6 +108,12 @@ def not_run(parts: Sequence[Part], replies: Sequence[Any]) -> tuple[list[AsyncSc
     return [script for script in {parts[i][0] for i in missing} if script is not None], again
 
 
+def require_replicas(settings: Settings, acked: int | None, what: str) -> None:
+    """``RedisNotReplicated`` when fewer replicas than required confirmed ``what`` (None: not asked)."""
+    if acked is not None and acked < settings.redis_min_replicas:
+        raise RedisNotReplicated(what, acked, settings.redis_min_replicas, settings.redis_replica_timeout_s)
+
+
 class Scripts:
     """The scripts over one shared client, and the settings their arguments come from.
 
@@ -80,13 +122,14 @@ class Scripts:
     """
 
     def __init__(self, client: RedisClient, settings: Settings) -> None:
+        from redis.asyncio.cluster import RedisCluster
+
         self.client = client
         self.settings = settings
         self.cluster = isinstance(client, RedisCluster)
         self._enqueue = _script(client, "enqueue.lua")
         self._ready = _script(client, "ready.lua")
-        queue = settings.queue_name
-        self._ready_keys = [keys.ready_key(queue), keys.wake_key(queue), keys.epoch_key(queue)]
+        self._ready_keys = ready_keys(settings.queue_name)
         self._start = _script(client, "start.lua")
         self._lease = _script(client, "lease.lua")
         self._post = _script(client, "post.lua")
@@ -110,8 +153,7 @@ class Scripts:
         the same connection (WAIT counts the replicas that have this connection's writes), and then
         by the schedule's notice for the accounts in ``notify``, in one round trip. Returns the
         script's reply and how many replicas confirmed (None: not asked)."""
-        settings = self.settings
-        wait = confirm and settings.redis_min_replicas > 0
+        wait = confirm and self.settings.redis_min_replicas > 0
         if self.cluster and notify:  # the schedule is another slot's: its notice follows the call
             reply = await self._call(script, keys_, args, confirm=confirm)
             await self.notify(notify)
@@ -120,13 +162,8 @@ class Scripts:
             if not wait and not notify:
                 return await script(keys=keys_, args=args), None
             # EVALSHA by hand: a pipeline of Script objects asks SCRIPT EXISTS first, a round trip more.
-            parts = [evalsha(script, keys_, args)]
-            if wait:
-                parts.append(
-                    (None, ("WAIT", settings.redis_min_replicas, int(settings.redis_replica_timeout_s * 1000)))
-                )
-            if notify:
-                parts.append(evalsha(self._ready, self._ready_keys, ["notify", "", *sorted(set(notify))]))
+            notice = evalsha(self._ready, self._ready_keys, notice_args(notify)) if notify else None
+            parts = round_trip(evalsha(script, keys_, args), self.settings, confirm=confirm, notice=notice)
             replies = await self._send([command for _, command in parts], keys_[0])
             missing, again = not_run(parts, replies)
             if again:
@@ -149,6 +186,8 @@ class Scripts:
                     pipe.execute_command(*command)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
             return replies
+        from worker.core.redis_connection import acquire_connection
+
         connection, release = await acquire_connection(self.client, key)
         read = False
         try:
@@ -163,9 +202,7 @@ class Scripts:
 
     def _require_replicas(self, acked: int | None, what: str) -> None:
         """``RedisNotReplicated`` when fewer replicas than required confirmed ``what``."""
-        settings = self.settings
-        if acked is not None and acked < settings.redis_min_replicas:
-            raise RedisNotReplicated(what, acked, settings.redis_min_replicas, settings.redis_replica_timeout_s)
+        require_replicas(self.settings, acked, what)
 
     # -- the worker ----------------------------------------------------------------------------
     async def notify(self, accounts: Iterable[str], at_ms: int | None = None) -> None:
@@ -175,7 +212,7 @@ class Scripts:
         if not names:
             return
         with redis_errors():
-            await self._ready(keys=self._ready_keys, args=["notify", "" if at_ms is None else at_ms, *names])
+            await self._ready(keys=self._ready_keys, args=notice_args(names, at_ms))
 
     @property
     def lease_ms(self) -> int:

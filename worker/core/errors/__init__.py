@@ -60,7 +60,9 @@ then the connection dropped or timed out): an add in that state is reconciled wi
 getLeadStageList before it is posted again.
 
 aiohttp and redis exceptions are translated into this tree where they are caught (``worker.ivvy``
-for HTTP, ``redis_errors`` and ``stream_errors`` for Redis); nothing above those boundaries sees them.
+for HTTP, ``redis_errors`` and ``stream_errors`` for Redis, whether redis-py or the one-shot
+enqueue's RESP client met them: ``RespErrorReply``, ``RespProtocolError``); nothing above those
+boundaries sees them.
 Messages never contain secrets: they are built from status codes, iVvy's own error text and
 field names only.
 
@@ -119,11 +121,14 @@ from worker.core.errors.redis_boundary import (
     RedisNotReplicated,
     RedisRefused,
     RedisUnavailable,
+    RespErrorReply,
+    RespProtocolError,
     StreamRefused,
     redis_errors,
     reply_or_error,
     script_missing,
     stream_errors,
+    translated,
 )
 
 __all__ = [
@@ -163,6 +168,8 @@ __all__ = [
     "RedisRefused",
     "RedisUnavailable",
     "Refused",
+    "RespErrorReply",
+    "RespProtocolError",
     "RetryAfterTooLong",
     "RetryableError",
     "SignatureRejected",
@@ -176,4 +183,5 @@ __all__ = [
     "reply_or_error",
     "script_missing",
     "stream_errors",
+    "translated",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import ConfigError
-from worker.core.redis_connection import CONNECT_TIMEOUT_S, TIMEOUT_S, parse_redis_url
+from worker.core.redis_url import CONNECT_TIMEOUT_S, TIMEOUT_S, parse_redis_url
 from worker.core.settings.accounts import DEMO_API_KEY, DEMO_API_SECRET, Account, load_accounts, load_webhook_secrets
 from worker.core.settings.variables import (
     LOG_LEVEL_NAMES,

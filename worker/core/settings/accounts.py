@@ -11,6 +11,7 @@ import orjson
 
 from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import ConfigError
+from worker.core.hosts import is_loopback
 from worker.core.settings.variables import Secret, check_account_name, check_secret_length, check_webhook_secrets
 
 #: The fake iVvy's credentials when IVVY_API_KEY / IVVY_API_SECRET are unset (demo and tests only).
@@ -34,7 +35,7 @@ def _check_base_url(origin: str, url: str, plain_http_hosts: frozenset[str]) -> 
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{origin} must be an http:// or https:// URL, not {url!r}")
     host = (parts.hostname or "").lower()
-    if parts.scheme == "http" and host not in plain_http_hosts and not _loopback(host):
+    if parts.scheme == "http" and host not in plain_http_hosts and not is_loopback(host):
         # The API key and every request's signature would cross the network in clear text.
         raise ConfigError(
             f"{origin} must be an https:// URL, not http://{host}: plain http sends the API key and "
@@ -42,13 +43,6 @@ def _check_base_url(origin: str, url: str, plain_http_hosts: frozenset[str]) -> 
             "LEADSTAGE_PLAIN_HTTP_HOSTS)"
         )
     return url.rstrip("/")
-
-
-def _loopback(host: str) -> bool:
-    # Imported here: only an http:// URL needs it, and the process toolkit is heavy for a CLI start.
-    from worker.core.processes import is_loopback
-
-    return is_loopback(host)
 
 
 def load_accounts(env: Mapping[str, str], default_rate: float, plain_http_hosts: frozenset[str]) -> dict[str, Account]:

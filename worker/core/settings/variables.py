@@ -12,7 +12,7 @@ from typing import Literal, TypeVar
 
 from worker.core.change import parse_envelope
 from worker.core.errors import ConfigError, InvalidChange
-from worker.core.redis_connection import parse_redis_url
+from worker.core.redis_url import parse_redis_url
 
 _Choice = TypeVar("_Choice", bound=str)
 _Value = TypeVar("_Value")

@@ -17,7 +17,8 @@ from worker.core import keys, metrics
 from worker.core.change import DEFAULT_ACCOUNT
 from worker.core.errors import ConfigError, DemoFailed, RedisCredentialsRefused, RedisUnavailable, redis_errors
 from worker.core.processes import Children, RedisServer
-from worker.core.redis_connection import RedisClient, connect_redis_or_cluster, ping, printable_url
+from worker.core.redis_connection import RedisClient, connect_redis_or_cluster, ping
+from worker.core.redis_url import printable_url
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
 from worker.devtools.demo.printer import Printer
 

@@ -13,7 +13,8 @@ from producers import LeadStageProducer
 from worker.core.errors import LeadstageError
 from worker.core.logs import configure_logging
 from worker.core.processes import until_signalled
-from worker.core.redis_connection import connect_redis_or_cluster, printable_url
+from worker.core.redis_connection import connect_redis_or_cluster
+from worker.core.redis_url import printable_url
 from worker.core.settings import Settings
 from worker.devtools.demo.embedded import (
     DEMO_DLQ,

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable
 from typing import Final
 
-from worker.core.processes import is_loopback, signalled
+from worker.core.hosts import is_loopback
+from worker.core.processes import signalled
 from worker.devtools.fake_ivvy.app import DEFAULT_HOST, FakeOptions, running_fake_ivvy
 from worker.devtools.fake_ivvy.faults import FAULT_FIELDS, Faults, InvalidFaults
 from worker.devtools.fake_ivvy.model import default_credentials
