@@ -268,15 +268,11 @@ for i = 1, #candidates do
   -- The change's own part of the batch (the rest is its record's, written once for all at 'go').
   local fields = {'state', 'running', 'run', run, 'worker', worker_id, 'attempts', attempt, 'phase', 'posting',
     'posted_at', now, 'batch_key', new_record, 'batch_run', run, 'batch_dropped', dropped}
-  if hold then
-    fields[#fields + 1] = 'unknown_until'
-    fields[#fields + 1] = hold
-  end
+  if hold then fields[#fields + 1], fields[#fields + 2] = 'unknown_until', hold end
   if l[6] == 'add' and not l[20] then
     -- As start.lua's go: stages at or below the newest claimed id existed before this add was first posted.
     newest = newest or redis.call('GET', newest_claim) or '0'
-    fields[#fields + 1] = 'id_floor'
-    fields[#fields + 1] = newest
+    fields[#fields + 1], fields[#fields + 2] = 'id_floor', newest
   end
   redis.call('HSET', ledger, unpack(fields))
   leased[#leased + 1] = now + lease_ms
