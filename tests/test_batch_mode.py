@@ -21,6 +21,7 @@ from worker.core.batch_claim import claim_batch, end_batch, record_sent, take_ra
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.redis_connection import RedisClient
+from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
 from worker.core.settings import Settings
 from worker.devtools.fake_ivvy import FakeIvvy, RunningFakeIvvy
 from worker.runner import running_worker
@@ -189,7 +190,8 @@ async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_li
     interval, and takes nothing while none is free (by the server's clock, no timing)."""
     await enqueue(redis_client, settings, one_per_stage(fake, 8))
     ledger = Ledger(redis_client, settings)
-    rate = 10.0  # one slot per 100 ms
+    rate = 10.0  # one slot per 100 ms (and the headroom)
+    interval_ms = rate_interval_us(rate) / 1000
     claim = await claim_batch(ledger, "default", "w", rate)
     assert (len(claim.starts), claim.refused) == (8, "")
     assert await redis_client.hget(keys.rate_key("default"), "tat") is None  # type: ignore[misc]  # redis-py's async stubs; nothing taken
@@ -198,7 +200,7 @@ async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_li
     assert await take_run_slot(ledger, "default", rate, claim, claim.starts) == 0
     assert int(await redis_client.hget(claim.record, "posted_at")) >= claimed_at  # type: ignore[misc]  # redis-py's async stubs
     first_wait = await take_rate_slot(ledger, "default", rate)
-    assert 0 < first_wait <= 100  # the run took the slot
+    assert 0 < first_wait <= interval_ms  # the run took the slot
     record = await redis_client.hgetall(claim.record)  # type: ignore[misc]  # redis-py's async stubs
     assert await take_run_slot(ledger, "default", rate, claim, claim.starts) > 0  # none free: nothing taken
     assert await redis_client.hgetall(claim.record) == record  # type: ignore[misc]  # nothing written
@@ -207,7 +209,7 @@ async def test_a_batch_and_each_of_its_polls_take_a_slot_of_the_accounts_rate_li
     assert await redis_client.hgetall(keys.rate_key("default")) == rate_state  # type: ignore[misc]  # nothing taken
     await redis_client.hset(keys.rate_key("default"), "tat", "0")  # type: ignore[misc]  # redis-py's async stubs; as after a quiet while
     assert await take_rate_slot(ledger, "default", rate) == 0
-    assert 0 < await take_rate_slot(ledger, "default", rate) <= 100
+    assert 0 < await take_rate_slot(ledger, "default", rate) <= interval_ms
     # With no free slot, a claim takes nothing (and says so).
     await enqueue(redis_client, settings, one_per_stage(fake, 8, prefix="v"))
     refused = await claim_batch(ledger, "default", "w", rate)
@@ -265,6 +267,23 @@ async def test_a_claim_below_the_threshold_leaves_every_stage_as_it_found_it(
     locks = [key async for key in redis_client.scan_iter(match=keys.STAGE_LOCK_PREFIX + "*")]
     assert locks == [held.encode()]
     assert await redis_client.get(held) == b"default:other#1#99999999999999"
+
+
+async def test_a_batch_is_claimed_for_a_slot_that_opens_within_the_lead_and_its_run_waits_for_it(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """The account is picked the lead before its next slot (start.lua's claim may take it that
+    early): a batch claim that wanted a free slot would leave every such turn to single calls."""
+    await enqueue(redis_client, settings, one_per_stage(fake, 8))
+    ledger = Ledger(redis_client, dataclasses.replace(settings, rate_lead_s=0.2))
+    rate = 10.0
+    seconds, micros = await redis_client.time()
+    opens_us = int(seconds) * 1_000_000 + int(micros) + 150_000  # the next slot, within the lead
+    await redis_client.hset(keys.rate_key("default"), "tat", str(opens_us + RATE_WINDOW_US))  # type: ignore[misc]  # redis-py's async stubs
+    claim = await claim_batch(ledger, "default", "w", rate)
+    assert (len(claim.starts), claim.refused) == (8, "")
+    # Not open yet: the run's 'go' takes nothing and says how long to wait (its pace waits for it).
+    assert 0 < await take_run_slot(ledger, "default", rate, claim, claim.starts) <= 150
 
 
 async def test_batch_mode_off_sends_no_batch(settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy) -> None:

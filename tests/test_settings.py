@@ -26,6 +26,7 @@ GOOD = [
     ),
     ("REDIS_URL", "  ", "redis_url", DEFAULTS.redis_url),
     ("LEADSTAGE_RATE_LIMIT", "2.5", "rate_limit", 2.5),
+    ("LEADSTAGE_RATE_LEAD", "0.01", "rate_lead_s", 0.01),
     ("LEADSTAGE_MAX_ATTEMPTS", " 3 ", "max_attempts", 3),
     ("LEADSTAGE_MAX_AGE", "60", "max_age_s", 60.0),
     ("LEADSTAGE_BACKOFF_BASE", "0.1", "backoff_base_s", 0.1),
@@ -112,6 +113,8 @@ BAD = [
         r"LEADSTAGE_LEDGER_RETENTION \(3600s\) must be longer than LEADSTAGE_MAX_AGE",
     ),
     ("LEADSTAGE_LEASE", "0.02", r"LEADSTAGE_LEASE must be longer than three LEADSTAGE_POLL_DELAY"),
+    ("LEADSTAGE_RATE_LEAD", "2", r"LEADSTAGE_RATE_LEAD must be shorter than a quarter of LEADSTAGE_LEASE"),
+    ("LEADSTAGE_RATE_LEAD", "0", r"LEADSTAGE_RATE_LEAD must be a positive number"),
     (
         "LEADSTAGE_ACCOUNT_NAMES",
         "acme e\u00fc",

@@ -98,7 +98,7 @@ async def launch(worker: LeadstageWorker, runtime: Runtime, account: str) -> int
     for job_id, lease in leases.items():
         lease.task = task
         runtime.running[job_id] = lease
-        lease.confirm(claimed_at + runtime.settings.lease_s, runtime.lease_margin_s)
+        lease.confirm(claimed_at + runtime.settings.lease_s, runtime.settings.lease_margin_s)
     task.add_done_callback(lambda _: worker._release_sem_dec_counter_on_complete())
     worker.tasks[f"batch:{uuid.uuid4().hex}"] = task
     if claim.async_id:

@@ -66,6 +66,8 @@ class Lease:
 
     run: int
     confirmed_until: float
+    #: From when (monotonic) it may send: the claim's answer plus the wait for its slot (never early).
+    send_at: float = 0.0
     task: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None
     #: Set when the attempt was cancelled for its lease (not by a shutdown).
@@ -104,12 +106,6 @@ class Runtime:
         """This host's clock (with the test offset): event times only, never a decision."""
         return int((time.time() + self.settings.clock_offset_s) * 1000)
 
-    @property
-    def lease_margin_s(self) -> float:
-        """A run is given up this long before its lease is known to end: time for clocks that tick
-        at slightly different rates and for a loop that is late."""
-        return self.settings.lease_s / 4
-
     async def guarded(
         self, work: Awaitable[object], leases: Mapping[str, Lease], timeout_s: float, log: FilteringBoundLogger,
         what: str, **context: object,
@@ -133,10 +129,16 @@ class Runtime:
                 if self.running.get(job_id) is lease:
                     del self.running[job_id]
 
+    async def wait_for_slot(self, job_id: str) -> None:
+        """Until the rate-limit slot the run's claim took opens; ``StaleRun`` unless its lease holds then."""
+        lease = self.running.get(job_id)
+        await asyncio.sleep(max(0.0, lease.send_at - time.monotonic()) if lease is not None else 0.0)
+        self.check_lease(job_id)
+
     def check_lease(self, job_id: str) -> None:
         """``StaleRun`` unless this run's lease is still known to hold, with the margin to spare."""
         lease = self.running.get(job_id)
-        if lease is None or lease.confirmed_until - self.lease_margin_s <= time.monotonic():
+        if lease is None or lease.confirmed_until - self.settings.lease_margin_s <= time.monotonic():
             raise StaleRun(job_id, lease.run if lease else 0)
 
 
@@ -173,6 +175,7 @@ async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start:
     settings = runtime.settings
     change = facts.change
     sent = change.without(set(start.dropped))
+    await runtime.wait_for_slot(facts.job_id)  # a reconcile's listing is a request too
     started = time.monotonic()
     if _must_reconcile(facts, start):
         try:

@@ -159,10 +159,11 @@ class LeadstageWorker(Worker):
                 runtime.rng.randrange(30),
                 self._free_slots(),
             )
+            answered_at = time.monotonic()
             launched = 0
             for start in claim.starts:
                 if start.runs:
-                    await self._launch(runtime, start, claimed_at)
+                    await self._launch(runtime, start, claimed_at, answered_at + start.send_in_us / 1_000_000)
                     launched += 1
             # After the launches: a report that fails leaves no claimed change unstarted, and its job
             # comes back after one lease to be reported then (start.lua hides it, lost.lua removes it).
@@ -175,14 +176,14 @@ class LeadstageWorker(Worker):
             if launched or not claim.starts or claim.rate_reason is not None or not self._free_slots():
                 return claim.account_next_ms
 
-    async def _launch(self, runtime: Runtime, start: Start, claimed_at: float) -> None:
+    async def _launch(self, runtime: Runtime, start: Start, claimed_at: float, send_at: float) -> None:
         job_id = start.job_id
         await self.sem.acquire()  # never waits (the claim asked for no more than the free slots)
         self.job_counter += 1
-        lease = Lease(start.run, claimed_at)
+        lease = Lease(start.run, claimed_at, send_at)
         runtime.running[job_id] = lease
         lease.task = asyncio.create_task(self._run(runtime, job_id, start, lease))
-        lease.confirm(claimed_at + runtime.settings.lease_s, runtime.lease_margin_s)
+        lease.confirm(claimed_at + runtime.settings.lease_s, runtime.settings.lease_margin_s)
         lease.task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
         self.tasks[job_id] = lease.task
 
@@ -347,7 +348,7 @@ async def _beat(runtime: Runtime) -> None:
         if lease.task is None or lease.task.done():
             continue
         if job_id in extended:
-            lease.confirm(sent_at + runtime.settings.lease_s, runtime.lease_margin_s)
+            lease.confirm(sent_at + runtime.settings.lease_s, runtime.settings.lease_margin_s)
         else:
             log.warning("job.run_overtaken", job_id=job_id, run=lease.run)
             lease.give_up()

@@ -32,7 +32,7 @@ class BatchClaim:
     candidates: int
     #: Why nothing was claimed: '' (claimed), 'collect' (a dead worker's batch to collect), 'few'
     #: (not more due jobs than the threshold: none was read), 'below' (not more sendable updates than
-    #: the threshold), 'rate' (no free slot: none was read).
+    #: the threshold), 'rate' (no slot opens within ``LEADSTAGE_RATE_LEAD``: none was read).
     refused: str
     rate_wait_ms: int
     #: Each start's index among the batch's jobs.
@@ -86,6 +86,7 @@ async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: 
             rate_interval_us(rate_limit), batch_lock_ms(ledger), ledger.in_flight_guard_ms, worker_id,
             keys.ledger_prefix(account), keys.batch_key(account, uuid.uuid4().hex), settings.batch_threshold,
             settings.batch_max, settings.batch_max * SCAN_FACTOR, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
+            int(settings.rate_lead_s * 1_000_000),
         ],
         confirm=True,
     )  # fmt: skip

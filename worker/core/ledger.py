@@ -15,7 +15,8 @@ ready.lua      the schedule of accounts (keys.ready_key): a worker picks the fir
 start.lua      claim the account's next due jobs (as many as the worker has free slots) and decide
                for each whether it may talk to iVvy now (backoff, in-flight guard, ordering, lock,
                rate limit: a job that could be sent is not touched while the rate limit has no
-               free slot); a job that runs gets a new ``run`` (its fencing token) and is hidden
+               slot that opens within the lead, and one that goes is told when its slot opens);
+               a job that runs gets a new ``run`` (its fencing token) and is hidden
                for one lease; ``go`` records the recovery point ``phase=posting`` (or, for an add
                to reconcile first, post.lua does just before its POST)
 lease.lua      the heartbeat: extends the lease of each attempt that is still its change's run
@@ -149,8 +150,8 @@ class Ledger(Enqueuing):
 
     async def claim(self, account: str, worker_id: str, rate_limit: float, jitter_ms: int, slots: int) -> Claim:
         """Claim up to ``slots`` of the account's due jobs that have work to do now (start.lua), and
-        the decisions about the others it touched; none when the rate limit has no free slot (then
-        nothing was touched)."""
+        the decisions about the others it touched; none when the rate limit has no slot that opens
+        within ``LEADSTAGE_RATE_LEAD`` (then nothing was touched)."""
         return await self._start_call(account, "", worker_id, rate_limit, jitter_ms, slots)
 
     async def start(self, job_id: str, worker_id: str, rate_limit: float, jitter_ms: int) -> Start:
@@ -171,6 +172,7 @@ class Ledger(Enqueuing):
                     job_id, self.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
                     rate_interval_us(rate_limit), self.lock_ms, self.in_flight_guard_ms, worker_id,
                     keys.ledger_prefix(account), jitter_ms, slots, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
+                    int(settings.rate_lead_s * 1_000_000),
                 ],
                 confirm=True,
             )  # fmt: skip

@@ -12,7 +12,7 @@ from worker.core.states import RUNS, Decision, Phase, State, WaitReason
 
 EnqueueStatus = Literal["queued", "duplicate"]
 #: Items per decision in start.lua's reply.
-START_ITEMS = 14
+START_ITEMS = 15
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +60,9 @@ class Start:
     job_id: str = ""
     #: The producer's W3C traceparent stored with the change ('' when it did not trace).
     traceparent: str = ""
+    #: How long after the claim (by the server's clock) a ``go``'s request may leave: the rate-limit
+    #: slot it took opens then (a claim takes one up to ``LEADSTAGE_RATE_LEAD`` ahead).
+    send_in_us: int = 0
 
     @property
     def runs(self) -> bool:
@@ -109,7 +112,7 @@ def text(value: bytes | int) -> str:
 
 
 def parse_claim(reply: Sequence[Any], *, replicated: bool) -> Claim:
-    """start.lua's reply: {account next, rate reason, rate wait, decisions (14 items each)}."""
+    """start.lua's reply: {account next, rate reason, rate wait, decisions (15 items each)}."""
     account_next, reason, wait_ms, flat = reply
     starts = tuple(
         _parse_start(flat[i : i + START_ITEMS], replicated=replicated) for i in range(0, len(flat), START_ITEMS)
@@ -119,11 +122,13 @@ def parse_claim(reply: Sequence[Any], *, replicated: bool) -> Claim:
 
 
 def _parse_start(item: Sequence[bytes | int], *, replicated: bool) -> Start:
-    decision, wait_ms, reason, run, attempt, phase, dropped, source, enqueued_at, gen, change, state, job, trace = item
+    decision, wait, reason, run, attempt, phase, dropped, source, enqueued_at, gen, change, state, job, trace, send = (
+        item
+    )
     words = [text(v) for v in (reason, phase, dropped, source, state, job, trace)]
     return Start(
         decision=Decision(text(decision)),
-        wait_ms=int(wait_ms),
+        wait_ms=int(wait),
         reason=WaitReason(words[0]) if words[0] else None,
         run=int(run),
         attempt=int(attempt),
@@ -135,6 +140,7 @@ def _parse_start(item: Sequence[bytes | int], *, replicated: bool) -> Start:
         replicated=replicated,
         job_id=words[5],
         traceparent=words[6],
+        send_in_us=int(send),
     )
 
 

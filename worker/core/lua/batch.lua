@@ -22,7 +22,8 @@
 -- the batch (phase = posting, posted_at = now, batch_key = the new batch's record). A change
 -- start.lua would not send now is left alone: not due (a live lease), terminal, a backoff not
 -- over, a request maybe in flight, out of attempts or too old, every field overtaken
--- (superseded), or its stage locked by another change. With no free rate slot, nothing is read;
+-- (superseded), or its stage locked by another change. With no rate slot that opens within the
+-- lead, nothing is read;
 -- below the threshold, nothing is left touched (the locks the scan took, as start.lua takes one
 -- with SET NX, are given back). A change taken over from a batch that never answered its run keeps
 -- its stage locked until that batch's wait is over (unknown_until): that batch may still be
@@ -32,13 +33,14 @@
 --   ARGV: 1 'claim', 2 lease (ms), 3 max attempts, 4 max age (ms), 5 rate interval (µs), 6 the batch's
 --         lock ttl (ms), 7 in-flight guard (ms), 8 worker id, 9 the account's ledger key prefix,
 --         10 the record key of a new batch, 11 threshold, 12 the most changes, 13 how many due jobs
---         to read, 14 rate window (µs), 15 the batch's wait (ms)
+--         to read, 14 rate window (µs), 15 the batch's wait (ms), 16 rate lead (µs): a slot that
+--         opens within it counts as free (start.lua may take it that early; the run's 'go' waits)
 --   Reply: {status, candidates found (a collection: the batch's size), rate wait (ms), {{job id, run,
 --           attempt, dropped csv, source, enqueued at (ms), generation, change, traceparent, job index
 --           in the batch}, ...}, asyncId ('' unless collecting), the batch's record key ('' unless
 --           claimed)}; status: 'ok', 'collect', 'few' (not more due jobs than the threshold: none
---           read), 'below' (not more sendable updates than the threshold), 'rate' (no free slot: none
---           read)
+--           read), 'below' (not more sendable updates than the threshold), 'rate' (no slot opens
+--           within the lead: none read)
 -- 'go': take the slot of a batch's run just before it is sent (the claim only checked that one was
 --   free: the batch is gathered in between), and when taken, write the batch's record: posted_at
 --   now (each change's in-flight guard counts from then) and its jobs, kept for the ledger retention.
@@ -69,12 +71,12 @@ local now = math.floor(now_us / 1000)
 
 -- The account's rate limit, exactly as start.lua keeps it (GCRA in µs; keep the two the same): the
 -- next slot is a whole interval after this send, however early (the window) or late.
--- With `take` false, only whether one is free now (nothing written).
-local function rate_slot(rate_key, interval_us, window_us, take)
+-- With `take` false, only whether one opens within `lead_us` (nothing written).
+local function rate_slot(rate_key, interval_us, window_us, take, lead_us)
   local rate = redis.call('HMGET', rate_key, 'tat', 'pause_until')
   local tat = tonumber(rate[1]) or 0
   local pause_until_us = (tonumber(rate[2]) or 0) * 1000
-  local wait_us = math.max(tat - window_us, pause_until_us) - now_us
+  local wait_us = math.max(tat - window_us - (lead_us or 0), pause_until_us) - now_us
   if wait_us > 0 then return math.ceil(wait_us / 1000) end
   if not take then return 0 end
   local floor_us = interval_us >= window_us and now_us + window_us or now_us
@@ -130,6 +132,7 @@ local lease_ms, max_attempts, max_age_ms = tonumber(ARGV[2]), tonumber(ARGV[3]),
 local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local ledger_prefix, new_record, threshold, most = ARGV[9], ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
 local scan, window_us, wait_ms = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+local lead_us = tonumber(ARGV[16])
 
 local function ledger_of(job)
   return ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
@@ -195,8 +198,10 @@ end
 
 -- Too few due jobs of any kind: nothing to read.
 if redis.call('ZCOUNT', queue, '-inf', now) <= threshold then return {'few', 0, 0, {}, '', ''} end
--- A slot must be free now; the run takes it when it is sent ('go'), after the batch is gathered.
-local rate_wait = rate_slot(rate_key, interval_us, window_us, false)
+-- A slot must open within the lead: the account is picked that early for start.lua's claim, and a
+-- claim that wanted a free slot would leave every such turn to single calls. The run takes it when
+-- it is sent ('go', after the batch is gathered), waiting for it if need be.
+local rate_wait = rate_slot(rate_key, interval_us, window_us, false, lead_us)
 if rate_wait > 0 then return {'rate', 0, rate_wait, {}, '', ''} end
 local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', 0, scan)
 -- When a change in flight was sent last, and whether by a batch's run never answered: one still on
@@ -263,15 +268,11 @@ for i = 1, #candidates do
   -- The change's own part of the batch (the rest is its record's, written once for all at 'go').
   local fields = {'state', 'running', 'run', run, 'worker', worker_id, 'attempts', attempt, 'phase', 'posting',
     'posted_at', now, 'batch_key', new_record, 'batch_run', run, 'batch_dropped', dropped}
-  if hold then
-    fields[#fields + 1] = 'unknown_until'
-    fields[#fields + 1] = hold
-  end
+  if hold then fields[#fields + 1], fields[#fields + 2] = 'unknown_until', hold end
   if l[6] == 'add' and not l[20] then
     -- As start.lua's go: stages at or below the newest claimed id existed before this add was first posted.
     newest = newest or redis.call('GET', newest_claim) or '0'
-    fields[#fields + 1] = 'id_floor'
-    fields[#fields + 1] = newest
+    fields[#fields + 1], fields[#fields + 2] = 'id_floor', newest
   end
   redis.call('HSET', ledger, unpack(fields))
   leased[#leased + 1] = now + lease_ms

@@ -2,30 +2,34 @@
 -- by the server's clock (no client clock decides anything). Given a job id, that job; given '',
 -- the account's due jobs in due order until `wanted` of them run: a job is read only when it is
 -- due, and one that could be sent waits untouched in the queue while the account's rate limiter
--- has no free slot (the worker picks the account again when it has one).
+-- has no slot that opens within the lead (the worker picks the account again when it has one).
 -- KEYS: 1 account queue zset, 2 account rate hash, 3 account newest-claim key
 -- ARGV: 1 job id or '' (the account's next due jobs), 2 lease (ms), 3 max attempts, 4 max age (ms),
 --       5 rate interval (µs), 6 lock ttl (ms), 7 in-flight guard (ms), 8 worker id,
 --       9 the account's ledger key prefix (worker.keys: prefix .. idempotency key), 10 jitter (ms)
 --       for lock waits, 11 how many jobs may run (a worker's free slots), 12 rate window (µs):
 --       slots that fall due within it are taken now (a batch at high rates), 13 LEADSTAGE_BATCH_WAIT
---       (ms): how long a batch that never answered its run may still be applied (batch.lua)
+--       (ms): how long a batch that never answered its run may still be applied (batch.lua),
+--       14 rate lead (µs): a slot that opens at most this long from now is taken now, at its opening
 -- The stage hash and lock key of a change are read from its ledger entry (stage_key, lock_key:
 -- named by worker.keys at enqueue, in the account's slot). A lock's value is 'job#run#expires at
 -- (server ms)', so that finish.lua can put back a lock it took by mistake (GETDEL) as it was.
 -- Reply (worker.core.replies parses it): {account next (server ms, -1: its queue is empty),
 --   rate reason ('' | 'rate' | 'paused': why the claim stopped), rate wait (ms), decisions}, the
---   decisions a flat array of 14 items each: decision, wait ms, wait reason, run, attempt, previous phase,
---   dropped csv, source, enqueued at (ms), generation, change, state, job id, traceparent}
+--   decisions a flat array of 15 items each: decision, wait ms, wait reason, run, attempt, previous phase,
+--   dropped csv, source, enqueued at (ms), generation, change, state, job id, traceparent, send in
+--   (µs: how long after this call, by the server's clock, go's request may leave: its slot opens then)}
 --   decision: skip | missing | done | wait | superseded | exhausted | go (worker.core.states.Decision).
 --   superseded, exhausted and go start a new run (the fencing token) and hide the job for one
---   lease (missing too, until lost.lua reports it); go also counts an attempt, takes a rate-limit slot and the lock. With a job id there is
---   always exactly one decision; without, 'wait' is never one (the job is put back for later).
+--   lease (missing too, until lost.lua reports it); go also counts an attempt, takes a rate-limit
+--   slot and the lock. With a job id there is always exactly one decision; without, 'wait' is never
+--   one (the job is put back for later).
 local queue, rate_key, newest_claim = KEYS[1], KEYS[2], KEYS[3]
 local wanted, lease_ms, max_attempts, max_age_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local ledger_prefix, jitter_ms = ARGV[9], tonumber(ARGV[10])
 local slots, window_us, batch_wait_ms = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local lead_us = tonumber(ARGV[14])
 
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -42,10 +46,10 @@ local function rescored(at)
   if soonest < 0 or at < soonest then soonest = at end
 end
 local rate_reason, rate_wait = '', 0
-local function decided(decision, job, wait_ms, reason, run, attempt, phase, dropped, l)
+local function decided(decision, job, wait_ms, reason, run, attempt, phase, dropped, l, send_us)
   l = l or {}
   for _, v in ipairs({decision, wait_ms or 0, reason or '', run or 0, attempt or 0, phase or '', dropped or '',
-    l[10] or '', l[4] or '0', l[11] or '0', l[12] or '', l[1] or '', job, l[16] or ''}) do
+    l[10] or '', l[4] or '0', l[11] or '0', l[12] or '', l[1] or '', job, l[16] or '', send_us or 0}) do
     decisions[#decisions + 1] = v
   end
   return true
@@ -81,13 +85,13 @@ local function consider(job)
     if wanted ~= '' then return decided('wait', job, ms, reason) end
     return false
   end
-  local function decide(decision, dropped, fields)
+  local function decide(decision, dropped, fields, send_us)
     run = run + 1
     redis.call('HSET', ledger, 'state', 'running', 'run', run, 'worker', worker_id, unpack(fields or {}))
     leased[#leased + 1] = now + lease_ms
     leased[#leased + 1] = job
     rescored(now + lease_ms)
-    return decided(decision, job, 0, '', run, attempts, phase, dropped, l)
+    return decided(decision, job, 0, '', run, attempts, phase, dropped, l, send_us)
   end
 
   local next_at = tonumber(l[5]) or 0
@@ -129,9 +133,9 @@ local function consider(job)
   local exhausted = attempts >= max_attempts or now - tonumber(l[4]) > max_age_ms
   if not exhausted then
     -- The account's rate limit, shared by every worker: GCRA with a burst of one request (and of
-    -- the slots due within the window), in µs. No slot is reserved ahead: while none is free the
-    -- change is left as it is.
-    local wait_us = math.max(tat - window_us, pause_until_us) - now_us
+    -- the slots due within the window), in µs. A slot is reserved at most the lead ahead (a pause
+    -- not at all): while none opens within it the change is left as it is.
+    local wait_us = math.max(tat - window_us - lead_us, pause_until_us) - now_us
     if wait_us > 0 then
       local reason = pause_until_us > now_us and 'paused' or 'rate'
       if wanted ~= '' then return later(math.ceil(wait_us / 1000), reason) end
@@ -154,19 +158,26 @@ local function consider(job)
   end
   if exhausted then return decide('exhausted', '') end
 
-  -- The next slot is a whole interval after this send, however early (the window) or late the
-  -- claim: two sends are never closer than one interval, so a server counting requests over any
-  -- sliding second sees at most the limit. Above one request per window, the slots due within it
-  -- go together.
+  -- The request leaves when its slot opens (send_us from now: a claim within the lead waits
+  -- locally), or at once when the claim is late; the next slot is a whole interval after that
+  -- send, however early (the window) or late the claim: two sends are never closer than one
+  -- interval, so a server counting requests over any sliding second sees at most the limit. A claim
+  -- made within the lead sends exactly at its slot, so the lateness of waking up for it (the
+  -- schedule's pick and this call's round trips) does not carry over to the slots after it. Above
+  -- one request per window, the slots due within it go together.
+  local send_us = math.max(tat - window_us - now_us, 0)
   local floor_us = interval_us >= window_us and now_us + window_us or now_us
   if tat < floor_us then tat = floor_us end
   tat = tat + interval_us
   attempts = attempts + 1
   local recovery = {'attempts', attempts}
   if not (l[6] == 'add' and (phase == 'posting' or phase == 'unknown')) then
-    -- The recovery point: the POST follows at once. An add of unknown outcome is reconciled first
-    -- and writes its recovery point just before its own POST (post.lua).
-    for _, v in ipairs({'phase', 'posting', 'posted_at', now}) do recovery[#recovery + 1] = v end
+    -- The recovery point: the POST follows at its slot (the in-flight guard counts from then). An
+    -- add of unknown outcome is reconciled first and writes its recovery point just before its own
+    -- POST (post.lua).
+    for _, v in ipairs({'phase', 'posting', 'posted_at', now + math.ceil(send_us / 1000)}) do
+      recovery[#recovery + 1] = v
+    end
     if l[6] == 'add' and not l[17] then
       -- Stages at or below the newest claimed id existed before this add was first posted.
       newest = newest or redis.call('GET', newest_claim) or '0'
@@ -181,7 +192,7 @@ local function consider(job)
     recovery[#recovery + 1] = 'unknown_until'
     recovery[#recovery + 1] = math.max(tonumber(l[20]) or 0, until_ms)
   end
-  return decide('go', table.concat(dropped, ','), recovery)
+  return decide('go', table.concat(dropped, ','), recovery, send_us)
 end
 
 local head = -1
@@ -200,7 +211,7 @@ else
   -- The queue's head now: the first job not touched (every other one comes after it), or one touched.
   head = due[i + 1] and tonumber(due[i + 1]) or -1
   if soonest >= 0 and (head < 0 or soonest < head) then head = soonest end
-  if head >= 0 then head = math.max(head, math.ceil(math.max(tat - window_us, pause_until_us) / 1000)) end
+  if head >= 0 then head = math.max(head, math.ceil(math.max(tat - window_us - lead_us, pause_until_us) / 1000)) end
 end
 if #leased > 0 then redis.call('ZADD', queue, unpack(leased)) end
 if tat ~= tat0 then redis.call('HSET', rate_key, 'tat', string.format('%d', tat)) end
