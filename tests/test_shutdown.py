@@ -113,3 +113,39 @@ async def test_a_killed_workers_coalesced_changes_are_each_sent_again(
     }
     assert {events[0]["attempt"] for events in terminal.values()} == {"2"}
     assert (stage.name, stage.colour) == ("Named", "#0000cc")
+
+
+async def test_a_request_that_outlasts_the_grace_is_cut_and_the_worker_still_shuts_down(
+    redis_url: str, redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    """SIGTERM while a request hangs past LEADSTAGE_SHUTDOWN_GRACE: arq cancels the job, and the
+    worker still ends cleanly (status 0, out of the workers hash, the job logged as stopped); the
+    change is left to the next worker (its lease lapses), never reported as done."""
+    async with running_fake_ivvy() as fake:
+        settings = harness.worker_settings(redis_url, fake.url, request_timeout_s=10.0, shutdown_grace_s=0.3)
+        await Ledger(redis_client, settings).enqueue_many(
+            [(parse_change({"name": "Hung", "applyTo": 1}), parse_envelope(idempotency_key="hung"))]
+        )
+        fake.fake.update_faults({"hang_rate": 1.0, "hang_s": 30})
+        log_path = tmp_path / "worker.log"
+        worker = harness.start_worker_process(harness.worker_env(settings), log_path)
+        try:
+
+            async def request_arrived() -> bool:
+                return len(fake.fake.requests) > 0
+
+            await harness.eventually(request_arrived, within_s=20)
+            worker.send_signal(signal.SIGTERM)
+            status = await asyncio.to_thread(worker.wait, 20)
+        finally:
+            worker.kill()
+            worker.wait()
+        events = await harness.read_events(redis_client)
+        state = await redis_client.hget(keys.ledger_key(keys.job_id("default", "hung")), "state")  # type: ignore[misc]  # redis-py's async stubs
+    log = log_path.read_text()
+    assert status == 0, log[-2000:]
+    assert "Traceback" not in log
+    assert '"job.stopped"' in log
+    assert await redis_client.hlen(keys.WORKERS) == 0  # type: ignore[misc]  # redis-py's async stubs: its shutdown ran
+    assert events == []
+    assert state == b"running"  # its lease lapses: the next worker takes it over

@@ -115,10 +115,10 @@ class Runtime:
         try:
             await asyncio.wait_for(work, timeout_s)
         except asyncio.CancelledError:
-            if not any(lease.lost for lease in leases.values()):
-                raise
-            # Cancelled by its own lease timer: another worker may take the change over from now on.
-            log.warning(f"{what}.lease_lost", **context)
+            # By its lease timer (another worker may take over now), or by the stop past its grace: not
+            # raised, as arq's close gathers the tasks and one cancelled would cut its shutdown short.
+            lost = any(lease.lost for lease in leases.values())
+            log.warning(f"{what}.lease_lost" if lost else f"{what}.stopped", **context)
         except (LeadstageError, TimeoutError) as error:
             log.warning(f"{what}.interrupted", error=str(error) or type(error).__name__, **context)
         except Exception:  # a bug in one job must not stop the worker; logged with its traceback

@@ -364,8 +364,8 @@ async def running_worker(settings: Settings) -> AsyncIterator[asyncio.Task[None]
         yield task
     finally:
         try:
-            # As on SIGTERM: no new jobs, and the running ones finish (up to the grace). arq's close
-            # would cancel them mid-step, and their CancelledError would escape it.
+            # As on SIGTERM: no new jobs, and the running ones finish (up to the grace) before arq's
+            # close cancels what is left mid-step.
             worker.allow_pick_jobs = False
             if worker.tasks:
                 await asyncio.wait(list(worker.tasks.values()), timeout=settings.shutdown_grace_s)
