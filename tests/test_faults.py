@@ -315,3 +315,34 @@ async def test_a_backlog_past_the_maximum_age_is_told_at_enqueue(redis_client: a
     assert now_counted == counted + 31  # the 30 changes behind the 50th, and the one more
     account = (await readers.stats(redis_client, settings))["accounts"]
     assert account == {"default": {"backlog": 81, "expected_start_in_s": 8.1, "past_max_age": True}}
+
+
+async def test_a_retry_after_a_timeout_waits_out_the_late_commit_before_carrying_newer_changes(
+    fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """An update's request times out; iVvy applies it later anyway (within one request timeout).
+    Its retry (its colour is still its own) coalesces a newer change's name: sent before the late
+    commit landed, the newer name would be overwritten by the older. The retry waits out the hold
+    first."""
+    stage = fake.fake.add_stage("Before", apply_to=1)
+    settings = worker_settings(redis_url, fake.url, request_timeout_s=0.3, batch_mode="off")
+    ledger = Ledger(redis_client, settings)
+    await enqueue(ledger, {"id": stage.id, "name": "Older", "colour": "#111111"}, "older")
+    fake.fake.update_faults({"late_commit_rate": 1.0, "late_commit_s": 0.5})  # applied 0.2 s after the timeout
+    async with running_worker(settings):
+
+        async def held() -> bool:
+            return len(fake.fake.requests) > 0
+
+        await eventually(held)  # the first request is held by the fake; the worker will time out
+        fake.fake.update_faults({"late_commit_rate": 0.0})
+        await enqueue(ledger, {"id": stage.id, "name": "Newer"}, "newer")
+        terminal = await wait_for_terminal(redis_client, ["older", "newer"], within_s=10)
+
+        async def all_answered() -> bool:  # the held request too: committed late, then answered
+            return all(request.status is not None for request in fake.fake.requests)
+
+        await eventually(all_answered)
+    # The older one's colour is still its own: its retry goes, and carries the newer name with it.
+    assert {key: events[0]["event"] for key, events in terminal.items()} == {"older": "succeeded", "newer": "succeeded"}
+    assert (fake.fake.stages[stage.id].name, fake.fake.stages[stage.id].colour) == ("Newer", "#111111")

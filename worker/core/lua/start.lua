@@ -130,6 +130,11 @@ local function consider(job)
     if kept == 0 then return decide('superseded', table.concat(dropped, ',')) end
   end
 
+  -- After a request of unknown outcome iVvy may still apply it until unknown_until (finish.lua): a
+  -- retry, which carries the stage's newer due updates with it, waits that out too (superseded, it
+  -- sends nothing and need not), or the late commit would overwrite what the retry applied.
+  local held_until = tonumber(l[20]) or 0
+  if phase == 'unknown' and held_until > now then return later(held_until - now, 'in_flight') end
   local exhausted = attempts >= max_attempts or now - tonumber(l[4]) > max_age_ms
   if not exhausted then
     -- The account's rate limit, shared by every worker: GCRA with a burst of one request (and of
