@@ -16,31 +16,26 @@ from typing import Final
 from worker.core.hosts import is_loopback
 from worker.core.processes import signalled
 from worker.devtools.fake_ivvy.app import DEFAULT_HOST, FakeOptions, running_fake_ivvy
-from worker.devtools.fake_ivvy.faults import FAULT_FIELDS, Faults, InvalidFaults
+from worker.devtools.fake_ivvy.faults import FAULT_FIELDS, FAULT_SETTINGS, Faults, InvalidFaults, Kind
 from worker.devtools.fake_ivvy.model import default_credentials
 from worker.devtools.fake_ivvy.params import DIGITS
 
 DEFAULT_PORT: Final = 8765
 
 
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return value
+def _option_type(kind: Kind) -> Callable[[str], float]:
+    """The option's parser: a number (whole seconds: digits only) that ``kind`` accepts."""
 
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if kind is Kind.WHOLE_SECONDS and DIGITS.fullmatch(text) else float(text)
+        except ValueError:
+            value = math.nan
+        if not kind.accepts(value):
+            raise argparse.ArgumentTypeError(f"{text!r} {kind.value}")
+        return value
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a number 0 or more")
-    return value
-
-
-def _seconds(text: str) -> int:
-    if not DIGITS.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number of seconds")
-    return int(text)
+    return parse
 
 
 def _credential(text: str) -> tuple[str, str]:
@@ -48,41 +43,6 @@ def _credential(text: str) -> tuple[str, str]:
     if not sep or not key or not secret:
         raise argparse.ArgumentTypeError("must be KEY:SECRET (the key without ':')")
     return key, secret
-
-
-_FAULT_HELP = {
-    "latency_ms": "added latency of every API request, in ms",
-    "error_rate": "share of requests answered 500/502/503",
-    "rate_limit_rate": "share of requests answered 429 with Retry-After",
-    "retry_after_s": "the Retry-After of those 429s, in whole seconds",
-    "hang_rate": "share of requests held open unanswered (not applied) for --hang-s, then closed",
-    "hang_s": "how long a hung request is held, in seconds",
-    "drop_rate": "share of requests applied, then dropped without an answer",
-    "error_24322_rate": "share of addOrUpdateLeadStage answered 500 with specific code 24322",
-    "gateway_5xx_rate": "share of addOrUpdateLeadStage committed, then answered 504",
-    "late_commit_rate": "share of addOrUpdateLeadStage held for --late-commit-s, then committed and answered",
-    "late_commit_s": "how long a late commit is held, in seconds",
-    "batch_delay_s": "seconds a batch takes: its jobs are applied one by one over it",
-    "batch_results_s": "seconds a batch's results are kept after its run (iVvy: 2 days)",
-    "batch_run_drop_rate": "share of batch runs accepted, then dropped without an answer",
-    "batch_never_ready_rate": "share of batches that never complete (progress 0, results 24114)",
-    "batch_job_24322_rate": "share of batch jobs answered 500/24322 instead of applied",
-    "rate_limit_per_s": "the server's own limit per API key: requests past it in a window get 429 (0: off)",
-    "rate_limit_window_s": "the window of --rate-limit-per-s, in seconds (also the Retry-After of its 429s)",
-    "errors_as_200_rate": "share of error answers sent with HTTP status 200 (the error body unchanged)",
-    "clock_offset_s": "seconds the fake's clock is ahead of the host's (negative: behind); beyond 300: 23005",
-}
-_FAULT_TYPES: dict[str, Callable[[str], float]] = {
-    "clock_offset_s": float,
-    "latency_ms": _non_negative,
-    "retry_after_s": _seconds,
-    "hang_s": _non_negative,
-    "late_commit_s": _non_negative,
-    "batch_delay_s": _non_negative,
-    "batch_results_s": _non_negative,
-    "rate_limit_per_s": _non_negative,
-    "rate_limit_window_s": _non_negative,
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,14 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="seed of the fault draws, for repeatable runs")
     parser.add_argument("--log-requests", action="store_true", help="print every API request as a JSON line")
-    defaults = Faults()
-    for name in FAULT_FIELDS:
+    for setting in FAULT_SETTINGS:
         parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            type=_FAULT_TYPES.get(name, _rate),
-            default=getattr(defaults, name),
-            help=f"{_FAULT_HELP[name]} (default {getattr(defaults, name)})",
+            "--" + setting.name.replace("_", "-"),
+            dest=setting.name,
+            type=_option_type(setting.kind),
+            default=setting.default,
+            help=f"{setting.effect} (default {setting.default})",
         )
 
 
