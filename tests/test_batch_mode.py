@@ -10,20 +10,31 @@ import signal
 import time
 from pathlib import Path
 
+import orjson
 import prometheus_client
 import pytest
 import redis.asyncio as aioredis
 
 from tests import harness
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
+from worker.batch import BatchCalls, lead_stage_job
 from worker.core import keys, readers
-from worker.core.batch_claim import claim_batch, end_batch, record_sent, take_rate_slot, take_run_slot
+from worker.core.batch_claim import (
+    claim_batch,
+    end_batch,
+    hold_unresolved,
+    record_sent,
+    take_rate_slot,
+    take_run_slot,
+)
 from worker.core.change import parse_change, parse_envelope
+from worker.core.errors import IvvyNoAnswer
 from worker.core.ledger import Ledger
 from worker.core.redis_connection import RedisClient
 from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
-from worker.core.settings import Settings
+from worker.core.settings import Account, Settings
 from worker.devtools.fake_ivvy import FakeIvvy, RunningFakeIvvy
+from worker.ivvy import AiohttpTransport, IvvyClient
 from worker.runner import running_worker
 
 
@@ -517,3 +528,75 @@ async def test_adds_of_a_killed_workers_unanswered_batch_are_reconciled_after_it
     assert entry is not None
     wait_ms = int(settings.batch_wait_s * 1000)
     assert int(entry["posted_at"]) >= int(pending["posted_at"]) + ledger.in_flight_guard_ms + wait_ms
+
+
+@pytest.mark.parametrize(
+    ("worker_died", "count"),
+    [
+        pytest.param(False, 8, id="the run's answer lost, its worker ended each change as unknown"),
+        pytest.param(True, 8, id="its worker gone before the answer, the changes resent as a batch"),
+        pytest.param(True, 2, id="its worker gone before the answer, the changes resent alone"),
+    ],
+)
+async def test_a_resend_after_a_batch_of_unknown_outcome_waits_out_its_late_application(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    fake: FakeIvvy,
+    transport: AiohttpTransport,
+    ivvy_account: Account,
+    worker_died: bool,
+    count: int,
+) -> None:
+    """A batch's run is accepted, its answer lost (no asyncId: nobody can ask about it), and iVvy
+    applies it late, well within the batch's wait. "older" (a stage's name and colour) was in it;
+    "newer" (that stage's name) is enqueued meanwhile. Older's resend carries newer's name: sent
+    before the late application, that name would be overwritten by older's. Whether the batch's
+    worker ended its changes as unknown (phase unknown, held) or died first (taken over after the
+    in-flight guard), and whether they are resent as a batch (batch.lua) or alone (start.lua), the
+    resend waits out the batch's wait: the stage ends at newer's name and older's colour."""
+    changes = one_per_stage(fake, count)
+    stage = int(str(changes[0][1]["id"]))
+    changes[0] = ("older", {"id": stage, "name": "Older", "colour": "#111111"})
+    settings = dataclasses.replace(settings, request_timeout_s=0.3)  # the in-flight guard: 0.32 s
+    await enqueue(redis_client, settings, changes)
+    # The first worker, by hand: its claim (whatever the threshold), its run's slot and send.
+    ledger = Ledger(redis_client, settings)
+    claim = await claim_batch(
+        Ledger(redis_client, dataclasses.replace(settings, batch_threshold=1)), "default", "w1", 1000.0
+    )
+    assert len(claim.starts) == count
+    run = sorted(claim.starts, key=lambda s: s.job_id == keys.job_id("default", "older"))  # older's job last
+    assert await take_run_slot(ledger, "default", 1000.0, claim, run) == 0
+    # Applied over 1.5 s (older's job at its end), far within the batch's wait (3 s); later batches at once.
+    fake.update_faults({"batch_run_drop_rate": 1.0, "batch_delay_s": 1.5})
+    sent = {s.job_id: parse_change(orjson.loads(s.change_json)).without(set(s.dropped)) for s in run}
+    with pytest.raises(IvvyNoAnswer):
+        await BatchCalls(IvvyClient(ivvy_account, transport, timeout=2.0)).run(
+            [lead_stage_job(sent[s.job_id]) for s in run]
+        )
+    fake.update_faults({"batch_run_drop_rate": 0.0, "batch_delay_s": 0.05})
+    if worker_died:
+        # Its leases lapse: the changes are due again, still on that batch's run.
+        await redis_client.zadd(keys.queue_key(settings.queue_name, "default"), {s.job_id: 0 for s in run})
+    else:
+        # As run_batch on an unanswered run: the stages held, each change retried as unknown.
+        await hold_unresolved(ledger, run)
+        for s in run:
+            event = {"event": "retrying", "idempotency_key": keys.split_job_id(s.job_id)[1], "job_id": s.job_id}
+            finished = await ledger.finish(
+                s.job_id, s.run, sent[s.job_id], event=event, history={}, outcome_unknown=True
+            )
+            assert finished.recorded
+    await enqueue(redis_client, settings, [("newer", {"id": stage, "name": "Newer"})])
+    async with running_worker(settings):
+        terminal = await wait_for_terminal(redis_client, ["newer", *(key for key, _ in changes)], within_s=20)
+
+        async def first_batch_applied() -> bool:
+            return all(batch.done for batch in fake.batches.batches.values())
+
+        await eventually(first_batch_applied)
+    assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
+        key: ["succeeded"] for key in terminal
+    }
+    assert (fake.stages[stage].name, fake.stages[stage].colour) == ("Newer", "#111111")
+    assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes[1:])
