@@ -21,13 +21,13 @@
 -- a new run (the fencing token), counts an attempt, is hidden for one lease, and gets its part of
 -- the batch (phase = posting, posted_at = now, batch_key = the new batch's record). A change
 -- start.lua would not send now is left alone: not due (a live lease), terminal, a backoff not
--- over, a request maybe in flight, out of attempts or too old, every field overtaken
--- (superseded), or its stage locked by another change. With no rate slot that opens within the
--- lead, nothing is read;
+-- over, a request maybe in flight, one whose last send may still be applied (until unknown_until,
+-- or a batch that never answered its run until its wait is over: as start.lua, it is not sent
+-- again before, nor is another change of its stage), out of attempts or too old, every field
+-- overtaken (superseded), or its stage locked by another change. With no rate slot that opens
+-- within the lead, nothing is read;
 -- below the threshold, nothing is left touched (the locks the scan took, as start.lua takes one
--- with SET NX, are given back). A change taken over from a batch that never answered its run keeps
--- its stage locked until that batch's wait is over (unknown_until): that batch may still be
--- applied until then.
+-- with SET NX, are given back).
 --   KEYS: 1 account queue zset, 2 account rate hash, 3 the account's batches zset (batch record
 --         key -> until when it may be collected, server ms), 4 the account's newest-claim key
 --   ARGV: 1 'claim', 2 lease (ms), 3 max attempts, 4 max age (ms), 5 rate interval (µs), 6 the batch's
@@ -222,6 +222,12 @@ for _, job in ipairs(due) do
   local state, phase, lock = l[1], l[2] or '', l[14]
   local posted_at, unanswered = 0, false
   if phase == 'posting' then posted_at, unanswered = in_flight(l) end
+  -- Until when its last send may still be applied (as start.lua: a batch whose run was never answered
+  -- may be until its wait is over): till then it is not sent again, since it would carry its stage's
+  -- newer updates and that late commit overwrite them (start.lua decides it if it sends nothing).
+  local held_until = tonumber(l[19]) or 0
+  if unanswered then held_until = math.max(held_until, posted_at + guard_ms + wait_ms) end
+  if held_until > now and lock then stages[lock] = true end
   -- Due: queued, retrying, or running with its lease lapsed (a dead worker's, taken over).
   -- An add whose earlier attempt may have been applied is reconciled first (start.lua's path): never batched.
   local op_ok = l[6] == 'update' or (l[6] == 'add' and phase == '')
@@ -229,7 +235,7 @@ for _, job in ipairs(due) do
     and not stages[lock]
     and (tonumber(l[5]) or 0) <= now and (tonumber(l[3]) or 0) < max_attempts
     and now - (tonumber(l[4]) or 0) <= max_age_ms
-    and not (phase == 'posting' and posted_at + guard_ms > now)
+    and not (phase == 'posting' and posted_at + guard_ms > now) and held_until <= now
   local dropped, kept = {}, l[6] == 'add' and 1 or 0
   if sendable and l[6] == 'update' then
     local seq, fields = tonumber(l[7]), {}
@@ -246,9 +252,8 @@ for _, job in ipairs(due) do
     local taken = redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX')
     if taken or owned_by(redis.call('GET', lock), job) then
       stages[lock] = true
-      -- Taken over from a batch whose run was never answered: it may still be applied until its wait
-      -- is over; its stage stays locked until then.
-      local hold = unanswered and math.max(tonumber(l[19]) or 0, posted_at + guard_ms + wait_ms) or false
+      -- Taken over from a batch whose run was never answered (its wait is over by now): recorded.
+      local hold = unanswered and held_until or false
       candidates[#candidates + 1] = {job, ledger, l, table.concat(dropped, ','), hold, not taken and value}
     end
   end

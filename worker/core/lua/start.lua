@@ -103,15 +103,20 @@ local function consider(job)
     local b = redis.call('HMGET', l[18], 'posted_at', 'async_id')
     posted_at, unanswered, recorded = tonumber(b[1]) or posted_at, not b[2], b[2] ~= false
   end
+  -- Until when this change's last send may still be applied by iVvy (finish.lua after a request of
+  -- unknown outcome, batch.lua's 'unresolved'; a batch whose run was never answered: until its wait
+  -- is over, counted from its run's send).
+  local held_until = tonumber(l[20]) or 0
+  -- Whatever it is decided now, the stage stays locked until then (finish.lua honours it).
+  local hold = {}
+  if unanswered then
+    held_until = math.max(held_until, posted_at + guard_ms + batch_wait_ms)
+    hold = {'unknown_until', held_until}
+  end
   if phase == 'posting' then
     -- A worker may still be waiting for iVvy's answer to its POST: let that request time out first,
     -- counted from the recovery point written just before it.
     local guard_end = posted_at + guard_ms
-    if l[6] == 'add' and unanswered then
-      -- An add of a batch whose run was never answered: that batch may still create its stage until
-      -- its wait is over; the reconcile that follows must come after.
-      guard_end = guard_end + batch_wait_ms
-    end
     if guard_end > now then
       -- A batch whose asyncId was recorded is collected by batch.lua's claim once its leases lapse
       -- (not resent): look again soon, so that its jobs stay due for that claim.
@@ -127,15 +132,15 @@ local function consider(job)
     for i, field in ipairs(fields) do
       if (tonumber(latest[i]) or 0) > seq then dropped[#dropped + 1] = field else kept = kept + 1 end
     end
-    if kept == 0 then return decide('superseded', table.concat(dropped, ',')) end
+    if kept == 0 then return decide('superseded', table.concat(dropped, ','), hold) end
   end
 
-  -- After a request of unknown outcome iVvy may still apply it until unknown_until (finish.lua): a
-  -- retry, which carries the stage's newer due updates with it, waits that out too (superseded, it
-  -- sends nothing and need not), or the late commit would overwrite what the retry applied.
-  local held_until = tonumber(l[20]) or 0
-  if phase == 'unknown' and held_until > now then return later(held_until - now, 'in_flight') end
+  -- While its last send may still land, the change does not go either: its resend carries the
+  -- stage's newer due updates, which that late commit would overwrite. Superseded or out of attempts
+  -- it sends nothing and is decided at once (the stage stays locked until then: finish.lua); an add
+  -- is reconciled (exhausted too), which must come after whatever may still create its stage.
   local exhausted = attempts >= max_attempts or now - tonumber(l[4]) > max_age_ms
+  if held_until > now and (l[6] == 'add' or not exhausted) then return later(held_until - now, 'in_flight') end
   if not exhausted then
     -- The account's rate limit, shared by every worker: GCRA with a burst of one request (and of
     -- the slots due within the window), in µs. A slot is reserved at most the lead ahead (a pause
@@ -161,7 +166,7 @@ local function consider(job)
     end
     redis.call('SET', lock, value, 'PX', lock_ttl_ms)
   end
-  if exhausted then return decide('exhausted', '') end
+  if exhausted then return decide('exhausted', '', hold) end
 
   -- The request leaves when its slot opens (send_us from now: a claim within the lead waits
   -- locally), or at once when the claim is late; the next slot is a whole interval after that
@@ -175,7 +180,7 @@ local function consider(job)
   if tat < floor_us then tat = floor_us end
   tat = tat + interval_us
   attempts = attempts + 1
-  local recovery = {'attempts', attempts}
+  local recovery = {'attempts', attempts, unpack(hold)}
   if not (l[6] == 'add' and (phase == 'posting' or phase == 'unknown')) then
     -- The recovery point: the POST follows at its slot (the in-flight guard counts from then). An
     -- add of unknown outcome is reconciled first and writes its recovery point just before its own
@@ -189,13 +194,6 @@ local function consider(job)
       recovery[#recovery + 1] = 'id_floor'
       recovery[#recovery + 1] = newest
     end
-  end
-  if unanswered then
-    -- Taken over from a batch whose run was never answered: it may still be applied until its wait
-    -- is over (counted from its run's send); the stage stays locked until then.
-    local until_ms = posted_at + guard_ms + batch_wait_ms
-    recovery[#recovery + 1] = 'unknown_until'
-    recovery[#recovery + 1] = math.max(tonumber(l[20]) or 0, until_ms)
   end
   return decide('go', table.concat(dropped, ','), recovery, send_us)
 end
