@@ -600,3 +600,38 @@ async def test_a_resend_after_a_batch_of_unknown_outcome_waits_out_its_late_appl
     }
     assert (fake.stages[stage].name, fake.stages[stage].colour) == ("Newer", "#111111")
     assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes[1:])
+
+
+async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless_they_send_nothing(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """By the scripts alone (no clock but the server's): after an unanswered run (its stages held for
+    the batch's wait, each change retried as unknown) a batch claim leaves every one of them out,
+    and start.lua makes one that would send wait for the hold; one whose every field was overtaken,
+    or one out of attempts, sends nothing and is decided at once."""
+    changes = one_per_stage(fake, 8)
+    await enqueue(redis_client, settings, changes)
+    ledger = Ledger(redis_client, settings)
+    claim = await claim_batch(ledger, "default", "w1", 1000.0)
+    assert len(claim.starts) == 8
+    assert await take_run_slot(ledger, "default", 1000.0, claim, claim.starts) == 0
+    await hold_unresolved(ledger, claim.starts)
+    by_key = {keys.split_job_id(s.job_id)[1]: s for s in claim.starts}
+    for key, raw in changes:
+        s = by_key[key]
+        event = {"event": "retrying", "idempotency_key": key, "job_id": s.job_id}
+        assert (
+            await ledger.finish(s.job_id, s.run, parse_change(raw), event=event, history={}, outcome_unknown=True)
+        ).recorded
+    # Each is due again (no backoff), on a stage its own earlier run holds.
+    refused = await claim_batch(ledger, "default", "w2", 1000.0)
+    assert (refused.starts, refused.refused, refused.candidates) == ([], "below", 0)
+    waits = await ledger.start(keys.job_id("default", "u0"), "w2", 1000.0, 0)
+    assert (waits.decision, waits.reason) == ("wait", "in_flight")
+    await enqueue(redis_client, settings, [("over", {"id": changes[1][1]["id"], "name": "Overtaken"})])
+    superseded = await ledger.start(keys.job_id("default", "u1"), "w2", 1000.0, 0)
+    assert superseded.decision == "superseded"
+    exhausted = await Ledger(redis_client, dataclasses.replace(settings, max_attempts=1)).start(
+        keys.job_id("default", "u2"), "w2", 1000.0, 0
+    )
+    assert exhausted.decision == "exhausted"
