@@ -198,6 +198,22 @@ async def test_batch_faults(fake: RunningFakeIvvy, client: IvvyClient) -> None:
     assert "Not applied" not in [s.name for s in fake.fake.stages.values()]
 
 
+async def test_a_batch_whose_answer_was_dropped_is_applied_late_at_the_delay_of_its_run(
+    fake: RunningFakeIvvy, client: IvvyClient
+) -> None:
+    """A batch keeps the ``batch_delay_s`` set when its run came in: one whose answer was lost can be
+    applied long after a later batch of the same stage (a late application, as iVvy may do)."""
+    stage = fake.fake.add_stage("Before", apply_to=1)
+    fake.fake.update_faults({"batch_run_drop_rate": 1.0, "batch_delay_s": 60.0})
+    with pytest.raises(IvvyNoAnswer):
+        await client.call("batch", "run", {"jobs": [job({"id": stage.id, "name": "Older"})]})
+    [late] = fake.fake.batches.batches.values()
+    fake.fake.update_faults({"batch_run_drop_rate": 0.0, "batch_delay_s": 0.0})
+    newer = await client.call("batch", "run", {"jobs": [job({"id": stage.id, "name": "Newer"})]})
+    await done(client, newer["asyncId"])
+    assert (stage.name, late.done) == ("Newer", False)  # the older batch is still to be applied
+
+
 async def test_the_server_side_rate_limit_answers_429_past_its_rate(fake: RunningFakeIvvy, client: IvvyClient) -> None:
     fake.fake.update_faults({"rate_limit_per_s": 5})
     for _ in range(5):

@@ -6,8 +6,9 @@
   a job without params (or with empty ones): 24093. Nothing of a refused batch is applied. The
   callback URL is accepted and never called (the fake makes no outgoing requests).
 * The jobs are applied one after the other, in order, spread evenly over ``batch_delay_s`` (the
-  last at the end of it), each answered as the single call would be: its answer, or its error
-  body, is the job's ``response``. A job of the ``batch`` namespace itself is a 404 body.
+  last at the end of it; as set when the run came in, so a batch whose answer was dropped can be
+  applied late, after later ones), each answered as the single call would be: its answer, or its
+  error body, is the job's ``response``. A job of the ``batch`` namespace itself is a 404 body.
 * ``batch?action=progress`` ``{"async"}``: ``{"progress": 0..100}``, the share of jobs applied;
   24105 for an unknown batch.
 * ``batch?action=results`` ``{"async"}``: ``{"asyncId", "results": [{"namespace", "action",
