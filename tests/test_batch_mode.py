@@ -635,3 +635,38 @@ async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless
         keys.job_id("default", "u2"), "w2", 1000.0, 0
     )
     assert exhausted.decision == "exhausted"
+
+
+async def test_a_resend_after_results_not_ready_within_the_wait_waits_out_the_batchs_late_application(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """The worker's own path: its batch is still being applied when its wait (1.5 s) is over, and
+    its last job, "z-older" (a stage's name and colour), is applied at 2.25 s. "newer" (that stage's
+    name) is enqueued meanwhile; z-older's resend carries it, and must come after that late
+    application (the stage held for another wait): the stage ends at newer's name."""
+    changes = one_per_stage(fake, 8)
+    stage = int(str(changes[-1][1]["id"]))
+    changes[-1] = ("z-older", {"id": stage, "name": "Older", "colour": "#111111"})  # last in the job order
+    settings = dataclasses.replace(settings, batch_wait_s=1.5, backoff_max_s=0.000_001)  # every retry due at once
+    fake.update_faults({"batch_delay_s": 2.25})
+    await enqueue(redis_client, settings, changes)
+    async with running_worker(settings):
+
+        async def run_sent() -> bool:
+            return calls(fake, "batch", "run") > 0
+
+        await eventually(run_sent)
+        fake.update_faults({"batch_delay_s": 0.05})  # later batches are applied at once
+        await enqueue(redis_client, settings, [("newer", {"id": stage, "name": "Newer"})])
+        terminal = await wait_for_terminal(redis_client, ["newer", *(key for key, _ in changes)], within_s=20)
+
+        async def all_applied() -> bool:
+            return all(batch.done for batch in fake.batches.batches.values())
+
+        await eventually(all_applied)
+    retried = {e["idempotency_key"] for e in await read_events(redis_client) if e["event"] == "retrying"}
+    assert retried == {key for key, _ in changes}  # the first batch's results were not ready within its wait
+    assert {key: [e["event"] for e in events] for key, events in terminal.items()} == {
+        key: ["succeeded"] for key in terminal
+    }
+    assert (fake.stages[stage].name, fake.stages[stage].colour) == ("Newer", "#111111")
