@@ -608,7 +608,8 @@ async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless
     """By the scripts alone (no clock but the server's): after an unanswered run (its stages held for
     the batch's wait, each change retried as unknown) a batch claim leaves every one of them out,
     and start.lua makes one that would send wait for the hold; one whose every field was overtaken,
-    or one out of attempts, sends nothing and is decided at once."""
+    or one out of attempts, sends nothing and is decided at once. A newer change of a held stage
+    waits too, also when the lock of the held change's last send ended first."""
     changes = one_per_stage(fake, 8)
     await enqueue(redis_client, settings, changes)
     ledger = Ledger(redis_client, settings)
@@ -626,8 +627,15 @@ async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless
     # Each is due again (no backoff), on a stage its own earlier run holds.
     refused = await claim_batch(ledger, "default", "w2", 1000.0)
     assert (refused.starts, refused.refused, refused.candidates) == ([], "below", 0)
+    # Its stage stays locked while it waits, also when the lock its last send left ended first.
+    lock = keys.stage_lock_key("default", str(changes[0][1]["id"]))
+    await redis_client.delete(lock)
+    await enqueue(redis_client, settings, [("newer", {"id": changes[0][1]["id"], "colour": "#222222"})])
     waits = await ledger.start(keys.job_id("default", "u0"), "w2", 1000.0, 0)
     assert (waits.decision, waits.reason) == ("wait", "in_flight")
+    assert (await redis_client.get(lock) or b"").startswith(keys.job_id("default", "u0#").encode())
+    locked = await ledger.start(keys.job_id("default", "newer"), "w2", 1000.0, 0)
+    assert (locked.decision, locked.reason) == ("wait", "locked")
     await enqueue(redis_client, settings, [("over", {"id": changes[1][1]["id"], "name": "Overtaken"})])
     superseded = await ledger.start(keys.job_id("default", "u1"), "w2", 1000.0, 0)
     assert superseded.decision == "superseded"

@@ -55,6 +55,12 @@ local function decided(decision, job, wait_ms, reason, run, attempt, phase, drop
   return true
 end
 
+-- Whether a lock's value names this job (any run), parsed from the right: a job id may itself
+-- contain '#' ('k' and 'k#1').
+local function owned_by(owner, job)
+  return string.match(owner, '^(.*)#%d+#%d+$') == job
+end
+
 -- One due job: true when it was decided about (a decision in the reply), false when it was put back
 -- for later (the claim goes on to the next), nil when the rate limit has no free slot (it stops).
 local function consider(job)
@@ -140,7 +146,15 @@ local function consider(job)
   -- it sends nothing and is decided at once (the stage stays locked until then: finish.lua); an add
   -- is reconciled (exhausted too), which must come after whatever may still create its stage.
   local exhausted = attempts >= max_attempts or now - tonumber(l[4]) > max_age_ms
-  if held_until > now and (l[6] == 'add' or not exhausted) then return later(held_until - now, 'in_flight') end
+  if held_until > now and (l[6] == 'add' or not exhausted) then
+    -- Its stage stays locked meanwhile, also when the lock its last send took ends first (a batch's
+    -- lasts from its claim; a worker that died between 'unresolved' and its finish).
+    local owner = redis.call('GET', l[14])
+    if not owner or owned_by(owner, job) then
+      redis.call('SET', l[14], job .. '#' .. run .. '#' .. held_until, 'PXAT', held_until)
+    end
+    return later(held_until - now, 'in_flight')
+  end
   if not exhausted then
     -- The account's rate limit, shared by every worker: GCRA with a burst of one request (and of
     -- the slots due within the window), in µs. A slot is reserved at most the lead ahead (a pause
@@ -159,8 +173,7 @@ local function consider(job)
   local lock = l[14]
   local value = job .. '#' .. (run + 1) .. '#' .. (now + lock_ttl_ms)
   if not redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX') then
-    -- The value parsed from the right: a job id may itself contain '#' ('k' and 'k#1').
-    if string.match(redis.call('GET', lock), '^(.*)#%d+#%d+$') ~= job then
+    if not owned_by(redis.call('GET', lock), job) then
       -- The holder usually finishes within one request: look again soon, not at the lock's expiry.
       return later(math.min(redis.call('PTTL', lock), 20) + jitter_ms, 'locked')
     end
