@@ -18,15 +18,8 @@ import redis.asyncio as aioredis
 from tests import harness
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.batch import BatchCalls, lead_stage_job
-from worker.core import keys, readers
-from worker.core.batch_claim import (
-    claim_batch,
-    end_batch,
-    hold_unresolved,
-    record_sent,
-    take_rate_slot,
-    take_run_slot,
-)
+from worker.core import batch_claim, keys, readers
+from worker.core.batch_claim import claim_batch, end_batch, record_sent, take_rate_slot, take_run_slot
 from worker.core.change import parse_change, parse_envelope
 from worker.core.errors import IvvyNoAnswer
 from worker.core.ledger import Ledger
@@ -580,7 +573,7 @@ async def test_a_resend_after_a_batch_of_unknown_outcome_waits_out_its_late_appl
         await redis_client.zadd(keys.queue_key(settings.queue_name, "default"), {s.job_id: 0 for s in run})
     else:
         # As run_batch on an unanswered run: the stages held, each change retried as unknown.
-        await hold_unresolved(ledger, run)
+        await batch_claim.hold_unresolved(ledger, run)
         for s in run:
             event = {"event": "retrying", "idempotency_key": keys.split_job_id(s.job_id)[1], "job_id": s.job_id}
             finished = await ledger.finish(
@@ -616,7 +609,7 @@ async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless
     claim = await claim_batch(ledger, "default", "w1", 1000.0)
     assert len(claim.starts) == 8
     assert await take_run_slot(ledger, "default", 1000.0, claim, claim.starts) == 0
-    await hold_unresolved(ledger, claim.starts)
+    await batch_claim.hold_unresolved(ledger, claim.starts)
     by_key = {keys.split_job_id(s.job_id)[1]: s for s in claim.starts}
     for key, raw in changes:
         s = by_key[key]
