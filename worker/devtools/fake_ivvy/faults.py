@@ -136,7 +136,7 @@ class Faults:
     batch_delay_s: float = _fault(
         0.2,
         Kind.AMOUNT,
-        "seconds a batch takes: its jobs are applied one by one over it",
+        "seconds a batch takes (as set when its run came in): its jobs are applied one by one over it",
     )
     batch_results_s: float = _fault(
         172_800.0,
