@@ -550,7 +550,8 @@ async def test_a_resend_after_a_batch_of_unknown_outcome_waits_out_its_late_appl
     changes = one_per_stage(fake, count)
     stage = int(str(changes[0][1]["id"]))
     changes[0] = ("older", {"id": stage, "name": "Older", "colour": "#111111"})
-    settings = dataclasses.replace(settings, request_timeout_s=0.3)  # the in-flight guard: 0.32 s
+    # The in-flight guard: 0.32 s; the batch's wait: 1 s (the hold ends 1.32 s after the run's send).
+    settings = dataclasses.replace(settings, request_timeout_s=0.3, batch_wait_s=1.0)
     await enqueue(redis_client, settings, changes)
     # The first worker, by hand: its claim (whatever the threshold), its run's slot and send.
     ledger = Ledger(redis_client, settings)
@@ -560,8 +561,8 @@ async def test_a_resend_after_a_batch_of_unknown_outcome_waits_out_its_late_appl
     assert len(claim.starts) == count
     run = sorted(claim.starts, key=lambda s: s.job_id == keys.job_id("default", "older"))  # older's job last
     assert await take_run_slot(ledger, "default", 1000.0, claim, run) == 0
-    # Applied over 1.5 s (older's job at its end), far within the batch's wait (3 s); later batches at once.
-    fake.update_faults({"batch_run_drop_rate": 1.0, "batch_delay_s": 1.5})
+    # Applied over 0.7 s (older's job at its end): after the guard, within the hold; later batches at once.
+    fake.update_faults({"batch_run_drop_rate": 1.0, "batch_delay_s": 0.7})
     sent = {s.job_id: parse_change(orjson.loads(s.change_json)).without(set(s.dropped)) for s in run}
     with pytest.raises(IvvyNoAnswer):
         await BatchCalls(IvvyClient(ivvy_account, transport, timeout=2.0)).run(
@@ -641,15 +642,15 @@ async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless
 async def test_a_resend_after_results_not_ready_within_the_wait_waits_out_the_batchs_late_application(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
 ) -> None:
-    """The worker's own path: its batch is still being applied when its wait (1.5 s) is over, and
-    its last job, "z-older" (a stage's name and colour), is applied at 2.25 s. "newer" (that stage's
+    """The worker's own path: its batch is still being applied when its wait (0.8 s) is over, and
+    its last job, "z-older" (a stage's name and colour), is applied at 1.2 s. "newer" (that stage's
     name) is enqueued meanwhile; z-older's resend carries it, and must come after that late
     application (the stage held for another wait): the stage ends at newer's name."""
     changes = one_per_stage(fake, 8)
     stage = int(str(changes[-1][1]["id"]))
     changes[-1] = ("z-older", {"id": stage, "name": "Older", "colour": "#111111"})  # last in the job order
-    settings = dataclasses.replace(settings, batch_wait_s=1.5, backoff_max_s=0.000_001)  # every retry due at once
-    fake.update_faults({"batch_delay_s": 2.25})
+    settings = dataclasses.replace(settings, batch_wait_s=0.8, backoff_max_s=0.000_001)  # every retry due at once
+    fake.update_faults({"batch_delay_s": 1.2})
     await enqueue(redis_client, settings, changes)
     async with running_worker(settings):
 
