@@ -422,6 +422,7 @@ async def test_a_worker_killed_before_its_batchs_run_was_answered_leaves_it_rese
     assert int(entry["unknown_until"]) == int(pending["posted_at"]) + guard_ms + wait_ms
 
 
+@pytest.mark.system  # waits out a batch's wait in real time
 async def test_a_batch_not_ready_within_its_wait_keeps_its_stages_locked_for_another_wait(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
 ) -> None:
@@ -523,6 +524,7 @@ async def test_adds_of_a_killed_workers_unanswered_batch_are_reconciled_after_it
     assert int(entry["posted_at"]) >= int(pending["posted_at"]) + ledger.in_flight_guard_ms + wait_ms
 
 
+@pytest.mark.system  # waits out a batch's hold in real time (about 1.5 s)
 @pytest.mark.parametrize(
     ("worker_died", "count"),
     [
@@ -639,6 +641,7 @@ async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless
     assert exhausted.decision == "exhausted"
 
 
+@pytest.mark.system  # waits out a batch's hold in real time (about 1.5 s)
 async def test_a_resend_after_results_not_ready_within_the_wait_waits_out_the_batchs_late_application(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
 ) -> None:
