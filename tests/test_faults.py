@@ -346,3 +346,32 @@ async def test_a_retry_after_a_timeout_waits_out_the_late_commit_before_carrying
     # The older one's colour is still its own: its retry goes, and carries the newer name with it.
     assert {key: events[0]["event"] for key, events in terminal.items()} == {"older": "succeeded", "newer": "succeeded"}
     assert (fake.fake.stages[stage.id].name, fake.fake.stages[stage.id].colour) == ("Newer", "#111111")
+
+
+async def test_a_last_attempt_that_times_out_keeps_the_stage_locked_while_it_may_still_land(
+    fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """An update's last attempt times out and the change fails (out of attempts); iVvy applies that
+    request later anyway (within one request timeout). A newer change of the stage, waiting on its
+    lock meanwhile, must not go before the late commit, which would overwrite its name."""
+    stage = fake.fake.add_stage("Before", apply_to=1)
+    settings = worker_settings(redis_url, fake.url, request_timeout_s=0.3, batch_mode="off", max_attempts=1)
+    ledger = Ledger(redis_client, settings)
+    await enqueue(ledger, {"id": stage.id, "name": "Older"}, "older")
+    fake.fake.update_faults({"late_commit_rate": 1.0, "late_commit_s": 0.4})  # applied 0.1 s after the timeout
+    async with running_worker(settings):
+
+        async def held() -> bool:
+            return len(fake.fake.requests) > 0
+
+        await eventually(held)
+        fake.fake.update_faults({"late_commit_rate": 0.0})
+        await enqueue(ledger, {"id": stage.id, "name": "Newer"}, "newer")
+        terminal = await wait_for_terminal(redis_client, ["older", "newer"], within_s=10)
+
+        async def all_answered() -> bool:  # the held request too: committed late, then answered
+            return all(request.status is not None for request in fake.fake.requests)
+
+        await eventually(all_answered)
+    assert {key: events[0]["event"] for key, events in terminal.items()} == {"older": "failed", "newer": "succeeded"}
+    assert fake.fake.stages[stage.id].name == "Newer"

@@ -272,20 +272,16 @@ async def _failed_attempt(
     settings = runtime.settings
     metrics.ATTEMPTS.labels(facts.account, facts.change.operation, "retryable").inc()
     must_reconcile = outcome_unknown and facts.change.operation == "add"
-    if (error.retry_after or 0.0) > settings.retry_after_max_s and not must_reconcile:
-        too_long = RetryAfterTooLong(error.retry_after or 0.0, settings.retry_after_max_s, str(error))
-        await _finish(runtime, facts, start, Outcome.FAILED, sent=sent, error=too_long, started=started)
+    # Failed for good, a request of unknown outcome may still land: its stage stays locked as long.
+    wait_s = error.retry_after or 0.0
+    if (wait_s > settings.retry_after_max_s or start.attempt >= settings.max_attempts) and not must_reconcile:
+        too_long = wait_s > settings.retry_after_max_s
+        failure = RetryAfterTooLong(wait_s, settings.retry_after_max_s, str(error)) if too_long else error
+        await _finish(runtime, facts, start, Outcome.FAILED, sent=sent, error=failure, started=started,
+                      outcome_unknown=outcome_unknown)  # fmt: skip
         return Outcome.FAILED
-    if start.attempt >= settings.max_attempts and not must_reconcile:
-        await _finish(runtime, facts, start, Outcome.FAILED, sent=sent, error=error, started=started)
-        return Outcome.FAILED
-    delay = backoff_seconds(
-        start.attempt,
-        base=settings.backoff_base_s,
-        cap=settings.backoff_max_s,
-        retry_after=min(error.retry_after or 0.0, settings.retry_after_max_s),
-        rng=runtime.rng,
-    )
+    delay = backoff_seconds(start.attempt, base=settings.backoff_base_s, cap=settings.backoff_max_s,
+                            retry_after=min(wait_s, settings.retry_after_max_s), rng=runtime.rng)  # fmt: skip
     if must_reconcile:
         # A request of unknown outcome may still be applied late: give it that long to land before
         # the reconcile looks for it.
