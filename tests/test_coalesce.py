@@ -4,7 +4,9 @@ HTTP, the real worker)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 
 import prometheus_client
 import pytest
@@ -17,8 +19,10 @@ from worker.core import keys, readers
 from worker.core.change import LeadStageChange, parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.logs import merge_job_context
-from worker.core.settings import Settings
+from worker.core.settings import Account, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
+from worker.ivvy import AiohttpTransport, IvvyClient
+from worker.job import Lease, Runtime, apply_lead_stage_change
 from worker.runner import running_worker
 
 A = LeadStageChange(id=9, name="A", colour="#000001")
@@ -219,3 +223,64 @@ async def test_each_coalesced_change_logs_its_end_under_its_own_key(
             await wait_for_terminal(redis_client, ["k1", "k2"])
     finished = sorted(line["idempotency_key"] for line in logged if line["event"] == "job.finished")
     assert finished == ["k1", "k2"]
+
+
+@pytest.mark.parametrize(
+    ("carried", "claimed_first", "newer", "ends"),
+    [
+        pytest.param({"name": "Carried"}, False, {"name": "Newer"}, ("Newer", "#111111"),
+                     id="the leader and the change it carried"),
+        pytest.param({"name": "Carried", "colour": "#222222"}, True, {"name": "Newer", "colour": "#333333"},
+                     ("Newer", "#333333"), id="the leader carried none of its own (overtaken after its claim)"),
+    ],
+)  # fmt: skip
+async def test_a_coalesced_request_of_unknown_outcome_holds_its_stage_whatever_its_changes_become(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    fake: RunningFakeIvvy,
+    transport: AiohttpTransport,
+    ivvy_account: Account,
+    carried: dict[str, object],
+    claimed_first: bool,
+    newer: dict[str, object],
+    ends: tuple[str, str],
+) -> None:
+    """The leader's request (its colour, and "carried", coalesced) times out; iVvy applies it later
+    anyway, within one request timeout. "newer", waiting on the stage's lock meanwhile, must not go
+    before that late commit, nor may a retry that carries it: the stage ends at newer's values.
+    Also when none of the request's fields was the leader's own and newer overtakes "carried" (both
+    end superseded at once, neither waits out a hold): the leader's lock is what holds the stage."""
+    stage = fake.fake.add_stage("Before", apply_to=1)
+    settings = dataclasses.replace(settings, request_timeout_s=0.3, batch_mode="off")
+    ledger = Ledger(redis_client, settings)
+    leader = [("leader", {"id": stage.id, "colour": "#111111"})]
+    await enqueue(
+        redis_client, settings, leader if claimed_first else [*leader, ("carried", {"id": stage.id, **carried})]
+    )
+    start = await ledger.start(keys.job_id("default", "leader"), "w1", 1000.0, 0)
+    assert start.decision == "go"
+    if claimed_first:  # enqueued while the leader waits for its slot: gathered, and it overtakes the leader
+        await enqueue(redis_client, settings, [("carried", {"id": stage.id, **carried})])
+    # The first worker, by hand: the leader's run, its request committed 0.1 s after its timeout.
+    fake.fake.update_faults({"late_commit_rate": 1.0, "late_commit_s": 0.4})
+    runtime = Runtime(settings, ledger, {"default": IvvyClient(ivvy_account, transport, timeout=0.3)}, "w1")
+    runtime.running[start.job_id] = Lease(start.run, time.monotonic() + settings.lease_s)
+    first = asyncio.create_task(apply_lead_stage_change({"runtime": runtime}, start.job_id, start))
+
+    async def held() -> bool:
+        return len(fake.fake.requests) > 0
+
+    await eventually(held)
+    fake.fake.update_faults({"late_commit_rate": 0.0})
+    await enqueue(redis_client, settings, [("newer", {"id": stage.id, **newer})])
+    async with running_worker(settings):
+        await first
+        terminal = await wait_for_terminal(redis_client, ["leader", "carried", "newer"], within_s=10)
+
+        async def all_answered() -> bool:  # the held request too: committed late, then answered
+            return all(request.status is not None for request in fake.fake.requests)
+
+        await eventually(all_answered)
+    assert fake.fake.requests[0].body == {"id": stage.id, "colour": "#111111", **carried}
+    assert terminal["newer"][0]["event"] == "succeeded"
+    assert (stage.name, stage.colour) == ends

@@ -142,12 +142,14 @@ async def end(
 ) -> bool:
     """The changes coalesced into the leader's request end as it did, each with its own attempt and
     event; one that none of the request's fields came from sent nothing: superseded, the leader too
-    (then it is finished here, and True returned). Before the leader's own finish, which releases
-    the stage's lock."""
+    (then it is finished here, and True returned; after a request of unknown outcome its stage stays
+    locked for the hold all the same). Before the leader's own finish, which releases the stage's
+    lock."""
     from worker.job import _failed_attempt, _finish, _outcome_unknown, _permanent_failure  # worker.job imports us
 
     if group is None:
         return False
+    unknown = isinstance(error, RetryableError) and _outcome_unknown(leader.change, error)
     for member in group.members:
         facts, start = member.facts, member.start
         with bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt):  # its own log lines
@@ -160,10 +162,10 @@ async def end(
             elif isinstance(error, PermanentError):
                 await _permanent_failure(runtime, facts, start, group.sent, error, started)
             else:
-                unknown = _outcome_unknown(facts.change, error)
                 await _failed_attempt(runtime, facts, start, group.sent, error, started, outcome_unknown=unknown)
     release(runtime, [member.facts.job_id for member in group.members])
     if group.leader_carried:
         return False
-    await _finish(runtime, leader, leader_start, Outcome.SUPERSEDED, sent=None)
+    # Its lock holds the stage: while the request may still land, for as long as the leader's own would.
+    await _finish(runtime, leader, leader_start, Outcome.SUPERSEDED, sent=None, outcome_unknown=unknown)
     return True
