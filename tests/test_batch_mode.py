@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from tests import harness
 from tests.harness import eventually, read_events, wait_for_terminal, worker_settings
 from worker.batch import BatchCalls, lead_stage_job
+from worker.batching import run_batch
 from worker.core import batch_claim, keys, readers
 from worker.core.batch_claim import claim_batch, end_batch, record_sent, take_rate_slot, take_run_slot
 from worker.core.change import parse_change, parse_envelope
@@ -28,6 +29,7 @@ from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
 from worker.core.settings import Account, Settings
 from worker.devtools.fake_ivvy import FakeIvvy, RunningFakeIvvy
 from worker.ivvy import AiohttpTransport, IvvyClient
+from worker.job import Lease, Runtime
 from worker.runner import running_worker
 
 
@@ -675,3 +677,64 @@ async def test_a_resend_after_results_not_ready_within_the_wait_waits_out_the_ba
         key: ["succeeded"] for key in terminal
     }
     assert (fake.stages[stage].name, fake.stages[stage].colour) == ("Newer", "#111111")
+
+
+@pytest.mark.parametrize(
+    ("faults", "cleared"),
+    [
+        pytest.param({"batch_run_drop_rate": 1.0, "batch_delay_s": 0.2}, {"batch_run_drop_rate": 0.0},
+                     id="the run's answer lost"),
+        pytest.param({"batch_delay_s": 0.6}, {}, id="results not ready within the wait, the batch still being applied"),
+    ],
+)  # fmt: skip
+async def test_the_changes_a_batchs_job_carried_wait_out_its_late_application(
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    fake: FakeIvvy,
+    transport: AiohttpTransport,
+    ivvy_account: Account,
+    faults: dict[str, float],
+    cleared: dict[str, float],
+) -> None:
+    """A batch's job for "b-leader" (a stage's colour) carries "c-carried" (its name, coalesced). The
+    batch's outcome is unknown (a 0.4 s wait) and iVvy applies it late (the leader's job last, at
+    its ``batch_delay_s``: within the batch's hold). "newer" (the stage's name), enqueued meanwhile,
+    must not go before, nor may a retry of either that carries it: the stage ends at newer's name."""
+    other = one_per_stage(fake, 1, "a")  # a batch takes more than one change: its first job, another stage's
+    stage = fake.add_stage("Before", apply_to=1)
+    changes = [*other, ("b-leader", {"id": stage.id, "colour": "#111111"})]
+    changes.append(("c-carried", {"id": stage.id, "name": "Carried"}))
+    settings = dataclasses.replace(settings, batch_wait_s=0.4, request_timeout_s=0.2)
+    await enqueue(redis_client, settings, changes)
+    # The first worker, by hand: its claim (whatever the threshold), and its batch's run.
+    ledger = Ledger(redis_client, settings)
+    claim = await claim_batch(
+        Ledger(redis_client, dataclasses.replace(settings, batch_threshold=1)), "default", "w1", 1000.0
+    )
+    assert [keys.split_job_id(s.job_id)[1] for s in claim.starts] == ["a0", "b-leader"]
+    fake.update_faults(faults)
+    runtime = Runtime(settings, ledger, {"default": IvvyClient(ivvy_account, transport, timeout=0.2)}, "w1")
+    for start in claim.starts:
+        runtime.running[start.job_id] = Lease(start.run, time.monotonic() + settings.lease_s)
+    first = asyncio.create_task(run_batch(runtime, runtime.clients["default"], claim))
+
+    async def run_sent() -> bool:
+        return calls(fake, "batch", "run") > 0
+
+    await eventually(run_sent)
+    fake.update_faults({**cleared, "batch_delay_s": 0.05})  # later batches are applied at once
+    await enqueue(redis_client, settings, [("newer", {"id": stage.id, "name": "Newer"})])
+    async with running_worker(settings):
+        await first
+        terminal = await wait_for_terminal(redis_client, ["newer", *(key for key, _ in changes)], within_s=20)
+
+        async def first_batch_applied() -> bool:
+            return all(batch.done for batch in fake.batches.batches.values())
+
+        await eventually(first_batch_applied)
+    [batch, *_] = fake.batches.batches.values()
+    assert batch.jobs[1]["params"] == {"id": stage.id, "colour": "#111111", "name": "Carried"}
+    retried = {e["idempotency_key"] for e in await read_events(redis_client) if e["event"] == "retrying"}
+    assert retried == {"a0", "b-leader", "c-carried"}  # the batch's outcome was unknown
+    assert terminal["newer"][0]["event"] == "succeeded"
+    assert (stage.name, stage.colour) == ("Newer", "#111111")
