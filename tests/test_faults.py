@@ -181,17 +181,21 @@ async def test_a_stage_edited_before_the_reconcile_is_still_found_and_an_older_n
     assert len(adds_named(fake, "Twin")) == 2  # the older namesake and ours: nothing posted twice
 
 
-async def test_a_superseded_change_keeps_the_stage_locked_while_its_request_may_still_land(
-    redis_client: aioredis.Redis,
+@pytest.mark.parametrize("ends", ["superseded", "exhausted"])
+async def test_a_change_decided_at_once_keeps_the_stage_locked_while_its_request_may_still_land(
+    redis_client: aioredis.Redis, ends: str
 ) -> None:
+    """After a request of unknown outcome, "old" sends nothing more: every field overtaken by "new"
+    (superseded), or out of attempts (exhausted: "new" enqueued after it failed). Either way it is
+    decided at once, and "new" waits on the stage's lock until the late-commit hold is over."""
     settings = Settings(request_timeout_s=2.0)
     ledger = Ledger(redis_client, settings)
     old, new = parse_change({"id": 9, "colour": "#000000"}), parse_change({"id": 9, "colour": "#ffffff"})
     await ledger.enqueue_many([(old, parse_envelope(idempotency_key="old"))])
 
-    async def start(key: str) -> Start:
+    async def start(key: str, by: Ledger = ledger) -> Start:
         await redis_client.zadd(keys.queue_key(settings.queue_name, "default"), {f"default:{key}": 0}, xx=True)
-        return await ledger.start(f"default:{key}", "w", 1e6, 0)
+        return await by.start(f"default:{key}", "w", 1e6, 0)
 
     first = await start("old")
     assert first.decision == "go"
@@ -199,11 +203,15 @@ async def test_a_superseded_change_keeps_the_stage_locked_while_its_request_may_
     event = {"event": "retrying", "idempotency_key": "old", "stage_id": ""}
     finished = await ledger.finish("default:old", first.run, old, event=event, history={}, outcome_unknown=True)
     assert finished.recorded
-    await ledger.enqueue_many([(new, parse_envelope(idempotency_key="new"))])
-    superseded = await start("old")
-    assert superseded.decision == "superseded"
-    done = {"event": "superseded", "idempotency_key": "old", "stage_id": ""}
-    assert (await ledger.finish("default:old", superseded.run, old, event=done, history={})).recorded
+    if ends == "superseded":
+        await ledger.enqueue_many([(new, parse_envelope(idempotency_key="new"))])
+    out_of_attempts = Ledger(redis_client, dataclasses.replace(settings, max_attempts=1))
+    decided = await start("old", out_of_attempts if ends == "exhausted" else ledger)
+    assert decided.decision == ends
+    done = {"event": "superseded" if ends == "superseded" else "failed", "idempotency_key": "old", "stage_id": ""}
+    assert (await ledger.finish("default:old", decided.run, old, event=done, history={})).recorded
+    if ends == "exhausted":
+        await ledger.enqueue_many([(new, parse_envelope(idempotency_key="new"))])
     newer = await start("new")
     assert (newer.decision, newer.reason) == ("wait", "locked")
     lock_ttl = await redis_client.pttl(keys.stage_lock_key("default", "9"))
@@ -353,9 +361,13 @@ async def test_a_last_attempt_that_times_out_keeps_the_stage_locked_while_it_may
 ) -> None:
     """An update's last attempt times out and the change fails (out of attempts); iVvy applies that
     request later anyway (within one request timeout). A newer change of the stage, waiting on its
-    lock meanwhile, must not go before the late commit, which would overwrite its name."""
+    lock meanwhile, must not go before the late commit, which would overwrite its name. The worker's
+    clock is two minutes behind: a hold counted by it would be over before it began (by Redis's it
+    is not)."""
     stage = fake.fake.add_stage("Before", apply_to=1)
-    settings = worker_settings(redis_url, fake.url, request_timeout_s=0.3, batch_mode="off", max_attempts=1)
+    settings = worker_settings(
+        redis_url, fake.url, request_timeout_s=0.3, batch_mode="off", max_attempts=1, clock_offset_s=-120.0
+    )
     ledger = Ledger(redis_client, settings)
     await enqueue(ledger, {"id": stage.id, "name": "Older"}, "older")
     fake.fake.update_faults({"late_commit_rate": 1.0, "late_commit_s": 0.4})  # applied 0.1 s after the timeout
