@@ -325,6 +325,36 @@ async def test_a_backlog_past_the_maximum_age_is_told_at_enqueue(redis_client: a
     assert account == {"default": {"backlog": 81, "expected_start_in_s": 8.1, "past_max_age": True}}
 
 
+async def through_a_late_commit(
+    fake: RunningFakeIvvy,
+    redis_client: aioredis.Redis,
+    settings: Settings,
+    changes: tuple[dict[str, object], dict[str, object]],
+    late_commit_s: float,
+) -> dict[str, str]:
+    """ "older" (the first change) through a worker, its first request held by the fake for
+    ``late_commit_s`` (past the worker's request timeout) and then committed; "newer" enqueued while
+    it is held. Each key's terminal event, once every request was answered (the held one too)."""
+    ledger = Ledger(redis_client, settings)
+    await enqueue(ledger, changes[0], "older")
+    fake.fake.update_faults({"late_commit_rate": 1.0, "late_commit_s": late_commit_s})
+    async with running_worker(settings):
+
+        async def held() -> bool:
+            return len(fake.fake.requests) > 0
+
+        await eventually(held)  # the first request is held by the fake; the worker will time out
+        fake.fake.update_faults({"late_commit_rate": 0.0})
+        await enqueue(ledger, changes[1], "newer")
+        terminal = await wait_for_terminal(redis_client, ["older", "newer"], within_s=10)
+
+        async def all_answered() -> bool:
+            return all(request.status is not None for request in fake.fake.requests)
+
+        await eventually(all_answered)
+    return {key: events[0]["event"] for key, events in terminal.items()}
+
+
 async def test_a_retry_after_a_timeout_waits_out_the_late_commit_before_carrying_newer_changes(
     fake: RunningFakeIvvy, redis_url: str, redis_client: aioredis.Redis
 ) -> None:
@@ -334,25 +364,10 @@ async def test_a_retry_after_a_timeout_waits_out_the_late_commit_before_carrying
     first."""
     stage = fake.fake.add_stage("Before", apply_to=1)
     settings = worker_settings(redis_url, fake.url, request_timeout_s=0.3, batch_mode="off")
-    ledger = Ledger(redis_client, settings)
-    await enqueue(ledger, {"id": stage.id, "name": "Older", "colour": "#111111"}, "older")
-    fake.fake.update_faults({"late_commit_rate": 1.0, "late_commit_s": 0.5})  # applied 0.2 s after the timeout
-    async with running_worker(settings):
-
-        async def held() -> bool:
-            return len(fake.fake.requests) > 0
-
-        await eventually(held)  # the first request is held by the fake; the worker will time out
-        fake.fake.update_faults({"late_commit_rate": 0.0})
-        await enqueue(ledger, {"id": stage.id, "name": "Newer"}, "newer")
-        terminal = await wait_for_terminal(redis_client, ["older", "newer"], within_s=10)
-
-        async def all_answered() -> bool:  # the held request too: committed late, then answered
-            return all(request.status is not None for request in fake.fake.requests)
-
-        await eventually(all_answered)
+    older, newer = {"id": stage.id, "name": "Older", "colour": "#111111"}, {"id": stage.id, "name": "Newer"}
+    ends = await through_a_late_commit(fake, redis_client, settings, (older, newer), 0.5)  # 0.2 s after the timeout
     # The older one's colour is still its own: its retry goes, and carries the newer name with it.
-    assert {key: events[0]["event"] for key, events in terminal.items()} == {"older": "succeeded", "newer": "succeeded"}
+    assert ends == {"older": "succeeded", "newer": "succeeded"}
     assert (fake.fake.stages[stage.id].name, fake.fake.stages[stage.id].colour) == ("Newer", "#111111")
 
 
@@ -368,22 +383,7 @@ async def test_a_last_attempt_that_times_out_keeps_the_stage_locked_while_it_may
     settings = worker_settings(
         redis_url, fake.url, request_timeout_s=0.3, batch_mode="off", max_attempts=1, clock_offset_s=-120.0
     )
-    ledger = Ledger(redis_client, settings)
-    await enqueue(ledger, {"id": stage.id, "name": "Older"}, "older")
-    fake.fake.update_faults({"late_commit_rate": 1.0, "late_commit_s": 0.4})  # applied 0.1 s after the timeout
-    async with running_worker(settings):
-
-        async def held() -> bool:
-            return len(fake.fake.requests) > 0
-
-        await eventually(held)
-        fake.fake.update_faults({"late_commit_rate": 0.0})
-        await enqueue(ledger, {"id": stage.id, "name": "Newer"}, "newer")
-        terminal = await wait_for_terminal(redis_client, ["older", "newer"], within_s=10)
-
-        async def all_answered() -> bool:  # the held request too: committed late, then answered
-            return all(request.status is not None for request in fake.fake.requests)
-
-        await eventually(all_answered)
-    assert {key: events[0]["event"] for key, events in terminal.items()} == {"older": "failed", "newer": "succeeded"}
+    older, newer = {"id": stage.id, "name": "Older"}, {"id": stage.id, "name": "Newer"}
+    ends = await through_a_late_commit(fake, redis_client, settings, (older, newer), 0.4)  # 0.1 s after the timeout
+    assert ends == {"older": "failed", "newer": "succeeded"}
     assert fake.fake.stages[stage.id].name == "Newer"
