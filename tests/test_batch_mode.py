@@ -23,7 +23,7 @@ from worker.core import batch_claim, keys, readers
 from worker.core.batch_claim import claim_batch, end_batch, record_sent, take_rate_slot, take_run_slot
 from worker.core.change import parse_change, parse_envelope
 from worker.core.errors import IvvyNoAnswer
-from worker.core.ledger import Ledger
+from worker.core.ledger import Ledger, Start
 from worker.core.redis_connection import RedisClient
 from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
 from worker.core.settings import Account, Settings
@@ -643,6 +643,63 @@ async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless
     assert exhausted.decision == "exhausted"
 
 
+async def unanswered_batch(
+    redis_client: aioredis.Redis, settings: Settings, fake: FakeIvvy
+) -> tuple[Ledger, list[tuple[str, dict[str, object]]], bytes, list[Start]]:
+    """Eight changes claimed for a batch whose run was sent and never answered (its worker died),
+    its first stage's lock (taken at the claim, long ago) about to end: 0.3 s left."""
+    changes = one_per_stage(fake, 8)
+    await enqueue(redis_client, settings, changes)
+    ledger = Ledger(redis_client, settings)
+    claim = await claim_batch(ledger, "default", "w1", 1000.0)
+    assert len(claim.starts) == 8
+    assert await take_run_slot(ledger, "default", 1000.0, claim, claim.starts) == 0
+    lock = keys.stage_lock_key("default", str(changes[0][1]["id"])).encode()
+    await redis_client.pexpire(lock, 300)
+    return ledger, changes, lock, claim.starts
+
+
+async def test_a_batch_given_up_on_keeps_its_stages_locked_for_its_hold_though_the_claims_lock_ends_first(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """The worker gives up on its batch's unknown outcome ('unresolved': held for another wait) and
+    dies before it finishes the changes: each stage stays locked for that hold, though the lock its
+    claim took (counted from the claim, not the send) ends first. A newer change of the stage,
+    however early in the queue, waits; on the scripts before, the lock ended and it was sent."""
+    ledger, changes, lock, run = await unanswered_batch(redis_client, settings, fake)
+    await batch_claim.hold_unresolved(ledger, run)
+    assert await redis_client.pttl(lock) > 2_000  # the hold: another batch wait (3 s)
+    await asyncio.sleep(0.35)  # the claim's lock would have ended by now
+    await enqueue(redis_client, settings, [("newer", {"id": changes[0][1]["id"], "colour": "#222222"})])
+    locked = await ledger.start(keys.job_id("default", "newer"), "w2", 1000.0, 0)
+    assert (locked.decision, locked.reason) == ("wait", "locked")
+
+
+async def test_a_change_superseded_while_its_batch_may_land_keeps_the_stage_locked_though_its_claims_lock_ends_first(
+    settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
+) -> None:
+    """The batch's worker died before any answer; past the in-flight guard another worker decides a
+    change overtaken meanwhile superseded (it sends nothing) and finishes it: its stage stays locked
+    until the batch's wait is over, though the lock still names the claim's run and was about to
+    end. On the scripts before, only the finishing run's own lock was kept, and the newer change
+    that overtook it was sent while the batch could still be applied."""
+    settings = dataclasses.replace(settings, request_timeout_s=0.1)  # the in-flight guard: 0.12 s
+    ledger, changes, lock, _ = await unanswered_batch(redis_client, settings, fake)
+    stage = changes[0][1]["id"]
+    await enqueue(redis_client, settings, [("newer", {"id": stage, "name": "Newer"})])
+    await asyncio.sleep(0.15)  # past the guard; the leases are lapsed by hand
+    u0 = keys.job_id("default", "u0")
+    await redis_client.zadd(keys.queue_key(settings.queue_name, "default"), {u0: 0})
+    superseded = await ledger.start(u0, "w2", 1000.0, 0)
+    assert superseded.decision == "superseded"
+    event = {"event": "superseded", "idempotency_key": "u0", "job_id": u0}
+    assert (await ledger.finish(u0, superseded.run, parse_change(changes[0][1]), event=event, history={})).recorded
+    assert await redis_client.pttl(lock) > 2_000  # until the batch's wait (3 s) is over
+    await asyncio.sleep(0.2)  # the claim's lock would have ended by now
+    locked = await ledger.start(keys.job_id("default", "newer"), "w2", 1000.0, 0)
+    assert (locked.decision, locked.reason) == ("wait", "locked")
+
+
 @pytest.mark.system  # waits out a batch's hold in real time (about 1.5 s)
 async def test_a_resend_after_results_not_ready_within_the_wait_waits_out_the_batchs_late_application(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
@@ -682,11 +739,12 @@ async def test_a_resend_after_results_not_ready_within_the_wait_waits_out_the_ba
 @pytest.mark.parametrize(
     ("faults", "cleared"),
     [
-        pytest.param({"batch_run_drop_rate": 1.0, "batch_delay_s": 0.2}, {"batch_run_drop_rate": 0.0},
+        pytest.param({"batch_run_drop_rate": 1.0, "batch_delay_s": 0.4}, {"batch_run_drop_rate": 0.0},
                      id="the run's answer lost"),
-        pytest.param({"batch_delay_s": 0.6}, {}, id="results not ready within the wait, the batch still being applied"),
+        pytest.param({"batch_delay_s": 1.2}, {}, id="results not ready within the wait, the batch still being applied"),
     ],
 )  # fmt: skip
+@pytest.mark.system  # waits out a batch's hold in real time (about 1.5 s)
 async def test_the_changes_a_batchs_job_carried_wait_out_its_late_application(
     settings: Settings,
     redis_client: aioredis.Redis,
@@ -697,14 +755,14 @@ async def test_the_changes_a_batchs_job_carried_wait_out_its_late_application(
     cleared: dict[str, float],
 ) -> None:
     """A batch's job for "b-leader" (a stage's colour) carries "c-carried" (its name, coalesced). The
-    batch's outcome is unknown (a 0.4 s wait) and iVvy applies it late (the leader's job last, at
+    batch's outcome is unknown (a 0.8 s wait) and iVvy applies it late (the leader's job last, at
     its ``batch_delay_s``: within the batch's hold). "newer" (the stage's name), enqueued meanwhile,
     must not go before, nor may a retry of either that carries it: the stage ends at newer's name."""
     other = one_per_stage(fake, 1, "a")  # a batch takes more than one change: its first job, another stage's
     stage = fake.add_stage("Before", apply_to=1)
     changes = [*other, ("b-leader", {"id": stage.id, "colour": "#111111"})]
     changes.append(("c-carried", {"id": stage.id, "name": "Carried"}))
-    settings = dataclasses.replace(settings, batch_wait_s=0.4, request_timeout_s=0.2)
+    settings = dataclasses.replace(settings, batch_wait_s=0.8, request_timeout_s=0.3)
     await enqueue(redis_client, settings, changes)
     # The first worker, by hand: its claim (whatever the threshold), and its batch's run.
     ledger = Ledger(redis_client, settings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 from worker.core import keys
 from worker.core.errors import redis_errors
@@ -114,11 +115,15 @@ async def end_batch(ledger: Ledger, account: str, claim: BatchClaim) -> None:
 
 async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> None:
     """A batch that may still be applied: each change still on its run keeps its stage locked for
-    another ``LEADSTAGE_BATCH_WAIT`` whatever becomes of it."""
+    another ``LEADSTAGE_BATCH_WAIT`` whatever becomes of it, also should this worker die first."""
     with redis_errors():
         await ledger._batch(
             keys=[keys.ledger_key(s.job_id) for s in starts],
-            args=["unresolved", int(ledger.settings.batch_wait_s * 1000), *(s.run for s in starts)],
+            args=[
+                "unresolved",
+                int(ledger.settings.batch_wait_s * 1000),
+                *chain.from_iterable((str(s.run), s.job_id) for s in starts),
+            ],
         )
 
 

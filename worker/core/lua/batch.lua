@@ -57,13 +57,21 @@
 --   KEYS: 1 the account's batches zset, 2 the batch's record;  ARGV: 1 'ended';  Reply: 1.
 -- 'unresolved': a batch that may still be applied (its run unanswered, its results not ready within
 --   the wait): each change's stage stays locked for `hold` from now, whatever becomes of it
---   (unknown_until, which finish.lua honours). Only a change's current run is written.
+--   (unknown_until, which finish.lua honours), and its stage lock is made to last as long (unless
+--   another change holds it), should the worker die before it finishes the change. Only a change's
+--   current run is written.
 --   KEYS: each change's ledger hash;  ARGV: 1 'unresolved', 2 hold (ms), then per change: its run
+--         and its job id
 --   Reply: one 1 (recorded) or 0 (stale) per change, in order.
 -- 'slot': take one slot of the account's rate limit for a poll of a batch, if one is free now.
 --   KEYS: 1 account queue zset (unused), 2 account rate hash;  ARGV: 1 'slot', 2 rate interval (µs),
 --         3 rate window (µs)
 --   Reply: {0} (taken) or {wait ms} (none free now: nothing taken).
+-- Whether a lock's value names this job (any run), parsed from the right: a job id may contain '#'.
+local function owned_by(owner, job)
+  return string.match(owner, '^(.*)#%d+#%d+$') == job
+end
+
 local mode = ARGV[1]
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -116,9 +124,16 @@ end
 if mode == 'unresolved' then
   local hold_until, recorded = now + tonumber(ARGV[2]), {}
   for i, ledger in ipairs(KEYS) do
-    local l = redis.call('HMGET', ledger, 'run', 'state', 'unknown_until')
-    if l[1] == ARGV[2 + i] and l[2] == 'running' then
-      redis.call('HSET', ledger, 'unknown_until', math.max(tonumber(l[3]) or 0, hold_until))
+    local run, job = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+    local l = redis.call('HMGET', ledger, 'run', 'state', 'unknown_until', 'lock_key')
+    if l[1] == run and l[2] == 'running' then
+      local until_ms = math.max(tonumber(l[3]) or 0, hold_until)
+      redis.call('HSET', ledger, 'unknown_until', until_ms)
+      -- The lock of the batch's claim may end sooner (counted from the claim, not the send).
+      local owner = redis.call('GET', l[4])
+      if not owner or owned_by(owner, job) then
+        redis.call('SET', l[4], job .. '#' .. run .. '#' .. until_ms, 'PXAT', until_ms)
+      end
       recorded[i] = 1
     else
       recorded[i] = 0
@@ -138,10 +153,6 @@ local function ledger_of(job)
   return ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
 end
 
--- Whether a lock's value names this job (any run), parsed from the right: a job id may contain '#'.
-local function owned_by(owner, job)
-  return string.match(owner, '^(.*)#%d+#%d+$') == job
-end
 
 -- A batch to collect: the first listed batch none of whose changes still on its run has a live lease.
 local function collectable()

@@ -34,13 +34,18 @@ local function held_by(owner, mine)
   return string.match(owner, '^(.*#%d+)#%d+$') == mine
 end
 
-local function release(lock, mine, unknown_until)
+-- Whether a lock's value names this job, any of its runs (a batch's claim took it for an earlier one).
+local function owned_by(owner, job)
+  return string.match(owner, '^(.*)#%d+#%d+$') == job
+end
+
+local function release(lock, job, mine, unknown_until)
   if unknown_until > now then
     -- A request whose outcome is unknown may still be applied by iVvy for a while: until then no
     -- other change of this stage may be sent, whatever becomes of this one (also when this run's
-    -- lock expired while it ran).
+    -- lock expired while it ran, or names the run of its batch's claim).
     local owner = redis.call('GET', lock)
-    if not owner or held_by(owner, mine) then
+    if not owner or owned_by(owner, job) then
       redis.call('SET', lock, mine .. '#' .. unknown_until, 'PXAT', unknown_until)
     end
     return
@@ -78,7 +83,7 @@ local function finish_one(ledger, lock, a, first)
   end
   local unknown_until = tonumber(l[6]) or 0
   if phase_after == 'unknown' then unknown_until = math.max(unknown_until, now + hold_ms) end
-  release(lock, job .. '#' .. run, unknown_until)
+  release(lock, job, job .. '#' .. run, unknown_until)
   if outcome == 'retrying' then
     local next_at = now + tonumber(delay_ms)
     redis.call('HSET', ledger, 'state', 'retrying', 'phase', phase_after, 'next_at', next_at, 'history', history,

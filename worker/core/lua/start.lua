@@ -171,13 +171,15 @@ local function consider(job)
   -- The lock names the job, its run and its expiry; an older run of this same job (kept after an
   -- unknown outcome) is ours to take over.
   local lock = l[14]
-  local value = job .. '#' .. (run + 1) .. '#' .. (now + lock_ttl_ms)
-  if not redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX') then
+  -- An exhausted change decided while its last send may still land keeps the stage that long.
+  local lock_until = math.max(now + lock_ttl_ms, exhausted and held_until or 0)
+  local value = job .. '#' .. (run + 1) .. '#' .. lock_until
+  if not redis.call('SET', lock, value, 'PXAT', lock_until, 'NX') then
     if not owned_by(redis.call('GET', lock), job) then
       -- The holder usually finishes within one request: look again soon, not at the lock's expiry.
       return later(math.min(redis.call('PTTL', lock), 20) + jitter_ms, 'locked')
     end
-    redis.call('SET', lock, value, 'PX', lock_ttl_ms)
+    redis.call('SET', lock, value, 'PXAT', lock_until)
   end
   if exhausted then return decide('exhausted', '', hold) end
 
