@@ -600,6 +600,19 @@ async def test_a_resend_after_a_batch_of_unknown_outcome_waits_out_its_late_appl
     assert all(names(fake)[int(str(raw["id"]))] == raw["name"] for _, raw in changes[1:])
 
 
+async def sent_batch(
+    redis_client: aioredis.Redis, settings: Settings, fake: FakeIvvy
+) -> tuple[Ledger, list[tuple[str, dict[str, object]]], list[Start]]:
+    """Eight changes, one per stage, claimed for a batch whose run was sent (nothing recorded since)."""
+    changes = one_per_stage(fake, 8)
+    await enqueue(redis_client, settings, changes)
+    ledger = Ledger(redis_client, settings)
+    claim = await claim_batch(ledger, "default", "w1", 1000.0)
+    assert len(claim.starts) == 8
+    assert await take_run_slot(ledger, "default", 1000.0, claim, claim.starts) == 0
+    return ledger, changes, claim.starts
+
+
 async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless_they_send_nothing(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
 ) -> None:
@@ -608,14 +621,9 @@ async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless
     and start.lua makes one that would send wait for the hold; one whose every field was overtaken,
     or one out of attempts, sends nothing and is decided at once. A newer change of a held stage
     waits too, also when the lock of the held change's last send ended first."""
-    changes = one_per_stage(fake, 8)
-    await enqueue(redis_client, settings, changes)
-    ledger = Ledger(redis_client, settings)
-    claim = await claim_batch(ledger, "default", "w1", 1000.0)
-    assert len(claim.starts) == 8
-    assert await take_run_slot(ledger, "default", 1000.0, claim, claim.starts) == 0
-    await batch_claim.hold_unresolved(ledger, claim.starts)
-    by_key = {keys.split_job_id(s.job_id)[1]: s for s in claim.starts}
+    ledger, changes, starts = await sent_batch(redis_client, settings, fake)
+    await batch_claim.hold_unresolved(ledger, starts)
+    by_key = {keys.split_job_id(s.job_id)[1]: s for s in starts}
     for key, raw in changes:
         s = by_key[key]
         event = {"event": "retrying", "idempotency_key": key, "job_id": s.job_id}
@@ -643,22 +651,6 @@ async def test_while_a_batch_of_unknown_outcome_may_land_its_changes_wait_unless
     assert exhausted.decision == "exhausted"
 
 
-async def unanswered_batch(
-    redis_client: aioredis.Redis, settings: Settings, fake: FakeIvvy
-) -> tuple[Ledger, list[tuple[str, dict[str, object]]], bytes, list[Start]]:
-    """Eight changes claimed for a batch whose run was sent and never answered (its worker died),
-    its first stage's lock (taken at the claim, long ago) about to end: 0.3 s left."""
-    changes = one_per_stage(fake, 8)
-    await enqueue(redis_client, settings, changes)
-    ledger = Ledger(redis_client, settings)
-    claim = await claim_batch(ledger, "default", "w1", 1000.0)
-    assert len(claim.starts) == 8
-    assert await take_run_slot(ledger, "default", 1000.0, claim, claim.starts) == 0
-    lock = keys.stage_lock_key("default", str(changes[0][1]["id"])).encode()
-    await redis_client.pexpire(lock, 300)
-    return ledger, changes, lock, claim.starts
-
-
 async def test_a_batch_given_up_on_keeps_its_stages_locked_for_its_hold_though_the_claims_lock_ends_first(
     settings: Settings, redis_client: aioredis.Redis, fake: FakeIvvy
 ) -> None:
@@ -666,7 +658,9 @@ async def test_a_batch_given_up_on_keeps_its_stages_locked_for_its_hold_though_t
     dies before it finishes the changes: each stage stays locked for that hold, though the lock its
     claim took (counted from the claim, not the send) ends first. A newer change of the stage,
     however early in the queue, waits; on the scripts before, the lock ended and it was sent."""
-    ledger, changes, lock, run = await unanswered_batch(redis_client, settings, fake)
+    ledger, changes, run = await sent_batch(redis_client, settings, fake)
+    lock = keys.stage_lock_key("default", str(changes[0][1]["id"]))
+    await redis_client.pexpire(lock, 300)  # the claim's lock (counted from the claim, long ago) about to end
     await batch_claim.hold_unresolved(ledger, run)
     assert await redis_client.pttl(lock) > 2_000  # the hold: another batch wait (3 s)
     await asyncio.sleep(0.35)  # the claim's lock would have ended by now
@@ -684,8 +678,10 @@ async def test_a_change_superseded_while_its_batch_may_land_keeps_the_stage_lock
     end. On the scripts before, only the finishing run's own lock was kept, and the newer change
     that overtook it was sent while the batch could still be applied."""
     settings = dataclasses.replace(settings, request_timeout_s=0.1)  # the in-flight guard: 0.12 s
-    ledger, changes, lock, _ = await unanswered_batch(redis_client, settings, fake)
+    ledger, changes, _ = await sent_batch(redis_client, settings, fake)  # its worker dies: no answer
     stage = changes[0][1]["id"]
+    lock = keys.stage_lock_key("default", str(stage))
+    await redis_client.pexpire(lock, 300)  # the claim's lock (counted from the claim, long ago) about to end
     await enqueue(redis_client, settings, [("newer", {"id": stage, "name": "Newer"})])
     await asyncio.sleep(0.15)  # past the guard; the leases are lapsed by hand
     u0 = keys.job_id("default", "u0")
