@@ -8,6 +8,7 @@ decides anything is the Redis server's clock (``TIME`` inside the scripts, once 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,9 +34,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+#: A line of a script that stands for another file of worker/core/lua/ (``script_source``).
+_INCLUDE = re.compile(r"^--#include (\S+)$", re.MULTILINE)
+
+
 def script_source(name: str) -> str:
-    """The Lua source of a script of worker/core/lua/."""
-    return (Path(__file__).parent / "lua" / name).read_text()
+    """The Lua source of a script of worker/core/lua/, each ``--#include NAME`` line replaced by that
+    file (helpers several scripts share: a script sent to Redis is one text)."""
+    source = (Path(__file__).parent / "lua" / name).read_text()
+    return _INCLUDE.sub(lambda line: script_source(line[1]), source)
 
 
 def _script(client: RedisClient, name: str) -> AsyncScript:

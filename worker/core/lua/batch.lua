@@ -67,10 +67,7 @@
 --   KEYS: 1 account queue zset (unused), 2 account rate hash;  ARGV: 1 'slot', 2 rate interval (µs),
 --         3 rate window (µs)
 --   Reply: {0} (taken) or {wait ms} (none free now: nothing taken).
--- Whether a lock's value names this job (any run), parsed from the right: a job id may contain '#'.
-local function owned_by(owner, job)
-  return string.match(owner, '^(.*)#%d+#%d+$') == job
-end
+--#include locks.lua
 
 local mode = ARGV[1]
 local t = redis.call('TIME')
@@ -130,10 +127,7 @@ if mode == 'unresolved' then
       local until_ms = math.max(tonumber(l[3]) or 0, hold_until)
       redis.call('HSET', ledger, 'unknown_until', until_ms)
       -- The lock of the batch's claim may end sooner (counted from the claim, not the send).
-      local owner = redis.call('GET', l[4])
-      if not owner or owned_by(owner, job) then
-        redis.call('SET', l[4], job .. '#' .. run .. '#' .. until_ms, 'PXAT', until_ms)
-      end
+      take_lock(l[4], job, run, until_ms)
       recorded[i] = 1
     else
       recorded[i] = 0
@@ -152,7 +146,6 @@ local lead_us = tonumber(ARGV[16])
 local function ledger_of(job)
   return ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
 end
-
 
 -- A batch to collect: the first listed batch none of whose changes still on its run has a live lease.
 local function collectable()
@@ -188,10 +181,7 @@ if record then
   for _, item in ipairs(lapsed) do
     local job, ledger, l, index = unpack(item)
     local run = tonumber(l[5]) + 1
-    local owner = redis.call('GET', l[13])
-    if not owner or owned_by(owner, job) then
-      redis.call('SET', l[13], job .. '#' .. run .. '#' .. (now + lock_ttl_ms), 'PX', lock_ttl_ms)
-    end
+    take_lock(l[13], job, run, now + lock_ttl_ms)
     redis.call('HSET', ledger, 'run', run, 'batch_run', run, 'worker', worker_id)
     leased[#leased + 1] = now + lease_ms
     leased[#leased + 1] = job
@@ -259,7 +249,7 @@ for _, job in ipairs(due) do
   if sendable and kept > 0 then
     -- The stage is free (taken now: given back if no batch is claimed), or locked by an earlier run
     -- of this same change (after an unknown outcome: taken over if one is).
-    local value = job .. '#' .. ((tonumber(l[15]) or 0) + 1) .. '#' .. (now + lock_ttl_ms)
+    local value = lock_value(job, (tonumber(l[15]) or 0) + 1, now + lock_ttl_ms)
     local taken = redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX')
     if taken or owned_by(redis.call('GET', lock), job) then
       stages[lock] = true

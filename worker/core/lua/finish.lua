@@ -24,35 +24,23 @@ local rate_key, newest_claim = KEYS[6], KEYS[7]
 local account, retention_ms, maxlen, hold_ms, lock_ttl_ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local outbox = results == dlq
 
+--#include locks.lua
+
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local replies, done, created_ids, created_jobs = {}, {}, {}, {}
 
--- Whether a lock's value names this run: parsed from the right, since a job id may itself
--- contain '#' (job 'k' must not take the lock of job 'k#1' for its own).
-local function held_by(owner, mine)
-  return string.match(owner, '^(.*#%d+)#%d+$') == mine
-end
-
--- Whether a lock's value names this job, any of its runs (a batch's claim took it for an earlier one).
-local function owned_by(owner, job)
-  return string.match(owner, '^(.*)#%d+#%d+$') == job
-end
-
-local function release(lock, job, mine, unknown_until)
+local function release(lock, job, run, unknown_until)
   if unknown_until > now then
     -- A request whose outcome is unknown may still be applied by iVvy for a while: until then no
     -- other change of this stage may be sent, whatever becomes of this one (also when this run's
     -- lock expired while it ran, or names the run of its batch's claim).
-    local owner = redis.call('GET', lock)
-    if not owner or owned_by(owner, job) then
-      redis.call('SET', lock, mine .. '#' .. unknown_until, 'PXAT', unknown_until)
-    end
+    take_lock(lock, job, run, unknown_until)
     return
   end
   local owner = redis.call('GETDEL', lock)
-  if owner and not held_by(owner, mine) then
-    local expires = tonumber(string.match(owner, '#(%d+)$'))
+  if owner and not held_by(owner, job, run) then
+    local expires = lock_expiry(owner)
     if not expires then redis.call('SET', lock, owner, 'PX', lock_ttl_ms) -- a value without its expiry
     elseif expires > now then redis.call('SET', lock, owner, 'PXAT', expires) end
   end
@@ -83,7 +71,7 @@ local function finish_one(ledger, lock, a, first)
   end
   local unknown_until = tonumber(l[6]) or 0
   if phase_after == 'unknown' then unknown_until = math.max(unknown_until, now + hold_ms) end
-  release(lock, job, job .. '#' .. run, unknown_until)
+  release(lock, job, run, unknown_until)
   if outcome == 'retrying' then
     local next_at = now + tonumber(delay_ms)
     redis.call('HSET', ledger, 'state', 'retrying', 'phase', phase_after, 'next_at', next_at, 'history', history,

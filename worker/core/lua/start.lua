@@ -31,6 +31,8 @@ local ledger_prefix, jitter_ms = ARGV[9], tonumber(ARGV[10])
 local slots, window_us, batch_wait_ms = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local lead_us = tonumber(ARGV[14])
 
+--#include locks.lua
+
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
 local now = math.floor(now_us / 1000)
@@ -53,12 +55,6 @@ local function decided(decision, job, wait_ms, reason, run, attempt, phase, drop
     decisions[#decisions + 1] = v
   end
   return true
-end
-
--- Whether a lock's value names this job (any run), parsed from the right: a job id may itself
--- contain '#' ('k' and 'k#1').
-local function owned_by(owner, job)
-  return string.match(owner, '^(.*)#%d+#%d+$') == job
 end
 
 -- One due job: true when it was decided about (a decision in the reply), false when it was put back
@@ -149,10 +145,7 @@ local function consider(job)
   if held_until > now and (l[6] == 'add' or not exhausted) then
     -- Its stage stays locked meanwhile, also when the lock its last send took ends first (a batch's
     -- lasts from its claim; a worker that died between 'unresolved' and its finish).
-    local owner = redis.call('GET', l[14])
-    if not owner or owned_by(owner, job) then
-      redis.call('SET', l[14], job .. '#' .. run .. '#' .. held_until, 'PXAT', held_until)
-    end
+    take_lock(l[14], job, run, held_until)
     return later(held_until - now, 'in_flight')
   end
   if not exhausted then
@@ -173,7 +166,7 @@ local function consider(job)
   local lock = l[14]
   -- An exhausted change decided while its last send may still land keeps the stage that long.
   local lock_until = math.max(now + lock_ttl_ms, exhausted and held_until or 0)
-  local value = job .. '#' .. (run + 1) .. '#' .. lock_until
+  local value = lock_value(job, run + 1, lock_until)
   if not redis.call('SET', lock, value, 'PXAT', lock_until, 'NX') then
     if not owned_by(redis.call('GET', lock), job) then
       -- The holder usually finishes within one request: look again soon, not at the lock's expiry.
