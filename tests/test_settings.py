@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import re
 from pathlib import Path
 
 import orjson
@@ -14,6 +15,7 @@ from worker.core.errors import ConfigError
 from worker.core.settings import ENVIRONMENT, Account, Secret, Settings
 from worker.core.settings.variables import MIN_SECRET_LENGTH
 
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = Settings()
 
 #: (variable, raw value, field, parsed value)
@@ -156,8 +158,22 @@ def test_the_defaults_without_any_variable() -> None:
     assert Settings.from_env({}) == DEFAULTS
 
 
+def test_the_contract_lists_every_variable_with_its_default() -> None:
+    """docs/contract.md's Configuration table: a row names one or more variables and as many
+    defaults (— for none), written as the variable would hold them."""
+    documented: dict[str, str] = {}
+    for row in (ROOT / "docs" / "contract.md").read_text().splitlines():
+        cells = row.split(" | ")
+        if row.startswith("| `") and len(cells) >= 3:
+            names, defaults = re.findall(r"`([A-Z_]+)`", cells[0]), cells[1].split(", ")
+            documented |= dict(zip(names, [text.strip("`").replace("—", "") for text in defaults], strict=False))
+    assert {variable.name: documented.get(variable.name) for variable in ENVIRONMENT.values()} == {
+        variable.name: variable.default for variable in ENVIRONMENT.values()
+    }
+
+
 def test_every_variable_is_in_a_table() -> None:
-    assert {variable for variable, *_ in GOOD} == {variable for variable, _ in ENVIRONMENT.values()}
+    assert {variable for variable, *_ in GOOD} == {variable.name for variable in ENVIRONMENT.values()}
 
 
 @pytest.mark.parametrize(("variable", "raw", "name", "expected"), GOOD)

@@ -16,7 +16,7 @@ from worker.core.change import DEFAULT_ACCOUNT, shown
 
 __all__ = ["COMMANDS", "build_parser", "parse_command", "parse_fake_ivvy_options"]
 
-ENVIRONMENT_HELP = """environment (the settings that matter most; README lists them all):
+ENVIRONMENT_HELP = """environment (the settings that matter most; docs/contract.md lists them all):
   REDIS_URL                  redis://, rediss://, unix:// or redis+sentinel:// URL
                              (default redis://localhost:6379/0), or redis+cluster://
                              (a Redis Cluster: every command runs on one)

@@ -4,14 +4,15 @@
 first bad one; the command line turns that into one clear line on stderr. Secrets are kept in
 ``Secret`` so that no repr, log line or error message can show them.
 
-By job: ``variables`` reads each kind of value (``EnvReader``, ``Secret``), ``accounts`` the iVvy
-accounts and per-account webhook secrets; ``Settings`` and its table of variables are here.
+By job: ``variables`` reads each kind of value from its text (``Parse``, ``Variable``, ``Secret``),
+``accounts`` the iVvy accounts and per-account webhook secrets; ``Settings`` and its table of
+variables are here.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
@@ -23,10 +24,11 @@ from worker.core.settings.variables import (
     LOG_LEVEL_NAMES,
     VARIABLE,
     BatchMode,
-    EnvReader,
     LogFormat,
     LogLevel,
+    Parse,
     Secret,
+    Variable,
     setting,
     split_list,
 )
@@ -53,96 +55,93 @@ BATCH_MAX_JOBS: Final = 200
 class Settings:
     """Every setting of every program; ``from_env`` reads them (``ENVIRONMENT`` names the variables)."""
 
-    redis_url: str = setting("REDIS_URL", EnvReader.redis_url, "redis://localhost:6379/0")
+    redis_url: str = setting("REDIS_URL", Parse.redis_url, "redis://localhost:6379/0")
     accounts: Mapping[str, Account] = field(default_factory=dict)
     #: Requests per second per account, shared by every worker (the GCRA in start.lua).
-    rate_limit: float = setting("LEADSTAGE_RATE_LIMIT", EnvReader.positive_float, 10.0)
+    rate_limit: float = setting("LEADSTAGE_RATE_LIMIT", Parse.positive_float, "10")
     #: A claim takes a rate-limit slot that opens within this lead and its run waits for it before
     #: sending, so that waking up for the slot (the schedule's pick and the claim: 3 ms at the median,
     #: 7 ms at p90, 17 ms at p99 on the busy 2-core test host) does not make every later slot that
     #: late; 20 ms covers all but about 1 % of wake-ups (5 ms: a fifth to a quarter came later).
-    rate_lead_s: float = setting("LEADSTAGE_RATE_LEAD", EnvReader.positive_float, 0.02)
+    rate_lead_s: float = setting("LEADSTAGE_RATE_LEAD", Parse.positive_float, "0.02")
     #: Retries: a change is dead-lettered after this many attempts or this long after its enqueue.
-    max_attempts: int = setting("LEADSTAGE_MAX_ATTEMPTS", EnvReader.positive_int, 8)
-    max_age_s: float = setting("LEADSTAGE_MAX_AGE", EnvReader.positive_float, 3600.0)
-    backoff_base_s: float = setting("LEADSTAGE_BACKOFF_BASE", EnvReader.positive_float, 0.5)
-    backoff_max_s: float = setting("LEADSTAGE_BACKOFF_MAX", EnvReader.positive_float, 60.0)
+    max_attempts: int = setting("LEADSTAGE_MAX_ATTEMPTS", Parse.positive_int, "8")
+    max_age_s: float = setting("LEADSTAGE_MAX_AGE", Parse.positive_float, "3600")
+    backoff_base_s: float = setting("LEADSTAGE_BACKOFF_BASE", Parse.positive_float, "0.5")
+    backoff_max_s: float = setting("LEADSTAGE_BACKOFF_MAX", Parse.positive_float, "60")
     #: Where outcomes go, how many results are kept, how long a finished key is remembered.
-    results_stream: str = setting("LEADSTAGE_RESULTS_STREAM", EnvReader.name, "leadstage:results")
-    dlq_stream: str = setting("LEADSTAGE_DLQ_STREAM", EnvReader.name, "leadstage:dlq")
-    results_maxlen: int = setting("LEADSTAGE_RESULTS_MAXLEN", EnvReader.positive_int, 100_000)
-    ledger_retention_s: int = setting("LEADSTAGE_LEDGER_RETENTION", EnvReader.positive_int, 86_400)
+    results_stream: str = setting("LEADSTAGE_RESULTS_STREAM", Parse.key_name, "leadstage:results")
+    dlq_stream: str = setting("LEADSTAGE_DLQ_STREAM", Parse.key_name, "leadstage:dlq")
+    results_maxlen: int = setting("LEADSTAGE_RESULTS_MAXLEN", Parse.positive_int, "100000")
+    ledger_retention_s: int = setting("LEADSTAGE_LEDGER_RETENTION", Parse.positive_int, "86400")
     #: The worker process: its arq queue, how many jobs at once, their timeouts, its stop.
-    queue_name: str = setting("LEADSTAGE_QUEUE", EnvReader.name, "leadstage:queue")
-    concurrency: int = setting("LEADSTAGE_CONCURRENCY", EnvReader.positive_int, 50)
-    request_timeout_s: float = setting("LEADSTAGE_REQUEST_TIMEOUT", EnvReader.positive_float, 10.0)
+    queue_name: str = setting("LEADSTAGE_QUEUE", Parse.key_name, "leadstage:queue")
+    concurrency: int = setting("LEADSTAGE_CONCURRENCY", Parse.positive_int, "50")
+    request_timeout_s: float = setting("LEADSTAGE_REQUEST_TIMEOUT", Parse.positive_float, "10")
     #: The in-flight guard (a POST of a worker that may still wait for iVvy's answer) is the request
     #: timeout plus this margin for the round trip that wrote the recovery point before the POST.
-    in_flight_margin_s: float = setting("LEADSTAGE_IN_FLIGHT_MARGIN", EnvReader.positive_float, 1.0)
-    job_timeout_s: float = setting("LEADSTAGE_JOB_TIMEOUT", EnvReader.positive_float, 120.0)
-    poll_delay_s: float = setting("LEADSTAGE_POLL_DELAY", EnvReader.positive_float, 0.01)
-    shutdown_grace_s: float = setting("LEADSTAGE_SHUTDOWN_GRACE", EnvReader.positive_float, 25.0)
-    lease_s: float = setting("LEADSTAGE_LEASE", EnvReader.positive_float, 8.0)
+    in_flight_margin_s: float = setting("LEADSTAGE_IN_FLIGHT_MARGIN", Parse.positive_float, "1")
+    job_timeout_s: float = setting("LEADSTAGE_JOB_TIMEOUT", Parse.positive_float, "120")
+    poll_delay_s: float = setting("LEADSTAGE_POLL_DELAY", Parse.positive_float, "0.01")
+    shutdown_grace_s: float = setting("LEADSTAGE_SHUTDOWN_GRACE", Parse.positive_float, "25")
+    lease_s: float = setting("LEADSTAGE_LEASE", Parse.positive_float, "8")
     #: The most changes of one stage one request carries (coalescing, docs/contract.md; 1: never).
-    coalesce_max: int = setting("LEADSTAGE_COALESCE_MAX", EnvReader.positive_int, 50)
+    coalesce_max: int = setting("LEADSTAGE_COALESCE_MAX", Parse.positive_int, "50")
     #: Batch mode (docs/contract.md: Batches): ``auto`` sends an account's due changes (updates, and
     #: adds with nothing to reconcile) through iVvy's batch namespace when more than
     #: ``batch_threshold`` of them (one per stage lock) are due, up to ``batch_max`` (at most 200)
     #: per batch, waiting up to ``batch_wait_s`` for results.
-    batch_mode: BatchMode = setting("LEADSTAGE_BATCH", EnvReader.batch_mode, "auto")
-    batch_threshold: int = setting("LEADSTAGE_BATCH_THRESHOLD", EnvReader.positive_int, 20)
-    batch_max: int = setting("LEADSTAGE_BATCH_MAX", EnvReader.positive_int, 200)
-    batch_wait_s: float = setting("LEADSTAGE_BATCH_WAIT", EnvReader.positive_float, 30.0)
+    batch_mode: BatchMode = setting("LEADSTAGE_BATCH", Parse.batch_mode, "auto")
+    batch_threshold: int = setting("LEADSTAGE_BATCH_THRESHOLD", Parse.positive_int, "20")
+    batch_max: int = setting("LEADSTAGE_BATCH_MAX", Parse.positive_int, "200")
+    batch_wait_s: float = setting("LEADSTAGE_BATCH_WAIT", Parse.positive_float, "30")
     #: The shortest and longest pause between two polls of a batch's progress (paced by the progress
     #: between them; the longest while it reports none).
-    batch_poll_min_s: float = setting("LEADSTAGE_BATCH_POLL_MIN", EnvReader.positive_float, 0.2)
-    batch_poll_max_s: float = setting("LEADSTAGE_BATCH_POLL_MAX", EnvReader.positive_float, 5.0)
+    batch_poll_min_s: float = setting("LEADSTAGE_BATCH_POLL_MIN", Parse.positive_float, "0.2")
+    batch_poll_max_s: float = setting("LEADSTAGE_BATCH_POLL_MAX", Parse.positive_float, "5")
     #: Replicas that must confirm the writes that matter (enqueue, the recovery point before a POST,
     #: the terminal state) before they count as done; 0 waits for none (docs/contract.md: Durability).
-    redis_min_replicas: int = setting("LEADSTAGE_REDIS_MIN_REPLICAS", EnvReader.whole_number, 0)
-    redis_replica_timeout_s: float = setting("LEADSTAGE_REDIS_REPLICA_TIMEOUT", EnvReader.positive_float, 1.0)
+    redis_min_replicas: int = setting("LEADSTAGE_REDIS_MIN_REPLICAS", Parse.whole_number, "0")
+    redis_replica_timeout_s: float = setting("LEADSTAGE_REDIS_REPLICA_TIMEOUT", Parse.positive_float, "1")
     #: The longest Retry-After (and account pause) honoured; a longer one dead-letters the change.
-    retry_after_max_s: float = setting("LEADSTAGE_RETRY_AFTER_MAX", EnvReader.positive_float, 600.0)
+    retry_after_max_s: float = setting("LEADSTAGE_RETRY_AFTER_MAX", Parse.positive_float, "600")
     #: Added to this host's clock (tests of clock skew only): nothing but event times and iVvy's
     #: request signature read it, every decision uses the Redis server's clock.
-    clock_offset_s: float = setting("LEADSTAGE_TEST_CLOCK_OFFSET", EnvReader.number, 0.0)
+    clock_offset_s: float = setting("LEADSTAGE_TEST_CLOCK_OFFSET", Parse.number, "0")
     #: WEBHOOK_SECRET: one or more whsec_ secrets (several while rotating), for any account: the
     #: signed body names the account.
-    webhook_secret: Secret | None = setting("WEBHOOK_SECRET", EnvReader.webhook_secret, None)
+    webhook_secret: Secret | None = setting("WEBHOOK_SECRET", Parse.webhook_secret, "")
     #: LEADSTAGE_WEBHOOK_SECRETS_FILE: account -> its own secrets (one or more, space-separated); a
     #: request signed with one of them is for that account only.
     webhook_account_secrets: Mapping[str, Secret] = field(default_factory=dict)
     #: LEADSTAGE_PLAIN_HTTP_HOSTS: hosts besides loopback whose iVvy base URL may be http://.
-    plain_http_hosts: frozenset[str] = setting("LEADSTAGE_PLAIN_HTTP_HOSTS", EnvReader.host_list, frozenset())
+    plain_http_hosts: frozenset[str] = setting("LEADSTAGE_PLAIN_HTTP_HOSTS", Parse.host_list, "")
     #: LEADSTAGE_ACCOUNT_NAMES: the account list of a producer that has no credentials (the
     #: webhook); where credentials are configured too, it must name exactly their accounts.
-    account_names: frozenset[str] = setting("LEADSTAGE_ACCOUNT_NAMES", EnvReader.account_list, frozenset())
-    webhook_max_body_bytes: int = setting("LEADSTAGE_WEBHOOK_MAX_BODY", EnvReader.positive_int, 1_048_576)
-    metrics_port: int = setting("LEADSTAGE_METRICS_PORT", EnvReader.port, 9464)
-    log_format: LogFormat = setting("LEADSTAGE_LOG_FORMAT", EnvReader.log_format, "auto")
+    account_names: frozenset[str] = setting("LEADSTAGE_ACCOUNT_NAMES", Parse.account_list, "")
+    webhook_max_body_bytes: int = setting("LEADSTAGE_WEBHOOK_MAX_BODY", Parse.positive_int, "1048576")
+    metrics_port: int = setting("LEADSTAGE_METRICS_PORT", Parse.port, "9464")
+    log_format: LogFormat = setting("LEADSTAGE_LOG_FORMAT", Parse.log_format, "auto")
     #: None when LEADSTAGE_LOG_LEVEL is unset: info (the demo, which is read by a person: warning).
-    log_level: LogLevel | None = setting("LEADSTAGE_LOG_LEVEL", EnvReader.log_level, None)
+    log_level: LogLevel | None = setting("LEADSTAGE_LOG_LEVEL", Parse.log_level, "")
     #: Every Redis command of a producer or reader waits this long for its answer at most.
-    redis_timeout_s: float = setting("LEADSTAGE_REDIS_TIMEOUT", EnvReader.positive_float, TIMEOUT_S)
+    redis_timeout_s: float = setting("LEADSTAGE_REDIS_TIMEOUT", Parse.positive_float, f"{TIMEOUT_S:g}")
     #: Connecting to Redis gives up after this long (an unroutable host would hang otherwise).
     redis_connect_timeout_s: float = setting(
-        "LEADSTAGE_REDIS_CONNECT_TIMEOUT", EnvReader.positive_float, CONNECT_TIMEOUT_S
+        "LEADSTAGE_REDIS_CONNECT_TIMEOUT", Parse.positive_float, f"{CONNECT_TIMEOUT_S:g}"
     )
     #: ``leadstage console``: the token that may read and change (replay, discard); the console is
     #: off without it. The read-only token, when set, may only read.
-    console_token: Secret | None = setting("LEADSTAGE_CONSOLE_TOKEN", EnvReader.token, None)
-    console_read_token: Secret | None = setting("LEADSTAGE_CONSOLE_READ_TOKEN", EnvReader.token, None)
+    console_token: Secret | None = setting("LEADSTAGE_CONSOLE_TOKEN", Parse.token, "")
+    console_read_token: Secret | None = setting("LEADSTAGE_CONSOLE_READ_TOKEN", Parse.token, "")
     #: Declared when a TLS-terminating proxy stands in front of the console: its login cookie is
     #: then marked Secure, and binding beyond loopback is not warned about.
-    console_tls_proxy: bool = setting("LEADSTAGE_CONSOLE_TLS_PROXY", EnvReader.flag, False)
+    console_tls_proxy: bool = setting("LEADSTAGE_CONSOLE_TLS_PROXY", Parse.flag, "0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        reader = EnvReader(env)
-        values: dict[str, Any] = {
-            name: read(reader, variable, getattr(cls, name)) for name, (variable, read) in ENVIRONMENT.items()
-        }
+        values: dict[str, Any] = {name: variable.read(env) for name, variable in ENVIRONMENT.items()}
         accounts = load_accounts(env, values["rate_limit"], values["plain_http_hosts"])
         secrets = load_webhook_secrets(env, frozenset(accounts) | values["account_names"])
         settings = cls(accounts=accounts, webhook_account_secrets=secrets, **values)
@@ -156,12 +155,12 @@ class Settings:
         default account can be written as variables; other accounts need LEADSTAGE_ACCOUNTS_FILE.
         """
         env: dict[str, str] = {}
-        for name, (variable, _) in ENVIRONMENT.items():
+        for name, variable in ENVIRONMENT.items():
             value = getattr(self, name)
             if isinstance(value, frozenset):
-                env[variable] = " ".join(sorted(value))
+                env[variable.name] = " ".join(sorted(value))
             elif value is not None:
-                env[variable] = value.get() if isinstance(value, Secret) else str(value)
+                env[variable.name] = value.get() if isinstance(value, Secret) else str(value)
         if self.webhook_account_secrets:
             raise ConfigError(
                 "per-account webhook secrets cannot be written as variables: use LEADSTAGE_WEBHOOK_SECRETS_FILE"
@@ -271,9 +270,9 @@ class Settings:
             )
 
 
-#: Settings field -> (its environment variable, the ``EnvReader`` method that reads it): read by
-#: ``from_env``, written back by ``to_env``. The accounts are read from their own variables
-#: (``load_accounts``), the per-account webhook secrets from their file.
-ENVIRONMENT: Final[Mapping[str, tuple[str, Callable[[EnvReader, str, Any], Any]]]] = {
+#: Settings field -> its ``Variable`` (name, how it is read, its default text): read by ``from_env``,
+#: written back by ``to_env``. The accounts are read from their own variables (``load_accounts``),
+#: the per-account webhook secrets from their file.
+ENVIRONMENT: Final[Mapping[str, Variable]] = {
     each.name: each.metadata[VARIABLE] for each in fields(Settings) if VARIABLE in each.metadata
 }

@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import field
-from typing import Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from worker.core.change import parse_envelope
 from worker.core.errors import ConfigError, InvalidChange
@@ -54,141 +54,143 @@ LOG_LEVEL_NAMES: tuple[LogLevel, ...] = ("debug", "info", "warning", "warn", "er
 MIN_SECRET_LENGTH = 16
 
 
-class EnvReader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
+class Parse:
+    """How each kind of setting is read from its text: ``kind(variable, text) -> value``, raising a
+    ``ConfigError`` that names the variable. ``text`` is the variable's value, stripped, or the
+    setting's default text when it is unset or blank; "" (the default of an optional setting) is
+    the value's absence."""
 
-    def _raw(self, name: str) -> str | None:
-        value = self.env.get(name)
-        return None if value is None or value.strip() == "" else value.strip()
-
-    def positive_float(self, name: str, default: float) -> float:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        value = self._finite(name, raw, "a positive number")
+    @staticmethod
+    def positive_float(name: str, text: str) -> float:
+        value = _finite(name, text, "a positive number")
         if value <= 0:
-            raise ConfigError(f"{name} must be a positive number, not {raw!r}")
+            raise ConfigError(f"{name} must be a positive number, not {text!r}")
         return value
 
     @staticmethod
-    def _finite(name: str, raw: str, what: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be {what}, not {raw!r}")
-        return value
+    def number(name: str, text: str) -> float:
+        return _finite(name, text, "a finite number")
 
-    def _whole(self, name: str, default: int, what: str, fits: Callable[[int], bool]) -> int:
-        """A whole number written in ASCII digits (``int`` also reads "٤" and chokes on "²")."""
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        if not (raw.isascii() and raw.isdigit()) or not fits(int(raw)):
-            raise ConfigError(f"{name} must be {what}, not {raw!r}")
-        return int(raw)
+    @staticmethod
+    def positive_int(name: str, text: str) -> int:
+        return _whole(name, text, "a positive whole number", lambda value: value >= 1)
 
-    def positive_int(self, name: str, default: int) -> int:
-        return self._whole(name, default, "a positive whole number", lambda value: value >= 1)
+    @staticmethod
+    def whole_number(name: str, text: str) -> int:
+        return _whole(name, text, "a whole number, 0 or more", lambda value: True)
 
-    def whole_number(self, name: str, default: int) -> int:
-        return self._whole(name, default, "a whole number, 0 or more", lambda value: True)
+    @staticmethod
+    def port(name: str, text: str) -> int:
+        return _whole(name, text, "a port number 0..65535 (0 turns it off)", lambda value: value <= 65535)
 
-    def number(self, name: str, default: float) -> float:
-        raw = self._raw(name)
-        return default if raw is None else self._finite(name, raw, "a finite number")
+    @staticmethod
+    def key_name(name: str, text: str) -> str:
+        if not text or any(c.isspace() for c in text):
+            raise ConfigError(f"{name} must be a Redis key name without spaces, not {text!r}")
+        return text
 
-    def port(self, name: str, default: int) -> int:
-        return self._whole(name, default, "a port number 0..65535 (0 turns it off)", lambda value: value <= 65535)
+    @staticmethod
+    def log_format(name: str, text: str) -> LogFormat:
+        return _choice(name, text, LOG_FORMATS)
 
-    def name(self, name: str, default: str) -> str:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        if any(c.isspace() for c in raw):
-            raise ConfigError(f"{name} must be a Redis key name without spaces, not {raw!r}")
-        return raw
+    @staticmethod
+    def batch_mode(name: str, text: str) -> BatchMode:
+        return _choice(name, text, BATCH_MODES)
 
-    def _choice(self, name: str, default: _Choice, choices: tuple[_Choice, ...]) -> _Choice:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        for choice in choices:
-            if raw.lower() == choice:
-                return choice
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    @staticmethod
+    def log_level(name: str, text: str) -> LogLevel | None:
+        return _choice(name, text, LOG_LEVEL_NAMES) if text else None
 
-    def log_format(self, name: str, default: LogFormat) -> LogFormat:
-        return self._choice(name, default, LOG_FORMATS)
-
-    def batch_mode(self, name: str, default: BatchMode) -> BatchMode:
-        return self._choice(name, default, BATCH_MODES)
-
-    def log_level(self, name: str, default: LogLevel | None) -> LogLevel | None:
-        if self._raw(name) is None:
-            return default
-        return self._choice(name, "info", LOG_LEVEL_NAMES)
-
-    def redis_url(self, name: str, default: str) -> str:
-        raw = self._raw(name) or default
-        password = parse_redis_url(raw, name).password
+    @staticmethod
+    def redis_url(name: str, text: str) -> str:
+        password = parse_redis_url(text, name).password
         if password is not None:
             check_secret_length(f"{name}'s password", password)
-        return raw
+        return text
 
-    def flag(self, name: str, default: bool) -> bool:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        if raw.lower() in ("1", "true", "yes", "on"):
+    @staticmethod
+    def flag(name: str, text: str) -> bool:
+        if text.lower() in ("1", "true", "yes", "on"):
             return True
-        if raw.lower() in ("0", "false", "no", "off"):
+        if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, not {raw!r}")
+        raise ConfigError(f"{name} must be 1/true/yes/on or 0/false/no/off, not {text!r}")
 
-    def token(self, name: str, default: Secret | None) -> Secret | None:
+    @staticmethod
+    def token(name: str, text: str) -> Secret | None:
         """A bearer token: long enough not to be guessed, and sendable in a header as is."""
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        if len(raw) < MIN_SECRET_LENGTH or not all(c.isascii() and c.isprintable() and not c.isspace() for c in raw):
+        if not text:
+            return None
+        if len(text) < MIN_SECRET_LENGTH or not all(c.isascii() and c.isprintable() and not c.isspace() for c in text):
             # The message never repeats the value: it is a secret, even when a bad one.
             raise ConfigError(
                 f"{name} must be at least {MIN_SECRET_LENGTH} printable ASCII characters without spaces "
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
             )
-        return Secret(raw)
+        return Secret(text)
 
-    def webhook_secret(self, name: str, default: Secret | None) -> Secret | None:
-        raw = self._raw(name)
-        return default if raw is None else check_webhook_secrets(name, raw)
+    @staticmethod
+    def webhook_secret(name: str, text: str) -> Secret | None:
+        return check_webhook_secrets(name, text) if text else None
 
-    def host_list(self, name: str, default: frozenset[str]) -> frozenset[str]:
-        raw = self._raw(name)
-        return default if raw is None else frozenset(host.lower() for host in split_list(raw))
+    @staticmethod
+    def host_list(name: str, text: str) -> frozenset[str]:
+        return frozenset(host.lower() for host in split_list(text))
 
-    def account_list(self, name: str, default: frozenset[str]) -> frozenset[str]:
+    @staticmethod
+    def account_list(name: str, text: str) -> frozenset[str]:
         """Account names (not their credentials), separated by spaces or commas."""
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        for account in split_list(raw):
+        for account in split_list(text):
             check_account_name(f"{name}, account {account!r}", account)
-        return frozenset(split_list(raw))
+        return frozenset(split_list(text))
 
 
-#: The key of a settings field's metadata that holds its variable and how it is read.
+def _finite(name: str, text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be {what}, not {text!r}")
+    return value
+
+
+def _whole(name: str, text: str, what: str, fits: Callable[[int], bool]) -> int:
+    """A whole number written in ASCII digits (``int`` also reads "٤" and chokes on "²")."""
+    if not (text.isascii() and text.isdigit()) or not fits(int(text)):
+        raise ConfigError(f"{name} must be {what}, not {text!r}")
+    return int(text)
+
+
+def _choice(name: str, text: str, choices: tuple[_Choice, ...]) -> _Choice:
+    for choice in choices:
+        if text.lower() == choice:
+            return choice
+    raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {text!r}")
+
+
+class Variable(NamedTuple):
+    """A setting's environment variable, how its text is read, and its text when it is unset."""
+
+    name: str
+    parse: Callable[[str, str], Any]
+    default: str
+
+    def read(self, env: Mapping[str, str]) -> Any:
+        return self.parse(self.name, env.get(self.name, "").strip() or self.default)
+
+
+#: The key of a settings field's metadata that holds its ``Variable``.
 VARIABLE = "variable"
 
 
-def setting(variable: str, read: Callable[[EnvReader, str, _Value], _Value], default: _Value) -> _Value:
-    """A ``Settings`` field read from ``variable`` by ``read`` (an ``EnvReader`` method, so that the
-    field's type and its reader's agree), ``default`` when it is unset: each setting's variable is
-    named once, beside its field."""
-    # dataclasses sees the Field; type checkers see the default's type (the usual field() wrapper).
-    return field(default=default, metadata={VARIABLE: (variable, read)})
+def setting(variable: str, parse: Callable[[str, str], _Value], default: str) -> _Value:
+    """A ``Settings`` field read from ``variable`` by ``parse`` (a ``Parse`` kind, so that the
+    field's type and its reader's agree), from the text ``default`` when it is unset: each
+    setting's variable is named once, beside its field, and its default is written as the variable
+    would be (the contract's table shows the same text) and goes through the same check."""
+    # dataclasses sees the Field; type checkers see the parsed default's type (the usual field() wrapper).
+    return field(default=parse(variable, default), metadata={VARIABLE: Variable(variable, parse, default)})
 
 
 def check_account_name(where: str, name: str) -> None:
