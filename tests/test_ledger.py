@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import redis.asyncio as aioredis
 
 from worker.core import keys
 from worker.core.change import Envelope, LeadStageChange, parse_change
-from worker.core.errors import IdempotencyConflict
+from worker.core.errors import ConfigError, IdempotencyConflict
 from worker.core.ledger import Ledger, Start, now_ms
 from worker.core.scripts import RATE_WINDOW_US
 from worker.core.settings import Settings
@@ -84,6 +85,36 @@ async def test_a_batch_with_a_conflict_enqueues_nothing(ledger: Ledger, redis_cl
     with pytest.raises(IdempotencyConflict):
         await ledger.enqueue_many(batch)
     assert await redis_client.exists(keys.ledger_key("default:k2")) == 0
+
+
+@pytest.mark.parametrize(
+    ("foreign", "kind"),
+    [
+        (QUEUE, "zset"),  # refused by the last writes, after every ledger entry
+        (keys.stage_key("default", 8), "hash"),  # the second change's: the first was written already
+        (keys.PENDING, "hash"),
+        (keys.ledger_key("default:k2"), "hash"),
+    ],
+)
+async def test_a_key_holding_another_kind_of_value_enqueues_nothing(
+    ledger: Ledger, redis_client: aioredis.Redis, foreign: str, kind: str
+) -> None:
+    """Another program's value at one of the keys: a clear error naming it, and nothing half-written
+    (Redis does not undo a script's writes before a refused one: a ledger entry no queue holds
+    would answer 'duplicate' to the retry, and never be sent)."""
+    await redis_client.set(foreign, "another program's")
+    batch = [
+        (parse_change({"id": 7, "name": "A"}), envelope("k1")),
+        (parse_change({"id": 8, "name": "B"}), envelope("k2")),
+    ]
+    with pytest.raises(ConfigError, match=rf"a string at '{re.escape(foreign)}', where leadstage keeps a {kind}"):
+        await ledger.enqueue_many(batch)
+    # Only the schedule's notice, sent in the same round trip, is left: a wake-up that finds nothing.
+    notice = {keys.ready_key("leadstage:queue"), keys.wake_key("leadstage:queue"), keys.epoch_key("leadstage:queue")}
+    assert {key.decode() for key in await redis_client.keys("*")} - notice == {foreign}
+    await redis_client.delete(foreign)
+    assert [receipt.status for receipt in await ledger.enqueue_many(batch)] == ["queued", "queued"]
+    assert await redis_client.zcard(QUEUE) == 2
 
 
 async def test_the_job_record_is_the_ledger_entry_in_json(ledger: Ledger, redis_client: aioredis.Redis) -> None:

@@ -107,6 +107,26 @@ def test_a_refused_write_may_have_been_applied_so_its_outcome_is_unknown(
     assert f"Redis refused the command: {refusal}: whether idempotency key 'k1' got enqueued is unknown" in line
 
 
+@pytest.mark.parametrize("how", ["one change", "a file"])
+def test_a_queue_key_holding_another_kind_of_value_is_one_line_and_enqueues_nothing(
+    leadstage: Run, db: redis.Redis, tmp_path: Path, how: str
+) -> None:
+    """Over either client (the RESP one for one change, redis-py for a file): exit 2 naming the key,
+    and the retry after the key is cleared enqueues the change (it was not half-written)."""
+    queue = "leadstage:queue:{default}"
+    db.set(queue, "another program's")
+    lines = tmp_path / "changes.jsonl"
+    lines.write_text('{"name": "Hot", "applyTo": 1}\n{"id": 8, "name": "Cold"}\n')
+    args = HOT if how == "one change" else ("enqueue", "--file", str(lines), "--key", "k1")
+    result = leadstage(*args)
+    assert result.returncode == 2, result.stderr
+    assert f"Redis holds a string at '{queue}', where leadstage keeps a zset" in one_error_line(result)
+    assert db.keys("leadstage:ledger:*") == []
+    db.delete(queue)
+    assert leadstage(*args).returncode == 0
+    assert queued(db) == (1 if how == "one change" else 2)
+
+
 def test_a_tls_redis_is_reached_with_the_certificate_checked(tmp_path: Path, leadstage: Run) -> None:
     """rediss:// as redis-py connects by default: the server's certificate must be trusted (here
     through SSL_CERT_FILE), its host name is not checked."""

@@ -633,6 +633,19 @@ def test_the_webhook_needs_its_secret(redis_url: str) -> None:
         create_app(Settings(redis_url=redis_url), aioredis.Redis.from_url(redis_url))
 
 
+async def test_a_queue_key_of_another_kind_is_503_and_enqueues_nothing(
+    client: TestClient[Any, Any], redis_client: aioredis.Redis
+) -> None:
+    queue = keys.queue_key("leadstage:queue", "default")
+    await redis_client.set(queue, "another program's")
+    with capture_logs() as events:
+        status, problem = await post(client, HOT)
+    assert (status, problem["detail"]) == (503, "the service cannot use its Redis as configured; see the server log")
+    logged = next(e["error"] for e in events if e["event"] == "http.redis_misconfigured")
+    assert f"a string at '{queue}', where leadstage keeps a zset" in logged
+    assert await redis_client.keys("leadstage:ledger:*") == []
+
+
 async def test_a_redis_url_that_is_not_redis_is_503_not_a_500(settings: Settings, fake_ivvy: RunningFakeIvvy) -> None:
     """REDIS_URL at an HTTP server (the fake iVvy): the operator's mistake, not the client's; the
     enqueue, the status route and /readyz say 503 and the log says why."""

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from worker.core.errors import ConfigError
 from worker.core.states import RUNS, Decision, Phase, State, WaitReason
 
 EnqueueStatus = Literal["queued", "duplicate"]
@@ -184,7 +185,14 @@ def parse_post(reply: Sequence[bytes]) -> bool:
 
 
 def parse_enqueue(reply: Sequence[Any]) -> tuple[list[list[bytes]], dict[str, int]]:
-    """enqueue.lua's reply: the answers, and account -> backlog for the accounts written to."""
+    """enqueue.lua's reply: the answers, and account -> backlog for the accounts written to; a
+    ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
+    if len(reply) == 3:
+        key, held, kind = (part.decode() for part in reply[2])
+        raise ConfigError(
+            f"Redis holds a {held} at {key!r}, where leadstage keeps a {kind}: another program writes to "
+            "this database (REDIS_URL) or under these names (LEADSTAGE_QUEUE); nothing was enqueued"
+        )
     answers, backlog = reply
     pairs = iter(backlog)
     return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}

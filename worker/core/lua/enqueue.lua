@@ -21,7 +21,9 @@
 --   {'duplicate', state} | {'conflict', ''} | {'not_failed', state} (replay) | {'new', ''} (check) |
 --   {'twice', label of the change that used the key first} (check: the key comes twice in the
 --   bulk with different changes);
---   backlog: {account, changes of that account not yet terminal, ...} for the accounts written to.
+--   backlog: {account, changes of that account not yet terminal, ...} for the accounts written to;
+--   or {{}, {}, {key, the kind of value it holds, the kind this script keeps there}} when a key it
+--   would write holds another kind (another program writes into this database): nothing written.
 local dlq, pending = KEYS[1], KEYS[2]
 local mode, retention = ARGV[1], ARGV[2]
 local t = redis.call('TIME')
@@ -38,6 +40,21 @@ for i, c in ipairs(changes) do
   jobs[i] = c[1]
 end
 local known = redis.call('EXISTS', unpack(ledgers)) > 0
+-- A write refused midway (WRONGTYPE) would leave the writes before it (a ledger entry 'queued' that
+-- no queue holds, never sent): every key this call may read or write is checked first.
+local kinds = {[pending] = 'hash'}
+if mode == 'check' then kinds[KEYS[3]] = 'hash' end
+-- (On a Redis Cluster the pending hash stands in for the stream: enqueue_arguments.)
+if mode == 'replay' and dlq ~= pending then kinds[dlq] = 'stream' end
+for i, c in ipairs(changes) do
+  kinds[c[12]] = 'zset'
+  if c[10] ~= '' then kinds[c[10]] = 'hash' end
+  if known then kinds[ledgers[i]] = 'hash' end
+end
+for key, kind in pairs(kinds) do
+  local held = redis.call('TYPE', key)['ok']
+  if held ~= 'none' and held ~= kind then return {{}, {}, {key, held, kind}} end
+end
 -- 'check': what the bulk's earlier calls staged, read at once; this call's keys are staged at once.
 local staged = mode == 'check' and redis.call('HMGET', KEYS[3], unpack(jobs))
 local staging = {}
