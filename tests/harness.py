@@ -11,6 +11,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+import redis.exceptions
+
 from worker.core.processes import python_module
 from worker.core.redis_connection import RedisClient
 from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret, Settings
@@ -121,22 +123,30 @@ async def wait_for_terminal(
     client: RedisClient, keys: Iterable[str], *, within_s: float = 30.0, stream: str = "leadstage:results"
 ) -> dict[str, list[dict[str, str]]]:
     """Wait until every idempotency key has a terminal event; return all terminal events by key.
-    Each poll reads the whole stream again: after a failover it holds what the new primary has."""
+    Each poll reads the whole stream again: after a failover it holds what the new primary has.
+    A poll that finds no Redis to answer (a server that closed its connections as Sentinel moved
+    it to another role) polls again, until the deadline."""
     wanted = set(keys)
     deadline = time.monotonic() + within_s
-    while True:
+    missing, unanswered = wanted, ""
+    while time.monotonic() <= deadline:
         terminal: dict[str, list[dict[str, str]]] = {}
-        for event in await read_events(client, stream):
+        try:
+            events = await read_events(client, stream)
+        except redis.exceptions.ConnectionError as exc:
+            unanswered = f" (the last poll: {exc})"
+            await asyncio.sleep(0.1)
+            continue
+        for event in events:
             if event["event"] in TERMINAL:
                 terminal.setdefault(event["idempotency_key"], []).append(event)
         missing = wanted - terminal.keys()
         if not missing:
             return terminal
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{len(missing)} changes have no terminal event after {within_s}s: {sorted(missing)[:5]}"
-            )
         await asyncio.sleep(0.02)
+    raise AssertionError(
+        f"{len(missing)} changes have no terminal event after {within_s}s: {sorted(missing)[:5]}{unanswered}"
+    )
 
 
 class LosingCancellations:

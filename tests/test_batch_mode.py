@@ -29,8 +29,8 @@ from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
 from worker.core.settings import Account, Settings
 from worker.devtools.fake_ivvy import FakeIvvy, RunningFakeIvvy
 from worker.ivvy import AiohttpTransport, IvvyClient
-from worker.job import Lease, Runtime
 from worker.runner import running_worker
+from worker.runtime import Lease, Runtime
 
 
 @pytest.fixture

@@ -22,8 +22,9 @@ from worker.core.logs import merge_job_context
 from worker.core.settings import Account, Settings
 from worker.devtools.fake_ivvy import RunningFakeIvvy
 from worker.ivvy import AiohttpTransport, IvvyClient
-from worker.job import Lease, Runtime, apply_lead_stage_change
+from worker.job import apply_lead_stage_change
 from worker.runner import running_worker
+from worker.runtime import Lease, Runtime
 
 A = LeadStageChange(id=9, name="A", colour="#000001")
 B = LeadStageChange(id=9, colour="#000002")

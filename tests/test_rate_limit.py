@@ -23,8 +23,9 @@ from worker.core.settings import DEMO_API_KEY, DEMO_API_SECRET, Account, Secret,
 from worker.core.states import Decision
 from worker.devtools.fake_ivvy import RunningFakeIvvy, running_fake_ivvy
 from worker.ivvy import AiohttpTransport, IvvyClient
-from worker.job import Lease, Runtime, apply_lead_stage_change
+from worker.job import apply_lead_stage_change
 from worker.runner import running_worker
+from worker.runtime import Lease, Runtime
 
 RATE = 10.0
 #: A lead ten times the default's 20 ms, so that a claim within it is no race with the clock.

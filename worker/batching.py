@@ -53,7 +53,8 @@ from worker.core.logs import bind_job_context, get_logger
 from worker.core.results import JobFacts
 from worker.core.states import Outcome
 from worker.ivvy import IvvyClient
-from worker.job import Lease, Runtime, _failed_attempt, _finish, _outcome_unknown, _permanent_failure
+from worker.recording import CARRIAGE, failed_attempt, finish, outcome_unknown, permanent_failure
+from worker.runtime import Lease, Runtime
 
 if TYPE_CHECKING:
     from worker.runner import LeadstageWorker
@@ -125,7 +126,7 @@ def _facts(start: Start) -> JobFacts:
 
 async def run_batch(runtime: Runtime, client: IvvyClient, claim: BatchClaim) -> None:
     """Send the claimed changes as one batch, wait for its results and finish each change."""
-    coalesce.CARRIAGE.set(("batch", ""))  # each job is its own change's request
+    CARRIAGE.set(("batch", ""))  # each job is its own change's request
     members = [(start, _facts(start)) for start in claim.starts]
     for start, _ in members:
         runtime.check_lease(start.job_id)
@@ -180,7 +181,7 @@ async def _gather(runtime: Runtime, members: list[tuple[Start, JobFacts]], start
 async def collect_batch(runtime: Runtime, client: IvvyClient, claim: BatchClaim) -> None:
     """A dead worker's batch (its asyncId recorded): wait for its results and finish each change
     claimed by its own job's answer, as that worker would have."""
-    coalesce.CARRIAGE.set(("batch", ""))
+    CARRIAGE.set(("batch", ""))
     members = [(start, _facts(start)) for start in claim.starts]
     sent = [facts.change.without(set(start.dropped)) for start, facts in members]
     jobs: list[BatchJob | None] = [None] * claim.candidates
@@ -213,10 +214,15 @@ async def _collect(
     try:
         settings = runtime.settings
         outcomes = await calls.wait_for_results(
-            async_id, jobs, timeout_s=settings.batch_wait_s, poll_min_s=settings.batch_poll_min_s,
-            poll_max_s=settings.batch_poll_max_s, rng=runtime.rng,
-            pace=lambda: _pace(lambda: take_rate_slot(runtime.ledger, account, rate)), ready=ready,
-        )  # fmt: skip
+            async_id,
+            jobs,
+            timeout_s=settings.batch_wait_s,
+            poll_min_s=settings.batch_poll_min_s,
+            poll_max_s=settings.batch_poll_max_s,
+            rng=runtime.rng,
+            pace=lambda: _pace(lambda: take_rate_slot(runtime.ledger, account, rate)),
+            ready=ready,
+        )
     except (RetryableError, PermanentError) as error:
         # The batch may still be applied (unless iVvy says it does not know it): each change's outcome
         # is unknown.
@@ -341,23 +347,29 @@ async def _end_one(
         except (RetryableError, PermanentError) as failure:
             error = failure
         if group is not None:
-            carried = coalesce.CARRIAGE.set(("batch", facts.idempotency_key))
+            carried = CARRIAGE.set(("batch", facts.idempotency_key))
             try:
                 if await coalesce.end(runtime, facts, start, group, started, stage_id=stage_id, error=error):
                     return  # none of the job's fields was this change's: superseded
             finally:
-                coalesce.CARRIAGE.reset(carried)
+                CARRIAGE.reset(carried)
         if isinstance(error, RetryableError):
             if unknown is None:
-                unknown = _outcome_unknown(facts.change, error)
-            await _failed_attempt(
+                unknown = outcome_unknown(facts.change, error)
+            await failed_attempt(
                 runtime, facts, start, sent, error, started, outcome_unknown=unknown, settle_s=settle_s
             )
         elif isinstance(error, PermanentError):
-            await _permanent_failure(runtime, facts, start, sent, error, started)
+            await permanent_failure(runtime, facts, start, sent, error, started)
         else:
             metrics.ATTEMPTS.labels(facts.account, operation, "ok").inc()
-            await _finish(
-                runtime, facts, start, Outcome.SUCCEEDED, sent=sent, stage_id=stage_id, started=started,
+            await finish(
+                runtime,
+                facts,
+                start,
+                Outcome.SUCCEEDED,
+                sent=sent,
+                stage_id=stage_id,
+                started=started,
                 created=operation == "add",
-            )  # fmt: skip
+            )

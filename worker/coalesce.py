@@ -6,17 +6,15 @@ the newest change (the highest ordering sequence) that sets it, as the ordering 
 field that a newer change outside the group set is left out, as for a single change (that change
 sends it later). A gathered change none of whose fields survive sent nothing: ``superseded``.
 Every change keeps its own run, attempt and terminal event; the events name the key whose request
-carried it (``carried_by``) and say ``sent_as=coalesced`` (``CARRIAGE``, read by the job's
-finish, which tells how the change being finished went).
+carried it (``carried_by``) and say ``sent_as=coalesced`` (``worker.recording.CARRIAGE``, read
+by its ``finish``, which tells how the change being finished went).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 import orjson
 
@@ -28,14 +26,8 @@ from worker.core.ledger import Start
 from worker.core.logs import bind_job_context
 from worker.core.results import JobFacts
 from worker.core.states import Decision, Outcome
-
-if TYPE_CHECKING:
-    from worker.job import Runtime
-
-SentAs = Literal["alone", "coalesced", "batch"]
-#: How the change whose run this task is finishing was sent, and by which key's request: unset
-#: for a change sent alone (its own key).
-CARRIAGE: ContextVar[tuple[SentAs, str] | None] = ContextVar("leadstage_carriage", default=None)
+from worker.recording import failed_attempt, finish, outcome_unknown, permanent_failure
+from worker.runtime import Lease, Runtime
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +81,6 @@ async def gather_group(runtime: Runtime, facts: JobFacts, start: Start) -> Group
     and merge them into one request; None when there is none to gather (``LEADSTAGE_COALESCE_MAX``
     of 1 never gathers). The changes gathered are kept alive by this worker's heartbeat until the
     leader's task ends (``release``)."""
-    from worker.job import Lease  # here: worker.job imports this module
-
     most = runtime.settings.coalesce_max - 1
     if most < 1 or facts.change.id is None:
         return None
@@ -106,9 +96,13 @@ async def gather_group(runtime: Runtime, facts: JobFacts, start: Start) -> Group
         source, enqueued_at, generation = item.facts
         member_facts = JobFacts(item.job_id, idempotency_key, account, change, source, enqueued_at, generation)
         member_start = Start(
-            decision=Decision.GO, run=item.run, attempt=item.attempt, facts=item.facts, change_json=item.change_json,
+            decision=Decision.GO,
+            run=item.run,
+            attempt=item.attempt,
+            facts=item.facts,
+            change_json=item.change_json,
             job_id=item.job_id,
-        )  # fmt: skip
+        )
         members.append((member_facts, member_start, item.seq))
         runtime.running[item.job_id] = Lease(item.run, now + runtime.settings.lease_s)
     if task is not None:
@@ -145,27 +139,25 @@ async def end(
     (then it is finished here, and True returned; after a request of unknown outcome its stage stays
     locked for the hold all the same). Before the leader's own finish, which releases the stage's
     lock."""
-    from worker.job import _failed_attempt, _finish, _outcome_unknown, _permanent_failure  # worker.job imports us
-
     if group is None:
         return False
-    unknown = isinstance(error, RetryableError) and _outcome_unknown(leader.change, error)
+    unknown = isinstance(error, RetryableError) and outcome_unknown(leader.change, error)
     for member in group.members:
         facts, start = member.facts, member.start
         with bind_job_context(facts.job_id, facts.idempotency_key, facts.account, start.attempt):  # its own log lines
             if not member.carried:
-                await _finish(runtime, facts, start, Outcome.SUPERSEDED, sent=None)
+                await finish(runtime, facts, start, Outcome.SUPERSEDED, sent=None)
             elif error is None:
-                await _finish(
+                await finish(
                     runtime, facts, start, Outcome.SUCCEEDED, sent=group.sent, stage_id=stage_id, started=started
                 )
             elif isinstance(error, PermanentError):
-                await _permanent_failure(runtime, facts, start, group.sent, error, started)
+                await permanent_failure(runtime, facts, start, group.sent, error, started)
             else:
-                await _failed_attempt(runtime, facts, start, group.sent, error, started, outcome_unknown=unknown)
+                await failed_attempt(runtime, facts, start, group.sent, error, started, outcome_unknown=unknown)
     release(runtime, [member.facts.job_id for member in group.members])
     if group.leader_carried:
         return False
     # Its lock holds the stage: while the request may still land, for as long as the leader's own would.
-    await _finish(runtime, leader, leader_start, Outcome.SUPERSEDED, sent=None, outcome_unknown=unknown)
+    await finish(runtime, leader, leader_start, Outcome.SUPERSEDED, sent=None, outcome_unknown=unknown)
     return True

@@ -41,8 +41,9 @@ from worker.core.settings import Settings
 from worker.core.states import Decision
 from worker.ivvy import LIST_RETRY_BASE_S, LIST_RETRY_CAP_S, AiohttpTransport, IvvyClient
 from worker.ivvy_tracing import traced_transport
-from worker.job import Lease, Runtime, apply_lead_stage_change
+from worker.job import apply_lead_stage_change
 from worker.layout import migrate
+from worker.runtime import Lease, Runtime
 
 log = structlog.get_logger("leadstage.worker")
 

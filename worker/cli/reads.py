@@ -66,9 +66,14 @@ def _results_of_group(args: argparse.Namespace, settings: Settings) -> int:
 
     async def show(client: RedisClient) -> None:
         consumer = ResultsConsumer(
-            args.group, consumer_name, settings=settings, redis=client, start=args.start,
-            claim_idle_s=args.claim_idle, follow=args.follow,
-        )  # fmt: skip
+            args.group,
+            consumer_name,
+            settings=settings,
+            redis=client,
+            start=args.start,
+            claim_idle_s=args.claim_idle,
+            follow=args.follow,
+        )
 
         async def stream() -> None:
             async for event in consumer:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Any
 
 from worker.core import keys
 from worker.core.errors import redis_errors
@@ -44,25 +45,34 @@ class BatchClaim:
     record: str = ""
 
 
-def _parse_claim(reply: Sequence[object]) -> BatchClaim:
+def _parse_claim(reply: Sequence[Any]) -> BatchClaim:
     status, candidates, rate_wait, claimed, async_id, record = reply
     starts, indexes = [], []
-    for item in claimed:  # type: ignore[attr-defined]  # a Redis array reply
+    for item in claimed:
         job, run, attempt, dropped, source, enqueued_at, gen, change, trace, index = item
         starts.append(
             Start(
-                decision=Decision.GO, run=int(run), attempt=int(attempt),
+                decision=Decision.GO,
+                run=int(run),
+                attempt=int(attempt),
                 dropped=frozenset(f for f in text(dropped).split(",") if f),
-                facts=(text(source), int(enqueued_at), int(gen)), change_json=change, job_id=text(job),
+                facts=(text(source), int(enqueued_at), int(gen)),
+                change_json=change,
+                job_id=text(job),
                 traceparent=text(trace),
             )
-        )  # fmt: skip
+        )
         indexes.append(int(index))
-    refused = text(status)  # type: ignore[arg-type]  # a Redis reply: bytes or int
+    refused = text(status)
     return BatchClaim(
-        starts, int(candidates), "" if refused == "ok" else refused, int(rate_wait),  # type: ignore[call-overload]  # int replies
-        indexes, text(async_id), text(record),  # type: ignore[arg-type]  # Redis replies: bytes
-    )  # fmt: skip
+        starts,
+        int(candidates),
+        "" if refused == "ok" else refused,
+        int(rate_wait),
+        indexes,
+        text(async_id),
+        text(record),
+    )
 
 
 def batch_lock_ms(ledger: Ledger) -> int:
@@ -79,18 +89,31 @@ async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: 
     reply, acked = await ledger._call(
         ledger._batch,
         [
-            keys.queue_key(settings.queue_name, account), keys.rate_key(account), keys.batches_key(account),
+            keys.queue_key(settings.queue_name, account),
+            keys.rate_key(account),
+            keys.batches_key(account),
             keys.newest_claim_key(account),
         ],
         [
-            "claim", ledger.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
-            rate_interval_us(rate_limit), batch_lock_ms(ledger), ledger.in_flight_guard_ms, worker_id,
-            keys.ledger_prefix(account), keys.batch_key(account, uuid.uuid4().hex), settings.batch_threshold,
-            settings.batch_max, settings.batch_max * SCAN_FACTOR, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
+            "claim",
+            ledger.lease_ms,
+            settings.max_attempts,
+            int(settings.max_age_s * 1000),
+            rate_interval_us(rate_limit),
+            batch_lock_ms(ledger),
+            ledger.in_flight_guard_ms,
+            worker_id,
+            keys.ledger_prefix(account),
+            keys.batch_key(account, uuid.uuid4().hex),
+            settings.batch_threshold,
+            settings.batch_max,
+            settings.batch_max * SCAN_FACTOR,
+            RATE_WINDOW_US,
+            int(settings.batch_wait_s * 1000),
             int(settings.rate_lead_s * 1_000_000),
         ],
         confirm=True,
-    )  # fmt: skip
+    )
     claim = _parse_claim(reply)
     if claim.starts:
         ledger._require_replicas(acked, "the recovery point of a batch")
@@ -137,10 +160,13 @@ async def take_run_slot(
         [wait_ms] = await ledger._batch(
             keys=[keys.queue_key(ledger.settings.queue_name, account), keys.rate_key(account), claim.record],
             args=[
-                "go", rate_interval_us(rate_limit), RATE_WINDOW_US, ledger.settings.ledger_retention_s * 1000,
+                "go",
+                rate_interval_us(rate_limit),
+                RATE_WINDOW_US,
+                ledger.settings.ledger_retention_s * 1000,
                 "\n".join(s.job_id for s in starts),
             ],
-        )  # fmt: skip
+        )
     return int(wait_ms)
 
 
