@@ -87,9 +87,8 @@ def change_schema() -> dict[str, Any]:
             "appliesTo": {**apply_to, "description": "Alias of applyTo (an older name in iVvy's docs)."},
         },
         "additionalProperties": False,
-        "allOf": [
-            {"not": {"required": [field, alias]}} for alias, field in alias_of.items()
-        ] + [
+        "allOf": [{"not": {"required": [field, alias]}} for alias, field in alias_of.items()]
+        + [
             {
                 "anyOf": [
                     {"required": ["id"], "anyOf": [{"required": [f]} for f in updatable]},
@@ -97,7 +96,7 @@ def change_schema() -> dict[str, Any]:
                 ]
             }
         ],
-    }  # fmt: skip
+    }
 
 
 def account_property() -> dict[str, Any]:

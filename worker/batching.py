@@ -51,9 +51,8 @@ from worker.core.errors import BatchGone, IvvyNoAnswer, PermanentError, Retryabl
 from worker.core.ledger import Start
 from worker.core.logs import bind_job_context, get_logger
 from worker.core.results import JobFacts
-from worker.core.states import Outcome
 from worker.ivvy import IvvyClient
-from worker.recording import CARRIAGE, failed_attempt, finish, outcome_unknown, permanent_failure
+from worker.recording import CARRIAGE, failed_attempt, outcome_unknown, permanent_failure, succeeded
 from worker.runtime import Lease, Runtime
 
 if TYPE_CHECKING:
@@ -362,14 +361,4 @@ async def _end_one(
         elif isinstance(error, PermanentError):
             await permanent_failure(runtime, facts, start, sent, error, started)
         else:
-            metrics.ATTEMPTS.labels(facts.account, operation, "ok").inc()
-            await finish(
-                runtime,
-                facts,
-                start,
-                Outcome.SUCCEEDED,
-                sent=sent,
-                stage_id=stage_id,
-                started=started,
-                created=operation == "add",
-            )
+            await succeeded(runtime, facts, start, sent, stage_id, started)

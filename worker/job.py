@@ -32,7 +32,7 @@ from worker.core.logs import bind_job_context, get_logger
 from worker.core.results import JobFacts
 from worker.core.states import UNACCOUNTED, Decision, Outcome
 from worker.ivvy import IvvyClient
-from worker.recording import CARRIAGE, failed_attempt, finish, outcome_unknown, permanent_failure
+from worker.recording import CARRIAGE, failed_attempt, finish, outcome_unknown, permanent_failure, succeeded
 from worker.runtime import Runtime
 
 log = get_logger("leadstage.job")
@@ -122,18 +122,7 @@ async def _attempt(runtime: Runtime, client: IvvyClient, facts: JobFacts, start:
         return await permanent_failure(runtime, facts, start, sent, error, started)
     if await coalesce.end(runtime, facts, start, group, started, stage_id=stage_id):
         return Outcome.SUPERSEDED
-    metrics.ATTEMPTS.labels(facts.account, change.operation, "ok").inc()
-    await finish(
-        runtime,
-        facts,
-        start,
-        Outcome.SUCCEEDED,
-        sent=sent,
-        stage_id=stage_id,
-        started=started,
-        created=change.operation == "add",
-    )
-    return Outcome.SUCCEEDED
+    return await succeeded(runtime, facts, start, sent, stage_id, started)
 
 
 async def _exhausted(runtime: Runtime, client: IvvyClient, facts: JobFacts, start: Start) -> Outcome:

@@ -1,8 +1,9 @@
 """How an attempt ends, recorded: ``finish`` writes its event with finish.lua (the retry's
-schedule, the dead letter), ``failed_attempt`` decides retry or dead letter after a retryable
-failure, ``permanent_failure`` dead-letters; ``outcome_unknown`` says whether iVvy may have applied
-a request it did not confirm. Shared by a change sent alone (``worker.job``), the changes a
-request carries (``worker.coalesce``) and a batch's (``worker.batching``).
+schedule, the dead letter); ``succeeded`` after iVvy applied a request, ``failed_attempt`` decides
+retry or dead letter after a retryable failure, ``permanent_failure`` dead-letters;
+``outcome_unknown`` says whether iVvy may have applied a request it did not confirm. Shared by a
+change sent alone (``worker.job``), the changes a request carries (``worker.coalesce``) and a
+batch's (``worker.batching``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def outcome_unknown(change: LeadStageChange, error: RetryableError) -> bool:
     if change.operation == "add" and isinstance(error, IvvyUnavailable) and not isinstance(error, IvvyRateLimited):
         return (error.http_status or 0) >= 500 or error.specific_code is not None
     return False
+
+
+async def succeeded(
+    runtime: Runtime, facts: JobFacts, start: Start, sent: LeadStageChange, stage_id: int | None, started: float
+) -> Outcome:
+    """iVvy applied the request ``sent`` (an add created ``stage_id``)."""
+    operation = facts.change.operation
+    metrics.ATTEMPTS.labels(facts.account, operation, "ok").inc()
+    created = operation == "add"
+    await finish(
+        runtime, facts, start, Outcome.SUCCEEDED, sent=sent, stage_id=stage_id, started=started, created=created
+    )
+    return Outcome.SUCCEEDED
 
 
 async def permanent_failure(
@@ -117,7 +131,6 @@ async def failed_attempt(
         started=started,
         delay_ms=delay_ms,
         outcome_unknown=outcome_unknown,
-        pause_ms=delay_ms if error.pauses_account else None,
     )
     return Outcome.RETRYING
 
@@ -132,14 +145,16 @@ async def finish(
     created: bool = False,
     delay_ms: int = 0,
     outcome_unknown: bool = False,
-    pause_ms: int | None = None,
     **verdict: Unpack[Verdict],
 ) -> None:
+    """Record the end of this run of the change: ``event`` and its fields, and for a retry its delay
+    (for the whole account when the error is about the account: ``pauses_account``)."""
     duration = 0 if started is None else int((time.monotonic() - started) * 1000)
     sent_as, carried_by = CARRIAGE.get() or ("alone", None)
     if verdict.get("stage_id") is None and facts.change.id is not None and event == Outcome.SUCCEEDED:
         verdict["stage_id"] = facts.change.id
     stage_id, error = verdict.get("stage_id"), verdict.get("error")
+    pauses = event is Outcome.RETRYING and isinstance(error, RetryableError) and error.pauses_account
     fields = build_event(
         event,
         facts,
@@ -161,7 +176,7 @@ async def finish(
         history=history,
         delay_ms=delay_ms,
         outcome_unknown=outcome_unknown,
-        pause_ms=pause_ms,
+        pause_ms=delay_ms if pauses else None,
         created_stage_id=stage_id if created else None,
     )
     if not finished.replicated:

@@ -59,11 +59,18 @@ async def gather_updates(ledger: Ledger, job_id: str, run: int, worker_id: str, 
         ledger._gather,
         [keys.queue_key(settings.queue_name, account), keys.ledger_key(job_id)],
         [
-            job_id, run, ledger.lease_ms, worker_id, keys.ledger_prefix(account), most, keys.PENDING_FIELD_PREFIX,
-            settings.max_attempts, int(settings.max_age_s * 1000),
+            job_id,
+            run,
+            ledger.lease_ms,
+            worker_id,
+            keys.ledger_prefix(account),
+            most,
+            keys.PENDING_FIELD_PREFIX,
+            settings.max_attempts,
+            int(settings.max_age_s * 1000),
         ],
         confirm=True,
-    )  # fmt: skip
+    )
     gathering = _parse(job_id, run, reply)
     if gathering.gathered:
         ledger._require_replicas(acked, "the recovery point of the changes gathered")

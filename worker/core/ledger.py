@@ -32,25 +32,20 @@ ack.lua        on a Redis Cluster, where finish and lost write events into the a
 Each script's KEYS, ARGV and reply are written at its top; every reply has a fixed shape and is
 parsed in ``worker.core.replies``, and only there, into typed results. The scripts are loaded and
 called by ``worker.core.scripts``; the producers' side (enqueue, replay) is ``worker.core.enqueue``
-and ``worker.core.bulk``; this module is the worker's side. The ledger's fields and the state
+and ``worker.core.bulk``; this module is the worker's side, with ``worker.core.endings`` (how runs
+end: finish.lua, lost.lua, the outboxes). The ledger's fields and the state
 machine are tabled in docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
-import orjson
-
-from worker.core import keys, outbox
+from worker.core import keys
 from worker.core.bulk import ENQUEUE_CHUNK, BulkCheck, BulkWrite, Chunk, backlog_warning
-from worker.core.change import LeadStageChange
-from worker.core.enqueue import Enqueuing
-from worker.core.errors import RedisUnavailable, StaleRun, redis_errors
-from worker.core.redis_connection import RedisClient
+from worker.core.endings import Endings
+from worker.core.errors import StaleRun, redis_errors
 from worker.core.replies import (
     Claim,
     Finished,
@@ -59,14 +54,10 @@ from worker.core.replies import (
     Start,
     parse_adopt,
     parse_claim,
-    parse_finished,
-    parse_lost,
     parse_pick,
     parse_post,
 )
 from worker.core.scripts import RATE_WINDOW_US, now_ms, rate_interval_us
-from worker.core.settings import Settings
-from worker.core.states import Outcome, Phase
 
 __all__ = [
     "ENQUEUE_CHUNK",
@@ -84,27 +75,9 @@ __all__ = [
 ]
 
 
-@dataclass
-class _Ending:
-    """One run's end, waiting for its account's next finish.lua call."""
-
-    job_id: str
-    lock_key: str
-    arguments: list[str | int | bytes]
-    outcome: Outcome
-    delay_ms: int
-    done: asyncio.Future[Finished] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-class Ledger(Enqueuing):
-    """The Redis side of every state change; one instance per process, over a shared client."""
-
-    def __init__(self, client: RedisClient, settings: Settings) -> None:
-        super().__init__(client, settings)
-        #: Runs' ends waiting for their account's finish.lua call, and one call at a time per account.
-        self._endings: dict[str, list[_Ending]] = {}
-        self._finishing: dict[str, asyncio.Lock] = {}
-        self._calls: set[asyncio.Task[list[Finished]]] = set()  # finish calls on the way (kept referenced)
+class Ledger(Endings):
+    """The Redis side of every state change; one instance per process, over a shared client. How
+    runs end (finish.lua, lost.lua, the outboxes) is ``worker.core.endings``'."""
 
     async def pick(self) -> Pick:
         """The first account due now by the server's clock, hidden from other workers for one lease
@@ -166,16 +139,26 @@ class Ledger(Enqueuing):
     ) -> Claim:
         settings = self.settings
         reply, acked = await self._call(
-                self._start,
-                [keys.queue_key(settings.queue_name, account), keys.rate_key(account), keys.newest_claim_key(account)],
-                [
-                    job_id, self.lease_ms, settings.max_attempts, int(settings.max_age_s * 1000),
-                    rate_interval_us(rate_limit), self.lock_ms, self.in_flight_guard_ms, worker_id,
-                    keys.ledger_prefix(account), jitter_ms, slots, RATE_WINDOW_US, int(settings.batch_wait_s * 1000),
-                    int(settings.rate_lead_s * 1_000_000),
-                ],
-                confirm=True,
-            )  # fmt: skip
+            self._start,
+            [keys.queue_key(settings.queue_name, account), keys.rate_key(account), keys.newest_claim_key(account)],
+            [
+                job_id,
+                self.lease_ms,
+                settings.max_attempts,
+                int(settings.max_age_s * 1000),
+                rate_interval_us(rate_limit),
+                self.lock_ms,
+                self.in_flight_guard_ms,
+                worker_id,
+                keys.ledger_prefix(account),
+                jitter_ms,
+                slots,
+                RATE_WINDOW_US,
+                int(settings.batch_wait_s * 1000),
+                int(settings.rate_lead_s * 1_000_000),
+            ],
+            confirm=True,
+        )
         return parse_claim(reply, replicated=acked is None or acked >= settings.redis_min_replicas)
 
     async def mark_posting(self, job_id: str, run: int) -> bool:
@@ -189,10 +172,6 @@ class Ledger(Enqueuing):
             return False
         self._require_replicas(acked, "the recovery point before the POST")
         return True
-
-    def queue_of(self, job_id: str) -> str:
-        """The queue of the job's account."""
-        return keys.queue_key(self.settings.queue_name, keys.split_job_id(job_id)[0])
 
     async def extend_leases(self, runs: Mapping[str, int], worker_id: str) -> set[str]:
         """The heartbeat (lease.lua): keep running attempts hidden for another lease and say that the
@@ -237,146 +216,6 @@ class Ledger(Enqueuing):
         if status == "stale":
             raise StaleRun(job_id, run)
         return stage_id
-
-    async def finish(
-        self,
-        job_id: str,
-        run: int,
-        change: LeadStageChange,
-        *,
-        event: Mapping[str, str],
-        history: Mapping[str, object],
-        delay_ms: int = 0,
-        outcome_unknown: bool = False,
-        pause_ms: int | None = None,
-        created_stage_id: int | None = None,
-    ) -> Finished:
-        """Record a run's end and publish ``event`` (finish.lua); not recorded when the ledger was
-        already terminal or gone, or another run owns the change.
-
-        The runs of one account that end while its previous call is on the way are sent together
-        in the next one (each still recorded or refused on its own): under load a worker pays the
-        call, the clock and the queue's update once for many runs, and alone it waits for nothing.
-        """
-        outcome = Outcome(event["event"])
-        fields = [item for pair in event.items() for item in pair]
-        account = keys.split_job_id(job_id)[0]
-        ending = _Ending(
-            job_id,
-            keys.stage_lock_key(account, keys.lock_subject(change.id, change.name)),
-            [
-                job_id, run, outcome, delay_ms, Phase.UNKNOWN if outcome_unknown else Phase.NONE,
-                "" if pause_ms is None else pause_ms, "" if created_stage_id is None else created_stage_id,
-                event.get("stage_id", ""), orjson.dumps(history), len(fields), *fields,
-            ],
-            outcome,
-            delay_ms,
-        )  # fmt: skip
-        self._endings.setdefault(account, []).append(ending)
-        try:
-            return await self._finish_endings(account, ending)
-        finally:
-            # Nobody reads this run's result once its task is gone (cancelled while its end waited for
-            # the account's next call): that call, sending it still, leaves it alone.
-            ending.done.cancel()
-
-    async def _finish_endings(self, account: str, ending: _Ending) -> Finished:
-        """Send ``ending`` with every other end of the account waiting, unless a call on the way
-        while it waited sent it already; one finish.lua call at a time per account. The call is a
-        task of its own that holds the account's turn until it ends: a run cancelled while its call
-        is on the way (its lease lost) leaves the call to go on, and the other runs in it hear their
-        own results."""
-        lock = self._finishing.setdefault(account, asyncio.Lock())
-        await lock.acquire()
-        if ending.done.done():
-            lock.release()
-        else:
-            endings = self._endings.pop(account)
-            call = asyncio.create_task(self._finish_call(account, endings))
-            self._calls.add(call)
-            call.add_done_callback(functools.partial(self._settle, lock, endings))
-        return await ending.done
-
-    def _settle(self, lock: asyncio.Lock, endings: Sequence[_Ending], call: asyncio.Task[list[Finished]]) -> None:
-        """A finish call ended: each of its runs still waiting hears its result, or the call's error as
-        from its own call; then the account's next call may go."""
-        self._calls.discard(call)
-        error = RedisUnavailable("the finish call was cancelled") if call.cancelled() else call.exception()
-        if error is None:
-            for ending, result in zip(endings, call.result(), strict=True):
-                if not ending.done.done():
-                    ending.done.set_result(result)
-        else:
-            unknown = error if isinstance(error, Exception) else RedisUnavailable(f"the finish call ended: {error!r}")
-            for ending in endings:
-                if not ending.done.done():
-                    ending.done.set_exception(unknown)
-        lock.release()
-
-    async def _finish_call(self, account: str, endings: Sequence[_Ending]) -> list[Finished]:
-        settings = self.settings
-        script_keys = [
-            *self._streams(account), keys.pending_key(account, cluster=self.cluster),
-            keys.queue_key(settings.queue_name, account), keys.claims_key(account), keys.rate_key(account),
-            keys.newest_claim_key(account),
-        ]  # fmt: skip
-        for ending in endings:
-            script_keys += [keys.ledger_key(ending.job_id), ending.lock_key]
-        args: list[str | int | bytes] = [
-            account,
-            settings.ledger_retention_s * 1000,
-            settings.results_maxlen,
-            self.late_commit_ms,
-            self.lock_ms,
-        ]
-        for ending in endings:
-            args += ending.arguments
-        confirm = any(ending.outcome is not Outcome.RETRYING for ending in endings)
-        reply, acked = await self._call(self._finish, script_keys, args, confirm=confirm)
-        finished = parse_finished(reply, replicated=acked is None or acked >= settings.redis_min_replicas)
-        if self.cluster:
-            await outbox.publish(self, account, (result.outbox_id for result in finished))
-        retries = [
-            result.finished_at_ms + ending.delay_ms
-            for ending, result in zip(endings, finished, strict=True)
-            if result.recorded and ending.outcome is Outcome.RETRYING
-        ]
-        if retries:
-            await self.notify([account], min(retries))
-        return finished
-
-    async def report_missing(self, job_id: str, event: Mapping[str, str]) -> bool:
-        """A due job whose ledger entry is gone: its failed event and a dead letter, and it leaves the
-        queue (lost.lua); False when it was not reported here (another worker did, or its key was
-        enqueued again)."""
-        settings = self.settings
-        fields = [item for pair in event.items() for item in pair]
-        account = keys.split_job_id(job_id)[0]
-        with redis_errors():
-            reported = parse_lost(
-                await self._lost(
-                    keys=[
-                        *self._streams(account), keys.pending_key(account, cluster=self.cluster),
-                        self.queue_of(job_id), keys.ledger_key(job_id),
-                    ],
-                    args=[account, settings.results_maxlen, job_id, *fields],
-                )
-            )  # fmt: skip
-        if reported:
-            await outbox.publish(self, account, [reported])
-        return reported is not None
-
-    def _streams(self, account: str) -> tuple[str, str]:
-        """Where finish.lua and lost.lua write events and dead letters: the streams, or on a Redis
-        Cluster the account's outbox (``worker.core.outbox``)."""
-        if self.cluster:
-            return keys.outbox_key(account), keys.outbox_key(account)
-        return self.settings.results_stream, self.settings.dlq_stream
-
-    async def sweep_outboxes(self, accounts: Iterable[str]) -> int:
-        """On a Redis Cluster: publish the outbox entries older than a lease (a worker died before
-        publishing them); how many. Nothing to do on a single Redis."""
-        return await outbox.sweep(self, accounts, self.lease_ms) if self.cluster else 0
 
     async def id_floor(self, job_id: str) -> int:
         """The highest stage id claimed before this add was first posted (see keys.newest_claim_key)."""

@@ -242,9 +242,22 @@ class RedisServer:
         else:
             persistence = ("--appendonly", "yes", "--appendfsync", "always") if durable else ("--appendonly", "no")
             argv = [
-                binary, "--bind", LOOPBACK, "--port", str(self.port), "--dir", str(data_dir),
-                *persistence, "--save", "", "--daemonize", "no", "--protected-mode", "yes", *args,
-            ]  # fmt: skip
+                binary,
+                "--bind",
+                LOOPBACK,
+                "--port",
+                str(self.port),
+                "--dir",
+                str(data_dir),
+                *persistence,
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+                *args,
+            ]
         self.child = children.add(name or f"redis-{self.port}", argv, new_session=new_session)
         self.restarts = 0
 

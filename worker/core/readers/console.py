@@ -24,9 +24,20 @@ _STREAM_ID = re.compile(r"\d+-\d+")
 FAILURE_EVENTS = (Outcome.FAILED.value, Outcome.RETRYING.value)
 #: What a dead letter shows of itself (its fields are the results event's, plus the original change).
 DEAD_LETTER_FIELDS = (
-    "account", "idempotency_key", "job_id", "operation", "attempt", "http_status", "error_code", "error_message",
-    "retryable", "generation", "source", "enqueued_at", "finished_at",
-)  # fmt: skip
+    "account",
+    "idempotency_key",
+    "job_id",
+    "operation",
+    "attempt",
+    "http_status",
+    "error_code",
+    "error_message",
+    "retryable",
+    "generation",
+    "source",
+    "enqueued_at",
+    "finished_at",
+)
 
 
 class RateHistory:
