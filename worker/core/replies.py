@@ -146,7 +146,15 @@ def _parse_start(item: Sequence[bytes | int], *, replicated: bool) -> Start:
 
 
 def parse_finished(reply: Sequence[Sequence[bytes]], *, replicated: bool) -> list[Finished]:
-    """finish.lua's reply: {status, detail[, outbox id]} per run, in order."""
+    """finish.lua's reply: {status, detail[, outbox id]} per run, in order; a ``ConfigError`` naming
+    the key when one holds another kind of value (none of the runs was recorded: their leases bring
+    them back)."""
+    if reply and reply[0][0] == b"kind":
+        raise _held_elsewhere(
+            reply[0][1:],
+            "LEADSTAGE_QUEUE, LEADSTAGE_DLQ_STREAM",
+            "none of these runs' ends was recorded (each change comes back when its lease ends)",
+        )
     return [
         Finished(True, int(run[1]), replicated=replicated, outbox_id=text(run[2]))
         if run[0] == b"ok"
@@ -188,11 +196,17 @@ def parse_enqueue(reply: Sequence[Any]) -> tuple[list[list[bytes]], dict[str, in
     """enqueue.lua's reply: the answers, and account -> backlog for the accounts written to; a
     ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
     if len(reply) == 3:
-        key, held, kind = (part.decode() for part in reply[2])
-        raise ConfigError(
-            f"Redis holds a {held} at {key!r}, where leadstage keeps a {kind}: another program writes to "
-            "this database (REDIS_URL) or under these names (LEADSTAGE_QUEUE); nothing was enqueued"
-        )
+        raise _held_elsewhere(reply[2], "LEADSTAGE_QUEUE", "nothing was enqueued")
     answers, backlog = reply
     pairs = iter(backlog)
     return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
+
+
+def _held_elsewhere(part: Sequence[bytes], settings: str, written: str) -> ConfigError:
+    """A script's {key, the kind of value it holds, the kind leadstage keeps there}: what a script
+    answers instead of writing when another program's value is at one of its keys."""
+    key, held, kind = (item.decode() for item in part)
+    return ConfigError(
+        f"Redis holds a {held} at {key!r}, where leadstage keeps a {kind}: another program writes to "
+        f"this database (REDIS_URL) or under these names ({settings}); {written}"
+    )

@@ -15,7 +15,10 @@
 --       created stage id to claim (adds) or '', stage id or '', history line (JSON), the number
 --       of event fields and values, then those
 -- Reply: per run, in order: {'ok', finished at (server ms), outbox entry id or ''} | {'stale', state}
---   when the ledger is terminal or gone, or another run owns the change ('fenced').
+--   when the ledger is terminal or gone, or another run owns the change ('fenced');
+--   or {{'kind', key, the kind of value it holds, the kind this script keeps there}} when a key it
+--   would write after its first write holds another kind (another program writes into this
+--   database): nothing written, none of the runs recorded.
 -- A terminal state records its event's stream id (event_id), so readers find the event without
 -- scanning the stream. A lock's value is 'job#run#expires at' (start.lua): one taken by another
 -- job since this run's lock expired is put back as it was.
@@ -46,18 +49,23 @@ local function release(lock, job, run, unknown_until)
   end
 end
 
-local function finish_one(ledger, lock, a, first)
+local LEDGER_FIELDS = {'state', 'history', 'change', 'gen', 'run', 'unknown_until', 'stage_key', 'seq'}
+
+-- Why this run may not finish its change ('' when it may): its ledger entry as read.
+local function refusal(l, run)
+  local state = l[1]
+  if not state or state == 'succeeded' or state == 'failed' or state == 'superseded' then return state or 'missing' end
+  if l[5] ~= run then return 'fenced' end
+  return ''
+end
+
+local function finish_one(ledger, lock, a, first, l)
   local job, run, outcome, delay_ms, phase_after = a[first], a[first + 1], a[first + 2], a[first + 3], a[first + 4]
   local pause_ms, created, stage_id, history_line = a[first + 5], a[first + 6], a[first + 7], a[first + 8]
   local nfields = tonumber(a[first + 9])
   local event = {unpack(a, first + 10, first + 9 + nfields)}
-  local l = redis.call('HMGET', ledger, 'state', 'history', 'change', 'gen', 'run', 'unknown_until', 'stage_key',
-    'seq')
-  local state = l[1]
-  if not state or state == 'succeeded' or state == 'failed' or state == 'superseded' then
-    return {'stale', state or 'missing'}
-  end
-  if l[5] ~= run then return {'stale', 'fenced'} end
+  local refused = refusal(l, run)
+  if refused ~= '' then return {'stale', refused} end
   local history = (l[2] or '') .. history_line .. '\n'
   local terminal = outcome ~= 'retrying'
   local event_id, outbox_id = '', ''
@@ -104,10 +112,42 @@ local function finish_one(ledger, lock, a, first)
   return {'ok', tostring(now), outbox_id}
 end
 
+-- Every run's ledger entry is read before the first write; a write refused midway (WRONGTYPE) would
+-- leave the writes before it (a failed change's event without its dead letter, a terminal entry its
+-- queue still holds): the keys written after the first write (an event's XADD) are checked first,
+-- for the runs that may finish. A ledger read twice in one call is read again once written.
+local firsts, reads, kinds = {}, {}, {}
 local first = 6
 for i = 8, #KEYS, 2 do
-  replies[#replies + 1] = finish_one(KEYS[i], KEYS[i + 1], ARGV, first)
+  local run = #firsts + 1
+  firsts[run] = first
+  local l = redis.pcall('HMGET', KEYS[i], unpack(LEDGER_FIELDS))
+  if l['err'] then return {{'kind', KEYS[i], redis.call('TYPE', KEYS[i])['ok'], 'hash'}} end
+  reads[run] = l
+  if refusal(l, ARGV[first + 1]) == '' then
+    local outcome = ARGV[first + 2]
+    kinds[KEYS[i + 1]], kinds[queue] = 'string', 'zset'
+    if outcome == 'retrying' then
+      if ARGV[first + 5] ~= '' then kinds[rate_key] = 'hash' end
+    else
+      kinds[pending] = 'hash'
+      if l[7] then kinds[l[7]] = 'hash' end
+      if ARGV[first + 6] ~= '' then kinds[claims], kinds[newest_claim] = 'hash', 'string' end
+    end
+    if outcome == 'failed' and not outbox then kinds[dlq] = 'stream' end
+  end
   first = first + 10 + tonumber(ARGV[first + 9])
+end
+for key, kind in pairs(kinds) do
+  local held = redis.call('TYPE', key)['ok']
+  if held ~= 'none' and held ~= kind then return {{'kind', key, held, kind}} end
+end
+local written = {}
+for run, at in ipairs(firsts) do
+  local ledger = KEYS[6 + 2 * run]
+  local l = written[ledger] and redis.call('HMGET', ledger, unpack(LEDGER_FIELDS)) or reads[run]
+  replies[run] = finish_one(ledger, KEYS[7 + 2 * run], ARGV, at, l)
+  written[ledger] = true
 end
 
 if #done > 0 then

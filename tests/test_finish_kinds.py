@@ -1,0 +1,122 @@
+"""finish.lua with another program's value at one of the keys it writes after its first write (a
+hash where a lock is kept, a string at the dead-letter stream's name...): Redis does not undo a
+script's writes before a refused one, so each of these used to leave a half-recorded end (a failed
+change's event and terminal entry without its dead letter, a terminal entry its queue still holds,
+the first run of a call recorded and the second not). Now nothing is written, the error names the
+key, and once it is gone the same ends are recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.test_ledger import QUEUE, RATE, WORKER, enqueue, event
+from worker.core import keys
+from worker.core.change import LeadStageChange
+from worker.core.errors import ConfigError
+from worker.core.ledger import Finished, Ledger, Start
+from worker.core.settings import Settings
+
+
+@dataclass(frozen=True)
+class Case:
+    """The second run of a call (the first: an update that succeeds) and the key another program holds."""
+
+    foreign: str
+    kind: str
+    change: dict[str, object]
+    outcome: str
+    options: dict[str, Any]
+
+
+UPDATE = {"id": 2, "name": "Won"}
+ADD = {"name": "New", "applyTo": 1}
+SUCCEEDS: dict[str, Any] = {}
+CREATES: dict[str, Any] = {"created_stage_id": 99}
+PAUSES: dict[str, Any] = {"delay_ms": 60_000, "pause_ms": 60_000}
+CASES = {
+    "dead-letter stream": Case("leadstage:dlq", "stream", UPDATE, "failed", SUCCEEDS),
+    "stage lock": Case(
+        keys.stage_lock_key("default", keys.lock_subject(2, None)), "string", UPDATE, "failed", SUCCEEDS
+    ),
+    "stage hash": Case(keys.stage_key("default", 2), "hash", UPDATE, "succeeded", SUCCEEDS),
+    "queue": Case(QUEUE, "zset", UPDATE, "succeeded", SUCCEEDS),
+    "pending hash": Case(keys.PENDING, "hash", UPDATE, "succeeded", SUCCEEDS),
+    "rate hash (a pause)": Case(keys.rate_key("default"), "hash", UPDATE, "retrying", PAUSES),
+    "claims hash": Case(keys.claims_key("default"), "hash", ADD, "succeeded", CREATES),
+    "newest claim": Case(keys.newest_claim_key("default"), "string", ADD, "succeeded", CREATES),
+    "second run's ledger": Case(keys.ledger_key("default:b"), "hash", UPDATE, "succeeded", SUCCEEDS),
+}
+
+
+async def _hold(redis_client: aioredis.Redis, key: str, kind: str) -> None:
+    """Another program's value of another kind than ``kind`` at ``key``."""
+    await redis_client.delete(key)
+    if kind == "string":
+        await redis_client.hset(key, "another", "program's")  # type: ignore[misc]  # redis-py's async stubs
+    else:
+        await redis_client.set(key, "another program's")
+
+
+async def _snapshot(redis_client: aioredis.Redis) -> dict[bytes, tuple[bytes, int]]:
+    """Every key's value and when it expires."""
+    return {
+        key: (await redis_client.dump(key), await redis_client.pexpiretime(key))  # type: ignore[misc]  # redis-py's async stubs
+        for key in await redis_client.keys("*")
+    }
+
+
+async def _finish_together(ledger: Ledger, runs: list[tuple[str, LeadStageChange, Start, str, dict[str, Any]]]) -> Any:
+    """The ends of ``runs`` in one finish.lua call (they wait while the account's turn is held);
+    each run's result or error."""
+    turn = ledger._finishing.setdefault("default", asyncio.Lock())  # the shared call is what is under test
+    await turn.acquire()
+    ends = [
+        asyncio.create_task(
+            ledger.finish(f"default:{key}", started.run, change, event=event(outcome, key), history={}, **options)
+        )
+        for key, change, started, outcome, options in runs
+    ]
+    while len(ledger._endings.get("default", [])) < len(runs):  # noqa: ASYNC110  # the batch has no event to await
+        await asyncio.sleep(0)
+    turn.release()
+    return await asyncio.gather(*ends, return_exceptions=True)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+async def test_a_key_holding_another_kind_of_value_records_none_of_the_calls_ends(
+    redis_client: aioredis.Redis, case: Case
+) -> None:
+    ledger = Ledger(redis_client, Settings(max_attempts=3))
+    runs = []
+    ends = [("a", {"id": 1, "name": "Hot"}, "succeeded", SUCCEEDS), ("b", case.change, case.outcome, case.options)]
+    for key, raw, outcome, options in ends:
+        change = await enqueue(ledger, key, raw)
+        started = await ledger.start(f"default:{key}", WORKER, RATE, 0)
+        assert started.decision == "go"
+        runs.append((key, change, started, outcome, options))
+    await _hold(redis_client, case.foreign, case.kind)
+    before = await _snapshot(redis_client)
+
+    errors = await _finish_together(ledger, runs)
+    assert await _snapshot(redis_client) == before  # nothing of either end: the foreign key is left
+    message = rf"a (string|hash) at '{re.escape(case.foreign)}', where leadstage keeps a {case.kind}: "
+    for error in errors:
+        assert isinstance(error, ConfigError), error
+        assert re.search(message, str(error)), error
+
+    await redis_client.delete(case.foreign)
+    finished: list[Finished] = await _finish_together(ledger, runs)
+    gone = case.foreign == keys.ledger_key("default:b")
+    assert [(f.recorded, f.refused_because) for f in finished] == [
+        (True, ""),
+        (False, "missing") if gone else (True, ""),
+    ]
+    if case.outcome == "failed":
+        [(_, letter)] = await redis_client.xrange("leadstage:dlq")
+        assert letter[b"original_change"] == runs[1][1].canonical_json()
