@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 from arq.constants import health_check_key_suffix
+from structlog.testing import capture_logs
 
 from tests.harness import eventually, read_events, reconciling_soon, wait_for_terminal, worker_settings
+from worker.core import keys
 from worker.core.change import parse_change, parse_envelope
 from worker.core.ledger import Ledger
 from worker.core.settings import Settings
@@ -120,6 +122,32 @@ async def test_the_last_enqueued_value_wins(
     assert (stage.name, stage.colour) == ("Name 27", "#000029")
     assert {events[0]["event"] for events in terminal.values()} <= {"succeeded", "superseded"}
     assert all(len(events) == 1 for events in terminal.values())
+
+
+async def test_another_programs_value_at_the_dead_letter_stream_holds_a_failed_change_back_until_it_is_gone(
+    settings: Settings, producer: Producer, redis_client: aioredis.Redis
+) -> None:
+    # The failed end is refused whole (finish.lua writes nothing): the run is interrupted with an
+    # error naming the key, its lease brings the change back, and once the key is gone it fails
+    # with its dead letter (it used to be recorded failed without one: nothing to replay).
+    await redis_client.set("leadstage:dlq", "another program's")
+    await producer.enqueue({"id": 1, "name": "Quoted!"}, idempotency_key="builtin")
+    with capture_logs() as logged:
+        async with running_worker(dataclasses.replace(settings, batch_mode="off")):
+
+            async def interrupted() -> bool:
+                return any(line["event"] == "job.interrupted" for line in logged)
+
+            await eventually(interrupted)
+            assert await redis_client.hget(keys.ledger_key("default:builtin"), "state") == b"running"  # type: ignore[misc]  # redis-py's async stubs
+            assert await redis_client.xlen(settings.results_stream) == 0
+            await redis_client.delete("leadstage:dlq")
+            terminal = await wait_for_terminal(redis_client, ["builtin"])
+    [line, *_] = [line for line in logged if line["event"] == "job.interrupted"]
+    assert "Redis holds a string at 'leadstage:dlq', where leadstage keeps a stream" in line["error"]
+    assert [event["event"] for event in terminal["builtin"]] == ["failed"]
+    [dead] = await read_events(redis_client, "leadstage:dlq")
+    assert dead["original_change"] == '{"id":1,"name":"Quoted!"}'
 
 
 async def test_an_idle_worker_keeps_arqs_health_check_key(settings: Settings, redis_client: aioredis.Redis) -> None:
