@@ -1,9 +1,10 @@
-"""finish.lua with another program's value at one of the keys it writes after its first write (a
-hash where a lock is kept, a string at the dead-letter stream's name...): Redis does not undo a
-script's writes before a refused one, so each of these used to leave a half-recorded end (a failed
-change's event and terminal entry without its dead letter, a terminal entry its queue still holds,
-the first run of a call recorded and the second not). Now nothing is written, the error names the
-key, and once it is gone the same ends are recorded."""
+"""finish.lua and lost.lua with another program's value at one of the keys they write after their
+first write (a hash where a lock is kept, a string at the dead-letter stream's name...): Redis does
+not undo a script's writes before a refused one, so each of these used to leave a half-recorded
+end (a failed change's event and terminal entry without its dead letter, a terminal entry its
+queue still holds, the first run of a call recorded and the second not, a missing job taken off
+its queue unreported). Now nothing is written, the error names the key, and once it is gone the
+same ends are recorded."""
 
 from __future__ import annotations
 
@@ -120,3 +121,28 @@ async def test_a_key_holding_another_kind_of_value_records_none_of_the_calls_end
     if case.outcome == "failed":
         [(_, letter)] = await redis_client.xrange("leadstage:dlq")
         assert letter[b"original_change"] == runs[1][1].canonical_json()
+
+
+LOST = {"results stream": ("leadstage:results", "stream"), "dead-letter stream": ("leadstage:dlq", "stream")}
+LOST["pending hash"] = (keys.PENDING, "hash")
+
+
+@pytest.mark.parametrize(("foreign", "kind"), LOST.values(), ids=LOST.keys())
+async def test_a_key_holding_another_kind_of_value_leaves_a_missing_job_to_report(
+    redis_client: aioredis.Redis, foreign: str, kind: str
+) -> None:
+    """lost.lua used to take the job off its queue first: a refused event or dead letter then left
+    it gone without a trace (never reported, as it is no longer due)."""
+    ledger = Ledger(redis_client, Settings())
+    await redis_client.zadd(QUEUE, {"default:gone": 0})
+    await redis_client.hset(keys.PENDING, "default", "1")  # type: ignore[misc]  # redis-py's async stubs
+    await _hold(redis_client, foreign, kind)
+    before = await _snapshot(redis_client)
+    with pytest.raises(ConfigError, match=rf"a string at '{re.escape(foreign)}', where leadstage keeps a {kind}: "):
+        await ledger.report_missing("default:gone", event("failed", "gone"))
+    assert await _snapshot(redis_client) == before
+
+    await redis_client.delete(foreign)
+    assert await ledger.report_missing("default:gone", event("failed", "gone"))
+    assert await redis_client.zcard(QUEUE) == 0
+    assert await redis_client.xlen("leadstage:dlq") == await redis_client.xlen("leadstage:results") == 1

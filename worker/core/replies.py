@@ -168,8 +168,15 @@ def parse_acked(reply: int) -> int:
     return int(reply)
 
 
-def parse_lost(reply: int | bytes) -> str | None:
-    """lost.lua's reply: None when left alone; '' when reported, or on a Redis Cluster its outbox entry id."""
+def parse_lost(reply: int | bytes | list[bytes]) -> str | None:
+    """lost.lua's reply: None when left alone; '' when reported, or on a Redis Cluster its outbox entry
+    id; a ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
+    if isinstance(reply, list):
+        raise _held_elsewhere(
+            reply,
+            "LEADSTAGE_RESULTS_STREAM, LEADSTAGE_DLQ_STREAM",
+            "the job whose ledger entry is gone was not reported (it stays queued until it can be)",
+        )
     if reply == 0:
         return None
     return "" if reply == 1 else text(reply)

@@ -6,10 +6,20 @@
 -- KEYS: 1 results stream, 2 dead-letter stream (on a Redis Cluster both the account's outbox, as in
 --       finish.lua), 3 pending hash, 4 account queue zset, 5 its ledger hash
 -- ARGV: 1 account, 2 stream max length, 3 job id, 4.. event fields and values
--- Reply: 1 reported (on a Redis Cluster: its outbox entry id), 0 left alone
+-- Reply: 1 reported (on a Redis Cluster: its outbox entry id), 0 left alone; or {key, the kind of
+--   value it holds, the kind this script keeps there} when a key it writes after its first write
+--   (the queue's ZREM) holds another kind (another program writes into this database): nothing
+--   written, the job left to report.
 local results, dlq, pending, queue, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local account, maxlen, job = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('EXISTS', ledger) == 1 or redis.call('ZREM', queue, job) == 0 then return 0 end
+if redis.call('EXISTS', ledger) == 1 then return 0 end
+-- A write refused after the ZREM (WRONGTYPE) would leave the job off its queue unreported: gone
+-- without a trace. Those keys are checked first.
+for key, kind in pairs({[results] = 'stream', [dlq] = 'stream', [pending] = 'hash'}) do
+  local held = redis.call('TYPE', key)['ok']
+  if held ~= 'none' and held ~= kind then return {key, held, kind} end
+end
+if redis.call('ZREM', queue, job) == 0 then return 0 end
 local reported = 1
 if results == dlq then
   reported = redis.call('XADD', results, '*', 'ledger', '', 'letter', '1', 'original_change', '', 'generation', '0',
