@@ -146,3 +146,43 @@ async def test_a_key_holding_another_kind_of_value_leaves_a_missing_job_to_repor
     assert await ledger.report_missing("default:gone", event("failed", "gone"))
     assert await redis_client.zcard(QUEUE) == 0
     assert await redis_client.xlen("leadstage:dlq") == await redis_client.xlen("leadstage:results") == 1
+
+
+STARTS = {
+    "ledger": (keys.ledger_key("default:b"), "hash", UPDATE),
+    "stage hash": (keys.stage_key("default", 2), "hash", UPDATE),
+    "stage lock": (keys.stage_lock_key("default", "2"), "string", UPDATE),
+    "newest claim": (keys.newest_claim_key("default"), "string", ADD),
+}
+
+
+async def _job_b(redis_client: aioredis.Redis) -> tuple[float | None, bytes | None]:
+    """b's place in its queue and its ledger entry."""
+    return await redis_client.zscore(QUEUE, "default:b"), await redis_client.dump(keys.ledger_key("default:b"))
+
+
+@pytest.mark.parametrize(("foreign", "kind", "raw"), STARTS.values(), ids=STARTS.keys())
+async def test_a_claim_stops_before_a_job_whose_key_holds_another_kind_of_value(
+    redis_client: aioredis.Redis, foreign: str, kind: str, raw: dict[str, object]
+) -> None:
+    """start.lua used to fail the read of the second job's key after the first job's claim was written
+    (its run and recovery point, but not its lease in the queue nor its rate-limit slot)."""
+    ledger = Ledger(redis_client, Settings(max_attempts=3))
+    await enqueue(ledger, "a", {"id": 1, "name": "Hot"})
+    await enqueue(ledger, "b", raw)
+    await _hold(redis_client, foreign, kind)
+    b_before = await _job_b(redis_client)
+    first = await ledger.claim("default", WORKER, RATE, 0, 2)
+    assert [(start.job_id, start.decision) for start in first.starts] == [("default:a", "go")]
+    assert await _job_b(redis_client) == b_before  # the claim stopped before b
+    before = await _snapshot(redis_client)
+    message = rf"a (string|hash) at '{re.escape(foreign)}', where leadstage keeps a {kind}: "
+    with pytest.raises(ConfigError, match=message):
+        await ledger.claim("default", WORKER, RATE, 0, 2)
+    with pytest.raises(ConfigError, match=message):
+        await ledger.start("default:b", WORKER, RATE, 0)
+    assert await _snapshot(redis_client) == before  # b untouched, the foreign key left
+
+    await redis_client.delete(foreign)
+    [then] = (await ledger.claim("default", WORKER, RATE, 0, 2)).starts
+    assert (then.job_id, then.decision) == ("default:b", "missing" if foreign == keys.ledger_key("default:b") else "go")

@@ -113,7 +113,10 @@ def text(value: bytes | int) -> str:
 
 
 def parse_claim(reply: Sequence[Any], *, replicated: bool) -> Claim:
-    """start.lua's reply: {account next, rate reason, rate wait, decisions (15 items each)}."""
+    """start.lua's reply: {account next, rate reason, rate wait, decisions (15 items each)}; a
+    ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
+    if len(reply) == 5:
+        raise _held_elsewhere(reply[4], "LEADSTAGE_QUEUE", "nothing was claimed (the job stays due)")
     account_next, reason, wait_ms, flat = reply
     starts = tuple(
         _parse_start(flat[i : i + START_ITEMS], replicated=replicated) for i in range(0, len(flat), START_ITEMS)

@@ -24,6 +24,11 @@
 --   lease (missing too, until lost.lua reports it); go also counts an attempt, takes a rate-limit
 --   slot and the lock. With a job id there is always exactly one decision; without, 'wait' is never
 --   one (the job is put back for later).
+--   Or {-1, '', 0, {}, {key, the kind of value it holds, the kind this script keeps there}} when a
+--   key the first job considered reads after the call's first write (its ledger hash, stage hash,
+--   batch record, lock or the newest-claim key) holds another kind (another program writes into
+--   this database): nothing written. Found at a later job, the claim stops before it (that job
+--   untouched, the jobs before it claimed whole) and the next claim starts with it.
 local queue, rate_key, newest_claim = KEYS[1], KEYS[2], KEYS[3]
 local wanted, lease_ms, max_attempts, max_age_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local interval_us, lock_ttl_ms, guard_ms, worker_id = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
@@ -48,6 +53,18 @@ local function rescored(at)
   if soonest < 0 or at < soonest then soonest = at end
 end
 local rate_reason, rate_wait = '', 0
+-- A read refused (WRONGTYPE) after the writes of the jobs before would leave them without their
+-- leases in the queue: each key a job reads after the call's first write is read by `read`, which
+-- answers nil for another kind of value (then the claim stops before the job: `foreign`).
+local foreign = nil
+local function read(kind, command, key, ...)
+  local reply = redis.pcall(command, key, ...)
+  if type(reply) == 'table' and reply['err'] then
+    foreign = {key, redis.call('TYPE', key)['ok'], kind}
+    return nil
+  end
+  return reply
+end
 local function decided(decision, job, wait_ms, reason, run, attempt, phase, dropped, l, send_us)
   l = l or {}
   for _, v in ipairs({decision, wait_ms or 0, reason or '', run or 0, attempt or 0, phase or '', dropped or '',
@@ -61,9 +78,10 @@ end
 -- for later (the claim goes on to the next), nil when the rate limit has no free slot (it stops).
 local function consider(job)
   local ledger = ledger_prefix .. string.sub(job, string.find(job, ':', 1, true) + 1)
-  local l = redis.call('HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
+  local l = read('hash', 'HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
     'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'id_floor',
     'batch_key', 'batch_run', 'unknown_until')
+  if not l then return nil end
   local state, phase = l[1], l[2] or ''
   local attempts, run = tonumber(l[3]) or 0, tonumber(l[15]) or 0
   if not state then
@@ -102,7 +120,8 @@ local function consider(job)
   -- answered, are its batch's record's (no record: not sent yet, at its claim's posted_at).
   local posted_at, unanswered, recorded = tonumber(l[9]) or 0, false, false
   if phase == 'posting' and l[18] and l[19] == l[15] then
-    local b = redis.call('HMGET', l[18], 'posted_at', 'async_id')
+    local b = read('hash', 'HMGET', l[18], 'posted_at', 'async_id')
+    if not b then return nil end
     posted_at, unanswered, recorded = tonumber(b[1]) or posted_at, not b[2], b[2] ~= false
   end
   -- Until when this change's last send may still be applied by iVvy (finish.lua after a request of
@@ -130,7 +149,8 @@ local function consider(job)
   if l[6] == 'update' then
     local seq, fields, kept = tonumber(l[7]), {}, 0
     for field in string.gmatch(l[8], '[^,]+') do fields[#fields + 1] = field end
-    local latest = redis.call('HMGET', l[13], unpack(fields))
+    local latest = read('hash', 'HMGET', l[13], unpack(fields))
+    if not latest then return nil end
     for i, field in ipairs(fields) do
       if (tonumber(latest[i]) or 0) > seq then dropped[#dropped + 1] = field else kept = kept + 1 end
     end
@@ -145,6 +165,7 @@ local function consider(job)
   if held_until > now and (l[6] == 'add' or not exhausted) then
     -- Its stage stays locked meanwhile, also when the lock its last send took ends first (a batch's
     -- lasts from its claim; a worker that died between 'unresolved' and its finish).
+    if read('string', 'GET', l[14]) == nil then return nil end
     take_lock(l[14], job, run, held_until)
     return later(held_until - now, 'in_flight')
   end
@@ -161,6 +182,13 @@ local function consider(job)
     end
   end
 
+  -- An add posted afresh records the newest claimed id (below), read before the lock is written.
+  local floor = not exhausted and l[6] == 'add' and phase ~= 'posting' and phase ~= 'unknown' and not l[17]
+  if floor and not newest then
+    newest = read('string', 'GET', newest_claim)
+    if newest == nil then return nil end
+    newest = newest or '0'
+  end
   -- The lock names the job, its run and its expiry; an older run of this same job (kept after an
   -- unknown outcome) is ours to take over.
   local lock = l[14]
@@ -168,7 +196,9 @@ local function consider(job)
   local lock_until = math.max(now + lock_ttl_ms, exhausted and held_until or 0)
   local value = lock_value(job, run + 1, lock_until)
   if not redis.call('SET', lock, value, 'PXAT', lock_until, 'NX') then
-    if not owned_by(redis.call('GET', lock), job) then
+    local owner = read('string', 'GET', lock)
+    if owner == nil then return nil end
+    if not owned_by(owner, job) then
       -- The holder usually finishes within one request: look again soon, not at the lock's expiry.
       return later(math.min(redis.call('PTTL', lock), 20) + jitter_ms, 'locked')
     end
@@ -196,9 +226,8 @@ local function consider(job)
     for _, v in ipairs({'phase', 'posting', 'posted_at', now + math.ceil(send_us / 1000)}) do
       recovery[#recovery + 1] = v
     end
-    if l[6] == 'add' and not l[17] then
+    if floor then
       -- Stages at or below the newest claimed id existed before this add was first posted.
-      newest = newest or redis.call('GET', newest_claim) or '0'
       recovery[#recovery + 1] = 'id_floor'
       recovery[#recovery + 1] = newest
     end
@@ -210,6 +239,7 @@ local head = -1
 if wanted ~= '' then
   local score = redis.call('ZSCORE', queue, wanted)
   if not score or tonumber(score) > now then decided('skip', wanted) else consider(wanted) end
+  if foreign then return {-1, '', 0, {}, foreign} end
 else
   -- A bounded number of due jobs per call, so that one call stays short whatever the backlog; one
   -- more is read, so that the queue's head after the claim is known without another read.
@@ -219,6 +249,8 @@ else
     if consider(due[i]) == nil then break end
     i = i + 2
   end
+  -- Every job considered before wrote something: the first one considered, nothing is written.
+  if foreign and i == 1 then return {-1, '', 0, {}, foreign} end
   -- The queue's head now: the first job not touched (every other one comes after it), or one touched.
   head = due[i + 1] and tonumber(due[i + 1]) or -1
   if soonest >= 0 and (head < 0 or soonest < head) then head = soonest end
