@@ -1,4 +1,4 @@
-"""finish.lua and lost.lua with another program's value at one of the keys they write after their
+"""finish.lua, lost.lua, start.lua and batch.lua with another program's value at one of the keys they write after their
 first write (a hash where a lock is kept, a string at the dead-letter stream's name...): Redis does
 not undo a script's writes before a refused one, so each of these used to leave a half-recorded
 end (a failed change's event and terminal entry without its dead letter, a terminal entry its
@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from tests.test_ledger import QUEUE, RATE, WORKER, enqueue, event
 from worker.core import keys
+from worker.core.batch_claim import claim_batch
 from worker.core.change import LeadStageChange
 from worker.core.errors import ConfigError
 from worker.core.ledger import Finished, Ledger, Start
@@ -156,9 +157,11 @@ STARTS = {
 }
 
 
-async def _job_b(redis_client: aioredis.Redis) -> tuple[float | None, bytes | None]:
-    """b's place in its queue and its ledger entry."""
-    return await redis_client.zscore(QUEUE, "default:b"), await redis_client.dump(keys.ledger_key("default:b"))
+async def _job(redis_client: aioredis.Redis, key: str) -> tuple[float | None, bytes | None]:
+    """A job's place in its queue and its ledger entry."""
+    return await redis_client.zscore(QUEUE, f"default:{key}"), await redis_client.dump(
+        keys.ledger_key(f"default:{key}")
+    )
 
 
 @pytest.mark.parametrize(("foreign", "kind", "raw"), STARTS.values(), ids=STARTS.keys())
@@ -171,10 +174,10 @@ async def test_a_claim_stops_before_a_job_whose_key_holds_another_kind_of_value(
     await enqueue(ledger, "a", {"id": 1, "name": "Hot"})
     await enqueue(ledger, "b", raw)
     await _hold(redis_client, foreign, kind)
-    b_before = await _job_b(redis_client)
+    b_before = await _job(redis_client, "b")
     first = await ledger.claim("default", WORKER, RATE, 0, 2)
     assert [(start.job_id, start.decision) for start in first.starts] == [("default:a", "go")]
-    assert await _job_b(redis_client) == b_before  # the claim stopped before b
+    assert await _job(redis_client, "b") == b_before  # the claim stopped before b
     before = await _snapshot(redis_client)
     message = rf"a (string|hash) at '{re.escape(foreign)}', where leadstage keeps a {kind}: "
     with pytest.raises(ConfigError, match=message):
@@ -186,3 +189,57 @@ async def test_a_claim_stops_before_a_job_whose_key_holds_another_kind_of_value(
     await redis_client.delete(foreign)
     [then] = (await ledger.claim("default", WORKER, RATE, 0, 2)).starts
     assert (then.job_id, then.decision) == ("default:b", "missing" if foreign == keys.ledger_key("default:b") else "go")
+
+
+BATCHES = {
+    "ledger": (keys.ledger_key("default:c"), "hash", []),
+    "stage hash": (keys.stage_key("default", 3), "hash", ["default:c", "default:d"]),
+    "stage lock": (keys.stage_lock_key("default", "3"), "string", ["default:c", "default:d"]),
+}
+
+
+@pytest.mark.parametrize(("foreign", "kind", "then"), BATCHES.values(), ids=BATCHES.keys())
+async def test_a_batch_claims_the_jobs_before_a_key_holding_another_kind_of_value(
+    redis_client: aioredis.Redis, foreign: str, kind: str, then: list[str]
+) -> None:
+    """batch.lua's scan used to fail the read of the third job's key after it had taken the first two
+    jobs' stage locks (left taken until they expired, for no batch)."""
+    ledger = Ledger(redis_client, Settings(max_attempts=3, batch_threshold=1))
+    for i, key in enumerate("abcd"):
+        await enqueue(ledger, key, {"id": i + 1, "name": key})
+    await _hold(redis_client, foreign, kind)
+    c_before = await _job(redis_client, "c")
+    first = await claim_batch(ledger, "default", WORKER, RATE)
+    assert [start.job_id for start in first.starts] == ["default:a", "default:b"]
+    assert await _job(redis_client, "c") == c_before  # the scan stopped before c
+    before = await _snapshot(redis_client)
+    with pytest.raises(
+        ConfigError, match=rf"a (string|hash) at '{re.escape(foreign)}', where leadstage keeps a {kind}"
+    ):
+        await claim_batch(ledger, "default", WORKER, RATE)
+    assert await _snapshot(redis_client) == before
+
+    await redis_client.delete(foreign)
+    again = await claim_batch(ledger, "default", WORKER, RATE)
+    assert [start.job_id for start in again.starts] == then  # c's ledger gone: d alone is no batch
+
+
+async def test_a_batch_of_an_add_claims_nothing_while_the_newest_claim_holds_another_kind_of_value(
+    redis_client: aioredis.Redis,
+) -> None:
+    """batch.lua used to read the newest claimed id after the ledger entries of the changes before the
+    add were written (their runs and recovery points, without their leases)."""
+    ledger = Ledger(redis_client, Settings(max_attempts=3, batch_threshold=1))
+    await enqueue(ledger, "a", {"id": 1, "name": "a"})
+    await enqueue(ledger, "b", ADD)
+    await _hold(redis_client, keys.newest_claim_key("default"), "string")
+    before = await _snapshot(redis_client)
+    with pytest.raises(
+        ConfigError, match=r"a hash at 'leadstage:newest-claim:\{default\}', where leadstage keeps a string"
+    ):
+        await claim_batch(ledger, "default", WORKER, RATE)
+    assert await _snapshot(redis_client) == before
+
+    await redis_client.delete(keys.newest_claim_key("default"))
+    claimed = await claim_batch(ledger, "default", WORKER, RATE)
+    assert [start.job_id for start in claimed.starts] == ["default:a", "default:b"]

@@ -13,7 +13,7 @@ from typing import Any
 from worker.core import keys
 from worker.core.errors import redis_errors
 from worker.core.ledger import Ledger, Start
-from worker.core.replies import text
+from worker.core.replies import held_elsewhere, text
 from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
 from worker.core.states import Decision
 
@@ -46,6 +46,8 @@ class BatchClaim:
 
 
 def _parse_claim(reply: Sequence[Any]) -> BatchClaim:
+    if len(reply) == 7:  # a key of another kind of value: nothing claimed
+        raise held_elsewhere(reply[6], "LEADSTAGE_QUEUE", "no batch was claimed (its changes stay due)")
     status, candidates, rate_wait, claimed, async_id, record = reply
     starts, indexes = [], []
     for item in claimed:

@@ -116,7 +116,7 @@ def parse_claim(reply: Sequence[Any], *, replicated: bool) -> Claim:
     """start.lua's reply: {account next, rate reason, rate wait, decisions (15 items each)}; a
     ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
     if len(reply) == 5:
-        raise _held_elsewhere(reply[4], "LEADSTAGE_QUEUE", "nothing was claimed (the job stays due)")
+        raise held_elsewhere(reply[4], "LEADSTAGE_QUEUE", "nothing was claimed (the job stays due)")
     account_next, reason, wait_ms, flat = reply
     starts = tuple(
         _parse_start(flat[i : i + START_ITEMS], replicated=replicated) for i in range(0, len(flat), START_ITEMS)
@@ -153,7 +153,7 @@ def parse_finished(reply: Sequence[Sequence[bytes]], *, replicated: bool) -> lis
     the key when one holds another kind of value (none of the runs was recorded: their leases bring
     them back)."""
     if reply and reply[0][0] == b"kind":
-        raise _held_elsewhere(
+        raise held_elsewhere(
             reply[0][1:],
             "LEADSTAGE_QUEUE, LEADSTAGE_DLQ_STREAM",
             "none of these runs' ends was recorded (each change comes back when its lease ends)",
@@ -175,7 +175,7 @@ def parse_lost(reply: int | bytes | list[bytes]) -> str | None:
     """lost.lua's reply: None when left alone; '' when reported, or on a Redis Cluster its outbox entry
     id; a ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
     if isinstance(reply, list):
-        raise _held_elsewhere(
+        raise held_elsewhere(
             reply,
             "LEADSTAGE_RESULTS_STREAM, LEADSTAGE_DLQ_STREAM",
             "the job whose ledger entry is gone was not reported (it stays queued until it can be)",
@@ -206,13 +206,13 @@ def parse_enqueue(reply: Sequence[Any]) -> tuple[list[list[bytes]], dict[str, in
     """enqueue.lua's reply: the answers, and account -> backlog for the accounts written to; a
     ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
     if len(reply) == 3:
-        raise _held_elsewhere(reply[2], "LEADSTAGE_QUEUE", "nothing was enqueued")
+        raise held_elsewhere(reply[2], "LEADSTAGE_QUEUE", "nothing was enqueued")
     answers, backlog = reply
     pairs = iter(backlog)
     return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
 
 
-def _held_elsewhere(part: Sequence[bytes], settings: str, written: str) -> ConfigError:
+def held_elsewhere(part: Sequence[bytes], settings: str, written: str) -> ConfigError:
     """A script's {key, the kind of value it holds, the kind leadstage keeps there}: what a script
     answers instead of writing when another program's value is at one of its keys."""
     key, held, kind = (item.decode() for item in part)

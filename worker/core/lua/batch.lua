@@ -40,7 +40,13 @@
 --           in the batch}, ...}, asyncId ('' unless collecting), the batch's record key ('' unless
 --           claimed)}; status: 'ok', 'collect', 'few' (not more due jobs than the threshold: none
 --           read), 'below' (not more sendable updates than the threshold), 'rate' (no slot opens
---           within the lead: none read)
+--           within the lead: none read); or {'kind', 0, 0, {}, '', '', {key, the kind of value it holds,
+--           the kind this script keeps there}} when a key read after the claim's first write (a due
+--           job's ledger hash, stage hash, batch record or lock, a listed batch's record, the
+--           newest-claim key) holds another kind (another program writes into this database):
+--           nothing written (but the listings of batches that ended, dropped before). Found after a
+--           job's lock was taken, the scan stops before it (as at the end of the due jobs): a batch
+--           of the jobs before is claimed whole, or nothing is.
 -- 'go': take the slot of a batch's run just before it is sent (the claim only checked that one was
 --   free: the batch is gathered in between), and when taken, write the batch's record: posted_at
 --   now (each change's in-flight guard counts from then) and its jobs, kept for the ledger retention.
@@ -68,6 +74,7 @@
 --         3 rate window (µs)
 --   Reply: {0} (taken) or {wait ms} (none free now: nothing taken).
 --#include locks.lua
+--#include kinds.lua
 
 local mode = ARGV[1]
 local t = redis.call('TIME')
@@ -148,21 +155,25 @@ local function ledger_of(job)
 end
 
 -- A batch to collect: the first listed batch none of whose changes still on its run has a live lease.
+-- Its changes' keys are read before any of them is written (nil: one holds another kind, `foreign`).
 local function collectable()
   redis.call('ZREMRANGEBYSCORE', batches, '-inf', now)
   for _, record in ipairs(redis.call('ZRANGE', batches, 0, 15)) do
-    local b = redis.call('HMGET', record, 'async_id', 'jobs')
+    local b = read('hash', 'HMGET', record, 'async_id', 'jobs')
+    if not b then return nil end
     local lapsed, live, size = {}, false, 0
     for job in string.gmatch(b[2] or '', '[^\n]+') do
       size = size + 1
       local ledger = ledger_of(job)
-      local l = redis.call('HMGET', ledger, 'state', 'phase', 'batch_key', 'batch_run', 'run', 'attempts',
+      local l = read('hash', 'HMGET', ledger, 'state', 'phase', 'batch_key', 'batch_run', 'run', 'attempts',
         'batch_dropped', 'source', 'enqueued_at', 'gen', 'change', 'trace', 'lock_key')
+      if not l then return nil end
       if l[1] == 'running' and l[2] == 'posting' and l[3] == record and l[4] == l[5] then
         if (tonumber(redis.call('ZSCORE', queue, job)) or 0) > now then
           live = true -- its worker (or a collector) still has it
           break
         end
+        if read('string', 'GET', l[13]) == nil then return nil end -- its lock, taken again below
         lapsed[#lapsed + 1] = {job, ledger, l, size - 1}
       end
     end
@@ -196,6 +207,8 @@ if record then
   redis.call('PEXPIRE', batches, wait_ms + guard_ms + lease_ms)
   return {'collect', size, 0, claims, async_id, record}
 end
+-- The expired listings collectable() dropped are the only writes before.
+if foreign then return {'kind', 0, 0, {}, '', '', foreign} end
 
 -- Too few due jobs of any kind: nothing to read.
 if redis.call('ZCOUNT', queue, '-inf', now) <= threshold then return {'few', 0, 0, {}, '', ''} end
@@ -209,7 +222,8 @@ local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', 0, scan)
 -- its batch's run (batch_run) reads them from the batch's record (none yet: sent at the claim).
 local function in_flight(l)
   if not l[17] or l[18] ~= l[15] then return tonumber(l[9]) or 0, false end
-  local b = redis.call('HMGET', l[17], 'posted_at', 'async_id')
+  local b = read('hash', 'HMGET', l[17], 'posted_at', 'async_id')
+  if not b then return 0, false end
   return tonumber(b[1]) or tonumber(l[9]) or 0, not b[2]
 end
 
@@ -217,12 +231,14 @@ local candidates, stages = {}, {}
 for _, job in ipairs(due) do
   if #candidates >= most then break end
   local ledger = ledger_of(job)
-  local l = redis.call('HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
+  local l = read('hash', 'HMGET', ledger, 'state', 'phase', 'attempts', 'enqueued_at', 'next_at', 'op', 'seq',
     'fields', 'posted_at', 'source', 'gen', 'change', 'stage_key', 'lock_key', 'run', 'trace', 'batch_key',
     'batch_run', 'unknown_until', 'id_floor')
+  if not l then break end -- another kind of value: the scan stops before it (`foreign`)
   local state, phase, lock = l[1], l[2] or '', l[14]
   local posted_at, unanswered = 0, false
   if phase == 'posting' then posted_at, unanswered = in_flight(l) end
+  if foreign then break end
   -- Until when its last send may still be applied (as start.lua: a batch whose run was never answered
   -- may be until its wait is over): till then it is not sent again, since it would carry its stage's
   -- newer updates and that late commit overwrite them (start.lua decides it if it sends nothing).
@@ -241,17 +257,20 @@ for _, job in ipairs(due) do
   if sendable and l[6] == 'update' then
     local seq, fields = tonumber(l[7]), {}
     for field in string.gmatch(l[8] or '', '[^,]+') do fields[#fields + 1] = field end
-    local latest = redis.call('HMGET', l[13], unpack(fields))
+    local latest = read('hash', 'HMGET', l[13], unpack(fields)) or {}
     for i, field in ipairs(fields) do
       if (tonumber(latest[i]) or 0) > seq then dropped[#dropped + 1] = field else kept = kept + 1 end
     end
   end
+  if foreign then break end
   if sendable and kept > 0 then
     -- The stage is free (taken now: given back if no batch is claimed), or locked by an earlier run
     -- of this same change (after an unknown outcome: taken over if one is).
     local value = lock_value(job, (tonumber(l[15]) or 0) + 1, now + lock_ttl_ms)
     local taken = redis.call('SET', lock, value, 'PX', lock_ttl_ms, 'NX')
-    if taken or owned_by(redis.call('GET', lock), job) then
+    local owner = not taken and read('string', 'GET', lock)
+    if owner == nil then break end
+    if taken or owned_by(owner, job) then
       stages[lock] = true
       -- Taken over from a batch whose run was never answered (its wait is over by now): recorded.
       local hold = unanswered and held_until or false
@@ -259,14 +278,27 @@ for _, job in ipairs(due) do
     end
   end
 end
-if #candidates <= threshold then
+-- As start.lua's go: stages at or below the newest claimed id existed before an add was first
+-- posted; read before anything is claimed. A scan stopped before a key of another kind (`foreign`)
+-- claims what it found, if a batch, and otherwise answers the key.
+local newest = false
+if #candidates > threshold then
+  for _, c in ipairs(candidates) do
+    if c[3][6] == 'add' and not c[3][20] then
+      newest = read('string', 'GET', newest_claim)
+      break
+    end
+  end
+end
+if #candidates <= threshold or newest == nil then
   for _, c in ipairs(candidates) do
     if not c[6] then redis.call('DEL', c[3][14]) end
   end
+  if foreign then return {'kind', 0, 0, {}, '', '', foreign} end
   return {'below', #candidates, 0, {}, '', ''}
 end
 
-local claims, leased, newest = {}, {}, nil
+local claims, leased = {}, {}
 for i = 1, #candidates do
   local job, ledger, l, dropped, hold, retaken = unpack(candidates[i])
   local run, attempt = (tonumber(l[15]) or 0) + 1, (tonumber(l[3]) or 0) + 1
@@ -275,11 +307,7 @@ for i = 1, #candidates do
   local fields = {'state', 'running', 'run', run, 'worker', worker_id, 'attempts', attempt, 'phase', 'posting',
     'posted_at', now, 'batch_key', new_record, 'batch_run', run, 'batch_dropped', dropped}
   if hold then fields[#fields + 1], fields[#fields + 2] = 'unknown_until', hold end
-  if l[6] == 'add' and not l[20] then
-    -- As start.lua's go: stages at or below the newest claimed id existed before this add was first posted.
-    newest = newest or redis.call('GET', newest_claim) or '0'
-    fields[#fields + 1], fields[#fields + 2] = 'id_floor', newest
-  end
+  if l[6] == 'add' and not l[20] then fields[#fields + 1], fields[#fields + 2] = 'id_floor', newest or '0' end
   redis.call('HSET', ledger, unpack(fields))
   leased[#leased + 1] = now + lease_ms
   leased[#leased + 1] = job

@@ -37,6 +37,7 @@ local slots, window_us, batch_wait_ms = tonumber(ARGV[11]), tonumber(ARGV[12]), 
 local lead_us = tonumber(ARGV[14])
 
 --#include locks.lua
+--#include kinds.lua
 
 local t = redis.call('TIME')
 local now_us = t[1] * 1000000 + t[2]
@@ -54,17 +55,8 @@ local function rescored(at)
 end
 local rate_reason, rate_wait = '', 0
 -- A read refused (WRONGTYPE) after the writes of the jobs before would leave them without their
--- leases in the queue: each key a job reads after the call's first write is read by `read`, which
--- answers nil for another kind of value (then the claim stops before the job: `foreign`).
-local foreign = nil
-local function read(kind, command, key, ...)
-  local reply = redis.pcall(command, key, ...)
-  if type(reply) == 'table' and reply['err'] then
-    foreign = {key, redis.call('TYPE', key)['ok'], kind}
-    return nil
-  end
-  return reply
-end
+-- leases in the queue: each key a job reads after the call's first write is read by `read`
+-- (kinds.lua), which answers nil for another kind of value (then the claim stops before the job).
 local function decided(decision, job, wait_ms, reason, run, attempt, phase, dropped, l, send_us)
   l = l or {}
   for _, v in ipairs({decision, wait_ms or 0, reason or '', run or 0, attempt or 0, phase or '', dropped or '',
