@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from tests.test_ledger import QUEUE, RATE, WORKER, enqueue, event
 from worker.core import keys
-from worker.core.batch_claim import claim_batch
+from worker.core.batch_claim import BatchClaim, claim_batch, hold_unresolved, record_sent
 from worker.core.change import LeadStageChange
 from worker.core.errors import ConfigError
 from worker.core.ledger import Finished, Ledger, Start
@@ -65,10 +65,22 @@ async def _hold(redis_client: aioredis.Redis, key: str, kind: str) -> None:
         await redis_client.set(key, "another program's")
 
 
-async def _snapshot(redis_client: aioredis.Redis) -> dict[bytes, tuple[bytes, int]]:
+async def _value(redis_client: aioredis.Redis, key: str) -> object:
+    """A key's value as read: a hash's DUMP follows its table's order, which a rehash changes."""
+    kind = await redis_client.type(key)
+    if kind == b"hash":
+        return await redis_client.hgetall(key)  # type: ignore[misc]  # redis-py's async stubs
+    if kind == b"zset":
+        return await redis_client.zrange(key, 0, -1, withscores=True)
+    if kind == b"list":
+        return await redis_client.lrange(key, 0, -1)  # type: ignore[misc]  # redis-py's async stubs
+    return await redis_client.dump(key)  # a string or a stream: in its own order
+
+
+async def _snapshot(redis_client: aioredis.Redis) -> dict[bytes, tuple[object, int]]:
     """Every key's value and when it expires."""
     return {
-        key: (await redis_client.dump(key), await redis_client.pexpiretime(key))  # type: ignore[misc]  # redis-py's async stubs
+        key: (await _value(redis_client, key.decode()), await redis_client.pexpiretime(key))  # type: ignore[misc]  # redis-py's async stubs
         for key in await redis_client.keys("*")
     }
 
@@ -243,3 +255,57 @@ async def test_a_batch_of_an_add_claims_nothing_while_the_newest_claim_holds_ano
     await redis_client.delete(keys.newest_claim_key("default"))
     claimed = await claim_batch(ledger, "default", WORKER, RATE)
     assert [start.job_id for start in claimed.starts] == ["default:a", "default:b"]
+
+
+async def _batch_of_a_and_b(redis_client: aioredis.Redis) -> tuple[Ledger, BatchClaim]:
+    ledger = Ledger(redis_client, Settings(max_attempts=3, batch_threshold=1))
+    for i, key in enumerate("ab"):
+        await enqueue(ledger, key, {"id": i + 1, "name": key})
+    claim = await claim_batch(ledger, "default", WORKER, RATE)
+    assert len(claim.starts) == 2
+    return ledger, claim
+
+
+UNRESOLVED = {
+    "second change's ledger": (keys.ledger_key("default:b"), "hash"),
+    "second change's lock": (keys.stage_lock_key("default", "2"), "string"),
+}
+
+
+@pytest.mark.parametrize(("foreign", "kind"), UNRESOLVED.values(), ids=UNRESOLVED.keys())
+async def test_a_batch_held_unresolved_holds_none_of_its_stages_while_a_key_holds_another_kind_of_value(
+    redis_client: aioredis.Redis, foreign: str, kind: str
+) -> None:
+    """batch.lua 'unresolved' used to fail at the second change's key after the first change's hold
+    was written."""
+    ledger, claim = await _batch_of_a_and_b(redis_client)
+    await _hold(redis_client, foreign, kind)
+    before = await _snapshot(redis_client)
+    with pytest.raises(
+        ConfigError, match=rf"a (string|hash) at '{re.escape(foreign)}', where leadstage keeps a {kind}"
+    ):
+        await hold_unresolved(ledger, claim.starts)
+    assert await _snapshot(redis_client) == before
+
+    await redis_client.delete(foreign)
+    await hold_unresolved(ledger, claim.starts)
+    assert await redis_client.hget(keys.ledger_key("default:a"), "unknown_until")  # type: ignore[misc]  # redis-py's async stubs
+
+
+async def test_a_batch_sent_is_not_recorded_while_the_batches_listing_holds_another_kind_of_value(
+    redis_client: aioredis.Redis,
+) -> None:
+    """batch.lua 'sent' used to write the batch's asyncId into its record, then fail to list it for
+    collection: a batch a dead worker's successor would never collect."""
+    ledger, claim = await _batch_of_a_and_b(redis_client)
+    listing = keys.batches_key("default")
+    await _hold(redis_client, listing, "zset")
+    before = await _snapshot(redis_client)
+    with pytest.raises(ConfigError, match=rf"a string at '{re.escape(listing)}', where leadstage keeps a zset"):
+        await record_sent(ledger, "default", claim, "async-1")
+    assert await _snapshot(redis_client) == before
+
+    await redis_client.delete(listing)
+    await record_sent(ledger, "default", claim, "async-1")
+    assert await redis_client.zrange(listing, 0, -1) == [claim.record.encode()]
+    assert await redis_client.hget(claim.record, "async_id") == b"async-1"  # type: ignore[misc]  # redis-py's async stubs

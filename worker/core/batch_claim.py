@@ -126,9 +126,13 @@ async def record_sent(ledger: Ledger, account: str, claim: BatchClaim, async_id:
     """The batch's asyncId in its record, once for all its changes, and the batch listed for collection."""
     settings = ledger.settings
     with redis_errors():
-        await ledger._batch(
+        reply = await ledger._batch(
             keys=[keys.batches_key(account), claim.record],
             args=["sent", async_id, int(settings.batch_wait_s * 1000), ledger.in_flight_guard_ms, ledger.lease_ms],
+        )
+    if isinstance(reply, list):
+        raise held_elsewhere(
+            reply, "LEADSTAGE_QUEUE", "the batch's asyncId was not recorded (it is collected as unanswered)"
         )
 
 
@@ -142,7 +146,7 @@ async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> None:
     """A batch that may still be applied: each change still on its run keeps its stage locked for
     another ``LEADSTAGE_BATCH_WAIT`` whatever becomes of it, also should this worker die first."""
     with redis_errors():
-        await ledger._batch(
+        reply = await ledger._batch(
             keys=[keys.ledger_key(s.job_id) for s in starts],
             args=[
                 "unresolved",
@@ -150,6 +154,8 @@ async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> None:
                 *chain.from_iterable((str(s.run), s.job_id) for s in starts),
             ],
         )
+    if reply and reply[0] == b"kind":
+        raise held_elsewhere(reply[1:], "LEADSTAGE_QUEUE", "no stage of the batch was held (nothing written)")
 
 
 async def take_run_slot(

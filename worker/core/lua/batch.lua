@@ -58,7 +58,9 @@
 --   ends), and the batch listed for collection until its wait and the in-flight guard are over.
 --   KEYS: 1 the account's batches zset, 2 the batch's record
 --   ARGV: 1 'sent', 2 asyncId, 3 the batch's wait (ms), 4 in-flight guard (ms), 5 lease (ms)
---   Reply: 1.
+--   Reply: 1; or {key, the kind of value it holds, the kind this script keeps there} when the
+--   batches zset holds another kind (nothing written: the record first would be a batch never
+--   listed for collection).
 -- 'ended': every change of the batch ended (or went on without it): its record and listing go.
 --   KEYS: 1 the account's batches zset, 2 the batch's record;  ARGV: 1 'ended';  Reply: 1.
 -- 'unresolved': a batch that may still be applied (its run unanswered, its results not ready within
@@ -68,7 +70,9 @@
 --   current run is written.
 --   KEYS: each change's ledger hash;  ARGV: 1 'unresolved', 2 hold (ms), then per change: its run
 --         and its job id
---   Reply: one 1 (recorded) or 0 (stale) per change, in order.
+--   Reply: one 1 (recorded) or 0 (stale) per change, in order; or {'kind', key, the kind of value it
+--   holds, the kind this script keeps there} when a ledger or lock holds another kind: nothing
+--   written (every key is read before the first write).
 -- 'slot': take one slot of the account's rate limit for a poll of a batch, if one is free now.
 --   KEYS: 1 account queue zset (unused), 2 account rate hash;  ARGV: 1 'slot', 2 rate interval (µs),
 --         3 rate window (µs)
@@ -112,6 +116,8 @@ end
 if mode == 'sent' then
   local batches, record = KEYS[1], KEYS[2]
   local wait_ms, guard_ms, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local held = redis.call('TYPE', batches)['ok']
+  if held ~= 'none' and held ~= 'zset' then return {batches, held, 'zset'} end
   redis.call('HSET', record, 'async_id', ARGV[2], 'posted_at', now + wait_ms)
   redis.call('ZREMRANGEBYSCORE', batches, '-inf', now)
   redis.call('ZADD', batches, now + wait_ms + guard_ms, record)
@@ -126,10 +132,15 @@ if mode == 'ended' then
 end
 
 if mode == 'unresolved' then
-  local hold_until, recorded = now + tonumber(ARGV[2]), {}
+  local hold_until, recorded, reads = now + tonumber(ARGV[2]), {}, {}
   for i, ledger in ipairs(KEYS) do
-    local run, job = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
-    local l = redis.call('HMGET', ledger, 'run', 'state', 'unknown_until', 'lock_key')
+    reads[i] = read('hash', 'HMGET', ledger, 'run', 'state', 'unknown_until', 'lock_key')
+    local l = reads[i]
+    if l and l[1] == ARGV[1 + 2 * i] and l[2] == 'running' and l[4] then read('string', 'GET', l[4]) end
+    if foreign then return {'kind', unpack(foreign)} end
+  end
+  for i, ledger in ipairs(KEYS) do
+    local run, job, l = ARGV[1 + 2 * i], ARGV[2 + 2 * i], reads[i]
     if l[1] == run and l[2] == 'running' then
       local until_ms = math.max(tonumber(l[3]) or 0, hold_until)
       redis.call('HSET', ledger, 'unknown_until', until_ms)
