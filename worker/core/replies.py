@@ -186,13 +186,65 @@ def parse_post(reply: Sequence[bytes]) -> bool:
 
 def parse_enqueue(reply: Sequence[Any]) -> tuple[list[list[bytes]], dict[str, int]]:
     """enqueue.lua's reply: the answers, and account -> backlog for the accounts written to; a
-    ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
+    ``ConfigError`` naming the key when one holds another kind of value (the call wrote nothing)."""
     if len(reply) == 3:
         key, held, kind = (part.decode() for part in reply[2])
         raise ConfigError(
-            f"Redis holds a {held} at {key!r}, where leadstage keeps a {kind}: another program writes to "
-            "this database (REDIS_URL) or under these names (LEADSTAGE_QUEUE); nothing was enqueued"
+            f"Redis holds a {held} at {key!r}, where leadstage keeps a {kind}: another program writes into "
+            "this database, or a setting names one of its keys; the enqueue that found it wrote nothing"
         )
     answers, backlog = reply
     pairs = iter(backlog)
     return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchClaim:
+    """batch.lua's claim: the changes claimed (a ``go`` start each), or why none was."""
+
+    starts: list[Start]
+    #: How many updates could have been sent now (one per stage), claimed or not; of a collection,
+    #: how many jobs the batch has.
+    candidates: int
+    #: Why nothing was claimed: '' (claimed), 'collect' (a dead worker's batch to collect), 'few'
+    #: (not more due jobs than the threshold: none was read), 'below' (not more sendable updates than
+    #: the threshold), 'rate' (no slot opens within ``LEADSTAGE_RATE_LEAD``: none was read).
+    refused: str
+    rate_wait_ms: int
+    #: Each start's index among the batch's jobs.
+    indexes: list[int] = field(default_factory=list)
+    #: The batch to collect ('' unless ``refused`` is 'collect').
+    async_id: str = ""
+    #: The batch's record (keys.batch_key; '' when nothing was claimed).
+    record: str = ""
+
+
+def parse_batch_claim(reply: Sequence[Any]) -> BatchClaim:
+    """batch.lua claim's reply: {status, candidates, rate wait (ms), claimed jobs, asyncId, record}."""
+    status, candidates, rate_wait, claimed, async_id, record = reply
+    starts, indexes = [], []
+    for item in claimed:
+        job, run, attempt, dropped, source, enqueued_at, gen, change, trace, index = item
+        starts.append(
+            Start(
+                decision=Decision.GO,
+                run=int(run),
+                attempt=int(attempt),
+                dropped=frozenset(f for f in text(dropped).split(",") if f),
+                facts=(text(source), int(enqueued_at), int(gen)),
+                change_json=change,
+                job_id=text(job),
+                traceparent=text(trace),
+            )
+        )
+        indexes.append(int(index))
+    refused = text(status)
+    return BatchClaim(
+        starts,
+        int(candidates),
+        "" if refused == "ok" else refused,
+        int(rate_wait),
+        indexes,
+        text(async_id),
+        text(record),
+    )
