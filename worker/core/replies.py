@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from worker.core.errors import ConfigError
+from worker.core.errors import ConfigError, StaleRun
 from worker.core.states import RUNS, Decision, Phase, State, WaitReason
 
 EnqueueStatus = Literal["queued", "duplicate"]
@@ -248,3 +248,43 @@ def parse_batch_claim(reply: Sequence[Any]) -> BatchClaim:
         text(async_id),
         text(record),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """A change gathered into another's request: the run it began and what its events need."""
+
+    job_id: str
+    run: int
+    attempt: int
+    #: Its ordering sequence among the changes of its stage (worker.core.keys.stage_key).
+    seq: int
+    change_json: bytes
+    #: (source, enqueued at in server ms, generation), as ``Start.facts``.
+    facts: tuple[str, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Gathering:
+    """gather.lua's answer: the leader's seq, the stage's newest seq per field, the changes gathered."""
+
+    leader_seq: int
+    newest: dict[str, int]
+    gathered: list[Gathered]
+
+
+def parse_gather(job_id: str, run: int, reply: Sequence[Any]) -> Gathering:
+    """gather.lua's reply: {status, the leader's seq, {field, newest seq, ...}, gathered changes};
+    ``StaleRun`` when the leader's run is not current."""
+    status, leader_seq, stage, gathered = reply
+    if text(status) != "ok":
+        raise StaleRun(job_id, run)
+    flat = [text(v) for v in stage]
+    newest = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+    items = []
+    for item in gathered:
+        job, run_, attempt, seq, change, source, enqueued_at, gen = item
+        items.append(
+            Gathered(text(job), int(run_), int(attempt), int(seq), change, (text(source), int(enqueued_at), int(gen)))
+        )
+    return Gathering(int(leader_seq), newest, items)
