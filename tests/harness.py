@@ -133,7 +133,7 @@ async def wait_for_terminal(
         terminal: dict[str, list[dict[str, str]]] = {}
         try:
             events = await read_events(client, stream)
-        except redis.exceptions.ConnectionError as exc:
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             unanswered = f" (the last poll: {exc})"
             await asyncio.sleep(0.1)
             continue

@@ -11,9 +11,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from worker.core import keys
+from worker.core.bulk import ENQUEUE_CHUNK
 from worker.core.change import Envelope, LeadStageChange, parse_change
 from worker.core.errors import ConfigError, IdempotencyConflict
 from worker.core.ledger import Ledger, Start, now_ms
+from worker.core.redis_connection import RedisClient
 from worker.core.scripts import RATE_WINDOW_US
 from worker.core.settings import Settings
 
@@ -115,6 +117,56 @@ async def test_a_key_holding_another_kind_of_value_enqueues_nothing(
     await redis_client.delete(foreign)
     assert [receipt.status for receipt in await ledger.enqueue_many(batch)] == ["queued", "queued"]
     assert await redis_client.zcard(QUEUE) == 2
+
+
+async def test_a_bulk_checks_every_key_for_its_kind_before_its_first_chunk(
+    ledger: Ledger, redis_client: aioredis.Redis
+) -> None:
+    """More than one chunk: a foreign value at a stage key of the last chunk stops the first chunk too."""
+    count = ENQUEUE_CHUNK + 1
+    batch = [(parse_change({"id": 1000 + i, "colour": "#000000"}), envelope(f"bulk-{i}")) for i in range(count)]
+    await redis_client.set(keys.stage_key("default", 1000 + count - 1), "another program's")
+    with pytest.raises(ConfigError, match="where leadstage keeps a hash"):
+        await ledger.enqueue_many(batch)
+    assert await redis_client.keys("leadstage:ledger:*") == []
+    assert await redis_client.zcard(QUEUE) == 0
+
+
+async def test_several_accounts_enqueue_all_or_nothing_on_a_single_redis_and_a_cluster(
+    any_redis: tuple[str, RedisClient],
+) -> None:
+    """On a Redis Cluster one chunk is a call per account: a foreign value in the second account's
+    queue must stop the first account's changes too."""
+    _, client = any_redis
+    ledger = Ledger(client, Settings())
+    foreign = keys.queue_key("leadstage:queue", "beta")
+    batch = [
+        (parse_change({"id": 7, "name": "A"}), Envelope(idempotency_key="k1", account="alpha", source="test")),
+        (parse_change({"id": 8, "name": "B"}), Envelope(idempotency_key="k2", account="beta", source="test")),
+    ]
+    await client.set(foreign, "another program's")
+    with pytest.raises(ConfigError, match="where leadstage keeps a zset"):
+        await ledger.enqueue_many(batch)
+    assert await client.exists(keys.ledger_key("alpha:k1"), keys.queue_key("leadstage:queue", "alpha")) == 0
+    await client.delete(foreign)
+    assert [receipt.status for receipt in await ledger.enqueue_many(batch)] == ["queued", "queued"]
+
+
+async def test_a_replay_into_a_dead_letter_stream_of_another_kind_is_refused_whole(
+    ledger: Ledger, redis_client: aioredis.Redis
+) -> None:
+    change = await enqueue(ledger, "k", {"id": 1, "name": "Won!"})
+    assert await finish(ledger, "k", change, await start(ledger, "k"), "failed")
+    [(entry_id, _)] = await redis_client.xrange("leadstage:dlq")
+    await redis_client.delete("leadstage:dlq")
+    await redis_client.set("leadstage:dlq", "another program's")
+    with pytest.raises(ConfigError, match="a string at 'leadstage:dlq', where leadstage keeps a stream"):
+        await ledger.replay(change, envelope("k"), dlq_entry_id=entry_id.decode(), generation="0")
+    entry = await ledger.entry("default:k")
+    assert entry is not None
+    assert (entry["state"], await redis_client.zcard(QUEUE)) == ("failed", 0)
+    # A replay that deletes no dead letter does not touch the stream.
+    assert await ledger.replay(change, envelope("k"), dlq_entry_id="", generation="0") == ("queued", 1)
 
 
 async def test_the_job_record_is_the_ledger_entry_in_json(ledger: Ledger, redis_client: aioredis.Redis) -> None:

@@ -10,8 +10,8 @@ by its run), all carried by one task (``run_batch``) that holds one of the worke
    its claim) and the batch listed for collection (batch.lua 'sent');
 3. ``progress``/``results`` polled with backoff (``worker.batch``), each poll taking a slot of the
    account's rate limit;
-4. each change finished by its job's answer through the single attempt's finish path
-   (``worker.job``): succeeded, retried later (retryable), dead-lettered (permanent); then the
+4. each change finished by its job's answer as a single attempt's is (``worker.recording``):
+   succeeded, retried later (retryable), dead-lettered (permanent); then the
    batch's record goes (batch.lua 'ended').
 
 A worker killed after step 2 leaves its batch to be collected: once the changes' leases lapse,

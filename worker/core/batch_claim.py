@@ -1,80 +1,34 @@
 """batch.lua for the worker (batch mode, docs/contract.md: Batches): a batch's claim of an account's
 due updates, its record (its run's send, its asyncId, its end), a rate slot for its run and for each
-poll; the script's calls and the one place its replies are parsed."""
+poll; the script's calls (its replies are parsed in ``worker.core.replies``)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
 
 from worker.core import keys
 from worker.core.errors import redis_errors
 from worker.core.ledger import Ledger, Start
-from worker.core.replies import held_elsewhere, text
+from worker.core.replies import BatchClaim, parse_batch_claim, parse_batch_held, parse_batch_sent
 from worker.core.scripts import RATE_WINDOW_US, rate_interval_us
-from worker.core.states import Decision
+
+__all__ = [
+    "BatchClaim",
+    "claim_batch",
+    "end_batch",
+    "hold_unresolved",
+    "record_sent",
+    "take_rate_slot",
+    "take_run_slot",
+]
 
 #: How many of an account's due jobs one claim reads at most (a batch takes one per stage): enough
 #: that the updates overtaken by newer ones, or on locked stages, at the head of a backlog do not
 #: hide the sendable changes behind them (the bench's backlog has 8,500 overtaken updates before
 #: its last 1,500). A due job read costs Redis about 5 µs: 12,800 about 60 ms.
 SCAN_FACTOR = 64
-
-
-@dataclass(frozen=True, slots=True)
-class BatchClaim:
-    """batch.lua's claim: the changes claimed (a ``go`` start each), or why none was."""
-
-    starts: list[Start]
-    #: How many updates could have been sent now (one per stage), claimed or not; of a collection,
-    #: how many jobs the batch has.
-    candidates: int
-    #: Why nothing was claimed: '' (claimed), 'collect' (a dead worker's batch to collect), 'few'
-    #: (not more due jobs than the threshold: none was read), 'below' (not more sendable updates than
-    #: the threshold), 'rate' (no slot opens within ``LEADSTAGE_RATE_LEAD``: none was read).
-    refused: str
-    rate_wait_ms: int
-    #: Each start's index among the batch's jobs.
-    indexes: list[int] = field(default_factory=list)
-    #: The batch to collect ('' unless ``refused`` is 'collect').
-    async_id: str = ""
-    #: The batch's record (keys.batch_key; '' when nothing was claimed).
-    record: str = ""
-
-
-def _parse_claim(reply: Sequence[Any]) -> BatchClaim:
-    if len(reply) == 7:  # a key of another kind of value: nothing claimed
-        raise held_elsewhere(reply[6], "LEADSTAGE_QUEUE", "no batch was claimed (its changes stay due)")
-    status, candidates, rate_wait, claimed, async_id, record = reply
-    starts, indexes = [], []
-    for item in claimed:
-        job, run, attempt, dropped, source, enqueued_at, gen, change, trace, index = item
-        starts.append(
-            Start(
-                decision=Decision.GO,
-                run=int(run),
-                attempt=int(attempt),
-                dropped=frozenset(f for f in text(dropped).split(",") if f),
-                facts=(text(source), int(enqueued_at), int(gen)),
-                change_json=change,
-                job_id=text(job),
-                traceparent=text(trace),
-            )
-        )
-        indexes.append(int(index))
-    refused = text(status)
-    return BatchClaim(
-        starts,
-        int(candidates),
-        "" if refused == "ok" else refused,
-        int(rate_wait),
-        indexes,
-        text(async_id),
-        text(record),
-    )
 
 
 def batch_lock_ms(ledger: Ledger) -> int:
@@ -116,7 +70,7 @@ async def claim_batch(ledger: Ledger, account: str, worker_id: str, rate_limit: 
         ],
         confirm=True,
     )
-    claim = _parse_claim(reply)
+    claim = parse_batch_claim(reply)
     if claim.starts:
         ledger._require_replicas(acked, "the recovery point of a batch")
     return claim
@@ -130,10 +84,7 @@ async def record_sent(ledger: Ledger, account: str, claim: BatchClaim, async_id:
             keys=[keys.batches_key(account), claim.record],
             args=["sent", async_id, int(settings.batch_wait_s * 1000), ledger.in_flight_guard_ms, ledger.lease_ms],
         )
-    if isinstance(reply, list):
-        raise held_elsewhere(
-            reply, "LEADSTAGE_QUEUE", "the batch's asyncId was not recorded (it is collected as unanswered)"
-        )
+    parse_batch_sent(reply)
 
 
 async def end_batch(ledger: Ledger, account: str, claim: BatchClaim) -> None:
@@ -154,8 +105,7 @@ async def hold_unresolved(ledger: Ledger, starts: Sequence[Start]) -> None:
                 *chain.from_iterable((str(s.run), s.job_id) for s in starts),
             ],
         )
-    if reply and reply[0] == b"kind":
-        raise held_elsewhere(reply[1:], "LEADSTAGE_QUEUE", "no stage of the batch was held (nothing written)")
+    parse_batch_held(reply)
 
 
 async def take_run_slot(

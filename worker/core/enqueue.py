@@ -28,7 +28,8 @@ class Enqueuing(Scripts):
 
         A key already used for a different change, or given twice in ``items`` with different
         changes, raises ``IdempotencyConflict`` before anything is written: a batch of more than
-        one chunk is checked whole first (``BulkCheck``), then written ``ENQUEUE_CHUNK`` changes
+        one chunk (on a Redis Cluster, of more than one account) is checked whole first
+        (``BulkCheck``), then written ``ENQUEUE_CHUNK`` changes
         per script call. Only a concurrent producer writing a conflicting change between the
         check and the write can make a later chunk fail after earlier ones were written; the
         error then says how many were enqueued. ``progress`` is called with the size of each
@@ -43,7 +44,9 @@ class Enqueuing(Scripts):
         def chunk(start: int) -> Chunk:
             return self.chunk(items[start : start + ENQUEUE_CHUNK], names[start : start + ENQUEUE_CHUNK])
 
-        if len(starts) > 1:
+        # On a Redis Cluster a chunk is one call per account, each atomic on its own: several accounts
+        # are checked whole first too.
+        if len(starts) > 1 or (self.cluster and len({envelope.account for _, envelope in items}) > 1):
             async with self.bulk_check() as check:
                 for start in starts:
                     next_chunk = chunk(start)  # encoded while Redis checks the one before

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from worker.core.errors import ConfigError
+from worker.core.errors import ConfigError, StaleRun
 from worker.core.states import RUNS, Decision, Phase, State, WaitReason
 
 EnqueueStatus = Literal["queued", "duplicate"]
@@ -116,7 +116,7 @@ def parse_claim(reply: Sequence[Any], *, replicated: bool) -> Claim:
     """start.lua's reply: {account next, rate reason, rate wait, decisions (15 items each)}; a
     ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
     if len(reply) == 5:
-        raise held_elsewhere(reply[4], "LEADSTAGE_QUEUE", "nothing was claimed (the job stays due)")
+        raise held_elsewhere(reply[4], "the claim that found it wrote nothing (the job stays due)")
     account_next, reason, wait_ms, flat = reply
     starts = tuple(
         _parse_start(flat[i : i + START_ITEMS], replicated=replicated) for i in range(0, len(flat), START_ITEMS)
@@ -154,9 +154,7 @@ def parse_finished(reply: Sequence[Sequence[bytes]], *, replicated: bool) -> lis
     them back)."""
     if reply and reply[0][0] == b"kind":
         raise held_elsewhere(
-            reply[0][1:],
-            "LEADSTAGE_QUEUE, LEADSTAGE_DLQ_STREAM",
-            "none of these runs' ends was recorded (each change comes back when its lease ends)",
+            reply[0][1:], "none of these runs' ends was recorded (each change comes back when its lease ends)"
         )
     return [
         Finished(True, int(run[1]), replicated=replicated, outbox_id=text(run[2]))
@@ -176,9 +174,7 @@ def parse_lost(reply: int | bytes | list[bytes]) -> str | None:
     id; a ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
     if isinstance(reply, list):
         raise held_elsewhere(
-            reply,
-            "LEADSTAGE_RESULTS_STREAM, LEADSTAGE_DLQ_STREAM",
-            "the job whose ledger entry is gone was not reported (it stays queued until it can be)",
+            reply, "the job whose ledger entry is gone was not reported (it stays queued until it can be)"
         )
     if reply == 0:
         return None
@@ -204,19 +200,132 @@ def parse_post(reply: Sequence[bytes]) -> bool:
 
 def parse_enqueue(reply: Sequence[Any]) -> tuple[list[list[bytes]], dict[str, int]]:
     """enqueue.lua's reply: the answers, and account -> backlog for the accounts written to; a
-    ``ConfigError`` naming the key when one holds another kind of value (nothing was written)."""
+    ``ConfigError`` naming the key when one holds another kind of value (the call wrote nothing)."""
     if len(reply) == 3:
-        raise held_elsewhere(reply[2], "LEADSTAGE_QUEUE", "nothing was enqueued")
+        raise held_elsewhere(reply[2], "the enqueue that found it wrote nothing")
     answers, backlog = reply
     pairs = iter(backlog)
     return answers, {account.decode(): int(count) for account, count in zip(pairs, pairs, strict=True)}
 
 
-def held_elsewhere(part: Sequence[bytes], settings: str, written: str) -> ConfigError:
+def held_elsewhere(part: Sequence[bytes], outcome: str) -> ConfigError:
     """A script's {key, the kind of value it holds, the kind leadstage keeps there}: what a script
-    answers instead of writing when another program's value is at one of its keys."""
+    answers instead of writing when another program's value is at one of its keys; ``outcome``
+    says what became of the call."""
     key, held, kind = (item.decode() for item in part)
     return ConfigError(
-        f"Redis holds a {held} at {key!r}, where leadstage keeps a {kind}: another program writes to "
-        f"this database (REDIS_URL) or under these names ({settings}); {written}"
+        f"Redis holds a {held} at {key!r}, where leadstage keeps a {kind}: another program writes into "
+        f"this database, or a setting names one of its keys; {outcome}"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchClaim:
+    """batch.lua's claim: the changes claimed (a ``go`` start each), or why none was."""
+
+    starts: list[Start]
+    #: How many updates could have been sent now (one per stage), claimed or not; of a collection,
+    #: how many jobs the batch has.
+    candidates: int
+    #: Why nothing was claimed: '' (claimed), 'collect' (a dead worker's batch to collect), 'few'
+    #: (not more due jobs than the threshold: none was read), 'below' (not more sendable updates than
+    #: the threshold), 'rate' (no slot opens within ``LEADSTAGE_RATE_LEAD``: none was read).
+    refused: str
+    rate_wait_ms: int
+    #: Each start's index among the batch's jobs.
+    indexes: list[int] = field(default_factory=list)
+    #: The batch to collect ('' unless ``refused`` is 'collect').
+    async_id: str = ""
+    #: The batch's record (keys.batch_key; '' when nothing was claimed).
+    record: str = ""
+
+
+def parse_batch_claim(reply: Sequence[Any]) -> BatchClaim:
+    """batch.lua claim's reply: {status, candidates, rate wait (ms), claimed jobs, asyncId, record}; a
+    ``ConfigError`` naming the key when one holds another kind of value (nothing was claimed)."""
+    if len(reply) == 7:
+        raise held_elsewhere(reply[6], "the claim that found it wrote nothing (its changes stay due)")
+    status, candidates, rate_wait, claimed, async_id, record = reply
+    starts, indexes = [], []
+    for item in claimed:
+        job, run, attempt, dropped, source, enqueued_at, gen, change, trace, index = item
+        starts.append(
+            Start(
+                decision=Decision.GO,
+                run=int(run),
+                attempt=int(attempt),
+                dropped=frozenset(f for f in text(dropped).split(",") if f),
+                facts=(text(source), int(enqueued_at), int(gen)),
+                change_json=change,
+                job_id=text(job),
+                traceparent=text(trace),
+            )
+        )
+        indexes.append(int(index))
+    refused = text(status)
+    return BatchClaim(
+        starts,
+        int(candidates),
+        "" if refused == "ok" else refused,
+        int(rate_wait),
+        indexes,
+        text(async_id),
+        text(record),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """A change gathered into another's request: the run it began and what its events need."""
+
+    job_id: str
+    run: int
+    attempt: int
+    #: Its ordering sequence among the changes of its stage (worker.core.keys.stage_key).
+    seq: int
+    change_json: bytes
+    #: (source, enqueued at in server ms, generation), as ``Start.facts``.
+    facts: tuple[str, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Gathering:
+    """gather.lua's answer: the leader's seq, the stage's newest seq per field, the changes gathered."""
+
+    leader_seq: int
+    newest: dict[str, int]
+    gathered: list[Gathered]
+
+
+def parse_gather(job_id: str, run: int, reply: Sequence[Any]) -> Gathering:
+    """gather.lua's reply: {status, the leader's seq, {field, newest seq, ...}, gathered changes};
+    ``StaleRun`` when the leader's run is not current."""
+    status, leader_seq, stage, gathered = reply
+    if text(status) != "ok":
+        raise StaleRun(job_id, run)
+    flat = [text(v) for v in stage]
+    newest = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+    items = []
+    for item in gathered:
+        job, run_, attempt, seq, change, source, enqueued_at, gen = item
+        items.append(
+            Gathered(text(job), int(run_), int(attempt), int(seq), change, (text(source), int(enqueued_at), int(gen)))
+        )
+    return Gathering(int(leader_seq), newest, items)
+
+
+def parse_batch_sent(reply: int | list[bytes]) -> None:
+    """batch.lua sent's reply: 1; a ``ConfigError`` naming the key when the batches listing holds
+    another kind of value (nothing was written)."""
+    if isinstance(reply, list):
+        raise held_elsewhere(
+            reply, "the batch's asyncId was not recorded (its changes are sent again once its wait is over)"
+        )
+
+
+def parse_batch_held(reply: list[Any]) -> list[bool]:
+    """batch.lua unresolved's reply: whether each change's hold was written (False: not its run any
+    more); a ``ConfigError`` naming the key when one holds another kind of value (none was written)."""
+    if reply and reply[0] == b"kind":
+        raise held_elsewhere(reply[1:], "no stage of the batch was held (nothing written)")
+    return [flag == 1 for flag in reply]

@@ -44,8 +44,9 @@ local known = redis.call('EXISTS', unpack(ledgers)) > 0
 -- no queue holds, never sent): every key this call may read or write is checked first.
 local kinds = {[pending] = 'hash'}
 if mode == 'check' then kinds[KEYS[3]] = 'hash' end
--- (On a Redis Cluster the pending hash stands in for the stream: enqueue_arguments.)
-if mode == 'replay' and dlq ~= pending then kinds[dlq] = 'stream' end
+-- The dead-letter stream only when a replay deletes from it (on a Redis Cluster the pending hash
+-- stands in for it: enqueue_arguments).
+if mode == 'replay' and ARGV[3] ~= '' and dlq ~= pending then kinds[dlq] = 'stream' end
 for i, c in ipairs(changes) do
   kinds[c[12]] = 'zset'
   if c[10] ~= '' then kinds[c[10]] = 'hash' end
