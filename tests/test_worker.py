@@ -150,6 +150,38 @@ async def test_another_programs_value_at_the_dead_letter_stream_holds_a_failed_c
     assert dead["original_change"] == '{"id":1,"name":"Quoted!"}'
 
 
+async def test_another_programs_value_at_one_accounts_key_stalls_that_account_only(
+    redis_url: str, fake: RunningFakeIvvy, redis_client: aioredis.Redis
+) -> None:
+    # The claim meets it before writing anything: the worker says which key, leaves that account
+    # for a lease and serves the others; once the key is gone the account's change goes too.
+    settings = worker_settings(redis_url, fake.url, batch_mode="off")
+    settings = dataclasses.replace(settings, accounts={**settings.accounts, "other": settings.accounts["default"]})
+    ledger = Ledger(redis_client, settings)
+    stage_id = fake.fake.add_stage("Held", apply_to=1).id
+    stage = keys.stage_key("default", stage_id)
+    for account, key in (("default", "blocked"), ("other", "served")):
+        change = parse_change({"id": stage_id, "colour": "#123456"})
+        await ledger.enqueue_many([(change, parse_envelope(idempotency_key=key, account=account))])
+    await redis_client.delete(stage)
+    await redis_client.set(stage, "another program's")
+    with capture_logs() as logged:
+        async with running_worker(settings):
+            await wait_for_terminal(redis_client, ["served"])
+
+            async def refused() -> bool:
+                return any(line["event"] == "worker.account_refused" for line in logged)
+
+            await eventually(refused)
+            assert await redis_client.hget(keys.ledger_key("default:blocked"), "state") == b"queued"  # type: ignore[misc]  # redis-py's async stubs
+            await redis_client.delete(stage)
+            terminal = await wait_for_terminal(redis_client, ["blocked", "served"])
+    [line, *_] = [line for line in logged if line["event"] == "worker.account_refused"]
+    assert (line["account"], line["log_level"]) == ("default", "error")
+    assert f"Redis holds a string at '{stage}', where leadstage keeps a hash" in line["error"]
+    assert [event["event"] for event in terminal["blocked"] + terminal["served"]] == ["succeeded", "succeeded"]
+
+
 async def test_an_idle_worker_keeps_arqs_health_check_key(settings: Settings, redis_client: aioredis.Redis) -> None:
     # The wait for work blocks while idle: the health check (what `arq --check` and the bench read)
     # is written before it, not only once work arrives.

@@ -32,7 +32,7 @@ from arq.worker import Worker, func
 from worker import batching
 from worker.arq_pool import ClusterPool, cluster_pool, redis_settings
 from worker.core import keys, metrics
-from worker.core.errors import LeadstageError, RedisUnavailable, redis_errors
+from worker.core.errors import ConfigError, LeadstageError, RedisUnavailable, redis_errors
 from worker.core.ledger import Ledger, Pick, Start
 from worker.core.processes import cancel_until_done
 from worker.core.redis_connection import RedisClient, close_sentinels
@@ -141,7 +141,13 @@ class LeadstageWorker(Worker):
         due time; then the next pick, in the same call, when the worker may claim again."""
         account = pick.account or ""
         # A claim that fails leaves the account hidden for one lease: it comes back by itself.
-        next_ms = await self._claim(runtime, account)
+        try:
+            next_ms = await self._claim(runtime, account)
+        except ConfigError as error:
+            # Another program's value at one of the account's keys (the script wrote nothing): this
+            # account waits for it to go, said once a lease; the other accounts are served meanwhile.
+            log.error("worker.account_refused", account=account, error=str(error))
+            return None
         if self._may_claim():
             return await runtime.ledger.reschedule_and_pick(account, pick.epoch, next_ms)
         await runtime.ledger.reschedule(account, pick.epoch, next_ms, wake=True)
