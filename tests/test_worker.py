@@ -124,6 +124,7 @@ async def test_the_last_enqueued_value_wins(
     assert all(len(events) == 1 for events in terminal.values())
 
 
+@pytest.mark.system  # waits out a real lease (2 s)
 async def test_another_programs_value_at_the_dead_letter_stream_holds_a_failed_change_back_until_it_is_gone(
     settings: Settings, producer: Producer, redis_client: aioredis.Redis
 ) -> None:
@@ -150,6 +151,7 @@ async def test_another_programs_value_at_the_dead_letter_stream_holds_a_failed_c
     assert dead["original_change"] == '{"id":1,"name":"Quoted!"}'
 
 
+@pytest.mark.system  # waits out a real lease (2 s)
 async def test_another_programs_value_at_one_accounts_key_stalls_that_account_only(
     redis_url: str, fake: RunningFakeIvvy, redis_client: aioredis.Redis
 ) -> None:
