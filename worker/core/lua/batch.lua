@@ -116,8 +116,8 @@ end
 if mode == 'sent' then
   local batches, record = KEYS[1], KEYS[2]
   local wait_ms, guard_ms, lease_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-  local held = redis.call('TYPE', batches)['ok']
-  if held ~= 'none' and held ~= 'zset' then return {batches, held, 'zset'} end
+  local refused = mismatch({[batches] = 'zset'})
+  if refused then return refused end
   redis.call('HSET', record, 'async_id', ARGV[2], 'posted_at', now + wait_ms)
   redis.call('ZREMRANGEBYSCORE', batches, '-inf', now)
   redis.call('ZADD', batches, now + wait_ms + guard_ms, record)

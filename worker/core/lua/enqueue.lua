@@ -26,6 +26,9 @@
 --   would write holds another kind (another program writes into this database): nothing written.
 local dlq, pending = KEYS[1], KEYS[2]
 local mode, retention = ARGV[1], ARGV[2]
+
+--#include kinds.lua
+
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local changes = cjson.decode(ARGV[5])
@@ -52,10 +55,8 @@ for i, c in ipairs(changes) do
   if c[10] ~= '' then kinds[c[10]] = 'hash' end
   if known then kinds[ledgers[i]] = 'hash' end
 end
-for key, kind in pairs(kinds) do
-  local held = redis.call('TYPE', key)['ok']
-  if held ~= 'none' and held ~= kind then return {{}, {}, {key, held, kind}} end
-end
+local refused = mismatch(kinds)
+if refused then return {{}, {}, refused} end
 -- 'check': what the bulk's earlier calls staged, read at once; this call's keys are staged at once.
 local staged = mode == 'check' and redis.call('HMGET', KEYS[3], unpack(jobs))
 local staging = {}

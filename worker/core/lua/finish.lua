@@ -28,6 +28,7 @@ local account, retention_ms, maxlen, hold_ms, lock_ttl_ms = ARGV[1], ARGV[2], AR
 local outbox = results == dlq
 
 --#include locks.lua
+--#include kinds.lua
 
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -121,8 +122,8 @@ local first = 6
 for i = 8, #KEYS, 2 do
   local run = #firsts + 1
   firsts[run] = first
-  local l = redis.pcall('HMGET', KEYS[i], unpack(LEDGER_FIELDS))
-  if l['err'] then return {{'kind', KEYS[i], redis.call('TYPE', KEYS[i])['ok'], 'hash'}} end
+  local l = read('hash', 'HMGET', KEYS[i], unpack(LEDGER_FIELDS))
+  if not l then return {{'kind', unpack(foreign)}} end
   reads[run] = l
   if refusal(l, ARGV[first + 1]) == '' then
     local outcome = ARGV[first + 2]
@@ -138,10 +139,8 @@ for i = 8, #KEYS, 2 do
   end
   first = first + 10 + tonumber(ARGV[first + 9])
 end
-for key, kind in pairs(kinds) do
-  local held = redis.call('TYPE', key)['ok']
-  if held ~= 'none' and held ~= kind then return {{'kind', key, held, kind}} end
-end
+local refused = mismatch(kinds)
+if refused then return {{'kind', unpack(refused)}} end
 local written = {}
 for run, at in ipairs(firsts) do
   local ledger = KEYS[6 + 2 * run]

@@ -12,13 +12,14 @@
 --   written, the job left to report.
 local results, dlq, pending, queue, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local account, maxlen, job = ARGV[1], ARGV[2], ARGV[3]
+
+--#include kinds.lua
+
 if redis.call('EXISTS', ledger) == 1 then return 0 end
 -- A write refused after the ZREM (WRONGTYPE) would leave the job off its queue unreported: gone
 -- without a trace. Those keys are checked first.
-for key, kind in pairs({[results] = 'stream', [dlq] = 'stream', [pending] = 'hash'}) do
-  local held = redis.call('TYPE', key)['ok']
-  if held ~= 'none' and held ~= kind then return {key, held, kind} end
-end
+local refused = mismatch({[results] = 'stream', [dlq] = 'stream', [pending] = 'hash'})
+if refused then return refused end
 if redis.call('ZREM', queue, job) == 0 then return 0 end
 local reported = 1
 if results == dlq then
